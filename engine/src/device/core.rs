@@ -1,0 +1,402 @@
+//! The device's sync logic, sans-IO.
+//!
+//! Call [`SyncCore::handle`] with each [`SyncInput`] (connection up or down, a frame from the
+//! relay, a new outbox item, a chat whose key became known) and carry out the returned
+//! [`SyncOutput`]s in order. The core never reads the clock or touches the network or the store.
+//!
+//! Protocol on each connection: `Hello`, then `SyncState` to learn the durable heads; the
+//! account log is pulled first (it announces chats and their keys), then every chat whose head
+//! is past its cursor, in pages, with at most [`MAX_FETCHES_IN_FLIGHT`] pages requested at once
+//! (that is the flow control: the relay only sends what was asked for). Pushes that continue a
+//! cursor are applied directly; a push past a gap triggers a fetch of the gap. The outbox is sent
+//! in client-seq order with at most [`MAX_APPENDS_IN_FLIGHT`] unacknowledged appends.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::device::store::OutboxItem;
+use crate::proto::ids::{ChatId, ClientSeq, Seq};
+use crate::proto::wire::{
+    AccountEntry, ClientFrame, Delta, ErrorCode, RelayFrame, ReqId, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
+};
+
+/// Most catch-up pages (chat or account) requested and not yet answered.
+pub const MAX_FETCHES_IN_FLIGHT: usize = 4;
+/// Most appends sent and not yet acknowledged.
+pub const MAX_APPENDS_IN_FLIGHT: usize = 16;
+/// Most outbox items the core holds; more stay in the store until these are acknowledged.
+pub const OUTBOX_WINDOW: usize = 256;
+
+/// What the driver tells the core.
+#[derive(Debug)]
+pub enum SyncInput {
+    /// A sync stream to the relay is open.
+    Connected,
+    /// The stream closed.
+    Disconnected,
+    /// A frame from the relay.
+    Frame(Box<RelayFrame>),
+    /// A new outbox item was stored durably.
+    OutboxAdded(OutboxItem),
+    /// Outbox items loaded from the store after a [`SyncOutput::LoadOutbox`]; `more` says whether
+    /// the store holds more after them.
+    OutboxLoaded { items: Vec<OutboxItem>, more: bool },
+    /// The device can now open this chat's deltas (its key arrived); `cursor` is where it stands.
+    ChatReady { chat: ChatId, cursor: Seq },
+}
+
+/// What the core asks the driver to do, in order.
+#[derive(Debug, PartialEq)]
+pub enum SyncOutput {
+    /// Send a frame to the relay.
+    Send(ClientFrame),
+    /// Open and apply this delta, then store the chat's cursor as `delta.seq`.
+    ApplyDelta(Delta),
+    /// Apply this account log entry, then store the account cursor as `entry.seq`.
+    ApplyAccountEntry(AccountEntry),
+    /// The device's own delta is durable on the relay; drop it from the outbox.
+    Acked { client_seq: ClientSeq, chat: ChatId, seq: Option<Seq> },
+    /// The relay refused the delta for good; drop it from the outbox and tell the app.
+    Rejected { client_seq: ClientSeq, chat: ChatId, code: ErrorCode, message: String },
+    /// A chat's cursor moved without a delta to apply (the device's own delta); store it.
+    Cursor { chat: ChatId, seq: Seq },
+    /// Load up to `max` outbox items after `after` and answer with [`SyncInput::OutboxLoaded`].
+    LoadOutbox { after: ClientSeq, max: usize },
+    /// A reply to a request the driver made with a req id from [`SyncCore::next_req`].
+    Reply(RelayFrame),
+    /// The relay reported an error not tied to one of the above.
+    Error { code: ErrorCode, message: String },
+    /// The relay does not know this device (never linked, or removed).
+    NotRegistered,
+}
+
+#[derive(Debug, Default)]
+struct ChatSync {
+    cursor: Seq,
+    known_head: Seq,
+    fetching: Option<ReqId>,
+    ready: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    Offline,
+    AwaitHello,
+    AwaitState,
+    Ready,
+}
+
+enum Pending {
+    FetchChat(ChatId),
+    FetchAccount,
+    Append(ClientSeq),
+    State,
+}
+
+/// The sync state machine. See the module docs.
+pub struct SyncCore {
+    phase: Phase,
+    next_req: ReqId,
+    account_cursor: Seq,
+    account_head: Seq,
+    account_fetching: bool,
+    chats: BTreeMap<ChatId, ChatSync>,
+    pending: BTreeMap<ReqId, Pending>,
+    outbox: VecDeque<(OutboxItem, bool)>,
+    outbox_more: bool,
+    outbox_loading: bool,
+    appends_in_flight: usize,
+    fetches_in_flight: usize,
+}
+
+impl SyncCore {
+    /// A core for a device whose account log cursor is `account_cursor` and whose outbox holds
+    /// more than nothing when `outbox_nonempty`.
+    pub fn new(account_cursor: Seq, outbox_nonempty: bool) -> Self {
+        SyncCore {
+            phase: Phase::Offline,
+            next_req: 1,
+            account_cursor,
+            account_head: account_cursor,
+            account_fetching: false,
+            chats: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            outbox_more: outbox_nonempty,
+            outbox_loading: false,
+            appends_in_flight: 0,
+            fetches_in_flight: 0,
+        }
+    }
+
+    /// A fresh request id for a request the driver sends itself; the reply comes back as
+    /// [`SyncOutput::Reply`].
+    pub fn next_req(&mut self) -> ReqId {
+        let r = self.next_req;
+        self.next_req += 1;
+        r
+    }
+
+    /// True once connected, caught up with every head the relay reported, and nothing waits in
+    /// the outbox.
+    pub fn is_idle(&self) -> bool {
+        self.is_caught_up() && self.outbox.is_empty() && !self.outbox_more
+    }
+
+    /// True once connected and caught up with every head the relay reported.
+    pub fn is_caught_up(&self) -> bool {
+        self.phase == Phase::Ready
+            && self.fetches_in_flight == 0
+            && self.account_cursor >= self.account_head
+            && self.chats.values().all(|c| !c.ready || c.cursor >= c.known_head)
+    }
+
+    /// True while a stream is up and the relay accepted this device.
+    pub fn is_connected(&self) -> bool {
+        matches!(self.phase, Phase::AwaitState | Phase::Ready)
+    }
+
+    /// Handles one input; see the module docs.
+    pub fn handle(&mut self, input: SyncInput) -> Vec<SyncOutput> {
+        let mut out = Vec::new();
+        match input {
+            SyncInput::Connected => {
+                self.phase = Phase::AwaitHello;
+                out.push(SyncOutput::Send(ClientFrame::Hello { version: PROTOCOL_VERSION }));
+            }
+            SyncInput::Disconnected => {
+                self.phase = Phase::Offline;
+                self.pending.clear();
+                self.account_fetching = false;
+                self.fetches_in_flight = 0;
+                self.appends_in_flight = 0;
+                for c in self.chats.values_mut() {
+                    c.fetching = None;
+                }
+                for (_, sent) in self.outbox.iter_mut() {
+                    *sent = false;
+                }
+            }
+            SyncInput::Frame(frame) => self.frame(*frame, &mut out),
+            SyncInput::OutboxAdded(item) => {
+                if !self.outbox_more && self.outbox.len() < OUTBOX_WINDOW {
+                    self.outbox.push_back((item, false));
+                } else {
+                    self.outbox_more = true;
+                }
+            }
+            SyncInput::OutboxLoaded { items, more } => {
+                self.outbox_loading = false;
+                let last = self.outbox.back().map(|(i, _)| i.client_seq).unwrap_or_default();
+                for item in items.into_iter().filter(|i| i.client_seq > last) {
+                    if self.outbox.len() >= OUTBOX_WINDOW {
+                        break;
+                    }
+                    self.outbox.push_back((item, false));
+                }
+                self.outbox_more = more || self.outbox.len() >= OUTBOX_WINDOW;
+            }
+            SyncInput::ChatReady { chat, cursor } => {
+                let c = self.chats.entry(chat).or_default();
+                c.ready = true;
+                c.cursor = c.cursor.max(cursor);
+                c.known_head = c.known_head.max(cursor);
+            }
+        }
+        self.schedule(&mut out);
+        out
+    }
+
+    fn frame(&mut self, frame: RelayFrame, out: &mut Vec<SyncOutput>) {
+        match frame {
+            RelayFrame::Hello { account, .. } => {
+                if account.is_none() {
+                    self.phase = Phase::Offline;
+                    out.push(SyncOutput::NotRegistered);
+                    return;
+                }
+                self.phase = Phase::AwaitState;
+                let req = self.next_req();
+                self.pending.insert(req, Pending::State);
+                out.push(SyncOutput::Send(ClientFrame::SyncState { req }));
+            }
+            RelayFrame::SyncState { req, account_head, chats } if self.is_ours(req) => {
+                self.pending.remove(&req);
+                self.phase = Phase::Ready;
+                self.account_head = self.account_head.max(account_head);
+                for (chat, head) in chats {
+                    let c = self.chats.entry(chat).or_default();
+                    c.known_head = c.known_head.max(head);
+                }
+            }
+            RelayFrame::AccountPage { req, entries, head } if self.is_ours(req) => {
+                self.pending.remove(&req);
+                self.account_fetching = false;
+                self.fetches_in_flight -= 1;
+                if entries.is_empty() {
+                    self.account_head = head.max(self.account_cursor);
+                }
+                for e in entries {
+                    self.account_entry(e, out);
+                }
+            }
+            RelayFrame::PushAccount { entry } => {
+                self.account_head = self.account_head.max(entry.seq);
+                if !self.account_fetching {
+                    self.account_entry(entry, out);
+                }
+            }
+            RelayFrame::ChatPage { req, chat, deltas, head } if self.is_ours(req) => {
+                self.pending.remove(&req);
+                self.fetches_in_flight -= 1;
+                let c = self.chats.entry(chat).or_default();
+                c.fetching = None;
+                if deltas.is_empty() {
+                    c.known_head = head.max(c.cursor);
+                }
+                c.known_head = c.known_head.max(head);
+                for d in deltas {
+                    if d.seq == c.cursor.next() {
+                        c.cursor = d.seq;
+                        out.push(SyncOutput::ApplyDelta(d));
+                    } else if d.seq > c.cursor {
+                        break; // a hole; the next fetch starts from the cursor again
+                    }
+                }
+            }
+            RelayFrame::Push { delta } => {
+                let c = self.chats.entry(delta.chat).or_default();
+                if c.ready && c.fetching.is_none() && delta.seq == c.cursor.next() {
+                    c.cursor = delta.seq;
+                    c.known_head = c.known_head.max(delta.seq);
+                    out.push(SyncOutput::ApplyDelta(delta));
+                } else {
+                    c.known_head = c.known_head.max(delta.seq);
+                }
+            }
+            RelayFrame::Acked { req, chat, client_seq, seq } if self.is_ours(req) => {
+                self.pending.remove(&req);
+                self.appends_in_flight -= 1;
+                self.outbox.retain(|(i, _)| i.client_seq != client_seq);
+                out.push(SyncOutput::Acked { client_seq, chat, seq: Some(seq) });
+                let c = self.chats.entry(chat).or_default();
+                c.known_head = c.known_head.max(seq);
+                if c.ready && c.fetching.is_none() && seq == c.cursor.next() {
+                    c.cursor = seq;
+                    out.push(SyncOutput::Cursor { chat, seq });
+                }
+            }
+            RelayFrame::Duplicate { req, chat, client_seq } if self.is_ours(req) => {
+                self.pending.remove(&req);
+                self.appends_in_flight -= 1;
+                self.outbox.retain(|(i, _)| i.client_seq != client_seq);
+                out.push(SyncOutput::Acked { client_seq, chat, seq: None });
+            }
+            RelayFrame::Error { req: Some(req), code, message } if self.is_ours(req) => {
+                match self.pending.remove(&req) {
+                    Some(Pending::Append(cs)) => {
+                        self.appends_in_flight -= 1;
+                        let retry = matches!(code, ErrorCode::RateLimited | ErrorCode::Internal);
+                        if retry {
+                            // Stays in the outbox; sent again on the next connection.
+                            out.push(SyncOutput::Error { code, message });
+                        } else if let Some(pos) = self.outbox.iter().position(|(i, _)| i.client_seq == cs) {
+                            let (item, _) = self.outbox.remove(pos).expect("position is in range");
+                            out.push(SyncOutput::Rejected { client_seq: cs, chat: item.chat, code, message });
+                        }
+                    }
+                    Some(Pending::FetchChat(chat)) => {
+                        self.fetches_in_flight -= 1;
+                        if let Some(c) = self.chats.get_mut(&chat) {
+                            c.fetching = None;
+                            // Do not ask again on this connection.
+                            c.known_head = c.cursor;
+                        }
+                        out.push(SyncOutput::Error { code, message });
+                    }
+                    Some(Pending::FetchAccount) => {
+                        self.fetches_in_flight -= 1;
+                        self.account_fetching = false;
+                        self.account_head = self.account_cursor;
+                        out.push(SyncOutput::Error { code, message });
+                    }
+                    Some(Pending::State) | None => out.push(SyncOutput::Error { code, message }),
+                }
+            }
+            RelayFrame::Error { req: None, code, message } => out.push(SyncOutput::Error { code, message }),
+            other => out.push(SyncOutput::Reply(other)),
+        }
+    }
+
+    fn is_ours(&self, req: ReqId) -> bool {
+        self.pending.contains_key(&req)
+    }
+
+    fn account_entry(&mut self, e: AccountEntry, out: &mut Vec<SyncOutput>) {
+        if e.seq == self.account_cursor.next() {
+            self.account_cursor = e.seq;
+            out.push(SyncOutput::ApplyAccountEntry(e));
+        }
+    }
+
+    fn schedule(&mut self, out: &mut Vec<SyncOutput>) {
+        if self.phase != Phase::Ready {
+            return;
+        }
+        if self.account_cursor < self.account_head
+            && !self.account_fetching
+            && self.fetches_in_flight < MAX_FETCHES_IN_FLIGHT
+        {
+            let req = self.next_req();
+            self.pending.insert(req, Pending::FetchAccount);
+            self.account_fetching = true;
+            self.fetches_in_flight += 1;
+            out.push(SyncOutput::Send(ClientFrame::FetchAccount {
+                req,
+                after: self.account_cursor,
+                max: MAX_PAGE_DELTAS,
+            }));
+        }
+        for (chat, c) in self.chats.iter_mut() {
+            if self.fetches_in_flight >= MAX_FETCHES_IN_FLIGHT {
+                break;
+            }
+            if c.ready && c.fetching.is_none() && c.cursor < c.known_head {
+                let req = self.next_req;
+                self.next_req += 1;
+                self.pending.insert(req, Pending::FetchChat(*chat));
+                c.fetching = Some(req);
+                self.fetches_in_flight += 1;
+                out.push(SyncOutput::Send(ClientFrame::FetchChat {
+                    req,
+                    chat: *chat,
+                    after: c.cursor,
+                    max: MAX_PAGE_DELTAS,
+                }));
+            }
+        }
+        for (item, sent) in self.outbox.iter_mut() {
+            if self.appends_in_flight >= MAX_APPENDS_IN_FLIGHT {
+                break;
+            }
+            if !*sent {
+                *sent = true;
+                let req = self.next_req;
+                self.next_req += 1;
+                self.pending.insert(req, Pending::Append(item.client_seq));
+                self.appends_in_flight += 1;
+                out.push(SyncOutput::Send(ClientFrame::Append {
+                    req,
+                    chat: item.chat,
+                    epoch: item.epoch,
+                    client_seq: item.client_seq,
+                    sealed: item.sealed.clone(),
+                }));
+            }
+        }
+        if self.outbox_more && !self.outbox_loading && self.outbox.len() < OUTBOX_WINDOW / 2 {
+            self.outbox_loading = true;
+            let after = self.outbox.back().map(|(i, _)| i.client_seq).unwrap_or_default();
+            out.push(SyncOutput::LoadOutbox { after, max: OUTBOX_WINDOW - self.outbox.len() });
+        }
+    }
+}

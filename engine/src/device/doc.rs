@@ -1,0 +1,347 @@
+//! One chat as an Automerge document, and the only door through which outside bytes reach
+//! Automerge.
+//!
+//! Layout: the root map holds `title` (a string) and `messages` (a list of maps with `id`,
+//! `author`, `device`, `text`, `ts`). List order is the display order; Automerge orders
+//! concurrent inserts the same way on every device.
+//!
+//! The root structure is made by a deterministic *genesis* change (fixed actor derived from the
+//! chat id, time 0), which every device creates on its own and which therefore has the same
+//! hash everywhere: no device ever makes a competing `messages` list.
+//!
+//! Every Automerge call on bytes that came from outside the device goes through
+//! [`ChatDoc::apply_untrusted`]: size limit, `catch_unwind`, and a poisoned flag so that the
+//! caller reloads the document from its store if Automerge panicked half-way.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use automerge::patches::TextRepresentation;
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{
+    ActorId, Automerge, Change, ObjId, ObjType, PatchAction, PatchLog, ReadDoc, ScalarValue, TextEncoding, Value, ROOT,
+};
+use serde::Serialize;
+
+use crate::proto::ids::{AccountId, ChatId, DeviceId};
+
+/// Largest change accepted from outside, in bytes (the relay caps sealed deltas at 64 KiB).
+pub const MAX_CHANGE_BYTES: usize = 64 * 1024;
+
+/// Why a document operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DocError {
+    /// Outside bytes larger than [`MAX_CHANGE_BYTES`].
+    #[error("change of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// Automerge rejected the bytes.
+    #[error("malformed change: {0}")]
+    Malformed(String),
+    /// Automerge panicked on the bytes; the document must be reloaded from the store.
+    #[error("automerge panicked on untrusted bytes; the document was reloaded")]
+    Panicked,
+    /// The document lacks the chat structure (it was damaged).
+    #[error("the chat document has no message list")]
+    NoMessageList,
+}
+
+/// A message as shown to users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    /// Unique id (hex).
+    pub id: String,
+    /// The author's account.
+    pub author: String,
+    /// The device that wrote it.
+    pub device: String,
+    /// The text.
+    pub text: String,
+    /// When it was written on its device, milliseconds since the Unix epoch.
+    pub ts: i64,
+}
+
+/// A chat's Automerge document.
+pub struct ChatDoc {
+    doc: Automerge,
+    poisoned: bool,
+}
+
+thread_local! {
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into `None`. The panic message is not printed: the caller reports
+/// the failure as a typed error.
+pub(crate) fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET_PANICS.with(|q| q.set(true));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(false));
+    r.ok()
+}
+
+/// The Automerge actor a device writes as: derived from its id, so it is stable across restarts.
+pub fn device_actor(device: &DeviceId) -> ActorId {
+    let h = blake3::hash(device.0.as_bytes());
+    ActorId::from(&h.as_bytes()[..16])
+}
+
+fn genesis_actor(chat: ChatId) -> ActorId {
+    let mut h = blake3::Hasher::new();
+    h.update(b"stratus-genesis");
+    h.update(&chat.0);
+    ActorId::from(&h.finalize().as_bytes()[..16])
+}
+
+impl ChatDoc {
+    /// A new document holding only the chat's genesis change.
+    pub fn new(chat: ChatId, device: &DeviceId) -> Self {
+        let mut doc = Automerge::new().with_actor(genesis_actor(chat));
+        doc.transact_with::<_, _, automerge::AutomergeError, _>(
+            |_| CommitOptions::default().with_time(0),
+            |tx| {
+                tx.put_object(ROOT, "messages", ObjType::List)?;
+                Ok(())
+            },
+        )
+        .expect("building the genesis change cannot fail");
+        doc.set_actor(device_actor(device));
+        ChatDoc { doc, poisoned: false }
+    }
+
+    /// Loads a document saved by this device (snapshot plus changes, in order). The bytes come
+    /// from the device's own store but are still guarded: a damaged store gives an error.
+    pub fn load(
+        chat: ChatId,
+        device: &DeviceId,
+        snapshot: Option<&[u8]>,
+        changes: &[Vec<u8>],
+    ) -> Result<Self, DocError> {
+        let mut d = match snapshot {
+            Some(s) => {
+                let doc = guarded(|| Automerge::load(s))
+                    .ok_or(DocError::Panicked)?
+                    .map_err(|e| DocError::Malformed(e.to_string()))?;
+                ChatDoc { doc, poisoned: false }
+            }
+            None => ChatDoc::new(chat, device),
+        };
+        d.doc.set_actor(device_actor(device));
+        for c in changes {
+            d.apply_trusted_change(c)?;
+        }
+        Ok(d)
+    }
+
+    fn apply_trusted_change(&mut self, bytes: &[u8]) -> Result<(), DocError> {
+        let change = guarded(|| Change::from_bytes(bytes.to_vec()))
+            .ok_or(DocError::Panicked)?
+            .map_err(|e| DocError::Malformed(e.to_string()))?;
+        guarded(|| self.doc.apply_changes([change]))
+            .ok_or(DocError::Panicked)?
+            .map_err(|e| DocError::Malformed(e.to_string()))
+    }
+
+    /// Applies change bytes that came from outside the device. Never panics; on error nothing
+    /// changed, except after [`DocError::Panicked`], when [`ChatDoc::is_poisoned`] is true and the
+    /// caller must reload the document from its store. Returns the messages the change added.
+    pub fn apply_untrusted(&mut self, bytes: &[u8]) -> Result<Vec<Message>, DocError> {
+        if bytes.len() > MAX_CHANGE_BYTES {
+            return Err(DocError::TooLarge(bytes.len()));
+        }
+        let change = guarded(|| Change::from_bytes(bytes.to_vec()))
+            .ok_or(DocError::Panicked)?
+            .map_err(|e| DocError::Malformed(e.to_string()))?;
+        let mut log = PatchLog::active(TextRepresentation::String(TextEncoding::UnicodeCodePoint));
+        match guarded(|| self.doc.apply_changes_log_patches([change], &mut log)) {
+            None => {
+                self.poisoned = true;
+                Err(DocError::Panicked)
+            }
+            Some(Err(e)) => Err(DocError::Malformed(e.to_string())),
+            Some(Ok(())) => {
+                let Some(list) = self.messages_obj() else { return Ok(Vec::new()) };
+                let patches = guarded(|| self.doc.make_patches(&mut log)).unwrap_or_default();
+                let mut added = Vec::new();
+                for p in patches {
+                    if p.obj != list {
+                        continue;
+                    }
+                    if let PatchAction::Insert { values, .. } = p.action {
+                        for (_, obj, _) in values.iter() {
+                            added.extend(self.message_at(obj));
+                        }
+                    }
+                }
+                Ok(added)
+            }
+        }
+    }
+
+    /// True after Automerge panicked inside this document.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Sets the title; returns the change's bytes.
+    pub fn set_title(&mut self, title: &str, now_ms: i64) -> Vec<u8> {
+        self.doc
+            .transact_with::<_, _, automerge::AutomergeError, _>(
+                |_| CommitOptions::default().with_time(now_ms),
+                |tx| tx.put(ROOT, "title", title),
+            )
+            .expect("putting a string on the root cannot fail");
+        self.last_change()
+    }
+
+    /// Appends a message; returns the change's bytes.
+    pub fn add_message(&mut self, msg: &Message) -> Result<Vec<u8>, DocError> {
+        let list = self.messages_obj().ok_or(DocError::NoMessageList)?;
+        let len = self.doc.length(&list);
+        self.doc
+            .transact_with::<_, _, automerge::AutomergeError, _>(
+                |_| CommitOptions::default().with_time(msg.ts),
+                |tx| {
+                    let m = tx.insert_object(&list, len, ObjType::Map)?;
+                    tx.put(&m, "id", msg.id.as_str())?;
+                    tx.put(&m, "author", msg.author.as_str())?;
+                    tx.put(&m, "device", msg.device.as_str())?;
+                    tx.put(&m, "text", msg.text.as_str())?;
+                    tx.put(&m, "ts", msg.ts)?;
+                    Ok(())
+                },
+            )
+            .map_err(|e| DocError::Malformed(e.error.to_string()))?;
+        Ok(self.last_change())
+    }
+
+    fn last_change(&self) -> Vec<u8> {
+        self.doc.get_last_local_change().expect("a change was just committed").raw_bytes().to_vec()
+    }
+
+    fn messages_obj(&self) -> Option<ObjId> {
+        match self.doc.get(ROOT, "messages") {
+            Ok(Some((Value::Object(ObjType::List), id))) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The title, if one was set.
+    pub fn title(&self) -> Option<String> {
+        match self.doc.get(ROOT, "title") {
+            Ok(Some((Value::Scalar(s), _))) => match s.as_ref() {
+                ScalarValue::Str(t) => Some(t.to_string()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Number of messages.
+    pub fn message_count(&self) -> usize {
+        self.messages_obj().map(|l| self.doc.length(&l)).unwrap_or(0)
+    }
+
+    /// Every message, in display order. Entries that do not have the message shape (written by
+    /// a buggy or hostile device) are skipped.
+    pub fn messages(&self) -> Vec<Message> {
+        let Some(list) = self.messages_obj() else { return Vec::new() };
+        let n = self.doc.length(&list);
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            if let Ok(Some((Value::Object(ObjType::Map), m))) = self.doc.get(&list, i) {
+                out.extend(self.message_at(&m));
+            }
+        }
+        out
+    }
+
+    fn message_at(&self, m: &ObjId) -> Option<Message> {
+        let s = |k: &str| match self.doc.get(m, k) {
+            Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
+                ScalarValue::Str(t) => Some(t.to_string()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let ts = match self.doc.get(m, "ts") {
+            Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
+                ScalarValue::Int(t) => Some(*t),
+                _ => None,
+            },
+            _ => None,
+        };
+        Some(Message { id: s("id")?, author: s("author")?, device: s("device")?, text: s("text")?, ts: ts? })
+    }
+
+    /// The document saved whole (for the store's snapshot).
+    pub fn save(&self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// The document's heads, hex, sorted: equal heads mean equal documents.
+    pub fn heads(&self) -> Vec<String> {
+        let mut h: Vec<String> = self.doc.get_heads().iter().map(|h| h.to_string()).collect();
+        h.sort();
+        h
+    }
+}
+
+/// A new message authored on this device.
+pub fn new_message(author: AccountId, device: &DeviceId, text: &str, ts: i64, id: [u8; 16]) -> Message {
+    Message { id: hex::encode(id), author: author.to_string(), device: device.0.clone(), text: text.to_string(), ts }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(n: &str) -> DeviceId {
+        DeviceId(n.into())
+    }
+
+    #[test]
+    fn two_devices_converge_on_one_message_list() {
+        let chat = ChatId([9; 16]);
+        let mut a = ChatDoc::new(chat, &dev("a"));
+        let mut b = ChatDoc::new(chat, &dev("b"));
+        let acct = AccountId([1; 16]);
+        let ca = a.add_message(&new_message(acct, &dev("a"), "from a", 1, [1; 16])).unwrap();
+        let cb = b.add_message(&new_message(acct, &dev("b"), "from b", 2, [2; 16])).unwrap();
+        assert_eq!(a.apply_untrusted(&cb).unwrap()[0].text, "from b");
+        assert_eq!(b.apply_untrusted(&ca).unwrap().len(), 1);
+        assert!(b.apply_untrusted(&ca).unwrap().is_empty()); // duplicates are harmless
+        assert_eq!(a.messages(), b.messages());
+        assert_eq!(a.messages().len(), 2);
+        assert_eq!(a.heads(), b.heads());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut a = ChatDoc::new(ChatId([1; 16]), &dev("a"));
+        assert!(a.apply_untrusted(b"not a change").is_err());
+        assert!(a.apply_untrusted(&[0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1, 2]).is_err());
+        assert!(matches!(a.apply_untrusted(&vec![0; MAX_CHANGE_BYTES + 1]), Err(DocError::TooLarge(_))));
+        assert!(!a.is_poisoned());
+    }
+
+    #[test]
+    fn reload_from_snapshot_and_changes() {
+        let chat = ChatId([3; 16]);
+        let mut a = ChatDoc::new(chat, &dev("a"));
+        let c1 = a.set_title("t", 5);
+        let snap = ChatDoc::new(chat, &dev("a")).save();
+        let c2 = a.add_message(&new_message(AccountId([1; 16]), &dev("a"), "x", 6, [7; 16])).unwrap();
+        let b = ChatDoc::load(chat, &dev("a"), Some(&snap), &[c1, c2]).unwrap();
+        assert_eq!(b.messages(), a.messages());
+        assert_eq!(b.title().as_deref(), Some("t"));
+    }
+}

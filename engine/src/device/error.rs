@@ -1,0 +1,58 @@
+use crate::device::doc::DocError;
+use crate::device::net::NetError;
+use crate::device::store::StoreError;
+use crate::proto::cert::CertError;
+use crate::proto::crypto::CryptoError;
+use crate::proto::ids::ChatId;
+use crate::proto::wire::ErrorCode;
+
+/// Everything that can go wrong on a device. Each message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The device belongs to no account yet.
+    #[error("this device is not logged in: run `account create` or `device link` first")]
+    NotLoggedIn,
+    /// The device already belongs to an account.
+    #[error("this device already belongs to account {0}")]
+    AlreadyLoggedIn(String),
+    /// No such chat on this device.
+    #[error("no chat {0} on this device (see `chat list`)")]
+    UnknownChat(ChatId),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The relay could not be reached or the connection broke.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The relay refused a request.
+    #[error("relay refused: {message} ({code:?})")]
+    Relay {
+        /// The typed error code.
+        code: ErrorCode,
+        /// The relay's explanation.
+        message: String,
+    },
+    /// A link code did not parse.
+    #[error("not a valid link code: copy it exactly as `device link` printed it")]
+    BadLinkCode,
+    /// The device waiting under a link code is not the one the code names: someone is
+    /// interfering. Nothing was approved.
+    #[error("the waiting device does not match the link code; nothing was approved")]
+    LinkMismatch,
+    /// A document operation failed.
+    #[error(transparent)]
+    Doc(#[from] DocError),
+    /// Opening sealed bytes failed.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// A certificate failed to verify.
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    /// A message text longer than allowed.
+    #[error("message too long: {0} bytes (limit {1})")]
+    TooLong(usize, usize),
+    /// The session task stopped.
+    #[error("the sync session stopped")]
+    Stopped,
+}

@@ -1,0 +1,536 @@
+//! [`Device`]: one device's identity, store and documents, and the requests that need a relay
+//! before the device can sync (account creation, linking, approval).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use serde::Serialize;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::device::doc::{new_message, ChatDoc, Message};
+use crate::device::error::Error;
+use crate::device::net::{parse_relay_addr, Net, RelayStream};
+use crate::device::store::{
+    device_id_of, ChatMeta, DeviceSecrets, DeviceStore, Login, OutboxItem, COMPACT_AFTER_CHANGES,
+};
+use crate::proto::cert::{AccountKeys, DeviceCertBody, MAX_DEVICE_NAME_BYTES};
+use crate::proto::crypto::{
+    open_box, seal_box, seal_delta, unwrap_chat_key, wrap_chat_key, ChatKey, DeltaAd, SealedBox,
+};
+use crate::proto::ids::{AccountId, ChatId, DeviceId, Epoch, Seq};
+use crate::proto::wire::{
+    AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, RelayFrame, ReqId, WrappedKey, PROTOCOL_VERSION,
+};
+
+/// Longest message text, in bytes (a sealed delta must fit the relay's 64 KiB limit).
+pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+/// Most chat documents kept in memory; beyond it the least recently opened is dropped (it
+/// reloads from the store when needed).
+pub const DOC_CACHE: usize = 64;
+
+/// A chat as listed to users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatSummary {
+    /// Its id.
+    pub id: String,
+    /// Title, if set.
+    pub title: Option<String>,
+    /// Kind.
+    pub kind: String,
+    /// Number of messages.
+    pub messages: usize,
+    /// Last applied seq from the relay.
+    pub seq: u64,
+}
+
+/// A link code: what a new device shows so that a logged-in device can approve it.
+///
+/// It holds a one-time secret (never sent to the relay; the relay only sees its hash as the
+/// link id) and a fingerprint of the new device's keys, which the approving device checks
+/// against what the relay says waits under the link id.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LinkCode {
+    secret: [u8; 16],
+    fingerprint: [u8; 8],
+}
+
+impl LinkCode {
+    const PREFIX: &'static str = "stratus-link-";
+
+    fn link_id(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"stratus-link-id");
+        h.update(&self.secret);
+        *h.finalize().as_bytes()
+    }
+
+    fn fingerprint_of(device: &DeviceId, x25519: &[u8; 32]) -> [u8; 8] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"stratus-link-fingerprint");
+        h.update(device.0.as_bytes());
+        h.update(x25519);
+        let mut f = [0u8; 8];
+        f.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        f
+    }
+
+    fn context(device: &DeviceId) -> Vec<u8> {
+        let mut c = b"link-bundle/".to_vec();
+        c.extend_from_slice(device.0.as_bytes());
+        c
+    }
+}
+
+impl std::fmt::Display for LinkCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}{}", Self::PREFIX, hex::encode(self.secret), hex::encode(self.fingerprint))
+    }
+}
+
+impl std::str::FromStr for LinkCode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let hexpart = s.trim().strip_prefix(Self::PREFIX).ok_or(Error::BadLinkCode)?;
+        let bytes = hex::decode(hexpart).map_err(|_| Error::BadLinkCode)?;
+        if bytes.len() != 24 {
+            return Err(Error::BadLinkCode);
+        }
+        let mut code = LinkCode { secret: [0; 16], fingerprint: [0; 8] };
+        code.secret.copy_from_slice(&bytes[..16]);
+        code.fingerprint.copy_from_slice(&bytes[16..]);
+        Ok(code)
+    }
+}
+
+/// One device: identity, local store, chat documents. Everything here works offline; the
+/// `async` methods talk to the relay once and return.
+pub struct Device {
+    pub(crate) store: DeviceStore,
+    secrets: DeviceSecrets,
+    id: DeviceId,
+    pub(crate) login: Option<Login>,
+    docs: BTreeMap<ChatId, ChatDoc>,
+    doc_order: Vec<ChatId>,
+    pub(crate) rng: StdRng,
+    clock: fn() -> i64,
+}
+
+fn system_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Device {
+    /// Opens the device whose home directory is `home`, creating its identity on first use.
+    pub fn open(home: &Path) -> Result<Device, Error> {
+        std::fs::create_dir_all(home).map_err(|e| Error::Store(crate::device::store::StoreError::Sync(e)))?;
+        let store = DeviceStore::open(&home.join("store"))?;
+        let mut rng = StdRng::from_entropy();
+        let secrets = store.secrets_or_create(|| {
+            let mut s = DeviceSecrets { ed25519: [0; 32], x25519: [0; 32] };
+            rng.fill_bytes(&mut s.ed25519);
+            rng.fill_bytes(&mut s.x25519);
+            s
+        })?;
+        let id = device_id_of(&secrets);
+        let login = store.login()?;
+        Ok(Device {
+            store,
+            secrets,
+            id,
+            login,
+            docs: BTreeMap::new(),
+            doc_order: Vec::new(),
+            rng,
+            clock: system_now_ms,
+        })
+    }
+
+    /// Replaces the clock (milliseconds since the Unix epoch), for deterministic tests.
+    pub fn set_clock(&mut self, clock: fn() -> i64) {
+        self.clock = clock;
+    }
+
+    pub(crate) fn now_ms(&self) -> i64 {
+        (self.clock)()
+    }
+
+    /// This device's id (its libp2p PeerId).
+    pub fn id(&self) -> &DeviceId {
+        &self.id
+    }
+
+    /// The account, if logged in.
+    pub fn account(&self) -> Option<AccountId> {
+        self.login.as_ref().map(|l| l.account.id)
+    }
+
+    /// The relay this device syncs with, if logged in.
+    pub fn relay(&self) -> Option<&str> {
+        self.login.as_ref().map(|l| l.relay.as_str())
+    }
+
+    pub(crate) fn keypair(&self) -> libp2p::identity::Keypair {
+        libp2p::identity::Keypair::ed25519_from_bytes(self.secrets.ed25519)
+            .expect("32 bytes are a valid Ed25519 secret")
+    }
+
+    fn x25519_public(&self) -> [u8; 32] {
+        PublicKey::from(&StaticSecret::from(self.secrets.x25519)).to_bytes()
+    }
+
+    pub(crate) fn login(&self) -> Result<&Login, Error> {
+        self.login.as_ref().ok_or(Error::NotLoggedIn)
+    }
+
+    /// Number of sealed deltas waiting for the relay.
+    pub fn outbox_len(&self) -> usize {
+        self.store.outbox_len()
+    }
+
+    /// The account's devices this device knows of (certificates verified on arrival).
+    pub fn devices(&self) -> Result<Vec<crate::proto::cert::DeviceCert>, Error> {
+        Ok(self.store.devices()?)
+    }
+
+    // ---- relay requests made before a session can run ----
+
+    async fn connect(&self, relay: &str) -> Result<(Net, RelayStream, Option<AccountId>), Error> {
+        let (peer, addr) = parse_relay_addr(relay)?;
+        let mut net = Net::start(self.keypair())?;
+        let mut stream = net.open(peer, addr).await?;
+        stream.send(&ClientFrame::Hello { version: PROTOCOL_VERSION }).await?;
+        match stream.recv().await? {
+            Some(RelayFrame::Hello { account, .. }) => Ok((net, stream, account)),
+            Some(RelayFrame::Error { code, message, .. }) => Err(Error::Relay { code, message }),
+            _ => Err(Error::Net(crate::device::net::NetError::Unreachable("relay did not answer hello".into()))),
+        }
+    }
+
+    async fn reply(stream: &mut RelayStream, req: ReqId) -> Result<RelayFrame, Error> {
+        loop {
+            match stream.recv().await? {
+                None => {
+                    return Err(Error::Net(crate::device::net::NetError::Unreachable("relay closed the stream".into())))
+                }
+                Some(RelayFrame::Error { req: r, code, message }) if r == Some(req) || r.is_none() => {
+                    return Err(Error::Relay { code, message })
+                }
+                Some(f) if frame_req(&f) == Some(req) => return Ok(f),
+                Some(_) => {} // pushes and other traffic: the session will fetch them
+            }
+        }
+    }
+
+    /// Creates a new account on `relay` with this device as its first device.
+    pub async fn create_account(&mut self, relay: &str, name: &str) -> Result<AccountId, Error> {
+        if let Some(a) = self.account() {
+            return Err(Error::AlreadyLoggedIn(a.to_string()));
+        }
+        check_name(name)?;
+        let keys = AccountKeys::generate(&mut self.rng);
+        let account = keys.public();
+        let cert = keys.certify(DeviceCertBody {
+            account: account.id,
+            device: self.id.clone(),
+            device_x25519: self.x25519_public(),
+            name: name.to_string(),
+            created_ms: self.now_ms() as u64,
+        });
+        let (_net, mut stream, _) = self.connect(relay).await?;
+        stream.send(&ClientFrame::CreateAccount { req: 1, account: account.clone(), cert: cert.clone() }).await?;
+        Self::reply(&mut stream, 1).await?;
+        let login = Login { account: account.clone(), keys, cert: cert.clone(), relay: relay.to_string() };
+        self.store.set_login(&login)?;
+        self.store.put_device(&cert)?;
+        self.login = Some(login);
+        Ok(account.id)
+    }
+
+    /// A fresh link code for this (not yet logged-in) device.
+    pub fn link_code(&mut self) -> LinkCode {
+        let mut secret = [0u8; 16];
+        self.rng.fill_bytes(&mut secret);
+        LinkCode { secret, fingerprint: LinkCode::fingerprint_of(&self.id, &self.x25519_public()) }
+    }
+
+    /// Waits on `relay` until a logged-in device approves `code`, then stores the account
+    /// bundle. Run a [`crate::Session`] afterwards to pull the history.
+    pub async fn link(&mut self, relay: &str, name: &str, code: &LinkCode) -> Result<AccountId, Error> {
+        if let Some(a) = self.account() {
+            return Err(Error::AlreadyLoggedIn(a.to_string()));
+        }
+        check_name(name)?;
+        let (_net, mut stream, _) = self.connect(relay).await?;
+        stream
+            .send(&ClientFrame::LinkWait {
+                req: 1,
+                link_id: code.link_id(),
+                device_x25519: self.x25519_public(),
+                name: name.to_string(),
+            })
+            .await?;
+        let RelayFrame::LinkApproved { account, cert, bundle, .. } = Self::reply(&mut stream, 1).await? else {
+            return Err(Error::LinkMismatch);
+        };
+        let plain =
+            open_box(&StaticSecret::from(self.secrets.x25519), &code.secret, &LinkCode::context(&self.id), &bundle)?;
+        let keys: AccountKeys = postcard::from_bytes(&plain).map_err(|_| Error::LinkMismatch)?;
+        if keys.public() != account {
+            return Err(Error::LinkMismatch);
+        }
+        account.validate()?;
+        cert.verify(&account)?;
+        if cert.body.device != self.id || cert.body.device_x25519 != self.x25519_public() {
+            return Err(Error::LinkMismatch);
+        }
+        let login = Login { account: account.clone(), keys, cert: cert.clone(), relay: relay.to_string() };
+        self.store.set_login(&login)?;
+        self.store.put_device(&cert)?;
+        self.login = Some(login);
+        Ok(account.id)
+    }
+
+    /// Approves the device that shows `code`: signs its certificate and seals the account bundle
+    /// to it. Returns the new device's id and name.
+    pub async fn approve(&mut self, code: &LinkCode) -> Result<(DeviceId, String), Error> {
+        let login = self.login()?.clone();
+        let (_net, mut stream, _) = self.connect(&login.relay).await?;
+        stream.send(&ClientFrame::LinkLookup { req: 1, link_id: code.link_id() }).await?;
+        let RelayFrame::LinkInfo { device, device_x25519, name, .. } = Self::reply(&mut stream, 1).await? else {
+            return Err(Error::LinkMismatch);
+        };
+        if LinkCode::fingerprint_of(&device, &device_x25519) != code.fingerprint {
+            return Err(Error::LinkMismatch);
+        }
+        check_name(&name)?;
+        let cert = login.keys.certify(DeviceCertBody {
+            account: login.account.id,
+            device: device.clone(),
+            device_x25519,
+            name: name.clone(),
+            created_ms: self.now_ms() as u64,
+        });
+        let bundle_plain = postcard::to_allocvec(&login.keys).expect("serializing keys cannot fail");
+        let bundle = seal_box(&device_x25519, &code.secret, &LinkCode::context(&device), &bundle_plain, &mut self.rng);
+        stream.send(&ClientFrame::LinkApprove { req: 2, link_id: code.link_id(), cert: cert.clone(), bundle }).await?;
+        Self::reply(&mut stream, 2).await?;
+        self.store.put_device(&cert)?;
+        Ok((device, name))
+    }
+
+    // ---- local chat state ----
+
+    pub(crate) fn doc(&mut self, chat: ChatId) -> Result<&mut ChatDoc, Error> {
+        if !self.docs.contains_key(&chat) {
+            if self.store.chat(chat)?.is_none() {
+                return Err(Error::UnknownChat(chat));
+            }
+            let (snap, changes) = self.store.doc_parts(chat)?;
+            let doc = ChatDoc::load(chat, &self.id, snap.as_deref(), &changes)?;
+            if self.docs.len() >= DOC_CACHE {
+                let evict = self.doc_order.remove(0);
+                self.docs.remove(&evict);
+            }
+            self.docs.insert(chat, doc);
+            self.doc_order.push(chat);
+        }
+        Ok(self.docs.get_mut(&chat).expect("inserted above"))
+    }
+
+    pub(crate) fn drop_doc(&mut self, chat: ChatId) {
+        self.docs.remove(&chat);
+        self.doc_order.retain(|c| *c != chat);
+    }
+
+    /// Every chat on this device.
+    pub fn chats(&mut self) -> Result<Vec<ChatSummary>, Error> {
+        let mut out = Vec::new();
+        for (chat, meta, seq) in self.store.chats()? {
+            let doc = self.doc(chat)?;
+            out.push(ChatSummary {
+                id: chat.to_string(),
+                title: doc.title(),
+                kind: format!("{:?}", meta.kind).to_lowercase(),
+                messages: doc.message_count(),
+                seq: seq.0,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A chat's messages in display order.
+    pub fn messages(&mut self, chat: ChatId) -> Result<Vec<Message>, Error> {
+        Ok(self.doc(chat)?.messages())
+    }
+
+    /// A chat's document heads (equal heads: equal chat).
+    pub fn heads(&mut self, chat: ChatId) -> Result<Vec<String>, Error> {
+        Ok(self.doc(chat)?.heads())
+    }
+
+    /// Creates a chat locally (key, genesis document, title delta in the outbox) and returns
+    /// the request that registers it with the relay.
+    pub(crate) fn new_chat(&mut self, title: &str, req: ReqId) -> Result<(ChatId, ClientFrame, OutboxItem), Error> {
+        check_text(title)?;
+        let login = self.login()?.clone();
+        let chat = ChatId::random(&mut self.rng);
+        let epoch = Epoch(0);
+        let key = ChatKey::random(&mut self.rng);
+        let wrapped = wrap_chat_key(&key, chat, epoch, login.account.id, &login.account.kem_key, &mut self.rng);
+        let meta = ChatMeta { kind: ChatKind::Notes, keys: BTreeMap::from([(epoch, key)]) };
+        self.store.put_chat(chat, &meta)?;
+        let now = self.now_ms();
+        let change = self.doc(chat)?.set_title(title, now);
+        let item = self.seal_and_store(chat, &change)?;
+        let frame = ClientFrame::CreateChat {
+            req,
+            chat,
+            kind: ChatKind::Notes,
+            epoch,
+            keys: vec![WrappedKey { account: login.account.id, key: wrapped }],
+        };
+        Ok((chat, frame, item))
+    }
+
+    /// Writes a message: edits the document, seals the change, and stores both and the outbox
+    /// item durably. Sending is the session's job.
+    pub fn compose(&mut self, chat: ChatId, text: &str) -> Result<(Message, OutboxItem), Error> {
+        check_text(text)?;
+        let author = self.login()?.account.id;
+        let mut id = [0u8; 16];
+        self.rng.fill_bytes(&mut id);
+        let msg = new_message(author, &self.id, text, self.now_ms(), id);
+        let change = self.doc(chat)?.add_message(&msg)?;
+        let item = self.seal_and_store(chat, &change)?;
+        Ok((msg, item))
+    }
+
+    fn seal_and_store(&mut self, chat: ChatId, change: &[u8]) -> Result<OutboxItem, Error> {
+        let meta = self.store.chat(chat)?.ok_or(Error::UnknownChat(chat))?;
+        let (epoch, key) = meta.current().ok_or(Error::UnknownChat(chat))?;
+        let client_seq = self.store.next_client_seq()?;
+        let ad = DeltaAd { chat, epoch, device: &self.id, client_seq };
+        let sealed = seal_delta(key, &ad, change, &mut self.rng);
+        let item = OutboxItem { client_seq, chat, epoch, sealed };
+        self.store.store_local(chat, change, Some(&item))?;
+        self.store.barrier()?;
+        self.maybe_compact(chat)?;
+        Ok(item)
+    }
+
+    fn maybe_compact(&mut self, chat: ChatId) -> Result<(), Error> {
+        if self.store.changes_since_snapshot(chat)? >= COMPACT_AFTER_CHANGES {
+            let snap = self.doc(chat)?.save();
+            self.store.compact(chat, &snap)?;
+        }
+        Ok(())
+    }
+
+    /// Opens and applies a delta from the relay and moves the chat's cursor past it. A delta
+    /// that fails to open or apply is skipped (the cursor still moves) and reported as an error;
+    /// it never stalls the chat.
+    pub(crate) fn apply_delta(&mut self, delta: &Delta) -> Result<Vec<Message>, Error> {
+        let meta = self.store.chat(delta.chat)?.ok_or(Error::UnknownChat(delta.chat))?;
+        let opened = match meta.keys.get(&delta.epoch) {
+            None => Err(Error::Crypto(crate::proto::crypto::CryptoError::MalformedKey)),
+            Some(key) => {
+                let ad = DeltaAd {
+                    chat: delta.chat,
+                    epoch: delta.epoch,
+                    device: &delta.device,
+                    client_seq: delta.client_seq,
+                };
+                crate::proto::crypto::open_delta(key, &ad, &delta.sealed).map_err(Error::from)
+            }
+        };
+        let plain = match opened {
+            Ok(p) => p,
+            Err(e) => {
+                self.store.apply_remote(delta.chat, delta.seq, None)?;
+                return Err(e);
+            }
+        };
+        let doc = self.doc(delta.chat)?;
+        match doc.apply_untrusted(&plain) {
+            Ok(added) => {
+                self.store.apply_remote(delta.chat, delta.seq, Some(&plain))?;
+                self.maybe_compact(delta.chat)?;
+                Ok(added)
+            }
+            Err(e) => {
+                if doc.is_poisoned() {
+                    self.drop_doc(delta.chat);
+                }
+                self.store.apply_remote(delta.chat, delta.seq, None)?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Applies an account log entry; returns the chat that became readable, if any.
+    pub(crate) fn apply_account_entry(&mut self, entry: &AccountEntry) -> Result<Option<ChatId>, Error> {
+        let login = self.login()?.clone();
+        let result = match &entry.event {
+            AccountEvent::DeviceAdded { cert } => {
+                cert.verify(&login.account)?;
+                self.store.put_device(cert)?;
+                Ok(None)
+            }
+            AccountEvent::ChatAdded { chat, kind, epoch, wrapped_key } => {
+                self.add_chat_key(*chat, *kind, *epoch, wrapped_key, &login).map(|_| Some(*chat))
+            }
+        };
+        self.store.set_account_cursor(entry.seq)?;
+        result
+    }
+
+    fn add_chat_key(
+        &mut self,
+        chat: ChatId,
+        kind: ChatKind,
+        epoch: Epoch,
+        wrapped: &SealedBox,
+        login: &Login,
+    ) -> Result<(), Error> {
+        let key = unwrap_chat_key(wrapped, chat, epoch, login.account.id, &login.keys.kem_secret())?;
+        let mut meta = self.store.chat(chat)?.unwrap_or(ChatMeta { kind, keys: BTreeMap::new() });
+        meta.keys.insert(epoch, key);
+        self.store.put_chat(chat, &meta)?;
+        Ok(())
+    }
+
+    pub(crate) fn cursor(&self, chat: ChatId) -> Result<Seq, Error> {
+        Ok(self.store.cursor(chat)?)
+    }
+}
+
+pub(crate) fn frame_req(f: &RelayFrame) -> Option<ReqId> {
+    match f {
+        RelayFrame::Done { req }
+        | RelayFrame::LinkInfo { req, .. }
+        | RelayFrame::LinkApproved { req, .. }
+        | RelayFrame::Acked { req, .. }
+        | RelayFrame::Duplicate { req, .. }
+        | RelayFrame::SyncState { req, .. }
+        | RelayFrame::ChatPage { req, .. }
+        | RelayFrame::AccountPage { req, .. } => Some(*req),
+        RelayFrame::Error { req, .. } => *req,
+        RelayFrame::Hello { .. } | RelayFrame::Push { .. } | RelayFrame::PushAccount { .. } => None,
+    }
+}
+
+fn check_name(name: &str) -> Result<(), Error> {
+    if name.len() > MAX_DEVICE_NAME_BYTES {
+        return Err(Error::TooLong(name.len(), MAX_DEVICE_NAME_BYTES));
+    }
+    Ok(())
+}
+
+fn check_text(text: &str) -> Result<(), Error> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(Error::TooLong(text.len(), MAX_TEXT_BYTES));
+    }
+    Ok(())
+}

@@ -1,0 +1,420 @@
+//! [`Session`]: the driver that keeps a [`Device`] in sync with its relay.
+//!
+//! One tokio task owns the device, the libp2p swarm and the [`SyncCore`]. It waits for a frame
+//! from the relay or a command from the app, feeds it to the core, and carries out the core's
+//! outputs (send a frame, apply a delta, drop an acknowledged outbox item). When the stream
+//! breaks it reconnects with exponential backoff (100 ms doubling to 5 s, with jitter).
+//!
+//! Bounds: [`COMMAND_QUEUE`] commands wait for the task; [`EVENT_QUEUE`] events wait for the
+//! app. When the event queue is full the session waits for the app to read: an app that stops
+//! reading events stalls its own sync, never the relay or other devices.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::device::core::{SyncCore, SyncInput, SyncOutput};
+use crate::device::doc::Message;
+use crate::device::error::Error;
+use crate::device::local::{frame_req, Device};
+use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
+use crate::device::store::OutboxItem;
+use crate::proto::ids::{ChatId, ClientSeq, Seq};
+use crate::proto::wire::{ErrorCode, RelayFrame, ReqId};
+
+/// Commands from the app waiting for the session task.
+pub const COMMAND_QUEUE: usize = 64;
+/// Events waiting for the app.
+pub const EVENT_QUEUE: usize = 4096;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What a session tells the app.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A message appeared in a chat (from another device, or written here when `local`).
+    MessageAdded { chat: ChatId, message: Message, local: bool },
+    /// A chat became readable on this device.
+    ChatAdded { chat: ChatId },
+    /// A message written here is durable on the relay at `seq` (`None`: a retry of one stored
+    /// long ago).
+    Acked { chat: ChatId, client_seq: ClientSeq, seq: Option<Seq> },
+    /// The relay refused a delta for good; it was dropped from the outbox.
+    Rejected { chat: ChatId, client_seq: ClientSeq, code: ErrorCode, message: String },
+    /// Connected to the relay and accepted.
+    Connected,
+    /// The connection failed or broke; the session retries.
+    Disconnected { reason: String },
+    /// Caught up with every head the relay reported.
+    CaughtUp,
+    /// Caught up and the outbox is empty.
+    Idle,
+    /// Something failed that the app should show; sync goes on.
+    Error { message: String },
+}
+
+/// A snapshot of the session's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// Connected and accepted by the relay.
+    pub connected: bool,
+    /// Caught up with the relay's heads.
+    pub caught_up: bool,
+    /// Deltas waiting in the outbox.
+    pub outbox: usize,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+enum Command {
+    Send { chat: ChatId, text: String, reply: Reply<Message> },
+    CreateChat { title: String, reply: Reply<ChatId> },
+    Messages { chat: ChatId, reply: Reply<Vec<Message>> },
+    Heads { chat: ChatId, reply: Reply<Vec<String>> },
+    Status { reply: oneshot::Sender<Status> },
+    Stop { reply: oneshot::Sender<Device> },
+}
+
+/// A handle on a running session. Dropping it stops the session.
+pub struct Session {
+    commands: mpsc::Sender<Command>,
+    events: Option<mpsc::Receiver<Event>>,
+}
+
+impl Session {
+    /// Starts syncing `device` (which must be logged in) with its relay.
+    pub fn start(device: Device) -> Result<Session, Error> {
+        let relay = device.login()?.relay.clone();
+        let (peer, addr) = parse_relay_addr(&relay)?;
+        let net = Net::start(device.keypair())?;
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+        let core = SyncCore::new(device.store.account_cursor()?, device.outbox_len() > 0);
+        let driver = Driver {
+            device,
+            core,
+            net,
+            peer,
+            addr,
+            events: ev_tx,
+            pending: BTreeMap::new(),
+            stream: None,
+            was_connected: false,
+            was_caught_up: false,
+            was_idle: false,
+        };
+        tokio::spawn(driver.run(cmd_rx));
+        Ok(Session { commands: cmd_tx, events: Some(ev_rx) })
+    }
+
+    /// The event stream. Can be taken once.
+    pub fn events(&mut self) -> Option<mpsc::Receiver<Event>> {
+        self.events.take()
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Writes a message durably on this device and queues it for the relay. The returned
+    /// message is local; [`Event::Acked`] tells when the relay has it.
+    pub async fn send(&self, chat: ChatId, text: &str) -> Result<Message, Error> {
+        self.call(|reply| Command::Send { chat, text: text.to_string(), reply }).await
+    }
+
+    /// Creates a chat; needs the relay (the chat is registered there with its key).
+    pub async fn create_chat(&self, title: &str) -> Result<ChatId, Error> {
+        self.call(|reply| Command::CreateChat { title: title.to_string(), reply }).await
+    }
+
+    /// A chat's messages in display order.
+    pub async fn messages(&self, chat: ChatId) -> Result<Vec<Message>, Error> {
+        self.call(|reply| Command::Messages { chat, reply }).await
+    }
+
+    /// A chat's document heads.
+    pub async fn heads(&self, chat: ChatId) -> Result<Vec<String>, Error> {
+        self.call(|reply| Command::Heads { chat, reply }).await
+    }
+
+    /// The session's state.
+    pub async fn status(&self) -> Result<Status, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Status { reply: tx }).await.map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
+    /// Stops the session and gives the device back.
+    pub async fn stop(self) -> Result<Device, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Stop { reply: tx }).await.map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+}
+
+enum PendingReq {
+    CreateChat { chat: ChatId, reply: Reply<ChatId> },
+}
+
+struct Driver {
+    device: Device,
+    core: SyncCore,
+    net: Net,
+    peer: libp2p::PeerId,
+    addr: libp2p::Multiaddr,
+    events: mpsc::Sender<Event>,
+    pending: BTreeMap<ReqId, PendingReq>,
+    stream: Option<RelayStream>,
+    was_connected: bool,
+    was_caught_up: bool,
+    was_idle: bool,
+}
+
+impl Driver {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        for (chat, _, cursor) in self.device.store.chats().unwrap_or_default() {
+            self.core.handle(SyncInput::ChatReady { chat, cursor });
+        }
+        let mut backoff = BACKOFF_MIN;
+        let mut reconnect_at = Instant::now();
+        loop {
+            if self.stream.is_none() && Instant::now() >= reconnect_at {
+                match self.net.open(self.peer, self.addr.clone()).await {
+                    Ok(s) => {
+                        self.stream = Some(s);
+                        backoff = BACKOFF_MIN;
+                        let out = self.core.handle(SyncInput::Connected);
+                        self.carry_out(out).await;
+                    }
+                    Err(e) => {
+                        self.emit(Event::Disconnected { reason: e.to_string() }).await;
+                        let jitter = self.device.rng.gen_range(0..=backoff.as_millis() as u64 / 4);
+                        reconnect_at = Instant::now() + backoff + Duration::from_millis(jitter);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
+                continue;
+            }
+            let offline = self.stream.is_none();
+            let stream = self.stream.as_mut();
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(Command::Stop { reply }) => {
+                        let _ = reply.send(self.device);
+                        return;
+                    }
+                    Some(cmd) => self.command(cmd).await,
+                },
+                frame = recv(stream) => match frame {
+                    Ok(Some(frame)) => {
+                        let out = self.core.handle(SyncInput::Frame(Box::new(frame)));
+                        self.carry_out(out).await;
+                    }
+                    Ok(None) => self.lost("relay closed the stream".into(), &mut reconnect_at, backoff).await,
+                    Err(e) => self.lost(e.to_string(), &mut reconnect_at, backoff).await,
+                },
+                () = tokio::time::sleep_until(reconnect_at), if offline => {}
+            }
+        }
+    }
+
+    async fn lost(&mut self, reason: String, reconnect_at: &mut Instant, backoff: Duration) {
+        self.stream = None;
+        self.core.handle(SyncInput::Disconnected);
+        for (_, p) in std::mem::take(&mut self.pending) {
+            match p {
+                PendingReq::CreateChat { reply, .. } => {
+                    let _ = reply.send(Err(Error::Net(NetError::Unreachable(reason.clone()))));
+                }
+            }
+        }
+        self.was_connected = false;
+        self.was_caught_up = false;
+        self.was_idle = false;
+        self.emit(Event::Disconnected { reason }).await;
+        *reconnect_at = Instant::now() + backoff;
+    }
+
+    async fn emit(&mut self, e: Event) {
+        let _ = self.events.send(e).await;
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Send { chat, text, reply } => match self.device.compose(chat, &text) {
+                Ok((msg, item)) => {
+                    let _ = reply.send(Ok(msg.clone()));
+                    self.emit(Event::MessageAdded { chat, message: msg, local: true }).await;
+                    self.outbox_added(item).await;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::CreateChat { title, reply } => {
+                if !self.core.is_connected() {
+                    let _ = reply.send(Err(Error::Net(NetError::Unreachable("not connected to the relay".into()))));
+                    return;
+                }
+                let req = self.core.next_req();
+                match self.device.new_chat(&title, req) {
+                    Ok((chat, frame, item)) => {
+                        self.pending.insert(req, PendingReq::CreateChat { chat, reply });
+                        self.send_frame(frame).await;
+                        self.outbox_added(item).await;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Messages { chat, reply } => {
+                let _ = reply.send(self.device.messages(chat));
+            }
+            Command::Heads { chat, reply } => {
+                let _ = reply.send(self.device.heads(chat));
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(Status {
+                    connected: self.core.is_connected(),
+                    caught_up: self.core.is_caught_up(),
+                    outbox: self.device.outbox_len(),
+                });
+            }
+            Command::Stop { .. } => unreachable!("handled in run"),
+        }
+    }
+
+    async fn outbox_added(&mut self, item: OutboxItem) {
+        let out = self.core.handle(SyncInput::OutboxAdded(item));
+        self.carry_out(out).await;
+    }
+
+    async fn send_frame(&mut self, frame: crate::proto::wire::ClientFrame) {
+        if let Some(s) = self.stream.as_mut() {
+            if let Err(e) = s.send(&frame).await {
+                tracing::debug!(error = %e, "send failed; the read side will notice");
+                self.stream = None;
+                self.core.handle(SyncInput::Disconnected);
+                self.emit(Event::Disconnected { reason: e.to_string() }).await;
+            }
+        }
+    }
+
+    async fn carry_out(&mut self, outputs: Vec<SyncOutput>) {
+        let mut queue = std::collections::VecDeque::from(outputs);
+        while let Some(o) = queue.pop_front() {
+            match o {
+                SyncOutput::Send(frame) => self.send_frame(frame).await,
+                SyncOutput::ApplyDelta(delta) => match self.device.apply_delta(&delta) {
+                    Ok(added) => {
+                        for message in added {
+                            self.emit(Event::MessageAdded { chat: delta.chat, message, local: false }).await;
+                        }
+                    }
+                    Err(e) => {
+                        self.emit(Event::Error { message: format!("chat {} seq {}: {e}", delta.chat, delta.seq) }).await
+                    }
+                },
+                SyncOutput::ApplyAccountEntry(entry) => match self.device.apply_account_entry(&entry) {
+                    Ok(Some(chat)) => {
+                        let cursor = self.device.cursor(chat).unwrap_or_default();
+                        queue.extend(self.core.handle(SyncInput::ChatReady { chat, cursor }));
+                        self.emit(Event::ChatAdded { chat }).await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.emit(Event::Error { message: format!("account log entry {}: {e}", entry.seq) }).await
+                    }
+                },
+                SyncOutput::Acked { client_seq, chat, seq } => {
+                    if let Err(e) = self.device.store.outbox_remove(client_seq) {
+                        self.emit(Event::Error { message: e.to_string() }).await;
+                    }
+                    self.emit(Event::Acked { chat, client_seq, seq }).await;
+                }
+                SyncOutput::Rejected { client_seq, chat, code, message } => {
+                    let _ = self.device.store.outbox_remove(client_seq);
+                    self.emit(Event::Rejected { chat, client_seq, code, message }).await;
+                }
+                SyncOutput::Cursor { chat, seq } => {
+                    if let Err(e) = self.device.store.set_cursor(chat, seq) {
+                        self.emit(Event::Error { message: e.to_string() }).await;
+                    }
+                }
+                SyncOutput::LoadOutbox { after, max } => {
+                    let (items, more) = match self.device.store.outbox_after(after, max + 1) {
+                        Ok(mut items) => {
+                            let more = items.len() > max;
+                            items.truncate(max);
+                            (items, more)
+                        }
+                        Err(e) => {
+                            self.emit(Event::Error { message: e.to_string() }).await;
+                            (Vec::new(), false)
+                        }
+                    };
+                    queue.extend(self.core.handle(SyncInput::OutboxLoaded { items, more }));
+                }
+                SyncOutput::Reply(frame) => self.reply(frame).await,
+                SyncOutput::Error { code, message } => {
+                    self.emit(Event::Error { message: format!("relay: {message} ({code:?})") }).await
+                }
+                SyncOutput::NotRegistered => {
+                    self.emit(Event::Error { message: "the relay does not know this device".into() }).await
+                }
+            }
+        }
+        let connected = self.core.is_connected();
+        if connected && !self.was_connected {
+            self.emit(Event::Connected).await;
+        }
+        self.was_connected = connected;
+        let caught_up = self.core.is_caught_up();
+        if caught_up && !self.was_caught_up {
+            self.emit(Event::CaughtUp).await;
+        }
+        self.was_caught_up = caught_up;
+        let idle = self.core.is_idle();
+        if idle && !self.was_idle {
+            self.emit(Event::Idle).await;
+        }
+        self.was_idle = idle;
+    }
+
+    async fn reply(&mut self, frame: RelayFrame) {
+        let Some(req) = frame_req(&frame) else { return };
+        let Some(p) = self.pending.remove(&req) else { return };
+        match (p, frame) {
+            (PendingReq::CreateChat { chat, reply }, RelayFrame::Done { .. }) => {
+                let cursor = self.device.cursor(chat).unwrap_or_default();
+                let out = self.core.handle(SyncInput::ChatReady { chat, cursor });
+                let _ = reply.send(Ok(chat));
+                Box::pin(self.carry_out(out)).await;
+            }
+            (PendingReq::CreateChat { reply, .. }, RelayFrame::Error { code, message, .. }) => {
+                let _ = reply.send(Err(Error::Relay { code, message }));
+            }
+            (PendingReq::CreateChat { reply, .. }, other) => {
+                let _ = reply.send(Err(Error::Relay {
+                    code: ErrorCode::Internal,
+                    message: format!("unexpected reply {other:?}"),
+                }));
+            }
+        }
+    }
+}
+
+async fn recv(stream: Option<&mut RelayStream>) -> Result<Option<RelayFrame>, NetError> {
+    match stream {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,336 @@
+//! The device's local store: sled, with a real fsync barrier for the outbox.
+//!
+//! Trees (integers big-endian):
+//! * `meta`: `identity`, `login`, `next_client_seq`, `account_cursor`
+//! * `chats`: chat id → [`ChatMeta`] (kind, keys per epoch)
+//! * `cursors`: chat id → last applied seq
+//! * `snapshots`: chat id → saved Automerge document
+//! * `changes`: chat id ‖ n → Automerge change bytes applied since the snapshot
+//! * `outbox`: client seq → [`OutboxItem`] (sealed, waiting for the relay's ack)
+//! * `devices`: device id → certificate of a device of this account
+//!
+//! A remote change and the cursor that passes it are written in one transaction, so a crash
+//! never skips a delta; re-applying one is harmless.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+
+use crate::proto::cert::{AccountKeys, AccountPublic, DeviceCert};
+use crate::proto::crypto::ChatKey;
+use crate::proto::ids::{ChatId, ClientSeq, DeviceId, Epoch, Seq};
+use crate::proto::wire::ChatKind;
+
+/// How many changes pile up after a chat's snapshot before the snapshot is rewritten.
+pub const COMPACT_AFTER_CHANGES: u64 = 2048;
+
+/// A failing local store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled failed.
+    #[error("local store: {0}")]
+    Sled(#[from] sled::Error),
+    /// fsync failed: what was written last may not be durable.
+    #[error("local store: fsync failed: {0}")]
+    Sync(std::io::Error),
+    /// A stored record did not decode.
+    #[error("local store: record {0} is corrupt")]
+    Corrupt(&'static str),
+}
+
+/// This device's secret keys.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct DeviceSecrets {
+    /// Ed25519 secret of the libp2p identity (the PeerId is the DeviceId).
+    pub ed25519: [u8; 32],
+    /// X25519 static secret.
+    pub x25519: [u8; 32],
+}
+
+/// What a logged-in device keeps about its account.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Login {
+    /// The account's public keys.
+    pub account: AccountPublic,
+    /// The account bundle.
+    pub keys: AccountKeys,
+    /// This device's certificate.
+    pub cert: DeviceCert,
+    /// The relay's multiaddr, `…/p2p/<peer id>`.
+    pub relay: String,
+}
+
+/// What the device knows of a chat besides its document.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ChatMeta {
+    /// Its kind.
+    pub kind: ChatKind,
+    /// Chat keys by epoch.
+    pub keys: BTreeMap<Epoch, ChatKey>,
+}
+
+impl ChatMeta {
+    /// The newest epoch and its key; new deltas are sealed with it.
+    pub fn current(&self) -> Option<(Epoch, &ChatKey)> {
+        self.keys.iter().next_back().map(|(e, k)| (*e, k))
+    }
+}
+
+/// A sealed delta waiting for the relay's acknowledgement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxItem {
+    /// Its client seq.
+    pub client_seq: ClientSeq,
+    /// The chat.
+    pub chat: ChatId,
+    /// Epoch it was sealed in.
+    pub epoch: Epoch,
+    /// Sealed bytes.
+    pub sealed: Vec<u8>,
+}
+
+/// A chat's saved snapshot (if any) and the changes stored after it, in order.
+pub type DocParts = (Option<Vec<u8>>, Vec<Vec<u8>>);
+
+/// The device's sled database.
+pub struct DeviceStore {
+    db: sled::Db,
+    data_file: PathBuf,
+    meta: sled::Tree,
+    chats: sled::Tree,
+    cursors: sled::Tree,
+    snapshots: sled::Tree,
+    changes: sled::Tree,
+    outbox: sled::Tree,
+    devices: sled::Tree,
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("serializing a stored record cannot fail")
+}
+
+fn dec<'a, T: Deserialize<'a>>(b: &'a [u8], what: &'static str) -> Result<T, StoreError> {
+    postcard::from_bytes(b).map_err(|_| StoreError::Corrupt(what))
+}
+
+fn u64_of(b: &[u8], what: &'static str) -> Result<u64, StoreError> {
+    let a: [u8; 8] = b.try_into().map_err(|_| StoreError::Corrupt(what))?;
+    Ok(u64::from_be_bytes(a))
+}
+
+fn change_key(chat: ChatId, n: u64) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..16].copy_from_slice(&chat.0);
+    k[16..].copy_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn tx_result<T>(r: Result<T, TransactionError<()>>) -> Result<T, StoreError> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e)),
+        Err(TransactionError::Abort(())) => unreachable!("store transactions never abort"),
+    }
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<()>>;
+
+impl DeviceStore {
+    /// Opens (or creates) the store under `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        Ok(DeviceStore {
+            data_file: dir.join("db"),
+            meta: db.open_tree("meta")?,
+            chats: db.open_tree("chats")?,
+            cursors: db.open_tree("cursors")?,
+            snapshots: db.open_tree("snapshots")?,
+            changes: db.open_tree("changes")?,
+            outbox: db.open_tree("outbox")?,
+            devices: db.open_tree("devices")?,
+            db,
+        })
+    }
+
+    /// Makes everything written so far durable across power loss (sled's own flush is not).
+    pub fn barrier(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        File::open(&self.data_file).and_then(|f| f.sync_data()).map_err(StoreError::Sync)
+    }
+
+    /// The device's secrets, creating them with `make` on first use.
+    pub fn secrets_or_create(&self, make: impl FnOnce() -> DeviceSecrets) -> Result<DeviceSecrets, StoreError> {
+        if let Some(v) = self.meta.get("identity")? {
+            return dec(&v, "identity");
+        }
+        let s = make();
+        self.meta.insert("identity", enc(&s))?;
+        self.barrier()?;
+        Ok(s)
+    }
+
+    /// The login, if this device belongs to an account.
+    pub fn login(&self) -> Result<Option<Login>, StoreError> {
+        self.meta.get("login")?.map(|v| dec(&v, "login")).transpose()
+    }
+
+    /// Stores the login durably.
+    pub fn set_login(&self, login: &Login) -> Result<(), StoreError> {
+        self.meta.insert("login", enc(login))?;
+        self.barrier()
+    }
+
+    /// Cursor of the account log.
+    pub fn account_cursor(&self) -> Result<Seq, StoreError> {
+        Ok(Seq(self.meta.get("account_cursor")?.map(|v| u64_of(&v, "account cursor")).transpose()?.unwrap_or(0)))
+    }
+
+    /// Sets the account log cursor.
+    pub fn set_account_cursor(&self, seq: Seq) -> Result<(), StoreError> {
+        self.meta.insert("account_cursor", &seq.0.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Records a device certificate of this account.
+    pub fn put_device(&self, cert: &DeviceCert) -> Result<(), StoreError> {
+        self.devices.insert(cert.body.device.0.as_bytes(), enc(cert))?;
+        Ok(())
+    }
+
+    /// The account's devices known here.
+    pub fn devices(&self) -> Result<Vec<DeviceCert>, StoreError> {
+        self.devices.iter().map(|kv| dec(&kv?.1, "device")).collect()
+    }
+
+    /// Stores a chat's metadata.
+    pub fn put_chat(&self, chat: ChatId, meta: &ChatMeta) -> Result<(), StoreError> {
+        self.chats.insert(chat.0, enc(meta))?;
+        Ok(())
+    }
+
+    /// One chat's metadata.
+    pub fn chat(&self, chat: ChatId) -> Result<Option<ChatMeta>, StoreError> {
+        self.chats.get(chat.0)?.map(|v| dec(&v, "chat")).transpose()
+    }
+
+    /// Every chat with its cursor.
+    pub fn chats(&self) -> Result<Vec<(ChatId, ChatMeta, Seq)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.chats.iter() {
+            let (k, v) = kv?;
+            let id: [u8; 16] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("chat id"))?;
+            let chat = ChatId(id);
+            out.push((chat, dec(&v, "chat")?, self.cursor(chat)?));
+        }
+        Ok(out)
+    }
+
+    /// A chat's cursor.
+    pub fn cursor(&self, chat: ChatId) -> Result<Seq, StoreError> {
+        Ok(Seq(self.cursors.get(chat.0)?.map(|v| u64_of(&v, "cursor")).transpose()?.unwrap_or(0)))
+    }
+
+    /// Moves a chat's cursor (without a change: for the device's own acknowledged deltas).
+    pub fn set_cursor(&self, chat: ChatId, seq: Seq) -> Result<(), StoreError> {
+        self.cursors.insert(chat.0, &seq.0.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// A chat's snapshot and the changes stored after it, in order.
+    pub fn doc_parts(&self, chat: ChatId) -> Result<DocParts, StoreError> {
+        let snap = self.snapshots.get(chat.0)?.map(|v| v.to_vec());
+        let changes =
+            self.changes.scan_prefix(chat.0).map(|kv| Ok(kv?.1.to_vec())).collect::<Result<_, StoreError>>()?;
+        Ok((snap, changes))
+    }
+
+    fn next_change_n(&self, chat: ChatId) -> Result<u64, StoreError> {
+        match self.changes.scan_prefix(chat.0).next_back() {
+            Some(kv) => Ok(u64_of(&kv?.0[16..], "change key")? + 1),
+            None => Ok(0),
+        }
+    }
+
+    /// Number of changes stored after the chat's snapshot.
+    pub fn changes_since_snapshot(&self, chat: ChatId) -> Result<u64, StoreError> {
+        self.next_change_n(chat)
+    }
+
+    /// Stores a remote change and moves the cursor to `seq`, atomically. `change` is `None` for
+    /// a delta that failed to open or apply: the cursor still passes it.
+    pub fn apply_remote(&self, chat: ChatId, seq: Seq, change: Option<&[u8]>) -> Result<(), StoreError> {
+        let n = self.next_change_n(chat)?;
+        tx_result((&self.changes, &self.cursors).transaction(
+            |(changes, cursors): &(TransactionalTree, TransactionalTree)| -> TxResult<()> {
+                if let Some(c) = change {
+                    changes.insert(&change_key(chat, n)[..], c)?;
+                }
+                cursors.insert(&chat.0[..], &seq.0.to_be_bytes())?;
+                Ok(())
+            },
+        ))
+    }
+
+    /// Stores a local change (`outbox: Some`) or a change that is not sent (genesis, `None`),
+    /// advancing the client seq; not yet durable, see [`DeviceStore::barrier`].
+    pub fn store_local(&self, chat: ChatId, change: &[u8], outbox: Option<&OutboxItem>) -> Result<(), StoreError> {
+        let n = self.next_change_n(chat)?;
+        tx_result((&self.changes, &self.outbox, &self.meta).transaction(
+            |(changes, ob, meta): &(TransactionalTree, TransactionalTree, TransactionalTree)| -> TxResult<()> {
+                changes.insert(&change_key(chat, n)[..], change)?;
+                if let Some(item) = outbox {
+                    ob.insert(&item.client_seq.0.to_be_bytes()[..], enc(item))?;
+                    meta.insert("next_client_seq", &(item.client_seq.0 + 1).to_be_bytes())?;
+                }
+                Ok(())
+            },
+        ))
+    }
+
+    /// The client seq the next local delta gets.
+    pub fn next_client_seq(&self) -> Result<ClientSeq, StoreError> {
+        Ok(ClientSeq(self.meta.get("next_client_seq")?.map(|v| u64_of(&v, "client seq")).transpose()?.unwrap_or(1)))
+    }
+
+    /// Replaces a chat's snapshot and drops the changes it covers.
+    pub fn compact(&self, chat: ChatId, snapshot: &[u8]) -> Result<(), StoreError> {
+        let keys: Vec<sled::IVec> = self.changes.scan_prefix(chat.0).keys().collect::<Result<_, _>>()?;
+        tx_result((&self.snapshots, &self.changes).transaction(
+            |(snaps, changes): &(TransactionalTree, TransactionalTree)| -> TxResult<()> {
+                snaps.insert(&chat.0[..], snapshot)?;
+                for k in &keys {
+                    changes.remove(k)?;
+                }
+                Ok(())
+            },
+        ))
+    }
+
+    /// Outbox items after `after`, at most `max`, in client-seq order.
+    pub fn outbox_after(&self, after: ClientSeq, max: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        self.outbox.range((after.0 + 1).to_be_bytes()..).take(max).map(|kv| dec(&kv?.1, "outbox item")).collect()
+    }
+
+    /// Number of items in the outbox.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Drops an acknowledged (or rejected) item.
+    pub fn outbox_remove(&self, cs: ClientSeq) -> Result<(), StoreError> {
+        self.outbox.remove(cs.0.to_be_bytes())?;
+        Ok(())
+    }
+}
+
+/// The device id a set of secrets gives.
+pub fn device_id_of(secrets: &DeviceSecrets) -> DeviceId {
+    let kp = libp2p::identity::Keypair::ed25519_from_bytes(secrets.ed25519)
+        .expect("32 bytes are always a valid Ed25519 secret");
+    DeviceId(kp.public().to_peer_id().to_string())
+}

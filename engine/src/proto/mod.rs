@@ -1,0 +1,8 @@
+//! What both sides of the wire need: ids, frames, certificates and crypto.
+//!
+//! Nothing here links Automerge, sled or libp2p.
+
+pub mod cert;
+pub mod crypto;
+pub mod ids;
+pub mod wire;

@@ -1,0 +1,239 @@
+//! The sync protocol's frames.
+//!
+//! One long-lived libp2p stream per device connection on [`PROTOCOL`]. Each frame is a 4-byte
+//! big-endian length followed by a postcard-encoded [`ClientFrame`] or [`RelayFrame`]; no frame
+//! is longer than [`MAX_FRAME_BYTES`]. The first frame each way is `Hello` carrying
+//! [`PROTOCOL_VERSION`]. Every request carries a `req` id that the reply echoes; pushes carry
+//! none. See docs/protocol.md.
+
+use serde::{Deserialize, Serialize};
+
+use super::cert::{AccountPublic, DeviceCert};
+use super::crypto::SealedBox;
+use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
+
+/// The libp2p protocol name of the sync stream.
+pub const PROTOCOL: &str = "/stratus/sync/1";
+/// Bumped on any incompatible change to the frames below.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Longest frame either side sends or accepts. A longer length prefix is a protocol error and
+/// closes the stream (the rest of the stream cannot be trusted to be framed).
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Longest sealed delta the relay stores. Larger content (media) goes elsewhere.
+pub const MAX_DELTA_BYTES: usize = 64 * 1024;
+/// Most deltas in one catch-up page.
+pub const MAX_PAGE_DELTAS: u32 = 512;
+/// Most sealed bytes in one catch-up page (a page always holds at least one delta).
+pub const MAX_PAGE_BYTES: usize = 256 * 1024;
+/// Most members a chat may list.
+pub const MAX_CHAT_MEMBERS: usize = 1024;
+
+/// A request id, chosen by the device and echoed by the relay.
+pub type ReqId = u64;
+
+/// The kind of a chat. Only `Notes` (an account's private chat) is created so far; the others
+/// are reserved so that stored data need not change when they arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChatKind {
+    /// Account-private: only the account's own devices.
+    Notes,
+    /// Two accounts.
+    Direct,
+    /// Many accounts.
+    Group,
+}
+
+/// A delta as the relay stores and sends it: sealed bytes plus what the seal is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    /// The chat.
+    pub chat: ChatId,
+    /// Position in the chat's log, assigned by the relay.
+    pub seq: Seq,
+    /// Key epoch it was sealed in.
+    pub epoch: Epoch,
+    /// Sending device.
+    pub device: DeviceId,
+    /// Sender's client seq.
+    pub client_seq: ClientSeq,
+    /// `nonce || ciphertext+tag`.
+    pub sealed: Vec<u8>,
+}
+
+/// An entry in an account's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccountEvent {
+    /// A device joined the account.
+    DeviceAdded {
+        /// Its certificate, signed with the account key.
+        cert: DeviceCert,
+    },
+    /// The account became a member of a chat; the chat key is wrapped to the account.
+    ChatAdded {
+        /// The chat.
+        chat: ChatId,
+        /// Its kind.
+        kind: ChatKind,
+        /// The key epoch.
+        epoch: Epoch,
+        /// The chat key, wrapped to the account's KEM key.
+        wrapped_key: SealedBox,
+    },
+}
+
+/// An account log entry with its seq.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountEntry {
+    /// Position in the account log.
+    pub seq: Seq,
+    /// What happened.
+    pub event: AccountEvent,
+}
+
+/// A chat key wrapped to one member account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedKey {
+    /// The member.
+    pub account: AccountId,
+    /// The key, sealed to the member's KEM key.
+    pub key: SealedBox,
+}
+
+/// Device → relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientFrame {
+    /// First frame on the stream.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the device.
+        version: u16,
+    },
+    /// Registers a new account with this device as its first device.
+    CreateAccount { req: ReqId, account: AccountPublic, cert: DeviceCert },
+    /// A device that is not yet logged in waits for approval under `link_id`
+    /// (`blake3` of the link code's one-time secret). Answered by `LinkApproved` when a logged-in
+    /// device approves it, or an error.
+    LinkWait { req: ReqId, link_id: [u8; 32], device_x25519: [u8; 32], name: String },
+    /// A logged-in device asks who waits under `link_id`.
+    LinkLookup { req: ReqId, link_id: [u8; 32] },
+    /// A logged-in device approves the waiting device.
+    LinkApprove { req: ReqId, link_id: [u8; 32], cert: DeviceCert, bundle: SealedBox },
+    /// Creates a chat with its first key epoch.
+    CreateChat { req: ReqId, chat: ChatId, kind: ChatKind, epoch: Epoch, keys: Vec<WrappedKey> },
+    /// Appends a sealed delta to a chat.
+    Append { req: ReqId, chat: ChatId, epoch: Epoch, client_seq: ClientSeq, sealed: Vec<u8> },
+    /// Asks for the heads of the account log and of every chat of the account.
+    SyncState { req: ReqId },
+    /// Asks for a chat's deltas after `after`, at most `max` of them.
+    FetchChat { req: ReqId, chat: ChatId, after: Seq, max: u32 },
+    /// Asks for the account log after `after`, at most `max` entries.
+    FetchAccount { req: ReqId, after: Seq, max: u32 },
+}
+
+/// Relay → device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayFrame {
+    /// First frame on the stream.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the relay.
+        version: u16,
+        /// The account this device belongs to, if the relay knows the device.
+        account: Option<AccountId>,
+    },
+    /// A request succeeded and has nothing else to say.
+    Done { req: ReqId },
+    /// Who waits under a link id.
+    LinkInfo { req: ReqId, device: DeviceId, device_x25519: [u8; 32], name: String },
+    /// The waiting device was approved: its certificate and the sealed account bundle.
+    LinkApproved { req: ReqId, account: AccountPublic, cert: DeviceCert, bundle: SealedBox },
+    /// An append is durable at `seq`.
+    Acked { req: ReqId, chat: ChatId, client_seq: ClientSeq, seq: Seq },
+    /// An append repeats one stored long ago; it is durable, but its seq is no longer indexed.
+    Duplicate { req: ReqId, chat: ChatId, client_seq: ClientSeq },
+    /// Durable heads: the account log and each chat of the account.
+    SyncState { req: ReqId, account_head: Seq, chats: Vec<(ChatId, Seq)> },
+    /// A page of a chat's log. `head` is the chat's durable head when the page was read.
+    ChatPage { req: ReqId, chat: ChatId, deltas: Vec<Delta>, head: Seq },
+    /// A page of the account log.
+    AccountPage { req: ReqId, entries: Vec<AccountEntry>, head: Seq },
+    /// A new durable delta in a chat of the account (live push).
+    Push { delta: Delta },
+    /// A new durable account log entry (live push).
+    PushAccount { entry: AccountEntry },
+    /// A request failed, or (with `req: None`) the stream is about to close.
+    Error { req: Option<ReqId>, code: ErrorCode, message: String },
+}
+
+/// Typed errors the relay returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The first frame's version is not supported; the stream closes.
+    UnsupportedVersion,
+    /// A frame did not decode; the frame is ignored.
+    MalformedFrame,
+    /// A frame exceeded [`MAX_FRAME_BYTES`]; the stream closes.
+    FrameTooLarge,
+    /// The device has no valid certificate on this relay.
+    UnknownDevice,
+    /// The device's account is not a member of the chat.
+    NotMember,
+    /// No such chat.
+    UnknownChat,
+    /// A certificate or account failed verification.
+    BadCertificate,
+    /// The account, device or chat already exists.
+    AlreadyExists,
+    /// A delta or field is larger than allowed.
+    TooLarge,
+    /// Nobody waits under that link id.
+    LinkNotFound,
+    /// The epoch is not one of the chat's epochs.
+    UnknownEpoch,
+    /// A request came before `Hello`, or `Hello` came twice.
+    ProtocolViolation,
+    /// Too many requests; try again later.
+    RateLimited,
+    /// The relay failed; try again later.
+    Internal,
+}
+
+/// A frame that failed to encode or decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// Longer than [`MAX_FRAME_BYTES`].
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES}")]
+    TooLarge(usize),
+    /// Not a valid frame.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// Encodes a frame body (without the length prefix).
+pub fn encode<T: Serialize>(frame: &T) -> Result<Vec<u8>, FrameError> {
+    let bytes = postcard::to_allocvec(frame).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+/// Decodes a frame body. Never panics; allocation is bounded by the input's length.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, FrameError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(bytes.len()));
+    }
+    postcard::from_bytes(bytes).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_garbage_is_an_error() {
+        let f = ClientFrame::FetchChat { req: 9, chat: ChatId([1; 16]), after: Seq(3), max: 10 };
+        assert_eq!(decode::<ClientFrame>(&encode(&f).unwrap()).unwrap(), f);
+        assert!(decode::<ClientFrame>(&[0xff, 0xff, 0xff]).is_err());
+        assert!(decode::<RelayFrame>(&[]).is_err());
+    }
+}

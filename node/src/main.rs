@@ -1,0 +1,313 @@
+//! `stratus`: the reference Stratus device, a CLI on the engine.
+//!
+//! Exit codes: 0 success; 1 error (one line on stderr); 2 usage error; 3 the relay was
+//! unreachable — what was written stays queued on this device and is sent by the next
+//! `send`, `sync` or `watch`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use stratus_engine::{ChatId, Device, Error, Event, LinkCode, Message, Session};
+
+/// Exit code when the relay cannot be reached; the outbox keeps what was written.
+const EXIT_UNREACHABLE: u8 = 3;
+
+/// A Stratus device: chats synced through a relay that cannot read them.
+#[derive(Parser)]
+#[command(name = "stratus", version)]
+struct Cli {
+    /// This device's directory (identity, store, outbox).
+    #[arg(long, global = true, default_value = "./stratus-home")]
+    home: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Account commands.
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+    /// Device (session) commands.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// Chat commands.
+    Chat {
+        #[command(subcommand)]
+        command: ChatCommand,
+    },
+    /// Write a message: durable here first, exit 0 once the relay acknowledged it.
+    Send { chat: ChatId, text: String },
+    /// Connect, send the outbox, catch up, exit.
+    Sync,
+    /// This device's history of a chat, in display order.
+    Log {
+        chat: ChatId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stay connected and print each new message as it arrives.
+    Watch {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// Create an account on a relay with this device as its first device.
+    Create {
+        /// The relay's multiaddr, ending in /p2p/<peer id> (as `stratus-relay` prints it).
+        #[arg(long)]
+        relay: String,
+        /// A name for this device.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Log this device in to an existing account: prints a link code, waits for approval,
+    /// pulls the history.
+    Link {
+        #[arg(long)]
+        relay: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// Approve a new device by the link code it shows.
+    Approve { code: String },
+    /// The account's devices known to this device.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChatCommand {
+    /// Create a chat; prints its id alone.
+    Create {
+        #[arg(long)]
+        title: String,
+    },
+    /// The chats on this device.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+enum Failure {
+    Error(Error),
+    Unreachable(String),
+    Other(String),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Net(n) => Failure::Unreachable(n.to_string()),
+            e => Failure::Error(e),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATUS_LOG").unwrap_or_else(|_| "off".into()))
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stratus: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Unreachable(why)) => {
+            eprintln!("stratus: relay unreachable ({why}); anything written stays queued on this device");
+            ExitCode::from(EXIT_UNREACHABLE)
+        }
+        Err(Failure::Error(e)) => {
+            eprintln!("stratus: {e}");
+            ExitCode::FAILURE
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("stratus: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn out(line: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{line}");
+    let _ = o.flush();
+}
+
+fn message_json(chat: ChatId, m: &Message) -> String {
+    serde_json::json!({
+        "chat": chat.to_string(),
+        "id": m.id,
+        "author": m.author,
+        "device": m.device,
+        "text": m.text,
+        "ts": m.ts,
+    })
+    .to_string()
+}
+
+fn message_line(m: &Message) -> String {
+    let short = |s: &str| s.chars().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<String>();
+    format!("{} {}@{}: {}", m.ts, short(&m.author), short(&m.device), m.text)
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let mut device = Device::open(&cli.home)?;
+    match cli.command {
+        Command::Account { command: AccountCommand::Create { relay, name } } => {
+            let id = device.create_account(&relay, &name).await?;
+            out(&format!("account: {id}"));
+        }
+        Command::Device { command: DeviceCommand::Link { relay, name } } => {
+            if let Some(a) = device.account() {
+                return Err(Error::AlreadyLoggedIn(a.to_string()).into());
+            }
+            let code = device.link_code();
+            out(&format!("link code: {code}"));
+            let id = device.link(&relay, &name, &code).await?;
+            out(&format!("linked to account {id}; pulling history"));
+            let device = sync_until_idle(device).await?;
+            out(&format!("history pulled: {} chats", device_chats(device)?));
+        }
+        Command::Device { command: DeviceCommand::Approve { code } } => {
+            let code: LinkCode = code.parse()?;
+            let (id, name) = device.approve(&code).await?;
+            out(&format!("approved {id} ({name})"));
+        }
+        Command::Device { command: DeviceCommand::List { json } } => {
+            for cert in device.devices()? {
+                let this = cert.body.device == *device.id();
+                if json {
+                    out(&serde_json::json!({
+                        "device": cert.body.device.to_string(),
+                        "name": cert.body.name,
+                        "created_ms": cert.body.created_ms,
+                        "this": this,
+                    })
+                    .to_string());
+                } else {
+                    out(&format!(
+                        "{} {}{}",
+                        cert.body.device,
+                        cert.body.name,
+                        if this { " (this device)" } else { "" }
+                    ));
+                }
+            }
+        }
+        Command::Chat { command: ChatCommand::Create { title } } => {
+            device.account().ok_or(Error::NotLoggedIn)?;
+            let mut session = Session::start(device)?;
+            let mut events = session.events().expect("events are taken once");
+            wait_for(&mut events, |e| matches!(e, Event::Connected)).await?;
+            let chat = session.create_chat(&title).await?;
+            wait_for(&mut events, |e| matches!(e, Event::Idle)).await?;
+            let _ = session.stop().await;
+            out(&chat.to_string());
+        }
+        Command::Chat { command: ChatCommand::List { json } } => {
+            for c in device.chats()? {
+                if json {
+                    out(&serde_json::to_string(&c).map_err(|e| Failure::Other(e.to_string()))?);
+                } else {
+                    out(&format!("{} {} ({} messages)", c.id, c.title.as_deref().unwrap_or("(untitled)"), c.messages));
+                }
+            }
+        }
+        Command::Send { chat, text } => {
+            device.account().ok_or(Error::NotLoggedIn)?;
+            let (msg, _) = device.compose(chat, &text)?;
+            sync_until_idle(device).await?;
+            out(&msg.id);
+        }
+        Command::Sync => {
+            device.account().ok_or(Error::NotLoggedIn)?;
+            let device = sync_until_idle(device).await?;
+            out(&format!("synced: {} chats, outbox empty", device_chats(device)?));
+        }
+        Command::Log { chat, json } => {
+            for m in device.messages(chat)? {
+                out(&if json { message_json(chat, &m) } else { message_line(&m) });
+            }
+        }
+        Command::Watch { json } => {
+            device.account().ok_or(Error::NotLoggedIn)?;
+            let mut session = Session::start(device)?;
+            let mut events = session.events().expect("events are taken once");
+            while let Some(e) = events.recv().await {
+                match e {
+                    Event::MessageAdded { chat, message, local: false } => {
+                        out(&if json { message_json(chat, &message) } else { message_line(&message) })
+                    }
+                    Event::Disconnected { reason } => eprintln!("stratus: disconnected ({reason}); retrying"),
+                    Event::Error { message } => eprintln!("stratus: {message}"),
+                    Event::CaughtUp => eprintln!("stratus: caught up"),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn device_chats(mut device: Device) -> Result<usize, Failure> {
+    Ok(device.chats()?.len())
+}
+
+/// Runs a session until the outbox is empty and the device is caught up. Fails with
+/// `Unreachable` if the relay cannot be reached.
+async fn sync_until_idle(device: Device) -> Result<Device, Failure> {
+    let mut session = Session::start(device)?;
+    let mut events = session.events().expect("events are taken once");
+    wait_for(&mut events, |e| matches!(e, Event::Idle)).await?;
+    session.stop().await.map_err(Failure::from)
+}
+
+/// Waits for an event matching `done`. A disconnection before it is `Unreachable`; a delta the
+/// relay rejected is an error.
+async fn wait_for(
+    events: &mut tokio::sync::mpsc::Receiver<Event>,
+    done: impl Fn(&Event) -> bool,
+) -> Result<(), Failure> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let e = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .map_err(|_| Failure::Other("timed out waiting for the relay".into()))?
+            .ok_or(Failure::Other("the sync session stopped".into()))?;
+        if done(&e) {
+            return Ok(());
+        }
+        match e {
+            Event::Disconnected { reason } => return Err(Failure::Unreachable(reason)),
+            Event::Rejected { message, code, .. } => {
+                return Err(Failure::Other(format!("the relay rejected a message: {message} ({code:?})")))
+            }
+            Event::Error { message } => eprintln!("stratus: {message}"),
+            _ => {}
+        }
+    }
+}

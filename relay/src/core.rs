@@ -1,0 +1,656 @@
+//! The relay's decision logic, sans-IO.
+//!
+//! Feed [`Input`]s to [`RelayCore::handle`]; carry out the returned [`Effect`]s in order. The
+//! core holds the index of accounts, devices, chats and heads in memory (loaded once from the
+//! store at start); the deltas themselves stay in the store, read through
+//! [`Effect::ReadChat`].
+//!
+//! Durability: every state change is emitted as an [`Effect::Write`] with a token. Anything that
+//! reveals that change to a device (an ack, a push, a head in a reply) is held back until the
+//! driver reports [`Input::Durable`] with that token or a later one, i.e. until an fsync barrier
+//! covering the write has completed. Reads are capped at the durable head.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use stratus_engine::proto::cert::{AccountPublic, DeviceCert, MAX_DEVICE_NAME_BYTES};
+use stratus_engine::proto::wire::{
+    AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, ErrorCode, FrameError, RelayFrame, ReqId, WrappedKey,
+    MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
+};
+use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
+
+/// The driver's handle on one device stream.
+pub type ConnId = u64;
+
+/// How many recent `(client seq → seq)` pairs the relay indexes per device to re-acknowledge
+/// retried appends with their seq. A device keeps at most a few appends in flight, so only
+/// recent ones are retried; an older repeat gets [`RelayFrame::Duplicate`].
+pub const DEDUP_WINDOW: usize = 1024;
+/// Most devices waiting for link approval at once; more get `RateLimited`.
+pub const MAX_PENDING_LINKS: usize = 1024;
+
+/// What the driver tells the core.
+#[derive(Debug)]
+pub enum Input {
+    /// A device opened a sync stream; `device` is authenticated by the libp2p Noise handshake.
+    Opened { conn: ConnId, device: DeviceId },
+    /// A decoded frame arrived.
+    Frame { conn: ConnId, frame: ClientFrame },
+    /// A frame failed to decode.
+    BadFrame { conn: ConnId, error: FrameError },
+    /// The stream closed.
+    Closed { conn: ConnId },
+    /// Every write up to and including `token` is behind an fsync barrier.
+    Durable { token: u64 },
+}
+
+/// What the core asks the driver to do, in order.
+#[derive(Debug, PartialEq)]
+pub enum Effect {
+    /// Send a frame on a stream.
+    Send { conn: ConnId, frame: RelayFrame },
+    /// Close a stream (after sending what was queued).
+    Close { conn: ConnId },
+    /// Apply these operations atomically, then include them in the next fsync barrier and report
+    /// [`Input::Durable`] with `token` once it completes.
+    Write { token: u64, ops: Vec<StoreOp> },
+    /// Read a page of a chat's log (`after < seq <= upto`, at most `max` deltas and
+    /// [`stratus_engine::proto::wire::MAX_PAGE_BYTES`]) and send it as a `ChatPage` with `head: upto`.
+    ReadChat { conn: ConnId, req: ReqId, chat: ChatId, after: Seq, upto: Seq, max: u32 },
+    /// Read a page of an account log likewise and send it as an `AccountPage`.
+    ReadAccount { conn: ConnId, req: ReqId, account: AccountId, after: Seq, upto: Seq, max: u32 },
+}
+
+/// One store mutation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreOp {
+    /// A new account.
+    PutAccount(AccountPublic),
+    /// A new device certificate.
+    PutDevice(DeviceCert),
+    /// A chat record (new, or with a new epoch).
+    PutChat(ChatId, ChatRecord),
+    /// A delta at its seq, indexed by `(device, client seq)`.
+    PutDelta(Delta),
+    /// An account log entry.
+    PutAccountEntry(AccountId, AccountEntry),
+}
+
+/// What the relay keeps of a chat besides its deltas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatRecord {
+    /// Its kind.
+    pub kind: ChatKind,
+    /// Member accounts.
+    pub members: BTreeSet<AccountId>,
+    /// Key epochs with the chat key wrapped to each member.
+    pub epochs: BTreeMap<Epoch, Vec<WrappedKey>>,
+}
+
+/// A stored append: `(client seq, chat, seq)`.
+pub type RecentAppend = (ClientSeq, ChatId, Seq);
+
+/// The index the core starts from, read from the store.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Every account.
+    pub accounts: Vec<AccountPublic>,
+    /// Every device certificate.
+    pub devices: Vec<DeviceCert>,
+    /// Every chat with its head seq.
+    pub chats: Vec<(ChatId, ChatRecord, Seq)>,
+    /// The head of each account log.
+    pub account_heads: Vec<(AccountId, Seq)>,
+    /// Per device, its most recent appends (oldest first), up to [`DEDUP_WINDOW`].
+    pub recent_appends: Vec<(DeviceId, Vec<RecentAppend>)>,
+}
+
+struct Account {
+    public: AccountPublic,
+    chats: BTreeSet<ChatId>,
+    log_head: Seq,
+    log_durable: Seq,
+}
+
+struct Device {
+    account: AccountId,
+    highest_client_seq: ClientSeq,
+    recent: BTreeMap<ClientSeq, (ChatId, Seq)>,
+}
+
+struct Chat {
+    record: ChatRecord,
+    head: Seq,
+    durable: Seq,
+}
+
+struct Conn {
+    device: DeviceId,
+    hello: bool,
+    account: Option<AccountId>,
+}
+
+struct PendingLink {
+    conn: ConnId,
+    req: ReqId,
+    device: DeviceId,
+    device_x25519: [u8; 32],
+    name: String,
+}
+
+enum Deferred {
+    Send(ConnId, RelayFrame),
+    ChatDurable { delta: Delta, from: ConnId },
+    AccountDurable { account: AccountId, entry: AccountEntry },
+    ChatCreated { chat: ChatId },
+}
+
+/// The relay's state machine. See the module docs.
+pub struct RelayCore {
+    accounts: BTreeMap<AccountId, Account>,
+    devices: BTreeMap<DeviceId, Device>,
+    chats: BTreeMap<ChatId, Chat>,
+    conns: BTreeMap<ConnId, Conn>,
+    conns_by_account: BTreeMap<AccountId, BTreeSet<ConnId>>,
+    links: BTreeMap<[u8; 32], PendingLink>,
+    next_token: u64,
+    durable_token: u64,
+    deferred: VecDeque<(u64, Deferred)>,
+}
+
+impl RelayCore {
+    /// A core over what the store recovered.
+    pub fn new(recovered: Recovered) -> Self {
+        let mut core = RelayCore {
+            accounts: BTreeMap::new(),
+            devices: BTreeMap::new(),
+            chats: BTreeMap::new(),
+            conns: BTreeMap::new(),
+            conns_by_account: BTreeMap::new(),
+            links: BTreeMap::new(),
+            next_token: 1,
+            durable_token: 0,
+            deferred: VecDeque::new(),
+        };
+        for public in recovered.accounts {
+            core.accounts
+                .insert(public.id, Account { public, chats: BTreeSet::new(), log_head: Seq(0), log_durable: Seq(0) });
+        }
+        for (account, head) in recovered.account_heads {
+            if let Some(a) = core.accounts.get_mut(&account) {
+                a.log_head = head;
+                a.log_durable = head;
+            }
+        }
+        for cert in recovered.devices {
+            core.devices.insert(
+                cert.body.device.clone(),
+                Device { account: cert.body.account, highest_client_seq: ClientSeq(0), recent: BTreeMap::new() },
+            );
+        }
+        for (chat, record, head) in recovered.chats {
+            for m in &record.members {
+                if let Some(a) = core.accounts.get_mut(m) {
+                    a.chats.insert(chat);
+                }
+            }
+            core.chats.insert(chat, Chat { record, head, durable: head });
+        }
+        for (device, recent) in recovered.recent_appends {
+            if let Some(d) = core.devices.get_mut(&device) {
+                for (cs, chat, seq) in recent {
+                    d.highest_client_seq = d.highest_client_seq.max(cs);
+                    d.recent.insert(cs, (chat, seq));
+                }
+                while d.recent.len() > DEDUP_WINDOW {
+                    d.recent.pop_first();
+                }
+            }
+        }
+        core
+    }
+
+    /// Number of open device streams.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Handles one input and returns the effects to carry out, in order.
+    pub fn handle(&mut self, input: Input) -> Vec<Effect> {
+        let mut out = Vec::new();
+        match input {
+            Input::Opened { conn, device } => {
+                self.conns.insert(conn, Conn { device, hello: false, account: None });
+            }
+            Input::Closed { conn } => self.close(conn),
+            Input::BadFrame { conn, error } => {
+                let code = match error {
+                    FrameError::TooLarge(_) => ErrorCode::FrameTooLarge,
+                    _ => ErrorCode::MalformedFrame,
+                };
+                out.push(error_frame(conn, None, code, error.to_string()));
+                if code == ErrorCode::FrameTooLarge {
+                    out.push(Effect::Close { conn });
+                }
+            }
+            Input::Frame { conn, frame } => self.frame(conn, frame, &mut out),
+            Input::Durable { token } => self.durable(token, &mut out),
+        }
+        out
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.remove(&conn) {
+            if let Some(a) = c.account {
+                if let Some(set) = self.conns_by_account.get_mut(&a) {
+                    set.remove(&conn);
+                    if set.is_empty() {
+                        self.conns_by_account.remove(&a);
+                    }
+                }
+            }
+        }
+        self.links.retain(|_, l| l.conn != conn);
+    }
+
+    fn frame(&mut self, conn: ConnId, frame: ClientFrame, out: &mut Vec<Effect>) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if let ClientFrame::Hello { version } = frame {
+            if c.hello {
+                out.push(error_frame(conn, None, ErrorCode::ProtocolViolation, "hello sent twice"));
+                return;
+            }
+            if version != PROTOCOL_VERSION {
+                out.push(error_frame(
+                    conn,
+                    None,
+                    ErrorCode::UnsupportedVersion,
+                    format!("protocol version {version} is not supported; this relay speaks {PROTOCOL_VERSION}"),
+                ));
+                out.push(Effect::Close { conn });
+                return;
+            }
+            c.hello = true;
+            let account = self.devices.get(&c.device).map(|d| d.account);
+            if let Some(a) = account {
+                self.attach(conn, a);
+            }
+            out.push(Effect::Send { conn, frame: RelayFrame::Hello { version: PROTOCOL_VERSION, account } });
+            return;
+        }
+        if !c.hello {
+            out.push(error_frame(conn, None, ErrorCode::ProtocolViolation, "the first frame must be hello"));
+            out.push(Effect::Close { conn });
+            return;
+        }
+        let device = c.device.clone();
+        let account = c.account;
+        let result = match (frame, account) {
+            (ClientFrame::Hello { .. }, _) => unreachable!("handled above"),
+            (ClientFrame::CreateAccount { req, account, cert }, _) => {
+                self.create_account(conn, req, &device, account, cert, out).map_err(|e| (req, e))
+            }
+            (ClientFrame::LinkWait { req, link_id, device_x25519, name }, _) => {
+                self.link_wait(conn, req, &device, link_id, device_x25519, name).map_err(|e| (req, e))
+            }
+            (frame, None) => Err((
+                req_of(&frame),
+                (
+                    ErrorCode::UnknownDevice,
+                    "this device has no certificate on this relay; create an account or link the device".into(),
+                ),
+            )),
+            (ClientFrame::LinkLookup { req, link_id }, Some(_)) => match self.links.get(&link_id) {
+                Some(l) => {
+                    out.push(Effect::Send {
+                        conn,
+                        frame: RelayFrame::LinkInfo {
+                            req,
+                            device: l.device.clone(),
+                            device_x25519: l.device_x25519,
+                            name: l.name.clone(),
+                        },
+                    });
+                    Ok(())
+                }
+                None => Err((req, (ErrorCode::LinkNotFound, "no device waits under that link code".into()))),
+            },
+            (ClientFrame::LinkApprove { req, link_id, cert, bundle }, Some(a)) => {
+                self.link_approve(conn, req, a, link_id, cert, bundle, out).map_err(|e| (req, e))
+            }
+            (ClientFrame::CreateChat { req, chat, kind, epoch, keys }, Some(a)) => {
+                self.create_chat(conn, req, a, chat, kind, epoch, keys, out).map_err(|e| (req, e))
+            }
+            (ClientFrame::Append { req, chat, epoch, client_seq, sealed }, Some(a)) => {
+                self.append(conn, req, a, &device, chat, epoch, client_seq, sealed, out).map_err(|e| (req, e))
+            }
+            (ClientFrame::SyncState { req }, Some(a)) => {
+                let acct = &self.accounts[&a];
+                let chats = acct.chats.iter().map(|c| (*c, self.chats[c].durable)).collect();
+                out.push(Effect::Send {
+                    conn,
+                    frame: RelayFrame::SyncState { req, account_head: acct.log_durable, chats },
+                });
+                Ok(())
+            }
+            (ClientFrame::FetchChat { req, chat, after, max }, Some(a)) => match self.chats.get(&chat) {
+                None => Err((req, (ErrorCode::UnknownChat, format!("no chat {chat}")))),
+                Some(c) if !c.record.members.contains(&a) => {
+                    Err((req, (ErrorCode::NotMember, format!("this account is not a member of chat {chat}"))))
+                }
+                Some(c) => {
+                    out.push(Effect::ReadChat {
+                        conn,
+                        req,
+                        chat,
+                        after,
+                        upto: c.durable,
+                        max: max.clamp(1, MAX_PAGE_DELTAS),
+                    });
+                    Ok(())
+                }
+            },
+            (ClientFrame::FetchAccount { req, after, max }, Some(a)) => {
+                out.push(Effect::ReadAccount {
+                    conn,
+                    req,
+                    account: a,
+                    after,
+                    upto: self.accounts[&a].log_durable,
+                    max: max.clamp(1, MAX_PAGE_DELTAS),
+                });
+                Ok(())
+            }
+        };
+        if let Err((req, (code, message))) = result {
+            out.push(error_frame(conn, Some(req), code, message));
+        }
+    }
+
+    fn attach(&mut self, conn: ConnId, account: AccountId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.account = Some(account);
+            self.conns_by_account.entry(account).or_default().insert(conn);
+        }
+    }
+
+    fn token(&mut self) -> u64 {
+        let t = self.next_token;
+        self.next_token += 1;
+        t
+    }
+
+    /// Runs `d` once everything written so far is durable.
+    fn after_durable(&mut self, d: Deferred, out: &mut Vec<Effect>) {
+        let last = self.next_token - 1;
+        if last <= self.durable_token {
+            self.run_deferred(d, out);
+        } else {
+            self.deferred.push_back((last, d));
+        }
+    }
+
+    fn durable(&mut self, token: u64, out: &mut Vec<Effect>) {
+        self.durable_token = self.durable_token.max(token);
+        while let Some((t, _)) = self.deferred.front() {
+            if *t > self.durable_token {
+                break;
+            }
+            let (_, d) = self.deferred.pop_front().expect("front exists");
+            self.run_deferred(d, out);
+        }
+    }
+
+    fn run_deferred(&mut self, d: Deferred, out: &mut Vec<Effect>) {
+        match d {
+            Deferred::Send(conn, frame) => {
+                if self.conns.contains_key(&conn) {
+                    out.push(Effect::Send { conn, frame });
+                }
+            }
+            Deferred::ChatDurable { delta, from } => {
+                let Some(chat) = self.chats.get_mut(&delta.chat) else { return };
+                chat.durable = chat.durable.max(delta.seq);
+                for member in &chat.record.members {
+                    for conn in self.conns_by_account.get(member).into_iter().flatten() {
+                        if *conn != from {
+                            out.push(Effect::Send { conn: *conn, frame: RelayFrame::Push { delta: delta.clone() } });
+                        }
+                    }
+                }
+            }
+            Deferred::AccountDurable { account, entry } => {
+                let Some(a) = self.accounts.get_mut(&account) else { return };
+                a.log_durable = a.log_durable.max(entry.seq);
+                for conn in self.conns_by_account.get(&account).into_iter().flatten() {
+                    out.push(Effect::Send { conn: *conn, frame: RelayFrame::PushAccount { entry: entry.clone() } });
+                }
+            }
+            Deferred::ChatCreated { chat } => {
+                // The chat's members learn of it through their account logs; nothing to push.
+                let _ = chat;
+            }
+        }
+    }
+
+    fn log_entry(&mut self, account: AccountId, event: AccountEvent, ops: &mut Vec<StoreOp>) -> AccountEntry {
+        let a = self.accounts.get_mut(&account).expect("caller checked the account exists");
+        a.log_head = a.log_head.next();
+        let entry = AccountEntry { seq: a.log_head, event };
+        ops.push(StoreOp::PutAccountEntry(account, entry.clone()));
+        entry
+    }
+
+    fn create_account(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        device: &DeviceId,
+        account: AccountPublic,
+        cert: DeviceCert,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        account.validate().map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
+        cert.verify(&account).map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
+        if &cert.body.device != device {
+            return Err((ErrorCode::BadCertificate, "the certificate names another device".into()));
+        }
+        if self.accounts.contains_key(&account.id) {
+            return Err((ErrorCode::AlreadyExists, format!("account {} exists", account.id)));
+        }
+        if self.devices.contains_key(device) {
+            return Err((ErrorCode::AlreadyExists, "this device already belongs to an account".into()));
+        }
+        let id = account.id;
+        let mut ops = vec![StoreOp::PutAccount(account.clone()), StoreOp::PutDevice(cert.clone())];
+        self.accounts
+            .insert(id, Account { public: account, chats: BTreeSet::new(), log_head: Seq(0), log_durable: Seq(0) });
+        self.devices
+            .insert(device.clone(), Device { account: id, highest_client_seq: ClientSeq(0), recent: BTreeMap::new() });
+        let entry = self.log_entry(id, AccountEvent::DeviceAdded { cert }, &mut ops);
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        self.attach(conn, id);
+        self.after_durable(Deferred::AccountDurable { account: id, entry }, out);
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        Ok(())
+    }
+
+    fn link_wait(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        device: &DeviceId,
+        link_id: [u8; 32],
+        device_x25519: [u8; 32],
+        name: String,
+    ) -> Result<(), (ErrorCode, String)> {
+        if self.devices.contains_key(device) {
+            return Err((ErrorCode::AlreadyExists, "this device already belongs to an account".into()));
+        }
+        if name.len() > MAX_DEVICE_NAME_BYTES {
+            return Err((ErrorCode::TooLarge, format!("device names are at most {MAX_DEVICE_NAME_BYTES} bytes")));
+        }
+        if self.links.len() >= MAX_PENDING_LINKS && !self.links.contains_key(&link_id) {
+            return Err((ErrorCode::RateLimited, "too many devices wait for approval; try again later".into()));
+        }
+        if self.links.get(&link_id).is_some_and(|l| &l.device != device) {
+            return Err((ErrorCode::AlreadyExists, "another device waits under that link code".into()));
+        }
+        self.links.insert(link_id, PendingLink { conn, req, device: device.clone(), device_x25519, name });
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn link_approve(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        account: AccountId,
+        link_id: [u8; 32],
+        cert: DeviceCert,
+        bundle: stratus_engine::proto::crypto::SealedBox,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        let link =
+            self.links.get(&link_id).ok_or((ErrorCode::LinkNotFound, "no device waits under that link code".into()))?;
+        let public = self.accounts[&account].public.clone();
+        cert.verify(&public).map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
+        if cert.body.device != link.device || cert.body.device_x25519 != link.device_x25519 {
+            return Err((ErrorCode::BadCertificate, "the certificate does not match the waiting device".into()));
+        }
+        if bundle.sealed.len() > 4096 {
+            return Err((ErrorCode::TooLarge, "account bundle too large".into()));
+        }
+        let link = self.links.remove(&link_id).expect("checked above");
+        let mut ops = vec![StoreOp::PutDevice(cert.clone())];
+        self.devices
+            .insert(link.device.clone(), Device { account, highest_client_seq: ClientSeq(0), recent: BTreeMap::new() });
+        let entry = self.log_entry(account, AccountEvent::DeviceAdded { cert: cert.clone() }, &mut ops);
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        self.attach(link.conn, account);
+        self.after_durable(Deferred::AccountDurable { account, entry }, out);
+        self.after_durable(
+            Deferred::Send(link.conn, RelayFrame::LinkApproved { req: link.req, account: public, cert, bundle }),
+            out,
+        );
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_chat(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        account: AccountId,
+        chat: ChatId,
+        kind: ChatKind,
+        epoch: Epoch,
+        keys: Vec<WrappedKey>,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        if self.chats.contains_key(&chat) {
+            return Err((ErrorCode::AlreadyExists, format!("chat {chat} exists")));
+        }
+        if keys.len() > MAX_CHAT_MEMBERS {
+            return Err((ErrorCode::TooLarge, format!("a chat has at most {MAX_CHAT_MEMBERS} members")));
+        }
+        let members: BTreeSet<AccountId> = keys.iter().map(|k| k.account).collect();
+        if members.len() != keys.len() || !members.contains(&account) {
+            return Err((ErrorCode::BadCertificate, "one wrapped key per member, the creator included".into()));
+        }
+        if kind == ChatKind::Notes && members.len() != 1 {
+            return Err((ErrorCode::BadCertificate, "a notes chat has exactly one member".into()));
+        }
+        if let Some(m) = members.iter().find(|m| !self.accounts.contains_key(m)) {
+            return Err((ErrorCode::UnknownDevice, format!("no account {m}")));
+        }
+        let record = ChatRecord { kind, members: members.clone(), epochs: BTreeMap::from([(epoch, keys.clone())]) };
+        let mut ops = vec![StoreOp::PutChat(chat, record.clone())];
+        self.chats.insert(chat, Chat { record, head: Seq(0), durable: Seq(0) });
+        let mut entries = Vec::new();
+        for k in keys {
+            self.accounts.get_mut(&k.account).expect("checked").chats.insert(chat);
+            let e =
+                self.log_entry(k.account, AccountEvent::ChatAdded { chat, kind, epoch, wrapped_key: k.key }, &mut ops);
+            entries.push((k.account, e));
+        }
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        self.after_durable(Deferred::ChatCreated { chat }, out);
+        for (account, entry) in entries {
+            self.after_durable(Deferred::AccountDurable { account, entry }, out);
+        }
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        account: AccountId,
+        device: &DeviceId,
+        chat_id: ChatId,
+        epoch: Epoch,
+        client_seq: ClientSeq,
+        sealed: Vec<u8>,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        let chat = self.chats.get_mut(&chat_id).ok_or((ErrorCode::UnknownChat, format!("no chat {chat_id}")))?;
+        if !chat.record.members.contains(&account) {
+            return Err((ErrorCode::NotMember, format!("this account is not a member of chat {chat_id}")));
+        }
+        if sealed.len() > MAX_DELTA_BYTES {
+            return Err((ErrorCode::TooLarge, format!("a delta is at most {MAX_DELTA_BYTES} bytes")));
+        }
+        if !chat.record.epochs.contains_key(&epoch) {
+            return Err((ErrorCode::UnknownEpoch, format!("chat {chat_id} has no epoch {}", epoch.0)));
+        }
+        let dev = self.devices.get_mut(device).expect("an attached connection's device is known");
+        if client_seq <= dev.highest_client_seq {
+            let frame = match dev.recent.get(&client_seq) {
+                Some((c, seq)) => RelayFrame::Acked { req, chat: *c, client_seq, seq: *seq },
+                None => RelayFrame::Duplicate { req, chat: chat_id, client_seq },
+            };
+            self.after_durable(Deferred::Send(conn, frame), out);
+            return Ok(());
+        }
+        chat.head = chat.head.next();
+        let seq = chat.head;
+        dev.highest_client_seq = client_seq;
+        dev.recent.insert(client_seq, (chat_id, seq));
+        if dev.recent.len() > DEDUP_WINDOW {
+            dev.recent.pop_first();
+        }
+        let delta = Delta { chat: chat_id, seq, epoch, device: device.clone(), client_seq, sealed };
+        let token = self.token();
+        out.push(Effect::Write { token, ops: vec![StoreOp::PutDelta(delta.clone())] });
+        self.after_durable(Deferred::Send(conn, RelayFrame::Acked { req, chat: chat_id, client_seq, seq }), out);
+        self.after_durable(Deferred::ChatDurable { delta, from: conn }, out);
+        Ok(())
+    }
+}
+
+fn req_of(frame: &ClientFrame) -> ReqId {
+    match frame {
+        ClientFrame::Hello { .. } => 0,
+        ClientFrame::CreateAccount { req, .. }
+        | ClientFrame::LinkWait { req, .. }
+        | ClientFrame::LinkLookup { req, .. }
+        | ClientFrame::LinkApprove { req, .. }
+        | ClientFrame::CreateChat { req, .. }
+        | ClientFrame::Append { req, .. }
+        | ClientFrame::SyncState { req }
+        | ClientFrame::FetchChat { req, .. }
+        | ClientFrame::FetchAccount { req, .. } => *req,
+    }
+}
+
+fn error_frame(conn: ConnId, req: Option<ReqId>, code: ErrorCode, message: impl Into<String>) -> Effect {
+    Effect::Send { conn, frame: RelayFrame::Error { req, code, message: message.into() } }
+}

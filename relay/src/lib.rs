@@ -1,0 +1,17 @@
+//! The Stratus relay: the always-on cloud store.
+//!
+//! It keeps every chat's history as an ordered log of client-side-encrypted deltas, assigns each
+//! accepted delta the chat's next seq, acknowledges it only after an fsync barrier, pushes it to
+//! every connected device of every member, and serves catch-up pages.
+//!
+//! * [`core`] decides everything and is sans-IO: inputs in, effects out, no clock, no sockets.
+//! * [`store`] keeps the data in sled behind the [`store::RelayStore`] trait and provides the
+//!   durability barrier.
+//! * [`server`] is the driver: libp2p, one task per stream, the core task and the group-commit
+//!   barrier task.
+//!
+//! The relay never links Automerge and never holds a chat key.
+
+pub mod core;
+pub mod server;
+pub mod store;
