@@ -115,6 +115,7 @@ enum Failure {
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         match e {
+            Error::Net(stratus_engine::net::NetError::BadAddress(_)) => Failure::Error(e),
             Error::Net(n) => Failure::Unreachable(n.to_string()),
             e => Failure::Error(e),
         }
@@ -221,7 +222,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Chat { command: ChatCommand::Create { title } } => {
             device.account().ok_or(Error::NotLoggedIn)?;
             let mut session = Session::start(device)?;
-            let mut events = session.events().expect("events are taken once");
+            let mut events = session.events();
             wait_for(&mut events, |e| matches!(e, Event::Connected)).await?;
             let chat = session.create_chat(&title).await?;
             wait_for(&mut events, |e| matches!(e, Event::Idle)).await?;
@@ -256,8 +257,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Watch { json } => {
             device.account().ok_or(Error::NotLoggedIn)?;
             let mut session = Session::start(device)?;
-            let mut events = session.events().expect("events are taken once");
-            while let Some(e) = events.recv().await {
+            let mut events = session.events();
+            loop {
+                let e = match events.recv().await {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        eprintln!("stratus: {n} events skipped (output too slow)");
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
                 match e {
                     Event::MessageAdded { chat, message, local: false } => {
                         out(&if json { message_json(chat, &message) } else { message_line(&message) })
@@ -281,7 +290,7 @@ fn device_chats(mut device: Device) -> Result<usize, Failure> {
 /// `Unreachable` if the relay cannot be reached.
 async fn sync_until_idle(device: Device) -> Result<Device, Failure> {
     let mut session = Session::start(device)?;
-    let mut events = session.events().expect("events are taken once");
+    let mut events = session.events();
     wait_for(&mut events, |e| matches!(e, Event::Idle)).await?;
     session.stop().await.map_err(Failure::from)
 }
@@ -289,15 +298,20 @@ async fn sync_until_idle(device: Device) -> Result<Device, Failure> {
 /// Waits for an event matching `done`. A disconnection before it is `Unreachable`; a delta the
 /// relay rejected is an error.
 async fn wait_for(
-    events: &mut tokio::sync::mpsc::Receiver<Event>,
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
     done: impl Fn(&Event) -> bool,
 ) -> Result<(), Failure> {
+    use tokio::sync::broadcast::error::RecvError;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     loop {
-        let e = tokio::time::timeout_at(deadline, events.recv())
+        let e = match tokio::time::timeout_at(deadline, events.recv())
             .await
             .map_err(|_| Failure::Other("timed out waiting for the relay".into()))?
-            .ok_or(Failure::Other("the sync session stopped".into()))?;
+        {
+            Ok(e) => e,
+            Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => return Err(Failure::Other("the sync session stopped".into())),
+        };
         if done(&e) {
             return Ok(());
         }

@@ -226,6 +226,7 @@ async fn core_loop(
                 i
             }
         };
+        tracing::trace!(input = %format!("{input:?}").chars().take(120).collect::<String>(), "core input");
         let mut queue = std::collections::VecDeque::from(core.handle(input));
         while let Some(effect) = queue.pop_front() {
             let send = |conns: &mut BTreeMap<ConnId, mpsc::Sender<Outgoing>>, conn: ConnId, out: Outgoing| -> bool {
@@ -293,15 +294,21 @@ fn internal(req: u64, e: StoreError) -> RelayFrame {
 
 async fn connection(conn: ConnId, peer: PeerId, stream: libp2p::Stream, core: mpsc::Sender<CoreMsg>) {
     let codec = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME_BYTES).new_codec();
-    let (mut sink, mut source) = futures::StreamExt::split::<bytes::Bytes>(Framed::new(stream.compat(), codec));
+    let mut framed = Framed::new(stream.compat(), codec);
     let (tx, mut rx) = mpsc::channel::<Outgoing>(OUTPUT_QUEUE);
     if core.send(CoreMsg::Open { conn, device: DeviceId(peer.to_string()), tx }).await.is_err() {
         return;
     }
-    let writer = tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            match out {
-                Outgoing::Frame(frame) => {
+    // One task reads and writes: frames for the core go out through a bounded channel (the
+    // reader waits when the core is busy), frames for the device come in through another.
+    // (Splitting the framed stream into a reader task and a writer task stalled the write
+    // direction now and then under a steady append load: a lost wake-up between the split's
+    // lock and the yamux stream. One task with `select!` has no such hand-off.)
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            out = rx.recv() => match out {
+                Some(Outgoing::Frame(frame)) => {
                     let bytes = match wire::encode(&frame) {
                         Ok(b) => b,
                         Err(e) => {
@@ -309,31 +316,32 @@ async fn connection(conn: ConnId, peer: PeerId, stream: libp2p::Stream, core: mp
                             continue;
                         }
                     };
-                    if sink.send(bytes::Bytes::from(bytes)).await.is_err() {
+                    if framed.send(bytes::Bytes::from(bytes)).await.is_err() {
                         break;
                     }
                 }
-                Outgoing::Close => break,
-            }
-        }
-        let _ = sink.close().await;
-    });
-    while let Some(item) = source.next().await {
-        let input = match item {
-            Ok(bytes) => match wire::decode::<ClientFrame>(&bytes) {
-                Ok(frame) => Input::Frame { conn, frame },
-                Err(error) => Input::BadFrame { conn, error },
+                Some(Outgoing::Close) | None => break,
             },
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                let _ = core.send(CoreMsg::Input(Input::BadFrame { conn, error: FrameError::TooLarge(0) })).await;
-                break;
+            item = framed.next(), if reading => {
+                let input = match item {
+                    Some(Ok(bytes)) => match wire::decode::<ClientFrame>(&bytes) {
+                        Ok(frame) => Input::Frame { conn, frame },
+                        Err(error) => Input::BadFrame { conn, error },
+                    },
+                    Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        // An oversized length prefix: the rest of the stream cannot be framed.
+                        // The core answers with an error and a close, which this loop still sends.
+                        reading = false;
+                        Input::BadFrame { conn, error: FrameError::TooLarge(0) }
+                    }
+                    Some(Err(_)) | None => break,
+                };
+                if core.send(CoreMsg::Input(input)).await.is_err() {
+                    break;
+                }
             }
-            Err(_) => break,
-        };
-        if core.send(CoreMsg::Input(input)).await.is_err() {
-            break;
         }
     }
     let _ = core.send(CoreMsg::Input(Input::Closed { conn })).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), SinkExt::<bytes::Bytes>::close(&mut framed)).await;
 }

@@ -1,1 +1,337 @@
+//! Harness for whole-system tests: a real `stratus-relay` process (started, SIGKILLed,
+//! restarted), the real `stratus` CLI, real sled directories, libp2p on 127.0.0.1.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+/// Directory holding the workspace's binaries (`target/debug` or `target/release`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    // target/<profile>/deps/<test binary>
+    exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps").to_path_buf()
+}
+
+/// Path of a workspace binary, building it first if `cargo test` did not.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    let path = bin_dir().join(name);
+    if !path.exists() {
+        BUILD.call_once(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "stratus-relay", "-p", "stratus-node"]);
+            if bin_dir().ends_with("release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("cargo runs");
+            assert!(status.success(), "building the binaries failed");
+        });
+    }
+    path
+}
+
+/// The seed of a randomized test: `SEED=…` replays one; otherwise a fresh one. Always printed.
+pub fn seed() -> u64 {
+    let seed = match std::env::var("SEED") {
+        Ok(s) => s.parse().expect("SEED must be a u64"),
+        Err(_) => rand::random(),
+    };
+    eprintln!("seed: {seed} (replay with SEED={seed})");
+    seed
+}
+
+/// A running relay process.
+pub struct Relay {
+    child: Option<Child>,
+    /// Its full address, `/ip4/127.0.0.1/tcp/PORT/p2p/PEER`.
+    pub addr: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Relay {
+    /// Starts a relay on a free port with its data in `data_dir`.
+    pub fn start(data_dir: &Path) -> Relay {
+        Self::start_on(data_dir, 0)
+    }
+
+    fn start_on(data_dir: &Path, port: u16) -> Relay {
+        std::fs::create_dir_all(data_dir).expect("data dir");
+        let log = data_dir.with_extension("log");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("relay log");
+            let mut child = Command::new(bin("stratus-relay"))
+                .args(["--data-dir", data_dir.to_str().expect("utf-8 path")])
+                .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{port}")])
+                .env("STRATUS_LOG", "stratus_relay=debug")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(stderr)
+                .spawn()
+                .expect("relay starts");
+            let mut line = String::new();
+            let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+            let _ = out.read_line(&mut line);
+            if let Some(addr) = line.trim().strip_prefix("listening ") {
+                let port = addr.split('/').nth(4).and_then(|p| p.parse().ok()).expect("tcp port in the address");
+                return Relay {
+                    child: Some(child),
+                    addr: addr.to_string(),
+                    data_dir: data_dir.to_path_buf(),
+                    port,
+                    log,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(Instant::now() < deadline, "relay did not start; see {}", log.display());
+            std::thread::sleep(Duration::from_millis(100)); // the port may still be held
+        }
+    }
+
+    /// SIGKILLs the relay: no clean shutdown, no final flush.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the relay again on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        let r = Self::start_on(&self.data_dir.clone(), self.port);
+        assert_eq!(r.addr, self.addr, "the relay keeps its identity and port across restarts");
+        *self = r;
+    }
+
+    /// The relay's stderr log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the relay with SIGTERM and returns its exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY-free: send SIGTERM through the kill command.
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `stratus --home HOME ARGS…` to completion.
+pub fn stratus(home: &Path, args: &[&str]) -> Output {
+    Command::new(bin("stratus")).arg("--home").arg(home).args(args).stdin(Stdio::null()).output().expect("stratus runs")
+}
+
+/// Runs `stratus` and returns its stdout, failing the test with its stderr if it failed.
+pub fn stratus_ok(home: &Path, args: &[&str]) -> String {
+    let o = stratus(home, args);
+    assert!(
+        o.status.success(),
+        "stratus {args:?} failed ({:?}): {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).expect("utf-8 output")
+}
+
+/// Starts `stratus device link` on `home`, approves it from `approver`, waits for it to finish.
+pub fn link_device(relay: &Relay, approver: &Path, home: &Path, name: &str) {
+    let mut child = Command::new(bin("stratus"))
+        .arg("--home")
+        .arg(home)
+        .args(["device", "link", "--relay", &relay.addr, "--name", name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("stratus runs");
+    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("link code line");
+    let code = line.trim().strip_prefix("link code: ").expect("`link code: CODE` first").to_string();
+    // The new device registers its wait right after printing; give approve a few tries.
+    let mut approved = false;
+    for _ in 0..50 {
+        if stratus(approver, &["device", "approve", &code]).status.success() {
+            approved = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(approved, "approve failed");
+    let status = child.wait().expect("link finishes");
+    assert!(status.success(), "device link failed");
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A raw protocol client: a libp2p connection and one sync stream, for tests that speak the
+/// protocol directly (bad input, log inspection).
+pub struct Raw {
+    _net: stratus_engine::net::Net,
+    /// The framed stream.
+    pub stream: stratus_engine::net::RelayStream,
+}
+
+impl Raw {
+    /// Connects with `keypair` (a fresh one for an unknown device).
+    pub async fn connect(keypair: stratus_engine::libp2p::identity::Keypair, addr: &str) -> Raw {
+        let (peer, ma) = stratus_engine::net::parse_relay_addr(addr).expect("relay address");
+        let mut net = stratus_engine::net::Net::start(keypair).expect("swarm starts");
+        let stream = net.open(peer, ma).await.expect("relay reachable");
+        Raw { _net: net, stream }
+    }
+
+    /// Sends `Hello` with `version` and returns the answer.
+    pub async fn hello(&mut self, version: u16) -> RelayFrame {
+        self.stream.send(&ClientFrame::Hello { version }).await.expect("send");
+        self.next().await.expect("an answer to hello")
+    }
+
+    /// The next frame, or `None` when the relay closed the stream.
+    pub async fn next(&mut self) -> Option<RelayFrame> {
+        tokio::time::timeout(Duration::from_secs(20), self.stream.recv())
+            .await
+            .expect("relay answers within 20 s")
+            .expect("frame decodes")
+    }
+
+    /// Sends a request and returns the first frame that is not a push.
+    pub async fn request(&mut self, frame: ClientFrame) -> RelayFrame {
+        self.stream.send(&frame).await.expect("send");
+        loop {
+            match self.next().await.expect("an answer") {
+                RelayFrame::Push { .. } | RelayFrame::PushAccount { .. } => {}
+                f => return f,
+            }
+        }
+    }
+
+    /// Every delta of `chat` on the relay, page by page.
+    pub async fn fetch_all(&mut self, chat: ChatId) -> Vec<Delta> {
+        let mut all: Vec<Delta> = Vec::new();
+        let mut req = 1000;
+        loop {
+            req += 1;
+            let after = all.last().map(|d| d.seq).unwrap_or_default();
+            match self.request(ClientFrame::FetchChat { req, chat, after, max: 512 }).await {
+                RelayFrame::ChatPage { deltas, .. } if deltas.is_empty() => return all,
+                RelayFrame::ChatPage { deltas, .. } => all.extend(deltas),
+                other => panic!("unexpected answer to a fetch: {other:?}"),
+            }
+        }
+    }
+}
+
+use stratus_engine::proto::wire::{ClientFrame, Delta, RelayFrame};
+use stratus_engine::ChatId;
+
+/// Creates an account on a fresh device in `home`.
+pub async fn new_account(relay: &Relay, home: &Path, name: &str) -> stratus_engine::Device {
+    let mut d = stratus_engine::Device::open(home).expect("device opens");
+    d.create_account(&relay.addr, name).await.expect("account created");
+    d
+}
+
+/// Links a fresh device in `home` to `approver`'s account (both in this process).
+pub async fn new_linked(
+    relay: &Relay,
+    approver: &mut stratus_engine::Device,
+    home: &Path,
+    name: &str,
+) -> stratus_engine::Device {
+    let mut d = stratus_engine::Device::open(home).expect("device opens");
+    let code = d.link_code();
+    let addr = relay.addr.clone();
+    let name = name.to_string();
+    let c2 = code.clone();
+    let waiting = tokio::spawn(async move {
+        d.link(&addr, &name, &c2).await.expect("link succeeds");
+        d
+    });
+    let mut tries = 0;
+    while let Err(e) = approver.approve(&code).await {
+        tries += 1;
+        assert!(tries < 100, "approve keeps failing: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    waiting.await.expect("link task")
+}
+
+/// Waits for an event matching `pred`, at most `secs` seconds.
+pub async fn wait_event(
+    events: &mut tokio::sync::broadcast::Receiver<stratus_engine::Event>,
+    secs: u64,
+    pred: impl Fn(&stratus_engine::Event) -> bool,
+) -> stratus_engine::Event {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no matching event within {secs} s"))
+        {
+            Ok(e) if pred(&e) => return e,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(e) => panic!("session stopped: {e}"),
+        }
+    }
+}
+
+/// Logs engine tracing to the test's output when `STRATUS_LOG` is set (e.g. `debug`).
+pub fn init_tracing() {
+    if let Ok(filter) = std::env::var("STRATUS_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
+}
+
+/// Polls until the session is connected, caught up and its outbox is empty.
+pub async fn wait_idle(session: &stratus_engine::Session, secs: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let st = session.status().await.expect("session running");
+        if st.connected && st.caught_up && st.outbox == 0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "session not idle within {secs} s: {st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

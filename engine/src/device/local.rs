@@ -50,7 +50,7 @@ pub struct ChatSummary {
 /// It holds a one-time secret (never sent to the relay; the relay only sees its hash as the
 /// link id) and a fingerprint of the new device's keys, which the approving device checks
 /// against what the relay says waits under the link id.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub struct LinkCode {
     secret: [u8; 16],
     fingerprint: [u8; 8],
@@ -171,7 +171,8 @@ impl Device {
         self.login.as_ref().map(|l| l.relay.as_str())
     }
 
-    pub(crate) fn keypair(&self) -> libp2p::identity::Keypair {
+    /// The device's libp2p identity (its PeerId is the device id). For tools and tests.
+    pub fn keypair(&self) -> libp2p::identity::Keypair {
         libp2p::identity::Keypair::ed25519_from_bytes(self.secrets.ed25519)
             .expect("32 bytes are a valid Ed25519 secret")
     }

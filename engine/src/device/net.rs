@@ -169,6 +169,23 @@ impl RelayStream {
         Ok(())
     }
 
+    /// Sends arbitrary bytes as one frame (for tests and protocol tools: garbage frames).
+    #[doc(hidden)]
+    pub async fn send_raw_frame(&mut self, body: &[u8]) -> Result<(), NetError> {
+        self.framed.send(bytes::Bytes::copy_from_slice(body)).await?;
+        Ok(())
+    }
+
+    /// Writes arbitrary bytes to the stream, unframed (for tests: a bad length prefix).
+    #[doc(hidden)]
+    pub async fn send_unframed(&mut self, bytes: &[u8]) -> Result<(), NetError> {
+        use futures::AsyncWriteExt;
+        let io = self.framed.get_mut().get_mut();
+        io.write_all(bytes).await?;
+        io.flush().await?;
+        Ok(())
+    }
+
     /// Receives one frame; `Ok(None)` when the relay closed the stream.
     pub async fn recv(&mut self) -> Result<Option<RelayFrame>, NetError> {
         match self.framed.next().await {

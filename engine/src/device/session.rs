@@ -5,15 +5,17 @@
 //! outputs (send a frame, apply a delta, drop an acknowledged outbox item). When the stream
 //! breaks it reconnects with exponential backoff (100 ms doubling to 5 s, with jitter).
 //!
-//! Bounds: [`COMMAND_QUEUE`] commands wait for the task; [`EVENT_QUEUE`] events wait for the
-//! app. When the event queue is full the session waits for the app to read: an app that stops
-//! reading events stalls its own sync, never the relay or other devices.
+//! Bounds: [`COMMAND_QUEUE`] commands wait for the task. Events go to a broadcast channel of
+//! [`EVENT_QUEUE`] entries: the session never waits for the app (that would deadlock an app that
+//! awaits a command while not reading events); a receiver that falls more than
+//! [`EVENT_QUEUE`] events behind gets `RecvError::Lagged` and should re-read state it cares
+//! about ([`Session::messages`], [`Session::status`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::device::core::{SyncCore, SyncInput, SyncOutput};
@@ -71,7 +73,7 @@ pub struct Status {
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 enum Command {
-    Send { chat: ChatId, text: String, reply: Reply<Message> },
+    Send { chat: ChatId, text: String, reply: Reply<(Message, ClientSeq)> },
     CreateChat { title: String, reply: Reply<ChatId> },
     Messages { chat: ChatId, reply: Reply<Vec<Message>> },
     Heads { chat: ChatId, reply: Reply<Vec<String>> },
@@ -82,7 +84,8 @@ enum Command {
 /// A handle on a running session. Dropping it stops the session.
 pub struct Session {
     commands: mpsc::Sender<Command>,
-    events: Option<mpsc::Receiver<Event>>,
+    events: broadcast::Sender<Event>,
+    first: Option<broadcast::Receiver<Event>>,
 }
 
 impl Session {
@@ -92,7 +95,7 @@ impl Session {
         let (peer, addr) = parse_relay_addr(&relay)?;
         let net = Net::start(device.keypair())?;
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
-        let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+        let (ev_tx, ev_rx) = broadcast::channel(EVENT_QUEUE);
         let core = SyncCore::new(device.store.account_cursor()?, device.outbox_len() > 0);
         let driver = Driver {
             device,
@@ -100,7 +103,7 @@ impl Session {
             net,
             peer,
             addr,
-            events: ev_tx,
+            events: ev_tx.clone(),
             pending: BTreeMap::new(),
             stream: None,
             was_connected: false,
@@ -108,12 +111,13 @@ impl Session {
             was_idle: false,
         };
         tokio::spawn(driver.run(cmd_rx));
-        Ok(Session { commands: cmd_tx, events: Some(ev_rx) })
+        Ok(Session { commands: cmd_tx, events: ev_tx, first: Some(ev_rx) })
     }
 
-    /// The event stream. Can be taken once.
-    pub fn events(&mut self) -> Option<mpsc::Receiver<Event>> {
-        self.events.take()
+    /// A receiver of the session's events. The first call gets every event since the session
+    /// started; later calls get events from the moment of the call.
+    pub fn events(&mut self) -> broadcast::Receiver<Event> {
+        self.first.take().unwrap_or_else(|| self.events.subscribe())
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
@@ -122,9 +126,10 @@ impl Session {
         rx.await.map_err(|_| Error::Stopped)?
     }
 
-    /// Writes a message durably on this device and queues it for the relay. The returned
-    /// message is local; [`Event::Acked`] tells when the relay has it.
-    pub async fn send(&self, chat: ChatId, text: &str) -> Result<Message, Error> {
+    /// Writes a message durably on this device and queues it for the relay. Returns the message
+    /// and the client seq of its delta: [`Event::Acked`] with that client seq tells when the
+    /// relay has it.
+    pub async fn send(&self, chat: ChatId, text: &str) -> Result<(Message, ClientSeq), Error> {
         self.call(|reply| Command::Send { chat, text: text.to_string(), reply }).await
     }
 
@@ -168,7 +173,7 @@ struct Driver {
     net: Net,
     peer: libp2p::PeerId,
     addr: libp2p::Multiaddr,
-    events: mpsc::Sender<Event>,
+    events: broadcast::Sender<Event>,
     pending: BTreeMap<ReqId, PendingReq>,
     stream: Option<RelayStream>,
     was_connected: bool,
@@ -243,14 +248,15 @@ impl Driver {
     }
 
     async fn emit(&mut self, e: Event) {
-        let _ = self.events.send(e).await;
+        // No receiver is fine: nobody listens.
+        let _ = self.events.send(e);
     }
 
     async fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Send { chat, text, reply } => match self.device.compose(chat, &text) {
                 Ok((msg, item)) => {
-                    let _ = reply.send(Ok(msg.clone()));
+                    let _ = reply.send(Ok((msg.clone(), item.client_seq)));
                     self.emit(Event::MessageAdded { chat, message: msg, local: true }).await;
                     self.outbox_added(item).await;
                 }
@@ -311,6 +317,7 @@ impl Driver {
     async fn carry_out(&mut self, outputs: Vec<SyncOutput>) {
         let mut queue = std::collections::VecDeque::from(outputs);
         while let Some(o) = queue.pop_front() {
+            tracing::debug!(output = ?short(&o), "sync output");
             match o {
                 SyncOutput::Send(frame) => self.send_frame(frame).await,
                 SyncOutput::ApplyDelta(delta) => match self.device.apply_delta(&delta) {
@@ -416,5 +423,13 @@ async fn recv(stream: Option<&mut RelayStream>) -> Result<Option<RelayFrame>, Ne
     match stream {
         Some(s) => s.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+fn short(o: &SyncOutput) -> String {
+    match o {
+        SyncOutput::Send(f) => format!("send {}", format!("{f:?}").chars().take(120).collect::<String>()),
+        SyncOutput::ApplyDelta(d) => format!("apply {} seq {}", d.chat, d.seq),
+        other => format!("{other:?}").chars().take(160).collect(),
     }
 }
