@@ -33,7 +33,7 @@ pub const MAX_PENDING_LINKS: usize = 1024;
 /// What the driver tells the core.
 #[derive(Debug)]
 pub enum Input {
-    /// A device opened a sync stream; `device` is authenticated by the libp2p Noise handshake.
+    /// A device opened a sync stream; `device` is authenticated by the transport's Noise handshake.
     Opened { conn: ConnId, device: DeviceId },
     /// A decoded frame arrived.
     Frame { conn: ConnId, frame: ClientFrame },
@@ -654,3 +654,7 @@ fn req_of(frame: &ClientFrame) -> ReqId {
 fn error_frame(conn: ConnId, req: Option<ReqId>, code: ErrorCode, message: impl Into<String>) -> Effect {
     Effect::Send { conn, frame: RelayFrame::Error { req, code, message: message.into() } }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

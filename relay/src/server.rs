@@ -226,7 +226,7 @@ async fn core_loop(
                 i
             }
         };
-        tracing::trace!(input = %format!("{input:?}").chars().take(120).collect::<String>(), "core input");
+        log_input(&input);
         let mut queue = std::collections::VecDeque::from(core.handle(input));
         while let Some(effect) = queue.pop_front() {
             let send = |conns: &mut BTreeMap<ConnId, mpsc::Sender<Outgoing>>, conn: ConnId, out: Outgoing| -> bool {
@@ -242,6 +242,9 @@ async fn core_loop(
             let mut dropped = None;
             match effect {
                 Effect::Send { conn, frame } => {
+                    if let RelayFrame::Error { req, code, message } = &frame {
+                        tracing::debug!(conn, ?req, ?code, %message, "refused");
+                    }
                     if !send(&mut conns, conn, Outgoing::Frame(frame)) {
                         dropped = Some(conn);
                     }
@@ -280,6 +283,37 @@ async fn core_loop(
                 queue.extend(core.handle(Input::Closed { conn }));
             }
         }
+    }
+}
+
+/// Logs what arrives without ever printing payload bytes (sealed as they are, they are the
+/// devices' business).
+fn log_input(input: &Input) {
+    match input {
+        Input::Opened { conn, device } => tracing::info!(conn, %device, "device stream opened"),
+        Input::Closed { conn } => tracing::info!(conn, "device stream closed"),
+        Input::BadFrame { conn, error } => tracing::info!(conn, %error, "bad frame"),
+        Input::Durable { token } => tracing::trace!(token, "barrier done"),
+        Input::Frame { conn, frame } => match frame {
+            ClientFrame::Append { req, chat, client_seq, sealed, .. } => {
+                tracing::debug!(conn, req, %chat, client_seq = client_seq.0, bytes = sealed.len(), "append")
+            }
+            ClientFrame::FetchChat { req, chat, after, .. } => {
+                tracing::debug!(conn, req, %chat, after = after.0, "fetch chat")
+            }
+            ClientFrame::FetchAccount { req, after, .. } => {
+                tracing::debug!(conn, req, after = after.0, "fetch account log")
+            }
+            ClientFrame::CreateChat { req, chat, .. } => tracing::debug!(conn, req, %chat, "create chat"),
+            ClientFrame::CreateAccount { req, account, .. } => {
+                tracing::debug!(conn, req, account = %account.id, "create account")
+            }
+            ClientFrame::LinkWait { req, .. } => tracing::debug!(conn, req, "link wait"),
+            ClientFrame::LinkLookup { req, .. } => tracing::debug!(conn, req, "link lookup"),
+            ClientFrame::LinkApprove { req, .. } => tracing::debug!(conn, req, "link approve"),
+            ClientFrame::SyncState { req } => tracing::debug!(conn, req, "sync state"),
+            ClientFrame::Hello { version } => tracing::debug!(conn, version, "hello"),
+        },
     }
 }
 

@@ -26,6 +26,10 @@ use crate::proto::ids::{AccountId, ChatId, DeviceId};
 
 /// Largest change accepted from outside, in bytes (the relay caps sealed deltas at 64 KiB).
 pub const MAX_CHANGE_BYTES: usize = 64 * 1024;
+/// Most operations in one change accepted from outside. A message is six operations; the
+/// byte limit alone does not bound the work, since run-length encoding lets a 1 KiB change
+/// carry a million list inserts (seconds of CPU and a gigabyte and more of memory to apply).
+pub const MAX_CHANGE_OPS: usize = 1024;
 
 /// Why a document operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +41,9 @@ pub enum DocError {
     /// Automerge rejected the bytes.
     #[error("malformed change: {0}")]
     Malformed(String),
+    /// The change carries more operations than [`MAX_CHANGE_OPS`].
+    #[error("change of {0} operations exceeds the limit")]
+    TooManyOps(usize),
     /// Automerge panicked on the bytes; the document must be reloaded from the store.
     #[error("automerge panicked on untrusted bytes; the document was reloaded")]
     Panicked,
@@ -160,6 +167,9 @@ impl ChatDoc {
         let change = guarded(|| Change::from_bytes(bytes.to_vec()))
             .ok_or(DocError::Panicked)?
             .map_err(|e| DocError::Malformed(e.to_string()))?;
+        if change.len() > MAX_CHANGE_OPS {
+            return Err(DocError::TooManyOps(change.len()));
+        }
         let mut log = PatchLog::active(TextRepresentation::String(TextEncoding::UnicodeCodePoint));
         match guarded(|| self.doc.apply_changes_log_patches([change], &mut log)) {
             None => {
