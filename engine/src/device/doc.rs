@@ -344,6 +344,26 @@ mod tests {
     }
 
     #[test]
+    fn a_change_with_too_many_ops_is_refused_before_it_is_applied() {
+        let chat = ChatId([4; 16]);
+        let mut evil = ChatDoc::new(chat, &dev("evil"));
+        let list = evil.messages_obj().unwrap();
+        evil.doc
+            .transact::<_, _, automerge::AutomergeError>(|tx| {
+                for i in 0..(MAX_CHANGE_OPS + 1) {
+                    tx.insert(&list, i, 1_i64)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let bomb = evil.last_change();
+        assert!(bomb.len() < 4096, "run-length encoding keeps it small: {} bytes", bomb.len());
+        let mut victim = ChatDoc::new(chat, &dev("v"));
+        assert_eq!(victim.apply_untrusted(&bomb), Err(DocError::TooManyOps(MAX_CHANGE_OPS + 1)));
+        assert_eq!(victim.message_count(), 0);
+    }
+
+    #[test]
     fn reload_from_snapshot_and_changes() {
         let chat = ChatId([3; 16]);
         let mut a = ChatDoc::new(chat, &dev("a"));
