@@ -199,3 +199,39 @@ fn relay_sigkilled_twenty_times_loses_and_duplicates_nothing_acknowledged() {
         let _ = ClientFrame::SyncState { req: 0 };
     });
 }
+
+#[test]
+fn watch_prints_each_message_from_another_device_as_it_arrives() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start(&dir.path().join("relay"));
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "a"]);
+    let chat = stratus_ok(&a, &["chat", "create", "--title", "live"]).trim().to_string();
+    link_device(&relay, &a, &b, "b");
+    let mut watch = std::process::Command::new(bin("stratus"))
+        .arg("--home")
+        .arg(&b)
+        .args(["watch", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    for i in 0..3 {
+        let text = format!("live {i}");
+        stratus_ok(&a, &["send", &chat, &text]);
+        let line = lines.next().expect("watch prints a line").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["text"], text);
+        assert_eq!(v["chat"], chat);
+    }
+    // The relay restarts; watch reconnects by itself and goes on.
+    relay.restart();
+    stratus_ok(&a, &["send", &chat, "after restart"]);
+    let line = lines.next().expect("watch prints a line").unwrap();
+    assert!(line.contains("after restart"), "{line}");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(relay.terminate().and_then(|s| s.code()), Some(0), "SIGTERM is a clean exit");
+}
