@@ -143,7 +143,6 @@ enum Deferred {
     Send(ConnId, RelayFrame),
     ChatDurable { delta: Delta, from: ConnId },
     AccountDurable { account: AccountId, entry: AccountEntry },
-    ChatCreated { chat: ChatId },
 }
 
 /// The relay's state machine. See the module docs.
@@ -427,10 +426,6 @@ impl RelayCore {
                     out.push(Effect::Send { conn: *conn, frame: RelayFrame::PushAccount { entry: entry.clone() } });
                 }
             }
-            Deferred::ChatCreated { chat } => {
-                // The chat's members learn of it through their account logs; nothing to push.
-                let _ = chat;
-            }
         }
     }
 
@@ -580,7 +575,6 @@ impl RelayCore {
         }
         let token = self.token();
         out.push(Effect::Write { token, ops });
-        self.after_durable(Deferred::ChatCreated { chat }, out);
         for (account, entry) in entries {
             self.after_durable(Deferred::AccountDurable { account, entry }, out);
         }

@@ -23,7 +23,8 @@ fn the_relay_does_not_link_automerge() {
 
 #[test]
 fn the_cores_know_nothing_of_tokio_libp2p_sled_or_the_clock() {
-    let forbidden = ["tokio", "libp2p", "sled", "SystemTime", "Instant", "std::fs", "std::net", "thread_rng", "HashMap"];
+    let forbidden =
+        ["tokio", "libp2p", "sled", "SystemTime", "Instant", "std::fs", "std::net", "thread_rng", "HashMap"];
     for core in ["relay/src/core.rs", "engine/src/device/core.rs"] {
         let text = std::fs::read_to_string(root().join(core)).expect("core source");
         for word in forbidden {
