@@ -123,6 +123,11 @@ impl From<Error> for Failure {
 }
 
 fn main() -> ExitCode {
+    // A panic is a bug in stratus: say so in one line, without a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("stratus: internal error{at}; please report it");
+    }));
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -27,6 +27,8 @@ use crate::store::{RelayStore, SledStore, StoreError};
 pub const INPUT_QUEUE: usize = 4096;
 /// Frames waiting to be written to one device; when full the device is disconnected.
 pub const OUTPUT_QUEUE: usize = 256;
+/// Most inputs the core task takes in one go; their writes share one store transaction.
+pub const CORE_BATCH: usize = 256;
 
 /// Relay configuration.
 #[derive(Debug, Clone)]
@@ -47,6 +49,9 @@ pub enum ServerError {
     /// The data directory or identity key could not be used.
     #[error("data directory: {0}")]
     Io(#[from] std::io::Error),
+    /// A bug stopped part of the relay; it exits rather than serve half-working.
+    #[error("internal error: {0}")]
+    Bug(String),
     /// libp2p could not be set up or could not listen.
     #[error("network: {0}")]
     Network(String),
@@ -156,9 +161,15 @@ pub async fn run(
     let barrier_task = tokio::spawn(barrier_loop(store.clone(), written_rx, in_tx.clone(), fatal_tx.clone()));
     let core_task = tokio::spawn(core_loop(core, store.clone(), in_rx, written_tx, fatal_tx));
 
+    let mut core_task = core_task;
     let result = tokio::select! {
         () = shutdown => Ok(()),
         Some(e) = fatal_rx.recv() => Err(ServerError::Store(e)),
+        // The core task ends only on a bug (a panic): stop rather than serve without it.
+        r = &mut core_task => Err(ServerError::Bug(match r {
+            Err(e) if e.is_panic() => "the core task panicked".into(),
+            _ => "the core task stopped".into(),
+        })),
     };
     accept_task.abort();
     core_task.abort();
@@ -213,75 +224,90 @@ async fn core_loop(
     fatal: mpsc::Sender<StoreError>,
 ) {
     let mut conns: BTreeMap<ConnId, mpsc::Sender<Outgoing>> = BTreeMap::new();
-    while let Some(msg) = in_rx.recv().await {
-        let input = match msg {
-            CoreMsg::Open { conn, device, tx } => {
-                conns.insert(conn, tx);
-                Input::Opened { conn, device }
-            }
-            CoreMsg::Input(i) => {
-                if let Input::Closed { conn } = &i {
-                    conns.remove(conn);
+    // The writes of every input drained in one go are applied as one sled transaction: sled
+    // 0.34 pays two log-buffer rolls (two device writes) per transaction, which capped the relay
+    // at ~6,400 appends/s with one transaction per append (docs/benchmarks.md). Nothing reveals
+    // a write before its barrier, and the barrier only starts after the batch is applied.
+    let mut ops: Vec<crate::core::StoreOp> = Vec::new();
+    let mut batch_token = 0u64;
+    let mut batch: Vec<CoreMsg> = Vec::with_capacity(CORE_BATCH);
+    while in_rx.recv_many(&mut batch, CORE_BATCH).await > 0 {
+        for msg in batch.drain(..) {
+            let input = match msg {
+                CoreMsg::Open { conn, device, tx } => {
+                    conns.insert(conn, tx);
+                    Input::Opened { conn, device }
                 }
-                i
-            }
-        };
-        log_input(&input);
-        let mut queue = std::collections::VecDeque::from(core.handle(input));
-        while let Some(effect) = queue.pop_front() {
-            let send = |conns: &mut BTreeMap<ConnId, mpsc::Sender<Outgoing>>, conn: ConnId, out: Outgoing| -> bool {
-                match conns.get(&conn).map(|tx| tx.try_send(out)) {
-                    Some(Ok(())) | None => true,
-                    Some(Err(_)) => {
-                        tracing::warn!(conn, "device is not reading; disconnecting it");
-                        conns.remove(&conn);
-                        false
+                CoreMsg::Input(i) => {
+                    if let Input::Closed { conn } = &i {
+                        conns.remove(conn);
                     }
+                    i
                 }
             };
-            let mut dropped = None;
-            match effect {
-                Effect::Send { conn, frame } => {
-                    if let RelayFrame::Error { req, code, message } = &frame {
-                        tracing::debug!(conn, ?req, ?code, %message, "refused");
-                    }
-                    if !send(&mut conns, conn, Outgoing::Frame(frame)) {
-                        dropped = Some(conn);
-                    }
-                }
-                Effect::Close { conn } => {
-                    send(&mut conns, conn, Outgoing::Close);
-                }
-                Effect::Write { token, ops } => {
-                    if let Err(e) = store.apply(&ops) {
-                        tracing::error!(error = %e, "store write failed; no further acknowledgements");
-                        let _ = fatal.send(e).await;
-                        return;
-                    }
-                    written.send_replace(token);
-                }
-                Effect::ReadChat { conn, req, chat, after, upto, max } => {
-                    let frame = match store.read_chat(chat, after, upto, max) {
-                        Ok(deltas) => RelayFrame::ChatPage { req, chat, deltas, head: upto },
-                        Err(e) => internal(req, e),
+            log_input(&input);
+            let mut queue = std::collections::VecDeque::from(core.handle(input));
+            while let Some(effect) = queue.pop_front() {
+                let send =
+                    |conns: &mut BTreeMap<ConnId, mpsc::Sender<Outgoing>>, conn: ConnId, out: Outgoing| -> bool {
+                        match conns.get(&conn).map(|tx| tx.try_send(out)) {
+                            Some(Ok(())) | None => true,
+                            Some(Err(_)) => {
+                                tracing::warn!(conn, "device is not reading; disconnecting it");
+                                conns.remove(&conn);
+                                false
+                            }
+                        }
                     };
-                    if !send(&mut conns, conn, Outgoing::Frame(frame)) {
-                        dropped = Some(conn);
+                let mut dropped = None;
+                match effect {
+                    Effect::Send { conn, frame } => {
+                        if let RelayFrame::Error { req, code, message } = &frame {
+                            tracing::debug!(conn, ?req, ?code, %message, "refused");
+                        }
+                        if !send(&mut conns, conn, Outgoing::Frame(frame)) {
+                            dropped = Some(conn);
+                        }
+                    }
+                    Effect::Close { conn } => {
+                        send(&mut conns, conn, Outgoing::Close);
+                    }
+                    Effect::Write { token, ops: more } => {
+                        ops.extend(more);
+                        batch_token = batch_token.max(token);
+                    }
+                    Effect::ReadChat { conn, req, chat, after, upto, max } => {
+                        let frame = match store.read_chat(chat, after, upto, max) {
+                            Ok(deltas) => RelayFrame::ChatPage { req, chat, deltas, head: upto },
+                            Err(e) => internal(req, e),
+                        };
+                        if !send(&mut conns, conn, Outgoing::Frame(frame)) {
+                            dropped = Some(conn);
+                        }
+                    }
+                    Effect::ReadAccount { conn, req, account, after, upto, max } => {
+                        let frame = match store.read_account(account, after, upto, max) {
+                            Ok(entries) => RelayFrame::AccountPage { req, entries, head: upto },
+                            Err(e) => internal(req, e),
+                        };
+                        if !send(&mut conns, conn, Outgoing::Frame(frame)) {
+                            dropped = Some(conn);
+                        }
                     }
                 }
-                Effect::ReadAccount { conn, req, account, after, upto, max } => {
-                    let frame = match store.read_account(account, after, upto, max) {
-                        Ok(entries) => RelayFrame::AccountPage { req, entries, head: upto },
-                        Err(e) => internal(req, e),
-                    };
-                    if !send(&mut conns, conn, Outgoing::Frame(frame)) {
-                        dropped = Some(conn);
-                    }
+                if let Some(conn) = dropped {
+                    queue.extend(core.handle(Input::Closed { conn }));
                 }
             }
-            if let Some(conn) = dropped {
-                queue.extend(core.handle(Input::Closed { conn }));
+        }
+        if !ops.is_empty() {
+            if let Err(e) = store.apply(&ops) {
+                tracing::error!(error = %e, "store write failed; no further acknowledgements");
+                let _ = fatal.send(e).await;
+                return;
             }
+            ops.clear();
+            written.send_replace(batch_token);
         }
     }
 }
