@@ -23,7 +23,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The phone shows a link code; the laptop approves it (here both in one process).
     let mut phone = Device::open(&dir.join("phone"))?;
-    let code = phone.link_code();
+    let code = phone.link_code()?;
     let (relay2, code2) = (relay.clone(), code.clone());
     let waiting = tokio::spawn(async move { phone.link(&relay2, "phone", &code2).await.map(|_| phone) });
     tokio::time::sleep(Duration::from_millis(200)).await; // let the phone register its wait

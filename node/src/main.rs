@@ -191,7 +191,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(a) = device.account() {
                 return Err(Error::AlreadyLoggedIn(a.to_string()).into());
             }
-            let code = device.link_code();
+            let code = device.link_code()?;
             out(&format!("link code: {code}"));
             let id = device.link(&relay, &name, &code).await?;
             out(&format!("linked to account {id}; pulling history"));

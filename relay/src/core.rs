@@ -75,6 +75,25 @@ pub enum StoreOp {
     PutDelta(Delta),
     /// An account log entry.
     PutAccountEntry(AccountId, AccountEntry),
+    /// An approval kept until the new device has fetched it (see [`ApprovedLink`]).
+    PutApprovedLink([u8; 32], ApprovedLink),
+    /// The new device has its bundle: the approval is no longer needed.
+    DeleteApprovedLink([u8; 32]),
+}
+
+/// An approved link, kept until the new device shows it has its bundle (by syncing), so that a
+/// device that lost its connection between approval and delivery can ask again under the same
+/// link id. The bundle is sealed to the device and the link secret: the relay cannot open it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovedLink {
+    /// The new device.
+    pub device: DeviceId,
+    /// Its account.
+    pub account: AccountPublic,
+    /// Its certificate.
+    pub cert: DeviceCert,
+    /// The sealed account bundle.
+    pub bundle: stratus_engine::proto::crypto::SealedBox,
 }
 
 /// What the relay keeps of a chat besides its deltas.
@@ -104,6 +123,8 @@ pub struct Recovered {
     pub account_heads: Vec<(AccountId, Seq)>,
     /// Per device, its most recent appends (oldest first), up to [`DEDUP_WINDOW`].
     pub recent_appends: Vec<(DeviceId, Vec<RecentAppend>)>,
+    /// Approvals not yet fetched by their device.
+    pub approved_links: Vec<([u8; 32], ApprovedLink)>,
 }
 
 struct Account {
@@ -153,6 +174,7 @@ pub struct RelayCore {
     conns: BTreeMap<ConnId, Conn>,
     conns_by_account: BTreeMap<AccountId, BTreeSet<ConnId>>,
     links: BTreeMap<[u8; 32], PendingLink>,
+    approved: BTreeMap<[u8; 32], ApprovedLink>,
     next_token: u64,
     durable_token: u64,
     deferred: VecDeque<(u64, Deferred)>,
@@ -168,6 +190,7 @@ impl RelayCore {
             conns: BTreeMap::new(),
             conns_by_account: BTreeMap::new(),
             links: BTreeMap::new(),
+            approved: recovered.approved_links.iter().cloned().collect(),
             next_token: 1,
             durable_token: 0,
             deferred: VecDeque::new(),
@@ -291,7 +314,7 @@ impl RelayCore {
                 self.create_account(conn, req, &device, account, cert, out).map_err(|e| (req, e))
             }
             (ClientFrame::LinkWait { req, link_id, device_x25519, name }, _) => {
-                self.link_wait(conn, req, &device, link_id, device_x25519, name).map_err(|e| (req, e))
+                self.link_wait(conn, req, &device, link_id, device_x25519, name, out).map_err(|e| (req, e))
             }
             (frame, None) => Err((
                 req_of(&frame),
@@ -325,6 +348,12 @@ impl RelayCore {
                 self.append(conn, req, a, &device, chat, epoch, client_seq, sealed, out).map_err(|e| (req, e))
             }
             (ClientFrame::SyncState { req }, Some(a)) => {
+                // A device that syncs has its bundle: its stored approval can go.
+                if let Some(id) = self.approved.iter().find(|(_, l)| l.device == device).map(|(id, _)| *id) {
+                    self.approved.remove(&id);
+                    let token = self.token();
+                    out.push(Effect::Write { token, ops: vec![StoreOp::DeleteApprovedLink(id)] });
+                }
                 let acct = &self.accounts[&a];
                 let chats = acct.chats.iter().map(|c| (*c, self.chats[c].durable)).collect();
                 out.push(Effect::Send {
@@ -472,6 +501,7 @@ impl RelayCore {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn link_wait(
         &mut self,
         conn: ConnId,
@@ -480,7 +510,18 @@ impl RelayCore {
         link_id: [u8; 32],
         device_x25519: [u8; 32],
         name: String,
+        out: &mut Vec<Effect>,
     ) -> Result<(), (ErrorCode, String)> {
+        if let Some(a) = self.approved.get(&link_id).filter(|a| &a.device == device) {
+            let frame = RelayFrame::LinkApproved {
+                req,
+                account: a.account.clone(),
+                cert: a.cert.clone(),
+                bundle: a.bundle.clone(),
+            };
+            self.after_durable(Deferred::Send(conn, frame), out);
+            return Ok(());
+        }
         if self.devices.contains_key(device) {
             return Err((ErrorCode::AlreadyExists, "this device already belongs to an account".into()));
         }
@@ -519,7 +560,14 @@ impl RelayCore {
             return Err((ErrorCode::TooLarge, "account bundle too large".into()));
         }
         let link = self.links.remove(&link_id).expect("checked above");
-        let mut ops = vec![StoreOp::PutDevice(cert.clone())];
+        let approval = ApprovedLink {
+            device: link.device.clone(),
+            account: public.clone(),
+            cert: cert.clone(),
+            bundle: bundle.clone(),
+        };
+        self.approved.insert(link_id, approval.clone());
+        let mut ops = vec![StoreOp::PutDevice(cert.clone()), StoreOp::PutApprovedLink(link_id, approval)];
         self.devices
             .insert(link.device.clone(), Device { account, highest_client_seq: ClientSeq(0), recent: BTreeMap::new() });
         let entry = self.log_entry(account, AccountEvent::DeviceAdded { cert: cert.clone() }, &mut ops);

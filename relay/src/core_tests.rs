@@ -217,3 +217,40 @@ fn a_closed_connection_gets_nothing_more() {
     w.input(Input::Closed { conn: a.conn });
     assert!(sends(&w.durable(&e)).is_empty());
 }
+
+#[test]
+fn a_device_that_lost_its_approval_in_flight_can_ask_again() {
+    use stratus_engine::proto::crypto::SealedBox;
+    let mut w = world();
+    let a = w.connect(1, "a");
+    let (keys, _) = w.account(&a);
+    let link_id = [5; 32];
+    let wait = |req| ClientFrame::LinkWait { req, link_id, device_x25519: [9; 32], name: "phone".into() };
+    let new = w.connect(2, "new");
+    assert!(w.frame(new.conn, wait(1)).is_empty(), "waits");
+    let account = keys.public();
+    let cert = keys.certify(DeviceCertBody {
+        account: account.id,
+        device: new.id.clone(),
+        device_x25519: [9; 32],
+        name: "phone".into(),
+        created_ms: 0,
+    });
+    let bundle = SealedBox { ephemeral: [1; 32], sealed: vec![2; 80] };
+    let approved = w.frame(a.conn, ClientFrame::LinkApprove { req: 7, link_id, cert, bundle });
+    // The new device drops before the approval is durable: it never sees it.
+    w.input(Input::Closed { conn: new.conn });
+    let released = w.durable(&approved);
+    assert!(sends(&released).iter().all(|(c, _)| *c != new.conn));
+
+    // It reconnects (now a known device) and asks under the same link id.
+    let again = w.connect(3, "new");
+    let reply = w.frame(again.conn, wait(2));
+    assert!(matches!(sends(&reply)[..], [(3, RelayFrame::LinkApproved { req: 2, .. })]), "{reply:?}");
+    // Once it syncs, the stored approval is dropped.
+    let state = w.frame(again.conn, ClientFrame::SyncState { req: 3 });
+    assert!(state
+        .iter()
+        .any(|e| matches!(e, Effect::Write { ops, .. } if ops == &[StoreOp::DeleteApprovedLink(link_id)])));
+    assert!(w.core.approved.is_empty());
+}

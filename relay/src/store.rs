@@ -11,6 +11,7 @@
 //! * `deltas`: chat id ‖ seq → `StoredDelta`
 //! * `dedup`: blake3(device id) ‖ client seq → chat id ‖ seq
 //! * `account_log`: account id ‖ seq → `AccountEvent`
+//! * `approved_links`: link id → `ApprovedLink` (until the new device syncs)
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
 use stratus_engine::proto::wire::{AccountEntry, AccountEvent, Delta, MAX_PAGE_BYTES};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
-use crate::core::{ChatRecord, Recovered, StoreOp, DEDUP_WINDOW};
+use crate::core::{ApprovedLink, ChatRecord, Recovered, StoreOp, DEDUP_WINDOW};
 
 /// A failing store. The relay stops acknowledging when it sees one.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +80,7 @@ pub struct SledStore {
     deltas: sled::Tree,
     dedup: sled::Tree,
     account_log: sled::Tree,
+    approved_links: sled::Tree,
 }
 
 impl SledStore {
@@ -93,6 +95,7 @@ impl SledStore {
             deltas: db.open_tree("deltas")?,
             dedup: db.open_tree("dedup")?,
             account_log: db.open_tree("account_log")?,
+            approved_links: db.open_tree("approved_links")?,
             db,
         })
     }
@@ -125,9 +128,18 @@ fn tail_u64(key: &[u8]) -> u64 {
 
 impl RelayStore for SledStore {
     fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
-        let trees = [&self.accounts, &self.devices, &self.chats, &self.deltas, &self.dedup, &self.account_log];
+        let trees = [
+            &self.accounts,
+            &self.devices,
+            &self.chats,
+            &self.deltas,
+            &self.dedup,
+            &self.account_log,
+            &self.approved_links,
+        ];
         let r: Result<(), TransactionError<()>> = trees.transaction(|t: &Vec<TransactionalTree>| {
-            let (accounts, devices, chats, deltas, dedup, log) = (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5]);
+            let (accounts, devices, chats, deltas, dedup, log, links) =
+                (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6]);
             for op in ops {
                 match op {
                     StoreOp::PutAccount(a) => {
@@ -151,6 +163,12 @@ impl RelayStore for SledStore {
                     }
                     StoreOp::PutAccountEntry(a, e) => {
                         log.insert(seq_key(&a.0, e.seq.0), enc(&e.event))?;
+                    }
+                    StoreOp::PutApprovedLink(id, l) => {
+                        links.insert(&id[..], enc(l))?;
+                    }
+                    StoreOp::DeleteApprovedLink(id) => {
+                        links.remove(&id[..])?;
                     }
                 }
             }
@@ -246,6 +264,12 @@ impl RelayStore for SledStore {
             recent.reverse();
             r.recent_appends.push((cert.body.device.clone(), recent));
             r.devices.push(cert);
+        }
+        for kv in self.approved_links.iter() {
+            let (k, v) = kv?;
+            let id: [u8; 32] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("link id"))?;
+            let l: ApprovedLink = dec(&v, "approved link")?;
+            r.approved_links.push((id, l));
         }
         for kv in self.chats.iter() {
             let (k, v) = kv?;

@@ -280,7 +280,7 @@ pub async fn new_linked(
     name: &str,
 ) -> stratus_engine::Device {
     let mut d = stratus_engine::Device::open(home).expect("device opens");
-    let code = d.link_code();
+    let code = d.link_code().expect("link code");
     let addr = relay.addr.clone();
     let name = name.to_string();
     let c2 = code.clone();

@@ -11,7 +11,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::device::doc::{new_message, ChatDoc, Message};
 use crate::device::error::Error;
-use crate::device::net::{parse_relay_addr, Net, RelayStream};
+use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
 use crate::device::store::{
     device_id_of, ChatMeta, DeviceSecrets, DeviceStore, Login, OutboxItem, COMPACT_AFTER_CHANGES,
 };
@@ -26,6 +26,8 @@ use crate::proto::wire::{
 
 /// Longest message text, in bytes (a sealed delta must fit the relay's 64 KiB limit).
 pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+/// How often a one-shot request opens its stream before giving up.
+pub const CONNECT_ATTEMPTS: u32 = 5;
 /// Most chat documents kept in memory; beyond it the least recently opened is dropped (it
 /// reloads from the store when needed).
 pub const DOC_CACHE: usize = 64;
@@ -197,15 +199,31 @@ impl Device {
 
     // ---- relay requests made before a session can run ----
 
+    /// Opens a sync stream and exchanges `Hello`. A stream that breaks during the exchange is
+    /// opened again (up to [`CONNECT_ATTEMPTS`] times): libp2p-stream 0.4 drops an inbound
+    /// stream that arrives while the relay's accept queue (one slot) is taken, which happens
+    /// when many devices connect at once.
     async fn connect(&self, relay: &str) -> Result<(Net, RelayStream, Option<AccountId>), Error> {
         let (peer, addr) = parse_relay_addr(relay)?;
         let mut net = Net::start(self.keypair())?;
-        let mut stream = net.open(peer, addr).await?;
-        stream.send(&ClientFrame::Hello { version: PROTOCOL_VERSION }).await?;
-        match stream.recv().await? {
-            Some(RelayFrame::Hello { account, .. }) => Ok((net, stream, account)),
-            Some(RelayFrame::Error { code, message, .. }) => Err(Error::Relay { code, message }),
-            _ => Err(Error::Net(crate::device::net::NetError::Unreachable("relay did not answer hello".into()))),
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = async {
+                let mut stream = net.open(peer, addr.clone()).await?;
+                stream.send(&ClientFrame::Hello { version: PROTOCOL_VERSION }).await?;
+                Ok::<_, Error>((stream.recv().await?, stream))
+            }
+            .await;
+            match result {
+                Ok((Some(RelayFrame::Hello { account, .. }), stream)) => return Ok((net, stream, account)),
+                Ok((Some(RelayFrame::Error { code, message, .. }), _)) => return Err(Error::Relay { code, message }),
+                Err(Error::Net(NetError::Io(_))) | Ok((None, _)) if attempt < CONNECT_ATTEMPTS => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                }
+                Err(e) => return Err(e),
+                Ok(_) => return Err(Error::Net(NetError::Unreachable("relay did not answer hello".into()))),
+            }
         }
     }
 
@@ -249,11 +267,20 @@ impl Device {
         Ok(account.id)
     }
 
-    /// A fresh link code for this (not yet logged-in) device.
-    pub fn link_code(&mut self) -> LinkCode {
-        let mut secret = [0u8; 16];
-        self.rng.fill_bytes(&mut secret);
-        LinkCode { secret, fingerprint: LinkCode::fingerprint_of(&self.id, &self.x25519_public()) }
+    /// The link code of this (not yet logged-in) device. It is made once and kept until the
+    /// device is linked, so that a `link` interrupted after approval can be run again and
+    /// fetch the approval the relay kept for it.
+    pub fn link_code(&mut self) -> Result<LinkCode, Error> {
+        let secret = match self.store.link_secret()? {
+            Some(s) => s,
+            None => {
+                let mut s = [0u8; 16];
+                self.rng.fill_bytes(&mut s);
+                self.store.set_link_secret(&s)?;
+                s
+            }
+        };
+        Ok(LinkCode { secret, fingerprint: LinkCode::fingerprint_of(&self.id, &self.x25519_public()) })
     }
 
     /// Waits on `relay` until a logged-in device approves `code`, then stores the account

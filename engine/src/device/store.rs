@@ -185,6 +185,20 @@ impl DeviceStore {
         self.barrier()
     }
 
+    /// The one-time secret of this device's link code, if one was made.
+    pub fn link_secret(&self) -> Result<Option<[u8; 16]>, StoreError> {
+        self.meta
+            .get("link_secret")?
+            .map(|v| v.as_ref().try_into().map_err(|_| StoreError::Corrupt("link secret")))
+            .transpose()
+    }
+
+    /// Keeps the link code's secret durably.
+    pub fn set_link_secret(&self, secret: &[u8; 16]) -> Result<(), StoreError> {
+        self.meta.insert("link_secret", &secret[..])?;
+        self.barrier()
+    }
+
     /// Cursor of the account log.
     pub fn account_cursor(&self) -> Result<Seq, StoreError> {
         Ok(Seq(self.meta.get("account_cursor")?.map(|v| u64_of(&v, "account cursor")).transpose()?.unwrap_or(0)))
