@@ -102,8 +102,19 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
     std::fs::create_dir_all(&config.data_dir)?;
-    let keypair = load_identity(&config.data_dir)?;
     let store = Arc::new(SledStore::open(&config.data_dir.join("store"))?);
+    run_with_store(config, store, ready, shutdown).await
+}
+
+/// [`run`] over any [`RelayStore`] (tests wrap the sled store to hold back or fail barriers).
+pub async fn run_with_store<S: RelayStore>(
+    config: Config,
+    store: Arc<S>,
+    ready: impl FnOnce(Multiaddr),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let keypair = load_identity(&config.data_dir)?;
     let recovered = store.recover()?;
     let core = RelayCore::new(recovered);
 
@@ -183,8 +194,8 @@ pub async fn run(
     result
 }
 
-async fn barrier_loop(
-    store: Arc<SledStore>,
+async fn barrier_loop<S: RelayStore>(
+    store: Arc<S>,
     mut written: watch::Receiver<u64>,
     in_tx: mpsc::Sender<CoreMsg>,
     fatal: mpsc::Sender<StoreError>,
@@ -216,9 +227,9 @@ async fn barrier_loop(
     }
 }
 
-async fn core_loop(
+async fn core_loop<S: RelayStore>(
     mut core: RelayCore,
-    store: Arc<SledStore>,
+    store: Arc<S>,
     mut in_rx: mpsc::Receiver<CoreMsg>,
     written: watch::Sender<u64>,
     fatal: mpsc::Sender<StoreError>,

@@ -1,0 +1,111 @@
+//! Power-loss safety: no acknowledgement leaves the relay before its fsync barrier completed,
+//! and a failing barrier stops the relay (non-zero) instead of acknowledging. The relay runs
+//! in-process over the real sled store wrapped so that barriers can be held back or failed;
+//! the device is a real engine session over libp2p on 127.0.0.1.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use stratus_engine::proto::wire::{AccountEntry, Delta};
+use stratus_engine::{AccountId, ChatId, Device, Seq, Session};
+use stratus_relay::core::{Recovered, StoreOp};
+use stratus_relay::server::{run_with_store, Config, ServerError};
+use stratus_relay::store::{RelayStore, SledStore, StoreError};
+
+/// The sled store with a gate in front of its barrier.
+struct GatedStore {
+    inner: SledStore,
+    open: Mutex<bool>,
+    opened: Condvar,
+    fail: AtomicBool,
+}
+
+impl GatedStore {
+    fn set_open(&self, open: bool) {
+        *self.open.lock().unwrap() = open;
+        self.opened.notify_all();
+    }
+}
+
+impl RelayStore for GatedStore {
+    fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        self.inner.apply(ops)
+    }
+    fn barrier(&self) -> Result<(), StoreError> {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Barrier(std::io::Error::other("injected: the disk went away")));
+        }
+        self.inner.barrier()
+    }
+    fn read_chat(&self, chat: ChatId, after: Seq, upto: Seq, max: u32) -> Result<Vec<Delta>, StoreError> {
+        self.inner.read_chat(chat, after, upto, max)
+    }
+    fn read_account(&self, a: AccountId, after: Seq, upto: Seq, max: u32) -> Result<Vec<AccountEntry>, StoreError> {
+        self.inner.read_account(a, after, upto, max)
+    }
+    fn recover(&self) -> Result<Recovered, StoreError> {
+        self.inner.recover()
+    }
+}
+
+async fn wait_outbox(session: &Session, want: usize, secs: u64) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if session.status().await.unwrap().outbox == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_wait_for_the_barrier_and_a_failed_barrier_stops_the_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(GatedStore {
+        inner: SledStore::open(&dir.path().join("relay/store")).unwrap(),
+        open: Mutex::new(true),
+        opened: Condvar::new(),
+        fail: AtomicBool::new(false),
+    });
+    let config = Config { data_dir: dir.path().join("relay"), listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap() };
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let relay = tokio::spawn(run_with_store(
+        config,
+        store.clone(),
+        move |a| {
+            let _ = addr_tx.send(a.to_string());
+        },
+        std::future::pending(),
+    ));
+    let addr = addr_rx.await.unwrap();
+
+    let mut device = Device::open(&dir.path().join("d")).unwrap();
+    device.create_account(&addr, "d").await.unwrap();
+    let mut session = Session::start(device).unwrap();
+    let mut events = session.events();
+    while !matches!(events.recv().await.unwrap(), stratus_engine::Event::Connected) {}
+    let chat = session.create_chat("durable").await.unwrap();
+    assert!(wait_outbox(&session, 0, 20).await, "the title delta is acknowledged");
+
+    // Barriers held back: the append is written but not acknowledged.
+    store.set_open(false);
+    session.send(chat, "waits for the disk").await.unwrap();
+    assert!(!wait_outbox(&session, 0, 2).await, "acknowledged before its barrier completed");
+    // The barrier completes: now it is acknowledged.
+    store.set_open(true);
+    assert!(wait_outbox(&session, 0, 20).await, "acknowledged after the barrier");
+
+    // The barrier fails: no acknowledgement, and the relay stops with an error.
+    store.fail.store(true, Ordering::SeqCst);
+    session.send(chat, "never acknowledged").await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(20), relay).await.expect("the relay stops").unwrap();
+    assert!(matches!(result, Err(ServerError::Store(StoreError::Barrier(_)))), "{result:?}");
+    assert_eq!(session.status().await.unwrap().outbox, 1, "the failed append stays in the outbox");
+    session.stop().await.unwrap();
+}
