@@ -116,7 +116,11 @@ fn offline_device_catches_up_with_one_sync_and_sends_after_restart() {
 }
 
 #[test]
-fn relay_sigkilled_twenty_times_loses_and_duplicates_nothing_acknowledged() {
+/// The crash loop: a writer appends continuously while the relay is SIGKILLed at a random
+/// moment 0–2,000 ms after each start and restarted. `STRATUS_CRASH_KILLS` sets the number of
+/// kills (default 100; the long run uses 10,000).
+fn relay_sigkilled_repeatedly_loses_and_duplicates_nothing_acknowledged() {
+    let kills: usize = std::env::var("STRATUS_CRASH_KILLS").ok().and_then(|k| k.parse().ok()).unwrap_or(100);
     let seed = seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
@@ -159,10 +163,9 @@ fn relay_sigkilled_twenty_times_loses_and_duplicates_nothing_acknowledged() {
             sent
         });
 
-        for _ in 0..20 {
-            tokio::time::sleep(Duration::from_millis(rng.gen_range(50..600))).await;
+        for _ in 0..kills {
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..=2000))).await;
             relay.kill();
-            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..200))).await;
             relay.restart();
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -186,6 +189,7 @@ fn relay_sigkilled_twenty_times_loses_and_duplicates_nothing_acknowledged() {
         }
         let stored: BTreeMap<_, _> = deltas.iter().map(|d| (d.client_seq, d.seq)).collect();
         assert_eq!(stored.len(), deltas.len(), "no client seq stored twice");
+        assert!(deltas.windows(2).all(|w| w[0].client_seq < w[1].client_seq), "stored in the order sent");
         for (cs, seq) in &acked {
             let at = stored.get(cs).unwrap_or_else(|| panic!("acknowledged client seq {cs:?} missing"));
             if let Some(seq) = seq {
