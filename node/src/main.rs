@@ -14,6 +14,9 @@ use stratus_engine::{ChatId, Device, Error, Event, LinkCode, Message, Session};
 
 /// Exit code when the relay cannot be reached; the outbox keeps what was written.
 const EXIT_UNREACHABLE: u8 = 3;
+/// Failed connection attempts in a row (about 0.3 s with the session's backoff) before a
+/// command gives up with [`EXIT_UNREACHABLE`].
+const CONNECT_TRIES: u32 = 3;
 
 /// A Stratus device: chats synced through a relay that cannot read them.
 #[derive(Parser)]
@@ -308,6 +311,7 @@ async fn wait_for(
 ) -> Result<(), Failure> {
     use tokio::sync::broadcast::error::RecvError;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    let mut failures = 0;
     loop {
         let e = match tokio::time::timeout_at(deadline, events.recv())
             .await
@@ -321,7 +325,15 @@ async fn wait_for(
             return Ok(());
         }
         match e {
-            Event::Disconnected { reason } => return Err(Failure::Unreachable(reason)),
+            // A stream can be dropped at open when many devices connect at once; give the
+            // session's reconnect a few tries before calling the relay unreachable.
+            Event::Disconnected { reason } => {
+                failures += 1;
+                if failures >= CONNECT_TRIES {
+                    return Err(Failure::Unreachable(reason));
+                }
+            }
+            Event::Connected => failures = 0,
             Event::Rejected { message, code, .. } => {
                 return Err(Failure::Other(format!("the relay rejected a message: {message} ({code:?})")))
             }

@@ -534,6 +534,9 @@ impl RelayCore {
         if self.links.get(&link_id).is_some_and(|l| &l.device != device) {
             return Err((ErrorCode::AlreadyExists, "another device waits under that link code".into()));
         }
+        // One pending link per stream: a new wait replaces the old one, so one stream cannot
+        // fill the relay's table.
+        self.links.retain(|_, l| l.conn != conn);
         self.links.insert(link_id, PendingLink { conn, req, device: device.clone(), device_x25519, name });
         Ok(())
     }
@@ -551,6 +554,9 @@ impl RelayCore {
     ) -> Result<(), (ErrorCode, String)> {
         let link =
             self.links.get(&link_id).ok_or((ErrorCode::LinkNotFound, "no device waits under that link code".into()))?;
+        if self.devices.contains_key(&link.device) {
+            return Err((ErrorCode::AlreadyExists, "the waiting device already belongs to an account".into()));
+        }
         let public = self.accounts[&account].public.clone();
         cert.verify(&public).map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
         if cert.body.device != link.device || cert.body.device_x25519 != link.device_x25519 {
@@ -605,7 +611,12 @@ impl RelayCore {
         if members.len() != keys.len() || !members.contains(&account) {
             return Err((ErrorCode::BadCertificate, "one wrapped key per member, the creator included".into()));
         }
-        if kind == ChatKind::Notes && members.len() != 1 {
+        // Only account-private chats exist so far. Chats with other accounts need their consent
+        // and verified keys (issue 5); until then nobody can put anyone else in a chat.
+        if kind != ChatKind::Notes {
+            return Err((ErrorCode::BadCertificate, "only notes chats can be created on this relay version".into()));
+        }
+        if members.len() != 1 {
             return Err((ErrorCode::BadCertificate, "a notes chat has exactly one member".into()));
         }
         if let Some(m) = members.iter().find(|m| !self.accounts.contains_key(m)) {

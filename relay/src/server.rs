@@ -115,6 +115,12 @@ pub async fn run_with_store<S: RelayStore>(
 ) -> Result<(), ServerError> {
     std::fs::create_dir_all(&config.data_dir)?;
     let keypair = load_identity(&config.data_dir)?;
+    // What a crash left in the page cache but not on the disk is about to be treated as durable
+    // (served, pushed, re-acknowledged): make it so before anything is served.
+    {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.barrier()).await.map_err(|e| ServerError::Bug(e.to_string()))??;
+    }
     let recovered = store.recover()?;
     let core = RelayCore::new(recovered);
 

@@ -1,8 +1,9 @@
 //! The relay's store: sled, behind [`RelayStore`], with a real durability barrier.
 //!
 //! sled 0.34's `flush` ends in `sync_file_range`, which neither flushes the disk's cache nor
-//! the file's metadata. [`SledStore::barrier`] therefore calls `flush` and then `fdatasync` on
-//! sled's data file. Writes before a barrier that returned `Ok` survive power loss.
+//! the file's metadata, and writes large items to `blobs/` without any fsync.
+//! [`SledStore::barrier`] therefore calls `flush` and then fdatasyncs sled's data file and new
+//! blob files ([`SledDir`]). Writes before a barrier that returned `Ok` survive power loss.
 //!
 //! Layout (trees; integers big-endian so that keys sort by number):
 //! * `accounts`: account id → `AccountPublic`
@@ -13,13 +14,13 @@
 //! * `account_log`: account id ‖ seq → `AccountEvent`
 //! * `approved_links`: link id → `ApprovedLink` (until the new device syncs)
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
+use stratus_engine::proto::durable::SledDir;
 use stratus_engine::proto::wire::{AccountEntry, AccountEvent, Delta, MAX_PAGE_BYTES};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
@@ -73,7 +74,7 @@ struct StoredDelta {
 /// The sled-backed store.
 pub struct SledStore {
     db: sled::Db,
-    data_file: PathBuf,
+    files: SledDir,
     accounts: sled::Tree,
     devices: sled::Tree,
     chats: sled::Tree,
@@ -88,7 +89,7 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).open()?;
         Ok(SledStore {
-            data_file: dir.join("db"),
+            files: SledDir::new(dir),
             accounts: db.open_tree("accounts")?,
             devices: db.open_tree("devices")?,
             chats: db.open_tree("chats")?,
@@ -183,7 +184,7 @@ impl RelayStore for SledStore {
 
     fn barrier(&self) -> Result<(), StoreError> {
         self.db.flush()?;
-        File::open(&self.data_file).and_then(|f| f.sync_data()).map_err(StoreError::Barrier)
+        self.files.sync().map_err(StoreError::Barrier)
     }
 
     fn read_chat(&self, chat: ChatId, after: Seq, upto: Seq, max: u32) -> Result<Vec<Delta>, StoreError> {

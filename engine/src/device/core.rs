@@ -219,7 +219,7 @@ impl SyncCore {
                 self.pending.insert(req, Pending::State);
                 out.push(SyncOutput::Send(ClientFrame::SyncState { req }));
             }
-            RelayFrame::SyncState { req, account_head, chats } if self.is_ours(req) => {
+            RelayFrame::SyncState { req, account_head, chats } if self.is(req, |p| matches!(p, Pending::State)) => {
                 self.pending.remove(&req);
                 self.phase = Phase::Ready;
                 self.account_head = self.account_head.max(account_head);
@@ -228,15 +228,25 @@ impl SyncCore {
                     c.known_head = c.known_head.max(head);
                 }
             }
-            RelayFrame::AccountPage { req, entries, head } if self.is_ours(req) => {
+            RelayFrame::AccountPage { req, entries, head } if self.is(req, |p| matches!(p, Pending::FetchAccount)) => {
                 self.pending.remove(&req);
                 self.account_fetching = false;
-                self.fetches_in_flight -= 1;
+                self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
                 if entries.is_empty() {
                     self.account_head = head.max(self.account_cursor);
                 }
+                let before = self.account_cursor;
+                let any = !entries.is_empty();
                 for e in entries {
                     self.account_entry(e, out);
+                }
+                if any && self.account_cursor == before {
+                    // Nothing continued the cursor: a gap. Do not ask again on this connection.
+                    self.account_head = self.account_cursor;
+                    out.push(SyncOutput::Error {
+                        code: ErrorCode::Internal,
+                        message: format!("relay sent the account log with a gap after seq {before}"),
+                    });
                 }
             }
             RelayFrame::PushAccount { entry } => {
@@ -245,9 +255,11 @@ impl SyncCore {
                     self.account_entry(entry, out);
                 }
             }
-            RelayFrame::ChatPage { req, chat, deltas, head } if self.is_ours(req) => {
+            RelayFrame::ChatPage { req, chat, deltas, head }
+                if self.is(req, |p| matches!(p, Pending::FetchChat(c) if *c == chat)) =>
+            {
                 self.pending.remove(&req);
-                self.fetches_in_flight -= 1;
+                self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
                 let c = self.chats.entry(chat).or_default();
                 c.fetching = None;
                 if deltas.is_empty() {
@@ -259,7 +271,14 @@ impl SyncCore {
                         c.cursor = d.seq;
                         out.push(SyncOutput::ApplyDelta(d));
                     } else if d.seq > c.cursor {
-                        break; // a hole; the next fetch starts from the cursor again
+                        // A hole in a page: the relay broke its contract. Stop fetching this
+                        // chat on this connection rather than asking for the same page forever.
+                        c.known_head = c.cursor;
+                        out.push(SyncOutput::Error {
+                            code: ErrorCode::Internal,
+                            message: format!("relay sent chat {chat} with a gap after seq {}", c.cursor),
+                        });
+                        break;
                     }
                 }
             }
@@ -273,9 +292,11 @@ impl SyncCore {
                     c.known_head = c.known_head.max(delta.seq);
                 }
             }
-            RelayFrame::Acked { req, chat, client_seq, seq } if self.is_ours(req) => {
+            RelayFrame::Acked { req, chat, client_seq, seq }
+                if self.is(req, |p| matches!(p, Pending::Append(cs) if *cs == client_seq)) =>
+            {
                 self.pending.remove(&req);
-                self.appends_in_flight -= 1;
+                self.appends_in_flight = self.appends_in_flight.saturating_sub(1);
                 self.outbox.retain(|(i, _)| i.client_seq != client_seq);
                 out.push(SyncOutput::Acked { client_seq, chat, seq: Some(seq) });
                 let c = self.chats.entry(chat).or_default();
@@ -285,16 +306,18 @@ impl SyncCore {
                     out.push(SyncOutput::Cursor { chat, seq });
                 }
             }
-            RelayFrame::Duplicate { req, chat, client_seq } if self.is_ours(req) => {
+            RelayFrame::Duplicate { req, chat, client_seq }
+                if self.is(req, |p| matches!(p, Pending::Append(cs) if *cs == client_seq)) =>
+            {
                 self.pending.remove(&req);
-                self.appends_in_flight -= 1;
+                self.appends_in_flight = self.appends_in_flight.saturating_sub(1);
                 self.outbox.retain(|(i, _)| i.client_seq != client_seq);
                 out.push(SyncOutput::Acked { client_seq, chat, seq: None });
             }
-            RelayFrame::Error { req: Some(req), code, message } if self.is_ours(req) => {
+            RelayFrame::Error { req: Some(req), code, message } if self.is(req, |_| true) => {
                 match self.pending.remove(&req) {
                     Some(Pending::Append(cs)) => {
-                        self.appends_in_flight -= 1;
+                        self.appends_in_flight = self.appends_in_flight.saturating_sub(1);
                         let retry = matches!(code, ErrorCode::RateLimited | ErrorCode::Internal);
                         if retry {
                             // Stays in the outbox; sent again on the next connection.
@@ -305,7 +328,7 @@ impl SyncCore {
                         }
                     }
                     Some(Pending::FetchChat(chat)) => {
-                        self.fetches_in_flight -= 1;
+                        self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
                         if let Some(c) = self.chats.get_mut(&chat) {
                             c.fetching = None;
                             // Do not ask again on this connection.
@@ -314,7 +337,7 @@ impl SyncCore {
                         out.push(SyncOutput::Error { code, message });
                     }
                     Some(Pending::FetchAccount) => {
-                        self.fetches_in_flight -= 1;
+                        self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
                         self.account_fetching = false;
                         self.account_head = self.account_cursor;
                         out.push(SyncOutput::Error { code, message });
@@ -327,8 +350,10 @@ impl SyncCore {
         }
     }
 
-    fn is_ours(&self, req: ReqId) -> bool {
-        self.pending.contains_key(&req)
+    /// True when `req` is a request of ours of the kind `kind` accepts: a reply of the wrong
+    /// kind for a req id (a buggy or hostile relay) is not taken as an answer.
+    fn is(&self, req: ReqId, kind: impl Fn(&Pending) -> bool) -> bool {
+        self.pending.get(&req).is_some_and(kind)
     }
 
     fn account_entry(&mut self, e: AccountEntry, out: &mut Vec<SyncOutput>) {

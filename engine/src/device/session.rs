@@ -231,6 +231,15 @@ impl Driver {
     }
 
     async fn lost(&mut self, reason: String, reconnect_at: &mut Instant, backoff: Duration) {
+        self.drop_stream(reason).await;
+        *reconnect_at = Instant::now() + backoff;
+    }
+
+    /// Forgets the stream and everything that waited on it.
+    async fn drop_stream(&mut self, reason: String) {
+        if self.stream.is_none() {
+            return;
+        }
         self.stream = None;
         self.core.handle(SyncInput::Disconnected);
         for (_, p) in std::mem::take(&mut self.pending) {
@@ -244,7 +253,6 @@ impl Driver {
         self.was_caught_up = false;
         self.was_idle = false;
         self.emit(Event::Disconnected { reason }).await;
-        *reconnect_at = Instant::now() + backoff;
     }
 
     async fn emit(&mut self, e: Event) {
@@ -306,10 +314,8 @@ impl Driver {
     async fn send_frame(&mut self, frame: crate::proto::wire::ClientFrame) {
         if let Some(s) = self.stream.as_mut() {
             if let Err(e) = s.send(&frame).await {
-                tracing::debug!(error = %e, "send failed; the read side will notice");
-                self.stream = None;
-                self.core.handle(SyncInput::Disconnected);
-                self.emit(Event::Disconnected { reason: e.to_string() }).await;
+                tracing::debug!(error = %e, "send failed");
+                self.drop_stream(e.to_string()).await;
             }
         }
     }

@@ -13,8 +13,7 @@
 //! never skips a delta; re-applying one is harmless.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
@@ -22,6 +21,7 @@ use sled::Transactional;
 
 use crate::proto::cert::{AccountKeys, AccountPublic, DeviceCert};
 use crate::proto::crypto::ChatKey;
+use crate::proto::durable::SledDir;
 use crate::proto::ids::{ChatId, ClientSeq, DeviceId, Epoch, Seq};
 use crate::proto::wire::ChatKind;
 
@@ -100,7 +100,7 @@ pub type DocParts = (Option<Vec<u8>>, Vec<Vec<u8>>);
 /// The device's sled database.
 pub struct DeviceStore {
     db: sled::Db,
-    data_file: PathBuf,
+    files: SledDir,
     meta: sled::Tree,
     chats: sled::Tree,
     cursors: sled::Tree,
@@ -145,7 +145,7 @@ impl DeviceStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).open()?;
         Ok(DeviceStore {
-            data_file: dir.join("db"),
+            files: SledDir::new(dir),
             meta: db.open_tree("meta")?,
             chats: db.open_tree("chats")?,
             cursors: db.open_tree("cursors")?,
@@ -160,7 +160,7 @@ impl DeviceStore {
     /// Makes everything written so far durable across power loss (sled's own flush is not).
     pub fn barrier(&self) -> Result<(), StoreError> {
         self.db.flush()?;
-        File::open(&self.data_file).and_then(|f| f.sync_data()).map_err(StoreError::Sync)
+        self.files.sync().map_err(StoreError::Sync)
     }
 
     /// The device's secrets, creating them with `make` on first use.

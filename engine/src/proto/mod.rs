@@ -4,5 +4,6 @@
 
 pub mod cert;
 pub mod crypto;
+pub mod durable;
 pub mod ids;
 pub mod wire;
