@@ -622,14 +622,30 @@ impl RelayCore {
         if let Some(m) = members.iter().find(|m| !self.accounts.contains_key(m)) {
             return Err((ErrorCode::UnknownDevice, format!("no account {m}")));
         }
+        // Defence in depth: every wrapped key must be signed by the creating account (the
+        // devices check the same signature themselves).
+        let creator = self.accounts[&account].public.clone();
+        if keys.iter().any(|k| creator.verify_chat_key(chat, kind, epoch, k.account, &k.key, &k.signature).is_err()) {
+            return Err((ErrorCode::BadCertificate, "a wrapped chat key is not signed by the creating account".into()));
+        }
         let record = ChatRecord { kind, members: members.clone(), epochs: BTreeMap::from([(epoch, keys.clone())]) };
         let mut ops = vec![StoreOp::PutChat(chat, record.clone())];
         self.chats.insert(chat, Chat { record, head: Seq(0), durable: Seq(0) });
         let mut entries = Vec::new();
         for k in keys {
             self.accounts.get_mut(&k.account).expect("checked").chats.insert(chat);
-            let e =
-                self.log_entry(k.account, AccountEvent::ChatAdded { chat, kind, epoch, wrapped_key: k.key }, &mut ops);
+            let e = self.log_entry(
+                k.account,
+                AccountEvent::ChatAdded {
+                    chat,
+                    kind,
+                    epoch,
+                    wrapped_key: k.key,
+                    signer: account,
+                    signature: k.signature,
+                },
+                &mut ops,
+            );
             entries.push((k.account, e));
         }
         let token = self.token();

@@ -71,7 +71,11 @@ impl World {
                 chat,
                 kind: ChatKind::Notes,
                 epoch: Epoch(0),
-                keys: vec![WrappedKey { account: account.id, key: wrapped }],
+                keys: vec![WrappedKey {
+                    account: account.id,
+                    signature: keys.sign_chat_key(chat, ChatKind::Notes, Epoch(0), account.id, &wrapped),
+                    key: wrapped,
+                }],
             },
         );
         self.durable(&e);

@@ -417,7 +417,11 @@ impl Device {
             chat,
             kind: ChatKind::Notes,
             epoch,
-            keys: vec![WrappedKey { account: login.account.id, key: wrapped }],
+            keys: vec![WrappedKey {
+                account: login.account.id,
+                signature: login.keys.sign_chat_key(chat, ChatKind::Notes, epoch, login.account.id, &wrapped),
+                key: wrapped,
+            }],
         };
         Ok((chat, frame, item))
     }
@@ -506,8 +510,20 @@ impl Device {
                 self.store.put_device(cert)?;
                 Ok(None)
             }
-            AccountEvent::ChatAdded { chat, kind, epoch, wrapped_key } => {
-                self.add_chat_key(*chat, *kind, *epoch, wrapped_key, &login).map(|_| Some(*chat))
+            AccountEvent::ChatAdded { chat, kind, epoch, wrapped_key, signer, signature } => {
+                // Only keys this account handed out itself are accepted (notes chats; keys from
+                // other accounts need their verified keys, issue 5): a key the relay wrapped
+                // would let it read and forge the chat.
+                if *signer != login.account.id {
+                    Err(Error::Cert(crate::proto::cert::CertError::WrongAccount))
+                } else {
+                    login
+                        .account
+                        .verify_chat_key(*chat, *kind, *epoch, login.account.id, wrapped_key, signature)
+                        .map_err(Error::from)
+                        .and_then(|()| self.add_chat_key(*chat, *kind, *epoch, wrapped_key, &login))
+                        .map(|_| Some(*chat))
+                }
             }
         };
         self.store.set_account_cursor(entry.seq)?;
@@ -561,4 +577,54 @@ fn check_text(text: &str) -> Result<(), Error> {
         return Err(Error::TooLong(text.len(), MAX_TEXT_BYTES));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::cert::DeviceCertBody;
+    use crate::proto::wire::AccountEntry;
+
+    #[test]
+    fn a_chat_key_the_account_did_not_sign_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Device::open(dir.path()).unwrap();
+        let mut rng = rand::thread_rng();
+        let keys = AccountKeys::generate(&mut rng);
+        let account = keys.public();
+        let cert = keys.certify(DeviceCertBody {
+            account: account.id,
+            device: d.id().clone(),
+            device_x25519: d.x25519_public(),
+            name: "d".into(),
+            created_ms: 0,
+        });
+        d.login = Some(Login { account: account.clone(), keys: keys.clone(), cert, relay: "x".into() });
+
+        // The relay knows the account's KEM public key: it can wrap a key of its own.
+        let chat = ChatId([1; 16]);
+        let relay_key = ChatKey::random(&mut rng);
+        let wrapped = wrap_chat_key(&relay_key, chat, Epoch(0), account.id, &account.kem_key, &mut rng);
+        let entry = |seq, signer, signature| AccountEntry {
+            seq: Seq(seq),
+            event: AccountEvent::ChatAdded {
+                chat,
+                kind: ChatKind::Notes,
+                epoch: Epoch(0),
+                wrapped_key: wrapped.clone(),
+                signer,
+                signature,
+            },
+        };
+        let stranger = AccountKeys::generate(&mut rng);
+        let forged = stranger.sign_chat_key(chat, ChatKind::Notes, Epoch(0), account.id, &wrapped);
+        assert!(d.apply_account_entry(&entry(1, account.id, forged.clone())).is_err());
+        assert!(d.apply_account_entry(&entry(2, stranger.public().id, forged)).is_err());
+        assert!(d.apply_account_entry(&entry(3, account.id, vec![0; 64])).is_err());
+        assert!(d.store.chat(chat).unwrap().is_none(), "no key was taken");
+
+        let signed = keys.sign_chat_key(chat, ChatKind::Notes, Epoch(0), account.id, &wrapped);
+        assert_eq!(d.apply_account_entry(&entry(4, account.id, signed)).unwrap(), Some(chat));
+        assert!(d.store.chat(chat).unwrap().is_some());
+    }
 }

@@ -9,7 +9,9 @@ use rand::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use super::ids::{AccountId, DeviceId};
+use super::crypto::SealedBox;
+use super::ids::{AccountId, ChatId, DeviceId, Epoch};
+use super::wire::ChatKind;
 
 /// Longest device name accepted, in bytes.
 pub const MAX_DEVICE_NAME_BYTES: usize = 64;
@@ -49,6 +51,30 @@ impl AccountPublic {
         VerifyingKey::from_bytes(&self.signing_key).map_err(|_| CertError::Malformed("signing key"))?;
         Ok(())
     }
+}
+
+impl AccountPublic {
+    /// Verifies a signature made by [`AccountKeys::sign_chat_key`] of this account.
+    pub fn verify_chat_key(
+        &self,
+        chat: ChatId,
+        kind: ChatKind,
+        epoch: Epoch,
+        recipient: AccountId,
+        key: &SealedBox,
+        signature: &[u8],
+    ) -> Result<(), CertError> {
+        let vk = VerifyingKey::from_bytes(&self.signing_key).map_err(|_| CertError::Malformed("signing key"))?;
+        let sig: [u8; 64] = signature.try_into().map_err(|_| CertError::Malformed("signature length"))?;
+        vk.verify(&chat_key_signed_bytes(chat, kind, epoch, recipient, key), &Signature::from_bytes(&sig))
+            .map_err(|_| CertError::BadSignature)
+    }
+}
+
+fn chat_key_signed_bytes(chat: ChatId, kind: ChatKind, epoch: Epoch, recipient: AccountId, key: &SealedBox) -> Vec<u8> {
+    let mut b = b"stratus-chat-key-v1".to_vec();
+    b.extend(postcard::to_allocvec(&(chat, kind, epoch, recipient, key)).expect("serializing cannot fail"));
+    b
 }
 
 /// The id an account with this signing key has.
@@ -99,6 +125,23 @@ impl AccountKeys {
     /// The KEM secret as an X25519 key.
     pub fn kem_secret(&self) -> StaticSecret {
         StaticSecret::from(self.kem)
+    }
+
+    /// Signs a chat key wrapped to `recipient`, so that the recipient's devices accept only keys
+    /// that an account they trust handed out: the relay, which knows every KEM public key, could
+    /// otherwise wrap a key of its own and read or forge everything sealed under it.
+    pub fn sign_chat_key(
+        &self,
+        chat: ChatId,
+        kind: ChatKind,
+        epoch: Epoch,
+        recipient: AccountId,
+        key: &SealedBox,
+    ) -> Vec<u8> {
+        SigningKey::from_bytes(&self.signing)
+            .sign(&chat_key_signed_bytes(chat, kind, epoch, recipient, key))
+            .to_bytes()
+            .to_vec()
     }
 
     /// Signs a certificate body.

@@ -78,6 +78,10 @@ pub enum AccountEvent {
         epoch: Epoch,
         /// The chat key, wrapped to the account's KEM key.
         wrapped_key: SealedBox,
+        /// The account that handed out the key (the chat's creator).
+        signer: AccountId,
+        /// `signer`'s signature over chat, kind, epoch, recipient and wrapped key.
+        signature: Vec<u8>,
     },
 }
 
@@ -97,6 +101,8 @@ pub struct WrappedKey {
     pub account: AccountId,
     /// The key, sealed to the member's KEM key.
     pub key: SealedBox,
+    /// The creating account's signature (see `AccountKeys::sign_chat_key`).
+    pub signature: Vec<u8>,
 }
 
 /// Device → relay.

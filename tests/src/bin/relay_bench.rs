@@ -652,7 +652,11 @@ impl Writer {
             chat: self.chat,
             kind: ChatKind::Notes,
             epoch: Epoch(0),
-            keys: vec![WrappedKey { account: account.id, key: self.wrapped.clone() }],
+            keys: vec![WrappedKey {
+                account: account.id,
+                signature: self.keys.sign_chat_key(self.chat, ChatKind::Notes, Epoch(0), account.id, &self.wrapped),
+                key: self.wrapped.clone(),
+            }],
         };
         match request(&mut self.raw, req, frame).await {
             RelayFrame::Done { .. } => {}
