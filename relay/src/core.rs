@@ -480,6 +480,14 @@ impl RelayCore {
         if &cert.body.device != device {
             return Err((ErrorCode::BadCertificate, "the certificate names another device".into()));
         }
+        if self.accounts.get(&account.id).is_some_and(|a| a.public == account)
+            && self.devices.get(device).is_some_and(|d| d.account == account.id)
+        {
+            // A retry whose reply was lost: the same account from the same device.
+            self.attach(conn, account.id);
+            self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+            return Ok(());
+        }
         if self.accounts.contains_key(&account.id) {
             return Err((ErrorCode::AlreadyExists, format!("account {} exists", account.id)));
         }

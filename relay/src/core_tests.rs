@@ -258,3 +258,35 @@ fn a_device_that_lost_its_approval_in_flight_can_ask_again() {
         .any(|e| matches!(e, Effect::Write { ops, .. } if ops == &[StoreOp::DeleteApprovedLink(link_id)])));
     assert!(w.core.approved.is_empty());
 }
+
+#[test]
+fn a_repeated_create_account_is_acknowledged_again_and_another_refused() {
+    let mut w = world();
+    let a = w.connect(1, "a");
+    let keys = AccountKeys::generate(&mut w.rng);
+    let account = keys.public();
+    let cert = keys.certify(DeviceCertBody {
+        account: account.id,
+        device: a.id.clone(),
+        device_x25519: [1; 32],
+        name: "d".into(),
+        created_ms: 0,
+    });
+    let create = |req| ClientFrame::CreateAccount { req, account: account.clone(), cert: cert.clone() };
+    let e = w.frame(a.conn, create(1));
+    w.durable(&e);
+    // The reply was lost; the device sends the same account again.
+    let again = w.frame(a.conn, create(2));
+    assert!(matches!(sends(&again)[..], [(1, RelayFrame::Done { req: 2 })]), "{again:?}");
+    // A different account for the same device is refused.
+    let other = AccountKeys::generate(&mut w.rng);
+    let other_cert = other.certify(DeviceCertBody {
+        account: other.public().id,
+        device: a.id.clone(),
+        device_x25519: [1; 32],
+        name: "d".into(),
+        created_ms: 0,
+    });
+    let refused = w.frame(a.conn, ClientFrame::CreateAccount { req: 3, account: other.public(), cert: other_cert });
+    assert!(matches!(sends(&refused)[..], [(1, RelayFrame::Error { code: ErrorCode::AlreadyExists, .. })]));
+}

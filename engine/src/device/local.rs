@@ -248,15 +248,27 @@ impl Device {
             return Err(Error::AlreadyLoggedIn(a.to_string()));
         }
         check_name(name)?;
-        let keys = AccountKeys::generate(&mut self.rng);
-        let account = keys.public();
-        let cert = keys.certify(DeviceCertBody {
-            account: account.id,
-            device: self.id.clone(),
-            device_x25519: self.x25519_public(),
-            name: name.to_string(),
-            created_ms: self.now_ms() as u64,
-        });
+        // The new account is kept before it is sent: if the reply is lost, running this again
+        // sends the same account, which the relay acknowledges again, instead of a new one that
+        // it would refuse for a device it already knows.
+        let pending = match self.store.pending_login()? {
+            Some(p) if p.cert.body.device == self.id => p,
+            _ => {
+                let keys = AccountKeys::generate(&mut self.rng);
+                let account = keys.public();
+                let cert = keys.certify(DeviceCertBody {
+                    account: account.id,
+                    device: self.id.clone(),
+                    device_x25519: self.x25519_public(),
+                    name: name.to_string(),
+                    created_ms: self.now_ms() as u64,
+                });
+                let p = Login { account, keys, cert, relay: relay.to_string() };
+                self.store.set_pending_login(&p)?;
+                p
+            }
+        };
+        let Login { account, keys, cert, .. } = pending;
         let (_net, mut stream, _) = self.connect(relay).await?;
         stream.send(&ClientFrame::CreateAccount { req: 1, account: account.clone(), cert: cert.clone() }).await?;
         Self::reply(&mut stream, 1).await?;

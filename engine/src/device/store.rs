@@ -185,6 +185,17 @@ impl DeviceStore {
         self.barrier()
     }
 
+    /// An account made here but not yet confirmed by the relay.
+    pub fn pending_login(&self) -> Result<Option<Login>, StoreError> {
+        self.meta.get("pending_login")?.map(|v| dec(&v, "pending login")).transpose()
+    }
+
+    /// Keeps an account made here until the relay confirms it.
+    pub fn set_pending_login(&self, login: &Login) -> Result<(), StoreError> {
+        self.meta.insert("pending_login", enc(login))?;
+        self.barrier()
+    }
+
     /// The one-time secret of this device's link code, if one was made.
     pub fn link_secret(&self) -> Result<Option<[u8; 16]>, StoreError> {
         self.meta
