@@ -458,14 +458,15 @@ impl Device {
         let ad = DeltaAd { chat, epoch, device: &self.id, client_seq };
         let sealed = seal_delta(key, &ad, change, &mut self.rng);
         let item = OutboxItem { client_seq, chat, epoch, sealed };
-        self.store.store_local(chat, change, Some(&item))?;
+        let stored = self.store.store_local(chat, change, &item)?;
         self.store.barrier()?;
-        self.maybe_compact(chat)?;
+        self.maybe_compact(chat, stored)?;
         Ok(item)
     }
 
-    fn maybe_compact(&mut self, chat: ChatId) -> Result<(), Error> {
-        if self.store.changes_since_snapshot(chat)? >= COMPACT_AFTER_CHANGES {
+    /// Rewrites the chat's snapshot once `stored` changes pile up after it.
+    fn maybe_compact(&mut self, chat: ChatId, stored: u64) -> Result<(), Error> {
+        if stored >= COMPACT_AFTER_CHANGES {
             let snap = self.doc(chat)?.save();
             self.store.compact(chat, &snap)?;
         }
@@ -499,8 +500,8 @@ impl Device {
         let doc = self.doc(delta.chat)?;
         match doc.apply_untrusted(&plain) {
             Ok(added) => {
-                self.store.apply_remote(delta.chat, delta.seq, Some(&plain))?;
-                self.maybe_compact(delta.chat)?;
+                let stored = self.store.apply_remote(delta.chat, delta.seq, Some(&plain))?;
+                self.maybe_compact(delta.chat, stored)?;
                 Ok(added)
             }
             Err(e) => {

@@ -281,14 +281,10 @@ impl DeviceStore {
         }
     }
 
-    /// Number of changes stored after the chat's snapshot.
-    pub fn changes_since_snapshot(&self, chat: ChatId) -> Result<u64, StoreError> {
-        self.next_change_n(chat)
-    }
-
     /// Stores a remote change and moves the cursor to `seq`, atomically. `change` is `None` for
-    /// a delta that failed to open or apply: the cursor still passes it.
-    pub fn apply_remote(&self, chat: ChatId, seq: Seq, change: Option<&[u8]>) -> Result<(), StoreError> {
+    /// a delta that failed to open or apply: the cursor still passes it. Returns the number of
+    /// changes now stored after the chat's snapshot.
+    pub fn apply_remote(&self, chat: ChatId, seq: Seq, change: Option<&[u8]>) -> Result<u64, StoreError> {
         let n = self.next_change_n(chat)?;
         tx_result((&self.changes, &self.cursors).transaction(
             |(changes, cursors): &(TransactionalTree, TransactionalTree)| -> TxResult<()> {
@@ -298,23 +294,24 @@ impl DeviceStore {
                 cursors.insert(&chat.0[..], &seq.0.to_be_bytes())?;
                 Ok(())
             },
-        ))
+        ))?;
+        Ok(n + u64::from(change.is_some()))
     }
 
-    /// Stores a local change (`outbox: Some`) or a change that is not sent (genesis, `None`),
-    /// advancing the client seq; not yet durable, see [`DeviceStore::barrier`].
-    pub fn store_local(&self, chat: ChatId, change: &[u8], outbox: Option<&OutboxItem>) -> Result<(), StoreError> {
+    /// Stores a local change with its outbox item, advancing the client seq, atomically; not yet
+    /// durable, see [`DeviceStore::barrier`]. Returns the number of changes now stored after the
+    /// chat's snapshot.
+    pub fn store_local(&self, chat: ChatId, change: &[u8], item: &OutboxItem) -> Result<u64, StoreError> {
         let n = self.next_change_n(chat)?;
         tx_result((&self.changes, &self.outbox, &self.meta).transaction(
             |(changes, ob, meta): &(TransactionalTree, TransactionalTree, TransactionalTree)| -> TxResult<()> {
                 changes.insert(&change_key(chat, n)[..], change)?;
-                if let Some(item) = outbox {
-                    ob.insert(&item.client_seq.0.to_be_bytes()[..], enc(item))?;
-                    meta.insert("next_client_seq", &(item.client_seq.0 + 1).to_be_bytes())?;
-                }
+                ob.insert(&item.client_seq.0.to_be_bytes()[..], enc(item))?;
+                meta.insert("next_client_seq", &(item.client_seq.0 + 1).to_be_bytes())?;
                 Ok(())
             },
-        ))
+        ))?;
+        Ok(n + 1)
     }
 
     /// The client seq the next local delta gets.

@@ -51,9 +51,7 @@ impl AccountPublic {
         VerifyingKey::from_bytes(&self.signing_key).map_err(|_| CertError::Malformed("signing key"))?;
         Ok(())
     }
-}
 
-impl AccountPublic {
     /// Verifies a signature made by [`AccountKeys::sign_chat_key`] of this account.
     pub fn verify_chat_key(
         &self,
@@ -64,10 +62,14 @@ impl AccountPublic {
         key: &SealedBox,
         signature: &[u8],
     ) -> Result<(), CertError> {
-        let vk = VerifyingKey::from_bytes(&self.signing_key).map_err(|_| CertError::Malformed("signing key"))?;
+        self.verify_signature(&chat_key_signed_bytes(chat, kind, epoch, recipient, key), signature)
+    }
+
+    /// Verifies an Ed25519 signature of this account's signing key over `message`.
+    fn verify_signature(&self, message: &[u8], signature: &[u8]) -> Result<(), CertError> {
+        let key = VerifyingKey::from_bytes(&self.signing_key).map_err(|_| CertError::Malformed("signing key"))?;
         let sig: [u8; 64] = signature.try_into().map_err(|_| CertError::Malformed("signature length"))?;
-        vk.verify(&chat_key_signed_bytes(chat, kind, epoch, recipient, key), &Signature::from_bytes(&sig))
-            .map_err(|_| CertError::BadSignature)
+        key.verify(message, &Signature::from_bytes(&sig)).map_err(|_| CertError::BadSignature)
     }
 }
 
@@ -195,10 +197,7 @@ impl DeviceCert {
         if self.body.device.0.len() > DeviceId::MAX_LEN {
             return Err(CertError::Malformed("device id too long"));
         }
-        let key = VerifyingKey::from_bytes(&account.signing_key).map_err(|_| CertError::Malformed("signing key"))?;
-        let sig: [u8; 64] =
-            self.signature.as_slice().try_into().map_err(|_| CertError::Malformed("signature length"))?;
-        key.verify(&self.body.signed_bytes(), &Signature::from_bytes(&sig)).map_err(|_| CertError::BadSignature)
+        account.verify_signature(&self.body.signed_bytes(), &self.signature)
     }
 }
 
