@@ -15,7 +15,7 @@ use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
 use crate::device::store::{
     device_id_of, ChatMeta, DeviceSecrets, DeviceStore, Login, OutboxItem, COMPACT_AFTER_CHANGES,
 };
-use crate::proto::cert::{AccountKeys, DeviceCertBody, MAX_DEVICE_NAME_BYTES};
+use crate::proto::cert::{AccountKeys, DeviceCert, DeviceCertBody, MAX_DEVICE_NAME_BYTES};
 use crate::proto::crypto::{
     open_box, seal_box, seal_delta, unwrap_chat_key, wrap_chat_key, ChatKey, DeltaAd, SealedBox,
 };
@@ -126,9 +126,19 @@ fn system_now_ms() -> i64 {
 impl Device {
     /// Opens the device whose home directory is `home`, creating its identity on first use.
     pub fn open(home: &Path) -> Result<Device, Error> {
+        Self::open_with_rng(home, StdRng::from_entropy())
+    }
+
+    /// Opens the device like [`Device::open`], drawing every random choice (its identity on
+    /// first use, ids, keys, nonces) from `seed`: for deterministic simulation only, never for
+    /// real use.
+    pub fn open_seeded(home: &Path, seed: u64) -> Result<Device, Error> {
+        Self::open_with_rng(home, StdRng::seed_from_u64(seed))
+    }
+
+    fn open_with_rng(home: &Path, mut rng: StdRng) -> Result<Device, Error> {
         std::fs::create_dir_all(home).map_err(|e| Error::Store(crate::device::store::StoreError::Sync(e)))?;
         let store = DeviceStore::open(&home.join("store"))?;
-        let mut rng = StdRng::from_entropy();
         let secrets = store.secrets_or_create(|| {
             let mut s = DeviceSecrets { ed25519: [0; 32], x25519: [0; 32] };
             rng.fill_bytes(&mut s.ed25519);
@@ -244,15 +254,27 @@ impl Device {
 
     /// Creates a new account on `relay` with this device as its first device.
     pub async fn create_account(&mut self, relay: &str, name: &str) -> Result<AccountId, Error> {
+        let request = self.create_account_request(relay, name, 1)?;
+        let (_net, mut stream, _) = self.connect(relay).await?;
+        stream.send(&request).await?;
+        Self::reply(&mut stream, 1).await?;
+        self.create_account_done()
+    }
+
+    /// The request that creates a new account with this device as its first device; after the
+    /// relay answers `Done`, call [`Device::create_account_done`]. For drivers other than
+    /// [`Device::create_account`].
+    ///
+    /// The new account is kept before it is sent: if the reply is lost, asking again sends the
+    /// same account, which the relay acknowledges again, instead of a new one that it would
+    /// refuse for a device it already knows.
+    pub fn create_account_request(&mut self, relay: &str, name: &str, req: ReqId) -> Result<ClientFrame, Error> {
         if let Some(a) = self.account() {
             return Err(Error::AlreadyLoggedIn(a.to_string()));
         }
         check_name(name)?;
-        // The new account is kept before it is sent: if the reply is lost, running this again
-        // sends the same account, which the relay acknowledges again, instead of a new one that
-        // it would refuse for a device it already knows.
         let pending = match self.store.pending_login()? {
-            Some(p) if p.cert.body.device == self.id => p,
+            Some(p) if p.cert.body.device == self.id && p.relay == relay => p,
             _ => {
                 let keys = AccountKeys::generate(&mut self.rng);
                 let account = keys.public();
@@ -268,15 +290,17 @@ impl Device {
                 p
             }
         };
-        let Login { account, keys, cert, .. } = pending;
-        let (_net, mut stream, _) = self.connect(relay).await?;
-        stream.send(&ClientFrame::CreateAccount { req: 1, account: account.clone(), cert: cert.clone() }).await?;
-        Self::reply(&mut stream, 1).await?;
-        let login = Login { account: account.clone(), keys, cert: cert.clone(), relay: relay.to_string() };
+        Ok(ClientFrame::CreateAccount { req, account: pending.account, cert: pending.cert })
+    }
+
+    /// Logs in with the account of [`Device::create_account_request`] once the relay accepted it.
+    pub fn create_account_done(&mut self) -> Result<AccountId, Error> {
+        let login = self.store.pending_login()?.filter(|p| p.cert.body.device == self.id).ok_or(Error::NotLoggedIn)?;
         self.store.set_login(&login)?;
-        self.store.put_device(&cert)?;
+        self.store.put_device(&login.cert)?;
+        let id = login.account.id;
         self.login = Some(login);
-        Ok(account.id)
+        Ok(id)
     }
 
     /// The link code of this (not yet logged-in) device. It is made once and kept until the
@@ -298,20 +322,31 @@ impl Device {
     /// Waits on `relay` until a logged-in device approves `code`, then stores the account
     /// bundle. Run a [`crate::Session`] afterwards to pull the history.
     pub async fn link(&mut self, relay: &str, name: &str, code: &LinkCode) -> Result<AccountId, Error> {
+        let request = self.link_request(name, code, 1)?;
+        let (_net, mut stream, _) = self.connect(relay).await?;
+        stream.send(&request).await?;
+        let reply = Self::reply(&mut stream, 1).await?;
+        self.link_done(relay, code, reply)
+    }
+
+    /// The request that waits for approval of `code`; pass the relay's answer to
+    /// [`Device::link_done`]. For drivers other than [`Device::link`].
+    pub fn link_request(&mut self, name: &str, code: &LinkCode, req: ReqId) -> Result<ClientFrame, Error> {
         if let Some(a) = self.account() {
             return Err(Error::AlreadyLoggedIn(a.to_string()));
         }
         check_name(name)?;
-        let (_net, mut stream, _) = self.connect(relay).await?;
-        stream
-            .send(&ClientFrame::LinkWait {
-                req: 1,
-                link_id: code.link_id(),
-                device_x25519: self.x25519_public(),
-                name: name.to_string(),
-            })
-            .await?;
-        let RelayFrame::LinkApproved { account, cert, bundle, .. } = Self::reply(&mut stream, 1).await? else {
+        Ok(ClientFrame::LinkWait {
+            req,
+            link_id: code.link_id(),
+            device_x25519: self.x25519_public(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Opens and checks the approval the relay delivered for `code` and logs in.
+    pub fn link_done(&mut self, relay: &str, code: &LinkCode, reply: RelayFrame) -> Result<AccountId, Error> {
+        let RelayFrame::LinkApproved { account, cert, bundle, .. } = reply else {
             return Err(Error::LinkMismatch);
         };
         let plain =
@@ -335,10 +370,33 @@ impl Device {
     /// Approves the device that shows `code`: signs its certificate and seals the account bundle
     /// to it. Returns the new device's id and name.
     pub async fn approve(&mut self, code: &LinkCode) -> Result<(DeviceId, String), Error> {
+        let relay = self.login()?.relay.clone();
+        let (_net, mut stream, _) = self.connect(&relay).await?;
+        stream.send(&Self::approve_lookup(code, 1)).await?;
+        let info = Self::reply(&mut stream, 1).await?;
+        let (request, cert) = self.approve_request(code, info, 2)?;
+        stream.send(&request).await?;
+        Self::reply(&mut stream, 2).await?;
+        self.approve_done(&cert)
+    }
+
+    /// The request that asks the relay who waits under `code`; pass the answer to
+    /// [`Device::approve_request`]. For drivers other than [`Device::approve`].
+    pub fn approve_lookup(code: &LinkCode, req: ReqId) -> ClientFrame {
+        ClientFrame::LinkLookup { req, link_id: code.link_id() }
+    }
+
+    /// Checks that the device the relay named in `info` is the one `code` shows, and returns the
+    /// approval request with the certificate it carries (for [`Device::approve_done`] once the
+    /// relay answers `Done`).
+    pub fn approve_request(
+        &mut self,
+        code: &LinkCode,
+        info: RelayFrame,
+        req: ReqId,
+    ) -> Result<(ClientFrame, DeviceCert), Error> {
         let login = self.login()?.clone();
-        let (_net, mut stream, _) = self.connect(&login.relay).await?;
-        stream.send(&ClientFrame::LinkLookup { req: 1, link_id: code.link_id() }).await?;
-        let RelayFrame::LinkInfo { device, device_x25519, name, .. } = Self::reply(&mut stream, 1).await? else {
+        let RelayFrame::LinkInfo { device, device_x25519, name, .. } = info else {
             return Err(Error::LinkMismatch);
         };
         if LinkCode::fingerprint_of(&device, &device_x25519) != code.fingerprint {
@@ -349,15 +407,18 @@ impl Device {
             account: login.account.id,
             device: device.clone(),
             device_x25519,
-            name: name.clone(),
+            name,
             created_ms: self.now_ms() as u64,
         });
         let bundle_plain = postcard::to_allocvec(&login.keys).expect("serializing keys cannot fail");
         let bundle = seal_box(&device_x25519, &code.secret, &LinkCode::context(&device), &bundle_plain, &mut self.rng);
-        stream.send(&ClientFrame::LinkApprove { req: 2, link_id: code.link_id(), cert: cert.clone(), bundle }).await?;
-        Self::reply(&mut stream, 2).await?;
-        self.store.put_device(&cert)?;
-        Ok((device, name))
+        Ok((ClientFrame::LinkApprove { req, link_id: code.link_id(), cert: cert.clone(), bundle }, cert))
+    }
+
+    /// Records the approved device once the relay accepted the approval.
+    pub fn approve_done(&mut self, cert: &DeviceCert) -> Result<(DeviceId, String), Error> {
+        self.store.put_device(cert)?;
+        Ok((cert.body.device.clone(), cert.body.name.clone()))
     }
 
     // ---- local chat state ----
@@ -411,8 +472,9 @@ impl Device {
     }
 
     /// Creates a chat locally (key, genesis document, title delta in the outbox) and returns
-    /// the request that registers it with the relay.
-    pub(crate) fn new_chat(&mut self, title: &str, req: ReqId) -> Result<(ChatId, ClientFrame, OutboxItem), Error> {
+    /// the request that registers it with the relay (send it before the outbox item; on `Done`
+    /// feed [`crate::core::SyncInput::ChatReady`] to the sync core).
+    pub fn new_chat(&mut self, title: &str, req: ReqId) -> Result<(ChatId, ClientFrame, OutboxItem), Error> {
         check_text(title)?;
         let login = self.login()?.clone();
         let chat = ChatId::random(&mut self.rng);

@@ -2,6 +2,7 @@
 
 pub mod core;
 pub mod doc;
+mod drive;
 mod error;
 mod local;
 pub mod net;
@@ -9,9 +10,10 @@ mod session;
 pub mod store;
 
 pub use doc::Message;
+pub use drive::{Action, Event};
 pub use error::Error;
 pub use local::{ChatSummary, Device, LinkCode};
-pub use session::{Event, Session, Status};
+pub use session::{Session, Status};
 
 /// The libp2p version the engine is built on, for apps that need its types (keys, addresses).
 pub use libp2p;

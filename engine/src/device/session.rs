@@ -20,11 +20,12 @@ use tokio::time::Instant;
 
 use crate::device::core::{SyncCore, SyncInput, SyncOutput};
 use crate::device::doc::Message;
+use crate::device::drive::{Action, Event};
 use crate::device::error::Error;
 use crate::device::local::{frame_req, Device};
 use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
 use crate::device::store::OutboxItem;
-use crate::proto::ids::{ChatId, ClientSeq, Seq};
+use crate::proto::ids::{ChatId, ClientSeq};
 use crate::proto::wire::{ErrorCode, RelayFrame, ReqId};
 
 /// Commands from the app waiting for the session task.
@@ -33,31 +34,6 @@ pub const COMMAND_QUEUE: usize = 64;
 pub const EVENT_QUEUE: usize = 4096;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// What a session tells the app.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum Event {
-    /// A message appeared in a chat (from another device, or written here when `local`).
-    MessageAdded { chat: ChatId, message: Message, local: bool },
-    /// A chat became readable on this device.
-    ChatAdded { chat: ChatId },
-    /// A message written here is durable on the relay at `seq` (`None`: a retry of one stored
-    /// long ago).
-    Acked { chat: ChatId, client_seq: ClientSeq, seq: Option<Seq> },
-    /// The relay refused a delta for good; it was dropped from the outbox.
-    Rejected { chat: ChatId, client_seq: ClientSeq, code: ErrorCode, message: String },
-    /// Connected to the relay and accepted.
-    Connected,
-    /// The connection failed or broke; the session retries.
-    Disconnected { reason: String },
-    /// Caught up with every head the relay reported.
-    CaughtUp,
-    /// Caught up and the outbox is empty.
-    Idle,
-    /// Something failed that the app should show; sync goes on.
-    Error { message: String },
-}
 
 /// A snapshot of the session's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +72,7 @@ impl Session {
         let net = Net::start(device.keypair())?;
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (ev_tx, ev_rx) = broadcast::channel(EVENT_QUEUE);
-        let core = SyncCore::new(device.store.account_cursor()?, device.outbox_len() > 0);
+        let core = device.start_core()?;
         let driver = Driver {
             device,
             core,
@@ -183,9 +159,6 @@ struct Driver {
 
 impl Driver {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        for (chat, _, cursor) in self.device.store.chats().unwrap_or_default() {
-            self.core.handle(SyncInput::ChatReady { chat, cursor });
-        }
         let mut backoff = BACKOFF_MIN;
         let mut reconnect_at = Instant::now();
         loop {
@@ -321,68 +294,14 @@ impl Driver {
     }
 
     async fn carry_out(&mut self, outputs: Vec<SyncOutput>) {
-        let mut queue = std::collections::VecDeque::from(outputs);
-        while let Some(o) = queue.pop_front() {
-            tracing::debug!(output = ?short(&o), "sync output");
-            match o {
-                SyncOutput::Send(frame) => self.send_frame(frame).await,
-                SyncOutput::ApplyDelta(delta) => match self.device.apply_delta(&delta) {
-                    Ok(added) => {
-                        for message in added {
-                            self.emit(Event::MessageAdded { chat: delta.chat, message, local: false }).await;
-                        }
-                    }
-                    Err(e) => {
-                        self.emit(Event::Error { message: format!("chat {} seq {}: {e}", delta.chat, delta.seq) }).await
-                    }
-                },
-                SyncOutput::ApplyAccountEntry(entry) => match self.device.apply_account_entry(&entry) {
-                    Ok(Some(chat)) => {
-                        let cursor = self.device.cursor(chat).unwrap_or_default();
-                        queue.extend(self.core.handle(SyncInput::ChatReady { chat, cursor }));
-                        self.emit(Event::ChatAdded { chat }).await;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        self.emit(Event::Error { message: format!("account log entry {}: {e}", entry.seq) }).await
-                    }
-                },
-                SyncOutput::Acked { client_seq, chat, seq } => {
-                    if let Err(e) = self.device.store.outbox_remove(client_seq) {
-                        self.emit(Event::Error { message: e.to_string() }).await;
-                    }
-                    self.emit(Event::Acked { chat, client_seq, seq }).await;
-                }
-                SyncOutput::Rejected { client_seq, chat, code, message } => {
-                    let _ = self.device.store.outbox_remove(client_seq);
-                    self.emit(Event::Rejected { chat, client_seq, code, message }).await;
-                }
-                SyncOutput::Cursor { chat, seq } => {
-                    if let Err(e) = self.device.store.set_cursor(chat, seq) {
-                        self.emit(Event::Error { message: e.to_string() }).await;
-                    }
-                }
-                SyncOutput::LoadOutbox { after, max } => {
-                    let (items, more) = match self.device.store.outbox_after(after, max + 1) {
-                        Ok(mut items) => {
-                            let more = items.len() > max;
-                            items.truncate(max);
-                            (items, more)
-                        }
-                        Err(e) => {
-                            self.emit(Event::Error { message: e.to_string() }).await;
-                            (Vec::new(), false)
-                        }
-                    };
-                    queue.extend(self.core.handle(SyncInput::OutboxLoaded { items, more }));
-                }
-                SyncOutput::Reply(frame) => self.reply(frame).await,
-                SyncOutput::Error { code, message } => {
-                    self.emit(Event::Error { message: format!("relay: {message} ({code:?})") }).await
-                }
-                SyncOutput::NotRegistered => {
-                    self.emit(Event::Error { message: "the relay does not know this device".into() }).await
-                }
+        for o in &outputs {
+            tracing::debug!(output = ?short(o), "sync output");
+        }
+        for action in self.device.carry_out(&mut self.core, outputs) {
+            match action {
+                Action::Send(frame) => self.send_frame(frame).await,
+                Action::Emit(event) => self.emit(event).await,
+                Action::Reply(frame) => self.reply(frame).await,
             }
         }
         let connected = self.core.is_connected();

@@ -1,0 +1,129 @@
+//! The device side of a sync driver, without I/O: carries out the [`SyncCore`]'s outputs that
+//! touch only the device (apply a delta, store a cursor, drop an acknowledged outbox item, load
+//! the outbox) and hands back what needs a transport or an app ([`Action`]).
+//!
+//! [`crate::Session`] runs it over libp2p and tokio; the deterministic simulator in `tests/`
+//! runs the same code over a simulated network, so both exercise one implementation.
+
+use std::collections::VecDeque;
+
+use crate::device::core::{SyncCore, SyncInput, SyncOutput};
+use crate::device::doc::Message;
+use crate::device::error::Error;
+use crate::device::local::Device;
+use crate::proto::ids::{ChatId, ClientSeq, Seq};
+use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame};
+
+/// What a session tells the app.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A message appeared in a chat (from another device, or written here when `local`).
+    MessageAdded { chat: ChatId, message: Message, local: bool },
+    /// A chat became readable on this device.
+    ChatAdded { chat: ChatId },
+    /// A message written here is durable on the relay at `seq` (`None`: a retry of one stored
+    /// long ago).
+    Acked { chat: ChatId, client_seq: ClientSeq, seq: Option<Seq> },
+    /// The relay refused a delta for good; it was dropped from the outbox.
+    Rejected { chat: ChatId, client_seq: ClientSeq, code: ErrorCode, message: String },
+    /// Connected to the relay and accepted.
+    Connected,
+    /// The connection failed or broke; the session retries.
+    Disconnected { reason: String },
+    /// Caught up with every head the relay reported.
+    CaughtUp,
+    /// Caught up and the outbox is empty.
+    Idle,
+    /// Something failed that the app should show; sync goes on.
+    Error { message: String },
+}
+
+/// What the driver must do after [`Device::carry_out`], in order.
+#[derive(Debug)]
+pub enum Action {
+    /// Send this frame to the relay.
+    Send(ClientFrame),
+    /// Tell the app.
+    Emit(Event),
+    /// A reply to a request the driver made itself (with a req id from [`SyncCore::next_req`]).
+    Reply(RelayFrame),
+}
+
+impl Device {
+    /// A sync core for this device as its store stands: account cursor, outbox, and every chat
+    /// it can read at its cursor.
+    pub fn start_core(&self) -> Result<SyncCore, Error> {
+        let mut core = SyncCore::new(self.store.account_cursor()?, self.outbox_len() > 0);
+        for (chat, _, cursor) in self.store.chats()? {
+            core.handle(SyncInput::ChatReady { chat, cursor });
+        }
+        Ok(core)
+    }
+
+    /// Carries out `outputs` of `core`: everything that touches only this device is done here
+    /// (follow-up inputs go back to `core`), the rest comes back as [`Action`]s in order.
+    /// Failures of single steps become [`Event::Error`]; sync goes on.
+    pub fn carry_out(&mut self, core: &mut SyncCore, outputs: Vec<SyncOutput>) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let mut queue = VecDeque::from(outputs);
+        let error = |message: String| Action::Emit(Event::Error { message });
+        while let Some(o) = queue.pop_front() {
+            match o {
+                SyncOutput::Send(frame) => actions.push(Action::Send(frame)),
+                SyncOutput::ApplyDelta(delta) => {
+                    match self.apply_delta(&delta) {
+                        Ok(added) => actions.extend(added.into_iter().map(|message| {
+                            Action::Emit(Event::MessageAdded { chat: delta.chat, message, local: false })
+                        })),
+                        Err(e) => actions.push(error(format!("chat {} seq {}: {e}", delta.chat, delta.seq))),
+                    }
+                }
+                SyncOutput::ApplyAccountEntry(entry) => match self.apply_account_entry(&entry) {
+                    Ok(Some(chat)) => {
+                        let cursor = self.cursor(chat).unwrap_or_default();
+                        queue.extend(core.handle(SyncInput::ChatReady { chat, cursor }));
+                        actions.push(Action::Emit(Event::ChatAdded { chat }));
+                    }
+                    Ok(None) => {}
+                    Err(e) => actions.push(error(format!("account log entry {}: {e}", entry.seq))),
+                },
+                SyncOutput::Acked { client_seq, chat, seq } => {
+                    if let Err(e) = self.store.outbox_remove(client_seq) {
+                        actions.push(error(e.to_string()));
+                    }
+                    actions.push(Action::Emit(Event::Acked { chat, client_seq, seq }));
+                }
+                SyncOutput::Rejected { client_seq, chat, code, message } => {
+                    if let Err(e) = self.store.outbox_remove(client_seq) {
+                        actions.push(error(e.to_string()));
+                    }
+                    actions.push(Action::Emit(Event::Rejected { chat, client_seq, code, message }));
+                }
+                SyncOutput::Cursor { chat, seq } => {
+                    if let Err(e) = self.store.set_cursor(chat, seq) {
+                        actions.push(error(e.to_string()));
+                    }
+                }
+                SyncOutput::LoadOutbox { after, max } => {
+                    let (items, more) = match self.store.outbox_after(after, max + 1) {
+                        Ok(mut items) => {
+                            let more = items.len() > max;
+                            items.truncate(max);
+                            (items, more)
+                        }
+                        Err(e) => {
+                            actions.push(error(e.to_string()));
+                            (Vec::new(), false)
+                        }
+                    };
+                    queue.extend(core.handle(SyncInput::OutboxLoaded { items, more }));
+                }
+                SyncOutput::Reply(frame) => actions.push(Action::Reply(frame)),
+                SyncOutput::Error { code, message } => actions.push(error(format!("relay: {message} ({code:?})"))),
+                SyncOutput::NotRegistered => actions.push(error("the relay does not know this device".into())),
+            }
+        }
+        actions
+    }
+}
