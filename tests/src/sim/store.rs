@@ -1,0 +1,167 @@
+//! The simulated relay store: what the relay has written, and what of it an fsync barrier has
+//! made durable. A crash keeps only the durable part, as a power cut would.
+//!
+//! It keeps the same records as `stratus_relay::store::SledStore` and recovers the same index
+//! from them (`recover` mirrors `SledStore::recover`); `memstore_matches_sledstore` in
+//! tests/tests/simulator.rs holds the two to the same answers.
+
+use std::collections::BTreeMap;
+
+use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
+use stratus_engine::proto::wire::{AccountEntry, AccountEvent, Delta, MAX_PAGE_BYTES};
+use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Seq};
+use stratus_relay::core::{ApprovedLink, ChatRecord, Recovered, StoreOp, DEDUP_WINDOW};
+
+#[derive(Clone, Default)]
+struct State {
+    accounts: BTreeMap<AccountId, AccountPublic>,
+    devices: BTreeMap<DeviceId, DeviceCert>,
+    chats: BTreeMap<ChatId, ChatRecord>,
+    deltas: BTreeMap<(ChatId, Seq), Delta>,
+    dedup: BTreeMap<(DeviceId, ClientSeq), (ChatId, Seq)>,
+    log: BTreeMap<(AccountId, Seq), AccountEvent>,
+    links: BTreeMap<[u8; 32], ApprovedLink>,
+}
+
+impl State {
+    fn apply(&mut self, ops: &[StoreOp]) {
+        for op in ops {
+            match op {
+                StoreOp::PutAccount(a) => {
+                    self.accounts.insert(a.id, a.clone());
+                }
+                StoreOp::PutDevice(c) => {
+                    self.devices.insert(c.body.device.clone(), c.clone());
+                }
+                StoreOp::PutChat(id, r) => {
+                    self.chats.insert(*id, r.clone());
+                }
+                StoreOp::PutDelta(d) => {
+                    self.deltas.insert((d.chat, d.seq), d.clone());
+                    self.dedup.insert((d.device.clone(), d.client_seq), (d.chat, d.seq));
+                }
+                StoreOp::PutAccountEntry(a, e) => {
+                    self.log.insert((*a, e.seq), e.event.clone());
+                }
+                StoreOp::PutApprovedLink(id, l) => {
+                    self.links.insert(*id, l.clone());
+                }
+                StoreOp::DeleteApprovedLink(id) => {
+                    self.links.remove(id);
+                }
+            }
+        }
+    }
+}
+
+/// An in-memory relay store with an explicit durability line.
+#[derive(Default)]
+pub struct MemStore {
+    visible: State,
+    durable: State,
+    pending: Vec<Vec<StoreOp>>,
+}
+
+impl MemStore {
+    /// Applies one batch atomically; visible at once, durable after [`MemStore::make_durable`].
+    pub fn apply(&mut self, ops: Vec<StoreOp>) {
+        self.visible.apply(&ops);
+        self.pending.push(ops);
+    }
+
+    /// Number of batches applied and not yet durable.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// A barrier that began when `batches` batches were pending has completed.
+    pub fn make_durable(&mut self, batches: usize) {
+        for ops in self.pending.drain(..batches.min(self.pending.len())) {
+            self.durable.apply(&ops);
+        }
+    }
+
+    /// Power loss: everything not behind a completed barrier is gone.
+    pub fn crash(&mut self) {
+        self.visible = self.durable.clone();
+        self.pending.clear();
+    }
+
+    /// Every durable delta of `chat`, in seq order.
+    pub fn durable_log(&self, chat: ChatId) -> Vec<Delta> {
+        self.durable.deltas.range((chat, Seq(0))..=(chat, Seq(u64::MAX))).map(|(_, d)| d.clone()).collect()
+    }
+
+    /// The durable delta at `(chat, seq)`.
+    pub fn durable_delta(&self, chat: ChatId, seq: Seq) -> Option<&Delta> {
+        self.durable.deltas.get(&(chat, seq))
+    }
+
+    /// Every chat the durable state knows.
+    pub fn durable_chats(&self) -> Vec<ChatId> {
+        self.durable.chats.keys().copied().collect()
+    }
+
+    /// Like `SledStore::read_chat`, on what is visible.
+    pub fn read_chat(&self, chat: ChatId, after: Seq, upto: Seq, max: u32) -> Vec<Delta> {
+        let mut out = Vec::new();
+        if after >= upto {
+            return out;
+        }
+        let mut bytes = 0usize;
+        for d in self.visible.deltas.range((chat, Seq(after.0 + 1))..=(chat, upto)).map(|(_, d)| d) {
+            bytes += d.sealed.len();
+            if !out.is_empty() && bytes > MAX_PAGE_BYTES {
+                break;
+            }
+            out.push(d.clone());
+            if out.len() >= max as usize {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Like `SledStore::read_account`, on what is visible.
+    pub fn read_account(&self, account: AccountId, after: Seq, upto: Seq, max: u32) -> Vec<AccountEntry> {
+        if after >= upto {
+            return Vec::new();
+        }
+        self.visible
+            .log
+            .range((account, Seq(after.0 + 1))..=(account, upto))
+            .take(max as usize)
+            .map(|((_, seq), event)| AccountEntry { seq: *seq, event: event.clone() })
+            .collect()
+    }
+
+    /// Like `SledStore::recover`, on what is visible (call it after [`MemStore::crash`] to
+    /// recover what survived).
+    pub fn recover(&self) -> Recovered {
+        let s = &self.visible;
+        let mut r = Recovered::default();
+        for a in s.accounts.values() {
+            let head = s.log.range((a.id, Seq(0))..=(a.id, Seq(u64::MAX))).next_back().map(|((_, seq), _)| *seq);
+            r.account_heads.push((a.id, head.unwrap_or_default()));
+            r.accounts.push(a.clone());
+        }
+        for (id, cert) in &s.devices {
+            let mut recent: Vec<_> = s
+                .dedup
+                .range((id.clone(), ClientSeq(0))..=(id.clone(), ClientSeq(u64::MAX)))
+                .rev()
+                .take(DEDUP_WINDOW)
+                .map(|((_, cs), (chat, seq))| (*cs, *chat, *seq))
+                .collect();
+            recent.reverse();
+            r.recent_appends.push((id.clone(), recent));
+            r.devices.push(cert.clone());
+        }
+        r.approved_links = s.links.iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (id, record) in &s.chats {
+            let head = s.deltas.range((*id, Seq(0))..=(*id, Seq(u64::MAX))).next_back().map(|((_, seq), _)| *seq);
+            r.chats.push((*id, record.clone(), head.unwrap_or_default()));
+        }
+        r
+    }
+}
