@@ -609,7 +609,16 @@ impl RelayCore {
         keys: Vec<WrappedKey>,
         out: &mut Vec<Effect>,
     ) -> Result<(), (ErrorCode, String)> {
-        if self.chats.contains_key(&chat) {
+        if let Some(existing) = self.chats.get(&chat) {
+            // A retry whose reply was lost (devices keep the creation in their outbox until it is
+            // acknowledged): the same kind and first-epoch keys, from a member.
+            if existing.record.kind == kind
+                && existing.record.members.contains(&account)
+                && existing.record.epochs.get(&epoch) == Some(&keys)
+            {
+                self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+                return Ok(());
+            }
             return Err((ErrorCode::AlreadyExists, format!("chat {chat} exists")));
         }
         if keys.len() > MAX_CHAT_MEMBERS {

@@ -290,3 +290,36 @@ fn a_repeated_create_account_is_acknowledged_again_and_another_refused() {
     let refused = w.frame(a.conn, ClientFrame::CreateAccount { req: 3, account: other.public(), cert: other_cert });
     assert!(matches!(sends(&refused)[..], [(1, RelayFrame::Error { code: ErrorCode::AlreadyExists, .. })]));
 }
+
+#[test]
+fn a_repeated_create_chat_is_acknowledged_again_and_a_stranger_refused() {
+    let mut w = world();
+    let a = w.connect(1, "a");
+    let (keys, _) = w.account(&a);
+    let account = keys.public();
+    let chat = ChatId::random(&mut w.rng);
+    let wrapped = wrap_chat_key(&ChatKey::random(&mut w.rng), chat, Epoch(0), account.id, &account.kem_key, &mut w.rng);
+    let signature = keys.sign_chat_key(chat, ChatKind::Notes, Epoch(0), account.id, &wrapped);
+    let create = |req| ClientFrame::CreateChat {
+        req,
+        chat,
+        kind: ChatKind::Notes,
+        epoch: Epoch(0),
+        keys: vec![WrappedKey { account: account.id, key: wrapped.clone(), signature: signature.clone() }],
+    };
+    let e = w.frame(a.conn, create(5));
+    assert!(sends(&e).is_empty(), "done waits for the barrier: {e:?}");
+    // The device lost the reply and sends the creation again before the barrier completed: the
+    // answer still waits for it, and no second chat or log entry is written.
+    let again = w.frame(a.conn, create(6));
+    assert!(!again.iter().any(|e| matches!(e, Effect::Write { .. })), "{again:?}");
+    let released = w.durable(&e);
+    let done: Vec<_> = sends(&released).into_iter().filter(|(_, f)| matches!(f, RelayFrame::Done { .. })).collect();
+    assert!(matches!(done[..], [(1, RelayFrame::Done { req: 5 }), (1, RelayFrame::Done { req: 6 })]), "{released:?}");
+
+    // Another account cannot take the chat id, not even with the same frame.
+    let b = w.connect(2, "b");
+    let _ = w.account(&b);
+    let refused = w.frame(b.conn, create(7));
+    assert!(matches!(sends(&refused)[..], [(2, RelayFrame::Error { code: ErrorCode::AlreadyExists, .. })]));
+}

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::device::store::OutboxItem;
+use crate::device::store::{OutboxBody, OutboxItem};
 use crate::proto::ids::{ChatId, ClientSeq, Seq};
 use crate::proto::wire::{
     AccountEntry, ClientFrame, Delta, ErrorCode, RelayFrame, ReqId, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
@@ -314,6 +314,15 @@ impl SyncCore {
                 self.outbox.retain(|(i, _)| i.client_seq != client_seq);
                 out.push(SyncOutput::Acked { client_seq, chat, seq: None });
             }
+            RelayFrame::Done { req } if self.is(req, |p| matches!(p, Pending::Append(_))) => {
+                // A chat creation from the outbox is on the relay.
+                let Some(Pending::Append(client_seq)) = self.pending.remove(&req) else { unreachable!("checked") };
+                self.appends_in_flight = self.appends_in_flight.saturating_sub(1);
+                if let Some(pos) = self.outbox.iter().position(|(i, _)| i.client_seq == client_seq) {
+                    let (item, _) = self.outbox.remove(pos).expect("position is in range");
+                    out.push(SyncOutput::Acked { client_seq, chat: item.chat, seq: None });
+                }
+            }
             RelayFrame::Error { req: Some(req), code, message } if self.is(req, |_| true) => {
                 match self.pending.remove(&req) {
                     Some(Pending::Append(cs)) => {
@@ -409,12 +418,21 @@ impl SyncCore {
                 self.next_req += 1;
                 self.pending.insert(req, Pending::Append(item.client_seq));
                 self.appends_in_flight += 1;
-                out.push(SyncOutput::Send(ClientFrame::Append {
-                    req,
-                    chat: item.chat,
-                    epoch: item.epoch,
-                    client_seq: item.client_seq,
-                    sealed: item.sealed.clone(),
+                out.push(SyncOutput::Send(match &item.body {
+                    OutboxBody::Delta(sealed) => ClientFrame::Append {
+                        req,
+                        chat: item.chat,
+                        epoch: item.epoch,
+                        client_seq: item.client_seq,
+                        sealed: sealed.clone(),
+                    },
+                    OutboxBody::CreateChat { kind, keys } => ClientFrame::CreateChat {
+                        req,
+                        chat: item.chat,
+                        kind: *kind,
+                        epoch: item.epoch,
+                        keys: keys.clone(),
+                    },
                 }));
             }
         }

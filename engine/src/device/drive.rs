@@ -61,6 +61,36 @@ impl Device {
         Ok(core)
     }
 
+    /// Writes a message ([`Device::compose`]) and queues it with `core`. Returns the message,
+    /// the client seq of its delta, and what the driver must do now.
+    pub fn send(
+        &mut self,
+        core: &mut SyncCore,
+        chat: ChatId,
+        text: &str,
+    ) -> Result<(Message, ClientSeq, Vec<Action>), Error> {
+        let (message, item) = self.compose(chat, text)?;
+        let client_seq = item.client_seq;
+        let outputs = core.handle(SyncInput::OutboxAdded(item));
+        let mut actions = vec![Action::Emit(Event::MessageAdded { chat, message: message.clone(), local: true })];
+        actions.extend(self.carry_out(core, outputs));
+        Ok((message, client_seq, actions))
+    }
+
+    /// Creates a chat ([`Device::new_chat`]) and queues its creation and title with `core`; it
+    /// works offline, and the relay gets the chat when the outbox drains ([`Event::Acked`] for
+    /// the first client seq). Returns the chat and what the driver must do now.
+    pub fn create_chat(&mut self, core: &mut SyncCore, title: &str) -> Result<(ChatId, Vec<Action>), Error> {
+        let (chat, items) = self.new_chat(title)?;
+        let mut outputs = core.handle(SyncInput::ChatReady { chat, cursor: Seq(0) });
+        for item in items {
+            outputs.extend(core.handle(SyncInput::OutboxAdded(item)));
+        }
+        let mut actions = vec![Action::Emit(Event::ChatAdded { chat })];
+        actions.extend(self.carry_out(core, outputs));
+        Ok((chat, actions))
+    }
+
     /// Carries out `outputs` of `core`: everything that touches only this device is done here
     /// (follow-up inputs go back to `core`), the rest comes back as [`Action`]s in order.
     /// Failures of single steps become [`Event::Error`]; sync goes on.

@@ -13,7 +13,7 @@ use crate::device::doc::{new_message, ChatDoc, Message};
 use crate::device::error::Error;
 use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
 use crate::device::store::{
-    device_id_of, ChatMeta, DeviceSecrets, DeviceStore, Login, OutboxItem, COMPACT_AFTER_CHANGES,
+    device_id_of, ChatMeta, DeviceSecrets, DeviceStore, Login, OutboxBody, OutboxItem, COMPACT_AFTER_CHANGES,
 };
 use crate::proto::cert::{AccountKeys, DeviceCert, DeviceCertBody, MAX_DEVICE_NAME_BYTES};
 use crate::proto::crypto::{
@@ -471,33 +471,35 @@ impl Device {
         Ok(self.doc(chat)?.heads())
     }
 
-    /// Creates a chat locally (key, genesis document, title delta in the outbox) and returns
-    /// the request that registers it with the relay (send it before the outbox item; on `Done`
-    /// feed [`crate::core::SyncInput::ChatReady`] to the sync core).
-    pub fn new_chat(&mut self, title: &str, req: ReqId) -> Result<(ChatId, ClientFrame, OutboxItem), Error> {
+    /// Creates a chat locally: key, genesis document, and two outbox items, durable before it
+    /// returns: the chat's creation on the relay and its title delta. Give both to the sync core
+    /// in order, with [`crate::core::SyncInput::ChatReady`] at seq 0 ([`Device::create_chat`]
+    /// does all of it); the creation is retried like any outbox item until the relay has it.
+    pub fn new_chat(&mut self, title: &str) -> Result<(ChatId, Vec<OutboxItem>), Error> {
         check_text(title)?;
         let login = self.login()?.clone();
         let chat = ChatId::random(&mut self.rng);
         let epoch = Epoch(0);
+        let kind = ChatKind::Notes;
         let key = ChatKey::random(&mut self.rng);
         let wrapped = wrap_chat_key(&key, chat, epoch, login.account.id, &login.account.kem_key, &mut self.rng);
-        let meta = ChatMeta { kind: ChatKind::Notes, keys: BTreeMap::from([(epoch, key)]) };
-        self.store.put_chat(chat, &meta)?;
+        let keys = vec![WrappedKey {
+            account: login.account.id,
+            signature: login.keys.sign_chat_key(chat, kind, epoch, login.account.id, &wrapped),
+            key: wrapped,
+        }];
+        let meta = ChatMeta { kind, keys: BTreeMap::from([(epoch, key)]) };
+        let create = OutboxItem {
+            client_seq: self.store.next_client_seq()?,
+            chat,
+            epoch,
+            body: OutboxBody::CreateChat { kind, keys },
+        };
+        self.store.create_chat(chat, &meta, &create)?;
         let now = self.now_ms();
         let change = self.doc(chat)?.set_title(title, now);
-        let item = self.seal_and_store(chat, &change)?;
-        let frame = ClientFrame::CreateChat {
-            req,
-            chat,
-            kind: ChatKind::Notes,
-            epoch,
-            keys: vec![WrappedKey {
-                account: login.account.id,
-                signature: login.keys.sign_chat_key(chat, ChatKind::Notes, epoch, login.account.id, &wrapped),
-                key: wrapped,
-            }],
-        };
-        Ok((chat, frame, item))
+        let title = self.seal_and_store(chat, &change)?;
+        Ok((chat, vec![create, title]))
     }
 
     /// Writes a message: edits the document, seals the change, and stores both and the outbox
@@ -519,7 +521,7 @@ impl Device {
         let client_seq = self.store.next_client_seq()?;
         let ad = DeltaAd { chat, epoch, device: &self.id, client_seq };
         let sealed = seal_delta(key, &ad, change, &mut self.rng);
-        let item = OutboxItem { client_seq, chat, epoch, sealed };
+        let item = OutboxItem { client_seq, chat, epoch, body: OutboxBody::Delta(sealed) };
         let stored = self.store.store_local(chat, change, &item)?;
         self.store.barrier()?;
         self.maybe_compact(chat, stored)?;

@@ -11,7 +11,6 @@
 //! [`EVENT_QUEUE`] events behind gets `RecvError::Lagged` and should re-read state it cares
 //! about ([`Session::messages`], [`Session::status`]).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rand::Rng;
@@ -22,11 +21,10 @@ use crate::device::core::{SyncCore, SyncInput, SyncOutput};
 use crate::device::doc::Message;
 use crate::device::drive::{Action, Event};
 use crate::device::error::Error;
-use crate::device::local::{frame_req, Device};
+use crate::device::local::Device;
 use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
-use crate::device::store::OutboxItem;
 use crate::proto::ids::{ChatId, ClientSeq};
-use crate::proto::wire::{ErrorCode, RelayFrame, ReqId};
+use crate::proto::wire::RelayFrame;
 
 /// Commands from the app waiting for the session task.
 pub const COMMAND_QUEUE: usize = 64;
@@ -80,7 +78,6 @@ impl Session {
             peer,
             addr,
             events: ev_tx.clone(),
-            pending: BTreeMap::new(),
             stream: None,
             was_connected: false,
             was_caught_up: false,
@@ -139,10 +136,6 @@ impl Session {
     }
 }
 
-enum PendingReq {
-    CreateChat { chat: ChatId, reply: Reply<ChatId> },
-}
-
 struct Driver {
     device: Device,
     core: SyncCore,
@@ -150,7 +143,6 @@ struct Driver {
     peer: libp2p::PeerId,
     addr: libp2p::Multiaddr,
     events: broadcast::Sender<Event>,
-    pending: BTreeMap<ReqId, PendingReq>,
     stream: Option<RelayStream>,
     was_connected: bool,
     was_caught_up: bool,
@@ -215,13 +207,6 @@ impl Driver {
         }
         self.stream = None;
         self.core.handle(SyncInput::Disconnected);
-        for (_, p) in std::mem::take(&mut self.pending) {
-            match p {
-                PendingReq::CreateChat { reply, .. } => {
-                    let _ = reply.send(Err(Error::Net(NetError::Unreachable(reason.clone()))));
-                }
-            }
-        }
         self.was_connected = false;
         self.was_caught_up = false;
         self.was_idle = false;
@@ -235,33 +220,24 @@ impl Driver {
 
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Send { chat, text, reply } => match self.device.compose(chat, &text) {
-                Ok((msg, item)) => {
-                    let _ = reply.send(Ok((msg.clone(), item.client_seq)));
-                    self.emit(Event::MessageAdded { chat, message: msg, local: true }).await;
-                    self.outbox_added(item).await;
+            Command::Send { chat, text, reply } => match self.device.send(&mut self.core, chat, &text) {
+                Ok((message, client_seq, actions)) => {
+                    let _ = reply.send(Ok((message, client_seq)));
+                    self.run_actions(actions).await;
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }
             },
-            Command::CreateChat { title, reply } => {
-                if !self.core.is_connected() {
-                    let _ = reply.send(Err(Error::Net(NetError::Unreachable("not connected to the relay".into()))));
-                    return;
+            Command::CreateChat { title, reply } => match self.device.create_chat(&mut self.core, &title) {
+                Ok((chat, actions)) => {
+                    let _ = reply.send(Ok(chat));
+                    self.run_actions(actions).await;
                 }
-                let req = self.core.next_req();
-                match self.device.new_chat(&title, req) {
-                    Ok((chat, frame, item)) => {
-                        self.pending.insert(req, PendingReq::CreateChat { chat, reply });
-                        self.send_frame(frame).await;
-                        self.outbox_added(item).await;
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
                 }
-            }
+            },
             Command::Messages { chat, reply } => {
                 let _ = reply.send(self.device.messages(chat));
             }
@@ -279,11 +255,6 @@ impl Driver {
         }
     }
 
-    async fn outbox_added(&mut self, item: OutboxItem) {
-        let out = self.core.handle(SyncInput::OutboxAdded(item));
-        self.carry_out(out).await;
-    }
-
     async fn send_frame(&mut self, frame: crate::proto::wire::ClientFrame) {
         if let Some(s) = self.stream.as_mut() {
             if let Err(e) = s.send(&frame).await {
@@ -297,11 +268,17 @@ impl Driver {
         for o in &outputs {
             tracing::debug!(output = ?short(o), "sync output");
         }
-        for action in self.device.carry_out(&mut self.core, outputs) {
+        let actions = self.device.carry_out(&mut self.core, outputs);
+        self.run_actions(actions).await;
+    }
+
+    async fn run_actions(&mut self, actions: Vec<Action>) {
+        for action in actions {
             match action {
                 Action::Send(frame) => self.send_frame(frame).await,
                 Action::Emit(event) => self.emit(event).await,
-                Action::Reply(frame) => self.reply(frame).await,
+                // The session makes no requests of its own.
+                Action::Reply(frame) => tracing::debug!(?frame, "unexpected reply"),
             }
         }
         let connected = self.core.is_connected();
@@ -319,28 +296,6 @@ impl Driver {
             self.emit(Event::Idle).await;
         }
         self.was_idle = idle;
-    }
-
-    async fn reply(&mut self, frame: RelayFrame) {
-        let Some(req) = frame_req(&frame) else { return };
-        let Some(p) = self.pending.remove(&req) else { return };
-        match (p, frame) {
-            (PendingReq::CreateChat { chat, reply }, RelayFrame::Done { .. }) => {
-                let cursor = self.device.cursor(chat).unwrap_or_default();
-                let out = self.core.handle(SyncInput::ChatReady { chat, cursor });
-                let _ = reply.send(Ok(chat));
-                Box::pin(self.carry_out(out)).await;
-            }
-            (PendingReq::CreateChat { reply, .. }, RelayFrame::Error { code, message, .. }) => {
-                let _ = reply.send(Err(Error::Relay { code, message }));
-            }
-            (PendingReq::CreateChat { reply, .. }, other) => {
-                let _ = reply.send(Err(Error::Relay {
-                    code: ErrorCode::Internal,
-                    message: format!("unexpected reply {other:?}"),
-                }));
-            }
-        }
     }
 }
 

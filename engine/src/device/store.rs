@@ -23,7 +23,7 @@ use crate::proto::cert::{AccountKeys, AccountPublic, DeviceCert};
 use crate::proto::crypto::ChatKey;
 use crate::proto::durable::SledDir;
 use crate::proto::ids::{ChatId, ClientSeq, DeviceId, Epoch, Seq};
-use crate::proto::wire::ChatKind;
+use crate::proto::wire::{ChatKind, WrappedKey};
 
 /// How many changes pile up after a chat's snapshot before the snapshot is rewritten.
 pub const COMPACT_AFTER_CHANGES: u64 = 2048;
@@ -81,17 +81,33 @@ impl ChatMeta {
     }
 }
 
-/// A sealed delta waiting for the relay's acknowledgement.
+/// Something the relay must get from this device, in client-seq order, kept until it is
+/// acknowledged: a sealed delta, or the creation of a chat (which must reach the relay before
+/// the chat's first delta, and survive a lost reply just as a delta does).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxItem {
     /// Its client seq.
     pub client_seq: ClientSeq,
     /// The chat.
     pub chat: ChatId,
-    /// Epoch it was sealed in.
+    /// Key epoch (of the delta's seal, or the chat's first epoch).
     pub epoch: Epoch,
-    /// Sealed bytes.
-    pub sealed: Vec<u8>,
+    /// What it is.
+    pub body: OutboxBody,
+}
+
+/// What an [`OutboxItem`] carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutboxBody {
+    /// A sealed delta (`nonce || ciphertext+tag`), sent as `Append`.
+    Delta(Vec<u8>),
+    /// A new chat, sent as `CreateChat`; the relay answers a retry like the first request.
+    CreateChat {
+        /// Its kind.
+        kind: ChatKind,
+        /// The first epoch's key wrapped to each member, signed by this account.
+        keys: Vec<WrappedKey>,
+    },
 }
 
 /// A chat's saved snapshot (if any) and the changes stored after it, in order.
@@ -230,6 +246,19 @@ impl DeviceStore {
     /// The account's devices known here.
     pub fn devices(&self) -> Result<Vec<DeviceCert>, StoreError> {
         self.devices.iter().map(|kv| dec(&kv?.1, "device")).collect()
+    }
+
+    /// Stores a new chat's metadata and the outbox item that creates it on the relay,
+    /// atomically; not yet durable, see [`DeviceStore::barrier`].
+    pub fn create_chat(&self, chat: ChatId, meta: &ChatMeta, item: &OutboxItem) -> Result<(), StoreError> {
+        tx_result((&self.chats, &self.outbox, &self.meta).transaction(
+            |(chats, ob, m): &(TransactionalTree, TransactionalTree, TransactionalTree)| -> TxResult<()> {
+                chats.insert(&chat.0[..], enc(meta))?;
+                ob.insert(&item.client_seq.0.to_be_bytes()[..], enc(item))?;
+                m.insert("next_client_seq", &(item.client_seq.0 + 1).to_be_bytes())?;
+                Ok(())
+            },
+        ))
     }
 
     /// Stores a chat's metadata.

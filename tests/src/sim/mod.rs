@@ -89,6 +89,8 @@ pub struct Config {
     pub loss: f64,
     /// Mean time between relay crashes (`None`: none).
     pub relay_crash_every: Option<u64>,
+    /// Mean time between chats each device creates during the run.
+    pub create_chat_every: Option<u64>,
     /// Mean time between each device's restarts.
     pub device_restart_every: Option<u64>,
     /// Mean time between each device's partitions (one-way or both).
@@ -120,6 +122,7 @@ impl Config {
             faults_until: 30 * SEC,
             converge_within: 60 * SEC,
             loss: intensity * [0.0, 0.002, 0.01, 0.03][rng.gen_range(0..4)],
+            create_chat_every: rng.gen_bool(0.5).then_some(40 * SEC),
             relay_crash_every: every(&mut rng, 10),
             device_restart_every: every(&mut rng, 30),
             partition_every: every(&mut rng, 20),
@@ -205,6 +208,9 @@ enum Ev {
         dev: usize,
     },
     Compose {
+        dev: usize,
+    },
+    CreateChat {
         dev: usize,
     },
     BarrierDone {
@@ -426,11 +432,10 @@ impl Sim {
                 self.dev_mut(owner).approve_done(&cert).map_err(|e| e.to_string())?;
                 self.setup_close(waiting);
             }
+            // The chats go to the relay through the outbox, under faults like everything else.
             let mut chats = Vec::new();
             for c in 0..self.cfg.chats_per_account {
-                let (chat, request, _title) =
-                    self.dev_mut(owner).new_chat(&format!("chat {a}.{c}"), 10 + c as u64).map_err(|e| e.to_string())?;
-                self.expect_done(conn, request)?;
+                let (chat, _) = self.dev_mut(owner).new_chat(&format!("chat {a}.{c}")).map_err(|e| e.to_string())?;
                 chats.push(chat);
             }
             self.chats.push(chats);
@@ -549,6 +554,9 @@ impl Sim {
             self.schedule(t, Ev::RelayCrash);
         }
         for dev in 0..self.devs.len() {
+            for t in times(self, self.cfg.create_chat_every) {
+                self.schedule(t, Ev::CreateChat { dev });
+            }
             for t in times(self, self.cfg.device_restart_every) {
                 self.schedule(t, Ev::DeviceRestart { dev });
             }
@@ -617,6 +625,7 @@ impl Sim {
             Ev::RelayLost { conn } => self.relay_lost(conn),
             Ev::Connect { dev } => self.connect(dev)?,
             Ev::Compose { dev } => self.compose(dev)?,
+            Ev::CreateChat { dev } => self.create_chat(dev)?,
             Ev::BarrierDone { epoch, covering, batches, fails } => {
                 if epoch == self.relay.epoch && self.relay.core.is_some() {
                     if fails {
@@ -908,7 +917,12 @@ impl Sim {
         }
         let d = &mut self.devs[dev];
         let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(()) };
-        for action in device.carry_out(core, outputs) {
+        let actions = device.carry_out(core, outputs);
+        self.run_actions(dev, actions)
+    }
+
+    fn run_actions(&mut self, dev: usize, actions: Vec<Action>) -> Check {
+        for action in actions {
             match action {
                 Action::Send(frame) => {
                     if let Some(conn) = self.devs[dev].conn {
@@ -930,6 +944,17 @@ impl Sim {
         Ok(())
     }
 
+    fn create_chat(&mut self, dev: usize) -> Check {
+        let d = &mut self.devs[dev];
+        let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(()) };
+        let title = format!("{}'s chat", d.name);
+        let (chat, actions) =
+            device.create_chat(core, &title).map_err(|e| format!("{} creates a chat: {e}", d.name))?;
+        let account = d.account;
+        self.chats[account].push(chat);
+        self.run_actions(dev, actions)
+    }
+
     fn compose(&mut self, dev: usize) -> Check {
         if !self.faults || self.devs[dev].written >= self.cfg.messages_per_device {
             return Ok(());
@@ -942,11 +967,13 @@ impl Sim {
         let account = self.devs[dev].account;
         let chat = self.chats[account][self.rng.gen_range(0..self.chats[account].len())];
         let text = format!("{} #{}", self.devs[dev].name, self.devs[dev].written);
-        match self.dev_mut(dev).compose(chat, &text) {
-            Ok((message, item)) => {
-                self.devs[dev].written += 1;
+        let d = &mut self.devs[dev];
+        let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(()) };
+        match device.send(core, chat, &text) {
+            Ok((message, _, actions)) => {
+                d.written += 1;
                 self.written.entry(chat).or_default().insert(message.id);
-                self.device_input(dev, SyncInput::OutboxAdded(item))
+                self.run_actions(dev, actions)
             }
             // A linked device learns the chat's key from the account log: not yet.
             Err(stratus_engine::Error::UnknownChat(_)) => Ok(()),
@@ -1096,8 +1123,11 @@ impl Sim {
                 let mut first: Option<(Vec<String>, Vec<stratus_engine::Message>)> = None;
                 for &dev in &devs {
                     let device = self.dev_mut(dev);
-                    let heads = device.heads(*chat).map_err(|e| e.to_string())?;
-                    let messages = device.messages(*chat).map_err(|e| e.to_string())?;
+                    let (heads, messages) = match (device.heads(*chat), device.messages(*chat)) {
+                        (Ok(h), Ok(m)) => (h, m),
+                        (Err(stratus_engine::Error::UnknownChat(_)), _) => return Ok(false),
+                        (Err(e), _) | (_, Err(e)) => return Err(e.to_string()),
+                    };
                     match &first {
                         None => first = Some((heads, messages)),
                         Some((h, m)) => {
