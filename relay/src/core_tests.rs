@@ -8,6 +8,8 @@ use super::*;
 struct World {
     core: RelayCore,
     rng: rand::rngs::StdRng,
+    /// The time given with each frame; tests move it by hand.
+    now_ms: u64,
 }
 
 struct Dev {
@@ -16,8 +18,12 @@ struct Dev {
 }
 
 fn world() -> World {
+    world_with(Limits::default())
+}
+
+fn world_with(limits: Limits) -> World {
     use rand::SeedableRng;
-    World { core: RelayCore::new(Recovered::default()), rng: rand::rngs::StdRng::seed_from_u64(7) }
+    World { core: RelayCore::new(Recovered::default(), limits), rng: rand::rngs::StdRng::seed_from_u64(7), now_ms: 0 }
 }
 
 impl World {
@@ -26,7 +32,7 @@ impl World {
     }
 
     fn frame(&mut self, conn: ConnId, frame: ClientFrame) -> Vec<Effect> {
-        self.input(Input::Frame { conn, frame })
+        self.input(Input::Frame { conn, frame, now_ms: self.now_ms })
     }
 
     /// Completes every barrier asked for so far; returns what that released.
@@ -87,9 +93,7 @@ impl World {
     fn second_device(&mut self, keys: &AccountKeys, conn: ConnId, name: &str) -> Dev {
         let dev = DeviceId(name.into());
         let account = keys.public().id;
-        self.core
-            .devices
-            .insert(dev.clone(), Device { account, highest_client_seq: ClientSeq(0), recent: BTreeMap::new() });
+        self.core.devices.insert(dev.clone(), Device::new(account));
         self.connect(conn, name)
     }
 }
@@ -289,4 +293,146 @@ fn a_repeated_create_account_is_acknowledged_again_and_another_refused() {
     });
     let refused = w.frame(a.conn, ClientFrame::CreateAccount { req: 3, account: other.public(), cert: other_cert });
     assert!(matches!(sends(&refused)[..], [(1, RelayFrame::Error { code: ErrorCode::AlreadyExists, .. })]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits
+
+fn rate_limited(effects: &[Effect]) -> Vec<(ReqId, u32)> {
+    sends(effects)
+        .into_iter()
+        .filter_map(|(_, f)| match f {
+            RelayFrame::RateLimited { req, retry_after_ms } => Some((*req, *retry_after_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn acked_client_seqs(effects: &[Effect]) -> Vec<(u64, Seq)> {
+    sends(effects)
+        .into_iter()
+        .filter_map(|(_, f)| match f {
+            RelayFrame::Acked { client_seq, seq, .. } => Some((client_seq.0, *seq)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_device_over_its_request_rate_is_told_when_to_retry_and_others_are_served() {
+    let mut w = world_with(Limits { requests_per_second: 10, request_burst: 3, ..Limits::default() });
+    let a = w.connect(1, "a");
+    let (keys, _) = w.account(&a);
+    let b = w.second_device(&keys, 2, "b");
+    w.now_ms = 10_000;
+    // Account set-up took two requests; the bucket refilled since. A burst of 3, then refused.
+    for req in 10..13 {
+        assert!(matches!(
+            sends(&w.frame(a.conn, ClientFrame::SyncState { req }))[..],
+            [(1, RelayFrame::SyncState { .. })]
+        ));
+    }
+    let refused = w.frame(a.conn, ClientFrame::SyncState { req: 13 });
+    assert_eq!(rate_limited(&refused), vec![(13, 100)], "10/s: the next token in 100 ms");
+    assert_eq!(refused.len(), 1, "nothing else happens: {refused:?}");
+    // Another device of the same account has its own bucket.
+    assert!(matches!(
+        sends(&w.frame(b.conn, ClientFrame::SyncState { req: 1 }))[..],
+        [(2, RelayFrame::SyncState { .. })]
+    ));
+    // 60 ms later: 40 ms still to wait; at 100 ms: served.
+    w.now_ms += 60;
+    assert_eq!(rate_limited(&w.frame(a.conn, ClientFrame::SyncState { req: 14 })), vec![(14, 40)]);
+    w.now_ms += 40;
+    assert!(matches!(
+        sends(&w.frame(a.conn, ClientFrame::SyncState { req: 15 }))[..],
+        [(1, RelayFrame::SyncState { .. })]
+    ));
+}
+
+#[test]
+fn a_refused_append_holds_back_later_client_seqs_until_it_comes_again() {
+    let mut w = world_with(Limits { requests_per_second: 10, request_burst: 3, ..Limits::default() });
+    let a = w.connect(1, "a");
+    let (_, chat) = w.account(&a);
+    w.now_ms = 10_000;
+    let mut effects = Vec::new();
+    for cs in 1..=5 {
+        effects.extend(w.frame(a.conn, append(cs, chat, cs)));
+    }
+    // 1..3 fit the burst; 4 is over the rate, 5 is held back behind it.
+    assert_eq!(rate_limited(&effects), vec![(4, 100), (5, 100)]);
+    // Much later the bucket is full again, yet 5 (and 6) still wait for 4: stored first, they
+    // would put 4 at or below the highest client seq, and its retry would be taken as a
+    // duplicate without ever being stored.
+    w.now_ms += 5_000;
+    for cs in [5, 6] {
+        let e = w.frame(a.conn, append(cs, chat, cs));
+        assert_eq!(rate_limited(&e).len(), 1, "{e:?}");
+        assert!(!e.iter().any(|e| matches!(e, Effect::Write { .. })), "nothing written: {e:?}");
+    }
+    // A lower client seq (a retry of a stored one) is answered as usual.
+    effects.extend(w.frame(a.conn, append(20, chat, 2)));
+    // 4 comes again (with tokens for three): stored, and from then on 5 and 6 are too.
+    w.now_ms += 5_000;
+    for cs in [4, 5, 6] {
+        effects.extend(w.frame(a.conn, append(30 + cs, chat, cs)));
+    }
+    let released = w.durable(&effects);
+    let acks = acked_client_seqs(&released);
+    assert_eq!(
+        acks,
+        vec![(1, Seq(1)), (2, Seq(2)), (3, Seq(3)), (2, Seq(2)), (4, Seq(4)), (5, Seq(5)), (6, Seq(6))],
+        "every client seq stored once, in client-seq order"
+    );
+    assert!(!sends(&released).iter().any(|(_, f)| matches!(f, RelayFrame::Duplicate { .. })));
+}
+
+#[test]
+fn appends_in_flight_are_capped_per_device_and_the_cap_holds_later_ones_back() {
+    let mut w = world_with(Limits { max_appends_in_flight_per_device: 2, ..Limits::default() });
+    let a = w.connect(1, "a");
+    let (keys, chat) = w.account(&a);
+    let b = w.second_device(&keys, 2, "b");
+    let mut effects = Vec::new();
+    for cs in 1..=4 {
+        effects.extend(w.frame(a.conn, append(cs, chat, cs)));
+    }
+    assert_eq!(rate_limited(&effects), vec![(3, IN_FLIGHT_RETRY_MS), (4, IN_FLIGHT_RETRY_MS)]);
+    // The other device is not affected by a's appends in flight.
+    effects.extend(w.frame(b.conn, append(50, chat, 1)));
+    assert_eq!(rate_limited(&effects).len(), 2);
+    let released = w.durable(&effects);
+    assert_eq!(acked_client_seqs(&released), vec![(1, Seq(1)), (2, Seq(2)), (1, Seq(3))]);
+    // Acknowledged: room again, and 3 and 4 go in order.
+    let mut effects = w.frame(a.conn, append(13, chat, 3));
+    effects.extend(w.frame(a.conn, append(14, chat, 4)));
+    assert!(rate_limited(&effects).is_empty(), "{effects:?}");
+    assert_eq!(acked_client_seqs(&w.durable(&effects)), vec![(3, Seq(4)), (4, Seq(5))]);
+}
+
+#[test]
+fn fetches_in_flight_are_capped_per_device_until_their_pages_are_sent() {
+    let mut w = world_with(Limits { max_fetches_in_flight_per_device: 2, ..Limits::default() });
+    let a = w.connect(1, "a");
+    let (keys, chat) = w.account(&a);
+    let b = w.second_device(&keys, 2, "b");
+    let fetch = |req| ClientFrame::FetchChat { req, chat, after: Seq(0), max: 10 };
+    let reads = |e: &[Effect]| e.iter().filter(|e| matches!(e, Effect::ReadChat { .. })).count();
+    assert_eq!(reads(&w.frame(a.conn, fetch(1))), 1);
+    assert_eq!(reads(&w.frame(a.conn, ClientFrame::FetchAccount { req: 2, after: Seq(0), max: 10 })), 0);
+    assert_eq!(rate_limited(&w.frame(a.conn, fetch(3))), vec![(3, IN_FLIGHT_RETRY_MS)]);
+    // A second stream of the same device shares the cap; another device does not.
+    let a2 = w.connect(3, "a");
+    assert_eq!(rate_limited(&w.frame(a2.conn, fetch(4))), vec![(4, IN_FLIGHT_RETRY_MS)]);
+    assert_eq!(reads(&w.frame(b.conn, fetch(5))), 1);
+    // One page written: room for one more.
+    w.input(Input::PageSent { conn: a.conn });
+    assert_eq!(reads(&w.frame(a2.conn, fetch(6))), 1);
+    assert_eq!(rate_limited(&w.frame(a.conn, fetch(7))).len(), 1);
+    // A stream that closes gives back what it had in flight; a stray PageSent changes nothing.
+    w.input(Input::Closed { conn: a.conn });
+    w.input(Input::PageSent { conn: a.conn });
+    assert_eq!(reads(&w.frame(a2.conn, fetch(8))), 1);
+    assert_eq!(rate_limited(&w.frame(a2.conn, fetch(9))).len(), 1);
 }
