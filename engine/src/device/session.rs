@@ -109,6 +109,7 @@ impl Session {
             was_connected: false,
             was_caught_up: false,
             was_idle: false,
+            resume_at: None,
         };
         tokio::spawn(driver.run(cmd_rx));
         Ok(Session { commands: cmd_tx, events: ev_tx, first: Some(ev_rx) })
@@ -179,6 +180,8 @@ struct Driver {
     was_connected: bool,
     was_caught_up: bool,
     was_idle: bool,
+    /// When to feed [`SyncInput::Resume`] after the relay limited this device.
+    resume_at: Option<Instant>,
 }
 
 impl Driver {
@@ -207,6 +210,7 @@ impl Driver {
                 continue;
             }
             let offline = self.stream.is_none();
+            let resume_at = self.resume_at;
             let stream = self.stream.as_mut();
             tokio::select! {
                 cmd = commands.recv() => match cmd {
@@ -226,6 +230,11 @@ impl Driver {
                     Err(e) => self.lost(e.to_string(), &mut reconnect_at, backoff).await,
                 },
                 () = tokio::time::sleep_until(reconnect_at), if offline => {}
+                () = tokio::time::sleep_until(resume_at.unwrap_or(reconnect_at)), if resume_at.is_some() => {
+                    self.resume_at = None;
+                    let out = self.core.handle(SyncInput::Resume);
+                    self.carry_out(out).await;
+                }
             }
         }
     }
@@ -379,6 +388,9 @@ impl Driver {
                 SyncOutput::Reply(frame) => self.reply(frame).await,
                 SyncOutput::Error { code, message } => {
                     self.emit(Event::Error { message: format!("relay: {message} ({code:?})") }).await
+                }
+                SyncOutput::RetryAfter { ms } => {
+                    self.resume_at = Some(Instant::now() + Duration::from_millis(ms.into()));
                 }
                 SyncOutput::NotRegistered => {
                     self.emit(Event::Error { message: "the relay does not know this device".into() }).await
