@@ -9,6 +9,15 @@
 //! reveals that change to a device (an ack, a push, a head in a reply) is held back until the
 //! driver reports [`Input::Durable`] with that token or a later one, i.e. until an fsync barrier
 //! covering the write has completed. Reads are capped at the durable head.
+//!
+//! Limits (see [`crate::limits::Limits`]): every request of a registered device takes a token
+//! from its bucket (the driver gives the time with each frame; the core never reads a clock);
+//! appends accepted and not yet acknowledged, and pages asked for and not yet sent in full
+//! ([`Input::PageSent`]), are counted per device. A request over a limit gets
+//! [`RelayFrame::RateLimited`] and changes nothing. An append refused that way holds back the
+//! device's later client seqs until it comes again (see [`Device::held`]): the relay stores a
+//! device's appends in client-seq order, and its dedup takes any client seq at or below the
+//! highest stored one as stored, so storing a later one first would lose the refused one.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -19,6 +28,8 @@ use stratus_engine::proto::wire::{
     MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
+
+use crate::limits::{Limits, TokenBucket, IN_FLIGHT_RETRY_MS};
 
 /// The driver's handle on one device stream.
 pub type ConnId = u64;
@@ -35,8 +46,13 @@ pub const MAX_PENDING_LINKS: usize = 1024;
 pub enum Input {
     /// A device opened a sync stream; `device` is authenticated by the transport's Noise handshake.
     Opened { conn: ConnId, device: DeviceId },
-    /// A decoded frame arrived.
-    Frame { conn: ConnId, frame: ClientFrame },
+    /// A decoded frame arrived at `now_ms` on the driver's monotonic clock (milliseconds from
+    /// any fixed start; only differences matter, for the request rate limit).
+    Frame { conn: ConnId, frame: ClientFrame, now_ms: u64 },
+    /// The answer to a [`Effect::ReadChat`] or [`Effect::ReadAccount`] on `conn` has been
+    /// written to the stream: the page no longer counts against the device's fetches in flight.
+    /// (A stream that closes drops its count with [`Input::Closed`].)
+    PageSent { conn: ConnId },
     /// A frame failed to decode.
     BadFrame { conn: ConnId, error: FrameError },
     /// The stream closed.
@@ -57,8 +73,10 @@ pub enum Effect {
     Write { token: u64, ops: Vec<StoreOp> },
     /// Read a page of a chat's log (`after < seq <= upto`, at most `max` deltas and
     /// [`stratus_engine::proto::wire::MAX_PAGE_BYTES`]) and send it as a `ChatPage` with `head: upto`.
+    /// Report [`Input::PageSent`] once it (or an error in its place) is written to the stream.
     ReadChat { conn: ConnId, req: ReqId, chat: ChatId, after: Seq, upto: Seq, max: u32 },
-    /// Read a page of an account log likewise and send it as an `AccountPage`.
+    /// Read a page of an account log likewise, send it as an `AccountPage` and report
+    /// [`Input::PageSent`].
     ReadAccount { conn: ConnId, req: ReqId, account: AccountId, after: Seq, upto: Seq, max: u32 },
 }
 
@@ -138,6 +156,29 @@ struct Device {
     account: AccountId,
     highest_client_seq: ClientSeq,
     recent: BTreeMap<ClientSeq, (ChatId, Seq)>,
+    /// The lowest client seq refused for a limit and not yet come again. Appends with a higher
+    /// client seq are refused until it does: were one of them stored first, the refused one
+    /// would fall at or below `highest_client_seq` and be answered `Duplicate` unstored.
+    held: Option<ClientSeq>,
+    bucket: TokenBucket,
+    /// Appends accepted (or re-acknowledged) whose answer waits for a barrier.
+    appends_in_flight: u32,
+    /// Pages asked for and not yet written, over all the device's streams.
+    fetches_in_flight: u32,
+}
+
+impl Device {
+    fn new(account: AccountId) -> Self {
+        Device {
+            account,
+            highest_client_seq: ClientSeq(0),
+            recent: BTreeMap::new(),
+            held: None,
+            bucket: TokenBucket::default(),
+            appends_in_flight: 0,
+            fetches_in_flight: 0,
+        }
+    }
 }
 
 struct Chat {
@@ -150,6 +191,8 @@ struct Conn {
     device: DeviceId,
     hello: bool,
     account: Option<AccountId>,
+    /// This stream's share of its device's `fetches_in_flight`, given back when it closes.
+    fetches_in_flight: u32,
 }
 
 struct PendingLink {
@@ -162,8 +205,16 @@ struct PendingLink {
 
 enum Deferred {
     Send(ConnId, RelayFrame),
-    ChatDurable { delta: Delta, from: ConnId },
-    AccountDurable { account: AccountId, entry: AccountEntry },
+    /// The answer to an append: sent, and the device's appends in flight go down by one.
+    AppendDone(ConnId, DeviceId, RelayFrame),
+    ChatDurable {
+        delta: Delta,
+        from: ConnId,
+    },
+    AccountDurable {
+        account: AccountId,
+        entry: AccountEntry,
+    },
 }
 
 /// The relay's state machine. See the module docs.
@@ -178,11 +229,12 @@ pub struct RelayCore {
     next_token: u64,
     durable_token: u64,
     deferred: VecDeque<(u64, Deferred)>,
+    limits: Limits,
 }
 
 impl RelayCore {
-    /// A core over what the store recovered.
-    pub fn new(recovered: Recovered) -> Self {
+    /// A core over what the store recovered, enforcing `limits` (see [`Limits`]).
+    pub fn new(recovered: Recovered, limits: Limits) -> Self {
         let mut core = RelayCore {
             accounts: BTreeMap::new(),
             devices: BTreeMap::new(),
@@ -194,6 +246,7 @@ impl RelayCore {
             next_token: 1,
             durable_token: 0,
             deferred: VecDeque::new(),
+            limits,
         };
         for public in recovered.accounts {
             core.accounts
@@ -206,10 +259,7 @@ impl RelayCore {
             }
         }
         for cert in recovered.devices {
-            core.devices.insert(
-                cert.body.device.clone(),
-                Device { account: cert.body.account, highest_client_seq: ClientSeq(0), recent: BTreeMap::new() },
-            );
+            core.devices.insert(cert.body.device.clone(), Device::new(cert.body.account));
         }
         for (chat, record, head) in recovered.chats {
             for m in &record.members {
@@ -243,7 +293,17 @@ impl RelayCore {
         let mut out = Vec::new();
         match input {
             Input::Opened { conn, device } => {
-                self.conns.insert(conn, Conn { device, hello: false, account: None });
+                self.conns.insert(conn, Conn { device, hello: false, account: None, fetches_in_flight: 0 });
+            }
+            Input::PageSent { conn } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    if c.fetches_in_flight > 0 {
+                        c.fetches_in_flight -= 1;
+                        if let Some(d) = self.devices.get_mut(&c.device) {
+                            d.fetches_in_flight = d.fetches_in_flight.saturating_sub(1);
+                        }
+                    }
+                }
             }
             Input::Closed { conn } => self.close(conn),
             Input::BadFrame { conn, error } => {
@@ -256,7 +316,7 @@ impl RelayCore {
                     out.push(Effect::Close { conn });
                 }
             }
-            Input::Frame { conn, frame } => self.frame(conn, frame, &mut out),
+            Input::Frame { conn, frame, now_ms } => self.frame(conn, frame, now_ms, &mut out),
             Input::Durable { token } => self.durable(token, &mut out),
         }
         out
@@ -264,6 +324,9 @@ impl RelayCore {
 
     fn close(&mut self, conn: ConnId) {
         if let Some(c) = self.conns.remove(&conn) {
+            if let Some(d) = self.devices.get_mut(&c.device) {
+                d.fetches_in_flight = d.fetches_in_flight.saturating_sub(c.fetches_in_flight);
+            }
             if let Some(a) = c.account {
                 if let Some(set) = self.conns_by_account.get_mut(&a) {
                     set.remove(&conn);
@@ -276,7 +339,7 @@ impl RelayCore {
         self.links.retain(|_, l| l.conn != conn);
     }
 
-    fn frame(&mut self, conn: ConnId, frame: ClientFrame, out: &mut Vec<Effect>) {
+    fn frame(&mut self, conn: ConnId, frame: ClientFrame, now_ms: u64, out: &mut Vec<Effect>) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         if let ClientFrame::Hello { version } = frame {
             if c.hello {
@@ -308,6 +371,10 @@ impl RelayCore {
         }
         let device = c.device.clone();
         let account = c.account;
+        if let Some(retry_after_ms) = self.over_rate(&device, &frame, now_ms) {
+            out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req: req_of(&frame), retry_after_ms } });
+            return;
+        }
         let result = match (frame, account) {
             (ClientFrame::Hello { .. }, _) => unreachable!("handled above"),
             (ClientFrame::CreateAccount { req, account, cert }, _) => {
@@ -341,7 +408,7 @@ impl RelayCore {
             (ClientFrame::LinkApprove { req, link_id, cert, bundle }, Some(a)) => {
                 self.link_approve(conn, req, a, link_id, cert, bundle, out).map_err(|e| (req, e))
             }
-            (ClientFrame::CreateChat { req, chat, kind, epoch, keys }, Some(a)) => {
+            (ClientFrame::CreateChat { req, chat, kind, epoch, keys, .. }, Some(a)) => {
                 self.create_chat(conn, req, a, chat, kind, epoch, keys, out).map_err(|e| (req, e))
             }
             (ClientFrame::Append { req, chat, epoch, client_seq, sealed }, Some(a)) => {
@@ -367,19 +434,29 @@ impl RelayCore {
                 Some(c) if !c.record.members.contains(&a) => {
                     Err((req, (ErrorCode::NotMember, format!("this account is not a member of chat {chat}"))))
                 }
-                Some(c) => {
-                    out.push(Effect::ReadChat {
+                Some(_) if self.fetches_full(&device) => {
+                    out.push(Effect::Send {
                         conn,
-                        req,
-                        chat,
-                        after,
-                        upto: c.durable,
-                        max: max.clamp(1, MAX_PAGE_DELTAS),
+                        frame: RelayFrame::RateLimited { req, retry_after_ms: IN_FLIGHT_RETRY_MS },
                     });
                     Ok(())
                 }
+                Some(c) => {
+                    let upto = c.durable;
+                    self.fetch_started(conn, &device);
+                    out.push(Effect::ReadChat { conn, req, chat, after, upto, max: max.clamp(1, MAX_PAGE_DELTAS) });
+                    Ok(())
+                }
             },
+            (ClientFrame::FetchAccount { req, .. }, Some(_)) if self.fetches_full(&device) => {
+                out.push(Effect::Send {
+                    conn,
+                    frame: RelayFrame::RateLimited { req, retry_after_ms: IN_FLIGHT_RETRY_MS },
+                });
+                Ok(())
+            }
             (ClientFrame::FetchAccount { req, after, max }, Some(a)) => {
+                self.fetch_started(conn, &device);
                 out.push(Effect::ReadAccount {
                     conn,
                     req,
@@ -393,6 +470,55 @@ impl RelayCore {
         };
         if let Err((req, (code, message))) = result {
             out.push(error_frame(conn, Some(req), code, message));
+        }
+    }
+
+    /// The rate limit and the held-back client seqs, checked before anything else: `Some` with
+    /// the retry-after when `frame` is refused. Only registered devices are limited here (an
+    /// unknown device can only create an account or wait for a link; those are bounded by the
+    /// connection limits and [`MAX_PENDING_LINKS`]).
+    fn over_rate(&mut self, device: &DeviceId, frame: &ClientFrame, now_ms: u64) -> Option<u32> {
+        let limits = &self.limits;
+        let dev = self.devices.get_mut(device)?;
+        // Outbox items: appends and chat creations, ordered by client seq.
+        let append_seq = match frame {
+            ClientFrame::Append { client_seq, .. } | ClientFrame::CreateChat { client_seq, .. } => Some(*client_seq),
+            _ => None,
+        };
+        if let (Some(cs), Some(held)) = (append_seq, dev.held) {
+            if cs > held {
+                // Nothing is taken from the bucket: the device is told to wait, not charged.
+                let wait = match dev.bucket.clone().take(now_ms, limits.requests_per_second, limits.request_burst) {
+                    Ok(()) => IN_FLIGHT_RETRY_MS,
+                    Err(ms) => ms.max(IN_FLIGHT_RETRY_MS),
+                };
+                return Some(wait);
+            }
+            if cs == held {
+                dev.held = None;
+            }
+        }
+        match dev.bucket.take(now_ms, limits.requests_per_second, limits.request_burst) {
+            Ok(()) => None,
+            Err(ms) => {
+                if let Some(cs) = append_seq {
+                    hold(dev, cs);
+                }
+                Some(ms)
+            }
+        }
+    }
+
+    fn fetches_full(&self, device: &DeviceId) -> bool {
+        self.devices.get(device).is_some_and(|d| d.fetches_in_flight >= self.limits.max_fetches_in_flight_per_device)
+    }
+
+    fn fetch_started(&mut self, conn: ConnId, device: &DeviceId) {
+        if let Some(d) = self.devices.get_mut(device) {
+            d.fetches_in_flight += 1;
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.fetches_in_flight += 1;
         }
     }
 
@@ -433,6 +559,14 @@ impl RelayCore {
     fn run_deferred(&mut self, d: Deferred, out: &mut Vec<Effect>) {
         match d {
             Deferred::Send(conn, frame) => {
+                if self.conns.contains_key(&conn) {
+                    out.push(Effect::Send { conn, frame });
+                }
+            }
+            Deferred::AppendDone(conn, device, frame) => {
+                if let Some(d) = self.devices.get_mut(&device) {
+                    d.appends_in_flight = d.appends_in_flight.saturating_sub(1);
+                }
                 if self.conns.contains_key(&conn) {
                     out.push(Effect::Send { conn, frame });
                 }
@@ -498,8 +632,7 @@ impl RelayCore {
         let mut ops = vec![StoreOp::PutAccount(account.clone()), StoreOp::PutDevice(cert.clone())];
         self.accounts
             .insert(id, Account { public: account, chats: BTreeSet::new(), log_head: Seq(0), log_durable: Seq(0) });
-        self.devices
-            .insert(device.clone(), Device { account: id, highest_client_seq: ClientSeq(0), recent: BTreeMap::new() });
+        self.devices.insert(device.clone(), Device::new(id));
         let entry = self.log_entry(id, AccountEvent::DeviceAdded { cert }, &mut ops);
         let token = self.token();
         out.push(Effect::Write { token, ops });
@@ -582,8 +715,7 @@ impl RelayCore {
         };
         self.approved.insert(link_id, approval.clone());
         let mut ops = vec![StoreOp::PutDevice(cert.clone()), StoreOp::PutApprovedLink(link_id, approval)];
-        self.devices
-            .insert(link.device.clone(), Device { account, highest_client_seq: ClientSeq(0), recent: BTreeMap::new() });
+        self.devices.insert(link.device.clone(), Device::new(account));
         let entry = self.log_entry(account, AccountEvent::DeviceAdded { cert: cert.clone() }, &mut ops);
         let token = self.token();
         out.push(Effect::Write { token, ops });
@@ -698,12 +830,18 @@ impl RelayCore {
             return Err((ErrorCode::UnknownEpoch, format!("chat {chat_id} has no epoch {}", epoch.0)));
         }
         let dev = self.devices.get_mut(device).expect("an attached connection's device is known");
+        if dev.appends_in_flight >= self.limits.max_appends_in_flight_per_device {
+            hold(dev, client_seq);
+            out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req, retry_after_ms: IN_FLIGHT_RETRY_MS } });
+            return Ok(());
+        }
+        dev.appends_in_flight += 1;
         if client_seq <= dev.highest_client_seq {
             let frame = match dev.recent.get(&client_seq) {
                 Some((c, seq)) => RelayFrame::Acked { req, chat: *c, client_seq, seq: *seq },
                 None => RelayFrame::Duplicate { req, chat: chat_id, client_seq },
             };
-            self.after_durable(Deferred::Send(conn, frame), out);
+            self.after_durable(Deferred::AppendDone(conn, device.clone(), frame), out);
             return Ok(());
         }
         chat.head = chat.head.next();
@@ -716,10 +854,18 @@ impl RelayCore {
         let delta = Delta { chat: chat_id, seq, epoch, device: device.clone(), client_seq, sealed };
         let token = self.token();
         out.push(Effect::Write { token, ops: vec![StoreOp::PutDelta(delta.clone())] });
-        self.after_durable(Deferred::Send(conn, RelayFrame::Acked { req, chat: chat_id, client_seq, seq }), out);
+        self.after_durable(
+            Deferred::AppendDone(conn, device.clone(), RelayFrame::Acked { req, chat: chat_id, client_seq, seq }),
+            out,
+        );
         self.after_durable(Deferred::ChatDurable { delta, from: conn }, out);
         Ok(())
     }
+}
+
+/// Marks `cs` refused for a limit: later client seqs wait until it comes again.
+fn hold(dev: &mut Device, cs: ClientSeq) {
+    dev.held = Some(dev.held.map_or(cs, |h| h.min(cs)));
 }
 
 fn req_of(frame: &ClientFrame) -> ReqId {

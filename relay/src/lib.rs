@@ -7,11 +7,13 @@
 //! * [`core`] decides everything and is sans-IO: inputs in, effects out, no clock, no sockets.
 //! * [`store`] keeps the data in sled behind the [`store::RelayStore`] trait and provides the
 //!   durability barrier.
+//! * [`limits`] holds what one peer, connection or device may hold or ask for at once.
 //! * [`server`] is the driver: libp2p, one task per stream, the core task and the group-commit
 //!   barrier task.
 //!
 //! The relay never links Automerge and never holds a chat key.
 
 pub mod core;
+pub mod limits;
 pub mod server;
 pub mod store;

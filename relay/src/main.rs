@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use stratus_relay::limits::{Limits, MAX_FRAME_BYTES, MIN_FRAME_BYTES};
 use stratus_relay::server::{self, Config};
 
 /// Stores client-side-encrypted chat deltas durably and pushes them to every connected device.
@@ -16,6 +17,39 @@ struct Args {
     /// Multiaddr to listen on.
     #[arg(long, default_value = "/ip4/0.0.0.0/tcp/4001")]
     listen: libp2p::Multiaddr,
+    /// Most connections in total; more are closed after the handshake.
+    #[arg(long, default_value_t = Limits::default().max_connections, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Most connections from one device.
+    #[arg(long, default_value_t = Limits::default().max_connections_per_peer, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_peer: u32,
+    /// Most sync streams per connection; more are reset.
+    #[arg(long, default_value_t = Limits::default().max_streams_per_connection, value_parser = clap::value_parser!(u32).range(1..))]
+    max_streams_per_connection: u32,
+    /// Longest frame a device may send, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_frame_bytes, value_parser = frame_bytes)]
+    max_frame_bytes: usize,
+    /// Most catch-up pages one device may have asked for and not yet received.
+    #[arg(long, default_value_t = Limits::default().max_fetches_in_flight_per_device, value_parser = clap::value_parser!(u32).range(1..))]
+    max_fetches_in_flight: u32,
+    /// Most appends of one device waiting for their fsync barrier.
+    #[arg(long, default_value_t = Limits::default().max_appends_in_flight_per_device, value_parser = clap::value_parser!(u32).range(1..))]
+    max_appends_in_flight: u32,
+    /// Sustained requests per second per device; 0 turns the rate limit off.
+    #[arg(long, default_value_t = Limits::default().requests_per_second)]
+    requests_per_second: u32,
+    /// Requests per device allowed at once above the sustained rate.
+    #[arg(long, default_value_t = Limits::default().request_burst, value_parser = clap::value_parser!(u32).range(1..))]
+    request_burst: u32,
+}
+
+fn frame_bytes(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if (MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("must be between {MIN_FRAME_BYTES} and {MAX_FRAME_BYTES}"))
+    }
 }
 
 fn main() -> ExitCode {
@@ -33,7 +67,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let config = Config { data_dir: args.data_dir, listen: args.listen };
+    let limits = Limits {
+        max_connections: args.max_connections,
+        max_connections_per_peer: args.max_connections_per_peer,
+        max_streams_per_connection: args.max_streams_per_connection,
+        max_frame_bytes: args.max_frame_bytes,
+        max_fetches_in_flight_per_device: args.max_fetches_in_flight,
+        max_appends_in_flight_per_device: args.max_appends_in_flight,
+        requests_per_second: args.requests_per_second,
+        request_burst: args.request_burst,
+    };
+    let config = Config { data_dir: args.data_dir, listen: args.listen, limits };
     let result = rt.block_on(server::run(
         config,
         |addr| {

@@ -3,24 +3,30 @@
 //! Bounds (each documented where it is defined):
 //! * [`INPUT_QUEUE`] frames wait for the core task; readers wait when it is full.
 //! * [`OUTPUT_QUEUE`] frames wait for each device; a device that lets it fill is disconnected,
-//!   which keeps the relay's memory flat when a peer stops reading. It catches up on reconnect.
+//!   which keeps the relay's memory flat when a peer stops reading: its stream task is stopped
+//!   even while it waits to write, and its queue is dropped. It catches up on reconnect.
+//! * [`Limits`]: connections in total and per peer (the swarm's `connection_limits`), sync
+//!   streams per connection and frame size (here), the rest in the core.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{identify, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+use libp2p::{connection_limits, identify, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
 use stratus_engine::proto::wire::{self, ClientFrame, FrameError, RelayFrame, MAX_FRAME_BYTES};
 use stratus_engine::DeviceId;
 use tokio::sync::{mpsc, watch};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio::time::Instant;
+use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tokio_util::sync::CancellationToken;
 
 use crate::core::{ConnId, Effect, Input, RelayCore};
+use crate::limits::{Limits, LimitsError};
 use crate::store::{RelayStore, SledStore, StoreError};
 
 /// Frames from all device streams waiting for the core task.
@@ -37,6 +43,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Address to listen on.
     pub listen: Multiaddr,
+    /// What one peer, connection or device may hold or ask for at once.
+    pub limits: Limits,
 }
 
 /// Why the relay stopped.
@@ -55,10 +63,14 @@ pub enum ServerError {
     /// libp2p could not be set up or could not listen.
     #[error("network: {0}")]
     Network(String),
+    /// A limit in the configuration cannot be enforced.
+    #[error("configuration: {0}")]
+    Limits(#[from] LimitsError),
 }
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    limits: connection_limits::Behaviour,
     stream: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -66,12 +78,79 @@ struct Behaviour {
 
 enum Outgoing {
     Frame(RelayFrame),
+    /// The answer to a fetch: once written, the core hears [`Input::PageSent`].
+    Page(RelayFrame),
     Close,
 }
 
+/// The core task's handle on one stream task.
+struct StreamHandle {
+    tx: mpsc::Sender<Outgoing>,
+    /// Stops the stream task at once, even while it waits for the peer to take bytes.
+    kill: CancellationToken,
+}
+
 enum CoreMsg {
-    Open { conn: ConnId, device: DeviceId, tx: mpsc::Sender<Outgoing> },
+    Open { conn: ConnId, device: DeviceId, handle: StreamHandle },
     Input(Input),
+}
+
+/// Established connections and open sync streams per peer, shared by the swarm task (which
+/// counts connections) and the accept task (which counts streams).
+#[derive(Default)]
+struct PeerCounts {
+    connections: BTreeMap<PeerId, u32>,
+    streams: BTreeMap<PeerId, u32>,
+}
+
+/// Gives a sync stream's place back when its task ends, however it ends.
+struct StreamSlot {
+    peer: PeerId,
+    counts: Arc<Mutex<PeerCounts>>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = c.streams.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                c.streams.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Length-delimited frames with separate limits each way: a device's frames are held to
+/// [`Limits::max_frame_bytes`], the relay's own to [`MAX_FRAME_BYTES`] (pages may be larger
+/// than what an operator lets devices send).
+struct RelayCodec {
+    read: LengthDelimitedCodec,
+    write: LengthDelimitedCodec,
+}
+
+impl RelayCodec {
+    fn new(max_frame_bytes: usize) -> Self {
+        RelayCodec {
+            read: LengthDelimitedCodec::builder().max_frame_length(max_frame_bytes).new_codec(),
+            write: LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME_BYTES).new_codec(),
+        }
+    }
+}
+
+impl Decoder for RelayCodec {
+    type Item = bytes::BytesMut;
+    type Error = std::io::Error;
+    fn decode(&mut self, src: &mut bytes::BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        self.read.decode(src)
+    }
+}
+
+impl Encoder<bytes::Bytes> for RelayCodec {
+    type Error = std::io::Error;
+    fn encode(&mut self, item: bytes::Bytes, dst: &mut bytes::BytesMut) -> Result<(), Self::Error> {
+        self.write.encode(item, dst)
+    }
 }
 
 /// Loads the relay's libp2p identity from `dir/identity.key`, creating it on first start, so
@@ -113,6 +192,7 @@ pub async fn run_with_store<S: RelayStore>(
     ready: impl FnOnce(Multiaddr),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    config.limits.validate()?;
     std::fs::create_dir_all(&config.data_dir)?;
     let keypair = load_identity(&config.data_dir)?;
     // What a crash left in the page cache but not on the disk is about to be treated as durable
@@ -122,13 +202,21 @@ pub async fn run_with_store<S: RelayStore>(
         tokio::task::spawn_blocking(move || s.barrier()).await.map_err(|e| ServerError::Bug(e.to_string()))??;
     }
     let recovered = store.recover()?;
-    let core = RelayCore::new(recovered);
+    let core = RelayCore::new(recovered, config.limits.clone());
+    let limits = config.limits.clone();
 
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
         .map_err(|e| ServerError::Network(e.to_string()))?
         .with_behaviour(|key| Behaviour {
+            limits: connection_limits::Behaviour::new(
+                connection_limits::ConnectionLimits::default()
+                    .with_max_established(Some(limits.max_connections))
+                    .with_max_established_per_peer(Some(limits.max_connections_per_peer))
+                    // Handshakes in progress cost memory too; allow a reasonable share.
+                    .with_max_pending_incoming(Some(limits.max_connections.min(1024))),
+            ),
             stream: libp2p_stream::Behaviour::new(),
             identify: identify::Behaviour::new(identify::Config::new("/stratus/1.0.0".into(), key.public())),
             ping: ping::Behaviour::default(),
@@ -155,21 +243,61 @@ pub async fn run_with_store<S: RelayStore>(
         control.accept(StreamProtocol::new(wire::PROTOCOL)).map_err(|e| ServerError::Network(e.to_string()))?;
     ready(listen_addr.with(libp2p::multiaddr::Protocol::P2p(peer_id)));
 
+    let counts = Arc::new(Mutex::new(PeerCounts::default()));
+    let swarm_counts = counts.clone();
     let swarm_task = tokio::spawn(async move {
+        use libp2p::swarm::SwarmEvent;
         loop {
             let event = swarm.select_next_some().await;
+            match &event {
+                SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } => {
+                    let mut c = swarm_counts.lock().unwrap_or_else(|e| e.into_inner());
+                    c.connections.insert(*peer_id, num_established.get());
+                }
+                SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+                    let mut c = swarm_counts.lock().unwrap_or_else(|e| e.into_inner());
+                    if *num_established == 0 {
+                        c.connections.remove(peer_id);
+                    } else {
+                        c.connections.insert(*peer_id, *num_established);
+                    }
+                }
+                SwarmEvent::IncomingConnectionError { error, send_back_addr, .. } => {
+                    tracing::info!(%send_back_addr, %error, "connection refused");
+                }
+                _ => {}
+            }
             tracing::trace!(?event, "swarm");
         }
     });
 
     let (in_tx, in_rx) = mpsc::channel::<CoreMsg>(INPUT_QUEUE);
     let accept_tx = in_tx.clone();
+    let clock = Instant::now();
     let accept_task = tokio::spawn(async move {
         let mut next_conn: ConnId = 1;
         while let Some((peer, stream)) = incoming.next().await {
+            // libp2p-stream does not say which of the peer's connections a stream came on, so
+            // the limit is held per peer: its streams ≤ the limit × its connections.
+            let slot = {
+                let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+                let conns = c.connections.get(&peer).copied().unwrap_or(1).max(1);
+                let open = c.streams.get(&peer).copied().unwrap_or(0);
+                if open >= limits.max_streams_per_connection.saturating_mul(conns) {
+                    None
+                } else {
+                    c.streams.insert(peer, open + 1);
+                    Some(StreamSlot { peer, counts: counts.clone() })
+                }
+            };
+            let Some(slot) = slot else {
+                tracing::info!(%peer, "too many sync streams on its connections; resetting the new one");
+                drop(stream);
+                continue;
+            };
             let conn = next_conn;
             next_conn += 1;
-            tokio::spawn(connection(conn, peer, stream, accept_tx.clone()));
+            tokio::spawn(connection(conn, peer, stream, accept_tx.clone(), limits.max_frame_bytes, clock, slot));
         }
     });
 
@@ -240,7 +368,7 @@ async fn core_loop<S: RelayStore>(
     written: watch::Sender<u64>,
     fatal: mpsc::Sender<StoreError>,
 ) {
-    let mut conns: BTreeMap<ConnId, mpsc::Sender<Outgoing>> = BTreeMap::new();
+    let mut conns: BTreeMap<ConnId, StreamHandle> = BTreeMap::new();
     // The writes of every input drained in one go are applied as one sled transaction: sled
     // 0.34 pays two log-buffer rolls (two device writes) per transaction, which capped the relay
     // at ~6,400 appends/s with one transaction per append (docs/benchmarks.md). Nothing reveals
@@ -251,8 +379,8 @@ async fn core_loop<S: RelayStore>(
     while in_rx.recv_many(&mut batch, CORE_BATCH).await > 0 {
         for msg in batch.drain(..) {
             let input = match msg {
-                CoreMsg::Open { conn, device, tx } => {
-                    conns.insert(conn, tx);
+                CoreMsg::Open { conn, device, handle } => {
+                    conns.insert(conn, handle);
                     Input::Opened { conn, device }
                 }
                 CoreMsg::Input(i) => {
@@ -265,22 +393,26 @@ async fn core_loop<S: RelayStore>(
             log_input(&input);
             let mut queue = std::collections::VecDeque::from(core.handle(input));
             while let Some(effect) = queue.pop_front() {
-                let send =
-                    |conns: &mut BTreeMap<ConnId, mpsc::Sender<Outgoing>>, conn: ConnId, out: Outgoing| -> bool {
-                        match conns.get(&conn).map(|tx| tx.try_send(out)) {
-                            Some(Ok(())) | None => true,
-                            Some(Err(_)) => {
-                                tracing::warn!(conn, "device is not reading; disconnecting it");
-                                conns.remove(&conn);
-                                false
+                let send = |conns: &mut BTreeMap<ConnId, StreamHandle>, conn: ConnId, out: Outgoing| -> bool {
+                    match conns.get(&conn).map(|h| h.tx.try_send(out)) {
+                        Some(Ok(())) | None => true,
+                        Some(Err(_)) => {
+                            tracing::warn!(conn, "device is not reading; disconnecting it");
+                            if let Some(h) = conns.remove(&conn) {
+                                h.kill.cancel();
                             }
+                            false
                         }
-                    };
+                    }
+                };
                 let mut dropped = None;
                 match effect {
                     Effect::Send { conn, frame } => {
                         if let RelayFrame::Error { req, code, message } = &frame {
                             tracing::debug!(conn, ?req, ?code, %message, "refused");
+                        }
+                        if let RelayFrame::RateLimited { req, retry_after_ms } = &frame {
+                            tracing::debug!(conn, req, retry_after_ms, "rate limited");
                         }
                         if !send(&mut conns, conn, Outgoing::Frame(frame)) {
                             dropped = Some(conn);
@@ -298,7 +430,7 @@ async fn core_loop<S: RelayStore>(
                             Ok(deltas) => RelayFrame::ChatPage { req, chat, deltas, head: upto },
                             Err(e) => internal(req, e),
                         };
-                        if !send(&mut conns, conn, Outgoing::Frame(frame)) {
+                        if !send(&mut conns, conn, Outgoing::Page(frame)) {
                             dropped = Some(conn);
                         }
                     }
@@ -307,7 +439,7 @@ async fn core_loop<S: RelayStore>(
                             Ok(entries) => RelayFrame::AccountPage { req, entries, head: upto },
                             Err(e) => internal(req, e),
                         };
-                        if !send(&mut conns, conn, Outgoing::Frame(frame)) {
+                        if !send(&mut conns, conn, Outgoing::Page(frame)) {
                             dropped = Some(conn);
                         }
                     }
@@ -337,7 +469,8 @@ fn log_input(input: &Input) {
         Input::Closed { conn } => tracing::info!(conn, "device stream closed"),
         Input::BadFrame { conn, error } => tracing::info!(conn, %error, "bad frame"),
         Input::Durable { token } => tracing::trace!(token, "barrier done"),
-        Input::Frame { conn, frame } => match frame {
+        Input::PageSent { conn } => tracing::trace!(conn, "page sent"),
+        Input::Frame { conn, frame, .. } => match frame {
             ClientFrame::Append { req, chat, client_seq, sealed, .. } => {
                 tracing::debug!(conn, req, %chat, client_seq = client_seq.0, bytes = sealed.len(), "append")
             }
@@ -369,11 +502,20 @@ fn internal(req: u64, e: StoreError) -> RelayFrame {
     }
 }
 
-async fn connection(conn: ConnId, peer: PeerId, stream: libp2p::Stream, core: mpsc::Sender<CoreMsg>) {
-    let codec = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME_BYTES).new_codec();
-    let mut framed = Framed::new(stream.compat(), codec);
+async fn connection(
+    conn: ConnId,
+    peer: PeerId,
+    stream: libp2p::Stream,
+    core: mpsc::Sender<CoreMsg>,
+    max_frame_bytes: usize,
+    clock: Instant,
+    _slot: StreamSlot,
+) {
+    let mut framed = Framed::new(stream.compat(), RelayCodec::new(max_frame_bytes));
     let (tx, mut rx) = mpsc::channel::<Outgoing>(OUTPUT_QUEUE);
-    if core.send(CoreMsg::Open { conn, device: DeviceId(peer.to_string()), tx }).await.is_err() {
+    let kill = CancellationToken::new();
+    let handle = StreamHandle { tx, kill: kill.clone() };
+    if core.send(CoreMsg::Open { conn, device: DeviceId(peer.to_string()), handle }).await.is_err() {
         return;
     }
     // One task reads and writes: frames for the core go out through a bounded channel (the
@@ -382,10 +524,20 @@ async fn connection(conn: ConnId, peer: PeerId, stream: libp2p::Stream, core: mp
     // direction now and then under a steady append load: a lost wake-up between the split's
     // lock and the yamux stream. One task with `select!` has no such hand-off.)
     let mut reading = true;
+    let mut killed = false;
     loop {
         tokio::select! {
-            out = rx.recv() => match out {
-                Some(Outgoing::Frame(frame)) => {
+            () = kill.cancelled() => {
+                killed = true;
+                break;
+            }
+            out = rx.recv() => {
+                let (frame, page) = match out {
+                    Some(Outgoing::Frame(f)) => (f, false),
+                    Some(Outgoing::Page(f)) => (f, true),
+                    Some(Outgoing::Close) | None => break,
+                };
+                {
                     let bytes = match wire::encode(&frame) {
                         Ok(b) => b,
                         Err(e) => {
@@ -393,16 +545,25 @@ async fn connection(conn: ConnId, peer: PeerId, stream: libp2p::Stream, core: mp
                             continue;
                         }
                     };
-                    if framed.send(bytes::Bytes::from(bytes)).await.is_err() {
+                    // A peer that stops reading blocks this write; the core then finds the
+                    // queue full and kills the task, which stops the write here.
+                    let sent = tokio::select! {
+                        () = kill.cancelled() => { killed = true; break; }
+                        r = framed.send(bytes::Bytes::from(bytes)) => r,
+                    };
+                    if sent.is_err() {
+                        break;
+                    }
+                    if page && core.send(CoreMsg::Input(Input::PageSent { conn })).await.is_err() {
                         break;
                     }
                 }
-                Some(Outgoing::Close) | None => break,
-            },
+            }
             item = framed.next(), if reading => {
+                let now_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
                 let input = match item {
                     Some(Ok(bytes)) => match wire::decode::<ClientFrame>(&bytes) {
-                        Ok(frame) => Input::Frame { conn, frame },
+                        Ok(frame) => Input::Frame { conn, frame, now_ms },
                         Err(error) => Input::BadFrame { conn, error },
                     },
                     Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -420,5 +581,9 @@ async fn connection(conn: ConnId, peer: PeerId, stream: libp2p::Stream, core: mp
         }
     }
     let _ = core.send(CoreMsg::Input(Input::Closed { conn })).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), SinkExt::<bytes::Bytes>::close(&mut framed)).await;
+    if !killed {
+        let _ = tokio::time::timeout(Duration::from_secs(5), SinkExt::<bytes::Bytes>::close(&mut framed)).await;
+    }
+    // Dropping the stream resets it if it is not closed: a peer that stopped reading gets
+    // nothing more, and what was queued for it is freed with `rx`.
 }

@@ -73,7 +73,11 @@ async fn acks_wait_for_the_barrier_and_a_failed_barrier_stops_the_relay() {
         opened: Condvar::new(),
         fail: AtomicBool::new(false),
     });
-    let config = Config { data_dir: dir.path().join("relay"), listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap() };
+    let config = Config {
+        data_dir: dir.path().join("relay"),
+        listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+        limits: Default::default(),
+    };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let relay = tokio::spawn(run_with_store(
         config,

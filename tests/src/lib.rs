@@ -54,15 +54,27 @@ pub struct Relay {
     pub data_dir: PathBuf,
     port: u16,
     log: PathBuf,
+    args: Vec<String>,
 }
 
 impl Relay {
     /// Starts a relay on a free port with its data in `data_dir`.
     pub fn start(data_dir: &Path) -> Relay {
-        Self::start_on(data_dir, 0)
+        Self::start_on(data_dir, 0, &[])
     }
 
-    fn start_on(data_dir: &Path, port: u16) -> Relay {
+    /// Starts a relay with extra command-line flags (e.g. `["--max-frame-bytes", "70000"]`);
+    /// restarts keep them.
+    pub fn start_with(data_dir: &Path, args: &[&str]) -> Relay {
+        Self::start_on(data_dir, 0, args)
+    }
+
+    /// The relay process's id (for reading its memory use from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn start_on(data_dir: &Path, port: u16, args: &[&str]) -> Relay {
         std::fs::create_dir_all(data_dir).expect("data dir");
         let log = data_dir.with_extension("log");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -71,6 +83,7 @@ impl Relay {
             let mut child = Command::new(bin("stratus-relay"))
                 .args(["--data-dir", data_dir.to_str().expect("utf-8 path")])
                 .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{port}")])
+                .args(args)
                 .env("STRATUS_LOG", "stratus_relay=debug")
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -88,6 +101,7 @@ impl Relay {
                     data_dir: data_dir.to_path_buf(),
                     port,
                     log,
+                    args: args.iter().map(|a| a.to_string()).collect(),
                 };
             }
             let _ = child.kill();
@@ -107,8 +121,14 @@ impl Relay {
 
     /// Starts the relay again on the same port and data directory.
     pub fn restart(&mut self) {
+        let args = self.args.clone();
+        self.restart_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    /// Starts the relay again on the same port and data directory with these extra flags.
+    pub fn restart_with(&mut self, args: &[&str]) {
         self.kill();
-        let r = Self::start_on(&self.data_dir.clone(), self.port);
+        let r = Self::start_on(&self.data_dir.clone(), self.port, args);
         assert_eq!(r.addr, self.addr, "the relay keeps its identity and port across restarts");
         *self = r;
     }
@@ -209,18 +229,33 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 /// A raw protocol client: a libp2p connection and one sync stream, for tests that speak the
 /// protocol directly (bad input, log inspection).
 pub struct Raw {
-    _net: stratus_engine::net::Net,
+    net: stratus_engine::net::Net,
+    relay: (stratus_engine::libp2p::PeerId, stratus_engine::libp2p::Multiaddr),
     /// The framed stream.
     pub stream: stratus_engine::net::RelayStream,
 }
 
 impl Raw {
-    /// Connects with `keypair` (a fresh one for an unknown device).
+    /// Connects with `keypair` (a fresh one for an unknown device). Each `Raw` is its own
+    /// libp2p connection, so several with one keypair are several connections of one peer.
     pub async fn connect(keypair: stratus_engine::libp2p::identity::Keypair, addr: &str) -> Raw {
+        Self::try_connect(keypair, addr).await.expect("relay reachable")
+    }
+
+    /// [`Raw::connect`] that reports a refused connection or stream instead of failing.
+    pub async fn try_connect(
+        keypair: stratus_engine::libp2p::identity::Keypair,
+        addr: &str,
+    ) -> Result<Raw, stratus_engine::net::NetError> {
         let (peer, ma) = stratus_engine::net::parse_relay_addr(addr).expect("relay address");
         let mut net = stratus_engine::net::Net::start(keypair).expect("swarm starts");
-        let stream = net.open(peer, ma).await.expect("relay reachable");
-        Raw { _net: net, stream }
+        let stream = net.open(peer, ma.clone()).await?;
+        Ok(Raw { net, relay: (peer, ma), stream })
+    }
+
+    /// Opens another sync stream on the same connection.
+    pub async fn open_stream(&mut self) -> Result<stratus_engine::net::RelayStream, stratus_engine::net::NetError> {
+        self.net.open(self.relay.0, self.relay.1.clone()).await
     }
 
     /// Sends `Hello` with `version` and returns the answer.
@@ -336,4 +371,15 @@ pub async fn wait_idle(session: &stratus_engine::Session, secs: u64) {
         assert!(tokio::time::Instant::now() < deadline, "session not idle within {secs} s: {st:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The resident memory of process `pid` in KiB (`VmRSS` in /proc/PID/status).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc status")
 }

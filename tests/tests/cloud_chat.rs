@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use stratus_engine::proto::wire::RelayFrame;
+use stratus_engine::proto::wire::{RelayFrame, PROTOCOL_VERSION};
 use stratus_engine::{ChatId, Event, Session};
 use stratus_tests::*;
 
@@ -186,7 +186,7 @@ fn relay_sigkilled_repeatedly_loses_and_duplicates_nothing_acknowledged() {
 
         // Read the relay's log directly: contiguous seqs, each (device, client seq) once.
         let mut raw = Raw::connect(reader_keys, &relay.addr).await;
-        assert!(matches!(raw.hello(1).await, RelayFrame::Hello { account: Some(_), .. }));
+        assert!(matches!(raw.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
         let deltas = raw.fetch_all(chat).await;
         for (i, d) in deltas.iter().enumerate() {
             assert_eq!(d.seq.0, i as u64 + 1, "seqs are contiguous from 1");

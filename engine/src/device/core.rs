@@ -10,6 +10,15 @@
 //! (that is the flow control: the relay only sends what was asked for). Pushes that continue a
 //! cursor are applied directly; a push past a gap triggers a fetch of the gap. The outbox is sent
 //! in client-seq order with at most [`MAX_APPENDS_IN_FLIGHT`] unacknowledged appends.
+//!
+//! A request the relay answers with `RateLimited` changed nothing there: the core takes it back
+//! (an append becomes unsent again, a fetch is forgotten), stops sending requests and asks the
+//! driver, with [`SyncOutput::RetryAfter`], for a [`SyncInput::Resume`] after the delay. Then,
+//! once every append sent before has been answered, the unsent outbox items go out again in
+//! client-seq order. The relay holds back a device's later client seqs behind a refused one
+//! until it comes again; waiting for the earlier answers makes sure the relay sees the resent
+//! items in client-seq order too (were one refused after the resend began, a later item could
+//! be stored first, and the refused one, resent, would be answered `Duplicate` unstored).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -25,6 +34,9 @@ pub const MAX_FETCHES_IN_FLIGHT: usize = 4;
 pub const MAX_APPENDS_IN_FLIGHT: usize = 16;
 /// Most outbox items the core holds; more stay in the store until these are acknowledged.
 pub const OUTBOX_WINDOW: usize = 256;
+/// Longest pause a relay's retry-after can impose; a longer one is cut to this, so that a
+/// relay's mistake cannot stall the device for days.
+pub const MAX_RETRY_AFTER_MS: u32 = 60_000;
 
 /// What the driver tells the core.
 #[derive(Debug)]
@@ -42,6 +54,8 @@ pub enum SyncInput {
     OutboxLoaded { items: Vec<OutboxItem>, more: bool },
     /// The device can now open this chat's deltas (its key arrived); `cursor` is where it stands.
     ChatReady { chat: ChatId, cursor: Seq },
+    /// The delay of a [`SyncOutput::RetryAfter`] has passed: send again.
+    Resume,
 }
 
 /// What the core asks the driver to do, in order.
@@ -67,6 +81,9 @@ pub enum SyncOutput {
     Error { code: ErrorCode, message: String },
     /// The relay does not know this device (never linked, or removed).
     NotRegistered,
+    /// The relay is limiting this device: feed [`SyncInput::Resume`] after `ms` milliseconds.
+    /// Until then the core sends no request. Emitted once per pause.
+    RetryAfter { ms: u32 },
 }
 
 #[derive(Debug, Default)]
@@ -106,6 +123,12 @@ pub struct SyncCore {
     outbox_loading: bool,
     appends_in_flight: usize,
     fetches_in_flight: usize,
+    /// Waiting for [`SyncInput::Resume`] after a `RateLimited` answer.
+    paused: bool,
+    /// A `SyncState` was rate limited: ask again on resume.
+    state_retry: bool,
+    /// An append was rate limited: send none until every append in flight is answered.
+    resending: bool,
 }
 
 impl SyncCore {
@@ -125,6 +148,9 @@ impl SyncCore {
             outbox_loading: false,
             appends_in_flight: 0,
             fetches_in_flight: 0,
+            paused: false,
+            state_retry: false,
+            resending: false,
         }
     }
 
@@ -166,6 +192,8 @@ impl SyncCore {
             SyncInput::Disconnected => {
                 self.phase = Phase::Offline;
                 self.pending.clear();
+                self.state_retry = false;
+                self.resending = false;
                 self.account_fetching = false;
                 self.fetches_in_flight = 0;
                 self.appends_in_flight = 0;
@@ -200,6 +228,15 @@ impl SyncCore {
                 c.ready = true;
                 c.cursor = c.cursor.max(cursor);
                 c.known_head = c.known_head.max(cursor);
+            }
+            SyncInput::Resume => {
+                self.paused = false;
+                if self.state_retry && self.phase == Phase::AwaitState {
+                    self.state_retry = false;
+                    let req = self.next_req();
+                    self.pending.insert(req, Pending::State);
+                    out.push(SyncOutput::Send(ClientFrame::SyncState { req }));
+                }
             }
         }
         self.schedule(&mut out);
@@ -354,6 +391,42 @@ impl SyncCore {
                     Some(Pending::State) | None => out.push(SyncOutput::Error { code, message }),
                 }
             }
+            RelayFrame::RateLimited { req, retry_after_ms } if self.is(req, |_| true) => {
+                match self.pending.remove(&req) {
+                    Some(Pending::Append(cs)) => {
+                        self.appends_in_flight = self.appends_in_flight.saturating_sub(1);
+                        // Not stored: it goes again, before anything after it, on resume.
+                        if let Some((_, sent)) = self.outbox.iter_mut().find(|(i, _)| i.client_seq == cs) {
+                            *sent = false;
+                        }
+                        self.resending = true;
+                    }
+                    Some(Pending::FetchChat(chat)) => {
+                        self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
+                        if let Some(c) = self.chats.get_mut(&chat) {
+                            c.fetching = None;
+                        }
+                    }
+                    Some(Pending::FetchAccount) => {
+                        self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
+                        self.account_fetching = false;
+                    }
+                    Some(Pending::State) => self.state_retry = true,
+                    None => {}
+                }
+                if !self.paused {
+                    self.paused = true;
+                    out.push(SyncOutput::RetryAfter { ms: retry_after_ms.clamp(1, MAX_RETRY_AFTER_MS) });
+                }
+            }
+            RelayFrame::RateLimited { req, retry_after_ms } => {
+                // A request the driver made itself (creating a chat): it fails with a typed error.
+                out.push(SyncOutput::Reply(RelayFrame::Error {
+                    req: Some(req),
+                    code: ErrorCode::RateLimited,
+                    message: format!("the relay is limiting this device; try again in {retry_after_ms} ms"),
+                }))
+            }
             RelayFrame::Error { req: None, code, message } => out.push(SyncOutput::Error { code, message }),
             other => out.push(SyncOutput::Reply(other)),
         }
@@ -373,7 +446,7 @@ impl SyncCore {
     }
 
     fn schedule(&mut self, out: &mut Vec<SyncOutput>) {
-        if self.phase != Phase::Ready {
+        if self.phase != Phase::Ready || self.paused {
             return;
         }
         if self.account_cursor < self.account_head
@@ -408,8 +481,11 @@ impl SyncCore {
                 }));
             }
         }
+        if self.resending && self.appends_in_flight == 0 {
+            self.resending = false;
+        }
         for (item, sent) in self.outbox.iter_mut() {
-            if self.appends_in_flight >= MAX_APPENDS_IN_FLIGHT {
+            if self.resending || self.appends_in_flight >= MAX_APPENDS_IN_FLIGHT {
                 break;
             }
             if !*sent {
@@ -431,6 +507,7 @@ impl SyncCore {
                         chat: item.chat,
                         kind: *kind,
                         epoch: item.epoch,
+                        client_seq: item.client_seq,
                         keys: keys.clone(),
                     },
                 }));
@@ -443,3 +520,7 @@ impl SyncCore {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

@@ -48,6 +48,9 @@ pub enum Action {
     Emit(Event),
     /// A reply to a request the driver made itself (with a req id from [`SyncCore::next_req`]).
     Reply(RelayFrame),
+    /// The relay asked to wait: feed [`SyncInput::Resume`] to the core after this many
+    /// milliseconds (a later one replaces an earlier one).
+    RetryAfter(u32),
 }
 
 impl Device {
@@ -150,6 +153,7 @@ impl Device {
                     queue.extend(core.handle(SyncInput::OutboxLoaded { items, more }));
                 }
                 SyncOutput::Reply(frame) => actions.push(Action::Reply(frame)),
+                SyncOutput::RetryAfter { ms } => actions.push(Action::RetryAfter(ms)),
                 SyncOutput::Error { code, message } => actions.push(error(format!("relay: {message} ({code:?})"))),
                 SyncOutput::NotRegistered => actions.push(error("the relay does not know this device".into())),
             }

@@ -636,7 +636,8 @@ pub(crate) fn frame_req(f: &RelayFrame) -> Option<ReqId> {
         | RelayFrame::Duplicate { req, .. }
         | RelayFrame::SyncState { req, .. }
         | RelayFrame::ChatPage { req, .. }
-        | RelayFrame::AccountPage { req, .. } => Some(*req),
+        | RelayFrame::AccountPage { req, .. }
+        | RelayFrame::RateLimited { req, .. } => Some(*req),
         RelayFrame::Error { req, .. } => *req,
         RelayFrame::Hello { .. } | RelayFrame::Push { .. } | RelayFrame::PushAccount { .. } => None,
     }

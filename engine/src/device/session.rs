@@ -82,6 +82,7 @@ impl Session {
             was_connected: false,
             was_caught_up: false,
             was_idle: false,
+            resume_at: None,
         };
         tokio::spawn(driver.run(cmd_rx));
         Ok(Session { commands: cmd_tx, events: ev_tx, first: Some(ev_rx) })
@@ -147,6 +148,8 @@ struct Driver {
     was_connected: bool,
     was_caught_up: bool,
     was_idle: bool,
+    /// When to feed [`SyncInput::Resume`] after the relay limited this device.
+    resume_at: Option<Instant>,
 }
 
 impl Driver {
@@ -172,6 +175,7 @@ impl Driver {
                 continue;
             }
             let offline = self.stream.is_none();
+            let resume_at = self.resume_at;
             let stream = self.stream.as_mut();
             tokio::select! {
                 cmd = commands.recv() => match cmd {
@@ -191,6 +195,11 @@ impl Driver {
                     Err(e) => self.lost(e.to_string(), &mut reconnect_at, backoff).await,
                 },
                 () = tokio::time::sleep_until(reconnect_at), if offline => {}
+                () = tokio::time::sleep_until(resume_at.unwrap_or(reconnect_at)), if resume_at.is_some() => {
+                    self.resume_at = None;
+                    let out = self.core.handle(SyncInput::Resume);
+                    self.carry_out(out).await;
+                }
             }
         }
     }
@@ -277,6 +286,7 @@ impl Driver {
             match action {
                 Action::Send(frame) => self.send_frame(frame).await,
                 Action::Emit(event) => self.emit(event).await,
+                Action::RetryAfter(ms) => self.resume_at = Some(Instant::now() + Duration::from_millis(ms.into())),
                 // The session makes no requests of its own.
                 Action::Reply(frame) => tracing::debug!(?frame, "unexpected reply"),
             }

@@ -15,7 +15,7 @@ use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 /// The libp2p protocol name of the sync stream.
 pub const PROTOCOL: &str = "/stratus/sync/1";
 /// Bumped on any incompatible change to the frames below.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Longest frame either side sends or accepts. A longer length prefix is a protocol error and
 /// closes the stream (the rest of the stream cannot be trusted to be framed).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
@@ -123,8 +123,9 @@ pub enum ClientFrame {
     LinkLookup { req: ReqId, link_id: [u8; 32] },
     /// A logged-in device approves the waiting device.
     LinkApprove { req: ReqId, link_id: [u8; 32], cert: DeviceCert, bundle: SealedBox },
-    /// Creates a chat with its first key epoch.
-    CreateChat { req: ReqId, chat: ChatId, kind: ChatKind, epoch: Epoch, keys: Vec<WrappedKey> },
+    /// Creates a chat with its first key epoch. It is an outbox item of the device, ordered by
+    /// `client_seq` with its appends (a refused creation holds back later appends likewise).
+    CreateChat { req: ReqId, chat: ChatId, kind: ChatKind, epoch: Epoch, client_seq: ClientSeq, keys: Vec<WrappedKey> },
     /// Appends a sealed delta to a chat.
     Append { req: ReqId, chat: ChatId, epoch: Epoch, client_seq: ClientSeq, sealed: Vec<u8> },
     /// Asks for the heads of the account log and of every chat of the account.
@@ -167,6 +168,12 @@ pub enum RelayFrame {
     PushAccount { entry: AccountEntry },
     /// A request failed, or (with `req: None`) the stream is about to close.
     Error { req: Option<ReqId>, code: ErrorCode, message: String },
+    /// The request was not carried out because the device is over one of the relay's limits
+    /// (its request rate, or its appends or fetches in flight). Nothing changed; send it again
+    /// after `retry_after_ms`. An append refused this way makes the relay refuse the device's
+    /// later client seqs too, until this one comes again (so that nothing is stored out of
+    /// order). Added in protocol version 2; kept last because postcard encodes variant indices.
+    RateLimited { req: ReqId, retry_after_ms: u32 },
 }
 
 /// Typed errors the relay returns.
@@ -241,5 +248,7 @@ mod tests {
         assert_eq!(decode::<ClientFrame>(&encode(&f).unwrap()).unwrap(), f);
         assert!(decode::<ClientFrame>(&[0xff, 0xff, 0xff]).is_err());
         assert!(decode::<RelayFrame>(&[]).is_err());
+        let r = RelayFrame::RateLimited { req: 3, retry_after_ms: 250 };
+        assert_eq!(decode::<RelayFrame>(&encode(&r).unwrap()).unwrap(), r);
     }
 }

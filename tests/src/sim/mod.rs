@@ -18,7 +18,9 @@
 //! * partitions, one-way or both ways, and devices offline for long periods;
 //! * device restarts (memory lost, sled store kept) and relay crashes that lose everything not
 //!   behind a completed fsync barrier ([`MemStore`]); slow barriers; failing barriers (the relay
-//!   exits, like the real one).
+//!   exits, like the real one);
+//! * in half the worlds, tight relay limits (a few requests per second, one to eight appends and
+//!   one to four pages in flight), so that devices are answered `RateLimited` and wait.
 //!
 //! Invariants, checked as the run goes and at its end:
 //! * the relay acknowledges or shows a delta only once it is durable;
@@ -44,6 +46,7 @@ use stratus_engine::core::{SyncCore, SyncInput, SyncOutput};
 use stratus_engine::proto::wire::{ClientFrame, RelayFrame};
 use stratus_engine::{Action, ChatId, ClientSeq, Device, DeviceId, Event, Seq};
 use stratus_relay::core::{ConnId, Effect, Input, RelayCore, StoreOp};
+use stratus_relay::limits::Limits;
 use stratus_relay::store::{RelayStore, SledStore};
 
 pub use store::MemStore;
@@ -101,6 +104,8 @@ pub struct Config {
     pub slow_barrier: f64,
     /// Chance that an fsync barrier fails (the relay exits and restarts).
     pub failing_barrier: f64,
+    /// The relay's limits: the defaults, or tight ones that make it answer `RateLimited` often.
+    pub limits: Limits,
 }
 
 impl Config {
@@ -129,6 +134,17 @@ impl Config {
             offline_every: every(&mut rng, 60),
             slow_barrier: intensity * 0.01,
             failing_barrier: intensity * 0.002,
+            limits: if rng.gen_bool(0.5) {
+                Limits::default()
+            } else {
+                Limits {
+                    requests_per_second: rng.gen_range(5..=50),
+                    request_burst: rng.gen_range(2..=10),
+                    max_appends_in_flight_per_device: rng.gen_range(1..=8),
+                    max_fetches_in_flight_per_device: rng.gen_range(1..=4),
+                    ..Limits::default()
+                }
+            },
         }
     }
 }
@@ -154,6 +170,8 @@ pub struct Report {
     pub broken_connections: u32,
     /// Frames lost.
     pub lost_frames: u32,
+    /// `RateLimited` answers devices waited out.
+    pub rate_limited: u32,
     /// Simulated time from the end of faults to convergence.
     pub converged_after: u64,
 }
@@ -213,6 +231,11 @@ enum Ev {
     CreateChat {
         dev: usize,
     },
+    /// The device's wait after a `RateLimited` answer is over (unless a later one replaced it).
+    Resume {
+        dev: usize,
+        generation: u64,
+    },
     BarrierDone {
         epoch: u32,
         covering: u64,
@@ -268,6 +291,8 @@ struct Dev {
     /// Last seq applied per chat, as the checks saw it.
     applied: BTreeMap<ChatId, Seq>,
     written: u32,
+    /// Bumped by each `RetryAfter` and restart; a `Resume` of an older one is stale.
+    resume_gen: u64,
 }
 
 struct RelaySim {
@@ -291,6 +316,8 @@ pub struct Sim {
     relay: RelaySim,
     conns: BTreeMap<ConnId, Conn>,
     next_conn: ConnId,
+    /// The relay's clock during setup, in ms; the run's clock continues from it.
+    setup_ms: u64,
     devs: Vec<Dev>,
     chats: Vec<Vec<ChatId>>,
     /// Every message written: chat → message ids.
@@ -334,7 +361,7 @@ impl Sim {
             queue: BTreeMap::new(),
             faults: true,
             relay: RelaySim {
-                core: Some(RelayCore::new(Default::default())),
+                core: Some(RelayCore::new(Default::default(), cfg.limits.clone())),
                 store: MemStore::default(),
                 epoch: 0,
                 written: 0,
@@ -343,6 +370,7 @@ impl Sim {
             },
             conns: BTreeMap::new(),
             next_conn: 1,
+            setup_ms: 0,
             devs: Vec::new(),
             chats: Vec::new(),
             written: BTreeMap::new(),
@@ -398,6 +426,7 @@ impl Sim {
                     connect_scheduled: false,
                     applied: BTreeMap::new(),
                     written: 0,
+                    resume_gen: 0,
                 });
             }
         }
@@ -486,7 +515,10 @@ impl Sim {
     /// durable on the spot; returns the frames sent, per connection.
     fn direct(&mut self, conn: ConnId, frame: ClientFrame) -> Result<Vec<(ConnId, RelayFrame)>, String> {
         let core = self.relay.core.as_mut().expect("the relay is up during setup");
-        let mut queue = VecDeque::from(core.handle(Input::Frame { conn, frame }));
+        // Setup requests are a second apart, so that even tight rate limits let them through.
+        self.setup_ms += 1000;
+        let now_ms = self.setup_ms;
+        let mut queue = VecDeque::from(core.handle(Input::Frame { conn, frame, now_ms }));
         let mut sent = Vec::new();
         while let Some(e) = queue.pop_front() {
             match e {
@@ -501,10 +533,12 @@ impl Sim {
                 Effect::ReadChat { conn, req, chat, after, upto, max } => {
                     let deltas = self.relay.store.read_chat(chat, after, upto, max);
                     sent.push((conn, RelayFrame::ChatPage { req, chat, deltas, head: upto }));
+                    queue.extend(core.handle(Input::PageSent { conn }));
                 }
                 Effect::ReadAccount { conn, req, account, after, upto, max } => {
                     let entries = self.relay.store.read_account(account, after, upto, max);
                     sent.push((conn, RelayFrame::AccountPage { req, entries, head: upto }));
+                    queue.extend(core.handle(Input::PageSent { conn }));
                 }
             }
         }
@@ -609,7 +643,8 @@ impl Sim {
                 let c = &self.conns[&conn];
                 if c.relay_open && c.epoch == self.relay.epoch {
                     if let Some(core) = self.relay.core.as_mut() {
-                        let effects = core.handle(Input::Frame { conn, frame });
+                        let now_ms = self.setup_ms + self.now / MS;
+                        let effects = core.handle(Input::Frame { conn, frame, now_ms });
                         self.relay_effects(effects)?;
                     }
                 }
@@ -626,6 +661,11 @@ impl Sim {
             Ev::Connect { dev } => self.connect(dev)?,
             Ev::Compose { dev } => self.compose(dev)?,
             Ev::CreateChat { dev } => self.create_chat(dev)?,
+            Ev::Resume { dev, generation } => {
+                if self.devs[dev].resume_gen == generation {
+                    self.device_input(dev, SyncInput::Resume)?;
+                }
+            }
             Ev::BarrierDone { epoch, covering, batches, fails } => {
                 if epoch == self.relay.epoch && self.relay.core.is_some() {
                     if fails {
@@ -648,7 +688,7 @@ impl Sim {
             Ev::RelayStart => {
                 if self.relay.core.is_none() {
                     // The real relay runs a barrier before serving: all it recovered is durable.
-                    self.relay.core = Some(RelayCore::new(self.relay.store.recover()));
+                    self.relay.core = Some(RelayCore::new(self.relay.store.recover(), self.cfg.limits.clone()));
                 }
             }
             Ev::DeviceRestart { dev } => {
@@ -813,7 +853,8 @@ impl Sim {
     // ---- the relay ----
 
     fn relay_effects(&mut self, effects: Vec<Effect>) -> Check {
-        for e in effects {
+        let mut queue = VecDeque::from(effects);
+        while let Some(e) = queue.pop_front() {
             match e {
                 Effect::Send { conn, frame } => {
                     self.check_relay_frame(&frame)?;
@@ -824,7 +865,7 @@ impl Sim {
                     c.relay_open = false;
                     let at = c.floor[R2C].max(self.now) + MS;
                     if let Some(core) = self.relay.core.as_mut() {
-                        core.handle(Input::Closed { conn });
+                        queue.extend(core.handle(Input::Closed { conn }));
                     }
                     self.schedule(at, Ev::DeviceLost { conn });
                 }
@@ -839,10 +880,12 @@ impl Sim {
                     let frame = RelayFrame::ChatPage { req, chat, deltas, head: upto };
                     self.check_relay_frame(&frame)?;
                     self.relay_send(conn, frame);
+                    queue.extend(self.relay.core.as_mut().expect("up").handle(Input::PageSent { conn }));
                 }
                 Effect::ReadAccount { conn, req, account, after, upto, max } => {
                     let entries = self.relay.store.read_account(account, after, upto, max);
                     self.relay_send(conn, RelayFrame::AccountPage { req, entries, head: upto });
+                    queue.extend(self.relay.core.as_mut().expect("up").handle(Input::PageSent { conn }));
                 }
             }
         }
@@ -938,6 +981,13 @@ impl Sim {
                 Action::Emit(Event::Error { message }) => {
                     return Err(format!("{} reported an error: {message}", self.devs[dev].name))
                 }
+                Action::RetryAfter(ms) => {
+                    let d = &mut self.devs[dev];
+                    d.resume_gen += 1;
+                    let ev = Ev::Resume { dev, generation: d.resume_gen };
+                    self.report.rate_limited += 1;
+                    self.schedule(self.now + u64::from(ms) * MS, ev);
+                }
                 Action::Emit(_) | Action::Reply(_) => {}
             }
         }
@@ -997,6 +1047,7 @@ impl Sim {
         let d = &mut self.devs[dev];
         d.core = None;
         d.device = None;
+        d.resume_gen += 1;
         Ok(())
     }
 

@@ -28,7 +28,8 @@ pub(super) fn frame_req(f: &RelayFrame) -> Option<ReqId> {
         | RelayFrame::Duplicate { req, .. }
         | RelayFrame::SyncState { req, .. }
         | RelayFrame::ChatPage { req, .. }
-        | RelayFrame::AccountPage { req, .. } => Some(*req),
+        | RelayFrame::AccountPage { req, .. }
+        | RelayFrame::RateLimited { req, .. } => Some(*req),
         RelayFrame::Error { req, .. } => *req,
         RelayFrame::Hello { .. } | RelayFrame::Push { .. } | RelayFrame::PushAccount { .. } => None,
     }
@@ -159,6 +160,7 @@ impl Writer {
             chat: self.chat,
             kind: ChatKind::Notes,
             epoch: Epoch(0),
+            client_seq: ClientSeq(0),
             keys: vec![WrappedKey {
                 account: account.id,
                 signature: self.keys.sign_chat_key(self.chat, ChatKind::Notes, Epoch(0), account.id, &self.wrapped),

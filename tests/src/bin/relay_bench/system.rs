@@ -124,6 +124,11 @@ impl RelayProc {
             .arg("--data-dir")
             .arg(data)
             .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            // The bench measures capacity, not policy: its latency run paces one device at
+            // 1,000 appends/s, which is the default per-device rate, and its clients do not
+            // handle `RateLimited`. The in-flight caps (64 appends, 8 pages) stay above what
+            // its clients keep (16 appends).
+            .args(["--requests-per-second", "0"])
             // Info level: the relay logs one line per stream, nothing per append. BENCH_RELAY_LOG
             // overrides it (e.g. `stratus_relay=info,libp2p_stream=debug`).
             .env("STRATUS_LOG", std::env::var("BENCH_RELAY_LOG").unwrap_or_else(|_| "stratus_relay=info".into()))

@@ -1,0 +1,117 @@
+//! The sync core driven directly: relay frames in, outputs out.
+
+use super::*;
+use crate::proto::ids::{AccountId, Epoch};
+
+fn item(cs: u64) -> OutboxItem {
+    OutboxItem {
+        client_seq: ClientSeq(cs),
+        chat: ChatId([1; 16]),
+        epoch: Epoch(0),
+        body: OutboxBody::Delta(vec![cs as u8; 8]),
+    }
+}
+
+/// Sent appends as `(req, client seq)`.
+fn appends(out: &[SyncOutput]) -> Vec<(ReqId, u64)> {
+    out.iter()
+        .filter_map(|o| match o {
+            SyncOutput::Send(ClientFrame::Append { req, client_seq, .. }) => Some((*req, client_seq.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn frame(core: &mut SyncCore, f: RelayFrame) -> Vec<SyncOutput> {
+    core.handle(SyncInput::Frame(Box::new(f)))
+}
+
+/// A core that is connected and has synced its (empty) state.
+fn ready() -> SyncCore {
+    let mut core = SyncCore::new(Seq(0), false);
+    core.handle(SyncInput::Connected);
+    let out = frame(&mut core, RelayFrame::Hello { version: PROTOCOL_VERSION, account: Some(AccountId([2; 16])) });
+    let Some(SyncOutput::Send(ClientFrame::SyncState { req })) = out.first() else { panic!("{out:?}") };
+    frame(&mut core, RelayFrame::SyncState { req: *req, account_head: Seq(0), chats: vec![] });
+    assert!(core.is_connected());
+    core
+}
+
+#[test]
+fn a_rate_limited_append_is_sent_again_in_order_after_the_pause_and_never_taken_as_stored() {
+    let mut core = ready();
+    let mut sent = Vec::new();
+    for cs in 1..=5 {
+        sent.extend(appends(&core.handle(SyncInput::OutboxAdded(item(cs)))));
+    }
+    assert_eq!(sent.iter().map(|(_, cs)| *cs).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    let req = |cs: u64| sent.iter().find(|(_, c)| *c == cs).expect("sent").0;
+
+    // 1 is stored; 2 is refused for the rate; 3..5 are refused behind it.
+    let out = frame(
+        &mut core,
+        RelayFrame::Acked { req: req(1), chat: ChatId([1; 16]), client_seq: ClientSeq(1), seq: Seq(1) },
+    );
+    assert!(matches!(out[..], [SyncOutput::Acked { client_seq: ClientSeq(1), .. }, ..]));
+    let out = frame(&mut core, RelayFrame::RateLimited { req: req(2), retry_after_ms: 250 });
+    assert_eq!(out, vec![SyncOutput::RetryAfter { ms: 250 }], "one pause, nothing sent, nothing dropped");
+    for cs in 3..=5 {
+        let out = frame(&mut core, RelayFrame::RateLimited { req: req(cs), retry_after_ms: 250 });
+        assert!(out.is_empty(), "already paused: {out:?}");
+    }
+    // While paused nothing goes out, not even a new item.
+    assert!(appends(&core.handle(SyncInput::OutboxAdded(item(6)))).is_empty());
+    assert!(!core.is_idle());
+
+    // Resume: 2..6 again, in client-seq order, with fresh req ids.
+    let again = appends(&core.handle(SyncInput::Resume));
+    assert_eq!(again.iter().map(|(_, cs)| *cs).collect::<Vec<_>>(), vec![2, 3, 4, 5, 6]);
+    assert!(again.iter().all(|(r, _)| sent.iter().all(|(old, _)| old != r)));
+    // A late answer to an old req id is not taken as an answer.
+    let stale =
+        frame(&mut core, RelayFrame::Duplicate { req: req(2), chat: ChatId([1; 16]), client_seq: ClientSeq(2) });
+    assert!(!stale.iter().any(|o| matches!(o, SyncOutput::Acked { .. })), "{stale:?}");
+    for (i, (r, cs)) in again.iter().enumerate() {
+        let out = frame(
+            &mut core,
+            RelayFrame::Acked { req: *r, chat: ChatId([1; 16]), client_seq: ClientSeq(*cs), seq: Seq(2 + i as u64) },
+        );
+        assert!(out.iter().any(|o| matches!(o, SyncOutput::Acked { client_seq, .. } if client_seq.0 == *cs)));
+    }
+    assert!(core.is_idle());
+}
+
+#[test]
+fn a_rate_limited_fetch_is_asked_again_after_the_pause() {
+    let mut core = SyncCore::new(Seq(0), false);
+    core.handle(SyncInput::Connected);
+    let chat = ChatId([3; 16]);
+    core.handle(SyncInput::ChatReady { chat, cursor: Seq(0) });
+    let out = frame(&mut core, RelayFrame::Hello { version: PROTOCOL_VERSION, account: Some(AccountId([2; 16])) });
+    let Some(SyncOutput::Send(ClientFrame::SyncState { req })) = out.first() else { panic!("{out:?}") };
+    // The state request itself is limited: asked again on resume.
+    let out = frame(&mut core, RelayFrame::RateLimited { req: *req, retry_after_ms: 70_000_000 });
+    assert_eq!(out, vec![SyncOutput::RetryAfter { ms: MAX_RETRY_AFTER_MS }], "a huge retry-after is cut");
+    let out = core.handle(SyncInput::Resume);
+    let Some(SyncOutput::Send(ClientFrame::SyncState { req })) = out.first() else { panic!("{out:?}") };
+    let out = frame(&mut core, RelayFrame::SyncState { req: *req, account_head: Seq(0), chats: vec![(chat, Seq(9))] });
+    let Some(SyncOutput::Send(ClientFrame::FetchChat { req, after: Seq(0), .. })) = out.first() else {
+        panic!("{out:?}")
+    };
+    let out = frame(&mut core, RelayFrame::RateLimited { req: *req, retry_after_ms: 100 });
+    assert_eq!(out, vec![SyncOutput::RetryAfter { ms: 100 }]);
+    assert!(!core.is_caught_up(), "not abandoned: the chat is still behind");
+    let out = core.handle(SyncInput::Resume);
+    assert!(matches!(out[..], [SyncOutput::Send(ClientFrame::FetchChat { after: Seq(0), .. })]), "{out:?}");
+}
+
+#[test]
+fn a_rate_limited_request_of_the_driver_becomes_a_typed_error_reply() {
+    let mut core = ready();
+    let req = core.next_req();
+    let out = frame(&mut core, RelayFrame::RateLimited { req, retry_after_ms: 5 });
+    assert!(
+        matches!(&out[..], [SyncOutput::Reply(RelayFrame::Error { req: Some(r), code: ErrorCode::RateLimited, .. })] if *r == req),
+        "{out:?}"
+    );
+}

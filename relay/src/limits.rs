@@ -1,0 +1,181 @@
+//! The relay's limits: what one peer, connection or device may hold or ask for at once.
+//!
+//! Each limit is a field of [`Limits`] with its default and what a device sees when it hits
+//! it; docs/self-hosting.md lists the same in a table with the command-line flags. Where a limit
+//! is enforced:
+//!
+//! * connections in total and per peer: the libp2p swarm (`connection_limits`), before any
+//!   stream is opened;
+//! * sync streams per connection and frame size: the driver (`server.rs`);
+//! * request rate, appends and fetches in flight: the sans-IO core (`core.rs`), which is given
+//!   the time with each frame.
+
+/// The relay's limits. `Default` gives the documented values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Most established connections in total. A connection over the limit is closed right
+    /// after its handshake; the device retries with backoff. Default 10,000: at the target of
+    /// ≤ 64 KiB per idle device this is well under a GiB, and it keeps file descriptors below
+    /// common `ulimit -n` settings once raised.
+    pub max_connections: u32,
+    /// Most established connections from one peer (device). A device needs one; a few more
+    /// cover reconnects racing the close of the old connection. Default 8.
+    pub max_connections_per_peer: u32,
+    /// Most sync streams per connection. A device opens one per connection; the slack covers a
+    /// new stream that arrives before the relay has seen the old one close. A stream over the
+    /// limit is reset at once. Default 4.
+    pub max_streams_per_connection: u32,
+    /// Longest frame a device may send. A longer length prefix gets `FrameTooLarge` and the
+    /// stream closes. At most [`MAX_FRAME_BYTES`]; at least [`MIN_FRAME_BYTES`] so that the
+    /// largest append still fits. Frames the relay sends are not affected (pages stay up to
+    /// [`stratus_engine::proto::wire::MAX_PAGE_BYTES`]). Default [`MAX_FRAME_BYTES`] (1 MiB).
+    pub max_frame_bytes: usize,
+    /// Most catch-up pages (`FetchChat`, `FetchAccount`) one device has asked for and not yet
+    /// been sent in full; more get `RateLimited`. This bounds what a device that asks and does
+    /// not read can make the relay hold: about this many pages of 256 KiB. Devices keep 4.
+    /// Default 8.
+    pub max_fetches_in_flight_per_device: u32,
+    /// Most appends one device has had accepted and not yet acknowledged (waiting for their
+    /// fsync barrier); more get `RateLimited`. Devices keep 16. Default 64.
+    pub max_appends_in_flight_per_device: u32,
+    /// Sustained requests per second per device (all its connections together; every request
+    /// but `Hello` costs one). Over it a request gets `RateLimited` with the time until the
+    /// next one is allowed. 0 turns the limit off. Default 1,000/s: no person types that fast,
+    /// a device draining a full outbox window or catching up (pages of 512 deltas) stays under
+    /// it, and one device can take at most about 3% of the ~31,000 appends/s the relay was
+    /// measured to sustain (docs/benchmarks.md).
+    pub requests_per_second: u32,
+    /// Requests a device may send at once above the sustained rate (the token bucket's size).
+    /// Default 2,000: an outbox of a few thousand messages written offline goes out without
+    /// a pause.
+    pub request_burst: u32,
+}
+
+/// Longest frame the protocol allows (see the wire module).
+pub use stratus_engine::proto::wire::MAX_FRAME_BYTES;
+
+/// Smallest allowed [`Limits::max_frame_bytes`]: an `Append` carrying the largest delta
+/// ([`stratus_engine::proto::wire::MAX_DELTA_BYTES`]) plus its header fits.
+pub const MIN_FRAME_BYTES: usize = stratus_engine::proto::wire::MAX_DELTA_BYTES + 4096;
+
+/// How long a device refused for too much in flight is told to wait. Its earlier requests are
+/// answered within a barrier or two (a few ms); this leaves room for those answers.
+pub const IN_FLIGHT_RETRY_MS: u32 = 100;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_connections_per_peer: 8,
+            max_streams_per_connection: 4,
+            max_frame_bytes: MAX_FRAME_BYTES,
+            max_fetches_in_flight_per_device: 8,
+            max_appends_in_flight_per_device: 64,
+            requests_per_second: 1_000,
+            request_burst: 2_000,
+        }
+    }
+}
+
+/// Why a [`Limits`] cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LimitsError {
+    /// A limit that must be at least 1 is 0.
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    /// The frame limit is outside what the protocol allows.
+    #[error("max_frame_bytes must be between {MIN_FRAME_BYTES} and {MAX_FRAME_BYTES}, not {0}")]
+    FrameBytes(usize),
+}
+
+impl Limits {
+    /// Checks that every limit can be enforced as documented.
+    pub fn validate(&self) -> Result<(), LimitsError> {
+        for (name, v) in [
+            ("max_connections", self.max_connections),
+            ("max_connections_per_peer", self.max_connections_per_peer),
+            ("max_streams_per_connection", self.max_streams_per_connection),
+            ("max_fetches_in_flight_per_device", self.max_fetches_in_flight_per_device),
+            ("max_appends_in_flight_per_device", self.max_appends_in_flight_per_device),
+            ("request_burst", self.request_burst),
+        ] {
+            if v == 0 {
+                return Err(LimitsError::Zero(name));
+            }
+        }
+        if !(MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
+            return Err(LimitsError::FrameBytes(self.max_frame_bytes));
+        }
+        Ok(())
+    }
+}
+
+/// A token bucket in thousandths of a token, fed by the caller's clock.
+///
+/// A rate of `r` tokens per second adds exactly `r` thousandths per millisecond, so integer
+/// arithmetic is exact and the bucket is deterministic for a given sequence of `now_ms`.
+#[derive(Debug, Clone, Default)]
+pub struct TokenBucket {
+    milli_tokens: u64,
+    last_ms: Option<u64>,
+}
+
+impl TokenBucket {
+    /// Takes one token at `now_ms`, or returns how many ms until one is there. The bucket
+    /// starts full. A clock that goes backwards adds nothing. `rate_per_s == 0` means no limit.
+    pub fn take(&mut self, now_ms: u64, rate_per_s: u32, burst: u32) -> Result<(), u32> {
+        if rate_per_s == 0 {
+            return Ok(());
+        }
+        let cap = u64::from(burst.max(1)) * 1000;
+        let rate = u64::from(rate_per_s);
+        self.milli_tokens = match self.last_ms {
+            None => cap,
+            Some(last) => self.milli_tokens.saturating_add(now_ms.saturating_sub(last).saturating_mul(rate)).min(cap),
+        };
+        self.last_ms = Some(self.last_ms.map_or(now_ms, |l| l.max(now_ms)));
+        if self.milli_tokens >= 1000 {
+            self.milli_tokens -= 1000;
+            Ok(())
+        } else {
+            let wait = (1000 - self.milli_tokens).div_ceil(rate);
+            Err(u32::try_from(wait).unwrap_or(u32::MAX).max(1))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate_and_says_how_long_to_wait() {
+        let mut b = TokenBucket::default();
+        for _ in 0..5 {
+            assert_eq!(b.take(1000, 10, 5), Ok(()));
+        }
+        // Empty: 10/s means one every 100 ms.
+        assert_eq!(b.take(1000, 10, 5), Err(100));
+        assert_eq!(b.take(1040, 10, 5), Err(60));
+        assert_eq!(b.take(1100, 10, 5), Ok(()));
+        // A long pause refills to the burst, no more.
+        for _ in 0..5 {
+            assert_eq!(b.take(100_000, 10, 5), Ok(()));
+        }
+        assert!(b.take(100_000, 10, 5).is_err());
+        // A clock that goes backwards adds nothing and does not panic.
+        assert!(b.take(0, 10, 5).is_err());
+        // Off.
+        assert_eq!(TokenBucket::default().take(0, 0, 1), Ok(()));
+    }
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_typed_errors() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+        let l = Limits { max_frame_bytes: 10, ..Limits::default() };
+        assert_eq!(l.validate(), Err(LimitsError::FrameBytes(10)));
+        let l = Limits { max_appends_in_flight_per_device: 0, ..Limits::default() };
+        assert!(matches!(l.validate(), Err(LimitsError::Zero(_))));
+    }
+}
