@@ -46,6 +46,11 @@ enum Command {
         #[command(subcommand)]
         command: ChatCommand,
     },
+    /// Every session (device) of the account, as the relay and this device know them.
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a message: durable here first, exit 0 once the relay acknowledged it.
     Send { chat: ChatId, text: String },
     /// Connect, send the outbox, catch up, exit.
@@ -88,11 +93,14 @@ enum DeviceCommand {
     },
     /// Approve a new device by the link code it shows.
     Approve { code: String },
-    /// The account's devices known to this device.
+    /// The account's devices known to this device (offline; `stratus devices` asks the relay).
     List {
         #[arg(long)]
         json: bool,
     },
+    /// End another device's session: it is cut off at once and its account data deleted when
+    /// it next reaches the relay. DEVICE is a device id or a name only one session has.
+    Revoke { device: String },
 }
 
 #[derive(Subcommand)]
@@ -227,6 +235,38 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
+        Command::Devices { json } => {
+            for s in device.sessions().await? {
+                if json {
+                    out(&serde_json::to_string(&s).map_err(|e| Failure::Other(e.to_string()))?);
+                } else {
+                    let active = if s.online { "online now".to_string() } else { time(s.last_active_ms) };
+                    out(&format!(
+                        "{} {}  created {}  last active {}{}",
+                        s.device,
+                        s.name.as_deref().unwrap_or("(not yet synced)"),
+                        time(s.created_ms.unwrap_or(s.registered_ms)),
+                        active,
+                        if s.this_device { "  (this device)" } else { "" }
+                    ));
+                }
+            }
+        }
+        Command::Device { command: DeviceCommand::Revoke { device: which } } => {
+            let sessions = device.sessions().await?;
+            let matches: Vec<_> =
+                sessions.iter().filter(|s| s.device.0 == which || s.name.as_deref() == Some(which.as_str())).collect();
+            let target = match matches[..] {
+                [one] => one.device.clone(),
+                [] => return Err(Failure::Other(format!("no session {which}; see `stratus devices`"))),
+                _ => return Err(Failure::Other(format!("{which} names several sessions; use the device id"))),
+            };
+            if target == *device.id() {
+                return Err(Failure::Other("this is this device's own session".into()));
+            }
+            device.revoke(&target).await?;
+            out(&format!("revoked {target}"));
+        }
         Command::Chat { command: ChatCommand::Create { title } } => {
             device.account().ok_or(Error::NotLoggedIn)?;
             let mut session = Session::start(device)?;
@@ -282,6 +322,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     Event::Disconnected { reason } => eprintln!("stratus: disconnected ({reason}); retrying"),
                     Event::Error { message } => eprintln!("stratus: {message}"),
                     Event::CaughtUp => eprintln!("stratus: caught up"),
+                    Event::SessionRevoked => return Err(Error::SessionRevoked.into()),
                     _ => {}
                 }
             }
@@ -338,7 +379,16 @@ async fn wait_for(
                 return Err(Failure::Other(format!("the relay rejected a message: {message} ({code:?})")))
             }
             Event::Error { message } => eprintln!("stratus: {message}"),
+            Event::SessionRevoked => return Err(Error::SessionRevoked.into()),
             _ => {}
         }
     }
+}
+
+/// A time in milliseconds since the Unix epoch, as RFC 3339 in UTC (or "unknown" for 0).
+fn time(ms: u64) -> String {
+    if ms == 0 {
+        return "unknown".into();
+    }
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }

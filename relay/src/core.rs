@@ -22,10 +22,10 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
-use stratus_engine::proto::cert::{AccountPublic, DeviceCert, MAX_DEVICE_NAME_BYTES};
+use stratus_engine::proto::cert::{AccountPublic, DeviceCert, Revocation, MAX_DEVICE_NAME_BYTES};
 use stratus_engine::proto::wire::{
-    AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, ErrorCode, FrameError, RelayFrame, ReqId, WrappedKey,
-    MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
+    AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, DeviceSession, ErrorCode, FrameError, RelayFrame, ReqId,
+    WrappedKey, MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
@@ -46,8 +46,8 @@ pub const MAX_PENDING_LINKS: usize = 1024;
 pub enum Input {
     /// A device opened a sync stream; `device` is authenticated by the transport's Noise handshake.
     Opened { conn: ConnId, device: DeviceId },
-    /// A decoded frame arrived at `now_ms` on the driver's monotonic clock (milliseconds from
-    /// any fixed start; only differences matter, for the request rate limit).
+    /// A decoded frame arrived at `now_ms`, milliseconds since the Unix epoch by the driver's
+    /// clock (sessions' registration and last activity; the rate limit uses only differences).
     Frame { conn: ConnId, frame: ClientFrame, now_ms: u64 },
     /// The answer to a [`Effect::ReadChat`] or [`Effect::ReadAccount`] on `conn` has been
     /// written to the stream: the page no longer counts against the device's fetches in flight.
@@ -93,6 +93,8 @@ pub enum StoreOp {
     PutDelta(Delta),
     /// An account log entry.
     PutAccountEntry(AccountId, AccountEntry),
+    /// A device's session state (registration, last activity, revocation).
+    PutDeviceState(DeviceId, DeviceState),
     /// An approval kept until the new device has fetched it (see [`ApprovedLink`]).
     PutApprovedLink([u8; 32], ApprovedLink),
     /// The new device has its bundle: the approval is no longer needed.
@@ -143,10 +145,24 @@ pub struct Recovered {
     pub recent_appends: Vec<(DeviceId, Vec<RecentAppend>)>,
     /// Approvals not yet fetched by their device.
     pub approved_links: Vec<([u8; 32], ApprovedLink)>,
+    /// What the relay keeps of each device's session.
+    pub device_states: Vec<(DeviceId, DeviceState)>,
+}
+
+/// What the relay keeps of a device's session besides its certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// When it was registered (account created or link approved), ms since the Unix epoch.
+    pub registered_ms: u64,
+    /// When it last sent a frame, as of its last stream's close.
+    pub last_active_ms: u64,
+    /// Its session was ended; it is refused from now on.
+    pub revoked: bool,
 }
 
 struct Account {
     public: AccountPublic,
+    devices: BTreeSet<DeviceId>,
     chats: BTreeSet<ChatId>,
     log_head: Seq,
     log_durable: Seq,
@@ -165,11 +181,13 @@ struct Device {
     appends_in_flight: u32,
     /// Pages asked for and not yet written, over all the device's streams.
     fetches_in_flight: u32,
+    state: DeviceState,
 }
 
 impl Device {
-    fn new(account: AccountId) -> Self {
+    fn new(account: AccountId, state: DeviceState) -> Self {
         Device {
+            state,
             account,
             highest_client_seq: ClientSeq(0),
             recent: BTreeMap::new(),
@@ -178,6 +196,12 @@ impl Device {
             appends_in_flight: 0,
             fetches_in_flight: 0,
         }
+    }
+}
+
+impl Account {
+    fn new(public: AccountPublic) -> Self {
+        Account { public, devices: BTreeSet::new(), chats: BTreeSet::new(), log_head: Seq(0), log_durable: Seq(0) }
     }
 }
 
@@ -249,8 +273,7 @@ impl RelayCore {
             limits,
         };
         for public in recovered.accounts {
-            core.accounts
-                .insert(public.id, Account { public, chats: BTreeSet::new(), log_head: Seq(0), log_durable: Seq(0) });
+            core.accounts.insert(public.id, Account::new(public));
         }
         for (account, head) in recovered.account_heads {
             if let Some(a) = core.accounts.get_mut(&account) {
@@ -258,8 +281,13 @@ impl RelayCore {
                 a.log_durable = head;
             }
         }
+        let states: BTreeMap<DeviceId, DeviceState> = recovered.device_states.into_iter().collect();
         for cert in recovered.devices {
-            core.devices.insert(cert.body.device.clone(), Device::new(cert.body.account));
+            let state = states.get(&cert.body.device).copied().unwrap_or_default();
+            if let Some(a) = core.accounts.get_mut(&cert.body.account) {
+                a.devices.insert(cert.body.device.clone());
+            }
+            core.devices.insert(cert.body.device.clone(), Device::new(cert.body.account, state));
         }
         for (chat, record, head) in recovered.chats {
             for m in &record.members {
@@ -305,7 +333,7 @@ impl RelayCore {
                     }
                 }
             }
-            Input::Closed { conn } => self.close(conn),
+            Input::Closed { conn } => self.close(conn, &mut out),
             Input::BadFrame { conn, error } => {
                 let code = match error {
                     FrameError::TooLarge(_) => ErrorCode::FrameTooLarge,
@@ -322,18 +350,15 @@ impl RelayCore {
         out
     }
 
-    fn close(&mut self, conn: ConnId) {
+    fn close(&mut self, conn: ConnId, out: &mut Vec<Effect>) {
+        self.detach(conn);
         if let Some(c) = self.conns.remove(&conn) {
             if let Some(d) = self.devices.get_mut(&c.device) {
                 d.fetches_in_flight = d.fetches_in_flight.saturating_sub(c.fetches_in_flight);
-            }
-            if let Some(a) = c.account {
-                if let Some(set) = self.conns_by_account.get_mut(&a) {
-                    set.remove(&conn);
-                    if set.is_empty() {
-                        self.conns_by_account.remove(&a);
-                    }
-                }
+                // Its last activity, kept across restarts for the account's session list.
+                let state = d.state;
+                let token = self.token();
+                out.push(Effect::Write { token, ops: vec![StoreOp::PutDeviceState(c.device.clone(), state)] });
             }
         }
         self.links.retain(|_, l| l.conn != conn);
@@ -356,6 +381,11 @@ impl RelayCore {
                 out.push(Effect::Close { conn });
                 return;
             }
+            if self.devices.get(&c.device).is_some_and(|d| d.state.revoked) {
+                out.push(revoked(conn, None));
+                out.push(Effect::Close { conn });
+                return;
+            }
             c.hello = true;
             let account = self.devices.get(&c.device).map(|d| d.account);
             if let Some(a) = account {
@@ -371,6 +401,15 @@ impl RelayCore {
         }
         let device = c.device.clone();
         let account = c.account;
+        if let Some(d) = self.devices.get_mut(&device) {
+            if d.state.revoked {
+                // Frames already on their way when the session ended.
+                out.push(revoked(conn, Some(req_of(&frame))));
+                out.push(Effect::Close { conn });
+                return;
+            }
+            d.state.last_active_ms = d.state.last_active_ms.max(now_ms);
+        }
         if let Some(retry_after_ms) = self.over_rate(&device, &frame, now_ms) {
             out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req: req_of(&frame), retry_after_ms } });
             return;
@@ -378,7 +417,7 @@ impl RelayCore {
         let result = match (frame, account) {
             (ClientFrame::Hello { .. }, _) => unreachable!("handled above"),
             (ClientFrame::CreateAccount { req, account, cert }, _) => {
-                self.create_account(conn, req, &device, account, cert, out).map_err(|e| (req, e))
+                self.create_account(conn, req, &device, account, cert, now_ms, out).map_err(|e| (req, e))
             }
             (ClientFrame::LinkWait { req, link_id, device_x25519, name }, _) => {
                 self.link_wait(conn, req, &device, link_id, device_x25519, name, out).map_err(|e| (req, e))
@@ -406,7 +445,27 @@ impl RelayCore {
                 None => Err((req, (ErrorCode::LinkNotFound, "no device waits under that link code".into()))),
             },
             (ClientFrame::LinkApprove { req, link_id, cert, bundle }, Some(a)) => {
-                self.link_approve(conn, req, a, link_id, cert, bundle, out).map_err(|e| (req, e))
+                self.link_approve(conn, req, a, link_id, cert, bundle, now_ms, out).map_err(|e| (req, e))
+            }
+            (ClientFrame::ListDevices { req }, Some(a)) => {
+                let online: BTreeSet<&DeviceId> = self.conns.values().map(|c| &c.device).collect();
+                let devices = self.accounts[&a]
+                    .devices
+                    .iter()
+                    .filter_map(|d| self.devices.get(d).map(|s| (d, s.state)))
+                    .map(|(d, s)| DeviceSession {
+                        device: d.clone(),
+                        registered_ms: s.registered_ms,
+                        last_active_ms: s.last_active_ms,
+                        online: online.contains(d) && !s.revoked,
+                        revoked: s.revoked,
+                    })
+                    .collect();
+                out.push(Effect::Send { conn, frame: RelayFrame::Devices { req, devices } });
+                Ok(())
+            }
+            (ClientFrame::Revoke { req, revocation }, Some(a)) => {
+                self.revoke(conn, req, a, &device, revocation, now_ms, out).map_err(|e| (req, e))
             }
             (ClientFrame::CreateChat { req, chat, kind, epoch, keys, .. }, Some(a)) => {
                 self.create_chat(conn, req, a, chat, kind, epoch, keys, out).map_err(|e| (req, e))
@@ -522,6 +581,17 @@ impl RelayCore {
         }
     }
 
+    fn detach(&mut self, conn: ConnId) {
+        if let Some(a) = self.conns.get_mut(&conn).and_then(|c| c.account.take()) {
+            if let Some(set) = self.conns_by_account.get_mut(&a) {
+                set.remove(&conn);
+                if set.is_empty() {
+                    self.conns_by_account.remove(&a);
+                }
+            }
+        }
+    }
+
     fn attach(&mut self, conn: ConnId, account: AccountId) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.account = Some(account);
@@ -600,6 +670,7 @@ impl RelayCore {
         entry
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn create_account(
         &mut self,
         conn: ConnId,
@@ -607,6 +678,7 @@ impl RelayCore {
         device: &DeviceId,
         account: AccountPublic,
         cert: DeviceCert,
+        now_ms: u64,
         out: &mut Vec<Effect>,
     ) -> Result<(), (ErrorCode, String)> {
         account.validate().map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
@@ -629,10 +701,16 @@ impl RelayCore {
             return Err((ErrorCode::AlreadyExists, "this device already belongs to an account".into()));
         }
         let id = account.id;
-        let mut ops = vec![StoreOp::PutAccount(account.clone()), StoreOp::PutDevice(cert.clone())];
-        self.accounts
-            .insert(id, Account { public: account, chats: BTreeSet::new(), log_head: Seq(0), log_durable: Seq(0) });
-        self.devices.insert(device.clone(), Device::new(id));
+        let state = DeviceState { registered_ms: now_ms, last_active_ms: now_ms, revoked: false };
+        let mut ops = vec![
+            StoreOp::PutAccount(account.clone()),
+            StoreOp::PutDevice(cert.clone()),
+            StoreOp::PutDeviceState(device.clone(), state),
+        ];
+        let mut acct = Account::new(account);
+        acct.devices.insert(device.clone());
+        self.accounts.insert(id, acct);
+        self.devices.insert(device.clone(), Device::new(id, state));
         let entry = self.log_entry(id, AccountEvent::DeviceAdded { cert }, &mut ops);
         let token = self.token();
         out.push(Effect::Write { token, ops });
@@ -691,6 +769,7 @@ impl RelayCore {
         link_id: [u8; 32],
         cert: DeviceCert,
         bundle: stratus_engine::proto::crypto::SealedBox,
+        now_ms: u64,
         out: &mut Vec<Effect>,
     ) -> Result<(), (ErrorCode, String)> {
         let link =
@@ -714,8 +793,14 @@ impl RelayCore {
             bundle: bundle.clone(),
         };
         self.approved.insert(link_id, approval.clone());
-        let mut ops = vec![StoreOp::PutDevice(cert.clone()), StoreOp::PutApprovedLink(link_id, approval)];
-        self.devices.insert(link.device.clone(), Device::new(account));
+        let state = DeviceState { registered_ms: now_ms, last_active_ms: now_ms, revoked: false };
+        let mut ops = vec![
+            StoreOp::PutDevice(cert.clone()),
+            StoreOp::PutDeviceState(link.device.clone(), state),
+            StoreOp::PutApprovedLink(link_id, approval),
+        ];
+        self.devices.insert(link.device.clone(), Device::new(account, state));
+        self.accounts.get_mut(&account).expect("the approver's account exists").devices.insert(link.device.clone());
         let entry = self.log_entry(account, AccountEvent::DeviceAdded { cert: cert.clone() }, &mut ops);
         let token = self.token();
         out.push(Effect::Write { token, ops });
@@ -725,6 +810,67 @@ impl RelayCore {
             Deferred::Send(link.conn, RelayFrame::LinkApproved { req: link.req, account: public, cert, bundle }),
             out,
         );
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        Ok(())
+    }
+
+    /// Ends another device's session: checked, recorded in the account log, and the device cut
+    /// off at once (its streams closed, everything queued for them dropped, and every later
+    /// frame or connection refused with `SessionRevoked`).
+    #[allow(clippy::too_many_arguments)]
+    fn revoke(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        account: AccountId,
+        by: &DeviceId,
+        revocation: Revocation,
+        now_ms: u64,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        revocation.verify(&self.accounts[&account].public).map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
+        let target = revocation.body.device.clone();
+        if &revocation.body.by != by {
+            return Err((ErrorCode::BadCertificate, "the revocation names another revoking device".into()));
+        }
+        if &target == by {
+            return Err((ErrorCode::BadCertificate, "a device cannot end its own session this way".into()));
+        }
+        match self.devices.get(&target) {
+            Some(d) if d.account == account && d.state.revoked => {
+                // A retry whose reply was lost (or another device got there first).
+                self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+                return Ok(());
+            }
+            Some(d) if d.account == account => {}
+            _ => return Err((ErrorCode::UnknownDevice, format!("no device {} in this account", target.0))),
+        }
+        let age = now_ms.saturating_sub(self.devices[by].state.registered_ms);
+        if age < self.limits.min_session_age_ms {
+            return Err((
+                ErrorCode::SessionTooNew,
+                format!(
+                    "this device's session is {} min old; ending other sessions needs {} min",
+                    age / 60_000,
+                    self.limits.min_session_age_ms / 60_000
+                ),
+            ));
+        }
+        let dev = self.devices.get_mut(&target).expect("checked above");
+        dev.state.revoked = true;
+        dev.held = None;
+        let mut ops = vec![StoreOp::PutDeviceState(target.clone(), dev.state)];
+        let entry = self.log_entry(account, AccountEvent::DeviceRevoked { revocation }, &mut ops);
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        let cut: Vec<ConnId> = self.conns.iter().filter(|(_, c)| c.device == target).map(|(id, _)| *id).collect();
+        for c in cut {
+            // Nothing more is pushed to it, not even the revocation itself.
+            self.detach(c);
+            out.push(revoked(c, None));
+            out.push(Effect::Close { conn: c });
+        }
+        self.after_durable(Deferred::AccountDurable { account, entry }, out);
         self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
         Ok(())
     }
@@ -868,6 +1014,15 @@ fn hold(dev: &mut Device, cs: ClientSeq) {
     dev.held = Some(dev.held.map_or(cs, |h| h.min(cs)));
 }
 
+fn revoked(conn: ConnId, req: Option<ReqId>) -> Effect {
+    error_frame(
+        conn,
+        req,
+        ErrorCode::SessionRevoked,
+        "this device's session was ended by another device of its account",
+    )
+}
+
 fn req_of(frame: &ClientFrame) -> ReqId {
     match frame {
         ClientFrame::Hello { .. } => 0,
@@ -879,7 +1034,9 @@ fn req_of(frame: &ClientFrame) -> ReqId {
         | ClientFrame::Append { req, .. }
         | ClientFrame::SyncState { req }
         | ClientFrame::FetchChat { req, .. }
-        | ClientFrame::FetchAccount { req, .. } => *req,
+        | ClientFrame::FetchAccount { req, .. }
+        | ClientFrame::ListDevices { req }
+        | ClientFrame::Revoke { req, .. } => *req,
     }
 }
 

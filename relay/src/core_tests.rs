@@ -94,7 +94,8 @@ impl World {
     fn second_device(&mut self, keys: &AccountKeys, conn: ConnId, name: &str) -> Dev {
         let dev = DeviceId(name.into());
         let account = keys.public().id;
-        self.core.devices.insert(dev.clone(), Device::new(account));
+        self.core.devices.insert(dev.clone(), Device::new(account, DeviceState::default()));
+        self.core.accounts.get_mut(&account).expect("the account exists").devices.insert(dev.clone());
         self.connect(conn, name)
     }
 }
@@ -246,9 +247,9 @@ fn a_device_that_lost_its_approval_in_flight_can_ask_again() {
         created_ms: 0,
     });
     let bundle = SealedBox { ephemeral: [1; 32], sealed: vec![2; 80] };
-    let approved = w.frame(a.conn, ClientFrame::LinkApprove { req: 7, link_id, cert, bundle });
+    let mut approved = w.frame(a.conn, ClientFrame::LinkApprove { req: 7, link_id, cert, bundle });
     // The new device drops before the approval is durable: it never sees it.
-    w.input(Input::Closed { conn: new.conn });
+    approved.extend(w.input(Input::Closed { conn: new.conn }));
     let released = w.durable(&approved);
     assert!(sends(&released).iter().all(|(c, _)| *c != new.conn));
 
@@ -643,4 +644,139 @@ fn a_refused_chat_creation_holds_back_the_chats_first_append() {
     let released = w.durable(&effects);
     assert!(sends(&released).iter().any(|(_, f)| matches!(f, RelayFrame::Done { req: 5 })), "{released:?}");
     assert_eq!(acked_client_seqs(&released), vec![(8, Seq(1))]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions
+
+fn revocation(keys: &AccountKeys, device: &Dev, by: &Dev) -> stratus_engine::proto::cert::Revocation {
+    keys.revoke(stratus_engine::proto::cert::RevocationBody {
+        account: keys.public().id,
+        device: device.id.clone(),
+        by: by.id.clone(),
+        at_ms: 0,
+    })
+}
+
+fn error_codes(effects: &[Effect]) -> Vec<(ConnId, ErrorCode)> {
+    sends(effects)
+        .into_iter()
+        .filter_map(|(c, f)| match f {
+            RelayFrame::Error { code, .. } => Some((c, *code)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_revocation_is_checked_cuts_the_device_off_and_refuses_it_afterwards() {
+    let mut w = world_with(Limits { min_session_age_ms: 0, ..Limits::default() });
+    let a = w.connect(1, "a");
+    let (keys, chat) = w.account(&a);
+    let b = w.second_device(&keys, 2, "b");
+
+    // Forged, misattributed and unknown revocations change nothing.
+    let stranger = AccountKeys::generate(&mut w.rng);
+    let forged = w.frame(a.conn, ClientFrame::Revoke { req: 1, revocation: revocation(&stranger, &b, &a) });
+    let claims_b = w.frame(a.conn, ClientFrame::Revoke { req: 2, revocation: revocation(&keys, &a, &b) });
+    let nobody = Dev { conn: 9, id: DeviceId("nobody".into()) };
+    let unknown = w.frame(a.conn, ClientFrame::Revoke { req: 3, revocation: revocation(&keys, &nobody, &a) });
+    assert_eq!(error_codes(&forged), vec![(1, ErrorCode::BadCertificate)]);
+    assert_eq!(error_codes(&claims_b), vec![(1, ErrorCode::BadCertificate)]);
+    assert_eq!(error_codes(&unknown), vec![(1, ErrorCode::UnknownDevice)]);
+    assert!(!w.core.devices[&b.id].state.revoked);
+
+    // A real one cuts b off at once, before the barrier.
+    let e = w.frame(a.conn, ClientFrame::Revoke { req: 4, revocation: revocation(&keys, &b, &a) });
+    assert_eq!(error_codes(&e), vec![(2, ErrorCode::SessionRevoked)]);
+    assert!(e.contains(&Effect::Close { conn: 2 }));
+    let released = w.durable(&e);
+    let to =
+        |conn| sends(&released).into_iter().filter(|(c, _)| *c == conn).map(|(_, f)| f.clone()).collect::<Vec<_>>();
+    assert!(to(1).iter().any(|f| matches!(f, RelayFrame::Done { req: 4 })));
+    assert!(to(1).iter().any(|f| matches!(
+        f,
+        RelayFrame::PushAccount { entry: AccountEntry { event: AccountEvent::DeviceRevoked { .. }, .. } }
+    )));
+    assert!(to(2).is_empty(), "nothing more reaches the revoked device: {released:?}");
+
+    // Frames already on their way, and any later connection, are refused.
+    let late = w.frame(b.conn, append(5, chat, 1));
+    assert_eq!(error_codes(&late), vec![(2, ErrorCode::SessionRevoked)]);
+    w.input(Input::Opened { conn: 3, device: b.id.clone() });
+    let hello = w.frame(3, ClientFrame::Hello { version: PROTOCOL_VERSION });
+    assert_eq!(error_codes(&hello), vec![(3, ErrorCode::SessionRevoked)]);
+    assert!(hello.contains(&Effect::Close { conn: 3 }));
+
+    // Asking again is answered again; the list shows b ended.
+    let again = w.frame(a.conn, ClientFrame::Revoke { req: 6, revocation: revocation(&keys, &b, &a) });
+    assert!(matches!(sends(&again)[..], [(1, RelayFrame::Done { req: 6 })]), "{again:?}");
+    let list = w.frame(a.conn, ClientFrame::ListDevices { req: 7 });
+    let [(1, RelayFrame::Devices { devices, .. })] = &sends(&list)[..] else { panic!("{list:?}") };
+    let by_id: BTreeMap<_, _> = devices.iter().map(|d| (d.device.clone(), d)).collect();
+    assert!(by_id[&a.id].online && !by_id[&a.id].revoked);
+    assert!(by_id[&b.id].revoked && !by_id[&b.id].online);
+}
+
+#[test]
+fn a_young_session_cannot_end_others_and_two_revoking_each_other_leave_one() {
+    let mut w = world();
+    w.now_ms = 1_000;
+    let a = w.connect(1, "a");
+    let (keys, _) = w.account(&a);
+    let b = w.second_device(&keys, 2, "b");
+    w.core.devices.get_mut(&b.id).unwrap().state.registered_ms = 1_000;
+    w.now_ms += 3_600_000;
+    let young = w.frame(a.conn, ClientFrame::Revoke { req: 1, revocation: revocation(&keys, &b, &a) });
+    assert_eq!(error_codes(&young), vec![(1, ErrorCode::SessionTooNew)]);
+    assert!(!w.core.devices[&b.id].state.revoked);
+
+    // A day later both may; the one the relay takes first wins, the other is already cut off.
+    w.now_ms += 24 * 3_600_000;
+    let first = w.frame(b.conn, ClientFrame::Revoke { req: 2, revocation: revocation(&keys, &a, &b) });
+    let second = w.frame(a.conn, ClientFrame::Revoke { req: 3, revocation: revocation(&keys, &b, &a) });
+    assert_eq!(error_codes(&first), vec![(1, ErrorCode::SessionRevoked)]);
+    assert_eq!(error_codes(&second), vec![(1, ErrorCode::SessionRevoked)]);
+    assert!(w.core.devices[&a.id].state.revoked && !w.core.devices[&b.id].state.revoked);
+}
+
+#[test]
+fn a_revocation_is_written_and_survives_a_restart() {
+    let mut w = world_with(Limits { min_session_age_ms: 0, ..Limits::default() });
+    w.now_ms = 5_000;
+    let a = w.connect(1, "a");
+    let (keys, _) = w.account(&a);
+    let b = w.second_device(&keys, 2, "b");
+    let e = w.frame(a.conn, ClientFrame::Revoke { req: 1, revocation: revocation(&keys, &b, &a) });
+    let writes: Vec<StoreOp> = e
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Write { ops, .. } => Some(ops.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(writes.contains(&StoreOp::PutDeviceState(
+        b.id.clone(),
+        DeviceState { registered_ms: 0, last_active_ms: 0, revoked: true }
+    )));
+    // A relay restarted on what was written still refuses b.
+    let cert = keys.certify(DeviceCertBody {
+        account: keys.public().id,
+        device: b.id.clone(),
+        device_x25519: [2; 32],
+        name: "b".into(),
+        created_ms: 0,
+    });
+    let recovered = Recovered {
+        accounts: vec![keys.public()],
+        devices: vec![cert],
+        device_states: vec![(b.id.clone(), DeviceState { registered_ms: 0, last_active_ms: 0, revoked: true })],
+        ..Recovered::default()
+    };
+    let mut core = RelayCore::new(recovered, Limits::default());
+    assert!(core.handle(Input::Opened { conn: 1, device: b.id.clone() }).is_empty());
+    let hello =
+        core.handle(Input::Frame { conn: 1, frame: ClientFrame::Hello { version: PROTOCOL_VERSION }, now_ms: 0 });
+    assert_eq!(error_codes(&hello), vec![(1, ErrorCode::SessionRevoked)]);
 }

@@ -49,6 +49,10 @@ pub struct Limits {
     /// Default 2,000: an outbox of a few thousand messages written offline goes out without
     /// a pause.
     pub request_burst: u32,
+    /// How old a device's session must be before it may end other sessions of its account.
+    /// Default 24 hours: someone who links a new device to a stolen unlocked phone cannot then
+    /// lock the owner's other devices out (the same rule as Telegram's).
+    pub min_session_age_ms: u64,
 }
 
 /// Longest frame the protocol allows (see the wire module).
@@ -73,6 +77,7 @@ impl Default for Limits {
             max_appends_in_flight_per_device: 64,
             requests_per_second: 1_000,
             request_burst: 2_000,
+            min_session_age_ms: 24 * 3600 * 1000,
         }
     }
 }

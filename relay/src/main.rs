@@ -41,6 +41,9 @@ struct Args {
     /// Requests per device allowed at once above the sustained rate.
     #[arg(long, default_value_t = Limits::default().request_burst, value_parser = clap::value_parser!(u32).range(1..))]
     request_burst: u32,
+    /// Seconds a device's session must have existed before it may end other sessions.
+    #[arg(long, default_value_t = Limits::default().min_session_age_ms / 1000)]
+    min_session_age_secs: u64,
 }
 
 fn frame_bytes(s: &str) -> Result<usize, String> {
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         max_appends_in_flight_per_device: args.max_appends_in_flight,
         requests_per_second: args.requests_per_second,
         request_burst: args.request_burst,
+        min_session_age_ms: args.min_session_age_secs.saturating_mul(1000),
     };
     let config = Config { data_dir: args.data_dir, listen: args.listen, limits };
     let result = rt.block_on(server::run(

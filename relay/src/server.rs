@@ -20,7 +20,6 @@ use libp2p::{connection_limits, identify, noise, ping, tcp, yamux, Multiaddr, Pe
 use stratus_engine::proto::wire::{self, ClientFrame, FrameError, RelayFrame, MAX_FRAME_BYTES};
 use stratus_engine::DeviceId;
 use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
 use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
@@ -273,7 +272,6 @@ pub async fn run_with_store<S: RelayStore>(
 
     let (in_tx, in_rx) = mpsc::channel::<CoreMsg>(INPUT_QUEUE);
     let accept_tx = in_tx.clone();
-    let clock = Instant::now();
     let accept_task = tokio::spawn(async move {
         let mut next_conn: ConnId = 1;
         while let Some((peer, stream)) = incoming.next().await {
@@ -297,7 +295,7 @@ pub async fn run_with_store<S: RelayStore>(
             };
             let conn = next_conn;
             next_conn += 1;
-            tokio::spawn(connection(conn, peer, stream, accept_tx.clone(), limits.max_frame_bytes, clock, slot));
+            tokio::spawn(connection(conn, peer, stream, accept_tx.clone(), limits.max_frame_bytes, slot));
         }
     });
 
@@ -489,6 +487,10 @@ fn log_input(input: &Input) {
             ClientFrame::LinkApprove { req, .. } => tracing::debug!(conn, req, "link approve"),
             ClientFrame::SyncState { req } => tracing::debug!(conn, req, "sync state"),
             ClientFrame::Hello { version } => tracing::debug!(conn, version, "hello"),
+            ClientFrame::ListDevices { req } => tracing::debug!(conn, req, "list devices"),
+            ClientFrame::Revoke { req, revocation } => {
+                tracing::info!(conn, req, device = %revocation.body.device, "revoke")
+            }
         },
     }
 }
@@ -508,7 +510,6 @@ async fn connection(
     stream: libp2p::Stream,
     core: mpsc::Sender<CoreMsg>,
     max_frame_bytes: usize,
-    clock: Instant,
     _slot: StreamSlot,
 ) {
     let mut framed = Framed::new(stream.compat(), RelayCodec::new(max_frame_bytes));
@@ -560,7 +561,11 @@ async fn connection(
                 }
             }
             item = framed.next(), if reading => {
-                let now_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+                // Wall-clock time: sessions show when they were last active, and the rate limit
+                // only uses differences (a clock stepped back just refills the bucket later).
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                 let input = match item {
                     Some(Ok(bytes)) => match wire::decode::<ClientFrame>(&bytes) {
                         Ok(frame) => Input::Frame { conn, frame, now_ms },

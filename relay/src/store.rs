@@ -13,6 +13,7 @@
 //! * `dedup`: blake3(device id) ‖ client seq → chat id ‖ seq
 //! * `account_log`: account id ‖ seq → `AccountEvent`
 //! * `approved_links`: link id → `ApprovedLink` (until the new device syncs)
+//! * `device_state`: device id → `DeviceState` (registration, last activity, revocation)
 
 use std::path::Path;
 
@@ -82,6 +83,7 @@ pub struct SledStore {
     dedup: sled::Tree,
     account_log: sled::Tree,
     approved_links: sled::Tree,
+    device_state: sled::Tree,
 }
 
 impl SledStore {
@@ -97,6 +99,7 @@ impl SledStore {
             dedup: db.open_tree("dedup")?,
             account_log: db.open_tree("account_log")?,
             approved_links: db.open_tree("approved_links")?,
+            device_state: db.open_tree("device_state")?,
             db,
         })
     }
@@ -137,10 +140,11 @@ impl RelayStore for SledStore {
             &self.dedup,
             &self.account_log,
             &self.approved_links,
+            &self.device_state,
         ];
         let r: Result<(), TransactionError<()>> = trees.transaction(|t: &Vec<TransactionalTree>| {
-            let (accounts, devices, chats, deltas, dedup, log, links) =
-                (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6]);
+            let (accounts, devices, chats, deltas, dedup, log, links, states) =
+                (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7]);
             for op in ops {
                 match op {
                     StoreOp::PutAccount(a) => {
@@ -167,6 +171,9 @@ impl RelayStore for SledStore {
                     }
                     StoreOp::PutApprovedLink(id, l) => {
                         links.insert(&id[..], enc(l))?;
+                    }
+                    StoreOp::PutDeviceState(d, s) => {
+                        states.insert(d.0.as_bytes(), enc(s))?;
                     }
                     StoreOp::DeleteApprovedLink(id) => {
                         links.remove(&id[..])?;
@@ -265,6 +272,11 @@ impl RelayStore for SledStore {
             recent.reverse();
             r.recent_appends.push((cert.body.device.clone(), recent));
             r.devices.push(cert);
+        }
+        for kv in self.device_state.iter() {
+            let (k, v) = kv?;
+            let id = String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt("device id"))?;
+            r.device_states.push((DeviceId(id), dec(&v, "device state")?));
         }
         for kv in self.approved_links.iter() {
             let (k, v) = kv?;

@@ -81,6 +81,9 @@ pub enum SyncOutput {
     Error { code: ErrorCode, message: String },
     /// The relay does not know this device (never linked, or removed).
     NotRegistered,
+    /// Another device of the account ended this device's session: delete the account's data
+    /// here and stop syncing.
+    Revoked,
     /// The relay is limiting this device: feed [`SyncInput::Resume`] after `ms` milliseconds.
     /// Until then the core sends no request. Emitted once per pause.
     RetryAfter { ms: u32 },
@@ -359,6 +362,10 @@ impl SyncCore {
                     let (item, _) = self.outbox.remove(pos).expect("position is in range");
                     out.push(SyncOutput::Acked { client_seq, chat: item.chat, seq: None });
                 }
+            }
+            RelayFrame::Error { code: ErrorCode::SessionRevoked, .. } => {
+                self.phase = Phase::Offline;
+                out.push(SyncOutput::Revoked);
             }
             RelayFrame::Error { req: Some(req), code, message } if self.is(req, |_| true) => {
                 match self.pending.remove(&req) {

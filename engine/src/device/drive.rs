@@ -37,6 +37,10 @@ pub enum Event {
     Idle,
     /// Something failed that the app should show; sync goes on.
     Error { message: String },
+    /// Another device of the account ended this device's session. The account's data on this
+    /// device is deleted (the device is logged out, with a new identity on its next open) and
+    /// the session stops.
+    SessionRevoked,
 }
 
 /// What the driver must do after [`Device::carry_out`], in order.
@@ -156,6 +160,14 @@ impl Device {
                 SyncOutput::RetryAfter { ms } => actions.push(Action::RetryAfter(ms)),
                 SyncOutput::Error { code, message } => actions.push(error(format!("relay: {message} ({code:?})"))),
                 SyncOutput::NotRegistered => actions.push(error("the relay does not know this device".into())),
+                SyncOutput::Revoked => {
+                    if let Err(e) = self.wipe_account() {
+                        actions.push(error(format!("deleting the account's data: {e}")));
+                    }
+                    actions.push(Action::Emit(Event::SessionRevoked));
+                    // Nothing after this applies to a device that no longer has an account.
+                    break;
+                }
             }
         }
         actions

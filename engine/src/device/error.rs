@@ -52,6 +52,10 @@ pub enum Error {
     /// A message text longer than allowed.
     #[error("message too long: {0} bytes (limit {1})")]
     TooLong(usize, usize),
+    /// Another device of the account ended this device's session; its account data was deleted
+    /// from this device.
+    #[error("this device's session was ended by another device of the account; its account data was deleted here")]
+    SessionRevoked,
     /// The session task stopped.
     #[error("the sync session stopped")]
     Stopped,

@@ -15,13 +15,14 @@ use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
 use crate::device::store::{
     device_id_of, ChatMeta, DeviceSecrets, DeviceStore, Login, OutboxBody, OutboxItem, COMPACT_AFTER_CHANGES,
 };
-use crate::proto::cert::{AccountKeys, DeviceCert, DeviceCertBody, MAX_DEVICE_NAME_BYTES};
+use crate::proto::cert::{AccountKeys, DeviceCert, DeviceCertBody, RevocationBody, MAX_DEVICE_NAME_BYTES};
 use crate::proto::crypto::{
     open_box, seal_box, seal_delta, unwrap_chat_key, wrap_chat_key, ChatKey, DeltaAd, SealedBox,
 };
 use crate::proto::ids::{AccountId, ChatId, DeviceId, Epoch, Seq};
 use crate::proto::wire::{
-    AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, RelayFrame, ReqId, WrappedKey, PROTOCOL_VERSION,
+    AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, ErrorCode, RelayFrame, ReqId, WrappedKey,
+    PROTOCOL_VERSION,
 };
 
 /// Longest message text, in bytes (a sealed delta must fit the relay's 64 KiB limit).
@@ -45,6 +46,25 @@ pub struct ChatSummary {
     pub messages: usize,
     /// Last applied seq from the relay.
     pub seq: u64,
+}
+
+/// A session of the account, as [`Device::sessions`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionInfo {
+    /// The device id.
+    pub device: DeviceId,
+    /// The name in its certificate (`None` until this device has synced its certificate).
+    pub name: Option<String>,
+    /// When its certificate was made, by the certifying device's clock, ms since the Unix epoch.
+    pub created_ms: Option<u64>,
+    /// When the relay registered it (0: before the relay kept this).
+    pub registered_ms: u64,
+    /// When the relay last heard from it.
+    pub last_active_ms: u64,
+    /// Connected to the relay now.
+    pub online: bool,
+    /// It is this device.
+    pub this_device: bool,
 }
 
 /// A link code: what a new device shows so that a logged-in device can approve it.
@@ -246,7 +266,7 @@ impl Device {
                 Some(RelayFrame::Error { req: r, code, message }) if r == Some(req) || r.is_none() => {
                     return Err(Error::Relay { code, message })
                 }
-                Some(f) if frame_req(&f) == Some(req) => return Ok(f),
+                Some(f) if f.req() == Some(req) => return Ok(f),
                 Some(_) => {} // pushes and other traffic: the session will fetch them
             }
         }
@@ -421,6 +441,68 @@ impl Device {
         Ok((cert.body.device.clone(), cert.body.name.clone()))
     }
 
+    // ---- sessions ----
+
+    /// One request over a fresh stream for a logged-in device, and its reply. A relay that
+    /// answers that this device's session was ended gets the account's data deleted here.
+    async fn one_request(&mut self, frame: ClientFrame, req: ReqId) -> Result<RelayFrame, Error> {
+        let relay = self.login()?.relay.clone();
+        let result = async {
+            let (_net, mut stream, _) = self.connect(&relay).await?;
+            stream.send(&frame).await?;
+            Self::reply(&mut stream, req).await
+        }
+        .await;
+        if let Err(Error::Relay { code: ErrorCode::SessionRevoked, .. }) = result {
+            self.wipe_account()?;
+            return Err(Error::SessionRevoked);
+        }
+        result
+    }
+
+    /// The account's sessions: every device whose session was not ended, with what this device
+    /// knows of it (its certificate) and what the relay knows (registration, last activity).
+    pub async fn sessions(&mut self) -> Result<Vec<SessionInfo>, Error> {
+        let RelayFrame::Devices { devices, .. } = self.one_request(ClientFrame::ListDevices { req: 1 }, 1).await?
+        else {
+            return Err(Error::Relay { code: ErrorCode::Internal, message: "unexpected reply to list devices".into() });
+        };
+        let certs: BTreeMap<DeviceId, DeviceCert> =
+            self.store.devices()?.into_iter().map(|c| (c.body.device.clone(), c)).collect();
+        Ok(devices
+            .into_iter()
+            .filter(|d| !d.revoked)
+            .map(|d| {
+                let cert = certs.get(&d.device);
+                SessionInfo {
+                    this_device: d.device == self.id,
+                    name: cert.map(|c| c.body.name.clone()),
+                    created_ms: cert.map(|c| c.body.created_ms),
+                    registered_ms: d.registered_ms,
+                    last_active_ms: d.last_active_ms,
+                    online: d.online,
+                    device: d.device,
+                }
+            })
+            .collect())
+    }
+
+    /// Ends another device's session: signs the revocation with the account key and has the
+    /// relay cut the device off. Its other devices drop it when they see the revocation in the
+    /// account log (after checking the signature themselves).
+    pub async fn revoke(&mut self, device: &DeviceId) -> Result<(), Error> {
+        let login = self.login()?.clone();
+        let revocation = login.keys.revoke(RevocationBody {
+            account: login.account.id,
+            device: device.clone(),
+            by: self.id.clone(),
+            at_ms: self.now_ms().max(0) as u64,
+        });
+        self.one_request(ClientFrame::Revoke { req: 1, revocation }, 1).await?;
+        self.store.remove_device(device)?;
+        Ok(())
+    }
+
     // ---- local chat state ----
 
     pub(crate) fn doc(&mut self, chat: ChatId) -> Result<&mut ChatDoc, Error> {
@@ -578,6 +660,19 @@ impl Device {
         }
     }
 
+    /// Deletes the account's keys and data and this device's identity from the store, durably,
+    /// and logs out (after the account ended this device's session).
+    pub fn wipe_account(&mut self) -> Result<(), Error> {
+        self.docs.clear();
+        self.doc_order.clear();
+        self.login = None;
+        self.store.clear()?;
+        let dir = self.store.dir().to_path_buf();
+        drop(std::mem::replace(&mut self.store, DeviceStore::placeholder()?));
+        DeviceStore::remove_files(&dir)?;
+        Ok(())
+    }
+
     /// Applies an account log entry; returns the chat that became readable, if any.
     pub(crate) fn apply_account_entry(&mut self, entry: &AccountEntry) -> Result<Option<ChatId>, Error> {
         let login = self.login()?.clone();
@@ -585,6 +680,14 @@ impl Device {
             AccountEvent::DeviceAdded { cert } => {
                 cert.verify(&login.account)?;
                 self.store.put_device(cert)?;
+                Ok(None)
+            }
+            AccountEvent::DeviceRevoked { revocation } => {
+                // Checked here too: the relay's word is not enough to drop a device.
+                revocation.verify(&login.account)?;
+                if revocation.body.device != self.id {
+                    self.store.remove_device(&revocation.body.device)?;
+                }
                 Ok(None)
             }
             AccountEvent::ChatAdded { chat, kind, epoch, wrapped_key, signer, signature } => {
@@ -624,22 +727,6 @@ impl Device {
 
     pub(crate) fn cursor(&self, chat: ChatId) -> Result<Seq, Error> {
         Ok(self.store.cursor(chat)?)
-    }
-}
-
-pub(crate) fn frame_req(f: &RelayFrame) -> Option<ReqId> {
-    match f {
-        RelayFrame::Done { req }
-        | RelayFrame::LinkInfo { req, .. }
-        | RelayFrame::LinkApproved { req, .. }
-        | RelayFrame::Acked { req, .. }
-        | RelayFrame::Duplicate { req, .. }
-        | RelayFrame::SyncState { req, .. }
-        | RelayFrame::ChatPage { req, .. }
-        | RelayFrame::AccountPage { req, .. }
-        | RelayFrame::RateLimited { req, .. } => Some(*req),
-        RelayFrame::Error { req, .. } => *req,
-        RelayFrame::Hello { .. } | RelayFrame::Push { .. } | RelayFrame::PushAccount { .. } => None,
     }
 }
 

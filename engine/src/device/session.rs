@@ -83,6 +83,7 @@ impl Session {
             was_caught_up: false,
             was_idle: false,
             resume_at: None,
+            revoked: false,
         };
         tokio::spawn(driver.run(cmd_rx));
         Ok(Session { commands: cmd_tx, events: ev_tx, first: Some(ev_rx) })
@@ -150,6 +151,8 @@ struct Driver {
     was_idle: bool,
     /// When to feed [`SyncInput::Resume`] after the relay limited this device.
     resume_at: Option<Instant>,
+    /// The account ended this device's session: its data is gone and it never reconnects.
+    revoked: bool,
 }
 
 impl Driver {
@@ -157,7 +160,7 @@ impl Driver {
         let mut backoff = BACKOFF_MIN;
         let mut reconnect_at = Instant::now();
         loop {
-            if self.stream.is_none() && Instant::now() >= reconnect_at {
+            if self.stream.is_none() && !self.revoked && Instant::now() >= reconnect_at {
                 match self.net.open(self.peer, self.addr.clone()).await {
                     Ok(s) => {
                         self.stream = Some(s);
@@ -174,7 +177,7 @@ impl Driver {
                 }
                 continue;
             }
-            let offline = self.stream.is_none();
+            let offline = self.stream.is_none() && !self.revoked;
             let resume_at = self.resume_at;
             let stream = self.stream.as_mut();
             tokio::select! {
@@ -285,6 +288,11 @@ impl Driver {
         for action in actions {
             match action {
                 Action::Send(frame) => self.send_frame(frame).await,
+                Action::Emit(Event::SessionRevoked) => {
+                    self.revoked = true;
+                    self.stream = None;
+                    self.emit(Event::SessionRevoked).await;
+                }
                 Action::Emit(event) => self.emit(event).await,
                 Action::RetryAfter(ms) => self.resume_at = Some(Instant::now() + Duration::from_millis(ms.into())),
                 // The session makes no requests of its own.

@@ -117,6 +117,7 @@ pub type DocParts = (Option<Vec<u8>>, Vec<Vec<u8>>);
 pub struct DeviceStore {
     db: sled::Db,
     files: SledDir,
+    dir: std::path::PathBuf,
     meta: sled::Tree,
     chats: sled::Tree,
     cursors: sled::Tree,
@@ -159,9 +160,13 @@ type TxResult<T> = Result<T, ConflictableTransactionError<()>>;
 impl DeviceStore {
     /// Opens (or creates) the store under `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+        Self::from_db(sled::Config::new().path(dir).open()?, dir)
+    }
+
+    fn from_db(db: sled::Db, dir: &Path) -> Result<Self, StoreError> {
         Ok(DeviceStore {
             files: SledDir::new(dir),
+            dir: dir.to_path_buf(),
             meta: db.open_tree("meta")?,
             chats: db.open_tree("chats")?,
             cursors: db.open_tree("cursors")?,
@@ -240,6 +245,67 @@ impl DeviceStore {
     /// Records a device certificate of this account.
     pub fn put_device(&self, cert: &DeviceCert) -> Result<(), StoreError> {
         self.devices.insert(cert.body.device.0.as_bytes(), enc(cert))?;
+        Ok(())
+    }
+
+    /// Forgets a device of the account (its session was ended).
+    pub fn remove_device(&self, device: &DeviceId) -> Result<(), StoreError> {
+        self.devices.remove(device.0.as_bytes())?;
+        Ok(())
+    }
+
+    /// Empties every tree, durably: the account's keys and data and this device's identity.
+    /// The files still hold old pages; [`DeviceStore::remove_files`] takes them away once this
+    /// store is dropped.
+    pub fn clear(&self) -> Result<(), StoreError> {
+        for tree in
+            [&self.meta, &self.chats, &self.cursors, &self.snapshots, &self.changes, &self.outbox, &self.devices]
+        {
+            tree.clear()?;
+        }
+        self.barrier()
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// An empty store in a temporary place, deleted when dropped: it stands in for a store that
+    /// was wiped until the device is dropped.
+    pub fn placeholder() -> Result<Self, StoreError> {
+        let dir = std::env::temp_dir().join(format!("stratus-wiped-{:016x}", rand::random::<u64>()));
+        let db = sled::Config::new().path(&dir).temporary(true).open()?;
+        Self::from_db(db, &dir)
+    }
+
+    /// Removes a store's files once sled has let go of them (after every handle was dropped, sled
+    /// finishes in a background thread and then releases its lock; removing the files earlier
+    /// would let that thread write them again). Blocks the files occupied are not overwritten:
+    /// protecting freed blocks at rest is the disk encryption's job.
+    pub fn remove_files(dir: &Path) -> Result<(), StoreError> {
+        use fs2::FileExt;
+        let db = dir.join("db");
+        for _ in 0..1000 {
+            let file = match std::fs::OpenOptions::new().read(true).write(true).open(&db) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) => return Err(StoreError::Sync(e)),
+            };
+            if file.try_lock_exclusive().is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::Sync(e)),
+        }
+        if let Some(parent) = dir.parent() {
+            // The removal itself must survive a power cut.
+            std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(StoreError::Sync)?;
+        }
         Ok(())
     }
 

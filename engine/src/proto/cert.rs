@@ -201,6 +201,59 @@ impl DeviceCert {
     }
 }
 
+/// The signed part of a revocation: the account ends one of its device sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationBody {
+    /// The account.
+    pub account: AccountId,
+    /// The device whose session ends.
+    pub device: DeviceId,
+    /// The device that ended it.
+    pub by: DeviceId,
+    /// When, milliseconds since the Unix epoch, by the revoking device's clock.
+    pub at_ms: u64,
+}
+
+impl RevocationBody {
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut b = b"stratus-revocation-v1".to_vec();
+        b.extend(postcard::to_allocvec(self).expect("serializing a revocation body cannot fail"));
+        b
+    }
+}
+
+/// A revocation signed with the account signing key. The relay checks it before it acts on it,
+/// and every other device of the account checks it again before it drops the device from its
+/// own list: neither takes the other's word.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// What is revoked.
+    pub body: RevocationBody,
+    /// Ed25519 signature (64 bytes) over the body.
+    pub signature: Vec<u8>,
+}
+
+impl Revocation {
+    /// Verifies the revocation against the account's public keys.
+    pub fn verify(&self, account: &AccountPublic) -> Result<(), CertError> {
+        if self.body.account != account.id {
+            return Err(CertError::WrongAccount);
+        }
+        if self.body.device.0.len() > DeviceId::MAX_LEN || self.body.by.0.len() > DeviceId::MAX_LEN {
+            return Err(CertError::Malformed("device id too long"));
+        }
+        account.verify_signature(&self.body.signed_bytes(), &self.signature)
+    }
+}
+
+impl AccountKeys {
+    /// Signs a revocation.
+    pub fn revoke(&self, body: RevocationBody) -> Revocation {
+        let sig = SigningKey::from_bytes(&self.signing).sign(&body.signed_bytes());
+        Revocation { body, signature: sig.to_bytes().to_vec() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +279,34 @@ mod tests {
 
         let other = AccountKeys::generate(&mut rng).public();
         assert_eq!(cert.verify(&other), Err(CertError::WrongAccount));
+    }
+
+    #[test]
+    fn revocations_verify_only_under_their_account_and_as_signed() {
+        let mut rng = rand::thread_rng();
+        let keys = AccountKeys::generate(&mut rng);
+        let public = keys.public();
+        let body =
+            RevocationBody { account: public.id, device: DeviceId("old".into()), by: DeviceId("me".into()), at_ms: 5 };
+        let r = keys.revoke(body);
+        r.verify(&public).unwrap();
+        let mut forged = r.clone();
+        forged.body.device = DeviceId("me".into());
+        assert_eq!(forged.verify(&public), Err(CertError::BadSignature));
+        let stranger = AccountKeys::generate(&mut rng);
+        let mut by_stranger = stranger.revoke(r.body.clone());
+        assert_eq!(by_stranger.verify(&public), Err(CertError::BadSignature));
+        by_stranger.body.account = stranger.public().id;
+        assert_eq!(by_stranger.verify(&public), Err(CertError::WrongAccount));
+        // A certificate signature is not a revocation signature (domain separation).
+        let cert = keys.certify(DeviceCertBody {
+            account: public.id,
+            device: DeviceId("old".into()),
+            device_x25519: [0; 32],
+            name: String::new(),
+            created_ms: 0,
+        });
+        let mixed = Revocation { body: r.body.clone(), signature: cert.signature };
+        assert_eq!(mixed.verify(&public), Err(CertError::BadSignature));
     }
 }

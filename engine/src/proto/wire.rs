@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::cert::{AccountPublic, DeviceCert};
+use super::cert::{AccountPublic, DeviceCert, Revocation};
 use super::crypto::SealedBox;
 use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
@@ -83,6 +83,27 @@ pub enum AccountEvent {
         /// `signer`'s signature over chat, kind, epoch, recipient and wrapped key.
         signature: Vec<u8>,
     },
+    /// A device's session was ended by another device of the account.
+    DeviceRevoked {
+        /// The revocation, signed with the account key.
+        revocation: Revocation,
+    },
+}
+
+/// One session (device) of an account as the relay sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSession {
+    /// The device.
+    pub device: DeviceId,
+    /// When the relay registered it, milliseconds since the Unix epoch (0: before the relay
+    /// kept this).
+    pub registered_ms: u64,
+    /// When the relay last heard from it, milliseconds since the Unix epoch.
+    pub last_active_ms: u64,
+    /// It has a sync stream open now.
+    pub online: bool,
+    /// Its session was ended.
+    pub revoked: bool,
 }
 
 /// An account log entry with its seq.
@@ -134,6 +155,10 @@ pub enum ClientFrame {
     FetchChat { req: ReqId, chat: ChatId, after: Seq, max: u32 },
     /// Asks for the account log after `after`, at most `max` entries.
     FetchAccount { req: ReqId, after: Seq, max: u32 },
+    /// Asks for the account's sessions; answered with `Devices`.
+    ListDevices { req: ReqId },
+    /// Ends another device's session; answered with `Done` once the revocation is durable.
+    Revoke { req: ReqId, revocation: Revocation },
 }
 
 /// Relay → device.
@@ -174,6 +199,28 @@ pub enum RelayFrame {
     /// later client seqs too, until this one comes again (so that nothing is stored out of
     /// order). Added in protocol version 2; kept last because postcard encodes variant indices.
     RateLimited { req: ReqId, retry_after_ms: u32 },
+    /// The account's sessions.
+    Devices { req: ReqId, devices: Vec<DeviceSession> },
+}
+
+impl RelayFrame {
+    /// The request this frame answers, if it answers one.
+    pub fn req(&self) -> Option<ReqId> {
+        match self {
+            RelayFrame::Done { req }
+            | RelayFrame::Devices { req, .. }
+            | RelayFrame::LinkInfo { req, .. }
+            | RelayFrame::LinkApproved { req, .. }
+            | RelayFrame::Acked { req, .. }
+            | RelayFrame::Duplicate { req, .. }
+            | RelayFrame::SyncState { req, .. }
+            | RelayFrame::ChatPage { req, .. }
+            | RelayFrame::AccountPage { req, .. }
+            | RelayFrame::RateLimited { req, .. } => Some(*req),
+            RelayFrame::Error { req, .. } => *req,
+            RelayFrame::Hello { .. } | RelayFrame::Push { .. } | RelayFrame::PushAccount { .. } => None,
+        }
+    }
 }
 
 /// Typed errors the relay returns.
@@ -207,6 +254,12 @@ pub enum ErrorCode {
     RateLimited,
     /// The relay failed; try again later.
     Internal,
+    /// This device's session was ended by another device of its account; the stream closes and
+    /// the device is refused from now on.
+    SessionRevoked,
+    /// The device's own session is too young to end others (see the relay's
+    /// `--min-session-age-hours`).
+    SessionTooNew,
 }
 
 /// A frame that failed to encode or decode.

@@ -459,7 +459,7 @@ impl Sim {
                     .1;
                 self.dev_mut(new).link_done(RELAY_NAME, &code, approved).map_err(|e| e.to_string())?;
                 self.dev_mut(owner).approve_done(&cert).map_err(|e| e.to_string())?;
-                self.setup_close(waiting);
+                self.setup_close(waiting)?;
             }
             // The chats go to the relay through the outbox, under faults like everything else.
             let mut chats = Vec::new();
@@ -468,7 +468,7 @@ impl Sim {
                 chats.push(chat);
             }
             self.chats.push(chats);
-            self.setup_close(conn);
+            self.setup_close(conn)?;
             first += n;
         }
         for dev in 0..self.devs.len() {
@@ -495,11 +495,21 @@ impl Sim {
         Ok(conn)
     }
 
-    fn setup_close(&mut self, conn: ConnId) {
-        if let Some(core) = self.relay.core.as_mut() {
-            core.handle(Input::Closed { conn });
+    fn setup_close(&mut self, conn: ConnId) -> Check {
+        let core = self.relay.core.as_mut().expect("the relay is up during setup");
+        for e in core.handle(Input::Closed { conn }) {
+            match e {
+                Effect::Write { token, ops } => {
+                    mirror(&self.relay.mirror, &ops)?;
+                    self.relay.store.apply(ops);
+                    self.relay.store.make_durable(usize::MAX);
+                    core.handle(Input::Durable { token });
+                }
+                other => return Err(format!("closing a setup connection: {other:?}")),
+            }
         }
         self.conns.remove(&conn);
+        Ok(())
     }
 
     fn expect_done(&mut self, conn: ConnId, frame: ClientFrame) -> Check {
@@ -657,7 +667,7 @@ impl Sim {
                 }
             }
             Ev::DeviceLost { conn } => self.device_lost(conn)?,
-            Ev::RelayLost { conn } => self.relay_lost(conn),
+            Ev::RelayLost { conn } => self.relay_lost(conn)?,
             Ev::Connect { dev } => self.connect(dev)?,
             Ev::Compose { dev } => self.compose(dev)?,
             Ev::CreateChat { dev } => self.create_chat(dev)?,
@@ -840,14 +850,16 @@ impl Sim {
         Ok(())
     }
 
-    fn relay_lost(&mut self, conn: ConnId) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+    fn relay_lost(&mut self, conn: ConnId) -> Check {
+        let Some(c) = self.conns.get_mut(&conn) else { return Ok(()) };
         if c.relay_open && c.epoch == self.relay.epoch {
             c.relay_open = false;
             if let Some(core) = self.relay.core.as_mut() {
-                core.handle(Input::Closed { conn });
+                let effects = core.handle(Input::Closed { conn });
+                self.relay_effects(effects)?;
             }
         }
+        Ok(())
     }
 
     // ---- the relay ----

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
 use stratus_engine::proto::wire::{AccountEntry, AccountEvent, Delta, MAX_PAGE_BYTES};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Seq};
-use stratus_relay::core::{ApprovedLink, ChatRecord, Recovered, StoreOp, DEDUP_WINDOW};
+use stratus_relay::core::{ApprovedLink, ChatRecord, DeviceState, Recovered, StoreOp, DEDUP_WINDOW};
 
 #[derive(Clone, Default)]
 struct State {
@@ -21,6 +21,7 @@ struct State {
     dedup: BTreeMap<(DeviceId, ClientSeq), (ChatId, Seq)>,
     log: BTreeMap<(AccountId, Seq), AccountEvent>,
     links: BTreeMap<[u8; 32], ApprovedLink>,
+    device_states: BTreeMap<DeviceId, DeviceState>,
 }
 
 impl State {
@@ -45,6 +46,9 @@ impl State {
                 }
                 StoreOp::PutApprovedLink(id, l) => {
                     self.links.insert(*id, l.clone());
+                }
+                StoreOp::PutDeviceState(d, state) => {
+                    self.device_states.insert(d.clone(), *state);
                 }
                 StoreOp::DeleteApprovedLink(id) => {
                     self.links.remove(id);
@@ -158,6 +162,7 @@ impl MemStore {
             r.devices.push(cert.clone());
         }
         r.approved_links = s.links.iter().map(|(k, v)| (*k, v.clone())).collect();
+        r.device_states = s.device_states.iter().map(|(k, v)| (k.clone(), *v)).collect();
         for (id, record) in &s.chats {
             let head = s.deltas.range((*id, Seq(0))..=(*id, Seq(u64::MAX))).next_back().map(|((_, seq), _)| *seq);
             r.chats.push((*id, record.clone(), head.unwrap_or_default()));

@@ -19,22 +19,6 @@ pub(super) async fn recv(raw: &mut Conn, what: &str) -> RelayFrame {
     }
 }
 
-pub(super) fn frame_req(f: &RelayFrame) -> Option<ReqId> {
-    match f {
-        RelayFrame::Done { req }
-        | RelayFrame::LinkInfo { req, .. }
-        | RelayFrame::LinkApproved { req, .. }
-        | RelayFrame::Acked { req, .. }
-        | RelayFrame::Duplicate { req, .. }
-        | RelayFrame::SyncState { req, .. }
-        | RelayFrame::ChatPage { req, .. }
-        | RelayFrame::AccountPage { req, .. }
-        | RelayFrame::RateLimited { req, .. } => Some(*req),
-        RelayFrame::Error { req, .. } => *req,
-        RelayFrame::Hello { .. } | RelayFrame::Push { .. } | RelayFrame::PushAccount { .. } => None,
-    }
-}
-
 /// Sends `frame` and returns the reply to `req`, skipping pushes.
 pub(super) async fn request(raw: &mut Conn, req: ReqId, frame: ClientFrame) -> RelayFrame {
     raw.stream.send(&frame).await.expect("send");
@@ -47,7 +31,7 @@ pub(super) async fn reply(raw: &mut Conn, req: ReqId) -> RelayFrame {
         if let RelayFrame::Error { req: None, code, message } = &f {
             panic!("relay error {code:?}: {message}");
         }
-        if frame_req(&f) == Some(req) {
+        if f.req() == Some(req) {
             return f;
         }
     }
