@@ -491,14 +491,26 @@ impl Device {
     /// relay cut the device off. Its other devices drop it when they see the revocation in the
     /// account log (after checking the signature themselves).
     pub async fn revoke(&mut self, device: &DeviceId) -> Result<(), Error> {
-        let login = self.login()?.clone();
+        let request = self.revoke_request(device, 1)?;
+        self.one_request(request, 1).await?;
+        self.revoke_done(device)
+    }
+
+    /// The request that ends `device`'s session; after the relay answers `Done`, call
+    /// [`Device::revoke_done`]. For drivers other than [`Device::revoke`].
+    pub fn revoke_request(&self, device: &DeviceId, req: ReqId) -> Result<ClientFrame, Error> {
+        let login = self.login()?;
         let revocation = login.keys.revoke(RevocationBody {
             account: login.account.id,
             device: device.clone(),
             by: self.id.clone(),
             at_ms: self.now_ms().max(0) as u64,
         });
-        self.one_request(ClientFrame::Revoke { req: 1, revocation }, 1).await?;
+        Ok(ClientFrame::Revoke { req, revocation })
+    }
+
+    /// Drops `device` from this device's list once the relay took the revocation.
+    pub fn revoke_done(&mut self, device: &DeviceId) -> Result<(), Error> {
         self.store.remove_device(device)?;
         Ok(())
     }

@@ -19,6 +19,7 @@
 //! * device restarts (memory lost, sled store kept) and relay crashes that lose everything not
 //!   behind a completed fsync barrier ([`MemStore`]); slow barriers; failing barriers (the relay
 //!   exits, like the real one);
+//! * in three worlds of ten, one device of the first account ends another's session mid-run;
 //! * in half the worlds, tight relay limits (a few requests per second, one to eight appends and
 //!   one to four pages in flight), so that devices are answered `RateLimited` and wait.
 //!
@@ -29,6 +30,9 @@
 //! * each device applies each chat's deltas exactly once, in seq order, with no gap;
 //! * a device's stored cursors never go back (checked across its restarts);
 //! * nothing is rejected and no device reports an error;
+//! * once a revocation is durable, the relay sends the revoked device nothing but
+//!   `SessionRevoked`; the revoked device deletes its store when it hears that, and its
+//!   messages the relay never acknowledged are allowed to be lost with it;
 //! * once faults stop, sync terminates: within `converge_within` every device is idle and the
 //!   devices of each account show the same chats, heads and messages, holding every message
 //!   written.
@@ -43,7 +47,7 @@ use std::path::{Path, PathBuf};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use stratus_engine::core::{SyncCore, SyncInput, SyncOutput};
-use stratus_engine::proto::wire::{ClientFrame, RelayFrame};
+use stratus_engine::proto::wire::{ClientFrame, ErrorCode, RelayFrame};
 use stratus_engine::{Action, ChatId, ClientSeq, Device, DeviceId, Event, Seq};
 use stratus_relay::core::{ConnId, Effect, Input, RelayCore, StoreOp};
 use stratus_relay::limits::Limits;
@@ -106,6 +110,8 @@ pub struct Config {
     pub failing_barrier: f64,
     /// The relay's limits: the defaults, or tight ones that make it answer `RateLimited` often.
     pub limits: Limits,
+    /// When one device of the first account ends another's session (`None`: no revocation).
+    pub revoke_at: Option<u64>,
 }
 
 impl Config {
@@ -134,10 +140,12 @@ impl Config {
             offline_every: every(&mut rng, 60),
             slow_barrier: intensity * 0.01,
             failing_barrier: intensity * 0.002,
+            revoke_at: rng.gen_bool(0.3).then(|| rng.gen_range(SEC..20 * SEC)),
             limits: if rng.gen_bool(0.5) {
-                Limits::default()
+                Limits { min_session_age_ms: 0, ..Limits::default() }
             } else {
                 Limits {
+                    min_session_age_ms: 0,
                     requests_per_second: rng.gen_range(5..=50),
                     request_burst: rng.gen_range(2..=10),
                     max_appends_in_flight_per_device: rng.gen_range(1..=8),
@@ -172,6 +180,8 @@ pub struct Report {
     pub lost_frames: u32,
     /// `RateLimited` answers devices waited out.
     pub rate_limited: u32,
+    /// Sessions ended by another device mid-run.
+    pub revocations: u32,
     /// Simulated time from the end of faults to convergence.
     pub converged_after: u64,
 }
@@ -231,6 +241,8 @@ enum Ev {
     CreateChat {
         dev: usize,
     },
+    /// The revoking device asks the relay to end the target's session (again, until it is done).
+    Revoke,
     /// The device's wait after a `RateLimited` answer is over (unless a later one replaced it).
     Resume {
         dev: usize,
@@ -293,6 +305,19 @@ struct Dev {
     written: u32,
     /// Bumped by each `RetryAfter` and restart; a `Resume` of an older one is stale.
     resume_gen: u64,
+    /// Client seqs the relay acknowledged to it.
+    acked: BTreeSet<ClientSeq>,
+    /// Its session was ended and it deleted the account's data: the simulation leaves it be.
+    gone: bool,
+}
+
+/// The world's revocation, if it has one.
+struct Revoking {
+    by: usize,
+    target: usize,
+    req: Option<stratus_engine::proto::wire::ReqId>,
+    /// The revoker got `Done`: the revocation is durable.
+    done: bool,
 }
 
 struct RelaySim {
@@ -322,6 +347,11 @@ pub struct Sim {
     chats: Vec<Vec<ChatId>>,
     /// Every message written: chat → message ids.
     written: BTreeMap<ChatId, BTreeSet<String>>,
+    /// Who wrote each message, under which client seq.
+    written_by: BTreeMap<String, (usize, ClientSeq)>,
+    revoking: Option<Revoking>,
+    /// Who created each chat.
+    creators: BTreeMap<ChatId, usize>,
     /// Every `(chat, seq)` a device was shown or acknowledged, and whose delta it is.
     seen: BTreeMap<(ChatId, Seq), (DeviceId, ClientSeq)>,
     /// Every acknowledgement the relay gave.
@@ -374,6 +404,9 @@ impl Sim {
             devs: Vec::new(),
             chats: Vec::new(),
             written: BTreeMap::new(),
+            written_by: BTreeMap::new(),
+            revoking: None,
+            creators: BTreeMap::new(),
             seen: BTreeMap::new(),
             acked: BTreeMap::new(),
             hasher: blake3::Hasher::new(),
@@ -427,6 +460,8 @@ impl Sim {
                     applied: BTreeMap::new(),
                     written: 0,
                     resume_gen: 0,
+                    acked: BTreeSet::new(),
+                    gone: false,
                 });
             }
         }
@@ -465,6 +500,7 @@ impl Sim {
             let mut chats = Vec::new();
             for c in 0..self.cfg.chats_per_account {
                 let (chat, _) = self.dev_mut(owner).new_chat(&format!("chat {a}.{c}")).map_err(|e| e.to_string())?;
+                self.creators.insert(chat, owner);
                 chats.push(chat);
             }
             self.chats.push(chats);
@@ -481,6 +517,14 @@ impl Sim {
             self.schedule(at, Ev::Compose { dev });
         }
         self.schedule_faults();
+        if let Some(at) = self.cfg.revoke_at {
+            if self.cfg.devices[0] >= 2 {
+                let by = self.rng.gen_range(0..self.cfg.devices[0]);
+                let target = (by + self.rng.gen_range(1..self.cfg.devices[0])) % self.cfg.devices[0];
+                self.revoking = Some(Revoking { by, target, req: None, done: false });
+                self.schedule(at, Ev::Revoke);
+            }
+        }
         self.schedule(self.cfg.faults_until, Ev::Heal);
         Ok(())
     }
@@ -631,10 +675,12 @@ impl Sim {
             let line = format!("{} {}", fmt_time(at), describe(&ev));
             self.hasher.update(line.as_bytes());
             self.hasher.update(b"\n");
-            if self.tail.len() == TRACE_TAIL {
-                self.tail.pop_front();
+            if !matches!(ev, Ev::Check) {
+                if self.tail.len() == TRACE_TAIL {
+                    self.tail.pop_front();
+                }
+                self.tail.push_back(line);
             }
-            self.tail.push_back(line);
             let done = self.step(ev).map_err(|m| self.failure(m))?;
             if done {
                 self.final_checks().map_err(|m| self.failure(m))?;
@@ -671,6 +717,7 @@ impl Sim {
             Ev::Connect { dev } => self.connect(dev)?,
             Ev::Compose { dev } => self.compose(dev)?,
             Ev::CreateChat { dev } => self.create_chat(dev)?,
+            Ev::Revoke => self.revoke()?,
             Ev::Resume { dev, generation } => {
                 if self.devs[dev].resume_gen == generation {
                     self.device_input(dev, SyncInput::Resume)?;
@@ -702,7 +749,7 @@ impl Sim {
                 }
             }
             Ev::DeviceRestart { dev } => {
-                if self.faults && self.devs[dev].device.is_some() {
+                if self.faults && self.devs[dev].device.is_some() && !self.devs[dev].gone {
                     self.device_down(dev)?;
                     let at = self.now + self.rng.gen_range(100 * MS..3 * SEC);
                     self.schedule(at, Ev::DeviceUp { dev });
@@ -816,7 +863,7 @@ impl Sim {
 
     fn connect(&mut self, dev: usize) -> Check {
         self.devs[dev].connect_scheduled = false;
-        if self.devs[dev].device.is_none() || self.devs[dev].conn.is_some() {
+        if self.devs[dev].gone || self.devs[dev].device.is_none() || self.devs[dev].conn.is_some() {
             return Ok(());
         }
         if self.relay.core.is_none() || self.cut(dev, C2R) || self.cut(dev, R2C) {
@@ -870,7 +917,7 @@ impl Sim {
             match e {
                 Effect::Send { conn, frame } => {
                     self.check_relay_frame(&frame)?;
-                    self.relay_send(conn, frame);
+                    self.relay_send(conn, frame)?;
                 }
                 Effect::Close { conn } => {
                     let c = self.conns.get_mut(&conn).ok_or("close of an unknown connection")?;
@@ -891,12 +938,12 @@ impl Sim {
                     let deltas = self.relay.store.read_chat(chat, after, upto, max);
                     let frame = RelayFrame::ChatPage { req, chat, deltas, head: upto };
                     self.check_relay_frame(&frame)?;
-                    self.relay_send(conn, frame);
+                    self.relay_send(conn, frame)?;
                     queue.extend(self.relay.core.as_mut().expect("up").handle(Input::PageSent { conn }));
                 }
                 Effect::ReadAccount { conn, req, account, after, upto, max } => {
                     let entries = self.relay.store.read_account(account, after, upto, max);
-                    self.relay_send(conn, RelayFrame::AccountPage { req, entries, head: upto });
+                    self.relay_send(conn, RelayFrame::AccountPage { req, entries, head: upto })?;
                     queue.extend(self.relay.core.as_mut().expect("up").handle(Input::PageSent { conn }));
                 }
             }
@@ -904,10 +951,21 @@ impl Sim {
         Ok(())
     }
 
-    fn relay_send(&mut self, conn: ConnId, frame: RelayFrame) {
+    fn relay_send(&mut self, conn: ConnId, frame: RelayFrame) -> Check {
+        if let (Some(r), Some(c)) = (&self.revoking, self.conns.get(&conn)) {
+            let session_ended = matches!(frame, RelayFrame::Error { code: ErrorCode::SessionRevoked, .. });
+            if r.done && c.dev == r.target && !session_ended {
+                return Err(format!(
+                    "the relay sent {} a frame after its session ended: {}",
+                    self.devs[c.dev].name,
+                    short_relay(&frame)
+                ));
+            }
+        }
         if self.conns.get(&conn).is_some_and(|c| c.relay_open) {
             self.transmit(conn, R2C, Ev::ToDevice { conn, frame });
         }
+        Ok(())
     }
 
     fn maybe_barrier(&mut self) {
@@ -1000,7 +1058,31 @@ impl Sim {
                     self.report.rate_limited += 1;
                     self.schedule(self.now + u64::from(ms) * MS, ev);
                 }
-                Action::Emit(_) | Action::Reply(_) => {}
+                Action::Emit(Event::Acked { client_seq, .. }) => {
+                    self.devs[dev].acked.insert(client_seq);
+                }
+                Action::Emit(Event::SessionRevoked) => {
+                    let r = self.revoking.as_ref().ok_or("a session ended without a revocation")?;
+                    if r.target != dev {
+                        return Err(format!(
+                            "{} was told its session ended; the target was another",
+                            self.devs[dev].name
+                        ));
+                    }
+                    if self.devs[dev].home.join("store").exists() {
+                        return Err(format!(
+                            "{}'s store is still on disk after its session ended",
+                            self.devs[dev].name
+                        ));
+                    }
+                    let d = &mut self.devs[dev];
+                    d.gone = true;
+                    d.conn = None;
+                    d.core = None;
+                    return Ok(());
+                }
+                Action::Reply(frame) => self.revoke_reply(dev, frame)?,
+                Action::Emit(_) => {}
             }
         }
         Ok(())
@@ -1014,7 +1096,49 @@ impl Sim {
             device.create_chat(core, &title).map_err(|e| format!("{} creates a chat: {e}", d.name))?;
         let account = d.account;
         self.chats[account].push(chat);
+        self.creators.insert(chat, dev);
         self.run_actions(dev, actions)
+    }
+
+    fn revoke(&mut self) -> Check {
+        let Some(r) = self.revoking.as_ref() else { return Ok(()) };
+        if r.done {
+            return Ok(());
+        }
+        let (by, target) = (r.by, r.target);
+        // Asked again until done: a request lost with its connection is not in any outbox.
+        self.schedule(self.now + 5 * SEC, Ev::Revoke);
+        let target_id = self.devs[target].id.clone();
+        let d = &mut self.devs[by];
+        let (Some(device), Some(core), Some(conn)) = (d.device.as_mut(), d.core.as_mut(), d.conn) else {
+            return Ok(());
+        };
+        if !core.is_connected() {
+            return Ok(());
+        }
+        let req = core.next_req();
+        let frame = device.revoke_request(&target_id, req).map_err(|e| e.to_string())?;
+        self.revoking.as_mut().expect("checked").req = Some(req);
+        self.transmit(conn, C2R, Ev::ToRelay { conn, frame });
+        Ok(())
+    }
+
+    fn revoke_reply(&mut self, dev: usize, frame: RelayFrame) -> Check {
+        let Some(r) = self.revoking.as_mut() else { return Err(format!("unexpected reply {frame:?}")) };
+        if r.by != dev || frame.req() != r.req {
+            return Ok(());
+        }
+        match frame {
+            RelayFrame::Done { .. } => {
+                r.done = true;
+                self.report.revocations += 1;
+                let target = self.devs[r.target].id.clone();
+                self.dev_mut(dev).revoke_done(&target).map_err(|e| e.to_string())
+            }
+            // Asked again by the next `Revoke` event.
+            RelayFrame::RateLimited { .. } => Ok(()),
+            other => Err(format!("the revocation was refused: {other:?}")),
+        }
     }
 
     fn compose(&mut self, dev: usize) -> Check {
@@ -1032,8 +1156,9 @@ impl Sim {
         let d = &mut self.devs[dev];
         let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(()) };
         match device.send(core, chat, &text) {
-            Ok((message, _, actions)) => {
+            Ok((message, client_seq, actions)) => {
                 d.written += 1;
+                self.written_by.insert(message.id.clone(), (dev, client_seq));
                 self.written.entry(chat).or_default().insert(message.id);
                 self.run_actions(dev, actions)
             }
@@ -1064,7 +1189,7 @@ impl Sim {
     }
 
     fn device_up(&mut self, dev: usize) -> Check {
-        if self.devs[dev].device.is_some() {
+        if self.devs[dev].gone || self.devs[dev].device.is_some() {
             return Ok(());
         }
         let seed = self.rng.gen();
@@ -1168,20 +1293,39 @@ impl Sim {
         if self.relay.core.is_none() || self.relay.store.pending() > 0 || self.relay.barrier_running {
             return Ok(false);
         }
-        if !self.devs.iter().all(|d| d.conn.is_some() && d.core.as_ref().is_some_and(SyncCore::is_idle)) {
+        if let Some(r) = &self.revoking {
+            // The revocation completes once faults stop, and the revoked device learns of it.
+            if !r.done || !self.devs[r.target].gone {
+                return Ok(false);
+            }
+        }
+        let live = |d: &Dev| !d.gone;
+        if !self
+            .devs
+            .iter()
+            .filter(|d| live(d))
+            .all(|d| d.conn.is_some() && d.core.as_ref().is_some_and(SyncCore::is_idle))
+        {
             return Ok(false);
         }
-        for dev in 0..self.devs.len() {
+        // A chat whose creation never reached the relay before its device's session ended is
+        // gone with that device.
+        let durable: BTreeSet<ChatId> = self.relay.store.durable_chats().into_iter().collect();
+        let lost = |sim: &Sim, chat: &ChatId| !durable.contains(chat) && sim.devs[sim.creators[chat]].gone;
+        let chats: Vec<Vec<ChatId>> =
+            self.chats.iter().map(|cs| cs.iter().filter(|c| !lost(self, c)).copied().collect()).collect();
+        for dev in (0..self.devs.len()).filter(|d| live(&self.devs[*d])) {
             let account = self.devs[dev].account;
-            for chat in self.chats[account].clone() {
+            for &chat in &chats[account] {
                 let head = self.relay.store.durable_log(chat).last().map(|d| d.seq).unwrap_or_default();
                 if self.devs[dev].applied.get(&chat).copied().unwrap_or_default() != head {
                     return Ok(false);
                 }
             }
         }
-        for (account, chats) in self.chats.clone().iter().enumerate() {
-            let devs: Vec<usize> = (0..self.devs.len()).filter(|d| self.devs[*d].account == account).collect();
+        for (account, chats) in chats.iter().enumerate() {
+            let devs: Vec<usize> =
+                (0..self.devs.len()).filter(|d| self.devs[*d].account == account && live(&self.devs[*d])).collect();
             for chat in chats {
                 let mut first: Option<(Vec<String>, Vec<stratus_engine::Message>)> = None;
                 for &dev in &devs {
@@ -1202,7 +1346,13 @@ impl Sim {
                 }
                 let shown: BTreeSet<String> =
                     first.map(|(_, m)| m.into_iter().map(|m| m.id).collect()).unwrap_or_default();
-                if let Some(missing) = self.written.get(chat).and_then(|w| w.difference(&shown).next()) {
+                // A revoked device's messages the relay never acknowledged may be lost with it.
+                let expected = |id: &&String| match self.written_by.get(*id) {
+                    Some((by, cs)) if self.devs[*by].gone => self.devs[*by].acked.contains(cs),
+                    _ => true,
+                };
+                if let Some(missing) = self.written.get(chat).and_then(|w| w.difference(&shown).find(|id| expected(id)))
+                {
                     return Err(format!("every device is idle but message {missing} of chat {chat} is missing"));
                 }
             }
@@ -1239,7 +1389,7 @@ impl Sim {
                 }
             }
         }
-        for d in &self.devs {
+        for d in self.devs.iter().filter(|d| !d.gone) {
             let outbox = d.device.as_ref().map(Device::outbox_len).unwrap_or_default();
             if outbox > 0 {
                 return Err(format!("{} still has {outbox} deltas in its outbox", d.name));
@@ -1250,6 +1400,9 @@ impl Sim {
 
     fn diagnose(&self) -> String {
         let mut out = Vec::new();
+        if let Some(r) = &self.revoking {
+            out.push(format!("{} revokes {}: done {}", self.devs[r.by].name, self.devs[r.target].name, r.done));
+        }
         out.push(format!(
             "relay {} pending {} barrier {}",
             if self.relay.core.is_some() { "up" } else { "down" },
@@ -1260,7 +1413,13 @@ impl Sim {
             out.push(format!(
                 "{}: {} conn {:?} idle {} outbox {} applied {:?}",
                 d.name,
-                if d.device.is_some() { "up" } else { "down" },
+                if d.gone {
+                    "gone"
+                } else if d.device.is_some() {
+                    "up"
+                } else {
+                    "down"
+                },
                 d.conn,
                 d.core.as_ref().is_some_and(SyncCore::is_idle),
                 d.device.as_ref().map(Device::outbox_len).unwrap_or_default(),
