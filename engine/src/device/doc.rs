@@ -50,6 +50,13 @@ pub enum DocError {
     /// The document lacks the chat structure (it was damaged).
     #[error("the chat document has no message list")]
     NoMessageList,
+    /// The change carries a value the document could not save and load back: a negative
+    /// commit time, or a seq above `i64::MAX`. Automerge saves both delta-encoded with
+    /// saturating arithmetic (seqs cast to `i64`), so one such change would make every later
+    /// snapshot of the chat fail to load. (Operation counters are safe: Automerge's parser
+    /// refuses a change starting above `u32::MAX`.)
+    #[error("change has an out-of-range {0}")]
+    OutOfRange(&'static str),
 }
 
 /// A message as shown to users.
@@ -93,6 +100,26 @@ pub(crate) fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
     let r = catch_unwind(AssertUnwindSafe(f));
     QUIET_PANICS.with(|q| q.set(false));
     r.ok()
+}
+
+/// Refuses a change whose metadata the saved document cannot hold (see
+/// [`DocError::OutOfRange`]). Non-negative times and seqs up to `i64::MAX` never overflow a
+/// delta. Own changes stay in range by construction: commit times are clamped to zero or more,
+/// seqs grow by one per change.
+fn check_savable(change: &Change) -> Result<(), DocError> {
+    if change.timestamp() < 0 {
+        return Err(DocError::OutOfRange("commit time"));
+    }
+    if change.seq() > i64::MAX as u64 {
+        return Err(DocError::OutOfRange("seq"));
+    }
+    Ok(())
+}
+
+/// A commit time for an own change: the wall clock can be set before 1970 (or a message's time
+/// be anything), and negative times break saving (see [`DocError::OutOfRange`]).
+fn commit_time(ms: i64) -> i64 {
+    ms.max(0)
 }
 
 /// The Automerge actor a device writes as: derived from its id, so it is stable across restarts.
@@ -170,6 +197,7 @@ impl ChatDoc {
         if change.len() > MAX_CHANGE_OPS {
             return Err(DocError::TooManyOps(change.len()));
         }
+        check_savable(&change)?;
         let mut log = PatchLog::active(TextRepresentation::String(TextEncoding::UnicodeCodePoint));
         match guarded(|| self.doc.apply_changes_log_patches([change], &mut log)) {
             None => {
@@ -205,7 +233,7 @@ impl ChatDoc {
     pub fn set_title(&mut self, title: &str, now_ms: i64) -> Vec<u8> {
         self.doc
             .transact_with::<_, _, automerge::AutomergeError, _>(
-                |_| CommitOptions::default().with_time(now_ms),
+                |_| CommitOptions::default().with_time(commit_time(now_ms)),
                 |tx| tx.put(ROOT, "title", title),
             )
             .expect("putting a string on the root cannot fail");
@@ -218,7 +246,7 @@ impl ChatDoc {
         let len = self.doc.length(&list);
         self.doc
             .transact_with::<_, _, automerge::AutomergeError, _>(
-                |_| CommitOptions::default().with_time(msg.ts),
+                |_| CommitOptions::default().with_time(commit_time(msg.ts)),
                 |tx| {
                     let m = tx.insert_object(&list, len, ObjType::Map)?;
                     tx.put(&m, "id", msg.id.as_str())?;
@@ -361,6 +389,65 @@ mod tests {
         let mut victim = ChatDoc::new(chat, &dev("v"));
         assert_eq!(victim.apply_untrusted(&bomb), Err(DocError::TooManyOps(MAX_CHANGE_OPS + 1)));
         assert_eq!(victim.message_count(), 0);
+    }
+
+    /// Found by the property test `doc_props::save_and_load_keep_the_document`: a device whose
+    /// messages carry times far apart (the commit time was the message's time) saved a document
+    /// that failed to load ("mismatching heads"): Automerge delta-encodes commit times with
+    /// saturating arithmetic.
+    #[test]
+    fn messages_with_any_times_save_and_load() {
+        let chat = ChatId([5; 16]);
+        let mut a = ChatDoc::new(chat, &dev("a"));
+        for (i, ts) in [3399525330959665061, -5823846705895110748, i64::MIN, i64::MAX].into_iter().enumerate() {
+            a.add_message(&new_message(AccountId([1; 16]), &dev("a"), "", ts, [i as u8; 16])).unwrap();
+        }
+        a.set_title("t", i64::MIN);
+        let b = ChatDoc::load(chat, &dev("a"), Some(&a.save()), &[]).unwrap();
+        assert_eq!(b.heads(), a.heads());
+        assert_eq!(b.messages(), a.messages());
+        assert_eq!(b.messages()[2].ts, i64::MIN, "the message keeps its time; only the commit time is clamped");
+    }
+
+    /// The same hole from outside: a change from another device (buggy, or hostile and holding
+    /// the chat key) with a commit time far below the others or a seq above `i64::MAX` applies
+    /// in Automerge but makes every later snapshot unloadable, i.e. the chat unreadable on the
+    /// device once the store compacts it. Such changes are refused.
+    #[test]
+    fn changes_a_snapshot_could_not_hold_are_refused() {
+        let chat = ChatId([6; 16]);
+        let mut evil = ChatDoc::new(chat, &dev("evil"));
+        let honest = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), "x", 5, [1; 16])).unwrap();
+        let tampered = |edit: &dyn Fn(&mut automerge::ExpandedChange)| {
+            let mut e = Change::from_bytes(honest.clone()).unwrap().decode();
+            edit(&mut e);
+            Change::from(e).raw_bytes().to_vec()
+        };
+        // Automerge's own parser refuses operation counters above `u32::MAX`.
+        let refused_by_automerge = tampered(&|e| e.start_op = std::num::NonZeroU64::new(1 << 63).unwrap());
+        assert!(Change::from_bytes(refused_by_automerge.clone()).is_err());
+        let mut victim = ChatDoc::new(chat, &dev("v"));
+        assert!(matches!(victim.apply_untrusted(&refused_by_automerge), Err(DocError::Malformed(_))));
+
+        let cases = [("commit time", tampered(&|e| e.time = i64::MIN)), ("seq", tampered(&|e| e.seq = 1 << 63))];
+        for (what, bytes) in cases {
+            // What Automerge alone makes of it: the change applies, the saved document does not load.
+            let mut raw = ChatDoc::new(chat, &dev("v")).doc;
+            raw.set_actor(device_actor(&dev("v")));
+            raw.transact_with::<_, _, automerge::AutomergeError, _>(
+                |_| CommitOptions::default().with_time(1_700_000_000_000),
+                |tx| tx.put(ROOT, "title", "mine"),
+            )
+            .unwrap();
+            raw.apply_changes([Change::from_bytes(bytes.clone()).unwrap()]).unwrap();
+            assert!(Automerge::load(&raw.save()).is_err(), "{what}: automerge now saves it; the check may go");
+
+            let mut victim = ChatDoc::new(chat, &dev("v"));
+            victim.set_title("mine", 1_700_000_000_000);
+            assert_eq!(victim.apply_untrusted(&bytes), Err(DocError::OutOfRange(what)));
+            let reloaded = ChatDoc::load(chat, &dev("v"), Some(&victim.save()), &[]).unwrap();
+            assert_eq!(reloaded.heads(), victim.heads());
+        }
     }
 
     #[test]
