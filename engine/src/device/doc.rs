@@ -12,7 +12,13 @@
 //! Every Automerge call on bytes that came from outside the device goes through
 //! [`ChatDoc::apply_untrusted`]: size limit, `catch_unwind`, and a poisoned flag so that the
 //! caller reloads the document from its store if Automerge panicked half-way.
+//!
+//! Changes whose dependencies have not arrived wait in a bounded queue of the document's own
+//! (not Automerge's): each change is checked against its device's sequence when it is applied,
+//! since Automerge applies a change that skips seqs but then saves a document that does not
+//! load.
 
+use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use automerge::patches::TextRepresentation;
@@ -30,6 +36,11 @@ pub const MAX_CHANGE_BYTES: usize = 64 * 1024;
 /// byte limit alone does not bound the work, since run-length encoding lets a 1 KiB change
 /// carry a million list inserts (seconds of CPU and a gigabyte and more of memory to apply).
 pub const MAX_CHANGE_OPS: usize = 1024;
+/// Most changes held back until their dependencies arrive. Changes normally arrive in causal
+/// order (the relay's log order is one), so only a device that lost changes, or a hostile one,
+/// fills this; when it is full, a change that cannot be applied yet is refused
+/// ([`DocError::TooManyPending`]).
+pub const MAX_PENDING_CHANGES: usize = 1024;
 
 /// Why a document operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,12 +62,18 @@ pub enum DocError {
     #[error("the chat document has no message list")]
     NoMessageList,
     /// The change carries a value the document could not save and load back: a negative
-    /// commit time, or a seq above `i64::MAX`. Automerge saves both delta-encoded with
-    /// saturating arithmetic (seqs cast to `i64`), so one such change would make every later
-    /// snapshot of the chat fail to load. (Operation counters are safe: Automerge's parser
-    /// refuses a change starting above `u32::MAX`.)
+    /// commit time. Automerge saves commit times delta-encoded with saturating arithmetic, so
+    /// one such change would make every later snapshot of the chat fail to load.
     #[error("change has an out-of-range {0}")]
     OutOfRange(&'static str),
+    /// The change does not continue its device's sequence (seq one more than the device's last
+    /// change, operation counters above its last ones). Automerge would apply it, but a saved
+    /// document holding it does not load.
+    #[error("change does not continue its device's sequence")]
+    NotInSequence,
+    /// [`MAX_PENDING_CHANGES`] changes already wait for their dependencies.
+    #[error("too many changes wait for changes that have not arrived")]
+    TooManyPending,
 }
 
 /// A message as shown to users.
@@ -78,6 +95,12 @@ pub struct Message {
 pub struct ChatDoc {
     doc: Automerge,
     poisoned: bool,
+    /// Per Automerge actor: the seq and max op of its last applied change, which its next
+    /// change must continue.
+    actors: BTreeMap<ActorId, (u64, u64)>,
+    /// Changes whose dependencies are missing, oldest first, at most [`MAX_PENDING_CHANGES`].
+    /// Not saved: the store keeps them as changes, and loading queues them again.
+    pending: Vec<Change>,
 }
 
 thread_local! {
@@ -102,16 +125,13 @@ pub(crate) fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
     r.ok()
 }
 
-/// Refuses a change whose metadata the saved document cannot hold (see
-/// [`DocError::OutOfRange`]). Non-negative times and seqs up to `i64::MAX` never overflow a
-/// delta. Own changes stay in range by construction: commit times are clamped to zero or more,
-/// seqs grow by one per change.
+/// Refuses a change whose commit time the saved document cannot hold (see
+/// [`DocError::OutOfRange`]): non-negative times never overflow a delta. Own changes are in
+/// range by construction (see [`commit_time`]); seqs and operation counters are checked against
+/// the device's sequence when the change is applied.
 fn check_savable(change: &Change) -> Result<(), DocError> {
     if change.timestamp() < 0 {
         return Err(DocError::OutOfRange("commit time"));
-    }
-    if change.seq() > i64::MAX as u64 {
-        return Err(DocError::OutOfRange("seq"));
     }
     Ok(())
 }
@@ -148,7 +168,9 @@ impl ChatDoc {
         )
         .expect("building the genesis change cannot fail");
         doc.set_actor(device_actor(device));
-        ChatDoc { doc, poisoned: false }
+        let mut d = ChatDoc { doc, poisoned: false, actors: BTreeMap::new(), pending: Vec::new() };
+        d.note_last_local_change();
+        d
     }
 
     /// Loads a document saved by this device (snapshot plus changes, in order). The bytes come
@@ -164,24 +186,85 @@ impl ChatDoc {
                 let doc = guarded(|| Automerge::load(s))
                     .ok_or(DocError::Panicked)?
                     .map_err(|e| DocError::Malformed(e.to_string()))?;
-                ChatDoc { doc, poisoned: false }
+                let mut actors = BTreeMap::new();
+                // In causal order, so each actor's last change comes last.
+                for c in doc.get_changes(&[]) {
+                    actors.insert(c.actor_id().clone(), (c.seq(), c.max_op()));
+                }
+                ChatDoc { doc, poisoned: false, actors, pending: Vec::new() }
             }
             None => ChatDoc::new(chat, device),
         };
         d.doc.set_actor(device_actor(device));
+        let mut log = PatchLog::null();
         for c in changes {
-            d.apply_trusted_change(c)?;
+            let change = guarded(|| Change::from_bytes(c.to_vec()))
+                .ok_or(DocError::Panicked)?
+                .map_err(|e| DocError::Malformed(e.to_string()))?;
+            match d.integrate(change, &mut log) {
+                // Stored while it waited for its dependencies, refused once they came: it was
+                // never part of the document.
+                Err(DocError::NotInSequence) => {}
+                r => r?,
+            }
         }
         Ok(d)
     }
 
-    fn apply_trusted_change(&mut self, bytes: &[u8]) -> Result<(), DocError> {
-        let change = guarded(|| Change::from_bytes(bytes.to_vec()))
-            .ok_or(DocError::Panicked)?
-            .map_err(|e| DocError::Malformed(e.to_string()))?;
-        guarded(|| self.doc.apply_changes([change]))
-            .ok_or(DocError::Panicked)?
-            .map_err(|e| DocError::Malformed(e.to_string()))
+    /// Applies `change` if its dependencies are present, else holds it back; then applies every
+    /// held-back change that became ready. An error is about `change`; a held-back change that
+    /// fails its checks when its turn comes is dropped.
+    fn integrate(&mut self, change: Change, log: &mut PatchLog) -> Result<(), DocError> {
+        let hash = change.hash();
+        if self.doc.get_change_by_hash(&hash).is_some() || self.pending.iter().any(|c| c.hash() == hash) {
+            return Ok(());
+        }
+        if !self.is_ready(&change) {
+            if self.pending.len() >= MAX_PENDING_CHANGES {
+                return Err(DocError::TooManyPending);
+            }
+            self.pending.push(change);
+            return Ok(());
+        }
+        self.apply_ready(change, log)?;
+        while let Some(i) = self.pending.iter().position(|c| self.is_ready(c)) {
+            let next = self.pending.remove(i);
+            if let Err(DocError::Panicked) = self.apply_ready(next, log) {
+                return Err(DocError::Panicked);
+            }
+        }
+        Ok(())
+    }
+
+    fn is_ready(&self, change: &Change) -> bool {
+        change.deps().iter().all(|d| self.doc.get_change_by_hash(d).is_some())
+    }
+
+    /// Applies a change whose dependencies are present, if it continues its actor's sequence.
+    fn apply_ready(&mut self, change: Change, log: &mut PatchLog) -> Result<(), DocError> {
+        let actor = change.actor_id().clone();
+        let (seq, max_op) = self.actors.get(&actor).copied().unwrap_or((0, 0));
+        if change.seq() != seq + 1 || change.start_op().get() <= max_op {
+            return Err(DocError::NotInSequence);
+        }
+        let next = (change.seq(), change.max_op());
+        match guarded(|| self.doc.apply_changes_log_patches([change], log)) {
+            None => {
+                self.poisoned = true;
+                Err(DocError::Panicked)
+            }
+            Some(Err(e)) => Err(DocError::Malformed(e.to_string())),
+            Some(Ok(())) => {
+                self.actors.insert(actor, next);
+                Ok(())
+            }
+        }
+    }
+
+    fn note_last_local_change(&mut self) {
+        if let Some(c) = self.doc.get_last_local_change() {
+            self.actors.insert(c.actor_id().clone(), (c.seq(), c.max_op()));
+        }
     }
 
     /// Applies change bytes that came from outside the device. Never panics; on error nothing
@@ -199,29 +282,21 @@ impl ChatDoc {
         }
         check_savable(&change)?;
         let mut log = PatchLog::active(TextRepresentation::String(TextEncoding::UnicodeCodePoint));
-        match guarded(|| self.doc.apply_changes_log_patches([change], &mut log)) {
-            None => {
-                self.poisoned = true;
-                Err(DocError::Panicked)
+        self.integrate(change, &mut log)?;
+        let Some(list) = self.messages_obj() else { return Ok(Vec::new()) };
+        let patches = guarded(|| self.doc.make_patches(&mut log)).unwrap_or_default();
+        let mut added = Vec::new();
+        for p in patches {
+            if p.obj != list {
+                continue;
             }
-            Some(Err(e)) => Err(DocError::Malformed(e.to_string())),
-            Some(Ok(())) => {
-                let Some(list) = self.messages_obj() else { return Ok(Vec::new()) };
-                let patches = guarded(|| self.doc.make_patches(&mut log)).unwrap_or_default();
-                let mut added = Vec::new();
-                for p in patches {
-                    if p.obj != list {
-                        continue;
-                    }
-                    if let PatchAction::Insert { values, .. } = p.action {
-                        for (_, obj, _) in values.iter() {
-                            added.extend(self.message_at(obj));
-                        }
-                    }
+            if let PatchAction::Insert { values, .. } = p.action {
+                for (_, obj, _) in values.iter() {
+                    added.extend(self.message_at(obj));
                 }
-                Ok(added)
             }
         }
+        Ok(added)
     }
 
     /// True after Automerge panicked inside this document.
@@ -261,7 +336,8 @@ impl ChatDoc {
         Ok(self.last_change())
     }
 
-    fn last_change(&self) -> Vec<u8> {
+    fn last_change(&mut self) -> Vec<u8> {
+        self.note_last_local_change();
         self.doc.get_last_local_change().expect("a change was just committed").raw_bytes().to_vec()
     }
 
@@ -410,9 +486,10 @@ mod tests {
     }
 
     /// The same hole from outside: a change from another device (buggy, or hostile and holding
-    /// the chat key) with a commit time far below the others or a seq above `i64::MAX` applies
-    /// in Automerge but makes every later snapshot unloadable, i.e. the chat unreadable on the
-    /// device once the store compacts it. Such changes are refused.
+    /// the chat key) with a commit time far below the others, or a seq that skips (found by the
+    /// fuzz target `apply_untrusted`: a change of an empty actor at seq 2,302,102,470,655 with
+    /// no dependencies), applies in Automerge but makes every later snapshot unloadable, i.e.
+    /// the chat unreadable on the device once the store compacts it. Such changes are refused.
     #[test]
     fn changes_a_snapshot_could_not_hold_are_refused() {
         let chat = ChatId([6; 16]);
@@ -429,8 +506,14 @@ mod tests {
         let mut victim = ChatDoc::new(chat, &dev("v"));
         assert!(matches!(victim.apply_untrusted(&refused_by_automerge), Err(DocError::Malformed(_))));
 
-        let cases = [("commit time", tampered(&|e| e.time = i64::MIN)), ("seq", tampered(&|e| e.seq = 1 << 63))];
-        for (what, bytes) in cases {
+        let fuzz_crasher = hex::decode("856f4a830aff750801150000ffffffffff42f1f10500000000000000004040").unwrap();
+        let cases = [
+            ("commit time", tampered(&|e| e.time = i64::MIN), DocError::OutOfRange("commit time")),
+            ("seq gap", tampered(&|e| e.seq = 3), DocError::NotInSequence),
+            ("seq past i64::MAX", tampered(&|e| e.seq = 1 << 63), DocError::NotInSequence),
+            ("fuzz crasher", fuzz_crasher, DocError::NotInSequence),
+        ];
+        for (what, bytes, error) in cases {
             // What Automerge alone makes of it: the change applies, the saved document does not load.
             let mut raw = ChatDoc::new(chat, &dev("v")).doc;
             raw.set_actor(device_actor(&dev("v")));
@@ -444,10 +527,53 @@ mod tests {
 
             let mut victim = ChatDoc::new(chat, &dev("v"));
             victim.set_title("mine", 1_700_000_000_000);
-            assert_eq!(victim.apply_untrusted(&bytes), Err(DocError::OutOfRange(what)));
+            assert_eq!(victim.apply_untrusted(&bytes), Err(error), "{what}");
             let reloaded = ChatDoc::load(chat, &dev("v"), Some(&victim.save()), &[]).unwrap();
             assert_eq!(reloaded.heads(), victim.heads());
         }
+    }
+
+    /// A change that skips seqs cannot slip in by waiting for its dependencies: it is checked
+    /// when they arrive, and dropped.
+    #[test]
+    fn a_held_back_change_is_checked_when_its_dependencies_arrive() {
+        let chat = ChatId([7; 16]);
+        let mut evil = ChatDoc::new(chat, &dev("evil"));
+        let first = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), "1", 5, [1; 16])).unwrap();
+        let second = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), "2", 6, [2; 16])).unwrap();
+        let mut skipping = Change::from_bytes(second).unwrap().decode();
+        skipping.seq = 9;
+        let skipping = Change::from(skipping).raw_bytes().to_vec();
+
+        let mut victim = ChatDoc::new(chat, &dev("v"));
+        assert_eq!(victim.apply_untrusted(&skipping), Ok(vec![]), "held back: its dependency is missing");
+        assert_eq!(victim.apply_untrusted(&first).unwrap().len(), 1, "the dependency applies; the other is dropped");
+        assert_eq!(victim.message_count(), 1);
+        let reloaded = ChatDoc::load(chat, &dev("v"), Some(&victim.save()), &[]).unwrap();
+        assert_eq!(reloaded.heads(), victim.heads());
+        // The store keeps both as changes, in arrival order: loading them gives the same.
+        let replayed = ChatDoc::load(chat, &dev("v"), None, &[skipping, first]).unwrap();
+        assert_eq!(replayed.heads(), victim.heads());
+    }
+
+    #[test]
+    fn changes_waiting_for_dependencies_are_bounded() {
+        let chat = ChatId([8; 16]);
+        let mut evil = ChatDoc::new(chat, &dev("evil"));
+        let change = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), "x", 5, [1; 16])).unwrap();
+        let waiting = |i: u32| {
+            let mut e = Change::from_bytes(change.clone()).unwrap().decode();
+            let mut missing = [0u8; 32];
+            missing[..4].copy_from_slice(&i.to_be_bytes());
+            e.deps = vec![automerge::ChangeHash(missing)];
+            Change::from(e).raw_bytes().to_vec()
+        };
+        let mut victim = ChatDoc::new(chat, &dev("v"));
+        for i in 0..MAX_PENDING_CHANGES as u32 {
+            assert_eq!(victim.apply_untrusted(&waiting(i)), Ok(vec![]));
+        }
+        assert_eq!(victim.apply_untrusted(&waiting(u32::MAX)), Err(DocError::TooManyPending));
+        assert_eq!(victim.apply_untrusted(&waiting(0)), Ok(vec![]), "a repeat is no new change");
     }
 
     #[test]
