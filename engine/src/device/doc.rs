@@ -304,14 +304,17 @@ impl ChatDoc {
         self.poisoned
     }
 
-    /// Sets the title; returns the change's bytes.
+    /// Sets the title; returns the change's bytes. Setting the title it already has gives an
+    /// empty change (Automerge makes none for a put of the value already there).
     pub fn set_title(&mut self, title: &str, now_ms: i64) -> Vec<u8> {
-        self.doc
-            .transact_with::<_, _, automerge::AutomergeError, _>(
-                |_| CommitOptions::default().with_time(commit_time(now_ms)),
-                |tx| tx.put(ROOT, "title", title),
-            )
+        let options = || CommitOptions::default().with_time(commit_time(now_ms));
+        let done = self
+            .doc
+            .transact_with::<_, _, automerge::AutomergeError, _>(|_| options(), |tx| tx.put(ROOT, "title", title))
             .expect("putting a string on the root cannot fail");
+        if done.hash.is_none() {
+            self.doc.empty_commit(options());
+        }
         self.last_change()
     }
 
@@ -574,6 +577,26 @@ mod tests {
         }
         assert_eq!(victim.apply_untrusted(&waiting(u32::MAX)), Err(DocError::TooManyPending));
         assert_eq!(victim.apply_untrusted(&waiting(0)), Ok(vec![]), "a repeat is no new change");
+    }
+
+    /// Found by the property test `doc_props::save_and_load_keep_the_document`: a device that
+    /// had made no change yet set the title the chat already had; Automerge made no change and
+    /// `set_title` panicked looking for it (a device with earlier changes got its previous
+    /// change back, to be sent again under a new client seq).
+    #[test]
+    fn setting_the_title_it_already_has_gives_a_new_change() {
+        let chat = ChatId([2; 16]);
+        let mut a = ChatDoc::new(chat, &dev("a"));
+        let mut c = ChatDoc::new(chat, &dev("c"));
+        let first = a.set_title("", 1);
+        c.apply_untrusted(&first).unwrap();
+        let again = c.set_title("", 2);
+        assert_ne!(again, first);
+        assert_eq!(a.apply_untrusted(&again), Ok(vec![]));
+        assert_eq!(a.heads(), c.heads());
+        let third = a.set_title("", 3);
+        assert!(third != first && third != again, "a device with earlier changes gets a new one too");
+        assert_eq!(ChatDoc::load(chat, &dev("a"), Some(&a.save()), &[]).unwrap().heads(), a.heads());
     }
 
     #[test]
