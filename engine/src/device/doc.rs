@@ -71,6 +71,11 @@ pub enum DocError {
     /// document holding it does not load.
     #[error("change does not continue its device's sequence")]
     NotInSequence,
+    /// The change's bytes are not the form Automerge writes for its content. A change's hash is
+    /// that of its bytes, but a saved document keeps only the content and encodes it again on
+    /// loading: the hash would change and the document not load ("mismatching heads").
+    #[error("change is not canonically encoded")]
+    NonCanonical,
     /// [`MAX_PENDING_CHANGES`] changes already wait for their dependencies.
     #[error("too many changes wait for changes that have not arrived")]
     TooManyPending,
@@ -134,6 +139,15 @@ fn check_savable(change: &Change) -> Result<(), DocError> {
         return Err(DocError::OutOfRange("commit time"));
     }
     Ok(())
+}
+
+/// Refuses a change whose bytes Automerge would not write itself (see
+/// [`DocError::NonCanonical`]): decoded and encoded again, it must keep its hash.
+fn check_canonical(change: &Change) -> Result<(), DocError> {
+    match guarded(|| Change::from(change.decode())) {
+        Some(again) if again.hash() == change.hash() => Ok(()),
+        _ => Err(DocError::NonCanonical),
+    }
 }
 
 /// A commit time for an own change: the wall clock can be set before 1970 (or a message's time
@@ -281,6 +295,7 @@ impl ChatDoc {
             return Err(DocError::TooManyOps(change.len()));
         }
         check_savable(&change)?;
+        check_canonical(&change)?;
         let mut log = PatchLog::active(TextRepresentation::String(TextEncoding::UnicodeCodePoint));
         self.integrate(change, &mut log)?;
         let Some(list) = self.messages_obj() else { return Ok(Vec::new()) };
@@ -515,6 +530,13 @@ mod tests {
             ("seq gap", tampered(&|e| e.seq = 3), DocError::NotInSequence),
             ("seq past i64::MAX", tampered(&|e| e.seq = 1 << 63), DocError::NotInSequence),
             ("fuzz crasher", fuzz_crasher, DocError::NotInSequence),
+            // Also found by `apply_untrusted`: an empty change whose bytes encode its content in
+            // a form Automerge does not write; loading re-encodes it and finds other heads.
+            (
+                "non-canonical bytes",
+                hex::decode("856f4a830e087748011a00000135060000010000078070f55c3a5fff0093ff4a83f95b84").unwrap(),
+                DocError::NonCanonical,
+            ),
         ];
         for (what, bytes, error) in cases {
             // What Automerge alone makes of it: the change applies, the saved document does not load.
