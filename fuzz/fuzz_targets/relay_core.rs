@@ -1,0 +1,656 @@
+//! The relay's sans-IO core fed arbitrary input sequences the way its driver would: streams
+//! open (fresh connection ids, a small pool of devices) and close, frames arrive (valid ones
+//! built from two real accounts with signed certificates and chat keys, and arbitrary bytes),
+//! fsync barriers complete in any amount, and the relay crashes and restarts from what was
+//! durable (optionally with the unsynced writes surviving too).
+//!
+//! Checks: the core never panics, and
+//! * tokens are handed out in order; each chat's and account log's seqs are contiguous;
+//! * nothing is revealed before it is durable: an `Acked` or `Push` names a durable delta (and
+//!   an `Acked` the requesting device's delta with that client seq), a `PushAccount` a durable
+//!   entry, and heads in `SyncState`, `ReadChat` and `ReadAccount` are durable heads;
+//! * frames go to open streams only; pushes go to devices of member accounts only; a device
+//!   whose session was ended gets nothing but errors;
+//! * every request is answered at most once, and once everything is durable every request on
+//!   a stream that is still open has been answered (a `LinkWait` only when approved).
+#![no_main]
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use libfuzzer_sys::arbitrary::{self, Arbitrary};
+use libfuzzer_sys::fuzz_target;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use stratus_engine::proto::cert::{AccountKeys, AccountPublic, DeviceCert, DeviceCertBody, Revocation, RevocationBody};
+use stratus_engine::proto::crypto::{wrap_chat_key, ChatKey, SealedBox};
+use stratus_engine::proto::wire::{
+    decode, AccountEntry, ChatKind, ClientFrame, Delta, FrameError, RelayFrame, ReqId, WrappedKey, MAX_DELTA_BYTES,
+    PROTOCOL_VERSION,
+};
+use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
+use stratus_relay::core::{
+    ApprovedLink, ChatRecord, ConnId, DeviceState, Effect, Input as CoreInput, Recovered, RelayCore, StoreOp,
+    DEDUP_WINDOW,
+};
+use stratus_relay::limits::Limits;
+
+/// Most operations per run.
+const MAX_OPS: usize = 96;
+/// Request ids the harness tracks start here; arbitrary frames with ids this high are dropped,
+/// so that their replies cannot be mistaken for replies to tracked requests.
+const TRACKED_REQ: ReqId = 1 << 40;
+
+#[derive(Debug, Arbitrary)]
+struct Script {
+    /// Start from two logged-in devices of two accounts, each with a chat, and a third device
+    /// waiting to be linked (most interesting paths are several steps deep).
+    prologue: bool,
+    ops: Vec<Op>,
+}
+
+/// One input for the core. `conn` picks an open stream, `device` one of four devices, `which`
+/// one of the fixture's valid frames of that kind. `Connect` is `Open` and a hello;
+/// `Durable` completes barriers up to some write, `DurableAll` up to the last.
+#[derive(Debug, Clone, Arbitrary)]
+enum Op {
+    Open {
+        device: u8,
+    },
+    Connect {
+        device: u8,
+    },
+    Close {
+        conn: u8,
+    },
+    Hello {
+        conn: u8,
+        bad_version: bool,
+    },
+    CreateAccount {
+        conn: u8,
+        which: u8,
+    },
+    CreateChat {
+        conn: u8,
+        which: u8,
+    },
+    LinkWait {
+        conn: u8,
+        which: u8,
+    },
+    LinkLookup {
+        conn: u8,
+        which: u8,
+    },
+    LinkApprove {
+        conn: u8,
+        which: u8,
+    },
+    Append {
+        conn: u8,
+        chat: u8,
+        epoch: u8,
+        client_seq: u8,
+        len: u8,
+        too_large: bool,
+    },
+    SyncState {
+        conn: u8,
+    },
+    FetchChat {
+        conn: u8,
+        chat: u8,
+        after: u8,
+        max: u8,
+    },
+    FetchAccount {
+        conn: u8,
+        after: u8,
+        max: u8,
+    },
+    Raw {
+        conn: u8,
+        bytes: Vec<u8>,
+    },
+    BadFrame {
+        conn: u8,
+        too_large: bool,
+    },
+    Durable {
+        advance: u8,
+    },
+    DurableAll,
+    Restart {
+        keep_unsynced: bool,
+    },
+    ListDevices {
+        conn: u8,
+    },
+    Revoke {
+        conn: u8,
+        which: u8,
+    },
+    /// Time passes (the rate limit refills).
+    Wait {
+        ms: u16,
+    },
+}
+
+/// Two accounts and every valid frame the harness can send, built once.
+struct Fixture {
+    devices: Vec<DeviceId>,
+    create_account: Vec<(AccountPublic, DeviceCert)>,
+    chats: Vec<ChatId>,
+    create_chat: Vec<(ChatId, Epoch, Vec<WrappedKey>)>,
+    link_wait: Vec<([u8; 32], [u8; 32])>,
+    link_approve: Vec<([u8; 32], DeviceCert)>,
+    revoke: Vec<Revocation>,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let mut rng = StdRng::seed_from_u64(3);
+        let devices: Vec<DeviceId> = (0..4).map(|i| DeviceId(format!("device-{i}"))).collect();
+        let a = AccountKeys::generate(&mut rng);
+        let b = AccountKeys::generate(&mut rng);
+        let cert = |keys: &AccountKeys, device: &DeviceId, x: u8| {
+            keys.certify(DeviceCertBody {
+                account: keys.public().id,
+                device: device.clone(),
+                device_x25519: [x; 32],
+                name: "d".into(),
+                created_ms: 0,
+            })
+        };
+        let chats: Vec<ChatId> = (0..3).map(|_| ChatId::random(&mut rng)).collect();
+        let mut key = |signer: &AccountKeys, member: &AccountKeys, chat: ChatId, epoch: Epoch| {
+            let public = member.public();
+            let wrapped = wrap_chat_key(&ChatKey::random(&mut rng), chat, epoch, public.id, &public.kem_key, &mut rng);
+            let signature = signer.sign_chat_key(chat, ChatKind::Notes, epoch, public.id, &wrapped);
+            WrappedKey { account: public.id, key: wrapped, signature }
+        };
+        let create_chat = vec![
+            (chats[0], Epoch(0), vec![key(&a, &a, chats[0], Epoch(0))]),
+            (chats[1], Epoch(0), vec![key(&b, &b, chats[1], Epoch(0))]),
+            (chats[0], Epoch(1), vec![key(&a, &a, chats[0], Epoch(1))]),
+            // Signed by the wrong account.
+            (chats[2], Epoch(0), vec![key(&b, &a, chats[2], Epoch(0))]),
+            // Two members.
+            (chats[2], Epoch(0), vec![key(&a, &a, chats[2], Epoch(0)), key(&a, &b, chats[2], Epoch(0))]),
+        ];
+        let revoke = |keys: &AccountKeys, device: usize, by: usize| {
+            keys.revoke(RevocationBody {
+                account: keys.public().id,
+                device: devices[device].clone(),
+                by: devices[by].clone(),
+                at_ms: 0,
+            })
+        };
+        let revoke = vec![
+            revoke(&a, 1, 0),
+            revoke(&a, 0, 1),
+            revoke(&b, 3, 2),
+            // Signed by the wrong account; naming itself; naming another account's device.
+            revoke(&b, 1, 0),
+            revoke(&a, 0, 0),
+            revoke(&a, 2, 0),
+        ];
+        Fixture {
+            revoke,
+            create_account: vec![
+                (a.public(), cert(&a, &devices[0], 1)),
+                (b.public(), cert(&b, &devices[2], 2)),
+                (a.public(), cert(&a, &devices[1], 9)),
+                (b.public(), cert(&a, &devices[3], 3)),
+            ],
+            chats,
+            create_chat,
+            link_wait: vec![([1; 32], [9; 32]), ([3; 32], [7; 32])],
+            link_approve: vec![
+                ([1; 32], cert(&a, &devices[1], 9)),
+                ([3; 32], cert(&b, &devices[3], 7)),
+                ([3; 32], cert(&a, &devices[1], 9)),
+                ([1; 32], cert(&b, &devices[1], 8)),
+            ],
+            devices,
+        }
+    })
+}
+
+fn pick<T>(items: &[T], i: u8) -> &T {
+    &items[i as usize % items.len()]
+}
+
+/// What the store holds: the durable part, or everything written.
+#[derive(Default, Clone)]
+struct Store {
+    accounts: BTreeMap<AccountId, AccountPublic>,
+    devices: BTreeMap<DeviceId, DeviceCert>,
+    chats: BTreeMap<ChatId, ChatRecord>,
+    deltas: BTreeMap<(ChatId, Seq), Delta>,
+    entries: BTreeMap<(AccountId, Seq), AccountEntry>,
+    approved: BTreeMap<[u8; 32], ApprovedLink>,
+    states: BTreeMap<DeviceId, DeviceState>,
+}
+
+impl Store {
+    fn apply(&mut self, ops: &[StoreOp]) {
+        for op in ops {
+            match op.clone() {
+                StoreOp::PutAccount(a) => {
+                    self.accounts.insert(a.id, a);
+                }
+                StoreOp::PutDevice(c) => {
+                    self.devices.insert(c.body.device.clone(), c);
+                }
+                StoreOp::PutChat(id, r) => {
+                    self.chats.insert(id, r);
+                }
+                StoreOp::PutDelta(d) => {
+                    self.deltas.insert((d.chat, d.seq), d);
+                }
+                StoreOp::PutAccountEntry(a, e) => {
+                    self.entries.insert((a, e.seq), e);
+                }
+                StoreOp::PutApprovedLink(id, l) => {
+                    self.approved.insert(id, l);
+                }
+                StoreOp::DeleteApprovedLink(id) => {
+                    self.approved.remove(&id);
+                }
+                StoreOp::PutDeviceState(d, s) => {
+                    self.states.insert(d, s);
+                }
+            }
+        }
+    }
+
+    fn chat_head(&self, chat: ChatId) -> Seq {
+        self.deltas.range((chat, Seq(0))..=(chat, Seq(u64::MAX))).next_back().map_or(Seq(0), |(k, _)| k.1)
+    }
+
+    fn account_head(&self, account: AccountId) -> Seq {
+        self.entries.range((account, Seq(0))..=(account, Seq(u64::MAX))).next_back().map_or(Seq(0), |(k, _)| k.1)
+    }
+
+    /// What the relay's store would recover after a crash.
+    fn recover(&self) -> Recovered {
+        let mut recent: BTreeMap<DeviceId, Vec<(ClientSeq, ChatId, Seq)>> = BTreeMap::new();
+        for d in self.deltas.values() {
+            recent.entry(d.device.clone()).or_default().push((d.client_seq, d.chat, d.seq));
+        }
+        Recovered {
+            accounts: self.accounts.values().cloned().collect(),
+            devices: self.devices.values().cloned().collect(),
+            chats: self.chats.iter().map(|(id, r)| (*id, r.clone(), self.chat_head(*id))).collect(),
+            account_heads: self.accounts.keys().map(|a| (*a, self.account_head(*a))).collect(),
+            recent_appends: self
+                .devices
+                .keys()
+                .map(|dev| {
+                    let mut r = recent.remove(dev).unwrap_or_default();
+                    r.sort();
+                    let cut = r.len().saturating_sub(DEDUP_WINDOW);
+                    (dev.clone(), r.split_off(cut))
+                })
+                .collect(),
+            approved_links: self.approved.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            device_states: self.states.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        }
+    }
+}
+
+struct Harness {
+    core: RelayCore,
+    /// Open streams and their devices.
+    open: BTreeMap<ConnId, DeviceId>,
+    next_conn: ConnId,
+    durable: Store,
+    latest: Store,
+    /// Writes not yet behind a barrier.
+    unsynced: Vec<(u64, Vec<StoreOp>)>,
+    last_token: u64,
+    durable_token: u64,
+    next_req: ReqId,
+    /// Tracked requests: (conn, req) → (is a link wait, replies so far).
+    requests: BTreeMap<(ConnId, ReqId), (bool, u32)>,
+    /// The driver's clock, in ms.
+    now_ms: u64,
+}
+
+fn limits() -> Limits {
+    // Small enough that the rate limit and the in-flight caps are reached.
+    Limits {
+        requests_per_second: 50,
+        request_burst: 8,
+        max_appends_in_flight_per_device: 4,
+        max_fetches_in_flight_per_device: 2,
+        min_session_age_ms: 0,
+        ..Limits::default()
+    }
+}
+
+impl Harness {
+    fn new() -> Self {
+        Harness {
+            core: RelayCore::new(Recovered::default(), limits()),
+            open: BTreeMap::new(),
+            next_conn: 1,
+            durable: Store::default(),
+            latest: Store::default(),
+            unsynced: Vec::new(),
+            last_token: 0,
+            durable_token: 0,
+            next_req: TRACKED_REQ,
+            requests: BTreeMap::new(),
+            now_ms: 1,
+        }
+    }
+
+    fn frame(&mut self, conn: ConnId, frame: ClientFrame) {
+        self.now_ms += 1;
+        let now_ms = self.now_ms;
+        self.input(CoreInput::Frame { conn, frame, now_ms });
+    }
+
+    fn open(&mut self, device: DeviceId) -> ConnId {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.open.insert(conn, device.clone());
+        self.input(CoreInput::Opened { conn, device });
+        conn
+    }
+
+    fn conn(&self, i: u8) -> Option<ConnId> {
+        let conns: Vec<ConnId> = self.open.keys().copied().collect();
+        (!conns.is_empty()).then(|| *pick(&conns, i))
+    }
+
+    /// Sends a tracked request on the `i`th open stream.
+    fn request(&mut self, i: u8, frame: impl FnOnce(ReqId) -> ClientFrame) {
+        let Some(conn) = self.conn(i) else { return };
+        let req = self.next_req;
+        self.next_req += 1;
+        let frame = frame(req);
+        self.requests.insert((conn, req), (matches!(frame, ClientFrame::LinkWait { .. }), 0));
+        self.frame(conn, frame);
+    }
+
+    fn input(&mut self, input: CoreInput) {
+        let effects = self.core.handle(input);
+        let mut closing = Vec::new();
+        for e in effects {
+            self.check(e, &mut closing);
+        }
+        for conn in closing {
+            self.close(conn);
+        }
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        if self.open.remove(&conn).is_some() {
+            self.requests.retain(|(c, _), _| *c != conn);
+            self.input(CoreInput::Closed { conn });
+        }
+    }
+
+    fn replied(&mut self, conn: ConnId, req: ReqId) {
+        if let Some((_, n)) = self.requests.get_mut(&(conn, req)) {
+            *n += 1;
+            assert_eq!(*n, 1, "request {req} on stream {conn} answered twice");
+        }
+    }
+
+    fn check(&mut self, effect: Effect, closing: &mut Vec<ConnId>) {
+        match effect {
+            Effect::Write { token, ops } => {
+                assert_eq!(token, self.last_token + 1, "write tokens are handed out in order");
+                self.last_token = token;
+                for op in &ops {
+                    match op {
+                        StoreOp::PutDelta(d) => {
+                            assert_eq!(d.seq, self.latest.chat_head(d.chat).next(), "chat seqs are contiguous");
+                            assert!(
+                                !self
+                                    .latest
+                                    .deltas
+                                    .values()
+                                    .any(|o| o.device == d.device && o.client_seq == d.client_seq),
+                                "a (device, client seq) is stored once"
+                            );
+                        }
+                        StoreOp::PutAccountEntry(a, e) => {
+                            assert_eq!(e.seq, self.latest.account_head(*a).next(), "account log seqs are contiguous");
+                        }
+                        _ => {}
+                    }
+                }
+                self.latest.apply(&ops);
+                self.unsynced.push((token, ops));
+            }
+            Effect::Close { conn } => {
+                assert!(self.open.contains_key(&conn), "close of a stream that is not open");
+                closing.push(conn);
+            }
+            Effect::ReadChat { conn, req, chat, upto, .. } => {
+                assert!(self.open.contains_key(&conn), "read for a stream that is not open");
+                assert!(upto <= self.durable.chat_head(chat), "a read of chat {chat} past its durable head");
+                self.replied(conn, req);
+            }
+            Effect::ReadAccount { conn, req, account, upto, .. } => {
+                assert!(self.open.contains_key(&conn), "read for a stream that is not open");
+                assert!(upto <= self.durable.account_head(account), "a read of an account log past its durable head");
+                self.replied(conn, req);
+            }
+            Effect::Send { conn, frame } => {
+                let device = self.open.get(&conn).unwrap_or_else(|| panic!("send to stream {conn}, not open")).clone();
+                self.check_send(conn, &device, frame);
+            }
+        }
+    }
+
+    fn check_send(&mut self, conn: ConnId, device: &DeviceId, frame: RelayFrame) {
+        let account = self.latest.devices.get(device).map(|c| c.body.account);
+        if self.latest.states.get(device).is_some_and(|s| s.revoked) {
+            assert!(matches!(frame, RelayFrame::Error { .. }), "a revoked device was sent {frame:?}");
+        }
+        match frame {
+            RelayFrame::Acked { req, chat, client_seq, seq } => {
+                let d = self.durable.deltas.get(&(chat, seq)).expect("an ack names a durable delta");
+                assert_eq!((&d.device, d.client_seq), (device, client_seq), "an ack names the device's own delta");
+                self.replied(conn, req);
+            }
+            RelayFrame::Push { delta } => {
+                let stored = self.durable.deltas.get(&(delta.chat, delta.seq)).expect("a push names a durable delta");
+                assert_eq!(stored, &delta, "a push carries the stored delta");
+                let members = &self.latest.chats[&delta.chat].members;
+                assert!(account.is_some_and(|a| members.contains(&a)), "a push to a device of a non-member");
+            }
+            RelayFrame::PushAccount { entry } => {
+                let a = account.expect("an account push goes to a device of an account");
+                assert_eq!(self.durable.entries.get(&(a, entry.seq)), Some(&entry), "a push of a durable entry");
+            }
+            RelayFrame::SyncState { req, account_head, chats } => {
+                let a = account.expect("sync state goes to a device of an account");
+                assert!(account_head <= self.durable.account_head(a), "sync state reports a non-durable log head");
+                for (chat, head) in chats {
+                    assert!(head <= self.durable.chat_head(chat), "sync state reports a non-durable chat head");
+                }
+                self.replied(conn, req);
+            }
+            RelayFrame::ChatPage { .. } | RelayFrame::AccountPage { .. } => {
+                panic!("the core reads pages through effects, never sends them")
+            }
+            RelayFrame::Done { req }
+            | RelayFrame::RateLimited { req, .. }
+            | RelayFrame::Devices { req, .. }
+            | RelayFrame::LinkInfo { req, .. }
+            | RelayFrame::LinkApproved { req, .. }
+            | RelayFrame::Duplicate { req, .. }
+            | RelayFrame::Error { req: Some(req), .. } => self.replied(conn, req),
+            RelayFrame::Hello { .. } | RelayFrame::Error { req: None, .. } => {}
+        }
+    }
+
+    fn durable(&mut self, token: u64) {
+        self.durable_token = self.durable_token.max(token);
+        let (now, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.unsynced).into_iter().partition(|(t, _)| *t <= self.durable_token);
+        self.unsynced = later;
+        for (_, ops) in now {
+            self.durable.apply(&ops);
+        }
+        self.input(CoreInput::Durable { token });
+    }
+
+    fn restart(&mut self, keep_unsynced: bool) {
+        if keep_unsynced {
+            for (_, ops) in std::mem::take(&mut self.unsynced) {
+                self.durable.apply(&ops);
+            }
+        }
+        self.unsynced.clear();
+        self.latest = self.durable.clone();
+        self.core = RelayCore::new(self.durable.recover(), limits());
+        self.open.clear();
+        self.requests.clear();
+        self.last_token = 0;
+        self.durable_token = 0;
+    }
+}
+
+fuzz_target!(|script: Script| {
+    let f = fixture();
+    let mut h = Harness::new();
+    let prologue = [
+        Op::Connect { device: 0 },
+        Op::CreateAccount { conn: 0, which: 0 },
+        Op::CreateChat { conn: 0, which: 0 },
+        Op::Connect { device: 2 },
+        Op::CreateAccount { conn: 1, which: 1 },
+        Op::CreateChat { conn: 1, which: 1 },
+        Op::Connect { device: 1 },
+        Op::LinkWait { conn: 2, which: 0 },
+        Op::DurableAll,
+    ];
+    let prologue = if script.prologue { &prologue[..] } else { &[] };
+    for op in prologue.iter().cloned().chain(script.ops.into_iter().take(MAX_OPS)) {
+        match op {
+            Op::Open { device } => {
+                h.open(pick(&f.devices, device).clone());
+            }
+            Op::Connect { device } => {
+                let conn = h.open(pick(&f.devices, device).clone());
+                h.frame(conn, ClientFrame::Hello { version: PROTOCOL_VERSION });
+            }
+            Op::Close { conn } => {
+                if let Some(conn) = h.conn(conn) {
+                    h.close(conn);
+                }
+            }
+            Op::Hello { conn, bad_version } => {
+                if let Some(conn) = h.conn(conn) {
+                    let version = if bad_version { PROTOCOL_VERSION + 1 } else { PROTOCOL_VERSION };
+                    h.frame(conn, ClientFrame::Hello { version });
+                }
+            }
+            Op::CreateAccount { conn, which } => {
+                let (account, cert) = pick(&f.create_account, which).clone();
+                h.request(conn, |req| ClientFrame::CreateAccount { req, account, cert });
+            }
+            Op::CreateChat { conn, which } => {
+                let (chat, epoch, keys) = pick(&f.create_chat, which).clone();
+                h.request(conn, |req| ClientFrame::CreateChat {
+                    req,
+                    chat,
+                    kind: ChatKind::Notes,
+                    epoch,
+                    client_seq: ClientSeq(which.into()),
+                    keys,
+                });
+            }
+            Op::LinkWait { conn, which } => {
+                let (link_id, device_x25519) = *pick(&f.link_wait, which);
+                h.request(conn, |req| ClientFrame::LinkWait { req, link_id, device_x25519, name: "new".into() });
+            }
+            Op::LinkLookup { conn, which } => {
+                let (link_id, _) = *pick(&f.link_wait, which);
+                h.request(conn, |req| ClientFrame::LinkLookup { req, link_id });
+            }
+            Op::LinkApprove { conn, which } => {
+                let (link_id, cert) = pick(&f.link_approve, which).clone();
+                let bundle = SealedBox { ephemeral: [4; 32], sealed: vec![5; 80] };
+                h.request(conn, |req| ClientFrame::LinkApprove { req, link_id, cert, bundle });
+            }
+            Op::Append { conn, chat, epoch, client_seq, len, too_large } => {
+                let chat = *pick(&f.chats, chat);
+                let sealed = vec![client_seq; if too_large { MAX_DELTA_BYTES + 1 } else { len as usize }];
+                h.request(conn, |req| ClientFrame::Append {
+                    req,
+                    chat,
+                    epoch: Epoch((epoch % 3).into()),
+                    client_seq: ClientSeq((client_seq % 32).into()),
+                    sealed,
+                });
+            }
+            Op::SyncState { conn } => h.request(conn, |req| ClientFrame::SyncState { req }),
+            Op::FetchChat { conn, chat, after, max } => {
+                let chat = *pick(&f.chats, chat);
+                h.request(conn, |req| ClientFrame::FetchChat { req, chat, after: Seq(after.into()), max: max.into() });
+            }
+            Op::FetchAccount { conn, after, max } => {
+                h.request(conn, |req| ClientFrame::FetchAccount { req, after: Seq(after.into()), max: max.into() });
+            }
+            Op::Raw { conn, bytes } => {
+                let Some(conn) = h.conn(conn) else { continue };
+                match decode::<ClientFrame>(&bytes) {
+                    Ok(frame) if req_of(&frame) >= TRACKED_REQ => {}
+                    Ok(frame) => h.frame(conn, frame),
+                    Err(error) => h.input(CoreInput::BadFrame { conn, error }),
+                }
+            }
+            Op::BadFrame { conn, too_large } => {
+                let Some(conn) = h.conn(conn) else { continue };
+                let error = if too_large { FrameError::TooLarge(0) } else { FrameError::Malformed("fuzz".into()) };
+                h.input(CoreInput::BadFrame { conn, error });
+            }
+            Op::Durable { advance } => {
+                let behind = h.last_token - h.durable_token;
+                let token = h.durable_token + if behind == 0 { 0 } else { 1 + advance as u64 % behind };
+                h.durable(token);
+            }
+            Op::DurableAll => h.durable(h.last_token),
+            Op::Restart { keep_unsynced } => h.restart(keep_unsynced),
+            Op::ListDevices { conn } => h.request(conn, |req| ClientFrame::ListDevices { req }),
+            Op::Revoke { conn, which } => {
+                let revocation = pick(&f.revoke, which).clone();
+                h.request(conn, |req| ClientFrame::Revoke { req, revocation });
+            }
+            Op::Wait { ms } => h.now_ms += u64::from(ms),
+        }
+    }
+    // Everything durable: every request on an open stream has its answer.
+    h.durable(h.last_token);
+    for ((conn, req), (link_wait, replies)) in &h.requests {
+        assert!(*link_wait || *replies == 1, "request {req} on open stream {conn} never answered");
+    }
+});
+
+fn req_of(frame: &ClientFrame) -> ReqId {
+    match frame {
+        ClientFrame::Hello { .. } => 0,
+        ClientFrame::CreateAccount { req, .. }
+        | ClientFrame::LinkWait { req, .. }
+        | ClientFrame::LinkLookup { req, .. }
+        | ClientFrame::LinkApprove { req, .. }
+        | ClientFrame::CreateChat { req, .. }
+        | ClientFrame::Append { req, .. }
+        | ClientFrame::SyncState { req }
+        | ClientFrame::FetchChat { req, .. }
+        | ClientFrame::FetchAccount { req, .. }
+        | ClientFrame::ListDevices { req }
+        | ClientFrame::Revoke { req, .. } => *req,
+    }
+}
