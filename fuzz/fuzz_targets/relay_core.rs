@@ -30,8 +30,8 @@ use stratus_engine::proto::wire::{
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 use stratus_relay::core::{
-    ApprovedLink, ChatRecord, ConnId, DeviceState, Effect, Input as CoreInput, Recovered, RelayCore, StoreOp,
-    DEDUP_WINDOW,
+    AccountSettings, ApprovedLink, ChatRecord, ConnId, DeviceState, Effect, Input as CoreInput, Recovered, RelayCore,
+    StoreOp, DEDUP_WINDOW,
 };
 use stratus_relay::limits::Limits;
 
@@ -126,6 +126,10 @@ enum Op {
     },
     ListDevices {
         conn: u8,
+    },
+    SetSessionTtl {
+        conn: u8,
+        days: u8,
     },
     Revoke {
         conn: u8,
@@ -233,6 +237,7 @@ struct Store {
     entries: BTreeMap<(AccountId, Seq), AccountEntry>,
     approved: BTreeMap<[u8; 32], ApprovedLink>,
     states: BTreeMap<DeviceId, DeviceState>,
+    settings: BTreeMap<AccountId, AccountSettings>,
 }
 
 impl Store {
@@ -262,6 +267,9 @@ impl Store {
                 }
                 StoreOp::PutDeviceState(d, s) => {
                     self.states.insert(d, s);
+                }
+                StoreOp::PutAccountSettings(a, s) => {
+                    self.settings.insert(a, s);
                 }
             }
         }
@@ -298,6 +306,7 @@ impl Store {
                 .collect(),
             approved_links: self.approved.iter().map(|(k, v)| (*k, v.clone())).collect(),
             device_states: self.states.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            account_settings: self.settings.iter().map(|(k, v)| (*k, *v)).collect(),
         }
     }
 }
@@ -624,11 +633,15 @@ fuzz_target!(|script: Script| {
             Op::DurableAll => h.durable(h.last_token),
             Op::Restart { keep_unsynced } => h.restart(keep_unsynced),
             Op::ListDevices { conn } => h.request(conn, |req| ClientFrame::ListDevices { req }),
+            Op::SetSessionTtl { conn, days } => {
+                h.request(conn, |req| ClientFrame::SetSessionTtl { req, days: (days % 4).into() })
+            }
             Op::Revoke { conn, which } => {
                 let revocation = pick(&f.revoke, which).clone();
                 h.request(conn, |req| ClientFrame::Revoke { req, revocation });
             }
-            Op::Wait { ms } => h.now_ms += u64::from(ms),
+            // Up to a few days, so that sessions expire.
+            Op::Wait { ms } => h.now_ms += u64::from(ms) * u64::from(ms) * 10_000,
         }
     }
     // Everything durable: every request on an open stream has its answer.
@@ -651,6 +664,7 @@ fn req_of(frame: &ClientFrame) -> ReqId {
         | ClientFrame::FetchChat { req, .. }
         | ClientFrame::FetchAccount { req, .. }
         | ClientFrame::ListDevices { req }
+        | ClientFrame::SetSessionTtl { req, .. }
         | ClientFrame::Revoke { req, .. } => *req,
     }
 }

@@ -79,6 +79,8 @@ enum AccountCommand {
         #[arg(long)]
         name: String,
     },
+    /// End the account's sessions that stay inactive for more than DAYS days (0: never).
+    SetSessionTtl { days: u32 },
 }
 
 #[derive(Subcommand)]
@@ -198,6 +200,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let id = device.create_account(&relay, &name).await?;
             out(&format!("account: {id}"));
         }
+        Command::Account { command: AccountCommand::SetSessionTtl { days } } => {
+            device.set_session_ttl(days).await?;
+            out(&match days {
+                0 => "sessions never expire".to_string(),
+                d => format!("sessions inactive for more than {d} days end"),
+            });
+        }
         Command::Device { command: DeviceCommand::Link { relay, name } } => {
             if let Some(a) = device.account() {
                 return Err(Error::AlreadyLoggedIn(a.to_string()).into());
@@ -236,7 +245,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Devices { json } => {
-            for s in device.sessions().await? {
+            let (sessions, ttl) = device.sessions().await?;
+            if !json {
+                match ttl {
+                    0 => out("sessions never expire (set with `stratus account set-session-ttl DAYS`)"),
+                    d => out(&format!("sessions inactive for more than {d} days end")),
+                }
+            }
+            for s in sessions {
                 if json {
                     out(&serde_json::to_string(&s).map_err(|e| Failure::Other(e.to_string()))?);
                 } else {
@@ -253,7 +269,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Device { command: DeviceCommand::Revoke { device: which } } => {
-            let sessions = device.sessions().await?;
+            let (sessions, _) = device.sessions().await?;
             let matches: Vec<_> =
                 sessions.iter().filter(|s| s.device.0 == which || s.name.as_deref() == Some(which.as_str())).collect();
             let target = match matches[..] {
@@ -268,13 +284,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             out(&format!("revoked {target}"));
         }
         Command::Chat { command: ChatCommand::Create { title } } => {
+            // Like `send`: the chat is made here first and queued; the command returns once the
+            // relay has it (a session's `Idle` from before the creation was queued would not
+            // say that).
             device.account().ok_or(Error::NotLoggedIn)?;
-            let mut session = Session::start(device)?;
-            let mut events = session.events();
-            wait_for(&mut events, |e| matches!(e, Event::Connected)).await?;
-            let chat = session.create_chat(&title).await?;
-            wait_for(&mut events, |e| matches!(e, Event::Idle)).await?;
-            let _ = session.stop().await;
+            let (chat, _) = device.new_chat(&title)?;
+            sync_until_idle(device).await?;
             out(&chat.to_string());
         }
         Command::Chat { command: ChatCommand::List { json } } => {

@@ -95,6 +95,8 @@ pub enum StoreOp {
     PutAccountEntry(AccountId, AccountEntry),
     /// A device's session state (registration, last activity, revocation).
     PutDeviceState(DeviceId, DeviceState),
+    /// An account's settings.
+    PutAccountSettings(AccountId, AccountSettings),
     /// An approval kept until the new device has fetched it (see [`ApprovedLink`]).
     PutApprovedLink([u8; 32], ApprovedLink),
     /// The new device has its bundle: the approval is no longer needed.
@@ -147,7 +149,20 @@ pub struct Recovered {
     pub approved_links: Vec<([u8; 32], ApprovedLink)>,
     /// What the relay keeps of each device's session.
     pub device_states: Vec<(DeviceId, DeviceState)>,
+    /// Settings the accounts chose.
+    pub account_settings: Vec<(AccountId, AccountSettings)>,
 }
+
+/// What an account chose about its sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountSettings {
+    /// Sessions inactive for more than this many days end (0: never).
+    pub session_ttl_days: u32,
+}
+
+/// Longest session time-to-live an account may set, in days (100 years).
+pub const MAX_SESSION_TTL_DAYS: u32 = 36_500;
+const DAY_MS: u64 = 24 * 3600 * 1000;
 
 /// What the relay keeps of a device's session besides its certificate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +177,7 @@ pub struct DeviceState {
 
 struct Account {
     public: AccountPublic,
+    settings: AccountSettings,
     devices: BTreeSet<DeviceId>,
     chats: BTreeSet<ChatId>,
     log_head: Seq,
@@ -201,7 +217,14 @@ impl Device {
 
 impl Account {
     fn new(public: AccountPublic) -> Self {
-        Account { public, devices: BTreeSet::new(), chats: BTreeSet::new(), log_head: Seq(0), log_durable: Seq(0) }
+        Account {
+            public,
+            settings: AccountSettings::default(),
+            devices: BTreeSet::new(),
+            chats: BTreeSet::new(),
+            log_head: Seq(0),
+            log_durable: Seq(0),
+        }
     }
 }
 
@@ -274,6 +297,11 @@ impl RelayCore {
         };
         for public in recovered.accounts {
             core.accounts.insert(public.id, Account::new(public));
+        }
+        for (account, settings) in recovered.account_settings {
+            if let Some(a) = core.accounts.get_mut(&account) {
+                a.settings = settings;
+            }
         }
         for (account, head) in recovered.account_heads {
             if let Some(a) = core.accounts.get_mut(&account) {
@@ -381,11 +409,14 @@ impl RelayCore {
                 out.push(Effect::Close { conn });
                 return;
             }
-            if self.devices.get(&c.device).is_some_and(|d| d.state.revoked) {
+            let device = c.device.clone();
+            self.expire_if_idle(&device, now_ms, out);
+            if self.devices.get(&device).is_some_and(|d| d.state.revoked) {
                 out.push(revoked(conn, None));
                 out.push(Effect::Close { conn });
                 return;
             }
+            let Some(c) = self.conns.get_mut(&conn) else { return };
             c.hello = true;
             let account = self.devices.get(&c.device).map(|d| d.account);
             if let Some(a) = account {
@@ -448,6 +479,9 @@ impl RelayCore {
                 self.link_approve(conn, req, a, link_id, cert, bundle, now_ms, out).map_err(|e| (req, e))
             }
             (ClientFrame::ListDevices { req }, Some(a)) => {
+                for d in self.accounts[&a].devices.clone() {
+                    self.expire_if_idle(&d, now_ms, out);
+                }
                 let online: BTreeSet<&DeviceId> = self.conns.values().map(|c| &c.device).collect();
                 let devices = self.accounts[&a]
                     .devices
@@ -461,8 +495,12 @@ impl RelayCore {
                         revoked: s.revoked,
                     })
                     .collect();
-                out.push(Effect::Send { conn, frame: RelayFrame::Devices { req, devices } });
+                let session_ttl_days = self.accounts[&a].settings.session_ttl_days;
+                out.push(Effect::Send { conn, frame: RelayFrame::Devices { req, devices, session_ttl_days } });
                 Ok(())
+            }
+            (ClientFrame::SetSessionTtl { req, days }, Some(a)) => {
+                self.set_session_ttl(conn, req, a, &device, days, now_ms, out).map_err(|e| (req, e))
             }
             (ClientFrame::Revoke { req, revocation }, Some(a)) => {
                 self.revoke(conn, req, a, &device, revocation, now_ms, out).map_err(|e| (req, e))
@@ -814,6 +852,87 @@ impl RelayCore {
         Ok(())
     }
 
+    /// Ends `device`'s session if its account sets a time-to-live and the device has been
+    /// inactive longer (a device whose last activity is unknown is left alone).
+    fn expire_if_idle(&mut self, device: &DeviceId, now_ms: u64, out: &mut Vec<Effect>) {
+        let Some(d) = self.devices.get(device) else { return };
+        let ttl_days = self.accounts.get(&d.account).map_or(0, |a| a.settings.session_ttl_days);
+        let last = d.state.last_active_ms;
+        if d.state.revoked || ttl_days == 0 || last == 0 || now_ms.saturating_sub(last) <= u64::from(ttl_days) * DAY_MS
+        {
+            return;
+        }
+        let account = d.account;
+        let dev = self.devices.get_mut(device).expect("checked above");
+        dev.state.revoked = true;
+        dev.held = None;
+        let mut ops = vec![StoreOp::PutDeviceState(device.clone(), dev.state)];
+        let entry = self.log_entry(
+            account,
+            AccountEvent::DeviceExpired { device: device.clone(), last_active_ms: last },
+            &mut ops,
+        );
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        self.cut_off(device, out);
+        self.after_durable(Deferred::AccountDurable { account, entry }, out);
+    }
+
+    /// Closes every stream of a device whose session ended, telling it why.
+    fn cut_off(&mut self, device: &DeviceId, out: &mut Vec<Effect>) {
+        let cut: Vec<ConnId> = self.conns.iter().filter(|(_, c)| &c.device == device).map(|(id, _)| *id).collect();
+        for c in cut {
+            // Nothing more is pushed to it, not even the news of its own end.
+            self.detach(c);
+            out.push(revoked(c, None));
+            out.push(Effect::Close { conn: c });
+        }
+    }
+
+    /// Refuses a policy change from a session younger than the configured minimum age.
+    fn check_session_age(&self, by: &DeviceId, now_ms: u64) -> Result<(), (ErrorCode, String)> {
+        let age = now_ms.saturating_sub(self.devices[by].state.registered_ms);
+        if age < self.limits.min_session_age_ms {
+            return Err((
+                ErrorCode::SessionTooNew,
+                format!(
+                    "this device's session is {} min old; changing the account's sessions needs {} min",
+                    age / 60_000,
+                    self.limits.min_session_age_ms / 60_000
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn set_session_ttl(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        account: AccountId,
+        by: &DeviceId,
+        days: u32,
+        now_ms: u64,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        if days > MAX_SESSION_TTL_DAYS {
+            return Err((
+                ErrorCode::TooLarge,
+                format!("a session time-to-live is at most {MAX_SESSION_TTL_DAYS} days"),
+            ));
+        }
+        // A short time-to-live ends the other sessions: the same rule as revoking them.
+        self.check_session_age(by, now_ms)?;
+        let a = self.accounts.get_mut(&account).expect("an attached connection's account exists");
+        a.settings.session_ttl_days = days;
+        let settings = a.settings;
+        let token = self.token();
+        out.push(Effect::Write { token, ops: vec![StoreOp::PutAccountSettings(account, settings)] });
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        Ok(())
+    }
+
     /// Ends another device's session: checked, recorded in the account log, and the device cut
     /// off at once (its streams closed, everything queued for them dropped, and every later
     /// frame or connection refused with `SessionRevoked`).
@@ -845,17 +964,7 @@ impl RelayCore {
             Some(d) if d.account == account => {}
             _ => return Err((ErrorCode::UnknownDevice, format!("no device {} in this account", target.0))),
         }
-        let age = now_ms.saturating_sub(self.devices[by].state.registered_ms);
-        if age < self.limits.min_session_age_ms {
-            return Err((
-                ErrorCode::SessionTooNew,
-                format!(
-                    "this device's session is {} min old; ending other sessions needs {} min",
-                    age / 60_000,
-                    self.limits.min_session_age_ms / 60_000
-                ),
-            ));
-        }
+        self.check_session_age(by, now_ms)?;
         let dev = self.devices.get_mut(&target).expect("checked above");
         dev.state.revoked = true;
         dev.held = None;
@@ -863,13 +972,7 @@ impl RelayCore {
         let entry = self.log_entry(account, AccountEvent::DeviceRevoked { revocation }, &mut ops);
         let token = self.token();
         out.push(Effect::Write { token, ops });
-        let cut: Vec<ConnId> = self.conns.iter().filter(|(_, c)| c.device == target).map(|(id, _)| *id).collect();
-        for c in cut {
-            // Nothing more is pushed to it, not even the revocation itself.
-            self.detach(c);
-            out.push(revoked(c, None));
-            out.push(Effect::Close { conn: c });
-        }
+        self.cut_off(&target, out);
         self.after_durable(Deferred::AccountDurable { account, entry }, out);
         self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
         Ok(())
@@ -1036,6 +1139,7 @@ fn req_of(frame: &ClientFrame) -> ReqId {
         | ClientFrame::FetchChat { req, .. }
         | ClientFrame::FetchAccount { req, .. }
         | ClientFrame::ListDevices { req }
+        | ClientFrame::SetSessionTtl { req, .. }
         | ClientFrame::Revoke { req, .. } => *req,
     }
 }

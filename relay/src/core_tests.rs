@@ -780,3 +780,48 @@ fn a_revocation_is_written_and_survives_a_restart() {
         core.handle(Input::Frame { conn: 1, frame: ClientFrame::Hello { version: PROTOCOL_VERSION }, now_ms: 0 });
     assert_eq!(error_codes(&hello), vec![(1, ErrorCode::SessionRevoked)]);
 }
+
+#[test]
+fn sessions_inactive_longer_than_the_account_allows_end() {
+    let day = 24 * 3_600_000;
+    let mut w = world();
+    w.now_ms = 1_000;
+    let a = w.connect(1, "a");
+    let (keys, _) = w.account(&a);
+    let b = w.second_device(&keys, 2, "b");
+    w.frame(b.conn, ClientFrame::SyncState { req: 1 });
+    w.input(Input::Closed { conn: b.conn });
+
+    // A young session may not set it (it would end the others), a day-old one may.
+    let young = w.frame(a.conn, ClientFrame::SetSessionTtl { req: 2, days: 7 });
+    assert_eq!(error_codes(&young), vec![(1, ErrorCode::SessionTooNew)]);
+    w.now_ms += day + 1;
+    let too_long = w.frame(a.conn, ClientFrame::SetSessionTtl { req: 3, days: MAX_SESSION_TTL_DAYS + 1 });
+    assert_eq!(error_codes(&too_long), vec![(1, ErrorCode::TooLarge)]);
+    let e = w.frame(a.conn, ClientFrame::SetSessionTtl { req: 4, days: 7 });
+    assert!(e.iter().any(|e| matches!(e, Effect::Write { ops, .. }
+        if ops == &[StoreOp::PutAccountSettings(keys.public().id, AccountSettings { session_ttl_days: 7 })])));
+    let released = w.durable(&e);
+    assert!(matches!(sends(&released)[..], [(1, RelayFrame::Done { req: 4 })]), "{released:?}");
+
+    // Six days later b is still a session; eight days after its last frame it is not, and
+    // both the list and its own return say so.
+    w.now_ms += 5 * day;
+    let list = w.frame(a.conn, ClientFrame::ListDevices { req: 5 });
+    let [(1, RelayFrame::Devices { devices, session_ttl_days: 7, .. })] = &sends(&list)[..] else { panic!("{list:?}") };
+    assert!(devices.iter().all(|d| !d.revoked));
+    w.now_ms += 2 * day;
+    let list = w.frame(a.conn, ClientFrame::ListDevices { req: 6 });
+    assert!(list.iter().any(|e| matches!(e, Effect::Write { ops, .. } if ops.iter().any(|op|
+        matches!(op, StoreOp::PutAccountEntry(_, AccountEntry { event: AccountEvent::DeviceExpired { .. }, .. }))))));
+    let Some((_, RelayFrame::Devices { devices, .. })) =
+        sends(&list).into_iter().find(|(_, f)| matches!(f, RelayFrame::Devices { .. }))
+    else {
+        panic!("{list:?}")
+    };
+    let by_id: BTreeMap<_, _> = devices.iter().map(|d| (d.device.clone(), d.revoked)).collect();
+    assert_eq!((by_id[&a.id], by_id[&b.id]), (false, true), "a is active (it asked), b expired");
+    w.input(Input::Opened { conn: 3, device: b.id.clone() });
+    let hello = w.frame(3, ClientFrame::Hello { version: PROTOCOL_VERSION });
+    assert_eq!(error_codes(&hello), vec![(3, ErrorCode::SessionRevoked)]);
+}

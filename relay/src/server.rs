@@ -488,6 +488,7 @@ fn log_input(input: &Input) {
             ClientFrame::SyncState { req } => tracing::debug!(conn, req, "sync state"),
             ClientFrame::Hello { version } => tracing::debug!(conn, version, "hello"),
             ClientFrame::ListDevices { req } => tracing::debug!(conn, req, "list devices"),
+            ClientFrame::SetSessionTtl { req, days } => tracing::info!(conn, req, days, "set session ttl"),
             ClientFrame::Revoke { req, revocation } => {
                 tracing::info!(conn, req, device = %revocation.body.device, "revoke")
             }

@@ -14,6 +14,7 @@
 //! * `account_log`: account id ‖ seq → `AccountEvent`
 //! * `approved_links`: link id → `ApprovedLink` (until the new device syncs)
 //! * `device_state`: device id → `DeviceState` (registration, last activity, revocation)
+//! * `account_settings`: account id → `AccountSettings` (session time-to-live)
 
 use std::path::Path;
 
@@ -84,6 +85,7 @@ pub struct SledStore {
     account_log: sled::Tree,
     approved_links: sled::Tree,
     device_state: sled::Tree,
+    account_settings: sled::Tree,
 }
 
 impl SledStore {
@@ -100,6 +102,7 @@ impl SledStore {
             account_log: db.open_tree("account_log")?,
             approved_links: db.open_tree("approved_links")?,
             device_state: db.open_tree("device_state")?,
+            account_settings: db.open_tree("account_settings")?,
             db,
         })
     }
@@ -141,10 +144,11 @@ impl RelayStore for SledStore {
             &self.account_log,
             &self.approved_links,
             &self.device_state,
+            &self.account_settings,
         ];
         let r: Result<(), TransactionError<()>> = trees.transaction(|t: &Vec<TransactionalTree>| {
-            let (accounts, devices, chats, deltas, dedup, log, links, states) =
-                (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7]);
+            let (accounts, devices, chats, deltas, dedup, log, links, states, settings) =
+                (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8]);
             for op in ops {
                 match op {
                     StoreOp::PutAccount(a) => {
@@ -174,6 +178,9 @@ impl RelayStore for SledStore {
                     }
                     StoreOp::PutDeviceState(d, s) => {
                         states.insert(d.0.as_bytes(), enc(s))?;
+                    }
+                    StoreOp::PutAccountSettings(a, s) => {
+                        settings.insert(&a.0[..], enc(s))?;
                     }
                     StoreOp::DeleteApprovedLink(id) => {
                         links.remove(&id[..])?;
@@ -272,6 +279,11 @@ impl RelayStore for SledStore {
             recent.reverse();
             r.recent_appends.push((cert.body.device.clone(), recent));
             r.devices.push(cert);
+        }
+        for kv in self.account_settings.iter() {
+            let (k, v) = kv?;
+            let id: [u8; 16] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("account id"))?;
+            r.account_settings.push((AccountId(id), dec(&v, "account settings")?));
         }
         for kv in self.device_state.iter() {
             let (k, v) = kv?;

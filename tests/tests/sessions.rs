@@ -95,6 +95,7 @@ fn a_device_revoked_while_offline_is_wiped_when_it_comes_back() {
     stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
     let chat = stratus_ok(&a, &["chat", "create", "--title", "notes"]).trim().to_string();
     link_device(&relay, &a, &b, "phone");
+    assert!(stratus_ok(&b, &["chat", "list"]).contains(&chat), "linking pulled the chat");
     // b writes offline-style: the message waits in its outbox; then a revokes it.
     stratus_ok(&a, &["device", "revoke", "phone"]);
     let o = stratus(&b, &["send", &chat, "from a stolen phone"]);
@@ -154,4 +155,21 @@ fn a_young_session_cannot_end_others() {
     relay.restart_with(ANY_AGE);
     stratus_ok(&a, &["device", "revoke", "thief"]);
     assert_eq!(sessions(&a).len(), 1);
+}
+
+#[test]
+fn the_account_sets_how_long_idle_sessions_last_and_it_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start_with(&dir.path().join("relay"), ANY_AGE);
+    let a = dir.path().join("a");
+    stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
+    assert!(stratus_ok(&a, &["devices"]).starts_with("sessions never expire"));
+    let said = stratus_ok(&a, &["account", "set-session-ttl", "30"]);
+    assert!(said.contains("30 days"), "{said}");
+    relay.restart();
+    let listed = stratus_ok(&a, &["devices"]);
+    assert!(listed.starts_with("sessions inactive for more than 30 days end"), "{listed}");
+    // The relay keeps the policy within bounds.
+    let o = stratus(&a, &["account", "set-session-ttl", "100000"]);
+    assert!(!o.status.success() && stderr(&o).contains("TooLarge"), "{}", stderr(&o));
 }

@@ -461,15 +461,17 @@ impl Device {
     }
 
     /// The account's sessions: every device whose session was not ended, with what this device
-    /// knows of it (its certificate) and what the relay knows (registration, last activity).
-    pub async fn sessions(&mut self) -> Result<Vec<SessionInfo>, Error> {
-        let RelayFrame::Devices { devices, .. } = self.one_request(ClientFrame::ListDevices { req: 1 }, 1).await?
+    /// knows of it (its certificate) and what the relay knows (registration, last activity);
+    /// and after how many days of inactivity sessions end (0: never).
+    pub async fn sessions(&mut self) -> Result<(Vec<SessionInfo>, u32), Error> {
+        let RelayFrame::Devices { devices, session_ttl_days, .. } =
+            self.one_request(ClientFrame::ListDevices { req: 1 }, 1).await?
         else {
             return Err(Error::Relay { code: ErrorCode::Internal, message: "unexpected reply to list devices".into() });
         };
         let certs: BTreeMap<DeviceId, DeviceCert> =
             self.store.devices()?.into_iter().map(|c| (c.body.device.clone(), c)).collect();
-        Ok(devices
+        let sessions = devices
             .into_iter()
             .filter(|d| !d.revoked)
             .map(|d| {
@@ -484,7 +486,15 @@ impl Device {
                     device: d.device,
                 }
             })
-            .collect())
+            .collect();
+        Ok((sessions, session_ttl_days))
+    }
+
+    /// Sets after how many days of inactivity the account's sessions end (0: never). Like
+    /// revoking, it needs a session older than the relay's minimum age.
+    pub async fn set_session_ttl(&mut self, days: u32) -> Result<(), Error> {
+        self.one_request(ClientFrame::SetSessionTtl { req: 1, days }, 1).await?;
+        Ok(())
     }
 
     /// Ends another device's session: signs the revocation with the account key and has the
@@ -699,6 +709,14 @@ impl Device {
                 revocation.verify(&login.account)?;
                 if revocation.body.device != self.id {
                     self.store.remove_device(&revocation.body.device)?;
+                }
+                Ok(None)
+            }
+            AccountEvent::DeviceExpired { device, .. } => {
+                // The relay's decision (the account set the time-to-live); it can refuse any
+                // device anyway, so there is nothing to check it against.
+                if *device != self.id {
+                    self.store.remove_device(device)?;
                 }
                 Ok(None)
             }

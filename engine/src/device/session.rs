@@ -108,7 +108,9 @@ impl Session {
         self.call(|reply| Command::Send { chat, text: text.to_string(), reply }).await
     }
 
-    /// Creates a chat; needs the relay (the chat is registered there with its key).
+    /// Creates a chat. It works offline: the chat's creation and title wait in the outbox, and
+    /// the relay has the chat once [`Event::Acked`] comes for them (or the session is idle
+    /// after this call returned).
     pub async fn create_chat(&self, title: &str) -> Result<ChatId, Error> {
         self.call(|reply| Command::CreateChat { title: title.to_string(), reply }).await
     }

@@ -88,6 +88,13 @@ pub enum AccountEvent {
         /// The revocation, signed with the account key.
         revocation: Revocation,
     },
+    /// A device's session ended because it was inactive longer than the account allows.
+    DeviceExpired {
+        /// The device.
+        device: DeviceId,
+        /// Its last activity, ms since the Unix epoch, by the relay's clock.
+        last_active_ms: u64,
+    },
 }
 
 /// One session (device) of an account as the relay sees it.
@@ -159,6 +166,9 @@ pub enum ClientFrame {
     ListDevices { req: ReqId },
     /// Ends another device's session; answered with `Done` once the revocation is durable.
     Revoke { req: ReqId, revocation: Revocation },
+    /// Sessions of the account inactive for more than `days` days end (0: never); answered
+    /// with `Done` once durable.
+    SetSessionTtl { req: ReqId, days: u32 },
 }
 
 /// Relay → device.
@@ -199,8 +209,8 @@ pub enum RelayFrame {
     /// later client seqs too, until this one comes again (so that nothing is stored out of
     /// order). Added in protocol version 2; kept last because postcard encodes variant indices.
     RateLimited { req: ReqId, retry_after_ms: u32 },
-    /// The account's sessions.
-    Devices { req: ReqId, devices: Vec<DeviceSession> },
+    /// The account's sessions, and after how many days of inactivity they end (0: never).
+    Devices { req: ReqId, devices: Vec<DeviceSession>, session_ttl_days: u32 },
 }
 
 impl RelayFrame {
