@@ -615,7 +615,7 @@ fuzz_target!(|script: Script| {
             Op::Raw { conn, bytes } => {
                 let Some(conn) = h.conn(conn) else { continue };
                 match decode::<ClientFrame>(&bytes) {
-                    Ok(frame) if req_of(&frame) >= TRACKED_REQ => {}
+                    Ok(frame) if frame.req() >= TRACKED_REQ => {}
                     Ok(frame) => h.frame(conn, frame),
                     Err(error) => h.input(CoreInput::BadFrame { conn, error }),
                 }
@@ -650,21 +650,3 @@ fuzz_target!(|script: Script| {
         assert!(*link_wait || *replies == 1, "request {req} on open stream {conn} never answered");
     }
 });
-
-fn req_of(frame: &ClientFrame) -> ReqId {
-    match frame {
-        ClientFrame::Hello { .. } => 0,
-        ClientFrame::CreateAccount { req, .. }
-        | ClientFrame::LinkWait { req, .. }
-        | ClientFrame::LinkLookup { req, .. }
-        | ClientFrame::LinkApprove { req, .. }
-        | ClientFrame::CreateChat { req, .. }
-        | ClientFrame::Append { req, .. }
-        | ClientFrame::SyncState { req }
-        | ClientFrame::FetchChat { req, .. }
-        | ClientFrame::FetchAccount { req, .. }
-        | ClientFrame::ListDevices { req }
-        | ClientFrame::SetSessionTtl { req, .. }
-        | ClientFrame::Revoke { req, .. } => *req,
-    }
-}

@@ -435,14 +435,14 @@ impl RelayCore {
         if let Some(d) = self.devices.get_mut(&device) {
             if d.state.revoked {
                 // Frames already on their way when the session ended.
-                out.push(revoked(conn, Some(req_of(&frame))));
+                out.push(revoked(conn, Some(frame.req())));
                 out.push(Effect::Close { conn });
                 return;
             }
             d.state.last_active_ms = d.state.last_active_ms.max(now_ms);
         }
         if let Some(retry_after_ms) = self.over_rate(&device, &frame, now_ms) {
-            out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req: req_of(&frame), retry_after_ms } });
+            out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req: frame.req(), retry_after_ms } });
             return;
         }
         let result = match (frame, account) {
@@ -454,7 +454,7 @@ impl RelayCore {
                 self.link_wait(conn, req, &device, link_id, device_x25519, name, out).map_err(|e| (req, e))
             }
             (frame, None) => Err((
-                req_of(&frame),
+                frame.req(),
                 (
                     ErrorCode::UnknownDevice,
                     "this device has no certificate on this relay; create an account or link the device".into(),
@@ -1124,24 +1124,6 @@ fn revoked(conn: ConnId, req: Option<ReqId>) -> Effect {
         ErrorCode::SessionRevoked,
         "this device's session was ended by another device of its account",
     )
-}
-
-fn req_of(frame: &ClientFrame) -> ReqId {
-    match frame {
-        ClientFrame::Hello { .. } => 0,
-        ClientFrame::CreateAccount { req, .. }
-        | ClientFrame::LinkWait { req, .. }
-        | ClientFrame::LinkLookup { req, .. }
-        | ClientFrame::LinkApprove { req, .. }
-        | ClientFrame::CreateChat { req, .. }
-        | ClientFrame::Append { req, .. }
-        | ClientFrame::SyncState { req }
-        | ClientFrame::FetchChat { req, .. }
-        | ClientFrame::FetchAccount { req, .. }
-        | ClientFrame::ListDevices { req }
-        | ClientFrame::SetSessionTtl { req, .. }
-        | ClientFrame::Revoke { req, .. } => *req,
-    }
 }
 
 fn error_frame(conn: ConnId, req: Option<ReqId>, code: ErrorCode, message: impl Into<String>) -> Effect {

@@ -3,6 +3,7 @@
 //! where the 24-hour rule itself is tested.
 
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use stratus_tests::{bin, link_device, stratus, stratus_ok, Relay};
@@ -13,6 +14,17 @@ fn sessions(home: &std::path::Path) -> Vec<serde_json::Value> {
     stratus_ok(home, &["devices", "--json"]).lines().map(|l| serde_json::from_str(l).expect("json line")).collect()
 }
 
+/// A relay that lets any session end others, an account on `a` ("laptop") and a linked device
+/// on `b` ("phone"), with `a` synced so that it knows `b`'s certificate.
+fn laptop_and_phone(dir: &std::path::Path) -> (Relay, PathBuf, PathBuf) {
+    let relay = Relay::start_with(&dir.join("relay"), ANY_AGE);
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
+    link_device(&relay, &a, &b, "phone");
+    stratus_ok(&a, &["sync"]);
+    (relay, a, b)
+}
+
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -20,11 +32,7 @@ fn stderr(o: &std::process::Output) -> String {
 #[test]
 fn devices_lists_every_session_and_which_one_is_this() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start_with(&dir.path().join("relay"), ANY_AGE);
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
-    link_device(&relay, &a, &b, "phone");
-    stratus_ok(&a, &["sync"]);
+    let (_relay, a, b) = laptop_and_phone(dir.path());
     let list = sessions(&a);
     assert_eq!(list.len(), 2, "{list:?}");
     let names: Vec<_> =
@@ -116,11 +124,7 @@ fn a_device_revoked_while_offline_is_wiped_when_it_comes_back() {
 #[test]
 fn two_devices_revoking_each_other_at_once_leave_exactly_one() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start_with(&dir.path().join("relay"), ANY_AGE);
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
-    link_device(&relay, &a, &b, "phone");
-    stratus_ok(&a, &["sync"]);
+    let (_relay, a, b) = laptop_and_phone(dir.path());
     let spawn = |home: &std::path::Path, target: &str| {
         Command::new(bin("stratus"))
             .arg("--home")

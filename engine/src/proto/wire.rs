@@ -213,6 +213,27 @@ pub enum RelayFrame {
     Devices { req: ReqId, devices: Vec<DeviceSession>, session_ttl_days: u32 },
 }
 
+impl ClientFrame {
+    /// The request id the frame carries (0 for `Hello`, which has none).
+    pub fn req(&self) -> ReqId {
+        match self {
+            ClientFrame::Hello { .. } => 0,
+            ClientFrame::CreateAccount { req, .. }
+            | ClientFrame::LinkWait { req, .. }
+            | ClientFrame::LinkLookup { req, .. }
+            | ClientFrame::LinkApprove { req, .. }
+            | ClientFrame::CreateChat { req, .. }
+            | ClientFrame::Append { req, .. }
+            | ClientFrame::SyncState { req }
+            | ClientFrame::FetchChat { req, .. }
+            | ClientFrame::FetchAccount { req, .. }
+            | ClientFrame::ListDevices { req }
+            | ClientFrame::SetSessionTtl { req, .. }
+            | ClientFrame::Revoke { req, .. } => *req,
+        }
+    }
+}
+
 impl RelayFrame {
     /// The request this frame answers, if it answers one.
     pub fn req(&self) -> Option<ReqId> {
