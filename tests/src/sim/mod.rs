@@ -1135,8 +1135,9 @@ impl Sim {
                 let target = self.devs[r.target].id.clone();
                 self.dev_mut(dev).revoke_done(&target).map_err(|e| e.to_string())
             }
-            // Asked again by the next `Revoke` event.
-            RelayFrame::RateLimited { .. } => Ok(()),
+            // Asked again by the next `Revoke` event (the sync core hands a limited request of
+            // the driver's back as an error with the `RateLimited` code).
+            RelayFrame::RateLimited { .. } | RelayFrame::Error { code: ErrorCode::RateLimited, .. } => Ok(()),
             other => Err(format!("the revocation was refused: {other:?}")),
         }
     }
