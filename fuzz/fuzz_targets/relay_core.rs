@@ -30,8 +30,8 @@ use stratus_engine::proto::wire::{
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 use stratus_relay::core::{
-    AccountSettings, ApprovedLink, ChatRecord, ConnId, DeviceState, Effect, Input as CoreInput, Recovered, RelayCore,
-    StoreOp, DEDUP_WINDOW,
+    AccountSettings, ApprovedLink, ChatRecord, ConnId, DeviceState, Effect, Input as CoreInput, Recovered,
+    RecoveryRecord, RelayCore, StoreOp, DEDUP_WINDOW,
 };
 use stratus_relay::limits::Limits;
 
@@ -130,6 +130,19 @@ enum Op {
     SetSessionTtl {
         conn: u8,
         days: u8,
+    },
+    PutRecovery {
+        conn: u8,
+        id: u8,
+    },
+    FetchRecovery {
+        conn: u8,
+        id: u8,
+    },
+    Recover {
+        conn: u8,
+        id: u8,
+        which: u8,
     },
     Revoke {
         conn: u8,
@@ -238,6 +251,7 @@ struct Store {
     approved: BTreeMap<[u8; 32], ApprovedLink>,
     states: BTreeMap<DeviceId, DeviceState>,
     settings: BTreeMap<AccountId, AccountSettings>,
+    recoveries: BTreeMap<[u8; 32], RecoveryRecord>,
 }
 
 impl Store {
@@ -270,6 +284,12 @@ impl Store {
                 }
                 StoreOp::PutAccountSettings(a, s) => {
                     self.settings.insert(a, s);
+                }
+                StoreOp::PutRecovery(id, r) => {
+                    self.recoveries.insert(id, r);
+                }
+                StoreOp::DeleteRecovery(id) => {
+                    self.recoveries.remove(&id);
                 }
             }
         }
@@ -307,6 +327,7 @@ impl Store {
             approved_links: self.approved.iter().map(|(k, v)| (*k, v.clone())).collect(),
             device_states: self.states.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             account_settings: self.settings.iter().map(|(k, v)| (*k, *v)).collect(),
+            recoveries: self.recoveries.iter().map(|(k, v)| (*k, v.clone())).collect(),
         }
     }
 }
@@ -495,6 +516,7 @@ impl Harness {
             RelayFrame::Done { req }
             | RelayFrame::RateLimited { req, .. }
             | RelayFrame::Devices { req, .. }
+            | RelayFrame::Recovery { req, .. }
             | RelayFrame::LinkInfo { req, .. }
             | RelayFrame::LinkApproved { req, .. }
             | RelayFrame::Duplicate { req, .. }
@@ -633,6 +655,16 @@ fuzz_target!(|script: Script| {
             Op::DurableAll => h.durable(h.last_token),
             Op::Restart { keep_unsynced } => h.restart(keep_unsynced),
             Op::ListDevices { conn } => h.request(conn, |req| ClientFrame::ListDevices { req }),
+            Op::PutRecovery { conn, id } => {
+                h.request(conn, |req| ClientFrame::PutRecovery { req, lookup_id: [id % 3; 32], sealed: vec![id; 64] })
+            }
+            Op::FetchRecovery { conn, id } => {
+                h.request(conn, |req| ClientFrame::FetchRecovery { req, lookup_id: [id % 3; 32] })
+            }
+            Op::Recover { conn, id, which } => {
+                let cert = pick(&f.link_approve, which).1.clone();
+                h.request(conn, |req| ClientFrame::Recover { req, lookup_id: [id % 3; 32], cert })
+            }
             Op::SetSessionTtl { conn, days } => {
                 h.request(conn, |req| ClientFrame::SetSessionTtl { req, days: (days % 4).into() })
             }

@@ -81,6 +81,17 @@ enum AccountCommand {
     },
     /// End the account's sessions that stay inactive for more than DAYS days (0: never).
     SetSessionTtl { days: u32 },
+    /// Make a recovery key (printed once; keep it safe) and store the account's keys on the
+    /// relay sealed under it. A new key replaces the old one.
+    RecoveryKey,
+    /// Log this new device in with a recovery key (read from standard input) and pull the
+    /// whole history.
+    Recover {
+        #[arg(long)]
+        relay: String,
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -206,6 +217,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 0 => "sessions never expire".to_string(),
                 d => format!("sessions inactive for more than {d} days end"),
             });
+        }
+        Command::Account { command: AccountCommand::RecoveryKey } => {
+            let key = device.create_recovery_key().await?;
+            out(&format!("recovery key: {key}"));
+            eprintln!("stratus: write it down and keep it safe; it is not stored anywhere and logs anyone in");
+        }
+        Command::Account { command: AccountCommand::Recover { relay, name } } => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).map_err(|e| Failure::Other(format!("reading the key: {e}")))?;
+            let key: stratus_engine::proto::crypto::RecoveryKey =
+                line.trim().parse().map_err(|_| Failure::Other("not a recovery key (stratus-recovery-…)".into()))?;
+            let id = device.recover(&relay, &name, &key).await?;
+            out(&format!("recovered account {id}; pulling history"));
+            let device = sync_until_idle(device).await?;
+            out(&format!("history pulled: {} chats", device_chats(device)?));
         }
         Command::Device { command: DeviceCommand::Link { relay, name } } => {
             if let Some(a) = device.account() {

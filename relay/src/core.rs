@@ -97,6 +97,10 @@ pub enum StoreOp {
     PutDeviceState(DeviceId, DeviceState),
     /// An account's settings.
     PutAccountSettings(AccountId, AccountSettings),
+    /// A recovery bundle under its lookup id.
+    PutRecovery([u8; 32], RecoveryRecord),
+    /// A recovery bundle replaced or withdrawn.
+    DeleteRecovery([u8; 32]),
     /// An approval kept until the new device has fetched it (see [`ApprovedLink`]).
     PutApprovedLink([u8; 32], ApprovedLink),
     /// The new device has its bundle: the approval is no longer needed.
@@ -151,7 +155,28 @@ pub struct Recovered {
     pub device_states: Vec<(DeviceId, DeviceState)>,
     /// Settings the accounts chose.
     pub account_settings: Vec<(AccountId, AccountSettings)>,
+    /// Recovery bundles by lookup id.
+    pub recoveries: Vec<([u8; 32], RecoveryRecord)>,
 }
+
+/// An account bundle sealed under a recovery key the relay never sees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryRecord {
+    /// The account.
+    pub account: AccountId,
+    /// The device that stored it (if that device's session ends, so does the record: a stolen
+    /// device must not leave itself a way back in).
+    pub by: DeviceId,
+    /// The sealed bundle.
+    pub sealed: Vec<u8>,
+}
+
+/// Longest sealed recovery bundle the relay keeps.
+pub const MAX_RECOVERY_BYTES: usize = 8 * 1024;
+/// Recovery lookups and registrations, relay-wide, per second (and burst): a recovery key has
+/// 256 bits, so this guards the relay's work, not the keys.
+pub const RECOVERY_ATTEMPTS_PER_SECOND: u32 = 10;
+const RECOVERY_BURST: u32 = 20;
 
 /// What an account chose about its sessions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +203,8 @@ pub struct DeviceState {
 struct Account {
     public: AccountPublic,
     settings: AccountSettings,
+    /// The lookup id of its recovery bundle, if it has one.
+    recovery: Option<[u8; 32]>,
     devices: BTreeSet<DeviceId>,
     chats: BTreeSet<ChatId>,
     log_head: Seq,
@@ -220,6 +247,7 @@ impl Account {
         Account {
             public,
             settings: AccountSettings::default(),
+            recovery: None,
             devices: BTreeSet::new(),
             chats: BTreeSet::new(),
             log_head: Seq(0),
@@ -277,6 +305,8 @@ pub struct RelayCore {
     durable_token: u64,
     deferred: VecDeque<(u64, Deferred)>,
     limits: Limits,
+    recoveries: BTreeMap<[u8; 32], RecoveryRecord>,
+    recovery_bucket: TokenBucket,
 }
 
 impl RelayCore {
@@ -294,9 +324,17 @@ impl RelayCore {
             durable_token: 0,
             deferred: VecDeque::new(),
             limits,
+            recoveries: BTreeMap::new(),
+            recovery_bucket: TokenBucket::default(),
         };
         for public in recovered.accounts {
             core.accounts.insert(public.id, Account::new(public));
+        }
+        for (id, record) in recovered.recoveries {
+            if let Some(a) = core.accounts.get_mut(&record.account) {
+                a.recovery = Some(id);
+            }
+            core.recoveries.insert(id, record);
         }
         for (account, settings) in recovered.account_settings {
             if let Some(a) = core.accounts.get_mut(&account) {
@@ -453,6 +491,13 @@ impl RelayCore {
             (ClientFrame::LinkWait { req, link_id, device_x25519, name }, _) => {
                 self.link_wait(conn, req, &device, link_id, device_x25519, name, out).map_err(|e| (req, e))
             }
+            (ClientFrame::FetchRecovery { req, lookup_id }, _) => {
+                self.fetch_recovery(conn, req, lookup_id, now_ms, out);
+                Ok(())
+            }
+            (ClientFrame::Recover { req, lookup_id, cert }, _) => {
+                self.recover(conn, req, &device, lookup_id, cert, now_ms, out).map_err(|e| (req, e))
+            }
             (frame, None) => Err((
                 frame.req(),
                 (
@@ -498,6 +543,9 @@ impl RelayCore {
                 let session_ttl_days = self.accounts[&a].settings.session_ttl_days;
                 out.push(Effect::Send { conn, frame: RelayFrame::Devices { req, devices, session_ttl_days } });
                 Ok(())
+            }
+            (ClientFrame::PutRecovery { req, lookup_id, sealed }, Some(a)) => {
+                self.put_recovery(conn, req, a, &device, lookup_id, sealed, now_ms, out).map_err(|e| (req, e))
             }
             (ClientFrame::SetSessionTtl { req, days }, Some(a)) => {
                 self.set_session_ttl(conn, req, a, &device, days, now_ms, out).map_err(|e| (req, e))
@@ -852,6 +900,124 @@ impl RelayCore {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn put_recovery(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        account: AccountId,
+        by: &DeviceId,
+        lookup_id: [u8; 32],
+        sealed: Vec<u8>,
+        now_ms: u64,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        if sealed.len() > MAX_RECOVERY_BYTES {
+            return Err((ErrorCode::TooLarge, format!("a recovery bundle is at most {MAX_RECOVERY_BYTES} bytes")));
+        }
+        if self.recoveries.get(&lookup_id).is_some_and(|r| r.account != account) {
+            return Err((ErrorCode::AlreadyExists, "that recovery id is taken".into()));
+        }
+        // A new account sets its first recovery key at once; replacing one needs a session as
+        // old as revoking does, so that a device just linked to a stolen phone cannot take the
+        // owner's way back in away. (A key it did set is withdrawn when its session ends.)
+        if self.accounts[&account].recovery.is_some() {
+            self.check_session_age(by, now_ms)?;
+        }
+        let mut ops = Vec::new();
+        let a = self.accounts.get_mut(&account).expect("an attached connection's account exists");
+        if let Some(old) = a.recovery.replace(lookup_id).filter(|old| *old != lookup_id) {
+            self.recoveries.remove(&old);
+            ops.push(StoreOp::DeleteRecovery(old));
+        }
+        let record = RecoveryRecord { account, by: by.clone(), sealed };
+        self.recoveries.insert(lookup_id, record.clone());
+        ops.push(StoreOp::PutRecovery(lookup_id, record));
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        Ok(())
+    }
+
+    /// Takes one recovery attempt from the relay-wide budget, or answers `RateLimited`.
+    fn recovery_attempt(&mut self, conn: ConnId, req: ReqId, now_ms: u64, out: &mut Vec<Effect>) -> bool {
+        match self.recovery_bucket.take(now_ms, RECOVERY_ATTEMPTS_PER_SECOND, RECOVERY_BURST) {
+            Ok(()) => true,
+            Err(retry_after_ms) => {
+                out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req, retry_after_ms } });
+                false
+            }
+        }
+    }
+
+    fn fetch_recovery(&mut self, conn: ConnId, req: ReqId, lookup_id: [u8; 32], now_ms: u64, out: &mut Vec<Effect>) {
+        if !self.recovery_attempt(conn, req, now_ms, out) {
+            return;
+        }
+        let frame = match self.recoveries.get(&lookup_id) {
+            Some(r) => RelayFrame::Recovery {
+                req,
+                account: self.accounts[&r.account].public.clone(),
+                sealed: r.sealed.clone(),
+            },
+            None => RelayFrame::Error {
+                req: Some(req),
+                code: ErrorCode::RecoveryNotFound,
+                message: "nothing is filed under that recovery key".into(),
+            },
+        };
+        out.push(Effect::Send { conn, frame });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn recover(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        device: &DeviceId,
+        lookup_id: [u8; 32],
+        cert: DeviceCert,
+        now_ms: u64,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        if !self.recovery_attempt(conn, req, now_ms, out) {
+            return Ok(());
+        }
+        let record = self
+            .recoveries
+            .get(&lookup_id)
+            .ok_or((ErrorCode::RecoveryNotFound, "nothing is filed under that recovery key".to_string()))?;
+        let account = record.account;
+        cert.verify(&self.accounts[&account].public).map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
+        if &cert.body.device != device {
+            return Err((ErrorCode::BadCertificate, "the certificate names another device".into()));
+        }
+        match self.devices.get(device) {
+            Some(d) if d.account == account && !d.state.revoked => {
+                // A retry whose reply was lost.
+                self.attach(conn, account);
+                self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+                return Ok(());
+            }
+            Some(_) => return Err((ErrorCode::AlreadyExists, "this device already belongs to an account".into())),
+            None => {}
+        }
+        if cert.body.name.len() > MAX_DEVICE_NAME_BYTES {
+            return Err((ErrorCode::TooLarge, format!("device names are at most {MAX_DEVICE_NAME_BYTES} bytes")));
+        }
+        let state = DeviceState { registered_ms: now_ms, last_active_ms: now_ms, revoked: false };
+        let mut ops = vec![StoreOp::PutDevice(cert.clone()), StoreOp::PutDeviceState(device.clone(), state)];
+        self.devices.insert(device.clone(), Device::new(account, state));
+        self.accounts.get_mut(&account).expect("the record's account exists").devices.insert(device.clone());
+        let entry = self.log_entry(account, AccountEvent::DeviceAdded { cert }, &mut ops);
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        self.attach(conn, account);
+        self.after_durable(Deferred::AccountDurable { account, entry }, out);
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        Ok(())
+    }
+
     /// Ends `device`'s session if its account sets a time-to-live and the device has been
     /// inactive longer (a device whose last activity is unknown is left alone).
     fn expire_if_idle(&mut self, device: &DeviceId, now_ms: u64, out: &mut Vec<Effect>) {
@@ -867,6 +1033,7 @@ impl RelayCore {
         dev.state.revoked = true;
         dev.held = None;
         let mut ops = vec![StoreOp::PutDeviceState(device.clone(), dev.state)];
+        self.withdraw_recovery(account, device, &mut ops);
         let entry = self.log_entry(
             account,
             AccountEvent::DeviceExpired { device: device.clone(), last_active_ms: last },
@@ -876,6 +1043,16 @@ impl RelayCore {
         out.push(Effect::Write { token, ops });
         self.cut_off(device, out);
         self.after_durable(Deferred::AccountDurable { account, entry }, out);
+    }
+
+    /// Withdraws a recovery bundle that `device` stored (its session ended), into `ops`.
+    fn withdraw_recovery(&mut self, account: AccountId, device: &DeviceId, ops: &mut Vec<StoreOp>) {
+        let Some(a) = self.accounts.get_mut(&account) else { return };
+        if let Some(id) = a.recovery.filter(|id| self.recoveries.get(id).is_some_and(|r| &r.by == device)) {
+            a.recovery = None;
+            self.recoveries.remove(&id);
+            ops.push(StoreOp::DeleteRecovery(id));
+        }
     }
 
     /// Closes every stream of a device whose session ended, telling it why.
@@ -969,6 +1146,7 @@ impl RelayCore {
         dev.state.revoked = true;
         dev.held = None;
         let mut ops = vec![StoreOp::PutDeviceState(target.clone(), dev.state)];
+        self.withdraw_recovery(account, &target, &mut ops);
         let entry = self.log_entry(account, AccountEvent::DeviceRevoked { revocation }, &mut ops);
         let token = self.token();
         out.push(Effect::Write { token, ops });

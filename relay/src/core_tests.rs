@@ -825,3 +825,61 @@ fn sessions_inactive_longer_than_the_account_allows_end() {
     let hello = w.frame(3, ClientFrame::Hello { version: PROTOCOL_VERSION });
     assert_eq!(error_codes(&hello), vec![(3, ErrorCode::SessionRevoked)]);
 }
+
+#[test]
+fn recovery_bundles_are_filed_fetched_and_withdrawn_with_their_device() {
+    let mut w = world();
+    w.now_ms = 1_000;
+    let a = w.connect(1, "a");
+    let (keys, _) = w.account(&a);
+    let b = w.second_device(&keys, 2, "b");
+    let put = |req, id: u8| ClientFrame::PutRecovery { req, lookup_id: [id; 32], sealed: vec![id; 100] };
+
+    // A young session sets the first one, but may not replace it.
+    let e = w.frame(b.conn, put(1, 7));
+    w.durable(&e);
+    let again = w.frame(a.conn, put(2, 8));
+    assert_eq!(error_codes(&again), vec![(1, ErrorCode::SessionTooNew)]);
+    let big = w.frame(
+        a.conn,
+        ClientFrame::PutRecovery { req: 3, lookup_id: [9; 32], sealed: vec![0; MAX_RECOVERY_BYTES + 1] },
+    );
+    assert_eq!(error_codes(&big), vec![(1, ErrorCode::TooLarge)]);
+
+    // A device that is not logged in fetches it; an unknown id finds nothing.
+    w.input(Input::Opened { conn: 3, device: DeviceId("new".into()) });
+    w.frame(3, ClientFrame::Hello { version: PROTOCOL_VERSION });
+    let got = w.frame(3, ClientFrame::FetchRecovery { req: 4, lookup_id: [7; 32] });
+    assert!(
+        matches!(&sends(&got)[..], [(3, RelayFrame::Recovery { sealed, .. })] if sealed == &vec![7; 100]),
+        "{got:?}"
+    );
+    let none = w.frame(3, ClientFrame::FetchRecovery { req: 5, lookup_id: [6; 32] });
+    assert_eq!(error_codes(&none), vec![(3, ErrorCode::RecoveryNotFound)]);
+
+    // A certificate the account did not sign is refused; a signed one registers the device.
+    let body = |account| DeviceCertBody {
+        account,
+        device: DeviceId("new".into()),
+        device_x25519: [4; 32],
+        name: "tablet".into(),
+        created_ms: 0,
+    };
+    let stranger = AccountKeys::generate(&mut w.rng);
+    let forged = stranger.certify(body(keys.public().id));
+    let refused = w.frame(3, ClientFrame::Recover { req: 6, lookup_id: [7; 32], cert: forged });
+    assert_eq!(error_codes(&refused), vec![(3, ErrorCode::BadCertificate)]);
+    let e = w.frame(3, ClientFrame::Recover { req: 7, lookup_id: [7; 32], cert: keys.certify(body(keys.public().id)) });
+    let released = w.durable(&e);
+    assert!(sends(&released).iter().any(|(c, f)| *c == 3 && matches!(f, RelayFrame::Done { req: 7 })), "{released:?}");
+    assert_eq!(w.core.devices[&DeviceId("new".into())].account, keys.public().id);
+
+    // b stored the bundle; when b's session ends, the bundle goes with it.
+    w.now_ms += 25 * 3_600_000;
+    let e = w.frame(a.conn, ClientFrame::Revoke { req: 8, revocation: revocation(&keys, &b, &a) });
+    assert!(e
+        .iter()
+        .any(|e| matches!(e, Effect::Write { ops, .. } if ops.contains(&StoreOp::DeleteRecovery([7; 32])))));
+    let gone = w.frame(3, ClientFrame::FetchRecovery { req: 9, lookup_id: [7; 32] });
+    assert_eq!(error_codes(&gone), vec![(3, ErrorCode::RecoveryNotFound)]);
+}

@@ -489,6 +489,11 @@ fn log_input(input: &Input) {
             ClientFrame::Hello { version } => tracing::debug!(conn, version, "hello"),
             ClientFrame::ListDevices { req } => tracing::debug!(conn, req, "list devices"),
             ClientFrame::SetSessionTtl { req, days } => tracing::info!(conn, req, days, "set session ttl"),
+            ClientFrame::PutRecovery { req, .. } => tracing::info!(conn, req, "put recovery bundle"),
+            ClientFrame::FetchRecovery { req, .. } => tracing::info!(conn, req, "fetch recovery bundle"),
+            ClientFrame::Recover { req, cert, .. } => {
+                tracing::info!(conn, req, device = %cert.body.device, "recover")
+            }
             ClientFrame::Revoke { req, revocation } => {
                 tracing::info!(conn, req, device = %revocation.body.device, "revoke")
             }

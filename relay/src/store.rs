@@ -15,6 +15,7 @@
 //! * `approved_links`: link id → `ApprovedLink` (until the new device syncs)
 //! * `device_state`: device id → `DeviceState` (registration, last activity, revocation)
 //! * `account_settings`: account id → `AccountSettings` (session time-to-live)
+//! * `recovery`: recovery lookup id → `RecoveryRecord` (the bundle sealed under a recovery key)
 
 use std::path::Path;
 
@@ -86,6 +87,7 @@ pub struct SledStore {
     approved_links: sled::Tree,
     device_state: sled::Tree,
     account_settings: sled::Tree,
+    recovery: sled::Tree,
 }
 
 impl SledStore {
@@ -103,6 +105,7 @@ impl SledStore {
             approved_links: db.open_tree("approved_links")?,
             device_state: db.open_tree("device_state")?,
             account_settings: db.open_tree("account_settings")?,
+            recovery: db.open_tree("recovery")?,
             db,
         })
     }
@@ -145,10 +148,11 @@ impl RelayStore for SledStore {
             &self.approved_links,
             &self.device_state,
             &self.account_settings,
+            &self.recovery,
         ];
         let r: Result<(), TransactionError<()>> = trees.transaction(|t: &Vec<TransactionalTree>| {
-            let (accounts, devices, chats, deltas, dedup, log, links, states, settings) =
-                (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8]);
+            let (accounts, devices, chats, deltas, dedup, log, links, states, settings, recovery) =
+                (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &t[9]);
             for op in ops {
                 match op {
                     StoreOp::PutAccount(a) => {
@@ -181,6 +185,12 @@ impl RelayStore for SledStore {
                     }
                     StoreOp::PutAccountSettings(a, s) => {
                         settings.insert(&a.0[..], enc(s))?;
+                    }
+                    StoreOp::PutRecovery(id, r) => {
+                        recovery.insert(&id[..], enc(r))?;
+                    }
+                    StoreOp::DeleteRecovery(id) => {
+                        recovery.remove(&id[..])?;
                     }
                     StoreOp::DeleteApprovedLink(id) => {
                         links.remove(&id[..])?;
@@ -279,6 +289,11 @@ impl RelayStore for SledStore {
             recent.reverse();
             r.recent_appends.push((cert.body.device.clone(), recent));
             r.devices.push(cert);
+        }
+        for kv in self.recovery.iter() {
+            let (k, v) = kv?;
+            let id: [u8; 32] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("recovery id"))?;
+            r.recoveries.push((id, dec(&v, "recovery record")?));
         }
         for kv in self.account_settings.iter() {
             let (k, v) = kv?;

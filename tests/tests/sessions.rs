@@ -177,3 +177,61 @@ fn the_account_sets_how_long_idle_sessions_last_and_it_survives_a_restart() {
     let o = stratus(&a, &["account", "set-session-ttl", "100000"]);
     assert!(!o.status.success() && stderr(&o).contains("TooLarge"), "{}", stderr(&o));
 }
+
+/// Runs `stratus account recover` on `home` with `key` on standard input.
+fn recover(relay: &Relay, home: &std::path::Path, name: &str, key: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(bin("stratus"))
+        .arg("--home")
+        .arg(home)
+        .args(["account", "recover", "--relay", &relay.addr, "--name", name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{key}").unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Every device lost: a recovery key logs a new one in with the whole history. The relay holds
+/// the bundle only sealed; a wrong key finds nothing; and a key made by a device whose session
+/// later ends stops working.
+#[test]
+fn a_recovery_key_logs_a_new_device_in_with_the_whole_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, a, b) = laptop_and_phone(dir.path());
+    let chat = stratus_ok(&a, &["chat", "create", "--title", "notes"]).trim().to_string();
+    for i in 0..3 {
+        stratus_ok(&a, &["send", &chat, &format!("kept {i}")]);
+    }
+    let key = stratus_ok(&a, &["account", "recovery-key"]);
+    let key = key.trim().strip_prefix("recovery key: ").expect("the key is printed").to_string();
+    let secret = key.trim_start_matches("stratus-recovery-").to_string();
+    for f in stratus_tests::files_under(&relay.data_dir) {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{} holds the key", f.display());
+    }
+
+    // All devices lost; a new one comes back with the key.
+    let c = dir.path().join("c");
+    let o = recover(&relay, &c, "tablet", &key);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stratus_ok(&c, &["log", &chat]);
+    for i in 0..3 {
+        assert!(log.contains(&format!("kept {i}")), "{log}");
+    }
+    stratus_ok(&c, &["send", &chat, "from the tablet"]);
+    stratus_ok(&b, &["sync"]);
+    assert!(stratus_ok(&b, &["log", &chat]).contains("from the tablet"));
+
+    // A wrong key finds nothing, and changes nothing.
+    let wrong = format!("stratus-recovery-{}", "0".repeat(64));
+    let o = recover(&relay, &dir.path().join("d"), "guess", &wrong);
+    assert!(!o.status.success() && stderr(&o).contains("RecoveryNotFound"), "{}", stderr(&o));
+
+    // The key came from the laptop; ending the laptop's session withdraws it.
+    stratus_ok(&b, &["device", "revoke", "laptop"]);
+    let o = recover(&relay, &dir.path().join("e"), "thief", &key);
+    assert!(!o.status.success() && stderr(&o).contains("RecoveryNotFound"), "{}", stderr(&o));
+}

@@ -17,7 +17,7 @@ use crate::device::store::{
 };
 use crate::proto::cert::{AccountKeys, DeviceCert, DeviceCertBody, RevocationBody, MAX_DEVICE_NAME_BYTES};
 use crate::proto::crypto::{
-    open_box, seal_box, seal_delta, unwrap_chat_key, wrap_chat_key, ChatKey, DeltaAd, SealedBox,
+    open_box, seal_box, seal_delta, unwrap_chat_key, wrap_chat_key, ChatKey, DeltaAd, RecoveryKey, SealedBox,
 };
 use crate::proto::ids::{AccountId, ChatId, DeviceId, Epoch, Seq};
 use crate::proto::wire::{
@@ -523,6 +523,53 @@ impl Device {
     pub fn revoke_done(&mut self, device: &DeviceId) -> Result<(), Error> {
         self.store.remove_device(device)?;
         Ok(())
+    }
+
+    // ---- recovery ----
+
+    /// Makes a new recovery key for the account and stores the account bundle sealed under it
+    /// on the relay (replacing an earlier one). Show the key to the user once; nothing keeps it.
+    pub async fn create_recovery_key(&mut self) -> Result<RecoveryKey, Error> {
+        let login = self.login()?.clone();
+        let key = RecoveryKey::random(&mut self.rng);
+        let bundle = postcard::to_allocvec(&login.keys).expect("serializing keys cannot fail");
+        let sealed = key.seal(&bundle, &mut self.rng);
+        self.one_request(ClientFrame::PutRecovery { req: 1, lookup_id: key.lookup_id(), sealed }, 1).await?;
+        Ok(key)
+    }
+
+    /// Logs this (new) device in to the account whose bundle `key` sealed on `relay`: fetches
+    /// and opens the bundle, certifies this device with the account key and registers it. Run a
+    /// [`crate::Session`] afterwards to pull the history.
+    pub async fn recover(&mut self, relay: &str, name: &str, key: &RecoveryKey) -> Result<AccountId, Error> {
+        if let Some(a) = self.account() {
+            return Err(Error::AlreadyLoggedIn(a.to_string()));
+        }
+        check_name(name)?;
+        let (_net, mut stream, _) = self.connect(relay).await?;
+        stream.send(&ClientFrame::FetchRecovery { req: 1, lookup_id: key.lookup_id() }).await?;
+        let RelayFrame::Recovery { account, sealed, .. } = Self::reply(&mut stream, 1).await? else {
+            return Err(Error::Relay { code: ErrorCode::Internal, message: "unexpected reply to a recovery".into() });
+        };
+        let keys: AccountKeys = postcard::from_bytes(&key.open(&sealed)?).map_err(|_| Error::LinkMismatch)?;
+        account.validate()?;
+        if keys.public() != account {
+            return Err(Error::LinkMismatch);
+        }
+        let cert = keys.certify(DeviceCertBody {
+            account: account.id,
+            device: self.id.clone(),
+            device_x25519: self.x25519_public(),
+            name: name.to_string(),
+            created_ms: self.now_ms().max(0) as u64,
+        });
+        stream.send(&ClientFrame::Recover { req: 2, lookup_id: key.lookup_id(), cert: cert.clone() }).await?;
+        Self::reply(&mut stream, 2).await?;
+        let login = Login { account: account.clone(), keys, cert: cert.clone(), relay: relay.to_string() };
+        self.store.set_login(&login)?;
+        self.store.put_device(&cert)?;
+        self.login = Some(login);
+        Ok(account.id)
     }
 
     // ---- local chat state ----

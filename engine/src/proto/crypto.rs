@@ -55,6 +55,60 @@ impl std::fmt::Debug for ChatKey {
     }
 }
 
+/// A recovery key: 256 random bits the user keeps (printed once, never stored on a device). It
+/// seals a copy of the account bundle that the relay keeps, and names that copy by a hash the
+/// relay cannot invert, so a new device that has only this key can log back in to the account.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RecoveryKey(pub [u8; 32]);
+
+impl RecoveryKey {
+    const PREFIX: &'static str = "stratus-recovery-";
+    const CONTEXT: &'static [u8] = b"stratus-recovery-bundle-v1";
+
+    /// A fresh random key.
+    pub fn random<R: RngCore + CryptoRng>(rng: &mut R) -> Self {
+        let mut k = [0u8; 32];
+        rng.fill_bytes(&mut k);
+        Self(k)
+    }
+
+    /// The id the relay files the sealed bundle under.
+    pub fn lookup_id(&self) -> [u8; 32] {
+        blake3::derive_key("stratus recovery lookup id v1", &self.0)
+    }
+
+    /// Seals `bundle` under the key.
+    pub fn seal<R: RngCore + CryptoRng>(&self, bundle: &[u8], rng: &mut R) -> Vec<u8> {
+        seal_with_key(&blake3::derive_key("stratus recovery seal v1", &self.0), Self::CONTEXT, bundle, rng)
+    }
+
+    /// Opens what [`RecoveryKey::seal`] sealed.
+    pub fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        open_with_key(&blake3::derive_key("stratus recovery seal v1", &self.0), Self::CONTEXT, sealed)
+    }
+}
+
+impl std::fmt::Debug for RecoveryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecoveryKey(..)")
+    }
+}
+
+impl std::fmt::Display for RecoveryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", Self::PREFIX, hex::encode(self.0))
+    }
+}
+
+impl std::str::FromStr for RecoveryKey {
+    type Err = CryptoError;
+    fn from_str(s: &str) -> Result<Self, CryptoError> {
+        let hexpart = s.trim().strip_prefix(Self::PREFIX).ok_or(CryptoError::MalformedKey)?;
+        let bytes = hex::decode(hexpart).map_err(|_| CryptoError::MalformedKey)?;
+        Ok(RecoveryKey(bytes.try_into().map_err(|_| CryptoError::MalformedKey)?))
+    }
+}
+
 /// What a sealed delta is bound to. Changing any field makes [`open_delta`] fail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeltaAd<'a> {
@@ -234,6 +288,15 @@ mod tests {
         let b = seal_box(&pk, b"code", b"ctx", b"bundle", &mut rng);
         assert_eq!(open_box(&sk, b"code", b"ctx", &b).unwrap(), b"bundle");
         assert!(open_box(&sk, b"", b"ctx", &b).is_err());
+
+        let key = RecoveryKey::random(&mut rng);
+        let sealed = key.seal(b"bundle", &mut rng);
+        assert_eq!(key.open(&sealed).unwrap(), b"bundle");
+        assert!(RecoveryKey::random(&mut rng).open(&sealed).is_err());
+        let parsed: RecoveryKey = key.to_string().parse().unwrap();
+        assert_eq!(parsed, key);
+        assert!("stratus-recovery-00".parse::<RecoveryKey>().is_err());
+        assert_ne!(key.lookup_id(), key.0, "the relay's id is not the key");
         assert!(open_box(&sk, b"code", b"other", &b).is_err());
     }
 }

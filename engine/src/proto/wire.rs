@@ -169,6 +169,15 @@ pub enum ClientFrame {
     /// Sessions of the account inactive for more than `days` days end (0: never); answered
     /// with `Done` once durable.
     SetSessionTtl { req: ReqId, days: u32 },
+    /// Stores the account bundle sealed under a recovery key, filed under the key's lookup id;
+    /// replaces the account's earlier one. `Done` once durable.
+    PutRecovery { req: ReqId, lookup_id: [u8; 32], sealed: Vec<u8> },
+    /// A device that is not logged in asks for the sealed bundle filed under `lookup_id`;
+    /// answered with `Recovery`. Rate limited relay-wide.
+    FetchRecovery { req: ReqId, lookup_id: [u8; 32] },
+    /// A device that opened a recovered bundle registers itself with a certificate signed by
+    /// the account key; `lookup_id` proves it holds the recovery key too. `Done` once durable.
+    Recover { req: ReqId, lookup_id: [u8; 32], cert: DeviceCert },
 }
 
 /// Relay → device.
@@ -211,6 +220,8 @@ pub enum RelayFrame {
     RateLimited { req: ReqId, retry_after_ms: u32 },
     /// The account's sessions, and after how many days of inactivity they end (0: never).
     Devices { req: ReqId, devices: Vec<DeviceSession>, session_ttl_days: u32 },
+    /// The bundle sealed under a recovery key, and the account it belongs to.
+    Recovery { req: ReqId, account: AccountPublic, sealed: Vec<u8> },
 }
 
 impl ClientFrame {
@@ -229,6 +240,9 @@ impl ClientFrame {
             | ClientFrame::FetchAccount { req, .. }
             | ClientFrame::ListDevices { req }
             | ClientFrame::SetSessionTtl { req, .. }
+            | ClientFrame::PutRecovery { req, .. }
+            | ClientFrame::FetchRecovery { req, .. }
+            | ClientFrame::Recover { req, .. }
             | ClientFrame::Revoke { req, .. } => *req,
         }
     }
@@ -240,6 +254,7 @@ impl RelayFrame {
         match self {
             RelayFrame::Done { req }
             | RelayFrame::Devices { req, .. }
+            | RelayFrame::Recovery { req, .. }
             | RelayFrame::LinkInfo { req, .. }
             | RelayFrame::LinkApproved { req, .. }
             | RelayFrame::Acked { req, .. }
@@ -289,8 +304,10 @@ pub enum ErrorCode {
     /// the device is refused from now on.
     SessionRevoked,
     /// The device's own session is too young to end others (see the relay's
-    /// `--min-session-age-hours`).
+    /// `--min-session-age-secs`).
     SessionTooNew,
+    /// Nothing is filed under that recovery id.
+    RecoveryNotFound,
 }
 
 /// A frame that failed to encode or decode.

@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
 use stratus_engine::proto::wire::{AccountEntry, AccountEvent, Delta, MAX_PAGE_BYTES};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Seq};
-use stratus_relay::core::{AccountSettings, ApprovedLink, ChatRecord, DeviceState, Recovered, StoreOp, DEDUP_WINDOW};
+use stratus_relay::core::{
+    AccountSettings, ApprovedLink, ChatRecord, DeviceState, Recovered, RecoveryRecord, StoreOp, DEDUP_WINDOW,
+};
 
 #[derive(Clone, Default)]
 struct State {
@@ -23,6 +25,7 @@ struct State {
     links: BTreeMap<[u8; 32], ApprovedLink>,
     device_states: BTreeMap<DeviceId, DeviceState>,
     settings: BTreeMap<AccountId, AccountSettings>,
+    recoveries: BTreeMap<[u8; 32], RecoveryRecord>,
 }
 
 impl State {
@@ -53,6 +56,12 @@ impl State {
                 }
                 StoreOp::PutAccountSettings(a, settings) => {
                     self.settings.insert(*a, *settings);
+                }
+                StoreOp::PutRecovery(id, r) => {
+                    self.recoveries.insert(*id, r.clone());
+                }
+                StoreOp::DeleteRecovery(id) => {
+                    self.recoveries.remove(id);
                 }
                 StoreOp::DeleteApprovedLink(id) => {
                     self.links.remove(id);
@@ -168,6 +177,7 @@ impl MemStore {
         r.approved_links = s.links.iter().map(|(k, v)| (*k, v.clone())).collect();
         r.device_states = s.device_states.iter().map(|(k, v)| (k.clone(), *v)).collect();
         r.account_settings = s.settings.iter().map(|(k, v)| (*k, *v)).collect();
+        r.recoveries = s.recoveries.iter().map(|(k, v)| (*k, v.clone())).collect();
         for (id, record) in &s.chats {
             let head = s.deltas.range((*id, Seq(0))..=(*id, Seq(u64::MAX))).next_back().map(|((_, seq), _)| *seq);
             r.chats.push((*id, record.clone(), head.unwrap_or_default()));
