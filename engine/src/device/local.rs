@@ -25,6 +25,10 @@ use crate::proto::wire::{
     PROTOCOL_VERSION,
 };
 
+mod sessions;
+
+pub use sessions::SessionInfo;
+
 /// Longest message text, in bytes (a sealed delta must fit the relay's 64 KiB limit).
 pub const MAX_TEXT_BYTES: usize = 16 * 1024;
 /// How often a one-shot request opens its stream before giving up.
@@ -46,25 +50,6 @@ pub struct ChatSummary {
     pub messages: usize,
     /// Last applied seq from the relay.
     pub seq: u64,
-}
-
-/// A session of the account, as [`Device::sessions`] lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SessionInfo {
-    /// The device id.
-    pub device: DeviceId,
-    /// The name in its certificate (`None` until this device has synced its certificate).
-    pub name: Option<String>,
-    /// When its certificate was made, by the certifying device's clock, ms since the Unix epoch.
-    pub created_ms: Option<u64>,
-    /// When the relay registered it (0: before the relay kept this).
-    pub registered_ms: u64,
-    /// When the relay last heard from it.
-    pub last_active_ms: u64,
-    /// Connected to the relay now.
-    pub online: bool,
-    /// It is this device.
-    pub this_device: bool,
 }
 
 /// A link code: what a new device shows so that a logged-in device can approve it.
@@ -439,137 +424,6 @@ impl Device {
     pub fn approve_done(&mut self, cert: &DeviceCert) -> Result<(DeviceId, String), Error> {
         self.store.put_device(cert)?;
         Ok((cert.body.device.clone(), cert.body.name.clone()))
-    }
-
-    // ---- sessions ----
-
-    /// One request over a fresh stream for a logged-in device, and its reply. A relay that
-    /// answers that this device's session was ended gets the account's data deleted here.
-    async fn one_request(&mut self, frame: ClientFrame, req: ReqId) -> Result<RelayFrame, Error> {
-        let relay = self.login()?.relay.clone();
-        let result = async {
-            let (_net, mut stream, _) = self.connect(&relay).await?;
-            stream.send(&frame).await?;
-            Self::reply(&mut stream, req).await
-        }
-        .await;
-        if let Err(Error::Relay { code: ErrorCode::SessionRevoked, .. }) = result {
-            self.wipe_account()?;
-            return Err(Error::SessionRevoked);
-        }
-        result
-    }
-
-    /// The account's sessions: every device whose session was not ended, with what this device
-    /// knows of it (its certificate) and what the relay knows (registration, last activity);
-    /// and after how many days of inactivity sessions end (0: never).
-    pub async fn sessions(&mut self) -> Result<(Vec<SessionInfo>, u32), Error> {
-        let RelayFrame::Devices { devices, session_ttl_days, .. } =
-            self.one_request(ClientFrame::ListDevices { req: 1 }, 1).await?
-        else {
-            return Err(Error::Relay { code: ErrorCode::Internal, message: "unexpected reply to list devices".into() });
-        };
-        let certs: BTreeMap<DeviceId, DeviceCert> =
-            self.store.devices()?.into_iter().map(|c| (c.body.device.clone(), c)).collect();
-        let sessions = devices
-            .into_iter()
-            .filter(|d| !d.revoked)
-            .map(|d| {
-                let cert = certs.get(&d.device);
-                SessionInfo {
-                    this_device: d.device == self.id,
-                    name: cert.map(|c| c.body.name.clone()),
-                    created_ms: cert.map(|c| c.body.created_ms),
-                    registered_ms: d.registered_ms,
-                    last_active_ms: d.last_active_ms,
-                    online: d.online,
-                    device: d.device,
-                }
-            })
-            .collect();
-        Ok((sessions, session_ttl_days))
-    }
-
-    /// Sets after how many days of inactivity the account's sessions end (0: never). Like
-    /// revoking, it needs a session older than the relay's minimum age.
-    pub async fn set_session_ttl(&mut self, days: u32) -> Result<(), Error> {
-        self.one_request(ClientFrame::SetSessionTtl { req: 1, days }, 1).await?;
-        Ok(())
-    }
-
-    /// Ends another device's session: signs the revocation with the account key and has the
-    /// relay cut the device off. Its other devices drop it when they see the revocation in the
-    /// account log (after checking the signature themselves).
-    pub async fn revoke(&mut self, device: &DeviceId) -> Result<(), Error> {
-        let request = self.revoke_request(device, 1)?;
-        self.one_request(request, 1).await?;
-        self.revoke_done(device)
-    }
-
-    /// The request that ends `device`'s session; after the relay answers `Done`, call
-    /// [`Device::revoke_done`]. For drivers other than [`Device::revoke`].
-    pub fn revoke_request(&self, device: &DeviceId, req: ReqId) -> Result<ClientFrame, Error> {
-        let login = self.login()?;
-        let revocation = login.keys.revoke(RevocationBody {
-            account: login.account.id,
-            device: device.clone(),
-            by: self.id.clone(),
-            at_ms: self.now_ms().max(0) as u64,
-        });
-        Ok(ClientFrame::Revoke { req, revocation })
-    }
-
-    /// Drops `device` from this device's list once the relay took the revocation.
-    pub fn revoke_done(&mut self, device: &DeviceId) -> Result<(), Error> {
-        self.store.remove_device(device)?;
-        Ok(())
-    }
-
-    // ---- recovery ----
-
-    /// Makes a new recovery key for the account and stores the account bundle sealed under it
-    /// on the relay (replacing an earlier one). Show the key to the user once; nothing keeps it.
-    pub async fn create_recovery_key(&mut self) -> Result<RecoveryKey, Error> {
-        let login = self.login()?.clone();
-        let key = RecoveryKey::random(&mut self.rng);
-        let bundle = postcard::to_allocvec(&login.keys).expect("serializing keys cannot fail");
-        let sealed = key.seal(&bundle, &mut self.rng);
-        self.one_request(ClientFrame::PutRecovery { req: 1, lookup_id: key.lookup_id(), sealed }, 1).await?;
-        Ok(key)
-    }
-
-    /// Logs this (new) device in to the account whose bundle `key` sealed on `relay`: fetches
-    /// and opens the bundle, certifies this device with the account key and registers it. Run a
-    /// [`crate::Session`] afterwards to pull the history.
-    pub async fn recover(&mut self, relay: &str, name: &str, key: &RecoveryKey) -> Result<AccountId, Error> {
-        if let Some(a) = self.account() {
-            return Err(Error::AlreadyLoggedIn(a.to_string()));
-        }
-        check_name(name)?;
-        let (_net, mut stream, _) = self.connect(relay).await?;
-        stream.send(&ClientFrame::FetchRecovery { req: 1, lookup_id: key.lookup_id() }).await?;
-        let RelayFrame::Recovery { account, sealed, .. } = Self::reply(&mut stream, 1).await? else {
-            return Err(Error::Relay { code: ErrorCode::Internal, message: "unexpected reply to a recovery".into() });
-        };
-        let keys: AccountKeys = postcard::from_bytes(&key.open(&sealed)?).map_err(|_| Error::LinkMismatch)?;
-        account.validate()?;
-        if keys.public() != account {
-            return Err(Error::LinkMismatch);
-        }
-        let cert = keys.certify(DeviceCertBody {
-            account: account.id,
-            device: self.id.clone(),
-            device_x25519: self.x25519_public(),
-            name: name.to_string(),
-            created_ms: self.now_ms().max(0) as u64,
-        });
-        stream.send(&ClientFrame::Recover { req: 2, lookup_id: key.lookup_id(), cert: cert.clone() }).await?;
-        Self::reply(&mut stream, 2).await?;
-        let login = Login { account: account.clone(), keys, cert: cert.clone(), relay: relay.to_string() };
-        self.store.set_login(&login)?;
-        self.store.put_device(&cert)?;
-        self.login = Some(login);
-        Ok(account.id)
     }
 
     // ---- local chat state ----

@@ -1,0 +1,150 @@
+//! Accounts and linking: creating an account, a new device waiting for approval, and the
+//! approval. Part of [`RelayCore`]; split out of `core.rs` for size.
+
+use super::*;
+
+impl RelayCore {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn create_account(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        device: &DeviceId,
+        account: AccountPublic,
+        cert: DeviceCert,
+        now_ms: u64,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        account.validate().map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
+        cert.verify(&account).map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
+        if &cert.body.device != device {
+            return Err((ErrorCode::BadCertificate, "the certificate names another device".into()));
+        }
+        if self.accounts.get(&account.id).is_some_and(|a| a.public == account)
+            && self.devices.get(device).is_some_and(|d| d.account == account.id)
+        {
+            // A retry whose reply was lost: the same account from the same device.
+            self.attach(conn, account.id);
+            self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+            return Ok(());
+        }
+        if self.accounts.contains_key(&account.id) {
+            return Err((ErrorCode::AlreadyExists, format!("account {} exists", account.id)));
+        }
+        if self.devices.contains_key(device) {
+            return Err((ErrorCode::AlreadyExists, "this device already belongs to an account".into()));
+        }
+        let id = account.id;
+        let state = DeviceState { registered_ms: now_ms, last_active_ms: now_ms, revoked: false };
+        let mut ops = vec![
+            StoreOp::PutAccount(account.clone()),
+            StoreOp::PutDevice(cert.clone()),
+            StoreOp::PutDeviceState(device.clone(), state),
+        ];
+        let mut acct = Account::new(account);
+        acct.devices.insert(device.clone());
+        self.accounts.insert(id, acct);
+        self.devices.insert(device.clone(), Device::new(id, state));
+        let entry = self.log_entry(id, AccountEvent::DeviceAdded { cert }, &mut ops);
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        self.attach(conn, id);
+        self.after_durable(Deferred::AccountDurable { account: id, entry }, out);
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn link_wait(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        device: &DeviceId,
+        link_id: [u8; 32],
+        device_x25519: [u8; 32],
+        name: String,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        if let Some(a) = self.approved.get(&link_id).filter(|a| &a.device == device) {
+            let frame = RelayFrame::LinkApproved {
+                req,
+                account: a.account.clone(),
+                cert: a.cert.clone(),
+                bundle: a.bundle.clone(),
+            };
+            self.after_durable(Deferred::Send(conn, frame), out);
+            return Ok(());
+        }
+        if self.devices.contains_key(device) {
+            return Err((ErrorCode::AlreadyExists, "this device already belongs to an account".into()));
+        }
+        if name.len() > MAX_DEVICE_NAME_BYTES {
+            return Err((ErrorCode::TooLarge, format!("device names are at most {MAX_DEVICE_NAME_BYTES} bytes")));
+        }
+        if self.links.len() >= MAX_PENDING_LINKS && !self.links.contains_key(&link_id) {
+            return Err((ErrorCode::RateLimited, "too many devices wait for approval; try again later".into()));
+        }
+        if self.links.get(&link_id).is_some_and(|l| &l.device != device) {
+            return Err((ErrorCode::AlreadyExists, "another device waits under that link code".into()));
+        }
+        // One pending link per stream: a new wait replaces the old one, so one stream cannot
+        // fill the relay's table.
+        self.links.retain(|_, l| l.conn != conn);
+        self.links.insert(link_id, PendingLink { conn, req, device: device.clone(), device_x25519, name });
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn link_approve(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        account: AccountId,
+        link_id: [u8; 32],
+        cert: DeviceCert,
+        bundle: stratus_engine::proto::crypto::SealedBox,
+        now_ms: u64,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        let link =
+            self.links.get(&link_id).ok_or((ErrorCode::LinkNotFound, "no device waits under that link code".into()))?;
+        if self.devices.contains_key(&link.device) {
+            return Err((ErrorCode::AlreadyExists, "the waiting device already belongs to an account".into()));
+        }
+        let public = self.accounts[&account].public.clone();
+        cert.verify(&public).map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
+        if cert.body.device != link.device || cert.body.device_x25519 != link.device_x25519 {
+            return Err((ErrorCode::BadCertificate, "the certificate does not match the waiting device".into()));
+        }
+        if bundle.sealed.len() > 4096 {
+            return Err((ErrorCode::TooLarge, "account bundle too large".into()));
+        }
+        let link = self.links.remove(&link_id).expect("checked above");
+        let approval = ApprovedLink {
+            device: link.device.clone(),
+            account: public.clone(),
+            cert: cert.clone(),
+            bundle: bundle.clone(),
+        };
+        self.approved.insert(link_id, approval.clone());
+        let state = DeviceState { registered_ms: now_ms, last_active_ms: now_ms, revoked: false };
+        let mut ops = vec![
+            StoreOp::PutDevice(cert.clone()),
+            StoreOp::PutDeviceState(link.device.clone(), state),
+            StoreOp::PutApprovedLink(link_id, approval),
+        ];
+        self.devices.insert(link.device.clone(), Device::new(account, state));
+        self.accounts.get_mut(&account).expect("the approver's account exists").devices.insert(link.device.clone());
+        let entry = self.log_entry(account, AccountEvent::DeviceAdded { cert: cert.clone() }, &mut ops);
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        self.attach(link.conn, account);
+        self.after_durable(Deferred::AccountDurable { account, entry }, out);
+        self.after_durable(
+            Deferred::Send(link.conn, RelayFrame::LinkApproved { req: link.req, account: public, cert, bundle }),
+            out,
+        );
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        Ok(())
+    }
+}

@@ -1,0 +1,102 @@
+//! What the relay stores besides deltas, and what it recovers its index from. Part of
+//! [`super`]; split out for size.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
+use stratus_engine::proto::wire::{ChatKind, WrappedKey};
+use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
+
+/// An approved link, kept until the new device shows it has its bundle (by syncing), so that a
+/// device that lost its connection between approval and delivery can ask again under the same
+/// link id. The bundle is sealed to the device and the link secret: the relay cannot open it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovedLink {
+    /// The new device.
+    pub device: DeviceId,
+    /// Its account.
+    pub account: AccountPublic,
+    /// Its certificate.
+    pub cert: DeviceCert,
+    /// The sealed account bundle.
+    pub bundle: stratus_engine::proto::crypto::SealedBox,
+}
+
+/// What the relay keeps of a chat besides its deltas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatRecord {
+    /// Its kind.
+    pub kind: ChatKind,
+    /// Member accounts.
+    pub members: BTreeSet<AccountId>,
+    /// Key epochs with the chat key wrapped to each member.
+    pub epochs: BTreeMap<Epoch, Vec<WrappedKey>>,
+}
+
+/// A stored append: `(client seq, chat, seq)`.
+pub type RecentAppend = (ClientSeq, ChatId, Seq);
+
+/// The index the core starts from, read from the store.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Every account.
+    pub accounts: Vec<AccountPublic>,
+    /// Every device certificate.
+    pub devices: Vec<DeviceCert>,
+    /// Every chat with its head seq.
+    pub chats: Vec<(ChatId, ChatRecord, Seq)>,
+    /// The head of each account log.
+    pub account_heads: Vec<(AccountId, Seq)>,
+    /// Per device, its most recent appends (oldest first), up to [`super::DEDUP_WINDOW`].
+    pub recent_appends: Vec<(DeviceId, Vec<RecentAppend>)>,
+    /// Approvals not yet fetched by their device.
+    pub approved_links: Vec<([u8; 32], ApprovedLink)>,
+    /// What the relay keeps of each device's session.
+    pub device_states: Vec<(DeviceId, DeviceState)>,
+    /// Settings the accounts chose.
+    pub account_settings: Vec<(AccountId, AccountSettings)>,
+    /// Recovery bundles by lookup id.
+    pub recoveries: Vec<([u8; 32], RecoveryRecord)>,
+}
+
+/// An account bundle sealed under a recovery key the relay never sees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryRecord {
+    /// The account.
+    pub account: AccountId,
+    /// The device that stored it (if that device's session ends, so does the record: a stolen
+    /// device must not leave itself a way back in).
+    pub by: DeviceId,
+    /// The sealed bundle.
+    pub sealed: Vec<u8>,
+}
+
+/// Longest sealed recovery bundle the relay keeps.
+pub const MAX_RECOVERY_BYTES: usize = 8 * 1024;
+/// Recovery lookups and registrations, relay-wide, per second (and burst): a recovery key has
+/// 256 bits, so this guards the relay's work, not the keys.
+pub const RECOVERY_ATTEMPTS_PER_SECOND: u32 = 10;
+pub(super) const RECOVERY_BURST: u32 = 20;
+
+/// What an account chose about its sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountSettings {
+    /// Sessions inactive for more than this many days end (0: never).
+    pub session_ttl_days: u32,
+}
+
+/// Longest session time-to-live an account may set, in days (100 years).
+pub const MAX_SESSION_TTL_DAYS: u32 = 36_500;
+pub(super) const DAY_MS: u64 = 24 * 3600 * 1000;
+
+/// What the relay keeps of a device's session besides its certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// When it was registered (account created or link approved), ms since the Unix epoch.
+    pub registered_ms: u64,
+    /// When it last sent a frame, as of its last stream's close.
+    pub last_active_ms: u64,
+    /// Its session was ended; it is refused from now on.
+    pub revoked: bool,
+}

@@ -1,0 +1,210 @@
+//! The devices: feeding their sync cores, carrying out what they ask, writing, revoking, restarts.
+
+use super::*;
+
+impl Sim {
+    // ---- devices ----
+
+    pub(super) fn device_input(&mut self, dev: usize, input: SyncInput) -> Check {
+        let Some(core) = self.devs[dev].core.as_mut() else { return Ok(()) };
+        let outputs = core.handle(input);
+        self.device_outputs(dev, outputs)
+    }
+
+    pub(super) fn device_outputs(&mut self, dev: usize, outputs: Vec<SyncOutput>) -> Check {
+        for o in &outputs {
+            match o {
+                SyncOutput::ApplyDelta(d) => {
+                    self.check_identity(d.chat, d.seq, (d.device.clone(), d.client_seq), "applied")?;
+                    self.check_next(dev, d.chat, d.seq)?;
+                }
+                SyncOutput::Cursor { chat, seq } => self.check_next(dev, *chat, *seq)?,
+                _ => {}
+            }
+        }
+        let d = &mut self.devs[dev];
+        let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(()) };
+        let actions = device.carry_out(core, outputs);
+        self.run_actions(dev, actions)
+    }
+
+    pub(super) fn run_actions(&mut self, dev: usize, actions: Vec<Action>) -> Check {
+        for action in actions {
+            match action {
+                Action::Send(frame) => {
+                    if let Some(conn) = self.devs[dev].conn {
+                        self.transmit(conn, C2R, Ev::ToRelay { conn, frame });
+                    }
+                }
+                Action::Emit(Event::Rejected { chat, client_seq, code, message }) => {
+                    return Err(format!(
+                        "{} had chat {chat} client seq {} rejected: {message} ({code:?})",
+                        self.devs[dev].name, client_seq.0
+                    ))
+                }
+                Action::Emit(Event::Error { message }) => {
+                    return Err(format!("{} reported an error: {message}", self.devs[dev].name))
+                }
+                Action::RetryAfter(ms) => {
+                    let d = &mut self.devs[dev];
+                    d.resume_gen += 1;
+                    let ev = Ev::Resume { dev, generation: d.resume_gen };
+                    self.report.rate_limited += 1;
+                    self.schedule(self.now + u64::from(ms) * MS, ev);
+                }
+                Action::Emit(Event::Acked { client_seq, .. }) => {
+                    self.devs[dev].acked.insert(client_seq);
+                }
+                Action::Emit(Event::SessionRevoked) => {
+                    let r = self.revoking.as_ref().ok_or("a session ended without a revocation")?;
+                    if r.target != dev {
+                        return Err(format!(
+                            "{} was told its session ended; the target was another",
+                            self.devs[dev].name
+                        ));
+                    }
+                    if self.devs[dev].home.join("store").exists() {
+                        return Err(format!(
+                            "{}'s store is still on disk after its session ended",
+                            self.devs[dev].name
+                        ));
+                    }
+                    let d = &mut self.devs[dev];
+                    d.gone = true;
+                    d.conn = None;
+                    d.core = None;
+                    return Ok(());
+                }
+                Action::Reply(frame) => self.revoke_reply(dev, frame)?,
+                Action::Emit(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn create_chat(&mut self, dev: usize) -> Check {
+        let d = &mut self.devs[dev];
+        let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(()) };
+        let title = format!("{}'s chat", d.name);
+        let (chat, actions) =
+            device.create_chat(core, &title).map_err(|e| format!("{} creates a chat: {e}", d.name))?;
+        let account = d.account;
+        self.chats[account].push(chat);
+        self.creators.insert(chat, dev);
+        self.run_actions(dev, actions)
+    }
+
+    pub(super) fn revoke(&mut self) -> Check {
+        let Some(r) = self.revoking.as_ref() else { return Ok(()) };
+        if r.done {
+            return Ok(());
+        }
+        let (by, target) = (r.by, r.target);
+        // Asked again until done: a request lost with its connection is not in any outbox.
+        self.schedule(self.now + 5 * SEC, Ev::Revoke);
+        let target_id = self.devs[target].id.clone();
+        let d = &mut self.devs[by];
+        let (Some(device), Some(core), Some(conn)) = (d.device.as_mut(), d.core.as_mut(), d.conn) else {
+            return Ok(());
+        };
+        if !core.is_connected() {
+            return Ok(());
+        }
+        let req = core.next_req();
+        let frame = device.revoke_request(&target_id, req).map_err(|e| e.to_string())?;
+        self.revoking.as_mut().expect("checked").req = Some(req);
+        self.transmit(conn, C2R, Ev::ToRelay { conn, frame });
+        Ok(())
+    }
+
+    pub(super) fn revoke_reply(&mut self, dev: usize, frame: RelayFrame) -> Check {
+        let Some(r) = self.revoking.as_mut() else { return Err(format!("unexpected reply {frame:?}")) };
+        if r.by != dev || frame.req() != r.req {
+            return Ok(());
+        }
+        match frame {
+            RelayFrame::Done { .. } => {
+                r.done = true;
+                self.report.revocations += 1;
+                let target = self.devs[r.target].id.clone();
+                self.dev_mut(dev).revoke_done(&target).map_err(|e| e.to_string())
+            }
+            // Asked again by the next `Revoke` event (the sync core hands a limited request of
+            // the driver's back as an error with the `RateLimited` code).
+            RelayFrame::RateLimited { .. } | RelayFrame::Error { code: ErrorCode::RateLimited, .. } => Ok(()),
+            other => Err(format!("the revocation was refused: {other:?}")),
+        }
+    }
+
+    pub(super) fn compose(&mut self, dev: usize) -> Check {
+        if !self.faults || self.devs[dev].written >= self.cfg.messages_per_device {
+            return Ok(());
+        }
+        let next = self.now + self.poisson(3 * SEC).max(MS);
+        self.schedule(next, Ev::Compose { dev });
+        if self.devs[dev].device.is_none() {
+            return Ok(());
+        }
+        let account = self.devs[dev].account;
+        let chat = self.chats[account][self.rng.gen_range(0..self.chats[account].len())];
+        let text = format!("{} #{}", self.devs[dev].name, self.devs[dev].written);
+        let d = &mut self.devs[dev];
+        let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(()) };
+        match device.send(core, chat, &text) {
+            Ok((message, client_seq, actions)) => {
+                d.written += 1;
+                self.written_by.insert(message.id.clone(), (dev, client_seq));
+                self.written.entry(chat).or_default().insert(message.id);
+                self.run_actions(dev, actions)
+            }
+            // A linked device learns the chat's key from the account log: not yet.
+            Err(stratus_engine::Error::UnknownChat(_)) => Ok(()),
+            Err(e) => Err(format!("{} could not write: {e}", self.devs[dev].name)),
+        }
+    }
+
+    pub(super) fn device_down(&mut self, dev: usize) -> Check {
+        self.report.device_restarts += 1;
+        if let Some(conn) = self.devs[dev].conn.take() {
+            let c = self.conns.get_mut(&conn).expect("open");
+            c.dev_open = false;
+            c.lost = [true; 2];
+            if !c.doomed {
+                c.doomed = true;
+                // A killed process's sockets are reset; a powered-off phone's time out.
+                let at = self.now + if self.rng.gen_bool(0.5) { MS } else { self.rng.gen_range(2 * SEC..20 * SEC) };
+                self.schedule(at, Ev::RelayLost { conn });
+            }
+        }
+        let d = &mut self.devs[dev];
+        d.core = None;
+        d.device = None;
+        d.resume_gen += 1;
+        Ok(())
+    }
+
+    pub(super) fn device_up(&mut self, dev: usize) -> Check {
+        if self.devs[dev].gone || self.devs[dev].device.is_some() {
+            return Ok(());
+        }
+        let seed = self.rng.gen();
+        let d = &mut self.devs[dev];
+        let mut device = reopen(&d.home, seed).map_err(|e| format!("{} reopens: {e}", d.name))?;
+        device.set_clock(sim_now_ms);
+        for s in device.chats().map_err(|e| e.to_string())? {
+            let chat: ChatId = s.id.parse().map_err(|_| "chat id")?;
+            let tracked = d.applied.get(&chat).copied().unwrap_or_default();
+            if Seq(s.seq) != tracked {
+                return Err(format!(
+                    "{} restarted with chat {chat} at seq {} but had applied {}",
+                    d.name, s.seq, tracked.0
+                ));
+            }
+        }
+        d.core = Some(device.start_core().map_err(|e| e.to_string())?);
+        d.device = Some(device);
+        d.backoff = BACKOFF_MIN;
+        self.schedule_connect(dev, self.now);
+        Ok(())
+    }
+}

@@ -1,0 +1,106 @@
+//! The simulated network: connections, delivery in order, loss and partitions, dialing.
+
+use super::*;
+
+impl Sim {
+    // ---- network ----
+
+    pub(super) fn cut(&self, dev: usize, dir: usize) -> bool {
+        let d = &self.devs[dev];
+        d.offline_until > self.now || d.partition_until[dir] > self.now
+    }
+
+    /// Marks `dirs` of `conn` lost; both ends notice after a detection timeout (the device's
+    /// only if `device_detects`, otherwise the caller tells it).
+    pub(super) fn kill_conn(&mut self, conn: ConnId, dirs: [usize; 2], device_detects: bool) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        for d in dirs {
+            c.lost[d] = true;
+        }
+        if c.doomed {
+            return;
+        }
+        c.doomed = true;
+        self.report.broken_connections += 1;
+        let dev_at = self.now + self.rng.gen_range(2 * SEC..20 * SEC);
+        let relay_at = self.now + self.rng.gen_range(2 * SEC..20 * SEC);
+        if device_detects {
+            self.schedule(dev_at, Ev::DeviceLost { conn });
+        }
+        self.schedule(relay_at, Ev::RelayLost { conn });
+    }
+
+    pub(super) fn transmit(&mut self, conn: ConnId, dir: usize, ev: Ev) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        if c.lost[dir] {
+            return;
+        }
+        let dev = c.dev;
+        let lose = self.cut(dev, dir) || (self.faults && self.cfg.loss > 0.0 && self.rng.gen_bool(self.cfg.loss));
+        if lose {
+            self.report.lost_frames += 1;
+            self.kill_conn(conn, [dir, dir], true);
+            return;
+        }
+        let latency = self.devs[dev].latency + self.rng.gen_range(0..=self.devs[dev].latency);
+        let c = self.conns.get_mut(&conn).expect("checked");
+        let at = (self.now + latency).max(c.floor[dir]);
+        c.floor[dir] = at;
+        self.schedule(at, ev);
+    }
+
+    pub(super) fn schedule_connect(&mut self, dev: usize, at: u64) {
+        if !self.devs[dev].connect_scheduled {
+            self.devs[dev].connect_scheduled = true;
+            self.schedule(at, Ev::Connect { dev });
+        }
+    }
+
+    pub(super) fn connect(&mut self, dev: usize) -> Check {
+        self.devs[dev].connect_scheduled = false;
+        if self.devs[dev].gone || self.devs[dev].device.is_none() || self.devs[dev].conn.is_some() {
+            return Ok(());
+        }
+        if self.relay.core.is_none() || self.cut(dev, C2R) || self.cut(dev, R2C) {
+            let d = &mut self.devs[dev];
+            let backoff = d.backoff;
+            d.backoff = (d.backoff * 2).min(BACKOFF_MAX);
+            let jitter = self.rng.gen_range(0..=backoff / 4);
+            // A failed dial takes a while to fail (refused: a round trip; no route: a timeout).
+            let fail_after = self.rng.gen_range(self.devs[dev].latency * 2..=SEC);
+            self.schedule_connect(dev, self.now + fail_after + backoff + jitter);
+            return Ok(());
+        }
+        let conn = self.open_conn(dev);
+        let d = &mut self.devs[dev];
+        d.conn = Some(conn);
+        d.backoff = BACKOFF_MIN;
+        self.device_input(dev, SyncInput::Connected)
+    }
+
+    pub(super) fn device_lost(&mut self, conn: ConnId) -> Check {
+        let Some(c) = self.conns.get_mut(&conn) else { return Ok(()) };
+        c.dev_open = false;
+        let dev = c.dev;
+        if self.devs[dev].conn == Some(conn) {
+            self.devs[dev].conn = None;
+            self.device_input(dev, SyncInput::Disconnected)?;
+            let d = &self.devs[dev];
+            let at = self.now + d.backoff + self.rng.gen_range(0..=d.backoff / 4);
+            self.schedule_connect(dev, at);
+        }
+        Ok(())
+    }
+
+    pub(super) fn relay_lost(&mut self, conn: ConnId) -> Check {
+        let Some(c) = self.conns.get_mut(&conn) else { return Ok(()) };
+        if c.relay_open && c.epoch == self.relay.epoch {
+            c.relay_open = false;
+            if let Some(core) = self.relay.core.as_mut() {
+                let effects = core.handle(Input::Closed { conn });
+                self.relay_effects(effects)?;
+            }
+        }
+        Ok(())
+    }
+}
