@@ -237,10 +237,11 @@ impl RelayCore {
             core.accounts.insert(public.id, Account::new(public));
         }
         for (id, record) in recovered.recoveries {
+            // A record whose account is gone (a damaged store) is dropped, not served.
             if let Some(a) = core.accounts.get_mut(&record.account) {
                 a.recovery = Some(id);
+                core.recoveries.insert(id, record);
             }
-            core.recoveries.insert(id, record);
         }
         for (account, settings) in recovered.account_settings {
             if let Some(a) = core.accounts.get_mut(&account) {
