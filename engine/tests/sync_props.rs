@@ -350,8 +350,12 @@ impl World {
                     for _ in 0..*n {
                         let client_seq = ClientSeq(self.next_client_seq);
                         self.next_client_seq += 1;
-                        let item =
-                            OutboxItem { client_seq, chat, epoch: Epoch(0), body: OutboxBody::Delta(vec![2; 4]) };
+                        let item = OutboxItem {
+                            client_seq,
+                            chat,
+                            epoch: Epoch(0),
+                            body: OutboxBody::Delta { sealed: vec![2; 4], plain: Vec::new() },
+                        };
                         self.outbox.insert(client_seq, item.clone());
                         self.input(SyncInput::OutboxAdded(item))?;
                     }

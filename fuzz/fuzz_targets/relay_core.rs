@@ -22,11 +22,13 @@ use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use stratus_engine::proto::cert::{AccountKeys, AccountPublic, DeviceCert, DeviceCertBody, Revocation, RevocationBody};
+use stratus_engine::proto::cert::{
+    AccountGen, AccountKeys, AccountPublic, DeviceCert, DeviceCertBody, Revocation, RevocationBody, Rotation,
+};
 use stratus_engine::proto::crypto::{wrap_chat_key, ChatKey, SealedBox};
 use stratus_engine::proto::wire::{
-    decode, AccountEntry, ChatKind, ClientFrame, Delta, FrameError, RelayFrame, ReqId, WrappedKey, MAX_DELTA_BYTES,
-    PROTOCOL_VERSION,
+    decode, AccountEntry, ChatKind, ClientFrame, Delta, FrameError, NewEpoch, RelayFrame, ReqId, WrappedKey,
+    MAX_DELTA_BYTES, PROTOCOL_VERSION,
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 use stratus_relay::core::{
@@ -162,7 +164,11 @@ struct Fixture {
     create_chat: Vec<(ChatId, Epoch, Vec<WrappedKey>)>,
     link_wait: Vec<([u8; 32], [u8; 32])>,
     link_approve: Vec<([u8; 32], DeviceCert)>,
-    revoke: Vec<Revocation>,
+    /// Revocations with rotations: covering every device of the account but the revoked one,
+    /// or only the revoking one; with and without a recovery bundle.
+    revoke: Vec<(Revocation, Rotation, Vec<NewEpoch>, Option<Vec<u8>>)>,
+    /// A recovery key's public half signed for one device: (public, device index, signature).
+    put_recovery: Vec<([u8; 32], Vec<u8>)>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -197,7 +203,7 @@ fn fixture() -> &'static Fixture {
             // Two members.
             (chats[2], Epoch(0), vec![key(&a, &a, chats[2], Epoch(0)), key(&a, &b, chats[2], Epoch(0))]),
         ];
-        let revoke = |keys: &AccountKeys, device: usize, by: usize| {
+        let revocation = |keys: &AccountKeys, device: usize, by: usize| {
             keys.revoke(RevocationBody {
                 account: keys.public().id,
                 device: devices[device].clone(),
@@ -205,17 +211,47 @@ fn fixture() -> &'static Fixture {
                 at_ms: 0,
             })
         };
-        let revoke = vec![
-            revoke(&a, 1, 0),
-            revoke(&a, 0, 1),
-            revoke(&b, 3, 2),
+        let revocations = [
+            (&a, revocation(&a, 1, 0), [0, 1], chats[0]),
+            (&a, revocation(&a, 0, 1), [0, 1], chats[0]),
+            (&b, revocation(&b, 3, 2), [2, 3], chats[1]),
             // Signed by the wrong account; naming itself; naming another account's device.
-            revoke(&b, 1, 0),
-            revoke(&a, 0, 0),
-            revoke(&a, 2, 0),
+            (&a, revocation(&b, 1, 0), [0, 1], chats[0]),
+            (&a, revocation(&a, 0, 0), [0, 1], chats[0]),
+            (&a, revocation(&a, 2, 0), [0, 1], chats[0]),
         ];
+        let mut revoke = Vec::new();
+        for (keys, r, account_devices, chat) in revocations {
+            let next = keys.rotated(&mut rng).expect("a first rotation");
+            let new: AccountGen = next.current();
+            let epoch = Epoch(1);
+            let wrapped = wrap_chat_key(&ChatKey::random(&mut rng), chat, epoch, new.account, &new.kem_key, &mut rng);
+            let signature = next.sign_chat_key(chat, ChatKind::Notes, epoch, new.account, &wrapped);
+            let chats = vec![NewEpoch {
+                chat,
+                epoch,
+                keys: vec![WrappedKey { account: new.account, key: wrapped, signature }],
+            }];
+            let all: Vec<&DeviceId> =
+                account_devices.iter().map(|d| &devices[*d]).filter(|d| **d != r.body.device).collect();
+            for bundles in [all, vec![&r.body.by]] {
+                let mut rotation = keys.sign_rotation(&next);
+                rotation.bundles = bundles
+                    .into_iter()
+                    .map(|d| (d.clone(), SealedBox { ephemeral: [6; 32], sealed: vec![7; 90] }))
+                    .collect();
+                for recovery in [None, Some(vec![8; 70])] {
+                    revoke.push((r.clone(), rotation.clone(), chats.clone(), recovery));
+                }
+            }
+        }
+        let put_recovery = [(&a, 0), (&a, 1), (&b, 2), (&b, 3)]
+            .into_iter()
+            .map(|(keys, d)| ([d as u8; 32], keys.sign_recovery(&[d as u8; 32], &devices[d])))
+            .collect();
         Fixture {
             revoke,
+            put_recovery,
             create_account: vec![
                 (a.public(), cert(&a, &devices[0], 1)),
                 (b.public(), cert(&b, &devices[2], 2)),
@@ -252,6 +288,7 @@ struct Store {
     states: BTreeMap<DeviceId, DeviceState>,
     settings: BTreeMap<AccountId, AccountSettings>,
     recoveries: BTreeMap<[u8; 32], RecoveryRecord>,
+    gens: BTreeMap<(AccountId, u32), AccountGen>,
 }
 
 impl Store {
@@ -291,6 +328,9 @@ impl Store {
                 StoreOp::DeleteRecovery(id) => {
                     self.recoveries.remove(&id);
                 }
+                StoreOp::PutAccountGen(g) => {
+                    self.gens.insert((g.account, g.generation), g);
+                }
             }
         }
     }
@@ -328,6 +368,7 @@ impl Store {
             device_states: self.states.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             account_settings: self.settings.iter().map(|(k, v)| (*k, *v)).collect(),
             recoveries: self.recoveries.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            account_gens: self.gens.values().cloned().collect(),
         }
     }
 }
@@ -456,8 +497,10 @@ impl Harness {
                         }
                         _ => {}
                     }
+                    // One write may log several entries of one account (a revocation with its
+                    // rotation): each continues the one before.
+                    self.latest.apply(std::slice::from_ref(op));
                 }
-                self.latest.apply(&ops);
                 self.unsynced.push((token, ops));
             }
             Effect::Close { conn } => {
@@ -656,7 +699,14 @@ fuzz_target!(|script: Script| {
             Op::Restart { keep_unsynced } => h.restart(keep_unsynced),
             Op::ListDevices { conn } => h.request(conn, |req| ClientFrame::ListDevices { req }),
             Op::PutRecovery { conn, id } => {
-                h.request(conn, |req| ClientFrame::PutRecovery { req, lookup_id: [id % 3; 32], sealed: vec![id; 64] })
+                let (public, signature) = pick(&f.put_recovery, id).clone();
+                h.request(conn, |req| ClientFrame::PutRecovery {
+                    req,
+                    lookup_id: [id % 3; 32],
+                    public,
+                    signature,
+                    sealed: vec![id; 64],
+                })
             }
             Op::FetchRecovery { conn, id } => {
                 h.request(conn, |req| ClientFrame::FetchRecovery { req, lookup_id: [id % 3; 32] })
@@ -669,8 +719,8 @@ fuzz_target!(|script: Script| {
                 h.request(conn, |req| ClientFrame::SetSessionTtl { req, days: (days % 4).into() })
             }
             Op::Revoke { conn, which } => {
-                let revocation = pick(&f.revoke, which).clone();
-                h.request(conn, |req| ClientFrame::Revoke { req, revocation });
+                let (revocation, rotation, chats, recovery) = pick(&f.revoke, which).clone();
+                h.request(conn, |req| ClientFrame::Revoke { req, revocation, rotation, chats, recovery });
             }
             // Up to a few days, so that sessions expire.
             Op::Wait { ms } => h.now_ms += u64::from(ms) * u64::from(ms) * 10_000,

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use stratus_engine::proto::wire::ErrorCode;
 use stratus_engine::{ChatId, Device, Error, Event, LinkCode, Message, Session};
 
 /// Exit code when the relay cannot be reached; the outbox keeps what was written.
@@ -204,6 +205,23 @@ fn message_line(m: &Message) -> String {
     format!("{} {}@{}: {}", m.ts, short(&m.author), short(&m.device), m.text)
 }
 
+/// Runs a request signed with the account's keys; if the relay answers that a rotation replaced
+/// them (`StaleEpoch`), syncs (which takes the new keys from the account log) and runs it again.
+macro_rules! with_current_keys {
+    ($device:ident, $request:expr) => {{
+        let mut attempt = 1;
+        loop {
+            match $request {
+                Err(Error::Relay { code: ErrorCode::StaleEpoch, .. }) if attempt < CONNECT_TRIES => {
+                    attempt += 1;
+                    $device = sync_until_idle($device).await?;
+                }
+                result => break result?,
+            }
+        }
+    }};
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     let mut device = Device::open(&cli.home)?;
     match cli.command {
@@ -219,7 +237,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             });
         }
         Command::Account { command: AccountCommand::RecoveryKey } => {
-            let key = device.create_recovery_key().await?;
+            let key = with_current_keys!(device, device.create_recovery_key().await);
             out(&format!("recovery key: {key}"));
             eprintln!("stratus: write it down and keep it safe; it is not stored anywhere and logs anyone in");
         }
@@ -246,7 +264,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Device { command: DeviceCommand::Approve { code } } => {
             let code: LinkCode = code.parse()?;
-            let (id, name) = device.approve(&code).await?;
+            let (id, name) = with_current_keys!(device, device.approve(&code).await);
             out(&format!("approved {id} ({name})"));
         }
         Command::Device { command: DeviceCommand::List { json } } => {
@@ -306,8 +324,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if target == *device.id() {
                 return Err(Failure::Other("this is this device's own session".into()));
             }
-            device.revoke(&target).await?;
-            out(&format!("revoked {target}"));
+            // The revocation rotates the account's keys for every device and chat the relay
+            // has: sync first, and again if the account moved on meanwhile.
+            device = sync_until_idle(device).await?;
+            with_current_keys!(device, device.revoke(&target).await);
+            out(&format!("revoked {target}; the account's keys are rotated"));
         }
         Command::Chat { command: ChatCommand::Create { title } } => {
             // Like `send`: the chat is made here first and queued; the command returns once the

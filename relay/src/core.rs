@@ -18,10 +18,15 @@
 //! device's later client seqs until it comes again (see [`Device::held`]): the relay stores a
 //! device's appends in client-seq order, and its dedup takes any client seq at or below the
 //! highest stored one as stored, so storing a later one first would lose the refused one.
+//!
+//! Keys: what an account signs is checked against the generation of its keys in force (see
+//! `core/rotation.rs` and docs/crypto.md). After a rotation an append under an older epoch of its
+//! chat, and a chat key or certificate an older generation signed, get `StaleEpoch`; a refused
+//! append or chat creation holds back the device's later client seqs the same way.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use stratus_engine::proto::cert::{AccountPublic, DeviceCert, Revocation, MAX_DEVICE_NAME_BYTES};
+use stratus_engine::proto::cert::{AccountGen, AccountPublic, CertError, DeviceCert, MAX_DEVICE_NAME_BYTES};
 use stratus_engine::proto::wire::{
     AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, DeviceSession, ErrorCode, FrameError, RelayFrame, ReqId,
     WrappedKey, MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
@@ -98,6 +103,8 @@ pub enum StoreOp {
     PutAccountSettings(AccountId, AccountSettings),
     /// A recovery bundle under its lookup id.
     PutRecovery([u8; 32], RecoveryRecord),
+    /// A new generation of an account's keys (a rotation).
+    PutAccountGen(AccountGen),
     /// A recovery bundle replaced or withdrawn.
     DeleteRecovery([u8; 32]),
     /// An approval kept until the new device has fetched it (see [`ApprovedLink`]).
@@ -108,6 +115,8 @@ pub enum StoreOp {
 
 struct Account {
     public: AccountPublic,
+    /// Every generation of its keys, the genesis first; the last one is in force.
+    gens: Vec<AccountGen>,
     settings: AccountSettings,
     /// The lookup id of its recovery bundle, if it has one.
     recovery: Option<[u8; 32]>,
@@ -151,6 +160,7 @@ impl Device {
 impl Account {
     fn new(public: AccountPublic) -> Self {
         Account {
+            gens: vec![public.genesis()],
             public,
             settings: AccountSettings::default(),
             recovery: None,
@@ -241,6 +251,16 @@ impl RelayCore {
             if let Some(a) = core.accounts.get_mut(&record.account) {
                 a.recovery = Some(id);
                 core.recoveries.insert(id, record);
+            }
+        }
+        let mut gens = recovered.account_gens;
+        gens.sort_by_key(|g| (g.account, g.generation));
+        for g in gens {
+            // Generations chain: one that does not follow the last one kept is damage, not used.
+            if let Some(a) = core.accounts.get_mut(&g.account) {
+                if a.gens.len() == g.generation as usize {
+                    a.gens.push(g);
+                }
             }
         }
         for (account, settings) in recovered.account_settings {
@@ -451,17 +471,17 @@ impl RelayCore {
                 out.push(Effect::Send { conn, frame: RelayFrame::Devices { req, devices, session_ttl_days } });
                 Ok(())
             }
-            (ClientFrame::PutRecovery { req, lookup_id, sealed }, Some(a)) => {
-                self.put_recovery(conn, req, a, &device, lookup_id, sealed, now_ms, out).map_err(|e| (req, e))
-            }
+            (ClientFrame::PutRecovery { req, lookup_id, public, signature, sealed }, Some(a)) => self
+                .put_recovery(conn, req, a, &device, lookup_id, (public, signature, sealed), now_ms, out)
+                .map_err(|e| (req, e)),
             (ClientFrame::SetSessionTtl { req, days }, Some(a)) => {
                 self.set_session_ttl(conn, req, a, &device, days, now_ms, out).map_err(|e| (req, e))
             }
-            (ClientFrame::Revoke { req, revocation }, Some(a)) => {
-                self.revoke(conn, req, a, &device, revocation, now_ms, out).map_err(|e| (req, e))
-            }
-            (ClientFrame::CreateChat { req, chat, kind, epoch, keys, .. }, Some(a)) => {
-                self.create_chat(conn, req, a, chat, kind, epoch, keys, out).map_err(|e| (req, e))
+            (ClientFrame::Revoke { req, revocation, rotation, chats, recovery }, Some(a)) => self
+                .revoke(conn, req, a, &device, Revoke { revocation, rotation, chats, recovery }, now_ms, out)
+                .map_err(|e| (req, e)),
+            (ClientFrame::CreateChat { req, chat, kind, epoch, keys, client_seq }, Some(a)) => {
+                self.create_chat(conn, req, a, &device, client_seq, chat, kind, epoch, keys, out).map_err(|e| (req, e))
             }
             (ClientFrame::Append { req, chat, epoch, client_seq, sealed }, Some(a)) => {
                 self.append(conn, req, a, &device, chat, epoch, client_seq, sealed, out).map_err(|e| (req, e))
@@ -613,139 +633,6 @@ impl RelayCore {
         ops.push(StoreOp::PutAccountEntry(account, entry.clone()));
         entry
     }
-
-    #[allow(clippy::too_many_arguments)]
-    fn create_chat(
-        &mut self,
-        conn: ConnId,
-        req: ReqId,
-        account: AccountId,
-        chat: ChatId,
-        kind: ChatKind,
-        epoch: Epoch,
-        keys: Vec<WrappedKey>,
-        out: &mut Vec<Effect>,
-    ) -> Result<(), (ErrorCode, String)> {
-        if let Some(existing) = self.chats.get(&chat) {
-            // A retry whose reply was lost (devices keep the creation in their outbox until it is
-            // acknowledged): the same kind and first-epoch keys, from a member.
-            if existing.record.kind == kind
-                && existing.record.members.contains(&account)
-                && existing.record.epochs.get(&epoch) == Some(&keys)
-            {
-                self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
-                return Ok(());
-            }
-            return Err((ErrorCode::AlreadyExists, format!("chat {chat} exists")));
-        }
-        if keys.len() > MAX_CHAT_MEMBERS {
-            return Err((ErrorCode::TooLarge, format!("a chat has at most {MAX_CHAT_MEMBERS} members")));
-        }
-        let members: BTreeSet<AccountId> = keys.iter().map(|k| k.account).collect();
-        if members.len() != keys.len() || !members.contains(&account) {
-            return Err((ErrorCode::BadCertificate, "one wrapped key per member, the creator included".into()));
-        }
-        // Only account-private chats exist so far. Chats with other accounts need their consent
-        // and verified keys (issue 5); until then nobody can put anyone else in a chat.
-        if kind != ChatKind::Notes {
-            return Err((ErrorCode::BadCertificate, "only notes chats can be created on this relay version".into()));
-        }
-        if members.len() != 1 {
-            return Err((ErrorCode::BadCertificate, "a notes chat has exactly one member".into()));
-        }
-        if let Some(m) = members.iter().find(|m| !self.accounts.contains_key(m)) {
-            return Err((ErrorCode::UnknownDevice, format!("no account {m}")));
-        }
-        // Defence in depth: every wrapped key must be signed by the creating account (the
-        // devices check the same signature themselves).
-        let creator = self.accounts[&account].public.clone();
-        if keys.iter().any(|k| creator.verify_chat_key(chat, kind, epoch, k.account, &k.key, &k.signature).is_err()) {
-            return Err((ErrorCode::BadCertificate, "a wrapped chat key is not signed by the creating account".into()));
-        }
-        let record = ChatRecord { kind, members: members.clone(), epochs: BTreeMap::from([(epoch, keys.clone())]) };
-        let mut ops = vec![StoreOp::PutChat(chat, record.clone())];
-        self.chats.insert(chat, Chat { record, head: Seq(0), durable: Seq(0) });
-        let mut entries = Vec::new();
-        for k in keys {
-            self.accounts.get_mut(&k.account).expect("checked").chats.insert(chat);
-            let e = self.log_entry(
-                k.account,
-                AccountEvent::ChatAdded {
-                    chat,
-                    kind,
-                    epoch,
-                    wrapped_key: k.key,
-                    signer: account,
-                    signature: k.signature,
-                },
-                &mut ops,
-            );
-            entries.push((k.account, e));
-        }
-        let token = self.token();
-        out.push(Effect::Write { token, ops });
-        for (account, entry) in entries {
-            self.after_durable(Deferred::AccountDurable { account, entry }, out);
-        }
-        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
-        Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn append(
-        &mut self,
-        conn: ConnId,
-        req: ReqId,
-        account: AccountId,
-        device: &DeviceId,
-        chat_id: ChatId,
-        epoch: Epoch,
-        client_seq: ClientSeq,
-        sealed: Vec<u8>,
-        out: &mut Vec<Effect>,
-    ) -> Result<(), (ErrorCode, String)> {
-        let chat = self.chats.get_mut(&chat_id).ok_or((ErrorCode::UnknownChat, format!("no chat {chat_id}")))?;
-        if !chat.record.members.contains(&account) {
-            return Err((ErrorCode::NotMember, format!("this account is not a member of chat {chat_id}")));
-        }
-        if sealed.len() > MAX_DELTA_BYTES {
-            return Err((ErrorCode::TooLarge, format!("a delta is at most {MAX_DELTA_BYTES} bytes")));
-        }
-        if !chat.record.epochs.contains_key(&epoch) {
-            return Err((ErrorCode::UnknownEpoch, format!("chat {chat_id} has no epoch {}", epoch.0)));
-        }
-        let dev = self.devices.get_mut(device).expect("an attached connection's device is known");
-        if dev.appends_in_flight >= self.limits.max_appends_in_flight_per_device {
-            hold(dev, client_seq);
-            out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req, retry_after_ms: IN_FLIGHT_RETRY_MS } });
-            return Ok(());
-        }
-        dev.appends_in_flight += 1;
-        if client_seq <= dev.highest_client_seq {
-            let frame = match dev.recent.get(&client_seq) {
-                Some((c, seq)) => RelayFrame::Acked { req, chat: *c, client_seq, seq: *seq },
-                None => RelayFrame::Duplicate { req, chat: chat_id, client_seq },
-            };
-            self.after_durable(Deferred::AppendDone(conn, device.clone(), frame), out);
-            return Ok(());
-        }
-        chat.head = chat.head.next();
-        let seq = chat.head;
-        dev.highest_client_seq = client_seq;
-        dev.recent.insert(client_seq, (chat_id, seq));
-        if dev.recent.len() > DEDUP_WINDOW {
-            dev.recent.pop_first();
-        }
-        let delta = Delta { chat: chat_id, seq, epoch, device: device.clone(), client_seq, sealed };
-        let token = self.token();
-        out.push(Effect::Write { token, ops: vec![StoreOp::PutDelta(delta.clone())] });
-        self.after_durable(
-            Deferred::AppendDone(conn, device.clone(), RelayFrame::Acked { req, chat: chat_id, client_seq, seq }),
-            out,
-        );
-        self.after_durable(Deferred::ChatDurable { delta, from: conn }, out);
-        Ok(())
-    }
 }
 
 fn revoked(conn: ConnId, req: Option<ReqId>) -> Effect {
@@ -762,10 +649,13 @@ fn error_frame(conn: ConnId, req: Option<ReqId>, code: ErrorCode, message: impl 
 }
 
 mod accounts;
+mod chats;
 mod limiting;
 use limiting::hold;
 mod records;
+mod rotation;
 mod sessions;
+use rotation::Revoke;
 
 pub use records::*;
 

@@ -587,7 +587,7 @@ fn cores_under_limits(seed: u64) {
                             client_seq: ClientSeq(next_item),
                             chat,
                             epoch: Epoch(0),
-                            body: OutboxBody::Delta(vec![1; 16]),
+                            body: OutboxBody::Delta { sealed: vec![1; 16], plain: Vec::new() },
                         };
                         next_item += 1;
                         device_out = dev.handle(SyncInput::OutboxAdded(item));

@@ -1,14 +1,52 @@
 //! The relay core's sessions driven directly: revocation, expiry, recovery.
 
+use stratus_engine::proto::cert::{Revocation, Rotation};
+use stratus_engine::proto::crypto::SealedBox;
+use stratus_engine::proto::wire::NewEpoch;
+
 use super::*;
 
-fn revocation(keys: &AccountKeys, device: &Dev, by: &Dev) -> stratus_engine::proto::cert::Revocation {
+fn revocation(keys: &AccountKeys, device: &Dev, by: &Dev) -> Revocation {
     keys.revoke(stratus_engine::proto::cert::RevocationBody {
         account: keys.public().id,
         device: device.id.clone(),
         by: by.id.clone(),
         at_ms: 0,
     })
+}
+
+/// A `Revoke` of `device` by `by` with `revocation`, carrying a rotation that covers the account
+/// as the core stands (bundles and wrapped keys are opaque to the relay).
+fn revoke_with(w: &mut World, keys: &AccountKeys, revocation: Revocation, device: &Dev, req: ReqId) -> ClientFrame {
+    let account = keys.public().id;
+    let next = keys.rotated(&mut w.rng).unwrap();
+    let mut rotation = keys.sign_rotation(&next);
+    let acct = &w.core.accounts[&account];
+    let opaque = |b: u8| SealedBox { ephemeral: [b; 32], sealed: vec![b; 64] };
+    for d in &acct.devices {
+        if *d != device.id && !w.core.devices[d].state.revoked {
+            rotation.bundles.push((d.clone(), opaque(1)));
+        }
+    }
+    let chats = acct
+        .chats
+        .iter()
+        .map(|c| {
+            let record = &w.core.chats[c].record;
+            let epoch = Epoch(record.epochs.keys().next_back().unwrap().0 + 1);
+            let key = opaque(2);
+            let signature = next.sign_chat_key(*c, record.kind, epoch, account, &key);
+            NewEpoch { chat: *c, epoch, keys: vec![WrappedKey { account, key, signature }] }
+        })
+        .collect();
+    let recovery = acct.recovery.filter(|id| w.core.recoveries[id].by != device.id).map(|_| vec![3; 80]);
+    ClientFrame::Revoke { req, revocation, rotation, chats, recovery }
+}
+
+/// A correct `Revoke` of `device` by `by`.
+fn revoke(w: &mut World, keys: &AccountKeys, device: &Dev, by: &Dev, req: ReqId) -> ClientFrame {
+    let r = revocation(keys, device, by);
+    revoke_with(w, keys, r, device, req)
 }
 
 fn error_codes(effects: &[Effect]) -> Vec<(ConnId, ErrorCode)> {
@@ -30,17 +68,28 @@ fn a_revocation_is_checked_cuts_the_device_off_and_refuses_it_afterwards() {
 
     // Forged, misattributed and unknown revocations change nothing.
     let stranger = AccountKeys::generate(&mut w.rng);
-    let forged = w.frame(a.conn, ClientFrame::Revoke { req: 1, revocation: revocation(&stranger, &b, &a) });
-    let claims_b = w.frame(a.conn, ClientFrame::Revoke { req: 2, revocation: revocation(&keys, &a, &b) });
+    let r = revocation(&stranger, &b, &a);
+    let f = revoke_with(&mut w, &keys, r, &b, 1);
+    let forged = w.frame(a.conn, f);
+    let claims_b = {
+        let f = revoke(&mut w, &keys, &a, &b, 2);
+        w.frame(a.conn, f)
+    };
     let nobody = Dev { conn: 9, id: DeviceId("nobody".into()) };
-    let unknown = w.frame(a.conn, ClientFrame::Revoke { req: 3, revocation: revocation(&keys, &nobody, &a) });
+    let unknown = {
+        let f = revoke(&mut w, &keys, &nobody, &a, 3);
+        w.frame(a.conn, f)
+    };
     assert_eq!(error_codes(&forged), vec![(1, ErrorCode::BadCertificate)]);
     assert_eq!(error_codes(&claims_b), vec![(1, ErrorCode::BadCertificate)]);
     assert_eq!(error_codes(&unknown), vec![(1, ErrorCode::UnknownDevice)]);
     assert!(!w.core.devices[&b.id].state.revoked);
 
     // A real one cuts b off at once, before the barrier.
-    let e = w.frame(a.conn, ClientFrame::Revoke { req: 4, revocation: revocation(&keys, &b, &a) });
+    let e = {
+        let f = revoke(&mut w, &keys, &b, &a, 4);
+        w.frame(a.conn, f)
+    };
     assert_eq!(error_codes(&e), vec![(2, ErrorCode::SessionRevoked)]);
     assert!(e.contains(&Effect::Close { conn: 2 }));
     let released = w.durable(&e);
@@ -62,7 +111,10 @@ fn a_revocation_is_checked_cuts_the_device_off_and_refuses_it_afterwards() {
     assert!(hello.contains(&Effect::Close { conn: 3 }));
 
     // Asking again is answered again; the list shows b ended.
-    let again = w.frame(a.conn, ClientFrame::Revoke { req: 6, revocation: revocation(&keys, &b, &a) });
+    let again = {
+        let f = revoke(&mut w, &keys, &b, &a, 6);
+        w.frame(a.conn, f)
+    };
     assert!(matches!(sends(&again)[..], [(1, RelayFrame::Done { req: 6 })]), "{again:?}");
     let list = w.frame(a.conn, ClientFrame::ListDevices { req: 7 });
     let [(1, RelayFrame::Devices { devices, .. })] = &sends(&list)[..] else { panic!("{list:?}") };
@@ -80,14 +132,23 @@ fn a_young_session_cannot_end_others_and_two_revoking_each_other_leave_one() {
     let b = w.second_device(&keys, 2, "b");
     w.core.devices.get_mut(&b.id).unwrap().state.registered_ms = 1_000;
     w.now_ms += 3_600_000;
-    let young = w.frame(a.conn, ClientFrame::Revoke { req: 1, revocation: revocation(&keys, &b, &a) });
+    let young = {
+        let f = revoke(&mut w, &keys, &b, &a, 1);
+        w.frame(a.conn, f)
+    };
     assert_eq!(error_codes(&young), vec![(1, ErrorCode::SessionTooNew)]);
     assert!(!w.core.devices[&b.id].state.revoked);
 
     // A day later both may; the one the relay takes first wins, the other is already cut off.
     w.now_ms += 24 * 3_600_000;
-    let first = w.frame(b.conn, ClientFrame::Revoke { req: 2, revocation: revocation(&keys, &a, &b) });
-    let second = w.frame(a.conn, ClientFrame::Revoke { req: 3, revocation: revocation(&keys, &b, &a) });
+    let first = {
+        let f = revoke(&mut w, &keys, &a, &b, 2);
+        w.frame(b.conn, f)
+    };
+    let second = {
+        let f = revoke(&mut w, &keys, &b, &a, 3);
+        w.frame(a.conn, f)
+    };
     assert_eq!(error_codes(&first), vec![(1, ErrorCode::SessionRevoked)]);
     assert_eq!(error_codes(&second), vec![(1, ErrorCode::SessionRevoked)]);
     assert!(w.core.devices[&a.id].state.revoked && !w.core.devices[&b.id].state.revoked);
@@ -100,7 +161,10 @@ fn a_revocation_is_written_and_survives_a_restart() {
     let a = w.connect(1, "a");
     let (keys, _) = w.account(&a);
     let b = w.second_device(&keys, 2, "b");
-    let e = w.frame(a.conn, ClientFrame::Revoke { req: 1, revocation: revocation(&keys, &b, &a) });
+    let e = {
+        let f = revoke(&mut w, &keys, &b, &a, 1);
+        w.frame(a.conn, f)
+    };
     let writes: Vec<StoreOp> = e
         .iter()
         .filter_map(|e| match e {
@@ -186,16 +250,28 @@ fn recovery_bundles_are_filed_fetched_and_withdrawn_with_their_device() {
     let a = w.connect(1, "a");
     let (keys, _) = w.account(&a);
     let b = w.second_device(&keys, 2, "b");
-    let put = |req, id: u8| ClientFrame::PutRecovery { req, lookup_id: [id; 32], sealed: vec![id; 100] };
+    let put = |req, id: u8, by: &Dev| ClientFrame::PutRecovery {
+        req,
+        lookup_id: [id; 32],
+        public: [id; 32],
+        signature: keys.sign_recovery(&[id; 32], &by.id),
+        sealed: vec![id; 100],
+    };
 
     // A young session sets the first one, but may not replace it.
-    let e = w.frame(b.conn, put(1, 7));
+    let e = w.frame(b.conn, put(1, 7, &b));
     w.durable(&e);
-    let again = w.frame(a.conn, put(2, 8));
+    let again = w.frame(a.conn, put(2, 8, &a));
     assert_eq!(error_codes(&again), vec![(1, ErrorCode::SessionTooNew)]);
     let big = w.frame(
         a.conn,
-        ClientFrame::PutRecovery { req: 3, lookup_id: [9; 32], sealed: vec![0; MAX_RECOVERY_BYTES + 1] },
+        ClientFrame::PutRecovery {
+            req: 3,
+            lookup_id: [9; 32],
+            public: [9; 32],
+            signature: keys.sign_recovery(&[9; 32], &a.id),
+            sealed: vec![0; MAX_RECOVERY_BYTES + 1],
+        },
     );
     assert_eq!(error_codes(&big), vec![(1, ErrorCode::TooLarge)]);
 
@@ -229,10 +305,123 @@ fn recovery_bundles_are_filed_fetched_and_withdrawn_with_their_device() {
 
     // b stored the bundle; when b's session ends, the bundle goes with it.
     w.now_ms += 25 * 3_600_000;
-    let e = w.frame(a.conn, ClientFrame::Revoke { req: 8, revocation: revocation(&keys, &b, &a) });
+    let e = {
+        let f = revoke(&mut w, &keys, &b, &a, 8);
+        w.frame(a.conn, f)
+    };
     assert!(e
         .iter()
         .any(|e| matches!(e, Effect::Write { ops, .. } if ops.contains(&StoreOp::DeleteRecovery([7; 32])))));
     let gone = w.frame(3, ClientFrame::FetchRecovery { req: 9, lookup_id: [7; 32] });
     assert_eq!(error_codes(&gone), vec![(3, ErrorCode::RecoveryNotFound)]);
+}
+
+fn parts(frame: &mut ClientFrame) -> (&mut Rotation, &mut Vec<NewEpoch>) {
+    match frame {
+        ClientFrame::Revoke { rotation, chats, .. } => (rotation, chats),
+        _ => unreachable!("a revoke"),
+    }
+}
+
+#[test]
+fn a_rotation_must_cover_the_account_and_afterwards_only_the_new_keys_are_taken() {
+    let mut w = world_with(Limits { min_session_age_ms: 0, ..Limits::default() });
+    let a = w.connect(1, "a");
+    let (keys, chat) = w.account(&a);
+    let account = keys.public().id;
+    let b = w.second_device(&keys, 2, "b");
+    let c = w.second_device(&keys, 3, "c");
+
+    // A rotation that leaves out a remaining device, or a chat, or hands the keys to the revoked
+    // device, is stale: nothing changes, the device syncs and makes it again.
+    let mut forgets_c = revoke(&mut w, &keys, &b, &a, 1);
+    parts(&mut forgets_c).0.bundles.retain(|(d, _)| *d != c.id);
+    let mut forgets_chat = revoke(&mut w, &keys, &b, &a, 2);
+    parts(&mut forgets_chat).1.clear();
+    let mut includes_b = revoke(&mut w, &keys, &b, &a, 3);
+    let extra = (b.id.clone(), parts(&mut includes_b).0.bundles[0].1.clone());
+    parts(&mut includes_b).0.bundles.push(extra);
+    let mut old_signer = revoke(&mut w, &keys, &b, &a, 4);
+    let (_, chats) = parts(&mut old_signer);
+    chats[0].keys[0].signature = keys.sign_chat_key(chat, ChatKind::Notes, Epoch(1), account, &chats[0].keys[0].key);
+    for (f, code) in [
+        (forgets_c, ErrorCode::StaleEpoch),
+        (forgets_chat, ErrorCode::StaleEpoch),
+        (includes_b, ErrorCode::StaleEpoch),
+        (old_signer, ErrorCode::BadCertificate),
+    ] {
+        let e = w.frame(a.conn, f);
+        assert_eq!(error_codes(&e), vec![(1, code)]);
+        assert!(!e.iter().any(|e| matches!(e, Effect::Write { .. })), "nothing is written: {e:?}");
+    }
+    assert!(!w.core.devices[&b.id].state.revoked);
+
+    // A complete one: the next generation, the chat's next epoch, in one write.
+    let e = {
+        let f = revoke(&mut w, &keys, &b, &a, 5);
+        w.frame(a.conn, f)
+    };
+    let released = w.durable(&e);
+    assert_eq!(w.core.accounts[&account].gens.len(), 2);
+    assert!(w.core.chats[&chat].record.epochs.contains_key(&Epoch(1)));
+    let events: Vec<&AccountEvent> = sends(&released)
+        .into_iter()
+        .filter_map(|(conn, f)| match f {
+            RelayFrame::PushAccount { entry } if conn == c.conn => Some(&entry.event),
+            _ => None,
+        })
+        .collect();
+    assert!(matches!(
+        events[..],
+        [
+            AccountEvent::DeviceRevoked { .. },
+            AccountEvent::Rotated { .. },
+            AccountEvent::ChatAdded { epoch: Epoch(1), .. }
+        ]
+    ));
+
+    // An append under the old epoch is stale and holds back the device's later ones; sealed
+    // again under the new epoch it is stored, then the later one.
+    let at = |req, cs, epoch| ClientFrame::Append {
+        req,
+        chat,
+        epoch: Epoch(epoch),
+        client_seq: ClientSeq(cs),
+        sealed: vec![1; 40],
+    };
+    assert_eq!(error_codes(&w.frame(c.conn, at(6, 1, 0))), vec![(3, ErrorCode::StaleEpoch)]);
+    let held = w.frame(c.conn, at(7, 2, 1));
+    assert!(matches!(sends(&held)[..], [(3, RelayFrame::RateLimited { req: 7, .. })]), "{held:?}");
+    let again = w.frame(c.conn, at(8, 1, 1));
+    let acked = w.durable(&again);
+    assert!(sends(&acked).iter().any(|(_, f)| matches!(f, RelayFrame::Acked { req: 8, seq: Seq(1), .. })));
+
+    // A chat key, a certificate or a recovery key the old generation signed is stale.
+    let chat2 = ChatId([9; 16]);
+    let wrapped = SealedBox { ephemeral: [1; 32], sealed: vec![1; 48] };
+    let signature = keys.sign_chat_key(chat2, ChatKind::Notes, Epoch(0), account, &wrapped);
+    let create = ClientFrame::CreateChat {
+        req: 9,
+        chat: chat2,
+        kind: ChatKind::Notes,
+        epoch: Epoch(0),
+        client_seq: ClientSeq(3),
+        keys: vec![WrappedKey { account, key: wrapped, signature }],
+    };
+    assert_eq!(error_codes(&w.frame(c.conn, create)), vec![(3, ErrorCode::StaleEpoch)]);
+    let put = ClientFrame::PutRecovery {
+        req: 10,
+        lookup_id: [5; 32],
+        public: [5; 32],
+        signature: keys.sign_recovery(&[5; 32], &a.id),
+        sealed: vec![5; 64],
+    };
+    assert_eq!(error_codes(&w.frame(a.conn, put)), vec![(1, ErrorCode::StaleEpoch)]);
+
+    // A relay restarted on what was written keeps the generation.
+    let next_gen = w.core.accounts[&account].gens[1].clone();
+    let recovered =
+        Recovered { accounts: vec![keys.public()], account_gens: vec![next_gen.clone()], ..Recovered::default() };
+    let core = RelayCore::new(recovered, Limits::default());
+    assert_eq!(core.accounts[&account].gens, vec![keys.public().genesis(), next_gen]);
 }

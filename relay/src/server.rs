@@ -494,8 +494,15 @@ fn log_input(input: &Input) {
             ClientFrame::Recover { req, cert, .. } => {
                 tracing::info!(conn, req, device = %cert.body.device, "recover")
             }
-            ClientFrame::Revoke { req, revocation } => {
-                tracing::info!(conn, req, device = %revocation.body.device, "revoke")
+            ClientFrame::Revoke { req, revocation, rotation, chats, .. } => {
+                tracing::info!(
+                    conn,
+                    req,
+                    device = %revocation.body.device,
+                    generation = rotation.body.generation,
+                    chats = chats.len(),
+                    "revoke and rotate"
+                )
             }
         },
     }

@@ -16,6 +16,7 @@
 //! * `device_state`: device id → `DeviceState` (registration, last activity, revocation)
 //! * `account_settings`: account id → `AccountSettings` (session time-to-live)
 //! * `recovery`: recovery lookup id → `RecoveryRecord` (the bundle sealed under a recovery key)
+//! * `account_gens`: account id ‖ generation → `AccountGen` (the public keys of each rotation)
 
 use std::path::Path;
 
@@ -88,6 +89,7 @@ pub struct SledStore {
     device_state: sled::Tree,
     account_settings: sled::Tree,
     recovery: sled::Tree,
+    account_gens: sled::Tree,
 }
 
 impl SledStore {
@@ -106,6 +108,7 @@ impl SledStore {
             device_state: db.open_tree("device_state")?,
             account_settings: db.open_tree("account_settings")?,
             recovery: db.open_tree("recovery")?,
+            account_gens: db.open_tree("account_gens")?,
             db,
         })
     }
@@ -149,10 +152,11 @@ impl RelayStore for SledStore {
             &self.device_state,
             &self.account_settings,
             &self.recovery,
+            &self.account_gens,
         ];
         let r: Result<(), TransactionError<()>> = trees.transaction(|t: &Vec<TransactionalTree>| {
-            let (accounts, devices, chats, deltas, dedup, log, links, states, settings, recovery) =
-                (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &t[9]);
+            let (accounts, devices, chats, deltas, dedup, log, links, states, settings, recovery, gens) =
+                (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &t[9], &t[10]);
             for op in ops {
                 match op {
                     StoreOp::PutAccount(a) => {
@@ -188,6 +192,9 @@ impl RelayStore for SledStore {
                     }
                     StoreOp::PutRecovery(id, r) => {
                         recovery.insert(&id[..], enc(r))?;
+                    }
+                    StoreOp::PutAccountGen(g) => {
+                        gens.insert(seq_key(&g.account.0, u64::from(g.generation)), enc(g))?;
                     }
                     StoreOp::DeleteRecovery(id) => {
                         recovery.remove(&id[..])?;
@@ -294,6 +301,9 @@ impl RelayStore for SledStore {
             let (k, v) = kv?;
             let id: [u8; 32] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("recovery id"))?;
             r.recoveries.push((id, dec(&v, "recovery record")?));
+        }
+        for kv in self.account_gens.iter() {
+            r.account_gens.push(dec(&kv?.1, "account generation")?);
         }
         for kv in self.account_settings.iter() {
             let (k, v) = kv?;

@@ -209,6 +209,22 @@ pub fn link_device(relay: &Relay, approver: &Path, home: &Path, name: &str) {
     assert!(status.success(), "device link failed");
 }
 
+/// Runs `stratus account recover` for a new device in `home`, the key on standard input.
+pub fn recover(relay: &Relay, home: &Path, name: &str, key: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(bin("stratus"))
+        .arg("--home")
+        .arg(home)
+        .args(["account", "recover", "--relay", &relay.addr, "--name", name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("stratus runs");
+    writeln!(child.stdin.take().expect("piped"), "{key}").expect("key written");
+    child.wait_with_output().expect("stratus finishes")
+}
+
 /// Every file under `dir`, recursively.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use stratus_tests::{bin, link_device, stratus, stratus_ok, Relay};
+use stratus_tests::{bin, link_device, recover, stratus, stratus_ok, Relay};
 
 const ANY_AGE: &[&str] = &["--min-session-age-secs", "0"];
 
@@ -179,21 +179,6 @@ fn the_account_sets_how_long_idle_sessions_last_and_it_survives_a_restart() {
 }
 
 /// Runs `stratus account recover` on `home` with `key` on standard input.
-fn recover(relay: &Relay, home: &std::path::Path, name: &str, key: &str) -> std::process::Output {
-    use std::io::Write;
-    let mut child = Command::new(bin("stratus"))
-        .arg("--home")
-        .arg(home)
-        .args(["account", "recover", "--relay", &relay.addr, "--name", name])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{key}").unwrap();
-    child.wait_with_output().unwrap()
-}
-
 /// Every device lost: a recovery key logs a new one in with the whole history. The relay holds
 /// the bundle only sealed; a wrong key finds nothing; and a key made by a device whose session
 /// later ends stops working.

@@ -19,8 +19,13 @@
 //! until it comes again; waiting for the earlier answers makes sure the relay sees the resent
 //! items in client-seq order too (were one refused after the resend began, a later item could
 //! be stored first, and the refused one, resent, would be answered `Duplicate` unstored).
+//!
+//! An outbox item the relay answers with `StaleEpoch` (sealed under a key epoch that a rotation
+//! ended) is held back the same way, and everything after it too, until the driver hands it in
+//! sealed again under the new keys ([`SyncInput::Resealed`]), which it does once it applied the
+//! rotation from the account log.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::device::store::{OutboxBody, OutboxItem};
 use crate::proto::ids::{ChatId, ClientSeq, Seq};
@@ -56,6 +61,9 @@ pub enum SyncInput {
     ChatReady { chat: ChatId, cursor: Seq },
     /// The delay of a [`SyncOutput::RetryAfter`] has passed: send again.
     Resume,
+    /// Outbox items sealed again under new keys after a rotation; they replace the items with
+    /// the same client seqs.
+    Resealed(Vec<OutboxItem>),
 }
 
 /// What the core asks the driver to do, in order.
@@ -69,6 +77,10 @@ pub enum SyncOutput {
     ApplyAccountEntry(AccountEntry),
     /// The device's own delta is durable on the relay; drop it from the outbox.
     Acked { client_seq: ClientSeq, chat: ChatId, seq: Option<Seq> },
+    /// The relay refused an outbox item as made with keys a rotation ended (`StaleEpoch`): make
+    /// it again under the new keys and hand it back with [`SyncInput::Resealed`]. Until then it
+    /// and everything after it wait.
+    Stale { client_seq: ClientSeq, chat: ChatId },
     /// The relay refused the delta for good; drop it from the outbox and tell the app.
     Rejected { client_seq: ClientSeq, chat: ChatId, code: ErrorCode, message: String },
     /// A chat's cursor moved without a delta to apply (the device's own delta); store it.
@@ -112,6 +124,22 @@ enum Pending {
     State,
 }
 
+/// An outbox item in the core's window.
+struct Slot {
+    item: OutboxItem,
+    /// Sent on this connection and not yet answered (or answered and then dropped).
+    sent: bool,
+    /// Replaced by a resealed version since it was last sent: a `StaleEpoch` answer is for
+    /// the old one.
+    resealed: bool,
+}
+
+impl Slot {
+    fn new(item: OutboxItem) -> Self {
+        Slot { item, sent: false, resealed: false }
+    }
+}
+
 /// The sync state machine. See the module docs.
 pub struct SyncCore {
     phase: Phase,
@@ -121,7 +149,9 @@ pub struct SyncCore {
     account_fetching: bool,
     chats: BTreeMap<ChatId, ChatSync>,
     pending: BTreeMap<ReqId, Pending>,
-    outbox: VecDeque<(OutboxItem, bool)>,
+    outbox: VecDeque<Slot>,
+    /// Client seqs the relay refused as sealed under an ended epoch, waiting to be resealed.
+    stale: BTreeSet<ClientSeq>,
     outbox_more: bool,
     outbox_loading: bool,
     appends_in_flight: usize,
@@ -147,6 +177,7 @@ impl SyncCore {
             chats: BTreeMap::new(),
             pending: BTreeMap::new(),
             outbox: VecDeque::new(),
+            stale: BTreeSet::new(),
             outbox_more: outbox_nonempty,
             outbox_loading: false,
             appends_in_flight: 0,
@@ -203,26 +234,27 @@ impl SyncCore {
                 for c in self.chats.values_mut() {
                     c.fetching = None;
                 }
-                for (_, sent) in self.outbox.iter_mut() {
-                    *sent = false;
+                for slot in self.outbox.iter_mut() {
+                    slot.sent = false;
                 }
             }
             SyncInput::Frame(frame) => self.frame(*frame, &mut out),
             SyncInput::OutboxAdded(item) => {
                 if !self.outbox_more && self.outbox.len() < OUTBOX_WINDOW {
-                    self.outbox.push_back((item, false));
+                    self.outbox.push_back(Slot::new(item));
                 } else {
                     self.outbox_more = true;
                 }
             }
             SyncInput::OutboxLoaded { items, more } => {
                 self.outbox_loading = false;
-                let last = self.outbox.back().map(|(i, _)| i.client_seq).unwrap_or_default();
+                let last = self.outbox.back().map(|s| s.item.client_seq).unwrap_or_default();
                 for item in items.into_iter().filter(|i| i.client_seq > last) {
                     if self.outbox.len() >= OUTBOX_WINDOW {
                         break;
                     }
-                    self.outbox.push_back((item, false));
+                    self.stale.remove(&item.client_seq);
+                    self.outbox.push_back(Slot::new(item));
                 }
                 self.outbox_more = more || self.outbox.len() >= OUTBOX_WINDOW;
             }
@@ -231,6 +263,16 @@ impl SyncCore {
                 c.ready = true;
                 c.cursor = c.cursor.max(cursor);
                 c.known_head = c.known_head.max(cursor);
+            }
+            SyncInput::Resealed(items) => {
+                for item in items {
+                    // Items past the window are loaded from the store, resealed, later.
+                    self.stale.remove(&item.client_seq);
+                    if let Some(slot) = self.outbox.iter_mut().find(|s| s.item.client_seq == item.client_seq) {
+                        slot.resealed = slot.sent;
+                        slot.item = item;
+                    }
+                }
             }
             SyncInput::Resume => {
                 self.paused = false;
@@ -337,7 +379,7 @@ impl SyncCore {
             {
                 self.pending.remove(&req);
                 self.appends_in_flight = self.appends_in_flight.saturating_sub(1);
-                self.outbox.retain(|(i, _)| i.client_seq != client_seq);
+                self.outbox.retain(|s| s.item.client_seq != client_seq);
                 out.push(SyncOutput::Acked { client_seq, chat, seq: Some(seq) });
                 let c = self.chats.entry(chat).or_default();
                 c.known_head = c.known_head.max(seq);
@@ -351,16 +393,16 @@ impl SyncCore {
             {
                 self.pending.remove(&req);
                 self.appends_in_flight = self.appends_in_flight.saturating_sub(1);
-                self.outbox.retain(|(i, _)| i.client_seq != client_seq);
+                self.outbox.retain(|s| s.item.client_seq != client_seq);
                 out.push(SyncOutput::Acked { client_seq, chat, seq: None });
             }
             RelayFrame::Done { req } if self.is(req, |p| matches!(p, Pending::Append(_))) => {
                 // A chat creation from the outbox is on the relay.
                 let Some(Pending::Append(client_seq)) = self.pending.remove(&req) else { unreachable!("checked") };
                 self.appends_in_flight = self.appends_in_flight.saturating_sub(1);
-                if let Some(pos) = self.outbox.iter().position(|(i, _)| i.client_seq == client_seq) {
-                    let (item, _) = self.outbox.remove(pos).expect("position is in range");
-                    out.push(SyncOutput::Acked { client_seq, chat: item.chat, seq: None });
+                if let Some(pos) = self.outbox.iter().position(|s| s.item.client_seq == client_seq) {
+                    let slot = self.outbox.remove(pos).expect("position is in range");
+                    out.push(SyncOutput::Acked { client_seq, chat: slot.item.chat, seq: None });
                 }
             }
             RelayFrame::Error { code: ErrorCode::SessionRevoked, .. } => {
@@ -372,12 +414,23 @@ impl SyncCore {
                     Some(Pending::Append(cs)) => {
                         self.appends_in_flight = self.appends_in_flight.saturating_sub(1);
                         let retry = matches!(code, ErrorCode::RateLimited | ErrorCode::Internal);
-                        if retry {
+                        if code == ErrorCode::StaleEpoch {
+                            // Not stored, and the relay holds back what comes after it: it goes
+                            // again, first, once sealed under the new keys.
+                            if let Some(slot) = self.outbox.iter_mut().find(|s| s.item.client_seq == cs) {
+                                slot.sent = false;
+                                if !std::mem::take(&mut slot.resealed) {
+                                    self.stale.insert(cs);
+                                    out.push(SyncOutput::Stale { client_seq: cs, chat: slot.item.chat });
+                                }
+                            }
+                            self.resending = true;
+                        } else if retry {
                             // Stays in the outbox; sent again on the next connection.
                             out.push(SyncOutput::Error { code, message });
-                        } else if let Some(pos) = self.outbox.iter().position(|(i, _)| i.client_seq == cs) {
-                            let (item, _) = self.outbox.remove(pos).expect("position is in range");
-                            out.push(SyncOutput::Rejected { client_seq: cs, chat: item.chat, code, message });
+                        } else if let Some(pos) = self.outbox.iter().position(|s| s.item.client_seq == cs) {
+                            let slot = self.outbox.remove(pos).expect("position is in range");
+                            out.push(SyncOutput::Rejected { client_seq: cs, chat: slot.item.chat, code, message });
                         }
                     }
                     Some(Pending::FetchChat(chat)) => {
@@ -403,8 +456,8 @@ impl SyncCore {
                     Some(Pending::Append(cs)) => {
                         self.appends_in_flight = self.appends_in_flight.saturating_sub(1);
                         // Not stored: it goes again, before anything after it, on resume.
-                        if let Some((_, sent)) = self.outbox.iter_mut().find(|(i, _)| i.client_seq == cs) {
-                            *sent = false;
+                        if let Some(slot) = self.outbox.iter_mut().find(|s| s.item.client_seq == cs) {
+                            slot.sent = false;
                         }
                         self.resending = true;
                     }
@@ -491,18 +544,24 @@ impl SyncCore {
         if self.resending && self.appends_in_flight == 0 {
             self.resending = false;
         }
-        for (item, sent) in self.outbox.iter_mut() {
+        for slot in self.outbox.iter_mut() {
             if self.resending || self.appends_in_flight >= MAX_APPENDS_IN_FLIGHT {
                 break;
             }
-            if !*sent {
-                *sent = true;
+            let item = &slot.item;
+            if self.stale.contains(&item.client_seq) {
+                // Nothing after it goes before it does.
+                break;
+            }
+            if !slot.sent {
+                slot.sent = true;
+                slot.resealed = false;
                 let req = self.next_req;
                 self.next_req += 1;
                 self.pending.insert(req, Pending::Append(item.client_seq));
                 self.appends_in_flight += 1;
                 out.push(SyncOutput::Send(match &item.body {
-                    OutboxBody::Delta(sealed) => ClientFrame::Append {
+                    OutboxBody::Delta { sealed, .. } => ClientFrame::Append {
                         req,
                         chat: item.chat,
                         epoch: item.epoch,
@@ -522,7 +581,7 @@ impl SyncCore {
         }
         if self.outbox_more && !self.outbox_loading && self.outbox.len() < OUTBOX_WINDOW / 2 {
             self.outbox_loading = true;
-            let after = self.outbox.back().map(|(i, _)| i.client_seq).unwrap_or_default();
+            let after = self.outbox.back().map(|s| s.item.client_seq).unwrap_or_default();
             out.push(SyncOutput::LoadOutbox { after, max: OUTBOX_WINDOW - self.outbox.len() });
         }
     }

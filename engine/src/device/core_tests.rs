@@ -8,7 +8,7 @@ fn item(cs: u64) -> OutboxItem {
         client_seq: ClientSeq(cs),
         chat: ChatId([1; 16]),
         epoch: Epoch(0),
-        body: OutboxBody::Delta(vec![cs as u8; 8]),
+        body: OutboxBody::Delta { sealed: vec![cs as u8; 8], plain: Vec::new() },
     }
 }
 
@@ -114,4 +114,60 @@ fn a_rate_limited_request_of_the_driver_becomes_a_typed_error_reply() {
         matches!(&out[..], [SyncOutput::Reply(RelayFrame::Error { req: Some(r), code: ErrorCode::RateLimited, .. })] if *r == req),
         "{out:?}"
     );
+}
+
+fn stale(req: ReqId) -> RelayFrame {
+    RelayFrame::Error { req: Some(req), code: ErrorCode::StaleEpoch, message: "rotated".into() }
+}
+
+fn resealed(cs: u64) -> OutboxItem {
+    OutboxItem { epoch: Epoch(1), ..item(cs) }
+}
+
+#[test]
+fn a_stale_append_waits_with_everything_after_it_until_it_is_sealed_again() {
+    let mut core = ready();
+    let mut sent = Vec::new();
+    for cs in 1..=3 {
+        sent.extend(appends(&core.handle(SyncInput::OutboxAdded(item(cs)))));
+    }
+    let req = |cs: u64| sent.iter().find(|(_, c)| *c == cs).expect("sent").0;
+    // 1 is stale: the driver is asked to make it again; 2 and 3 were held back behind it.
+    let out = frame(&mut core, stale(req(1)));
+    assert_eq!(out, vec![SyncOutput::Stale { client_seq: ClientSeq(1), chat: ChatId([1; 16]) }]);
+    assert_eq!(frame(&mut core, RelayFrame::RateLimited { req: req(2), retry_after_ms: 50 }).len(), 1);
+    frame(&mut core, RelayFrame::RateLimited { req: req(3), retry_after_ms: 50 });
+    // The pause ends, but nothing goes before the stale item does, not even a new one.
+    assert!(appends(&core.handle(SyncInput::Resume)).is_empty());
+    assert!(appends(&core.handle(SyncInput::OutboxAdded(item(4)))).is_empty());
+    assert!(!core.is_idle());
+    // Sealed again (here only 1 and 2, as if 3 and 4 were of a chat that did not rotate): all
+    // go out, in client-seq order.
+    let out = core.handle(SyncInput::Resealed(vec![resealed(1), resealed(2)]));
+    let epochs: Vec<(u64, u32)> = out
+        .iter()
+        .filter_map(|o| match o {
+            SyncOutput::Send(ClientFrame::Append { client_seq, epoch, .. }) => Some((client_seq.0, epoch.0)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epochs, vec![(1, 1), (2, 1), (3, 0), (4, 0)]);
+}
+
+#[test]
+fn an_item_sealed_again_while_in_flight_is_just_sent_again() {
+    let mut core = ready();
+    let sent = appends(&core.handle(SyncInput::OutboxAdded(item(1))));
+    // The new keys arrive before the relay's answer to the old seal.
+    assert!(appends(&core.handle(SyncInput::Resealed(vec![resealed(1)]))).is_empty(), "still in flight");
+    let out = frame(&mut core, stale(sent[0].0));
+    assert!(!out.iter().any(|o| matches!(o, SyncOutput::Stale { .. })), "nothing to remake: {out:?}");
+    let again: Vec<_> = out
+        .iter()
+        .filter_map(|o| match o {
+            SyncOutput::Send(ClientFrame::Append { client_seq, epoch, .. }) => Some((client_seq.0, epoch.0)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(again, vec![(1, 1)]);
 }

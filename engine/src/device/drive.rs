@@ -117,12 +117,16 @@ impl Device {
                     }
                 }
                 SyncOutput::ApplyAccountEntry(entry) => match self.apply_account_entry(&entry) {
-                    Ok(Some(chat)) => {
-                        let cursor = self.cursor(chat).unwrap_or_default();
-                        queue.extend(core.handle(SyncInput::ChatReady { chat, cursor }));
-                        actions.push(Action::Emit(Event::ChatAdded { chat }));
+                    Ok(applied) => {
+                        if !applied.resealed.is_empty() {
+                            queue.extend(core.handle(SyncInput::Resealed(applied.resealed)));
+                        }
+                        if let Some(chat) = applied.chat {
+                            let cursor = self.cursor(chat).unwrap_or_default();
+                            queue.extend(core.handle(SyncInput::ChatReady { chat, cursor }));
+                            actions.push(Action::Emit(Event::ChatAdded { chat }));
+                        }
                     }
-                    Ok(None) => {}
                     Err(e) => actions.push(error(format!("account log entry {}: {e}", entry.seq))),
                 },
                 SyncOutput::Acked { client_seq, chat, seq } => {
@@ -156,6 +160,11 @@ impl Device {
                     };
                     queue.extend(core.handle(SyncInput::OutboxLoaded { items, more }));
                 }
+                SyncOutput::Stale { client_seq, chat } => match self.remake_stale(client_seq) {
+                    Ok(items) if !items.is_empty() => queue.extend(core.handle(SyncInput::Resealed(items))),
+                    Ok(_) => {} // remade once the new keys arrive in the account log
+                    Err(e) => actions.push(error(format!("chat {chat} client seq {}: {e}", client_seq.0))),
+                },
                 SyncOutput::Reply(frame) => actions.push(Action::Reply(frame)),
                 SyncOutput::RetryAfter { ms } => actions.push(Action::RetryAfter(ms)),
                 SyncOutput::Error { code, message } => actions.push(error(format!("relay: {message} ({code:?})"))),

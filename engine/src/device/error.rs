@@ -56,6 +56,11 @@ pub enum Error {
     /// from this device.
     #[error("this device's session was ended by another device of the account; its account data was deleted here")]
     SessionRevoked,
+    /// A rotation of the account's keys could not be taken: what this device holds does not
+    /// agree with it (the reason says how). The device keeps its keys; it can read what it
+    /// could, and what is sealed under the new keys stays closed to it.
+    #[error("the account's key rotation could not be applied here: {0}")]
+    Rotation(&'static str),
     /// The session task stopped.
     #[error("the sync session stopped")]
     Stopped,

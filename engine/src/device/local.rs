@@ -15,7 +15,7 @@ use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
 use crate::device::store::{
     device_id_of, ChatMeta, DeviceSecrets, DeviceStore, Login, OutboxBody, OutboxItem, COMPACT_AFTER_CHANGES,
 };
-use crate::proto::cert::{AccountKeys, DeviceCert, DeviceCertBody, RevocationBody, MAX_DEVICE_NAME_BYTES};
+use crate::proto::cert::{AccountGen, AccountKeys, DeviceCert, DeviceCertBody, RevocationBody, MAX_DEVICE_NAME_BYTES};
 use crate::proto::crypto::{
     open_box, seal_box, seal_delta, unwrap_chat_key, wrap_chat_key, ChatKey, DeltaAd, RecoveryKey, SealedBox,
 };
@@ -25,7 +25,10 @@ use crate::proto::wire::{
     PROTOCOL_VERSION,
 };
 
+mod rotation;
 mod sessions;
+
+pub(crate) use rotation::Applied;
 
 pub use sessions::SessionInfo;
 
@@ -122,6 +125,9 @@ pub struct Device {
     doc_order: Vec<ChatId>,
     pub(crate) rng: StdRng,
     clock: fn() -> i64,
+    /// Chats whose creation the relay refused as made with keys a rotation ended, before this
+    /// device had the new keys: made again when the rotation arrives.
+    stale_creations: std::collections::BTreeSet<ChatId>,
 }
 
 fn system_now_ms() -> i64 {
@@ -161,6 +167,7 @@ impl Device {
             doc_order: Vec::new(),
             rng,
             clock: system_now_ms,
+            stale_creations: Default::default(),
         })
     }
 
@@ -357,11 +364,11 @@ impl Device {
         let plain =
             open_box(&StaticSecret::from(self.secrets.x25519), &code.secret, &LinkCode::context(&self.id), &bundle)?;
         let keys: AccountKeys = postcard::from_bytes(&plain).map_err(|_| Error::LinkMismatch)?;
-        if keys.public() != account {
+        if keys.public() != account || !keys.is_consistent() {
             return Err(Error::LinkMismatch);
         }
         account.validate()?;
-        cert.verify(&account)?;
+        cert.verify(&keys.current())?;
         if cert.body.device != self.id || cert.body.device_x25519 != self.x25519_public() {
             return Err(Error::LinkMismatch);
         }
@@ -487,7 +494,8 @@ impl Device {
         let epoch = Epoch(0);
         let kind = ChatKind::Notes;
         let key = ChatKey::random(&mut self.rng);
-        let wrapped = wrap_chat_key(&key, chat, epoch, login.account.id, &login.account.kem_key, &mut self.rng);
+        let kem = login.keys.current().kem_key;
+        let wrapped = wrap_chat_key(&key, chat, epoch, login.account.id, &kem, &mut self.rng);
         let keys = vec![WrappedKey {
             account: login.account.id,
             signature: login.keys.sign_chat_key(chat, kind, epoch, login.account.id, &wrapped),
@@ -526,7 +534,7 @@ impl Device {
         let client_seq = self.store.next_client_seq()?;
         let ad = DeltaAd { chat, epoch, device: &self.id, client_seq };
         let sealed = seal_delta(key, &ad, change, &mut self.rng);
-        let item = OutboxItem { client_seq, chat, epoch, body: OutboxBody::Delta(sealed) };
+        let item = OutboxItem { client_seq, chat, epoch, body: OutboxBody::Delta { sealed, plain: change.to_vec() } };
         let stored = self.store.store_local(chat, change, &item)?;
         self.store.barrier()?;
         self.maybe_compact(chat, stored)?;
@@ -596,49 +604,65 @@ impl Device {
         Ok(())
     }
 
-    /// Applies an account log entry; returns the chat that became readable, if any.
-    pub(crate) fn apply_account_entry(&mut self, entry: &AccountEntry) -> Result<Option<ChatId>, Error> {
+    /// Applies an account log entry and moves the account cursor past it (also when the entry
+    /// is refused: a bad entry must not stall the log). Every signature is checked against the
+    /// generation of the account's keys that the log has reached at the entry.
+    pub(crate) fn apply_account_entry(&mut self, entry: &AccountEntry) -> Result<Applied, Error> {
+        let result = self.apply_account_event(&entry.event);
+        self.store.set_account_cursor(entry.seq)?;
+        result
+    }
+
+    fn apply_account_event(&mut self, event: &AccountEvent) -> Result<Applied, Error> {
         let login = self.login()?.clone();
-        let result = match &entry.event {
+        let gen = self.log_gen()?;
+        match event {
             AccountEvent::DeviceAdded { cert } => {
-                cert.verify(&login.account)?;
+                cert.verify(&gen)?;
                 self.store.put_device(cert)?;
-                Ok(None)
             }
             AccountEvent::DeviceRevoked { revocation } => {
                 // Checked here too: the relay's word is not enough to drop a device.
-                revocation.verify(&login.account)?;
-                if revocation.body.device != self.id {
-                    self.store.remove_device(&revocation.body.device)?;
-                }
-                Ok(None)
+                revocation.verify(&gen)?;
+                self.session_ended(&revocation.body.device)?;
             }
             AccountEvent::DeviceExpired { device, .. } => {
                 // The relay's decision (the account set the time-to-live); it can refuse any
                 // device anyway, so there is nothing to check it against.
-                if *device != self.id {
-                    self.store.remove_device(device)?;
-                }
-                Ok(None)
+                self.session_ended(device)?;
             }
             AccountEvent::ChatAdded { chat, kind, epoch, wrapped_key, signer, signature } => {
                 // Only keys this account handed out itself are accepted (notes chats; keys from
                 // other accounts need their verified keys, issue 5): a key the relay wrapped
                 // would let it read and forge the chat.
                 if *signer != login.account.id {
-                    Err(Error::Cert(crate::proto::cert::CertError::WrongAccount))
-                } else {
-                    login
-                        .account
-                        .verify_chat_key(*chat, *kind, *epoch, login.account.id, wrapped_key, signature)
-                        .map_err(Error::from)
-                        .and_then(|()| self.add_chat_key(*chat, *kind, *epoch, wrapped_key, &login))
-                        .map(|_| Some(*chat))
+                    return Err(Error::Cert(crate::proto::cert::CertError::WrongAccount));
                 }
+                gen.verify_chat_key(*chat, *kind, *epoch, login.account.id, wrapped_key, signature)?;
+                let known = self.store.chat(*chat)?.is_some();
+                self.add_chat_key(*chat, *kind, *epoch, wrapped_key, &login, &gen)?;
+                // A new epoch after a rotation: what waits in the outbox goes out under it.
+                let resealed = if epoch.0 > 0 { self.reseal(*chat)? } else { Vec::new() };
+                return Ok(Applied { chat: (!known).then_some(*chat), resealed });
             }
-        };
-        self.store.set_account_cursor(entry.seq)?;
-        result
+            AccountEvent::Rotated { rotation } => return self.apply_rotation(rotation, &gen),
+            AccountEvent::RecoverySet { public, by, signature } => {
+                gen.verify_recovery(public, by, signature)?;
+                self.store.set_recovery_public(Some(&(*public, by.clone())))?;
+            }
+        }
+        Ok(Applied::default())
+    }
+
+    /// Forgets a device whose session ended (and the recovery key it made: the relay withdrew it).
+    fn session_ended(&mut self, device: &DeviceId) -> Result<(), Error> {
+        if *device != self.id {
+            self.store.remove_device(device)?;
+        }
+        if self.store.recovery_public()?.is_some_and(|(_, by)| by == *device) {
+            self.store.set_recovery_public(None)?;
+        }
+        Ok(())
     }
 
     fn add_chat_key(
@@ -648,8 +672,15 @@ impl Device {
         epoch: Epoch,
         wrapped: &SealedBox,
         login: &Login,
+        gen: &AccountGen,
     ) -> Result<(), Error> {
-        let key = unwrap_chat_key(wrapped, chat, epoch, login.account.id, &login.keys.kem_secret())?;
+        // The bundle must hold this generation's KEM secret, and it must be the generation the
+        // log has reached (a bundle that disagrees with the log unwraps nothing).
+        let kem = match login.keys.kem_secret_of(gen.generation) {
+            Some(k) if login.keys.generation(gen.generation).as_ref() == Some(gen) => k,
+            _ => return Err(Error::Rotation("this device has no keys of the generation the chat key is wrapped in")),
+        };
+        let key = unwrap_chat_key(wrapped, chat, epoch, login.account.id, &kem)?;
         let mut meta = self.store.chat(chat)?.unwrap_or(ChatMeta { kind, keys: BTreeMap::new() });
         meta.keys.insert(epoch, key);
         self.store.put_chat(chat, &meta)?;
@@ -720,7 +751,7 @@ mod tests {
         assert!(d.store.chat(chat).unwrap().is_none(), "no key was taken");
 
         let signed = keys.sign_chat_key(chat, ChatKind::Notes, Epoch(0), account.id, &wrapped);
-        assert_eq!(d.apply_account_entry(&entry(4, account.id, signed)).unwrap(), Some(chat));
+        assert_eq!(d.apply_account_entry(&entry(4, account.id, signed)).unwrap().chat, Some(chat));
         assert!(d.store.chat(chat).unwrap().is_some());
     }
 }

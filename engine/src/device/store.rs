@@ -1,12 +1,15 @@
 //! The device's local store: sled, with a real fsync barrier for the outbox.
 //!
 //! Trees (integers big-endian):
-//! * `meta`: `identity`, `login`, `next_client_seq`, `account_cursor`
+//! * `meta`: `identity`, `login`, `next_client_seq`, `account_cursor`, `account_gen` (the
+//!   generation of the account's keys the account log has reached at the cursor),
+//!   `recovery_public` (the recovery key's public half, if the account has one)
 //! * `chats`: chat id → [`ChatMeta`] (kind, keys per epoch)
 //! * `cursors`: chat id → last applied seq
 //! * `snapshots`: chat id → saved Automerge document
 //! * `changes`: chat id ‖ n → Automerge change bytes applied since the snapshot
-//! * `outbox`: client seq → [`OutboxItem`] (sealed, waiting for the relay's ack)
+//! * `outbox`: client seq → [`OutboxItem`] (sealed, with its plaintext change for resealing
+//!   after a rotation, waiting for the relay's ack)
 //! * `devices`: device id → certificate of a device of this account
 //!
 //! A remote change and the cursor that passes it are written in one transaction, so a crash
@@ -19,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 
-use crate::proto::cert::{AccountKeys, AccountPublic, DeviceCert};
+use crate::proto::cert::{AccountGen, AccountKeys, AccountPublic, DeviceCert};
 use crate::proto::crypto::ChatKey;
 use crate::proto::durable::SledDir;
 use crate::proto::ids::{ChatId, ClientSeq, DeviceId, Epoch, Seq};
@@ -99,8 +102,14 @@ pub struct OutboxItem {
 /// What an [`OutboxItem`] carries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OutboxBody {
-    /// A sealed delta (`nonce || ciphertext+tag`), sent as `Append`.
-    Delta(Vec<u8>),
+    /// A delta, sent as `Append`.
+    Delta {
+        /// `nonce || ciphertext+tag`, sealed under the item's epoch.
+        sealed: Vec<u8>,
+        /// The Automerge change it seals: after a rotation the device seals it again under
+        /// the chat's new epoch (the relay refuses the old one).
+        plain: Vec<u8>,
+    },
     /// A new chat, sent as `CreateChat`; the relay answers a retry like the first request.
     CreateChat {
         /// Its kind.
@@ -239,6 +248,32 @@ impl DeviceStore {
     /// Sets the account log cursor.
     pub fn set_account_cursor(&self, seq: Seq) -> Result<(), StoreError> {
         self.meta.insert("account_cursor", &seq.0.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// The generation of the account's keys the account log has reached, if recorded (the
+    /// account's genesis until the first rotation).
+    pub fn account_gen(&self) -> Result<Option<AccountGen>, StoreError> {
+        self.meta.get("account_gen")?.map(|v| dec(&v, "account generation")).transpose()
+    }
+
+    /// Records the generation the account log has reached.
+    pub fn set_account_gen(&self, gen: &AccountGen) -> Result<(), StoreError> {
+        self.meta.insert("account_gen", enc(gen))?;
+        Ok(())
+    }
+
+    /// The account's recovery key's public half and the device that made it, if any.
+    pub fn recovery_public(&self) -> Result<Option<([u8; 32], DeviceId)>, StoreError> {
+        self.meta.get("recovery_public")?.map(|v| dec(&v, "recovery public key")).transpose()
+    }
+
+    /// Records (or with `None` forgets) the account's recovery key's public half.
+    pub fn set_recovery_public(&self, value: Option<&([u8; 32], DeviceId)>) -> Result<(), StoreError> {
+        match value {
+            Some(v) => self.meta.insert("recovery_public", enc(v))?,
+            None => self.meta.remove("recovery_public")?,
+        };
         Ok(())
     }
 
@@ -433,9 +468,31 @@ impl DeviceStore {
         self.outbox.range((after.0 + 1).to_be_bytes()..).take(max).map(|kv| dec(&kv?.1, "outbox item")).collect()
     }
 
+    /// One outbox item.
+    pub fn outbox_item(&self, cs: ClientSeq) -> Result<Option<OutboxItem>, StoreError> {
+        self.outbox.get(cs.0.to_be_bytes())?.map(|v| dec(&v, "outbox item")).transpose()
+    }
+
     /// Number of items in the outbox.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// Replaces outbox items (resealed after a rotation) and, with `meta`, a chat's keys,
+    /// atomically and durably.
+    pub fn replace_outbox(&self, items: &[OutboxItem], meta: Option<(ChatId, &ChatMeta)>) -> Result<(), StoreError> {
+        tx_result((&self.outbox, &self.chats).transaction(
+            |(ob, chats): &(TransactionalTree, TransactionalTree)| -> TxResult<()> {
+                for item in items {
+                    ob.insert(&item.client_seq.0.to_be_bytes()[..], enc(item))?;
+                }
+                if let Some((chat, meta)) = meta {
+                    chats.insert(&chat.0[..], enc(meta))?;
+                }
+                Ok(())
+            },
+        ))?;
+        self.barrier()
     }
 
     /// Drops an acknowledged (or rejected) item.

@@ -55,15 +55,16 @@ impl std::fmt::Debug for ChatKey {
     }
 }
 
-/// A recovery key: 256 random bits the user keeps (printed once, never stored on a device). It
-/// seals a copy of the account bundle that the relay keeps, and names that copy by a hash the
-/// relay cannot invert, so a new device that has only this key can log back in to the account.
+/// A recovery key: 256 random bits the user keeps (printed once, never stored on a device). An
+/// X25519 key pair derives from it: the account bundle the relay keeps is sealed to its public
+/// half (so the devices can seal each rotated bundle to it without holding the key), and filed
+/// under a hash the relay cannot invert, so a new device that has only this key can log back in.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RecoveryKey(pub [u8; 32]);
 
 impl RecoveryKey {
     const PREFIX: &'static str = "stratus-recovery-";
-    const CONTEXT: &'static [u8] = b"stratus-recovery-bundle-v1";
+    const CONTEXT: &'static [u8] = b"recovery-bundle-v1";
 
     /// A fresh random key.
     pub fn random<R: RngCore + CryptoRng>(rng: &mut R) -> Self {
@@ -77,14 +78,26 @@ impl RecoveryKey {
         blake3::derive_key("stratus recovery lookup id v1", &self.0)
     }
 
-    /// Seals `bundle` under the key.
-    pub fn seal<R: RngCore + CryptoRng>(&self, bundle: &[u8], rng: &mut R) -> Vec<u8> {
-        seal_with_key(&blake3::derive_key("stratus recovery seal v1", &self.0), Self::CONTEXT, bundle, rng)
+    fn secret(&self) -> StaticSecret {
+        StaticSecret::from(blake3::derive_key("stratus recovery kem v1", &self.0))
     }
 
-    /// Opens what [`RecoveryKey::seal`] sealed.
+    /// The public half bundles are sealed to.
+    pub fn public(&self) -> [u8; 32] {
+        PublicKey::from(&self.secret()).to_bytes()
+    }
+
+    /// Seals `bundle` to the recovery key whose public half is `public` (a device needs only
+    /// that to seal a rotated bundle). The result is what the relay stores.
+    pub fn seal_to<R: RngCore + CryptoRng>(public: &[u8; 32], bundle: &[u8], rng: &mut R) -> Vec<u8> {
+        let sealed = seal_box(public, &[], Self::CONTEXT, bundle, rng);
+        postcard::to_allocvec(&sealed).expect("serializing a sealed box cannot fail")
+    }
+
+    /// Opens what [`RecoveryKey::seal_to`] sealed to this key.
     pub fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        open_with_key(&blake3::derive_key("stratus recovery seal v1", &self.0), Self::CONTEXT, sealed)
+        let sealed: SealedBox = postcard::from_bytes(sealed).map_err(|_| CryptoError::Truncated)?;
+        open_box(&self.secret(), &[], Self::CONTEXT, &sealed)
     }
 }
 
@@ -290,7 +303,7 @@ mod tests {
         assert!(open_box(&sk, b"", b"ctx", &b).is_err());
 
         let key = RecoveryKey::random(&mut rng);
-        let sealed = key.seal(b"bundle", &mut rng);
+        let sealed = RecoveryKey::seal_to(&key.public(), b"bundle", &mut rng);
         assert_eq!(key.open(&sealed).unwrap(), b"bundle");
         assert!(RecoveryKey::random(&mut rng).open(&sealed).is_err());
         let parsed: RecoveryKey = key.to_string().parse().unwrap();

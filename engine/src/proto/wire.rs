@@ -8,14 +8,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::cert::{AccountPublic, DeviceCert, Revocation};
+use super::cert::{AccountPublic, DeviceCert, Revocation, Rotation};
 use super::crypto::SealedBox;
 use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
 /// The libp2p protocol name of the sync stream.
 pub const PROTOCOL: &str = "/stratus/sync/1";
 /// Bumped on any incompatible change to the frames below.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Longest frame either side sends or accepts. A longer length prefix is a protocol error and
 /// closes the stream (the rest of the stream cannot be trusted to be framed).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
@@ -95,6 +95,33 @@ pub enum AccountEvent {
         /// Its last activity, ms since the Unix epoch, by the relay's clock.
         last_active_ms: u64,
     },
+    /// The account's keys moved to a new generation (after a revocation). The chats' new key
+    /// epochs follow as `ChatAdded` entries.
+    Rotated {
+        /// The rotation, signed by the previous generation, with the bundle for each device.
+        rotation: Rotation,
+    },
+    /// A recovery key was made: its public half, to which devices seal the new bundle at each
+    /// rotation.
+    RecoverySet {
+        /// The recovery key's X25519 public key.
+        public: [u8; 32],
+        /// The device that made it (if that device's session ends, the recovery is withdrawn).
+        by: DeviceId,
+        /// The account's signature over account, public key and device.
+        signature: Vec<u8>,
+    },
+}
+
+/// A chat's next key epoch, made at a rotation: the new key wrapped to each member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewEpoch {
+    /// The chat.
+    pub chat: ChatId,
+    /// The epoch, one past the chat's newest.
+    pub epoch: Epoch,
+    /// The key wrapped to each member account, signed by the rotating account's new generation.
+    pub keys: Vec<WrappedKey>,
 }
 
 /// One session (device) of an account as the relay sees it.
@@ -164,14 +191,19 @@ pub enum ClientFrame {
     FetchAccount { req: ReqId, after: Seq, max: u32 },
     /// Asks for the account's sessions; answered with `Devices`.
     ListDevices { req: ReqId },
-    /// Ends another device's session; answered with `Done` once the revocation is durable.
-    Revoke { req: ReqId, revocation: Revocation },
+    /// Ends another device's session and rotates the account's keys: the revocation, the
+    /// rotation with the new bundle for every remaining device, a new key epoch for every chat
+    /// of the account, and the new bundle sealed to the recovery key if the account has one.
+    /// Applied atomically; answered with `Done` once durable, or `StaleEpoch` if it does not
+    /// cover the account as it stands (sync and build it again).
+    Revoke { req: ReqId, revocation: Revocation, rotation: Rotation, chats: Vec<NewEpoch>, recovery: Option<Vec<u8>> },
     /// Sessions of the account inactive for more than `days` days end (0: never); answered
     /// with `Done` once durable.
     SetSessionTtl { req: ReqId, days: u32 },
-    /// Stores the account bundle sealed under a recovery key, filed under the key's lookup id;
-    /// replaces the account's earlier one. `Done` once durable.
-    PutRecovery { req: ReqId, lookup_id: [u8; 32], sealed: Vec<u8> },
+    /// Stores the account bundle sealed to a recovery key, filed under the key's lookup id;
+    /// replaces the account's earlier one. `public` is the key's X25519 public half, signed by
+    /// the account (logged as `RecoverySet`). `Done` once durable.
+    PutRecovery { req: ReqId, lookup_id: [u8; 32], public: [u8; 32], signature: Vec<u8>, sealed: Vec<u8> },
     /// A device that is not logged in asks for the sealed bundle filed under `lookup_id`;
     /// answered with `Recovery`. Rate limited relay-wide.
     FetchRecovery { req: ReqId, lookup_id: [u8; 32] },
@@ -308,6 +340,12 @@ pub enum ErrorCode {
     SessionTooNew,
     /// Nothing is filed under that recovery id.
     RecoveryNotFound,
+    /// The account's keys moved on since the request was made (an append sealed under an old
+    /// epoch, a chat key or certificate signed by an old generation, a rotation that does not
+    /// cover the account as it stands). Nothing changed; the device takes the new keys from the
+    /// account log and makes the request again. A refused outbox item holds back the device's
+    /// later client seqs, as `RateLimited` does.
+    StaleEpoch,
 }
 
 /// A frame that failed to encode or decode.

@@ -16,7 +16,7 @@ impl RelayCore {
         out: &mut Vec<Effect>,
     ) -> Result<(), (ErrorCode, String)> {
         account.validate().map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
-        cert.verify(&account).map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
+        cert.verify(&account.genesis()).map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
         if &cert.body.device != device {
             return Err((ErrorCode::BadCertificate, "the certificate names another device".into()));
         }
@@ -112,11 +112,11 @@ impl RelayCore {
             return Err((ErrorCode::AlreadyExists, "the waiting device already belongs to an account".into()));
         }
         let public = self.accounts[&account].public.clone();
-        cert.verify(&public).map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
+        self.check_signed(account, "the certificate", |g| cert.verify(g))?;
         if cert.body.device != link.device || cert.body.device_x25519 != link.device_x25519 {
             return Err((ErrorCode::BadCertificate, "the certificate does not match the waiting device".into()));
         }
-        if bundle.sealed.len() > 4096 {
+        if bundle.sealed.len() > stratus_engine::proto::cert::MAX_BUNDLE_BYTES {
             return Err((ErrorCode::TooLarge, "account bundle too large".into()));
         }
         let link = self.links.remove(&link_id).expect("checked above");

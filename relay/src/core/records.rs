@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
+use stratus_engine::proto::cert::{AccountGen, AccountPublic, DeviceCert};
 use stratus_engine::proto::wire::{ChatKind, WrappedKey};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
@@ -58,6 +58,8 @@ pub struct Recovered {
     pub account_settings: Vec<(AccountId, AccountSettings)>,
     /// Recovery bundles by lookup id.
     pub recoveries: Vec<([u8; 32], RecoveryRecord)>,
+    /// The generations of the accounts' keys after the first (in any order).
+    pub account_gens: Vec<AccountGen>,
 }
 
 /// An account bundle sealed under a recovery key the relay never sees.
@@ -72,8 +74,8 @@ pub struct RecoveryRecord {
     pub sealed: Vec<u8>,
 }
 
-/// Longest sealed recovery bundle the relay keeps.
-pub const MAX_RECOVERY_BYTES: usize = 8 * 1024;
+/// Longest sealed recovery bundle the relay keeps (a bundle with every past generation, sealed).
+pub const MAX_RECOVERY_BYTES: usize = stratus_engine::proto::cert::MAX_BUNDLE_BYTES + 1024;
 /// Recovery lookups and registrations, relay-wide, per second (and burst): a recovery key has
 /// 256 bits, so this guards the relay's work, not the keys.
 pub const RECOVERY_ATTEMPTS_PER_SECOND: u32 = 10;

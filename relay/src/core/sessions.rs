@@ -12,7 +12,7 @@ impl RelayCore {
         account: AccountId,
         by: &DeviceId,
         lookup_id: [u8; 32],
-        sealed: Vec<u8>,
+        (public, signature, sealed): ([u8; 32], Vec<u8>, Vec<u8>),
         now_ms: u64,
         out: &mut Vec<Effect>,
     ) -> Result<(), (ErrorCode, String)> {
@@ -28,6 +28,8 @@ impl RelayCore {
         if self.accounts[&account].recovery.is_some() {
             self.check_session_age(by, now_ms)?;
         }
+        // Devices seal the bundle to this public key at each rotation: it must be the account's.
+        self.check_signed(account, "the recovery key", |g| g.verify_recovery(&public, by, &signature))?;
         let mut ops = Vec::new();
         let a = self.accounts.get_mut(&account).expect("an attached connection's account exists");
         if let Some(old) = a.recovery.replace(lookup_id).filter(|old| *old != lookup_id) {
@@ -37,8 +39,10 @@ impl RelayCore {
         let record = RecoveryRecord { account, by: by.clone(), sealed };
         self.recoveries.insert(lookup_id, record.clone());
         ops.push(StoreOp::PutRecovery(lookup_id, record));
+        let entry = self.log_entry(account, AccountEvent::RecoverySet { public, by: by.clone(), signature }, &mut ops);
         let token = self.token();
         out.push(Effect::Write { token, ops });
+        self.after_durable(Deferred::AccountDurable { account, entry }, out);
         self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
         Ok(())
     }
@@ -99,7 +103,7 @@ impl RelayCore {
             .get(&lookup_id)
             .ok_or((ErrorCode::RecoveryNotFound, "nothing is filed under that recovery key".to_string()))?;
         let account = record.account;
-        cert.verify(&self.accounts[&account].public).map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
+        self.check_signed(account, "the certificate", |g| cert.verify(g))?;
         if &cert.body.device != device {
             return Err((ErrorCode::BadCertificate, "the certificate names another device".into()));
         }
@@ -157,7 +161,7 @@ impl RelayCore {
     }
 
     /// Withdraws a recovery bundle that `device` stored (its session ended), into `ops`.
-    fn withdraw_recovery(&mut self, account: AccountId, device: &DeviceId, ops: &mut Vec<StoreOp>) {
+    pub(super) fn withdraw_recovery(&mut self, account: AccountId, device: &DeviceId, ops: &mut Vec<StoreOp>) {
         let Some(a) = self.accounts.get_mut(&account) else { return };
         if let Some(id) = a.recovery.filter(|id| self.recoveries.get(id).is_some_and(|r| &r.by == device)) {
             a.recovery = None;
@@ -167,7 +171,7 @@ impl RelayCore {
     }
 
     /// Closes every stream of a device whose session ended, telling it why.
-    fn cut_off(&mut self, device: &DeviceId, out: &mut Vec<Effect>) {
+    pub(super) fn cut_off(&mut self, device: &DeviceId, out: &mut Vec<Effect>) {
         let cut: Vec<ConnId> = self.conns.iter().filter(|(_, c)| &c.device == device).map(|(id, _)| *id).collect();
         for c in cut {
             // Nothing more is pushed to it, not even the news of its own end.
@@ -178,7 +182,7 @@ impl RelayCore {
     }
 
     /// Refuses a policy change from a session younger than the configured minimum age.
-    fn check_session_age(&self, by: &DeviceId, now_ms: u64) -> Result<(), (ErrorCode, String)> {
+    pub(super) fn check_session_age(&self, by: &DeviceId, now_ms: u64) -> Result<(), (ErrorCode, String)> {
         let age = now_ms.saturating_sub(self.devices[by].state.registered_ms);
         if age < self.limits.min_session_age_ms {
             return Err((
@@ -217,52 +221,6 @@ impl RelayCore {
         let settings = a.settings;
         let token = self.token();
         out.push(Effect::Write { token, ops: vec![StoreOp::PutAccountSettings(account, settings)] });
-        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
-        Ok(())
-    }
-
-    /// Ends another device's session: checked, recorded in the account log, and the device cut
-    /// off at once (its streams closed, everything queued for them dropped, and every later
-    /// frame or connection refused with `SessionRevoked`).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn revoke(
-        &mut self,
-        conn: ConnId,
-        req: ReqId,
-        account: AccountId,
-        by: &DeviceId,
-        revocation: Revocation,
-        now_ms: u64,
-        out: &mut Vec<Effect>,
-    ) -> Result<(), (ErrorCode, String)> {
-        revocation.verify(&self.accounts[&account].public).map_err(|e| (ErrorCode::BadCertificate, e.to_string()))?;
-        let target = revocation.body.device.clone();
-        if &revocation.body.by != by {
-            return Err((ErrorCode::BadCertificate, "the revocation names another revoking device".into()));
-        }
-        if &target == by {
-            return Err((ErrorCode::BadCertificate, "a device cannot end its own session this way".into()));
-        }
-        match self.devices.get(&target) {
-            Some(d) if d.account == account && d.state.revoked => {
-                // A retry whose reply was lost (or another device got there first).
-                self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
-                return Ok(());
-            }
-            Some(d) if d.account == account => {}
-            _ => return Err((ErrorCode::UnknownDevice, format!("no device {} in this account", target.0))),
-        }
-        self.check_session_age(by, now_ms)?;
-        let dev = self.devices.get_mut(&target).expect("checked above");
-        dev.state.revoked = true;
-        dev.held = None;
-        let mut ops = vec![StoreOp::PutDeviceState(target.clone(), dev.state)];
-        self.withdraw_recovery(account, &target, &mut ops);
-        let entry = self.log_entry(account, AccountEvent::DeviceRevoked { revocation }, &mut ops);
-        let token = self.token();
-        out.push(Effect::Write { token, ops });
-        self.cut_off(&target, out);
-        self.after_durable(Deferred::AccountDurable { account, entry }, out);
         self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
         Ok(())
     }

@@ -179,6 +179,14 @@ impl Sim {
                 }
             }
         }
+        for (chat, head, epoch) in self.revoking.iter().flat_map(|r| &r.rotated) {
+            if let Some(d) = self.relay.store.durable_log(*chat).iter().find(|d| d.seq > *head && d.epoch < *epoch) {
+                return Err(format!(
+                    "chat {chat} stored seq {} under epoch {} after the rotation began epoch {}",
+                    d.seq.0, d.epoch.0, epoch.0
+                ));
+            }
+        }
         for d in self.devs.iter().filter(|d| !d.gone) {
             let outbox = d.device.as_ref().map(Device::outbox_len).unwrap_or_default();
             if outbox > 0 {

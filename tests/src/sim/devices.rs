@@ -126,12 +126,27 @@ impl Sim {
             RelayFrame::Done { .. } => {
                 r.done = true;
                 self.report.revocations += 1;
+                // The rotation is durable with the revocation: every chat the account had then
+                // has its new epoch (chats created since start at epoch 0 under the new keys),
+                // and the relay stores nothing under an older one after it.
+                let account = self.devs[dev].account;
+                let store = &self.relay.store;
+                r.rotated = self.chats[account]
+                    .iter()
+                    .filter_map(|c| store.durable_chat(*c).map(|rec| (*c, rec)))
+                    .map(|(c, rec)| {
+                        let head = store.durable_log(c).last().map(|d| d.seq).unwrap_or_default();
+                        (c, head, rec.epochs.keys().next_back().copied().unwrap_or_default())
+                    })
+                    .collect();
                 let target = self.devs[r.target].id.clone();
                 self.dev_mut(dev).revoke_done(&target).map_err(|e| e.to_string())
             }
             // Asked again by the next `Revoke` event (the sync core hands a limited request of
-            // the driver's back as an error with the `RateLimited` code).
-            RelayFrame::RateLimited { .. } | RelayFrame::Error { code: ErrorCode::RateLimited, .. } => Ok(()),
+            // the driver's back as an error with the `RateLimited` code). `StaleEpoch`: the
+            // revoker has not synced a device or chat the relay has; by then it will have.
+            RelayFrame::RateLimited { .. }
+            | RelayFrame::Error { code: ErrorCode::RateLimited | ErrorCode::StaleEpoch, .. } => Ok(()),
             other => Err(format!("the revocation was refused: {other:?}")),
         }
     }

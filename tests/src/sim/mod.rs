@@ -19,7 +19,9 @@
 //! * device restarts (memory lost, sled store kept) and relay crashes that lose everything not
 //!   behind a completed fsync barrier ([`MemStore`]); slow barriers; failing barriers (the relay
 //!   exits, like the real one);
-//! * in three worlds of ten, one device of the first account ends another's session mid-run;
+//! * in three worlds of ten, one device of the first account ends another's session mid-run,
+//!   which rotates the account's keys (the other devices' outbox items sealed under the old
+//!   epochs are refused as stale and sealed again);
 //! * in half the worlds, tight relay limits (a few requests per second, one to eight appends and
 //!   one to four pages in flight), so that devices are answered `RateLimited` and wait.
 //!
@@ -33,6 +35,7 @@
 //! * once a revocation is durable, the relay sends the revoked device nothing but
 //!   `SessionRevoked`; the revoked device deletes its store when it hears that, and its
 //!   messages the relay never acknowledged are allowed to be lost with it;
+//! * after a rotation, no chat stores a delta under an epoch older than the rotation's;
 //! * once faults stop, sync terminates: within `converge_within` every device is idle and the
 //!   devices of each account show the same chats, heads and messages, holding every message
 //!   written.
@@ -187,8 +190,11 @@ pub struct Report {
     pub lost_frames: u32,
     /// `RateLimited` answers devices waited out.
     pub rate_limited: u32,
-    /// Sessions ended by another device mid-run.
+    /// Sessions ended by another device mid-run (each rotates the account's keys).
     pub revocations: u32,
+    /// Outbox items the relay refused as sealed under a key epoch a rotation ended (each is
+    /// sealed again and sent again).
+    pub stale_epochs: u32,
     /// Simulated time from the end of faults to convergence.
     pub converged_after: u64,
 }
@@ -325,6 +331,9 @@ struct Revoking {
     req: Option<stratus_engine::proto::wire::ReqId>,
     /// The revoker got `Done`: the revocation is durable.
     done: bool,
+    /// At `Done`: each chat of the account, its durable head and the epoch the rotation began.
+    /// Nothing after that head may be sealed under an older epoch.
+    rotated: Vec<(ChatId, Seq, stratus_engine::Epoch)>,
 }
 
 struct RelaySim {
@@ -628,6 +637,9 @@ impl Sim {
     }
 
     fn relay_send(&mut self, conn: ConnId, frame: RelayFrame) -> Check {
+        if matches!(frame, RelayFrame::Error { code: ErrorCode::StaleEpoch, .. }) {
+            self.report.stale_epochs += 1;
+        }
         if let (Some(r), Some(c)) = (&self.revoking, self.conns.get(&conn)) {
             let session_ended = matches!(frame, RelayFrame::Error { code: ErrorCode::SessionRevoked, .. });
             if r.done && c.dev == r.target && !session_ended {

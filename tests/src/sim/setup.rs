@@ -90,7 +90,7 @@ impl Sim {
             if self.cfg.devices[0] >= 2 {
                 let by = self.rng.gen_range(0..self.cfg.devices[0]);
                 let target = (by + self.rng.gen_range(1..self.cfg.devices[0])) % self.cfg.devices[0];
-                self.revoking = Some(Revoking { by, target, req: None, done: false });
+                self.revoking = Some(Revoking { by, target, req: None, done: false, rotated: Vec::new() });
                 self.schedule(at, Ev::Revoke);
             }
         }

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
+use stratus_engine::proto::cert::{AccountGen, AccountPublic, DeviceCert};
 use stratus_engine::proto::wire::{AccountEntry, AccountEvent, Delta, MAX_PAGE_BYTES};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Seq};
 use stratus_relay::core::{
@@ -26,6 +26,7 @@ struct State {
     device_states: BTreeMap<DeviceId, DeviceState>,
     settings: BTreeMap<AccountId, AccountSettings>,
     recoveries: BTreeMap<[u8; 32], RecoveryRecord>,
+    gens: BTreeMap<(AccountId, u32), AccountGen>,
 }
 
 impl State {
@@ -59,6 +60,9 @@ impl State {
                 }
                 StoreOp::PutRecovery(id, r) => {
                     self.recoveries.insert(*id, r.clone());
+                }
+                StoreOp::PutAccountGen(g) => {
+                    self.gens.insert((g.account, g.generation), g.clone());
                 }
                 StoreOp::DeleteRecovery(id) => {
                     self.recoveries.remove(id);
@@ -115,6 +119,12 @@ impl MemStore {
     }
 
     /// Every chat the durable state knows.
+    /// The durable record of a chat.
+    pub fn durable_chat(&self, chat: ChatId) -> Option<&ChatRecord> {
+        self.durable.chats.get(&chat)
+    }
+
+    /// Every durable chat.
     pub fn durable_chats(&self) -> Vec<ChatId> {
         self.durable.chats.keys().copied().collect()
     }
@@ -178,6 +188,7 @@ impl MemStore {
         r.device_states = s.device_states.iter().map(|(k, v)| (k.clone(), *v)).collect();
         r.account_settings = s.settings.iter().map(|(k, v)| (*k, *v)).collect();
         r.recoveries = s.recoveries.iter().map(|(k, v)| (*k, v.clone())).collect();
+        r.account_gens = s.gens.values().cloned().collect();
         for (id, record) in &s.chats {
             let head = s.deltas.range((*id, Seq(0))..=(*id, Seq(u64::MAX))).next_back().map(|((_, seq), _)| *seq);
             r.chats.push((*id, record.clone(), head.unwrap_or_default()));

@@ -79,26 +79,15 @@ impl Device {
         Ok(())
     }
 
-    /// Ends another device's session: signs the revocation with the account key and has the
-    /// relay cut the device off. Its other devices drop it when they see the revocation in the
-    /// account log (after checking the signature themselves).
+    /// Ends another device's session and rotates the account's keys (see
+    /// [`Device::revoke_request`]): the relay cuts the device off, and the other devices take
+    /// the new keys from the account log (after checking the signatures themselves). Sync first:
+    /// the request must cover every device and chat the relay has, or the relay answers
+    /// `StaleEpoch`.
     pub async fn revoke(&mut self, device: &DeviceId) -> Result<(), Error> {
         let request = self.revoke_request(device, 1)?;
         self.one_request(request, 1).await?;
         self.revoke_done(device)
-    }
-
-    /// The request that ends `device`'s session; after the relay answers `Done`, call
-    /// [`Device::revoke_done`]. For drivers other than [`Device::revoke`].
-    pub fn revoke_request(&self, device: &DeviceId, req: ReqId) -> Result<ClientFrame, Error> {
-        let login = self.login()?;
-        let revocation = login.keys.revoke(RevocationBody {
-            account: login.account.id,
-            device: device.clone(),
-            by: self.id.clone(),
-            at_ms: self.now_ms().max(0) as u64,
-        });
-        Ok(ClientFrame::Revoke { req, revocation })
     }
 
     /// Drops `device` from this device's list once the relay took the revocation.
@@ -114,9 +103,12 @@ impl Device {
     pub async fn create_recovery_key(&mut self) -> Result<RecoveryKey, Error> {
         let login = self.login()?.clone();
         let key = RecoveryKey::random(&mut self.rng);
+        let public = key.public();
         let bundle = postcard::to_allocvec(&login.keys).expect("serializing keys cannot fail");
-        let sealed = key.seal(&bundle, &mut self.rng);
-        self.one_request(ClientFrame::PutRecovery { req: 1, lookup_id: key.lookup_id(), sealed }, 1).await?;
+        let sealed = RecoveryKey::seal_to(&public, &bundle, &mut self.rng);
+        let signature = login.keys.sign_recovery(&public, &self.id);
+        let request = ClientFrame::PutRecovery { req: 1, lookup_id: key.lookup_id(), public, signature, sealed };
+        self.one_request(request, 1).await?;
         Ok(key)
     }
 
@@ -135,7 +127,7 @@ impl Device {
         };
         let keys: AccountKeys = postcard::from_bytes(&key.open(&sealed)?).map_err(|_| Error::LinkMismatch)?;
         account.validate()?;
-        if keys.public() != account {
+        if keys.public() != account || !keys.is_consistent() {
             return Err(Error::LinkMismatch);
         }
         let cert = keys.certify(DeviceCertBody {

@@ -96,7 +96,7 @@ pub(super) async fn push_latency(ctx: &Ctx, addr: &str, seed: u64, secs: u64, ra
         let plain = open_box(&b.x25519, &secret, &link_context(&b.device), &bundle).expect("bundle opens");
         let keys: AccountKeys = postcard::from_bytes(&plain).expect("bundle decodes");
         assert_eq!(keys.public(), account, "the bundle holds the account's keys");
-        cert.verify(&account).expect("certificate verifies");
+        cert.verify(&account.genesis()).expect("certificate verifies");
         assert_eq!(cert.body.device, b.device);
         (b, keys)
     });

@@ -1,0 +1,230 @@
+//! Key rotation: the revoking device makes the account's next generation of keys and a new key
+//! epoch in every chat; every device takes them from the account log and seals what waits in
+//! its outbox again under them (see docs/crypto.md, "Rotation"). Part of [`Device`]; split out
+//! of `local.rs` for size.
+
+use std::collections::BTreeSet;
+
+use super::*;
+use crate::proto::cert::{rotation_bundle_context, Rotation};
+use crate::proto::ids::ClientSeq;
+use crate::proto::wire::NewEpoch;
+
+/// What applying an account log entry changed that the sync core must hear of.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Applied {
+    /// A chat that became readable here.
+    pub chat: Option<ChatId>,
+    /// Outbox items sealed again under new keys (same client seqs).
+    pub resealed: Vec<OutboxItem>,
+}
+
+impl Device {
+    /// The generation of the account's keys the account log has reached at its cursor.
+    pub(crate) fn log_gen(&self) -> Result<AccountGen, Error> {
+        match self.store.account_gen()? {
+            Some(g) => Ok(g),
+            None => Ok(self.login()?.account.genesis()),
+        }
+    }
+
+    /// The request that ends `device`'s session and rotates the account's keys, in one:
+    ///
+    /// * the revocation, signed with the current generation;
+    /// * the next generation, signed with the current one, its bundle sealed to every other
+    ///   device this device knows (and to itself), never to `device`;
+    /// * a new key epoch for every chat the relay has, wrapped to the new generation;
+    /// * the new bundle sealed to the account's recovery key, if it has one that `device`
+    ///   did not make (that one is withdrawn with its session).
+    ///
+    /// This device keeps none of it: it takes the rotation from the account log like the other
+    /// devices. After `Done`, call [`Device::revoke_done`]; on `StaleEpoch` the account moved
+    /// on (a device or chat this device has not synced yet): sync and ask again.
+    pub fn revoke_request(&mut self, device: &DeviceId, req: ReqId) -> Result<ClientFrame, Error> {
+        let login = self.login()?.clone();
+        let account = login.account.id;
+        let next =
+            login.keys.rotated(&mut self.rng).ok_or(Error::Rotation("the account rotated its keys too often"))?;
+        let new_gen = next.current();
+        let revocation = login.keys.revoke(RevocationBody {
+            account,
+            device: device.clone(),
+            by: self.id.clone(),
+            at_ms: self.now_ms().max(0) as u64,
+        });
+        let bundle = postcard::to_allocvec(&next).expect("serializing keys cannot fail");
+        let mut rotation = login.keys.sign_rotation(&next);
+        for cert in self.store.devices()?.into_iter().filter(|c| c.body.device != *device) {
+            let context = rotation_bundle_context(account, new_gen.generation, &cert.body.device);
+            let sealed = seal_box(&cert.body.device_x25519, &[], &context, &bundle, &mut self.rng);
+            rotation.bundles.push((cert.body.device, sealed));
+        }
+        let pending = self.pending_chats()?;
+        let mut chats = Vec::new();
+        for (chat, meta, _) in self.store.chats()? {
+            if pending.contains(&chat) {
+                // Not on the relay yet: its creation is made again under the new keys.
+                continue;
+            }
+            let epoch = match meta.current() {
+                Some((e, _)) => Epoch(e.0.checked_add(1).ok_or(Error::Rotation("a chat ran out of key epochs"))?),
+                None => Epoch(0),
+            };
+            let key = ChatKey::random(&mut self.rng);
+            let wrapped = wrap_chat_key(&key, chat, epoch, account, &new_gen.kem_key, &mut self.rng);
+            let signature = next.sign_chat_key(chat, meta.kind, epoch, account, &wrapped);
+            chats.push(NewEpoch { chat, epoch, keys: vec![WrappedKey { account, key: wrapped, signature }] });
+        }
+        let recovery = match self.store.recovery_public()? {
+            Some((public, by)) if by != *device => Some(RecoveryKey::seal_to(&public, &bundle, &mut self.rng)),
+            _ => None,
+        };
+        Ok(ClientFrame::Revoke { req, revocation, rotation, chats, recovery })
+    }
+
+    /// Chats whose creation still waits in the outbox.
+    fn pending_chats(&self) -> Result<BTreeSet<ChatId>, Error> {
+        Ok(self
+            .store
+            .outbox_after(ClientSeq(0), usize::MAX)?
+            .into_iter()
+            .filter(|i| matches!(i.body, OutboxBody::CreateChat { .. }))
+            .map(|i| i.chat)
+            .collect())
+    }
+
+    /// Applies a rotation from the account log: checks it against the generation the log has
+    /// reached, takes this device's new bundle (only if its keys are the signed ones and it
+    /// keeps every past generation this device has), and makes the chat creations the relay
+    /// refused as stale again under the new keys. (A creation the relay took before the rotation
+    /// is not made again: the rotation gave that chat a new epoch, which reseals its deltas.) The log's generation moves on even when the bundle
+    /// cannot be taken: the chain of signatures holds, and later entries are checked against it.
+    pub(super) fn apply_rotation(&mut self, rotation: &Rotation, gen: &AccountGen) -> Result<Applied, Error> {
+        let next = gen.verify_rotation(rotation)?;
+        let result = self.take_bundle(rotation, &next);
+        self.store.set_account_gen(&next)?;
+        result
+    }
+
+    fn take_bundle(&mut self, rotation: &Rotation, next: &AccountGen) -> Result<Applied, Error> {
+        let login = self.login()?.clone();
+        if login.keys.generation >= next.generation {
+            // Already held: made here, or the bundle this device was linked or recovered with.
+            return match login.keys.generation(next.generation) {
+                Some(g) if g == *next => Ok(Applied::default()),
+                _ => Err(Error::Rotation("this device's keys disagree with the account log")),
+            };
+        }
+        if login.keys.generation + 1 != next.generation {
+            return Err(Error::Rotation("this device missed a generation of the account's keys"));
+        }
+        let (_, sealed) = rotation
+            .bundles
+            .iter()
+            .find(|(d, _)| *d == self.id)
+            .ok_or(Error::Rotation("the rotation has no bundle for this device"))?;
+        let context = rotation_bundle_context(next.account, next.generation, &self.id);
+        let plain = open_box(&StaticSecret::from(self.secrets.x25519), &[], &context, sealed)?;
+        let keys: AccountKeys =
+            postcard::from_bytes(&plain).map_err(|_| Error::Rotation("the rotated bundle does not decode"))?;
+        let old = &login.keys;
+        if !keys.is_consistent()
+            || keys.current() != *next
+            || keys.public() != login.account
+            || keys.previous.get(..old.previous.len()) != Some(&old.previous[..])
+            || keys.generation(old.generation) != Some(old.current())
+        {
+            return Err(Error::Rotation("the rotated bundle is not the signed generation"));
+        }
+        let login = Login { keys, ..login };
+        self.store.set_login(&login)?;
+        self.login = Some(login);
+        Ok(Applied { chat: None, resealed: self.rekey_stale_creations()? })
+    }
+
+    /// Makes an outbox item the relay refused as stale again under this device's newest keys,
+    /// and returns what changed (nothing while those keys have not arrived: the account log
+    /// brings them, and applying it makes the item again).
+    pub(crate) fn remake_stale(&mut self, cs: ClientSeq) -> Result<Vec<OutboxItem>, Error> {
+        let Some(item) = self.store.outbox_item(cs)? else { return Ok(Vec::new()) };
+        match &item.body {
+            OutboxBody::CreateChat { kind, keys } => {
+                let current = self.login()?.keys.current();
+                let signed_now = keys.iter().all(|k| {
+                    current.verify_chat_key(item.chat, *kind, item.epoch, k.account, &k.key, &k.signature).is_ok()
+                });
+                if signed_now {
+                    // The relay has a newer generation than this device: wait for it.
+                    self.stale_creations.insert(item.chat);
+                    Ok(Vec::new())
+                } else {
+                    self.rekey_creation(&item)
+                }
+            }
+            OutboxBody::Delta { .. } => self.reseal(item.chat),
+        }
+    }
+
+    /// Makes the creations the relay refused as stale again, now that new keys are here.
+    fn rekey_stale_creations(&mut self) -> Result<Vec<OutboxItem>, Error> {
+        let mut out = Vec::new();
+        for chat in std::mem::take(&mut self.stale_creations) {
+            let items = self.store.outbox_after(ClientSeq(0), usize::MAX)?;
+            if let Some(item) = items.iter().find(|i| i.chat == chat && matches!(i.body, OutboxBody::CreateChat { .. }))
+            {
+                out.extend(self.rekey_creation(item)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes a chat creation the relay refused as stale (so the relay has no such chat) again
+    /// under the current generation: a fresh chat key (the old one was wrapped to keys the
+    /// revoked device holds), wrapped and signed anew, and the chat's waiting deltas sealed
+    /// under it. Returns the changed outbox items.
+    fn rekey_creation(&mut self, item: &OutboxItem) -> Result<Vec<OutboxItem>, Error> {
+        let OutboxBody::CreateChat { kind, .. } = item.body else { return Ok(Vec::new()) };
+        let login = self.login()?.clone();
+        let account = login.account.id;
+        let kem = login.keys.current().kem_key;
+        let key = ChatKey::random(&mut self.rng);
+        let wrapped = wrap_chat_key(&key, item.chat, item.epoch, account, &kem, &mut self.rng);
+        let signature = login.keys.sign_chat_key(item.chat, kind, item.epoch, account, &wrapped);
+        let mut meta = self.store.chat(item.chat)?.ok_or(Error::UnknownChat(item.chat))?;
+        meta.keys = BTreeMap::from([(item.epoch, key)]);
+        let create = OutboxItem {
+            body: OutboxBody::CreateChat { kind, keys: vec![WrappedKey { account, key: wrapped, signature }] },
+            ..item.clone()
+        };
+        let items = self.store.outbox_after(ClientSeq(0), usize::MAX)?;
+        let mut changed = vec![create];
+        changed.extend(self.sealed_again(item.chat, &meta, &items, true));
+        self.store.replace_outbox(&changed, Some((item.chat, &meta)))?;
+        Ok(changed)
+    }
+
+    /// Seals the outbox deltas of `chat` that are under an older epoch again under its newest.
+    pub(crate) fn reseal(&mut self, chat: ChatId) -> Result<Vec<OutboxItem>, Error> {
+        let meta = self.store.chat(chat)?.ok_or(Error::UnknownChat(chat))?;
+        let items = self.store.outbox_after(ClientSeq(0), usize::MAX)?;
+        let changed = self.sealed_again(chat, &meta, &items, false);
+        if !changed.is_empty() {
+            self.store.replace_outbox(&changed, None)?;
+        }
+        Ok(changed)
+    }
+
+    /// `items`' deltas of `chat` sealed under the chat's newest key: those under an older
+    /// epoch, or all of them with `all`.
+    fn sealed_again(&mut self, chat: ChatId, meta: &ChatMeta, items: &[OutboxItem], all: bool) -> Vec<OutboxItem> {
+        let Some((epoch, key)) = meta.current() else { return Vec::new() };
+        let mut out = Vec::new();
+        for item in items.iter().filter(|i| i.chat == chat && (all || i.epoch < epoch)) {
+            let OutboxBody::Delta { plain, .. } = &item.body else { continue };
+            let ad = DeltaAd { chat, epoch, device: &self.id, client_seq: item.client_seq };
+            let sealed = seal_delta(key, &ad, plain, &mut self.rng);
+            out.push(OutboxItem { epoch, body: OutboxBody::Delta { sealed, plain: plain.clone() }, ..item.clone() });
+        }
+        out
+    }
+}

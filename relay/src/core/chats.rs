@@ -1,0 +1,159 @@
+//! Chats: creating one and appending to it. Part of [`RelayCore`]; split out of `core.rs` for
+//! size.
+
+use super::*;
+
+impl RelayCore {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn create_chat(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        account: AccountId,
+        device: &DeviceId,
+        client_seq: ClientSeq,
+        chat: ChatId,
+        kind: ChatKind,
+        epoch: Epoch,
+        keys: Vec<WrappedKey>,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        if let Some(existing) = self.chats.get(&chat) {
+            // A retry whose reply was lost (devices keep the creation in their outbox until it is
+            // acknowledged): the same kind and first-epoch keys, from a member.
+            if existing.record.kind == kind
+                && existing.record.members.contains(&account)
+                && existing.record.epochs.get(&epoch) == Some(&keys)
+            {
+                self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+                return Ok(());
+            }
+            return Err((ErrorCode::AlreadyExists, format!("chat {chat} exists")));
+        }
+        if keys.len() > MAX_CHAT_MEMBERS {
+            return Err((ErrorCode::TooLarge, format!("a chat has at most {MAX_CHAT_MEMBERS} members")));
+        }
+        let members: BTreeSet<AccountId> = keys.iter().map(|k| k.account).collect();
+        if members.len() != keys.len() || !members.contains(&account) {
+            return Err((ErrorCode::BadCertificate, "one wrapped key per member, the creator included".into()));
+        }
+        // Only account-private chats exist so far. Chats with other accounts need their consent
+        // and verified keys (issue 5); until then nobody can put anyone else in a chat.
+        if kind != ChatKind::Notes {
+            return Err((ErrorCode::BadCertificate, "only notes chats can be created on this relay version".into()));
+        }
+        if members.len() != 1 {
+            return Err((ErrorCode::BadCertificate, "a notes chat has exactly one member".into()));
+        }
+        if let Some(m) = members.iter().find(|m| !self.accounts.contains_key(m)) {
+            return Err((ErrorCode::UnknownDevice, format!("no account {m}")));
+        }
+        // Defence in depth: every wrapped key must be signed by the creating account's current
+        // keys (the devices check the same signature themselves). Keys a rotation ended are
+        // refused as stale, and the device's later outbox items wait behind this one.
+        for k in &keys {
+            let signed = self.check_signed(account, "a wrapped chat key", |g| {
+                g.verify_chat_key(chat, kind, epoch, k.account, &k.key, &k.signature)
+            });
+            if let Err((code, message)) = signed {
+                if code == ErrorCode::StaleEpoch {
+                    hold(self.devices.get_mut(device).expect("an attached connection's device is known"), client_seq);
+                }
+                return Err((code, message));
+            }
+        }
+        let record = ChatRecord { kind, members: members.clone(), epochs: BTreeMap::from([(epoch, keys.clone())]) };
+        let mut ops = vec![StoreOp::PutChat(chat, record.clone())];
+        self.chats.insert(chat, Chat { record, head: Seq(0), durable: Seq(0) });
+        let mut entries = Vec::new();
+        for k in keys {
+            self.accounts.get_mut(&k.account).expect("checked").chats.insert(chat);
+            let e = self.log_entry(
+                k.account,
+                AccountEvent::ChatAdded {
+                    chat,
+                    kind,
+                    epoch,
+                    wrapped_key: k.key,
+                    signer: account,
+                    signature: k.signature,
+                },
+                &mut ops,
+            );
+            entries.push((k.account, e));
+        }
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        for (account, entry) in entries {
+            self.after_durable(Deferred::AccountDurable { account, entry }, out);
+        }
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn append(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        account: AccountId,
+        device: &DeviceId,
+        chat_id: ChatId,
+        epoch: Epoch,
+        client_seq: ClientSeq,
+        sealed: Vec<u8>,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        let chat = self.chats.get_mut(&chat_id).ok_or((ErrorCode::UnknownChat, format!("no chat {chat_id}")))?;
+        if !chat.record.members.contains(&account) {
+            return Err((ErrorCode::NotMember, format!("this account is not a member of chat {chat_id}")));
+        }
+        if sealed.len() > MAX_DELTA_BYTES {
+            return Err((ErrorCode::TooLarge, format!("a delta is at most {MAX_DELTA_BYTES} bytes")));
+        }
+        if !chat.record.epochs.contains_key(&epoch) {
+            return Err((ErrorCode::UnknownEpoch, format!("chat {chat_id} has no epoch {}", epoch.0)));
+        }
+        let newest = chat.record.epochs.keys().next_back().copied().unwrap_or_default();
+        let dev = self.devices.get_mut(device).expect("an attached connection's device is known");
+        if dev.appends_in_flight >= self.limits.max_appends_in_flight_per_device {
+            hold(dev, client_seq);
+            out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req, retry_after_ms: IN_FLIGHT_RETRY_MS } });
+            return Ok(());
+        }
+        if client_seq > dev.highest_client_seq && epoch < newest {
+            // Sealed under keys a rotation ended (the revoked device may hold them). Not
+            // stored; later client seqs wait until it comes again under the new epoch.
+            hold(dev, client_seq);
+            return Err((
+                ErrorCode::StaleEpoch,
+                format!("chat {chat_id} moved to key epoch {}; seal the delta again under it", newest.0),
+            ));
+        }
+        dev.appends_in_flight += 1;
+        if client_seq <= dev.highest_client_seq {
+            let frame = match dev.recent.get(&client_seq) {
+                Some((c, seq)) => RelayFrame::Acked { req, chat: *c, client_seq, seq: *seq },
+                None => RelayFrame::Duplicate { req, chat: chat_id, client_seq },
+            };
+            self.after_durable(Deferred::AppendDone(conn, device.clone(), frame), out);
+            return Ok(());
+        }
+        chat.head = chat.head.next();
+        let seq = chat.head;
+        dev.highest_client_seq = client_seq;
+        dev.recent.insert(client_seq, (chat_id, seq));
+        if dev.recent.len() > DEDUP_WINDOW {
+            dev.recent.pop_first();
+        }
+        let delta = Delta { chat: chat_id, seq, epoch, device: device.clone(), client_seq, sealed };
+        let token = self.token();
+        out.push(Effect::Write { token, ops: vec![StoreOp::PutDelta(delta.clone())] });
+        self.after_durable(
+            Deferred::AppendDone(conn, device.clone(), RelayFrame::Acked { req, chat: chat_id, client_seq, seq }),
+            out,
+        );
+        self.after_durable(Deferred::ChatDurable { delta, from: conn }, out);
+        Ok(())
+    }
+}

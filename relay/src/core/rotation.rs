@@ -1,0 +1,202 @@
+//! Revocation with key rotation, and checking what an account signed against the generation of
+//! its keys in force (see docs/crypto.md, "Rotation"). Part of [`RelayCore`]; split out of
+//! `core.rs` for size.
+
+use stratus_engine::proto::cert::{Revocation, Rotation};
+use stratus_engine::proto::wire::NewEpoch;
+
+use super::*;
+
+/// A `Revoke` request's parts.
+pub(crate) struct Revoke {
+    pub revocation: Revocation,
+    pub rotation: Rotation,
+    pub chats: Vec<NewEpoch>,
+    pub recovery: Option<Vec<u8>>,
+}
+
+fn stale(message: impl Into<String>) -> (ErrorCode, String) {
+    (ErrorCode::StaleEpoch, message.into())
+}
+
+fn bad(message: impl Into<String>) -> (ErrorCode, String) {
+    (ErrorCode::BadCertificate, message.into())
+}
+
+impl RelayCore {
+    /// Checks something `account` signed against its keys in force: signed by an older
+    /// generation is `StaleEpoch` (the device has not taken the rotation yet; it makes the
+    /// request again once it has), by none `BadCertificate`.
+    pub(super) fn check_signed(
+        &self,
+        account: AccountId,
+        what: &str,
+        verify: impl Fn(&AccountGen) -> Result<(), CertError>,
+    ) -> Result<(), (ErrorCode, String)> {
+        let gens = &self.accounts[&account].gens;
+        match verify(gens.last().expect("an account keeps its genesis")) {
+            Ok(()) => Ok(()),
+            Err(_) if gens.iter().rev().skip(1).any(|g| verify(g).is_ok()) => Err(stale(format!(
+                "{what} is signed with keys of the account that a rotation ended; take the rotation from the \
+                 account log and make it again"
+            ))),
+            Err(e) => Err(bad(format!("{what}: {e}"))),
+        }
+    }
+
+    /// Ends another device's session and rotates the account's keys, all or nothing: the
+    /// revocation and the rotation are checked against the keys in force, the rotation must
+    /// hand the new bundle to exactly the devices that stay, start the next epoch of exactly
+    /// the account's chats, and re-seal the recovery bundle if one stays. Then the device is
+    /// cut off at once (its streams closed, everything queued for them dropped, every later
+    /// frame or connection refused with `SessionRevoked`), and from then on only the new
+    /// generation's signatures and the new epochs are accepted.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn revoke(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        account: AccountId,
+        by: &DeviceId,
+        r: Revoke,
+        now_ms: u64,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        let target = r.revocation.body.device.clone();
+        if &r.revocation.body.by != by {
+            return Err(bad("the revocation names another revoking device"));
+        }
+        if &target == by {
+            return Err(bad("a device cannot end its own session this way"));
+        }
+        match self.devices.get(&target) {
+            Some(d) if d.account == account && d.state.revoked => {
+                // A retry whose reply was lost (or another device got there first; its rotation
+                // stands, and this device takes it from the account log).
+                self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+                return Ok(());
+            }
+            Some(d) if d.account == account => {}
+            _ => return Err((ErrorCode::UnknownDevice, format!("no device {} in this account", target.0))),
+        }
+        self.check_signed(account, "the revocation", |g| r.revocation.verify(g))?;
+        self.check_session_age(by, now_ms)?;
+        let next = self.check_rotation(account, &target, &r)?;
+
+        let dev = self.devices.get_mut(&target).expect("checked above");
+        dev.state.revoked = true;
+        dev.held = None;
+        let mut ops = vec![StoreOp::PutDeviceState(target.clone(), dev.state), StoreOp::PutAccountGen(next.clone())];
+        self.withdraw_recovery(account, &target, &mut ops);
+        let a = self.accounts.get_mut(&account).expect("an attached connection's account exists");
+        a.gens.push(next);
+        if let (Some(id), Some(sealed)) = (a.recovery, r.recovery) {
+            let record = self.recoveries.get_mut(&id).expect("an account's recovery id is filed");
+            record.sealed = sealed;
+            ops.push(StoreOp::PutRecovery(id, record.clone()));
+        }
+        let mut entries = vec![
+            (account, self.log_entry(account, AccountEvent::DeviceRevoked { revocation: r.revocation }, &mut ops)),
+            (account, self.log_entry(account, AccountEvent::Rotated { rotation: r.rotation }, &mut ops)),
+        ];
+        for new in r.chats {
+            let chat = self.chats.get_mut(&new.chat).expect("checked in check_rotation");
+            chat.record.epochs.insert(new.epoch, new.keys.clone());
+            let kind = chat.record.kind;
+            ops.push(StoreOp::PutChat(new.chat, chat.record.clone()));
+            for k in new.keys {
+                let event = AccountEvent::ChatAdded {
+                    chat: new.chat,
+                    kind,
+                    epoch: new.epoch,
+                    wrapped_key: k.key,
+                    signer: account,
+                    signature: k.signature,
+                };
+                entries.push((k.account, self.log_entry(k.account, event, &mut ops)));
+            }
+        }
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        self.cut_off(&target, out);
+        for (account, entry) in entries {
+            self.after_durable(Deferred::AccountDurable { account, entry }, out);
+        }
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        Ok(())
+    }
+
+    /// Checks that `r`'s rotation covers the account as it stands once `target` is gone, and
+    /// returns the generation it starts.
+    fn check_rotation(
+        &self,
+        account: AccountId,
+        target: &DeviceId,
+        r: &Revoke,
+    ) -> Result<AccountGen, (ErrorCode, String)> {
+        let a = &self.accounts[&account];
+        let current = a.gens.last().expect("an account keeps its genesis");
+        let next = match current.verify_rotation(&r.rotation) {
+            Ok(next) => next,
+            Err(_) if r.rotation.body.generation <= current.generation => {
+                return Err(stale("the account's keys were rotated since; sync and revoke again"))
+            }
+            Err(e) => return Err(bad(format!("the rotation: {e}"))),
+        };
+        let remaining: BTreeSet<&DeviceId> = a
+            .devices
+            .iter()
+            .filter(|d| *d != target && self.devices.get(*d).is_some_and(|d| !d.state.revoked))
+            .collect();
+        let covered: BTreeSet<&DeviceId> = r.rotation.bundles.iter().map(|(d, _)| d).collect();
+        if covered.len() != r.rotation.bundles.len() {
+            return Err(bad("the rotation seals the bundle to a device twice"));
+        }
+        if covered != remaining {
+            return Err(stale(
+                "the rotation does not hand the new keys to exactly the account's remaining devices; sync and \
+                 revoke again",
+            ));
+        }
+        let given: BTreeSet<ChatId> = r.chats.iter().map(|c| c.chat).collect();
+        if given.len() != r.chats.len() {
+            return Err(bad("the rotation gives a chat two new epochs"));
+        }
+        if given != a.chats {
+            return Err(stale("the rotation does not cover exactly the account's chats; sync and revoke again"));
+        }
+        for new in &r.chats {
+            let chat = &self.chats[&new.chat];
+            let newest = chat.record.epochs.keys().next_back().copied().unwrap_or_default();
+            if new.epoch <= newest {
+                return Err(stale(format!("chat {} is past epoch {}; sync and revoke again", new.chat, newest.0)));
+            }
+            if newest.0.checked_add(1) != Some(new.epoch.0) {
+                return Err(bad(format!("chat {} gets epoch {} after {}", new.chat, new.epoch.0, newest.0)));
+            }
+            let members: BTreeSet<AccountId> = new.keys.iter().map(|k| k.account).collect();
+            if members.len() != new.keys.len() || members != chat.record.members {
+                return Err(bad(format!("the new epoch of chat {} is not wrapped once to each member", new.chat)));
+            }
+            let kind = chat.record.kind;
+            if new
+                .keys
+                .iter()
+                .any(|k| next.verify_chat_key(new.chat, kind, new.epoch, k.account, &k.key, &k.signature).is_err())
+            {
+                return Err(bad(format!("a key of chat {} is not signed by the new generation", new.chat)));
+            }
+        }
+        let keeps_recovery = a.recovery.is_some_and(|id| self.recoveries.get(&id).is_some_and(|rec| &rec.by != target));
+        match &r.recovery {
+            None if keeps_recovery => {
+                return Err(stale("the account has a recovery key: seal the new bundle to it; sync and revoke again"))
+            }
+            Some(sealed) if sealed.len() > MAX_RECOVERY_BYTES => {
+                return Err((ErrorCode::TooLarge, format!("a recovery bundle is at most {MAX_RECOVERY_BYTES} bytes")))
+            }
+            _ => {}
+        }
+        Ok(next)
+    }
+}
