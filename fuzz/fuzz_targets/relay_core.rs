@@ -150,6 +150,11 @@ enum Op {
         conn: u8,
         which: u8,
     },
+    /// A rotation without a revocation (after an expiry), from the revocations' fixtures.
+    Rotate {
+        conn: u8,
+        which: u8,
+    },
     /// Time passes (the rate limit refills).
     Wait {
         ms: u16,
@@ -721,6 +726,10 @@ fuzz_target!(|script: Script| {
             Op::Revoke { conn, which } => {
                 let (revocation, rotation, chats, recovery) = pick(&f.revoke, which).clone();
                 h.request(conn, |req| ClientFrame::Revoke { req, revocation, rotation, chats, recovery });
+            }
+            Op::Rotate { conn, which } => {
+                let (_, rotation, chats, recovery) = pick(&f.revoke, which).clone();
+                h.request(conn, |req| ClientFrame::Rotate { req, rotation, chats, recovery });
             }
             // Up to a few days, so that sessions expire.
             Op::Wait { ms } => h.now_ms += u64::from(ms) * u64::from(ms) * 10_000,

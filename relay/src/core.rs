@@ -477,9 +477,13 @@ impl RelayCore {
             (ClientFrame::SetSessionTtl { req, days }, Some(a)) => {
                 self.set_session_ttl(conn, req, a, &device, days, now_ms, out).map_err(|e| (req, e))
             }
-            (ClientFrame::Revoke { req, revocation, rotation, chats, recovery }, Some(a)) => self
-                .revoke(conn, req, a, &device, Revoke { revocation, rotation, chats, recovery }, now_ms, out)
-                .map_err(|e| (req, e)),
+            (ClientFrame::Revoke { req, revocation, rotation, chats, recovery }, Some(a)) => {
+                let rotate = Rotate { rotation, chats, recovery };
+                self.revoke(conn, req, a, &device, revocation, rotate, now_ms, out).map_err(|e| (req, e))
+            }
+            (ClientFrame::Rotate { req, rotation, chats, recovery }, Some(a)) => {
+                self.rotate(conn, req, a, Rotate { rotation, chats, recovery }, out).map_err(|e| (req, e))
+            }
             (ClientFrame::CreateChat { req, chat, kind, epoch, keys, client_seq }, Some(a)) => {
                 self.create_chat(conn, req, a, &device, client_seq, chat, kind, epoch, keys, out).map_err(|e| (req, e))
             }
@@ -655,7 +659,7 @@ use limiting::hold;
 mod records;
 mod rotation;
 mod sessions;
-use rotation::Revoke;
+use rotation::Rotate;
 
 pub use records::*;
 

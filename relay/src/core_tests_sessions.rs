@@ -217,7 +217,7 @@ fn sessions_inactive_longer_than_the_account_allows_end() {
     assert_eq!(error_codes(&too_long), vec![(1, ErrorCode::TooLarge)]);
     let e = w.frame(a.conn, ClientFrame::SetSessionTtl { req: 4, days: 7 });
     assert!(e.iter().any(|e| matches!(e, Effect::Write { ops, .. }
-        if ops == &[StoreOp::PutAccountSettings(keys.public().id, AccountSettings { session_ttl_days: 7 })])));
+        if ops == &[StoreOp::PutAccountSettings(keys.public().id, AccountSettings { session_ttl_days: 7, rotation_due: false })])));
     let released = w.durable(&e);
     assert!(matches!(sends(&released)[..], [(1, RelayFrame::Done { req: 4 })]), "{released:?}");
 
@@ -241,6 +241,32 @@ fn sessions_inactive_longer_than_the_account_allows_end() {
     w.input(Input::Opened { conn: 3, device: b.id.clone() });
     let hello = w.frame(3, ClientFrame::Hello { version: PROTOCOL_VERSION });
     assert_eq!(error_codes(&hello), vec![(3, ErrorCode::SessionRevoked)]);
+
+    // Nobody rotated the keys: a rotation is due, and the first `Rotate` that covers the
+    // account as it stands (a alone) makes it; after it, another changes nothing.
+    let account = keys.public().id;
+    assert!(w.core.accounts[&account].settings.rotation_due);
+    let rotate = |w: &mut World, req| match revoke(w, &keys, &b, &a, req) {
+        ClientFrame::Revoke { req, rotation, chats, recovery, .. } => {
+            ClientFrame::Rotate { req, rotation, chats, recovery }
+        }
+        _ => unreachable!("a revoke"),
+    };
+    let mut incomplete = rotate(&mut w, 7);
+    if let ClientFrame::Rotate { chats, .. } = &mut incomplete {
+        chats.clear();
+    }
+    assert_eq!(error_codes(&w.frame(a.conn, incomplete)), vec![(1, ErrorCode::StaleEpoch)]);
+    let f = rotate(&mut w, 8);
+    let e = w.frame(a.conn, f);
+    let released = w.durable(&e);
+    assert!(sends(&released).iter().any(|(_, f)| matches!(f, RelayFrame::Done { req: 8 })));
+    assert!(!w.core.accounts[&account].settings.rotation_due);
+    assert_eq!(w.core.accounts[&account].gens.len(), 2);
+    let f = rotate(&mut w, 9);
+    let again = w.frame(a.conn, f);
+    assert!(matches!(sends(&again)[..], [(1, RelayFrame::Done { req: 9 })]), "{again:?}");
+    assert!(!again.iter().any(|e| matches!(e, Effect::Write { .. })), "not due: nothing changes");
 }
 
 #[test]

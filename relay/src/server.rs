@@ -494,6 +494,9 @@ fn log_input(input: &Input) {
             ClientFrame::Recover { req, cert, .. } => {
                 tracing::info!(conn, req, device = %cert.body.device, "recover")
             }
+            ClientFrame::Rotate { req, rotation, chats, .. } => {
+                tracing::info!(conn, req, generation = rotation.body.generation, chats = chats.len(), "rotate")
+            }
             ClientFrame::Revoke { req, revocation, rotation, chats, .. } => {
                 tracing::info!(
                     conn,

@@ -197,3 +197,57 @@ fn a_message_queued_under_the_old_keys_goes_out_under_the_new_ones() {
     let epochs: Vec<u32> = deltas.iter().map(|d| d.epoch.0).collect();
     assert_eq!(epochs, [0, 1], "the title before the rotation, the queued message after it");
 }
+
+/// A session that expires is ended by the relay, which cannot rotate the keys itself: the
+/// device that stays does, once it sees the expiry in the account log.
+#[test]
+fn an_expired_session_makes_the_remaining_device_rotate_the_keys() {
+    use stratus_relay::core::{DeviceState, StoreOp};
+
+    let dir = tempfile::tempdir().unwrap();
+    let relay_dir = dir.path().join("relay");
+    let mut relay = Relay::start_with(&relay_dir, ANY_AGE);
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
+    let chat = stratus_ok(&a, &["chat", "create", "--title", "notes"]).trim().to_string();
+    link_device(&relay, &a, &b, "phone");
+    stratus_ok(&b, &["sync"]);
+    let stolen = dir.path().join("stolen");
+    copy_dir(&b, &stolen);
+    stratus_ok(&a, &["account", "set-session-ttl", "30"]);
+    let b_id = stratus_engine::store::device_id_of(
+        &DeviceStore::open(&stolen.join("store")).unwrap().secrets_or_create(|| unreachable!()).unwrap(),
+    );
+
+    // Forty days pass for the phone: its last activity, as the relay keeps it, moves back.
+    relay.kill();
+    {
+        let store = SledStore::open(&relay_dir.join("store")).unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let day = 24 * 3600 * 1000;
+        let state = DeviceState { registered_ms: now - 50 * day, last_active_ms: now - 40 * day, revoked: false };
+        store.apply(&[StoreOp::PutDeviceState(b_id.clone(), state)]).unwrap();
+        store.barrier().unwrap();
+    }
+    relay.restart();
+
+    // Listing the sessions ends it; the laptop's next sync rotates the keys.
+    let listed = stratus_ok(&a, &["devices"]);
+    assert!(!listed.contains("phone"), "{listed}");
+    stratus_ok(&a, &["sync"]);
+    stratus_ok(&a, &["send", &chat, "after the expiry"]);
+    relay.kill();
+
+    let store = SledStore::open(&relay_dir.join("store")).unwrap();
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered.account_gens.len(), 1, "one rotation");
+    let chat_id: stratus_engine::ChatId = chat.parse().unwrap();
+    let head = recovered.chats.iter().find(|(id, _, _)| *id == chat_id).unwrap().2;
+    let deltas = store.read_chat(chat_id, Seq(0), head, u32::MAX).unwrap();
+    assert_eq!(deltas.iter().map(|d| d.epoch.0).collect::<Vec<_>>(), [0, 1], "the title, then the new message");
+    let phone = DeviceStore::open(&stolen.join("store")).unwrap();
+    let keys: Vec<ChatKey> = phone.chats().unwrap().into_iter().flat_map(|(_, m, _)| m.keys.into_values()).collect();
+    let last = deltas.last().unwrap();
+    let ad = DeltaAd { chat: last.chat, epoch: last.epoch, device: &last.device, client_seq: last.client_seq };
+    assert!(keys.iter().all(|k| open_delta(k, &ad, &last.sealed).is_err()), "the expired phone cannot read it");
+}

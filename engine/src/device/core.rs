@@ -24,6 +24,10 @@
 //! ended) is held back the same way, and everything after it too, until the driver hands it in
 //! sealed again under the new keys ([`SyncInput::Resealed`]), which it does once it applied the
 //! rotation from the account log.
+//!
+//! When a session of the account ended without a rotation (it expired), the driver says so
+//! ([`SyncInput::RotationDue`]); once caught up, the core asks it for a `Rotate` request
+//! ([`SyncOutput::Rotate`]), a few times per connection at most.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -64,6 +68,9 @@ pub enum SyncInput {
     /// Outbox items sealed again under new keys after a rotation; they replace the items with
     /// the same client seqs.
     Resealed(Vec<OutboxItem>),
+    /// Whether the account's keys are due a rotation (a session expired; a rotation since
+    /// clears it).
+    RotationDue(bool),
 }
 
 /// What the core asks the driver to do, in order.
@@ -81,6 +88,8 @@ pub enum SyncOutput {
     /// it again under the new keys and hand it back with [`SyncInput::Resealed`]. Until then it
     /// and everything after it wait.
     Stale { client_seq: ClientSeq, chat: ChatId },
+    /// Send a `Rotate` request with this req id (see [`SyncInput::RotationDue`]).
+    Rotate { req: ReqId },
     /// The relay refused the delta for good; drop it from the outbox and tell the app.
     Rejected { client_seq: ClientSeq, chat: ChatId, code: ErrorCode, message: String },
     /// A chat's cursor moved without a delta to apply (the device's own delta); store it.
@@ -122,7 +131,12 @@ enum Pending {
     FetchAccount,
     Append(ClientSeq),
     State,
+    Rotate,
 }
+
+/// Most `Rotate` requests per connection: a relay that keeps answering `StaleEpoch` is not
+/// asked forever.
+const MAX_ROTATE_ATTEMPTS: u32 = 3;
 
 /// An outbox item in the core's window.
 struct Slot {
@@ -162,6 +176,12 @@ pub struct SyncCore {
     state_retry: bool,
     /// An append was rate limited: send none until every append in flight is answered.
     resending: bool,
+    /// The account's keys are due a rotation.
+    rotation_due: bool,
+    /// A `Rotate` request is in flight.
+    rotating: bool,
+    /// `Rotate` requests sent on this connection.
+    rotate_attempts: u32,
 }
 
 impl SyncCore {
@@ -185,6 +205,9 @@ impl SyncCore {
             paused: false,
             state_retry: false,
             resending: false,
+            rotation_due: false,
+            rotating: false,
+            rotate_attempts: 0,
         }
     }
 
@@ -196,10 +219,15 @@ impl SyncCore {
         r
     }
 
-    /// True once connected, caught up with every head the relay reported, and nothing waits in
-    /// the outbox.
+    /// True once connected, caught up with every head the relay reported, nothing waits in
+    /// the outbox, and no rotation of the account's keys is due from this device.
     pub fn is_idle(&self) -> bool {
-        self.is_caught_up() && self.outbox.is_empty() && !self.outbox_more
+        self.is_caught_up() && self.outbox.is_empty() && !self.outbox_more && !self.rotation_pending()
+    }
+
+    /// A `Rotate` is in flight, or due and still to be asked on this connection.
+    fn rotation_pending(&self) -> bool {
+        self.rotating || (self.rotation_due && self.rotate_attempts < MAX_ROTATE_ATTEMPTS)
     }
 
     /// True once connected and caught up with every head the relay reported.
@@ -228,6 +256,8 @@ impl SyncCore {
                 self.pending.clear();
                 self.state_retry = false;
                 self.resending = false;
+                self.rotating = false;
+                self.rotate_attempts = 0;
                 self.account_fetching = false;
                 self.fetches_in_flight = 0;
                 self.appends_in_flight = 0;
@@ -274,6 +304,7 @@ impl SyncCore {
                     }
                 }
             }
+            SyncInput::RotationDue(due) => self.rotation_due = due,
             SyncInput::Resume => {
                 self.paused = false;
                 if self.state_retry && self.phase == Phase::AwaitState {
@@ -405,6 +436,12 @@ impl SyncCore {
                     out.push(SyncOutput::Acked { client_seq, chat: slot.item.chat, seq: None });
                 }
             }
+            RelayFrame::Done { req } if self.is(req, |p| matches!(p, Pending::Rotate)) => {
+                // Rotated, or no longer due: the account log brings the rotation either way.
+                self.pending.remove(&req);
+                self.rotating = false;
+                self.rotation_due = false;
+            }
             RelayFrame::Error { code: ErrorCode::SessionRevoked, .. } => {
                 self.phase = Phase::Offline;
                 out.push(SyncOutput::Revoked);
@@ -448,6 +485,14 @@ impl SyncCore {
                         self.account_head = self.account_cursor;
                         out.push(SyncOutput::Error { code, message });
                     }
+                    Some(Pending::Rotate) => {
+                        self.rotating = false;
+                        if code != ErrorCode::StaleEpoch {
+                            // Asked again only once the account log says so again.
+                            self.rotation_due = false;
+                            out.push(SyncOutput::Error { code, message });
+                        }
+                    }
                     Some(Pending::State) | None => out.push(SyncOutput::Error { code, message }),
                 }
             }
@@ -472,6 +517,7 @@ impl SyncCore {
                         self.account_fetching = false;
                     }
                     Some(Pending::State) => self.state_retry = true,
+                    Some(Pending::Rotate) => self.rotating = false,
                     None => {}
                 }
                 if !self.paused {
@@ -578,6 +624,13 @@ impl SyncCore {
                     },
                 }));
             }
+        }
+        if self.rotation_due && !self.rotating && self.rotate_attempts < MAX_ROTATE_ATTEMPTS && self.is_caught_up() {
+            let req = self.next_req();
+            self.pending.insert(req, Pending::Rotate);
+            self.rotating = true;
+            self.rotate_attempts += 1;
+            out.push(SyncOutput::Rotate { req });
         }
         if self.outbox_more && !self.outbox_loading && self.outbox.len() < OUTBOX_WINDOW / 2 {
             self.outbox_loading = true;

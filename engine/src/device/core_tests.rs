@@ -171,3 +171,33 @@ fn an_item_sealed_again_while_in_flight_is_just_sent_again() {
         .collect();
     assert_eq!(again, vec![(1, 1)]);
 }
+
+#[test]
+fn a_due_rotation_is_asked_for_once_caught_up_and_holds_idle_until_answered() {
+    let mut core = ready();
+    assert!(core.is_idle());
+    let out = core.handle(SyncInput::RotationDue(true));
+    let [SyncOutput::Rotate { req }] = out[..] else { panic!("{out:?}") };
+    assert!(!core.is_idle(), "not idle while the rotation is in flight");
+    // Stale (the account moved on): asked again, a few times per connection at most.
+    let mut req = req;
+    for _ in 1..MAX_ROTATE_ATTEMPTS {
+        let out =
+            frame(&mut core, RelayFrame::Error { req: Some(req), code: ErrorCode::StaleEpoch, message: String::new() });
+        let [SyncOutput::Rotate { req: again }] = out[..] else { panic!("{out:?}") };
+        req = again;
+    }
+    let out =
+        frame(&mut core, RelayFrame::Error { req: Some(req), code: ErrorCode::StaleEpoch, message: String::new() });
+    assert!(out.is_empty(), "given up on this connection: {out:?}");
+    assert!(core.is_idle(), "and not waited for");
+    // A new connection tries again; `Done` ends it.
+    core.handle(SyncInput::Disconnected);
+    core.handle(SyncInput::Connected);
+    let out = frame(&mut core, RelayFrame::Hello { version: PROTOCOL_VERSION, account: Some(AccountId([2; 16])) });
+    let [SyncOutput::Send(ClientFrame::SyncState { req })] = out[..] else { panic!("{out:?}") };
+    let out = frame(&mut core, RelayFrame::SyncState { req, account_head: Seq(0), chats: vec![] });
+    let [SyncOutput::Rotate { req }] = out[..] else { panic!("{out:?}") };
+    frame(&mut core, RelayFrame::Done { req });
+    assert!(core.is_idle());
+}

@@ -65,6 +65,9 @@ impl Device {
         for (chat, _, cursor) in self.store.chats()? {
             core.handle(SyncInput::ChatReady { chat, cursor });
         }
+        if self.store.rotation_due()? {
+            core.handle(SyncInput::RotationDue(true));
+        }
         Ok(core)
     }
 
@@ -118,6 +121,9 @@ impl Device {
                 }
                 SyncOutput::ApplyAccountEntry(entry) => match self.apply_account_entry(&entry) {
                     Ok(applied) => {
+                        if let Some(due) = applied.rotation_due {
+                            queue.extend(core.handle(SyncInput::RotationDue(due)));
+                        }
                         if !applied.resealed.is_empty() {
                             queue.extend(core.handle(SyncInput::Resealed(applied.resealed)));
                         }
@@ -164,6 +170,13 @@ impl Device {
                     Ok(items) if !items.is_empty() => queue.extend(core.handle(SyncInput::Resealed(items))),
                     Ok(_) => {} // remade once the new keys arrive in the account log
                     Err(e) => actions.push(error(format!("chat {chat} client seq {}: {e}", client_seq.0))),
+                },
+                SyncOutput::Rotate { req } => match self.rotate_request(req) {
+                    Ok(frame) => actions.push(Action::Send(frame)),
+                    Err(e) => {
+                        queue.extend(core.handle(SyncInput::RotationDue(false)));
+                        actions.push(error(format!("rotating the account's keys: {e}")));
+                    }
                 },
                 SyncOutput::Reply(frame) => actions.push(Action::Reply(frame)),
                 SyncOutput::RetryAfter { ms } => actions.push(Action::RetryAfter(ms)),

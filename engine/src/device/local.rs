@@ -628,8 +628,13 @@ impl Device {
             }
             AccountEvent::DeviceExpired { device, .. } => {
                 // The relay's decision (the account set the time-to-live); it can refuse any
-                // device anyway, so there is nothing to check it against.
+                // device anyway, so there is nothing to check it against. Nobody rotated the
+                // keys: the devices that stay do (`Rotate`), the first one the relay takes.
                 self.session_ended(device)?;
+                if *device != self.id {
+                    self.store.set_rotation_due(true)?;
+                    return Ok(Applied { rotation_due: Some(true), ..Applied::default() });
+                }
             }
             AccountEvent::ChatAdded { chat, kind, epoch, wrapped_key, signer, signature } => {
                 // Only keys this account handed out itself are accepted (notes chats; keys from
@@ -643,7 +648,7 @@ impl Device {
                 self.add_chat_key(*chat, *kind, *epoch, wrapped_key, &login, &gen)?;
                 // A new epoch after a rotation: what waits in the outbox goes out under it.
                 let resealed = if epoch.0 > 0 { self.reseal(*chat)? } else { Vec::new() };
-                return Ok(Applied { chat: (!known).then_some(*chat), resealed });
+                return Ok(Applied { chat: (!known).then_some(*chat), resealed, ..Applied::default() });
             }
             AccountEvent::Rotated { rotation } => return self.apply_rotation(rotation, &gen),
             AccountEvent::RecoverySet { public, by, signature } => {

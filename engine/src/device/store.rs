@@ -3,7 +3,8 @@
 //! Trees (integers big-endian):
 //! * `meta`: `identity`, `login`, `next_client_seq`, `account_cursor`, `account_gen` (the
 //!   generation of the account's keys the account log has reached at the cursor),
-//!   `recovery_public` (the recovery key's public half, if the account has one)
+//!   `recovery_public` (the recovery key's public half, if the account has one),
+//!   `rotation_due` (present while a session expired and no rotation followed)
 //! * `chats`: chat id → [`ChatMeta`] (kind, keys per epoch)
 //! * `cursors`: chat id → last applied seq
 //! * `snapshots`: chat id → saved Automerge document
@@ -273,6 +274,20 @@ impl DeviceStore {
         match value {
             Some(v) => self.meta.insert("recovery_public", enc(v))?,
             None => self.meta.remove("recovery_public")?,
+        };
+        Ok(())
+    }
+
+    /// Whether a session of the account expired and no rotation followed yet.
+    pub fn rotation_due(&self) -> Result<bool, StoreError> {
+        Ok(self.meta.get("rotation_due")?.is_some())
+    }
+
+    /// Records whether the account's keys are due a rotation.
+    pub fn set_rotation_due(&self, due: bool) -> Result<(), StoreError> {
+        match due {
+            true => self.meta.insert("rotation_due", &[1u8][..])?,
+            false => self.meta.remove("rotation_due")?,
         };
         Ok(())
     }

@@ -210,6 +210,11 @@ pub enum ClientFrame {
     /// A device that opened a recovered bundle registers itself with a certificate signed by
     /// the account key; `lookup_id` proves it holds the recovery key too. `Done` once durable.
     Recover { req: ReqId, lookup_id: [u8; 32], cert: DeviceCert },
+    /// Rotates the account's keys after a session ended without a rotation (it expired): like
+    /// `Revoke` without the revocation, covering every device of the account. Answered `Done`
+    /// once durable, also when no rotation is due (another device made it, or no session
+    /// ended); `StaleEpoch` if it does not cover the account as it stands.
+    Rotate { req: ReqId, rotation: Rotation, chats: Vec<NewEpoch>, recovery: Option<Vec<u8>> },
 }
 
 /// Relay → device.
@@ -275,6 +280,7 @@ impl ClientFrame {
             | ClientFrame::PutRecovery { req, .. }
             | ClientFrame::FetchRecovery { req, .. }
             | ClientFrame::Recover { req, .. }
+            | ClientFrame::Rotate { req, .. }
             | ClientFrame::Revoke { req, .. } => *req,
         }
     }

@@ -81,11 +81,15 @@ pub const MAX_RECOVERY_BYTES: usize = stratus_engine::proto::cert::MAX_BUNDLE_BY
 pub const RECOVERY_ATTEMPTS_PER_SECOND: u32 = 10;
 pub(super) const RECOVERY_BURST: u32 = 20;
 
-/// What an account chose about its sessions.
+/// What an account chose about its sessions, and whether its keys are due a rotation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountSettings {
     /// Sessions inactive for more than this many days end (0: never).
     pub session_ttl_days: u32,
+    /// A session ended without a rotation (it expired): the next `Rotate` is taken. Cleared by
+    /// any rotation. (A bound on rotations: an account has at most
+    /// [`stratus_engine::proto::cert::MAX_GENERATION`].)
+    pub rotation_due: bool,
 }
 
 /// Longest session time-to-live an account may set, in days (100 years).

@@ -1,15 +1,14 @@
-//! Revocation with key rotation, and checking what an account signed against the generation of
-//! its keys in force (see docs/crypto.md, "Rotation"). Part of [`RelayCore`]; split out of
-//! `core.rs` for size.
+//! Revocation with key rotation, rotation after an expiry, and checking what an account signed
+//! against the generation of its keys in force (see docs/crypto.md, "Rotation"). Part of
+//! [`RelayCore`]; split out of `core.rs` for size.
 
 use stratus_engine::proto::cert::{Revocation, Rotation};
 use stratus_engine::proto::wire::NewEpoch;
 
 use super::*;
 
-/// A `Revoke` request's parts.
-pub(crate) struct Revoke {
-    pub revocation: Revocation,
+/// A rotation's parts, as `Revoke` and `Rotate` carry them.
+pub(crate) struct Rotate {
     pub rotation: Rotation,
     pub chats: Vec<NewEpoch>,
     pub recovery: Option<Vec<u8>>,
@@ -58,12 +57,13 @@ impl RelayCore {
         req: ReqId,
         account: AccountId,
         by: &DeviceId,
-        r: Revoke,
+        revocation: Revocation,
+        r: Rotate,
         now_ms: u64,
         out: &mut Vec<Effect>,
     ) -> Result<(), (ErrorCode, String)> {
-        let target = r.revocation.body.device.clone();
-        if &r.revocation.body.by != by {
+        let target = revocation.body.device.clone();
+        if &revocation.body.by != by {
             return Err(bad("the revocation names another revoking device"));
         }
         if &target == by {
@@ -79,26 +79,78 @@ impl RelayCore {
             Some(d) if d.account == account => {}
             _ => return Err((ErrorCode::UnknownDevice, format!("no device {} in this account", target.0))),
         }
-        self.check_signed(account, "the revocation", |g| r.revocation.verify(g))?;
+        self.check_signed(account, "the revocation", |g| revocation.verify(g))?;
         self.check_session_age(by, now_ms)?;
-        let next = self.check_rotation(account, &target, &r)?;
+        let next = self.check_rotation(account, Some(&target), &r)?;
 
         let dev = self.devices.get_mut(&target).expect("checked above");
         dev.state.revoked = true;
         dev.held = None;
-        let mut ops = vec![StoreOp::PutDeviceState(target.clone(), dev.state), StoreOp::PutAccountGen(next.clone())];
+        let mut ops = vec![StoreOp::PutDeviceState(target.clone(), dev.state)];
         self.withdraw_recovery(account, &target, &mut ops);
+        let mut entries =
+            vec![(account, self.log_entry(account, AccountEvent::DeviceRevoked { revocation }, &mut ops))];
+        self.apply_rotation(account, next, r, &mut ops, &mut entries);
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        self.cut_off(&target, out);
+        for (account, entry) in entries {
+            self.after_durable(Deferred::AccountDurable { account, entry }, out);
+        }
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        Ok(())
+    }
+
+    /// Rotates the account's keys after a session ended without a rotation (it expired). When
+    /// none is due (another device made it, or no session ended) it changes nothing and
+    /// answers `Done`: the keys are as fresh as the sessions require.
+    pub(super) fn rotate(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        account: AccountId,
+        r: Rotate,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), (ErrorCode, String)> {
+        if !self.accounts[&account].settings.rotation_due {
+            self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+            return Ok(());
+        }
+        let next = self.check_rotation(account, None, &r)?;
+        let mut ops = Vec::new();
+        let mut entries = Vec::new();
+        self.apply_rotation(account, next, r, &mut ops, &mut entries);
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        for (account, entry) in entries {
+            self.after_durable(Deferred::AccountDurable { account, entry }, out);
+        }
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        Ok(())
+    }
+
+    /// Moves the account to the checked generation `next`: its chats' new epochs, the recovery
+    /// bundle sealed again, and the account log entries (`Rotated`, then `ChatAdded` per new
+    /// epoch and member), into `ops` and `entries`.
+    fn apply_rotation(
+        &mut self,
+        account: AccountId,
+        next: AccountGen,
+        r: Rotate,
+        ops: &mut Vec<StoreOp>,
+        entries: &mut Vec<(AccountId, AccountEntry)>,
+    ) {
+        ops.push(StoreOp::PutAccountGen(next.clone()));
         let a = self.accounts.get_mut(&account).expect("an attached connection's account exists");
         a.gens.push(next);
+        a.settings.rotation_due = false;
+        ops.push(StoreOp::PutAccountSettings(account, a.settings));
         if let (Some(id), Some(sealed)) = (a.recovery, r.recovery) {
             let record = self.recoveries.get_mut(&id).expect("an account's recovery id is filed");
             record.sealed = sealed;
             ops.push(StoreOp::PutRecovery(id, record.clone()));
         }
-        let mut entries = vec![
-            (account, self.log_entry(account, AccountEvent::DeviceRevoked { revocation: r.revocation }, &mut ops)),
-            (account, self.log_entry(account, AccountEvent::Rotated { rotation: r.rotation }, &mut ops)),
-        ];
+        entries.push((account, self.log_entry(account, AccountEvent::Rotated { rotation: r.rotation }, ops)));
         for new in r.chats {
             let chat = self.chats.get_mut(&new.chat).expect("checked in check_rotation");
             chat.record.epochs.insert(new.epoch, new.keys.clone());
@@ -113,26 +165,18 @@ impl RelayCore {
                     signer: account,
                     signature: k.signature,
                 };
-                entries.push((k.account, self.log_entry(k.account, event, &mut ops)));
+                entries.push((k.account, self.log_entry(k.account, event, ops)));
             }
         }
-        let token = self.token();
-        out.push(Effect::Write { token, ops });
-        self.cut_off(&target, out);
-        for (account, entry) in entries {
-            self.after_durable(Deferred::AccountDurable { account, entry }, out);
-        }
-        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
-        Ok(())
     }
 
-    /// Checks that `r`'s rotation covers the account as it stands once `target` is gone, and
+    /// Checks that `r`'s rotation covers the account as it stands once `leaving` is gone, and
     /// returns the generation it starts.
     fn check_rotation(
         &self,
         account: AccountId,
-        target: &DeviceId,
-        r: &Revoke,
+        leaving: Option<&DeviceId>,
+        r: &Rotate,
     ) -> Result<AccountGen, (ErrorCode, String)> {
         let a = &self.accounts[&account];
         let current = a.gens.last().expect("an account keeps its genesis");
@@ -146,7 +190,7 @@ impl RelayCore {
         let remaining: BTreeSet<&DeviceId> = a
             .devices
             .iter()
-            .filter(|d| *d != target && self.devices.get(*d).is_some_and(|d| !d.state.revoked))
+            .filter(|d| Some(*d) != leaving && self.devices.get(*d).is_some_and(|d| !d.state.revoked))
             .collect();
         let covered: BTreeSet<&DeviceId> = r.rotation.bundles.iter().map(|(d, _)| d).collect();
         if covered.len() != r.rotation.bundles.len() {
@@ -187,7 +231,8 @@ impl RelayCore {
                 return Err(bad(format!("a key of chat {} is not signed by the new generation", new.chat)));
             }
         }
-        let keeps_recovery = a.recovery.is_some_and(|id| self.recoveries.get(&id).is_some_and(|rec| &rec.by != target));
+        let keeps_recovery =
+            a.recovery.is_some_and(|id| self.recoveries.get(&id).is_some_and(|rec| Some(&rec.by) != leaving));
         match &r.recovery {
             None if keeps_recovery => {
                 return Err(stale("the account has a recovery key: seal the new bundle to it; sync and revoke again"))

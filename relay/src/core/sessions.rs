@@ -149,6 +149,10 @@ impl RelayCore {
         dev.held = None;
         let mut ops = vec![StoreOp::PutDeviceState(device.clone(), dev.state)];
         self.withdraw_recovery(account, device, &mut ops);
+        // Nobody rotated the keys: the account's devices are asked to (`Rotate`).
+        let a = self.accounts.get_mut(&account).expect("a device's account exists");
+        a.settings.rotation_due = true;
+        ops.push(StoreOp::PutAccountSettings(account, a.settings));
         let entry = self.log_entry(
             account,
             AccountEvent::DeviceExpired { device: device.clone(), last_active_ms: last },

@@ -17,7 +17,14 @@ pub(crate) struct Applied {
     pub chat: Option<ChatId>,
     /// Outbox items sealed again under new keys (same client seqs).
     pub resealed: Vec<OutboxItem>,
+    /// The account's keys became due a rotation (`Some(true)`: a session expired) or were
+    /// rotated (`Some(false)`).
+    pub rotation_due: Option<bool>,
 }
+
+/// A rotation, the chats' new epochs and the recovery bundle, as `Revoke` and `Rotate` carry
+/// them.
+type RotationParts = (Rotation, Vec<NewEpoch>, Option<Vec<u8>>);
 
 impl Device {
     /// The generation of the account's keys the account log has reached at its cursor.
@@ -42,19 +49,36 @@ impl Device {
     /// on (a device or chat this device has not synced yet): sync and ask again.
     pub fn revoke_request(&mut self, device: &DeviceId, req: ReqId) -> Result<ClientFrame, Error> {
         let login = self.login()?.clone();
-        let account = login.account.id;
-        let next =
-            login.keys.rotated(&mut self.rng).ok_or(Error::Rotation("the account rotated its keys too often"))?;
-        let new_gen = next.current();
         let revocation = login.keys.revoke(RevocationBody {
-            account,
+            account: login.account.id,
             device: device.clone(),
             by: self.id.clone(),
             at_ms: self.now_ms().max(0) as u64,
         });
+        let (rotation, chats, recovery) = self.rotation_parts(Some(device))?;
+        Ok(ClientFrame::Revoke { req, revocation, rotation, chats, recovery })
+    }
+
+    /// The request that rotates the account's keys after a session expired (the sync core asks
+    /// for it with [`crate::core::SyncOutput::Rotate`]): like [`Device::revoke_request`]
+    /// without the revocation.
+    pub fn rotate_request(&mut self, req: ReqId) -> Result<ClientFrame, Error> {
+        let (rotation, chats, recovery) = self.rotation_parts(None)?;
+        Ok(ClientFrame::Rotate { req, rotation, chats, recovery })
+    }
+
+    /// The next generation for every device this device knows but `leaving`, a new epoch for
+    /// every chat the relay has, and the bundle sealed to the recovery key unless `leaving`
+    /// made it.
+    fn rotation_parts(&mut self, leaving: Option<&DeviceId>) -> Result<RotationParts, Error> {
+        let login = self.login()?.clone();
+        let account = login.account.id;
+        let next =
+            login.keys.rotated(&mut self.rng).ok_or(Error::Rotation("the account rotated its keys too often"))?;
+        let new_gen = next.current();
         let bundle = postcard::to_allocvec(&next).expect("serializing keys cannot fail");
         let mut rotation = login.keys.sign_rotation(&next);
-        for cert in self.store.devices()?.into_iter().filter(|c| c.body.device != *device) {
+        for cert in self.store.devices()?.into_iter().filter(|c| Some(&c.body.device) != leaving) {
             let context = rotation_bundle_context(account, new_gen.generation, &cert.body.device);
             let sealed = seal_box(&cert.body.device_x25519, &[], &context, &bundle, &mut self.rng);
             rotation.bundles.push((cert.body.device, sealed));
@@ -76,10 +100,10 @@ impl Device {
             chats.push(NewEpoch { chat, epoch, keys: vec![WrappedKey { account, key: wrapped, signature }] });
         }
         let recovery = match self.store.recovery_public()? {
-            Some((public, by)) if by != *device => Some(RecoveryKey::seal_to(&public, &bundle, &mut self.rng)),
+            Some((public, by)) if Some(&by) != leaving => Some(RecoveryKey::seal_to(&public, &bundle, &mut self.rng)),
             _ => None,
         };
-        Ok(ClientFrame::Revoke { req, revocation, rotation, chats, recovery })
+        Ok((rotation, chats, recovery))
     }
 
     /// Chats whose creation still waits in the outbox.
@@ -103,7 +127,8 @@ impl Device {
         let next = gen.verify_rotation(rotation)?;
         let result = self.take_bundle(rotation, &next);
         self.store.set_account_gen(&next)?;
-        result
+        self.store.set_rotation_due(false)?;
+        result.map(|applied| Applied { rotation_due: Some(false), ..applied })
     }
 
     fn take_bundle(&mut self, rotation: &Rotation, next: &AccountGen) -> Result<Applied, Error> {
@@ -139,7 +164,7 @@ impl Device {
         let login = Login { keys, ..login };
         self.store.set_login(&login)?;
         self.login = Some(login);
-        Ok(Applied { chat: None, resealed: self.rekey_stale_creations()? })
+        Ok(Applied { resealed: self.rekey_stale_creations()?, ..Applied::default() })
     }
 
     /// Makes an outbox item the relay refused as stale again under this device's newest keys,
