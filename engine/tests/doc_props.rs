@@ -13,8 +13,23 @@ const CHAT: ChatId = ChatId([8; 16]);
 
 #[derive(Debug, Clone)]
 enum Edit {
-    Message { dev: u8, text: String, ts: i64 },
-    Title { dev: u8, title: String },
+    Message {
+        dev: u8,
+        text: String,
+        ts: i64,
+    },
+    Title {
+        dev: u8,
+        title: String,
+    },
+    /// On a message the replica has (the `target`-th, if any): 0 edit, 1 delete for everyone,
+    /// 2 add a reaction, 3 remove it.
+    Change {
+        dev: u8,
+        target: u8,
+        kind: u8,
+        text: String,
+    },
 }
 
 /// Two rounds of local edits on 2–4 replicas; between them some changes reach some replicas
@@ -33,6 +48,8 @@ fn edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
         4 => (any::<u8>(), "\\PC{0,12}", any::<i64>()).prop_map(|(dev, text, ts)| Edit::Message { dev, text, ts }),
         1 => (any::<u8>(), "\\PC{0,8}").prop_map(|(dev, title)| Edit::Title { dev, title }),
+        3 => (any::<u8>(), any::<u8>(), 0u8..4, "[a-z]{1,4}")
+            .prop_map(|(dev, target, kind, text)| Edit::Change { dev, target, kind, text }),
     ]
 }
 
@@ -62,6 +79,8 @@ struct Run {
     replicas: Vec<Replica>,
     /// Every change made, in the order made (a causal order).
     changes: Vec<Vec<u8>>,
+    /// Messages written.
+    written: usize,
 }
 
 impl Run {
@@ -72,7 +91,7 @@ impl Run {
                 Replica { doc: ChatDoc::new(CHAT, &id), id }
             })
             .collect();
-        Run { replicas, changes: Vec::new() }
+        Run { replicas, changes: Vec::new(), written: 0 }
     }
 
     fn edit(&mut self, e: &Edit) {
@@ -82,9 +101,30 @@ impl Run {
                 let r = &mut self.replicas[*dev as usize % n];
                 let mut id = [0u8; 16];
                 id[..8].copy_from_slice(&(self.changes.len() as u64).to_be_bytes());
+                self.written += 1;
                 r.doc.add_message(&new_message(AccountId([1; 16]), &r.id, text, *ts, id)).unwrap()
             }
             Edit::Title { dev, title } => self.replicas[*dev as usize % n].doc.set_title(title, 7),
+            Edit::Change { dev, target, kind, text } => {
+                let r = &mut self.replicas[*dev as usize % n];
+                let messages = r.doc.messages();
+                if messages.is_empty() {
+                    return;
+                }
+                let id = messages[*target as usize % messages.len()].id.clone();
+                let account = AccountId([(*dev % 3) + 1; 16]);
+                let made = match kind {
+                    0 => r.doc.edit_message(&id, text, 9),
+                    1 => r.doc.delete_message(&id, 9),
+                    k => r.doc.react(&id, &account, text, *k == 2, 9),
+                };
+                match made {
+                    Ok(c) => c,
+                    // A message deleted here cannot be edited or reacted to.
+                    Err(stratus_engine::doc::DocError::Deleted(_)) => return,
+                    Err(e) => panic!("{e}"),
+                }
+            }
         };
         self.changes.push(change);
     }
@@ -135,7 +175,7 @@ proptest! {
         let mut run = Run::play(&s);
         run.exchange_all(&s.orders);
         let first = &run.replicas[0].doc;
-        prop_assert_eq!(first.message_count(), run.changes.len() - count_titles(&s));
+        prop_assert_eq!(first.message_count(), run.written);
         for r in &run.replicas[1..] {
             assert_same(first, &r.doc)?;
         }
@@ -177,8 +217,4 @@ proptest! {
             prop_assert_eq!(r.doc.messages(), messages);
         }
     }
-}
-
-fn count_titles(s: &Scenario) -> usize {
-    s.first.iter().chain(&s.second).filter(|e| matches!(e, Edit::Title { .. })).count()
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use stratus_engine::proto::wire::ErrorCode;
-use stratus_engine::{ChatId, Device, Error, Event, LinkCode, Message, Session};
+use stratus_engine::{ChatId, Device, Error, Event, LinkCode, Message, MessageOp, Session};
 
 /// Exit code when the relay cannot be reached; the outbox keeps what was written.
 const EXIT_UNREACHABLE: u8 = 3;
@@ -54,6 +54,20 @@ enum Command {
     },
     /// Write a message: durable here first, exit 0 once the relay acknowledged it.
     Send { chat: ChatId, text: String },
+    /// Answer a message (MESSAGE: its id, as `log` and `send` print it).
+    Reply { chat: ChatId, message: String, text: String },
+    /// Change the text of one of this account's messages; every device shows it edited.
+    Edit { chat: ChatId, message: String, text: String },
+    /// Delete one of this account's messages for everyone.
+    Delete { chat: ChatId, message: String },
+    /// React to a message (one emoji or word), or take the reaction back with --remove.
+    React {
+        chat: ChatId,
+        message: String,
+        reaction: String,
+        #[arg(long)]
+        remove: bool,
+    },
     /// Connect, send the outbox, catch up, exit.
     Sync,
     /// This device's history of a chat, in display order.
@@ -196,13 +210,44 @@ fn message_json(chat: ChatId, m: &Message) -> String {
         "device": m.device,
         "text": m.text,
         "ts": m.ts,
+        "reply_to": m.reply_to,
+        "edited": m.edited,
+        "deleted": m.deleted,
+        "reactions": m.reactions,
+        "attachments": m.attachments,
     })
     .to_string()
 }
 
+/// `TS AUTHOR@DEVICE [ID]: TEXT`, then what happened to it: `(edited)`, `(deleted)`, the
+/// message it answers, and reactions with their counts. Ids, authors and devices shortened to
+/// their last 8 characters (`log --json` has them whole).
 fn message_line(m: &Message) -> String {
     let short = |s: &str| s.chars().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<String>();
-    format!("{} {}@{}: {}", m.ts, short(&m.author), short(&m.device), m.text)
+    let mut line = format!("{} {}@{} [{}]: ", m.ts, short(&m.author), short(&m.device), short(&m.id));
+    if m.deleted {
+        line.push_str("(deleted)");
+    } else {
+        line.push_str(&m.text);
+        if m.edited.is_some() {
+            line.push_str(" (edited)");
+        }
+    }
+    if let Some(to) = &m.reply_to {
+        line.push_str(&format!(" ↩ {}", short(to)));
+    }
+    for (reaction, accounts) in &m.reactions {
+        line.push_str(&format!(" {reaction}×{}", accounts.len()));
+    }
+    line
+}
+
+/// Carries out a message operation here and waits until the relay has it.
+async fn write_and_sync(mut device: Device, chat: ChatId, op: MessageOp) -> Result<Message, Failure> {
+    device.account().ok_or(Error::NotLoggedIn)?;
+    let (message, _) = device.write_local(chat, &op)?;
+    sync_until_idle(device).await?;
+    Ok(message)
 }
 
 /// Runs a request signed with the account's keys; if the relay answers that a rotation replaced
@@ -354,6 +399,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             sync_until_idle(device).await?;
             out(&msg.id);
         }
+        Command::Reply { chat, message, text } => {
+            let m = write_and_sync(device, chat, MessageOp::Send { text, reply_to: Some(message) }).await?;
+            out(&m.id);
+        }
+        Command::Edit { chat, message, text } => {
+            write_and_sync(device, chat, MessageOp::Edit { id: message, text }).await?;
+        }
+        Command::Delete { chat, message } => {
+            write_and_sync(device, chat, MessageOp::Delete { id: message }).await?;
+        }
+        Command::React { chat, message, reaction, remove } => {
+            write_and_sync(device, chat, MessageOp::React { id: message, reaction, add: !remove }).await?;
+        }
         Command::Sync => {
             device.account().ok_or(Error::NotLoggedIn)?;
             let device = sync_until_idle(device).await?;
@@ -378,7 +436,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 };
                 match e {
-                    Event::MessageAdded { chat, message, local: false } => {
+                    Event::MessageAdded { chat, message, local: false }
+                    | Event::MessageChanged { chat, message, local: false } => {
                         out(&if json { message_json(chat, &message) } else { message_line(&message) })
                     }
                     Event::Disconnected { reason } => eprintln!("stratus: disconnected ({reason}); retrying"),

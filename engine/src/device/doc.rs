@@ -1,9 +1,14 @@
 //! One chat as an Automerge document, and the only door through which outside bytes reach
 //! Automerge.
 //!
-//! Layout: the root map holds `title` (a string) and `messages` (a list of maps with `id`,
-//! `author`, `device`, `text`, `ts`). List order is the display order; Automerge orders
-//! concurrent inserts the same way on every device.
+//! Layout: the root map holds `title` (a string) and `messages` (a list of maps). A message
+//! map holds `id`, `author`, `device`, `text`, `ts`, optionally `reply_to` (a message id), and
+//! two containers made with it, so that no two devices ever create competing ones: `reactions`
+//! (a map whose keys are `"<account> <emoji>"`) and `attachments` (a list, reserved for media).
+//! An edit puts a new `text` and `edited` (its time); a delete for everyone puts `deleted` (its
+//! time) and an empty `text`, and a deleted message shows no text even if an edit made at the
+//! same time on another device wins the `text` register. List order is the display order;
+//! Automerge orders concurrent inserts the same way on every device.
 //!
 //! The root structure is made by a deterministic *genesis* change (fixed actor derived from the
 //! chat id, time 0), which every device creates on its own and which therefore has the same
@@ -36,6 +41,9 @@ pub const MAX_CHANGE_BYTES: usize = 64 * 1024;
 /// byte limit alone does not bound the work, since run-length encoding lets a 1 KiB change
 /// carry a million list inserts (seconds of CPU and a gigabyte and more of memory to apply).
 pub const MAX_CHANGE_OPS: usize = 1024;
+/// Longest reaction (an emoji or a short word), in bytes.
+pub const MAX_REACTION_BYTES: usize = 32;
+
 /// Most changes held back until their dependencies arrive. Changes normally arrive in causal
 /// order (the relay's log order is one), so only a device that lost changes, or a hostile one,
 /// fills this; when it is full, a change that cannot be applied yet is refused
@@ -79,6 +87,15 @@ pub enum DocError {
     /// [`MAX_PENDING_CHANGES`] changes already wait for their dependencies.
     #[error("too many changes wait for changes that have not arrived")]
     TooManyPending,
+    /// No message with that id in the chat.
+    #[error("no message {0} in this chat")]
+    UnknownMessage(String),
+    /// The message was deleted for everyone; it cannot be edited or reacted to.
+    #[error("message {0} was deleted")]
+    Deleted(String),
+    /// A reaction that is empty, longer than [`MAX_REACTION_BYTES`], or holds whitespace.
+    #[error("a reaction is one emoji or word of at most {MAX_REACTION_BYTES} bytes")]
+    BadReaction,
 }
 
 /// A message as shown to users.
@@ -94,6 +111,25 @@ pub struct Message {
     pub text: String,
     /// When it was written on its device, milliseconds since the Unix epoch.
     pub ts: i64,
+    /// The message it answers.
+    pub reply_to: Option<String>,
+    /// When its text was last edited (by its author's device's clock).
+    pub edited: Option<i64>,
+    /// Deleted for everyone (its text is gone).
+    pub deleted: bool,
+    /// Reactions: each reaction with the accounts that gave it, sorted.
+    pub reactions: BTreeMap<String, Vec<String>>,
+    /// Attachments (reserved for media; none are made yet).
+    pub attachments: Vec<String>,
+}
+
+/// What a change from outside did to the messages.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DocUpdate {
+    /// Messages it added.
+    pub added: Vec<Message>,
+    /// Messages already there that it edited, deleted or reacted to, as they are now.
+    pub changed: Vec<Message>,
 }
 
 /// A chat's Automerge document.
@@ -281,10 +317,17 @@ impl ChatDoc {
         }
     }
 
+    /// Applies change bytes that came from outside the device; returns the messages the change
+    /// added (see [`ChatDoc::apply_untrusted_update`]).
+    pub fn apply_untrusted(&mut self, bytes: &[u8]) -> Result<Vec<Message>, DocError> {
+        Ok(self.apply_untrusted_update(bytes)?.added)
+    }
+
     /// Applies change bytes that came from outside the device. Never panics; on error nothing
     /// changed, except after [`DocError::Panicked`], when [`ChatDoc::is_poisoned`] is true and the
-    /// caller must reload the document from its store. Returns the messages the change added.
-    pub fn apply_untrusted(&mut self, bytes: &[u8]) -> Result<Vec<Message>, DocError> {
+    /// caller must reload the document from its store. Returns the messages the change (and any
+    /// held-back change it let through) added and changed.
+    pub fn apply_untrusted_update(&mut self, bytes: &[u8]) -> Result<DocUpdate, DocError> {
         if bytes.len() > MAX_CHANGE_BYTES {
             return Err(DocError::TooLarge(bytes.len()));
         }
@@ -298,20 +341,37 @@ impl ChatDoc {
         check_canonical(&change)?;
         let mut log = PatchLog::active(TextRepresentation::String(TextEncoding::UnicodeCodePoint));
         self.integrate(change, &mut log)?;
-        let Some(list) = self.messages_obj() else { return Ok(Vec::new()) };
+        let Some(list) = self.messages_obj() else { return Ok(DocUpdate::default()) };
         let patches = guarded(|| self.doc.make_patches(&mut log)).unwrap_or_default();
-        let mut added = Vec::new();
+        let mut update = DocUpdate::default();
+        let mut added = std::collections::BTreeSet::new();
+        let mut changed = std::collections::BTreeSet::new();
         for p in patches {
-            if p.obj != list {
+            if p.obj == list {
+                if let PatchAction::Insert { values, .. } = p.action {
+                    for (_, obj, _) in values.iter() {
+                        if let Some(m) = self.message_at(obj) {
+                            added.insert(m.id.clone());
+                            update.added.push(m);
+                        }
+                    }
+                }
                 continue;
             }
-            if let PatchAction::Insert { values, .. } = p.action {
-                for (_, obj, _) in values.iter() {
-                    added.extend(self.message_at(obj));
-                }
+            // Inside a message: the path runs through the list at the message's index.
+            if let Some(i) = p.path.iter().find_map(|(obj, prop)| match prop {
+                automerge::Prop::Seq(i) if *obj == list => Some(*i),
+                _ => None,
+            }) {
+                changed.insert(i);
             }
         }
-        Ok(added)
+        for i in changed {
+            if let Ok(Some((Value::Object(ObjType::Map), m))) = self.doc.get(&list, i) {
+                update.changed.extend(self.message_at(&m).filter(|m| !added.contains(&m.id)));
+            }
+        }
+        Ok(update)
     }
 
     /// True after Automerge panicked inside this document.
@@ -347,11 +407,131 @@ impl ChatDoc {
                     tx.put(&m, "device", msg.device.as_str())?;
                     tx.put(&m, "text", msg.text.as_str())?;
                     tx.put(&m, "ts", msg.ts)?;
+                    if let Some(to) = &msg.reply_to {
+                        tx.put(&m, "reply_to", to.as_str())?;
+                    }
+                    tx.put_object(&m, "reactions", ObjType::Map)?;
+                    tx.put_object(&m, "attachments", ObjType::List)?;
                     Ok(())
                 },
             )
             .map_err(|e| DocError::Malformed(e.error.to_string()))?;
         Ok(self.last_change())
+    }
+
+    /// Edits a message's text; returns the change's bytes. Every device shows the latest edit
+    /// (concurrent edits: the one Automerge orders last, the same everywhere) and that it was
+    /// edited.
+    pub fn edit_message(&mut self, id: &str, text: &str, now_ms: i64) -> Result<Vec<u8>, DocError> {
+        let m = self.live_message(id)?;
+        self.change(now_ms, |tx| {
+            tx.put(&m, "text", text)?;
+            tx.put(&m, "edited", now_ms)
+        })
+    }
+
+    /// Deletes a message for everyone: its text and attachments go, and it shows as deleted.
+    pub fn delete_message(&mut self, id: &str, now_ms: i64) -> Result<Vec<u8>, DocError> {
+        let m = self.find_message(id)?;
+        let attachments = match self.doc.get(&m, "attachments") {
+            Ok(Some((Value::Object(ObjType::List), a))) => Some((self.doc.length(&a), a)),
+            _ => None,
+        };
+        self.change(now_ms, |tx| {
+            tx.put(&m, "text", "")?;
+            tx.put(&m, "deleted", now_ms)?;
+            if let Some((n, a)) = &attachments {
+                for i in (0..*n).rev() {
+                    tx.delete(a, i)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Adds (or with `add` false removes) `account`'s reaction to a message.
+    pub fn react(
+        &mut self,
+        id: &str,
+        account: &AccountId,
+        reaction: &str,
+        add: bool,
+        now_ms: i64,
+    ) -> Result<Vec<u8>, DocError> {
+        if reaction.is_empty() || reaction.len() > MAX_REACTION_BYTES || reaction.chars().any(char::is_whitespace) {
+            return Err(DocError::BadReaction);
+        }
+        let m = self.live_message(id)?;
+        let reactions = match self.doc.get(&m, "reactions") {
+            Ok(Some((Value::Object(ObjType::Map), r))) => r,
+            _ => return Err(DocError::UnknownMessage(id.to_string())),
+        };
+        let key = format!("{account} {reaction}");
+        let present = matches!(self.doc.get(&reactions, key.as_str()), Ok(Some(_)));
+        self.change(now_ms, |tx| match (add, present) {
+            (true, _) => tx.put(&reactions, key.as_str(), true),
+            (false, true) => tx.delete(&reactions, key.as_str()),
+            (false, false) => Ok(()),
+        })
+    }
+
+    /// Commits one change made by `f` (an empty one if `f` changed nothing, so that every
+    /// local action has a change to send) and returns its bytes.
+    fn change(
+        &mut self,
+        now_ms: i64,
+        f: impl FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), automerge::AutomergeError>,
+    ) -> Result<Vec<u8>, DocError> {
+        let options = || CommitOptions::default().with_time(commit_time(now_ms));
+        let done = self
+            .doc
+            .transact_with::<_, _, automerge::AutomergeError, _>(|_| options(), f)
+            .map_err(|e| DocError::Malformed(e.error.to_string()))?;
+        if done.hash.is_none() {
+            self.doc.empty_commit(options());
+        }
+        Ok(self.last_change())
+    }
+
+    /// The message map with this id.
+    fn find_message(&self, id: &str) -> Result<ObjId, DocError> {
+        let list = self.messages_obj().ok_or(DocError::NoMessageList)?;
+        (0..self.doc.length(&list))
+            .filter_map(|i| match self.doc.get(&list, i) {
+                Ok(Some((Value::Object(ObjType::Map), m))) => Some(m),
+                _ => None,
+            })
+            .find(|m| self.str_at(m, "id").as_deref() == Some(id))
+            .ok_or_else(|| DocError::UnknownMessage(id.to_string()))
+    }
+
+    /// The message map with this id, if it is not deleted.
+    fn live_message(&self, id: &str) -> Result<ObjId, DocError> {
+        let m = self.find_message(id)?;
+        if matches!(self.doc.get(&m, "deleted"), Ok(Some(_))) {
+            return Err(DocError::Deleted(id.to_string()));
+        }
+        Ok(m)
+    }
+
+    fn str_at(&self, obj: &ObjId, key: &str) -> Option<String> {
+        match self.doc.get(obj, key) {
+            Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
+                ScalarValue::Str(t) => Some(t.to_string()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn int_at(&self, obj: &ObjId, key: &str) -> Option<i64> {
+        match self.doc.get(obj, key) {
+            Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
+                ScalarValue::Int(t) => Some(*t),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     fn last_change(&mut self) -> Vec<u8> {
@@ -397,21 +577,36 @@ impl ChatDoc {
     }
 
     fn message_at(&self, m: &ObjId) -> Option<Message> {
-        let s = |k: &str| match self.doc.get(m, k) {
-            Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
-                ScalarValue::Str(t) => Some(t.to_string()),
+        let s = |k: &str| self.str_at(m, k);
+        let deleted = matches!(self.doc.get(m, "deleted"), Ok(Some(_)));
+        let mut reactions: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        if let Ok(Some((Value::Object(ObjType::Map), r))) = self.doc.get(m, "reactions") {
+            for key in self.doc.keys(&r) {
+                if let Some((account, reaction)) = key.split_once(' ') {
+                    reactions.entry(reaction.to_string()).or_default().push(account.to_string());
+                }
+            }
+        }
+        let mut attachments = Vec::new();
+        if let Ok(Some((Value::Object(ObjType::List), a))) = self.doc.get(m, "attachments") {
+            attachments.extend((0..self.doc.length(&a)).filter_map(|i| match self.doc.get(&a, i) {
+                Ok(Some((Value::Scalar(v), _))) => v.to_str().map(str::to_string),
                 _ => None,
-            },
-            _ => None,
-        };
-        let ts = match self.doc.get(m, "ts") {
-            Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
-                ScalarValue::Int(t) => Some(*t),
-                _ => None,
-            },
-            _ => None,
-        };
-        Some(Message { id: s("id")?, author: s("author")?, device: s("device")?, text: s("text")?, ts: ts? })
+            }));
+        }
+        Some(Message {
+            id: s("id")?,
+            author: s("author")?,
+            device: s("device")?,
+            // A delete wins over an edit made at the same time elsewhere.
+            text: if deleted { String::new() } else { s("text")? },
+            ts: self.int_at(m, "ts")?,
+            reply_to: s("reply_to"),
+            edited: self.int_at(m, "edited"),
+            deleted,
+            reactions: if deleted { BTreeMap::new() } else { reactions },
+            attachments: if deleted { Vec::new() } else { attachments },
+        })
     }
 
     /// The document saved whole (for the store's snapshot).
@@ -429,207 +624,20 @@ impl ChatDoc {
 
 /// A new message authored on this device.
 pub fn new_message(author: AccountId, device: &DeviceId, text: &str, ts: i64, id: [u8; 16]) -> Message {
-    Message { id: hex::encode(id), author: author.to_string(), device: device.0.clone(), text: text.to_string(), ts }
+    Message {
+        id: hex::encode(id),
+        author: author.to_string(),
+        device: device.0.clone(),
+        text: text.to_string(),
+        ts,
+        reply_to: None,
+        edited: None,
+        deleted: false,
+        reactions: BTreeMap::new(),
+        attachments: Vec::new(),
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn dev(n: &str) -> DeviceId {
-        DeviceId(n.into())
-    }
-
-    #[test]
-    fn two_devices_converge_on_one_message_list() {
-        let chat = ChatId([9; 16]);
-        let mut a = ChatDoc::new(chat, &dev("a"));
-        let mut b = ChatDoc::new(chat, &dev("b"));
-        let acct = AccountId([1; 16]);
-        let ca = a.add_message(&new_message(acct, &dev("a"), "from a", 1, [1; 16])).unwrap();
-        let cb = b.add_message(&new_message(acct, &dev("b"), "from b", 2, [2; 16])).unwrap();
-        assert_eq!(a.apply_untrusted(&cb).unwrap()[0].text, "from b");
-        assert_eq!(b.apply_untrusted(&ca).unwrap().len(), 1);
-        assert!(b.apply_untrusted(&ca).unwrap().is_empty()); // duplicates are harmless
-        assert_eq!(a.messages(), b.messages());
-        assert_eq!(a.messages().len(), 2);
-        assert_eq!(a.heads(), b.heads());
-    }
-
-    #[test]
-    fn garbage_is_an_error_not_a_panic() {
-        let mut a = ChatDoc::new(ChatId([1; 16]), &dev("a"));
-        assert!(a.apply_untrusted(b"not a change").is_err());
-        assert!(a.apply_untrusted(&[0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1, 2]).is_err());
-        assert!(matches!(a.apply_untrusted(&vec![0; MAX_CHANGE_BYTES + 1]), Err(DocError::TooLarge(_))));
-        assert!(!a.is_poisoned());
-    }
-
-    #[test]
-    fn a_change_with_too_many_ops_is_refused_before_it_is_applied() {
-        let chat = ChatId([4; 16]);
-        let mut evil = ChatDoc::new(chat, &dev("evil"));
-        let list = evil.messages_obj().unwrap();
-        evil.doc
-            .transact::<_, _, automerge::AutomergeError>(|tx| {
-                for i in 0..(MAX_CHANGE_OPS + 1) {
-                    tx.insert(&list, i, 1_i64)?;
-                }
-                Ok(())
-            })
-            .unwrap();
-        let bomb = evil.last_change();
-        assert!(bomb.len() < 4096, "run-length encoding keeps it small: {} bytes", bomb.len());
-        let mut victim = ChatDoc::new(chat, &dev("v"));
-        assert_eq!(victim.apply_untrusted(&bomb), Err(DocError::TooManyOps(MAX_CHANGE_OPS + 1)));
-        assert_eq!(victim.message_count(), 0);
-    }
-
-    /// Found by the property test `doc_props::save_and_load_keep_the_document`: a device whose
-    /// messages carry times far apart (the commit time was the message's time) saved a document
-    /// that failed to load ("mismatching heads"): Automerge delta-encodes commit times with
-    /// saturating arithmetic.
-    #[test]
-    fn messages_with_any_times_save_and_load() {
-        let chat = ChatId([5; 16]);
-        let mut a = ChatDoc::new(chat, &dev("a"));
-        for (i, ts) in [3399525330959665061, -5823846705895110748, i64::MIN, i64::MAX].into_iter().enumerate() {
-            a.add_message(&new_message(AccountId([1; 16]), &dev("a"), "", ts, [i as u8; 16])).unwrap();
-        }
-        a.set_title("t", i64::MIN);
-        let b = ChatDoc::load(chat, &dev("a"), Some(&a.save()), &[]).unwrap();
-        assert_eq!(b.heads(), a.heads());
-        assert_eq!(b.messages(), a.messages());
-        assert_eq!(b.messages()[2].ts, i64::MIN, "the message keeps its time; only the commit time is clamped");
-    }
-
-    /// The same hole from outside: a change from another device (buggy, or hostile and holding
-    /// the chat key) with a commit time far below the others, or a seq that skips (found by the
-    /// fuzz target `apply_untrusted`: a change of an empty actor at seq 2,302,102,470,655 with
-    /// no dependencies), applies in Automerge but makes every later snapshot unloadable, i.e.
-    /// the chat unreadable on the device once the store compacts it. Such changes are refused.
-    #[test]
-    fn changes_a_snapshot_could_not_hold_are_refused() {
-        let chat = ChatId([6; 16]);
-        let mut evil = ChatDoc::new(chat, &dev("evil"));
-        let honest = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), "x", 5, [1; 16])).unwrap();
-        let tampered = |edit: &dyn Fn(&mut automerge::ExpandedChange)| {
-            let mut e = Change::from_bytes(honest.clone()).unwrap().decode();
-            edit(&mut e);
-            Change::from(e).raw_bytes().to_vec()
-        };
-        // Automerge's own parser refuses operation counters above `u32::MAX`.
-        let refused_by_automerge = tampered(&|e| e.start_op = std::num::NonZeroU64::new(1 << 63).unwrap());
-        assert!(Change::from_bytes(refused_by_automerge.clone()).is_err());
-        let mut victim = ChatDoc::new(chat, &dev("v"));
-        assert!(matches!(victim.apply_untrusted(&refused_by_automerge), Err(DocError::Malformed(_))));
-
-        let fuzz_crasher = hex::decode("856f4a830aff750801150000ffffffffff42f1f10500000000000000004040").unwrap();
-        let cases = [
-            ("commit time", tampered(&|e| e.time = i64::MIN), DocError::OutOfRange("commit time")),
-            ("seq gap", tampered(&|e| e.seq = 3), DocError::NotInSequence),
-            ("seq past i64::MAX", tampered(&|e| e.seq = 1 << 63), DocError::NotInSequence),
-            ("fuzz crasher", fuzz_crasher, DocError::NotInSequence),
-            // Also found by `apply_untrusted`: an empty change whose bytes encode its content in
-            // a form Automerge does not write; loading re-encodes it and finds other heads.
-            (
-                "non-canonical bytes",
-                hex::decode("856f4a830e087748011a00000135060000010000078070f55c3a5fff0093ff4a83f95b84").unwrap(),
-                DocError::NonCanonical,
-            ),
-        ];
-        for (what, bytes, error) in cases {
-            // What Automerge alone makes of it: the change applies, the saved document does not load.
-            let mut raw = ChatDoc::new(chat, &dev("v")).doc;
-            raw.set_actor(device_actor(&dev("v")));
-            raw.transact_with::<_, _, automerge::AutomergeError, _>(
-                |_| CommitOptions::default().with_time(1_700_000_000_000),
-                |tx| tx.put(ROOT, "title", "mine"),
-            )
-            .unwrap();
-            raw.apply_changes([Change::from_bytes(bytes.clone()).unwrap()]).unwrap();
-            assert!(Automerge::load(&raw.save()).is_err(), "{what}: automerge now saves it; the check may go");
-
-            let mut victim = ChatDoc::new(chat, &dev("v"));
-            victim.set_title("mine", 1_700_000_000_000);
-            assert_eq!(victim.apply_untrusted(&bytes), Err(error), "{what}");
-            let reloaded = ChatDoc::load(chat, &dev("v"), Some(&victim.save()), &[]).unwrap();
-            assert_eq!(reloaded.heads(), victim.heads());
-        }
-    }
-
-    /// A change that skips seqs cannot slip in by waiting for its dependencies: it is checked
-    /// when they arrive, and dropped.
-    #[test]
-    fn a_held_back_change_is_checked_when_its_dependencies_arrive() {
-        let chat = ChatId([7; 16]);
-        let mut evil = ChatDoc::new(chat, &dev("evil"));
-        let first = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), "1", 5, [1; 16])).unwrap();
-        let second = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), "2", 6, [2; 16])).unwrap();
-        let mut skipping = Change::from_bytes(second).unwrap().decode();
-        skipping.seq = 9;
-        let skipping = Change::from(skipping).raw_bytes().to_vec();
-
-        let mut victim = ChatDoc::new(chat, &dev("v"));
-        assert_eq!(victim.apply_untrusted(&skipping), Ok(vec![]), "held back: its dependency is missing");
-        assert_eq!(victim.apply_untrusted(&first).unwrap().len(), 1, "the dependency applies; the other is dropped");
-        assert_eq!(victim.message_count(), 1);
-        let reloaded = ChatDoc::load(chat, &dev("v"), Some(&victim.save()), &[]).unwrap();
-        assert_eq!(reloaded.heads(), victim.heads());
-        // The store keeps both as changes, in arrival order: loading them gives the same.
-        let replayed = ChatDoc::load(chat, &dev("v"), None, &[skipping, first]).unwrap();
-        assert_eq!(replayed.heads(), victim.heads());
-    }
-
-    #[test]
-    fn changes_waiting_for_dependencies_are_bounded() {
-        let chat = ChatId([8; 16]);
-        let mut evil = ChatDoc::new(chat, &dev("evil"));
-        let change = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), "x", 5, [1; 16])).unwrap();
-        let waiting = |i: u32| {
-            let mut e = Change::from_bytes(change.clone()).unwrap().decode();
-            let mut missing = [0u8; 32];
-            missing[..4].copy_from_slice(&i.to_be_bytes());
-            e.deps = vec![automerge::ChangeHash(missing)];
-            Change::from(e).raw_bytes().to_vec()
-        };
-        let mut victim = ChatDoc::new(chat, &dev("v"));
-        for i in 0..MAX_PENDING_CHANGES as u32 {
-            assert_eq!(victim.apply_untrusted(&waiting(i)), Ok(vec![]));
-        }
-        assert_eq!(victim.apply_untrusted(&waiting(u32::MAX)), Err(DocError::TooManyPending));
-        assert_eq!(victim.apply_untrusted(&waiting(0)), Ok(vec![]), "a repeat is no new change");
-    }
-
-    /// Found by the property test `doc_props::save_and_load_keep_the_document`: a device that
-    /// had made no change yet set the title the chat already had; Automerge made no change and
-    /// `set_title` panicked looking for it (a device with earlier changes got its previous
-    /// change back, to be sent again under a new client seq).
-    #[test]
-    fn setting_the_title_it_already_has_gives_a_new_change() {
-        let chat = ChatId([2; 16]);
-        let mut a = ChatDoc::new(chat, &dev("a"));
-        let mut c = ChatDoc::new(chat, &dev("c"));
-        let first = a.set_title("", 1);
-        c.apply_untrusted(&first).unwrap();
-        let again = c.set_title("", 2);
-        assert_ne!(again, first);
-        assert_eq!(a.apply_untrusted(&again), Ok(vec![]));
-        assert_eq!(a.heads(), c.heads());
-        let third = a.set_title("", 3);
-        assert!(third != first && third != again, "a device with earlier changes gets a new one too");
-        assert_eq!(ChatDoc::load(chat, &dev("a"), Some(&a.save()), &[]).unwrap().heads(), a.heads());
-    }
-
-    #[test]
-    fn reload_from_snapshot_and_changes() {
-        let chat = ChatId([3; 16]);
-        let mut a = ChatDoc::new(chat, &dev("a"));
-        let c1 = a.set_title("t", 5);
-        let snap = ChatDoc::new(chat, &dev("a")).save();
-        let c2 = a.add_message(&new_message(AccountId([1; 16]), &dev("a"), "x", 6, [7; 16])).unwrap();
-        let b = ChatDoc::load(chat, &dev("a"), Some(&snap), &[c1, c2]).unwrap();
-        assert_eq!(b.messages(), a.messages());
-        assert_eq!(b.title().as_deref(), Some("t"));
-    }
-}
+#[path = "doc_tests.rs"]
+mod tests;

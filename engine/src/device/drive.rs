@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use crate::device::core::{SyncCore, SyncInput, SyncOutput};
 use crate::device::doc::Message;
 use crate::device::error::Error;
-use crate::device::local::Device;
+use crate::device::local::{Device, MessageOp};
 use crate::proto::ids::{ChatId, ClientSeq, Seq};
 use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame};
 
@@ -20,6 +20,9 @@ use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame};
 pub enum Event {
     /// A message appeared in a chat (from another device, or written here when `local`).
     MessageAdded { chat: ChatId, message: Message, local: bool },
+    /// A message already shown changed: edited, deleted for everyone, or reacted to (from
+    /// another device, or here when `local`). `message` is how it is now.
+    MessageChanged { chat: ChatId, message: Message, local: bool },
     /// A chat became readable on this device.
     ChatAdded { chat: ChatId },
     /// A message written here is durable on the relay at `seq` (`None`: a retry of one stored
@@ -79,10 +82,25 @@ impl Device {
         chat: ChatId,
         text: &str,
     ) -> Result<(Message, ClientSeq, Vec<Action>), Error> {
-        let (message, item) = self.compose(chat, text)?;
+        self.write(core, chat, &MessageOp::Send { text: text.to_string(), reply_to: None })
+    }
+
+    /// Carries out `write` ([`Device::write_local`]) and queues it with `core`. Returns the
+    /// message as it is now, the client seq of its delta, and what the driver must do now.
+    pub fn write(
+        &mut self,
+        core: &mut SyncCore,
+        chat: ChatId,
+        write: &MessageOp,
+    ) -> Result<(Message, ClientSeq, Vec<Action>), Error> {
+        let (message, item) = self.write_local(chat, write)?;
         let client_seq = item.client_seq;
         let outputs = core.handle(SyncInput::OutboxAdded(item));
-        let mut actions = vec![Action::Emit(Event::MessageAdded { chat, message: message.clone(), local: true })];
+        let event = match write {
+            MessageOp::Send { .. } => Event::MessageAdded { chat, message: message.clone(), local: true },
+            _ => Event::MessageChanged { chat, message: message.clone(), local: true },
+        };
+        let mut actions = vec![Action::Emit(event)];
         actions.extend(self.carry_out(core, outputs));
         Ok((message, client_seq, actions))
     }
@@ -111,14 +129,17 @@ impl Device {
         while let Some(o) = queue.pop_front() {
             match o {
                 SyncOutput::Send(frame) => actions.push(Action::Send(frame)),
-                SyncOutput::ApplyDelta(delta) => {
-                    match self.apply_delta(&delta) {
-                        Ok(added) => actions.extend(added.into_iter().map(|message| {
+                SyncOutput::ApplyDelta(delta) => match self.apply_delta(&delta) {
+                    Ok(update) => {
+                        actions.extend(update.added.into_iter().map(|message| {
                             Action::Emit(Event::MessageAdded { chat: delta.chat, message, local: false })
-                        })),
-                        Err(e) => actions.push(error(format!("chat {} seq {}: {e}", delta.chat, delta.seq))),
+                        }));
+                        actions.extend(update.changed.into_iter().map(|message| {
+                            Action::Emit(Event::MessageChanged { chat: delta.chat, message, local: false })
+                        }));
                     }
-                }
+                    Err(e) => actions.push(error(format!("chat {} seq {}: {e}", delta.chat, delta.seq))),
+                },
                 SyncOutput::ApplyAccountEntry(entry) => match self.apply_account_entry(&entry) {
                     Ok(applied) => {
                         if let Some(due) = applied.rotation_due {

@@ -56,6 +56,9 @@ pub enum Error {
     /// from this device.
     #[error("this device's session was ended by another device of the account; its account data was deleted here")]
     SessionRevoked,
+    /// Only the account that wrote a message can edit or delete it.
+    #[error("message {0} was written by another account; only its author can change it")]
+    NotYours(String),
     /// A rotation of the account's keys could not be taken: what this device holds does not
     /// agree with it (the reason says how). The device keeps its keys; it can read what it
     /// could, and what is sealed under the new keys stays closed to it.

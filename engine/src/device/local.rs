@@ -9,7 +9,7 @@ use rand::{RngCore, SeedableRng};
 use serde::Serialize;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::device::doc::{new_message, ChatDoc, Message};
+use crate::device::doc::{new_message, ChatDoc, DocUpdate, Message};
 use crate::device::error::Error;
 use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
 use crate::device::store::{
@@ -25,8 +25,11 @@ use crate::proto::wire::{
     PROTOCOL_VERSION,
 };
 
+mod messages;
 mod rotation;
 mod sessions;
+
+pub use messages::MessageOp;
 
 pub(crate) use rotation::Applied;
 
@@ -516,16 +519,10 @@ impl Device {
     }
 
     /// Writes a message: edits the document, seals the change, and stores both and the outbox
-    /// item durably. Sending is the session's job.
+    /// item durably. Sending is the session's job. (See [`Device::write_local`] for replies,
+    /// edits, deletes and reactions.)
     pub fn compose(&mut self, chat: ChatId, text: &str) -> Result<(Message, OutboxItem), Error> {
-        check_text(text)?;
-        let author = self.login()?.account.id;
-        let mut id = [0u8; 16];
-        self.rng.fill_bytes(&mut id);
-        let msg = new_message(author, &self.id, text, self.now_ms(), id);
-        let change = self.doc(chat)?.add_message(&msg)?;
-        let item = self.seal_and_store(chat, &change)?;
-        Ok((msg, item))
+        self.write_local(chat, &MessageOp::Send { text: text.to_string(), reply_to: None })
     }
 
     fn seal_and_store(&mut self, chat: ChatId, change: &[u8]) -> Result<OutboxItem, Error> {
@@ -553,7 +550,7 @@ impl Device {
     /// Opens and applies a delta from the relay and moves the chat's cursor past it. A delta
     /// that fails to open or apply is skipped (the cursor still moves) and reported as an error;
     /// it never stalls the chat.
-    pub(crate) fn apply_delta(&mut self, delta: &Delta) -> Result<Vec<Message>, Error> {
+    pub(crate) fn apply_delta(&mut self, delta: &Delta) -> Result<DocUpdate, Error> {
         let meta = self.store.chat(delta.chat)?.ok_or(Error::UnknownChat(delta.chat))?;
         let opened = match meta.keys.get(&delta.epoch) {
             None => Err(Error::Crypto(crate::proto::crypto::CryptoError::MalformedKey)),
@@ -575,7 +572,7 @@ impl Device {
             }
         };
         let doc = self.doc(delta.chat)?;
-        match doc.apply_untrusted(&plain) {
+        match doc.apply_untrusted_update(&plain) {
             Ok(added) => {
                 let stored = self.store.apply_remote(delta.chat, delta.seq, Some(&plain))?;
                 self.maybe_compact(delta.chat, stored)?;

@@ -21,7 +21,7 @@ use crate::device::core::{SyncCore, SyncInput, SyncOutput};
 use crate::device::doc::Message;
 use crate::device::drive::{Action, Event};
 use crate::device::error::Error;
-use crate::device::local::Device;
+use crate::device::local::{Device, MessageOp};
 use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
 use crate::proto::ids::{ChatId, ClientSeq};
 use crate::proto::wire::RelayFrame;
@@ -48,6 +48,7 @@ type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 enum Command {
     Send { chat: ChatId, text: String, reply: Reply<(Message, ClientSeq)> },
+    Write { chat: ChatId, write: MessageOp, reply: Reply<(Message, ClientSeq)> },
     CreateChat { title: String, reply: Reply<ChatId> },
     Messages { chat: ChatId, reply: Reply<Vec<Message>> },
     Heads { chat: ChatId, reply: Reply<Vec<String>> },
@@ -106,6 +107,13 @@ impl Session {
     /// relay has it.
     pub async fn send(&self, chat: ChatId, text: &str) -> Result<(Message, ClientSeq), Error> {
         self.call(|reply| Command::Send { chat, text: text.to_string(), reply }).await
+    }
+
+    /// Replies, edits, deletes for everyone or reacts ([`MessageOp`]), durably on this device, and
+    /// queues the change for the relay. Returns the message as it is now and the client seq of
+    /// the change's delta.
+    pub async fn write(&self, chat: ChatId, write: MessageOp) -> Result<(Message, ClientSeq), Error> {
+        self.call(|reply| Command::Write { chat, write, reply }).await
     }
 
     /// Creates a chat. It works offline: the chat's creation and title wait in the outbox, and
@@ -235,6 +243,15 @@ impl Driver {
     async fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Send { chat, text, reply } => match self.device.send(&mut self.core, chat, &text) {
+                Ok((message, client_seq, actions)) => {
+                    let _ = reply.send(Ok((message, client_seq)));
+                    self.run_actions(actions).await;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Write { chat, write, reply } => match self.device.write(&mut self.core, chat, &write) {
                 Ok((message, client_seq, actions)) => {
                     let _ = reply.send(Ok((message, client_seq)));
                     self.run_actions(actions).await;

@@ -1,0 +1,250 @@
+//! The chat document driven directly.
+
+use super::*;
+
+fn dev(n: &str) -> DeviceId {
+    DeviceId(n.into())
+}
+
+#[test]
+fn two_devices_converge_on_one_message_list() {
+    let chat = ChatId([9; 16]);
+    let mut a = ChatDoc::new(chat, &dev("a"));
+    let mut b = ChatDoc::new(chat, &dev("b"));
+    let acct = AccountId([1; 16]);
+    let ca = a.add_message(&new_message(acct, &dev("a"), "from a", 1, [1; 16])).unwrap();
+    let cb = b.add_message(&new_message(acct, &dev("b"), "from b", 2, [2; 16])).unwrap();
+    assert_eq!(a.apply_untrusted(&cb).unwrap()[0].text, "from b");
+    assert_eq!(b.apply_untrusted(&ca).unwrap().len(), 1);
+    assert!(b.apply_untrusted(&ca).unwrap().is_empty()); // duplicates are harmless
+    assert_eq!(a.messages(), b.messages());
+    assert_eq!(a.messages().len(), 2);
+    assert_eq!(a.heads(), b.heads());
+}
+
+#[test]
+fn garbage_is_an_error_not_a_panic() {
+    let mut a = ChatDoc::new(ChatId([1; 16]), &dev("a"));
+    assert!(a.apply_untrusted(b"not a change").is_err());
+    assert!(a.apply_untrusted(&[0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1, 2]).is_err());
+    assert!(matches!(a.apply_untrusted(&vec![0; MAX_CHANGE_BYTES + 1]), Err(DocError::TooLarge(_))));
+    assert!(!a.is_poisoned());
+}
+
+#[test]
+fn a_change_with_too_many_ops_is_refused_before_it_is_applied() {
+    let chat = ChatId([4; 16]);
+    let mut evil = ChatDoc::new(chat, &dev("evil"));
+    let list = evil.messages_obj().unwrap();
+    evil.doc
+        .transact::<_, _, automerge::AutomergeError>(|tx| {
+            for i in 0..(MAX_CHANGE_OPS + 1) {
+                tx.insert(&list, i, 1_i64)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let bomb = evil.last_change();
+    assert!(bomb.len() < 4096, "run-length encoding keeps it small: {} bytes", bomb.len());
+    let mut victim = ChatDoc::new(chat, &dev("v"));
+    assert_eq!(victim.apply_untrusted(&bomb), Err(DocError::TooManyOps(MAX_CHANGE_OPS + 1)));
+    assert_eq!(victim.message_count(), 0);
+}
+
+/// Found by the property test `doc_props::save_and_load_keep_the_document`: a device whose
+/// messages carry times far apart (the commit time was the message's time) saved a document
+/// that failed to load ("mismatching heads"): Automerge delta-encodes commit times with
+/// saturating arithmetic.
+#[test]
+fn messages_with_any_times_save_and_load() {
+    let chat = ChatId([5; 16]);
+    let mut a = ChatDoc::new(chat, &dev("a"));
+    for (i, ts) in [3399525330959665061, -5823846705895110748, i64::MIN, i64::MAX].into_iter().enumerate() {
+        a.add_message(&new_message(AccountId([1; 16]), &dev("a"), "", ts, [i as u8; 16])).unwrap();
+    }
+    a.set_title("t", i64::MIN);
+    let b = ChatDoc::load(chat, &dev("a"), Some(&a.save()), &[]).unwrap();
+    assert_eq!(b.heads(), a.heads());
+    assert_eq!(b.messages(), a.messages());
+    assert_eq!(b.messages()[2].ts, i64::MIN, "the message keeps its time; only the commit time is clamped");
+}
+
+/// The same hole from outside: a change from another device (buggy, or hostile and holding
+/// the chat key) with a commit time far below the others, or a seq that skips (found by the
+/// fuzz target `apply_untrusted`: a change of an empty actor at seq 2,302,102,470,655 with
+/// no dependencies), applies in Automerge but makes every later snapshot unloadable, i.e.
+/// the chat unreadable on the device once the store compacts it. Such changes are refused.
+#[test]
+fn changes_a_snapshot_could_not_hold_are_refused() {
+    let chat = ChatId([6; 16]);
+    let mut evil = ChatDoc::new(chat, &dev("evil"));
+    let honest = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), "x", 5, [1; 16])).unwrap();
+    let tampered = |edit: &dyn Fn(&mut automerge::ExpandedChange)| {
+        let mut e = Change::from_bytes(honest.clone()).unwrap().decode();
+        edit(&mut e);
+        Change::from(e).raw_bytes().to_vec()
+    };
+    // Automerge's own parser refuses operation counters above `u32::MAX`.
+    let refused_by_automerge = tampered(&|e| e.start_op = std::num::NonZeroU64::new(1 << 63).unwrap());
+    assert!(Change::from_bytes(refused_by_automerge.clone()).is_err());
+    let mut victim = ChatDoc::new(chat, &dev("v"));
+    assert!(matches!(victim.apply_untrusted(&refused_by_automerge), Err(DocError::Malformed(_))));
+
+    let fuzz_crasher = hex::decode("856f4a830aff750801150000ffffffffff42f1f10500000000000000004040").unwrap();
+    let cases = [
+        ("commit time", tampered(&|e| e.time = i64::MIN), DocError::OutOfRange("commit time")),
+        ("seq gap", tampered(&|e| e.seq = 3), DocError::NotInSequence),
+        ("seq past i64::MAX", tampered(&|e| e.seq = 1 << 63), DocError::NotInSequence),
+        ("fuzz crasher", fuzz_crasher, DocError::NotInSequence),
+        // Also found by `apply_untrusted`: an empty change whose bytes encode its content in
+        // a form Automerge does not write; loading re-encodes it and finds other heads.
+        (
+            "non-canonical bytes",
+            hex::decode("856f4a830e087748011a00000135060000010000078070f55c3a5fff0093ff4a83f95b84").unwrap(),
+            DocError::NonCanonical,
+        ),
+    ];
+    for (what, bytes, error) in cases {
+        // What Automerge alone makes of it: the change applies, the saved document does not load.
+        let mut raw = ChatDoc::new(chat, &dev("v")).doc;
+        raw.set_actor(device_actor(&dev("v")));
+        raw.transact_with::<_, _, automerge::AutomergeError, _>(
+            |_| CommitOptions::default().with_time(1_700_000_000_000),
+            |tx| tx.put(ROOT, "title", "mine"),
+        )
+        .unwrap();
+        raw.apply_changes([Change::from_bytes(bytes.clone()).unwrap()]).unwrap();
+        assert!(Automerge::load(&raw.save()).is_err(), "{what}: automerge now saves it; the check may go");
+
+        let mut victim = ChatDoc::new(chat, &dev("v"));
+        victim.set_title("mine", 1_700_000_000_000);
+        assert_eq!(victim.apply_untrusted(&bytes), Err(error), "{what}");
+        let reloaded = ChatDoc::load(chat, &dev("v"), Some(&victim.save()), &[]).unwrap();
+        assert_eq!(reloaded.heads(), victim.heads());
+    }
+}
+
+/// A change that skips seqs cannot slip in by waiting for its dependencies: it is checked
+/// when they arrive, and dropped.
+#[test]
+fn a_held_back_change_is_checked_when_its_dependencies_arrive() {
+    let chat = ChatId([7; 16]);
+    let mut evil = ChatDoc::new(chat, &dev("evil"));
+    let first = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), "1", 5, [1; 16])).unwrap();
+    let second = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), "2", 6, [2; 16])).unwrap();
+    let mut skipping = Change::from_bytes(second).unwrap().decode();
+    skipping.seq = 9;
+    let skipping = Change::from(skipping).raw_bytes().to_vec();
+
+    let mut victim = ChatDoc::new(chat, &dev("v"));
+    assert_eq!(victim.apply_untrusted(&skipping), Ok(vec![]), "held back: its dependency is missing");
+    assert_eq!(victim.apply_untrusted(&first).unwrap().len(), 1, "the dependency applies; the other is dropped");
+    assert_eq!(victim.message_count(), 1);
+    let reloaded = ChatDoc::load(chat, &dev("v"), Some(&victim.save()), &[]).unwrap();
+    assert_eq!(reloaded.heads(), victim.heads());
+    // The store keeps both as changes, in arrival order: loading them gives the same.
+    let replayed = ChatDoc::load(chat, &dev("v"), None, &[skipping, first]).unwrap();
+    assert_eq!(replayed.heads(), victim.heads());
+}
+
+#[test]
+fn changes_waiting_for_dependencies_are_bounded() {
+    let chat = ChatId([8; 16]);
+    let mut evil = ChatDoc::new(chat, &dev("evil"));
+    let change = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), "x", 5, [1; 16])).unwrap();
+    let waiting = |i: u32| {
+        let mut e = Change::from_bytes(change.clone()).unwrap().decode();
+        let mut missing = [0u8; 32];
+        missing[..4].copy_from_slice(&i.to_be_bytes());
+        e.deps = vec![automerge::ChangeHash(missing)];
+        Change::from(e).raw_bytes().to_vec()
+    };
+    let mut victim = ChatDoc::new(chat, &dev("v"));
+    for i in 0..MAX_PENDING_CHANGES as u32 {
+        assert_eq!(victim.apply_untrusted(&waiting(i)), Ok(vec![]));
+    }
+    assert_eq!(victim.apply_untrusted(&waiting(u32::MAX)), Err(DocError::TooManyPending));
+    assert_eq!(victim.apply_untrusted(&waiting(0)), Ok(vec![]), "a repeat is no new change");
+}
+
+/// Found by the property test `doc_props::save_and_load_keep_the_document`: a device that
+/// had made no change yet set the title the chat already had; Automerge made no change and
+/// `set_title` panicked looking for it (a device with earlier changes got its previous
+/// change back, to be sent again under a new client seq).
+#[test]
+fn setting_the_title_it_already_has_gives_a_new_change() {
+    let chat = ChatId([2; 16]);
+    let mut a = ChatDoc::new(chat, &dev("a"));
+    let mut c = ChatDoc::new(chat, &dev("c"));
+    let first = a.set_title("", 1);
+    c.apply_untrusted(&first).unwrap();
+    let again = c.set_title("", 2);
+    assert_ne!(again, first);
+    assert_eq!(a.apply_untrusted(&again), Ok(vec![]));
+    assert_eq!(a.heads(), c.heads());
+    let third = a.set_title("", 3);
+    assert!(third != first && third != again, "a device with earlier changes gets a new one too");
+    assert_eq!(ChatDoc::load(chat, &dev("a"), Some(&a.save()), &[]).unwrap().heads(), a.heads());
+}
+
+#[test]
+fn reload_from_snapshot_and_changes() {
+    let chat = ChatId([3; 16]);
+    let mut a = ChatDoc::new(chat, &dev("a"));
+    let c1 = a.set_title("t", 5);
+    let snap = ChatDoc::new(chat, &dev("a")).save();
+    let c2 = a.add_message(&new_message(AccountId([1; 16]), &dev("a"), "x", 6, [7; 16])).unwrap();
+    let b = ChatDoc::load(chat, &dev("a"), Some(&snap), &[c1, c2]).unwrap();
+    assert_eq!(b.messages(), a.messages());
+    assert_eq!(b.title().as_deref(), Some("t"));
+}
+
+#[test]
+fn replies_edits_deletes_and_reactions_converge_and_are_reported() {
+    let chat = ChatId([4; 16]);
+    let (da, db) = (dev("a"), dev("b"));
+    let (mut a, mut b) = (ChatDoc::new(chat, &da), ChatDoc::new(chat, &db));
+    let (alice, bob) = (AccountId([1; 16]), AccountId([2; 16]));
+    let first = new_message(alice, &da, "hello", 1, [1; 16]);
+    let c1 = a.add_message(&first).unwrap();
+    assert_eq!(b.apply_untrusted_update(&c1).unwrap().added.len(), 1);
+    let mut reply = new_message(bob, &db, "hi back", 2, [2; 16]);
+    reply.reply_to = Some(first.id.clone());
+    let c2 = b.add_message(&reply).unwrap();
+    a.apply_untrusted(&c2).unwrap();
+    assert_eq!(a.messages()[1].reply_to.as_deref(), Some(first.id.as_str()));
+
+    // An edit and two reactions reach the other side as changes of the message.
+    let c3 = a.edit_message(&first.id, "hello, world", 3).unwrap();
+    let update = b.apply_untrusted_update(&c3).unwrap();
+    assert!(update.added.is_empty());
+    assert_eq!(update.changed.len(), 1);
+    assert_eq!((update.changed[0].text.as_str(), update.changed[0].edited), ("hello, world", Some(3)));
+    let c4 = b.react(&first.id, &bob, "👍", true, 4).unwrap();
+    let c5 = a.react(&first.id, &alice, "👍", true, 4).unwrap();
+    a.apply_untrusted(&c4).unwrap();
+    b.apply_untrusted(&c5).unwrap();
+    let thumbs = vec![alice.to_string(), bob.to_string()];
+    assert_eq!(a.messages()[0].reactions.get("👍"), Some(&thumbs));
+    let c6 = b.react(&first.id, &bob, "👍", false, 5).unwrap();
+    assert_eq!(a.apply_untrusted_update(&c6).unwrap().changed[0].reactions["👍"], vec![alice.to_string()]);
+    assert_eq!(b.react(&first.id, &bob, "two words", true, 5), Err(DocError::BadReaction));
+
+    // A delete and an edit made at the same time: the message is deleted on both sides, its
+    // text gone whichever write Automerge orders last.
+    let edit = b.edit_message(&reply.id, "edited meanwhile", 6).unwrap();
+    let delete = a.delete_message(&reply.id, 6).unwrap();
+    a.apply_untrusted(&edit).unwrap();
+    b.apply_untrusted(&delete).unwrap();
+    for doc in [&a, &b] {
+        let m = &doc.messages()[1];
+        assert!(m.deleted && m.text.is_empty() && m.reactions.is_empty(), "{m:?}");
+    }
+    assert_eq!(a.heads(), b.heads());
+    assert_eq!(a.messages(), b.messages());
+    assert!(matches!(a.edit_message(&reply.id, "again", 7), Err(DocError::Deleted(_))));
+    assert!(matches!(a.edit_message("nope", "x", 7), Err(DocError::UnknownMessage(_))));
+    // And it stays so through a snapshot.
+    let loaded = ChatDoc::load(chat, &da, Some(&a.save()), &[]).unwrap();
+    assert_eq!(loaded.messages(), a.messages());
+}

@@ -1,0 +1,72 @@
+//! Replies, edits, deletes for everyone and reactions (issue 5.3), through the real `stratus`
+//! CLI and relay, across the devices of an account.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use stratus_tests::{bin, link_device, stratus, stratus_ok, Relay};
+
+fn log_json(home: &std::path::Path, chat: &str) -> Vec<serde_json::Value> {
+    stratus_ok(home, &["log", chat, "--json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn replies_edits_reactions_and_deletes_reach_every_device_also_one_that_was_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"));
+    let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
+    let chat = stratus_ok(&a, &["chat", "create", "--title", "notes"]).trim().to_string();
+    link_device(&relay, &a, &b, "phone");
+    link_device(&relay, &a, &c, "tablet");
+    let first = stratus_ok(&a, &["send", &chat, "first"]).trim().to_string();
+    stratus_ok(&b, &["sync"]);
+    stratus_ok(&c, &["sync"]);
+
+    // b watches while the others write: changes to a message it shows arrive as they happen.
+    let mut watch = Command::new(bin("stratus"))
+        .arg("--home")
+        .arg(&b)
+        .args(["watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let reply = stratus_ok(&c, &["reply", &chat, &first, "an answer"]).trim().to_string();
+    let seen: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!((seen["id"].as_str(), seen["reply_to"].as_str()), (Some(reply.as_str()), Some(first.as_str())));
+    stratus_ok(&a, &["edit", &chat, &first, "first, edited"]);
+    let seen: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(seen["text"], "first, edited");
+    assert!(seen["edited"].is_i64(), "{seen}");
+    stratus_ok(&c, &["react", &chat, &first, "👍"]);
+    let seen: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(seen["reactions"]["👍"].as_array().map(Vec::len), Some(1), "{seen}");
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+
+    // c is offline while its reply is deleted for everyone (by another device of the account).
+    stratus_ok(&a, &["sync"]);
+    stratus_ok(&a, &["delete", &chat, &reply]);
+    let refused = stratus(&a, &["edit", &chat, &reply, "too late"]);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("deleted"));
+    stratus_ok(&c, &["sync"]);
+    stratus_ok(&b, &["sync"]);
+    let shown = log_json(&c, &chat);
+    assert_eq!(shown.len(), 2);
+    assert_eq!(shown[1]["deleted"], true);
+    assert_eq!(shown[1]["text"], "", "the text is gone on the device that was offline");
+    assert!(stratus_ok(&c, &["log", &chat]).contains("(deleted)"));
+    let text = stratus_ok(&a, &["log", &chat]);
+    assert!(text.contains("first, edited (edited)") && text.contains("👍×1"), "{text}");
+    assert_eq!(text, stratus_ok(&b, &["log", &chat]));
+    assert_eq!(text, stratus_ok(&c, &["log", &chat]));
+
+    // Taking a reaction back; a reaction that is not one word is refused.
+    stratus_ok(&c, &["react", &chat, &first, "👍", "--remove"]);
+    stratus_ok(&a, &["sync"]);
+    assert!(log_json(&a, &chat)[0]["reactions"].as_object().unwrap().is_empty());
+    assert!(!stratus(&a, &["react", &chat, &first, "two words"]).status.success());
+    assert!(!stratus(&a, &["reply", &chat, "0000", "to nothing"]).status.success());
+}
