@@ -23,7 +23,7 @@ enum Edit {
         title: String,
     },
     /// On a message the replica has (the `target`-th, if any): 0 edit, 1 delete for everyone,
-    /// 2 add a reaction, 3 remove it.
+    /// 2 add a reaction, 3 remove it, 4 mark the chat read up to it.
     Change {
         dev: u8,
         target: u8,
@@ -48,7 +48,7 @@ fn edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
         4 => (any::<u8>(), "\\PC{0,12}", any::<i64>()).prop_map(|(dev, text, ts)| Edit::Message { dev, text, ts }),
         1 => (any::<u8>(), "\\PC{0,8}").prop_map(|(dev, title)| Edit::Title { dev, title }),
-        3 => (any::<u8>(), any::<u8>(), 0u8..4, "[a-z]{1,4}")
+        3 => (any::<u8>(), any::<u8>(), 0u8..5, "[a-z]{1,4}")
             .prop_map(|(dev, target, kind, text)| Edit::Change { dev, target, kind, text }),
     ]
 }
@@ -116,6 +116,7 @@ impl Run {
                 let made = match kind {
                     0 => r.doc.edit_message(&id, text, 9),
                     1 => r.doc.delete_message(&id, 9),
+                    4 => r.doc.mark_read(&account, &r.id, &id, 9),
                     k => r.doc.react(&id, &account, text, *k == 2, 9),
                 };
                 match made {

@@ -150,6 +150,11 @@ enum Op {
         conn: u8,
         which: u8,
     },
+    /// A typing indicator.
+    Typing {
+        conn: u8,
+        chat: u8,
+    },
     /// A rotation without a revocation (after an expiry), from the revocations' fixtures.
     Rotate {
         conn: u8,
@@ -569,6 +574,11 @@ impl Harness {
             | RelayFrame::LinkApproved { req, .. }
             | RelayFrame::Duplicate { req, .. }
             | RelayFrame::Error { req: Some(req), .. } => self.replied(conn, req),
+            RelayFrame::Typing { chat, account: typist, .. } => {
+                let members = &self.latest.chats[&chat].members;
+                assert!(account.is_some_and(|a| members.contains(&a)), "typing to a device of a non-member");
+                assert!(members.contains(&typist), "typing from a non-member");
+            }
             RelayFrame::Hello { .. } | RelayFrame::Error { req: None, .. } => {}
         }
     }
@@ -726,6 +736,12 @@ fuzz_target!(|script: Script| {
             Op::Revoke { conn, which } => {
                 let (revocation, rotation, chats, recovery) = pick(&f.revoke, which).clone();
                 h.request(conn, |req| ClientFrame::Revoke { req, revocation, rotation, chats, recovery });
+            }
+            Op::Typing { conn, chat } => {
+                let chat = *pick(&f.chats, chat);
+                if let Some(conn) = h.conn(conn) {
+                    h.frame(conn, ClientFrame::Typing { chat });
+                }
             }
             Op::Rotate { conn, which } => {
                 let (_, rotation, chats, recovery) = pick(&f.revoke, which).clone();

@@ -60,6 +60,12 @@ enum Command {
     Edit { chat: ChatId, message: String, text: String },
     /// Delete one of this account's messages for everyone.
     Delete { chat: ChatId, message: String },
+    /// Mark the chat read up to a message (the last one if none is given), on every device of
+    /// the account and as a read receipt for the other members.
+    Read { chat: ChatId, message: Option<String> },
+    /// Tell the chat's members' connected devices that you are typing (shown for 6 seconds;
+    /// never stored).
+    Typing { chat: ChatId },
     /// React to a message (one emoji or word), or take the reaction back with --remove.
     React {
         chat: ChatId,
@@ -215,6 +221,7 @@ fn message_json(chat: ChatId, m: &Message) -> String {
         "deleted": m.deleted,
         "reactions": m.reactions,
         "attachments": m.attachments,
+        "read_by": m.read_by,
     })
     .to_string()
 }
@@ -238,6 +245,9 @@ fn message_line(m: &Message) -> String {
     }
     for (reaction, accounts) in &m.reactions {
         line.push_str(&format!(" {reaction}×{}", accounts.len()));
+    }
+    if !m.read_by.is_empty() {
+        line.push_str(&format!(" ✓{}", m.read_by.len()));
     }
     line
 }
@@ -389,7 +399,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 if json {
                     out(&serde_json::to_string(&c).map_err(|e| Failure::Other(e.to_string()))?);
                 } else {
-                    out(&format!("{} {} ({} messages)", c.id, c.title.as_deref().unwrap_or("(untitled)"), c.messages));
+                    out(&format!(
+                        "{} {} ({} messages, {} unread)",
+                        c.id,
+                        c.title.as_deref().unwrap_or("(untitled)"),
+                        c.messages,
+                        c.unread
+                    ));
                 }
             }
         }
@@ -411,6 +427,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::React { chat, message, reaction, remove } => {
             write_and_sync(device, chat, MessageOp::React { id: message, reaction, add: !remove }).await?;
+        }
+        Command::Read { chat, message } => {
+            let last = device.messages(chat)?.last().map(|m| m.id.clone());
+            let Some(id) = message.or(last) else { return Ok(()) };
+            write_and_sync(device, chat, MessageOp::Read { id }).await?;
+        }
+        Command::Typing { chat } => {
+            device.account().ok_or(Error::NotLoggedIn)?;
+            device.messages(chat)?;
+            let mut session = Session::start(device)?;
+            let mut events = session.events();
+            wait_for(&mut events, |e| matches!(e, Event::Connected)).await?;
+            if !session.typing(chat).await? {
+                return Err(Failure::Unreachable("the relay connection dropped".into()));
+            }
+            // `typing` answers once the frame is written to the stream.
+            session.stop().await?;
         }
         Command::Sync => {
             device.account().ok_or(Error::NotLoggedIn)?;
@@ -440,6 +473,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     | Event::MessageChanged { chat, message, local: false } => {
                         out(&if json { message_json(chat, &message) } else { message_line(&message) })
                     }
+                    Event::Typing { chat, account, device } => out(&if json {
+                        serde_json::json!({ "chat": chat.to_string(), "typing": account, "device": device }).to_string()
+                    } else {
+                        format!("{account} is typing in {chat}")
+                    }),
+                    Event::Read { chat, account, up_to } => out(&if json {
+                        serde_json::json!({ "chat": chat.to_string(), "read": account, "up_to": up_to }).to_string()
+                    } else {
+                        format!("read by {account} up to {up_to}")
+                    }),
                     Event::Disconnected { reason } => eprintln!("stratus: disconnected ({reason}); retrying"),
                     Event::Error { message } => eprintln!("stratus: {message}"),
                     Event::CaughtUp => eprintln!("stratus: caught up"),

@@ -406,12 +406,16 @@ impl RelayCore {
             }
             d.state.last_active_ms = d.state.last_active_ms.max(now_ms);
         }
+        if let ClientFrame::Typing { chat } = frame {
+            self.typing(conn, &device, account, chat, now_ms, out);
+            return;
+        }
         if let Some(retry_after_ms) = self.over_rate(&device, &frame, now_ms) {
             out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req: frame.req(), retry_after_ms } });
             return;
         }
         let result = match (frame, account) {
-            (ClientFrame::Hello { .. }, _) => unreachable!("handled above"),
+            (ClientFrame::Hello { .. } | ClientFrame::Typing { .. }, _) => unreachable!("handled above"),
             (ClientFrame::CreateAccount { req, account, cert }, _) => {
                 self.create_account(conn, req, &device, account, cert, now_ms, out).map_err(|e| (req, e))
             }

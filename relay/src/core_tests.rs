@@ -648,3 +648,24 @@ fn a_refused_chat_creation_holds_back_the_chats_first_append() {
 
 #[path = "core_tests_sessions.rs"]
 mod sessions;
+
+#[test]
+fn typing_is_pushed_to_the_members_other_devices_and_never_written() {
+    let mut w = world();
+    let a = w.connect(1, "a");
+    let (keys, chat) = w.account(&a);
+    let b = w.second_device(&keys, 2, "b");
+    let stranger = w.connect(3, "stranger");
+    let _ = w.account(&stranger);
+    let e = w.frame(a.conn, ClientFrame::Typing { chat });
+    assert!(!e.iter().any(|e| matches!(e, Effect::Write { .. })), "never stored: {e:?}");
+    let to: Vec<ConnId> = sends(&e).into_iter().map(|(c, _)| c).collect();
+    assert_eq!(to, vec![b.conn], "only the other devices of members, not the sender: {e:?}");
+    assert!(matches!(
+        sends(&e)[0].1,
+        RelayFrame::Typing { chat: c, device, .. } if *c == chat && *device == a.id
+    ));
+    // Not a member, or an unknown chat: dropped, not answered.
+    assert!(w.frame(stranger.conn, ClientFrame::Typing { chat }).is_empty());
+    assert!(w.frame(a.conn, ClientFrame::Typing { chat: ChatId([0; 16]) }).is_empty());
+}

@@ -494,6 +494,7 @@ fn log_input(input: &Input) {
             ClientFrame::Recover { req, cert, .. } => {
                 tracing::info!(conn, req, device = %cert.body.device, "recover")
             }
+            ClientFrame::Typing { chat } => tracing::trace!(conn, %chat, "typing"),
             ClientFrame::Rotate { req, rotation, chats, .. } => {
                 tracing::info!(conn, req, generation = rotation.body.generation, chats = chats.len(), "rotate")
             }

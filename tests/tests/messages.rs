@@ -43,6 +43,10 @@ fn replies_edits_reactions_and_deletes_reach_every_device_also_one_that_was_offl
     stratus_ok(&c, &["react", &chat, &first, "👍"]);
     let seen: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(seen["reactions"]["👍"].as_array().map(Vec::len), Some(1), "{seen}");
+    // Reading on one device moves the account's read mark on the others.
+    stratus_ok(&c, &["read", &chat]);
+    let seen: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(seen["up_to"].as_str(), Some(reply.as_str()), "{seen}");
     watch.kill().unwrap();
     watch.wait().unwrap();
 
@@ -62,6 +66,8 @@ fn replies_edits_reactions_and_deletes_reach_every_device_also_one_that_was_offl
     assert!(text.contains("first, edited (edited)") && text.contains("👍×1"), "{text}");
     assert_eq!(text, stratus_ok(&b, &["log", &chat]));
     assert_eq!(text, stratus_ok(&c, &["log", &chat]));
+    let list = stratus_ok(&a, &["chat", "list"]);
+    assert!(list.contains("2 messages, 0 unread"), "own messages are never unread: {list}");
 
     // Taking a reaction back; a reaction that is not one word is refused.
     stratus_ok(&c, &["react", &chat, &first, "👍", "--remove"]);
@@ -69,4 +75,39 @@ fn replies_edits_reactions_and_deletes_reach_every_device_also_one_that_was_offl
     assert!(log_json(&a, &chat)[0]["reactions"].as_object().unwrap().is_empty());
     assert!(!stratus(&a, &["react", &chat, &first, "two words"]).status.success());
     assert!(!stratus(&a, &["reply", &chat, "0000", "to nothing"]).status.success());
+}
+
+/// A typing indicator reaches the other connected devices and nothing of it is stored.
+#[test]
+fn typing_reaches_the_connected_devices_and_is_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"));
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
+    let chat = stratus_ok(&a, &["chat", "create", "--title", "notes"]).trim().to_string();
+    link_device(&relay, &a, &b, "phone");
+    stratus_ok(&b, &["sync"]);
+    let mut watch = Command::new(bin("stratus"))
+        .arg("--home")
+        .arg(&b)
+        .args(["watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut errors = BufReader::new(watch.stderr.take().unwrap()).lines();
+    // Wait until the watch is connected and caught up, so that it is there to be told.
+    while !errors.next().unwrap().unwrap().contains("caught up") {}
+    let files_before = stratus_tests::files_under(&relay.data_dir).len();
+    let marker = "typing-marker-7e1f";
+    stratus_ok(&a, &["typing", &chat]);
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let seen: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(seen["chat"].as_str(), Some(chat.as_str()), "{seen}");
+    assert!(seen["typing"].is_string() && seen["device"].is_string(), "{seen}");
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    // Nothing was written for it: no new file, and the chat's log is unchanged.
+    assert_eq!(stratus_tests::files_under(&relay.data_dir).len(), files_before);
+    assert!(!stratus_ok(&a, &["log", &chat]).contains(marker));
 }

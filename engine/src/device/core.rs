@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::device::store::{OutboxBody, OutboxItem};
-use crate::proto::ids::{ChatId, ClientSeq, Seq};
+use crate::proto::ids::{AccountId, ChatId, ClientSeq, DeviceId, Seq};
 use crate::proto::wire::{
     AccountEntry, ClientFrame, Delta, ErrorCode, RelayFrame, ReqId, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
 };
@@ -88,6 +88,8 @@ pub enum SyncOutput {
     /// it again under the new keys and hand it back with [`SyncInput::Resealed`]. Until then it
     /// and everything after it wait.
     Stale { client_seq: ClientSeq, chat: ChatId },
+    /// Someone typing in a chat (tell the app; nothing is stored).
+    Typing { chat: ChatId, account: AccountId, device: DeviceId },
     /// Send a `Rotate` request with this req id (see [`SyncInput::RotationDue`]).
     Rotate { req: ReqId },
     /// The relay refused the delta for good; drop it from the outbox and tell the app.
@@ -534,6 +536,7 @@ impl SyncCore {
                 }))
             }
             RelayFrame::Error { req: None, code, message } => out.push(SyncOutput::Error { code, message }),
+            RelayFrame::Typing { chat, account, device } => out.push(SyncOutput::Typing { chat, account, device }),
             other => out.push(SyncOutput::Reply(other)),
         }
     }

@@ -1,14 +1,24 @@
 //! One chat as an Automerge document, and the only door through which outside bytes reach
 //! Automerge.
 //!
-//! Layout: the root map holds `title` (a string) and `messages` (a list of maps). A message
-//! map holds `id`, `author`, `device`, `text`, `ts`, optionally `reply_to` (a message id), and
-//! two containers made with it, so that no two devices ever create competing ones: `reactions`
-//! (a map whose keys are `"<account> <emoji>"`) and `attachments` (a list, reserved for media).
+//! Layout: the root map holds `title` (a string), `messages` (a list of maps) and `reactions`
+//! (a map whose keys are `"<message id> <account> <reaction>"`). A message map holds `id`,
+//! `author`, `device`, `text`, `ts`, optionally `reply_to` (a message id) and `attachments` (a
+//! list, reserved for media, made with the message when it has any). Containers are made only
+//! by the genesis change or with their message, so no two devices ever make competing ones;
+//! reactions live at the root rather than in a map per message because the apply cost grows
+//! with the operations per message.
 //! An edit puts a new `text` and `edited` (its time); a delete for everyone puts `deleted` (its
 //! time) and an empty `text`, and a deleted message shows no text even if an edit made at the
 //! same time on another device wins the `text` register. List order is the display order;
 //! Automerge orders concurrent inserts the same way on every device.
+//!
+//! The root also holds `read`: per device, how many messages (from the top of the display
+//! order) it has read (keys `"<account> <device>"`, integer values). An account has read as far
+//! as the furthest of its devices; that gives the unread count on every device of the account
+//! and the read receipts the other members see. A count, not a message id, so that reading the
+//! marks costs nothing per message; a message inserted concurrently above a mark shifts it by
+//! one, the same way on every device.
 //!
 //! The root structure is made by a deterministic *genesis* change (fixed actor derived from the
 //! chat id, time 0), which every device creates on its own and which therefore has the same
@@ -121,6 +131,8 @@ pub struct Message {
     pub reactions: BTreeMap<String, Vec<String>>,
     /// Attachments (reserved for media; none are made yet).
     pub attachments: Vec<String>,
+    /// The accounts other than the author's that have read it (read receipts), sorted.
+    pub read_by: Vec<String>,
 }
 
 /// What a change from outside did to the messages.
@@ -130,6 +142,8 @@ pub struct DocUpdate {
     pub added: Vec<Message>,
     /// Messages already there that it edited, deleted or reacted to, as they are now.
     pub changed: Vec<Message>,
+    /// Accounts whose read mark it moved, with the message they have now read up to.
+    pub read: Vec<(String, String)>,
 }
 
 /// A chat's Automerge document.
@@ -213,6 +227,8 @@ impl ChatDoc {
             |_| CommitOptions::default().with_time(0),
             |tx| {
                 tx.put_object(ROOT, "messages", ObjType::List)?;
+                tx.put_object(ROOT, "read", ObjType::Map)?;
+                tx.put_object(ROOT, "reactions", ObjType::Map)?;
                 Ok(())
             },
         )
@@ -344,17 +360,33 @@ impl ChatDoc {
         let Some(list) = self.messages_obj() else { return Ok(DocUpdate::default()) };
         let patches = guarded(|| self.doc.make_patches(&mut log)).unwrap_or_default();
         let mut update = DocUpdate::default();
+        let marks = self.read_marks();
+        let (read, reactions) = (self.read_obj(), self.root_map("reactions"));
         let mut added = std::collections::BTreeSet::new();
         let mut changed = std::collections::BTreeSet::new();
+        let mut reacted = std::collections::BTreeSet::new();
+        let mut readers = std::collections::BTreeSet::new();
         for p in patches {
             if p.obj == list {
-                if let PatchAction::Insert { values, .. } = p.action {
-                    for (_, obj, _) in values.iter() {
-                        if let Some(m) = self.message_at(obj) {
-                            added.insert(m.id.clone());
+                if let PatchAction::Insert { index, values, .. } = p.action {
+                    for (k, (_, obj, _)) in values.iter().enumerate() {
+                        if let Some(m) = self.message_at(obj, index + k, &marks) {
+                            added.insert(index + k);
                             update.added.push(m);
                         }
                     }
+                }
+                continue;
+            }
+            if Some(&p.obj) == read.as_ref() {
+                if let PatchAction::PutMap { key, .. } = &p.action {
+                    readers.extend(key.split_once(' ').map(|(account, _)| account.to_string()));
+                }
+                continue;
+            }
+            if Some(&p.obj) == reactions.as_ref() {
+                if let PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } = &p.action {
+                    reacted.extend(key.split_once(' ').map(|(id, _)| id.to_string()));
                 }
                 continue;
             }
@@ -366,9 +398,16 @@ impl ChatDoc {
                 changed.insert(i);
             }
         }
-        for i in changed {
+        // A reaction names its message by id: finding it walks the list, once per message.
+        changed.extend(reacted.iter().filter_map(|id| self.index_of(&list, id)));
+        for i in changed.into_iter().filter(|i| !added.contains(i)) {
             if let Ok(Some((Value::Object(ObjType::Map), m))) = self.doc.get(&list, i) {
-                update.changed.extend(self.message_at(&m).filter(|m| !added.contains(&m.id)));
+                update.changed.extend(self.message_at(&m, i, &marks));
+            }
+        }
+        for account in readers {
+            if let Some(id) = marks.get(&account).and_then(|i| self.message_id_at(&list, *i)) {
+                update.read.push((account, id));
             }
         }
         Ok(update)
@@ -410,8 +449,12 @@ impl ChatDoc {
                     if let Some(to) = &msg.reply_to {
                         tx.put(&m, "reply_to", to.as_str())?;
                     }
-                    tx.put_object(&m, "reactions", ObjType::Map)?;
-                    tx.put_object(&m, "attachments", ObjType::List)?;
+                    if !msg.attachments.is_empty() {
+                        let a = tx.put_object(&m, "attachments", ObjType::List)?;
+                        for (i, att) in msg.attachments.iter().enumerate() {
+                            tx.insert(&a, i, att.as_str())?;
+                        }
+                    }
                     Ok(())
                 },
             )
@@ -461,18 +504,87 @@ impl ChatDoc {
         if reaction.is_empty() || reaction.len() > MAX_REACTION_BYTES || reaction.chars().any(char::is_whitespace) {
             return Err(DocError::BadReaction);
         }
-        let m = self.live_message(id)?;
-        let reactions = match self.doc.get(&m, "reactions") {
-            Ok(Some((Value::Object(ObjType::Map), r))) => r,
-            _ => return Err(DocError::UnknownMessage(id.to_string())),
-        };
-        let key = format!("{account} {reaction}");
+        self.live_message(id)?;
+        let reactions = self.root_map("reactions").ok_or(DocError::NoMessageList)?;
+        let key = format!("{id} {account} {reaction}");
         let present = matches!(self.doc.get(&reactions, key.as_str()), Ok(Some(_)));
         self.change(now_ms, |tx| match (add, present) {
             (true, _) => tx.put(&reactions, key.as_str(), true),
             (false, true) => tx.delete(&reactions, key.as_str()),
             (false, false) => Ok(()),
         })
+    }
+
+    /// Marks the chat read by `account`'s `device` up to message `id` (never back: a mark
+    /// before the device's current one changes nothing).
+    pub fn mark_read(
+        &mut self,
+        account: &AccountId,
+        device: &DeviceId,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<Vec<u8>, DocError> {
+        let list = self.messages_obj().ok_or(DocError::NoMessageList)?;
+        let read = self.read_obj().ok_or(DocError::NoMessageList)?;
+        let index = self.index_of(&list, id).ok_or_else(|| DocError::UnknownMessage(id.to_string()))?;
+        let key = format!("{account} {}", device.0);
+        let count = index as i64 + 1;
+        let current = self.int_at(&read, &key).unwrap_or(0);
+        self.change(now_ms, |tx| match count > current {
+            true => tx.put(&read, key.as_str(), count),
+            false => Ok(()),
+        })
+    }
+
+    /// Per account, the index of the furthest message one of its devices has read (the marks
+    /// are counts; a count of 0 marks nothing).
+    fn read_marks(&self) -> BTreeMap<String, usize> {
+        let mut marks: BTreeMap<String, usize> = BTreeMap::new();
+        let Some(read) = self.read_obj() else { return marks };
+        for key in self.doc.keys(&read) {
+            let (Some((account, _)), Some(count)) = (key.split_once(' '), self.int_at(&read, &key)) else { continue };
+            if count > 0 {
+                let i = usize::try_from(count - 1).unwrap_or(usize::MAX);
+                let mark = marks.entry(account.to_string()).or_insert(i);
+                *mark = (*mark).max(i);
+            }
+        }
+        marks
+    }
+
+    /// How many messages of other accounts after `account`'s read mark are not deleted.
+    pub fn unread(&self, account: &AccountId) -> usize {
+        let account = account.to_string();
+        let from = self.read_marks().get(&account).map_or(0, |i| i.saturating_add(1));
+        self.messages().into_iter().skip(from).filter(|m| m.author != account && !m.deleted).count()
+    }
+
+    /// The message `account` has read up to, if any.
+    pub fn read_up_to(&self, account: &AccountId) -> Option<String> {
+        let list = self.messages_obj()?;
+        self.read_marks().get(&account.to_string()).and_then(|i| self.message_id_at(&list, *i))
+    }
+
+    fn read_obj(&self) -> Option<ObjId> {
+        self.root_map("read")
+    }
+
+    fn root_map(&self, key: &str) -> Option<ObjId> {
+        match self.doc.get(ROOT, key) {
+            Ok(Some((Value::Object(ObjType::Map), id))) => Some(id),
+            _ => None,
+        }
+    }
+
+    fn message_id_at(&self, list: &ObjId, i: usize) -> Option<String> {
+        match self.doc.get(list, i) {
+            Ok(Some((Value::Object(ObjType::Map), m))) => self.str_at(&m, "id"),
+            _ => None,
+        }
+    }
+
+    fn index_of(&self, list: &ObjId, id: &str) -> Option<usize> {
+        (0..self.doc.length(list)).find(|i| self.message_id_at(list, *i).as_deref() == Some(id))
     }
 
     /// Commits one change made by `f` (an empty one if `f` changed nothing, so that every
@@ -567,45 +679,81 @@ impl ChatDoc {
     pub fn messages(&self) -> Vec<Message> {
         let Some(list) = self.messages_obj() else { return Vec::new() };
         let n = self.doc.length(&list);
+        let marks = self.read_marks();
         let mut out = Vec::with_capacity(n);
         for i in 0..n {
             if let Ok(Some((Value::Object(ObjType::Map), m))) = self.doc.get(&list, i) {
-                out.extend(self.message_at(&m));
+                out.extend(self.message_at(&m, i, &marks));
             }
         }
         out
     }
 
-    fn message_at(&self, m: &ObjId) -> Option<Message> {
-        let s = |k: &str| self.str_at(m, k);
-        let deleted = matches!(self.doc.get(m, "deleted"), Ok(Some(_)));
-        let mut reactions: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        if let Ok(Some((Value::Object(ObjType::Map), r))) = self.doc.get(m, "reactions") {
-            for key in self.doc.keys(&r) {
-                if let Some((account, reaction)) = key.split_once(' ') {
-                    reactions.entry(reaction.to_string()).or_default().push(account.to_string());
-                }
+    /// The message map `m`, at `index` in the list, with its read receipts from `marks`.
+    fn message_at(&self, m: &ObjId, index: usize, marks: &BTreeMap<String, usize>) -> Option<Message> {
+        // One pass over the message map's few keys (cheaper than a lookup per field).
+        let (mut id, mut author, mut device, mut text, mut ts) = (None, None, None, None, None);
+        let (mut reply_to, mut edited, mut deleted, mut attachments_obj) = (None, None, false, None);
+        for item in self.doc.map_range(m, ..) {
+            let str_value = || match &item.value {
+                Value::Scalar(v) => v.to_str().map(str::to_string),
+                _ => None,
+            };
+            let int_value = || match &item.value {
+                Value::Scalar(v) => match v.as_ref() {
+                    ScalarValue::Int(t) => Some(*t),
+                    _ => None,
+                },
+                _ => None,
+            };
+            match item.key {
+                "id" => id = str_value(),
+                "author" => author = str_value(),
+                "device" => device = str_value(),
+                "text" => text = str_value(),
+                "ts" => ts = int_value(),
+                "reply_to" => reply_to = str_value(),
+                "edited" => edited = int_value(),
+                "deleted" => deleted = true,
+                "attachments" if matches!(item.value, Value::Object(ObjType::List)) => attachments_obj = Some(item.id),
+                _ => {}
             }
         }
+        let (id, author) = (id?, author?);
+        let mut reactions: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut attachments = Vec::new();
-        if let Ok(Some((Value::Object(ObjType::List), a))) = self.doc.get(m, "attachments") {
-            attachments.extend((0..self.doc.length(&a)).filter_map(|i| match self.doc.get(&a, i) {
-                Ok(Some((Value::Scalar(v), _))) => v.to_str().map(str::to_string),
-                _ => None,
-            }));
+        if !deleted {
+            if let Some(r) = self.root_map("reactions").filter(|r| self.doc.length(r) > 0) {
+                // Keys `"<id> <account> <reaction>"`: this message's sort together, accounts in
+                // order.
+                let (from, to) = (format!("{id} "), format!("{id}!"));
+                for item in self.doc.map_range(&r, from..to) {
+                    if let Some((account, reaction)) = item.key[id.len() + 1..].split_once(' ') {
+                        reactions.entry(reaction.to_string()).or_default().push(account.to_string());
+                    }
+                }
+            }
+            if let Some(a) = attachments_obj {
+                attachments.extend((0..self.doc.length(&a)).filter_map(|i| match self.doc.get(&a, i) {
+                    Ok(Some((Value::Scalar(v), _))) => v.to_str().map(str::to_string),
+                    _ => None,
+                }));
+            }
         }
+        let read_by = marks.iter().filter(|(a, i)| **i >= index && **a != author).map(|(a, _)| a.clone()).collect();
         Some(Message {
-            id: s("id")?,
-            author: s("author")?,
-            device: s("device")?,
+            id,
+            author,
+            device: device?,
             // A delete wins over an edit made at the same time elsewhere.
-            text: if deleted { String::new() } else { s("text")? },
-            ts: self.int_at(m, "ts")?,
-            reply_to: s("reply_to"),
-            edited: self.int_at(m, "edited"),
+            text: if deleted { String::new() } else { text? },
+            ts: ts?,
+            reply_to,
+            edited,
             deleted,
-            reactions: if deleted { BTreeMap::new() } else { reactions },
-            attachments: if deleted { Vec::new() } else { attachments },
+            reactions,
+            attachments,
+            read_by,
         })
     }
 
@@ -635,6 +783,7 @@ pub fn new_message(author: AccountId, device: &DeviceId, text: &str, ts: i64, id
         deleted: false,
         reactions: BTreeMap::new(),
         attachments: Vec::new(),
+        read_by: Vec::new(),
     }
 }
 

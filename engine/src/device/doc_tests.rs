@@ -248,3 +248,38 @@ fn replies_edits_deletes_and_reactions_converge_and_are_reported() {
     let loaded = ChatDoc::load(chat, &da, Some(&a.save()), &[]).unwrap();
     assert_eq!(loaded.messages(), a.messages());
 }
+
+#[test]
+fn read_marks_clear_unread_on_the_accounts_other_devices_and_show_as_receipts() {
+    let chat = ChatId([5; 16]);
+    let (da, b1, b2) = (dev("alice"), dev("bob-phone"), dev("bob-laptop"));
+    let (alice, bob) = (AccountId([1; 16]), AccountId([2; 16]));
+    let mut a = ChatDoc::new(chat, &da);
+    let (mut p, mut l) = (ChatDoc::new(chat, &b1), ChatDoc::new(chat, &b2));
+    let mut ids = Vec::new();
+    for i in 0..3u8 {
+        let m = new_message(alice, &da, "hi", i64::from(i), [i + 1; 16]);
+        ids.push(m.id.clone());
+        let c = a.add_message(&m).unwrap();
+        p.apply_untrusted(&c).unwrap();
+        l.apply_untrusted(&c).unwrap();
+    }
+    assert_eq!((p.unread(&bob), l.unread(&bob), a.unread(&alice)), (3, 3, 0));
+
+    // The phone reads two; the laptop's count drops too, and alice sees the receipts.
+    let read = p.mark_read(&bob, &b1, &ids[1], 10).unwrap();
+    assert_eq!(l.apply_untrusted_update(&read).unwrap().read, vec![(bob.to_string(), ids[1].clone())]);
+    a.apply_untrusted(&read).unwrap();
+    assert_eq!((p.unread(&bob), l.unread(&bob)), (1, 1));
+    let receipts: Vec<usize> = a.messages().iter().map(|m| m.read_by.len()).collect();
+    assert_eq!(receipts, [1, 1, 0]);
+    assert_eq!(a.read_up_to(&bob), Some(ids[1].clone()));
+
+    // A device that marks an earlier message does not move the account back.
+    let back = l.mark_read(&bob, &b2, &ids[0], 11).unwrap();
+    p.apply_untrusted(&back).unwrap();
+    assert_eq!((p.unread(&bob), l.unread(&bob)), (1, 1));
+    let all = l.mark_read(&bob, &b2, &ids[2], 12).unwrap();
+    p.apply_untrusted(&all).unwrap();
+    assert_eq!(p.unread(&bob), 0);
+}

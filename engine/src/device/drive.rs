@@ -23,6 +23,12 @@ pub enum Event {
     /// A message already shown changed: edited, deleted for everyone, or reacted to (from
     /// another device, or here when `local`). `message` is how it is now.
     MessageChanged { chat: ChatId, message: Message, local: bool },
+    /// An account's read mark in a chat moved (another device of this account read it, or
+    /// another member did: a read receipt). `up_to` is the message it has read up to.
+    Read { chat: ChatId, account: String, up_to: String },
+    /// Someone is typing in a chat (another device of a member, this account's included): show
+    /// it for [`crate::proto::wire::TYPING_SHOWN_MS`] unless another comes. Never stored.
+    Typing { chat: ChatId, account: String, device: String },
     /// A chat became readable on this device.
     ChatAdded { chat: ChatId },
     /// A message written here is durable on the relay at `seq` (`None`: a retry of one stored
@@ -98,6 +104,11 @@ impl Device {
         let outputs = core.handle(SyncInput::OutboxAdded(item));
         let event = match write {
             MessageOp::Send { .. } => Event::MessageAdded { chat, message: message.clone(), local: true },
+            MessageOp::Read { id } => Event::Read {
+                chat,
+                account: self.account().map(|a| a.to_string()).unwrap_or_default(),
+                up_to: id.clone(),
+            },
             _ => Event::MessageChanged { chat, message: message.clone(), local: true },
         };
         let mut actions = vec![Action::Emit(event)];
@@ -129,17 +140,22 @@ impl Device {
         while let Some(o) = queue.pop_front() {
             match o {
                 SyncOutput::Send(frame) => actions.push(Action::Send(frame)),
-                SyncOutput::ApplyDelta(delta) => match self.apply_delta(&delta) {
-                    Ok(update) => {
-                        actions.extend(update.added.into_iter().map(|message| {
-                            Action::Emit(Event::MessageAdded { chat: delta.chat, message, local: false })
-                        }));
-                        actions.extend(update.changed.into_iter().map(|message| {
-                            Action::Emit(Event::MessageChanged { chat: delta.chat, message, local: false })
-                        }));
+                SyncOutput::ApplyDelta(delta) => {
+                    match self.apply_delta(&delta) {
+                        Ok(update) => {
+                            actions.extend(update.added.into_iter().map(|message| {
+                                Action::Emit(Event::MessageAdded { chat: delta.chat, message, local: false })
+                            }));
+                            actions.extend(update.changed.into_iter().map(|message| {
+                                Action::Emit(Event::MessageChanged { chat: delta.chat, message, local: false })
+                            }));
+                            actions.extend(update.read.into_iter().map(|(account, up_to)| {
+                                Action::Emit(Event::Read { chat: delta.chat, account, up_to })
+                            }));
+                        }
+                        Err(e) => actions.push(error(format!("chat {} seq {}: {e}", delta.chat, delta.seq))),
                     }
-                    Err(e) => actions.push(error(format!("chat {} seq {}: {e}", delta.chat, delta.seq))),
-                },
+                }
                 SyncOutput::ApplyAccountEntry(entry) => match self.apply_account_entry(&entry) {
                     Ok(applied) => {
                         if let Some(due) = applied.rotation_due {
@@ -192,6 +208,9 @@ impl Device {
                     Ok(_) => {} // remade once the new keys arrive in the account log
                     Err(e) => actions.push(error(format!("chat {chat} client seq {}: {e}", client_seq.0))),
                 },
+                SyncOutput::Typing { chat, account, device } => {
+                    actions.push(Action::Emit(Event::Typing { chat, account: account.to_string(), device: device.0 }))
+                }
                 SyncOutput::Rotate { req } => match self.rotate_request(req) {
                     Ok(frame) => actions.push(Action::Send(frame)),
                     Err(e) => {

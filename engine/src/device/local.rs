@@ -56,6 +56,8 @@ pub struct ChatSummary {
     pub messages: usize,
     /// Last applied seq from the relay.
     pub seq: u64,
+    /// Messages of other accounts after this account's read mark.
+    pub unread: usize,
 }
 
 /// A link code: what a new device shows so that a logged-in device can approve it.
@@ -463,9 +465,11 @@ impl Device {
     /// Every chat on this device.
     pub fn chats(&mut self) -> Result<Vec<ChatSummary>, Error> {
         let mut out = Vec::new();
+        let account = self.account();
         for (chat, meta, seq) in self.store.chats()? {
             let doc = self.doc(chat)?;
             out.push(ChatSummary {
+                unread: account.map_or(0, |a| doc.unread(&a)),
                 id: chat.to_string(),
                 title: doc.title(),
                 kind: format!("{:?}", meta.kind).to_lowercase(),

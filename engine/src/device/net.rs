@@ -169,6 +169,18 @@ impl RelayStream {
         Ok(())
     }
 
+    /// Closes the sending side (after everything sent before) and waits, at most `limit`, for
+    /// the relay to close its side: then the relay has read everything sent. Frames that
+    /// arrive meanwhile are dropped (the session is ending).
+    pub async fn close_and_drain(&mut self, limit: std::time::Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            if SinkExt::<bytes::Bytes>::close(&mut self.framed).await.is_ok() {
+                while let Ok(Some(_)) = self.recv().await {}
+            }
+        })
+        .await;
+    }
+
     /// Sends arbitrary bytes as one frame (for tests and protocol tools: garbage frames).
     #[doc(hidden)]
     pub async fn send_raw_frame(&mut self, body: &[u8]) -> Result<(), NetError> {

@@ -24,7 +24,7 @@ use crate::device::error::Error;
 use crate::device::local::{Device, MessageOp};
 use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
 use crate::proto::ids::{ChatId, ClientSeq};
-use crate::proto::wire::RelayFrame;
+use crate::proto::wire::{ClientFrame, RelayFrame};
 
 /// Commands from the app waiting for the session task.
 pub const COMMAND_QUEUE: usize = 64;
@@ -49,6 +49,7 @@ type Reply<T> = oneshot::Sender<Result<T, Error>>;
 enum Command {
     Send { chat: ChatId, text: String, reply: Reply<(Message, ClientSeq)> },
     Write { chat: ChatId, write: MessageOp, reply: Reply<(Message, ClientSeq)> },
+    Typing { chat: ChatId, reply: Reply<bool> },
     CreateChat { title: String, reply: Reply<ChatId> },
     Messages { chat: ChatId, reply: Reply<Vec<Message>> },
     Heads { chat: ChatId, reply: Reply<Vec<String>> },
@@ -114,6 +115,13 @@ impl Session {
     /// the change's delta.
     pub async fn write(&self, chat: ChatId, write: MessageOp) -> Result<(Message, ClientSeq), Error> {
         self.call(|reply| Command::Write { chat, write, reply }).await
+    }
+
+    /// Tells the chat's other members' connected devices that the user is typing (send it again
+    /// every few seconds while they type). Returns false, sending nothing, when not connected:
+    /// typing indicators are never queued.
+    pub async fn typing(&self, chat: ChatId) -> Result<bool, Error> {
+        self.call(|reply| Command::Typing { chat, reply }).await
     }
 
     /// Creates a chat. It works offline: the chat's creation and title wait in the outbox, and
@@ -194,6 +202,11 @@ impl Driver {
                 cmd = commands.recv() => match cmd {
                     None => return,
                     Some(Command::Stop { reply }) => {
+                        // What was sent last (a typing indicator has no answer to wait for)
+                        // reaches the relay before the connection goes.
+                        if let Some(mut s) = self.stream.take() {
+                            s.close_and_drain(Duration::from_secs(1)).await;
+                        }
                         let _ = reply.send(self.device);
                         return;
                     }
@@ -260,6 +273,13 @@ impl Driver {
                     let _ = reply.send(Err(e));
                 }
             },
+            Command::Typing { chat, reply } => {
+                let connected = self.core.is_connected();
+                if connected {
+                    self.send_frame(ClientFrame::Typing { chat }).await;
+                }
+                let _ = reply.send(Ok(connected));
+            }
             Command::CreateChat { title, reply } => match self.device.create_chat(&mut self.core, &title) {
                 Ok((chat, actions)) => {
                     let _ = reply.send(Ok(chat));

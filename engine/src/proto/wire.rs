@@ -215,6 +215,9 @@ pub enum ClientFrame {
     /// once durable, also when no rotation is due (another device made it, or no session
     /// ended); `StaleEpoch` if it does not cover the account as it stands.
     Rotate { req: ReqId, rotation: Rotation, chats: Vec<NewEpoch>, recovery: Option<Vec<u8>> },
+    /// The user is typing in `chat`. Pushed as `Typing` to the other connected devices of the
+    /// chat's members, never stored, never answered (dropped when over the rate limit).
+    Typing { chat: ChatId },
 }
 
 /// Relay → device.
@@ -259,13 +262,19 @@ pub enum RelayFrame {
     Devices { req: ReqId, devices: Vec<DeviceSession>, session_ttl_days: u32 },
     /// The bundle sealed under a recovery key, and the account it belongs to.
     Recovery { req: ReqId, account: AccountPublic, sealed: Vec<u8> },
+    /// Someone is typing in a chat of the account (live push, never stored). Shown for
+    /// [`TYPING_SHOWN_MS`] unless another comes.
+    Typing { chat: ChatId, account: AccountId, device: DeviceId },
 }
+
+/// How long a typing indicator is shown after its last `Typing`.
+pub const TYPING_SHOWN_MS: u64 = 6_000;
 
 impl ClientFrame {
     /// The request id the frame carries (0 for `Hello`, which has none).
     pub fn req(&self) -> ReqId {
         match self {
-            ClientFrame::Hello { .. } => 0,
+            ClientFrame::Hello { .. } | ClientFrame::Typing { .. } => 0,
             ClientFrame::CreateAccount { req, .. }
             | ClientFrame::LinkWait { req, .. }
             | ClientFrame::LinkLookup { req, .. }
@@ -302,7 +311,10 @@ impl RelayFrame {
             | RelayFrame::AccountPage { req, .. }
             | RelayFrame::RateLimited { req, .. } => Some(*req),
             RelayFrame::Error { req, .. } => *req,
-            RelayFrame::Hello { .. } | RelayFrame::Push { .. } | RelayFrame::PushAccount { .. } => None,
+            RelayFrame::Hello { .. }
+            | RelayFrame::Push { .. }
+            | RelayFrame::PushAccount { .. }
+            | RelayFrame::Typing { .. } => None,
         }
     }
 }

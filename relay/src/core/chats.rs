@@ -4,6 +4,34 @@
 use super::*;
 
 impl RelayCore {
+    /// Pushes a typing indicator to the other connected devices of the chat's members. Never
+    /// stored and never answered: from a device that is not a member, or over its rate limit,
+    /// it is dropped.
+    pub(super) fn typing(
+        &mut self,
+        from: ConnId,
+        device: &DeviceId,
+        account: Option<AccountId>,
+        chat: ChatId,
+        now_ms: u64,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(account) = account else { return };
+        let Some(c) = self.chats.get(&chat).filter(|c| c.record.members.contains(&account)) else { return };
+        let members = c.record.members.clone();
+        if self.over_rate(device, &ClientFrame::Typing { chat }, now_ms).is_some() {
+            return;
+        }
+        for member in &members {
+            for conn in self.conns_by_account.get(member).into_iter().flatten() {
+                if *conn != from {
+                    let frame = RelayFrame::Typing { chat, account, device: device.clone() };
+                    out.push(Effect::Send { conn: *conn, frame });
+                }
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn create_chat(
         &mut self,

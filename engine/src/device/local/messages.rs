@@ -16,6 +16,9 @@ pub enum MessageOp {
     Delete { id: String },
     /// Adds (`add`) or removes this account's reaction to a message.
     React { id: String, reaction: String, add: bool },
+    /// Marks the chat read up to this message (on every device of the account, and as a read
+    /// receipt for the other members). Never moves the mark back.
+    Read { id: String },
 }
 
 impl Device {
@@ -46,6 +49,10 @@ impl Device {
             MessageOp::Delete { id } => {
                 self.own_message(chat, id, account)?;
                 (id.clone(), self.doc(chat)?.delete_message(id, now)?, None)
+            }
+            MessageOp::Read { id } => {
+                let device = self.id.clone();
+                (id.clone(), self.doc(chat)?.mark_read(&account, &device, id, now)?, None)
             }
             MessageOp::React { id, reaction, add } => {
                 (id.clone(), self.doc(chat)?.react(id, &account, reaction, *add, now)?, None)
