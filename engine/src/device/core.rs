@@ -68,6 +68,10 @@ pub enum SyncInput {
     /// Outbox items sealed again under new keys after a rotation; they replace the items with
     /// the same client seqs.
     Resealed(Vec<OutboxItem>),
+    /// The delta at `seq` of `chat` could not be applied: its epoch's key has not arrived. The
+    /// chat waits (its cursor stays before `seq`) until [`SyncInput::ChatReady`] says the key
+    /// is here, then fetches from there again.
+    KeyMissing { chat: ChatId, seq: Seq },
     /// Whether the account's keys are due a rotation (a session expired; a rotation since
     /// clears it).
     RotationDue(bool),
@@ -307,6 +311,12 @@ impl SyncCore {
                 }
             }
             SyncInput::RotationDue(due) => self.rotation_due = due,
+            SyncInput::KeyMissing { chat, seq } => {
+                let c = self.chats.entry(chat).or_default();
+                c.ready = false;
+                c.cursor = c.cursor.min(Seq(seq.0.saturating_sub(1)));
+                c.known_head = c.known_head.max(seq);
+            }
             SyncInput::Resume => {
                 self.paused = false;
                 if self.state_retry && self.phase == Phase::AwaitState {

@@ -201,3 +201,26 @@ fn a_due_rotation_is_asked_for_once_caught_up_and_holds_idle_until_answered() {
     frame(&mut core, RelayFrame::Done { req });
     assert!(core.is_idle());
 }
+
+#[test]
+fn a_delta_whose_key_has_not_arrived_waits_and_is_fetched_again_once_it_has() {
+    let mut core = ready();
+    let chat = ChatId([6; 16]);
+    core.handle(SyncInput::ChatReady { chat, cursor: Seq(0) });
+    let delta = |seq| Delta {
+        chat,
+        seq: Seq(seq),
+        epoch: Epoch(1),
+        device: crate::proto::ids::DeviceId("d".into()),
+        client_seq: ClientSeq(seq),
+        sealed: vec![],
+    };
+    let out = frame(&mut core, RelayFrame::Push { delta: delta(1) });
+    assert!(matches!(out[..], [SyncOutput::ApplyDelta(_)]));
+    // The driver could not open it: the chat waits, later pushes too.
+    core.handle(SyncInput::KeyMissing { chat, seq: Seq(1) });
+    assert!(frame(&mut core, RelayFrame::Push { delta: delta(2) }).is_empty());
+    // The key came: the chat is fetched again from before the delta.
+    let out = core.handle(SyncInput::ChatReady { chat, cursor: Seq(0) });
+    assert!(matches!(out[..], [SyncOutput::Send(ClientFrame::FetchChat { after: Seq(0), .. })]), "{out:?}");
+}

@@ -136,12 +136,19 @@ impl Device {
     pub fn carry_out(&mut self, core: &mut SyncCore, outputs: Vec<SyncOutput>) -> Vec<Action> {
         let mut actions = Vec::new();
         let mut queue = VecDeque::from(outputs);
+        let mut waiting = std::collections::BTreeSet::new();
         let error = |message: String| Action::Emit(Event::Error { message });
         while let Some(o) = queue.pop_front() {
             match o {
                 SyncOutput::Send(frame) => actions.push(Action::Send(frame)),
+                // Deltas of a chat after one whose key has not arrived wait with it.
+                SyncOutput::ApplyDelta(delta) if waiting.contains(&delta.chat) => {}
                 SyncOutput::ApplyDelta(delta) => {
                     match self.apply_delta(&delta) {
+                        Err(Error::NoKeyYet(chat, _)) => {
+                            waiting.insert(chat);
+                            queue.extend(core.handle(SyncInput::KeyMissing { chat, seq: delta.seq }));
+                        }
                         Ok(update) => {
                             actions.extend(update.added.into_iter().map(|message| {
                                 Action::Emit(Event::MessageAdded { chat: delta.chat, message, local: false })
@@ -167,7 +174,9 @@ impl Device {
                         if let Some(chat) = applied.chat {
                             let cursor = self.cursor(chat).unwrap_or_default();
                             queue.extend(core.handle(SyncInput::ChatReady { chat, cursor }));
-                            actions.push(Action::Emit(Event::ChatAdded { chat }));
+                            if applied.new_chat {
+                                actions.push(Action::Emit(Event::ChatAdded { chat }));
+                            }
                         }
                     }
                     Err(e) => actions.push(error(format!("account log entry {}: {e}", entry.seq))),

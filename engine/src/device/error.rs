@@ -56,6 +56,10 @@ pub enum Error {
     /// from this device.
     #[error("this device's session was ended by another device of the account; its account data was deleted here")]
     SessionRevoked,
+    /// A delta is sealed under a key epoch whose key has not arrived yet (it comes in the
+    /// account log after a rotation); the delta is applied once it has.
+    #[error("chat {0}: the key of epoch {epoch} has not arrived yet", epoch = .1.0)]
+    NoKeyYet(ChatId, crate::proto::ids::Epoch),
     /// Only the account that wrote a message can edit or delete it.
     #[error("message {0} was written by another account; only its author can change it")]
     NotYours(String),

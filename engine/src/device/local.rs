@@ -557,7 +557,9 @@ impl Device {
     pub(crate) fn apply_delta(&mut self, delta: &Delta) -> Result<DocUpdate, Error> {
         let meta = self.store.chat(delta.chat)?.ok_or(Error::UnknownChat(delta.chat))?;
         let opened = match meta.keys.get(&delta.epoch) {
-            None => Err(Error::Crypto(crate::proto::crypto::CryptoError::MalformedKey)),
+            // A new epoch whose key is still on its way in the account log (the relay only
+            // stores deltas under epochs it has): the cursor stays, the delta comes again.
+            None => return Err(Error::NoKeyYet(delta.chat, delta.epoch)),
             Some(key) => {
                 let ad = DeltaAd {
                     chat: delta.chat,
@@ -649,7 +651,7 @@ impl Device {
                 self.add_chat_key(*chat, *kind, *epoch, wrapped_key, &login, &gen)?;
                 // A new epoch after a rotation: what waits in the outbox goes out under it.
                 let resealed = if epoch.0 > 0 { self.reseal(*chat)? } else { Vec::new() };
-                return Ok(Applied { chat: (!known).then_some(*chat), resealed, ..Applied::default() });
+                return Ok(Applied { chat: Some(*chat), new_chat: !known, resealed, ..Applied::default() });
             }
             AccountEvent::Rotated { rotation } => return self.apply_rotation(rotation, &gen),
             AccountEvent::RecoverySet { public, by, signature } => {
@@ -693,7 +695,8 @@ impl Device {
         Ok(())
     }
 
-    pub(crate) fn cursor(&self, chat: ChatId) -> Result<Seq, Error> {
+    /// The last seq of `chat` this device applied (or passed).
+    pub fn cursor(&self, chat: ChatId) -> Result<Seq, Error> {
         Ok(self.store.cursor(chat)?)
     }
 }

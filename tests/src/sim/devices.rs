@@ -22,9 +22,26 @@ impl Sim {
                 _ => {}
             }
         }
+        let touched: BTreeSet<ChatId> = outputs
+            .iter()
+            .filter_map(|o| match o {
+                SyncOutput::ApplyDelta(d) => Some(d.chat),
+                _ => None,
+            })
+            .collect();
         let d = &mut self.devs[dev];
         let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(()) };
         let actions = device.carry_out(core, outputs);
+        // A delta whose epoch key had not arrived yet was not applied: the device's cursor
+        // stayed before it, and it comes again once the key is here.
+        for chat in touched {
+            let stored = device.cursor(chat).map_err(|e| e.to_string())?;
+            let last = d.applied.entry(chat).or_default();
+            if stored < *last {
+                *last = stored;
+                self.report.key_waits += 1;
+            }
+        }
         self.run_actions(dev, actions)
     }
 
@@ -163,8 +180,27 @@ impl Sim {
         let account = self.devs[dev].account;
         let chat = self.chats[account][self.rng.gen_range(0..self.chats[account].len())];
         let text = format!("{} #{}", self.devs[dev].name, self.devs[dev].written);
+        let (pick, kind) = (self.rng.gen::<usize>(), self.rng.gen_range(0..10u8));
         let d = &mut self.devs[dev];
         let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(()) };
+        // Three times in ten, something done to a message the device shows instead: an edit or
+        // delete of its account's, a reaction, a read mark. They must converge like messages.
+        let shown = device.messages(chat).unwrap_or_default();
+        if kind < 3 && !shown.is_empty() {
+            let m = &shown[pick % shown.len()];
+            let op = match pick % 4 {
+                0 => MessageOp::Edit { id: m.id.clone(), text: format!("{text} (edit)") },
+                1 => MessageOp::Delete { id: m.id.clone() },
+                2 => MessageOp::React { id: m.id.clone(), reaction: "👍".into(), add: pick % 8 < 4 },
+                _ => MessageOp::Read { id: m.id.clone() },
+            };
+            return match device.write(core, chat, &op) {
+                Ok((_, _, actions)) => self.run_actions(dev, actions),
+                // Another account's message, or one deleted already.
+                Err(stratus_engine::Error::NotYours(_) | stratus_engine::Error::Doc(_)) => Ok(()),
+                Err(e) => Err(format!("{} could not {op:?}: {e}", self.devs[dev].name)),
+            };
+        }
         match device.send(core, chat, &text) {
             Ok((message, client_seq, actions)) => {
                 d.written += 1;

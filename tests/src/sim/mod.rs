@@ -58,7 +58,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use stratus_engine::core::{SyncCore, SyncInput, SyncOutput};
 use stratus_engine::proto::wire::{ClientFrame, ErrorCode, RelayFrame};
-use stratus_engine::{Action, ChatId, ClientSeq, Device, DeviceId, Event, Seq};
+use stratus_engine::{Action, ChatId, ClientSeq, Device, DeviceId, Event, MessageOp, Seq};
 use stratus_relay::core::{ConnId, Effect, Input, RelayCore, StoreOp};
 use stratus_relay::limits::Limits;
 use stratus_relay::store::{RelayStore, SledStore};
@@ -195,6 +195,9 @@ pub struct Report {
     /// Outbox items the relay refused as sealed under a key epoch a rotation ended (each is
     /// sealed again and sent again).
     pub stale_epochs: u32,
+    /// Deltas a device got before the key of their epoch (after a rotation) and took again
+    /// once it came.
+    pub key_waits: u32,
     /// Simulated time from the end of faults to convergence.
     pub converged_after: u64,
 }

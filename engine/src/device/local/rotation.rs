@@ -13,8 +13,10 @@ use crate::proto::wire::NewEpoch;
 /// What applying an account log entry changed that the sync core must hear of.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Applied {
-    /// A chat that became readable here.
+    /// A chat that got a key: readable from now on (again, if deltas of the new epoch waited).
     pub chat: Option<ChatId>,
+    /// The chat is new on this device.
+    pub new_chat: bool,
     /// Outbox items sealed again under new keys (same client seqs).
     pub resealed: Vec<OutboxItem>,
     /// The account's keys became due a rotation (`Some(true)`: a session expired) or were
