@@ -664,6 +664,7 @@ mod records;
 mod rotation;
 mod sessions;
 use rotation::Rotate;
+pub use rotation::MAX_ACCOUNT_CHATS;
 
 pub use records::*;
 

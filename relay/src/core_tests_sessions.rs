@@ -451,3 +451,49 @@ fn a_rotation_must_cover_the_account_and_afterwards_only_the_new_keys_are_taken(
     let core = RelayCore::new(recovered, Limits::default());
     assert_eq!(core.accounts[&account].gens, vec![keys.public().genesis(), next_gen]);
 }
+
+#[test]
+fn an_account_keeps_to_what_one_rotation_can_carry() {
+    use stratus_engine::proto::cert::MAX_ROTATION_DEVICES;
+    let mut w = world();
+    let a = w.connect(1, "a");
+    let (keys, _) = w.account(&a);
+    let account = keys.public().id;
+    // As many sessions as a rotation hands keys to: no more can be linked.
+    for i in 1..MAX_ROTATION_DEVICES {
+        let d = DeviceId(format!("d{i}"));
+        w.core.devices.insert(d.clone(), Device::new(account, DeviceState::default()));
+        w.core.accounts.get_mut(&account).unwrap().devices.insert(d);
+    }
+    let link_id = [5; 32];
+    let new = w.connect(2, "new");
+    w.frame(new.conn, ClientFrame::LinkWait { req: 1, link_id, device_x25519: [9; 32], name: "n".into() });
+    let cert = keys.certify(DeviceCertBody {
+        account,
+        device: new.id.clone(),
+        device_x25519: [9; 32],
+        name: "n".into(),
+        created_ms: 0,
+    });
+    let bundle = SealedBox { ephemeral: [1; 32], sealed: vec![2; 80] };
+    let e = w.frame(a.conn, ClientFrame::LinkApprove { req: 2, link_id, cert, bundle });
+    assert_eq!(error_codes(&e), vec![(1, ErrorCode::TooLarge)]);
+    // As many chats as a rotation gives new epochs to: no more can be made.
+    for i in 0..MAX_ACCOUNT_CHATS as u32 {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        w.core.accounts.get_mut(&account).unwrap().chats.insert(ChatId(id));
+    }
+    let chat = ChatId([0xee; 16]);
+    let wrapped = SealedBox { ephemeral: [3; 32], sealed: vec![3; 48] };
+    let signature = keys.sign_chat_key(chat, ChatKind::Notes, Epoch(0), account, &wrapped);
+    let create = ClientFrame::CreateChat {
+        req: 3,
+        chat,
+        kind: ChatKind::Notes,
+        epoch: Epoch(0),
+        client_seq: ClientSeq(1),
+        keys: vec![WrappedKey { account, key: wrapped, signature }],
+    };
+    assert_eq!(error_codes(&w.frame(a.conn, create)), vec![(1, ErrorCode::TooLarge)]);
+}

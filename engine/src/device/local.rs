@@ -690,6 +690,11 @@ impl Device {
         };
         let key = unwrap_chat_key(wrapped, chat, epoch, login.account.id, &kem)?;
         let mut meta = self.store.chat(chat)?.unwrap_or(ChatMeta { kind, keys: BTreeMap::new() });
+        // An epoch's key never changes: a second, different key for it (even one the account
+        // signed, e.g. with keys a revoked device still holds) is refused.
+        if meta.keys.get(&epoch).is_some_and(|k| k.0 != key.0) {
+            return Err(Error::Rotation("a chat key for an epoch that already has another"));
+        }
         meta.keys.insert(epoch, key);
         self.store.put_chat(chat, &meta)?;
         Ok(())

@@ -111,6 +111,7 @@ impl RelayCore {
         if self.devices.contains_key(&link.device) {
             return Err((ErrorCode::AlreadyExists, "the waiting device already belongs to an account".into()));
         }
+        self.check_room_for_device(account)?;
         let public = self.accounts[&account].public.clone();
         self.check_signed(account, "the certificate", |g| cert.verify(g))?;
         if cert.body.device != link.device || cert.body.device_x25519 != link.device_x25519 {

@@ -61,6 +61,12 @@ impl RelayCore {
         if keys.len() > MAX_CHAT_MEMBERS {
             return Err((ErrorCode::TooLarge, format!("a chat has at most {MAX_CHAT_MEMBERS} members")));
         }
+        if keys.iter().any(|k| self.accounts.get(&k.account).is_some_and(|a| a.chats.len() >= MAX_ACCOUNT_CHATS)) {
+            return Err((
+                ErrorCode::TooLarge,
+                format!("an account is in at most {MAX_ACCOUNT_CHATS} chats (a key rotation must fit one frame)"),
+            ));
+        }
         let members: BTreeSet<AccountId> = keys.iter().map(|k| k.account).collect();
         if members.len() != keys.len() || !members.contains(&account) {
             return Err((ErrorCode::BadCertificate, "one wrapped key per member, the creator included".into()));

@@ -2,7 +2,7 @@
 //! against the generation of its keys in force (see docs/crypto.md, "Rotation"). Part of
 //! [`RelayCore`]; split out of `core.rs` for size.
 
-use stratus_engine::proto::cert::{Revocation, Rotation};
+use stratus_engine::proto::cert::{Revocation, Rotation, MAX_ROTATION_DEVICES};
 use stratus_engine::proto::wire::NewEpoch;
 
 use super::*;
@@ -22,7 +22,26 @@ fn bad(message: impl Into<String>) -> (ErrorCode, String) {
     (ErrorCode::BadCertificate, message.into())
 }
 
+/// Most chats an account may be a member of: every rotation carries a new epoch for each, in
+/// one frame with a bundle per device (about 205 bytes a chat; 2,048 chats leave room for
+/// [`MAX_ROTATION_DEVICES`] bundles of about 12 KiB).
+pub const MAX_ACCOUNT_CHATS: usize = 2048;
+
 impl RelayCore {
+    /// Refuses a new device once the account has as many live sessions as one rotation can
+    /// hand the keys to: an account must always be able to end a session.
+    pub(super) fn check_room_for_device(&self, account: AccountId) -> Result<(), (ErrorCode, String)> {
+        let live =
+            self.accounts[&account].devices.iter().filter(|d| self.devices.get(*d).is_some_and(|d| !d.state.revoked));
+        if live.count() >= MAX_ROTATION_DEVICES {
+            return Err((
+                ErrorCode::TooLarge,
+                format!("an account has at most {MAX_ROTATION_DEVICES} sessions; end one first"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks something `account` signed against its keys in force: signed by an older
     /// generation is `StaleEpoch` (the device has not taken the rotation yet; it makes the
     /// request again once it has), by none `BadCertificate`.

@@ -104,6 +104,9 @@ impl RelayCore {
             .ok_or((ErrorCode::RecoveryNotFound, "nothing is filed under that recovery key".to_string()))?;
         let account = record.account;
         self.check_signed(account, "the certificate", |g| cert.verify(g))?;
+        if !self.devices.contains_key(device) {
+            self.check_room_for_device(account)?;
+        }
         if &cert.body.device != device {
             return Err((ErrorCode::BadCertificate, "the certificate names another device".into()));
         }

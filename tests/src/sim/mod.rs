@@ -5,7 +5,9 @@
 //! its real [`Device`] (sled store, Automerge documents, sealing) driven by the same
 //! [`Device::carry_out`] the libp2p session uses. Only the network, the clock and the relay's
 //! disk are simulated, and one seed drives every choice, so a seed replays exactly; the
-//! [`Report::trace_hash`] of two runs of one seed is equal.
+//! [`Report::trace_hash`] of two runs of one seed is equal. Devices write messages, and three
+//! writes in ten are instead an edit or delete of one of the account's messages, a reaction or
+//! a read mark.
 //!
 //! Faults, while `faults_until` lasts:
 //! * delay: each frame takes the device's base latency plus jitter; frames on one connection
@@ -29,7 +31,8 @@
 //! * the relay acknowledges or shows a delta only once it is durable;
 //! * no acknowledged delta is lost, across any number of relay crashes;
 //! * one `(chat, seq)` always names the same delta, and no delta is stored twice;
-//! * each device applies each chat's deltas exactly once, in seq order, with no gap;
+//! * each device applies each chat's deltas exactly once, in seq order, with no gap (a delta
+//!   that came before its epoch's key is taken again once the key is there);
 //! * a device's stored cursors never go back (checked across its restarts);
 //! * nothing is rejected and no device reports an error;
 //! * once a revocation is durable, the relay sends the revoked device nothing but
