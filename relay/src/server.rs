@@ -393,8 +393,11 @@ async fn core_loop<S: RelayStore>(
             while let Some(effect) = queue.pop_front() {
                 let send = |conns: &mut BTreeMap<ConnId, StreamHandle>, conn: ConnId, out: Outgoing| -> bool {
                     match conns.get(&conn).map(|h| h.tx.try_send(out)) {
-                        Some(Ok(())) | None => true,
-                        Some(Err(_)) => {
+                        // The stream's task has ended (the device closed its side): its own
+                        // `Closed` follows the frames it read, in order, and ends the conn
+                        // then. Ending it here would drop those frames.
+                        Some(Ok(())) | Some(Err(mpsc::error::TrySendError::Closed(_))) | None => true,
+                        Some(Err(mpsc::error::TrySendError::Full(_))) => {
                             tracing::warn!(conn, "device is not reading; disconnecting it");
                             if let Some(h) = conns.remove(&conn) {
                                 h.kill.cancel();
