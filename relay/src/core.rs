@@ -634,6 +634,45 @@ impl RelayCore {
         }
     }
 
+    /// Logs each key of a chat's epoch as `ChatAdded` in its member account's log, signed by
+    /// `signer`, into `ops`; returns the entries to push once durable.
+    #[allow(clippy::too_many_arguments)]
+    fn log_chat_keys(
+        &mut self,
+        chat: ChatId,
+        kind: ChatKind,
+        epoch: Epoch,
+        keys: Vec<WrappedKey>,
+        signer: AccountId,
+        ops: &mut Vec<StoreOp>,
+    ) -> Vec<(AccountId, AccountEntry)> {
+        let mut entries = Vec::new();
+        for k in keys {
+            let event =
+                AccountEvent::ChatAdded { chat, kind, epoch, wrapped_key: k.key, signer, signature: k.signature };
+            entries.push((k.account, self.log_entry(k.account, event, ops)));
+        }
+        entries
+    }
+
+    /// Writes `ops` in one batch and, once it is durable, pushes `entries` to their accounts and
+    /// answers `Done` to `req`.
+    fn commit_and_answer(
+        &mut self,
+        conn: ConnId,
+        req: ReqId,
+        ops: Vec<StoreOp>,
+        entries: Vec<(AccountId, AccountEntry)>,
+        out: &mut Vec<Effect>,
+    ) {
+        let token = self.token();
+        out.push(Effect::Write { token, ops });
+        for (account, entry) in entries {
+            self.after_durable(Deferred::AccountDurable { account, entry }, out);
+        }
+        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+    }
+
     fn log_entry(&mut self, account: AccountId, event: AccountEvent, ops: &mut Vec<StoreOp>) -> AccountEntry {
         let a = self.accounts.get_mut(&account).expect("caller checked the account exists");
         a.log_head = a.log_head.next();

@@ -99,29 +99,11 @@ impl RelayCore {
         let record = ChatRecord { kind, members: members.clone(), epochs: BTreeMap::from([(epoch, keys.clone())]) };
         let mut ops = vec![StoreOp::PutChat(chat, record.clone())];
         self.chats.insert(chat, Chat { record, head: Seq(0), durable: Seq(0) });
-        let mut entries = Vec::new();
-        for k in keys {
+        for k in &keys {
             self.accounts.get_mut(&k.account).expect("checked").chats.insert(chat);
-            let e = self.log_entry(
-                k.account,
-                AccountEvent::ChatAdded {
-                    chat,
-                    kind,
-                    epoch,
-                    wrapped_key: k.key,
-                    signer: account,
-                    signature: k.signature,
-                },
-                &mut ops,
-            );
-            entries.push((k.account, e));
         }
-        let token = self.token();
-        out.push(Effect::Write { token, ops });
-        for (account, entry) in entries {
-            self.after_durable(Deferred::AccountDurable { account, entry }, out);
-        }
-        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        let entries = self.log_chat_keys(chat, kind, epoch, keys, account, &mut ops);
+        self.commit_and_answer(conn, req, ops, entries, out);
         Ok(())
     }
 

@@ -110,13 +110,8 @@ impl RelayCore {
         let mut entries =
             vec![(account, self.log_entry(account, AccountEvent::DeviceRevoked { revocation }, &mut ops))];
         self.apply_rotation(account, next, r, &mut ops, &mut entries);
-        let token = self.token();
-        out.push(Effect::Write { token, ops });
+        self.commit_and_answer(conn, req, ops, entries, out);
         self.cut_off(&target, out);
-        for (account, entry) in entries {
-            self.after_durable(Deferred::AccountDurable { account, entry }, out);
-        }
-        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
         Ok(())
     }
 
@@ -139,12 +134,7 @@ impl RelayCore {
         let mut ops = Vec::new();
         let mut entries = Vec::new();
         self.apply_rotation(account, next, r, &mut ops, &mut entries);
-        let token = self.token();
-        out.push(Effect::Write { token, ops });
-        for (account, entry) in entries {
-            self.after_durable(Deferred::AccountDurable { account, entry }, out);
-        }
-        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
+        self.commit_and_answer(conn, req, ops, entries, out);
         Ok(())
     }
 
@@ -175,17 +165,7 @@ impl RelayCore {
             chat.record.epochs.insert(new.epoch, new.keys.clone());
             let kind = chat.record.kind;
             ops.push(StoreOp::PutChat(new.chat, chat.record.clone()));
-            for k in new.keys {
-                let event = AccountEvent::ChatAdded {
-                    chat: new.chat,
-                    kind,
-                    epoch: new.epoch,
-                    wrapped_key: k.key,
-                    signer: account,
-                    signature: k.signature,
-                };
-                entries.push((k.account, self.log_entry(k.account, event, ops)));
-            }
+            entries.extend(self.log_chat_keys(new.chat, kind, new.epoch, new.keys, account, ops));
         }
     }
 
