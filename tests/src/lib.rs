@@ -209,6 +209,19 @@ pub fn link_device(relay: &Relay, approver: &Path, home: &Path, name: &str) {
     assert!(status.success(), "device link failed");
 }
 
+/// Starts `stratus watch --json` for the device in `home`, with standard output and error
+/// piped (take them from the child).
+pub fn watch_json(home: &Path) -> Child {
+    Command::new(bin("stratus"))
+        .arg("--home")
+        .arg(home)
+        .args(["watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("stratus runs")
+}
+
 /// Runs `stratus account recover` for a new device in `home`, the key on standard input.
 pub fn recover(relay: &Relay, home: &Path, name: &str, key: &str) -> Output {
     use std::io::Write;

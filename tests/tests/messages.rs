@@ -2,9 +2,8 @@
 //! CLI and relay, across the devices of an account.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 
-use stratus_tests::{bin, link_device, stratus, stratus_ok, Relay};
+use stratus_tests::{link_device, stratus, stratus_ok, watch_json, Relay};
 
 fn log_json(home: &std::path::Path, chat: &str) -> Vec<serde_json::Value> {
     stratus_ok(home, &["log", chat, "--json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -24,14 +23,7 @@ fn replies_edits_reactions_and_deletes_reach_every_device_also_one_that_was_offl
     stratus_ok(&c, &["sync"]);
 
     // b watches while the others write: changes to a message it shows arrive as they happen.
-    let mut watch = Command::new(bin("stratus"))
-        .arg("--home")
-        .arg(&b)
-        .args(["watch", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut watch = watch_json(&b);
     let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
     let reply = stratus_ok(&c, &["reply", &chat, &first, "an answer"]).trim().to_string();
     let seen: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
@@ -87,14 +79,7 @@ fn typing_reaches_the_connected_devices_and_is_not_stored() {
     let chat = stratus_ok(&a, &["chat", "create", "--title", "notes"]).trim().to_string();
     link_device(&relay, &a, &b, "phone");
     stratus_ok(&b, &["sync"]);
-    let mut watch = Command::new(bin("stratus"))
-        .arg("--home")
-        .arg(&b)
-        .args(["watch", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = watch_json(&b);
     let mut errors = BufReader::new(watch.stderr.take().unwrap()).lines();
     // Wait until the watch is connected and caught up, so that it is there to be told.
     while !errors.next().unwrap().unwrap().contains("caught up") {}

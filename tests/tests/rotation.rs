@@ -3,11 +3,11 @@
 //! revoked device had plus the relay's whole data directory opens nothing written afterwards.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use stratus_engine::proto::cert::rotation_bundle_context;
 use stratus_engine::proto::crypto::{open_box, open_delta, unwrap_chat_key, ChatKey, DeltaAd};
-use stratus_engine::proto::wire::AccountEvent;
+use stratus_engine::proto::wire::{AccountEvent, Delta};
 use stratus_engine::store::DeviceStore;
 use stratus_engine::{Epoch, Seq};
 use stratus_relay::store::{RelayStore, SledStore};
@@ -36,14 +36,31 @@ fn messages(home: &Path, chat: &str) -> Vec<String> {
         .collect()
 }
 
+/// A relay that lets any session end others, in `dir/relay`, and an account on `a`
+/// ("laptop") with a chat "notes". Returns the relay, its data dir, `a`'s home and the chat.
+fn laptop_with_notes(dir: &Path) -> (Relay, PathBuf, PathBuf, String) {
+    let relay_dir = dir.join("relay");
+    let relay = Relay::start_with(&relay_dir, ANY_AGE);
+    let a = dir.join("a");
+    stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
+    let chat = stratus_ok(&a, &["chat", "create", "--title", "notes"]).trim().to_string();
+    (relay, relay_dir, a, chat)
+}
+
+/// Every delta of `chat` in a stopped relay's store, and the store.
+fn stored_deltas(relay_dir: &Path, chat: &str) -> (SledStore, Vec<Delta>) {
+    let store = SledStore::open(&relay_dir.join("store")).unwrap();
+    let chat: stratus_engine::ChatId = chat.parse().unwrap();
+    let head = store.recover().unwrap().chats.into_iter().find(|(id, _, _)| *id == chat).unwrap().2;
+    let deltas = store.read_chat(chat, Seq(0), head, u32::MAX).unwrap();
+    (store, deltas)
+}
+
 #[test]
 fn the_revoked_devices_keys_and_the_relays_data_open_nothing_written_after_the_rotation() {
     let dir = tempfile::tempdir().unwrap();
-    let relay_dir = dir.path().join("relay");
-    let mut relay = Relay::start_with(&relay_dir, ANY_AGE);
-    let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
-    stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
-    let chat = stratus_ok(&a, &["chat", "create", "--title", "notes"]).trim().to_string();
+    let (mut relay, relay_dir, a, chat) = laptop_with_notes(dir.path());
+    let (b, c) = (dir.path().join("b"), dir.path().join("c"));
     stratus_ok(&a, &["send", &chat, "before"]);
     link_device(&relay, &a, &b, "phone");
     stratus_ok(&b, &["sync"]);
@@ -170,11 +187,8 @@ fn the_revoked_devices_keys_and_the_relays_data_open_nothing_written_after_the_r
 #[test]
 fn a_message_queued_under_the_old_keys_goes_out_under_the_new_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let relay_dir = dir.path().join("relay");
-    let mut relay = Relay::start_with(&relay_dir, ANY_AGE);
-    let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
-    stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
-    let chat = stratus_ok(&a, &["chat", "create", "--title", "notes"]).trim().to_string();
+    let (mut relay, relay_dir, a, chat) = laptop_with_notes(dir.path());
+    let (b, c) = (dir.path().join("b"), dir.path().join("c"));
     link_device(&relay, &a, &b, "phone");
     link_device(&relay, &a, &c, "tablet");
     stratus_ok(&c, &["sync"]);
@@ -190,10 +204,7 @@ fn a_message_queued_under_the_old_keys_goes_out_under_the_new_ones() {
     stratus_ok(&a, &["sync"]);
     assert_eq!(messages(&a, &chat), ["written offline"]);
     relay.kill();
-    let store = SledStore::open(&relay_dir.join("store")).unwrap();
-    let chat_id: stratus_engine::ChatId = chat.parse().unwrap();
-    let head = store.recover().unwrap().chats.into_iter().find(|(id, _, _)| *id == chat_id).unwrap().2;
-    let deltas = store.read_chat(chat_id, Seq(0), head, u32::MAX).unwrap();
+    let (_, deltas) = stored_deltas(&relay_dir, &chat);
     let epochs: Vec<u32> = deltas.iter().map(|d| d.epoch.0).collect();
     assert_eq!(epochs, [0, 1], "the title before the rotation, the queued message after it");
 }
@@ -205,11 +216,8 @@ fn an_expired_session_makes_the_remaining_device_rotate_the_keys() {
     use stratus_relay::core::{DeviceState, StoreOp};
 
     let dir = tempfile::tempdir().unwrap();
-    let relay_dir = dir.path().join("relay");
-    let mut relay = Relay::start_with(&relay_dir, ANY_AGE);
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
-    let chat = stratus_ok(&a, &["chat", "create", "--title", "notes"]).trim().to_string();
+    let (mut relay, relay_dir, a, chat) = laptop_with_notes(dir.path());
+    let b = dir.path().join("b");
     link_device(&relay, &a, &b, "phone");
     stratus_ok(&b, &["sync"]);
     let stolen = dir.path().join("stolen");
@@ -238,12 +246,8 @@ fn an_expired_session_makes_the_remaining_device_rotate_the_keys() {
     stratus_ok(&a, &["send", &chat, "after the expiry"]);
     relay.kill();
 
-    let store = SledStore::open(&relay_dir.join("store")).unwrap();
-    let recovered = store.recover().unwrap();
-    assert_eq!(recovered.account_gens.len(), 1, "one rotation");
-    let chat_id: stratus_engine::ChatId = chat.parse().unwrap();
-    let head = recovered.chats.iter().find(|(id, _, _)| *id == chat_id).unwrap().2;
-    let deltas = store.read_chat(chat_id, Seq(0), head, u32::MAX).unwrap();
+    let (store, deltas) = stored_deltas(&relay_dir, &chat);
+    assert_eq!(store.recover().unwrap().account_gens.len(), 1, "one rotation");
     assert_eq!(deltas.iter().map(|d| d.epoch.0).collect::<Vec<_>>(), [0, 1], "the title, then the new message");
     let phone = DeviceStore::open(&stolen.join("store")).unwrap();
     let keys: Vec<ChatKey> = phone.chats().unwrap().into_iter().flat_map(|(_, m, _)| m.keys.into_values()).collect();

@@ -57,14 +57,7 @@ fn revoking_a_device_during_active_sync_cuts_it_off_and_wipes_it() {
     stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
     let chat = stratus_ok(&a, &["chat", "create", "--title", "notes"]).trim().to_string();
     link_device(&relay, &a, &b, "phone");
-    let mut watch = Command::new(bin("stratus"))
-        .arg("--home")
-        .arg(&b)
-        .args(["watch", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = stratus_tests::watch_json(&b);
     let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
     stratus_ok(&a, &["send", &chat, "before"]);
     assert!(lines.next().expect("watch prints").unwrap().contains("before"));
