@@ -497,3 +497,50 @@ fn an_account_keeps_to_what_one_rotation_can_carry() {
     };
     assert_eq!(error_codes(&w.frame(a.conn, create)), vec![(1, ErrorCode::TooLarge)]);
 }
+
+/// The caps hold what they promise: a `Revoke` for an account at them — 48 sessions, 2,048
+/// chats, the last generation's bundle (the largest) — fits one frame.
+#[test]
+fn a_rotation_at_the_caps_fits_one_frame() {
+    use stratus_engine::proto::cert::{rotation_bundle_context, MAX_GENERATION, MAX_ROTATION_DEVICES};
+    use stratus_engine::proto::crypto::seal_box;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(9);
+    let mut keys = AccountKeys::generate(&mut rng);
+    while keys.generation + 1 < MAX_GENERATION {
+        keys = keys.rotated(&mut rng).unwrap();
+    }
+    let next = keys.rotated(&mut rng).unwrap();
+    let account = next.public().id;
+    let bundle = postcard::to_allocvec(&next).unwrap();
+    let mut rotation = keys.sign_rotation(&next);
+    for i in 0..MAX_ROTATION_DEVICES {
+        let device = DeviceId(format!("12D3KooW{i:044}"));
+        let context = rotation_bundle_context(account, next.generation, &device);
+        rotation.bundles.push((device, seal_box(&[9; 32], &[], &context, &bundle, &mut rng)));
+    }
+    let kem = next.current().kem_key;
+    let chats: Vec<NewEpoch> = (0..MAX_ACCOUNT_CHATS as u32)
+        .map(|i| {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            let (chat, epoch) = (ChatId(id), Epoch(u32::MAX - 1));
+            let key = wrap_chat_key(&ChatKey::random(&mut rng), chat, epoch, account, &kem, &mut rng);
+            let signature = next.sign_chat_key(chat, ChatKind::Notes, epoch, account, &key);
+            NewEpoch { chat, epoch, keys: vec![WrappedKey { account, key, signature }] }
+        })
+        .collect();
+    let revocation = revocation(
+        &keys,
+        &Dev { conn: 0, id: DeviceId("x".repeat(52)) },
+        &Dev { conn: 0, id: DeviceId("y".repeat(52)) },
+    );
+    let frame =
+        ClientFrame::Revoke { req: u64::MAX, revocation, rotation, chats, recovery: Some(vec![0; MAX_RECOVERY_BYTES]) };
+    let bytes = stratus_engine::proto::wire::encode(&frame).expect("a rotation at the caps fits one frame");
+    eprintln!(
+        "rotation at the caps: {} bytes of {} (bundle {} bytes sealed)",
+        bytes.len(),
+        stratus_engine::proto::wire::MAX_FRAME_BYTES,
+        bundle.len()
+    );
+}

@@ -145,8 +145,9 @@ pub fn account_id_for(signing_key: &[u8; 32]) -> AccountId {
 /// Most rotations an account can make: every generation adds 64 bytes to the bundle, which
 /// must fit a frame once per device in a rotation.
 pub const MAX_GENERATION: u32 = 256;
-/// Most devices a rotation hands the new bundle to.
-pub const MAX_ROTATION_DEVICES: usize = 48;
+/// Most devices a rotation hands the new bundle to (the relay caps an account's live sessions
+/// at it): with 2,048 chats and the last generation's bundles, a rotation fits one frame.
+pub const MAX_ROTATION_DEVICES: usize = 32;
 /// Longest sealed account bundle accepted.
 pub const MAX_BUNDLE_BYTES: usize = 20 * 1024;
 

@@ -23,8 +23,9 @@ fn bad(message: impl Into<String>) -> (ErrorCode, String) {
 }
 
 /// Most chats an account may be a member of: every rotation carries a new epoch for each, in
-/// one frame with a bundle per device (about 205 bytes a chat; 2,048 chats leave room for
-/// [`MAX_ROTATION_DEVICES`] bundles of about 12 KiB).
+/// one frame with a bundle per device. At the caps ([`MAX_ROTATION_DEVICES`] bundles of the
+/// last generation, about 16 KiB each, and 2,048 chats) a `Revoke` is 979,425 bytes of the
+/// 1 MiB frame (measured by `a_rotation_at_the_caps_fits_one_frame`).
 pub const MAX_ACCOUNT_CHATS: usize = 2048;
 
 impl RelayCore {
