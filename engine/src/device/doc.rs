@@ -398,8 +398,14 @@ impl ChatDoc {
                 changed.insert(i);
             }
         }
-        // A reaction names its message by id: finding it walks the list, once per message.
-        changed.extend(reacted.iter().filter_map(|id| self.index_of(&list, id)));
+        // A reaction names its message by id: one walk of the list finds them all (a change
+        // may touch up to MAX_CHANGE_OPS messages; a walk per message would cost that many).
+        if !reacted.is_empty() {
+            changed.extend(
+                (0..self.doc.length(&list))
+                    .filter(|i| self.message_id_at(&list, *i).is_some_and(|id| reacted.contains(&id))),
+            );
+        }
         for i in changed.into_iter().filter(|i| !added.contains(i)) {
             if let Ok(Some((Value::Object(ObjType::Map), m))) = self.doc.get(&list, i) {
                 update.changed.extend(self.message_at(&m, i, &marks));
