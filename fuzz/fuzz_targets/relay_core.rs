@@ -25,7 +25,8 @@ use rand::SeedableRng;
 use stratus_engine::proto::cert::{
     AccountGen, AccountKeys, AccountPublic, DeviceCert, DeviceCertBody, Revocation, RevocationBody, Rotation,
 };
-use stratus_engine::proto::crypto::{wrap_chat_key, ChatKey, SealedBox};
+use stratus_engine::proto::crypto::{ChatKey, SealedBox};
+use stratus_engine::proto::directory::{KeyTerms, MemberChangeBody, Membership, SignedGen};
 use stratus_engine::proto::wire::{
     decode, AccountEntry, ChatKind, ClientFrame, Delta, FrameError, NewEpoch, RelayFrame, ReqId, WrappedKey,
     MAX_DELTA_BYTES, PROTOCOL_VERSION,
@@ -160,6 +161,12 @@ enum Op {
         conn: u8,
         which: u8,
     },
+    /// A directory or member request: set a username, look one up, look accounts up, leave
+    /// the direct chat, start its next epoch, from the fixtures.
+    Members {
+        conn: u8,
+        which: u8,
+    },
     /// Time passes (the rate limit refills).
     Wait {
         ms: u16,
@@ -179,6 +186,8 @@ struct Fixture {
     revoke: Vec<(Revocation, Rotation, Vec<NewEpoch>, Option<Vec<u8>>)>,
     /// A recovery key's public half signed for one device: (public, device index, signature).
     put_recovery: Vec<([u8; 32], Vec<u8>)>,
+    /// Directory and member requests (with req 0, replaced when sent).
+    members: Vec<ClientFrame>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -198,21 +207,42 @@ fn fixture() -> &'static Fixture {
             })
         };
         let chats: Vec<ChatId> = (0..3).map(|_| ChatId::random(&mut rng)).collect();
-        let mut key = |signer: &AccountKeys, member: &AccountKeys, chat: ChatId, epoch: Epoch| {
-            let public = member.public();
-            let wrapped = wrap_chat_key(&ChatKey::random(&mut rng), chat, epoch, public.id, &public.kem_key, &mut rng);
-            let signature = signer.sign_chat_key(chat, ChatKind::Notes, epoch, public.id, &wrapped);
-            WrappedKey { account: public.id, key: wrapped, signature }
+        let mut key_for = |signer: &AccountKeys, terms: &KeyTerms, to: &[&AccountKeys]| {
+            let key = ChatKey::random(&mut rng);
+            to.iter().map(|m| signer.grant_chat_key(&key, terms, &m.current(), &mut rng)).collect::<Vec<_>>()
+        };
+        let mut key = |signer: &AccountKeys, members: &[&AccountKeys], chat: ChatId, epoch: Epoch| {
+            let kind = if members.len() == 1 { ChatKind::Notes } else { ChatKind::Direct };
+            let terms = KeyTerms { chat, kind, epoch, members: members.iter().map(|m| m.public().id).collect() };
+            key_for(signer, &terms, members)
         };
         let create_chat = vec![
-            (chats[0], Epoch(0), vec![key(&a, &a, chats[0], Epoch(0))]),
-            (chats[1], Epoch(0), vec![key(&b, &b, chats[1], Epoch(0))]),
-            (chats[0], Epoch(1), vec![key(&a, &a, chats[0], Epoch(1))]),
+            (chats[0], Epoch(0), key(&a, &[&a], chats[0], Epoch(0))),
+            (chats[1], Epoch(0), key(&b, &[&b], chats[1], Epoch(0))),
+            (chats[0], Epoch(1), key(&a, &[&a], chats[0], Epoch(1))),
             // Signed by the wrong account.
-            (chats[2], Epoch(0), vec![key(&b, &a, chats[2], Epoch(0))]),
-            // Two members.
-            (chats[2], Epoch(0), vec![key(&a, &a, chats[2], Epoch(0)), key(&a, &b, chats[2], Epoch(0))]),
+            (chats[2], Epoch(0), key(&b, &[&a], chats[2], Epoch(0))),
+            // A direct chat of the two accounts.
+            (chats[2], Epoch(0), key(&a, &[&a, &b], chats[2], Epoch(0))),
         ];
+        // The direct chat (chats[2]): A leaves, B starts epoch 1 alone; or B leaves, A does.
+        let mut members = vec![
+            ClientFrame::SetUsername { req: 0, name: Some("ann".into()) },
+            ClientFrame::SetUsername { req: 0, name: Some("Bad Name".into()) },
+            ClientFrame::SetUsername { req: 0, name: None },
+            ClientFrame::Lookup { req: 0, username: "ann".into() },
+            ClientFrame::LookupAccounts { req: 0, accounts: vec![a.public().id, b.public().id, AccountId([7; 16])] },
+        ];
+        for (leaver, stayer) in [(&a, &b), (&b, &a)] {
+            let chat = chats[2];
+            let body =
+                MemberChangeBody { chat, base_epoch: Epoch(0), by: leaver.public().id, change: Membership::Leave };
+            members.push(ClientFrame::ChangeMembers { req: 0, change: leaver.sign_member_change(body) });
+            let epoch = Epoch(1);
+            let terms = KeyTerms { chat, kind: ChatKind::Direct, epoch, members: [stayer.public().id].into() };
+            let keys = key_for(stayer, &terms, &[stayer]);
+            members.push(ClientFrame::Rekey { req: 0, epoch: NewEpoch { chat, epoch, keys }, history: Vec::new() });
+        }
         let revocation = |keys: &AccountKeys, device: usize, by: usize| {
             keys.revoke(RevocationBody {
                 account: keys.public().id,
@@ -235,12 +265,11 @@ fn fixture() -> &'static Fixture {
             let next = keys.rotated(&mut rng).expect("a first rotation");
             let new: AccountGen = next.current();
             let epoch = Epoch(1);
-            let wrapped = wrap_chat_key(&ChatKey::random(&mut rng), chat, epoch, new.account, &new.kem_key, &mut rng);
-            let signature = next.sign_chat_key(chat, ChatKind::Notes, epoch, new.account, &wrapped);
+            let terms = KeyTerms { chat, kind: ChatKind::Notes, epoch, members: [new.account].into() };
             let chats = vec![NewEpoch {
                 chat,
                 epoch,
-                keys: vec![WrappedKey { account: new.account, key: wrapped, signature }],
+                keys: vec![next.grant_chat_key(&ChatKey::random(&mut rng), &terms, &new, &mut rng)],
             }];
             let all: Vec<&DeviceId> =
                 account_devices.iter().map(|d| &devices[*d]).filter(|d| **d != r.body.device).collect();
@@ -270,6 +299,7 @@ fn fixture() -> &'static Fixture {
             ],
             chats,
             create_chat,
+            members,
             link_wait: vec![([1; 32], [9; 32]), ([3; 32], [7; 32])],
             link_approve: vec![
                 ([1; 32], cert(&a, &devices[1], 9)),
@@ -280,6 +310,18 @@ fn fixture() -> &'static Fixture {
             devices,
         }
     })
+}
+
+/// A fixture's directory or member frame with the request id it is sent with.
+fn with_req(frame: ClientFrame, req: ReqId) -> ClientFrame {
+    match frame {
+        ClientFrame::SetUsername { name, .. } => ClientFrame::SetUsername { req, name },
+        ClientFrame::Lookup { username, .. } => ClientFrame::Lookup { req, username },
+        ClientFrame::LookupAccounts { accounts, .. } => ClientFrame::LookupAccounts { req, accounts },
+        ClientFrame::ChangeMembers { change, .. } => ClientFrame::ChangeMembers { req, change },
+        ClientFrame::Rekey { epoch, history, .. } => ClientFrame::Rekey { req, epoch, history },
+        other => other,
+    }
 }
 
 fn pick<T>(items: &[T], i: u8) -> &T {
@@ -298,7 +340,8 @@ struct Store {
     states: BTreeMap<DeviceId, DeviceState>,
     settings: BTreeMap<AccountId, AccountSettings>,
     recoveries: BTreeMap<[u8; 32], RecoveryRecord>,
-    gens: BTreeMap<(AccountId, u32), AccountGen>,
+    gens: BTreeMap<(AccountId, u32), SignedGen>,
+    usernames: BTreeMap<AccountId, String>,
 }
 
 impl Store {
@@ -339,7 +382,13 @@ impl Store {
                     self.recoveries.remove(&id);
                 }
                 StoreOp::PutAccountGen(g) => {
-                    self.gens.insert((g.account, g.generation), g);
+                    self.gens.insert((g.body.account, g.body.generation), g);
+                }
+                StoreOp::PutUsername(a, name) => {
+                    match name {
+                        Some(n) => self.usernames.insert(a, n),
+                        None => self.usernames.remove(&a),
+                    };
                 }
             }
         }
@@ -379,6 +428,7 @@ impl Store {
             account_settings: self.settings.iter().map(|(k, v)| (*k, *v)).collect(),
             recoveries: self.recoveries.iter().map(|(k, v)| (*k, v.clone())).collect(),
             account_gens: self.gens.values().cloned().collect(),
+            usernames: self.usernames.iter().map(|(k, v)| (*k, v.clone())).collect(),
         }
     }
 }
@@ -579,6 +629,12 @@ impl Harness {
                 assert!(account.is_some_and(|a| members.contains(&a)), "typing to a device of a non-member");
                 assert!(members.contains(&typist), "typing from a non-member");
             }
+            RelayFrame::Accounts { req, accounts } => {
+                for entry in &accounts {
+                    assert!(entry.chain.verify().is_ok(), "the directory serves only chains that verify");
+                }
+                self.replied(conn, req);
+            }
             RelayFrame::Hello { .. } | RelayFrame::Error { req: None, .. } => {}
         }
     }
@@ -651,10 +707,11 @@ fuzz_target!(|script: Script| {
             }
             Op::CreateChat { conn, which } => {
                 let (chat, epoch, keys) = pick(&f.create_chat, which).clone();
+                let kind = if keys.len() == 1 { ChatKind::Notes } else { ChatKind::Direct };
                 h.request(conn, |req| ClientFrame::CreateChat {
                     req,
                     chat,
-                    kind: ChatKind::Notes,
+                    kind,
                     epoch,
                     client_seq: ClientSeq(which.into()),
                     keys,
@@ -736,6 +793,10 @@ fuzz_target!(|script: Script| {
             Op::Revoke { conn, which } => {
                 let (revocation, rotation, chats, recovery) = pick(&f.revoke, which).clone();
                 h.request(conn, |req| ClientFrame::Revoke { req, revocation, rotation, chats, recovery });
+            }
+            Op::Members { conn, which } => {
+                let frame = pick(&f.members, which).clone();
+                h.request(conn, |req| with_req(frame, req));
             }
             Op::Typing { conn, chat } => {
                 let chat = *pick(&f.chats, chat);

@@ -27,6 +27,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use stratus_engine::proto::cert::{AccountGen, AccountPublic, CertError, DeviceCert, MAX_DEVICE_NAME_BYTES};
+use stratus_engine::proto::directory::{AccountChain, KeyTerms, SignedGen};
 use stratus_engine::proto::wire::{
     AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, DeviceSession, ErrorCode, FrameError, RelayFrame, ReqId,
     WrappedKey, MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
@@ -103,8 +104,10 @@ pub enum StoreOp {
     PutAccountSettings(AccountId, AccountSettings),
     /// A recovery bundle under its lookup id.
     PutRecovery([u8; 32], RecoveryRecord),
-    /// A new generation of an account's keys (a rotation).
-    PutAccountGen(AccountGen),
+    /// A new generation of an account's keys (a rotation), signed.
+    PutAccountGen(SignedGen),
+    /// An account's username taken (or with `None` released).
+    PutUsername(AccountId, Option<String>),
     /// A recovery bundle replaced or withdrawn.
     DeleteRecovery([u8; 32]),
     /// An approval kept until the new device has fetched it (see [`ApprovedLink`]).
@@ -117,6 +120,10 @@ struct Account {
     public: AccountPublic,
     /// Every generation of its keys, the genesis first; the last one is in force.
     gens: Vec<AccountGen>,
+    /// The signed rotations that started each generation after the genesis.
+    rotations: Vec<SignedGen>,
+    /// Its username in the directory.
+    username: Option<String>,
     settings: AccountSettings,
     /// The lookup id of its recovery bundle, if it has one.
     recovery: Option<[u8; 32]>,
@@ -161,6 +168,8 @@ impl Account {
     fn new(public: AccountPublic) -> Self {
         Account {
             gens: vec![public.genesis()],
+            rotations: Vec::new(),
+            username: None,
             public,
             settings: AccountSettings::default(),
             recovery: None,
@@ -223,6 +232,8 @@ pub struct RelayCore {
     limits: Limits,
     recoveries: BTreeMap<[u8; 32], RecoveryRecord>,
     recovery_bucket: TokenBucket,
+    /// The directory: username → account.
+    usernames: BTreeMap<String, AccountId>,
 }
 
 impl RelayCore {
@@ -242,6 +253,7 @@ impl RelayCore {
             limits,
             recoveries: BTreeMap::new(),
             recovery_bucket: TokenBucket::default(),
+            usernames: BTreeMap::new(),
         };
         for public in recovered.accounts {
             core.accounts.insert(public.id, Account::new(public));
@@ -254,13 +266,20 @@ impl RelayCore {
             }
         }
         let mut gens = recovered.account_gens;
-        gens.sort_by_key(|g| (g.account, g.generation));
+        gens.sort_by_key(|g| (g.body.account, g.body.generation));
         for g in gens {
             // Generations chain: one that does not follow the last one kept is damage, not used.
-            if let Some(a) = core.accounts.get_mut(&g.account) {
-                if a.gens.len() == g.generation as usize {
-                    a.gens.push(g);
+            if let Some(a) = core.accounts.get_mut(&g.body.account) {
+                if a.gens.len() == g.body.generation as usize {
+                    a.gens.push(gen_of(&g));
+                    a.rotations.push(g);
                 }
+            }
+        }
+        for (account, name) in recovered.usernames {
+            if let Some(a) = core.accounts.get_mut(&account) {
+                a.username = Some(name.clone());
+                core.usernames.insert(name, account);
             }
         }
         for (account, settings) in recovered.account_settings {
@@ -491,6 +510,17 @@ impl RelayCore {
             (ClientFrame::CreateChat { req, chat, kind, epoch, keys, client_seq }, Some(a)) => {
                 self.create_chat(conn, req, a, &device, client_seq, chat, kind, epoch, keys, out).map_err(|e| (req, e))
             }
+            (
+                frame @ (ClientFrame::SetUsername { .. }
+                | ClientFrame::Lookup { .. }
+                | ClientFrame::LookupAccounts { .. }
+                | ClientFrame::ChangeMembers { .. }
+                | ClientFrame::Rekey { .. }),
+                Some(a),
+            ) => {
+                let req = frame.req();
+                self.members_frame(conn, a, frame, out).map_err(|e| (req, e))
+            }
             (ClientFrame::Append { req, chat, epoch, client_seq, sealed }, Some(a)) => {
                 self.append(conn, req, a, &device, chat, epoch, client_seq, sealed, out).map_err(|e| (req, e))
             }
@@ -634,25 +664,31 @@ impl RelayCore {
         }
     }
 
-    /// Logs each key of a chat's epoch as `ChatAdded` in its member account's log, signed by
-    /// `signer`, into `ops`; returns the entries to push once durable.
-    #[allow(clippy::too_many_arguments)]
+    /// Logs each key handed out on `terms` as `ChatAdded` in its recipient's log, signed by
+    /// `signer` (with `signer`'s keys for the other accounts), into `ops`; returns the entries
+    /// to push once durable.
     fn log_chat_keys(
         &mut self,
-        chat: ChatId,
-        kind: ChatKind,
-        epoch: Epoch,
+        terms: &KeyTerms,
         keys: Vec<WrappedKey>,
         signer: AccountId,
         ops: &mut Vec<StoreOp>,
     ) -> Vec<(AccountId, AccountEntry)> {
+        let chain = self.chain_of(signer);
         let mut entries = Vec::new();
-        for k in keys {
-            let event =
-                AccountEvent::ChatAdded { chat, kind, epoch, wrapped_key: k.key, signer, signature: k.signature };
-            entries.push((k.account, self.log_entry(k.account, event, ops)));
+        for key in keys {
+            let account = key.account;
+            let signer_chain = (account != signer).then(|| chain.clone());
+            let event = AccountEvent::ChatAdded { terms: terms.clone(), key, signer, signer_chain };
+            entries.push((account, self.log_entry(account, event, ops)));
         }
         entries
+    }
+
+    /// An account's keys through all their generations, as the directory serves them.
+    fn chain_of(&self, account: AccountId) -> AccountChain {
+        let a = &self.accounts[&account];
+        AccountChain { public: a.public.clone(), rotations: a.rotations.clone() }
     }
 
     /// Writes `ops` in one batch and, once it is durable, pushes `entries` to their accounts and
@@ -682,6 +718,12 @@ impl RelayCore {
     }
 }
 
+/// The generation a signed rotation starts.
+fn gen_of(g: &SignedGen) -> AccountGen {
+    let b = &g.body;
+    AccountGen { account: b.account, generation: b.generation, signing_key: b.signing_key, kem_key: b.kem_key }
+}
+
 fn revoked(conn: ConnId, req: Option<ReqId>) -> Effect {
     error_frame(
         conn,
@@ -698,6 +740,7 @@ fn error_frame(conn: ConnId, req: Option<ReqId>, code: ErrorCode, message: impl 
 mod accounts;
 mod chats;
 mod limiting;
+mod members;
 use limiting::hold;
 mod records;
 mod rotation;

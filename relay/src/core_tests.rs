@@ -78,11 +78,7 @@ impl World {
                 kind: ChatKind::Notes,
                 epoch: Epoch(0),
                 client_seq: ClientSeq(0),
-                keys: vec![WrappedKey {
-                    account: account.id,
-                    signature: keys.sign_chat_key(chat, ChatKind::Notes, Epoch(0), account.id, &wrapped),
-                    key: wrapped,
-                }],
+                keys: vec![notes_key(&keys, chat, Epoch(0), wrapped)],
             },
         );
         self.durable(&e);
@@ -305,14 +301,14 @@ fn a_repeated_create_chat_is_acknowledged_again_and_a_stranger_refused() {
     let account = keys.public();
     let chat = ChatId::random(&mut w.rng);
     let wrapped = wrap_chat_key(&ChatKey::random(&mut w.rng), chat, Epoch(0), account.id, &account.kem_key, &mut w.rng);
-    let signature = keys.sign_chat_key(chat, ChatKind::Notes, Epoch(0), account.id, &wrapped);
+    let key = notes_key(&keys, chat, Epoch(0), wrapped);
     let create = |req| ClientFrame::CreateChat {
         req,
         chat,
         kind: ChatKind::Notes,
         epoch: Epoch(0),
         client_seq: ClientSeq(0),
-        keys: vec![WrappedKey { account: account.id, key: wrapped.clone(), signature: signature.clone() }],
+        keys: vec![key.clone()],
     };
     let e = w.frame(a.conn, create(5));
     assert!(sends(&e).is_empty(), "done waits for the barrier: {e:?}");
@@ -621,11 +617,7 @@ fn a_refused_chat_creation_holds_back_the_chats_first_append() {
         kind: ChatKind::Notes,
         epoch: Epoch(0),
         client_seq: ClientSeq(7),
-        keys: vec![WrappedKey {
-            account: account.id,
-            signature: keys.sign_chat_key(chat, ChatKind::Notes, Epoch(0), account.id, &wrapped),
-            key: wrapped.clone(),
-        }],
+        keys: vec![notes_key(&keys, chat, Epoch(0), wrapped.clone())],
     };
     w.now_ms = 10_000;
     // Two requests use up the burst; the creation is refused and the append behind it held.
@@ -668,4 +660,21 @@ fn typing_is_pushed_to_the_members_other_devices_and_never_written() {
     // Not a member, or an unknown chat: dropped, not answered.
     assert!(w.frame(stranger.conn, ClientFrame::Typing { chat }).is_empty());
     assert!(w.frame(a.conn, ClientFrame::Typing { chat: ChatId([0; 16]) }).is_empty());
+}
+
+/// A notes chat's key `wrapped` for the account of `keys`, signed by its current generation.
+pub(crate) fn notes_key(
+    keys: &AccountKeys,
+    chat: ChatId,
+    epoch: Epoch,
+    wrapped: stratus_engine::proto::crypto::SealedBox,
+) -> WrappedKey {
+    let account = keys.public().id;
+    let terms = KeyTerms { chat, kind: ChatKind::Notes, epoch, members: [account].into() };
+    WrappedKey {
+        account,
+        generation: keys.generation,
+        signature: keys.sign_chat_key(&terms, account, keys.generation, &wrapped),
+        key: wrapped,
+    }
 }

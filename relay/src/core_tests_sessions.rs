@@ -35,8 +35,7 @@ fn revoke_with(w: &mut World, keys: &AccountKeys, revocation: Revocation, device
             let record = &w.core.chats[c].record;
             let epoch = Epoch(record.epochs.keys().next_back().unwrap().0 + 1);
             let key = opaque(2);
-            let signature = next.sign_chat_key(*c, record.kind, epoch, account, &key);
-            NewEpoch { chat: *c, epoch, keys: vec![WrappedKey { account, key, signature }] }
+            NewEpoch { chat: *c, epoch, keys: vec![notes_key(&next, *c, epoch, key)] }
         })
         .collect();
     let recovery = acct.recovery.filter(|id| w.core.recoveries[id].by != device.id).map(|_| vec![3; 80]);
@@ -369,7 +368,7 @@ fn a_rotation_must_cover_the_account_and_afterwards_only_the_new_keys_are_taken(
     parts(&mut includes_b).0.bundles.push(extra);
     let mut old_signer = revoke(&mut w, &keys, &b, &a, 4);
     let (_, chats) = parts(&mut old_signer);
-    chats[0].keys[0].signature = keys.sign_chat_key(chat, ChatKind::Notes, Epoch(1), account, &chats[0].keys[0].key);
+    chats[0].keys[0].signature = notes_key(&keys, chat, Epoch(1), chats[0].keys[0].key.clone()).signature;
     for (f, code) in [
         (forgets_c, ErrorCode::StaleEpoch),
         (forgets_chat, ErrorCode::StaleEpoch),
@@ -399,12 +398,9 @@ fn a_rotation_must_cover_the_account_and_afterwards_only_the_new_keys_are_taken(
         .collect();
     assert!(matches!(
         events[..],
-        [
-            AccountEvent::DeviceRevoked { .. },
-            AccountEvent::Rotated { .. },
-            AccountEvent::ChatAdded { epoch: Epoch(1), .. }
-        ]
+        [AccountEvent::DeviceRevoked { .. }, AccountEvent::Rotated { .. }, AccountEvent::ChatAdded { .. }]
     ));
+    assert!(matches!(events[2], AccountEvent::ChatAdded { terms, .. } if terms.epoch == Epoch(1)));
 
     // An append under the old epoch is stale and holds back the device's later ones; sealed
     // again under the new epoch it is stored, then the later one.
@@ -425,14 +421,13 @@ fn a_rotation_must_cover_the_account_and_afterwards_only_the_new_keys_are_taken(
     // A chat key, a certificate or a recovery key the old generation signed is stale.
     let chat2 = ChatId([9; 16]);
     let wrapped = SealedBox { ephemeral: [1; 32], sealed: vec![1; 48] };
-    let signature = keys.sign_chat_key(chat2, ChatKind::Notes, Epoch(0), account, &wrapped);
     let create = ClientFrame::CreateChat {
         req: 9,
         chat: chat2,
         kind: ChatKind::Notes,
         epoch: Epoch(0),
         client_seq: ClientSeq(3),
-        keys: vec![WrappedKey { account, key: wrapped, signature }],
+        keys: vec![notes_key(&keys, chat2, Epoch(0), wrapped)],
     };
     assert_eq!(error_codes(&w.frame(c.conn, create)), vec![(3, ErrorCode::StaleEpoch)]);
     let put = ClientFrame::PutRecovery {
@@ -446,8 +441,8 @@ fn a_rotation_must_cover_the_account_and_afterwards_only_the_new_keys_are_taken(
 
     // A relay restarted on what was written keeps the generation.
     let next_gen = w.core.accounts[&account].gens[1].clone();
-    let recovered =
-        Recovered { accounts: vec![keys.public()], account_gens: vec![next_gen.clone()], ..Recovered::default() };
+    let signed = w.core.accounts[&account].rotations[0].clone();
+    let recovered = Recovered { accounts: vec![keys.public()], account_gens: vec![signed], ..Recovered::default() };
     let core = RelayCore::new(recovered, Limits::default());
     assert_eq!(core.accounts[&account].gens, vec![keys.public().genesis(), next_gen]);
 }
@@ -486,14 +481,13 @@ fn an_account_keeps_to_what_one_rotation_can_carry() {
     }
     let chat = ChatId([0xee; 16]);
     let wrapped = SealedBox { ephemeral: [3; 32], sealed: vec![3; 48] };
-    let signature = keys.sign_chat_key(chat, ChatKind::Notes, Epoch(0), account, &wrapped);
     let create = ClientFrame::CreateChat {
         req: 3,
         chat,
         kind: ChatKind::Notes,
         epoch: Epoch(0),
         client_seq: ClientSeq(1),
-        keys: vec![WrappedKey { account, key: wrapped, signature }],
+        keys: vec![notes_key(&keys, chat, Epoch(0), wrapped)],
     };
     assert_eq!(error_codes(&w.frame(a.conn, create)), vec![(1, ErrorCode::TooLarge)]);
 }
@@ -525,8 +519,7 @@ fn a_rotation_at_the_caps_fits_one_frame() {
             id[..4].copy_from_slice(&i.to_be_bytes());
             let (chat, epoch) = (ChatId(id), Epoch(u32::MAX - 1));
             let key = wrap_chat_key(&ChatKey::random(&mut rng), chat, epoch, account, &kem, &mut rng);
-            let signature = next.sign_chat_key(chat, ChatKind::Notes, epoch, account, &key);
-            NewEpoch { chat, epoch, keys: vec![WrappedKey { account, key, signature }] }
+            NewEpoch { chat, epoch, keys: vec![notes_key(&next, chat, epoch, key)] }
         })
         .collect();
     let revocation = revocation(

@@ -498,6 +498,17 @@ fn log_input(input: &Input) {
                 tracing::info!(conn, req, device = %cert.body.device, "recover")
             }
             ClientFrame::Typing { chat } => tracing::trace!(conn, %chat, "typing"),
+            ClientFrame::SetUsername { req, .. } => tracing::info!(conn, req, "set username"),
+            ClientFrame::Lookup { req, .. } => tracing::debug!(conn, req, "directory lookup"),
+            ClientFrame::LookupAccounts { req, accounts } => {
+                tracing::debug!(conn, req, accounts = accounts.len(), "directory lookup by id")
+            }
+            ClientFrame::ChangeMembers { req, change } => {
+                tracing::info!(conn, req, chat = %change.body.chat, "change members")
+            }
+            ClientFrame::Rekey { req, epoch, history } => {
+                tracing::info!(conn, req, chat = %epoch.chat, epoch = epoch.epoch.0, shared = history.len(), "rekey")
+            }
             ClientFrame::Rotate { req, rotation, chats, .. } => {
                 tracing::info!(conn, req, generation = rotation.body.generation, chats = chats.len(), "rotate")
             }

@@ -16,7 +16,9 @@
 //! * `device_state`: device id → `DeviceState` (registration, last activity, revocation)
 //! * `account_settings`: account id → `AccountSettings` (session time-to-live)
 //! * `recovery`: recovery lookup id → `RecoveryRecord` (the bundle sealed under a recovery key)
-//! * `account_gens`: account id ‖ generation → `AccountGen` (the public keys of each rotation)
+//! * `account_gens`: account id ‖ generation → `SignedGen` (the public keys of each rotation,
+//!   signed by the generation before)
+//! * `usernames`: account id → its username in the directory
 
 use std::path::Path;
 
@@ -90,6 +92,7 @@ pub struct SledStore {
     account_settings: sled::Tree,
     recovery: sled::Tree,
     account_gens: sled::Tree,
+    usernames: sled::Tree,
 }
 
 impl SledStore {
@@ -109,6 +112,7 @@ impl SledStore {
             account_settings: db.open_tree("account_settings")?,
             recovery: db.open_tree("recovery")?,
             account_gens: db.open_tree("account_gens")?,
+            usernames: db.open_tree("usernames")?,
             db,
         })
     }
@@ -153,10 +157,11 @@ impl RelayStore for SledStore {
             &self.account_settings,
             &self.recovery,
             &self.account_gens,
+            &self.usernames,
         ];
         let r: Result<(), TransactionError<()>> = trees.transaction(|t: &Vec<TransactionalTree>| {
-            let (accounts, devices, chats, deltas, dedup, log, links, states, settings, recovery, gens) =
-                (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &t[9], &t[10]);
+            let (accounts, devices, chats, deltas, dedup, log, links, states, settings, recovery, gens, names) =
+                (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &t[9], &t[10], &t[11]);
             for op in ops {
                 match op {
                     StoreOp::PutAccount(a) => {
@@ -194,7 +199,13 @@ impl RelayStore for SledStore {
                         recovery.insert(&id[..], enc(r))?;
                     }
                     StoreOp::PutAccountGen(g) => {
-                        gens.insert(seq_key(&g.account.0, u64::from(g.generation)), enc(g))?;
+                        gens.insert(seq_key(&g.body.account.0, u64::from(g.body.generation)), enc(g))?;
+                    }
+                    StoreOp::PutUsername(a, Some(name)) => {
+                        names.insert(&a.0[..], name.as_bytes())?;
+                    }
+                    StoreOp::PutUsername(a, None) => {
+                        names.remove(&a.0[..])?;
                     }
                     StoreOp::DeleteRecovery(id) => {
                         recovery.remove(&id[..])?;
@@ -257,8 +268,15 @@ impl RelayStore for SledStore {
         if after >= upto {
             return Ok(out);
         }
+        let mut bytes = 0;
         for kv in self.account_log.range(seq_key(&account.0, after.0 + 1)..=seq_key(&account.0, upto.0)) {
             let (k, v) = kv?;
+            // Entries carry member lists and key chains: a page is capped in bytes too (always
+            // at least one entry).
+            bytes += v.len();
+            if !out.is_empty() && bytes > MAX_PAGE_BYTES {
+                break;
+            }
             let event: AccountEvent = dec(&v, "account log entry")?;
             out.push(AccountEntry { seq: Seq(tail_u64(&k)), event });
             if out.len() >= max as usize {
@@ -304,6 +322,12 @@ impl RelayStore for SledStore {
         }
         for kv in self.account_gens.iter() {
             r.account_gens.push(dec(&kv?.1, "account generation")?);
+        }
+        for kv in self.usernames.iter() {
+            let (k, v) = kv?;
+            let id: [u8; 16] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("account id"))?;
+            let name = String::from_utf8(v.to_vec()).map_err(|_| StoreError::Corrupt("username"))?;
+            r.usernames.push((AccountId(id), name));
         }
         for kv in self.account_settings.iter() {
             let (k, v) = kv?;

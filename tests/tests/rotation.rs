@@ -119,10 +119,10 @@ fn the_revoked_devices_keys_and_the_relays_data_open_nothing_written_after_the_r
     let mut rotations = 0;
     for entry in &log {
         match &entry.event {
-            AccountEvent::ChatAdded { chat, epoch, wrapped_key, .. } => {
+            AccountEvent::ChatAdded { terms, key, .. } => {
                 for kem in &kem_secrets {
-                    if let Ok(k) = unwrap_chat_key(wrapped_key, *chat, *epoch, account, kem) {
-                        unwrapped.insert((*chat, *epoch), k);
+                    if let Ok(k) = unwrap_chat_key(&key.key, terms.chat, terms.epoch, account, kem) {
+                        unwrapped.insert((terms.chat, terms.epoch), k);
                     }
                 }
             }

@@ -32,6 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::device::store::{OutboxBody, OutboxItem};
+use crate::proto::directory::DirectoryEntry;
 use crate::proto::ids::{AccountId, ChatId, ClientSeq, DeviceId, Seq};
 use crate::proto::wire::{
     AccountEntry, ClientFrame, Delta, ErrorCode, RelayFrame, ReqId, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
@@ -94,8 +95,15 @@ pub enum SyncOutput {
     Stale { client_seq: ClientSeq, chat: ChatId },
     /// Someone typing in a chat (tell the app; nothing is stored).
     Typing { chat: ChatId, account: AccountId, device: DeviceId },
-    /// Send a `Rotate` request with this req id (see [`SyncInput::RotationDue`]).
+    /// Do the device's key work with this req id (see [`SyncInput::RotationDue`]): send a
+    /// `Rotate` or `Rekey`, or first a `LookupAccounts` whose answer comes back as
+    /// [`SyncOutput::Looked`].
     Rotate { req: ReqId },
+    /// The accounts looked up for the key work of `req`: take them and go on with it.
+    Looked { req: ReqId, accounts: Vec<DirectoryEntry> },
+    /// The relay took the key work (or it was no longer due): feed
+    /// [`SyncInput::RotationDue`] again if more is due.
+    KeyWorkDone,
     /// The relay refused the delta for good; drop it from the outbox and tell the app.
     Rejected { client_seq: ClientSeq, chat: ChatId, code: ErrorCode, message: String },
     /// A chat's cursor moved without a delta to apply (the device's own delta); store it.
@@ -453,6 +461,11 @@ impl SyncCore {
                 self.pending.remove(&req);
                 self.rotating = false;
                 self.rotation_due = false;
+                self.rotate_attempts = 0;
+                out.push(SyncOutput::KeyWorkDone);
+            }
+            RelayFrame::Accounts { req, accounts } if self.is(req, |p| matches!(p, Pending::Rotate)) => {
+                out.push(SyncOutput::Looked { req, accounts });
             }
             RelayFrame::Error { code: ErrorCode::SessionRevoked, .. } => {
                 self.phase = Phase::Offline;

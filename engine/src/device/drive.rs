@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use crate::device::core::{SyncCore, SyncInput, SyncOutput};
 use crate::device::doc::Message;
 use crate::device::error::Error;
-use crate::device::local::{Device, MessageOp};
+use crate::device::local::{Device, KeyWork, MessageOp};
 use crate::proto::ids::{ChatId, ClientSeq, Seq};
 use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame};
 
@@ -31,6 +31,9 @@ pub enum Event {
     Typing { chat: ChatId, account: String, device: String },
     /// A chat became readable on this device.
     ChatAdded { chat: ChatId },
+    /// This account is no longer a member of a chat (it left, or was removed): what the device
+    /// has stays readable; nothing more arrives or can be written.
+    ChatLeft { chat: ChatId },
     /// A message written here is durable on the relay at `seq` (`None`: a retry of one stored
     /// long ago).
     Acked { chat: ChatId, client_seq: ClientSeq, seq: Option<Seq> },
@@ -74,7 +77,7 @@ impl Device {
         for (chat, _, cursor) in self.store.chats()? {
             core.handle(SyncInput::ChatReady { chat, cursor });
         }
-        if self.store.rotation_due()? {
+        if self.key_work_due()? {
             core.handle(SyncInput::RotationDue(true));
         }
         Ok(core)
@@ -168,6 +171,9 @@ impl Device {
                         if let Some(due) = applied.rotation_due {
                             queue.extend(core.handle(SyncInput::RotationDue(due)));
                         }
+                        if let Some(chat) = applied.left {
+                            actions.push(Action::Emit(Event::ChatLeft { chat }));
+                        }
                         if !applied.resealed.is_empty() {
                             queue.extend(core.handle(SyncInput::Resealed(applied.resealed)));
                         }
@@ -220,13 +226,27 @@ impl Device {
                 SyncOutput::Typing { chat, account, device } => {
                     actions.push(Action::Emit(Event::Typing { chat, account: account.to_string(), device: device.0 }))
                 }
-                SyncOutput::Rotate { req } => match self.rotate_request(req) {
-                    Ok(frame) => actions.push(Action::Send(frame)),
-                    Err(e) => {
-                        queue.extend(core.handle(SyncInput::RotationDue(false)));
-                        actions.push(error(format!("rotating the account's keys: {e}")));
+                SyncOutput::Rotate { req } => {
+                    let work = self.key_work(req);
+                    actions.extend(self.key_work_step(core, work, &mut queue));
+                }
+                SyncOutput::Looked { req, accounts } => {
+                    let work = self.take_lookup(&accounts).and_then(|()| self.key_work(req));
+                    // A second lookup only while lookups bring keys (a group has more members
+                    // than one lookup asks for).
+                    let work = match work {
+                        Ok(KeyWork::Lookup(_)) if accounts.is_empty() => {
+                            Err(Error::Untrusted("the directory does not know a member of the chat"))
+                        }
+                        work => work,
+                    };
+                    actions.extend(self.key_work_step(core, work, &mut queue));
+                }
+                SyncOutput::KeyWorkDone => {
+                    if self.key_work_due().unwrap_or(false) {
+                        queue.extend(core.handle(SyncInput::RotationDue(true)));
                     }
-                },
+                }
                 SyncOutput::Reply(frame) => actions.push(Action::Reply(frame)),
                 SyncOutput::RetryAfter { ms } => actions.push(Action::RetryAfter(ms)),
                 SyncOutput::Error { code, message } => actions.push(error(format!("relay: {message} ({code:?})"))),
@@ -242,5 +262,27 @@ impl Device {
             }
         }
         actions
+    }
+
+    /// What to do with the next step of the key work: send it, or with nothing (more) to do or
+    /// a failure, tell the core it is no longer due.
+    fn key_work_step(
+        &mut self,
+        core: &mut SyncCore,
+        work: Result<KeyWork, Error>,
+        queue: &mut VecDeque<SyncOutput>,
+    ) -> Option<Action> {
+        match work {
+            Ok(KeyWork::Send(frame) | KeyWork::Lookup(frame)) => Some(Action::Send(frame)),
+            Ok(KeyWork::Nothing) => {
+                queue.extend(core.handle(SyncInput::RotationDue(false)));
+                None
+            }
+            Err(e) => {
+                self.fresh.clear();
+                queue.extend(core.handle(SyncInput::RotationDue(false)));
+                Some(Action::Emit(Event::Error { message: format!("renewing keys: {e}") }))
+            }
+        }
     }
 }

@@ -68,6 +68,28 @@ pub enum Error {
     /// could, and what is sealed under the new keys stays closed to it.
     #[error("the account's key rotation could not be applied here: {0}")]
     Rotation(&'static str),
+    /// This account is no longer a member of the chat (it left or was removed).
+    #[error("this account is no longer a member of chat {0}")]
+    NotMember(ChatId),
+    /// What another account's keys or signed statements say does not hold together (the
+    /// reason says how); nothing was taken from it.
+    #[error("refused from another account: {0}")]
+    Untrusted(&'static str),
+    /// The directory gave another account for a username than the one this device pinned
+    /// for it: someone may be impersonating the user. Compare safety numbers
+    /// (`contact verify`) before trusting it.
+    #[error(
+        "WARNING: the relay now says {username} is account {now}, but this device pinned account {pinned} for \
+         that name; compare safety numbers with `contact verify {username}` before trusting it"
+    )]
+    KeyChanged {
+        /// The username.
+        username: String,
+        /// The account pinned for it.
+        pinned: crate::proto::ids::AccountId,
+        /// The account the directory gives now.
+        now: crate::proto::ids::AccountId,
+    },
     /// The session task stopped.
     #[error("the sync session stopped")]
     Stopped,

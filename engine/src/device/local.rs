@@ -16,19 +16,20 @@ use crate::device::store::{
     device_id_of, ChatMeta, DeviceSecrets, DeviceStore, Login, OutboxBody, OutboxItem, COMPACT_AFTER_CHANGES,
 };
 use crate::proto::cert::{AccountGen, AccountKeys, DeviceCert, DeviceCertBody, RevocationBody, MAX_DEVICE_NAME_BYTES};
-use crate::proto::crypto::{
-    open_box, seal_box, seal_delta, unwrap_chat_key, wrap_chat_key, ChatKey, DeltaAd, RecoveryKey, SealedBox,
-};
+use crate::proto::crypto::{open_box, seal_box, seal_delta, unwrap_chat_key, ChatKey, DeltaAd, RecoveryKey};
 use crate::proto::ids::{AccountId, ChatId, DeviceId, Epoch, Seq};
 use crate::proto::wire::{
     AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, ErrorCode, RelayFrame, ReqId, WrappedKey,
     PROTOCOL_VERSION,
 };
 
+mod members;
 mod messages;
 mod rotation;
 mod sessions;
 
+pub use members::ContactInfo;
+pub(crate) use members::KeyWork;
 pub use messages::MessageOp;
 
 pub(crate) use rotation::Applied;
@@ -58,6 +59,10 @@ pub struct ChatSummary {
     pub seq: u64,
     /// Messages of other accounts after this account's read mark.
     pub unread: usize,
+    /// The other member accounts: by username where this device pinned one, else by id.
+    pub members: Vec<String>,
+    /// This account is no longer a member.
+    pub left: bool,
 }
 
 /// A link code: what a new device shows so that a logged-in device can approve it.
@@ -133,6 +138,8 @@ pub struct Device {
     /// Chats whose creation the relay refused as made with keys a rotation ended, before this
     /// device had the new keys: made again when the rotation arrives.
     stale_creations: std::collections::BTreeSet<ChatId>,
+    /// Other accounts' current keys, looked up for the key work under way.
+    pub(crate) fresh: BTreeMap<AccountId, AccountGen>,
 }
 
 fn system_now_ms() -> i64 {
@@ -173,6 +180,7 @@ impl Device {
             rng,
             clock: system_now_ms,
             stale_creations: Default::default(),
+            fresh: BTreeMap::new(),
         })
     }
 
@@ -467,8 +475,15 @@ impl Device {
         let mut out = Vec::new();
         let account = self.account();
         for (chat, meta, seq) in self.store.chats()? {
+            let mut members = Vec::new();
+            for m in meta.members.iter().filter(|m| Some(**m) != account) {
+                let name = self.store.contact(*m)?.and_then(|c| c.username);
+                members.push(name.unwrap_or_else(|| m.to_string()));
+            }
             let doc = self.doc(chat)?;
             out.push(ChatSummary {
+                members,
+                left: meta.left,
                 unread: account.map_or(0, |a| doc.unread(&a)),
                 id: chat.to_string(),
                 title: doc.title(),
@@ -490,36 +505,13 @@ impl Device {
         Ok(self.doc(chat)?.heads())
     }
 
-    /// Creates a chat locally: key, genesis document, and two outbox items, durable before it
-    /// returns: the chat's creation on the relay and its title delta. Give both to the sync core
-    /// in order, with [`crate::core::SyncInput::ChatReady`] at seq 0 ([`Device::create_chat`]
-    /// does all of it); the creation is retried like any outbox item until the relay has it.
+    /// Creates a notes chat (this account alone) locally: key, genesis document, and two outbox
+    /// items, durable before it returns: the chat's creation on the relay and its title delta.
+    /// Give both to the sync core in order, with [`crate::core::SyncInput::ChatReady`] at seq 0
+    /// ([`Device::create_chat`] does all of it); the creation is retried like any outbox item
+    /// until the relay has it. (See [`Device::new_chat_with`] for direct chats and groups.)
     pub fn new_chat(&mut self, title: &str) -> Result<(ChatId, Vec<OutboxItem>), Error> {
-        check_text(title)?;
-        let login = self.login()?.clone();
-        let chat = ChatId::random(&mut self.rng);
-        let epoch = Epoch(0);
-        let kind = ChatKind::Notes;
-        let key = ChatKey::random(&mut self.rng);
-        let kem = login.keys.current().kem_key;
-        let wrapped = wrap_chat_key(&key, chat, epoch, login.account.id, &kem, &mut self.rng);
-        let keys = vec![WrappedKey {
-            account: login.account.id,
-            signature: login.keys.sign_chat_key(chat, kind, epoch, login.account.id, &wrapped),
-            key: wrapped,
-        }];
-        let meta = ChatMeta { kind, keys: BTreeMap::from([(epoch, key)]) };
-        let create = OutboxItem {
-            client_seq: self.store.next_client_seq()?,
-            chat,
-            epoch,
-            body: OutboxBody::CreateChat { kind, keys },
-        };
-        self.store.create_chat(chat, &meta, &create)?;
-        let now = self.now_ms();
-        let change = self.doc(chat)?.set_title(title, now);
-        let title = self.seal_and_store(chat, &change)?;
-        Ok((chat, vec![create, title]))
+        self.new_chat_with(ChatKind::Notes, title, &[])
     }
 
     /// Writes a message: edits the document, seals the change, and stores both and the outbox
@@ -557,6 +549,12 @@ impl Device {
     pub(crate) fn apply_delta(&mut self, delta: &Delta) -> Result<DocUpdate, Error> {
         let meta = self.store.chat(delta.chat)?.ok_or(Error::UnknownChat(delta.chat))?;
         let opened = match meta.keys.get(&delta.epoch) {
+            // From before this account joined (or while it was away), and not shared with it:
+            // passed over.
+            None if meta.current().is_some_and(|(e, _)| delta.epoch < e) => {
+                self.store.apply_remote(delta.chat, delta.seq, None)?;
+                return Ok(DocUpdate::default());
+            }
             // A new epoch whose key is still on its way in the account log (the relay only
             // stores deltas under epochs it has): the cursor stays, the delta comes again.
             None => return Err(Error::NoKeyYet(delta.chat, delta.epoch)),
@@ -617,7 +615,6 @@ impl Device {
     }
 
     fn apply_account_event(&mut self, event: &AccountEvent) -> Result<Applied, Error> {
-        let login = self.login()?.clone();
         let gen = self.log_gen()?;
         match event {
             AccountEvent::DeviceAdded { cert } => {
@@ -639,19 +636,11 @@ impl Device {
                     return Ok(Applied { rotation_due: Some(true), ..Applied::default() });
                 }
             }
-            AccountEvent::ChatAdded { chat, kind, epoch, wrapped_key, signer, signature } => {
-                // Only keys this account handed out itself are accepted (notes chats; keys from
-                // other accounts need their verified keys, issue 5): a key the relay wrapped
-                // would let it read and forge the chat.
-                if *signer != login.account.id {
-                    return Err(Error::Cert(crate::proto::cert::CertError::WrongAccount));
-                }
-                gen.verify_chat_key(*chat, *kind, *epoch, login.account.id, wrapped_key, signature)?;
-                let known = self.store.chat(*chat)?.is_some();
-                self.add_chat_key(*chat, *kind, *epoch, wrapped_key, &login, &gen)?;
-                // A new epoch after a rotation: what waits in the outbox goes out under it.
-                let resealed = if epoch.0 > 0 { self.reseal(*chat)? } else { Vec::new() };
-                return Ok(Applied { chat: Some(*chat), new_chat: !known, resealed, ..Applied::default() });
+            AccountEvent::ChatAdded { terms, key, signer, signer_chain } => {
+                return self.apply_chat_key(terms, key, *signer, signer_chain.as_ref(), &gen);
+            }
+            AccountEvent::MembersChanged { change, by_chain } => {
+                return self.apply_member_change(change, by_chain.as_ref(), &gen);
             }
             AccountEvent::Rotated { rotation } => return self.apply_rotation(rotation, &gen),
             AccountEvent::RecoverySet { public, by, signature } => {
@@ -670,33 +659,6 @@ impl Device {
         if self.store.recovery_public()?.is_some_and(|(_, by)| by == *device) {
             self.store.set_recovery_public(None)?;
         }
-        Ok(())
-    }
-
-    fn add_chat_key(
-        &mut self,
-        chat: ChatId,
-        kind: ChatKind,
-        epoch: Epoch,
-        wrapped: &SealedBox,
-        login: &Login,
-        gen: &AccountGen,
-    ) -> Result<(), Error> {
-        // The bundle must hold this generation's KEM secret, and it must be the generation the
-        // log has reached (a bundle that disagrees with the log unwraps nothing).
-        let kem = match login.keys.kem_secret_of(gen.generation) {
-            Some(k) if login.keys.generation(gen.generation).as_ref() == Some(gen) => k,
-            _ => return Err(Error::Rotation("this device has no keys of the generation the chat key is wrapped in")),
-        };
-        let key = unwrap_chat_key(wrapped, chat, epoch, login.account.id, &kem)?;
-        let mut meta = self.store.chat(chat)?.unwrap_or(ChatMeta { kind, keys: BTreeMap::new() });
-        // An epoch's key never changes: a second, different key for it (even one the account
-        // signed, e.g. with keys a revoked device still holds) is refused.
-        if meta.keys.get(&epoch).is_some_and(|k| k.0 != key.0) {
-            return Err(Error::Rotation("a chat key for an epoch that already has another"));
-        }
-        meta.keys.insert(epoch, key);
-        self.store.put_chat(chat, &meta)?;
         Ok(())
     }
 
@@ -724,6 +686,7 @@ fn check_text(text: &str) -> Result<(), Error> {
 mod tests {
     use super::*;
     use crate::proto::cert::DeviceCertBody;
+    use crate::proto::crypto::wrap_chat_key;
     use crate::proto::wire::AccountEntry;
 
     #[test]
@@ -745,26 +708,30 @@ mod tests {
         // The relay knows the account's KEM public key: it can wrap a key of its own.
         let chat = ChatId([1; 16]);
         let relay_key = ChatKey::random(&mut rng);
+        let terms = crate::proto::directory::KeyTerms {
+            chat,
+            kind: ChatKind::Notes,
+            epoch: Epoch(0),
+            members: [account.id].into(),
+        };
         let wrapped = wrap_chat_key(&relay_key, chat, Epoch(0), account.id, &account.kem_key, &mut rng);
         let entry = |seq, signer, signature| AccountEntry {
             seq: Seq(seq),
             event: AccountEvent::ChatAdded {
-                chat,
-                kind: ChatKind::Notes,
-                epoch: Epoch(0),
-                wrapped_key: wrapped.clone(),
+                terms: terms.clone(),
+                key: WrappedKey { account: account.id, generation: 0, key: wrapped.clone(), signature },
                 signer,
-                signature,
+                signer_chain: None,
             },
         };
         let stranger = AccountKeys::generate(&mut rng);
-        let forged = stranger.sign_chat_key(chat, ChatKind::Notes, Epoch(0), account.id, &wrapped);
+        let forged = stranger.sign_chat_key(&terms, account.id, 0, &wrapped);
         assert!(d.apply_account_entry(&entry(1, account.id, forged.clone())).is_err());
         assert!(d.apply_account_entry(&entry(2, stranger.public().id, forged)).is_err());
         assert!(d.apply_account_entry(&entry(3, account.id, vec![0; 64])).is_err());
         assert!(d.store.chat(chat).unwrap().is_none(), "no key was taken");
 
-        let signed = keys.sign_chat_key(chat, ChatKind::Notes, Epoch(0), account.id, &wrapped);
+        let signed = keys.sign_chat_key(&terms, account.id, 0, &wrapped);
         assert_eq!(d.apply_account_entry(&entry(4, account.id, signed)).unwrap().chat, Some(chat));
         assert!(d.store.chat(chat).unwrap().is_some());
     }

@@ -12,7 +12,7 @@ pub mod store;
 pub use doc::Message;
 pub use drive::{Action, Event};
 pub use error::Error;
-pub use local::{ChatSummary, Device, LinkCode, MessageOp, SessionInfo};
+pub use local::{ChatSummary, ContactInfo, Device, LinkCode, MessageOp, SessionInfo};
 pub use session::{Session, Status};
 
 /// The libp2p version the engine is built on, for apps that need its types (keys, addresses).

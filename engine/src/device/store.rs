@@ -12,11 +12,16 @@
 //! * `outbox`: client seq → [`OutboxItem`] (sealed, with its plaintext change for resealing
 //!   after a rotation, waiting for the relay's ack)
 //! * `devices`: device id → certificate of a device of this account
+//! * `contacts`: account id → [`Contact`] (another account's keys, as far as seen)
+//! * `pins`: username → the account id first seen under it
+//!
+//! `meta` also keeps `rekey_due`: the chats whose members changed, whose next key epoch this
+//! device is to start.
 //!
 //! A remote change and the cursor that passes it are written in one transaction, so a crash
 //! never skips a delta; re-applying one is harmless.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -25,8 +30,9 @@ use sled::Transactional;
 
 use crate::proto::cert::{AccountGen, AccountKeys, AccountPublic, DeviceCert};
 use crate::proto::crypto::ChatKey;
+use crate::proto::directory::AccountChain;
 use crate::proto::durable::SledDir;
-use crate::proto::ids::{ChatId, ClientSeq, DeviceId, Epoch, Seq};
+use crate::proto::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 use crate::proto::wire::{ChatKind, WrappedKey};
 
 /// How many changes pile up after a chat's snapshot before the snapshot is rewritten.
@@ -76,6 +82,30 @@ pub struct ChatMeta {
     pub kind: ChatKind,
     /// Chat keys by epoch.
     pub keys: BTreeMap<Epoch, ChatKey>,
+    /// The member accounts, as the newest epoch's key and the member changes since say.
+    pub members: BTreeSet<AccountId>,
+    /// This account is no longer a member (it left or was removed): the history stays
+    /// readable, nothing more is written.
+    pub left: bool,
+}
+
+/// Another account this device has seen: its keys (checked from the account id on) and what
+/// the user did about it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    /// The longest chain of the account's keys seen; a shorter or different one is refused.
+    pub chain: AccountChain,
+    /// The username the directory gave it when it was pinned, if looked up by name.
+    pub username: Option<String>,
+    /// The user compared safety numbers and confirmed it.
+    pub verified: bool,
+}
+
+/// A chat whose members changed: this device starts the next key epoch once it can.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RekeyDue {
+    /// Accounts added with their history: they get the earlier epochs' keys too.
+    pub share_with: BTreeSet<AccountId>,
 }
 
 impl ChatMeta {
@@ -135,6 +165,8 @@ pub struct DeviceStore {
     changes: sled::Tree,
     outbox: sled::Tree,
     devices: sled::Tree,
+    contacts: sled::Tree,
+    pins: sled::Tree,
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -184,6 +216,8 @@ impl DeviceStore {
             changes: db.open_tree("changes")?,
             outbox: db.open_tree("outbox")?,
             devices: db.open_tree("devices")?,
+            contacts: db.open_tree("contacts")?,
+            pins: db.open_tree("pins")?,
             db,
         })
     }
@@ -292,6 +326,42 @@ impl DeviceStore {
         Ok(())
     }
 
+    /// Chats whose next key epoch this device is to start (their members changed).
+    pub fn rekey_due(&self) -> Result<BTreeMap<ChatId, RekeyDue>, StoreError> {
+        Ok(self.meta.get("rekey_due")?.map(|v| dec(&v, "rekeys due")).transpose()?.unwrap_or_default())
+    }
+
+    /// Records the chats whose next key epoch is due.
+    pub fn set_rekey_due(&self, due: &BTreeMap<ChatId, RekeyDue>) -> Result<(), StoreError> {
+        match due.is_empty() {
+            true => self.meta.remove("rekey_due")?,
+            false => self.meta.insert("rekey_due", enc(due))?,
+        };
+        Ok(())
+    }
+
+    /// Another account's contact record, if this device has seen the account.
+    pub fn contact(&self, account: AccountId) -> Result<Option<Contact>, StoreError> {
+        self.contacts.get(account.0)?.map(|v| dec(&v, "contact")).transpose()
+    }
+
+    /// Records another account's contact record.
+    pub fn put_contact(&self, contact: &Contact) -> Result<(), StoreError> {
+        self.contacts.insert(contact.chain.id().0, enc(contact))?;
+        Ok(())
+    }
+
+    /// The account pinned under a username (the first one the directory gave for it).
+    pub fn pin(&self, username: &str) -> Result<Option<AccountId>, StoreError> {
+        self.pins.get(username)?.map(|v| dec(&v, "pinned account")).transpose()
+    }
+
+    /// Pins `account` under `username`.
+    pub fn set_pin(&self, username: &str, account: AccountId) -> Result<(), StoreError> {
+        self.pins.insert(username, enc(&account))?;
+        Ok(())
+    }
+
     /// Records a device certificate of this account.
     pub fn put_device(&self, cert: &DeviceCert) -> Result<(), StoreError> {
         self.devices.insert(cert.body.device.0.as_bytes(), enc(cert))?;
@@ -308,9 +378,17 @@ impl DeviceStore {
     /// The files still hold old pages; [`DeviceStore::remove_files`] takes them away once this
     /// store is dropped.
     pub fn clear(&self) -> Result<(), StoreError> {
-        for tree in
-            [&self.meta, &self.chats, &self.cursors, &self.snapshots, &self.changes, &self.outbox, &self.devices]
-        {
+        for tree in [
+            &self.meta,
+            &self.chats,
+            &self.cursors,
+            &self.snapshots,
+            &self.changes,
+            &self.outbox,
+            &self.devices,
+            &self.contacts,
+            &self.pins,
+        ] {
             tree.clear()?;
         }
         self.barrier()

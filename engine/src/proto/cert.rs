@@ -9,9 +9,10 @@ use rand::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use super::crypto::SealedBox;
-use super::ids::{AccountId, ChatId, DeviceId, Epoch};
-use super::wire::ChatKind;
+use super::crypto::{wrap_chat_key, ChatKey, SealedBox};
+use super::directory::{KeyTerms, MemberChange, MemberChangeBody};
+use super::ids::{AccountId, DeviceId};
+use super::wire::WrappedKey;
 
 /// Longest device name accepted, in bytes.
 pub const MAX_DEVICE_NAME_BYTES: usize = 64;
@@ -75,17 +76,13 @@ pub struct AccountGen {
 }
 
 impl AccountGen {
-    /// Verifies a signature made by [`AccountKeys::sign_chat_key`] in this generation.
-    pub fn verify_chat_key(
-        &self,
-        chat: ChatId,
-        kind: ChatKind,
-        epoch: Epoch,
-        recipient: AccountId,
-        key: &SealedBox,
-        signature: &[u8],
-    ) -> Result<(), CertError> {
-        self.verify_signature(&chat_key_signed_bytes(chat, kind, epoch, recipient, key), signature)
+    /// Verifies a signature made by [`AccountKeys::sign_chat_key`] in this generation over a key
+    /// handed out on `terms` to `recipient`, wrapped to generation `generation` of its keys.
+    pub fn verify_chat_key(&self, terms: &KeyTerms, key: &WrappedKey) -> Result<(), CertError> {
+        if !terms.members.contains(&key.account) {
+            return Err(CertError::Malformed("a chat key for an account that is not a member"));
+        }
+        self.verify_signature(&chat_key_signed_bytes(terms, key.account, key.generation, &key.key), &key.signature)
     }
 
     /// Checks that `rotation` starts the generation after this one, signed with this one's key,
@@ -108,6 +105,14 @@ impl AccountGen {
         Ok(AccountGen { account: b.account, generation: b.generation, signing_key: b.signing_key, kem_key: b.kem_key })
     }
 
+    /// Verifies a member change made by [`AccountKeys::sign_member_change`] in this generation.
+    pub fn verify_member_change(&self, change: &MemberChange) -> Result<(), CertError> {
+        if change.body.by != self.account {
+            return Err(CertError::WrongAccount);
+        }
+        self.verify_signature(&change.body.signed_bytes(), &change.signature)
+    }
+
     /// Verifies the signature over a recovery key's public half (see
     /// [`AccountKeys::sign_recovery`]).
     pub fn verify_recovery(&self, public: &[u8; 32], by: &DeviceId, signature: &[u8]) -> Result<(), CertError> {
@@ -128,9 +133,9 @@ fn recovery_signed_bytes(account: AccountId, public: &[u8; 32], by: &DeviceId) -
     b
 }
 
-fn chat_key_signed_bytes(chat: ChatId, kind: ChatKind, epoch: Epoch, recipient: AccountId, key: &SealedBox) -> Vec<u8> {
-    let mut b = b"stratus-chat-key-v1".to_vec();
-    b.extend(postcard::to_allocvec(&(chat, kind, epoch, recipient, key)).expect("serializing cannot fail"));
+fn chat_key_signed_bytes(terms: &KeyTerms, recipient: AccountId, generation: u32, key: &SealedBox) -> Vec<u8> {
+    let mut b = b"stratus-chat-key-v2".to_vec();
+    b.extend(postcard::to_allocvec(&(terms, recipient, generation, key)).expect("serializing cannot fail"));
     b
 }
 
@@ -282,21 +287,38 @@ impl AccountKeys {
             .to_vec()
     }
 
-    /// Signs a chat key wrapped to `recipient`, so that the recipient's devices accept only keys
-    /// that an account they trust handed out: the relay, which knows every KEM public key, could
-    /// otherwise wrap a key of its own and read or forge everything sealed under it.
-    pub fn sign_chat_key(
-        &self,
-        chat: ChatId,
-        kind: ChatKind,
-        epoch: Epoch,
-        recipient: AccountId,
-        key: &SealedBox,
-    ) -> Vec<u8> {
+    /// Signs a chat key wrapped to generation `generation` of `recipient`'s keys, handed out on
+    /// `terms`, so that the recipient's devices accept only keys that a member they trust handed
+    /// out: the relay, which knows every KEM public key, could otherwise wrap a key of its own
+    /// and read or forge everything sealed under it.
+    pub fn sign_chat_key(&self, terms: &KeyTerms, recipient: AccountId, generation: u32, key: &SealedBox) -> Vec<u8> {
         SigningKey::from_bytes(&self.signing)
-            .sign(&chat_key_signed_bytes(chat, kind, epoch, recipient, key))
+            .sign(&chat_key_signed_bytes(terms, recipient, generation, key))
             .to_bytes()
             .to_vec()
+    }
+
+    /// Signs a change of a chat's members.
+    pub fn sign_member_change(&self, body: MemberChangeBody) -> MemberChange {
+        let signature = SigningKey::from_bytes(&self.signing).sign(&body.signed_bytes()).to_bytes().to_vec();
+        MemberChange { body, signature }
+    }
+
+    /// Wraps `key` to the current generation of `recipient`'s keys and signs it on `terms`.
+    pub fn grant_chat_key<R: RngCore + CryptoRng>(
+        &self,
+        key: &ChatKey,
+        terms: &KeyTerms,
+        recipient: &AccountGen,
+        rng: &mut R,
+    ) -> WrappedKey {
+        let wrapped = wrap_chat_key(key, terms.chat, terms.epoch, recipient.account, &recipient.kem_key, rng);
+        WrappedKey {
+            account: recipient.account,
+            generation: recipient.generation,
+            signature: self.sign_chat_key(terms, recipient.account, recipient.generation, &wrapped),
+            key: wrapped,
+        }
     }
 
     /// Signs a certificate body.

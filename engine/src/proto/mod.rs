@@ -4,6 +4,7 @@
 
 pub mod cert;
 pub mod crypto;
+pub mod directory;
 pub mod durable;
 pub mod ids;
 pub mod wire;

@@ -10,12 +10,13 @@ use serde::{Deserialize, Serialize};
 
 use super::cert::{AccountPublic, DeviceCert, Revocation, Rotation};
 use super::crypto::SealedBox;
+use super::directory::{AccountChain, DirectoryEntry, KeyTerms, MemberChange};
 use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
 /// The libp2p protocol name of the sync stream.
 pub const PROTOCOL: &str = "/stratus/sync/1";
 /// Bumped on any incompatible change to the frames below.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Longest frame either side sends or accepts. A longer length prefix is a protocol error and
 /// closes the stream (the rest of the stream cannot be trusted to be framed).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
@@ -31,8 +32,7 @@ pub const MAX_CHAT_MEMBERS: usize = 1024;
 /// A request id, chosen by the device and echoed by the relay.
 pub type ReqId = u64;
 
-/// The kind of a chat. Only `Notes` (an account's private chat) is created so far; the others
-/// are reserved so that stored data need not change when they arrive.
+/// The kind of a chat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChatKind {
     /// Account-private: only the account's own devices.
@@ -68,20 +68,18 @@ pub enum AccountEvent {
         /// Its certificate, signed with the account key.
         cert: DeviceCert,
     },
-    /// The account became a member of a chat; the chat key is wrapped to the account.
+    /// A key of a chat's epoch for this account: at the chat's creation, at each new epoch, and
+    /// for earlier epochs shared with a new member.
     ChatAdded {
-        /// The chat.
-        chat: ChatId,
-        /// Its kind.
-        kind: ChatKind,
-        /// The key epoch.
-        epoch: Epoch,
-        /// The chat key, wrapped to the account's KEM key.
-        wrapped_key: SealedBox,
-        /// The account that handed out the key (the chat's creator).
+        /// The chat, kind, epoch and the epoch's members the key was handed out on.
+        terms: KeyTerms,
+        /// The chat key wrapped to this account, signed by `signer` over `terms`.
+        key: WrappedKey,
+        /// The member account that handed out the key.
         signer: AccountId,
-        /// `signer`'s signature over chat, kind, epoch, recipient and wrapped key.
-        signature: Vec<u8>,
+        /// `signer`'s keys, added by the relay when `signer` is another account (the devices
+        /// check them from the account id on, and refuse a chain behind one they saw).
+        signer_chain: Option<AccountChain>,
     },
     /// A device's session was ended by another device of the account.
     DeviceRevoked {
@@ -110,6 +108,15 @@ pub enum AccountEvent {
         by: DeviceId,
         /// The account's signature over account, public key and device.
         signature: Vec<u8>,
+    },
+    /// A member changed who is in a chat this account is (or was) in: logged to every member
+    /// before and after. Until a member's device starts the chat's next key epoch for the new
+    /// member list (`Rekey`), the relay stores nothing more under the current one.
+    MembersChanged {
+        /// The change, signed by the member who made it.
+        change: MemberChange,
+        /// The keys of the member who made it, when that is another account.
+        by_chain: Option<AccountChain>,
     },
 }
 
@@ -154,9 +161,12 @@ pub struct AccountEntry {
 pub struct WrappedKey {
     /// The member.
     pub account: AccountId,
-    /// The key, sealed to the member's KEM key.
+    /// The generation of the member's keys whose KEM key it is wrapped to (the relay takes only
+    /// the member's current one).
+    pub generation: u32,
+    /// The key, sealed to that KEM key.
     pub key: SealedBox,
-    /// The creating account's signature (see `AccountKeys::sign_chat_key`).
+    /// The handing-out account's signature (see `AccountKeys::sign_chat_key`).
     pub signature: Vec<u8>,
 }
 
@@ -218,6 +228,21 @@ pub enum ClientFrame {
     /// The user is typing in `chat`. Pushed as `Typing` to the other connected devices of the
     /// chat's members, never stored, never answered (dropped when over the rate limit).
     Typing { chat: ChatId },
+    /// Takes `name` as this account's username (releasing its earlier one), or with `None`
+    /// releases it. `Done` once durable; `AlreadyExists` if another account has it.
+    SetUsername { req: ReqId, name: Option<String> },
+    /// Looks an account up by username; answered with `Accounts` (one entry) or `NotFound`.
+    Lookup { req: ReqId, username: String },
+    /// Looks accounts up by id (at most [`crate::proto::directory::MAX_LOOKUP_ACCOUNTS`]);
+    /// answered with `Accounts`, without the ones the relay does not know.
+    LookupAccounts { req: ReqId, accounts: Vec<AccountId> },
+    /// Changes who is in a direct chat or group (see [`MemberChange`]). `Done` once durable.
+    ChangeMembers { req: ReqId, change: MemberChange },
+    /// Starts a chat's next key epoch after its members changed: the new key wrapped to every
+    /// member, and earlier epochs' keys for the members added with their history. `Done` once
+    /// durable, also when no new epoch is due any more (another device made it); `StaleEpoch`
+    /// when it does not cover the members as they stand.
+    Rekey { req: ReqId, epoch: NewEpoch, history: Vec<NewEpoch> },
 }
 
 /// Relay → device.
@@ -265,6 +290,8 @@ pub enum RelayFrame {
     /// Someone is typing in a chat of the account (live push, never stored). Shown for
     /// [`TYPING_SHOWN_MS`] unless another comes.
     Typing { chat: ChatId, account: AccountId, device: DeviceId },
+    /// What the directory knows of the accounts asked for.
+    Accounts { req: ReqId, accounts: Vec<DirectoryEntry> },
 }
 
 /// How long a typing indicator is shown after its last `Typing`.
@@ -290,6 +317,11 @@ impl ClientFrame {
             | ClientFrame::FetchRecovery { req, .. }
             | ClientFrame::Recover { req, .. }
             | ClientFrame::Rotate { req, .. }
+            | ClientFrame::SetUsername { req, .. }
+            | ClientFrame::Lookup { req, .. }
+            | ClientFrame::LookupAccounts { req, .. }
+            | ClientFrame::ChangeMembers { req, .. }
+            | ClientFrame::Rekey { req, .. }
             | ClientFrame::Revoke { req, .. } => *req,
         }
     }
@@ -302,6 +334,7 @@ impl RelayFrame {
             RelayFrame::Done { req }
             | RelayFrame::Devices { req, .. }
             | RelayFrame::Recovery { req, .. }
+            | RelayFrame::Accounts { req, .. }
             | RelayFrame::LinkInfo { req, .. }
             | RelayFrame::LinkApproved { req, .. }
             | RelayFrame::Acked { req, .. }
@@ -364,6 +397,11 @@ pub enum ErrorCode {
     /// account log and makes the request again. A refused outbox item holds back the device's
     /// later client seqs, as `RateLimited` does.
     StaleEpoch,
+    /// No account has that username, or no such account.
+    NotFound,
+    /// The account may not do that (remove a member it did not add to a group it did not
+    /// create, change the members of a direct chat or notes).
+    NotAllowed,
 }
 
 /// A frame that failed to encode or decode.

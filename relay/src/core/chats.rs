@@ -61,48 +61,52 @@ impl RelayCore {
         if keys.len() > MAX_CHAT_MEMBERS {
             return Err((ErrorCode::TooLarge, format!("a chat has at most {MAX_CHAT_MEMBERS} members")));
         }
-        if keys.iter().any(|k| self.accounts.get(&k.account).is_some_and(|a| a.chats.len() >= MAX_ACCOUNT_CHATS)) {
+        let members: BTreeSet<AccountId> = keys.iter().map(|k| k.account).collect();
+        let fits = match kind {
+            ChatKind::Notes => members.len() == 1,
+            ChatKind::Direct => members.len() == 2,
+            ChatKind::Group => true,
+        };
+        if !fits || !members.contains(&account) {
+            return Err((
+                ErrorCode::BadCertificate,
+                "a notes chat has its creator alone as member, a direct chat the creator and one other".into(),
+            ));
+        }
+        if let Some(m) = members.iter().find(|m| !self.accounts.contains_key(m)) {
+            return Err((ErrorCode::NotFound, format!("no account {m}")));
+        }
+        if members.iter().any(|m| self.accounts[m].chats.len() >= MAX_ACCOUNT_CHATS) {
             return Err((
                 ErrorCode::TooLarge,
                 format!("an account is in at most {MAX_ACCOUNT_CHATS} chats (a key rotation must fit one frame)"),
             ));
         }
-        let members: BTreeSet<AccountId> = keys.iter().map(|k| k.account).collect();
-        if members.len() != keys.len() || !members.contains(&account) {
-            return Err((ErrorCode::BadCertificate, "one wrapped key per member, the creator included".into()));
-        }
-        // Only account-private chats exist so far. Chats with other accounts need their consent
-        // and verified keys (issue 5); until then nobody can put anyone else in a chat.
-        if kind != ChatKind::Notes {
-            return Err((ErrorCode::BadCertificate, "only notes chats can be created on this relay version".into()));
-        }
-        if members.len() != 1 {
-            return Err((ErrorCode::BadCertificate, "a notes chat has exactly one member".into()));
-        }
-        if let Some(m) = members.iter().find(|m| !self.accounts.contains_key(m)) {
-            return Err((ErrorCode::UnknownDevice, format!("no account {m}")));
-        }
         // Defence in depth: every wrapped key must be signed by the creating account's current
-        // keys (the devices check the same signature themselves). Keys a rotation ended are
-        // refused as stale, and the device's later outbox items wait behind this one.
-        for k in &keys {
-            let signed = self.check_signed(account, "a wrapped chat key", |g| {
-                g.verify_chat_key(chat, kind, epoch, k.account, &k.key, &k.signature)
-            });
-            if let Err((code, message)) = signed {
-                if code == ErrorCode::StaleEpoch {
-                    hold(self.devices.get_mut(device).expect("an attached connection's device is known"), client_seq);
-                }
-                return Err((code, message));
+        // keys and wrapped to each member's current keys (the devices check the signature
+        // themselves). Keys a rotation ended are refused as stale, and the device's later
+        // outbox items wait behind this one.
+        let terms = KeyTerms { chat, kind, epoch, members: members.clone() };
+        if let Err((code, message)) = self.check_keys(account, &terms, &keys) {
+            if code == ErrorCode::StaleEpoch {
+                hold(self.devices.get_mut(device).expect("an attached connection's device is known"), client_seq);
             }
+            return Err((code, message));
         }
-        let record = ChatRecord { kind, members: members.clone(), epochs: BTreeMap::from([(epoch, keys.clone())]) };
+        let record = ChatRecord {
+            kind,
+            creator: account,
+            members: members.clone(),
+            epochs: BTreeMap::from([(epoch, keys.clone())]),
+            rekey_due: false,
+            share_with: BTreeSet::new(),
+        };
         let mut ops = vec![StoreOp::PutChat(chat, record.clone())];
         self.chats.insert(chat, Chat { record, head: Seq(0), durable: Seq(0) });
-        for k in &keys {
-            self.accounts.get_mut(&k.account).expect("checked").chats.insert(chat);
+        for m in &members {
+            self.accounts.get_mut(m).expect("checked").chats.insert(chat);
         }
-        let entries = self.log_chat_keys(chat, kind, epoch, keys, account, &mut ops);
+        let entries = self.log_chat_keys(&terms, keys, account, &mut ops);
         self.commit_and_answer(conn, req, ops, entries, out);
         Ok(())
     }
@@ -137,13 +141,14 @@ impl RelayCore {
             out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req, retry_after_ms: IN_FLIGHT_RETRY_MS } });
             return Ok(());
         }
-        if client_seq > dev.highest_client_seq && epoch < newest {
-            // Sealed under keys a rotation ended (the revoked device may hold them). Not
-            // stored; later client seqs wait until it comes again under the new epoch.
+        if client_seq > dev.highest_client_seq && (epoch < newest || chat.record.rekey_due) {
+            // Sealed under keys a rotation or member change ended (a revoked device or removed
+            // member may hold them), or the chat's next epoch is due. Not stored; later client
+            // seqs wait until it comes again under the new epoch.
             hold(dev, client_seq);
             return Err((
                 ErrorCode::StaleEpoch,
-                format!("chat {chat_id} moved to key epoch {}; seal the delta again under it", newest.0),
+                format!("chat {chat_id} moved past key epoch {}; seal the delta again under the next", epoch.0),
             ));
         }
         dev.appends_in_flight += 1;

@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use stratus_engine::proto::cert::{AccountGen, AccountPublic, DeviceCert};
+use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
+use stratus_engine::proto::directory::SignedGen;
 use stratus_engine::proto::wire::{ChatKind, WrappedKey};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
@@ -28,10 +29,19 @@ pub struct ApprovedLink {
 pub struct ChatRecord {
     /// Its kind.
     pub kind: ChatKind,
+    /// The account that created it (of a group, the one that may remove members).
+    pub creator: AccountId,
     /// Member accounts.
     pub members: BTreeSet<AccountId>,
-    /// Key epochs with the chat key wrapped to each member.
+    /// Key epochs with the chat key wrapped to each member (and to members who got the epoch
+    /// with their history later).
     pub epochs: BTreeMap<Epoch, Vec<WrappedKey>>,
+    /// The members changed (or one's keys were rotated) and no new epoch followed yet: nothing
+    /// more is stored under the newest one until a member's `Rekey`.
+    pub rekey_due: bool,
+    /// Members added with their history, not yet given it: a `Rekey` may hand them earlier
+    /// epochs' keys.
+    pub share_with: BTreeSet<AccountId>,
 }
 
 /// A stored append: `(client seq, chat, seq)`.
@@ -58,8 +68,10 @@ pub struct Recovered {
     pub account_settings: Vec<(AccountId, AccountSettings)>,
     /// Recovery bundles by lookup id.
     pub recoveries: Vec<([u8; 32], RecoveryRecord)>,
-    /// The generations of the accounts' keys after the first (in any order).
-    pub account_gens: Vec<AccountGen>,
+    /// The generations of the accounts' keys after the first, signed (in any order).
+    pub account_gens: Vec<SignedGen>,
+    /// The accounts' usernames.
+    pub usernames: Vec<(AccountId, String)>,
 }
 
 /// An account bundle sealed under a recovery key the relay never sees.

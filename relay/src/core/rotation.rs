@@ -3,6 +3,7 @@
 //! [`RelayCore`]; split out of `core.rs` for size.
 
 use stratus_engine::proto::cert::{Revocation, Rotation, MAX_ROTATION_DEVICES};
+use stratus_engine::proto::directory::SignedGen;
 use stratus_engine::proto::wire::NewEpoch;
 
 use super::*;
@@ -150,9 +151,10 @@ impl RelayCore {
         ops: &mut Vec<StoreOp>,
         entries: &mut Vec<(AccountId, AccountEntry)>,
     ) {
-        ops.push(StoreOp::PutAccountGen(next.clone()));
+        ops.push(StoreOp::PutAccountGen(SignedGen::of(&r.rotation)));
         let a = self.accounts.get_mut(&account).expect("an attached connection's account exists");
         a.gens.push(next);
+        a.rotations.push(SignedGen::of(&r.rotation));
         a.settings.rotation_due = false;
         ops.push(StoreOp::PutAccountSettings(account, a.settings));
         if let (Some(id), Some(sealed)) = (a.recovery, r.recovery) {
@@ -164,9 +166,23 @@ impl RelayCore {
         for new in r.chats {
             let chat = self.chats.get_mut(&new.chat).expect("checked in check_rotation");
             chat.record.epochs.insert(new.epoch, new.keys.clone());
-            let kind = chat.record.kind;
+            let terms = KeyTerms {
+                chat: new.chat,
+                kind: chat.record.kind,
+                epoch: new.epoch,
+                members: chat.record.members.clone(),
+            };
             ops.push(StoreOp::PutChat(new.chat, chat.record.clone()));
-            entries.extend(self.log_chat_keys(new.chat, kind, new.epoch, new.keys, account, ops));
+            entries.extend(self.log_chat_keys(&terms, new.keys, account, ops));
+        }
+        // The chats with other members get their next epoch from the account's devices, which
+        // look the members' keys up for it; until then nothing more is stored in them.
+        for id in self.accounts[&account].chats.clone() {
+            let chat = self.chats.get_mut(&id).expect("an account's chats exist");
+            if chat.record.members.len() > 1 && !chat.record.rekey_due {
+                chat.record.rekey_due = true;
+                ops.push(StoreOp::PutChat(id, chat.record.clone()));
+            }
         }
     }
 
@@ -206,8 +222,13 @@ impl RelayCore {
         if given.len() != r.chats.len() {
             return Err(bad("the rotation gives a chat two new epochs"));
         }
-        if given != a.chats {
-            return Err(stale("the rotation does not cover exactly the account's chats; sync and revoke again"));
+        let alone: BTreeSet<ChatId> =
+            a.chats.iter().filter(|c| self.chats[*c].record.members.len() == 1).copied().collect();
+        if given != alone {
+            return Err(stale(
+                "the rotation does not cover exactly the account's chats without other members; sync and revoke \
+                 again",
+            ));
         }
         for new in &r.chats {
             let chat = &self.chats[&new.chat];
@@ -222,13 +243,12 @@ impl RelayCore {
             if members.len() != new.keys.len() || members != chat.record.members {
                 return Err(bad(format!("the new epoch of chat {} is not wrapped once to each member", new.chat)));
             }
-            let kind = chat.record.kind;
-            if new
-                .keys
-                .iter()
-                .any(|k| next.verify_chat_key(new.chat, kind, new.epoch, k.account, &k.key, &k.signature).is_err())
-            {
-                return Err(bad(format!("a key of chat {} is not signed by the new generation", new.chat)));
+            let terms = KeyTerms { chat: new.chat, kind: chat.record.kind, epoch: new.epoch, members: members.clone() };
+            if new.keys.iter().any(|k| k.generation != next.generation || next.verify_chat_key(&terms, k).is_err()) {
+                return Err(bad(format!(
+                    "a key of chat {} is not signed by and wrapped to the new generation",
+                    new.chat
+                )));
             }
         }
         let keeps_recovery =

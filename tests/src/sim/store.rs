@@ -7,7 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use stratus_engine::proto::cert::{AccountGen, AccountPublic, DeviceCert};
+use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
+use stratus_engine::proto::directory::SignedGen;
 use stratus_engine::proto::wire::{AccountEntry, AccountEvent, Delta, MAX_PAGE_BYTES};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Seq};
 use stratus_relay::core::{
@@ -26,7 +27,8 @@ struct State {
     device_states: BTreeMap<DeviceId, DeviceState>,
     settings: BTreeMap<AccountId, AccountSettings>,
     recoveries: BTreeMap<[u8; 32], RecoveryRecord>,
-    gens: BTreeMap<(AccountId, u32), AccountGen>,
+    gens: BTreeMap<(AccountId, u32), SignedGen>,
+    usernames: BTreeMap<AccountId, String>,
 }
 
 impl State {
@@ -62,7 +64,13 @@ impl State {
                     self.recoveries.insert(*id, r.clone());
                 }
                 StoreOp::PutAccountGen(g) => {
-                    self.gens.insert((g.account, g.generation), g.clone());
+                    self.gens.insert((g.body.account, g.body.generation), g.clone());
+                }
+                StoreOp::PutUsername(a, Some(name)) => {
+                    self.usernames.insert(*a, name.clone());
+                }
+                StoreOp::PutUsername(a, None) => {
+                    self.usernames.remove(a);
                 }
                 StoreOp::DeleteRecovery(id) => {
                     self.recoveries.remove(id);
@@ -189,6 +197,7 @@ impl MemStore {
         r.account_settings = s.settings.iter().map(|(k, v)| (*k, *v)).collect();
         r.recoveries = s.recoveries.iter().map(|(k, v)| (*k, v.clone())).collect();
         r.account_gens = s.gens.values().cloned().collect();
+        r.usernames = s.usernames.iter().map(|(k, v)| (*k, v.clone())).collect();
         for (id, record) in &s.chats {
             let head = s.deltas.range((*id, Seq(0))..=(*id, Seq(u64::MAX))).next_back().map(|((_, seq), _)| *seq);
             r.chats.push((*id, record.clone(), head.unwrap_or_default()));

@@ -27,6 +27,9 @@ impl Device {
     /// Only messages of this account can be edited or deleted.
     pub fn write_local(&mut self, chat: ChatId, write: &MessageOp) -> Result<(Message, OutboxItem), Error> {
         let account = self.login()?.account.id;
+        if self.store.chat(chat)?.is_some_and(|m| m.left) {
+            return Err(Error::NotMember(chat));
+        }
         let now = self.now_ms();
         let (id, change, sent) = match write {
             MessageOp::Send { text, reply_to } => {

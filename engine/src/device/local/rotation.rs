@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 
 use super::*;
 use crate::proto::cert::{rotation_bundle_context, Rotation};
+use crate::proto::directory::KeyTerms;
 use crate::proto::ids::ClientSeq;
 use crate::proto::wire::NewEpoch;
 
@@ -19,9 +20,11 @@ pub(crate) struct Applied {
     pub new_chat: bool,
     /// Outbox items sealed again under new keys (same client seqs).
     pub resealed: Vec<OutboxItem>,
-    /// The account's keys became due a rotation (`Some(true)`: a session expired) or were
-    /// rotated (`Some(false)`).
+    /// Key work became due from this device (`Some(true)`: a session expired, or a chat's
+    /// members changed) or the account's keys were rotated (`Some(false)`).
     pub rotation_due: Option<bool>,
+    /// This account is no longer a member of the chat.
+    pub left: Option<ChatId>,
 }
 
 /// A rotation, the chats' new epochs and the recovery bundle, as `Revoke` and `Rotate` carry
@@ -70,8 +73,10 @@ impl Device {
     }
 
     /// The next generation for every device this device knows but `leaving`, a new epoch for
-    /// every chat the relay has, and the bundle sealed to the recovery key unless `leaving`
-    /// made it.
+    /// every chat the relay has with this account as its only member, and the bundle sealed to
+    /// the recovery key unless `leaving` made it. (Chats with other members get their next
+    /// epoch from this account's devices after the rotation, see [`Device::key_work`]: their
+    /// members' keys are looked up for it, and a rotation must fit one frame.)
     fn rotation_parts(&mut self, leaving: Option<&DeviceId>) -> Result<RotationParts, Error> {
         let login = self.login()?.clone();
         let account = login.account.id;
@@ -88,8 +93,9 @@ impl Device {
         let pending = self.pending_chats()?;
         let mut chats = Vec::new();
         for (chat, meta, _) in self.store.chats()? {
-            if pending.contains(&chat) {
-                // Not on the relay yet: its creation is made again under the new keys.
+            if pending.contains(&chat) || meta.left || meta.members != BTreeSet::from([account]) {
+                // Not on the relay yet (its creation is made again under the new keys), left,
+                // or with other members (rekeyed after the rotation).
                 continue;
             }
             let epoch = match meta.current() {
@@ -97,9 +103,12 @@ impl Device {
                 None => Epoch(0),
             };
             let key = ChatKey::random(&mut self.rng);
-            let wrapped = wrap_chat_key(&key, chat, epoch, account, &new_gen.kem_key, &mut self.rng);
-            let signature = next.sign_chat_key(chat, meta.kind, epoch, account, &wrapped);
-            chats.push(NewEpoch { chat, epoch, keys: vec![WrappedKey { account, key: wrapped, signature }] });
+            let terms = KeyTerms { chat, kind: meta.kind, epoch, members: meta.members.clone() };
+            chats.push(NewEpoch {
+                chat,
+                epoch,
+                keys: vec![next.grant_chat_key(&key, &terms, &new_gen, &mut self.rng)],
+            });
         }
         let recovery = match self.store.recovery_public()? {
             Some((public, by)) if Some(&by) != leaving => Some(RecoveryKey::seal_to(&public, &bundle, &mut self.rng)),
@@ -130,7 +139,18 @@ impl Device {
         let result = self.take_bundle(rotation, &next);
         self.store.set_account_gen(&next)?;
         self.store.set_rotation_due(false)?;
-        result.map(|applied| Applied { rotation_due: Some(false), ..applied })
+        // The chats with other members are due their next epoch from this account's devices
+        // (the relay stores nothing more in them until one comes).
+        let me = gen.account;
+        let mut due = self.store.rekey_due()?;
+        for (chat, meta, _) in self.store.chats()? {
+            if !meta.left && meta.members.len() > 1 && meta.members.contains(&me) {
+                due.entry(chat).or_default();
+            }
+        }
+        self.store.set_rekey_due(&due)?;
+        let rekey = !due.is_empty();
+        result.map(|applied| Applied { rotation_due: Some(rekey), ..applied })
     }
 
     fn take_bundle(&mut self, rotation: &Rotation, next: &AccountGen) -> Result<Applied, Error> {
@@ -177,9 +197,9 @@ impl Device {
         match &item.body {
             OutboxBody::CreateChat { kind, keys } => {
                 let current = self.login()?.keys.current();
-                let signed_now = keys.iter().all(|k| {
-                    current.verify_chat_key(item.chat, *kind, item.epoch, k.account, &k.key, &k.signature).is_ok()
-                });
+                let members = keys.iter().map(|k| k.account).collect();
+                let terms = KeyTerms { chat: item.chat, kind: *kind, epoch: item.epoch, members };
+                let signed_now = keys.iter().all(|k| current.verify_chat_key(&terms, k).is_ok());
                 if signed_now {
                     // The relay has a newer generation than this device: wait for it.
                     self.stale_creations.insert(item.chat);
@@ -211,18 +231,12 @@ impl Device {
     /// under it. Returns the changed outbox items.
     fn rekey_creation(&mut self, item: &OutboxItem) -> Result<Vec<OutboxItem>, Error> {
         let OutboxBody::CreateChat { kind, .. } = item.body else { return Ok(Vec::new()) };
-        let login = self.login()?.clone();
-        let account = login.account.id;
-        let kem = login.keys.current().kem_key;
         let key = ChatKey::random(&mut self.rng);
-        let wrapped = wrap_chat_key(&key, item.chat, item.epoch, account, &kem, &mut self.rng);
-        let signature = login.keys.sign_chat_key(item.chat, kind, item.epoch, account, &wrapped);
         let mut meta = self.store.chat(item.chat)?.ok_or(Error::UnknownChat(item.chat))?;
+        let terms = KeyTerms { chat: item.chat, kind, epoch: item.epoch, members: meta.members.clone() };
+        let keys = self.grant(&key, &terms, &meta.members)?;
         meta.keys = BTreeMap::from([(item.epoch, key)]);
-        let create = OutboxItem {
-            body: OutboxBody::CreateChat { kind, keys: vec![WrappedKey { account, key: wrapped, signature }] },
-            ..item.clone()
-        };
+        let create = OutboxItem { body: OutboxBody::CreateChat { kind, keys }, ..item.clone() };
         let items = self.store.outbox_after(ClientSeq(0), usize::MAX)?;
         let mut changed = vec![create];
         changed.extend(self.sealed_again(item.chat, &meta, &items, true));

@@ -27,7 +27,7 @@ impl Device {
 
     /// One request over a fresh stream for a logged-in device, and its reply. A relay that
     /// answers that this device's session was ended gets the account's data deleted here.
-    async fn one_request(&mut self, frame: ClientFrame, req: ReqId) -> Result<RelayFrame, Error> {
+    pub(super) async fn one_request(&mut self, frame: ClientFrame, req: ReqId) -> Result<RelayFrame, Error> {
         let relay = self.login()?.relay.clone();
         let result = async {
             let (_net, mut stream, _) = self.connect(&relay).await?;

@@ -1,6 +1,7 @@
 //! Raw-protocol writer devices and the throughput runs.
 
 use super::*;
+use stratus_engine::proto::directory::KeyTerms;
 
 pub(super) fn device_id(kp: &Keypair) -> DeviceId {
     DeviceId(kp.public().to_peer_id().to_string())
@@ -147,7 +148,13 @@ impl Writer {
             client_seq: ClientSeq(0),
             keys: vec![WrappedKey {
                 account: account.id,
-                signature: self.keys.sign_chat_key(self.chat, ChatKind::Notes, Epoch(0), account.id, &self.wrapped),
+                generation: 0,
+                signature: self.keys.sign_chat_key(
+                    &KeyTerms { chat: self.chat, kind: ChatKind::Notes, epoch: Epoch(0), members: [account.id].into() },
+                    account.id,
+                    0,
+                    &self.wrapped,
+                ),
                 key: self.wrapped.clone(),
             }],
         };

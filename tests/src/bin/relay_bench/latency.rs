@@ -164,14 +164,14 @@ pub(super) async fn push_latency(ctx: &Ctx, addr: &str, seed: u64, secs: u64, ra
                     }
                 }
                 RelayFrame::PushAccount { entry } => {
-                    if let AccountEvent::ChatAdded { chat: c, epoch, wrapped_key, .. } = entry.event {
-                        if c == chat {
+                    if let AccountEvent::ChatAdded { terms, key: wrapped, .. } = entry.event {
+                        if terms.chat == chat {
                             let id = b_keys.public().id;
                             key = Some(
-                                unwrap_chat_key(&wrapped_key, c, epoch, id, &b_keys.kem_secret())
+                                unwrap_chat_key(&wrapped.key, chat, terms.epoch, id, &b_keys.kem_secret())
                                     .expect("B unwraps the chat key"),
                             );
-                            assert_eq!(wrapped_key, wrapped_a);
+                            assert_eq!(wrapped.key, wrapped_a);
                         }
                     }
                 }

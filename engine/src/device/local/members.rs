@@ -1,0 +1,416 @@
+//! Chats with other accounts: the directory (usernames, other accounts' keys pinned on first
+//! use, safety numbers), direct chats and groups, member changes, and the key epochs they start
+//! (see docs/crypto.md, "Members"). Part of [`Device`]; split out of `local.rs` for size.
+
+use std::collections::BTreeSet;
+
+use super::*;
+use crate::device::store::{Contact, RekeyDue};
+use crate::proto::directory::{
+    check_username, safety_number, AccountChain, DirectoryEntry, KeyTerms, MemberChange, MemberChangeBody, Membership,
+    MAX_LOOKUP_ACCOUNTS, MAX_SHARED_EPOCHS,
+};
+use crate::proto::wire::{NewEpoch, MAX_CHAT_MEMBERS};
+
+/// What this device must send next for the account's or its chats' keys (see
+/// [`crate::core::SyncOutput::Rotate`]).
+#[derive(Debug)]
+pub(crate) enum KeyWork {
+    /// This request (a `Rotate` or `Rekey`).
+    Send(ClientFrame),
+    /// First these accounts' current keys: a `LookupAccounts` with the same req id. Ask again
+    /// with the answer.
+    Lookup(ClientFrame),
+    /// Nothing is due.
+    Nothing,
+}
+
+/// Another account as this device knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContactInfo {
+    /// Its id.
+    pub account: String,
+    /// The username it was pinned under, if looked up by name.
+    pub username: Option<String>,
+    /// The generation of its keys this device has seen.
+    pub generation: u32,
+    /// The user confirmed the safety number.
+    pub verified: bool,
+    /// The number both users see for the pair (see [`safety_number`]).
+    pub safety_number: String,
+}
+
+impl Device {
+    // ---- the directory ----
+
+    /// Takes `name` as this account's username on the relay (`None` releases it).
+    pub async fn set_username(&mut self, name: Option<&str>) -> Result<(), Error> {
+        if let Some(n) = name {
+            check_username(n)?;
+        }
+        self.one_request(ClientFrame::SetUsername { req: 1, name: name.map(str::to_string) }, 1).await?;
+        Ok(())
+    }
+
+    /// Looks `username` up in the relay's directory and pins the account it names on first use.
+    /// [`Error::KeyChanged`] if the directory now names another account than the pinned one.
+    pub async fn lookup(&mut self, username: &str) -> Result<ContactInfo, Error> {
+        self.lookup_and_pin(username, false).await
+    }
+
+    /// After the users compared safety numbers: pins the account the directory names for
+    /// `username` now (even if another was pinned) and marks it verified.
+    pub async fn confirm_contact(&mut self, username: &str) -> Result<ContactInfo, Error> {
+        self.lookup_and_pin(username, true).await
+    }
+
+    async fn lookup_and_pin(&mut self, username: &str, confirm: bool) -> Result<ContactInfo, Error> {
+        check_username(username)?;
+        let reply = self.one_request(ClientFrame::Lookup { req: 1, username: username.to_string() }, 1).await?;
+        let entry = match reply {
+            RelayFrame::Accounts { mut accounts, .. }
+                if accounts.len() == 1 && accounts[0].username.as_deref() == Some(username) =>
+            {
+                accounts.remove(0)
+            }
+            _ => return Err(Error::Untrusted("the directory answered for another name")),
+        };
+        self.take_named(username, &entry, confirm)
+    }
+
+    /// Takes what the directory says `username` is: refused if another account is pinned for it
+    /// (unless `confirm`), pinned otherwise.
+    pub(crate) fn take_named(
+        &mut self,
+        username: &str,
+        entry: &DirectoryEntry,
+        confirm: bool,
+    ) -> Result<ContactInfo, Error> {
+        let id = entry.chain.id();
+        if Some(id) == self.account() {
+            return Err(Error::Untrusted("that username is this account's own"));
+        }
+        if let Some(pinned) = self.store.pin(username)? {
+            if pinned != id && !confirm {
+                return Err(Error::KeyChanged { username: username.to_string(), pinned, now: id });
+            }
+        }
+        self.take_chain(&entry.chain)?;
+        self.store.set_pin(username, id)?;
+        let mut c = self.store.contact(id)?.expect("taken above");
+        c.username = Some(username.to_string());
+        c.verified |= confirm;
+        self.store.put_contact(&c)?;
+        self.contact_info(&c)
+    }
+
+    /// Another account as this device knows it, by id.
+    pub fn contact(&self, account: AccountId) -> Result<Option<ContactInfo>, Error> {
+        self.store.contact(account)?.map(|c| self.contact_info(&c)).transpose()
+    }
+
+    /// The account pinned under `username`, if any.
+    pub fn pinned(&self, username: &str) -> Result<Option<AccountId>, Error> {
+        Ok(self.store.pin(username)?)
+    }
+
+    fn contact_info(&self, c: &Contact) -> Result<ContactInfo, Error> {
+        Ok(ContactInfo {
+            account: c.chain.id().to_string(),
+            username: c.username.clone(),
+            generation: c.chain.rotations.len() as u32,
+            verified: c.verified,
+            safety_number: safety_number(self.login()?.account.id, c.chain.id()),
+        })
+    }
+
+    /// Takes another account's chain of keys: checked from the account id on, refused when it
+    /// is behind or beside the chain this device saw (keys a rotation ended must not sign
+    /// again), kept when it is longer. Returns the newest generation.
+    pub(crate) fn take_chain(&mut self, chain: &AccountChain) -> Result<AccountGen, Error> {
+        let gens = chain.verify()?;
+        match self.store.contact(chain.id())? {
+            Some(c) if c.chain.extended_by(chain) => {
+                if c.chain != *chain {
+                    self.store.put_contact(&Contact { chain: chain.clone(), ..c })?;
+                }
+            }
+            Some(c) if chain.extended_by(&c.chain) => {
+                return Err(Error::Untrusted("keys of another account older than ones this device saw"))
+            }
+            Some(_) => return Err(Error::Untrusted("another account's keys fork from the ones this device saw")),
+            None => self.store.put_contact(&Contact { chain: chain.clone(), username: None, verified: false })?,
+        }
+        Ok(gens.last().expect("a chain has its genesis").clone())
+    }
+
+    /// Takes the answer to a `LookupAccounts` made for key work: the accounts' current keys,
+    /// used by the next [`Device::key_work`].
+    pub(crate) fn take_lookup(&mut self, accounts: &[DirectoryEntry]) -> Result<(), Error> {
+        let mut first_error = None;
+        for entry in accounts {
+            match self.take_chain(&entry.chain) {
+                Ok(gen) => {
+                    self.fresh.insert(entry.chain.id(), gen);
+                }
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    // ---- chats with other accounts ----
+
+    /// Creates a direct chat (`others` is one account) or a group locally, its first key
+    /// wrapped to each member's keys as this device last looked them up; queued like
+    /// [`Device::new_chat`].
+    pub fn new_chat_with(
+        &mut self,
+        kind: ChatKind,
+        title: &str,
+        others: &[AccountId],
+    ) -> Result<(ChatId, Vec<OutboxItem>), Error> {
+        check_text(title)?;
+        let me = self.login()?.account.id;
+        let members: BTreeSet<AccountId> = others.iter().copied().chain([me]).collect();
+        let fits = match kind {
+            ChatKind::Notes => members.len() == 1,
+            ChatKind::Direct => members.len() == 2,
+            ChatKind::Group => members.len() <= MAX_CHAT_MEMBERS,
+        };
+        if !fits || members.len() != others.len() + 1 {
+            return Err(Error::Untrusted("a notes chat has no other member, a direct chat one, a group at most 1023"));
+        }
+        let chat = ChatId::random(&mut self.rng);
+        let epoch = Epoch(0);
+        let key = ChatKey::random(&mut self.rng);
+        let terms = KeyTerms { chat, kind, epoch, members: members.clone() };
+        let keys = self.grant(&key, &terms, &members)?;
+        let meta = ChatMeta { kind, keys: BTreeMap::from([(epoch, key)]), members, left: false };
+        let create = OutboxItem {
+            client_seq: self.store.next_client_seq()?,
+            chat,
+            epoch,
+            body: OutboxBody::CreateChat { kind, keys },
+        };
+        self.store.create_chat(chat, &meta, &create)?;
+        let now = self.now_ms();
+        let change = self.doc(chat)?.set_title(title, now);
+        let title = self.seal_and_store(chat, &change)?;
+        Ok((chat, vec![create, title]))
+    }
+
+    /// `key` wrapped to each of `members` and signed on `terms`: to this account's current keys,
+    /// and to the others' as last looked up (in this key work, or else as last seen).
+    pub(crate) fn grant(
+        &mut self,
+        key: &ChatKey,
+        terms: &KeyTerms,
+        members: &BTreeSet<AccountId>,
+    ) -> Result<Vec<WrappedKey>, Error> {
+        let login = self.login()?.clone();
+        let mut keys = Vec::with_capacity(members.len());
+        for account in members {
+            let gen = if *account == login.account.id {
+                login.keys.current()
+            } else if let Some(g) = self.fresh.get(account) {
+                g.clone()
+            } else {
+                let c = self.store.contact(*account)?.ok_or(Error::Untrusted("no keys known for a member"))?;
+                c.chain.verify()?.pop().expect("a chain has its genesis")
+            };
+            keys.push(login.keys.grant_chat_key(key, terms, &gen, &mut self.rng));
+        }
+        Ok(keys)
+    }
+
+    /// The request that changes a chat's members, signed by this account; the chat's next key
+    /// epoch follows (a member's device makes it, see [`Device::key_work`]).
+    pub fn member_change_request(
+        &mut self,
+        chat: ChatId,
+        change: Membership,
+        req: ReqId,
+    ) -> Result<ClientFrame, Error> {
+        let login = self.login()?.clone();
+        let meta = self.store.chat(chat)?.ok_or(Error::UnknownChat(chat))?;
+        if meta.left {
+            return Err(Error::NotMember(chat));
+        }
+        let base_epoch = meta.current().map(|(e, _)| e).unwrap_or_default();
+        let body = MemberChangeBody { chat, base_epoch, by: login.account.id, change };
+        Ok(ClientFrame::ChangeMembers { req, change: login.keys.sign_member_change(body) })
+    }
+
+    /// Changes a chat's members on the relay (sync first, so that the change is made for the
+    /// chat's newest epoch).
+    pub async fn change_members(&mut self, chat: ChatId, change: Membership) -> Result<(), Error> {
+        let request = self.member_change_request(chat, change, 1)?;
+        self.one_request(request, 1).await?;
+        Ok(())
+    }
+
+    /// Applies a chat key from the account log: signed by this account (checked against the
+    /// generation the log has reached) or by a member whose keys come with it; wrapped to the
+    /// generation of this account's keys the log has reached. A key for a newer epoch than this
+    /// device has sets the chat's members (the signature covers them) and reseals the outbox.
+    pub(super) fn apply_chat_key(
+        &mut self,
+        terms: &KeyTerms,
+        key: &WrappedKey,
+        signer: AccountId,
+        signer_chain: Option<&AccountChain>,
+        gen: &AccountGen,
+    ) -> Result<Applied, Error> {
+        let login = self.login()?.clone();
+        let me = login.account.id;
+        let chat = terms.chat;
+        let known = self.store.chat(chat)?;
+        if key.account != me {
+            return Err(Error::Cert(crate::proto::cert::CertError::WrongAccount));
+        }
+        let signer_gen = if signer == me {
+            gen.clone()
+        } else {
+            // A notes chat takes keys from this account only; a key the relay wrapped would let
+            // it read and forge the chat.
+            let chain = signer_chain.filter(|c| c.id() == signer && terms.kind != ChatKind::Notes);
+            let chain = chain.ok_or(Error::Untrusted("a chat key from another account without its keys"))?;
+            if known.as_ref().is_some_and(|m| !m.left && !m.members.contains(&signer)) {
+                return Err(Error::Untrusted("a chat key from an account that is not a member"));
+            }
+            self.take_chain(chain)?
+        };
+        signer_gen.verify_chat_key(terms, key)?;
+        // The bundle must hold this generation's KEM secret, and it must be the generation the
+        // log has reached (a bundle that disagrees with the log unwraps nothing).
+        let kem = match login.keys.kem_secret_of(gen.generation) {
+            Some(k)
+                if key.generation == gen.generation && login.keys.generation(gen.generation).as_ref() == Some(gen) =>
+            {
+                k
+            }
+            _ => return Err(Error::Rotation("this device has no keys of the generation the chat key is wrapped in")),
+        };
+        let chat_key = unwrap_chat_key(&key.key, chat, terms.epoch, me, &kem)?;
+        let new_chat = known.is_none();
+        let mut meta = known.unwrap_or(ChatMeta {
+            kind: terms.kind,
+            keys: BTreeMap::new(),
+            members: terms.members.clone(),
+            left: false,
+        });
+        if meta.kind != terms.kind {
+            return Err(Error::Untrusted("a chat key for another kind of chat"));
+        }
+        // An epoch's key never changes: a second, different key for it (even one the account
+        // signed, e.g. with keys a revoked device still holds) is refused.
+        if meta.keys.get(&terms.epoch).is_some_and(|k| k.0 != chat_key.0) {
+            return Err(Error::Rotation("a chat key for an epoch that already has another"));
+        }
+        let newer = meta.current().is_none_or(|(e, _)| terms.epoch > e);
+        meta.keys.insert(terms.epoch, chat_key);
+        if newer {
+            meta.members = terms.members.clone();
+            meta.left = false;
+            let mut due = self.store.rekey_due()?;
+            if due.remove(&chat).is_some() {
+                self.store.set_rekey_due(&due)?;
+            }
+        }
+        self.store.put_chat(chat, &meta)?;
+        // A new epoch after a rotation or member change: what waits in the outbox goes out
+        // under it.
+        let resealed = if newer && terms.epoch.0 > 0 { self.reseal(chat)? } else { Vec::new() };
+        Ok(Applied { chat: Some(chat), new_chat, resealed, ..Applied::default() })
+    }
+
+    /// Applies a member change from the account log: checked against its maker's keys, taken
+    /// only for the epoch it was made in and from a member. If this account is gone from the
+    /// chat, the chat is marked left; otherwise the chat's next epoch is due from this device.
+    pub(super) fn apply_member_change(
+        &mut self,
+        change: &MemberChange,
+        by_chain: Option<&AccountChain>,
+        gen: &AccountGen,
+    ) -> Result<Applied, Error> {
+        let me = self.login()?.account.id;
+        let b = &change.body;
+        let by_gen = if b.by == me {
+            gen.clone()
+        } else {
+            let chain = by_chain.filter(|c| c.id() == b.by);
+            self.take_chain(chain.ok_or(Error::Untrusted("a member change from another account without its keys"))?)?
+        };
+        by_gen.verify_member_change(change)?;
+        // Added to a chat this device does not have yet: its key comes with the next epoch.
+        let Some(mut meta) = self.store.chat(b.chat)?.filter(|m| !m.left) else { return Ok(Applied::default()) };
+        if meta.current().map(|(e, _)| e) != Some(b.base_epoch) {
+            return Err(Error::Untrusted("a member change made for another key epoch of the chat"));
+        }
+        if !meta.members.contains(&b.by) {
+            return Err(Error::Untrusted("a member change by an account that is not a member"));
+        }
+        meta.members = b.apply(&meta.members);
+        let mut due = self.store.rekey_due()?;
+        let applied = if b.departed() == Some(me) {
+            meta.left = true;
+            due.remove(&b.chat);
+            Applied { left: Some(b.chat), ..Applied::default() }
+        } else {
+            let entry = due.entry(b.chat).or_insert_with(RekeyDue::default);
+            if let Membership::Add { accounts, share_history: true } = &b.change {
+                entry.share_with.extend(accounts.iter().copied());
+            }
+            Applied { rotation_due: Some(true), ..Applied::default() }
+        };
+        self.store.put_chat(b.chat, &meta)?;
+        self.store.set_rekey_due(&due)?;
+        Ok(applied)
+    }
+
+    /// Whether this device has key work to do: a rotation of the account's keys, or a chat's
+    /// next epoch after its members changed.
+    pub(crate) fn key_work_due(&self) -> Result<bool, Error> {
+        Ok(self.store.rotation_due()? || !self.store.rekey_due()?.is_empty())
+    }
+
+    /// The next request of this device's key work: the account's rotation if one is due, else
+    /// the next epoch of a chat whose members changed (with earlier epochs' keys for members
+    /// added with their history) — after a lookup of the members' current keys.
+    pub(crate) fn key_work(&mut self, req: ReqId) -> Result<KeyWork, Error> {
+        if self.store.rotation_due()? {
+            return Ok(KeyWork::Send(self.rotate_request(req)?));
+        }
+        let me = self.login()?.account.id;
+        let mut due = self.store.rekey_due()?;
+        while let Some((chat, want)) = due.pop_first() {
+            let Some(meta) = self.store.chat(chat)?.filter(|m| !m.left && m.current().is_some()) else {
+                self.store.set_rekey_due(&due)?;
+                continue;
+            };
+            let share_with: BTreeSet<AccountId> = want.share_with.intersection(&meta.members).copied().collect();
+            let missing: Vec<AccountId> =
+                meta.members.iter().filter(|a| **a != me && !self.fresh.contains_key(a)).copied().collect();
+            if !missing.is_empty() {
+                let accounts = missing.into_iter().take(MAX_LOOKUP_ACCOUNTS).collect();
+                return Ok(KeyWork::Lookup(ClientFrame::LookupAccounts { req, accounts }));
+            }
+            let (newest, _) = meta.current().expect("filtered above");
+            let epoch = Epoch(newest.0.checked_add(1).ok_or(Error::Rotation("a chat ran out of key epochs"))?);
+            let key = ChatKey::random(&mut self.rng);
+            let terms = KeyTerms { chat, kind: meta.kind, epoch, members: meta.members.clone() };
+            let keys = self.grant(&key, &terms, &meta.members)?;
+            let mut history = Vec::new();
+            if !share_with.is_empty() {
+                for (e, k) in meta.keys.iter().rev().take(MAX_SHARED_EPOCHS).rev() {
+                    let terms = KeyTerms { epoch: *e, ..terms.clone() };
+                    history.push(NewEpoch { chat, epoch: *e, keys: self.grant(k, &terms, &share_with)? });
+                }
+            }
+            self.fresh.clear();
+            return Ok(KeyWork::Send(ClientFrame::Rekey { req, epoch: NewEpoch { chat, epoch, keys }, history }));
+        }
+        Ok(KeyWork::Nothing)
+    }
+}
