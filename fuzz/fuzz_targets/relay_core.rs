@@ -209,7 +209,7 @@ fn fixture() -> &'static Fixture {
         let chats: Vec<ChatId> = (0..3).map(|_| ChatId::random(&mut rng)).collect();
         let mut key_for = |signer: &AccountKeys, terms: &KeyTerms, to: &[&AccountKeys]| {
             let key = ChatKey::random(&mut rng);
-            to.iter().map(|m| signer.grant_chat_key(&key, terms, &m.current(), &mut rng)).collect::<Vec<_>>()
+            to.iter().map(|m| signer.grant_chat_key(&key, terms, &m.current(), true, &mut rng)).collect::<Vec<_>>()
         };
         let mut key = |signer: &AccountKeys, members: &[&AccountKeys], chat: ChatId, epoch: Epoch| {
             let kind = if members.len() == 1 { ChatKind::Notes } else { ChatKind::Direct };
@@ -269,7 +269,7 @@ fn fixture() -> &'static Fixture {
             let chats = vec![NewEpoch {
                 chat,
                 epoch,
-                keys: vec![next.grant_chat_key(&ChatKey::random(&mut rng), &terms, &new, &mut rng)],
+                keys: vec![next.grant_chat_key(&ChatKey::random(&mut rng), &terms, &new, true, &mut rng)],
             }];
             let all: Vec<&DeviceId> =
                 account_devices.iter().map(|d| &devices[*d]).filter(|d| **d != r.body.device).collect();

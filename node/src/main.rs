@@ -47,6 +47,11 @@ enum Command {
         #[command(subcommand)]
         command: ChatCommand,
     },
+    /// Other accounts: check that an account is who it says it is.
+    Contact {
+        #[command(subcommand)]
+        command: members::ContactCommand,
+    },
     /// Every session (device) of the account, as the relay and this device know them.
     Devices {
         #[arg(long)]
@@ -113,6 +118,14 @@ enum AccountCommand {
         #[arg(long)]
         name: String,
     },
+    /// Take NAME as this account's username on the relay (3 to 32 of a-z, 0-9 and _, starting
+    /// with a letter), so that others can find it; --clear releases it.
+    SetUsername {
+        #[arg(required_unless_present = "clear")]
+        name: Option<String>,
+        #[arg(long, conflicts_with = "name")]
+        clear: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -139,16 +152,42 @@ enum DeviceCommand {
 
 #[derive(Subcommand)]
 enum ChatCommand {
-    /// Create a chat; prints its id alone.
+    /// Create a chat: notes (this account alone) with --title, a direct chat with --direct
+    /// USER, or a group with --group --title T --member USER...; prints its id alone.
     Create {
-        #[arg(long)]
-        title: String,
+        #[arg(long, required_unless_present = "direct")]
+        title: Option<String>,
+        /// A direct chat with this user.
+        #[arg(long, conflicts_with_all = ["group", "member"])]
+        direct: Option<String>,
+        /// A group (with --member for each other member).
+        #[arg(long, requires = "title")]
+        group: bool,
+        /// A member of the group (by username); repeat for more.
+        #[arg(long, requires = "group")]
+        member: Vec<String>,
     },
     /// The chats on this device.
     List {
         #[arg(long)]
         json: bool,
     },
+    /// Add users to a group. With --share-history they read what was written before they
+    /// joined; without, from their joining on.
+    Add {
+        chat: ChatId,
+        #[arg(required = true)]
+        users: Vec<String>,
+        #[arg(long)]
+        share_history: bool,
+    },
+    /// Remove a user from a group (only the group's creator may): nothing written afterwards
+    /// is readable to them.
+    Remove { chat: ChatId, user: String },
+    /// Leave a chat: the others go on under a new key; what this device has stays readable.
+    Leave { chat: ChatId },
+    /// Give a chat a new title.
+    Rename { chat: ChatId, title: String },
 }
 
 enum Failure {
@@ -277,6 +316,8 @@ macro_rules! with_current_keys {
     }};
 }
 
+mod members;
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     let mut device = Device::open(&cli.home)?;
     match cli.command {
@@ -385,26 +426,42 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             with_current_keys!(device, device.revoke(&target).await);
             out(&format!("revoked {target}; the account's keys are rotated"));
         }
-        Command::Chat { command: ChatCommand::Create { title } } => {
-            // Like `send`: the chat is made here first and queued; the command returns once the
-            // relay has it (a session's `Idle` from before the creation was queued would not
-            // say that).
-            device.account().ok_or(Error::NotLoggedIn)?;
-            let (chat, _) = device.new_chat(&title)?;
-            sync_until_idle(device).await?;
+        Command::Chat { command: ChatCommand::Create { title, direct, group, member } } => {
+            let chat = members::create_chat(device, title, direct, group, member).await?;
             out(&chat.to_string());
         }
+        Command::Chat { command: ChatCommand::Add { chat, users, share_history } } => {
+            members::add(device, chat, users, share_history).await?;
+        }
+        Command::Chat { command: ChatCommand::Remove { chat, user } } => members::remove(device, chat, user).await?,
+        Command::Chat { command: ChatCommand::Leave { chat } } => members::leave(device, chat).await?,
+        Command::Chat { command: ChatCommand::Rename { chat, title } } => {
+            device.account().ok_or(Error::NotLoggedIn)?;
+            device.rename_local(chat, &title)?;
+            sync_until_idle(device).await?;
+        }
+        Command::Account { command: AccountCommand::SetUsername { name, clear: _ } } => {
+            device.set_username(name.as_deref()).await?;
+            out(&match name {
+                Some(n) => format!("username: {n}"),
+                None => "username released".into(),
+            });
+        }
+        Command::Contact { command } => members::contact(device, command).await?,
         Command::Chat { command: ChatCommand::List { json } } => {
             for c in device.chats()? {
                 if json {
                     out(&serde_json::to_string(&c).map_err(|e| Failure::Other(e.to_string()))?);
                 } else {
+                    let title = match c.title.as_deref() {
+                        Some(t) if !t.is_empty() => t.to_string(),
+                        _ if !c.members.is_empty() => c.members.join(", "),
+                        _ => "(untitled)".into(),
+                    };
+                    let left = if c.left { ", left" } else { "" };
                     out(&format!(
-                        "{} {} ({} messages, {} unread)",
-                        c.id,
-                        c.title.as_deref().unwrap_or("(untitled)"),
-                        c.messages,
-                        c.unread
+                        "{} {} [{}] ({} messages, {} unread{left})",
+                        c.id, title, c.kind, c.messages, c.unread
                     ));
                 }
             }

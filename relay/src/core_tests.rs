@@ -674,7 +674,8 @@ pub(crate) fn notes_key(
     WrappedKey {
         account,
         generation: keys.generation,
-        signature: keys.sign_chat_key(&terms, account, keys.generation, &wrapped),
+        content: true,
+        signature: keys.sign_chat_key(&terms, account, keys.generation, true, &wrapped),
         key: wrapped,
     }
 }

@@ -155,7 +155,7 @@ fn the_revoked_devices_keys_and_the_relays_data_open_nothing_written_after_the_r
         assert!(!record.epochs.is_empty());
         for d in relay_store.read_chat(*chat_id, Seq(0), *head, u32::MAX).unwrap() {
             let ad = DeltaAd { chat: d.chat, epoch: d.epoch, device: &d.device, client_seq: d.client_seq };
-            if chat_keys.iter().any(|k| open_delta(k, &ad, &d.sealed).is_ok()) {
+            if chat_keys.iter().any(|k| open_delta(&k.transport(), &ad, &d.sealed).is_ok()) {
                 opened.push((d.chat, d.seq, d.epoch));
             } else {
                 closed.push((d.chat, d.seq, d.epoch));
@@ -253,5 +253,8 @@ fn an_expired_session_makes_the_remaining_device_rotate_the_keys() {
     let keys: Vec<ChatKey> = phone.chats().unwrap().into_iter().flat_map(|(_, m, _)| m.keys.into_values()).collect();
     let last = deltas.last().unwrap();
     let ad = DeltaAd { chat: last.chat, epoch: last.epoch, device: &last.device, client_seq: last.client_seq };
-    assert!(keys.iter().all(|k| open_delta(k, &ad, &last.sealed).is_err()), "the expired phone cannot read it");
+    assert!(
+        keys.iter().all(|k| open_delta(&k.transport(), &ad, &last.sealed).is_err()),
+        "the expired phone cannot read it"
+    );
 }

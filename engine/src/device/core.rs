@@ -318,7 +318,15 @@ impl SyncCore {
                     }
                 }
             }
-            SyncInput::RotationDue(due) => self.rotation_due = due,
+            SyncInput::RotationDue(due) => {
+                self.rotation_due = due;
+                if !due && self.rotating {
+                    // Nothing (more) to send for it: the request under way is given up (a late
+                    // answer to it is passed on as a reply nobody waits for).
+                    self.rotating = false;
+                    self.pending.retain(|_, p| !matches!(p, Pending::Rotate));
+                }
+            }
             SyncInput::KeyMissing { chat, seq } => {
                 let c = self.chats.entry(chat).or_default();
                 c.ready = false;

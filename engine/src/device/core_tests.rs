@@ -198,8 +198,18 @@ fn a_due_rotation_is_asked_for_once_caught_up_and_holds_idle_until_answered() {
     let [SyncOutput::Send(ClientFrame::SyncState { req })] = out[..] else { panic!("{out:?}") };
     let out = frame(&mut core, RelayFrame::SyncState { req, account_head: Seq(0), chats: vec![] });
     let [SyncOutput::Rotate { req }] = out[..] else { panic!("{out:?}") };
-    frame(&mut core, RelayFrame::Done { req });
+    let out = frame(&mut core, RelayFrame::Done { req });
+    assert!(matches!(out[..], [SyncOutput::KeyWorkDone]), "the driver checks for more: {out:?}");
     assert!(core.is_idle());
+
+    // Key work that needs a lookup first: the answer goes to the driver, the request stays.
+    let [SyncOutput::Rotate { req }] = core.handle(SyncInput::RotationDue(true))[..] else { panic!() };
+    let out = frame(&mut core, RelayFrame::Accounts { req, accounts: vec![] });
+    assert!(matches!(&out[..], [SyncOutput::Looked { req: r, .. }] if *r == req), "{out:?}");
+    assert!(!core.is_idle());
+    // The driver finds nothing (more) to send: the core stops waiting for it.
+    assert!(core.handle(SyncInput::RotationDue(false)).is_empty());
+    assert!(core.is_idle(), "no request is left waiting");
 }
 
 #[test]

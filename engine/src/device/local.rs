@@ -480,24 +480,31 @@ impl Device {
                 let name = self.store.contact(*m)?.and_then(|c| c.username);
                 members.push(name.unwrap_or_else(|| m.to_string()));
             }
+            // Counted over what this device may read (a member who joined without the history
+            // does not see the older messages).
+            let visible = self.messages(chat)?;
             let doc = self.doc(chat)?;
+            let unread = match account {
+                Some(a) => {
+                    let mark = doc.read_up_to(&a);
+                    let from = mark.and_then(|id| visible.iter().position(|m| m.id == id)).map_or(0, |i| i + 1);
+                    let me = a.to_string();
+                    visible[from..].iter().filter(|m| m.author != me && !m.deleted).count()
+                }
+                None => 0,
+            };
             out.push(ChatSummary {
                 members,
                 left: meta.left,
-                unread: account.map_or(0, |a| doc.unread(&a)),
+                unread,
                 id: chat.to_string(),
                 title: doc.title(),
                 kind: format!("{:?}", meta.kind).to_lowercase(),
-                messages: doc.message_count(),
+                messages: visible.len(),
                 seq: seq.0,
             });
         }
         Ok(out)
-    }
-
-    /// A chat's messages in display order.
-    pub fn messages(&mut self, chat: ChatId) -> Result<Vec<Message>, Error> {
-        Ok(self.doc(chat)?.messages())
     }
 
     /// A chat's document heads (equal heads: equal chat).
@@ -526,7 +533,7 @@ impl Device {
         let (epoch, key) = meta.current().ok_or(Error::UnknownChat(chat))?;
         let client_seq = self.store.next_client_seq()?;
         let ad = DeltaAd { chat, epoch, device: &self.id, client_seq };
-        let sealed = seal_delta(key, &ad, change, &mut self.rng);
+        let sealed = seal_delta(&key.transport(), &ad, change, &mut self.rng);
         let item = OutboxItem { client_seq, chat, epoch, body: OutboxBody::Delta { sealed, plain: change.to_vec() } };
         let stored = self.store.store_local(chat, change, &item)?;
         self.store.barrier()?;
@@ -548,7 +555,7 @@ impl Device {
     /// it never stalls the chat.
     pub(crate) fn apply_delta(&mut self, delta: &Delta) -> Result<DocUpdate, Error> {
         let meta = self.store.chat(delta.chat)?.ok_or(Error::UnknownChat(delta.chat))?;
-        let opened = match meta.keys.get(&delta.epoch) {
+        let opened = match meta.transport(delta.epoch) {
             // From before this account joined (or while it was away), and not shared with it:
             // passed over.
             None if meta.current().is_some_and(|(e, _)| delta.epoch < e) => {
@@ -565,7 +572,7 @@ impl Device {
                     device: &delta.device,
                     client_seq: delta.client_seq,
                 };
-                crate::proto::crypto::open_delta(key, &ad, &delta.sealed).map_err(Error::from)
+                crate::proto::crypto::open_delta(&key, &ad, &delta.sealed).map_err(Error::from)
             }
         };
         let plain = match opened {
@@ -577,10 +584,14 @@ impl Device {
         };
         let doc = self.doc(delta.chat)?;
         match doc.apply_untrusted_update(&plain) {
-            Ok(added) => {
+            Ok(update) => {
                 let stored = self.store.apply_remote(delta.chat, delta.seq, Some(&plain))?;
                 self.maybe_compact(delta.chat, stored)?;
-                Ok(added)
+                Ok(DocUpdate {
+                    added: self.reveal(delta.chat, update.added)?,
+                    changed: self.reveal(delta.chat, update.changed)?,
+                    read: update.read,
+                })
             }
             Err(e) => {
                 if doc.is_poisoned() {
@@ -719,19 +730,19 @@ mod tests {
             seq: Seq(seq),
             event: AccountEvent::ChatAdded {
                 terms: terms.clone(),
-                key: WrappedKey { account: account.id, generation: 0, key: wrapped.clone(), signature },
+                key: WrappedKey { account: account.id, generation: 0, content: true, key: wrapped.clone(), signature },
                 signer,
                 signer_chain: None,
             },
         };
         let stranger = AccountKeys::generate(&mut rng);
-        let forged = stranger.sign_chat_key(&terms, account.id, 0, &wrapped);
+        let forged = stranger.sign_chat_key(&terms, account.id, 0, true, &wrapped);
         assert!(d.apply_account_entry(&entry(1, account.id, forged.clone())).is_err());
         assert!(d.apply_account_entry(&entry(2, stranger.public().id, forged)).is_err());
         assert!(d.apply_account_entry(&entry(3, account.id, vec![0; 64])).is_err());
         assert!(d.store.chat(chat).unwrap().is_none(), "no key was taken");
 
-        let signed = keys.sign_chat_key(&terms, account.id, 0, &wrapped);
+        let signed = keys.sign_chat_key(&terms, account.id, 0, true, &wrapped);
         assert_eq!(d.apply_account_entry(&entry(4, account.id, signed)).unwrap().chat, Some(chat));
         assert!(d.store.chat(chat).unwrap().is_some());
     }

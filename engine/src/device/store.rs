@@ -82,6 +82,9 @@ pub struct ChatMeta {
     pub kind: ChatKind,
     /// Chat keys by epoch.
     pub keys: BTreeMap<Epoch, ChatKey>,
+    /// Transport keys of epochs from before this account joined, when it joined without the
+    /// history: its deltas open (the document needs them) but its messages' texts do not.
+    pub transport_only: BTreeMap<Epoch, ChatKey>,
     /// The member accounts, as the newest epoch's key and the member changes since say.
     pub members: BTreeSet<AccountId>,
     /// This account is no longer a member (it left or was removed): the history stays
@@ -104,7 +107,9 @@ pub struct Contact {
 /// A chat whose members changed: this device starts the next key epoch once it can.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RekeyDue {
-    /// Accounts added with their history: they get the earlier epochs' keys too.
+    /// Accounts added since the last epoch: they get the earlier epochs' transport keys.
+    pub joining: BTreeSet<AccountId>,
+    /// Those of them added with their history: they get the earlier epochs' keys whole.
     pub share_with: BTreeSet<AccountId>,
 }
 
@@ -112,6 +117,11 @@ impl ChatMeta {
     /// The newest epoch and its key; new deltas are sealed with it.
     pub fn current(&self) -> Option<(Epoch, &ChatKey)> {
         self.keys.iter().next_back().map(|(e, k)| (*e, k))
+    }
+
+    /// The key `epoch`'s deltas are sealed under, if this device has it.
+    pub fn transport(&self, epoch: Epoch) -> Option<ChatKey> {
+        self.keys.get(&epoch).map(ChatKey::transport).or_else(|| self.transport_only.get(&epoch).cloned())
     }
 }
 

@@ -82,7 +82,10 @@ impl AccountGen {
         if !terms.members.contains(&key.account) {
             return Err(CertError::Malformed("a chat key for an account that is not a member"));
         }
-        self.verify_signature(&chat_key_signed_bytes(terms, key.account, key.generation, &key.key), &key.signature)
+        self.verify_signature(
+            &chat_key_signed_bytes(terms, key.account, key.generation, key.content, &key.key),
+            &key.signature,
+        )
     }
 
     /// Checks that `rotation` starts the generation after this one, signed with this one's key,
@@ -133,9 +136,15 @@ fn recovery_signed_bytes(account: AccountId, public: &[u8; 32], by: &DeviceId) -
     b
 }
 
-fn chat_key_signed_bytes(terms: &KeyTerms, recipient: AccountId, generation: u32, key: &SealedBox) -> Vec<u8> {
+fn chat_key_signed_bytes(
+    terms: &KeyTerms,
+    recipient: AccountId,
+    generation: u32,
+    content: bool,
+    key: &SealedBox,
+) -> Vec<u8> {
     let mut b = b"stratus-chat-key-v2".to_vec();
-    b.extend(postcard::to_allocvec(&(terms, recipient, generation, key)).expect("serializing cannot fail"));
+    b.extend(postcard::to_allocvec(&(terms, recipient, generation, content, key)).expect("serializing cannot fail"));
     b
 }
 
@@ -291,9 +300,16 @@ impl AccountKeys {
     /// `terms`, so that the recipient's devices accept only keys that a member they trust handed
     /// out: the relay, which knows every KEM public key, could otherwise wrap a key of its own
     /// and read or forge everything sealed under it.
-    pub fn sign_chat_key(&self, terms: &KeyTerms, recipient: AccountId, generation: u32, key: &SealedBox) -> Vec<u8> {
+    pub fn sign_chat_key(
+        &self,
+        terms: &KeyTerms,
+        recipient: AccountId,
+        generation: u32,
+        content: bool,
+        key: &SealedBox,
+    ) -> Vec<u8> {
         SigningKey::from_bytes(&self.signing)
-            .sign(&chat_key_signed_bytes(terms, recipient, generation, key))
+            .sign(&chat_key_signed_bytes(terms, recipient, generation, content, key))
             .to_bytes()
             .to_vec()
     }
@@ -304,19 +320,23 @@ impl AccountKeys {
         MemberChange { body, signature }
     }
 
-    /// Wraps `key` to the current generation of `recipient`'s keys and signs it on `terms`.
+    /// Wraps `key` (or with `content` false only its transport key, see [`ChatKey::transport`])
+    /// to the current generation of `recipient`'s keys and signs it on `terms`.
     pub fn grant_chat_key<R: RngCore + CryptoRng>(
         &self,
         key: &ChatKey,
         terms: &KeyTerms,
         recipient: &AccountGen,
+        content: bool,
         rng: &mut R,
     ) -> WrappedKey {
-        let wrapped = wrap_chat_key(key, terms.chat, terms.epoch, recipient.account, &recipient.kem_key, rng);
+        let given = if content { key.clone() } else { key.transport() };
+        let wrapped = wrap_chat_key(&given, terms.chat, terms.epoch, recipient.account, &recipient.kem_key, rng);
         WrappedKey {
             account: recipient.account,
             generation: recipient.generation,
-            signature: self.sign_chat_key(terms, recipient.account, recipient.generation, &wrapped),
+            content,
+            signature: self.sign_chat_key(terms, recipient.account, recipient.generation, content, &wrapped),
             key: wrapped,
         }
     }

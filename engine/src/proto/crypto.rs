@@ -47,6 +47,60 @@ impl ChatKey {
         rng.fill_bytes(&mut k);
         Self(k)
     }
+
+    /// The key the epoch's deltas are sealed under, derived from the epoch's key. A member who
+    /// joins without the history gets only this one for the earlier epochs: enough to apply the
+    /// chat's document (which needs its whole causal history) but not to read the messages'
+    /// texts, which are sealed again under the epoch's key (see [`seal_text`]).
+    pub fn transport(&self) -> ChatKey {
+        ChatKey(blake3::derive_key("stratus chat transport key v1", &self.0))
+    }
+
+    fn text_key(&self) -> [u8; 32] {
+        blake3::derive_key("stratus chat text key v1", &self.0)
+    }
+}
+
+/// How a message text sealed by [`seal_text`] starts.
+pub const SEALED_TEXT_PREFIX: &str = "sealed:";
+
+fn text_ad(chat: ChatId, message: &str, epoch: Epoch) -> Vec<u8> {
+    let mut ad = b"stratus-text-v1".to_vec();
+    ad.extend_from_slice(&chat.0);
+    ad.extend_from_slice(&epoch.0.to_be_bytes());
+    ad.extend_from_slice(message.as_bytes());
+    ad
+}
+
+/// Seals a message's text under the epoch's key (inside the delta, which is sealed under the
+/// transport key), bound to chat, message and epoch: `sealed:` and the hex of epoch, nonce and
+/// ciphertext.
+pub fn seal_text<R: RngCore + CryptoRng>(
+    key: &ChatKey,
+    chat: ChatId,
+    epoch: Epoch,
+    message: &str,
+    text: &str,
+    rng: &mut R,
+) -> String {
+    let mut out = epoch.0.to_be_bytes().to_vec();
+    out.extend(seal_with_key(&key.text_key(), &text_ad(chat, message, epoch), text.as_bytes(), rng));
+    format!("{SEALED_TEXT_PREFIX}{}", hex::encode(out))
+}
+
+/// The epoch a text sealed by [`seal_text`] names, if it is one.
+pub fn sealed_text_epoch(sealed: &str) -> Option<Epoch> {
+    let body = sealed.strip_prefix(SEALED_TEXT_PREFIX)?;
+    let head = hex::decode(body.get(..8)?).ok()?;
+    Some(Epoch(u32::from_be_bytes(head.try_into().ok()?)))
+}
+
+/// Opens a text sealed by [`seal_text`] with the key of the epoch it names.
+pub fn open_text(key: &ChatKey, chat: ChatId, message: &str, sealed: &str) -> Result<String, CryptoError> {
+    let epoch = sealed_text_epoch(sealed).ok_or(CryptoError::Truncated)?;
+    let bytes = hex::decode(&sealed[SEALED_TEXT_PREFIX.len()..]).map_err(|_| CryptoError::Truncated)?;
+    let plain = open_with_key(&key.text_key(), &text_ad(chat, message, epoch), &bytes[4..])?;
+    String::from_utf8(plain).map_err(|_| CryptoError::Authentication)
 }
 
 impl std::fmt::Debug for ChatKey {

@@ -164,6 +164,9 @@ pub struct WrappedKey {
     /// The generation of the member's keys whose KEM key it is wrapped to (the relay takes only
     /// the member's current one).
     pub generation: u32,
+    /// The epoch's key (true), or only its transport key (false: for a member who joined
+    /// without the history; see `ChatKey::transport`).
+    pub content: bool,
     /// The key, sealed to that KEM key.
     pub key: SealedBox,
     /// The handing-out account's signature (see `AccountKeys::sign_chat_key`).

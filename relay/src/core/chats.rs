@@ -99,6 +99,7 @@ impl RelayCore {
             members: members.clone(),
             epochs: BTreeMap::from([(epoch, keys.clone())]),
             rekey_due: false,
+            joining: BTreeSet::new(),
             share_with: BTreeSet::new(),
         };
         let mut ops = vec![StoreOp::PutChat(chat, record.clone())];

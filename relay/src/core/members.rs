@@ -95,7 +95,15 @@ impl RelayCore {
     /// Checks keys handed out on `terms` by `signer`: one per recipient, each wrapped to the
     /// recipient's current generation and signed by `signer`'s current one (an older one is
     /// `StaleEpoch`: the device looks the keys up, or takes its own rotation, and asks again).
+    /// The keys of a new epoch are whole epoch keys (`content`).
     pub(super) fn check_keys(&self, signer: AccountId, terms: &KeyTerms, keys: &[WrappedKey]) -> Result<(), Refusal> {
+        if keys.iter().any(|k| !k.content) {
+            return Err(refuse(ErrorCode::BadCertificate, "a new epoch's key is handed out whole"));
+        }
+        self.check_grants(signer, terms, keys)
+    }
+
+    fn check_grants(&self, signer: AccountId, terms: &KeyTerms, keys: &[WrappedKey]) -> Result<(), Refusal> {
         let recipients: BTreeSet<AccountId> = keys.iter().map(|k| k.account).collect();
         if recipients.len() != keys.len() {
             return Err(refuse(ErrorCode::BadCertificate, "a chat key wrapped twice to one account"));
@@ -187,10 +195,14 @@ impl RelayCore {
         let chat = self.chats.get_mut(&chat_id).expect("checked above");
         chat.record.members = after.clone();
         chat.record.rekey_due = !after.is_empty();
-        if let Membership::Add { accounts, share_history: true } = &b.change {
-            chat.record.share_with.extend(accounts.iter().copied());
+        if let Membership::Add { accounts, share_history } = &b.change {
+            chat.record.joining.extend(accounts.iter().copied());
+            if *share_history {
+                chat.record.share_with.extend(accounts.iter().copied());
+            }
         }
         if let Some(gone) = b.departed() {
+            chat.record.joining.remove(&gone);
             chat.record.share_with.remove(&gone);
             self.accounts.get_mut(&gone).expect("members exist").chats.remove(&chat_id);
         }
@@ -255,10 +267,13 @@ impl RelayCore {
             if h.chat != new.chat || !record.epochs.contains_key(&h.epoch) {
                 return Err(refuse(ErrorCode::UnknownEpoch, "history for an epoch the chat does not have"));
             }
-            if h.keys.iter().any(|k| !record.share_with.contains(&k.account)) {
-                return Err(refuse(ErrorCode::NotAllowed, "history for an account not added with its history"));
+            if h.keys.iter().any(|k| !record.joining.contains(&k.account)) {
+                return Err(refuse(ErrorCode::NotAllowed, "earlier keys for an account that is not joining"));
             }
-            self.check_keys(account, &KeyTerms { epoch: h.epoch, ..terms.clone() }, &h.keys)?;
+            if h.keys.iter().any(|k| k.content && !record.share_with.contains(&k.account)) {
+                return Err(refuse(ErrorCode::NotAllowed, "the history for an account not added with it"));
+            }
+            self.check_grants(account, &KeyTerms { epoch: h.epoch, ..terms.clone() }, &h.keys)?;
         }
 
         let chat = self.chats.get_mut(&new.chat).expect("checked above");
@@ -272,6 +287,7 @@ impl RelayCore {
         }
         chat.record.epochs.insert(new.epoch, new.keys.clone());
         chat.record.rekey_due = false;
+        chat.record.joining.clear();
         chat.record.share_with.clear();
         let mut ops = vec![StoreOp::PutChat(new.chat, chat.record.clone())];
         // Earlier epochs first: a new member's device has them before deltas of the new one.

@@ -39,8 +39,11 @@ pub struct ChatRecord {
     /// The members changed (or one's keys were rotated) and no new epoch followed yet: nothing
     /// more is stored under the newest one until a member's `Rekey`.
     pub rekey_due: bool,
-    /// Members added with their history, not yet given it: a `Rekey` may hand them earlier
-    /// epochs' keys.
+    /// Members added since the newest epoch: a `Rekey` may hand them earlier epochs' transport
+    /// keys (the document needs its whole history).
+    pub joining: BTreeSet<AccountId>,
+    /// Those of them added with their history: a `Rekey` may hand them earlier epochs' keys
+    /// whole.
     pub share_with: BTreeSet<AccountId>,
 }
 

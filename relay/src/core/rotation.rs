@@ -244,7 +244,11 @@ impl RelayCore {
                 return Err(bad(format!("the new epoch of chat {} is not wrapped once to each member", new.chat)));
             }
             let terms = KeyTerms { chat: new.chat, kind: chat.record.kind, epoch: new.epoch, members: members.clone() };
-            if new.keys.iter().any(|k| k.generation != next.generation || next.verify_chat_key(&terms, k).is_err()) {
+            if new
+                .keys
+                .iter()
+                .any(|k| !k.content || k.generation != next.generation || next.verify_chat_key(&terms, k).is_err())
+            {
                 return Err(bad(format!(
                     "a key of chat {} is not signed by and wrapped to the new generation",
                     new.chat

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 
 use super::*;
 use crate::device::store::{Contact, RekeyDue};
+use crate::proto::crypto::wrap_chat_key;
 use crate::proto::directory::{
     check_username, safety_number, AccountChain, DirectoryEntry, KeyTerms, MemberChange, MemberChangeBody, Membership,
     MAX_LOOKUP_ACCOUNTS, MAX_SHARED_EPOCHS,
@@ -186,7 +187,13 @@ impl Device {
         let key = ChatKey::random(&mut self.rng);
         let terms = KeyTerms { chat, kind, epoch, members: members.clone() };
         let keys = self.grant(&key, &terms, &members)?;
-        let meta = ChatMeta { kind, keys: BTreeMap::from([(epoch, key)]), members, left: false };
+        let meta = ChatMeta {
+            kind,
+            keys: BTreeMap::from([(epoch, key)]),
+            transport_only: BTreeMap::new(),
+            members,
+            left: false,
+        };
         let create = OutboxItem {
             client_seq: self.store.next_client_seq()?,
             chat,
@@ -211,17 +218,69 @@ impl Device {
         let login = self.login()?.clone();
         let mut keys = Vec::with_capacity(members.len());
         for account in members {
-            let gen = if *account == login.account.id {
-                login.keys.current()
-            } else if let Some(g) = self.fresh.get(account) {
-                g.clone()
-            } else {
-                let c = self.store.contact(*account)?.ok_or(Error::Untrusted("no keys known for a member"))?;
-                c.chain.verify()?.pop().expect("a chain has its genesis")
-            };
-            keys.push(login.keys.grant_chat_key(key, terms, &gen, &mut self.rng));
+            let gen = self.current_gen(*account)?;
+            keys.push(login.keys.grant_chat_key(key, terms, &gen, true, &mut self.rng));
         }
         Ok(keys)
+    }
+
+    /// An account's current keys: this account's own, or another's as looked up in this key
+    /// work, or else as last seen.
+    fn current_gen(&self, account: AccountId) -> Result<AccountGen, Error> {
+        let login = self.login()?;
+        if account == login.account.id {
+            return Ok(login.keys.current());
+        }
+        if let Some(g) = self.fresh.get(&account) {
+            return Ok(g.clone());
+        }
+        let c = self.store.contact(account)?.ok_or(Error::Untrusted("no keys known for a member"))?;
+        Ok(c.chain.verify()?.pop().expect("a chain has its genesis"))
+    }
+
+    /// The earlier epochs' keys for the members who join at this epoch: whole to those added
+    /// with their history, only the transport key to the others (they can apply the document,
+    /// not read its older texts). The newest [`MAX_SHARED_EPOCHS`] epochs this device has.
+    fn history_grants(
+        &mut self,
+        meta: &ChatMeta,
+        terms: &KeyTerms,
+        joining: &BTreeSet<AccountId>,
+        share_with: &BTreeSet<AccountId>,
+    ) -> Result<Vec<NewEpoch>, Error> {
+        let login = self.login()?.clone();
+        let mut epochs: BTreeMap<Epoch, (Option<&ChatKey>, ChatKey)> =
+            meta.transport_only.iter().map(|(e, t)| (*e, (None, t.clone()))).collect();
+        epochs.extend(meta.keys.iter().map(|(e, k)| (*e, (Some(k), k.transport()))));
+        let mut out = Vec::new();
+        for (epoch, (whole, transport)) in epochs.iter().rev().take(MAX_SHARED_EPOCHS).rev() {
+            let terms = KeyTerms { epoch: *epoch, ..terms.clone() };
+            let mut keys = Vec::new();
+            for account in joining {
+                let gen = self.current_gen(*account)?;
+                let key = match whole {
+                    Some(k) if share_with.contains(account) => {
+                        login.keys.grant_chat_key(k, &terms, &gen, true, &mut self.rng)
+                    }
+                    _ => {
+                        // Wrapped as it is: a transport key (the device may hold no more).
+                        let wrapped =
+                            wrap_chat_key(transport, terms.chat, *epoch, *account, &gen.kem_key, &mut self.rng);
+                        let signature = login.keys.sign_chat_key(&terms, *account, gen.generation, false, &wrapped);
+                        WrappedKey {
+                            account: *account,
+                            generation: gen.generation,
+                            content: false,
+                            key: wrapped,
+                            signature,
+                        }
+                    }
+                };
+                keys.push(key);
+            }
+            out.push(NewEpoch { chat: terms.chat, epoch: *epoch, keys });
+        }
+        Ok(out)
     }
 
     /// The request that changes a chat's members, signed by this account; the chat's next key
@@ -297,6 +356,7 @@ impl Device {
         let mut meta = known.unwrap_or(ChatMeta {
             kind: terms.kind,
             keys: BTreeMap::new(),
+            transport_only: BTreeMap::new(),
             members: terms.members.clone(),
             left: false,
         });
@@ -305,10 +365,20 @@ impl Device {
         }
         // An epoch's key never changes: a second, different key for it (even one the account
         // signed, e.g. with keys a revoked device still holds) is refused.
-        if meta.keys.get(&terms.epoch).is_some_and(|k| k.0 != chat_key.0) {
+        let transport = if key.content { chat_key.transport() } else { chat_key.clone() };
+        if meta.transport(terms.epoch).is_some_and(|t| t.0 != transport.0) {
             return Err(Error::Rotation("a chat key for an epoch that already has another"));
         }
+        if !key.content {
+            // An earlier epoch's transport key, for a member who joined without the history.
+            if !meta.keys.contains_key(&terms.epoch) {
+                meta.transport_only.insert(terms.epoch, chat_key);
+            }
+            self.store.put_chat(chat, &meta)?;
+            return Ok(Applied { chat: Some(chat), new_chat, ..Applied::default() });
+        }
         let newer = meta.current().is_none_or(|(e, _)| terms.epoch > e);
+        meta.transport_only.remove(&terms.epoch);
         meta.keys.insert(terms.epoch, chat_key);
         if newer {
             meta.members = terms.members.clone();
@@ -359,8 +429,11 @@ impl Device {
             Applied { left: Some(b.chat), ..Applied::default() }
         } else {
             let entry = due.entry(b.chat).or_insert_with(RekeyDue::default);
-            if let Membership::Add { accounts, share_history: true } = &b.change {
-                entry.share_with.extend(accounts.iter().copied());
+            if let Membership::Add { accounts, share_history } = &b.change {
+                entry.joining.extend(accounts.iter().copied());
+                if *share_history {
+                    entry.share_with.extend(accounts.iter().copied());
+                }
             }
             Applied { rotation_due: Some(true), ..Applied::default() }
         };
@@ -389,7 +462,7 @@ impl Device {
                 self.store.set_rekey_due(&due)?;
                 continue;
             };
-            let share_with: BTreeSet<AccountId> = want.share_with.intersection(&meta.members).copied().collect();
+            let joining: BTreeSet<AccountId> = want.joining.intersection(&meta.members).copied().collect();
             let missing: Vec<AccountId> =
                 meta.members.iter().filter(|a| **a != me && !self.fresh.contains_key(a)).copied().collect();
             if !missing.is_empty() {
@@ -401,13 +474,10 @@ impl Device {
             let key = ChatKey::random(&mut self.rng);
             let terms = KeyTerms { chat, kind: meta.kind, epoch, members: meta.members.clone() };
             let keys = self.grant(&key, &terms, &meta.members)?;
-            let mut history = Vec::new();
-            if !share_with.is_empty() {
-                for (e, k) in meta.keys.iter().rev().take(MAX_SHARED_EPOCHS).rev() {
-                    let terms = KeyTerms { epoch: *e, ..terms.clone() };
-                    history.push(NewEpoch { chat, epoch: *e, keys: self.grant(k, &terms, &share_with)? });
-                }
-            }
+            let history = match joining.is_empty() {
+                true => Vec::new(),
+                false => self.history_grants(&meta, &terms, &joining, &want.share_with)?,
+            };
             self.fresh.clear();
             return Ok(KeyWork::Send(ClientFrame::Rekey { req, epoch: NewEpoch { chat, epoch, keys }, history }));
         }

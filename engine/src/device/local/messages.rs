@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::device::doc::DocError;
+use crate::proto::crypto::{open_text, seal_text, sealed_text_epoch};
 
 /// Something a user does to a chat's messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,13 +42,15 @@ impl Device {
                 self.rng.fill_bytes(&mut id);
                 let mut msg = new_message(account, &self.id, text, now, id);
                 msg.reply_to = reply_to.clone();
-                let change = self.doc(chat)?.add_message(&msg)?;
+                let stored = Message { text: self.seal_text(chat, &msg.id, text)?, ..msg.clone() };
+                let change = self.doc(chat)?.add_message(&stored)?;
                 (msg.id.clone(), change, Some(msg))
             }
             MessageOp::Edit { id, text } => {
                 check_text(text)?;
                 self.own_message(chat, id, account)?;
-                (id.clone(), self.doc(chat)?.edit_message(id, text, now)?, None)
+                let sealed = self.seal_text(chat, id, text)?;
+                (id.clone(), self.doc(chat)?.edit_message(id, &sealed, now)?, None)
             }
             MessageOp::Delete { id } => {
                 self.own_message(chat, id, account)?;
@@ -69,13 +72,52 @@ impl Device {
         Ok((message, item))
     }
 
-    /// One message of a chat, as it is now.
+    /// Gives the chat a new title (any member may), durably queued like a message.
+    pub fn rename_local(&mut self, chat: ChatId, title: &str) -> Result<OutboxItem, Error> {
+        check_text(title)?;
+        if self.store.chat(chat)?.ok_or(Error::UnknownChat(chat))?.left {
+            return Err(Error::NotMember(chat));
+        }
+        let now = self.now_ms();
+        let change = self.doc(chat)?.set_title(title, now);
+        self.seal_and_store(chat, &change)
+    }
+
+    /// One message of a chat, as it is now (if this device may read it).
     pub fn message(&mut self, chat: ChatId, id: &str) -> Result<Message, Error> {
-        self.doc(chat)?
-            .messages()
+        self.messages(chat)?
             .into_iter()
             .find(|m| m.id == id)
             .ok_or_else(|| Error::Doc(DocError::UnknownMessage(id.to_string())))
+    }
+
+    /// A chat's messages in display order, their texts opened: without those from before this
+    /// account joined, unless it was given the history.
+    pub fn messages(&mut self, chat: ChatId) -> Result<Vec<Message>, Error> {
+        let all = self.doc(chat)?.messages();
+        self.reveal(chat, all)
+    }
+
+    /// Opens the texts of `messages` of `chat` (sealed under their epochs' keys, see
+    /// [`seal_text`]) and leaves out the ones this device has no key for: written before this
+    /// account joined, without the history.
+    pub(crate) fn reveal(&self, chat: ChatId, messages: Vec<Message>) -> Result<Vec<Message>, Error> {
+        let meta = self.store.chat(chat)?.ok_or(Error::UnknownChat(chat))?;
+        Ok(messages
+            .into_iter()
+            .filter_map(|mut m| {
+                if let Some(epoch) = sealed_text_epoch(&m.text) {
+                    m.text = open_text(meta.keys.get(&epoch)?, chat, &m.id, &m.text).ok()?;
+                }
+                Some(m)
+            })
+            .collect())
+    }
+
+    fn seal_text(&mut self, chat: ChatId, message: &str, text: &str) -> Result<String, Error> {
+        let meta = self.store.chat(chat)?.ok_or(Error::UnknownChat(chat))?;
+        let (epoch, key) = meta.current().ok_or(Error::UnknownChat(chat))?;
+        Ok(seal_text(key, chat, epoch, message, text, &mut self.rng))
     }
 
     fn own_message(&mut self, chat: ChatId, id: &str, account: AccountId) -> Result<(), Error> {

@@ -107,7 +107,7 @@ impl Device {
             chats.push(NewEpoch {
                 chat,
                 epoch,
-                keys: vec![next.grant_chat_key(&key, &terms, &new_gen, &mut self.rng)],
+                keys: vec![next.grant_chat_key(&key, &terms, &new_gen, true, &mut self.rng)],
             });
         }
         let recovery = match self.store.recovery_public()? {
@@ -259,11 +259,12 @@ impl Device {
     /// epoch, or all of them with `all`.
     fn sealed_again(&mut self, chat: ChatId, meta: &ChatMeta, items: &[OutboxItem], all: bool) -> Vec<OutboxItem> {
         let Some((epoch, key)) = meta.current() else { return Vec::new() };
+        let key = key.transport();
         let mut out = Vec::new();
         for item in items.iter().filter(|i| i.chat == chat && (all || i.epoch < epoch)) {
             let OutboxBody::Delta { plain, .. } = &item.body else { continue };
             let ad = DeltaAd { chat, epoch, device: &self.id, client_seq: item.client_seq };
-            let sealed = seal_delta(key, &ad, plain, &mut self.rng);
+            let sealed = seal_delta(&key, &ad, plain, &mut self.rng);
             out.push(OutboxItem { epoch, body: OutboxBody::Delta { sealed, plain: plain.clone() }, ..item.clone() });
         }
         out

@@ -149,10 +149,12 @@ impl Writer {
             keys: vec![WrappedKey {
                 account: account.id,
                 generation: 0,
+                content: true,
                 signature: self.keys.sign_chat_key(
                     &KeyTerms { chat: self.chat, kind: ChatKind::Notes, epoch: Epoch(0), members: [account.id].into() },
                     account.id,
                     0,
+                    true,
                     &self.wrapped,
                 ),
                 key: self.wrapped.clone(),

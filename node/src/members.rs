@@ -1,0 +1,103 @@
+//! The commands for chats with other accounts: creating direct chats and groups, changing
+//! their members, and checking contacts.
+
+use clap::Subcommand;
+use stratus_engine::proto::directory::Membership;
+use stratus_engine::proto::wire::ChatKind;
+use stratus_engine::AccountId;
+
+use super::*;
+
+#[derive(Subcommand)]
+pub(crate) enum ContactCommand {
+    /// Look USER up and print the safety number to compare with them (in person, or over a
+    /// channel you trust). Warns if the relay now names another account for USER than the one
+    /// this device saw first; --confirm (after comparing) trusts the account it names now.
+    Verify {
+        user: String,
+        #[arg(long)]
+        confirm: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Looks each user up (pinning on first use) and returns their account ids.
+async fn accounts_of(device: &mut Device, users: &[String]) -> Result<Vec<AccountId>, Failure> {
+    let mut out = Vec::new();
+    for user in users {
+        let info = device.lookup(user).await?;
+        out.push(info.account.parse().map_err(|_| Failure::Other(format!("the relay gave a bad id for {user}")))?);
+    }
+    Ok(out)
+}
+
+pub(crate) async fn create_chat(
+    mut device: Device,
+    title: Option<String>,
+    direct: Option<String>,
+    group: bool,
+    members: Vec<String>,
+) -> Result<ChatId, Failure> {
+    // Like `send`: the chat is made here first and queued; the command returns once the relay
+    // has it (a session's `Idle` from before the creation was queued would not say that).
+    device.account().ok_or(Error::NotLoggedIn)?;
+    let (kind, users) = match (direct, group) {
+        (Some(user), _) => (ChatKind::Direct, vec![user]),
+        (None, true) => (ChatKind::Group, members),
+        (None, false) => (ChatKind::Notes, Vec::new()),
+    };
+    let others = accounts_of(&mut device, &users).await?;
+    let (chat, _) = device.new_chat_with(kind, title.as_deref().unwrap_or(""), &others)?;
+    sync_until_idle(device).await?;
+    Ok(chat)
+}
+
+/// Changes a chat's members: syncs first (the change is made for the chat's newest key
+/// epoch), again if the chat moved on meanwhile, and afterwards until this device's key work
+/// (the chat's next epoch) is done.
+async fn change(mut device: Device, chat: ChatId, change: Membership) -> Result<(), Failure> {
+    device = sync_until_idle(device).await?;
+    with_current_keys!(device, device.change_members(chat, change.clone()).await);
+    sync_until_idle(device).await?;
+    Ok(())
+}
+
+pub(crate) async fn add(
+    mut device: Device,
+    chat: ChatId,
+    users: Vec<String>,
+    share_history: bool,
+) -> Result<(), Failure> {
+    device.account().ok_or(Error::NotLoggedIn)?;
+    let accounts = accounts_of(&mut device, &users).await?.into_iter().collect();
+    change(device, chat, Membership::Add { accounts, share_history }).await
+}
+
+pub(crate) async fn remove(mut device: Device, chat: ChatId, user: String) -> Result<(), Failure> {
+    device.account().ok_or(Error::NotLoggedIn)?;
+    let account = accounts_of(&mut device, &[user]).await?[0];
+    change(device, chat, Membership::Remove { account }).await
+}
+
+pub(crate) async fn leave(device: Device, chat: ChatId) -> Result<(), Failure> {
+    device.account().ok_or(Error::NotLoggedIn)?;
+    change(device, chat, Membership::Leave).await
+}
+
+pub(crate) async fn contact(mut device: Device, command: ContactCommand) -> Result<(), Failure> {
+    let ContactCommand::Verify { user, confirm, json } = command;
+    let info = if confirm { device.confirm_contact(&user).await? } else { device.lookup(&user).await? };
+    if json {
+        out(&serde_json::to_string(&info).map_err(|e| Failure::Other(e.to_string()))?);
+    } else {
+        out(&format!("{user}: account {}", info.account));
+        out(&format!("safety number: {}", info.safety_number));
+        out(if info.verified {
+            "verified: you confirmed this number"
+        } else {
+            "not verified: compare the number with them, then run `contact verify --confirm`"
+        });
+    }
+    Ok(())
+}
