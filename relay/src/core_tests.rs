@@ -641,6 +641,9 @@ fn a_refused_chat_creation_holds_back_the_chats_first_append() {
 #[path = "core_tests_sessions.rs"]
 mod sessions;
 
+#[path = "core_tests_members.rs"]
+mod members;
+
 #[test]
 fn typing_is_pushed_to_the_members_other_devices_and_never_written() {
     let mut w = world();

@@ -48,7 +48,7 @@ fn revoke(w: &mut World, keys: &AccountKeys, device: &Dev, by: &Dev, req: ReqId)
     revoke_with(w, keys, r, device, req)
 }
 
-fn error_codes(effects: &[Effect]) -> Vec<(ConnId, ErrorCode)> {
+pub(super) fn error_codes(effects: &[Effect]) -> Vec<(ConnId, ErrorCode)> {
     sends(effects)
         .into_iter()
         .filter_map(|(c, f)| match f {

@@ -56,7 +56,7 @@ fn simulated_worlds_keep_every_invariant() {
     eprintln!(
         "{} seeds in {:.1} s: {} events, {} messages, {} acks, {} relay crashes, {} device restarts, \
          {} broken connections, {} lost frames, {} rate-limit waits, {} revocations with rotation, \
-         {} stale-epoch refusals, {} key waits; slowest convergence {:.1} s after faults",
+         {} member changes, {} stale-epoch refusals, {} key waits; slowest convergence {:.1} s after faults",
         reports.len(),
         started.elapsed().as_secs_f64(),
         sum(|r| r.events),
@@ -68,6 +68,7 @@ fn simulated_worlds_keep_every_invariant() {
         sum(|r| r.lost_frames as u64),
         sum(|r| r.rate_limited as u64),
         sum(|r| r.revocations as u64),
+        sum(|r| r.member_changes as u64),
         sum(|r| r.stale_epochs as u64),
         sum(|r| r.key_waits as u64),
         reports.iter().map(|r| r.converged_after).max().unwrap_or(0) as f64 / 1e6,

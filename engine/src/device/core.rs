@@ -104,6 +104,9 @@ pub enum SyncOutput {
     /// The relay took the key work (or it was no longer due): feed
     /// [`SyncInput::RotationDue`] again if more is due.
     KeyWorkDone,
+    /// The relay refused the key work as made for keys or members that moved on
+    /// (`StaleEpoch`): it is asked for again, with the members' keys looked up again.
+    KeyWorkStale,
     /// The relay refused the delta for good; drop it from the outbox and tell the app.
     Rejected { client_seq: ClientSeq, chat: ChatId, code: ErrorCode, message: String },
     /// A chat's cursor moved without a delta to apply (the device's own delta); store it.
@@ -510,7 +513,11 @@ impl SyncCore {
                             // Do not ask again on this connection.
                             c.known_head = c.cursor;
                         }
-                        out.push(SyncOutput::Error { code, message });
+                        // Not a member any more: the account log says so too (the chat is
+                        // marked left when it is applied); nothing to report.
+                        if code != ErrorCode::NotMember {
+                            out.push(SyncOutput::Error { code, message });
+                        }
                     }
                     Some(Pending::FetchAccount) => {
                         self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
@@ -520,7 +527,9 @@ impl SyncCore {
                     }
                     Some(Pending::Rotate) => {
                         self.rotating = false;
-                        if code != ErrorCode::StaleEpoch {
+                        if code == ErrorCode::StaleEpoch {
+                            out.push(SyncOutput::KeyWorkStale);
+                        } else {
                             // Asked again only once the account log says so again.
                             self.rotation_due = false;
                             out.push(SyncOutput::Error { code, message });
@@ -550,7 +559,11 @@ impl SyncCore {
                         self.account_fetching = false;
                     }
                     Some(Pending::State) => self.state_retry = true,
-                    Some(Pending::Rotate) => self.rotating = false,
+                    Some(Pending::Rotate) => {
+                        // Asked again on resume; a wait is not a failed attempt.
+                        self.rotating = false;
+                        self.rotate_attempts = self.rotate_attempts.saturating_sub(1);
+                    }
                     None => {}
                 }
                 if !self.paused {

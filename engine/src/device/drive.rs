@@ -172,6 +172,17 @@ impl Device {
                             queue.extend(core.handle(SyncInput::RotationDue(due)));
                         }
                         if let Some(chat) = applied.left {
+                            // What waits for the chat goes out once more as it is (a refused item
+                            // may hold back the ones after it): the relay refuses it for good now.
+                            match self.store.outbox_after(ClientSeq(0), usize::MAX) {
+                                Ok(items) => {
+                                    let mine: Vec<_> = items.into_iter().filter(|i| i.chat == chat).collect();
+                                    if !mine.is_empty() {
+                                        queue.extend(core.handle(SyncInput::Resealed(mine)));
+                                    }
+                                }
+                                Err(e) => actions.push(error(e.to_string())),
+                            }
                             actions.push(Action::Emit(Event::ChatLeft { chat }));
                         }
                         if !applied.resealed.is_empty() {
@@ -190,6 +201,10 @@ impl Device {
                 SyncOutput::Acked { client_seq, chat, seq } => {
                     if let Err(e) = self.store.outbox_remove(client_seq) {
                         actions.push(error(e.to_string()));
+                    }
+                    // A chat whose next epoch waited for its creation to reach the relay.
+                    if seq.is_none() && self.store.rekey_due().is_ok_and(|d| d.contains_key(&chat)) {
+                        queue.extend(core.handle(SyncInput::RotationDue(true)));
                     }
                     actions.push(Action::Emit(Event::Acked { chat, client_seq, seq }));
                 }
@@ -242,7 +257,11 @@ impl Device {
                     };
                     actions.extend(self.key_work_step(core, work, &mut queue));
                 }
+                SyncOutput::KeyWorkStale => self.fresh.clear(),
                 SyncOutput::KeyWorkDone => {
+                    if let Err(e) = self.key_work_done() {
+                        actions.push(error(e.to_string()));
+                    }
                     if self.key_work_due().unwrap_or(false) {
                         queue.extend(core.handle(SyncInput::RotationDue(true)));
                     }

@@ -140,6 +140,8 @@ pub struct Device {
     stale_creations: std::collections::BTreeSet<ChatId>,
     /// Other accounts' current keys, looked up for the key work under way.
     pub(crate) fresh: BTreeMap<AccountId, AccountGen>,
+    /// The chat and epoch of the last `Rekey` sent (see [`Device::key_work_done`]).
+    rekey_sent: Option<(ChatId, Epoch)>,
 }
 
 fn system_now_ms() -> i64 {
@@ -181,6 +183,7 @@ impl Device {
             clock: system_now_ms,
             stale_creations: Default::default(),
             fresh: BTreeMap::new(),
+            rekey_sent: None,
         })
     }
 

@@ -117,10 +117,12 @@ pub struct KeyTerms {
     pub members: BTreeSet<AccountId>,
 }
 
-/// Most accounts one change adds.
-pub const MAX_ADDED_AT_ONCE: usize = 32;
-/// Most earlier epochs whose keys a new member gets with its history (the newest ones).
-pub const MAX_SHARED_EPOCHS: usize = 64;
+/// Most accounts one change adds (each gets up to [`MAX_SHARED_EPOCHS`] earlier keys in the
+/// `Rekey` that follows, which must fit one frame).
+pub const MAX_ADDED_AT_ONCE: usize = 8;
+/// Most earlier epochs whose keys a new member gets (the newest ones): their transport keys, or
+/// with the history the whole keys.
+pub const MAX_SHARED_EPOCHS: usize = 256;
 
 /// A change of a chat's members.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -102,8 +102,36 @@ impl Sim {
         // gone with that device.
         let durable: BTreeSet<ChatId> = self.relay.store.durable_chats().into_iter().collect();
         let lost = |sim: &Sim, chat: &ChatId| !durable.contains(chat) && sim.devs[sim.creators[chat]].gone;
-        let chats: Vec<Vec<ChatId>> =
-            self.chats.iter().map(|cs| cs.iter().filter(|c| !lost(self, c)).copied().collect()).collect();
+        // The member change completes once faults stop (unless the group was lost so).
+        if self.departure.as_ref().is_some_and(|d| !d.done) && !self.group.is_some_and(|g| lost(self, &g)) {
+            return Ok(false);
+        }
+        // The departed account's devices no longer follow the group: they must show it left,
+        // and none of what the others wrote after.
+        let gone_from = |account: usize| self.departure.as_ref().filter(|d| d.account == account).and(self.group);
+        let chats: Vec<Vec<ChatId>> = self
+            .chats
+            .iter()
+            .enumerate()
+            .map(|(a, cs)| cs.iter().filter(|c| !lost(self, c) && gone_from(a) != Some(**c)).copied().collect())
+            .collect();
+        if let (Some(d), Some(group)) = (self.departure.as_ref().filter(|d| d.done), self.group) {
+            let (after, account) = (d.written_after.clone(), d.account);
+            let devs: Vec<usize> =
+                (0..self.devs.len()).filter(|x| self.devs[*x].account == account && live(&self.devs[*x])).collect();
+            for dev in devs {
+                let device = self.dev_mut(dev);
+                let left =
+                    device.chats().map_err(|e| e.to_string())?.iter().any(|c| c.id == group.to_string() && c.left);
+                if !left {
+                    return Ok(false);
+                }
+                let shown = device.messages(group).map_err(|e| e.to_string())?;
+                if let Some(m) = shown.iter().find(|m| after.contains(&m.id)) {
+                    return Err(format!("a device of the departed account shows {} written after it left", m.id));
+                }
+            }
+        }
         for dev in (0..self.devs.len()).filter(|d| live(&self.devs[*d])) {
             let account = self.devs[dev].account;
             for &chat in &chats[account] {
@@ -137,8 +165,11 @@ impl Sim {
                 let shown: BTreeSet<String> =
                     first.map(|(_, m)| m.into_iter().map(|m| m.id).collect()).unwrap_or_default();
                 // A revoked device's messages the relay never acknowledged may be lost with it.
+                // So may the departed account's messages to the group that the relay refused.
                 let expected = |id: &&String| match self.written_by.get(*id) {
-                    Some((by, cs)) if self.devs[*by].gone => self.devs[*by].acked.contains(cs),
+                    Some((by, cs)) if self.devs[*by].gone || self.departed(*by, *chat) => {
+                        self.devs[*by].acked.contains(cs)
+                    }
                     _ => true,
                 };
                 if let Some(missing) = self.written.get(chat).and_then(|w| w.difference(&shown).find(|id| expected(id)))

@@ -53,6 +53,8 @@ impl Sim {
                         self.transmit(conn, C2R, Ev::ToRelay { conn, frame });
                     }
                 }
+                // What the departed account had queued for the group is refused for good.
+                Action::Emit(Event::Rejected { chat, code: ErrorCode::NotMember, .. }) if self.departed(dev, chat) => {}
                 Action::Emit(Event::Rejected { chat, client_seq, code, message }) => {
                     return Err(format!(
                         "{} had chat {chat} client seq {} rejected: {message} ({code:?})",
@@ -92,7 +94,10 @@ impl Sim {
                     d.core = None;
                     return Ok(());
                 }
-                Action::Reply(frame) => self.revoke_reply(dev, frame)?,
+                Action::Reply(frame) => {
+                    self.revoke_reply(dev, &frame)?;
+                    self.change_reply(dev, &frame)?;
+                }
                 Action::Emit(_) => {}
             }
         }
@@ -134,8 +139,74 @@ impl Sim {
         Ok(())
     }
 
-    pub(super) fn revoke_reply(&mut self, dev: usize, frame: RelayFrame) -> Check {
-        let Some(r) = self.revoking.as_mut() else { return Err(format!("unexpected reply {frame:?}")) };
+    /// Whether `dev`'s account is the one leaving the group `chat`.
+    pub(super) fn departed(&self, dev: usize, chat: ChatId) -> bool {
+        self.departure.as_ref().is_some_and(|d| d.account == self.devs[dev].account) && self.group == Some(chat)
+    }
+
+    pub(super) fn change_members(&mut self) -> Check {
+        let (Some(d), Some(chat)) = (self.departure.as_ref(), self.group) else { return Ok(()) };
+        if d.done {
+            return Ok(());
+        }
+        let (by, removed) = (d.by, d.removed);
+        let last = self.cfg.devices[..d.account].iter().sum::<usize>();
+        // Asked again until done: a request lost with its connection is not in any outbox.
+        self.schedule(self.now + 5 * SEC, Ev::ChangeMembers);
+        let Some(account) = self.devs[last].device.as_ref().and_then(Device::account) else { return Ok(()) };
+        let change = match removed {
+            true => stratus_engine::proto::directory::Membership::Remove { account },
+            false => stratus_engine::proto::directory::Membership::Leave,
+        };
+        let dv = &mut self.devs[by];
+        let (Some(device), Some(core), Some(conn)) = (dv.device.as_mut(), dv.core.as_mut(), dv.conn) else {
+            return Ok(());
+        };
+        if !core.is_connected() {
+            return Ok(());
+        }
+        let req = core.next_req();
+        let frame = match device.member_change_request(chat, change, req) {
+            Ok(f) => f,
+            // Not a member of it yet (the group reaches a device through the account log), or
+            // no longer (the change was made and its answer lost): asked again, or done.
+            Err(stratus_engine::Error::UnknownChat(_)) => return Ok(()),
+            Err(stratus_engine::Error::NotMember(_)) => return self.departure_done(),
+            Err(e) => return Err(e.to_string()),
+        };
+        self.departure.as_mut().expect("checked").req = Some(req);
+        self.transmit(conn, C2R, Ev::ToRelay { conn, frame });
+        Ok(())
+    }
+
+    fn departure_done(&mut self) -> Check {
+        let d = self.departure.as_mut().expect("a departure");
+        if !d.done {
+            d.done = true;
+            self.report.member_changes += 1;
+        }
+        Ok(())
+    }
+
+    pub(super) fn change_reply(&mut self, dev: usize, frame: &RelayFrame) -> Check {
+        let Some(d) = self.departure.as_ref() else { return Ok(()) };
+        if d.by != dev || frame.req() != d.req || d.req.is_none() {
+            return Ok(());
+        }
+        match frame {
+            RelayFrame::Done { .. } => self.departure_done(),
+            // The account is not a member any more (the answer to an earlier attempt was lost).
+            RelayFrame::Error { code: ErrorCode::NotMember, .. } => self.departure_done(),
+            // Asked again by the next event: limited, or made for an epoch the chat moved past.
+            RelayFrame::RateLimited { .. }
+            | RelayFrame::Error { code: ErrorCode::RateLimited | ErrorCode::StaleEpoch, .. } => Ok(()),
+            other => Err(format!("the member change was refused: {other:?}")),
+        }
+    }
+
+    pub(super) fn revoke_reply(&mut self, dev: usize, frame: &RelayFrame) -> Check {
+        // Replies nobody waits for (key work the device gave up) are passed over.
+        let Some(r) = self.revoking.as_mut() else { return Ok(()) };
         if r.by != dev || frame.req() != r.req {
             return Ok(());
         }
@@ -196,20 +267,31 @@ impl Sim {
             };
             return match device.write(core, chat, &op) {
                 Ok((_, _, actions)) => self.run_actions(dev, actions),
-                // Another account's message, or one deleted already.
-                Err(stratus_engine::Error::NotYours(_) | stratus_engine::Error::Doc(_)) => Ok(()),
+                // Another account's message, or one deleted already; a group it left.
+                Err(
+                    stratus_engine::Error::NotYours(_)
+                    | stratus_engine::Error::Doc(_)
+                    | stratus_engine::Error::NotMember(_),
+                ) => Ok(()),
                 Err(e) => Err(format!("{} could not {op:?}: {e}", self.devs[dev].name)),
             };
         }
         match device.send(core, chat, &text) {
             Ok((message, client_seq, actions)) => {
                 d.written += 1;
+                let account = d.account;
+                if let Some(dep) =
+                    self.departure.as_mut().filter(|p| p.done && p.account != account && Some(chat) == self.group)
+                {
+                    dep.written_after.insert(message.id.clone());
+                }
                 self.written_by.insert(message.id.clone(), (dev, client_seq));
                 self.written.entry(chat).or_default().insert(message.id);
                 self.run_actions(dev, actions)
             }
-            // A linked device learns the chat's key from the account log: not yet.
-            Err(stratus_engine::Error::UnknownChat(_)) => Ok(()),
+            // A linked device learns the chat's key from the account log: not yet. A group the
+            // account left.
+            Err(stratus_engine::Error::UnknownChat(_) | stratus_engine::Error::NotMember(_)) => Ok(()),
             Err(e) => Err(format!("{} could not write: {e}", self.devs[dev].name)),
         }
     }

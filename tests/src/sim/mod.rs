@@ -125,6 +125,9 @@ pub struct Config {
     pub limits: Limits,
     /// When one device of the first account ends another's session (`None`: no revocation).
     pub revoke_at: Option<u64>,
+    /// With two accounts or more, every account is in one group; at this time the last account
+    /// leaves it or is removed by the creator (`None`: no member change).
+    pub member_change_at: Option<u64>,
 }
 
 impl Config {
@@ -154,6 +157,7 @@ impl Config {
             slow_barrier: intensity * 0.01,
             failing_barrier: intensity * 0.002,
             revoke_at: rng.gen_bool(0.3).then(|| rng.gen_range(SEC..20 * SEC)),
+            member_change_at: rng.gen_bool(0.5).then(|| rng.gen_range(SEC..25 * SEC)),
             limits: if rng.gen_bool(0.5) {
                 Limits { min_session_age_ms: 0, ..Limits::default() }
             } else {
@@ -201,6 +205,8 @@ pub struct Report {
     /// Deltas a device got before the key of their epoch (after a rotation) and took again
     /// once it came.
     pub key_waits: u32,
+    /// Members that left a group or were removed (each starts the group's next key epoch).
+    pub member_changes: u32,
     /// Simulated time from the end of faults to convergence.
     pub converged_after: u64,
 }
@@ -262,6 +268,8 @@ enum Ev {
     },
     /// The revoking device asks the relay to end the target's session (again, until it is done).
     Revoke,
+    /// The group's member change is asked for (again, until it is done).
+    ChangeMembers,
     /// The device's wait after a `RateLimited` answer is over (unless a later one replaced it).
     Resume {
         dev: usize,
@@ -330,6 +338,23 @@ struct Dev {
     gone: bool,
 }
 
+/// The world's member change, if it has one: the last account leaves the group (or is
+/// removed from it by the group's creator).
+struct Departure {
+    /// The device asking for it.
+    by: usize,
+    /// The account that goes.
+    account: usize,
+    /// Removed by the creator (else it leaves).
+    removed: bool,
+    req: Option<stratus_engine::proto::wire::ReqId>,
+    /// The change is durable on the relay.
+    done: bool,
+    /// Messages the other accounts wrote to the group after that: the departed account's
+    /// devices must never show one.
+    written_after: BTreeSet<String>,
+}
+
 /// The world's revocation, if it has one.
 struct Revoking {
     by: usize,
@@ -372,6 +397,9 @@ pub struct Sim {
     /// Who wrote each message, under which client seq.
     written_by: BTreeMap<String, (usize, ClientSeq)>,
     revoking: Option<Revoking>,
+    /// The chat every account is in (with two accounts or more).
+    group: Option<ChatId>,
+    departure: Option<Departure>,
     /// Who created each chat.
     creators: BTreeMap<ChatId, usize>,
     /// Every `(chat, seq)` a device was shown or acknowledged, and whose delta it is.
@@ -428,6 +456,8 @@ impl Sim {
             written: BTreeMap::new(),
             written_by: BTreeMap::new(),
             revoking: None,
+            group: None,
+            departure: None,
             creators: BTreeMap::new(),
             seen: BTreeMap::new(),
             acked: BTreeMap::new(),
@@ -510,6 +540,7 @@ impl Sim {
             Ev::Compose { dev } => self.compose(dev)?,
             Ev::CreateChat { dev } => self.create_chat(dev)?,
             Ev::Revoke => self.revoke()?,
+            Ev::ChangeMembers => self.change_members()?,
             Ev::Resume { dev, generation } => {
                 if self.devs[dev].resume_gen == generation {
                     self.device_input(dev, SyncInput::Resume)?;

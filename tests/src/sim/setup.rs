@@ -76,6 +76,9 @@ impl Sim {
             self.setup_close(conn)?;
             first += n;
         }
+        if self.cfg.devices.len() >= 2 {
+            self.setup_group()?;
+        }
         for dev in 0..self.devs.len() {
             let d = &mut self.devs[dev];
             let core = d.device.as_ref().expect("up").start_core().map_err(|e| e.to_string())?;
@@ -94,7 +97,49 @@ impl Sim {
                 self.schedule(at, Ev::Revoke);
             }
         }
+        if let (Some(at), Some(_)) = (self.cfg.member_change_at, self.group) {
+            let account = self.cfg.devices.len() - 1;
+            let removed = self.rng.gen_bool(0.5);
+            let first_of = |a: usize| self.cfg.devices[..a].iter().sum::<usize>();
+            // The creator's account removes, from a device whose session stays.
+            let remover = self.revoking.as_ref().filter(|r| r.target == 0).map_or(0, |r| r.by);
+            let by =
+                if removed { remover } else { first_of(account) + self.rng.gen_range(0..self.cfg.devices[account]) };
+            self.departure =
+                Some(Departure { by, account, removed, req: None, done: false, written_after: BTreeSet::new() });
+            self.schedule(at, Ev::ChangeMembers);
+        }
         self.schedule(self.cfg.faults_until, Ev::Heal);
+        Ok(())
+    }
+
+    /// The first account's first device makes a group of every account (its creation goes
+    /// to the relay through the outbox, under faults).
+    fn setup_group(&mut self) -> Check {
+        let mut others = Vec::new();
+        let mut first = 0;
+        for &n in &self.cfg.devices {
+            if first > 0 {
+                others.push(self.devs[first].device.as_ref().and_then(Device::account).ok_or("no account")?);
+            }
+            first += n;
+        }
+        let conn = self.setup_conn(0)?;
+        let replies = self.direct(conn, ClientFrame::LookupAccounts { req: 9, accounts: others.clone() })?;
+        let Some((_, RelayFrame::Accounts { accounts, .. })) = replies.into_iter().find(|(c, _)| *c == conn) else {
+            return Err("no lookup answer".into());
+        };
+        self.dev_mut(0).take_accounts(&accounts).map_err(|e| e.to_string())?;
+        let (chat, _) = self
+            .dev_mut(0)
+            .new_chat_with(stratus_engine::proto::wire::ChatKind::Group, "group", &others)
+            .map_err(|e| e.to_string())?;
+        self.setup_close(conn)?;
+        self.creators.insert(chat, 0);
+        for chats in &mut self.chats {
+            chats.push(chat);
+        }
+        self.group = Some(chat);
         Ok(())
     }
 

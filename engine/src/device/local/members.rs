@@ -145,6 +145,16 @@ impl Device {
         Ok(gens.last().expect("a chain has its genesis").clone())
     }
 
+    /// Takes other accounts' keys as the directory gave them (the answer to a
+    /// `LookupAccounts`), each checked from its id: for drivers other than [`Device::lookup`],
+    /// before [`Device::new_chat_with`].
+    pub fn take_accounts(&mut self, accounts: &[DirectoryEntry]) -> Result<(), Error> {
+        for entry in accounts {
+            self.take_chain(&entry.chain)?;
+        }
+        Ok(())
+    }
+
     /// Takes the answer to a `LookupAccounts` made for key work: the accounts' current keys,
     /// used by the next [`Device::key_work`].
     pub(crate) fn take_lookup(&mut self, accounts: &[DirectoryEntry]) -> Result<(), Error> {
@@ -442,6 +452,20 @@ impl Device {
         Ok(applied)
     }
 
+    /// The relay took the key work sent last (or had none due). A `Rekey` whose chat got no
+    /// newer epoch meanwhile was not due on the relay (the account log brings a new epoch before
+    /// the answer): the chat is no longer due here either.
+    pub(crate) fn key_work_done(&mut self) -> Result<(), Error> {
+        self.fresh.clear();
+        let Some((chat, epoch)) = self.rekey_sent.take() else { return Ok(()) };
+        let newest = self.store.chat(chat)?.and_then(|m| m.current().map(|(e, _)| e));
+        let mut due = self.store.rekey_due()?;
+        if newest == Some(epoch) && due.remove(&chat).is_some() {
+            self.store.set_rekey_due(&due)?;
+        }
+        Ok(())
+    }
+
     /// Whether this device has key work to do: a rotation of the account's keys, or a chat's
     /// next epoch after its members changed.
     pub(crate) fn key_work_due(&self) -> Result<bool, Error> {
@@ -452,16 +476,24 @@ impl Device {
     /// the next epoch of a chat whose members changed (with earlier epochs' keys for members
     /// added with their history) — after a lookup of the members' current keys.
     pub(crate) fn key_work(&mut self, req: ReqId) -> Result<KeyWork, Error> {
+        self.rekey_sent = None;
         if self.store.rotation_due()? {
             return Ok(KeyWork::Send(self.rotate_request(req)?));
         }
         let me = self.login()?.account.id;
-        let mut due = self.store.rekey_due()?;
-        while let Some((chat, want)) = due.pop_first() {
+        let due = self.store.rekey_due()?;
+        let pending = self.pending_chats()?;
+        for (chat, want) in due.clone() {
             let Some(meta) = self.store.chat(chat)?.filter(|m| !m.left && m.current().is_some()) else {
-                self.store.set_rekey_due(&due)?;
+                let mut stored = self.store.rekey_due()?;
+                stored.remove(&chat);
+                self.store.set_rekey_due(&stored)?;
                 continue;
             };
+            if pending.contains(&chat) {
+                // Its creation has not reached the relay yet: rekeyed once it has.
+                continue;
+            }
             let joining: BTreeSet<AccountId> = want.joining.intersection(&meta.members).copied().collect();
             let missing: Vec<AccountId> =
                 meta.members.iter().filter(|a| **a != me && !self.fresh.contains_key(a)).copied().collect();
@@ -478,7 +510,9 @@ impl Device {
                 true => Vec::new(),
                 false => self.history_grants(&meta, &terms, &joining, &want.share_with)?,
             };
-            self.fresh.clear();
+            // The looked-up keys stay for a retry after `RateLimited` (looking them up again
+            // would use up the rate again); they go once the relay took it or found it stale.
+            self.rekey_sent = Some((chat, newest));
             return Ok(KeyWork::Send(ClientFrame::Rekey { req, epoch: NewEpoch { chat, epoch, keys }, history }));
         }
         Ok(KeyWork::Nothing)

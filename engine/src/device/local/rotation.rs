@@ -118,7 +118,7 @@ impl Device {
     }
 
     /// Chats whose creation still waits in the outbox.
-    fn pending_chats(&self) -> Result<BTreeSet<ChatId>, Error> {
+    pub(super) fn pending_chats(&self) -> Result<BTreeSet<ChatId>, Error> {
         Ok(self
             .store
             .outbox_after(ClientSeq(0), usize::MAX)?
@@ -226,42 +226,38 @@ impl Device {
     }
 
     /// Makes a chat creation the relay refused as stale (so the relay has no such chat) again
-    /// under the current generation: a fresh chat key (the old one was wrapped to keys the
-    /// revoked device holds), wrapped and signed anew, and the chat's waiting deltas sealed
-    /// under it. Returns the changed outbox items.
+    /// under the current generation: the chat key wrapped to the members' current keys and
+    /// signed anew. The key itself stays: the texts of the chat's waiting messages are sealed
+    /// under it inside their changes, which cannot be made again. (The old wrapping reached only
+    /// the relay, which refused it; see docs/crypto.md, "Rotation".) Returns the changed item.
     fn rekey_creation(&mut self, item: &OutboxItem) -> Result<Vec<OutboxItem>, Error> {
         let OutboxBody::CreateChat { kind, .. } = item.body else { return Ok(Vec::new()) };
-        let key = ChatKey::random(&mut self.rng);
-        let mut meta = self.store.chat(item.chat)?.ok_or(Error::UnknownChat(item.chat))?;
+        let meta = self.store.chat(item.chat)?.ok_or(Error::UnknownChat(item.chat))?;
+        let key = meta.keys.get(&item.epoch).cloned().ok_or(Error::UnknownChat(item.chat))?;
         let terms = KeyTerms { chat: item.chat, kind, epoch: item.epoch, members: meta.members.clone() };
         let keys = self.grant(&key, &terms, &meta.members)?;
-        meta.keys = BTreeMap::from([(item.epoch, key)]);
         let create = OutboxItem { body: OutboxBody::CreateChat { kind, keys }, ..item.clone() };
-        let items = self.store.outbox_after(ClientSeq(0), usize::MAX)?;
-        let mut changed = vec![create];
-        changed.extend(self.sealed_again(item.chat, &meta, &items, true));
-        self.store.replace_outbox(&changed, Some((item.chat, &meta)))?;
-        Ok(changed)
+        self.store.replace_outbox(std::slice::from_ref(&create), None)?;
+        Ok(vec![create])
     }
 
     /// Seals the outbox deltas of `chat` that are under an older epoch again under its newest.
     pub(crate) fn reseal(&mut self, chat: ChatId) -> Result<Vec<OutboxItem>, Error> {
         let meta = self.store.chat(chat)?.ok_or(Error::UnknownChat(chat))?;
         let items = self.store.outbox_after(ClientSeq(0), usize::MAX)?;
-        let changed = self.sealed_again(chat, &meta, &items, false);
+        let changed = self.sealed_again(chat, &meta, &items);
         if !changed.is_empty() {
             self.store.replace_outbox(&changed, None)?;
         }
         Ok(changed)
     }
 
-    /// `items`' deltas of `chat` sealed under the chat's newest key: those under an older
-    /// epoch, or all of them with `all`.
-    fn sealed_again(&mut self, chat: ChatId, meta: &ChatMeta, items: &[OutboxItem], all: bool) -> Vec<OutboxItem> {
+    /// `items`' deltas of `chat` under an older epoch, sealed under the chat's newest key.
+    fn sealed_again(&mut self, chat: ChatId, meta: &ChatMeta, items: &[OutboxItem]) -> Vec<OutboxItem> {
         let Some((epoch, key)) = meta.current() else { return Vec::new() };
         let key = key.transport();
         let mut out = Vec::new();
-        for item in items.iter().filter(|i| i.chat == chat && (all || i.epoch < epoch)) {
+        for item in items.iter().filter(|i| i.chat == chat && i.epoch < epoch) {
             let OutboxBody::Delta { plain, .. } = &item.body else { continue };
             let ad = DeltaAd { chat, epoch, device: &self.id, client_seq: item.client_seq };
             let sealed = seal_delta(&key, &ad, plain, &mut self.rng);
