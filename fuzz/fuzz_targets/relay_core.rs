@@ -235,8 +235,13 @@ fn fixture() -> &'static Fixture {
         ];
         for (leaver, stayer) in [(&a, &b), (&b, &a)] {
             let chat = chats[2];
-            let body =
-                MemberChangeBody { chat, base_epoch: Epoch(0), by: leaver.public().id, change: Membership::Leave };
+            let body = MemberChangeBody {
+                chat,
+                base_epoch: Epoch(0),
+                seq: 0,
+                by: leaver.public().id,
+                change: Membership::Leave,
+            };
             members.push(ClientFrame::ChangeMembers { req: 0, change: leaver.sign_member_change(body) });
             let epoch = Epoch(1);
             let terms = KeyTerms { chat, kind: ChatKind::Direct, epoch, members: [stayer.public().id].into() };

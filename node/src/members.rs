@@ -12,17 +12,20 @@ use super::*;
 pub(crate) enum ContactCommand {
     /// Look USER up and print the safety number to compare with them (in person, or over a
     /// channel you trust). Warns if the relay now names another account for USER than the one
-    /// this device saw first; --confirm (after comparing) trusts the account it names now.
+    /// this device saw first. --confirm NUMBER, with the number you compared, trusts the account
+    /// it belongs to and marks it verified.
     Verify {
         user: String,
-        #[arg(long)]
-        confirm: bool,
+        #[arg(long, value_name = "NUMBER")]
+        confirm: Option<String>,
         #[arg(long)]
         json: bool,
     },
 }
 
-/// Looks each user up (pinning on first use) and returns their account ids.
+/// Looks each user up (pinning on first use) and returns their account ids. Callers sync first:
+/// keys seen in a lookup are the newest this device accepts, so what the account log still
+/// holds from those users must be taken before.
 async fn accounts_of(device: &mut Device, users: &[String]) -> Result<Vec<AccountId>, Failure> {
     let mut out = Vec::new();
     for user in users {
@@ -47,17 +50,19 @@ pub(crate) async fn create_chat(
         (None, true) => (ChatKind::Group, members),
         (None, false) => (ChatKind::Notes, Vec::new()),
     };
+    if !users.is_empty() {
+        device = sync_until_idle(device).await?;
+    }
     let others = accounts_of(&mut device, &users).await?;
     let (chat, _) = device.new_chat_with(kind, title.as_deref().unwrap_or(""), &others)?;
     sync_until_idle(device).await?;
     Ok(chat)
 }
 
-/// Changes a chat's members: syncs first (the change is made for the chat's newest key
-/// epoch), again if the chat moved on meanwhile, and afterwards until this device's key work
-/// (the chat's next epoch) is done.
+/// Changes a chat's members (the caller synced first: the change is made for the chat's state
+/// as this device has it), again after a sync if the chat moved on meanwhile, and syncs
+/// afterwards until this device's key work (the chat's next epoch) is done.
 async fn change(mut device: Device, chat: ChatId, change: Membership) -> Result<(), Failure> {
-    device = sync_until_idle(device).await?;
     with_current_keys!(device, device.change_members(chat, change.clone()).await);
     sync_until_idle(device).await?;
     Ok(())
@@ -70,24 +75,30 @@ pub(crate) async fn add(
     share_history: bool,
 ) -> Result<(), Failure> {
     device.account().ok_or(Error::NotLoggedIn)?;
+    device = sync_until_idle(device).await?;
     let accounts = accounts_of(&mut device, &users).await?.into_iter().collect();
     change(device, chat, Membership::Add { accounts, share_history }).await
 }
 
 pub(crate) async fn remove(mut device: Device, chat: ChatId, user: String) -> Result<(), Failure> {
     device.account().ok_or(Error::NotLoggedIn)?;
+    device = sync_until_idle(device).await?;
     let account = accounts_of(&mut device, &[user]).await?[0];
     change(device, chat, Membership::Remove { account }).await
 }
 
-pub(crate) async fn leave(device: Device, chat: ChatId) -> Result<(), Failure> {
+pub(crate) async fn leave(mut device: Device, chat: ChatId) -> Result<(), Failure> {
     device.account().ok_or(Error::NotLoggedIn)?;
+    device = sync_until_idle(device).await?;
     change(device, chat, Membership::Leave).await
 }
 
 pub(crate) async fn contact(mut device: Device, command: ContactCommand) -> Result<(), Failure> {
     let ContactCommand::Verify { user, confirm, json } = command;
-    let info = if confirm { device.confirm_contact(&user).await? } else { device.lookup(&user).await? };
+    let info = match confirm {
+        Some(number) => device.confirm_contact(&user, &number).await?,
+        None => device.lookup(&user).await?,
+    };
     if json {
         out(&serde_json::to_string(&info).map_err(|e| Failure::Other(e.to_string()))?);
     } else {
@@ -96,7 +107,7 @@ pub(crate) async fn contact(mut device: Device, command: ContactCommand) -> Resu
         out(if info.verified {
             "verified: you confirmed this number"
         } else {
-            "not verified: compare the number with them, then run `contact verify --confirm`"
+            "not verified: compare the number with them, then run `contact verify USER --confirm NUMBER`"
         });
     }
     Ok(())

@@ -20,7 +20,11 @@ fn grant(
 }
 
 fn change(keys: &AccountKeys, chat: ChatId, base: u32, change: Membership) -> MemberChange {
-    let body = MemberChangeBody { chat, base_epoch: Epoch(base), by: keys.public().id, change };
+    change_after(keys, chat, base, 0, change)
+}
+
+fn change_after(keys: &AccountKeys, chat: ChatId, base: u32, seq: u32, change: Membership) -> MemberChange {
+    let body = MemberChangeBody { chat, base_epoch: Epoch(base), seq, by: keys.public().id, change };
     keys.sign_member_change(body)
 }
 
@@ -121,11 +125,14 @@ fn members_change_only_as_signed_for_the_newest_epoch_and_nothing_is_stored_unti
 
     // A adds C without the history: logged to all three; the chat waits for its next epoch.
     let add = change(&ka, chat, 0, Membership::Add { accounts: [ic].into(), share_history: false });
-    let e = w.frame(a.conn, ClientFrame::ChangeMembers { req: 6, change: add });
+    let e = w.frame(a.conn, ClientFrame::ChangeMembers { req: 6, change: add.clone() });
     let released = w.durable(&e);
     for conn in [a.conn, b.conn, c.conn] {
         assert!(matches!(pushed_events(&released, conn)[..], [AccountEvent::MembersChanged { .. }]));
     }
+    // The same change again is stale (it follows no change; one was made since).
+    let replayed = w.frame(a.conn, ClientFrame::ChangeMembers { req: 6, change: add });
+    assert_eq!(error_codes(&replayed), vec![(a.conn, ErrorCode::StaleEpoch)]);
     let stale = w.frame(
         b.conn,
         ClientFrame::Append { req: 7, chat, epoch: Epoch(0), client_seq: ClientSeq(1), sealed: vec![1; 40] },
@@ -145,6 +152,9 @@ fn members_change_only_as_signed_for_the_newest_epoch_and_nothing_is_stored_unti
         history: vec![NewEpoch { chat, epoch: Epoch(0), keys: history }],
     };
     assert_eq!(error_codes(&w.frame(b.conn, rekey(short, transport.clone()))), vec![(b.conn, ErrorCode::StaleEpoch)]);
+    // C has no earlier keys to give: it does not start the epoch.
+    let by_c = grant(&kc, &terms(1, &members), &[&ka, &kb, &kc], true, &mut w.rng);
+    assert_eq!(error_codes(&w.frame(c.conn, rekey(by_c, Vec::new()))), vec![(c.conn, ErrorCode::NotAllowed)]);
     assert_eq!(error_codes(&w.frame(b.conn, rekey(new.clone(), whole))), vec![(b.conn, ErrorCode::NotAllowed)]);
     let e = w.frame(b.conn, rekey(new.clone(), transport));
     let released = w.durable(&e);

@@ -201,7 +201,42 @@ fn a_direct_chat_and_safety_numbers_and_a_warning_when_a_name_changes_hands() {
     assert!(!warned.status.success());
     assert!(String::from_utf8_lossy(&warned.stderr).contains("WARNING"), "{warned:?}");
     assert!(!stratus(&ann, &["chat", "create", "--direct", "bob"]).status.success(), "nothing is made with it");
-    // After comparing numbers the user may trust the new account.
-    let confirmed = stratus_ok(&ann, &["contact", "verify", "bob", "--confirm"]);
-    assert!(confirmed.contains("verified: you confirmed") && number(confirmed) != on_ann);
+    // After comparing numbers the user may trust the new account: only with the number of the
+    // account the relay names.
+    let stderr = String::from_utf8_lossy(&warned.stderr).to_string();
+    let shown = stderr.split("(safety number ").nth(1).and_then(|s| s.split(')').next()).unwrap().to_string();
+    assert!(!stratus(&ann, &["contact", "verify", "bob", "--confirm", &on_ann]).status.success());
+    let confirmed = stratus_ok(&ann, &["contact", "verify", "bob", "--confirm", &shown]);
+    assert!(confirmed.contains("verified: you confirmed") && number(confirmed) == shown);
+}
+
+/// A group made with a member's keys as looked up before that member rotated them: the relay
+/// refuses the creation as stale, the creator looks the member up again and wraps the key to
+/// the new keys, and the group reaches the member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_made_with_keys_a_member_rotated_since_is_wrapped_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(&dir.path().join("relay"), &["--min-session-age-secs", "0"]);
+    let (bob, phone) = (dir.path().join("bob"), dir.path().join("phone"));
+    stratus_ok(&bob, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
+    stratus_ok(&bob, &["account", "set-username", "bob"]);
+    link_device(&relay, &bob, &phone, "phone");
+
+    let mut ann = stratus_tests::new_account(&relay, &dir.path().join("ann"), "ann").await;
+    let seen = ann.lookup("bob").await.unwrap();
+    assert_eq!(seen.generation, 0);
+    stratus_ok(&bob, &["device", "revoke", "phone"]);
+
+    let bob_id = seen.account.parse().unwrap();
+    let (chat, _) = ann.new_chat_with(stratus_engine::proto::wire::ChatKind::Group, "late", &[bob_id]).unwrap();
+    let (_, _) = ann.compose(chat, "made before the lookup again").unwrap();
+    let session = stratus_engine::Session::start(ann).unwrap();
+    stratus_tests::wait_idle(&session, 60).await;
+    let ann = session.stop().await.unwrap();
+    assert_eq!(ann.contact(bob_id).unwrap().unwrap().generation, 1, "looked up again");
+
+    stratus_ok(&bob, &["sync"]);
+    let texts: Vec<String> =
+        log_json(&bob, &chat.to_string()).iter().map(|m| m["text"].as_str().unwrap().to_string()).collect();
+    assert_eq!(texts, vec!["made before the lookup again"]);
 }

@@ -235,7 +235,9 @@ impl Device {
                 }
                 SyncOutput::Stale { client_seq, chat } => match self.remake_stale(client_seq) {
                     Ok(items) if !items.is_empty() => queue.extend(core.handle(SyncInput::Resealed(items))),
-                    Ok(_) => {} // remade once the new keys arrive in the account log
+                    // Remade once the new keys arrive in the account log, or by key work.
+                    Ok(_) if !self.relook.is_empty() => queue.extend(core.handle(SyncInput::RotationDue(true))),
+                    Ok(_) => {}
                     Err(e) => actions.push(error(format!("chat {chat} client seq {}: {e}", client_seq.0))),
                 },
                 SyncOutput::Typing { chat, account, device } => {
@@ -293,6 +295,14 @@ impl Device {
     ) -> Option<Action> {
         match work {
             Ok(KeyWork::Send(frame) | KeyWork::Lookup(frame)) => Some(Action::Send(frame)),
+            Ok(KeyWork::Remade(items)) => {
+                queue.extend(core.handle(SyncInput::Resealed(items)));
+                queue.extend(core.handle(SyncInput::RotationDue(false)));
+                if self.key_work_due().unwrap_or(false) {
+                    queue.extend(core.handle(SyncInput::RotationDue(true)));
+                }
+                None
+            }
             Ok(KeyWork::Nothing) => {
                 queue.extend(core.handle(SyncInput::RotationDue(false)));
                 None

@@ -79,8 +79,9 @@ pub enum Error {
     /// for it: someone may be impersonating the user. Compare safety numbers
     /// (`contact verify`) before trusting it.
     #[error(
-        "WARNING: the relay now says {username} is account {now}, but this device pinned account {pinned} for \
-         that name; compare safety numbers with `contact verify {username}` before trusting it"
+        "WARNING: the relay now says {username} is account {now} (safety number {number}), but this device \
+         pinned account {pinned} for that name; compare the number with them before trusting it, then run \
+         `contact verify {username} --confirm \"{number}\"`"
     )]
     KeyChanged {
         /// The username.
@@ -89,7 +90,12 @@ pub enum Error {
         pinned: crate::proto::ids::AccountId,
         /// The account the directory gives now.
         now: crate::proto::ids::AccountId,
+        /// The safety number with the account it gives now.
+        number: String,
     },
+    /// The safety number given does not match the account the directory names now.
+    #[error("the safety number does not match the account the relay names for {0}; nothing was pinned")]
+    NumberMismatch(String),
     /// The session task stopped.
     #[error("the sync session stopped")]
     Stopped,

@@ -142,6 +142,9 @@ pub struct Device {
     pub(crate) fresh: BTreeMap<AccountId, AccountGen>,
     /// The chat and epoch of the last `Rekey` sent (see [`Device::key_work_done`]).
     rekey_sent: Option<(ChatId, Epoch)>,
+    /// Chats whose creation the relay refused as stale while this device's keys were current:
+    /// another member's keys moved on, and the creation is wrapped again after a lookup.
+    pub(crate) relook: std::collections::BTreeSet<ChatId>,
 }
 
 fn system_now_ms() -> i64 {
@@ -184,6 +187,7 @@ impl Device {
             stale_creations: Default::default(),
             fresh: BTreeMap::new(),
             rekey_sent: None,
+            relook: Default::default(),
         })
     }
 

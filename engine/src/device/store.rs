@@ -90,6 +90,8 @@ pub struct ChatMeta {
     /// This account is no longer a member (it left or was removed): the history stays
     /// readable, nothing more is written.
     pub left: bool,
+    /// Member changes applied since the newest epoch began.
+    pub changes: u32,
 }
 
 /// Another account this device has seen: its keys (checked from the account id on) and what

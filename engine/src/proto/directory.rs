@@ -142,9 +142,11 @@ pub enum Membership {
 pub struct MemberChangeBody {
     /// The chat.
     pub chat: ChatId,
-    /// The chat's newest key epoch when the change was made: the change is taken only then, so
-    /// that an old change cannot be replayed after the members moved on.
+    /// The chat's newest key epoch when the change was made, and how many changes the chat had
+    /// had in it: the change is taken only then, so that an old change cannot be replayed.
     pub base_epoch: Epoch,
+    /// See `base_epoch`.
+    pub seq: u32,
     /// The member making it.
     pub by: AccountId,
     /// The change.

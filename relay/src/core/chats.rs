@@ -61,6 +61,9 @@ impl RelayCore {
         if keys.len() > MAX_CHAT_MEMBERS {
             return Err((ErrorCode::TooLarge, format!("a chat has at most {MAX_CHAT_MEMBERS} members")));
         }
+        if epoch != Epoch(0) {
+            return Err((ErrorCode::UnknownEpoch, "a chat starts at key epoch 0".into()));
+        }
         let members: BTreeSet<AccountId> = keys.iter().map(|k| k.account).collect();
         let fits = match kind {
             ChatKind::Notes => members.len() == 1,
@@ -101,6 +104,7 @@ impl RelayCore {
             rekey_due: false,
             joining: BTreeSet::new(),
             share_with: BTreeSet::new(),
+            changes: 0,
         };
         let mut ops = vec![StoreOp::PutChat(chat, record.clone())];
         self.chats.insert(chat, Chat { record, head: Seq(0), durable: Seq(0) });

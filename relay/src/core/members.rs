@@ -146,7 +146,7 @@ impl RelayCore {
             return Err(refuse(ErrorCode::NotMember, format!("this account is not a member of chat {}", b.chat)));
         }
         let newest = record.epochs.keys().next_back().copied().unwrap_or_default();
-        if b.base_epoch != newest {
+        if b.base_epoch != newest || b.seq != record.changes {
             return Err(refuse(
                 ErrorCode::StaleEpoch,
                 format!("chat {} is at epoch {}; sync and ask again", b.chat, newest.0),
@@ -158,8 +158,13 @@ impl RelayCore {
                 return Err(refuse(ErrorCode::NotAllowed, "a direct chat's members do not change; make a group"))
             }
             (_, Membership::Add { accounts, .. }) => {
-                if accounts.is_empty() || accounts.len() > MAX_ADDED_AT_ONCE {
-                    return Err(refuse(ErrorCode::TooLarge, format!("add 1 to {MAX_ADDED_AT_ONCE} accounts at once")));
+                // The next `Rekey` hands every account added since the last epoch the earlier
+                // keys, in one frame.
+                if accounts.is_empty() || record.joining.len() + accounts.len() > MAX_ADDED_AT_ONCE {
+                    return Err(refuse(
+                        ErrorCode::TooLarge,
+                        format!("at most {MAX_ADDED_AT_ONCE} accounts join between two key epochs"),
+                    ));
                 }
                 if record.members.len() + accounts.len() > MAX_CHAT_MEMBERS {
                     return Err(refuse(ErrorCode::TooLarge, format!("a chat has at most {MAX_CHAT_MEMBERS} members")));
@@ -195,6 +200,7 @@ impl RelayCore {
         let chat = self.chats.get_mut(&chat_id).expect("checked above");
         chat.record.members = after.clone();
         chat.record.rekey_due = !after.is_empty();
+        chat.record.changes += 1;
         if let Membership::Add { accounts, share_history } = &b.change {
             chat.record.joining.extend(accounts.iter().copied());
             if *share_history {
@@ -238,6 +244,10 @@ impl RelayCore {
         let record = &chat.record;
         if !record.members.contains(&account) {
             return Err(refuse(ErrorCode::NotMember, format!("this account is not a member of chat {}", new.chat)));
+        }
+        if record.joining.contains(&account) {
+            // It has no earlier keys to give the others who join with it.
+            return Err(refuse(ErrorCode::NotAllowed, "an account that is joining does not start the epoch"));
         }
         if !record.rekey_due {
             // Another device made it first; the account log brings it.
@@ -289,6 +299,7 @@ impl RelayCore {
         chat.record.rekey_due = false;
         chat.record.joining.clear();
         chat.record.share_with.clear();
+        chat.record.changes = 0;
         let mut ops = vec![StoreOp::PutChat(new.chat, chat.record.clone())];
         // Earlier epochs first: a new member's device has them before deltas of the new one.
         let mut entries = Vec::new();

@@ -45,6 +45,8 @@ pub struct ChatRecord {
     /// Those of them added with their history: a `Rekey` may hand them earlier epochs' keys
     /// whole.
     pub share_with: BTreeSet<AccountId>,
+    /// Member changes since the newest epoch began (a change names how many it follows).
+    pub changes: u32,
 }
 
 /// A stored append: `(client seq, chat, seq)`.

@@ -166,6 +166,11 @@ impl RelayCore {
         for new in r.chats {
             let chat = self.chats.get_mut(&new.chat).expect("checked in check_rotation");
             chat.record.epochs.insert(new.epoch, new.keys.clone());
+            // A new epoch: whatever was due of one is done (the account is alone in the chat).
+            chat.record.rekey_due = false;
+            chat.record.joining.clear();
+            chat.record.share_with.clear();
+            chat.record.changes = 0;
             let terms = KeyTerms {
                 chat: new.chat,
                 kind: chat.record.kind,

@@ -22,6 +22,9 @@ pub(crate) enum KeyWork {
     /// First these accounts' current keys: a `LookupAccounts` with the same req id. Ask again
     /// with the answer.
     Lookup(ClientFrame),
+    /// Outbox items made again (a chat creation wrapped to the members' new keys): hand them
+    /// to the core like resealed ones.
+    Remade(Vec<OutboxItem>),
     /// Nothing is due.
     Nothing,
 }
@@ -56,16 +59,18 @@ impl Device {
     /// Looks `username` up in the relay's directory and pins the account it names on first use.
     /// [`Error::KeyChanged`] if the directory now names another account than the pinned one.
     pub async fn lookup(&mut self, username: &str) -> Result<ContactInfo, Error> {
-        self.lookup_and_pin(username, false).await
+        self.lookup_and_pin(username, None).await
     }
 
     /// After the users compared safety numbers: pins the account the directory names for
-    /// `username` now (even if another was pinned) and marks it verified.
-    pub async fn confirm_contact(&mut self, username: &str) -> Result<ContactInfo, Error> {
-        self.lookup_and_pin(username, true).await
+    /// `username` now (even if another was pinned) and marks it verified, if `number` is the
+    /// safety number with it ([`Error::NumberMismatch`] otherwise: the directory may have
+    /// changed its answer since the number was shown).
+    pub async fn confirm_contact(&mut self, username: &str, number: &str) -> Result<ContactInfo, Error> {
+        self.lookup_and_pin(username, Some(number)).await
     }
 
-    async fn lookup_and_pin(&mut self, username: &str, confirm: bool) -> Result<ContactInfo, Error> {
+    async fn lookup_and_pin(&mut self, username: &str, confirm: Option<&str>) -> Result<ContactInfo, Error> {
         check_username(username)?;
         let reply = self.one_request(ClientFrame::Lookup { req: 1, username: username.to_string() }, 1).await?;
         let entry = match reply {
@@ -76,7 +81,14 @@ impl Device {
             }
             _ => return Err(Error::Untrusted("the directory answered for another name")),
         };
-        self.take_named(username, &entry, confirm)
+        if let Some(number) = confirm {
+            let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
+            let me = self.login()?.account.id;
+            if digits(number) != digits(&safety_number(me, entry.chain.id())) {
+                return Err(Error::NumberMismatch(username.to_string()));
+            }
+        }
+        self.take_named(username, &entry, confirm.is_some())
     }
 
     /// Takes what the directory says `username` is: refused if another account is pinned for it
@@ -93,7 +105,8 @@ impl Device {
         }
         if let Some(pinned) = self.store.pin(username)? {
             if pinned != id && !confirm {
-                return Err(Error::KeyChanged { username: username.to_string(), pinned, now: id });
+                let number = safety_number(self.login()?.account.id, id);
+                return Err(Error::KeyChanged { username: username.to_string(), pinned, now: id, number });
             }
         }
         self.take_chain(&entry.chain)?;
@@ -203,6 +216,7 @@ impl Device {
             transport_only: BTreeMap::new(),
             members,
             left: false,
+            changes: 0,
         };
         let create = OutboxItem {
             client_seq: self.store.next_client_seq()?,
@@ -307,7 +321,7 @@ impl Device {
             return Err(Error::NotMember(chat));
         }
         let base_epoch = meta.current().map(|(e, _)| e).unwrap_or_default();
-        let body = MemberChangeBody { chat, base_epoch, by: login.account.id, change };
+        let body = MemberChangeBody { chat, base_epoch, seq: meta.changes, by: login.account.id, change };
         Ok(ClientFrame::ChangeMembers { req, change: login.keys.sign_member_change(body) })
     }
 
@@ -345,7 +359,9 @@ impl Device {
             // it read and forge the chat.
             let chain = signer_chain.filter(|c| c.id() == signer && terms.kind != ChatKind::Notes);
             let chain = chain.ok_or(Error::Untrusted("a chat key from another account without its keys"))?;
-            if known.as_ref().is_some_and(|m| !m.left && !m.members.contains(&signer)) {
+            // Handed out by a member: of the epoch it names, and of the chat as this device
+            // knows it (also one it left: only a member of it then may bring it back).
+            if !terms.members.contains(&signer) || known.as_ref().is_some_and(|m| !m.members.contains(&signer)) {
                 return Err(Error::Untrusted("a chat key from an account that is not a member"));
             }
             self.take_chain(chain)?
@@ -369,6 +385,7 @@ impl Device {
             transport_only: BTreeMap::new(),
             members: terms.members.clone(),
             left: false,
+            changes: 0,
         });
         if meta.kind != terms.kind {
             return Err(Error::Untrusted("a chat key for another kind of chat"));
@@ -393,6 +410,7 @@ impl Device {
         if newer {
             meta.members = terms.members.clone();
             meta.left = false;
+            meta.changes = 0;
             let mut due = self.store.rekey_due()?;
             if due.remove(&chat).is_some() {
                 self.store.set_rekey_due(&due)?;
@@ -425,12 +443,23 @@ impl Device {
         by_gen.verify_member_change(change)?;
         // Added to a chat this device does not have yet: its key comes with the next epoch.
         let Some(mut meta) = self.store.chat(b.chat)?.filter(|m| !m.left) else { return Ok(Applied::default()) };
-        if meta.current().map(|(e, _)| e) != Some(b.base_epoch) {
-            return Err(Error::Untrusted("a member change made for another key epoch of the chat"));
+        // Taken only in its place: for the chat's newest epoch, after as many changes in it as
+        // it says (an old change cannot be replayed).
+        if meta.current().map(|(e, _)| e) != Some(b.base_epoch) || b.seq != meta.changes {
+            return Err(Error::Untrusted("a member change made for another state of the chat"));
         }
         if !meta.members.contains(&b.by) {
             return Err(Error::Untrusted("a member change by an account that is not a member"));
         }
+        let fits = match &b.change {
+            Membership::Add { accounts, .. } => accounts.iter().all(|a| !meta.members.contains(a)),
+            Membership::Remove { account } => meta.members.contains(account) && *account != b.by,
+            Membership::Leave => true,
+        };
+        if !fits || (meta.kind != ChatKind::Group && !matches!(b.change, Membership::Leave)) {
+            return Err(Error::Untrusted("a member change that does not fit the chat"));
+        }
+        meta.changes += 1;
         meta.members = b.apply(&meta.members);
         let mut due = self.store.rekey_due()?;
         let applied = if b.departed() == Some(me) {
@@ -469,7 +498,7 @@ impl Device {
     /// Whether this device has key work to do: a rotation of the account's keys, or a chat's
     /// next epoch after its members changed.
     pub(crate) fn key_work_due(&self) -> Result<bool, Error> {
-        Ok(self.store.rotation_due()? || !self.store.rekey_due()?.is_empty())
+        Ok(self.store.rotation_due()? || !self.store.rekey_due()?.is_empty() || !self.relook.is_empty())
     }
 
     /// The next request of this device's key work: the account's rotation if one is due, else
@@ -481,6 +510,24 @@ impl Device {
             return Ok(KeyWork::Send(self.rotate_request(req)?));
         }
         let me = self.login()?.account.id;
+        while let Some(chat) = self.relook.first().copied() {
+            let items = self.store.outbox_after(crate::proto::ids::ClientSeq(0), usize::MAX)?;
+            let create = items.into_iter().find(|i| i.chat == chat && matches!(i.body, OutboxBody::CreateChat { .. }));
+            let (Some(create), Some(meta)) = (create, self.store.chat(chat)?) else {
+                self.relook.remove(&chat);
+                continue;
+            };
+            let missing: Vec<AccountId> =
+                meta.members.iter().filter(|a| **a != me && !self.fresh.contains_key(a)).copied().collect();
+            if !missing.is_empty() {
+                let accounts = missing.into_iter().take(MAX_LOOKUP_ACCOUNTS).collect();
+                return Ok(KeyWork::Lookup(ClientFrame::LookupAccounts { req, accounts }));
+            }
+            self.relook.remove(&chat);
+            let remade = self.rekey_creation(&create)?;
+            self.fresh.clear();
+            return Ok(KeyWork::Remade(remade));
+        }
         let due = self.store.rekey_due()?;
         let pending = self.pending_chats()?;
         for (chat, want) in due.clone() {

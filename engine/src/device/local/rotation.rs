@@ -201,8 +201,12 @@ impl Device {
                 let terms = KeyTerms { chat: item.chat, kind: *kind, epoch: item.epoch, members };
                 let signed_now = keys.iter().all(|k| current.verify_chat_key(&terms, k).is_ok());
                 if signed_now {
-                    // The relay has a newer generation than this device: wait for it.
+                    // The relay has a newer generation than this device (wait for it), or another
+                    // member's keys moved on (look them up and wrap the key again: key work).
                     self.stale_creations.insert(item.chat);
+                    if keys.len() > 1 {
+                        self.relook.insert(item.chat);
+                    }
                     Ok(Vec::new())
                 } else {
                     self.rekey_creation(&item)
@@ -230,7 +234,7 @@ impl Device {
     /// signed anew. The key itself stays: the texts of the chat's waiting messages are sealed
     /// under it inside their changes, which cannot be made again. (The old wrapping reached only
     /// the relay, which refused it; see docs/crypto.md, "Rotation".) Returns the changed item.
-    fn rekey_creation(&mut self, item: &OutboxItem) -> Result<Vec<OutboxItem>, Error> {
+    pub(super) fn rekey_creation(&mut self, item: &OutboxItem) -> Result<Vec<OutboxItem>, Error> {
         let OutboxBody::CreateChat { kind, .. } = item.body else { return Ok(Vec::new()) };
         let meta = self.store.chat(item.chat)?.ok_or(Error::UnknownChat(item.chat))?;
         let key = meta.keys.get(&item.epoch).cloned().ok_or(Error::UnknownChat(item.chat))?;
