@@ -217,3 +217,49 @@ fn a_rekey_at_the_caps_fits_one_frame() {
     assert!(bytes < MAX_FRAME_BYTES, "{bytes}");
     eprintln!("a rekey at the caps: {bytes} bytes of {MAX_FRAME_BYTES}");
 }
+
+/// A group of 200 accounts: made, one removed, the next epoch wrapped to the 199 left.
+#[test]
+fn a_group_of_two_hundred_accounts_is_made_and_rekeyed() {
+    let mut w = world();
+    let devs: Vec<Dev> = (0..200u64).map(|i| w.connect(10 + i, &format!("d{i}"))).collect();
+    let keys: Vec<AccountKeys> = devs.iter().map(|d| w.account(d).0).collect();
+    let ids: Vec<AccountId> = keys.iter().map(|k| k.public().id).collect();
+    let chat = ChatId([0x77; 16]);
+    let terms = |epoch, members: &[AccountId]| KeyTerms {
+        chat,
+        kind: ChatKind::Group,
+        epoch: Epoch(epoch),
+        members: members.iter().copied().collect(),
+    };
+    let all: Vec<&AccountKeys> = keys.iter().collect();
+    let started = std::time::Instant::now();
+    let wrapped = grant(&keys[0], &terms(0, &ids), &all, true, &mut w.rng);
+    let create = ClientFrame::CreateChat {
+        req: 4,
+        chat,
+        kind: ChatKind::Group,
+        epoch: Epoch(0),
+        client_seq: ClientSeq(9),
+        keys: wrapped,
+    };
+    let e = w.frame(devs[0].conn, create);
+    let released = w.durable(&e);
+    assert!(done(&released, 4));
+    assert_eq!(w.core.chats[&chat].record.members.len(), 200);
+
+    let remove = change(&keys[0], chat, 0, Membership::Remove { account: ids[199] });
+    let e = w.frame(devs[0].conn, ClientFrame::ChangeMembers { req: 5, change: remove });
+    w.durable(&e);
+    let stay = &ids[..199];
+    let wrapped = grant(&keys[1], &terms(1, stay), &all[..199], true, &mut w.rng);
+    let rekey =
+        ClientFrame::Rekey { req: 6, epoch: NewEpoch { chat, epoch: Epoch(1), keys: wrapped }, history: Vec::new() };
+    let e = w.frame(devs[1].conn, rekey);
+    let released = w.durable(&e);
+    assert!(done(&released, 6));
+    let added =
+        |conn| pushed_events(&released, conn).iter().filter(|e| matches!(e, AccountEvent::ChatAdded { .. })).count();
+    assert_eq!((added(devs[2].conn), added(devs[199].conn)), (1, 0), "the removed account gets no key");
+    eprintln!("200 members: made and rekeyed in {:?} (debug build, signing included)", started.elapsed());
+}
