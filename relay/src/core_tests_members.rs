@@ -19,6 +19,10 @@ fn grant(
     to.iter().map(|k| signer.grant_chat_key(&key, terms, &k.current(), content, rng)).collect()
 }
 
+fn group_terms(chat: ChatId, epoch: u32, members: &[AccountId]) -> KeyTerms {
+    KeyTerms { chat, kind: ChatKind::Group, epoch: Epoch(epoch), members: members.iter().copied().collect() }
+}
+
 fn change(keys: &AccountKeys, chat: ChatId, base: u32, change: Membership) -> MemberChange {
     change_after(keys, chat, base, 0, change)
 }
@@ -85,12 +89,7 @@ fn members_change_only_as_signed_for_the_newest_epoch_and_nothing_is_stored_unti
     let ((ka, _), (kb, _), (kc, _)) = (w.account(&a), w.account(&b), w.account(&c));
     let (ia, ib, ic) = (ka.public().id, kb.public().id, kc.public().id);
     let chat = ChatId([0x61; 16]);
-    let terms = |epoch, members: &[AccountId]| KeyTerms {
-        chat,
-        kind: ChatKind::Group,
-        epoch: Epoch(epoch),
-        members: members.iter().copied().collect(),
-    };
+    let terms = |epoch, members: &[AccountId]| group_terms(chat, epoch, members);
     let keys = grant(&ka, &terms(0, &[ia, ib]), &[&ka, &kb], true, &mut w.rng);
     let create = ClientFrame::CreateChat {
         req: 4,
@@ -226,12 +225,7 @@ fn a_group_of_two_hundred_accounts_is_made_and_rekeyed() {
     let keys: Vec<AccountKeys> = devs.iter().map(|d| w.account(d).0).collect();
     let ids: Vec<AccountId> = keys.iter().map(|k| k.public().id).collect();
     let chat = ChatId([0x77; 16]);
-    let terms = |epoch, members: &[AccountId]| KeyTerms {
-        chat,
-        kind: ChatKind::Group,
-        epoch: Epoch(epoch),
-        members: members.iter().copied().collect(),
-    };
+    let terms = |epoch, members: &[AccountId]| group_terms(chat, epoch, members);
     let all: Vec<&AccountKeys> = keys.iter().collect();
     let started = std::time::Instant::now();
     let wrapped = grant(&keys[0], &terms(0, &ids), &all, true, &mut w.rng);
