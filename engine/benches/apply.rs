@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
-use stratus_engine::doc::{new_message, ChatDoc, Message};
+use stratus_engine::doc::{new_message, Author, ChatDoc, Message};
 use stratus_engine::proto::crypto::{seal_delta, ChatKey, DeltaAd};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch};
 
@@ -76,8 +76,13 @@ fn message(rng: &mut StdRng, author: AccountId, dev: &DeviceId, ts: i64) -> Mess
     new_message(author, dev, &text(rng), ts, id)
 }
 
+/// Writer `i`: device `i + 1`, of account `WRITER_ACCOUNTS[i]`.
+fn writer(i: usize) -> Author {
+    Author { account: account(WRITER_ACCOUNTS[i]), device: device(i as u8 + 1) }
+}
+
 fn load(snapshot: &[u8], dev: &DeviceId) -> ChatDoc {
-    ChatDoc::load(CHAT, dev, Some(snapshot), &[]).expect("load snapshot")
+    ChatDoc::load(CHAT, dev, Some(snapshot), &[], &[]).expect("load snapshot")
 }
 
 /// Saved chat documents of each size in [`SIZES`], and the writers' documents at the largest.
@@ -123,11 +128,12 @@ fn build_histories() -> Histories {
         }
         run_left -= 1;
         ts += rng.gen_range(1_000..60_000);
-        let m = message(&mut rng, account(WRITER_ACCOUNTS[who]), &devs[who], ts);
+        let from = Author { account: account(WRITER_ACCOUNTS[who]), device: devs[who].clone() };
+        let m = message(&mut rng, from.account, &devs[who], ts);
         let change = docs[who].add_message(&m).expect("add_message");
         for (j, d) in docs.iter_mut().enumerate() {
             if j != who {
-                assert_eq!(d.apply_untrusted(&change).expect("apply").len(), 1);
+                assert_eq!(d.apply_untrusted(&change, &from).expect("apply").len(), 1);
             }
         }
         if SIZES.contains(&i) {
@@ -164,21 +170,22 @@ fn configure(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallT
 
 /// `batch_len(n)` changes, one new message each, written by `senders` taking turns in runs of
 /// `run` messages; every sender receives the others' changes before writing.
-fn generate(senders: &mut [(ChatDoc, DeviceId, AccountId)], n: usize, run: usize, last_ts: i64) -> Vec<Vec<u8>> {
+fn generate(senders: &mut [(ChatDoc, Author)], n: usize, run: usize, last_ts: i64) -> Vec<(Vec<u8>, Author)> {
     let mut rng = StdRng::seed_from_u64(n as u64);
     let mut ts = last_ts;
     (0..batch_len(n))
         .map(|k| {
             ts += 1_000;
             let who = (k / run) % senders.len();
-            let (doc, dev, acct) = &mut senders[who];
-            let change = doc.add_message(&message(&mut rng, *acct, dev, ts)).expect("add_message");
-            for (j, (other, _, _)) in senders.iter_mut().enumerate() {
+            let (doc, from) = &mut senders[who];
+            let change = doc.add_message(&message(&mut rng, from.account, &from.device, ts)).expect("add_message");
+            let from = from.clone();
+            for (j, (other, _)) in senders.iter_mut().enumerate() {
                 if j != who {
-                    other.apply_untrusted(&change).expect("apply");
+                    other.apply_untrusted(&change, &from).expect("apply");
                 }
             }
-            change
+            (change, from)
         })
         .collect()
 }
@@ -188,7 +195,7 @@ fn bench_changes(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     n: usize,
     snap: &[u8],
-    changes: &[Vec<u8>],
+    changes: &[(Vec<u8>, Author)],
 ) {
     let receiver_dev = device(RECEIVER);
     // A receiver loaded from the snapshot that has applied the first few changes untimed: the
@@ -196,8 +203,8 @@ fn bench_changes(
     const UNTIMED: usize = 3;
     let fresh = || {
         let mut r = load(snap, &receiver_dev);
-        for c in &changes[..UNTIMED] {
-            assert_eq!(r.apply_untrusted(c).expect("apply").len(), 1, "each change adds one message");
+        for (c, from) in &changes[..UNTIMED] {
+            assert_eq!(r.apply_untrusted(c, from).expect("apply").len(), 1, "each change adds one message");
         }
         r
     };
@@ -216,8 +223,8 @@ fn bench_changes(
                 let k = left.min(changes.len() - next);
                 let batch = &changes[next..next + k];
                 let start = Instant::now();
-                for ch in batch {
-                    black_box(receiver.apply_untrusted(black_box(ch)).expect("apply"));
+                for (ch, from) in batch {
+                    black_box(receiver.apply_untrusted(black_box(ch), from).expect("apply"));
                 }
                 total += start.elapsed();
                 next += k;
@@ -233,7 +240,7 @@ fn bench_apply(c: &mut Criterion, h: &mut Histories) {
     for &n in &SIZES {
         configure(&mut g, n, 45.0);
         // Writer 0 (device 1, account 1) sends everything.
-        let mut senders = [(h.writer(n, 0), device(1), account(WRITER_ACCOUNTS[0]))];
+        let mut senders = [(h.writer(n, 0), writer(0))];
         let changes = generate(&mut senders, n, 1, h.last_ts);
         drop(senders);
         bench_changes(&mut g, n, h.snapshot(n), &changes);
@@ -246,10 +253,7 @@ fn bench_apply_two_senders(c: &mut Criterion, h: &mut Histories) {
     for &n in &SIZES {
         configure(&mut g, n, 400.0);
         // Writers 1 and 2 (devices 2 and 3, accounts 1 and 2) take turns, two messages each.
-        let mut senders = [
-            (h.writer(n, 1), device(2), account(WRITER_ACCOUNTS[1])),
-            (h.writer(n, 2), device(3), account(WRITER_ACCOUNTS[2])),
-        ];
+        let mut senders = [(h.writer(n, 1), writer(1)), (h.writer(n, 2), writer(2))];
         let changes = generate(&mut senders, n, 2, h.last_ts);
         drop(senders);
         bench_changes(&mut g, n, h.snapshot(n), &changes);
@@ -291,7 +295,13 @@ fn bench_send(c: &mut Criterion, h: &Histories) {
                 for m in batch {
                     seq += 1;
                     let change = doc.add_message(black_box(m)).expect("add_message");
-                    let ad = DeltaAd { chat: CHAT, epoch: Epoch(0), device: &dev, client_seq: ClientSeq(seq) };
+                    let ad = DeltaAd {
+                        chat: CHAT,
+                        epoch: Epoch(0),
+                        device: &dev,
+                        account: account(1),
+                        client_seq: ClientSeq(seq),
+                    };
                     black_box(seal_delta(&key, &ad, &change, &mut nonce_rng));
                 }
                 total += start.elapsed();

@@ -6,7 +6,7 @@ mod common;
 
 use proptest::collection::vec;
 use proptest::prelude::*;
-use stratus_engine::doc::{new_message, ChatDoc};
+use stratus_engine::doc::{new_message, Author, ChatDoc};
 use stratus_engine::{AccountId, ChatId, DeviceId};
 
 const CHAT: ChatId = ChatId([8; 16]);
@@ -22,8 +22,9 @@ enum Edit {
         dev: u8,
         title: String,
     },
-    /// On a message the replica has (the `target`-th, if any): 0 edit, 1 delete for everyone,
-    /// 2 add a reaction, 3 remove it, 4 mark the chat read up to it.
+    /// On a message the replica has (the `target`-th, if any): 0 edit, 1 delete for everyone
+    /// (both only of its account's messages, as the device's API allows), 2 add a reaction,
+    /// 3 remove it, 4 mark the chat read up to it.
     Change {
         dev: u8,
         target: u8,
@@ -70,15 +71,17 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         })
 }
 
+/// A device. Replicas 0 and 2 are devices of account 1, replicas 1 and 3 of account 2.
 struct Replica {
     id: DeviceId,
+    account: AccountId,
     doc: ChatDoc,
 }
 
 struct Run {
     replicas: Vec<Replica>,
-    /// Every change made, in the order made (a causal order).
-    changes: Vec<Vec<u8>>,
+    /// Every change made, in the order made (a causal order), with its sender.
+    changes: Vec<(Vec<u8>, Author)>,
     /// Messages written.
     written: usize,
 }
@@ -88,7 +91,7 @@ impl Run {
         let replicas = (0..n)
             .map(|i| {
                 let id = DeviceId(format!("device-{i}"));
-                Replica { doc: ChatDoc::new(CHAT, &id), id }
+                Replica { doc: ChatDoc::new(CHAT, &id), id, account: AccountId([(i % 2) as u8 + 1; 16]) }
             })
             .collect();
         Run { replicas, changes: Vec::new(), written: 0 }
@@ -96,13 +99,16 @@ impl Run {
 
     fn edit(&mut self, e: &Edit) {
         let n = self.replicas.len();
+        let dev = match e {
+            Edit::Message { dev, .. } | Edit::Title { dev, .. } | Edit::Change { dev, .. } => *dev as usize % n,
+        };
         let change = match e {
             Edit::Message { dev, text, ts } => {
                 let r = &mut self.replicas[*dev as usize % n];
                 let mut id = [0u8; 16];
-                id[..8].copy_from_slice(&(self.changes.len() as u64).to_be_bytes());
+                id[8..].copy_from_slice(&(self.changes.len() as u64).to_be_bytes());
                 self.written += 1;
-                r.doc.add_message(&new_message(AccountId([1; 16]), &r.id, text, *ts, id)).unwrap()
+                r.doc.add_message(&new_message(r.account, &r.id, text, *ts, id)).unwrap()
             }
             Edit::Title { dev, title } => self.replicas[*dev as usize % n].doc.set_title(title, 7),
             Edit::Change { dev, target, kind, text } => {
@@ -111,8 +117,11 @@ impl Run {
                 if messages.is_empty() {
                     return;
                 }
-                let id = messages[*target as usize % messages.len()].id.clone();
-                let account = AccountId([(*dev % 3) + 1; 16]);
+                let message = &messages[*target as usize % messages.len()];
+                let (id, account) = (message.id.clone(), r.account);
+                if *kind < 2 && message.author != account.to_string() {
+                    return;
+                }
                 let made = match kind {
                     0 => r.doc.edit_message(&id, text, 9),
                     1 => r.doc.delete_message(&id, 9),
@@ -127,12 +136,17 @@ impl Run {
                 }
             }
         };
-        self.changes.push(change);
+        let r = &self.replicas[dev];
+        self.changes.push((change, Author { account: r.account, device: r.id.clone() }));
     }
 
     fn deliver(&mut self, change: usize, to: usize) {
-        let c = &self.changes[change];
-        self.replicas[to].doc.apply_untrusted(c).expect("a replica's change applies");
+        let (c, from) = &self.changes[change];
+        self.replicas[to].doc.apply_untrusted(c, from).expect("a replica's change applies");
+    }
+
+    fn authors(&self) -> Vec<Author> {
+        self.replicas.iter().map(|r| Author { account: r.account, device: r.id.clone() }).collect()
     }
 
     /// Plays the scenario up to the final exchange.
@@ -184,8 +198,8 @@ proptest! {
         // got everything in the order it was made, gives the same list.
         prop_assert_eq!(first.messages(), first.messages());
         let mut fresh = ChatDoc::new(CHAT, &DeviceId("fresh".into()));
-        for c in &run.changes {
-            fresh.apply_untrusted(c).unwrap();
+        for (c, from) in &run.changes {
+            fresh.apply_untrusted(c, from).unwrap();
         }
         assert_same(first, &fresh)?;
     }
@@ -194,13 +208,14 @@ proptest! {
     fn save_and_load_keep_the_document(s in scenario()) {
         let mut run = Run::play(&s);
         for r in &run.replicas {
-            let loaded = ChatDoc::load(CHAT, &r.id, Some(&r.doc.save()), &[]).unwrap();
+            let loaded = ChatDoc::load(CHAT, &r.id, Some(&r.doc.save()), &[], &[]).unwrap();
             assert_same(&r.doc, &loaded)?;
         }
         run.exchange_all(&s.orders);
         // The store's other form: no snapshot, every change in the order it was stored.
         let r = &run.replicas[0];
-        let replayed = ChatDoc::load(CHAT, &r.id, None, &run.changes).unwrap();
+        let changes: Vec<Vec<u8>> = run.changes.iter().map(|(c, _)| c.clone()).collect();
+        let replayed = ChatDoc::load(CHAT, &r.id, None, &changes, &run.authors()).unwrap();
         assert_same(&r.doc, &replayed)?;
     }
 
@@ -211,8 +226,8 @@ proptest! {
         for r in run.replicas.iter_mut() {
             let (heads, messages) = (r.doc.heads(), r.doc.messages());
             // Its own changes and everybody else's, all already applied.
-            for c in &run.changes {
-                prop_assert_eq!(r.doc.apply_untrusted(c).unwrap(), vec![]);
+            for (c, from) in &run.changes {
+                prop_assert_eq!(r.doc.apply_untrusted(c, from).unwrap(), vec![]);
             }
             prop_assert_eq!(r.doc.heads(), heads);
             prop_assert_eq!(r.doc.messages(), messages);

@@ -113,6 +113,7 @@ impl ModelRelay {
             seq: Seq(log.len() as u64 + 1),
             epoch: Epoch(0),
             device: other(),
+            account: AccountId([2; 16]),
             client_seq: ClientSeq(self.other_client_seq),
             sealed: vec![1; 3],
         };
@@ -174,7 +175,7 @@ impl ModelRelay {
                 }
                 let log = self.chats.get_mut(&chat).expect("the device appends to its chats");
                 let seq = Seq(log.len() as u64 + 1);
-                log.push(Delta { chat, seq, epoch, device: me(), client_seq, sealed });
+                log.push(Delta { chat, seq, epoch, device: me(), account: AccountId([1; 16]), client_seq, sealed });
                 self.dedup.insert(client_seq, (chat, seq));
                 // No push back to the device that sent it.
                 vec![RelayFrame::Acked { req, chat, client_seq, seq }]

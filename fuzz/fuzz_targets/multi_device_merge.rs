@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use stratus_engine::doc::{new_message, ChatDoc};
+use stratus_engine::doc::{new_message, Author, ChatDoc};
 use stratus_engine::{AccountId, ChatId, DeviceId};
 
 /// Most operations per run: keeps each run to milliseconds.
@@ -75,8 +75,8 @@ struct Replica {
 }
 
 impl Replica {
-    fn deliver(&mut self, change: &[u8]) {
-        let added = self.doc.apply_untrusted(change).expect("a change made by a replica applies");
+    fn deliver(&mut self, (change, from): &(Vec<u8>, Author)) {
+        let added = self.doc.apply_untrusted(change, from).expect("a change made by a replica applies");
         for m in added {
             *self.reported.entry(m.id).or_default() += 1;
         }
@@ -93,7 +93,8 @@ fuzz_target!(|input: Input| {
             Replica { doc: ChatDoc::new(chat, &id), id, reported: BTreeMap::new() }
         })
         .collect();
-    let mut changes: Vec<Vec<u8>> = Vec::new();
+    // Each with its sender: every replica is a device of one account.
+    let mut changes: Vec<(Vec<u8>, Author)> = Vec::new();
     let mut next_id = 0u32;
 
     for op in input.ops.into_iter().take(MAX_OPS) {
@@ -102,14 +103,16 @@ fuzz_target!(|input: Input| {
                 let r = &mut replicas[dev as usize % n];
                 next_id += 1;
                 let mut id = [0u8; 16];
-                id[..4].copy_from_slice(&next_id.to_be_bytes());
+                id[8..12].copy_from_slice(&next_id.to_be_bytes());
                 let msg = new_message(account, &r.id, &format!("m{text}"), ts, id);
-                changes.push(r.doc.add_message(&msg).expect("the genesis list exists"));
+                let from = Author { account, device: r.id.clone() };
+                changes.push((r.doc.add_message(&msg).expect("the genesis list exists"), from));
                 *r.reported.entry(msg.id).or_default() += 1;
             }
             Op::Title { dev, title, now_ms } => {
                 let r = &mut replicas[dev as usize % n];
-                changes.push(r.doc.set_title(&format!("t{title}"), now_ms));
+                let from = Author { account, device: r.id.clone() };
+                changes.push((r.doc.set_title(&format!("t{title}"), now_ms), from));
             }
             Op::Deliver { change, to } if !changes.is_empty() => {
                 let c = &changes[change as usize % changes.len()];
@@ -119,7 +122,7 @@ fuzz_target!(|input: Input| {
                 let first = first as usize % changes.len();
                 let last = (first + count as usize % 16).min(changes.len());
                 let r = &mut replicas[to as usize % n];
-                let mut run: Vec<&Vec<u8>> = changes[first..last].iter().collect();
+                let mut run: Vec<&(Vec<u8>, Author)> = changes[first..last].iter().collect();
                 if reverse {
                     run.reverse();
                 }
@@ -130,7 +133,7 @@ fuzz_target!(|input: Input| {
             Op::Deliver { .. } | Op::DeliverRun { .. } => {}
             Op::Reload { dev } => {
                 let r = &mut replicas[dev as usize % n];
-                let loaded = ChatDoc::load(chat, &r.id, Some(&r.doc.save()), &[]).expect("a saved document loads");
+                let loaded = ChatDoc::load(chat, &r.id, Some(&r.doc.save()), &[], &[]).expect("a saved document loads");
                 assert_eq!(loaded.heads(), r.doc.heads(), "save/load keeps the heads");
                 assert_eq!(loaded.messages(), r.doc.messages(), "save/load keeps the messages");
                 r.doc = loaded;
@@ -166,7 +169,7 @@ fuzz_target!(|input: Input| {
         let shown: BTreeMap<String, u32> = r.doc.messages().into_iter().map(|m| (m.id, 1)).collect();
         assert_eq!(r.doc.message_count(), shown.len(), "{}: every list entry is a message, ids unique", r.id);
         assert_eq!(r.reported, shown, "{}: each message reported to the app exactly once", r.id);
-        let loaded = ChatDoc::load(chat, &r.id, Some(&r.doc.save()), &[]).expect("a saved document loads");
+        let loaded = ChatDoc::load(chat, &r.id, Some(&r.doc.save()), &[], &[]).expect("a saved document loads");
         assert_eq!(loaded.heads(), r.doc.heads(), "save/load keeps the heads");
     }
 });

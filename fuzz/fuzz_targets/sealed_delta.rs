@@ -1,5 +1,6 @@
 //! Opening a sealed delta after structured tampering: a valid delta is sealed from the fuzz
-//! input, then its ciphertext, length, associated data (chat, epoch, device, client seq) or key
+//! input, then its ciphertext, length, associated data (chat, epoch, device, account, client
+//! seq) or key
 //! is changed. Opening must return a typed error and never panic, and it must fail whenever
 //! anything changed: the relay must not be able to move, cut, extend or alter a delta.
 #![no_main]
@@ -9,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use stratus_engine::proto::crypto::{open_delta, seal_delta, ChatKey, CryptoError, DeltaAd};
-use stratus_engine::{ChatId, ClientSeq, DeviceId, Epoch};
+use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch};
 
 /// Nonce and tag: anything shorter cannot be a sealed delta.
 const OVERHEAD_BYTES: usize = 24 + 16;
@@ -22,6 +23,7 @@ struct Input {
     chat: [u8; 16],
     epoch: u32,
     device: String,
+    account: [u8; 16],
     client_seq: u64,
     tampering: Vec<Tamper>,
 }
@@ -67,22 +69,32 @@ enum Tamper {
     ClientSeq {
         client_seq: u64,
     },
+    Account {
+        account: [u8; 16],
+    },
     Key {
         key: [u8; 32],
     },
 }
 
 fuzz_target!(|input: Input| {
-    let Input { key, nonce_seed, plaintext, chat, epoch, device, client_seq, tampering } = input;
+    let Input { key, nonce_seed, plaintext, chat, epoch, device, account, client_seq, tampering } = input;
     let key = ChatKey(key);
     let device = DeviceId(device);
-    let ad = DeltaAd { chat: ChatId(chat), epoch: Epoch(epoch), device: &device, client_seq: ClientSeq(client_seq) };
+    let ad = DeltaAd {
+        chat: ChatId(chat),
+        epoch: Epoch(epoch),
+        device: &device,
+        account: AccountId(account),
+        client_seq: ClientSeq(client_seq),
+    };
     let sealed = seal_delta(&key, &ad, &plaintext, &mut StdRng::seed_from_u64(nonce_seed));
     assert_eq!(sealed.len(), plaintext.len() + OVERHEAD_BYTES);
     assert_eq!(open_delta(&key, &ad, &sealed).as_deref(), Ok(plaintext.as_slice()), "an untouched delta opens");
 
     let (mut k, mut c, mut e, mut d, mut cs, mut s) =
         (key.clone(), ChatId(chat), Epoch(epoch), device.0.clone(), ClientSeq(client_seq), sealed.clone());
+    let mut a = AccountId(account);
     for t in tampering.into_iter().take(8) {
         match t {
             Tamper::FlipBit { at, bit } if !s.is_empty() => {
@@ -110,11 +122,12 @@ fuzz_target!(|input: Input| {
             }
             Tamper::DeviceEdge { drop: false, c } => d.push(c),
             Tamper::ClientSeq { client_seq } => cs = ClientSeq(client_seq),
+            Tamper::Account { account } => a = AccountId(account),
             Tamper::Key { key } => k = ChatKey(key),
         }
     }
     let dev = DeviceId(d);
-    let tampered_ad = DeltaAd { chat: c, epoch: e, device: &dev, client_seq: cs };
+    let tampered_ad = DeltaAd { chat: c, epoch: e, device: &dev, account: a, client_seq: cs };
     let opened = open_delta(&k, &tampered_ad, &s);
     if k == key && tampered_ad == ad && s == sealed {
         assert_eq!(opened.as_deref(), Ok(plaintext.as_slice()), "tampering that changed nothing still opens");

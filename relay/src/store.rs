@@ -73,6 +73,7 @@ pub trait RelayStore: Send + Sync + 'static {
 struct StoredDelta {
     epoch: Epoch,
     device: DeviceId,
+    account: AccountId,
     client_seq: ClientSeq,
     sealed: Vec<u8>,
 }
@@ -177,6 +178,7 @@ impl RelayStore for SledStore {
                         let stored = StoredDelta {
                             epoch: d.epoch,
                             device: d.device.clone(),
+                            account: d.account,
                             client_seq: d.client_seq,
                             sealed: d.sealed.clone(),
                         };
@@ -247,6 +249,7 @@ impl RelayStore for SledStore {
                 seq: Seq(tail_u64(&k)),
                 epoch: s.epoch,
                 device: s.device,
+                account: s.account,
                 client_seq: s.client_seq,
                 sealed: s.sealed,
             });

@@ -3,11 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
-use stratus_engine::proto::crypto::{open_delta, DeltaAd};
+use stratus_engine::doc::ChatDoc;
+use stratus_engine::libp2p::identity::Keypair;
+use stratus_engine::proto::crypto::{open_delta, seal_delta, DeltaAd};
+use stratus_engine::proto::wire::{ClientFrame, RelayFrame, PROTOCOL_VERSION};
 use stratus_engine::store::DeviceStore;
-use stratus_engine::{ChatId, Epoch, Seq};
+use stratus_engine::{ChatId, ClientSeq, Epoch, Seq};
 use stratus_relay::store::{RelayStore, SledStore};
-use stratus_tests::{link_device, stratus, stratus_ok, Relay};
+use stratus_tests::{link_device, stratus, stratus_ok, Raw, Relay};
 
 fn log_json(home: &Path, chat: &str) -> Vec<serde_json::Value> {
     stratus_ok(home, &["log", chat, "--json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -119,8 +122,7 @@ fn a_group_of_three_accounts_with_two_devices_each_converges_and_a_removed_membe
     let later: Vec<_> = deltas.iter().filter(|d| d.epoch > newest_cat).collect();
     assert!(later.len() >= 2, "the messages after the removal are under a later epoch");
     for d in later {
-        let ad = DeltaAd { chat: chat_id, epoch: d.epoch, device: &d.device, client_seq: d.client_seq };
-        assert!(cat_keys.iter().all(|(_, k)| open_delta(&k.transport(), &ad, &d.sealed).is_err()));
+        assert!(cat_keys.iter().all(|(_, k)| open_delta(&k.transport(), &d.ad(), &d.sealed).is_err()));
     }
 }
 
@@ -239,4 +241,63 @@ async fn a_group_made_with_keys_a_member_rotated_since_is_wrapped_again() {
     let texts: Vec<String> =
         log_json(&bob, &chat.to_string()).iter().map(|m| m["text"].as_str().unwrap().to_string()).collect();
     assert_eq!(texts, vec!["made before the lookup again"]);
+}
+
+/// A member holds the chat key like every member, and crafts what its device's API would not
+/// make: an edit of the other member's message, and a reaction in the other's name. Sealed
+/// under the real key and appended by its real device through the relay, both are stored and
+/// pushed; the other member's device refuses them, and nothing of them shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_edit_or_react_as_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"));
+    let (ann, bob) = (dir.path().join("ann"), dir.path().join("bob"));
+    for (home, name) in [(&ann, "ann"), (&bob, "bob")] {
+        stratus_ok(home, &["account", "create", "--relay", &relay.addr, "--name", name]);
+        stratus_ok(home, &["account", "set-username", name]);
+    }
+    let chat = stratus_ok(&ann, &["chat", "create", "--direct", "bob"]).trim().to_string();
+    let hello = stratus_ok(&ann, &["send", &chat, "hello"]).trim().to_string();
+    stratus_ok(&bob, &["sync"]);
+    let chat_id: ChatId = chat.parse().unwrap();
+
+    // Everything bob's device holds, from its stopped store.
+    let store = DeviceStore::open(&bob.join("store")).unwrap();
+    let secrets = store.secrets_or_create(|| unreachable!()).unwrap();
+    let device = stratus_engine::store::device_id_of(&secrets);
+    let account = store.login().unwrap().unwrap().account.id;
+    let meta = store.chat(chat_id).unwrap().unwrap();
+    let (epoch, key) = meta.current().map(|(e, k)| (e, k.clone())).unwrap();
+    let (snap, changes) = store.doc_parts(chat_id).unwrap();
+    let authors = store.authors(chat_id).unwrap();
+    let first_client_seq = store.next_client_seq().unwrap().0;
+    drop(store);
+    let ann_account = *meta.members.iter().find(|m| **m != account).unwrap();
+    // Each from the document as bob's device has it, so each is judged on its own.
+    let doc = || ChatDoc::load(chat_id, &device, snap.as_deref(), &changes, &authors).unwrap();
+    let crafted = [
+        doc().edit_message(&hello, "bob was here", 1).unwrap(),
+        doc().react(&hello, &ann_account, "-1", true, 2).unwrap(),
+    ];
+
+    let mut raw = Raw::connect(Keypair::ed25519_from_bytes(secrets.ed25519).unwrap(), &relay.addr).await;
+    assert!(matches!(raw.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
+    for (i, change) in crafted.iter().enumerate() {
+        let client_seq = ClientSeq(first_client_seq + i as u64);
+        let ad = DeltaAd { chat: chat_id, epoch, device: &device, account, client_seq };
+        let sealed = seal_delta(&key.transport(), &ad, change, &mut rand::thread_rng());
+        let req = 10 + i as u64;
+        match raw.request(ClientFrame::Append { req, chat: chat_id, epoch, client_seq, sealed }).await {
+            RelayFrame::Acked { .. } => {}
+            other => panic!("the relay stores what a member seals: {other:?}"),
+        }
+    }
+    drop(raw);
+
+    stratus(&ann, &["sync"]);
+    let log = log_json(&ann, &chat);
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0]["text"], "hello", "{log:?}");
+    assert!(log[0]["edited"].is_null(), "{log:?}");
+    assert_eq!(log[0]["reactions"], serde_json::json!({}), "{log:?}");
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use stratus_engine::proto::cert::rotation_bundle_context;
-use stratus_engine::proto::crypto::{open_box, open_delta, unwrap_chat_key, ChatKey, DeltaAd};
+use stratus_engine::proto::crypto::{open_box, open_delta, unwrap_chat_key, ChatKey};
 use stratus_engine::proto::wire::{AccountEvent, Delta};
 use stratus_engine::store::DeviceStore;
 use stratus_engine::{Epoch, Seq};
@@ -154,8 +154,7 @@ fn the_revoked_devices_keys_and_the_relays_data_open_nothing_written_after_the_r
     for (chat_id, record, head) in &recovered.chats {
         assert!(!record.epochs.is_empty());
         for d in relay_store.read_chat(*chat_id, Seq(0), *head, u32::MAX).unwrap() {
-            let ad = DeltaAd { chat: d.chat, epoch: d.epoch, device: &d.device, client_seq: d.client_seq };
-            if chat_keys.iter().any(|k| open_delta(&k.transport(), &ad, &d.sealed).is_ok()) {
+            if chat_keys.iter().any(|k| open_delta(&k.transport(), &d.ad(), &d.sealed).is_ok()) {
                 opened.push((d.chat, d.seq, d.epoch));
             } else {
                 closed.push((d.chat, d.seq, d.epoch));
@@ -252,9 +251,8 @@ fn an_expired_session_makes_the_remaining_device_rotate_the_keys() {
     let phone = DeviceStore::open(&stolen.join("store")).unwrap();
     let keys: Vec<ChatKey> = phone.chats().unwrap().into_iter().flat_map(|(_, m, _)| m.keys.into_values()).collect();
     let last = deltas.last().unwrap();
-    let ad = DeltaAd { chat: last.chat, epoch: last.epoch, device: &last.device, client_seq: last.client_seq };
     assert!(
-        keys.iter().all(|k| open_delta(&k.transport(), &ad, &last.sealed).is_err()),
+        keys.iter().all(|k| open_delta(&k.transport(), &last.ad(), &last.sealed).is_err()),
         "the expired phone cannot read it"
     );
 }

@@ -222,6 +222,7 @@ fn a_delta_whose_key_has_not_arrived_waits_and_is_fetched_again_once_it_has() {
         seq: Seq(seq),
         epoch: Epoch(1),
         device: crate::proto::ids::DeviceId("d".into()),
+        account: AccountId([1; 16]),
         client_seq: ClientSeq(seq),
         sealed: vec![],
     };

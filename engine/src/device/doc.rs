@@ -45,6 +45,12 @@ use serde::Serialize;
 
 use crate::proto::ids::{AccountId, ChatId, DeviceId};
 
+#[path = "doc_authorship.rs"]
+mod authorship;
+#[path = "doc_view.rs"]
+mod view;
+pub use authorship::{message_id_prefix, Author};
+
 /// Largest change accepted from outside, in bytes (the relay caps sealed deltas at 64 KiB).
 pub const MAX_CHANGE_BYTES: usize = 64 * 1024;
 /// Most operations in one change accepted from outside. A message is six operations; the
@@ -94,6 +100,10 @@ pub enum DocError {
     /// loading: the hash would change and the document not load ("mismatching heads").
     #[error("change is not canonically encoded")]
     NonCanonical,
+    /// The change does something its sender may not (see the authorship rules in
+    /// `doc_authorship.rs`): edit another account's message, react as another account, ...
+    #[error("change refused: it {0}")]
+    Forbidden(&'static str),
     /// [`MAX_PENDING_CHANGES`] changes already wait for their dependencies.
     #[error("too many changes wait for changes that have not arrived")]
     TooManyPending,
@@ -156,6 +166,8 @@ pub struct ChatDoc {
     /// Changes whose dependencies are missing, oldest first, at most [`MAX_PENDING_CHANGES`].
     /// Not saved: the store keeps them as changes, and loading queues them again.
     pending: Vec<Change>,
+    /// Who sent the changes from outside, by their actor (see [`Author`]); the store keeps it.
+    authors: BTreeMap<ActorId, Author>,
 }
 
 thread_local! {
@@ -234,18 +246,21 @@ impl ChatDoc {
         )
         .expect("building the genesis change cannot fail");
         doc.set_actor(device_actor(device));
-        let mut d = ChatDoc { doc, poisoned: false, actors: BTreeMap::new(), pending: Vec::new() };
+        let mut d =
+            ChatDoc { doc, poisoned: false, actors: BTreeMap::new(), pending: Vec::new(), authors: BTreeMap::new() };
         d.note_last_local_change();
         d
     }
 
-    /// Loads a document saved by this device (snapshot plus changes, in order). The bytes come
-    /// from the device's own store but are still guarded: a damaged store gives an error.
+    /// Loads a document saved by this device (snapshot plus changes, in order, and who sent the
+    /// changes from outside). The bytes come from the device's own store but are still guarded:
+    /// a damaged store gives an error.
     pub fn load(
         chat: ChatId,
         device: &DeviceId,
         snapshot: Option<&[u8]>,
         changes: &[Vec<u8>],
+        authors: &[Author],
     ) -> Result<Self, DocError> {
         let mut d = match snapshot {
             Some(s) => {
@@ -257,10 +272,11 @@ impl ChatDoc {
                 for c in doc.get_changes(&[]) {
                     actors.insert(c.actor_id().clone(), (c.seq(), c.max_op()));
                 }
-                ChatDoc { doc, poisoned: false, actors, pending: Vec::new() }
+                ChatDoc { doc, poisoned: false, actors, pending: Vec::new(), authors: BTreeMap::new() }
             }
             None => ChatDoc::new(chat, device),
         };
+        d.authors.extend(authors.iter().map(|a| (device_actor(&a.device), a.clone())));
         d.doc.set_actor(device_actor(device));
         let mut log = PatchLog::null();
         for c in changes {
@@ -270,7 +286,7 @@ impl ChatDoc {
             match d.integrate(change, &mut log) {
                 // Stored while it waited for its dependencies, refused once they came: it was
                 // never part of the document.
-                Err(DocError::NotInSequence) => {}
+                Err(DocError::NotInSequence | DocError::Forbidden(_)) => {}
                 r => r?,
             }
         }
@@ -313,6 +329,10 @@ impl ChatDoc {
         if change.seq() != seq + 1 || change.start_op().get() <= max_op {
             return Err(DocError::NotInSequence);
         }
+        if &actor != self.doc.get_actor() {
+            let from = self.authors.get(&actor).ok_or(DocError::Forbidden("comes from a device never heard from"))?;
+            self.check_authorship(&change, from)?;
+        }
         let next = (change.seq(), change.max_op());
         match guarded(|| self.doc.apply_changes_log_patches([change], log)) {
             None => {
@@ -333,17 +353,25 @@ impl ChatDoc {
         }
     }
 
-    /// Applies change bytes that came from outside the device; returns the messages the change
-    /// added (see [`ChatDoc::apply_untrusted_update`]).
-    pub fn apply_untrusted(&mut self, bytes: &[u8]) -> Result<Vec<Message>, DocError> {
-        Ok(self.apply_untrusted_update(bytes)?.added)
+    /// Applies change bytes that came from outside the device, sent by `from`; returns the
+    /// messages the change added (see [`ChatDoc::apply_untrusted_update`]).
+    pub fn apply_untrusted(&mut self, bytes: &[u8], from: &Author) -> Result<Vec<Message>, DocError> {
+        Ok(self.apply_untrusted_update(bytes, from)?.added)
     }
 
-    /// Applies change bytes that came from outside the device. Never panics; on error nothing
-    /// changed, except after [`DocError::Panicked`], when [`ChatDoc::is_poisoned`] is true and the
-    /// caller must reload the document from its store. Returns the messages the change (and any
-    /// held-back change it let through) added and changed.
-    pub fn apply_untrusted_update(&mut self, bytes: &[u8]) -> Result<DocUpdate, DocError> {
+    /// True if changes of `from`'s device were seen before (else the caller stores `from` with
+    /// the change, see [`ChatDoc::load`]).
+    pub fn knows_author(&self, from: &Author) -> bool {
+        self.authors.contains_key(&device_actor(&from.device))
+    }
+
+    /// Applies change bytes that came from outside the device, sent by `from` (the account and
+    /// device the relay stamped on the delta); the change may do only what `from` may (see
+    /// `doc_authorship.rs`). Never panics; on error nothing changed, except after
+    /// [`DocError::Panicked`], when [`ChatDoc::is_poisoned`] is true and the caller must reload
+    /// the document from its store. Returns the messages the change (and any held-back change
+    /// it let through) added and changed.
+    pub fn apply_untrusted_update(&mut self, bytes: &[u8], from: &Author) -> Result<DocUpdate, DocError> {
         if bytes.len() > MAX_CHANGE_BYTES {
             return Err(DocError::TooLarge(bytes.len()));
         }
@@ -355,6 +383,15 @@ impl ChatDoc {
         }
         check_savable(&change)?;
         check_canonical(&change)?;
+        // Every entry of `authors` is keyed by its device's actor (but for fuzzing, see
+        // `fuzz_trust_sender`).
+        match self.authors.get(change.actor_id()) {
+            Some(known) if known == from => {}
+            None if change.actor_id() == &device_actor(&from.device) => {
+                self.authors.insert(change.actor_id().clone(), from.clone());
+            }
+            _ => return Err(DocError::Forbidden("is not written by the device that sent it")),
+        }
         let mut log = PatchLog::active(TextRepresentation::String(TextEncoding::UnicodeCodePoint));
         self.integrate(change, &mut log)?;
         let Some(list) = self.messages_obj() else { return Ok(DocUpdate::default()) };
@@ -417,6 +454,22 @@ impl ChatDoc {
             }
         }
         Ok(update)
+    }
+
+    /// Fuzzing only: takes `from` as the sender of changes of the actor of `bytes` (if they are a
+    /// change), whatever its device's actor: a fuzzer mutating changes finds no device id whose
+    /// actor they carry, and would never get past the sender check.
+    #[cfg(feature = "fuzzing")]
+    #[doc(hidden)]
+    pub fn fuzz_trust_sender(&mut self, bytes: &[u8], from: &Author) {
+        if let Some(Ok(change)) = guarded(|| Change::from_bytes(bytes.to_vec())) {
+            self.authors.insert(change.actor_id().clone(), from.clone());
+        }
+    }
+
+    /// The changes that wait for their dependencies (which a snapshot does not hold).
+    pub fn pending_changes(&self) -> Vec<Vec<u8>> {
+        self.pending.iter().map(|c| c.raw_bytes().to_vec()).collect()
     }
 
     /// True after Automerge panicked inside this document.
@@ -542,35 +595,6 @@ impl ChatDoc {
         })
     }
 
-    /// Per account, the index of the furthest message one of its devices has read (the marks
-    /// are counts; a count of 0 marks nothing).
-    fn read_marks(&self) -> BTreeMap<String, usize> {
-        let mut marks: BTreeMap<String, usize> = BTreeMap::new();
-        let Some(read) = self.read_obj() else { return marks };
-        for key in self.doc.keys(&read) {
-            let (Some((account, _)), Some(count)) = (key.split_once(' '), self.int_at(&read, &key)) else { continue };
-            if count > 0 {
-                let i = usize::try_from(count - 1).unwrap_or(usize::MAX);
-                let mark = marks.entry(account.to_string()).or_insert(i);
-                *mark = (*mark).max(i);
-            }
-        }
-        marks
-    }
-
-    /// How many messages of other accounts after `account`'s read mark are not deleted.
-    pub fn unread(&self, account: &AccountId) -> usize {
-        let account = account.to_string();
-        let from = self.read_marks().get(&account).map_or(0, |i| i.saturating_add(1));
-        self.messages().into_iter().skip(from).filter(|m| m.author != account && !m.deleted).count()
-    }
-
-    /// The message `account` has read up to, if any.
-    pub fn read_up_to(&self, account: &AccountId) -> Option<String> {
-        let list = self.messages_obj()?;
-        self.read_marks().get(&account.to_string()).and_then(|i| self.message_id_at(&list, *i))
-    }
-
     fn read_obj(&self) -> Option<ObjId> {
         self.root_map("read")
     }
@@ -680,89 +704,6 @@ impl ChatDoc {
         self.messages_obj().map(|l| self.doc.length(&l)).unwrap_or(0)
     }
 
-    /// Every message, in display order. Entries that do not have the message shape (written by
-    /// a buggy or hostile device) are skipped.
-    pub fn messages(&self) -> Vec<Message> {
-        let Some(list) = self.messages_obj() else { return Vec::new() };
-        let n = self.doc.length(&list);
-        let marks = self.read_marks();
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            if let Ok(Some((Value::Object(ObjType::Map), m))) = self.doc.get(&list, i) {
-                out.extend(self.message_at(&m, i, &marks));
-            }
-        }
-        out
-    }
-
-    /// The message map `m`, at `index` in the list, with its read receipts from `marks`.
-    fn message_at(&self, m: &ObjId, index: usize, marks: &BTreeMap<String, usize>) -> Option<Message> {
-        // One pass over the message map's few keys (cheaper than a lookup per field).
-        let (mut id, mut author, mut device, mut text, mut ts) = (None, None, None, None, None);
-        let (mut reply_to, mut edited, mut deleted, mut attachments_obj) = (None, None, false, None);
-        for item in self.doc.map_range(m, ..) {
-            let str_value = || match &item.value {
-                Value::Scalar(v) => v.to_str().map(str::to_string),
-                _ => None,
-            };
-            let int_value = || match &item.value {
-                Value::Scalar(v) => match v.as_ref() {
-                    ScalarValue::Int(t) => Some(*t),
-                    _ => None,
-                },
-                _ => None,
-            };
-            match item.key {
-                "id" => id = str_value(),
-                "author" => author = str_value(),
-                "device" => device = str_value(),
-                "text" => text = str_value(),
-                "ts" => ts = int_value(),
-                "reply_to" => reply_to = str_value(),
-                "edited" => edited = int_value(),
-                "deleted" => deleted = true,
-                "attachments" if matches!(item.value, Value::Object(ObjType::List)) => attachments_obj = Some(item.id),
-                _ => {}
-            }
-        }
-        let (id, author) = (id?, author?);
-        let mut reactions: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut attachments = Vec::new();
-        if !deleted {
-            if let Some(r) = self.root_map("reactions").filter(|r| self.doc.length(r) > 0) {
-                // Keys `"<id> <account> <reaction>"`: this message's sort together, accounts in
-                // order.
-                let (from, to) = (format!("{id} "), format!("{id}!"));
-                for item in self.doc.map_range(&r, from..to) {
-                    if let Some((account, reaction)) = item.key[id.len() + 1..].split_once(' ') {
-                        reactions.entry(reaction.to_string()).or_default().push(account.to_string());
-                    }
-                }
-            }
-            if let Some(a) = attachments_obj {
-                attachments.extend((0..self.doc.length(&a)).filter_map(|i| match self.doc.get(&a, i) {
-                    Ok(Some((Value::Scalar(v), _))) => v.to_str().map(str::to_string),
-                    _ => None,
-                }));
-            }
-        }
-        let read_by = marks.iter().filter(|(a, i)| **i >= index && **a != author).map(|(a, _)| a.clone()).collect();
-        Some(Message {
-            id,
-            author,
-            device: device?,
-            // A delete wins over an edit made at the same time elsewhere.
-            text: if deleted { String::new() } else { text? },
-            ts: ts?,
-            reply_to,
-            edited,
-            deleted,
-            reactions,
-            attachments,
-            read_by,
-        })
-    }
-
     /// The document saved whole (for the store's snapshot).
     pub fn save(&self) -> Vec<u8> {
         self.doc.save()
@@ -776,8 +717,10 @@ impl ChatDoc {
     }
 }
 
-/// A new message authored on this device.
-pub fn new_message(author: AccountId, device: &DeviceId, text: &str, ts: i64, id: [u8; 16]) -> Message {
+/// A new message authored on this device. The first 8 bytes of `id` are replaced with the
+/// device's [`message_id_prefix`].
+pub fn new_message(author: AccountId, device: &DeviceId, text: &str, ts: i64, mut id: [u8; 16]) -> Message {
+    id[..8].copy_from_slice(&message_id_prefix(device));
     Message {
         id: hex::encode(id),
         author: author.to_string(),

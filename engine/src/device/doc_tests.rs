@@ -6,17 +6,41 @@ fn dev(n: &str) -> DeviceId {
     DeviceId(n.into())
 }
 
+/// The sender of a change made by one of these tests' devices: devices whose name starts with
+/// `b` are account 2's, the others account 1's.
+fn who(change: &[u8]) -> Author {
+    let names = ["a", "b", "b2", "c", "v", "evil", "alice", "bob-phone", "bob-laptop"];
+    let actor = Change::from_bytes(change.to_vec()).ok().map(|c| c.actor_id().clone());
+    let name = names.into_iter().find(|n| Some(device_actor(&dev(n))) == actor).unwrap_or("unknown");
+    let account = AccountId([if name.starts_with('b') { 2 } else { 1 }; 16]);
+    Author { account, device: dev(name) }
+}
+
+/// The tests' way to apply a change from outside: its sender is found by [`who`].
+trait Take {
+    fn take(&mut self, change: &[u8]) -> Result<Vec<Message>, DocError>;
+    fn take_update(&mut self, change: &[u8]) -> Result<DocUpdate, DocError>;
+}
+
+impl Take for ChatDoc {
+    fn take(&mut self, change: &[u8]) -> Result<Vec<Message>, DocError> {
+        self.apply_untrusted(change, &who(change))
+    }
+    fn take_update(&mut self, change: &[u8]) -> Result<DocUpdate, DocError> {
+        self.apply_untrusted_update(change, &who(change))
+    }
+}
+
 #[test]
 fn two_devices_converge_on_one_message_list() {
     let chat = ChatId([9; 16]);
     let mut a = ChatDoc::new(chat, &dev("a"));
     let mut b = ChatDoc::new(chat, &dev("b"));
-    let acct = AccountId([1; 16]);
-    let ca = a.add_message(&new_message(acct, &dev("a"), "from a", 1, [1; 16])).unwrap();
-    let cb = b.add_message(&new_message(acct, &dev("b"), "from b", 2, [2; 16])).unwrap();
-    assert_eq!(a.apply_untrusted(&cb).unwrap()[0].text, "from b");
-    assert_eq!(b.apply_untrusted(&ca).unwrap().len(), 1);
-    assert!(b.apply_untrusted(&ca).unwrap().is_empty()); // duplicates are harmless
+    let ca = a.add_message(&new_message(AccountId([1; 16]), &dev("a"), "from a", 1, [1; 16])).unwrap();
+    let cb = b.add_message(&new_message(AccountId([2; 16]), &dev("b"), "from b", 2, [2; 16])).unwrap();
+    assert_eq!(a.take(&cb).unwrap()[0].text, "from b");
+    assert_eq!(b.take(&ca).unwrap().len(), 1);
+    assert!(b.take(&ca).unwrap().is_empty()); // duplicates are harmless
     assert_eq!(a.messages(), b.messages());
     assert_eq!(a.messages().len(), 2);
     assert_eq!(a.heads(), b.heads());
@@ -25,9 +49,9 @@ fn two_devices_converge_on_one_message_list() {
 #[test]
 fn garbage_is_an_error_not_a_panic() {
     let mut a = ChatDoc::new(ChatId([1; 16]), &dev("a"));
-    assert!(a.apply_untrusted(b"not a change").is_err());
-    assert!(a.apply_untrusted(&[0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1, 2]).is_err());
-    assert!(matches!(a.apply_untrusted(&vec![0; MAX_CHANGE_BYTES + 1]), Err(DocError::TooLarge(_))));
+    assert!(a.take(b"not a change").is_err());
+    assert!(a.take(&[0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1, 2]).is_err());
+    assert!(matches!(a.take(&vec![0; MAX_CHANGE_BYTES + 1]), Err(DocError::TooLarge(_))));
     assert!(!a.is_poisoned());
 }
 
@@ -47,7 +71,7 @@ fn a_change_with_too_many_ops_is_refused_before_it_is_applied() {
     let bomb = evil.last_change();
     assert!(bomb.len() < 4096, "run-length encoding keeps it small: {} bytes", bomb.len());
     let mut victim = ChatDoc::new(chat, &dev("v"));
-    assert_eq!(victim.apply_untrusted(&bomb), Err(DocError::TooManyOps(MAX_CHANGE_OPS + 1)));
+    assert_eq!(victim.take(&bomb), Err(DocError::TooManyOps(MAX_CHANGE_OPS + 1)));
     assert_eq!(victim.message_count(), 0);
 }
 
@@ -63,7 +87,7 @@ fn messages_with_any_times_save_and_load() {
         a.add_message(&new_message(AccountId([1; 16]), &dev("a"), "", ts, [i as u8; 16])).unwrap();
     }
     a.set_title("t", i64::MIN);
-    let b = ChatDoc::load(chat, &dev("a"), Some(&a.save()), &[]).unwrap();
+    let b = ChatDoc::load(chat, &dev("a"), Some(&a.save()), &[], &[]).unwrap();
     assert_eq!(b.heads(), a.heads());
     assert_eq!(b.messages(), a.messages());
     assert_eq!(b.messages()[2].ts, i64::MIN, "the message keeps its time; only the commit time is clamped");
@@ -88,14 +112,15 @@ fn changes_a_snapshot_could_not_hold_are_refused() {
     let refused_by_automerge = tampered(&|e| e.start_op = std::num::NonZeroU64::new(1 << 63).unwrap());
     assert!(Change::from_bytes(refused_by_automerge.clone()).is_err());
     let mut victim = ChatDoc::new(chat, &dev("v"));
-    assert!(matches!(victim.apply_untrusted(&refused_by_automerge), Err(DocError::Malformed(_))));
+    assert!(matches!(victim.take(&refused_by_automerge), Err(DocError::Malformed(_))));
 
     let fuzz_crasher = hex::decode("856f4a830aff750801150000ffffffffff42f1f10500000000000000004040").unwrap();
     let cases = [
         ("commit time", tampered(&|e| e.time = i64::MIN), DocError::OutOfRange("commit time")),
         ("seq gap", tampered(&|e| e.seq = 3), DocError::NotInSequence),
         ("seq past i64::MAX", tampered(&|e| e.seq = 1 << 63), DocError::NotInSequence),
-        ("fuzz crasher", fuzz_crasher, DocError::NotInSequence),
+        // Its actor is no device's (it would fail the sequence check too).
+        ("fuzz crasher", fuzz_crasher, DocError::Forbidden("is not written by the device that sent it")),
         // Also found by `apply_untrusted`: an empty change whose bytes encode its content in
         // a form Automerge does not write; loading re-encodes it and finds other heads.
         (
@@ -118,8 +143,8 @@ fn changes_a_snapshot_could_not_hold_are_refused() {
 
         let mut victim = ChatDoc::new(chat, &dev("v"));
         victim.set_title("mine", 1_700_000_000_000);
-        assert_eq!(victim.apply_untrusted(&bytes), Err(error), "{what}");
-        let reloaded = ChatDoc::load(chat, &dev("v"), Some(&victim.save()), &[]).unwrap();
+        assert_eq!(victim.take(&bytes), Err(error), "{what}");
+        let reloaded = ChatDoc::load(chat, &dev("v"), Some(&victim.save()), &[], &[]).unwrap();
         assert_eq!(reloaded.heads(), victim.heads());
     }
 }
@@ -137,13 +162,14 @@ fn a_held_back_change_is_checked_when_its_dependencies_arrive() {
     let skipping = Change::from(skipping).raw_bytes().to_vec();
 
     let mut victim = ChatDoc::new(chat, &dev("v"));
-    assert_eq!(victim.apply_untrusted(&skipping), Ok(vec![]), "held back: its dependency is missing");
-    assert_eq!(victim.apply_untrusted(&first).unwrap().len(), 1, "the dependency applies; the other is dropped");
+    assert_eq!(victim.take(&skipping), Ok(vec![]), "held back: its dependency is missing");
+    assert_eq!(victim.take(&first).unwrap().len(), 1, "the dependency applies; the other is dropped");
     assert_eq!(victim.message_count(), 1);
-    let reloaded = ChatDoc::load(chat, &dev("v"), Some(&victim.save()), &[]).unwrap();
+    let reloaded = ChatDoc::load(chat, &dev("v"), Some(&victim.save()), &[], &[]).unwrap();
     assert_eq!(reloaded.heads(), victim.heads());
     // The store keeps both as changes, in arrival order: loading them gives the same.
-    let replayed = ChatDoc::load(chat, &dev("v"), None, &[skipping, first]).unwrap();
+    let evil_author = who(&first);
+    let replayed = ChatDoc::load(chat, &dev("v"), None, &[skipping, first], &[evil_author]).unwrap();
     assert_eq!(replayed.heads(), victim.heads());
 }
 
@@ -161,10 +187,10 @@ fn changes_waiting_for_dependencies_are_bounded() {
     };
     let mut victim = ChatDoc::new(chat, &dev("v"));
     for i in 0..MAX_PENDING_CHANGES as u32 {
-        assert_eq!(victim.apply_untrusted(&waiting(i)), Ok(vec![]));
+        assert_eq!(victim.take(&waiting(i)), Ok(vec![]));
     }
-    assert_eq!(victim.apply_untrusted(&waiting(u32::MAX)), Err(DocError::TooManyPending));
-    assert_eq!(victim.apply_untrusted(&waiting(0)), Ok(vec![]), "a repeat is no new change");
+    assert_eq!(victim.take(&waiting(u32::MAX)), Err(DocError::TooManyPending));
+    assert_eq!(victim.take(&waiting(0)), Ok(vec![]), "a repeat is no new change");
 }
 
 /// Found by the property test `doc_props::save_and_load_keep_the_document`: a device that
@@ -177,14 +203,14 @@ fn setting_the_title_it_already_has_gives_a_new_change() {
     let mut a = ChatDoc::new(chat, &dev("a"));
     let mut c = ChatDoc::new(chat, &dev("c"));
     let first = a.set_title("", 1);
-    c.apply_untrusted(&first).unwrap();
+    c.take(&first).unwrap();
     let again = c.set_title("", 2);
     assert_ne!(again, first);
-    assert_eq!(a.apply_untrusted(&again), Ok(vec![]));
+    assert_eq!(a.take(&again), Ok(vec![]));
     assert_eq!(a.heads(), c.heads());
     let third = a.set_title("", 3);
     assert!(third != first && third != again, "a device with earlier changes gets a new one too");
-    assert_eq!(ChatDoc::load(chat, &dev("a"), Some(&a.save()), &[]).unwrap().heads(), a.heads());
+    assert_eq!(ChatDoc::load(chat, &dev("a"), Some(&a.save()), &[], &[]).unwrap().heads(), a.heads());
 }
 
 #[test]
@@ -194,7 +220,7 @@ fn reload_from_snapshot_and_changes() {
     let c1 = a.set_title("t", 5);
     let snap = ChatDoc::new(chat, &dev("a")).save();
     let c2 = a.add_message(&new_message(AccountId([1; 16]), &dev("a"), "x", 6, [7; 16])).unwrap();
-    let b = ChatDoc::load(chat, &dev("a"), Some(&snap), &[c1, c2]).unwrap();
+    let b = ChatDoc::load(chat, &dev("a"), Some(&snap), &[c1, c2], &[]).unwrap();
     assert_eq!(b.messages(), a.messages());
     assert_eq!(b.title().as_deref(), Some("t"));
 }
@@ -207,45 +233,49 @@ fn replies_edits_deletes_and_reactions_converge_and_are_reported() {
     let (alice, bob) = (AccountId([1; 16]), AccountId([2; 16]));
     let first = new_message(alice, &da, "hello", 1, [1; 16]);
     let c1 = a.add_message(&first).unwrap();
-    assert_eq!(b.apply_untrusted_update(&c1).unwrap().added.len(), 1);
+    assert_eq!(b.take_update(&c1).unwrap().added.len(), 1);
     let mut reply = new_message(bob, &db, "hi back", 2, [2; 16]);
     reply.reply_to = Some(first.id.clone());
     let c2 = b.add_message(&reply).unwrap();
-    a.apply_untrusted(&c2).unwrap();
+    a.take(&c2).unwrap();
     assert_eq!(a.messages()[1].reply_to.as_deref(), Some(first.id.as_str()));
 
     // An edit and two reactions reach the other side as changes of the message.
     let c3 = a.edit_message(&first.id, "hello, world", 3).unwrap();
-    let update = b.apply_untrusted_update(&c3).unwrap();
+    let update = b.take_update(&c3).unwrap();
     assert!(update.added.is_empty());
     assert_eq!(update.changed.len(), 1);
     assert_eq!((update.changed[0].text.as_str(), update.changed[0].edited), ("hello, world", Some(3)));
     let c4 = b.react(&first.id, &bob, "👍", true, 4).unwrap();
     let c5 = a.react(&first.id, &alice, "👍", true, 4).unwrap();
-    a.apply_untrusted(&c4).unwrap();
-    b.apply_untrusted(&c5).unwrap();
+    a.take(&c4).unwrap();
+    b.take(&c5).unwrap();
     let thumbs = vec![alice.to_string(), bob.to_string()];
     assert_eq!(a.messages()[0].reactions.get("👍"), Some(&thumbs));
     let c6 = b.react(&first.id, &bob, "👍", false, 5).unwrap();
-    assert_eq!(a.apply_untrusted_update(&c6).unwrap().changed[0].reactions["👍"], vec![alice.to_string()]);
+    assert_eq!(a.take_update(&c6).unwrap().changed[0].reactions["👍"], vec![alice.to_string()]);
     assert_eq!(b.react(&first.id, &bob, "two words", true, 5), Err(DocError::BadReaction));
 
-    // A delete and an edit made at the same time: the message is deleted on both sides, its
-    // text gone whichever write Automerge orders last.
-    let edit = b.edit_message(&reply.id, "edited meanwhile", 6).unwrap();
-    let delete = a.delete_message(&reply.id, 6).unwrap();
-    a.apply_untrusted(&edit).unwrap();
-    b.apply_untrusted(&delete).unwrap();
-    for doc in [&a, &b] {
-        let m = &doc.messages()[1];
+    // A delete and an edit made at the same time on two devices of the author's account: the
+    // message is deleted everywhere, its text gone whichever write Automerge orders last.
+    let mut a2 = ChatDoc::load(chat, &dev("c"), Some(&a.save()), &[], &[]).unwrap();
+    let edit = a.edit_message(&first.id, "edited meanwhile", 6).unwrap();
+    let delete = a2.delete_message(&first.id, 6).unwrap();
+    a.take(&delete).unwrap();
+    a2.take(&edit).unwrap();
+    b.take(&edit).unwrap();
+    b.take(&delete).unwrap();
+    for doc in [&a, &a2, &b] {
+        let m = &doc.messages()[0];
         assert!(m.deleted && m.text.is_empty() && m.reactions.is_empty(), "{m:?}");
     }
     assert_eq!(a.heads(), b.heads());
+    assert_eq!(a2.heads(), b.heads());
     assert_eq!(a.messages(), b.messages());
-    assert!(matches!(a.edit_message(&reply.id, "again", 7), Err(DocError::Deleted(_))));
+    assert!(matches!(a.edit_message(&first.id, "again", 7), Err(DocError::Deleted(_))));
     assert!(matches!(a.edit_message("nope", "x", 7), Err(DocError::UnknownMessage(_))));
     // And it stays so through a snapshot.
-    let loaded = ChatDoc::load(chat, &da, Some(&a.save()), &[]).unwrap();
+    let loaded = ChatDoc::load(chat, &da, Some(&a.save()), &[], &[]).unwrap();
     assert_eq!(loaded.messages(), a.messages());
 }
 
@@ -261,15 +291,15 @@ fn read_marks_clear_unread_on_the_accounts_other_devices_and_show_as_receipts() 
         let m = new_message(alice, &da, "hi", i64::from(i), [i + 1; 16]);
         ids.push(m.id.clone());
         let c = a.add_message(&m).unwrap();
-        p.apply_untrusted(&c).unwrap();
-        l.apply_untrusted(&c).unwrap();
+        p.take(&c).unwrap();
+        l.take(&c).unwrap();
     }
     assert_eq!((p.unread(&bob), l.unread(&bob), a.unread(&alice)), (3, 3, 0));
 
     // The phone reads two; the laptop's count drops too, and alice sees the receipts.
     let read = p.mark_read(&bob, &b1, &ids[1], 10).unwrap();
-    assert_eq!(l.apply_untrusted_update(&read).unwrap().read, vec![(bob.to_string(), ids[1].clone())]);
-    a.apply_untrusted(&read).unwrap();
+    assert_eq!(l.take_update(&read).unwrap().read, vec![(bob.to_string(), ids[1].clone())]);
+    a.take(&read).unwrap();
     assert_eq!((p.unread(&bob), l.unread(&bob)), (1, 1));
     let receipts: Vec<usize> = a.messages().iter().map(|m| m.read_by.len()).collect();
     assert_eq!(receipts, [1, 1, 0]);
@@ -277,9 +307,142 @@ fn read_marks_clear_unread_on_the_accounts_other_devices_and_show_as_receipts() 
 
     // A device that marks an earlier message does not move the account back.
     let back = l.mark_read(&bob, &b2, &ids[0], 11).unwrap();
-    p.apply_untrusted(&back).unwrap();
+    p.take(&back).unwrap();
     assert_eq!((p.unread(&bob), l.unread(&bob)), (1, 1));
     let all = l.mark_read(&bob, &b2, &ids[2], 12).unwrap();
-    p.apply_untrusted(&all).unwrap();
+    p.take(&all).unwrap();
     assert_eq!(p.unread(&bob), 0);
+}
+
+/// Bob holds the chat's key like every member, and crafts changes his device's API would not
+/// make. Each is refused whole, the document unchanged; his device's honest changes that
+/// build on a refused one never apply (they wait for it, among the bounded pending changes).
+#[test]
+fn a_member_cannot_write_as_another() {
+    let chat = ChatId([6; 16]);
+    let (da, db) = (dev("a"), dev("b"));
+    let (alice, bob) = (AccountId([1; 16]), AccountId([2; 16]));
+    let mut a = ChatDoc::new(chat, &da);
+    let hello = new_message(alice, &da, "hello", 1, [1; 16]);
+    let c1 = a.add_message(&hello).unwrap();
+    type Craft<'a> = Box<dyn Fn(&mut ChatDoc) -> Vec<u8> + 'a>;
+    let crafted: Vec<(&str, Craft)> = vec![
+        ("edit alice's message", Box::new(|b: &mut ChatDoc| b.doc_edit_first("text", "bob was here"))),
+        ("delete alice's message", Box::new(|b: &mut ChatDoc| b.doc_edit_first("deleted", 5_i64))),
+        ("react as alice", Box::new(|b: &mut ChatDoc| b.react(&hello.id, &alice, "👎", true, 5).unwrap())),
+        ("mark read as alice", Box::new(|b: &mut ChatDoc| b.mark_read(&alice, &da, &hello.id, 5).unwrap())),
+        (
+            "mark read as another bob device",
+            Box::new(|b: &mut ChatDoc| b.mark_read(&bob, &dev("b2"), &hello.id, 5).unwrap()),
+        ),
+        (
+            "write as alice",
+            Box::new(|b: &mut ChatDoc| b.add_message(&new_message(alice, &dev("b"), "hi", 5, [2; 16])).unwrap()),
+        ),
+        (
+            "write as alice's device",
+            Box::new(|b: &mut ChatDoc| b.add_message(&new_message(bob, &da, "hi", 5, [2; 16])).unwrap()),
+        ),
+        (
+            "reuse alice's message id",
+            Box::new(|b: &mut ChatDoc| {
+                let m = Message { id: hello.id.clone(), ..new_message(bob, &dev("b"), "hi", 5, [2; 16]) };
+                b.add_message(&m).unwrap()
+            }),
+        ),
+        (
+            "remove a message from the list",
+            Box::new(|b: &mut ChatDoc| {
+                let list = b.messages_obj().unwrap();
+                b.change(5, |tx| tx.delete(&list, 0)).unwrap()
+            }),
+        ),
+        (
+            "set another root key",
+            Box::new(|b: &mut ChatDoc| b.change(5, |tx| tx.put(ROOT, "admin", "bob").map(|_| ())).unwrap()),
+        ),
+        (
+            "overwrite a read mark with text",
+            Box::new(|b: &mut ChatDoc| {
+                let read = b.read_obj().unwrap();
+                let key = format!("{bob} b");
+                b.change(5, move |tx| tx.put(&read, key.as_str(), "x")).unwrap()
+            }),
+        ),
+    ];
+    for (what, craft) in &crafted {
+        let mut b = ChatDoc::new(chat, &db);
+        b.take(&c1).unwrap();
+        let evil = craft(&mut b);
+        let honest = b.set_title("bob's", 6);
+        let (heads, messages) = (a.heads(), a.messages());
+        assert!(matches!(a.take(&evil), Err(DocError::Forbidden(_))), "{what}");
+        assert_eq!(a.take(&honest), Ok(vec![]), "{what}: what builds on it waits, for ever");
+        assert_eq!((a.heads(), a.messages()), (heads.clone(), messages.clone()), "{what}");
+    }
+    // Bob's own writes are his to make, from any of his devices.
+    let mut b = ChatDoc::new(chat, &db);
+    b.take(&c1).unwrap();
+    let with_file = Message { attachments: vec!["file".into()], ..new_message(bob, &db, "see", 7, [5; 16]) };
+    let mut changes = vec![
+        b.react(&hello.id, &bob, "👍", true, 6).unwrap(),
+        b.mark_read(&bob, &db, &hello.id, 6).unwrap(),
+        b.set_title("bob's title", 6),
+        b.add_message(&new_message(bob, &db, "mine", 7, [3; 16])).unwrap(),
+        b.add_message(&with_file).unwrap(),
+    ];
+    let mut b2 = ChatDoc::load(chat, &dev("b2"), Some(&b.save()), &[], &[]).unwrap();
+    changes.push(b2.edit_message(&with_file.id, "see this", 8).unwrap());
+    changes.push(b2.delete_message(&with_file.id, 9).unwrap());
+    changes.push(b2.react(&hello.id, &bob, "👍", false, 9).unwrap());
+    for change in &changes {
+        a.apply_untrusted(change, &who(change)).unwrap();
+    }
+    b.take(&changes[5]).unwrap();
+    b.take(&changes[6]).unwrap();
+    b.take(&changes[7]).unwrap();
+    assert_eq!(a.heads(), b.heads());
+    assert!(a.messages()[2].deleted && a.messages()[2].attachments.is_empty());
+    // A change whose sender the relay names wrongly (another device of the same account).
+    let mut b = ChatDoc::new(chat, &db);
+    b.take(&c1).unwrap();
+    let mine = b.add_message(&new_message(bob, &db, "x", 7, [4; 16])).unwrap();
+    let elsewhere = Author { account: bob, device: dev("b2") };
+    assert_eq!(
+        a.apply_untrusted(&mine, &elsewhere),
+        Err(DocError::Forbidden("is not written by the device that sent it"))
+    );
+}
+
+/// The rules also hold for a change that waited for its dependencies, and for changes loaded
+/// from the store.
+#[test]
+fn a_held_back_change_is_checked_for_authorship_when_it_applies() {
+    let chat = ChatId([7; 16]);
+    let (da, db) = (dev("a"), dev("b"));
+    let mut a = ChatDoc::new(chat, &da);
+    let mut b = ChatDoc::new(chat, &db);
+    let c1 = a.add_message(&new_message(AccountId([1; 16]), &da, "hello", 1, [1; 16])).unwrap();
+    b.take(&c1).unwrap();
+    let evil = b.doc_edit_first("text", "bob was here");
+    let mut v = ChatDoc::new(chat, &dev("v"));
+    assert_eq!(v.take(&evil), Ok(vec![]), "held back");
+    assert_eq!(v.pending_changes().len(), 1);
+    assert_eq!(v.take(&c1).unwrap().len(), 1, "alice's message applies; bob's edit is dropped");
+    assert_eq!(v.messages()[0].text, "hello");
+    let authors = [who(&c1), who(&evil)];
+    let loaded = ChatDoc::load(chat, &dev("v"), None, &[evil.clone(), c1.clone()], &authors).unwrap();
+    assert_eq!(loaded.heads(), v.heads());
+    let unknown = ChatDoc::load(chat, &dev("v"), None, &[c1, evil], &authors[..1]).unwrap();
+    assert_eq!(unknown.heads(), v.heads(), "a change from a device the store has no author for is dropped");
+}
+
+impl ChatDoc {
+    /// Puts `value` at `key` of the first message, whoever wrote it.
+    fn doc_edit_first(&mut self, key: &str, value: impl Into<ScalarValue>) -> Vec<u8> {
+        let list = self.messages_obj().unwrap();
+        let Ok(Some((_, m))) = self.doc.get(&list, 0) else { panic!("no message") };
+        let value = value.into();
+        self.change(5, |tx| tx.put(&m, key, value)).unwrap()
+    }
 }

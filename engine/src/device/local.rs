@@ -9,7 +9,7 @@ use rand::{RngCore, SeedableRng};
 use serde::Serialize;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::device::doc::{new_message, ChatDoc, DocUpdate, Message};
+use crate::device::doc::{new_message, Author, ChatDoc, DocUpdate, Message};
 use crate::device::error::Error;
 use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
 use crate::device::store::{
@@ -461,7 +461,7 @@ impl Device {
                 return Err(Error::UnknownChat(chat));
             }
             let (snap, changes) = self.store.doc_parts(chat)?;
-            let doc = ChatDoc::load(chat, &self.id, snap.as_deref(), &changes)?;
+            let doc = ChatDoc::load(chat, &self.id, snap.as_deref(), &changes, &self.store.authors(chat)?)?;
             if self.docs.len() >= DOC_CACHE {
                 let evict = self.doc_order.remove(0);
                 self.docs.remove(&evict);
@@ -539,7 +539,7 @@ impl Device {
         let meta = self.store.chat(chat)?.ok_or(Error::UnknownChat(chat))?;
         let (epoch, key) = meta.current().ok_or(Error::UnknownChat(chat))?;
         let client_seq = self.store.next_client_seq()?;
-        let ad = DeltaAd { chat, epoch, device: &self.id, client_seq };
+        let ad = DeltaAd { chat, epoch, device: &self.id, account: self.login()?.account.id, client_seq };
         let sealed = seal_delta(&key.transport(), &ad, change, &mut self.rng);
         let item = OutboxItem { client_seq, chat, epoch, body: OutboxBody::Delta { sealed, plain: change.to_vec() } };
         let stored = self.store.store_local(chat, change, &item)?;
@@ -551,8 +551,9 @@ impl Device {
     /// Rewrites the chat's snapshot once `stored` changes pile up after it.
     fn maybe_compact(&mut self, chat: ChatId, stored: u64) -> Result<(), Error> {
         if stored >= COMPACT_AFTER_CHANGES {
-            let snap = self.doc(chat)?.save();
-            self.store.compact(chat, &snap)?;
+            let doc = self.doc(chat)?;
+            let (snap, pending) = (doc.save(), doc.pending_changes());
+            self.store.compact(chat, &snap, &pending)?;
         }
         Ok(())
     }
@@ -572,15 +573,7 @@ impl Device {
             // A new epoch whose key is still on its way in the account log (the relay only
             // stores deltas under epochs it has): the cursor stays, the delta comes again.
             None => return Err(Error::NoKeyYet(delta.chat, delta.epoch)),
-            Some(key) => {
-                let ad = DeltaAd {
-                    chat: delta.chat,
-                    epoch: delta.epoch,
-                    device: &delta.device,
-                    client_seq: delta.client_seq,
-                };
-                crate::proto::crypto::open_delta(&key, &ad, &delta.sealed).map_err(Error::from)
-            }
+            Some(key) => crate::proto::crypto::open_delta(&key, &delta.ad(), &delta.sealed).map_err(Error::from),
         };
         let plain = match opened {
             Ok(p) => p,
@@ -589,8 +582,12 @@ impl Device {
                 return Err(e);
             }
         };
+        let from = Author { account: delta.account, device: delta.device.clone() };
+        if !self.doc(delta.chat)?.knows_author(&from) {
+            self.store.put_author(delta.chat, &from)?;
+        }
         let doc = self.doc(delta.chat)?;
-        match doc.apply_untrusted_update(&plain) {
+        match doc.apply_untrusted_update(&plain, &from) {
             Ok(update) => {
                 let stored = self.store.apply_remote(delta.chat, delta.seq, Some(&plain))?;
                 self.maybe_compact(delta.chat, stored)?;

@@ -8,7 +8,10 @@
 //! * `chats`: chat id → [`ChatMeta`] (kind, keys per epoch)
 //! * `cursors`: chat id → last applied seq
 //! * `snapshots`: chat id → saved Automerge document
-//! * `changes`: chat id ‖ n → Automerge change bytes applied since the snapshot
+//! * `changes`: chat id ‖ n → Automerge change bytes applied since the snapshot (and the
+//!   changes still waiting for their dependencies)
+//! * `authors`: chat id ‖ device id → [`Author`] of the changes that device sent (the account
+//!   the relay stamped on its deltas), for the authorship checks of changes applied on loading
 //! * `outbox`: client seq → [`OutboxItem`] (sealed, with its plaintext change for resealing
 //!   after a rotation, waiting for the relay's ack)
 //! * `devices`: device id → certificate of a device of this account
@@ -28,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 
+use crate::device::doc::Author;
 use crate::proto::cert::{AccountGen, AccountKeys, AccountPublic, DeviceCert};
 use crate::proto::crypto::ChatKey;
 use crate::proto::directory::AccountChain;
@@ -179,6 +183,7 @@ pub struct DeviceStore {
     devices: sled::Tree,
     contacts: sled::Tree,
     pins: sled::Tree,
+    authors: sled::Tree,
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -230,6 +235,7 @@ impl DeviceStore {
             devices: db.open_tree("devices")?,
             contacts: db.open_tree("contacts")?,
             pins: db.open_tree("pins")?,
+            authors: db.open_tree("authors")?,
             db,
         })
     }
@@ -400,6 +406,7 @@ impl DeviceStore {
             &self.devices,
             &self.contacts,
             &self.pins,
+            &self.authors,
         ] {
             tree.clear()?;
         }
@@ -554,18 +561,34 @@ impl DeviceStore {
         Ok(ClientSeq(self.meta.get("next_client_seq")?.map(|v| u64_of(&v, "client seq")).transpose()?.unwrap_or(1)))
     }
 
-    /// Replaces a chat's snapshot and drops the changes it covers.
-    pub fn compact(&self, chat: ChatId, snapshot: &[u8]) -> Result<(), StoreError> {
+    /// Replaces a chat's snapshot and drops the changes it covers, keeping `pending` (the
+    /// changes that wait for their dependencies, which a snapshot does not hold).
+    pub fn compact(&self, chat: ChatId, snapshot: &[u8], pending: &[Vec<u8>]) -> Result<(), StoreError> {
         let keys: Vec<sled::IVec> = self.changes.scan_prefix(chat.0).keys().collect::<Result<_, _>>()?;
+        let next = self.next_change_n(chat)?;
         tx_result((&self.snapshots, &self.changes).transaction(
             |(snaps, changes): &(TransactionalTree, TransactionalTree)| -> TxResult<()> {
                 snaps.insert(&chat.0[..], snapshot)?;
                 for k in &keys {
                     changes.remove(k)?;
                 }
+                for (n, c) in (next..).zip(pending) {
+                    changes.insert(&change_key(chat, n)[..], &c[..])?;
+                }
                 Ok(())
             },
         ))
+    }
+
+    /// Records who sent a chat's changes from `author.device` (see [`Author`]).
+    pub fn put_author(&self, chat: ChatId, author: &Author) -> Result<(), StoreError> {
+        self.authors.insert([&chat.0[..], author.device.0.as_bytes()].concat(), enc(author))?;
+        Ok(())
+    }
+
+    /// Every device that sent changes to a chat, with its account.
+    pub fn authors(&self, chat: ChatId) -> Result<Vec<Author>, StoreError> {
+        self.authors.scan_prefix(chat.0).map(|kv| dec(&kv?.1, "author")).collect()
     }
 
     /// Outbox items after `after`, at most `max`, in client-seq order.

@@ -185,6 +185,8 @@ pub struct DeltaAd<'a> {
     pub epoch: Epoch,
     /// The sending device.
     pub device: &'a DeviceId,
+    /// The sending device's account.
+    pub account: AccountId,
     /// The sender's client seq.
     pub client_seq: ClientSeq,
 }
@@ -192,8 +194,9 @@ pub struct DeltaAd<'a> {
 impl DeltaAd<'_> {
     fn bytes(&self) -> Vec<u8> {
         let mut ad = Vec::with_capacity(64 + self.device.0.len());
-        ad.extend_from_slice(b"stratus-delta-v1");
+        ad.extend_from_slice(b"stratus-delta-v2");
         ad.extend_from_slice(&self.chat.0);
+        ad.extend_from_slice(&self.account.0);
         ad.extend_from_slice(&self.epoch.0.to_be_bytes());
         ad.extend_from_slice(&(self.device.0.len() as u32).to_be_bytes());
         ad.extend_from_slice(self.device.0.as_bytes());
@@ -328,7 +331,13 @@ mod tests {
     use super::*;
 
     fn ad(device: &DeviceId) -> DeltaAd<'_> {
-        DeltaAd { chat: ChatId([1; 16]), epoch: Epoch(0), device, client_seq: ClientSeq(5) }
+        DeltaAd {
+            chat: ChatId([1; 16]),
+            epoch: Epoch(0),
+            device,
+            account: AccountId([2; 16]),
+            client_seq: ClientSeq(5),
+        }
     }
 
     #[test]
@@ -344,6 +353,8 @@ mod tests {
         assert_eq!(open_delta(&key, &ad(&dev), &tampered), Err(CryptoError::Authentication));
         let other = DeltaAd { client_seq: ClientSeq(6), ..ad(&dev) };
         assert_eq!(open_delta(&key, &other, &sealed), Err(CryptoError::Authentication));
+        let other_account = DeltaAd { account: AccountId([3; 16]), ..ad(&dev) };
+        assert_eq!(open_delta(&key, &other_account, &sealed), Err(CryptoError::Authentication));
         assert_eq!(open_delta(&key, &ad(&dev), &sealed[..10]), Err(CryptoError::Truncated));
     }
 

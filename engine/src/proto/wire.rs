@@ -9,14 +9,14 @@
 use serde::{Deserialize, Serialize};
 
 use super::cert::{AccountPublic, DeviceCert, Revocation, Rotation};
-use super::crypto::SealedBox;
+use super::crypto::{DeltaAd, SealedBox};
 use super::directory::{AccountChain, DirectoryEntry, KeyTerms, MemberChange};
 use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
 /// The libp2p protocol name of the sync stream.
 pub const PROTOCOL: &str = "/stratus/sync/1";
 /// Bumped on any incompatible change to the frames below.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Longest frame either side sends or accepts. A longer length prefix is a protocol error and
 /// closes the stream (the rest of the stream cannot be trusted to be framed).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
@@ -54,10 +54,27 @@ pub struct Delta {
     pub epoch: Epoch,
     /// Sending device.
     pub device: DeviceId,
+    /// The sending device's account, stamped by the relay like `device` (and, like it, bound
+    /// by the seal): the receiving devices check that the change touches only what this
+    /// account may.
+    pub account: AccountId,
     /// Sender's client seq.
     pub client_seq: ClientSeq,
     /// `nonce || ciphertext+tag`.
     pub sealed: Vec<u8>,
+}
+
+impl Delta {
+    /// What its seal is bound to.
+    pub fn ad(&self) -> DeltaAd<'_> {
+        DeltaAd {
+            chat: self.chat,
+            epoch: self.epoch,
+            device: &self.device,
+            account: self.account,
+            client_seq: self.client_seq,
+        }
+    }
 }
 
 /// An entry in an account's log.

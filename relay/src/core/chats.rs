@@ -172,7 +172,7 @@ impl RelayCore {
         if dev.recent.len() > DEDUP_WINDOW {
             dev.recent.pop_first();
         }
-        let delta = Delta { chat: chat_id, seq, epoch, device: device.clone(), client_seq, sealed };
+        let delta = Delta { chat: chat_id, seq, epoch, device: device.clone(), account, client_seq, sealed };
         let token = self.token();
         out.push(Effect::Write { token, ops: vec![StoreOp::PutDelta(delta.clone())] });
         self.after_durable(

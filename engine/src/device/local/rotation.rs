@@ -258,12 +258,12 @@ impl Device {
 
     /// `items`' deltas of `chat` under an older epoch, sealed under the chat's newest key.
     fn sealed_again(&mut self, chat: ChatId, meta: &ChatMeta, items: &[OutboxItem]) -> Vec<OutboxItem> {
-        let Some((epoch, key)) = meta.current() else { return Vec::new() };
+        let (Some((epoch, key)), Some(account)) = (meta.current(), self.account()) else { return Vec::new() };
         let key = key.transport();
         let mut out = Vec::new();
         for item in items.iter().filter(|i| i.chat == chat && i.epoch < epoch) {
             let OutboxBody::Delta { plain, .. } = &item.body else { continue };
-            let ad = DeltaAd { chat, epoch, device: &self.id, client_seq: item.client_seq };
+            let ad = DeltaAd { chat, epoch, device: &self.id, account, client_seq: item.client_seq };
             let sealed = seal_delta(&key, &ad, plain, &mut self.rng);
             out.push(OutboxItem { epoch, body: OutboxBody::Delta { sealed, plain: plain.clone() }, ..item.clone() });
         }

@@ -179,7 +179,13 @@ impl Writer {
         self.next_client_seq += 1;
         let mut plain = [0u8; PLAINTEXT_BYTES];
         self.rng.fill_bytes(&mut plain);
-        let ad = DeltaAd { chat: self.chat, epoch: Epoch(0), device: &self.device, client_seq };
+        let ad = DeltaAd {
+            chat: self.chat,
+            epoch: Epoch(0),
+            device: &self.device,
+            account: self.keys.public().id,
+            client_seq,
+        };
         let sealed = seal_delta(&self.key, &ad, &plain, &mut self.rng);
         (req, client_seq, ClientFrame::Append { req, chat: self.chat, epoch: Epoch(0), client_seq, sealed })
     }

@@ -156,9 +156,7 @@ pub(super) async fn push_latency(ctx: &Ctx, addr: &str, seed: u64, secs: u64, ra
                         received += 1;
                     }
                     if let Some(k) = &key {
-                        let ad =
-                            DeltaAd { chat, epoch: delta.epoch, device: &delta.device, client_seq: delta.client_seq };
-                        if open_delta(k, &ad, &delta.sealed).is_ok_and(|p| p.len() == PLAINTEXT_BYTES) {
+                        if open_delta(k, &delta.ad(), &delta.sealed).is_ok_and(|p| p.len() == PLAINTEXT_BYTES) {
                             verified += 1;
                         }
                     }
