@@ -30,4 +30,4 @@ mod device;
 #[cfg(feature = "device")]
 pub use device::*;
 
-pub use proto::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
+pub use proto::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, SecretId, Seq};

@@ -47,9 +47,13 @@ use crate::proto::ids::{AccountId, ChatId, DeviceId};
 
 #[path = "doc_authorship.rs"]
 mod authorship;
+#[path = "doc_sync.rs"]
+mod sync;
 #[path = "doc_view.rs"]
 mod view;
 pub use authorship::{message_id_prefix, Author};
+pub use automerge::sync::State as SyncState;
+pub use sync::{MAX_SYNC_CHANGES, MAX_SYNC_MESSAGE_BYTES};
 
 /// Largest change accepted from outside, in bytes (the relay caps sealed deltas at 64 KiB).
 pub const MAX_CHANGE_BYTES: usize = 64 * 1024;

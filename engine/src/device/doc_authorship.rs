@@ -91,16 +91,24 @@ impl ChatDoc {
                     t
                 }
             };
-            // Automerge names the operation's types only through serde.
-            let json = serde_json::to_value(op).map_err(|_| DocError::Forbidden("has an unreadable operation"))?;
-            let key = json.get("key").and_then(|k| k.as_str());
-            let act = match (json.get("action").and_then(|a| a.as_str()), op.primitive_value()) {
-                (Some("makeMap"), _) => Act::MakeMap,
-                (Some("makeList"), _) => Act::MakeList,
-                (Some("del"), _) => Act::Delete,
-                (Some("set"), Some(ScalarValue::Str(s))) => Act::Str(s.to_string()),
-                (Some("set"), Some(ScalarValue::Int(_))) => Act::Int,
-                (Some("set"), Some(ScalarValue::Boolean(true))) => Act::True,
+            // Automerge names the types of an operation's action and key only through serde.
+            let text = |v: serde_json::Result<serde_json::Value>| match v {
+                Ok(serde_json::Value::String(s)) => Ok(s),
+                _ => Err(DocError::Forbidden("has an unreadable operation")),
+            };
+            let key = match op.key.is_map_key() {
+                true => Some(text(serde_json::to_value(&op.key))?),
+                false => None,
+            };
+            let key = key.as_deref();
+            let action = text(serde_json::to_value(&op.action))?;
+            let act = match (action.as_str(), op.primitive_value()) {
+                ("makeMap", _) => Act::MakeMap,
+                ("makeList", _) => Act::MakeList,
+                ("del", _) => Act::Delete,
+                ("set", Some(ScalarValue::Str(s))) => Act::Str(s.to_string()),
+                ("set", Some(ScalarValue::Int(_))) => Act::Int,
+                ("set", Some(ScalarValue::Boolean(true))) => Act::True,
                 _ => Act::Other,
             };
             let mine = |owner: &str| owner == account;

@@ -446,3 +446,44 @@ impl ChatDoc {
         self.change(5, |tx| tx.put(&m, key, value)).unwrap()
     }
 }
+
+/// Two devices sync one document over Automerge's sync protocol (as a secret chat does): both
+/// end equal; a hostile change inside a sync message is refused like any other.
+#[test]
+fn two_devices_sync_directly_and_the_checks_still_hold() {
+    let chat = ChatId([9; 16]);
+    let (da, db) = (dev("a"), dev("b"));
+    let (alice, bob) = (AccountId([1; 16]), AccountId([2; 16]));
+    let (mut a, mut b) = (ChatDoc::new(chat, &da), ChatDoc::new(chat, &db));
+    let hello = new_message(alice, &da, "hello", 1, [1; 16]);
+    a.add_message(&hello).unwrap();
+    b.add_message(&new_message(bob, &db, "hi", 2, [2; 16])).unwrap();
+    let (from_a, from_b) = (Author { account: alice, device: da.clone() }, Author { account: bob, device: db.clone() });
+    let (mut sa, mut sb) = (SyncState::new(), SyncState::new());
+    let mut rounds = 0;
+    loop {
+        let (ma, mb) = (a.sync_message(&mut sa), b.sync_message(&mut sb));
+        if ma.is_none() && mb.is_none() {
+            break;
+        }
+        if let Some(m) = ma {
+            b.receive_sync(&mut sb, &m, &from_a).unwrap();
+        }
+        if let Some(m) = mb {
+            a.receive_sync(&mut sa, &m, &from_b).unwrap();
+        }
+        rounds += 1;
+        assert!(rounds < 10, "sync ends");
+    }
+    assert_eq!(a.heads(), b.heads());
+    assert_eq!(a.messages().len(), 2);
+
+    // Bob edits alice's message; his sync message carries the change and is refused.
+    let evil = b.doc_edit_first("text", "bob was here");
+    let mut message = automerge::sync::Message::decode(&b.sync_message(&mut sb).unwrap()).unwrap();
+    assert_eq!(message.changes.iter().next(), Some(&evil[..]));
+    message.changes = vec![evil].into();
+    assert!(matches!(a.receive_sync(&mut sa, &message.encode(), &from_b), Err(DocError::Forbidden(_))));
+    assert_eq!(a.messages()[0].text, "hello");
+    assert!(matches!(a.receive_sync(&mut sa, b"garbage", &from_b), Err(DocError::Malformed(_))));
+}

@@ -1,9 +1,10 @@
 use crate::device::doc::DocError;
 use crate::device::net::NetError;
+use crate::device::secret::SecretError;
 use crate::device::store::StoreError;
 use crate::proto::cert::CertError;
 use crate::proto::crypto::CryptoError;
-use crate::proto::ids::ChatId;
+use crate::proto::ids::{ChatId, SecretId};
 use crate::proto::wire::ErrorCode;
 
 /// Everything that can go wrong on a device. Each message says what to do about it.
@@ -19,6 +20,13 @@ pub enum Error {
     /// No such chat on this device.
     #[error("no chat {0} on this device (see `chat list`)")]
     UnknownChat(ChatId),
+    /// No such secret chat on this device (or it was closed).
+    #[error("no secret chat {0} on this device (see `secret list`)")]
+    UnknownSecret(SecretId),
+    /// A secret chat's session failed; the connection is to be closed (the next one starts
+    /// afresh).
+    #[error(transparent)]
+    Secret(#[from] SecretError),
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -26,7 +26,9 @@ use crate::proto::wire::{
 mod members;
 mod messages;
 mod rotation;
+mod secret;
 mod sessions;
+pub use secret::{SecretMessage, SecretUpdate};
 
 pub use members::ContactInfo;
 pub(crate) use members::KeyWork;

@@ -12,6 +12,7 @@
 //!   changes still waiting for their dependencies)
 //! * `authors`: chat id ‖ device id → [`Author`] of the changes that device sent (the account
 //!   the relay stamped on its deltas), for the authorship checks of changes applied on loading
+//! * `secrets`, `secret_docs`, `secret_keys`: secret chats (see `store_secret.rs`)
 //! * `outbox`: client seq → [`OutboxItem`] (sealed, with its plaintext change for resealing
 //!   after a rotation, waiting for the relay's ack)
 //! * `devices`: device id → certificate of a device of this account
@@ -32,12 +33,16 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::Transactional;
 
 use crate::device::doc::Author;
+
+#[path = "store_secret.rs"]
+mod secret;
 use crate::proto::cert::{AccountGen, AccountKeys, AccountPublic, DeviceCert};
 use crate::proto::crypto::ChatKey;
 use crate::proto::directory::AccountChain;
 use crate::proto::durable::SledDir;
 use crate::proto::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 use crate::proto::wire::{ChatKind, WrappedKey};
+pub use secret::{MessageKey, SecretChat, SecretState};
 
 /// How many changes pile up after a chat's snapshot before the snapshot is rewritten.
 pub const COMPACT_AFTER_CHANGES: u64 = 2048;
@@ -184,6 +189,9 @@ pub struct DeviceStore {
     contacts: sled::Tree,
     pins: sled::Tree,
     authors: sled::Tree,
+    secrets: sled::Tree,
+    secret_docs: sled::Tree,
+    secret_keys: sled::Tree,
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -236,6 +244,9 @@ impl DeviceStore {
             contacts: db.open_tree("contacts")?,
             pins: db.open_tree("pins")?,
             authors: db.open_tree("authors")?,
+            secrets: db.open_tree("secrets")?,
+            secret_docs: db.open_tree("secret_docs")?,
+            secret_keys: db.open_tree("secret_keys")?,
             db,
         })
     }
@@ -407,6 +418,9 @@ impl DeviceStore {
             &self.contacts,
             &self.pins,
             &self.authors,
+            &self.secrets,
+            &self.secret_docs,
+            &self.secret_keys,
         ] {
             tree.clear()?;
         }

@@ -59,6 +59,11 @@ hex_id!(
     /// A chat, chosen at random by the device that creates it.
     ChatId, 16, "chat id"
 );
+hex_id!(
+    /// A secret chat (two devices, never on the relay), chosen at random by the device that
+    /// starts it.
+    SecretId, 16, "secret chat id"
+);
 
 /// A device: the text form of its libp2p PeerId (which the Noise handshake authenticates).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

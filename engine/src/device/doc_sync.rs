@@ -1,0 +1,60 @@
+//! Automerge's sync protocol for a document shared with one peer directly (secret chats), with
+//! the same door for outside bytes as [`ChatDoc::apply_untrusted_update`]: every change a sync
+//! message carries is checked and applied through it, and Automerge's own sync code sees the
+//! message only without its changes (for the heads, needs and bloom filters it keeps in the
+//! [`SyncState`]). Part of [`ChatDoc`]; split out of `doc.rs` for size.
+
+use automerge::sync::{ChunkList, Message as SyncMessage, MessageVersion, State as SyncState, SyncDoc};
+
+use super::{guarded, Author, ChatDoc, DocError, DocUpdate};
+
+/// Largest sync message accepted from a peer (a secret chat's channel carries payloads of at
+/// most 8 MiB).
+pub const MAX_SYNC_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+/// Most changes one sync message may carry.
+pub const MAX_SYNC_CHANGES: usize = 4096;
+
+impl ChatDoc {
+    /// The next sync message for the peer that `state` tracks, if there is anything to say. It
+    /// is written in the first version of the format and offers no capabilities, so an honest
+    /// peer answers with changes, never a whole document.
+    pub fn sync_message(&self, state: &mut SyncState) -> Option<Vec<u8>> {
+        let mut message = self.doc.generate_sync_message(state)?;
+        message.supported_capabilities = None;
+        message.version = MessageVersion::V1;
+        Some(message.encode())
+    }
+
+    /// Applies a sync message from the peer `from`: each change it carries goes through the
+    /// checks of [`ChatDoc::apply_untrusted_update`] (a refused change refuses the message; the
+    /// changes before it stay applied, as they would arriving one by one), then `state` learns
+    /// the peer's heads and needs. Returns what the changes did to the messages.
+    pub fn receive_sync(&mut self, state: &mut SyncState, bytes: &[u8], from: &Author) -> Result<DocUpdate, DocError> {
+        if bytes.len() > MAX_SYNC_MESSAGE_BYTES {
+            return Err(DocError::TooLarge(bytes.len()));
+        }
+        let mut message = guarded(|| SyncMessage::decode(bytes))
+            .ok_or(DocError::Panicked)?
+            .map_err(|e| DocError::Malformed(e.to_string()))?;
+        if message.changes.len() > MAX_SYNC_CHANGES {
+            return Err(DocError::TooManyPending);
+        }
+        let changes: Vec<Vec<u8>> = message.changes.iter().map(<[u8]>::to_vec).collect();
+        let mut update = DocUpdate::default();
+        for change in &changes {
+            let u = self.apply_untrusted_update(change, from)?;
+            update.added.extend(u.added);
+            update.changed.extend(u.changed);
+            update.read.extend(u.read);
+        }
+        message.changes = ChunkList::empty();
+        match guarded(|| self.doc.receive_sync_message(state, message)) {
+            None => {
+                self.poisoned = true;
+                Err(DocError::Panicked)
+            }
+            Some(Err(e)) => Err(DocError::Malformed(e.to_string())),
+            Some(Ok(())) => Ok(update),
+        }
+    }
+}

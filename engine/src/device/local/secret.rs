@@ -1,0 +1,331 @@
+//! Secret chats on the device: start, accept, write, read, self-destruct, close, and the work
+//! of a live link to the peer device (see `secret/`). A secret chat's document is a
+//! [`ChatDoc`] like any chat's, kept in the device's own trees and synced only over the link.
+//! Part of [`Device`]; split out of `local.rs` for size.
+
+use super::*;
+use std::collections::BTreeSet;
+
+use crate::device::doc::MAX_SYNC_MESSAGE_BYTES;
+use crate::device::secret::link::{open_text, seal_text, MAX_KEYS_PER_FRAME};
+use crate::device::secret::{Channel, SecretFrame, SecretLink, SecretText};
+use crate::device::store::{MessageKey, SecretChat, SecretState};
+use crate::proto::ids::SecretId;
+
+/// A secret chat's message as the user sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SecretMessage {
+    /// The message (its text opened).
+    #[serde(flatten)]
+    pub message: Message,
+    /// Seconds after it is read that it disappears, if it does.
+    pub ttl_s: Option<u32>,
+    /// When it disappears (its timer runs), milliseconds since the Unix epoch.
+    pub expires_ms: Option<i64>,
+}
+
+/// What a frame from the peer did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SecretUpdate {
+    /// Messages that arrived (with their keys), or whose key arrived.
+    pub added: Vec<SecretMessage>,
+    /// The peer closed the chat; it is deleted here too.
+    pub closed: bool,
+}
+
+/// The document of a secret chat lives under a chat id made from the secret chat's id (it is
+/// never a chat on the relay).
+fn doc_chat(id: SecretId) -> ChatId {
+    ChatId(id.0)
+}
+
+impl Device {
+    /// Starts a secret chat with `peer` (a device of another account, whose static key
+    /// `peer_static` its verified certificate gives). The chat waits for the peer to accept.
+    pub fn secret_start(&mut self, peer: Author, peer_static: [u8; 32]) -> Result<SecretId, Error> {
+        self.login()?;
+        let id = SecretId::random(&mut self.rng);
+        let chat = SecretChat {
+            id,
+            peer,
+            peer_static,
+            started_here: true,
+            state: SecretState::Inviting,
+            created_ms: self.now_ms(),
+        };
+        self.store.put_secret(&chat)?;
+        self.store.put_secret_doc(id, &ChatDoc::new(doc_chat(id), &self.id).save())?;
+        self.store.barrier()?;
+        Ok(id)
+    }
+
+    /// Records a secret chat the peer device offers (its handshake named it); `accept` says
+    /// whether this device takes it at once (its auto-accept setting).
+    pub fn secret_offered(
+        &mut self,
+        id: SecretId,
+        peer: Author,
+        peer_static: [u8; 32],
+        accept: bool,
+    ) -> Result<SecretChat, Error> {
+        if let Some(known) = self.store.secret(id)? {
+            return Ok(known);
+        }
+        let state = if accept { SecretState::Active } else { SecretState::Invited };
+        let chat = SecretChat { id, peer, peer_static, started_here: false, state, created_ms: self.now_ms() };
+        self.store.put_secret(&chat)?;
+        self.store.put_secret_doc(id, &ChatDoc::new(doc_chat(id), &self.id).save())?;
+        self.store.barrier()?;
+        Ok(chat)
+    }
+
+    /// Accepts a secret chat the peer offered (or marks one started here as accepted by the
+    /// peer).
+    pub fn secret_accept(&mut self, id: SecretId) -> Result<(), Error> {
+        let mut chat = self.secret(id)?;
+        if chat.state != SecretState::Closing {
+            chat.state = SecretState::Active;
+            self.store.put_secret(&chat)?;
+            self.store.barrier()?;
+        }
+        Ok(())
+    }
+
+    /// One secret chat's record.
+    pub fn secret(&self, id: SecretId) -> Result<SecretChat, Error> {
+        self.store.secret(id)?.filter(|c| c.state != SecretState::Closing).ok_or(Error::UnknownSecret(id))
+    }
+
+    /// Every secret chat on this device (not those closed here and waiting to tell the peer).
+    pub fn secret_chats(&self) -> Result<Vec<SecretChat>, Error> {
+        Ok(self.store.secret_chats()?.into_iter().filter(|c| c.state != SecretState::Closing).collect())
+    }
+
+    /// Writes a message, disappearing `ttl_s` seconds after it is read if given. It waits on
+    /// this device until a link to the peer carries it.
+    pub fn secret_send(&mut self, id: SecretId, text: &str, ttl_s: Option<u32>) -> Result<SecretMessage, Error> {
+        check_text(text)?;
+        self.secret(id)?;
+        let account = self.login()?.account.id;
+        let mut raw = [0u8; 16];
+        self.rng.fill_bytes(&mut raw);
+        let mut msg = new_message(account, &self.id, "", self.now_ms(), raw);
+        let mut key = [0u8; 32];
+        self.rng.fill_bytes(&mut key);
+        let sealed = seal_text(&key, id, &msg.id, &SecretText { text: text.to_string(), ttl_s }, &mut self.rng);
+        let mut doc = self.secret_doc(id)?;
+        doc.add_message(&Message { text: sealed, ..msg.clone() })?;
+        self.store.put_message_key(id, &msg.id, &MessageKey { key, mine: true, delivered: false, expires_ms: None })?;
+        self.store.put_secret_doc(id, &doc.save())?;
+        self.store.barrier()?;
+        msg.text = text.to_string();
+        Ok(SecretMessage { message: msg, ttl_s, expires_ms: None })
+    }
+
+    /// A secret chat's messages in display order, with their texts: those whose key is gone
+    /// (disappeared) or has not arrived yet are left out.
+    pub fn secret_messages(&mut self, id: SecretId) -> Result<Vec<SecretMessage>, Error> {
+        self.secret(id)?;
+        let doc = self.secret_doc(id)?;
+        let keys: BTreeMap<String, MessageKey> = self.store.message_keys(id)?.into_iter().collect();
+        Ok(doc
+            .messages()
+            .into_iter()
+            .filter_map(|mut m| {
+                let k = keys.get(&m.id)?;
+                let opened = open_text(&k.key, id, &m.id, &m.text)?;
+                m.text = if m.deleted { String::new() } else { opened.text };
+                Some(SecretMessage { message: m, ttl_s: opened.ttl_s, expires_ms: k.expires_ms })
+            })
+            .collect())
+    }
+
+    /// Marks the chat read up to message `upto`; the timers of the messages it covers start.
+    pub fn secret_read(&mut self, id: SecretId, upto: &str) -> Result<(), Error> {
+        self.secret(id)?;
+        let account = self.login()?.account.id;
+        let device = self.id.clone();
+        let mut doc = self.secret_doc(id)?;
+        doc.mark_read(&account, &device, upto, self.now_ms())?;
+        self.store.put_secret_doc(id, &doc.save())?;
+        self.arm_timers(id)?;
+        self.store.barrier()?;
+        Ok(())
+    }
+
+    /// Starts the timer of every message with one that its reader has read (on both devices:
+    /// the reader's when it reads, the writer's when the read mark arrives).
+    fn arm_timers(&mut self, id: SecretId) -> Result<(), Error> {
+        let now = self.now_ms();
+        for m in self.secret_messages(id)? {
+            let (Some(ttl), None, false) = (m.ttl_s, m.expires_ms, m.message.read_by.is_empty()) else { continue };
+            let Some((_, mut key)) = self.store.message_keys(id)?.into_iter().find(|(k, _)| *k == m.message.id) else {
+                continue;
+            };
+            key.expires_ms = Some(now.saturating_add(i64::from(ttl) * 1000));
+            self.store.put_message_key(id, &m.message.id, &key)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the keys of the messages whose time is up (their texts are gone for good);
+    /// returns them by chat. Call it when [`Device::secret_next_expiry`] comes.
+    pub fn secret_expire(&mut self) -> Result<Vec<(SecretId, String)>, Error> {
+        let now = self.now_ms();
+        let mut gone = Vec::new();
+        for chat in self.store.secret_chats()? {
+            for (m, k) in self.store.message_keys(chat.id)? {
+                if k.expires_ms.is_some_and(|t| t <= now) {
+                    self.store.delete_message_key(chat.id, &m)?;
+                    gone.push((chat.id, m));
+                }
+            }
+        }
+        if !gone.is_empty() {
+            self.store.barrier()?;
+        }
+        Ok(gone)
+    }
+
+    /// When the next message disappears, if a timer runs.
+    pub fn secret_next_expiry(&self) -> Result<Option<i64>, Error> {
+        let mut next: Option<i64> = None;
+        for chat in self.store.secret_chats()? {
+            for (_, k) in self.store.message_keys(chat.id)? {
+                next = match (next, k.expires_ms) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        Ok(next)
+    }
+
+    /// Closes a secret chat: deletes it here at once, and on the peer device when a link next
+    /// reaches it.
+    pub fn secret_close(&mut self, id: SecretId) -> Result<(), Error> {
+        let mut chat = self.secret(id)?;
+        chat.state = SecretState::Closing;
+        self.store.delete_secret(id, Some(&chat))?;
+        self.store.barrier()?;
+        Ok(())
+    }
+
+    /// A link to the peer came up (the handshake ended): what to send first. A chat closed
+    /// here tells the peer and is forgotten.
+    pub fn secret_link_up(&mut self, id: SecretId, channel: Channel) -> Result<(SecretLink, Vec<Vec<u8>>), Error> {
+        let chat = self.store.secret(id)?.ok_or(Error::UnknownSecret(id))?;
+        let mut link = SecretLink::new(id, channel);
+        if chat.state == SecretState::Closing {
+            let out = link.seal(&[SecretFrame::Close], self.now_ms())?;
+            self.store.delete_secret(id, None)?;
+            self.store.barrier()?;
+            return Ok((link, out));
+        }
+        let out = self.secret_flush(&mut link)?;
+        Ok((link, out))
+    }
+
+    /// What the link is to carry now: the document's next sync message and the keys the peer
+    /// does not have yet. Call it after writing or reading.
+    pub fn secret_flush(&mut self, link: &mut SecretLink) -> Result<Vec<Vec<u8>>, Error> {
+        let id = link.chat;
+        if self.secret(id)?.state != SecretState::Active {
+            return Ok(Vec::new());
+        }
+        let doc = self.secret_doc(id)?;
+        let mut frames: Vec<SecretFrame> =
+            doc.sync_message(&mut link.sync).map(SecretFrame::Sync).into_iter().collect();
+        let undelivered: Vec<(String, [u8; 32])> = self
+            .store
+            .message_keys(id)?
+            .into_iter()
+            .filter(|(_, k)| k.mine && !k.delivered)
+            .map(|(m, k)| (m, k.key))
+            .collect();
+        frames.extend(undelivered.chunks(MAX_KEYS_PER_FRAME).map(|c| SecretFrame::Keys(c.to_vec())));
+        Ok(link.seal(&frames, self.now_ms())?)
+    }
+
+    /// Handles one channel message from the peer. Returns what to send back and what changed.
+    /// An error leaves the link dead (drop it and close the connection); what was applied
+    /// before stays.
+    pub fn secret_receive(
+        &mut self,
+        link: &mut SecretLink,
+        bytes: &[u8],
+    ) -> Result<(Vec<Vec<u8>>, SecretUpdate), Error> {
+        let id = link.chat;
+        let Some(payload) = link.channel.open(bytes)? else { return Ok((Vec::new(), SecretUpdate::default())) };
+        let mut update = SecretUpdate::default();
+        // Closed here meanwhile (the peer was told, or is told when it connects next): the
+        // link has nothing more to do.
+        let Ok(chat) = self.secret(id) else {
+            update.closed = true;
+            return Ok((Vec::new(), update));
+        };
+        let mut reply = Vec::new();
+        match SecretFrame::decode(&payload)? {
+            SecretFrame::Close => {
+                self.store.delete_secret(id, None)?;
+                self.store.barrier()?;
+                update.closed = true;
+                return Ok((Vec::new(), update));
+            }
+            _ if chat.state != SecretState::Active => {}
+            SecretFrame::Sync(message) if message.len() <= MAX_SYNC_MESSAGE_BYTES => {
+                let mut doc = self.secret_doc(id)?;
+                let before: BTreeSet<String> = self.secret_messages(id)?.into_iter().map(|m| m.message.id).collect();
+                let applied = doc.receive_sync(&mut link.sync, &message, &chat.peer);
+                self.store.put_secret_doc(id, &doc.save())?;
+                applied?;
+                self.arm_timers(id)?;
+                update.added =
+                    self.secret_messages(id)?.into_iter().filter(|m| !before.contains(&m.message.id)).collect();
+            }
+            SecretFrame::Sync(_) => return Err(crate::device::secret::SecretError::TooLarge.into()),
+            SecretFrame::Keys(keys) => {
+                let before: BTreeSet<String> = self.secret_messages(id)?.into_iter().map(|m| m.message.id).collect();
+                // Keys may come before their messages, but not without bound.
+                let held = self.store.message_keys(id)?.len();
+                if held + keys.len() > self.secret_doc(id)?.message_count() + MAX_KEYS_PER_FRAME {
+                    return Err(crate::device::secret::SecretError::TooLarge.into());
+                }
+                let mut stored = Vec::new();
+                for (m, key) in keys {
+                    // Never replace a key: the peer names only its own messages' keys once.
+                    if self.store.message_keys(id)?.iter().all(|(k, _)| *k != m) {
+                        let record = MessageKey { key, mine: false, delivered: true, expires_ms: None };
+                        self.store.put_message_key(id, &m, &record)?;
+                    }
+                    stored.push(m);
+                }
+                self.arm_timers(id)?;
+                reply.push(SecretFrame::KeysAck(stored));
+                update.added =
+                    self.secret_messages(id)?.into_iter().filter(|m| !before.contains(&m.message.id)).collect();
+            }
+            SecretFrame::KeysAck(ids) => {
+                for (m, mut k) in self.store.message_keys(id)? {
+                    if k.mine && !k.delivered && ids.contains(&m) {
+                        k.delivered = true;
+                        self.store.put_message_key(id, &m, &k)?;
+                    }
+                }
+            }
+        }
+        self.store.barrier()?;
+        let mut out = link.seal(&reply, self.now_ms())?;
+        out.extend(self.secret_flush(link)?);
+        Ok((out, update))
+    }
+
+    fn secret_doc(&self, id: SecretId) -> Result<ChatDoc, Error> {
+        let saved = self.store.secret_doc(id)?.ok_or(Error::UnknownSecret(id))?;
+        Ok(ChatDoc::load(doc_chat(id), &self.id, Some(&saved), &[], &[])?)
+    }
+}
+
+#[cfg(test)]
+#[path = "secret_tests.rs"]
+mod tests;
