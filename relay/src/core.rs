@@ -135,6 +135,8 @@ struct Account {
 
 struct Device {
     account: AccountId,
+    /// Its certificate (for other accounts' devices that look it up, for secret chats).
+    cert: DeviceCert,
     highest_client_seq: ClientSeq,
     recent: BTreeMap<ClientSeq, (ChatId, Seq)>,
     /// The lowest client seq refused for a limit and not yet come again. Appends with a higher
@@ -150,10 +152,11 @@ struct Device {
 }
 
 impl Device {
-    fn new(account: AccountId, state: DeviceState) -> Self {
+    fn new(cert: DeviceCert, state: DeviceState) -> Self {
         Device {
             state,
-            account,
+            account: cert.body.account,
+            cert,
             highest_client_seq: ClientSeq(0),
             recent: BTreeMap::new(),
             held: None,
@@ -299,7 +302,7 @@ impl RelayCore {
             if let Some(a) = core.accounts.get_mut(&cert.body.account) {
                 a.devices.insert(cert.body.device.clone());
             }
-            core.devices.insert(cert.body.device.clone(), Device::new(cert.body.account, state));
+            core.devices.insert(cert.body.device.clone(), Device::new(cert, state));
         }
         for (chat, record, head) in recovered.chats {
             for m in &record.members {
@@ -514,6 +517,7 @@ impl RelayCore {
                 frame @ (ClientFrame::SetUsername { .. }
                 | ClientFrame::Lookup { .. }
                 | ClientFrame::LookupAccounts { .. }
+                | ClientFrame::AccountDevices { .. }
                 | ClientFrame::ChangeMembers { .. }
                 | ClientFrame::Rekey { .. }),
                 Some(a),

@@ -5,6 +5,17 @@ use stratus_engine::proto::crypto::{wrap_chat_key, ChatKey};
 
 use super::*;
 
+/// A certificate of `device` signed by `keys`.
+pub(super) fn test_cert(keys: &AccountKeys, device: &DeviceId) -> DeviceCert {
+    keys.certify(DeviceCertBody {
+        account: keys.public().id,
+        device: device.clone(),
+        device_x25519: [1; 32],
+        name: "d".into(),
+        created_ms: 0,
+    })
+}
+
 struct World {
     core: RelayCore,
     rng: rand::rngs::StdRng,
@@ -90,7 +101,7 @@ impl World {
     fn second_device(&mut self, keys: &AccountKeys, conn: ConnId, name: &str) -> Dev {
         let dev = DeviceId(name.into());
         let account = keys.public().id;
-        self.core.devices.insert(dev.clone(), Device::new(account, DeviceState::default()));
+        self.core.devices.insert(dev.clone(), Device::new(test_cert(keys, &dev), DeviceState::default()));
         self.core.accounts.get_mut(&account).expect("the account exists").devices.insert(dev.clone());
         self.connect(conn, name)
     }

@@ -457,7 +457,7 @@ fn an_account_keeps_to_what_one_rotation_can_carry() {
     // As many sessions as a rotation hands keys to: no more can be linked.
     for i in 1..MAX_ROTATION_DEVICES {
         let d = DeviceId(format!("d{i}"));
-        w.core.devices.insert(d.clone(), Device::new(account, DeviceState::default()));
+        w.core.devices.insert(d.clone(), Device::new(super::test_cert(&keys, &d), DeviceState::default()));
         w.core.accounts.get_mut(&account).unwrap().devices.insert(d);
     }
     let link_id = [5; 32];

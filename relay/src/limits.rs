@@ -53,6 +53,20 @@ pub struct Limits {
     /// Default 24 hours: someone who links a new device to a stolen unlocked phone cannot then
     /// lock the owner's other devices out (the same rule as Telegram's).
     pub min_session_age_ms: u64,
+    /// Most circuit reservations (devices reachable through the relay for secret chats) in
+    /// total. A device over the limit is not reachable that way (its secret chats wait until it
+    /// can be reached directly or a reservation frees). Default 4,096.
+    pub max_reservations: u32,
+    /// Most relayed connections (circuits) at once in total. Default 256.
+    pub max_circuits: u32,
+    /// Most circuits one device takes part in at once. Default 8.
+    pub max_circuits_per_peer: u32,
+    /// How long one circuit may last; the connection is then closed and the devices connect
+    /// again (a new Noise session). Default 1 hour.
+    pub max_circuit_secs: u32,
+    /// Bytes one circuit may carry, both ways together (ciphertext and framing); then it is
+    /// closed like one that lasted too long. Default 64 MiB.
+    pub max_circuit_bytes: u64,
 }
 
 /// Longest frame the protocol allows (see the wire module).
@@ -78,6 +92,11 @@ impl Default for Limits {
             requests_per_second: 1_000,
             request_burst: 2_000,
             min_session_age_ms: 24 * 3600 * 1000,
+            max_reservations: 4096,
+            max_circuits: 256,
+            max_circuits_per_peer: 8,
+            max_circuit_secs: 3600,
+            max_circuit_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -104,6 +123,7 @@ impl Limits {
             ("max_fetches_in_flight_per_device", self.max_fetches_in_flight_per_device),
             ("max_appends_in_flight_per_device", self.max_appends_in_flight_per_device),
             ("request_burst", self.request_burst),
+            ("max_circuit_secs", self.max_circuit_secs),
         ] {
             if v == 0 {
                 return Err(LimitsError::Zero(name));

@@ -44,6 +44,26 @@ struct Args {
     /// Seconds a device's session must have existed before it may end other sessions.
     #[arg(long, default_value_t = Limits::default().min_session_age_ms / 1000)]
     min_session_age_secs: u64,
+    /// Most devices reachable through the relay (circuit reservations, for secret chats).
+    #[arg(long, default_value_t = Limits::default().max_reservations)]
+    max_reservations: u32,
+    /// Most relayed connections between devices at once (0: none, the relay relays nothing).
+    #[arg(long, default_value_t = Limits::default().max_circuits)]
+    max_circuits: u32,
+    /// Most relayed connections one device takes part in at once.
+    #[arg(long, default_value_t = Limits::default().max_circuits_per_peer)]
+    max_circuits_per_peer: u32,
+    /// Seconds a relayed connection may last.
+    #[arg(long, default_value_t = Limits::default().max_circuit_secs, value_parser = clap::value_parser!(u32).range(1..))]
+    max_circuit_secs: u32,
+    /// Bytes a relayed connection may carry, both ways (0: no limit).
+    #[arg(long, default_value_t = Limits::default().max_circuit_bytes)]
+    max_circuit_bytes: u64,
+    /// An address devices can reach the relay at (repeatable), when it is not the one it
+    /// listens on (behind NAT or a port forward). Devices reachable through the relay are given
+    /// these.
+    #[arg(long = "external-address")]
+    external_addresses: Vec<libp2p::Multiaddr>,
 }
 
 fn frame_bytes(s: &str) -> Result<usize, String> {
@@ -80,8 +100,14 @@ fn main() -> ExitCode {
         requests_per_second: args.requests_per_second,
         request_burst: args.request_burst,
         min_session_age_ms: args.min_session_age_secs.saturating_mul(1000),
+        max_reservations: args.max_reservations,
+        max_circuits: args.max_circuits,
+        max_circuits_per_peer: args.max_circuits_per_peer,
+        max_circuit_secs: args.max_circuit_secs,
+        max_circuit_bytes: args.max_circuit_bytes,
     };
-    let config = Config { data_dir: args.data_dir, listen: args.listen, limits };
+    let config =
+        Config { data_dir: args.data_dir, listen: args.listen, external_addresses: args.external_addresses, limits };
     let result = rt.block_on(server::run(
         config,
         |addr| {

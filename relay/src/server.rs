@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{connection_limits, identify, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+use libp2p::{connection_limits, identify, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
 use stratus_engine::proto::wire::{self, ClientFrame, FrameError, RelayFrame, MAX_FRAME_BYTES};
 use stratus_engine::DeviceId;
 use tokio::sync::{mpsc, watch};
@@ -42,6 +42,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Address to listen on.
     pub listen: Multiaddr,
+    /// Addresses devices reach the relay at besides the ones it listens on (given to devices
+    /// reachable through it, see [`Limits::max_reservations`]).
+    pub external_addresses: Vec<Multiaddr>,
     /// What one peer, connection or device may hold or ask for at once.
     pub limits: Limits,
 }
@@ -73,7 +76,14 @@ struct Behaviour {
     stream: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    /// Circuit relay v2, for secret chats between devices that cannot reach each other
+    /// directly: they carry only the devices' end-to-end encrypted connection.
+    relay: relay::Behaviour,
 }
+
+/// Most addresses the relay takes as its own from what devices observed of it (identify): a
+/// device could report anything.
+const MAX_OBSERVED_ADDRESSES: usize = 8;
 
 enum Outgoing {
     Frame(RelayFrame),
@@ -152,6 +162,20 @@ impl Encoder<bytes::Bytes> for RelayCodec {
     }
 }
 
+/// The circuit relay's limits from the relay's.
+fn circuit_config(limits: &Limits) -> relay::Config {
+    relay::Config {
+        max_reservations: limits.max_reservations as usize,
+        max_reservations_per_peer: 4,
+        reservation_duration: Duration::from_secs(3600),
+        max_circuits: limits.max_circuits as usize,
+        max_circuits_per_peer: limits.max_circuits_per_peer as usize,
+        max_circuit_duration: Duration::from_secs(u64::from(limits.max_circuit_secs)),
+        max_circuit_bytes: limits.max_circuit_bytes,
+        ..relay::Config::default()
+    }
+}
+
 /// Loads the relay's libp2p identity from `dir/identity.key`, creating it on first start, so
 /// the relay keeps its PeerId (and devices their configured address) across restarts.
 pub fn load_identity(dir: &Path) -> Result<Keypair, ServerError> {
@@ -219,6 +243,7 @@ pub async fn run_with_store<S: RelayStore>(
             stream: libp2p_stream::Behaviour::new(),
             identify: identify::Behaviour::new(identify::Config::new("/stratus/1.0.0".into(), key.public())),
             ping: ping::Behaviour::default(),
+            relay: relay::Behaviour::new(key.public().to_peer_id(), circuit_config(&limits)),
         })
         .map_err(|e| ServerError::Network(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
@@ -237,6 +262,11 @@ pub async fn run_with_store<S: RelayStore>(
             _ => {}
         }
     };
+    // A reservation is only granted with an address to reach the relay at.
+    swarm.add_external_address(listen_addr.clone());
+    for a in &config.external_addresses {
+        swarm.add_external_address(a.clone());
+    }
     let mut control = swarm.behaviour().stream.new_control();
     let mut incoming =
         control.accept(StreamProtocol::new(wire::PROTOCOL)).map_err(|e| ServerError::Network(e.to_string()))?;
@@ -264,6 +294,14 @@ pub async fn run_with_store<S: RelayStore>(
                 SwarmEvent::IncomingConnectionError { error, send_back_addr, .. } => {
                     tracing::info!(%send_back_addr, %error, "connection refused");
                 }
+                SwarmEvent::NewListenAddr { address, .. } => swarm.add_external_address(address.clone()),
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { info, .. }))
+                    if swarm.external_addresses().count() < MAX_OBSERVED_ADDRESSES
+                        && !info.observed_addr.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit)) =>
+                {
+                    swarm.add_external_address(info.observed_addr.clone());
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => tracing::debug!(?e, "circuit relay"),
                 _ => {}
             }
             tracing::trace!(?event, "swarm");
@@ -502,6 +540,9 @@ fn log_input(input: &Input) {
             ClientFrame::Lookup { req, .. } => tracing::debug!(conn, req, "directory lookup"),
             ClientFrame::LookupAccounts { req, accounts } => {
                 tracing::debug!(conn, req, accounts = accounts.len(), "directory lookup by id")
+            }
+            ClientFrame::AccountDevices { req, account } => {
+                tracing::debug!(conn, req, %account, "an account's devices")
             }
             ClientFrame::ChangeMembers { req, change } => {
                 tracing::info!(conn, req, chat = %change.body.chat, "change members")

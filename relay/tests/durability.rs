@@ -76,6 +76,7 @@ async fn acks_wait_for_the_barrier_and_a_failed_barrier_stops_the_relay() {
     let config = Config {
         data_dir: dir.path().join("relay"),
         listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+        external_addresses: Vec::new(),
         limits: Default::default(),
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();

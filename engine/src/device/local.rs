@@ -27,6 +27,7 @@ mod members;
 mod messages;
 mod rotation;
 mod secret;
+mod secret_net;
 mod sessions;
 pub use secret::{SecretMessage, SecretUpdate};
 

@@ -1,8 +1,16 @@
-//! The device's libp2p side: one swarm per device, one sync stream to the relay.
+//! The device's libp2p side: one swarm per device, one sync stream to the relay, and the
+//! connections to other devices for secret chats.
 //!
 //! libp2p only carries bytes here: the swarm task dials and keeps connections; the sync stream
 //! is a plain framed stream from `libp2p-stream`, and all protocol logic lives in the sans-IO
-//! [`crate::core::SyncCore`].
+//! [`crate::core::SyncCore`] (and, for secret chats, in [`crate::secret`]).
+//!
+//! Secret chats: a device that is to be reachable listens on TCP and reserves a circuit on the
+//! relay (circuit relay v2, [`Net::listen_secret`]). The other device dials it through the
+//! relay ([`Net::connect_peer`]); DCUtR then tries a direct connection using the addresses
+//! identify observed, and when one comes up the relayed connection is closed, so that the next
+//! secret stream runs on the direct one. Where the upgrade fails, the circuit carries the
+//! session (the relay sees only the devices' encrypted connection, within its circuit limits).
 
 use std::time::Duration;
 
@@ -10,7 +18,7 @@ use futures::{SinkExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+use libp2p::{dcutr, identify, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
@@ -43,11 +51,38 @@ struct Behaviour {
     stream: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
 }
 
 enum SwarmCmd {
-    Dial { peer: PeerId, addr: Multiaddr, reply: oneshot::Sender<Result<(), String>> },
+    Dial {
+        peer: PeerId,
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Listen on TCP at `tcp`, then on the relay's circuit once identify ran with the relay.
+    Listen {
+        tcp: Multiaddr,
+        relay: (PeerId, Multiaddr),
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Connect to `peer` through the relay's circuit (once identify ran with the relay).
+    DialPeer {
+        peer: PeerId,
+        relay: (PeerId, Multiaddr),
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Whether each connection to `peer` runs through a relay, and whether DCUtR gave up on a
+    /// direct one.
+    Paths {
+        peer: PeerId,
+        reply: oneshot::Sender<(Vec<bool>, bool)>,
+    },
 }
+
+/// The secret chat protocol's stream.
+pub const SECRET_PROTOCOL: &str = "/stratus/secret/1";
 
 /// A running libp2p swarm for this device. Dropping it stops the swarm.
 pub struct Net {
@@ -74,53 +109,93 @@ pub fn parse_relay_addr(s: &str) -> Result<(PeerId, Multiaddr), NetError> {
 impl Net {
     /// Starts the swarm with the device's keypair. Must be called inside a tokio runtime.
     pub fn start(keypair: Keypair) -> Result<Net, NetError> {
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
             .map_err(|e| NetError::Unreachable(e.to_string()))?
-            .with_behaviour(|key| Behaviour {
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| NetError::Unreachable(e.to_string()))?
+            .with_behaviour(|key, relay_client| Behaviour {
                 stream: libp2p_stream::Behaviour::new(),
                 identify: identify::Behaviour::new(identify::Config::new("/stratus/1.0.0".into(), key.public())),
                 ping: ping::Behaviour::default(),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(key.public().to_peer_id()),
             })
             .map_err(|e| NetError::Unreachable(e.to_string()))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
             .build();
         let control = swarm.behaviour().stream.new_control();
-        let (cmd, mut cmd_rx) = mpsc::channel::<SwarmCmd>(8);
-        let task = tokio::spawn(async move {
-            let mut waiting: Vec<(PeerId, oneshot::Sender<Result<(), String>>)> = Vec::new();
-            loop {
-                tokio::select! {
-                    Some(c) = cmd_rx.recv() => match c {
-                        SwarmCmd::Dial { peer, addr, reply } => {
-                            if swarm.is_connected(&peer) {
-                                let _ = reply.send(Ok(()));
-                            } else if let Err(e) = swarm.dial(addr) {
-                                let _ = reply.send(Err(e.to_string()));
-                            } else {
-                                waiting.retain(|(_, r)| !r.is_closed());
-                                waiting.push((peer, reply));
-                            }
-                        }
-                    },
-                    event = swarm.select_next_some() => match event {
-                        SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                            for (_, r) in extract(&mut waiting, peer_id) {
-                                let _ = r.send(Ok(()));
-                            }
-                        }
-                        SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. } => {
-                            for (_, r) in extract(&mut waiting, peer_id) {
-                                let _ = r.send(Err(error.to_string()));
-                            }
-                        }
-                        _ => {}
-                    },
-                }
-            }
-        });
+        let (cmd, cmd_rx) = mpsc::channel::<SwarmCmd>(8);
+        let task = tokio::spawn(swarm_task(swarm, cmd_rx));
         Ok(Net { control, cmd, task })
+    }
+
+    /// Makes this device reachable for secret chats: listens on TCP at `tcp` (e.g.
+    /// `/ip4/0.0.0.0/tcp/0`) and reserves a circuit on the relay at `relay`. Returns once the
+    /// relay accepted the reservation (it is renewed on its own).
+    pub async fn listen_secret(&mut self, tcp: Multiaddr, relay: &str) -> Result<(), NetError> {
+        let relay = parse_relay_addr(relay)?;
+        self.ask(|reply| SwarmCmd::Listen { tcp, relay, reply }).await
+    }
+
+    /// Connects to the device `peer` through the relay at `relay` (unless connected already),
+    /// then waits, at most [`DIRECT_WAIT`], for DCUtR to replace the relayed connection with a
+    /// direct one (streams opened before that would be cut when the relayed one closes).
+    /// Returns whether the connection is direct; if not, the relay carries it.
+    pub async fn connect_peer(&mut self, peer: PeerId, relay: &str) -> Result<bool, NetError> {
+        let relay = parse_relay_addr(relay)?;
+        self.ask(|reply| SwarmCmd::DialPeer { peer, relay, reply }).await?;
+        let deadline = tokio::time::Instant::now() + DIRECT_WAIT;
+        loop {
+            let (paths, gave_up) = self.paths_and_outcome(peer).await;
+            if !paths.is_empty() && paths.iter().all(|relayed| !relayed) {
+                return Ok(true);
+            }
+            if gave_up || tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// For each connection to `peer`: whether it runs through a relay.
+    pub async fn paths(&mut self, peer: PeerId) -> Vec<bool> {
+        self.paths_and_outcome(peer).await.0
+    }
+
+    async fn paths_and_outcome(&mut self, peer: PeerId) -> (Vec<bool>, bool) {
+        let (reply, rx) = oneshot::channel();
+        if self.cmd.send(SwarmCmd::Paths { peer, reply }).await.is_err() {
+            return (Vec::new(), false);
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Opens a secret chat stream to `peer` (connected before with [`Net::connect_peer`]).
+    pub async fn open_secret(&mut self, peer: PeerId) -> Result<SecretStream, NetError> {
+        let fut = self.control.open_stream(peer, StreamProtocol::new(SECRET_PROTOCOL));
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, fut)
+            .await
+            .map_err(|_| NetError::Unreachable("timed out".into()))?
+            .map_err(|e| NetError::Unreachable(e.to_string()))?;
+        Ok(SecretStream::new(stream))
+    }
+
+    /// The secret chat streams other devices open to this one (once per swarm).
+    pub fn accept_secret(&mut self) -> Result<libp2p_stream::IncomingStreams, NetError> {
+        self.control.accept(StreamProtocol::new(SECRET_PROTOCOL)).map_err(|e| NetError::Unreachable(e.to_string()))
+    }
+
+    async fn ask(&mut self, cmd: impl FnOnce(oneshot::Sender<Result<(), String>>) -> SwarmCmd) -> Result<(), NetError> {
+        let fut = async {
+            let (reply, rx) = oneshot::channel();
+            self.cmd.send(cmd(reply)).await.map_err(|_| NetError::Unreachable("network task stopped".into()))?;
+            rx.await.map_err(|_| NetError::Unreachable("network task stopped".into()))?.map_err(NetError::Unreachable)
+        };
+        tokio::time::timeout(SECRET_CONNECT_TIMEOUT, fut)
+            .await
+            .map_err(|_| NetError::Unreachable("timed out".into()))?
     }
 
     /// Dials the relay (if not connected) and opens a sync stream.
@@ -145,10 +220,243 @@ impl Net {
     }
 }
 
+/// What the swarm task waits for on behalf of callers.
+#[derive(Default)]
+struct Waiting {
+    /// Dials, answered when a connection to the peer is up.
+    dials: Vec<(PeerId, oneshot::Sender<Result<(), String>>)>,
+    /// Work that needs identify to have run with the relay first (for DCUtR's addresses).
+    after_identify: Vec<(PeerId, SwarmCmd)>,
+    /// Circuit listens, answered when the relay accepts the reservation.
+    reservations: Vec<(PeerId, oneshot::Sender<Result<(), String>>)>,
+}
+
+/// Whether `addr` runs through a relay.
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+async fn swarm_task(mut swarm: libp2p::Swarm<Behaviour>, mut cmd_rx: mpsc::Receiver<SwarmCmd>) {
+    use libp2p::swarm::ConnectionId;
+    let mut waiting = Waiting::default();
+    // Peers identify ran with (their observed address of us is known).
+    let mut identified: std::collections::BTreeSet<PeerId> = Default::default();
+    // Connections through a relay, by peer: closed once DCUtR made a direct one.
+    let mut relayed: std::collections::BTreeMap<PeerId, Vec<ConnectionId>> = Default::default();
+    let mut paths: std::collections::BTreeMap<ConnectionId, (PeerId, bool)> = Default::default();
+    // Peers DCUtR gave up on since their last relayed connection came up.
+    let mut no_direct: std::collections::BTreeSet<PeerId> = Default::default();
+    loop {
+        tokio::select! {
+            c = cmd_rx.recv() => {
+                let Some(c) = c else { return };
+                match c {
+                    SwarmCmd::Dial { peer, addr, reply } => {
+                        if swarm.is_connected(&peer) {
+                            let _ = reply.send(Ok(()));
+                        } else if let Err(e) = swarm.dial(addr) {
+                            let _ = reply.send(Err(e.to_string()));
+                        } else {
+                            waiting.dials.retain(|(_, r)| !r.is_closed());
+                            waiting.dials.push((peer, reply));
+                        }
+                    }
+                    SwarmCmd::Listen { tcp, relay, reply } => {
+                        if let Err(e) = swarm.listen_on(tcp) {
+                            let _ = reply.send(Err(e.to_string()));
+                            continue;
+                        }
+                        let relay_peer = relay.0;
+                        let c = SwarmCmd::Listen { tcp: Multiaddr::empty(), relay, reply };
+                        after_identify(&mut swarm, &mut waiting, &identified, relay_peer, c);
+                    }
+                    c @ SwarmCmd::DialPeer { .. } => {
+                        let SwarmCmd::DialPeer { peer, relay, reply } = c else { unreachable!() };
+                        if swarm.is_connected(&peer) {
+                            let _ = reply.send(Ok(()));
+                            continue;
+                        }
+                        let relay_peer = relay.0;
+                        after_identify(&mut swarm, &mut waiting, &identified, relay_peer, SwarmCmd::DialPeer { peer, relay, reply });
+                    }
+                    SwarmCmd::Paths { peer, reply } => {
+                        let p = paths.values().filter(|(p, _)| *p == peer).map(|(_, r)| *r).collect();
+                        let _ = reply.send((p, no_direct.contains(&peer)));
+                    }
+                }
+            }
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                    let r = is_relayed(endpoint.get_remote_address());
+                    paths.insert(connection_id, (peer_id, r));
+                    if r {
+                        relayed.entry(peer_id).or_default().push(connection_id);
+                        no_direct.remove(&peer_id);
+                    }
+                    for (_, r) in extract(&mut waiting.dials, peer_id) {
+                        let _ = r.send(Ok(()));
+                    }
+                }
+                SwarmEvent::ConnectionClosed { peer_id, connection_id, .. } => {
+                    paths.remove(&connection_id);
+                    if let Some(v) = relayed.get_mut(&peer_id) {
+                        v.retain(|c| *c != connection_id);
+                    }
+                }
+                SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. } => {
+                    for (_, r) in extract(&mut waiting.dials, peer_id) {
+                        let _ = r.send(Err(error.to_string()));
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, .. })) => {
+                    identified.insert(peer_id);
+                    let (ready, keep): (Vec<_>, Vec<_>) =
+                        std::mem::take(&mut waiting.after_identify).into_iter().partition(|(p, _)| *p == peer_id);
+                    waiting.after_identify = keep;
+                    for (_, c) in ready {
+                        run_after_identify(&mut swarm, &mut waiting, c);
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    ..
+                })) => {
+                    for (_, r) in extract(&mut waiting.reservations, relay_peer_id) {
+                        let _ = r.send(Ok(()));
+                    }
+                }
+                SwarmEvent::ListenerClosed { addresses, reason: Err(e), .. } => {
+                    tracing::info!(?addresses, %e, "a listener closed");
+                    for (_, r) in std::mem::take(&mut waiting.reservations) {
+                        let _ = r.send(Err(e.to_string()));
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => {
+                    match result {
+                        Ok(_) => {
+                            tracing::info!(peer = %remote_peer_id, "direct connection made; closing the relayed one");
+                            for c in relayed.remove(&remote_peer_id).unwrap_or_default() {
+                                swarm.close_connection(c);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::info!(peer = %remote_peer_id, %e, "no direct connection; the relay carries it");
+                            no_direct.insert(remote_peer_id);
+                        }
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+/// Runs `c` now if identify ran with `relay_peer`, else once it has (dialing the relay if
+/// needed).
+fn after_identify(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    waiting: &mut Waiting,
+    identified: &std::collections::BTreeSet<PeerId>,
+    relay_peer: PeerId,
+    c: SwarmCmd,
+) {
+    if identified.contains(&relay_peer) {
+        return run_after_identify(swarm, waiting, c);
+    }
+    if !swarm.is_connected(&relay_peer) {
+        let addr = match &c {
+            SwarmCmd::Listen { relay, .. } | SwarmCmd::DialPeer { relay, .. } => relay.1.clone(),
+            _ => return,
+        };
+        if let Err(e) = swarm.dial(addr) {
+            fail(c, e.to_string());
+            return;
+        }
+    }
+    waiting.after_identify.push((relay_peer, c));
+}
+
+fn run_after_identify(swarm: &mut libp2p::Swarm<Behaviour>, waiting: &mut Waiting, c: SwarmCmd) {
+    match c {
+        SwarmCmd::Listen { relay, reply, .. } => match swarm.listen_on(relay.1.with(Protocol::P2pCircuit)) {
+            Ok(_) => waiting.reservations.push((relay.0, reply)),
+            Err(e) => {
+                let _ = reply.send(Err(e.to_string()));
+            }
+        },
+        SwarmCmd::DialPeer { peer, relay, reply } => {
+            let addr = relay.1.with(Protocol::P2pCircuit).with(Protocol::P2p(peer));
+            match swarm.dial(addr) {
+                Ok(()) => waiting.dials.push((peer, reply)),
+                Err(e) => {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            }
+        }
+        other => fail(other, "not a command that waits for identify".into()),
+    }
+}
+
+fn fail(c: SwarmCmd, e: String) {
+    match c {
+        SwarmCmd::Dial { reply, .. } | SwarmCmd::Listen { reply, .. } | SwarmCmd::DialPeer { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        SwarmCmd::Paths { reply, .. } => {
+            let _ = reply.send((Vec::new(), false));
+        }
+    }
+}
+
 fn extract<T>(v: &mut Vec<(PeerId, T)>, peer: PeerId) -> Vec<(PeerId, T)> {
     let (hit, keep): (Vec<_>, Vec<_>) = std::mem::take(v).into_iter().partition(|(p, _)| *p == peer);
     *v = keep;
     hit
+}
+
+/// How long [`Net::connect_peer`] waits for a direct connection to replace a relayed one.
+pub const DIRECT_WAIT: Duration = Duration::from_secs(5);
+
+/// How long reaching another device (through the relay, identify first) may take.
+pub const SECRET_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A framed secret chat stream to another device: frames of at most one Noise message.
+pub struct SecretStream {
+    framed: Framed<Compat<libp2p::Stream>, LengthDelimitedCodec>,
+}
+
+impl From<libp2p::Stream> for SecretStream {
+    fn from(stream: libp2p::Stream) -> Self {
+        SecretStream::new(stream)
+    }
+}
+
+impl SecretStream {
+    fn new(stream: libp2p::Stream) -> Self {
+        let max = crate::secret::noise::MAX_FRAME_BYTES;
+        let codec = LengthDelimitedCodec::builder().max_frame_length(max).new_codec();
+        SecretStream { framed: Framed::new(stream.compat(), codec) }
+    }
+
+    /// Sends one frame.
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), NetError> {
+        self.framed.send(bytes::Bytes::copy_from_slice(bytes)).await?;
+        Ok(())
+    }
+
+    /// Receives one frame; `Ok(None)` when the peer closed the stream.
+    pub async fn recv(&mut self) -> Result<Option<Vec<u8>>, NetError> {
+        match self.framed.next().await {
+            None => Ok(None),
+            Some(Err(e)) => Err(e.into()),
+            Some(Ok(bytes)) => Ok(Some(bytes.to_vec())),
+        }
+    }
+
+    /// Closes the sending side.
+    pub async fn close(&mut self) {
+        let _ = SinkExt::<bytes::Bytes>::close(&mut self.framed).await;
+    }
 }
 
 /// A framed sync stream to the relay.

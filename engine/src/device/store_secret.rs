@@ -8,6 +8,7 @@ use sled::Transactional;
 
 use super::{dec, enc, tx_result, DeviceStore, StoreError, TxResult};
 use crate::device::doc::Author;
+use crate::proto::cert::DeviceCert;
 use crate::proto::ids::SecretId;
 
 /// Where a secret chat stands.
@@ -29,10 +30,10 @@ pub enum SecretState {
 pub struct SecretChat {
     /// The chat.
     pub id: SecretId,
-    /// The other device and its account.
-    pub peer: Author,
-    /// The other device's static X25519 key, from its certificate.
-    pub peer_static: [u8; 32],
+    /// The other device's certificate (its account, device id and static X25519 key).
+    pub peer_cert: DeviceCert,
+    /// The certificate was checked against the account's keys as this device knows them.
+    pub verified: bool,
     /// True if this device started the chat (it is the one that connects).
     pub started_here: bool,
     /// Where it stands.
@@ -53,6 +54,18 @@ pub struct MessageKey {
     pub delivered: bool,
     /// When the message disappears, once it was read and has a timer.
     pub expires_ms: Option<i64>,
+}
+
+impl SecretChat {
+    /// The other device and its account.
+    pub fn peer(&self) -> Author {
+        Author { account: self.peer_cert.body.account, device: self.peer_cert.body.device.clone() }
+    }
+
+    /// The other device's static X25519 key.
+    pub fn peer_static(&self) -> [u8; 32] {
+        self.peer_cert.body.device_x25519
+    }
 }
 
 fn key_key(chat: SecretId, message: &str) -> Vec<u8> {

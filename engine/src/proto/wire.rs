@@ -263,6 +263,9 @@ pub enum ClientFrame {
     /// durable, also when no new epoch is due any more (another device made it); `StaleEpoch`
     /// when it does not cover the members as they stand.
     Rekey { req: ReqId, epoch: NewEpoch, history: Vec<NewEpoch> },
+    /// The certificates of an account's devices whose sessions have not ended, for a secret
+    /// chat with one of them; answered with `AccountDevices` (empty for an unknown account).
+    AccountDevices { req: ReqId, account: AccountId },
 }
 
 /// Relay → device.
@@ -312,6 +315,8 @@ pub enum RelayFrame {
     Typing { chat: ChatId, account: AccountId, device: DeviceId },
     /// What the directory knows of the accounts asked for.
     Accounts { req: ReqId, accounts: Vec<DirectoryEntry> },
+    /// An account's devices: each certificate, and whether it is connected now.
+    AccountDevices { req: ReqId, account: AccountId, devices: Vec<(DeviceCert, bool)> },
 }
 
 /// How long a typing indicator is shown after its last `Typing`.
@@ -342,6 +347,7 @@ impl ClientFrame {
             | ClientFrame::LookupAccounts { req, .. }
             | ClientFrame::ChangeMembers { req, .. }
             | ClientFrame::Rekey { req, .. }
+            | ClientFrame::AccountDevices { req, .. }
             | ClientFrame::Revoke { req, .. } => *req,
         }
     }
@@ -355,6 +361,7 @@ impl RelayFrame {
             | RelayFrame::Devices { req, .. }
             | RelayFrame::Recovery { req, .. }
             | RelayFrame::Accounts { req, .. }
+            | RelayFrame::AccountDevices { req, .. }
             | RelayFrame::LinkInfo { req, .. }
             | RelayFrame::LinkApproved { req, .. }
             | RelayFrame::Acked { req, .. }

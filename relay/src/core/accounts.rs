@@ -44,7 +44,7 @@ impl RelayCore {
         let mut acct = Account::new(account);
         acct.devices.insert(device.clone());
         self.accounts.insert(id, acct);
-        self.devices.insert(device.clone(), Device::new(id, state));
+        self.devices.insert(device.clone(), Device::new(cert.clone(), state));
         let entry = self.log_entry(id, AccountEvent::DeviceAdded { cert }, &mut ops);
         let token = self.token();
         out.push(Effect::Write { token, ops });
@@ -134,7 +134,7 @@ impl RelayCore {
             StoreOp::PutDeviceState(link.device.clone(), state),
             StoreOp::PutApprovedLink(link_id, approval),
         ];
-        self.devices.insert(link.device.clone(), Device::new(account, state));
+        self.devices.insert(link.device.clone(), Device::new(cert.clone(), state));
         self.accounts.get_mut(&account).expect("the approver's account exists").devices.insert(link.device.clone());
         let entry = self.log_entry(account, AccountEvent::DeviceAdded { cert: cert.clone() }, &mut ops);
         let token = self.token();

@@ -56,6 +56,19 @@ impl RelayCore {
                 out.push(Effect::Send { conn, frame: RelayFrame::Accounts { req, accounts: found } });
                 Ok(())
             }
+            ClientFrame::AccountDevices { req, account } => {
+                let online: BTreeSet<&DeviceId> = self.conns.values().map(|c| &c.device).collect();
+                let devices = self
+                    .accounts
+                    .get(&account)
+                    .into_iter()
+                    .flat_map(|a| a.devices.iter())
+                    .filter_map(|d| self.devices.get(d).filter(|s| !s.state.revoked).map(|s| (d, s)))
+                    .map(|(d, s)| (s.cert.clone(), online.contains(d)))
+                    .collect();
+                out.push(Effect::Send { conn, frame: RelayFrame::AccountDevices { req, account, devices } });
+                Ok(())
+            }
             ClientFrame::ChangeMembers { req, change } => self.change_members(conn, req, account, change, out),
             ClientFrame::Rekey { req, epoch, history } => self.rekey(conn, req, account, epoch, history, out),
             _ => unreachable!("the caller passes only the frames above"),

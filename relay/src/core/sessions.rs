@@ -125,7 +125,7 @@ impl RelayCore {
         }
         let state = DeviceState { registered_ms: now_ms, last_active_ms: now_ms, revoked: false };
         let mut ops = vec![StoreOp::PutDevice(cert.clone()), StoreOp::PutDeviceState(device.clone(), state)];
-        self.devices.insert(device.clone(), Device::new(account, state));
+        self.devices.insert(device.clone(), Device::new(cert.clone(), state));
         self.accounts.get_mut(&account).expect("the record's account exists").devices.insert(device.clone());
         let entry = self.log_entry(account, AccountEvent::DeviceAdded { cert }, &mut ops);
         let token = self.token();

@@ -40,15 +40,16 @@ fn doc_chat(id: SecretId) -> ChatId {
 }
 
 impl Device {
-    /// Starts a secret chat with `peer` (a device of another account, whose static key
-    /// `peer_static` its verified certificate gives). The chat waits for the peer to accept.
-    pub fn secret_start(&mut self, peer: Author, peer_static: [u8; 32]) -> Result<SecretId, Error> {
+    /// Starts a secret chat with the device of another account whose certificate is `peer`
+    /// (checked by the caller, see [`Device::secret_devices`]). The chat waits for the peer
+    /// device to accept.
+    pub fn secret_start(&mut self, peer: DeviceCert) -> Result<SecretId, Error> {
         self.login()?;
         let id = SecretId::random(&mut self.rng);
         let chat = SecretChat {
             id,
-            peer,
-            peer_static,
+            peer_cert: peer,
+            verified: true,
             started_here: true,
             state: SecretState::Inviting,
             created_ms: self.now_ms(),
@@ -59,20 +60,21 @@ impl Device {
         Ok(id)
     }
 
-    /// Records a secret chat the peer device offers (its handshake named it); `accept` says
-    /// whether this device takes it at once (its auto-accept setting).
+    /// Records a secret chat the device with certificate `peer` offers; `verified` says
+    /// whether the certificate checked against its account's keys, `accept` whether this
+    /// device takes it at once (its auto-accept setting; only a verified offer is taken).
     pub fn secret_offered(
         &mut self,
         id: SecretId,
-        peer: Author,
-        peer_static: [u8; 32],
+        peer: DeviceCert,
+        verified: bool,
         accept: bool,
     ) -> Result<SecretChat, Error> {
         if let Some(known) = self.store.secret(id)? {
             return Ok(known);
         }
-        let state = if accept { SecretState::Active } else { SecretState::Invited };
-        let chat = SecretChat { id, peer, peer_static, started_here: false, state, created_ms: self.now_ms() };
+        let state = if accept && verified { SecretState::Active } else { SecretState::Invited };
+        let chat = SecretChat { id, peer_cert: peer, verified, started_here: false, state, created_ms: self.now_ms() };
         self.store.put_secret(&chat)?;
         self.store.put_secret_doc(id, &ChatDoc::new(doc_chat(id), &self.id).save())?;
         self.store.barrier()?;
@@ -276,7 +278,7 @@ impl Device {
             SecretFrame::Sync(message) if message.len() <= MAX_SYNC_MESSAGE_BYTES => {
                 let mut doc = self.secret_doc(id)?;
                 let before: BTreeSet<String> = self.secret_messages(id)?.into_iter().map(|m| m.message.id).collect();
-                let applied = doc.receive_sync(&mut link.sync, &message, &chat.peer);
+                let applied = doc.receive_sync(&mut link.sync, &message, &chat.peer());
                 self.store.put_secret_doc(id, &doc.save())?;
                 applied?;
                 self.arm_timers(id)?;

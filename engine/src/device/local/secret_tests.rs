@@ -30,15 +30,11 @@ fn device(dir: &Path, name: &str, seed: u64) -> Device {
     d
 }
 
-fn author(d: &Device) -> Author {
-    Author { account: d.account().unwrap(), device: d.id().clone() }
-}
-
 /// Alice starts a secret chat with bob's device; bob's device takes it.
 fn pair(dir: &Path) -> (Device, Device, SecretId) {
     let (mut alice, mut bob) = (device(dir, "alice", 1), device(dir, "bob", 2));
-    let id = alice.secret_start(author(&bob), bob.x25519_public()).unwrap();
-    bob.secret_offered(id, author(&alice), alice.x25519_public(), true).unwrap();
+    let id = alice.secret_start(bob.login().unwrap().cert.clone()).unwrap();
+    bob.secret_offered(id, alice.login().unwrap().cert.clone(), true, true).unwrap();
     alice.secret_accept(id).unwrap();
     (alice, bob, id)
 }
