@@ -87,7 +87,11 @@ fuzz_target!(|input: Input| {
             Step::Send { to_b, len, fill } => {
                 let (from, to) = if to_b { (0, 1) } else { (1, 0) };
                 let payload = vec![fill; len as usize % 200_000];
-                let messages = chans[from].seal(&payload, now).unwrap();
+                // A channel that saw a bad message is dead both ways.
+                let Ok(messages) = chans[from].seal(&payload, now) else {
+                    assert!(dirs[from].dead, "a live channel refused to seal");
+                    continue;
+                };
                 let last = messages.len() - 1;
                 for (k, m) in messages.into_iter().enumerate() {
                     dirs[to].in_flight.push_back((m, (k == last).then(|| payload.clone())));

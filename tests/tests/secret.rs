@@ -1,9 +1,11 @@
 //! Secret chats (issue 6) between two real devices of two accounts, through a real relay
 //! process on 127.0.0.1: the relay reserves a circuit for the device to be reached, the other
 //! dials it through the relay, DCUtR tries a direct connection, and the secret chat's Noise
-//! session runs over whichever carries it. Nothing of the chat reaches the relay's store.
+//! session runs over whichever carries it. Nothing of the chat reaches the relay's store, and
+//! when the relay carries the session, nothing readable passes through it.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -12,6 +14,8 @@ use stratus_engine::{Device, SecretId};
 use stratus_tests::{files_under, init_tracing, new_account, Relay};
 
 const IDLE: Duration = Duration::from_millis(1500);
+const MARKERS: [&str; 3] = ["SECRET-MARKER-ONE-7f3a", "SECRET-MARKER-TWO-91bc", "SECRET-MARKER-BURN-c0de"];
+const REPLY: &str = "SECRET-MARKER-REPLY-5eed";
 
 /// Two accounts with a device each, usernames set, each a contact of the other.
 async fn two_accounts(relay: &Relay, dir: &Path) -> (Device, Device) {
@@ -28,34 +32,38 @@ fn texts(d: &mut Device, id: SecretId) -> Vec<String> {
     d.secret_messages(id).unwrap().into_iter().map(|m| m.message.text).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_secret_chat_runs_between_two_devices_and_never_touches_the_relay() {
-    init_tracing();
-    let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(&dir.path().join("relay"));
-    let (mut alice, mut bob) = two_accounts(&relay, dir.path()).await;
+/// What a conversation left behind.
+struct Conversation {
+    alice: Device,
+    bob: Device,
+    id: SecretId,
+    /// The connection between the devices was direct.
+    direct: bool,
+}
 
-    // Alice picks bob's device from the relay's list (certificates checked) and writes while
-    // no connection exists yet.
+/// Alice starts a secret chat with bob's device and writes three messages while no connection
+/// exists; both devices then reach each other through the relay at `relay_addr` (listening on
+/// TCP too if `tcp`), the messages arrive, bob reads the one with a timer and replies.
+async fn conversation(relay: &Relay, relay_addr: &str, dir: &Path, tcp: bool) -> Conversation {
+    let (mut alice, mut bob) = two_accounts(relay, dir).await;
     let bob_account = bob.account().unwrap();
     let devices = alice.secret_devices(bob_account).await.unwrap();
     assert_eq!(devices.len(), 1);
     assert_eq!(devices[0].0.body.device, *bob.id());
     let id = alice.secret_start(devices[0].0.clone()).unwrap();
-    let markers = ["SECRET-MARKER-ONE-7f3a", "SECRET-MARKER-TWO-91bc", "SECRET-MARKER-BURN-c0de"];
-    alice.secret_send(id, markers[0], None).unwrap();
-    alice.secret_send(id, markers[1], None).unwrap();
-    alice.secret_send(id, markers[2], Some(3600)).unwrap();
+    alice.secret_send(id, MARKERS[0], None).unwrap();
+    alice.secret_send(id, MARKERS[1], None).unwrap();
+    alice.secret_send(id, MARKERS[2], Some(3600)).unwrap();
 
-    // Bob's device is reachable through the relay; alice's dials it there.
+    let listen = || tcp.then(|| "/ip4/127.0.0.1/tcp/0".parse().unwrap());
     let mut bob_net = Net::start(bob.keypair()).unwrap();
-    bob_net.listen_secret("/ip4/127.0.0.1/tcp/0".parse().unwrap(), &relay.addr).await.unwrap();
+    bob_net.listen_secret(listen(), relay_addr).await.unwrap();
     let mut incoming = bob_net.accept_secret().unwrap();
     let mut alice_net = Net::start(alice.keypair()).unwrap();
-    alice_net.listen_secret("/ip4/127.0.0.1/tcp/0".parse().unwrap(), &relay.addr).await.unwrap();
+    alice_net.listen_secret(listen(), relay_addr).await.unwrap();
     let bob_peer = bob.keypair().public().to_peer_id();
-    let direct = alice_net.connect_peer(bob_peer, &relay.addr).await.unwrap();
-    eprintln!("direct connection: {direct}");
+    let direct = alice_net.connect_peer(bob_peer, relay_addr).await.unwrap();
+    assert_eq!(alice_net.paths(bob_peer).await, [!direct], "one connection: direct, or relayed");
 
     let bob_side = tokio::spawn(async move {
         let (peer, stream) = incoming.next().await.unwrap();
@@ -69,17 +77,15 @@ async fn a_secret_chat_runs_between_two_devices_and_never_touches_the_relay() {
     let (mut link, first) = alice.secret_open(id, &mut stream).await.unwrap().expect("bob's device took it");
     alice.secret_serve(&mut link, &mut stream, first, IDLE, |_| false).await.unwrap();
     let (mut bob, updates, _incoming, mut bob_link, mut bob_stream) = bob_side.await.unwrap();
-
-    assert_eq!(texts(&mut bob, id), markers);
+    assert_eq!(texts(&mut bob, id), MARKERS);
     let arrived: usize = updates.iter().map(|u| u.added.len()).sum();
     assert_eq!(arrived, 3, "each message reported once");
     assert_eq!(alice.secret_fingerprint(id).unwrap(), bob.secret_fingerprint(id).unwrap());
-    eprintln!("paths to bob (relayed?): {:?}", alice_net.paths(bob_peer).await);
 
     // Bob reads the one with a timer and answers; both timers run.
     let burn = bob.secret_messages(id).unwrap()[2].message.id.clone();
     bob.secret_read(id, &burn).unwrap();
-    bob.secret_send(id, "SECRET-MARKER-REPLY-5eed", None).unwrap();
+    bob.secret_send(id, REPLY, None).unwrap();
     let out = bob.secret_flush(&mut bob_link).unwrap();
     let bob_side = tokio::spawn(async move {
         bob.secret_serve(&mut bob_link, &mut bob_stream, out, IDLE, |_| false).await.unwrap();
@@ -87,34 +93,105 @@ async fn a_secret_chat_runs_between_two_devices_and_never_touches_the_relay() {
     });
     alice.secret_serve(&mut link, &mut stream, Vec::new(), IDLE, |_| false).await.unwrap();
     let bob = bob_side.await.unwrap();
-    assert_eq!(texts(&mut alice, id).last().map(String::as_str), Some("SECRET-MARKER-REPLY-5eed"));
+    assert_eq!(texts(&mut alice, id).last().map(String::as_str), Some(REPLY));
     assert!(alice.secret_next_expiry().unwrap().is_some(), "alice's timer started when bob's read mark came");
     assert!(bob.secret_next_expiry().unwrap().is_some());
+    Conversation { alice, bob, id, direct }
+}
 
-    // Nothing of the chat in the relay's files: no text, no chat id, no message key.
-    drop((alice_net, bob_net, alice, bob));
-    let keys = stratus_engine::store::DeviceStore::open(&dir.path().join("alice").join("store"))
-        .unwrap()
-        .message_keys(id)
-        .unwrap();
+/// What must never be seen outside the two devices: the texts, the chat id, the message keys
+/// (read from alice's store once her device is closed).
+fn secrets_of(c: Conversation, dir: &Path) -> Vec<Vec<u8>> {
+    let id = c.id;
+    drop((c.alice, c.bob));
+    let store = stratus_engine::store::DeviceStore::open(&dir.join("alice").join("store")).unwrap();
+    let keys = store.message_keys(id).unwrap();
     assert_eq!(keys.len(), 4);
-    let mut relay = relay;
-    relay.kill();
-    let id_hex = id.to_string();
-    let mut needles: Vec<Vec<u8>> = markers.iter().map(|m| m.as_bytes().to_vec()).collect();
-    needles.push(b"SECRET-MARKER-REPLY-5eed".to_vec());
-    needles.push(id_hex.as_bytes().to_vec());
+    let mut needles: Vec<Vec<u8>> = MARKERS.iter().chain([&REPLY]).map(|m| m.as_bytes().to_vec()).collect();
+    needles.push(id.to_string().into_bytes());
     needles.push(id.0.to_vec());
     needles.extend(keys.iter().map(|(_, k)| k.key.to_vec()));
-    for f in files_under(&relay.data_dir) {
-        let bytes = std::fs::read(&f).unwrap();
-        for n in &needles {
-            assert!(
-                !bytes.windows(n.len()).any(|w| w == &n[..]),
-                "{} holds {:?}",
-                f.display(),
-                String::from_utf8_lossy(n)
-            );
-        }
+    needles
+}
+
+fn assert_absent(what: &str, bytes: &[u8], needles: &[Vec<u8>]) {
+    for n in needles {
+        assert!(!bytes.windows(n.len()).any(|w| w == &n[..]), "{what} holds {:?}", String::from_utf8_lossy(n));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_chat_runs_over_a_direct_connection_and_never_touches_the_relay_store() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start(&dir.path().join("relay"));
+    let addr = relay.addr.clone();
+    let c = conversation(&relay, &addr, dir.path(), true).await;
+    assert!(c.direct, "on 127.0.0.1 DCUtR makes a direct connection");
+    let needles = secrets_of(c, dir.path());
+    relay.kill();
+    for f in files_under(&relay.data_dir) {
+        assert_absent(&f.display().to_string(), &std::fs::read(&f).unwrap(), &needles);
+    }
+}
+
+/// Neither device listens on TCP, so no direct connection can be made: the relay's circuit
+/// carries the whole session. Every byte between the devices and the relay passes a recording
+/// proxy: none of it is readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_relays_circuit_the_relay_carries_only_ciphertext() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start(&dir.path().join("relay"));
+    let (proxy_addr, seen) = recording_proxy(&relay.addr).await;
+    let c = conversation(&relay, &proxy_addr, dir.path(), false).await;
+    assert!(!c.direct, "nothing to hole-punch to: the circuit carries it");
+    let needles = secrets_of(c, dir.path());
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.len() > 10_000, "the session passed the proxy: {} bytes", seen.len());
+    assert_absent("the relay's traffic", &seen, &needles);
+    relay.kill();
+    for f in files_under(&relay.data_dir) {
+        assert_absent(&f.display().to_string(), &std::fs::read(&f).unwrap(), &needles);
+    }
+}
+
+/// A TCP proxy in front of the relay that records every byte both ways; returns the relay's
+/// address through it.
+async fn recording_proxy(relay_addr: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ip_port, peer) = relay_addr.split_once("/p2p/").unwrap();
+    let port: u16 = ip_port.rsplit('/').next().unwrap().parse().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let outbound = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let (mut ri, mut wi) = inbound.into_split();
+            let (mut ro, mut wo) = outbound.into_split();
+            let l1 = log.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = ri.read(&mut buf).await {
+                    if n == 0 || wo.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    l1.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+            let l2 = log.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = ro.read(&mut buf).await {
+                    if n == 0 || wi.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    l2.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", local.port()), seen)
 }

@@ -61,9 +61,10 @@ enum SwarmCmd {
         addr: Multiaddr,
         reply: oneshot::Sender<Result<(), String>>,
     },
-    /// Listen on TCP at `tcp`, then on the relay's circuit once identify ran with the relay.
+    /// Listen on TCP at `tcp` (if given), then on the relay's circuit once identify ran with
+    /// the relay.
     Listen {
-        tcp: Multiaddr,
+        tcp: Option<Multiaddr>,
         relay: (PeerId, Multiaddr),
         reply: oneshot::Sender<Result<(), String>>,
     },
@@ -132,9 +133,10 @@ impl Net {
     }
 
     /// Makes this device reachable for secret chats: listens on TCP at `tcp` (e.g.
-    /// `/ip4/0.0.0.0/tcp/0`) and reserves a circuit on the relay at `relay`. Returns once the
-    /// relay accepted the reservation (it is renewed on its own).
-    pub async fn listen_secret(&mut self, tcp: Multiaddr, relay: &str) -> Result<(), NetError> {
+    /// `/ip4/0.0.0.0/tcp/0`; without it, no direct connection can be made, and the relay
+    /// carries every secret chat) and reserves a circuit on the relay at `relay`. Returns once
+    /// the relay accepted the reservation (it is renewed on its own).
+    pub async fn listen_secret(&mut self, tcp: Option<Multiaddr>, relay: &str) -> Result<(), NetError> {
         let relay = parse_relay_addr(relay)?;
         self.ask(|reply| SwarmCmd::Listen { tcp, relay, reply }).await
     }
@@ -262,12 +264,12 @@ async fn swarm_task(mut swarm: libp2p::Swarm<Behaviour>, mut cmd_rx: mpsc::Recei
                         }
                     }
                     SwarmCmd::Listen { tcp, relay, reply } => {
-                        if let Err(e) = swarm.listen_on(tcp) {
+                        if let Some(Err(e)) = tcp.map(|t| swarm.listen_on(t)) {
                             let _ = reply.send(Err(e.to_string()));
                             continue;
                         }
                         let relay_peer = relay.0;
-                        let c = SwarmCmd::Listen { tcp: Multiaddr::empty(), relay, reply };
+                        let c = SwarmCmd::Listen { tcp: None, relay, reply };
                         after_identify(&mut swarm, &mut waiting, &identified, relay_peer, c);
                     }
                     c @ SwarmCmd::DialPeer { .. } => {
