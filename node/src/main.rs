@@ -92,6 +92,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Secret chats: this device and one device of another account, never on the relay.
+    Secret {
+        #[command(subcommand)]
+        command: secret::SecretCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -194,6 +199,12 @@ enum Failure {
     Error(Error),
     Unreachable(String),
     Other(String),
+}
+
+impl From<stratus_engine::net::NetError> for Failure {
+    fn from(e: stratus_engine::net::NetError) -> Self {
+        Error::Net(e).into()
+    }
 }
 
 impl From<Error> for Failure {
@@ -317,6 +328,7 @@ macro_rules! with_current_keys {
 }
 
 mod members;
+mod secret;
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let mut device = Device::open(&cli.home)?;
@@ -448,6 +460,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             });
         }
         Command::Contact { command } => members::contact(device, command).await?,
+        Command::Secret { command } => secret::secret(device, command).await?,
         Command::Chat { command: ChatCommand::List { json } } => {
             for c in device.chats()? {
                 if json {

@@ -195,3 +195,81 @@ async fn recording_proxy(relay_addr: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
     });
     (format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", local.port()), seen)
 }
+
+/// `stratus secret listen --for SECS` on `home`, started and listening.
+fn listening(home: &Path, secs: u32) -> (std::process::Child, std::io::BufReader<std::process::ChildStdout>) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(stratus_tests::bin("stratus"))
+        .arg("--home")
+        .arg(home)
+        .args(["secret", "listen", "--for", &secs.to_string(), "--tcp", "/ip4/127.0.0.1/tcp/0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("stratus runs");
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    (child, out)
+}
+
+/// What a `listening` device printed until it stopped.
+fn finished(mut l: (std::process::Child, std::io::BufReader<std::process::ChildStdout>)) -> String {
+    use std::io::Read;
+    assert!(l.0.wait().unwrap().success());
+    let mut rest = String::new();
+    l.1.read_to_string(&mut rest).unwrap();
+    rest
+}
+
+/// The CLI, as two users would run it: bob's device listens; alice starts a secret chat, bob
+/// accepts it, messages pass, one with a timer disappears from both devices after bob read
+/// it, both see the same fingerprint, and closing deletes the chat on both devices.
+#[test]
+fn the_cli_starts_accepts_sends_and_closes_a_secret_chat() {
+    use stratus_tests::stratus_ok;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"));
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    for (home, name) in [(&alice, "alice"), (&bob, "bob")] {
+        stratus_ok(home, &["account", "create", "--relay", &relay.addr, "--name", name]);
+        stratus_ok(home, &["account", "set-username", name]);
+    }
+
+    let l = listening(&bob, 6);
+    let started = stratus_ok(&alice, &["secret", "start", "bob"]);
+    let id = started.lines().next().unwrap().to_string();
+    assert!(started.contains("waiting for the other device to accept"), "{started}");
+    assert!(finished(l).contains("secret accept"));
+    assert!(stratus_ok(&bob, &["secret", "list"]).contains("[invited]"));
+    stratus_ok(&bob, &["secret", "accept", &id]);
+
+    let l = listening(&bob, 8);
+    stratus_ok(&alice, &["secret", "send", &id, "hello secret"]);
+    stratus_ok(&alice, &["secret", "send", &id, "burn after reading", "--ttl", "2"]);
+    let printed = finished(l);
+    assert!(printed.contains("hello secret") && printed.contains("burn after reading"), "{printed}");
+    let log = stratus_ok(&bob, &["secret", "log", &id]);
+    assert!(log.contains("burn after reading") && log.contains("⏱2s"), "{log}");
+
+    // Bob read it: his read mark reaches alice's device, and both timers run out.
+    let l = listening(&alice, 6);
+    assert!(stratus_ok(&bob, &["secret", "sync"]).contains("delivered"));
+    finished(l);
+    std::thread::sleep(Duration::from_millis(2500));
+    for home in [&alice, &bob] {
+        let log = stratus_ok(home, &["secret", "log", &id]);
+        assert!(log.contains("hello secret") && !log.contains("burn after reading"), "{log}");
+    }
+    let fp = |home: &Path| stratus_ok(home, &["secret", "verify", &id]);
+    assert_eq!(fp(&alice), fp(&bob));
+
+    // Bob closes it: gone here at once, and on alice's device once reached.
+    let l = listening(&alice, 6);
+    let closed = stratus_ok(&bob, &["secret", "close", &id]);
+    assert!(closed.contains("closed on the other device"), "{closed}");
+    finished(l);
+    assert_eq!(stratus_ok(&alice, &["secret", "list"]), "");
+    assert_eq!(stratus_ok(&bob, &["secret", "list"]), "");
+}

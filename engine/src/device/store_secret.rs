@@ -89,6 +89,20 @@ impl DeviceStore {
         self.secrets.iter().map(|kv| dec(&kv?.1, "secret chat")).collect()
     }
 
+    /// Whether secret chats offered by other devices are taken at once.
+    pub fn secret_auto_accept(&self) -> Result<bool, StoreError> {
+        Ok(self.meta.get("secret_auto_accept")?.is_some())
+    }
+
+    /// Sets [`DeviceStore::secret_auto_accept`].
+    pub fn set_secret_auto_accept(&self, on: bool) -> Result<(), StoreError> {
+        match on {
+            true => self.meta.insert("secret_auto_accept", &[1u8][..])?,
+            false => self.meta.remove("secret_auto_accept")?,
+        };
+        Ok(())
+    }
+
     /// Replaces a secret chat's saved document.
     pub fn put_secret_doc(&self, id: SecretId, doc: &[u8]) -> Result<(), StoreError> {
         self.secret_docs.insert(id.0, doc)?;

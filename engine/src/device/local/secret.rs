@@ -98,6 +98,30 @@ impl Device {
         self.store.secret(id)?.filter(|c| c.state != SecretState::Closing).ok_or(Error::UnknownSecret(id))
     }
 
+    /// Whether secret chats offered by other devices (whose certificates check) are taken at
+    /// once.
+    pub fn secret_auto_accept(&self) -> Result<bool, Error> {
+        Ok(self.store.secret_auto_accept()?)
+    }
+
+    /// Sets [`Device::secret_auto_accept`].
+    pub fn set_secret_auto_accept(&mut self, on: bool) -> Result<(), Error> {
+        self.store.set_secret_auto_accept(on)?;
+        Ok(self.store.barrier()?)
+    }
+
+    /// The secret chats a link is to be opened for: accepted, started here, or closed here and
+    /// not yet told to the peer (with the peer device of each).
+    pub fn secret_chats_to_reach(&self) -> Result<Vec<(SecretId, DeviceId)>, Error> {
+        Ok(self
+            .store
+            .secret_chats()?
+            .into_iter()
+            .filter(|c| c.state != SecretState::Invited)
+            .map(|c| (c.id, c.peer_cert.body.device.clone()))
+            .collect())
+    }
+
     /// Every secret chat on this device (not those closed here and waiting to tell the peer).
     pub fn secret_chats(&self) -> Result<Vec<SecretChat>, Error> {
         Ok(self.store.secret_chats()?.into_iter().filter(|c| c.state != SecretState::Closing).collect())
