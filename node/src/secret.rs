@@ -71,8 +71,9 @@ pub(crate) enum SecretCommand {
 
 /// How reaching the other device went.
 enum Reach {
-    /// The link ran; what the other device's messages did.
-    Linked(Vec<SecretUpdate>),
+    /// The link ran (over a direct connection, or through the relay); what the other
+    /// device's messages did.
+    Linked(Vec<SecretUpdate>, bool),
     /// The other device has not accepted the chat yet.
     Pending,
     /// The other device closed it (deleted here too), or it was closed here and now told.
@@ -93,7 +94,10 @@ fn peer_id(device: &DeviceId) -> Result<stratus_engine::libp2p::PeerId, Failure>
 async fn reach(device: &mut Device, net: &mut Net, relay: &str, id: SecretId, peer: &DeviceId) -> Reach {
     let result = async {
         let p = peer_id(peer).map_err(|_| Error::UnknownSecret(id))?;
-        net.connect_peer(p, relay).await?;
+        // Listening on TCP first gives DCUtR an address to punch to on this side too (and
+        // the relay connection the same port).
+        net.listen_secret(Some("/ip4/0.0.0.0/tcp/0".parse().expect("a valid address")), relay).await?;
+        let direct = net.connect_peer(p, relay).await?;
         let mut stream = net.open_secret(p).await?;
         let Some((mut link, first)) = device.secret_open(id, &mut stream).await? else {
             return Ok(match device.secret(id) {
@@ -104,7 +108,7 @@ async fn reach(device: &mut Device, net: &mut Net, relay: &str, id: SecretId, pe
         let updates = device.secret_serve(&mut link, &mut stream, first, IDLE, |_| false).await?;
         stream.close().await;
         Ok::<_, Error>(match device.secret(id) {
-            Ok(_) => Reach::Linked(updates),
+            Ok(_) => Reach::Linked(updates, direct),
             Err(_) => Reach::Gone,
         })
     }
@@ -114,9 +118,10 @@ async fn reach(device: &mut Device, net: &mut Net, relay: &str, id: SecretId, pe
 
 fn say(id: SecretId, r: &Reach) {
     match r {
-        Reach::Linked(updates) => {
+        Reach::Linked(updates, direct) => {
             let n: usize = updates.iter().map(|u| u.added.len()).sum();
-            out(&format!("{id}: delivered; {n} new from the other device"));
+            let path = if *direct { "direct" } else { "through the relay" };
+            out(&format!("{id}: delivered ({path}); {n} new from the other device"));
         }
         Reach::Pending => out(&format!("{id}: waiting for the other device to accept")),
         Reach::Gone => out(&format!("{id}: closed")),
@@ -211,9 +216,11 @@ pub(crate) async fn secret(mut device: Device, command: SecretCommand) -> Result
             let peer = device.secret(id)?.peer_cert.body.device;
             let relay = relay_of(&device)?;
             let mut net = Net::start(device.keypair())?;
-            let r = reach(&mut device, &mut net, &relay, id, &peer).await;
-            if let Reach::Offline(why) = &r {
-                eprintln!("stratus: the other device is not reachable ({why}); the message waits here");
+            match reach(&mut device, &mut net, &relay, id, &peer).await {
+                Reach::Offline(why) => {
+                    eprintln!("stratus: the other device is not reachable ({why}); the message waits here")
+                }
+                r => say(id, &r),
             }
         }
         SecretCommand::Log { id, json } => {

@@ -231,6 +231,27 @@ struct Waiting {
     after_identify: Vec<(PeerId, SwarmCmd)>,
     /// Circuit listens, answered when the relay accepts the reservation.
     reservations: Vec<(PeerId, oneshot::Sender<Result<(), String>>)>,
+    /// Work that waits for a TCP listener to be up: a connection to the relay made before it
+    /// would not use its port, and DCUtR would then punch to a port nobody listens on.
+    after_listen: Vec<(libp2p::core::transport::ListenerId, PeerId, SwarmCmd)>,
+}
+
+/// Whether `addr` is loopback exactly when the relay `c` connects to is (or either has no IP).
+fn same_kind(addr: &Multiaddr, c: &SwarmCmd) -> bool {
+    let loopback = |a: &Multiaddr| {
+        a.iter().find_map(|p| match p {
+            Protocol::Ip4(ip) => Some(ip.is_loopback()),
+            Protocol::Ip6(ip) => Some(ip.is_loopback()),
+            _ => None,
+        })
+    };
+    match c {
+        SwarmCmd::Listen { relay, .. } => match (loopback(addr), loopback(&relay.1)) {
+            (Some(a), Some(r)) => a == r,
+            _ => true,
+        },
+        _ => true,
+    }
 }
 
 /// Whether `addr` runs through a relay.
@@ -264,13 +285,20 @@ async fn swarm_task(mut swarm: libp2p::Swarm<Behaviour>, mut cmd_rx: mpsc::Recei
                         }
                     }
                     SwarmCmd::Listen { tcp, relay, reply } => {
-                        if let Some(Err(e)) = tcp.map(|t| swarm.listen_on(t)) {
-                            let _ = reply.send(Err(e.to_string()));
-                            continue;
-                        }
                         let relay_peer = relay.0;
+                        let listener = match tcp.map(|t| swarm.listen_on(t)) {
+                            Some(Err(e)) => {
+                                let _ = reply.send(Err(e.to_string()));
+                                continue;
+                            }
+                            Some(Ok(l)) => Some(l),
+                            None => None,
+                        };
                         let c = SwarmCmd::Listen { tcp: None, relay, reply };
-                        after_identify(&mut swarm, &mut waiting, &identified, relay_peer, c);
+                        match listener {
+                            Some(l) => waiting.after_listen.push((l, relay_peer, c)),
+                            None => after_identify(&mut swarm, &mut waiting, &identified, relay_peer, c),
+                        }
                     }
                     c @ SwarmCmd::DialPeer { .. } => {
                         let SwarmCmd::DialPeer { peer, relay, reply } = c else { unreachable!() };
@@ -288,6 +316,18 @@ async fn swarm_task(mut swarm: libp2p::Swarm<Behaviour>, mut cmd_rx: mpsc::Recei
                 }
             }
             event = swarm.select_next_some() => match event {
+                SwarmEvent::NewListenAddr { listener_id, address } => {
+                    // A listener on 0.0.0.0 comes up interface by interface; the relay
+                    // connection can reuse its port once one of the relay's kind (loopback or
+                    // not) is up.
+                    let (ready, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut waiting.after_listen)
+                        .into_iter()
+                        .partition(|(l, _, c)| *l == listener_id && same_kind(&address, c));
+                    waiting.after_listen = keep;
+                    for (_, relay_peer, c) in ready {
+                        after_identify(&mut swarm, &mut waiting, &identified, relay_peer, c);
+                    }
+                }
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                     let r = is_relayed(endpoint.get_remote_address());
                     paths.insert(connection_id, (peer_id, r));

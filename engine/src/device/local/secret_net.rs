@@ -76,16 +76,22 @@ impl Device {
         }
     }
 
+    /// Takes `account`'s keys from the relay's directory (checked from the account id, pinned
+    /// as a contact's).
+    async fn fetch_keys(&mut self, account: AccountId) -> Result<(), Error> {
+        let frame = self.one_request(ClientFrame::LookupAccounts { req: 1, accounts: vec![account] }, 1).await?;
+        if let RelayFrame::Accounts { accounts, .. } = frame {
+            self.take_accounts(&accounts)?;
+        }
+        Ok(())
+    }
+
     /// Accepts a secret chat another device offered, first checking its certificate against
     /// its account's keys (looked up from the relay if the account is not a contact yet).
     pub async fn secret_accept_offer(&mut self, id: SecretId) -> Result<(), Error> {
         let mut chat = self.secret(id)?;
         if !chat.verified {
-            let account = chat.peer_cert.body.account;
-            let frame = self.one_request(ClientFrame::LookupAccounts { req: 1, accounts: vec![account] }, 1).await?;
-            if let RelayFrame::Accounts { accounts, .. } = frame {
-                self.take_accounts(&accounts)?;
-            }
+            self.fetch_keys(chat.peer_cert.body.account).await?;
             if !self.check_peer_cert(&chat.peer_cert)? {
                 return Err(Error::Untrusted("the offering device's account is unknown to the relay"));
             }
@@ -146,7 +152,11 @@ impl Device {
             }
             Some(c) => c,
             None => {
-                let verified = self.check_peer_cert(&opening.cert)?;
+                let mut verified = self.check_peer_cert(&opening.cert)?;
+                if !verified && auto_accept {
+                    self.fetch_keys(opening.cert.body.account).await?;
+                    verified = self.check_peer_cert(&opening.cert)?;
+                }
                 self.secret_offered(id, opening.cert, verified, auto_accept)?
             }
         };
