@@ -148,6 +148,9 @@ pub struct Device {
     /// Chats whose creation the relay refused as stale while this device's keys were current:
     /// another member's keys moved on, and the creation is wrapped again after a lookup.
     pub(crate) relook: std::collections::BTreeSet<ChatId>,
+    /// Secret chats' documents, loaded on first use (a device has few secret chats; each is
+    /// saved whole to the store after every change).
+    pub(crate) secret_docs: BTreeMap<crate::proto::ids::SecretId, ChatDoc>,
 }
 
 fn system_now_ms() -> i64 {
@@ -191,6 +194,7 @@ impl Device {
             fresh: BTreeMap::new(),
             rekey_sent: None,
             relook: Default::default(),
+            secret_docs: BTreeMap::new(),
         })
     }
 
@@ -615,6 +619,7 @@ impl Device {
     pub fn wipe_account(&mut self) -> Result<(), Error> {
         self.docs.clear();
         self.doc_order.clear();
+        self.secret_docs.clear();
         self.login = None;
         self.store.clear()?;
         let dir = self.store.dir().to_path_buf();

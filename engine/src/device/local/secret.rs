@@ -139,10 +139,11 @@ impl Device {
         let mut key = [0u8; 32];
         self.rng.fill_bytes(&mut key);
         let sealed = seal_text(&key, id, &msg.id, &SecretText { text: text.to_string(), ttl_s }, &mut self.rng);
-        let mut doc = self.secret_doc(id)?;
+        let doc = self.secret_doc(id)?;
         doc.add_message(&Message { text: sealed, ..msg.clone() })?;
+        let saved = doc.save();
         self.store.put_message_key(id, &msg.id, &MessageKey { key, mine: true, delivered: false, expires_ms: None })?;
-        self.store.put_secret_doc(id, &doc.save())?;
+        self.store.put_secret_doc(id, &saved)?;
         self.store.barrier()?;
         msg.text = text.to_string();
         Ok(SecretMessage { message: msg, ttl_s, expires_ms: None })
@@ -152,10 +153,9 @@ impl Device {
     /// (disappeared) or has not arrived yet are left out.
     pub fn secret_messages(&mut self, id: SecretId) -> Result<Vec<SecretMessage>, Error> {
         self.secret(id)?;
-        let doc = self.secret_doc(id)?;
+        let messages = self.secret_doc(id)?.messages();
         let keys: BTreeMap<String, MessageKey> = self.store.message_keys(id)?.into_iter().collect();
-        Ok(doc
-            .messages()
+        Ok(messages
             .into_iter()
             .filter_map(|mut m| {
                 let k = keys.get(&m.id)?;
@@ -171,9 +171,11 @@ impl Device {
         self.secret(id)?;
         let account = self.login()?.account.id;
         let device = self.id.clone();
-        let mut doc = self.secret_doc(id)?;
-        doc.mark_read(&account, &device, upto, self.now_ms())?;
-        self.store.put_secret_doc(id, &doc.save())?;
+        let now = self.now_ms();
+        let doc = self.secret_doc(id)?;
+        doc.mark_read(&account, &device, upto, now)?;
+        let saved = doc.save();
+        self.store.put_secret_doc(id, &saved)?;
         self.arm_timers(id)?;
         self.store.barrier()?;
         Ok(())
@@ -232,6 +234,7 @@ impl Device {
     pub fn secret_close(&mut self, id: SecretId) -> Result<(), Error> {
         let mut chat = self.secret(id)?;
         chat.state = SecretState::Closing;
+        self.secret_docs.remove(&id);
         self.store.delete_secret(id, Some(&chat))?;
         self.store.barrier()?;
         Ok(())
@@ -244,6 +247,7 @@ impl Device {
         let mut link = SecretLink::new(id, channel);
         if chat.state == SecretState::Closing {
             let out = link.seal(&[SecretFrame::Close], self.now_ms())?;
+            self.secret_docs.remove(&id);
             self.store.delete_secret(id, None)?;
             self.store.barrier()?;
             return Ok((link, out));
@@ -293,6 +297,7 @@ impl Device {
         let mut reply = Vec::new();
         match SecretFrame::decode(&payload)? {
             SecretFrame::Close => {
+                self.secret_docs.remove(&id);
                 self.store.delete_secret(id, None)?;
                 self.store.barrier()?;
                 update.closed = true;
@@ -300,10 +305,15 @@ impl Device {
             }
             _ if chat.state != SecretState::Active => {}
             SecretFrame::Sync(message) if message.len() <= MAX_SYNC_MESSAGE_BYTES => {
-                let mut doc = self.secret_doc(id)?;
                 let before: BTreeSet<String> = self.secret_messages(id)?.into_iter().map(|m| m.message.id).collect();
+                let doc = self.secret_doc(id)?;
                 let applied = doc.receive_sync(&mut link.sync, &message, &chat.peer());
-                self.store.put_secret_doc(id, &doc.save())?;
+                if doc.is_poisoned() {
+                    self.secret_docs.remove(&id);
+                } else {
+                    let saved = doc.save();
+                    self.store.put_secret_doc(id, &saved)?;
+                }
                 applied?;
                 self.arm_timers(id)?;
                 update.added =
@@ -346,9 +356,14 @@ impl Device {
         Ok((out, update))
     }
 
-    fn secret_doc(&self, id: SecretId) -> Result<ChatDoc, Error> {
-        let saved = self.store.secret_doc(id)?.ok_or(Error::UnknownSecret(id))?;
-        Ok(ChatDoc::load(doc_chat(id), &self.id, Some(&saved), &[], &[])?)
+    /// A secret chat's document, loaded from the store on first use.
+    fn secret_doc(&mut self, id: SecretId) -> Result<&mut ChatDoc, Error> {
+        if !self.secret_docs.contains_key(&id) {
+            let saved = self.store.secret_doc(id)?.ok_or(Error::UnknownSecret(id))?;
+            let doc = ChatDoc::load(doc_chat(id), &self.id, Some(&saved), &[], &[])?;
+            self.secret_docs.insert(id, doc);
+        }
+        Ok(self.secret_docs.get_mut(&id).expect("inserted above"))
     }
 }
 

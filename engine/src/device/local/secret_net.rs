@@ -112,6 +112,7 @@ impl Device {
             Answer::Go => {}
             Answer::Pending => return Ok(None),
             Answer::Gone => {
+                self.secret_docs.remove(&id);
                 self.store.delete_secret(id, None)?;
                 self.store.barrier()?;
                 return Ok(None);
@@ -170,6 +171,7 @@ impl Device {
             Answer::Go => {}
             Answer::Pending => return Ok(None),
             Answer::Gone => {
+                self.secret_docs.remove(&id);
                 self.store.delete_secret(id, None)?;
                 self.store.barrier()?;
                 return Ok(None);

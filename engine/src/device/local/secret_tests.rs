@@ -171,9 +171,10 @@ fn a_tampered_message_kills_the_link_and_a_forged_change_is_refused() {
     assert!(bob.secret_receive(&mut lb, &frame[1]).is_err(), "the link is dead");
 
     // Bob's device edits alice's message in its copy and syncs it over a fresh link.
-    let mut doc = bob.secret_doc(id).unwrap();
+    let doc = bob.secret_doc(id).unwrap();
     doc.edit_message(&hello.message.id, "bob was here", now()).unwrap();
-    bob.store.put_secret_doc(id, &doc.save()).unwrap();
+    let saved = doc.save();
+    bob.store.put_secret_doc(id, &saved).unwrap();
     let (mut la, mut lb, fa, fb) = connect(&mut alice, &mut bob, id);
     let mut refused = false;
     let (mut to_alice, mut to_bob) = (fb, fa);
