@@ -165,4 +165,5 @@ async fn main() {
     drop(alice_net);
     bob_task.abort();
     let _ = relay.kill();
+    let _ = relay.wait();
 }
