@@ -100,10 +100,9 @@ async fn reach(device: &mut Device, net: &mut Net, relay: &str, id: SecretId, pe
         let direct = net.connect_peer(p, relay).await?;
         let mut stream = net.open_secret(p).await?;
         let Some((mut link, first)) = device.secret_open(id, &mut stream).await? else {
-            return Ok(match device.secret(id) {
-                Ok(_) => Reach::Pending,
-                Err(_) => Reach::Gone,
-            });
+            // Still here (also when closed here): the other device has not accepted it.
+            let here = device.secret_chats_to_reach()?.iter().any(|(c, _)| *c == id);
+            return Ok(if here { Reach::Pending } else { Reach::Gone });
         };
         let updates = device.secret_serve(&mut link, &mut stream, first, IDLE, |_| false).await?;
         stream.close().await;

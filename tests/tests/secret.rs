@@ -225,10 +225,11 @@ fn finished(mut l: (std::process::Child, std::io::BufReader<std::process::ChildS
 
 /// The CLI, as two users would run it: bob's device listens; alice starts a secret chat, bob
 /// accepts it, messages pass, one with a timer disappears from both devices after bob read
-/// it, both see the same fingerprint, and closing deletes the chat on both devices.
+/// it, both see the same fingerprint, alice's other device never sees the chat, and closing
+/// deletes it on both devices.
 #[test]
 fn the_cli_starts_accepts_sends_and_closes_a_secret_chat() {
-    use stratus_tests::stratus_ok;
+    use stratus_tests::{stratus, stratus_ok};
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start(&dir.path().join("relay"));
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
@@ -264,12 +265,18 @@ fn the_cli_starts_accepts_sends_and_closes_a_secret_chat() {
     }
     let fp = |home: &Path| stratus_ok(home, &["secret", "verify", &id]);
     assert_eq!(fp(&alice), fp(&bob));
+    // Alice's other devices never see it: nothing of it is on the relay to sync.
+    let tablet = dir.path().join("alice2");
+    stratus_tests::link_device(&relay, &alice, &tablet, "alice tablet");
+    stratus_ok(&tablet, &["sync"]);
+    assert_eq!(stratus_ok(&tablet, &["secret", "list"]), "");
+    assert!(stratus(&tablet, &["secret", "log", &id]).status.code() == Some(1));
 
     // Bob closes it: gone here at once, and on alice's device once reached.
     let l = listening(&alice, 6);
     let closed = stratus_ok(&bob, &["secret", "close", &id]);
     assert!(closed.contains("closed on the other device"), "{closed}");
-    finished(l);
-    assert_eq!(stratus_ok(&alice, &["secret", "list"]), "");
+    let printed = finished(l);
+    assert_eq!(stratus_ok(&alice, &["secret", "list"]), "", "alice's device printed: {printed}; bob's: {closed}");
     assert_eq!(stratus_ok(&bob, &["secret", "list"]), "");
 }
