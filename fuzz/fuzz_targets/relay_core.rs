@@ -484,6 +484,10 @@ impl Harness {
                 }
                 self.replied(conn, req);
             }
+            RelayFrame::AccountDevices { req, account, devices } => {
+                assert!(devices.iter().all(|(c, _)| c.body.account == account), "another account's device listed");
+                self.replied(conn, req);
+            }
             RelayFrame::Hello { .. } | RelayFrame::Error { req: None, .. } => {}
         }
     }

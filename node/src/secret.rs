@@ -106,9 +106,12 @@ async fn reach(device: &mut Device, net: &mut Net, relay: &str, id: SecretId, pe
         };
         let updates = device.secret_serve(&mut link, &mut stream, first, IDLE, |_| false).await?;
         stream.close().await;
-        Ok::<_, Error>(match device.secret(id) {
-            Ok(_) => Reach::Linked(updates, direct),
-            Err(_) => Reach::Gone,
+        let here = device.secret_chats_to_reach()?.iter().any(|(c, _)| *c == id);
+        Ok::<_, Error>(match (here, device.secret(id).is_ok()) {
+            (false, _) => Reach::Gone,
+            (true, true) => Reach::Linked(updates, direct),
+            // Closed here, and the other device has not acknowledged it yet.
+            (true, false) => Reach::Offline("the other device did not acknowledge the close".into()),
         })
     }
     .await;

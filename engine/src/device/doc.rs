@@ -249,10 +249,11 @@ impl ChatDoc {
             },
         )
         .expect("building the genesis change cannot fail");
-        doc.set_actor(device_actor(device));
         let mut d =
             ChatDoc { doc, poisoned: false, actors: BTreeMap::new(), pending: Vec::new(), authors: BTreeMap::new() };
+        // The genesis change counts like any other (its operation counters are the first).
         d.note_last_local_change();
+        d.doc.set_actor(device_actor(device));
         d
     }
 
@@ -332,6 +333,14 @@ impl ChatDoc {
         let (seq, max_op) = self.actors.get(&actor).copied().unwrap_or((0, 0));
         if change.seq() != seq + 1 || change.start_op().get() <= max_op {
             return Err(DocError::NotInSequence);
+        }
+        // A change's first operation counter is one above the largest its author had seen,
+        // all of it in the change's dependencies, which are here: a larger one would raise the
+        // document's counter to where local writes overflow it (automerge then panics on every
+        // write, and on reload).
+        let highest = self.actors.values().map(|(_, m)| *m).max().unwrap_or(0);
+        if change.start_op().get() > highest.saturating_add(1) {
+            return Err(DocError::OutOfRange("operation counter"));
         }
         if &actor != self.doc.get_actor() {
             let from = self.authors.get(&actor).ok_or(DocError::Forbidden("comes from a device never heard from"))?;

@@ -13,13 +13,43 @@ use super::{guarded, Author, ChatDoc, DocError, DocUpdate};
 pub const MAX_SYNC_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 /// Most changes one sync message may carry.
 pub const MAX_SYNC_CHANGES: usize = 4096;
+/// Most bloom filters ("have"s) one sync message may carry (automerge sends one).
+const MAX_HAVES: usize = 16;
+
+/// Whether an encoded bloom filter's parameters are ones Automerge would use (it uses 10 bits
+/// per entry and 7 probes): a filter with no bits divides by zero when read, one with billions
+/// of probes allocates and loops for each change tested against it.
+fn bloom_in_range(bytes: &[u8]) -> bool {
+    fn leb(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut b = bytes;
+    if b.is_empty() {
+        return true;
+    }
+    match (leb(&mut b), leb(&mut b), leb(&mut b)) {
+        (Some(_), Some(bits), Some(probes)) => (1..=32).contains(&bits) && (1..=32).contains(&probes),
+        _ => false,
+    }
+}
 
 impl ChatDoc {
     /// The next sync message for the peer that `state` tracks, if there is anything to say. It
     /// is written in the first version of the format and offers no capabilities, so an honest
     /// peer answers with changes, never a whole document.
     pub fn sync_message(&self, state: &mut SyncState) -> Option<Vec<u8>> {
-        let mut message = self.doc.generate_sync_message(state)?;
+        // Guarded: it reads the peer's bloom filters (checked in `receive_sync`, but the state
+        // is the caller's).
+        let mut message = guarded(|| self.doc.generate_sync_message(state)).flatten()?;
         message.supported_capabilities = None;
         message.version = MessageVersion::V1;
         Some(message.encode())
@@ -38,6 +68,9 @@ impl ChatDoc {
             .map_err(|e| DocError::Malformed(e.to_string()))?;
         if message.changes.len() > MAX_SYNC_CHANGES {
             return Err(DocError::TooManyPending);
+        }
+        if message.have.len() > MAX_HAVES || !message.have.iter().all(|h| bloom_in_range(&h.bloom.to_bytes())) {
+            return Err(DocError::OutOfRange("bloom filter"));
         }
         let changes: Vec<Vec<u8>> = message.changes.iter().map(<[u8]>::to_vec).collect();
         let mut update = DocUpdate::default();

@@ -487,3 +487,37 @@ fn two_devices_sync_directly_and_the_checks_still_hold() {
     assert_eq!(a.messages()[0].text, "hello");
     assert!(matches!(a.receive_sync(&mut sa, b"garbage", &from_b), Err(DocError::Malformed(_))));
 }
+
+/// Found by review: a change whose first operation counter is far above anything in its
+/// dependencies raised the document's counter to where later local writes pass what
+/// Automerge can parse (the saved chat would not load).
+#[test]
+fn a_change_that_jumps_the_operation_counter_is_refused() {
+    let chat = ChatId([3; 16]);
+    let mut evil = ChatDoc::new(chat, &dev("evil"));
+    let honest = evil.set_title("t", 5);
+    let mut e = Change::from_bytes(honest).unwrap().decode();
+    // (Automerge's parser refuses counters above u32::MAX; one just below passes it.)
+    e.start_op = std::num::NonZeroU64::new(u64::from(u32::MAX) - 1).unwrap();
+    let jump = Change::from(e).raw_bytes().to_vec();
+    let mut victim = ChatDoc::new(chat, &dev("v"));
+    assert_eq!(victim.take(&jump), Err(DocError::OutOfRange("operation counter")));
+    victim.set_title("mine", 6);
+    assert_eq!(victim.title().as_deref(), Some("mine"), "the victim still writes");
+}
+
+/// Found by review: a peer's bloom filter with no bits, or billions of probes, made
+/// Automerge's sync code divide by zero or allocate gigabytes.
+#[test]
+fn a_sync_message_with_a_bloom_filter_out_of_range_is_refused() {
+    let chat = ChatId([4; 16]);
+    let (a, mut b) = (ChatDoc::new(chat, &dev("a")), ChatDoc::new(chat, &dev("b")));
+    let mut state = SyncState::new();
+    let mut message = automerge::sync::Message::decode(&a.sync_message(&mut SyncState::new()).unwrap()).unwrap();
+    // num_entries 1, 10 bits per entry, u32::MAX probes, then the bits.
+    let bad: &[u8] = &[1, 10, 0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0];
+    let bloom = automerge::sync::BloomFilter::try_from(bad).unwrap();
+    message.have = vec![automerge::sync::Have { last_sync: vec![], bloom }];
+    let from = Author { account: AccountId([1; 16]), device: dev("a") };
+    assert_eq!(b.receive_sync(&mut state, &message.encode(), &from), Err(DocError::OutOfRange("bloom filter")));
+}

@@ -339,8 +339,13 @@ async fn swarm_task(mut swarm: libp2p::Swarm<Behaviour>, mut cmd_rx: mpsc::Recei
                         let _ = r.send(Ok(()));
                     }
                 }
-                SwarmEvent::ConnectionClosed { peer_id, connection_id, .. } => {
+                SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
                     paths.remove(&connection_id);
+                    if num_established == 0 {
+                        // The next connection runs identify again (its observed address may
+                        // differ); work waiting for it must wait again.
+                        identified.remove(&peer_id);
+                    }
                     if let Some(v) = relayed.get_mut(&peer_id) {
                         v.retain(|c| *c != connection_id);
                     }
@@ -348,6 +353,12 @@ async fn swarm_task(mut swarm: libp2p::Swarm<Behaviour>, mut cmd_rx: mpsc::Recei
                 SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. } => {
                     for (_, r) in extract(&mut waiting.dials, peer_id) {
                         let _ = r.send(Err(error.to_string()));
+                    }
+                    // Work that waited for identify with a relay that cannot be reached.
+                    if !swarm.is_connected(&peer_id) {
+                        for (_, c) in extract(&mut waiting.after_identify, peer_id) {
+                            fail(c, error.to_string());
+                        }
                     }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, .. })) => {
@@ -429,7 +440,10 @@ fn run_after_identify(swarm: &mut libp2p::Swarm<Behaviour>, waiting: &mut Waitin
         SwarmCmd::DialPeer { peer, relay, reply } => {
             let addr = relay.1.with(Protocol::P2pCircuit).with(Protocol::P2p(peer));
             match swarm.dial(addr) {
-                Ok(()) => waiting.dials.push((peer, reply)),
+                Ok(()) => {
+                    waiting.dials.retain(|(_, r)| !r.is_closed());
+                    waiting.dials.push((peer, reply));
+                }
                 Err(e) => {
                     let _ = reply.send(Err(e.to_string()));
                 }

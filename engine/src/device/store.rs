@@ -579,14 +579,15 @@ impl DeviceStore {
     /// changes that wait for their dependencies, which a snapshot does not hold).
     pub fn compact(&self, chat: ChatId, snapshot: &[u8], pending: &[Vec<u8>]) -> Result<(), StoreError> {
         let keys: Vec<sled::IVec> = self.changes.scan_prefix(chat.0).keys().collect::<Result<_, _>>()?;
-        let next = self.next_change_n(chat)?;
         tx_result((&self.snapshots, &self.changes).transaction(
             |(snaps, changes): &(TransactionalTree, TransactionalTree)| -> TxResult<()> {
                 snaps.insert(&chat.0[..], snapshot)?;
                 for k in &keys {
                     changes.remove(k)?;
                 }
-                for (n, c) in (next..).zip(pending) {
+                // From 0 again: the count of changes after the snapshot is what triggers the
+                // next compaction.
+                for (n, c) in (0..).zip(pending) {
                     changes.insert(&change_key(chat, n)[..], &c[..])?;
                 }
                 Ok(())

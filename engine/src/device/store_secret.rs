@@ -54,6 +54,9 @@ pub struct MessageKey {
     pub delivered: bool,
     /// When the message disappears, once it was read and has a timer.
     pub expires_ms: Option<i64>,
+    /// The message disappeared: the key is zeroed and the record stays, so that the same key
+    /// sent again (the peer did not see this device's acknowledgement) is not taken anew.
+    pub gone: bool,
 }
 
 impl SecretChat {
@@ -130,12 +133,6 @@ impl DeviceStore {
                 Ok((id, dec(&v, "message key")?))
             })
             .collect()
-    }
-
-    /// Deletes a message's key (its text is gone for good).
-    pub fn delete_message_key(&self, chat: SecretId, message: &str) -> Result<(), StoreError> {
-        self.secret_keys.remove(key_key(chat, message))?;
-        Ok(())
     }
 
     /// Deletes a secret chat's document and keys, and its record unless `keep` replaces it

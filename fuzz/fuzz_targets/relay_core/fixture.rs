@@ -62,6 +62,8 @@ pub(super) fn fixture() -> &'static Fixture {
             ClientFrame::SetUsername { req: 0, name: None },
             ClientFrame::Lookup { req: 0, username: "ann".into() },
             ClientFrame::LookupAccounts { req: 0, accounts: vec![a.public().id, b.public().id, AccountId([7; 16])] },
+            ClientFrame::AccountDevices { req: 0, account: b.public().id },
+            ClientFrame::AccountDevices { req: 0, account: AccountId([7; 16]) },
         ];
         for (leaver, stayer) in [(&a, &b), (&b, &a)] {
             let chat = chats[2];
@@ -153,6 +155,7 @@ pub(super) fn with_req(frame: ClientFrame, req: ReqId) -> ClientFrame {
         ClientFrame::SetUsername { name, .. } => ClientFrame::SetUsername { req, name },
         ClientFrame::Lookup { username, .. } => ClientFrame::Lookup { req, username },
         ClientFrame::LookupAccounts { accounts, .. } => ClientFrame::LookupAccounts { req, accounts },
+        ClientFrame::AccountDevices { account, .. } => ClientFrame::AccountDevices { req, account },
         ClientFrame::ChangeMembers { change, .. } => ClientFrame::ChangeMembers { req, change },
         ClientFrame::Rekey { epoch, history, .. } => ClientFrame::Rekey { req, epoch, history },
         other => other,

@@ -142,7 +142,11 @@ impl Device {
         let doc = self.secret_doc(id)?;
         doc.add_message(&Message { text: sealed, ..msg.clone() })?;
         let saved = doc.save();
-        self.store.put_message_key(id, &msg.id, &MessageKey { key, mine: true, delivered: false, expires_ms: None })?;
+        self.store.put_message_key(
+            id,
+            &msg.id,
+            &MessageKey { key, mine: true, delivered: false, expires_ms: None, gone: false },
+        )?;
         self.store.put_secret_doc(id, &saved)?;
         self.store.barrier()?;
         msg.text = text.to_string();
@@ -154,7 +158,14 @@ impl Device {
     pub fn secret_messages(&mut self, id: SecretId) -> Result<Vec<SecretMessage>, Error> {
         self.secret(id)?;
         let messages = self.secret_doc(id)?.messages();
-        let keys: BTreeMap<String, MessageKey> = self.store.message_keys(id)?.into_iter().collect();
+        // Past their time but not yet expired (`secret_expire` has not run): already gone.
+        let now = self.now_ms();
+        let keys: BTreeMap<String, MessageKey> = self
+            .store
+            .message_keys(id)?
+            .into_iter()
+            .filter(|(_, k)| !k.gone && k.expires_ms.is_none_or(|t| t > now))
+            .collect();
         Ok(messages
             .into_iter()
             .filter_map(|mut m| {
@@ -203,8 +214,9 @@ impl Device {
         let mut gone = Vec::new();
         for chat in self.store.secret_chats()? {
             for (m, k) in self.store.message_keys(chat.id)? {
-                if k.expires_ms.is_some_and(|t| t <= now) {
-                    self.store.delete_message_key(chat.id, &m)?;
+                if !k.gone && k.expires_ms.is_some_and(|t| t <= now) {
+                    let tombstone = MessageKey { key: [0; 32], gone: true, delivered: true, ..k };
+                    self.store.put_message_key(chat.id, &m, &tombstone)?;
                     gone.push((chat.id, m));
                 }
             }
@@ -219,7 +231,7 @@ impl Device {
     pub fn secret_next_expiry(&self) -> Result<Option<i64>, Error> {
         let mut next: Option<i64> = None;
         for chat in self.store.secret_chats()? {
-            for (_, k) in self.store.message_keys(chat.id)? {
+            for (_, k) in self.store.message_keys(chat.id)?.into_iter().filter(|(_, k)| !k.gone) {
                 next = match (next, k.expires_ms) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -234,22 +246,16 @@ impl Device {
     pub fn secret_close(&mut self, id: SecretId) -> Result<(), Error> {
         let mut chat = self.secret(id)?;
         chat.state = SecretState::Closing;
-        self.secret_docs.remove(&id);
-        self.store.delete_secret(id, Some(&chat))?;
-        self.store.barrier()?;
-        Ok(())
+        self.forget_secret(id, Some(&chat))
     }
 
     /// A link to the peer came up (the handshake ended): what to send first. A chat closed
-    /// here tells the peer and is forgotten.
+    /// here tells the peer, and is forgotten once the peer answers with its own `Close`.
     pub fn secret_link_up(&mut self, id: SecretId, channel: Channel) -> Result<(SecretLink, Vec<Vec<u8>>), Error> {
         let chat = self.store.secret(id)?.ok_or(Error::UnknownSecret(id))?;
         let mut link = SecretLink::new(id, channel);
         if chat.state == SecretState::Closing {
             let out = link.seal(&[SecretFrame::Close], self.now_ms())?;
-            self.secret_docs.remove(&id);
-            self.store.delete_secret(id, None)?;
-            self.store.barrier()?;
             return Ok((link, out));
         }
         let out = self.secret_flush(&mut link)?;
@@ -270,7 +276,7 @@ impl Device {
             .store
             .message_keys(id)?
             .into_iter()
-            .filter(|(_, k)| k.mine && !k.delivered)
+            .filter(|(_, k)| k.mine && !k.delivered && !k.gone)
             .map(|(m, k)| (m, k.key))
             .collect();
         frames.extend(undelivered.chunks(MAX_KEYS_PER_FRAME).map(|c| SecretFrame::Keys(c.to_vec())));
@@ -288,21 +294,32 @@ impl Device {
         let id = link.chat;
         let Some(payload) = link.channel.open(bytes)? else { return Ok((Vec::new(), SecretUpdate::default())) };
         let mut update = SecretUpdate::default();
-        // Closed here meanwhile (the peer was told, or is told when it connects next): the
-        // link has nothing more to do.
-        let Ok(chat) = self.secret(id) else {
+        let frame = SecretFrame::decode(&payload)?;
+        let record = self.store.secret(id)?;
+        if frame == SecretFrame::Close {
+            // The peer closed it (answered with a `Close` of this device's, which then waits
+            // for it), or acknowledges this device's close.
             update.closed = true;
-            return Ok((Vec::new(), update));
-        };
-        let mut reply = Vec::new();
-        match SecretFrame::decode(&payload)? {
-            SecretFrame::Close => {
-                self.secret_docs.remove(&id);
-                self.store.delete_secret(id, None)?;
-                self.store.barrier()?;
+            let Some(record) = record else { return Ok((Vec::new(), update)) };
+            self.forget_secret(id, None)?;
+            return match record.state {
+                SecretState::Closing => Ok((Vec::new(), update)),
+                _ => Ok((link.seal(&[SecretFrame::Close], self.now_ms())?, update)),
+            };
+        }
+        let chat = match record {
+            // Closed here: what the peer sends before its acknowledgement is of no use.
+            Some(c) if c.state == SecretState::Closing => return Ok((Vec::new(), update)),
+            Some(c) => c,
+            // Gone here: the link has nothing more to do.
+            None => {
                 update.closed = true;
                 return Ok((Vec::new(), update));
             }
+        };
+        let mut reply = Vec::new();
+        match frame {
+            SecretFrame::Close => unreachable!("handled above"),
             _ if chat.state != SecretState::Active => {}
             SecretFrame::Sync(message) if message.len() <= MAX_SYNC_MESSAGE_BYTES => {
                 let before: BTreeSet<String> = self.secret_messages(id)?.into_iter().map(|m| m.message.id).collect();
@@ -331,7 +348,7 @@ impl Device {
                 for (m, key) in keys {
                     // Never replace a key: the peer names only its own messages' keys once.
                     if self.store.message_keys(id)?.iter().all(|(k, _)| *k != m) {
-                        let record = MessageKey { key, mine: false, delivered: true, expires_ms: None };
+                        let record = MessageKey { key, mine: false, delivered: true, expires_ms: None, gone: false };
                         self.store.put_message_key(id, &m, &record)?;
                     }
                     stored.push(m);
@@ -354,6 +371,14 @@ impl Device {
         let mut out = link.seal(&reply, self.now_ms())?;
         out.extend(self.secret_flush(link)?);
         Ok((out, update))
+    }
+
+    /// Deletes a secret chat's document and keys here, durably, and its record unless
+    /// `keep` replaces it.
+    pub(super) fn forget_secret(&mut self, id: SecretId, keep: Option<&SecretChat>) -> Result<(), Error> {
+        self.secret_docs.remove(&id);
+        self.store.delete_secret(id, keep)?;
+        Ok(self.store.barrier()?)
     }
 
     /// A secret chat's document, loaded from the store on first use.

@@ -108,13 +108,11 @@ impl Device {
         let mut chat = self.store.secret(id)?.ok_or(Error::UnknownSecret(id))?;
         let cert = self.login()?.cert.clone();
         stream.send(&encode(&Opening { chat: id, cert })).await?;
-        match decode::<Answer>(stream.recv().await?)? {
+        match decode::<Answer>(recv_within(stream).await?)? {
             Answer::Go => {}
             Answer::Pending => return Ok(None),
             Answer::Gone => {
-                self.secret_docs.remove(&id);
-                self.store.delete_secret(id, None)?;
-                self.store.barrier()?;
+                self.forget_secret(id, None)?;
                 return Ok(None);
             }
         }
@@ -123,7 +121,7 @@ impl Device {
         let mut hs =
             Handshake::new(Pattern::KK, true, &ends, &self.secrets.x25519, &chat.peer_static(), &mut self.rng)?;
         stream.send(&hs.write(b"")?).await?;
-        hs.read(&decode_raw(stream.recv().await?)?)?;
+        hs.read(&decode_raw(recv_within(stream).await?)?)?;
         let channel = hs.finish(self.now_ms())?;
         if chat.state == SecretState::Inviting {
             chat.state = SecretState::Active;
@@ -142,7 +140,7 @@ impl Device {
         stream: &mut SecretStream,
         auto_accept: bool,
     ) -> Result<Option<Opened>, Error> {
-        let opening: Opening = decode(stream.recv().await?)?;
+        let opening: Opening = decode(recv_within(stream).await?)?;
         if opening.cert.body.device != *peer {
             return Err(Error::Untrusted("a secret chat opened with another device's certificate"));
         }
@@ -151,8 +149,18 @@ impl Device {
             Some(c) if c.peer_cert.body.device != *peer => {
                 return Err(Error::Untrusted("another device's secret chat"));
             }
+            // The device this device offered the chat to opens it: it accepted.
+            Some(mut c) if c.state == SecretState::Inviting => {
+                c.state = SecretState::Active;
+                self.store.put_secret(&c)?;
+                c
+            }
             Some(c) => c,
             None => {
+                let offered = self.store.secret_chats()?.iter().filter(|c| c.state == SecretState::Invited).count();
+                if offered >= MAX_OFFERS {
+                    return Err(Error::Untrusted("too many secret chats wait to be accepted; accept or close some"));
+                }
                 let mut verified = self.check_peer_cert(&opening.cert)?;
                 if !verified && auto_accept {
                     self.fetch_keys(opening.cert.body.account).await?;
@@ -171,16 +179,14 @@ impl Device {
             Answer::Go => {}
             Answer::Pending => return Ok(None),
             Answer::Gone => {
-                self.secret_docs.remove(&id);
-                self.store.delete_secret(id, None)?;
-                self.store.barrier()?;
+                self.forget_secret(id, None)?;
                 return Ok(None);
             }
         }
         let ends = Ends { chat: id, initiator: peer, responder: &self.id };
         let mut hs =
             Handshake::new(Pattern::KK, false, &ends, &self.secrets.x25519, &chat.peer_static(), &mut self.rng)?;
-        hs.read(&decode_raw(stream.recv().await?)?)?;
+        hs.read(&decode_raw(recv_within(stream).await?)?)?;
         stream.send(&hs.write(b"")?).await?;
         let channel = hs.finish(self.now_ms())?;
         Ok(Some(self.secret_link_up(id, channel)?))
@@ -221,6 +227,19 @@ impl Device {
         let chat = self.secret(id)?;
         Ok(crate::device::secret::fingerprint(id, &self.x25519_public(), &chat.peer_static()))
     }
+}
+
+/// How long the other device may take for each step of the opening and the handshake.
+pub const OPENING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Most secret chats offered by other devices and not yet accepted: more are refused.
+pub const MAX_OFFERS: usize = 64;
+
+async fn recv_within(stream: &mut SecretStream) -> Result<Option<Vec<u8>>, Error> {
+    tokio::time::timeout(OPENING_TIMEOUT, stream.recv())
+        .await
+        .map_err(|_| Error::Secret(SecretError::Handshake("the other device did not answer in time".into())))?
+        .map_err(Error::from)
 }
 
 fn decode_raw(frame: Option<Vec<u8>>) -> Result<Vec<u8>, Error> {

@@ -127,6 +127,7 @@ fn a_message_disappears_on_both_devices_its_time_after_it_is_read() {
     pump((&mut alice, &mut la), (&mut bob, &mut lb), Vec::new(), out);
     assert_eq!(alice.secret_next_expiry().unwrap(), Some(read_at + 5_000), "the writer's timer starts too");
 
+    let key = alice.store.message_keys(id).unwrap().into_iter().find(|(m, _)| *m == gone.message.id).unwrap().1.key;
     NOW.fetch_add(4_000, Ordering::SeqCst);
     assert!(alice.secret_expire().unwrap().is_empty());
     NOW.fetch_add(1_000, Ordering::SeqCst);
@@ -136,6 +137,11 @@ fn a_message_disappears_on_both_devices_its_time_after_it_is_read() {
         let doc = d.secret_doc(id).unwrap();
         assert_eq!(doc.message_count(), 2, "the document keeps the sealed text, its key is gone");
     }
+    // Found by review: the same key sent again (the writer missed the acknowledgement) must
+    // not bring the message back.
+    let again = la.seal(&[SecretFrame::Keys(vec![(gone.message.id.clone(), key)])], now()).unwrap();
+    bob.secret_receive(&mut lb, &again[0]).unwrap();
+    assert_eq!(texts(&mut bob, id), ["stays"]);
 }
 
 #[test]
