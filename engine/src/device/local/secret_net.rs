@@ -157,9 +157,11 @@ impl Device {
             }
             Some(c) => c,
             None => {
-                let offered = self.store.secret_chats()?.iter().filter(|c| c.state == SecretState::Invited).count();
+                // Offers cost a record (and with auto-accept a lookup) each: bounded, also those
+                // taken at once.
+                let offered = self.store.secret_chats()?.iter().filter(|c| !c.started_here).count();
                 if offered >= MAX_OFFERS {
-                    return Err(Error::Untrusted("too many secret chats wait to be accepted; accept or close some"));
+                    return Err(Error::Untrusted("too many secret chats started by other devices; close some"));
                 }
                 let mut verified = self.check_peer_cert(&opening.cert)?;
                 if !verified && auto_accept {
@@ -232,8 +234,9 @@ impl Device {
 /// How long the other device may take for each step of the opening and the handshake.
 pub const OPENING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Most secret chats offered by other devices and not yet accepted: more are refused.
-pub const MAX_OFFERS: usize = 64;
+/// Most secret chats started by other devices (offered or taken) on one device: more offers
+/// are refused.
+pub const MAX_OFFERS: usize = 256;
 
 async fn recv_within(stream: &mut SecretStream) -> Result<Option<Vec<u8>>, Error> {
     tokio::time::timeout(OPENING_TIMEOUT, stream.recv())
