@@ -162,9 +162,41 @@ impl Encoder<bytes::Bytes> for RelayCodec {
     }
 }
 
-/// The circuit relay's limits from the relay's.
-fn circuit_config(limits: &Limits) -> relay::Config {
-    relay::Config {
+/// The devices with a session on this relay (registered, not revoked): only they may reserve
+/// a circuit or open one. Kept current from the store writes the core makes.
+type Registered = Arc<std::sync::RwLock<std::collections::BTreeSet<PeerId>>>;
+
+fn peer_of(device: &stratus_engine::DeviceId) -> Option<PeerId> {
+    device.0.parse().ok()
+}
+
+/// Keeps [`Registered`] current with a batch of store writes.
+fn note_devices(registered: &Registered, ops: &[crate::core::StoreOp]) {
+    for op in ops {
+        match op {
+            crate::core::StoreOp::PutDevice(cert) => {
+                let mut r = registered.write().unwrap_or_else(|e| e.into_inner());
+                r.extend(peer_of(&cert.body.device));
+            }
+            crate::core::StoreOp::PutDeviceState(d, s) if s.revoked => {
+                let mut r = registered.write().unwrap_or_else(|e| e.into_inner());
+                if let Some(p) = peer_of(d) {
+                    r.remove(&p);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The circuit relay's limits from the relay's; only devices with a session are served.
+fn circuit_config(limits: &Limits, registered: &Registered) -> relay::Config {
+    let admit = |registered: Registered| {
+        move |peer: PeerId, _: &Multiaddr, _: std::time::Instant| {
+            registered.read().unwrap_or_else(|e| e.into_inner()).contains(&peer)
+        }
+    };
+    let mut config = relay::Config {
         max_reservations: limits.max_reservations as usize,
         max_reservations_per_peer: 4,
         reservation_duration: Duration::from_secs(3600),
@@ -173,7 +205,10 @@ fn circuit_config(limits: &Limits) -> relay::Config {
         max_circuit_duration: Duration::from_secs(u64::from(limits.max_circuit_secs)),
         max_circuit_bytes: limits.max_circuit_bytes,
         ..relay::Config::default()
-    }
+    };
+    config.reservation_rate_limiters.push(Box::new(admit(registered.clone())));
+    config.circuit_src_rate_limiters.push(Box::new(admit(registered.clone())));
+    config
 }
 
 /// Loads the relay's libp2p identity from `dir/identity.key`, creating it on first start, so
@@ -225,6 +260,19 @@ pub async fn run_with_store<S: RelayStore>(
         tokio::task::spawn_blocking(move || s.barrier()).await.map_err(|e| ServerError::Bug(e.to_string()))??;
     }
     let recovered = store.recover()?;
+    let registered = Registered::default();
+    {
+        let revoked: std::collections::BTreeSet<_> =
+            recovered.device_states.iter().filter(|(_, s)| s.revoked).map(|(d, _)| d.clone()).collect();
+        let mut r = registered.write().unwrap_or_else(|e| e.into_inner());
+        r.extend(
+            recovered
+                .devices
+                .iter()
+                .filter(|c| !revoked.contains(&c.body.device))
+                .filter_map(|c| peer_of(&c.body.device)),
+        );
+    }
     let core = RelayCore::new(recovered, config.limits.clone());
     let limits = config.limits.clone();
 
@@ -243,7 +291,7 @@ pub async fn run_with_store<S: RelayStore>(
             stream: libp2p_stream::Behaviour::new(),
             identify: identify::Behaviour::new(identify::Config::new("/stratus/1.0.0".into(), key.public())),
             ping: ping::Behaviour::default(),
-            relay: relay::Behaviour::new(key.public().to_peer_id(), circuit_config(&limits)),
+            relay: relay::Behaviour::new(key.public().to_peer_id(), circuit_config(&limits, &registered)),
         })
         .map_err(|e| ServerError::Network(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
@@ -340,7 +388,7 @@ pub async fn run_with_store<S: RelayStore>(
     let (written_tx, written_rx) = watch::channel(0u64);
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<StoreError>(1);
     let barrier_task = tokio::spawn(barrier_loop(store.clone(), written_rx, in_tx.clone(), fatal_tx.clone()));
-    let core_task = tokio::spawn(core_loop(core, store.clone(), in_rx, written_tx, fatal_tx));
+    let core_task = tokio::spawn(core_loop(core, store.clone(), in_rx, written_tx, fatal_tx, registered));
 
     let mut core_task = core_task;
     let result = tokio::select! {
@@ -403,6 +451,7 @@ async fn core_loop<S: RelayStore>(
     mut in_rx: mpsc::Receiver<CoreMsg>,
     written: watch::Sender<u64>,
     fatal: mpsc::Sender<StoreError>,
+    registered: Registered,
 ) {
     let mut conns: BTreeMap<ConnId, StreamHandle> = BTreeMap::new();
     // The writes of every input drained in one go are applied as one sled transaction: sled
@@ -461,6 +510,7 @@ async fn core_loop<S: RelayStore>(
                         send(&mut conns, conn, Outgoing::Close);
                     }
                     Effect::Write { token, ops: more } => {
+                        note_devices(&registered, &more);
                         ops.extend(more);
                         batch_token = batch_token.max(token);
                     }

@@ -280,3 +280,16 @@ fn the_cli_starts_accepts_sends_and_closes_a_secret_chat() {
     assert_eq!(stratus_ok(&alice, &["secret", "list"]), "", "alice's device printed: {printed}; bob's: {closed}");
     assert_eq!(stratus_ok(&bob, &["secret", "list"]), "");
 }
+
+/// The relay's circuits are for devices with a session: a peer it does not know gets no
+/// reservation (and so cannot be reached through it, nor use it to reach others).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_serves_circuits_only_to_its_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"));
+    let mut stranger = Net::start(stratus_engine::libp2p::identity::Keypair::generate_ed25519()).unwrap();
+    assert!(stranger.listen_secret(None, &relay.addr).await.is_err(), "a stranger got a reservation");
+    let device = new_account(&relay, &dir.path().join("alice"), "alice phone").await;
+    let mut net = Net::start(device.keypair()).unwrap();
+    net.listen_secret(None, &relay.addr).await.expect("a device with a session gets one");
+}
