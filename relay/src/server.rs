@@ -322,6 +322,7 @@ pub async fn run_with_store<S: RelayStore>(
 
     let counts = Arc::new(Mutex::new(PeerCounts::default()));
     let swarm_counts = counts.clone();
+    let observers = registered.clone();
     let swarm_task = tokio::spawn(async move {
         use libp2p::swarm::SwarmEvent;
         loop {
@@ -343,9 +344,12 @@ pub async fn run_with_store<S: RelayStore>(
                     tracing::info!(%send_back_addr, %error, "connection refused");
                 }
                 SwarmEvent::NewListenAddr { address, .. } => swarm.add_external_address(address.clone()),
-                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { info, .. }))
-                    if swarm.external_addresses().count() < MAX_OBSERVED_ADDRESSES
-                        && !info.observed_addr.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit)) =>
+                // Only what the relay's own devices observed: anyone else could fill the list.
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                    peer_id, info, ..
+                })) if swarm.external_addresses().count() < MAX_OBSERVED_ADDRESSES
+                    && observers.read().unwrap_or_else(|e| e.into_inner()).contains(peer_id)
+                    && !info.observed_addr.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit)) =>
                 {
                     swarm.add_external_address(info.observed_addr.clone());
                 }
