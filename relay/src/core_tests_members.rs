@@ -23,6 +23,11 @@ fn group_terms(chat: ChatId, epoch: u32, members: &[AccountId]) -> KeyTerms {
     KeyTerms { chat, kind: ChatKind::Group, epoch: Epoch(epoch), members: members.iter().copied().collect() }
 }
 
+/// The creation of group `chat` at epoch 0 with its first keys.
+fn create_group(chat: ChatId, keys: Vec<WrappedKey>) -> ClientFrame {
+    ClientFrame::CreateChat { req: 4, chat, kind: ChatKind::Group, epoch: Epoch(0), client_seq: ClientSeq(9), keys }
+}
+
 fn change(keys: &AccountKeys, chat: ChatId, base: u32, change: Membership) -> MemberChange {
     change_after(keys, chat, base, 0, change)
 }
@@ -91,14 +96,7 @@ fn members_change_only_as_signed_for_the_newest_epoch_and_nothing_is_stored_unti
     let chat = ChatId([0x61; 16]);
     let terms = |epoch, members: &[AccountId]| group_terms(chat, epoch, members);
     let keys = grant(&ka, &terms(0, &[ia, ib]), &[&ka, &kb], true, &mut w.rng);
-    let create = ClientFrame::CreateChat {
-        req: 4,
-        chat,
-        kind: ChatKind::Group,
-        epoch: Epoch(0),
-        client_seq: ClientSeq(9),
-        keys,
-    };
+    let create = create_group(chat, keys);
     let e = w.frame(a.conn, create);
     let released = w.durable(&e);
     let to_b = pushed_events(&released, b.conn);
@@ -229,14 +227,7 @@ fn a_group_of_two_hundred_accounts_is_made_and_rekeyed() {
     let all: Vec<&AccountKeys> = keys.iter().collect();
     let started = std::time::Instant::now();
     let wrapped = grant(&keys[0], &terms(0, &ids), &all, true, &mut w.rng);
-    let create = ClientFrame::CreateChat {
-        req: 4,
-        chat,
-        kind: ChatKind::Group,
-        epoch: Epoch(0),
-        client_seq: ClientSeq(9),
-        keys: wrapped,
-    };
+    let create = create_group(chat, wrapped);
     let e = w.frame(devs[0].conn, create);
     let released = w.durable(&e);
     assert!(done(&released, 4));

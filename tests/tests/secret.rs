@@ -156,10 +156,25 @@ async fn over_the_relays_circuit_the_relay_carries_only_ciphertext() {
     }
 }
 
+/// Copies one direction of a proxied connection, recording the bytes.
+async fn copy_recording(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    log: Arc<Mutex<Vec<u8>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        log.lock().unwrap().extend_from_slice(&buf[..n]);
+    }
+}
+
 /// A TCP proxy in front of the relay that records every byte both ways; returns the relay's
 /// address through it.
 async fn recording_proxy(relay_addr: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (ip_port, peer) = relay_addr.split_once("/p2p/").unwrap();
     let port: u16 = ip_port.rsplit('/').next().unwrap().parse().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -169,28 +184,10 @@ async fn recording_proxy(relay_addr: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
     tokio::spawn(async move {
         while let Ok((inbound, _)) = listener.accept().await {
             let outbound = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-            let (mut ri, mut wi) = inbound.into_split();
-            let (mut ro, mut wo) = outbound.into_split();
-            let l1 = log.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                while let Ok(n) = ri.read(&mut buf).await {
-                    if n == 0 || wo.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                    l1.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-            });
-            let l2 = log.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                while let Ok(n) = ro.read(&mut buf).await {
-                    if n == 0 || wi.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                    l2.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-            });
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            tokio::spawn(copy_recording(ri, wo, log.clone()));
+            tokio::spawn(copy_recording(ro, wi, log.clone()));
         }
     });
     (format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", local.port()), seen)

@@ -123,6 +123,11 @@ impl DeviceStore {
         Ok(())
     }
 
+    /// One message's key record.
+    pub fn message_key(&self, chat: SecretId, message: &str) -> Result<Option<MessageKey>, StoreError> {
+        self.secret_keys.get(key_key(chat, message))?.map(|v| dec(&v, "message key")).transpose()
+    }
+
     /// A secret chat's message keys, by message id.
     pub fn message_keys(&self, chat: SecretId) -> Result<Vec<(String, MessageKey)>, StoreError> {
         self.secret_keys

@@ -198,9 +198,7 @@ impl Device {
         let now = self.now_ms();
         for m in self.secret_messages(id)? {
             let (Some(ttl), None, false) = (m.ttl_s, m.expires_ms, m.message.read_by.is_empty()) else { continue };
-            let Some((_, mut key)) = self.store.message_keys(id)?.into_iter().find(|(k, _)| *k == m.message.id) else {
-                continue;
-            };
+            let Some(mut key) = self.store.message_key(id, &m.message.id)? else { continue };
             key.expires_ms = Some(now.saturating_add(i64::from(ttl) * 1000));
             self.store.put_message_key(id, &m.message.id, &key)?;
         }
@@ -347,7 +345,7 @@ impl Device {
                 let mut stored = Vec::new();
                 for (m, key) in keys {
                     // Never replace a key: the peer names only its own messages' keys once.
-                    if self.store.message_keys(id)?.iter().all(|(k, _)| *k != m) {
+                    if self.store.message_key(id, &m)?.is_none() {
                         let record = MessageKey { key, mine: false, delivered: true, expires_ms: None, gone: false };
                         self.store.put_message_key(id, &m, &record)?;
                     }
