@@ -80,14 +80,15 @@ impl ChatDoc {
         let read_key = format!("{account} {}", from.device.0);
         let id_prefix = hex::encode(message_id_prefix(&from.device));
         let start = change.start_op().get();
-        let mut made: HashMap<String, Target> = HashMap::new();
+        // What each object the change names is: made earlier in the change, or resolved once.
+        let mut targets: HashMap<String, Target> = HashMap::new();
         for (i, op) in expanded.operations.iter().enumerate() {
             let obj = op.obj.to_string();
-            let target = match made.get(&obj) {
+            let target = match targets.get(&obj) {
                 Some(t) => t.clone(),
                 None => {
                     let t = self.resolve(&obj)?;
-                    made.insert(obj, t.clone());
+                    targets.insert(obj, t.clone());
                     t
                 }
             };
@@ -136,7 +137,7 @@ impl ChatDoc {
                 (target, ..) => return Err(DocError::Forbidden(refusal(target))),
             };
             if let Some(t) = new {
-                made.insert(format!("{}@{}", start + i as u64, change.actor_id()), t);
+                targets.insert(format!("{}@{}", start + i as u64, change.actor_id()), t);
             }
         }
         Ok(())
