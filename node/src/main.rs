@@ -87,10 +87,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stay connected and print each new message as it arrives.
+    /// Stay connected and print each new message as it arrives, secret chats' too (this device
+    /// stays reachable for them, and delivers what waits whenever the other device is).
     Watch {
         #[arg(long)]
         json: bool,
+        /// The TCP address to listen on for direct connections of secret chats.
+        #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+        tcp: stratus_engine::libp2p::Multiaddr,
     },
     /// Secret chats: this device and one device of another account, never on the relay.
     Secret {
@@ -525,9 +529,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 out(&if json { message_json(chat, &m) } else { message_line(&m) });
             }
         }
-        Command::Watch { json } => {
+        Command::Watch { json, tcp } => {
             device.account().ok_or(Error::NotLoggedIn)?;
-            let mut session = Session::start(device)?;
+            let mut session = secret::session(device, tcp)?;
             let mut events = session.events();
             loop {
                 let e = match events.recv().await {
@@ -557,7 +561,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     Event::Error { message } => eprintln!("stratus: {message}"),
                     Event::CaughtUp => eprintln!("stratus: caught up"),
                     Event::SessionRevoked => return Err(Error::SessionRevoked.into()),
-                    _ => {}
+                    e => secret::print_event(&e, json),
                 }
             }
         }

@@ -6,9 +6,8 @@
 //! reach the other device if it is (and leave what they wrote waiting otherwise).
 
 use clap::Subcommand;
-use futures::StreamExt;
-use stratus_engine::net::{Net, SecretStream};
-use stratus_engine::{DeviceId, SecretId, SecretMessage, SecretUpdate};
+use stratus_engine::net::Net;
+use stratus_engine::{DeviceId, SecretId, SecretMessage, SecretUpdate, SessionConfig};
 
 use super::*;
 
@@ -259,62 +258,72 @@ pub(crate) async fn secret(mut device: Device, command: SecretCommand) -> Result
     Ok(())
 }
 
-/// Stays reachable: answers each device that opens a secret stream, one at a time, printing
-/// messages as they arrive; runs the self-destruct timers in between.
+/// A session that runs this device's secret chats too, listening on `tcp` for direct
+/// connections.
+pub(crate) fn session(device: Device, tcp: stratus_engine::libp2p::Multiaddr) -> Result<Session, Failure> {
+    let config = SessionConfig { secret_chats: true, secret_tcp: Some(tcp) };
+    Ok(Session::start_with(device, config)?)
+}
+
+/// Prints a secret chat event (others are ignored).
+pub(crate) fn print_event(e: &Event, json: bool) {
+    match e {
+        Event::SecretMessage { chat, message } => {
+            out(&if json { secret_json(*chat, message) } else { format!("{chat} {}", secret_line(message)) })
+        }
+        Event::SecretOffered { chat, from } => out(&if json {
+            serde_json::json!({ "secret": chat.to_string(), "offered_by": from.body.account.to_string(),
+                "device": from.body.device.0, "device_name": from.body.name })
+            .to_string()
+        } else {
+            format!("{chat}: offered by {} ({}); `secret accept` it", from.body.name, from.body.account)
+        }),
+        Event::SecretLinked { chat } => eprintln!("stratus: {chat}: linked with the other device"),
+        Event::SecretClosed { chat } => out(&if json {
+            serde_json::json!({ "secret": chat.to_string(), "closed": true }).to_string()
+        } else {
+            format!("{chat}: closed")
+        }),
+        Event::SecretExpired { chat, message } => out(&if json {
+            serde_json::json!({ "secret": chat.to_string(), "disappeared": message }).to_string()
+        } else {
+            format!("{chat}: message {message} disappeared")
+        }),
+        _ => {}
+    }
+}
+
+/// Stays reachable (for `secret` seconds, or until stopped): a session that runs the secret
+/// chats, printing what arrives in them.
 async fn listen(
-    mut device: Device,
+    device: Device,
     secs: Option<u64>,
     tcp: stratus_engine::libp2p::Multiaddr,
     json: bool,
 ) -> Result<(), Failure> {
-    let relay = relay_of(&device)?;
-    let mut net = Net::start(device.keypair())?;
-    net.listen_secret(Some(tcp), &relay).await?;
-    let mut incoming = net.accept_secret()?;
-    out("listening");
-    let deadline = secs.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
-    let auto = device.secret_auto_accept()?;
+    let mut session = session(device, tcp)?;
+    let mut events = session.events();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs.unwrap_or(u64::MAX / 4));
+    let mut said = false;
     loop {
-        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-            return Ok(());
-        }
-        for (id, m) in device.secret_expire()? {
-            out(&format!("{id}: message {m} disappeared"));
-        }
-        let Ok(next) = tokio::time::timeout(Duration::from_secs(1), incoming.next()).await else { continue };
-        let Some((peer, stream)) = next else { return Ok(()) };
-        let mut stream = SecretStream::from(stream);
-        let peer = DeviceId(peer.to_string());
-        let opened = match device.secret_answer(&peer, &mut stream, auto).await {
-            Ok(o) => o,
-            Err(e) => {
-                eprintln!("stratus: a secret chat from {peer} failed: {e}");
-                continue;
-            }
+        let e = tokio::select! {
+            e = events.recv() => e,
+            () = tokio::time::sleep_until(deadline) => break,
         };
-        let Some((mut link, first)) = opened else {
-            for c in device.secret_chats()?.into_iter().filter(|c| c.peer_cert.body.device == peer) {
-                if c.state == stratus_engine::store::SecretState::Invited {
-                    out(&format!(
-                        "{}: offered by {} ({}); `secret accept` it",
-                        c.id, c.peer_cert.body.name, c.peer_cert.body.account
-                    ));
-                }
+        match e {
+            Ok(Event::SessionRevoked) => return Err(Error::SessionRevoked.into()),
+            // Reachable once the session is connected (its listening came first).
+            Ok(Event::Connected) if !said => {
+                said = true;
+                out("listening");
             }
-            continue;
-        };
-        let id = link.chat;
-        let print = |u: &SecretUpdate| {
-            for m in &u.added {
-                out(&if json { secret_json(id, m) } else { format!("{id} {}", secret_line(m)) });
+            Ok(e) => print_event(&e, json),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                eprintln!("stratus: {n} events skipped (output too slow)")
             }
-            if u.closed {
-                out(&format!("{id}: closed by the other device"));
-            }
-            false
-        };
-        if let Err(e) = device.secret_serve(&mut link, &mut stream, first, IDLE * 20, print).await {
-            eprintln!("stratus: the secret chat {id} link ended: {e}");
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
         }
     }
+    session.stop().await?;
+    Ok(())
 }

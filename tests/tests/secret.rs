@@ -51,6 +51,7 @@ async fn conversation(relay: &Relay, relay_addr: &str, dir: &Path, tcp: bool) ->
     assert_eq!(devices.len(), 1);
     assert_eq!(devices[0].0.body.device, *bob.id());
     let id = alice.secret_start(devices[0].0.clone()).unwrap();
+    bob.set_secret_auto_accept(true).unwrap();
     alice.secret_send(id, MARKERS[0], None).unwrap();
     alice.secret_send(id, MARKERS[1], None).unwrap();
     alice.secret_send(id, MARKERS[2], Some(3600)).unwrap();
@@ -69,7 +70,7 @@ async fn conversation(relay: &Relay, relay_addr: &str, dir: &Path, tcp: bool) ->
         let (peer, stream) = incoming.next().await.unwrap();
         let mut stream = SecretStream::from(stream);
         let peer = stratus_engine::DeviceId(peer.to_string());
-        let (mut link, first) = bob.secret_answer(&peer, &mut stream, true).await.unwrap().expect("taken at once");
+        let (mut link, first) = bob.secret_answer(&peer, &mut stream).await.unwrap().expect("taken at once");
         let updates = bob.secret_serve(&mut link, &mut stream, first, IDLE, |_| false).await.unwrap();
         (bob, updates, incoming, link, stream)
     });

@@ -10,8 +10,9 @@ use std::collections::VecDeque;
 use crate::device::core::{SyncCore, SyncInput, SyncOutput};
 use crate::device::doc::Message;
 use crate::device::error::Error;
-use crate::device::local::{Device, KeyWork, MessageOp};
-use crate::proto::ids::{ChatId, ClientSeq, Seq};
+use crate::device::local::{Device, KeyWork, MessageOp, SecretMessage};
+use crate::proto::cert::DeviceCert;
+use crate::proto::ids::{ChatId, ClientSeq, SecretId, Seq};
 use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame};
 
 /// What a session tells the app.
@@ -49,6 +50,19 @@ pub enum Event {
     Idle,
     /// Something failed that the app should show; sync goes on.
     Error { message: String },
+    /// A message of a secret chat arrived (its text and its key), from the other device.
+    SecretMessage { chat: SecretId, message: SecretMessage },
+    /// Another account's device offered a secret chat; it waits for
+    /// [`crate::Session::secret_accept`] (offers taken at once by the auto-accept setting come
+    /// as [`Event::SecretLinked`]).
+    SecretOffered { chat: SecretId, from: Box<DeviceCert> },
+    /// A secret chat's link to the other device is up: what waited on either side passes now.
+    SecretLinked { chat: SecretId },
+    /// A secret chat was closed by the other device (it is deleted here), or this device's close
+    /// reached it.
+    SecretClosed { chat: SecretId },
+    /// A secret chat's message disappeared (its self-destruct timer ran out).
+    SecretExpired { chat: SecretId, message: String },
     /// Another device of the account ended this device's session. The account's data on this
     /// device is deleted (the device is logged out, with a new identity on its next open) and
     /// the session stops.

@@ -107,4 +107,12 @@ pub enum Error {
     /// The session task stopped.
     #[error("the sync session stopped")]
     Stopped,
+
+    /// A secret chat command to a session that does not run them.
+    #[error("this session does not run secret chats (start it with SessionConfig::secret_chats)")]
+    SecretChatsOff,
+
+    /// The session is not connected to the relay, which the request needs.
+    #[error("not connected to the relay; try again once connected")]
+    Offline,
 }

@@ -27,9 +27,11 @@ mod members;
 mod messages;
 mod rotation;
 mod secret;
+mod secret_conn;
 mod secret_net;
 mod sessions;
 pub use secret::{SecretMessage, SecretUpdate};
+pub use secret_conn::{Ended, SecretConn, Step, OPENING_TIMEOUT};
 
 pub use members::ContactInfo;
 pub(crate) use members::KeyWork;

@@ -8,13 +8,18 @@ mod local;
 pub mod net;
 pub mod secret;
 mod session;
+mod session_secret;
 pub mod store;
 
 pub use doc::Message;
 pub use drive::{Action, Event};
 pub use error::Error;
-pub use local::{ChatSummary, ContactInfo, Device, LinkCode, MessageOp, SecretMessage, SecretUpdate, SessionInfo};
-pub use session::{Session, Status};
+pub use local::{
+    ChatSummary, ContactInfo, Device, Ended, LinkCode, MessageOp, SecretConn, SecretMessage, SecretUpdate, SessionInfo,
+    Step,
+};
+pub use session::{Session, SessionConfig, Status};
+pub use session_secret::{CONN_QUEUE, MAX_CONNS};
 
 /// The libp2p version the engine is built on, for apps that need its types (keys, addresses).
 pub use libp2p;

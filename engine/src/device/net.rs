@@ -85,11 +85,31 @@ enum SwarmCmd {
 /// The secret chat protocol's stream.
 pub const SECRET_PROTOCOL: &str = "/stratus/secret/1";
 
-/// A running libp2p swarm for this device. Dropping it stops the swarm.
+/// A running libp2p swarm for this device. Dropping it stops the swarm. Its methods are
+/// [`NetHandle`]'s (a handle works from other tasks too).
 pub struct Net {
+    handle: NetHandle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A handle on a [`Net`]'s swarm, for other tasks; it stops working when the `Net` is dropped.
+#[derive(Clone)]
+pub struct NetHandle {
     control: libp2p_stream::Control,
     cmd: mpsc::Sender<SwarmCmd>,
-    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::ops::Deref for Net {
+    type Target = NetHandle;
+    fn deref(&self) -> &NetHandle {
+        &self.handle
+    }
+}
+
+impl std::ops::DerefMut for Net {
+    fn deref_mut(&mut self) -> &mut NetHandle {
+        &mut self.handle
+    }
 }
 
 impl Drop for Net {
@@ -129,8 +149,16 @@ impl Net {
         let control = swarm.behaviour().stream.new_control();
         let (cmd, cmd_rx) = mpsc::channel::<SwarmCmd>(8);
         let task = tokio::spawn(swarm_task(swarm, cmd_rx));
-        Ok(Net { control, cmd, task })
+        Ok(Net { handle: NetHandle { control, cmd }, task })
     }
+
+    /// A handle for other tasks.
+    pub fn handle(&self) -> NetHandle {
+        self.handle.clone()
+    }
+}
+
+impl NetHandle {
 
     /// Makes this device reachable for secret chats: listens on TCP at `tcp` (e.g.
     /// `/ip4/0.0.0.0/tcp/0`; without it, no direct connection can be made, and the relay

@@ -96,7 +96,7 @@ async fn main() {
             let (peer, stream) = incoming.next().await.expect("a stream");
             let mut stream = SecretStream::from(stream);
             let peer = DeviceId(peer.to_string());
-            let (mut link, first) = bob.secret_answer(&peer, &mut stream, true).await.expect("answer").expect("taken");
+            let (mut link, first) = bob.secret_answer(&peer, &mut stream).await.expect("answer").expect("taken");
             for f in &first {
                 stream.send(f).await.expect("send");
             }

@@ -1,61 +1,46 @@
-//! Secret chats over the network: which devices of another account one can be started with
-//! (from the relay, each certificate checked against the account's keys), and the opening of a
-//! secret stream between two devices: the opener names the chat and shows its certificate in
-//! the clear (inside libp2p's own encrypted connection between the two devices), the other
-//! answers, and a Noise KK handshake between the certificates' static keys starts the link.
+//! Secret chats over the network, for one-shot use with a device of one's own (the CLI's
+//! commands; a [`crate::Session`] runs them itself): which devices of another account one can
+//! be started with (from the relay, each certificate checked against the account's keys), and
+//! a [`SecretConn`] driven over one stream until its link is up, then served.
 //! Part of [`Device`]; split out of `local.rs` for size.
-
-use serde::{Deserialize, Serialize};
 
 use super::*;
 use crate::device::local::secret::SecretUpdate;
+use crate::device::local::secret_conn::{SecretConn, Step};
 use crate::device::net::SecretStream;
-use crate::device::secret::{Ends, Handshake, Pattern, SecretError, SecretLink};
-use crate::device::store::{SecretChat, SecretState};
+use crate::device::secret::{SecretError, SecretLink};
 use crate::proto::ids::SecretId;
-
-/// The first frame on a secret stream, from the device that opened it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Opening {
-    /// The chat.
-    pub chat: SecretId,
-    /// The opening device's certificate.
-    pub cert: DeviceCert,
-}
-
-/// The answer to an [`Opening`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Answer {
-    /// The chat is accepted here: the handshake follows.
-    Go,
-    /// The chat waits for this device's user to accept it.
-    Pending,
-    /// The chat was closed here: the opener deletes it too.
-    Gone,
-}
 
 /// A link just opened: the link and what to send first.
 pub type Opened = (SecretLink, Vec<Vec<u8>>);
-
-fn decode<T: for<'a> Deserialize<'a>>(frame: Option<Vec<u8>>) -> Result<T, Error> {
-    let bytes = frame.ok_or(Error::Secret(SecretError::Handshake("the peer closed the stream".into())))?;
-    postcard::from_bytes(&bytes).map_err(|_| Error::Secret(SecretError::Malformed))
-}
-
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_allocvec(v).expect("encoding a frame cannot fail")
-}
 
 impl Device {
     /// The devices of `account` a secret chat can be started with: the relay's list, each
     /// certificate checked against the account's keys as this device knows them (look the
     /// account up first), with whether the device is connected now.
     pub async fn secret_devices(&mut self, account: AccountId) -> Result<Vec<(DeviceCert, bool)>, Error> {
+        if self.store.contact(account)?.is_none() {
+            return Err(Error::Untrusted("not a contact: look the user up first"));
+        }
+        let frame = self.one_request(ClientFrame::AccountDevices { req: 1, account }, 1).await?;
+        self.secret_devices_from(account, frame)
+    }
+
+    /// Whether `account` is a contact (its keys are pinned here).
+    pub fn is_contact(&self, account: AccountId) -> Result<bool, Error> {
+        Ok(self.store.contact(account)?.is_some())
+    }
+
+    /// [`Device::secret_devices`] from the relay's answer to `AccountDevices`.
+    pub(crate) fn secret_devices_from(
+        &self,
+        account: AccountId,
+        frame: RelayFrame,
+    ) -> Result<Vec<(DeviceCert, bool)>, Error> {
         let Some(contact) = self.store.contact(account)? else {
             return Err(Error::Untrusted("not a contact: look the user up first"));
         };
         let gens = contact.chain.verify()?;
-        let frame = self.one_request(ClientFrame::AccountDevices { req: 1, account }, 1).await?;
         let RelayFrame::AccountDevices { devices, .. } = frame else {
             return Err(Error::Relay {
                 code: ErrorCode::Internal,
@@ -67,7 +52,7 @@ impl Device {
 
     /// Whether `cert` checks against its account's keys as this device knows them: `Ok(false)`
     /// if the account is not a contact, an error if it is and the certificate does not check.
-    fn check_peer_cert(&self, cert: &DeviceCert) -> Result<bool, Error> {
+    pub(super) fn check_peer_cert(&self, cert: &DeviceCert) -> Result<bool, Error> {
         let Some(contact) = self.store.contact(cert.body.account)? else { return Ok(false) };
         let gens = contact.chain.verify()?;
         match gens.iter().any(|g| cert.verify(g).is_ok()) {
@@ -89,9 +74,18 @@ impl Device {
     /// Accepts a secret chat another device offered, first checking its certificate against
     /// its account's keys (looked up from the relay if the account is not a contact yet).
     pub async fn secret_accept_offer(&mut self, id: SecretId) -> Result<(), Error> {
-        let mut chat = self.secret(id)?;
+        let chat = self.secret(id)?;
         if !chat.verified {
             self.fetch_keys(chat.peer_cert.body.account).await?;
+        }
+        self.secret_accept_checked(id)
+    }
+
+    /// Accepts an offer once its account's keys are here ([`Device::take_accounts`]): its
+    /// certificate must check.
+    pub(crate) fn secret_accept_checked(&mut self, id: SecretId) -> Result<(), Error> {
+        let mut chat = self.secret(id)?;
+        if !chat.verified {
             if !self.check_peer_cert(&chat.peer_cert)? {
                 return Err(Error::Untrusted("the offering device's account is unknown to the relay"));
             }
@@ -101,97 +95,57 @@ impl Device {
         self.secret_accept(id)
     }
 
-    /// Opens the link of a secret chat this device started (or that the peer offered and this
-    /// device accepted) over a stream it opened to the peer. `None` when the peer has not
-    /// accepted yet, or closed the chat (then it is deleted here too).
+    /// Opens the link of a secret chat this device started (or accepted, or closed: then the
+    /// peer is told) over a stream it opened to the peer. `None` when the peer has not accepted
+    /// yet, or the chat is gone (deleted here too).
     pub async fn secret_open(&mut self, id: SecretId, stream: &mut SecretStream) -> Result<Option<Opened>, Error> {
-        let mut chat = self.store.secret(id)?.ok_or(Error::UnknownSecret(id))?;
-        let cert = self.login()?.cert.clone();
-        stream.send(&encode(&Opening { chat: id, cert })).await?;
-        match decode::<Answer>(recv_within(stream).await?)? {
-            Answer::Go => {}
-            Answer::Pending => return Ok(None),
-            Answer::Gone => {
-                self.forget_secret(id, None)?;
-                return Ok(None);
-            }
-        }
-        let peer = chat.peer_cert.body.device.clone();
-        let ends = Ends { chat: id, initiator: &self.id, responder: &peer };
-        let mut hs =
-            Handshake::new(Pattern::KK, true, &ends, &self.secrets.x25519, &chat.peer_static(), &mut self.rng)?;
-        stream.send(&hs.write(b"")?).await?;
-        hs.read(&decode_raw(recv_within(stream).await?)?)?;
-        let channel = hs.finish(self.now_ms())?;
-        if chat.state == SecretState::Inviting {
-            chat.state = SecretState::Active;
-            self.store.put_secret(&chat)?;
-        }
-        Ok(Some(self.secret_link_up(id, channel)?))
+        let (conn, first) = self.secret_connect(id)?;
+        self.until_up(conn, stream, vec![first]).await
     }
 
     /// Answers a secret stream the device `peer` (authenticated by libp2p) opened to this one.
-    /// A chat this device does not know is recorded as offered, and taken at once if
-    /// `auto_accept` and the peer's certificate checks. `None` when the chat waits for this
-    /// device's user, or was closed here.
-    pub async fn secret_answer(
+    /// A chat this device does not know is recorded as offered, and taken at once if this
+    /// device's auto-accept setting is on and the peer's certificate checks (the account's
+    /// keys are looked up from the relay if need be). `None` when the chat waits for this
+    /// device's user, or is gone.
+    pub async fn secret_answer(&mut self, peer: &DeviceId, stream: &mut SecretStream) -> Result<Option<Opened>, Error> {
+        let conn = self.secret_incoming(peer.clone());
+        self.until_up(conn, stream, Vec::new()).await
+    }
+
+    /// Drives a conn over `stream` until its link is up (returned with what to send first) or
+    /// it ends.
+    async fn until_up(
         &mut self,
-        peer: &DeviceId,
+        mut conn: SecretConn,
         stream: &mut SecretStream,
-        auto_accept: bool,
+        mut out: Vec<Vec<u8>>,
     ) -> Result<Option<Opened>, Error> {
-        let opening: Opening = decode(recv_within(stream).await?)?;
-        if opening.cert.body.device != *peer {
-            return Err(Error::Untrusted("a secret chat opened with another device's certificate"));
-        }
-        let id = opening.chat;
-        let chat: SecretChat = match self.store.secret(id)? {
-            Some(c) if c.peer_cert.body.device != *peer => {
-                return Err(Error::Untrusted("another device's secret chat"));
+        loop {
+            for f in out.drain(..) {
+                stream.send(&f).await?;
             }
-            // The device this device offered the chat to opens it: it accepted.
-            Some(mut c) if c.state == SecretState::Inviting => {
-                c.state = SecretState::Active;
-                self.store.put_secret(&c)?;
-                c
-            }
-            Some(c) => c,
-            None => {
-                // Offers cost a record (and with auto-accept a lookup) each: bounded, also those
-                // taken at once.
-                let offered = self.store.secret_chats()?.iter().filter(|c| !c.started_here).count();
-                if offered >= MAX_OFFERS {
-                    return Err(Error::Untrusted("too many secret chats started by other devices; close some"));
+            let frame = decode_raw(recv_within(stream).await?)?;
+            let (o, mut step) = self.secret_step(&mut conn, &frame)?;
+            out = o;
+            if let Step::Lookup(account) = step {
+                // A failed lookup leaves the offer waiting for this device's user.
+                if let Err(e) = self.fetch_keys(account).await {
+                    tracing::debug!(error = %e, "looking up an offering account failed");
                 }
-                let mut verified = self.check_peer_cert(&opening.cert)?;
-                if !verified && auto_accept {
-                    self.fetch_keys(opening.cert.body.account).await?;
-                    verified = self.check_peer_cert(&opening.cert)?;
-                }
-                self.secret_offered(id, opening.cert, verified, auto_accept)?
+                (out, step) = self.secret_looked_up(&mut conn)?;
             }
-        };
-        let answer = match chat.state {
-            SecretState::Active => Answer::Go,
-            SecretState::Closing => Answer::Gone,
-            SecretState::Invited | SecretState::Inviting => Answer::Pending,
-        };
-        stream.send(&encode(&answer)).await?;
-        match answer {
-            Answer::Go => {}
-            Answer::Pending => return Ok(None),
-            Answer::Gone => {
-                self.forget_secret(id, None)?;
-                return Ok(None);
+            match step {
+                Step::Continue => {}
+                Step::Up(_) => return Ok(Some((conn.into_link().expect("the link is up"), out))),
+                Step::Ended(_) | Step::Update(_) | Step::Lookup(_) => {
+                    for f in &out {
+                        stream.send(f).await?;
+                    }
+                    return Ok(None);
+                }
             }
         }
-        let ends = Ends { chat: id, initiator: peer, responder: &self.id };
-        let mut hs =
-            Handshake::new(Pattern::KK, false, &ends, &self.secrets.x25519, &chat.peer_static(), &mut self.rng)?;
-        hs.read(&decode_raw(recv_within(stream).await?)?)?;
-        stream.send(&hs.write(b"")?).await?;
-        let channel = hs.finish(self.now_ms())?;
-        Ok(Some(self.secret_link_up(id, channel)?))
     }
 
     /// Carries a secret link: sends `first`, then answers each message from the peer, until
@@ -230,13 +184,6 @@ impl Device {
         Ok(crate::device::secret::fingerprint(id, &self.x25519_public(), &chat.peer_static()))
     }
 }
-
-/// How long the other device may take for each step of the opening and the handshake.
-pub const OPENING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Most secret chats started by other devices (offered or taken) on one device: more offers
-/// are refused.
-pub const MAX_OFFERS: usize = 256;
 
 async fn recv_within(stream: &mut SecretStream) -> Result<Option<Vec<u8>>, Error> {
     tokio::time::timeout(OPENING_TIMEOUT, stream.recv())
