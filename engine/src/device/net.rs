@@ -159,7 +159,6 @@ impl Net {
 }
 
 impl NetHandle {
-
     /// Makes this device reachable for secret chats: listens on TCP at `tcp` (e.g.
     /// `/ip4/0.0.0.0/tcp/0`; without it, no direct connection can be made, and the relay
     /// carries every secret chat) and reserves a circuit on the relay at `relay`. Returns once

@@ -54,7 +54,10 @@ pub(super) enum Input {
 pub(super) enum HubOut {
     Emit(Event),
     /// Look `account`'s keys up on the relay, then call [`SecretHub::looked_up`] for `conn`.
-    Lookup { conn: u64, account: AccountId },
+    Lookup {
+        conn: u64,
+        account: AccountId,
+    },
 }
 
 enum Listen {
@@ -189,17 +192,14 @@ impl SecretHub {
                 let _ = tx.send(HubEvent::Listened(r)).await;
             });
         }
-        let late: Vec<u64> = self.conns.iter().filter(|(_, c)| c.deadline.is_some_and(|d| d <= now)).map(|(n, _)| *n).collect();
+        let late: Vec<u64> =
+            self.conns.iter().filter(|(_, c)| c.deadline.is_some_and(|d| d <= now)).map(|(n, _)| *n).collect();
         for no in late {
             self.drop_conn(device, no, "the other device did not answer in time");
         }
         if !matches!(self.listen, Listen::Trying) {
-            let ready: Vec<SecretId> = self
-                .due
-                .iter()
-                .filter(|(c, t)| **t <= now && !self.dialing.contains(c))
-                .map(|(c, _)| *c)
-                .collect();
+            let ready: Vec<SecretId> =
+                self.due.iter().filter(|(c, t)| **t <= now && !self.dialing.contains(c)).map(|(c, _)| *c).collect();
             for chat in ready {
                 self.dial(device, chat);
             }

@@ -1,0 +1,105 @@
+//! Secret chats run by sessions (issue 6): three real devices of three accounts, each a
+//! `Session` with secret chats on, through a real relay process on 127.0.0.1. Nobody drives a
+//! link by hand: offers, accepting, messages, timers, a device coming back after being away,
+//! declining and closing all pass because the sessions reach each other by themselves, several
+//! links at once.
+
+use std::time::Duration;
+
+use stratus_engine::{AccountId, Device, Event, SecretId, Session, SessionConfig};
+use stratus_tests::{init_tracing, new_account, wait_event, wait_idle, Relay};
+
+fn start(device: Device) -> Session {
+    let config = SessionConfig { secret_chats: true, secret_tcp: Some("/ip4/127.0.0.1/tcp/0".parse().unwrap()) };
+    Session::start_with(device, config).unwrap()
+}
+
+/// The one device of `account`, as `session` gets it from the relay.
+async fn only_device(session: &Session, account: AccountId) -> stratus_engine::proto::cert::DeviceCert {
+    let devices = session.secret_devices(account).await.unwrap();
+    assert_eq!(devices.len(), 1, "one device");
+    devices[0].0.clone()
+}
+
+async fn texts(session: &Session, chat: SecretId) -> Vec<String> {
+    session.secret_messages(chat).await.unwrap().into_iter().map(|m| m.message.text).collect()
+}
+
+fn message_in(chat: SecretId, text: &'static str) -> impl Fn(&Event) -> bool {
+    move |e| matches!(e, Event::SecretMessage { chat: c, message } if *c == chat && message.message.text == text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_offer_accept_deliver_queue_decline_and_close_by_themselves() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"));
+    // No device looks another up first: the sessions fetch the keys they need.
+    let alice = new_account(&relay, &dir.path().join("alice"), "alice phone").await;
+    let bob = new_account(&relay, &dir.path().join("bob"), "bob laptop").await;
+    let carol = new_account(&relay, &dir.path().join("carol"), "carol tablet").await;
+    let bob_account = bob.account().unwrap();
+    let (mut alice, mut bob, mut carol) = (start(alice), start(bob), start(carol));
+    let (mut alice_ev, mut bob_ev, mut carol_ev) = (alice.events(), bob.events(), carol.events());
+    for s in [&alice, &bob, &carol] {
+        wait_idle(s, 20).await;
+    }
+
+    // Alice and carol both offer bob's device a chat at once; bob's session answers both.
+    let a = alice.secret_start(only_device(&alice, bob_account).await).await.unwrap();
+    let c = carol.secret_start(only_device(&carol, bob_account).await).await.unwrap();
+    let mut offered = Vec::new();
+    while offered.len() < 2 {
+        if let Event::SecretOffered { chat, .. } =
+            wait_event(&mut bob_ev, 20, |e| matches!(e, Event::SecretOffered { .. })).await
+        {
+            offered.push(chat);
+        }
+    }
+    offered.sort();
+    let mut want = vec![a, c];
+    want.sort();
+    assert_eq!(offered, want, "both offers reached bob's device");
+
+    // Bob accepts alice's (her account's keys are fetched to check her device) and declines
+    // carol's: carol's session hears of it and deletes the chat.
+    bob.secret_accept(a).await.unwrap();
+    bob.secret_close(c).await.unwrap();
+    wait_event(&mut carol_ev, 20, |e| matches!(e, Event::SecretClosed { chat } if *chat == c)).await;
+    assert!(carol.secret_chats().await.unwrap().is_empty(), "the declined offer is gone on carol's device");
+    wait_event(&mut alice_ev, 20, |e| matches!(e, Event::SecretLinked { chat } if *chat == a)).await;
+
+    // Messages pass both ways; one disappears a second after bob reads it, on both devices.
+    alice.secret_send(a, "hello bob", None).await.unwrap();
+    let burn = alice.secret_send(a, "this burns", Some(1)).await.unwrap();
+    wait_event(&mut bob_ev, 20, message_in(a, "hello bob")).await;
+    wait_event(&mut bob_ev, 20, message_in(a, "this burns")).await;
+    bob.secret_send(a, "hello alice", None).await.unwrap();
+    wait_event(&mut alice_ev, 20, message_in(a, "hello alice")).await;
+    bob.secret_read(a, &burn.message.id).await.unwrap();
+    let gone =
+        |e: &Event| matches!(e, Event::SecretExpired { chat, message } if *chat == a && *message == burn.message.id);
+    wait_event(&mut bob_ev, 20, gone).await;
+    wait_event(&mut alice_ev, 20, gone).await;
+    assert_eq!(texts(&bob, a).await, ["hello bob", "hello alice"]);
+    assert_eq!(texts(&alice, a).await, ["hello bob", "hello alice"]);
+    assert_eq!(alice.secret_fingerprint(a).await.unwrap(), bob.secret_fingerprint(a).await.unwrap());
+
+    // Bob's device goes away; what alice writes meanwhile waits on her device and arrives when
+    // bob's device is back (its session reaches alice's at start).
+    let bob_device = bob.stop().await.unwrap();
+    alice.secret_send(a, "while you were away", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    bob = start(bob_device);
+    bob_ev = bob.events();
+    wait_event(&mut bob_ev, 30, message_in(a, "while you were away")).await;
+
+    // Alice closes the chat: it goes from both devices.
+    alice.secret_close(a).await.unwrap();
+    wait_event(&mut bob_ev, 20, |e| matches!(e, Event::SecretClosed { chat } if *chat == a)).await;
+    assert!(bob.secret_chats().await.unwrap().is_empty());
+    assert!(alice.secret_chats().await.unwrap().is_empty());
+    for s in [alice, bob, carol] {
+        s.stop().await.unwrap();
+    }
+}
