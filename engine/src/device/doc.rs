@@ -257,6 +257,17 @@ impl ChatDoc {
         d
     }
 
+    /// The document's heads (for [`ChatDoc::changes_since`]).
+    pub fn head_hashes(&self) -> Vec<automerge::ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// The bytes of the changes applied since `heads` (this device's own and those from
+    /// outside), in causal order; not those waiting for their dependencies.
+    pub fn changes_since(&self, heads: &[automerge::ChangeHash]) -> Vec<Vec<u8>> {
+        self.doc.get_changes(heads).into_iter().map(|c| c.raw_bytes().to_vec()).collect()
+    }
+
     /// Loads a document saved by this device (snapshot plus changes, in order, and who sent the
     /// changes from outside). The bytes come from the device's own store but are still guarded:
     /// a damaged store gives an error.

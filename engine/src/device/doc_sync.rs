@@ -81,7 +81,16 @@ impl ChatDoc {
             update.read.extend(u.read);
         }
         message.changes = ChunkList::empty();
-        match guarded(|| self.doc.receive_sync_message(state, message)) {
+        // Automerge takes a message without changes whose heads equal ours for an
+        // acknowledgement, and stays quiet. Here the changes were applied above: the peer must
+        // still hear this side's new heads, or it never learns what both have (its next
+        // messages would then summarise every change since).
+        let last_sent = state.last_sent_heads.clone();
+        let result = guarded(|| self.doc.receive_sync_message(state, message));
+        if !changes.is_empty() {
+            state.last_sent_heads = last_sent;
+        }
+        match result {
             None => {
                 self.poisoned = true;
                 Err(DocError::Panicked)

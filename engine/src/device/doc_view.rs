@@ -11,7 +11,7 @@ use crate::proto::ids::AccountId;
 impl ChatDoc {
     /// Per account, the index of the furthest message one of its devices has read (the marks
     /// are counts; a count of 0 marks nothing).
-    pub(super) fn read_marks(&self) -> BTreeMap<String, usize> {
+    pub fn read_marks(&self) -> BTreeMap<String, usize> {
         let mut marks: BTreeMap<String, usize> = BTreeMap::new();
         let Some(read) = self.read_obj() else { return marks };
         for key in self.doc.keys(&read) {
@@ -41,16 +41,31 @@ impl ChatDoc {
     /// Every message, in display order. Entries that do not have the message shape (written by
     /// a buggy or hostile device) are skipped.
     pub fn messages(&self) -> Vec<Message> {
+        self.messages_in(0, usize::MAX)
+    }
+
+    /// The messages at list positions `from..=to` (clamped to the list), in display order.
+    pub fn messages_in(&self, from: usize, to: usize) -> Vec<Message> {
         let Some(list) = self.messages_obj() else { return Vec::new() };
         let n = self.doc.length(&list);
         let marks = self.read_marks();
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
+        let mut out = Vec::new();
+        for i in from..n.min(to.saturating_add(1)) {
             if let Ok(Some((Value::Object(ObjType::Map), m))) = self.doc.get(&list, i) {
                 out.extend(self.message_at(&m, i, &marks));
             }
         }
         out
+    }
+
+    /// The message `id`, searched from the newest (new messages are where one looks).
+    pub fn message(&self, id: &str) -> Option<Message> {
+        let list = self.messages_obj()?;
+        let marks = self.read_marks();
+        (0..self.doc.length(&list)).rev().find_map(|i| {
+            let Ok(Some((Value::Object(ObjType::Map), m))) = self.doc.get(&list, i) else { return None };
+            (self.str_at(&m, "id").as_deref() == Some(id)).then(|| self.message_at(&m, i, &marks)).flatten()
+        })
     }
 
     /// The message map `m`, at `index` in the list, with its read receipts from `marks`.

@@ -540,6 +540,49 @@ impl SecretStream {
     pub async fn close(&mut self) {
         let _ = SinkExt::<bytes::Bytes>::close(&mut self.framed).await;
     }
+
+    /// The sending and the receiving half, to use at once (a side that only sends while the
+    /// other does too would wait for ever once both flow-control windows are full).
+    pub fn split(self) -> (SecretSender, SecretReceiver) {
+        let (sink, stream) = self.framed.split();
+        (SecretSender { sink }, SecretReceiver { stream })
+    }
+}
+
+type SecretFramed = Framed<Compat<libp2p::Stream>, LengthDelimitedCodec>;
+
+/// The sending half of a [`SecretStream`].
+pub struct SecretSender {
+    sink: futures::stream::SplitSink<SecretFramed, bytes::Bytes>,
+}
+
+impl SecretSender {
+    /// Sends one frame.
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), NetError> {
+        self.sink.send(bytes::Bytes::copy_from_slice(bytes)).await?;
+        Ok(())
+    }
+
+    /// Closes the sending side.
+    pub async fn close(&mut self) {
+        let _ = self.sink.close().await;
+    }
+}
+
+/// The receiving half of a [`SecretStream`].
+pub struct SecretReceiver {
+    stream: futures::stream::SplitStream<SecretFramed>,
+}
+
+impl SecretReceiver {
+    /// Receives one frame; `Ok(None)` when the peer closed the stream.
+    pub async fn recv(&mut self) -> Result<Option<Vec<u8>>, NetError> {
+        match self.stream.next().await {
+            None => Ok(None),
+            Some(Err(e)) => Err(e.into()),
+            Some(Ok(bytes)) => Ok(Some(bytes.to_vec())),
+        }
+    }
 }
 
 /// A framed sync stream to the relay.

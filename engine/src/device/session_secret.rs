@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::device::drive::Event;
 use crate::device::error::Error;
 use crate::device::local::{Device, Ended, SecretConn, Step, OPENING_TIMEOUT};
-use crate::device::net::{NetHandle, SecretStream};
+use crate::device::net::{NetError, NetHandle, SecretStream};
 use crate::proto::ids::{AccountId, DeviceId, SecretId};
 
 /// Most secret streams at once.
@@ -440,34 +440,35 @@ impl SecretHub {
     }
 }
 
-/// Moves one stream's frames between the libp2p stream and the session until either ends.
-async fn pump(no: u64, mut stream: SecretStream, mut out: mpsc::Receiver<Vec<u8>>, tx: mpsc::Sender<HubEvent>) {
-    loop {
-        tokio::select! {
-            f = out.recv() => match f {
-                Some(f) => {
-                    if let Err(e) = stream.send(&f).await {
-                        let _ = tx.send(HubEvent::Closed(no, Some(e.to_string()))).await;
-                        return;
+/// Moves one stream's frames between the libp2p stream and the session, receiving while it
+/// sends, until either ends.
+async fn pump(no: u64, stream: SecretStream, mut out: mpsc::Receiver<Vec<u8>>, tx: mpsc::Sender<HubEvent>) {
+    let (mut sender, mut receiver) = stream.split();
+    let sending = async {
+        while let Some(f) = out.recv().await {
+            sender.send(&f).await?;
+        }
+        // The session dropped the stream.
+        sender.close().await;
+        Ok(())
+    };
+    let receiving = async {
+        loop {
+            match receiver.recv().await? {
+                Some(frame) => {
+                    if tx.send(HubEvent::Frame(no, frame)).await.is_err() {
+                        return Ok(());
                     }
                 }
-                // The session dropped the stream.
-                None => {
-                    stream.close().await;
-                    return;
-                }
-            },
-            r = stream.recv() => {
-                let event = match r {
-                    Ok(Some(frame)) => HubEvent::Frame(no, frame),
-                    Ok(None) => HubEvent::Closed(no, None),
-                    Err(e) => HubEvent::Closed(no, Some(e.to_string())),
-                };
-                let last = !matches!(event, HubEvent::Frame(..));
-                if tx.send(event).await.is_err() || last {
-                    return;
-                }
+                None => return Err(NetError::Unreachable("the other device closed the stream".into())),
             }
         }
+    };
+    let ended: Result<(), NetError> = tokio::select! {
+        r = sending => r,
+        r = receiving => r,
+    };
+    if let Err(e) = ended {
+        let _ = tx.send(HubEvent::Closed(no, Some(e.to_string()))).await;
     }
 }

@@ -12,7 +12,8 @@
 //!   changes still waiting for their dependencies)
 //! * `authors`: chat id ‖ device id → [`Author`] of the changes that device sent (the account
 //!   the relay stamped on its deltas), for the authorship checks of changes applied on loading
-//! * `secrets`, `secret_docs`, `secret_keys`: secret chats (see `store_secret.rs`)
+//! * `secrets`, `secret_docs`, `secret_changes`, `secret_keys`, `secret_undelivered`,
+//!   `secret_timers`: secret chats (see `store_secret.rs`)
 //! * `outbox`: client seq → [`OutboxItem`] (sealed, with its plaintext change for resealing
 //!   after a rotation, waiting for the relay's ack)
 //! * `devices`: device id → certificate of a device of this account
@@ -192,6 +193,9 @@ pub struct DeviceStore {
     secrets: sled::Tree,
     secret_docs: sled::Tree,
     secret_keys: sled::Tree,
+    secret_changes: sled::Tree,
+    secret_undelivered: sled::Tree,
+    secret_timers: sled::Tree,
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -207,7 +211,48 @@ fn u64_of(b: &[u8], what: &'static str) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(a))
 }
 
-fn change_key(chat: ChatId, n: u64) -> [u8; 24] {
+/// A document's snapshot (in `snaps`) and the changes stored after it (in `changes`), in order.
+pub(super) fn doc_parts_in(snaps: &sled::Tree, changes: &sled::Tree, chat: ChatId) -> Result<DocParts, StoreError> {
+    let snap = snaps.get(chat.0)?.map(|v| v.to_vec());
+    let changes = changes.scan_prefix(chat.0).map(|kv| Ok(kv?.1.to_vec())).collect::<Result<_, StoreError>>()?;
+    Ok((snap, changes))
+}
+
+/// The number the next change of `chat` in `changes` gets.
+pub(super) fn next_change_in(changes: &sled::Tree, chat: ChatId) -> Result<u64, StoreError> {
+    match changes.scan_prefix(chat.0).next_back() {
+        Some(kv) => Ok(u64_of(&kv?.0[16..], "change key")? + 1),
+        None => Ok(0),
+    }
+}
+
+/// Replaces a document's snapshot and drops the changes it covers, keeping `pending` (see
+/// [`DeviceStore::compact`]).
+pub(super) fn compact_in(
+    snaps: &sled::Tree,
+    changes: &sled::Tree,
+    chat: ChatId,
+    snapshot: &[u8],
+    pending: &[Vec<u8>],
+) -> Result<(), StoreError> {
+    let keys: Vec<sled::IVec> = changes.scan_prefix(chat.0).keys().collect::<Result<_, _>>()?;
+    tx_result((snaps, changes).transaction(
+        |(snaps, changes): &(TransactionalTree, TransactionalTree)| -> TxResult<()> {
+            snaps.insert(&chat.0[..], snapshot)?;
+            for k in &keys {
+                changes.remove(k)?;
+            }
+            // From 0 again: the count of changes after the snapshot is what triggers the next
+            // compaction.
+            for (n, c) in (0..).zip(pending) {
+                changes.insert(&change_key(chat, n)[..], &c[..])?;
+            }
+            Ok(())
+        },
+    ))
+}
+
+pub(super) fn change_key(chat: ChatId, n: u64) -> [u8; 24] {
     let mut k = [0u8; 24];
     k[..16].copy_from_slice(&chat.0);
     k[16..].copy_from_slice(&n.to_be_bytes());
@@ -247,6 +292,9 @@ impl DeviceStore {
             secrets: db.open_tree("secrets")?,
             secret_docs: db.open_tree("secret_docs")?,
             secret_keys: db.open_tree("secret_keys")?,
+            secret_changes: db.open_tree("secret_changes")?,
+            secret_undelivered: db.open_tree("secret_undelivered")?,
+            secret_timers: db.open_tree("secret_timers")?,
             db,
         })
     }
@@ -421,6 +469,9 @@ impl DeviceStore {
             &self.secrets,
             &self.secret_docs,
             &self.secret_keys,
+            &self.secret_changes,
+            &self.secret_undelivered,
+            &self.secret_timers,
         ] {
             tree.clear()?;
         }
@@ -524,17 +575,11 @@ impl DeviceStore {
 
     /// A chat's snapshot and the changes stored after it, in order.
     pub fn doc_parts(&self, chat: ChatId) -> Result<DocParts, StoreError> {
-        let snap = self.snapshots.get(chat.0)?.map(|v| v.to_vec());
-        let changes =
-            self.changes.scan_prefix(chat.0).map(|kv| Ok(kv?.1.to_vec())).collect::<Result<_, StoreError>>()?;
-        Ok((snap, changes))
+        doc_parts_in(&self.snapshots, &self.changes, chat)
     }
 
     fn next_change_n(&self, chat: ChatId) -> Result<u64, StoreError> {
-        match self.changes.scan_prefix(chat.0).next_back() {
-            Some(kv) => Ok(u64_of(&kv?.0[16..], "change key")? + 1),
-            None => Ok(0),
-        }
+        next_change_in(&self.changes, chat)
     }
 
     /// Stores a remote change and moves the cursor to `seq`, atomically. `change` is `None` for
@@ -578,21 +623,7 @@ impl DeviceStore {
     /// Replaces a chat's snapshot and drops the changes it covers, keeping `pending` (the
     /// changes that wait for their dependencies, which a snapshot does not hold).
     pub fn compact(&self, chat: ChatId, snapshot: &[u8], pending: &[Vec<u8>]) -> Result<(), StoreError> {
-        let keys: Vec<sled::IVec> = self.changes.scan_prefix(chat.0).keys().collect::<Result<_, _>>()?;
-        tx_result((&self.snapshots, &self.changes).transaction(
-            |(snaps, changes): &(TransactionalTree, TransactionalTree)| -> TxResult<()> {
-                snaps.insert(&chat.0[..], snapshot)?;
-                for k in &keys {
-                    changes.remove(k)?;
-                }
-                // From 0 again: the count of changes after the snapshot is what triggers the
-                // next compaction.
-                for (n, c) in (0..).zip(pending) {
-                    changes.insert(&change_key(chat, n)[..], &c[..])?;
-                }
-                Ok(())
-            },
-        ))
+        compact_in(&self.snapshots, &self.changes, chat, snapshot, pending)
     }
 
     /// Records who sent a chat's changes from `author.device` (see [`Author`]).

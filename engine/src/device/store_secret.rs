@@ -1,4 +1,5 @@
-//! The device store's secret chats (trees `secrets`, `secret_docs`, `secret_keys`). They never
+//! The device store's secret chats (trees `secrets`, `secret_docs`, `secret_changes`,
+//! `secret_keys`, `secret_undelivered`). They never
 //! leave the device but over the secret chat's own session: nothing here reaches the relay.
 //! Part of [`DeviceStore`]; split out of `store.rs` for size.
 
@@ -6,10 +7,13 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::TransactionalTree;
 use sled::Transactional;
 
-use super::{dec, enc, tx_result, DeviceStore, StoreError, TxResult};
+use super::{
+    change_key, compact_in, dec, doc_parts_in, enc, next_change_in, tx_result, DeviceStore, DocParts, StoreError,
+    TxResult,
+};
 use crate::device::doc::Author;
 use crate::proto::cert::DeviceCert;
-use crate::proto::ids::SecretId;
+use crate::proto::ids::{ChatId, SecretId};
 
 /// Where a secret chat stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +79,16 @@ fn key_key(chat: SecretId, message: &str) -> Vec<u8> {
     [&chat.0[..], message.as_bytes()].concat()
 }
 
+/// A running timer's entry: its time first, so that the next to run comes first.
+fn timer_key(expires_ms: i64, chat: SecretId, message: &str) -> Vec<u8> {
+    [&expires_ms.max(0).to_be_bytes()[..], &chat.0[..], message.as_bytes()].concat()
+}
+
+/// The timer a key record runs, if any.
+fn timer_of(key: &MessageKey) -> Option<i64> {
+    key.expires_ms.filter(|_| !key.gone)
+}
+
 impl DeviceStore {
     /// Stores a secret chat's record.
     pub fn put_secret(&self, chat: &SecretChat) -> Result<(), StoreError> {
@@ -106,21 +120,101 @@ impl DeviceStore {
         Ok(())
     }
 
-    /// Replaces a secret chat's saved document.
-    pub fn put_secret_doc(&self, id: SecretId, doc: &[u8]) -> Result<(), StoreError> {
-        self.secret_docs.insert(id.0, doc)?;
-        Ok(())
+    /// Sets a secret chat's document to `snapshot` and nothing after it (a new chat).
+    pub fn put_secret_doc(&self, id: SecretId, snapshot: &[u8]) -> Result<(), StoreError> {
+        self.compact_secret(id, snapshot, &[])
     }
 
-    /// A secret chat's saved document.
-    pub fn secret_doc(&self, id: SecretId) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.secret_docs.get(id.0)?.map(|v| v.to_vec()))
+    /// A secret chat's snapshot and the changes stored after it, in order.
+    pub fn secret_doc_parts(&self, id: SecretId) -> Result<DocParts, StoreError> {
+        doc_parts_in(&self.secret_docs, &self.secret_changes, ChatId(id.0))
     }
 
-    /// Stores a message's key.
+    /// Stores changes of a secret chat's document after those stored before; returns the
+    /// number now stored after its snapshot.
+    pub fn append_secret_changes(&self, id: SecretId, changes: &[Vec<u8>]) -> Result<u64, StoreError> {
+        let chat = ChatId(id.0);
+        let mut n = next_change_in(&self.secret_changes, chat)?;
+        let mut batch = sled::Batch::default();
+        for c in changes {
+            batch.insert(&change_key(chat, n)[..], &c[..]);
+            n += 1;
+        }
+        self.secret_changes.apply_batch(batch)?;
+        Ok(n)
+    }
+
+    /// Replaces a secret chat's snapshot, keeping only `pending` after it (see
+    /// [`DeviceStore::compact`]).
+    pub fn compact_secret(&self, id: SecretId, snapshot: &[u8], pending: &[Vec<u8>]) -> Result<(), StoreError> {
+        compact_in(&self.secret_docs, &self.secret_changes, ChatId(id.0), snapshot, pending)
+    }
+
+    /// Stores a message's key. Keys of this device's messages that the peer has not confirmed
+    /// are listed apart too ([`DeviceStore::undelivered_keys`]): listed before the key is stored,
+    /// unlisted after, so a crash in between leaves at most a stale entry, which is skipped.
+    ///
+    /// Running timers are listed apart as well, by time ([`DeviceStore::timers_due`]), in the
+    /// same order.
     pub fn put_message_key(&self, chat: SecretId, message: &str, key: &MessageKey) -> Result<(), StoreError> {
-        self.secret_keys.insert(key_key(chat, message), enc(key))?;
+        let k = key_key(chat, message);
+        let old_timer = self.message_key(chat, message)?.as_ref().and_then(timer_of);
+        let waiting = key.mine && !key.delivered && !key.gone;
+        if waiting {
+            self.secret_undelivered.insert(&k, &[])?;
+        }
+        if let Some(t) = timer_of(key) {
+            self.secret_timers.insert(timer_key(t, chat, message), &chat.0[..])?;
+        }
+        self.secret_keys.insert(&k, enc(key))?;
+        if !waiting {
+            self.secret_undelivered.remove(&k)?;
+        }
+        if let Some(t) = old_timer.filter(|t| timer_of(key) != Some(*t)) {
+            self.secret_timers.remove(timer_key(t, chat, message))?;
+        }
         Ok(())
+    }
+
+    /// The running timers, the next first, up to those due at `until_ms` (all if `None`; at most
+    /// `limit`): `(expires_ms, chat, message)`. Entries a crash left behind are dropped.
+    pub fn timers_due(&self, until_ms: Option<i64>, limit: usize) -> Result<Vec<(i64, SecretId, String)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.secret_timers.iter() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = kv?;
+            if k.len() < 24 {
+                return Err(StoreError::Corrupt("timer key"));
+            }
+            let t = i64::from_be_bytes(k[..8].try_into().expect("eight bytes"));
+            if until_ms.is_some_and(|u| t > u) {
+                break;
+            }
+            let chat = SecretId(k[8..24].try_into().expect("sixteen bytes"));
+            let message = String::from_utf8(k[24..].to_vec()).map_err(|_| StoreError::Corrupt("timer key"))?;
+            match self.message_key(chat, &message)?.as_ref().and_then(timer_of) {
+                Some(running) if running.max(0) == t => out.push((running, chat, message)),
+                _ => {
+                    self.secret_timers.remove(&k)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The keys of this device's messages in `chat` that the peer has not confirmed yet.
+    pub fn undelivered_keys(&self, chat: SecretId) -> Result<Vec<(String, MessageKey)>, StoreError> {
+        let mut out = Vec::new();
+        for k in self.secret_undelivered.scan_prefix(chat.0).keys() {
+            let k = k?;
+            let id = String::from_utf8(k[16..].to_vec()).map_err(|_| StoreError::Corrupt("message key id"))?;
+            if let Some(key) = self.message_key(chat, &id)?.filter(|r| r.mine && !r.delivered && !r.gone) {
+                out.push((id, key));
+            }
+        }
+        Ok(out)
     }
 
     /// One message's key record.
@@ -143,19 +237,50 @@ impl DeviceStore {
     /// Deletes a secret chat's document and keys, and its record unless `keep` replaces it
     /// (closed here, not yet told to the peer), in one transaction.
     pub fn delete_secret(&self, id: SecretId, keep: Option<&SecretChat>) -> Result<(), StoreError> {
-        let keys: Vec<sled::IVec> = self.secret_keys.scan_prefix(id.0).keys().collect::<Result<_, _>>()?;
-        tx_result((&self.secrets, &self.secret_docs, &self.secret_keys).transaction(
-            |(chats, docs, ks): &(TransactionalTree, TransactionalTree, TransactionalTree)| -> TxResult<()> {
-                match keep {
-                    Some(c) => chats.insert(&id.0[..], enc(c))?,
-                    None => chats.remove(&id.0[..])?,
-                };
-                docs.remove(&id.0[..])?;
-                for k in &keys {
-                    ks.remove(k)?;
-                }
-                Ok(())
-            },
-        ))
+        let mut keys = Vec::new();
+        let mut timers = Vec::new();
+        for kv in self.secret_keys.scan_prefix(id.0) {
+            let (k, v) = kv?;
+            let record: MessageKey = dec(&v, "message key")?;
+            if let (Some(t), Ok(m)) = (timer_of(&record), std::str::from_utf8(&k[16..])) {
+                timers.push(timer_key(t, id, m));
+            }
+            keys.push(k);
+        }
+        let changes: Vec<sled::IVec> = self.secret_changes.scan_prefix(id.0).keys().collect::<Result<_, _>>()?;
+        let trees = (
+            &self.secrets,
+            &self.secret_docs,
+            &self.secret_keys,
+            &self.secret_changes,
+            &self.secret_undelivered,
+            &self.secret_timers,
+        );
+        type Trees = (
+            TransactionalTree,
+            TransactionalTree,
+            TransactionalTree,
+            TransactionalTree,
+            TransactionalTree,
+            TransactionalTree,
+        );
+        tx_result(trees.transaction(|(chats, docs, ks, cs, undelivered, ts): &Trees| -> TxResult<()> {
+            match keep {
+                Some(c) => chats.insert(&id.0[..], enc(c))?,
+                None => chats.remove(&id.0[..])?,
+            };
+            docs.remove(&id.0[..])?;
+            for k in &keys {
+                ks.remove(k)?;
+                undelivered.remove(k)?;
+            }
+            for k in &changes {
+                cs.remove(k)?;
+            }
+            for k in &timers {
+                ts.remove(&k[..])?;
+            }
+            Ok(())
+        }))
     }
 }

@@ -110,7 +110,10 @@ async fn main() {
                 }
                 false
             };
-            let _ = bob.secret_serve(&mut link, &mut stream, Vec::new(), Duration::from_secs(30), report).await;
+            if let Err(e) = bob.secret_serve(&mut link, &mut stream, Vec::new(), Duration::from_secs(30), report).await
+            {
+                eprintln!("bob's link failed: {e}");
+            }
         }
     });
 
@@ -131,6 +134,7 @@ async fn main() {
         let mut latency = Vec::new();
         for k in 0..messages {
             let text = format!("m{k}");
+
             let t = Instant::now();
             alice.secret_send(id, &text, None).expect("send");
             for f in alice.secret_flush(&mut link).expect("flush") {

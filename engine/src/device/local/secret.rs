@@ -4,7 +4,6 @@
 //! Part of [`Device`]; split out of `local.rs` for size.
 
 use super::*;
-use std::collections::BTreeSet;
 
 use crate::device::doc::MAX_SYNC_MESSAGE_BYTES;
 use crate::device::secret::link::{open_text, seal_text, MAX_KEYS_PER_FRAME};
@@ -32,6 +31,10 @@ pub struct SecretUpdate {
     /// The peer closed the chat; it is deleted here too.
     pub closed: bool,
 }
+
+/// A secret chat's document is saved whole (its snapshot) once this many changes were stored
+/// after the last snapshot; each change is stored on its own in between.
+pub const SECRET_COMPACT_AFTER: u64 = 256;
 
 /// The document of a secret chat lives under a chat id made from the secret chat's id (it is
 /// never a chat on the relay).
@@ -139,15 +142,13 @@ impl Device {
         let mut key = [0u8; 32];
         self.rng.fill_bytes(&mut key);
         let sealed = seal_text(&key, id, &msg.id, &SecretText { text: text.to_string(), ttl_s }, &mut self.rng);
-        let doc = self.secret_doc(id)?;
-        doc.add_message(&Message { text: sealed, ..msg.clone() })?;
-        let saved = doc.save();
+        let change = self.secret_doc(id)?.add_message(&Message { text: sealed, ..msg.clone() })?;
         self.store.put_message_key(
             id,
             &msg.id,
             &MessageKey { key, mine: true, delivered: false, expires_ms: None, gone: false },
         )?;
-        self.store.put_secret_doc(id, &saved)?;
+        self.store_secret_changes(id, &[change])?;
         self.store.barrier()?;
         msg.text = text.to_string();
         Ok(SecretMessage { message: msg, ttl_s, expires_ms: None })
@@ -158,23 +159,33 @@ impl Device {
     pub fn secret_messages(&mut self, id: SecretId) -> Result<Vec<SecretMessage>, Error> {
         self.secret(id)?;
         let messages = self.secret_doc(id)?.messages();
-        // Past their time but not yet expired (`secret_expire` has not run): already gone.
+        let keys: BTreeMap<String, MessageKey> = self.store.message_keys(id)?.into_iter().collect();
+        Ok(self.open_messages(id, messages, |m| keys.get(m).cloned()))
+    }
+
+    /// Opens the texts of `messages` with their keys (from `key`); those whose key is gone, past
+    /// its time (`secret_expire` has not run yet) or not here are left out.
+    fn open_messages(
+        &self,
+        id: SecretId,
+        messages: Vec<Message>,
+        key: impl Fn(&str) -> Option<MessageKey>,
+    ) -> Vec<SecretMessage> {
         let now = self.now_ms();
-        let keys: BTreeMap<String, MessageKey> = self
-            .store
-            .message_keys(id)?
-            .into_iter()
-            .filter(|(_, k)| !k.gone && k.expires_ms.is_none_or(|t| t > now))
-            .collect();
-        Ok(messages
+        messages
             .into_iter()
             .filter_map(|mut m| {
-                let k = keys.get(&m.id)?;
+                let k = key(&m.id).filter(|k| !k.gone && k.expires_ms.is_none_or(|t| t > now))?;
                 let opened = open_text(&k.key, id, &m.id, &m.text)?;
                 m.text = if m.deleted { String::new() } else { opened.text };
                 Some(SecretMessage { message: m, ttl_s: opened.ttl_s, expires_ms: k.expires_ms })
             })
-            .collect())
+            .collect()
+    }
+
+    /// [`Device::open_messages`] with each key read from the store.
+    fn open_with_stored_keys(&self, id: SecretId, messages: Vec<Message>) -> Vec<SecretMessage> {
+        self.open_messages(id, messages, |m| self.store.message_key(id, m).ok().flatten())
     }
 
     /// Marks the chat read up to message `upto`; the timers of the messages it covers start.
@@ -184,23 +195,47 @@ impl Device {
         let device = self.id.clone();
         let now = self.now_ms();
         let doc = self.secret_doc(id)?;
-        doc.mark_read(&account, &device, upto, now)?;
-        let saved = doc.save();
-        self.store.put_secret_doc(id, &saved)?;
-        self.arm_timers(id)?;
+        let marks = doc.read_marks();
+        let change = doc.mark_read(&account, &device, upto, now)?;
+        self.store_secret_changes(id, &[change])?;
+        self.arm_newly_read(id, &marks)?;
         self.store.barrier()?;
         Ok(())
     }
 
-    /// Starts the timer of every message with one that its reader has read (on both devices:
-    /// the reader's when it reads, the writer's when the read mark arrives).
-    fn arm_timers(&mut self, id: SecretId) -> Result<(), Error> {
+    /// Starts the timers of the messages that read marks moved over since `before` (the marks
+    /// then): on both devices, the reader's when it reads, the writer's when the mark arrives.
+    fn arm_newly_read(&mut self, id: SecretId, before: &BTreeMap<String, usize>) -> Result<(), Error> {
+        let after = self.secret_doc(id)?.read_marks();
+        let moved = after.iter().filter(|(a, i)| before.get(*a).is_none_or(|b| b < *i));
+        let Some(from) = moved.map(|(a, _)| before.get(a).map_or(0, |b| b + 1)).min() else { return Ok(()) };
+        let to = after.values().copied().max().unwrap_or(0);
+        let messages = self.secret_doc(id)?.messages_in(from, to);
+        let read = self.open_with_stored_keys(id, messages);
+        self.arm(id, &read)
+    }
+
+    /// Starts the timer of each of `messages` that has one and was read.
+    fn arm(&mut self, id: SecretId, messages: &[SecretMessage]) -> Result<(), Error> {
         let now = self.now_ms();
-        for m in self.secret_messages(id)? {
+        for m in messages {
             let (Some(ttl), None, false) = (m.ttl_s, m.expires_ms, m.message.read_by.is_empty()) else { continue };
             let Some(mut key) = self.store.message_key(id, &m.message.id)? else { continue };
             key.expires_ms = Some(now.saturating_add(i64::from(ttl) * 1000));
             self.store.put_message_key(id, &m.message.id, &key)?;
+        }
+        Ok(())
+    }
+
+    /// Stores changes made to a secret chat's document (compacting it now and then).
+    fn store_secret_changes(&mut self, id: SecretId, changes: &[Vec<u8>]) -> Result<(), Error> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        if self.store.append_secret_changes(id, changes)? >= SECRET_COMPACT_AFTER {
+            let doc = self.secret_doc(id)?;
+            let (snapshot, pending) = (doc.save(), doc.pending_changes());
+            self.store.compact_secret(id, &snapshot, &pending)?;
         }
         Ok(())
     }
@@ -210,14 +245,11 @@ impl Device {
     pub fn secret_expire(&mut self) -> Result<Vec<(SecretId, String)>, Error> {
         let now = self.now_ms();
         let mut gone = Vec::new();
-        for chat in self.store.secret_chats()? {
-            for (m, k) in self.store.message_keys(chat.id)? {
-                if !k.gone && k.expires_ms.is_some_and(|t| t <= now) {
-                    let tombstone = MessageKey { key: [0; 32], gone: true, delivered: true, ..k };
-                    self.store.put_message_key(chat.id, &m, &tombstone)?;
-                    gone.push((chat.id, m));
-                }
-            }
+        for (_, chat, m) in self.store.timers_due(Some(now), usize::MAX)? {
+            let Some(k) = self.store.message_key(chat, &m)? else { continue };
+            let tombstone = MessageKey { key: [0; 32], gone: true, delivered: true, ..k };
+            self.store.put_message_key(chat, &m, &tombstone)?;
+            gone.push((chat, m));
         }
         if !gone.is_empty() {
             self.store.barrier()?;
@@ -227,16 +259,7 @@ impl Device {
 
     /// When the next message disappears, if a timer runs.
     pub fn secret_next_expiry(&self) -> Result<Option<i64>, Error> {
-        let mut next: Option<i64> = None;
-        for chat in self.store.secret_chats()? {
-            for (_, k) in self.store.message_keys(chat.id)?.into_iter().filter(|(_, k)| !k.gone) {
-                next = match (next, k.expires_ms) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-            }
-        }
-        Ok(next)
+        Ok(self.store.timers_due(None, 1)?.first().map(|(t, _, _)| *t))
     }
 
     /// Closes a secret chat: deletes it here at once, and on the peer device when a link next
@@ -270,13 +293,16 @@ impl Device {
         let doc = self.secret_doc(id)?;
         let mut frames: Vec<SecretFrame> =
             doc.sync_message(&mut link.sync).map(SecretFrame::Sync).into_iter().collect();
+        // Each key once per link (the stream is reliable; a new link sends what is still not
+        // acknowledged).
         let undelivered: Vec<(String, [u8; 32])> = self
             .store
-            .message_keys(id)?
+            .undelivered_keys(id)?
             .into_iter()
-            .filter(|(_, k)| k.mine && !k.delivered && !k.gone)
+            .filter(|(m, _)| !link.keys_sent.contains(m))
             .map(|(m, k)| (m, k.key))
             .collect();
+        link.keys_sent.extend(undelivered.iter().map(|(m, _)| m.clone()));
         frames.extend(undelivered.chunks(MAX_KEYS_PER_FRAME).map(|c| SecretFrame::Keys(c.to_vec())));
         Ok(link.seal(&frames, self.now_ms())?)
     }
@@ -320,47 +346,62 @@ impl Device {
             SecretFrame::Close => unreachable!("handled above"),
             _ if chat.state != SecretState::Active => {}
             SecretFrame::Sync(message) if message.len() <= MAX_SYNC_MESSAGE_BYTES => {
-                let before: BTreeSet<String> = self.secret_messages(id)?.into_iter().map(|m| m.message.id).collect();
                 let doc = self.secret_doc(id)?;
+                let (heads, marks) = (doc.head_hashes(), doc.read_marks());
                 let applied = doc.receive_sync(&mut link.sync, &message, &chat.peer());
                 if doc.is_poisoned() {
                     self.secret_docs.remove(&id);
                 } else {
-                    let saved = doc.save();
-                    self.store.put_secret_doc(id, &saved)?;
+                    let changes = doc.changes_since(&heads);
+                    self.store_secret_changes(id, &changes)?;
                 }
-                applied?;
-                self.arm_timers(id)?;
-                update.added =
-                    self.secret_messages(id)?.into_iter().filter(|m| !before.contains(&m.message.id)).collect();
+                let added = applied?.added;
+                update.added = self.open_with_stored_keys(id, added);
+                self.arm(id, &update.added)?;
+                self.arm_newly_read(id, &marks)?;
             }
             SecretFrame::Sync(_) => return Err(crate::device::secret::SecretError::TooLarge.into()),
             SecretFrame::Keys(keys) => {
-                let before: BTreeSet<String> = self.secret_messages(id)?.into_iter().map(|m| m.message.id).collect();
-                // Keys may come before their messages, but not without bound.
-                let held = self.store.message_keys(id)?.len();
-                if held + keys.len() > self.secret_doc(id)?.message_count() + MAX_KEYS_PER_FRAME {
-                    return Err(crate::device::secret::SecretError::TooLarge.into());
-                }
-                let mut stored = Vec::new();
-                for (m, key) in keys {
-                    // Never replace a key: the peer names only its own messages' keys once.
-                    if self.store.message_key(id, &m)?.is_none() {
-                        let record = MessageKey { key, mine: false, delivered: true, expires_ms: None, gone: false };
-                        self.store.put_message_key(id, &m, &record)?;
+                // Never replace a key: the peer names only its own messages' keys (again when a
+                // link broke before this device's acknowledgement reached it).
+                let mut new = BTreeMap::new();
+                for (m, key) in &keys {
+                    if self.store.message_key(id, m)?.is_none() {
+                        new.insert(m.clone(), *key);
                     }
-                    stored.push(m);
                 }
-                self.arm_timers(id)?;
+                // Keys may come before their messages, but not without bound.
+                if !new.is_empty() {
+                    let held = self.store.message_keys(id)?.len();
+                    if held + new.len() > self.secret_doc(id)?.message_count() + MAX_KEYS_PER_FRAME {
+                        return Err(crate::device::secret::SecretError::TooLarge.into());
+                    }
+                }
+                for (m, key) in &new {
+                    let record = MessageKey { key: *key, mine: false, delivered: true, expires_ms: None, gone: false };
+                    self.store.put_message_key(id, m, &record)?;
+                }
+                let stored: Vec<String> = keys.into_iter().map(|(m, _)| m).collect();
+                // The messages of the new keys that are here already, now readable.
+                let doc = self.secret_doc(id)?;
+                let messages: Vec<Message> = match new.len() {
+                    0 => Vec::new(),
+                    1..=8 => new.keys().filter_map(|m| doc.message(m)).collect(),
+                    _ => doc.messages().into_iter().filter(|m| new.contains_key(&m.id)).collect(),
+                };
+                update.added = self.open_with_stored_keys(id, messages);
+                self.arm(id, &update.added)?;
                 reply.push(SecretFrame::KeysAck(stored));
-                update.added =
-                    self.secret_messages(id)?.into_iter().filter(|m| !before.contains(&m.message.id)).collect();
             }
             SecretFrame::KeysAck(ids) => {
-                for (m, mut k) in self.store.message_keys(id)? {
-                    if k.mine && !k.delivered && ids.contains(&m) {
-                        k.delivered = true;
-                        self.store.put_message_key(id, &m, &k)?;
+                for m in ids {
+                    link.keys_sent.remove(&m);
+                    match self.store.message_key(id, &m)? {
+                        Some(mut k) if k.mine && !k.delivered => {
+                            k.delivered = true;
+                            self.store.put_message_key(id, &m, &k)?;
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -382,8 +423,10 @@ impl Device {
     /// A secret chat's document, loaded from the store on first use.
     fn secret_doc(&mut self, id: SecretId) -> Result<&mut ChatDoc, Error> {
         if !self.secret_docs.contains_key(&id) {
-            let saved = self.store.secret_doc(id)?.ok_or(Error::UnknownSecret(id))?;
-            let doc = ChatDoc::load(doc_chat(id), &self.id, Some(&saved), &[], &[])?;
+            let chat = self.store.secret(id)?.ok_or(Error::UnknownSecret(id))?;
+            let (snapshot, changes) = self.store.secret_doc_parts(id)?;
+            let snapshot = snapshot.ok_or(Error::UnknownSecret(id))?;
+            let doc = ChatDoc::load(doc_chat(id), &self.id, Some(&snapshot), &changes, &[chat.peer()])?;
             self.secret_docs.insert(id, doc);
         }
         Ok(self.secret_docs.get_mut(&id).expect("inserted above"))

@@ -318,8 +318,7 @@ impl Device {
         if matches!(chat.state, SecretState::Closing | SecretState::Inviting) {
             return Ok(true);
         }
-        Ok(chat.state == SecretState::Active
-            && self.store.message_keys(id)?.iter().any(|(_, k)| k.mine && !k.delivered && !k.gone))
+        Ok(chat.state == SecretState::Active && !self.store.undelivered_keys(id)?.is_empty())
     }
 
     /// What a live conn is to carry after this device wrote, read or closed in its chat (see

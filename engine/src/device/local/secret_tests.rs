@@ -159,7 +159,10 @@ fn closing_deletes_the_chat_on_both_devices() {
     let (at_alice, _) = pump((&mut alice, &mut la), (&mut bob, &mut lb), fa, fb);
     assert!(at_alice.iter().any(|u| u.closed));
     assert!(alice.secret_chats().unwrap().is_empty());
-    assert!(alice.store.message_keys(id).unwrap().is_empty() && alice.store.secret_doc(id).unwrap().is_none());
+    assert!(
+        alice.store.message_keys(id).unwrap().is_empty()
+            && alice.store.secret_doc_parts(id).unwrap() == (None, Vec::new())
+    );
     assert!(bob.store.secret(id).unwrap().is_none(), "the closing record is gone once told");
 }
 
@@ -216,4 +219,59 @@ fn many_messages_in_flight_across_re_keys_all_arrive() {
     assert!(in_flight.len() > 100, "more than one key's worth: {}", in_flight.len());
     pump((&mut alice, &mut la), (&mut bob, &mut lb), in_flight, Vec::new());
     assert_eq!(texts(&mut bob, id).len(), 60);
+}
+
+#[test]
+fn a_chat_stored_change_by_change_and_compacted_reopens_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, mut bob, id) = pair(dir.path());
+    let (mut la, mut lb, fa, fb) = connect(&mut alice, &mut bob, id);
+    pump((&mut alice, &mut la), (&mut bob, &mut lb), fa, fb);
+    // Past one compaction on both devices, with changes from both.
+    let n = SECRET_COMPACT_AFTER as usize + 20;
+    let mut want = Vec::new();
+    for i in 0..n {
+        let (writer, link) = if i % 2 == 0 { (&mut alice, &mut la) } else { (&mut bob, &mut lb) };
+        writer.secret_send(id, &format!("m{i}"), None).unwrap();
+        want.push(format!("m{i}"));
+        let out = writer.secret_flush(link).unwrap();
+        match i % 2 {
+            0 => pump((&mut alice, &mut la), (&mut bob, &mut lb), out, Vec::new()),
+            _ => pump((&mut alice, &mut la), (&mut bob, &mut lb), Vec::new(), out),
+        };
+    }
+    let last = want.last().unwrap().clone();
+    let upto = bob.secret_messages(id).unwrap().into_iter().find(|m| m.message.text == last).unwrap();
+    bob.secret_read(id, &upto.message.id).unwrap();
+    let stored = bob.store.secret_doc_parts(id).unwrap().1.len();
+    assert!(stored < 30, "compacted: {stored} changes after the snapshot");
+    assert!(stored > 0, "changes since the snapshot are stored one by one");
+
+    // Reopened from the store (the changes of the other device checked again on load).
+    let bob_id = bob.id().clone();
+    drop((bob, lb));
+    let mut bob = Device::open_seeded(&dir.path().join("bob"), 3).unwrap();
+    assert_eq!(*bob.id(), bob_id);
+    assert_eq!(texts(&mut bob, id), want);
+    assert_eq!(texts(&mut alice, id), want);
+    let read = bob.secret_messages(id).unwrap().into_iter().filter(|m| !m.message.read_by.is_empty()).count();
+    assert!(read > 0, "bob's read mark was stored");
+}
+
+#[test]
+fn both_sides_learn_what_they_share_so_sync_messages_stay_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, mut bob, id) = pair(dir.path());
+    let (mut la, mut lb, fa, fb) = connect(&mut alice, &mut bob, id);
+    pump((&mut alice, &mut la), (&mut bob, &mut lb), fa, fb);
+    for i in 0..30 {
+        alice.secret_send(id, &format!("m{i}"), None).unwrap();
+        let out = alice.secret_flush(&mut la).unwrap();
+        pump((&mut alice, &mut la), (&mut bob, &mut lb), out, Vec::new());
+        let heads = alice.secret_doc(id).unwrap().head_hashes();
+        // Without it the writer's summary of what the reader has covers every change since the
+        // link came up, and grows with each message.
+        assert_eq!(la.sync.shared_heads, heads, "message {i}: alice knows bob has it");
+        assert_eq!(lb.sync.shared_heads, heads, "message {i}");
+    }
 }

@@ -10,6 +10,8 @@
 //! self-destruct timer. Automerge keeps every change, so a text written into the document
 //! could never be removed from it; deleting the key removes it.
 
+use std::collections::BTreeSet;
+
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::{CryptoRng, RngCore};
@@ -61,6 +63,8 @@ pub struct SecretLink {
     pub chat: SecretId,
     pub(crate) channel: Channel,
     pub(crate) sync: SyncState,
+    /// The message keys sent on this link (each goes once).
+    pub(crate) keys_sent: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for SecretLink {
@@ -72,7 +76,7 @@ impl std::fmt::Debug for SecretLink {
 impl SecretLink {
     /// A link over an established channel.
     pub fn new(chat: SecretId, channel: Channel) -> SecretLink {
-        SecretLink { chat, channel, sync: SyncState::new() }
+        SecretLink { chat, channel, sync: SyncState::new(), keys_sent: BTreeSet::new() }
     }
 
     /// Seals frames into channel messages, in order.
