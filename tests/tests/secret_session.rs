@@ -2,7 +2,7 @@
 //! `Session` with secret chats on, through a real relay process on 127.0.0.1. Nobody drives a
 //! link by hand: offers, accepting, messages, timers, a device coming back after being away,
 //! declining and closing all pass because the sessions reach each other by themselves, several
-//! links at once.
+//! links at once. A burst of messages crosses re-keys of the Noise session on the wire.
 
 use std::time::Duration;
 
@@ -84,6 +84,22 @@ async fn sessions_offer_accept_deliver_queue_decline_and_close_by_themselves() {
     assert_eq!(texts(&bob, a).await, ["hello bob", "hello alice"]);
     assert_eq!(texts(&alice, a).await, ["hello bob", "hello alice"]);
     assert_eq!(alice.secret_fingerprint(a).await.unwrap(), bob.secret_fingerprint(a).await.unwrap());
+
+    // A burst well past a re-key (each direction re-keys after 100 transport messages), written
+    // while earlier ones are still in flight: every message arrives, in order.
+    let burst: Vec<String> = (0..150).map(|i| format!("burst {i}")).collect();
+    for text in &burst {
+        alice.secret_send(a, text, None).await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < burst.len() {
+        if let Event::SecretMessage { message, .. } =
+            wait_event(&mut bob_ev, 30, |e| matches!(e, Event::SecretMessage { chat, .. } if *chat == a)).await
+        {
+            got.push(message.message.text);
+        }
+    }
+    assert_eq!(got, burst);
 
     // Bob's device goes away; what alice writes meanwhile waits on her device and arrives when
     // bob's device is back (its session reaches alice's at start).

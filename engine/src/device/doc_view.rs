@@ -58,13 +58,16 @@ impl ChatDoc {
         out
     }
 
-    /// The message `id`, searched from the newest (new messages are where one looks).
-    pub fn message(&self, id: &str) -> Option<Message> {
+    /// The message `id` and its position in the list, searched from the newest (new messages
+    /// are where one looks).
+    pub fn message(&self, id: &str) -> Option<(usize, Message)> {
         let list = self.messages_obj()?;
         let marks = self.read_marks();
         (0..self.doc.length(&list)).rev().find_map(|i| {
             let Ok(Some((Value::Object(ObjType::Map), m))) = self.doc.get(&list, i) else { return None };
-            (self.str_at(&m, "id").as_deref() == Some(id)).then(|| self.message_at(&m, i, &marks)).flatten()
+            (self.str_at(&m, "id").as_deref() == Some(id))
+                .then(|| self.message_at(&m, i, &marks).map(|m| (i, m)))
+                .flatten()
         })
     }
 

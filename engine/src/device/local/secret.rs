@@ -347,12 +347,15 @@ impl Device {
             _ if chat.state != SecretState::Active => {}
             SecretFrame::Sync(message) if message.len() <= MAX_SYNC_MESSAGE_BYTES => {
                 let doc = self.secret_doc(id)?;
-                let (heads, marks) = (doc.head_hashes(), doc.read_marks());
+                let (heads, marks, waiting) = (doc.head_hashes(), doc.read_marks(), doc.pending_changes());
                 let applied = doc.receive_sync(&mut link.sync, &message, &chat.peer());
                 if doc.is_poisoned() {
                     self.secret_docs.remove(&id);
                 } else {
-                    let changes = doc.changes_since(&heads);
+                    // What applied, and what now waits for its dependencies (stored too: the
+                    // peer's sync state counts it as sent, and the document may leave the cache).
+                    let mut changes = doc.changes_since(&heads);
+                    changes.extend(doc.pending_changes().into_iter().filter(|c| !waiting.contains(c)));
                     self.store_secret_changes(id, &changes)?;
                 }
                 let added = applied?.added;
@@ -382,11 +385,16 @@ impl Device {
                     self.store.put_message_key(id, m, &record)?;
                 }
                 let stored: Vec<String> = keys.into_iter().map(|(m, _)| m).collect();
-                // The messages of the new keys that are here already, now readable.
+                // The messages of the new keys that are here already, now readable (in display
+                // order).
                 let doc = self.secret_doc(id)?;
                 let messages: Vec<Message> = match new.len() {
                     0 => Vec::new(),
-                    1..=8 => new.keys().filter_map(|m| doc.message(m)).collect(),
+                    1..=8 => {
+                        let mut found: Vec<(usize, Message)> = new.keys().filter_map(|m| doc.message(m)).collect();
+                        found.sort_by_key(|(i, _)| *i);
+                        found.into_iter().map(|(_, m)| m).collect()
+                    }
                     _ => doc.messages().into_iter().filter(|m| new.contains_key(&m.id)).collect(),
                 };
                 update.added = self.open_with_stored_keys(id, messages);
@@ -420,13 +428,18 @@ impl Device {
         Ok(self.store.barrier()?)
     }
 
-    /// A secret chat's document, loaded from the store on first use.
+    /// A secret chat's document, loaded from the store on first use (at most [`DOC_CACHE`] are
+    /// kept; everything of a document is in the store, so any can go).
     fn secret_doc(&mut self, id: SecretId) -> Result<&mut ChatDoc, Error> {
         if !self.secret_docs.contains_key(&id) {
             let chat = self.store.secret(id)?.ok_or(Error::UnknownSecret(id))?;
             let (snapshot, changes) = self.store.secret_doc_parts(id)?;
             let snapshot = snapshot.ok_or(Error::UnknownSecret(id))?;
             let doc = ChatDoc::load(doc_chat(id), &self.id, Some(&snapshot), &changes, &[chat.peer()])?;
+            if self.secret_docs.len() >= DOC_CACHE {
+                let evict = *self.secret_docs.keys().nth(self.rng.next_u32() as usize % DOC_CACHE).expect("full");
+                self.secret_docs.remove(&evict);
+            }
             self.secret_docs.insert(id, doc);
         }
         Ok(self.secret_docs.get_mut(&id).expect("inserted above"))
