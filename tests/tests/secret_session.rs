@@ -119,3 +119,38 @@ async fn sessions_offer_accept_deliver_queue_decline_and_close_by_themselves() {
         s.stop().await.unwrap();
     }
 }
+
+/// The relay is SIGKILLed and restarted: the circuit reservation of a device that stayed up
+/// went with the old connection, and its session makes a new one, so a device that comes back
+/// later still reaches it through the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_stays_reachable_across_a_relay_restart() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start(&dir.path().join("relay"));
+    let alice = new_account(&relay, &dir.path().join("alice"), "alice phone").await;
+    let mut bob = new_account(&relay, &dir.path().join("bob"), "bob laptop").await;
+    bob.set_secret_auto_accept(true).unwrap();
+    let bob_account = bob.account().unwrap();
+    let (alice, mut bob) = (start(alice), start(bob));
+    let mut bob_ev = bob.events();
+    wait_idle(&alice, 20).await;
+    wait_idle(&bob, 20).await;
+    let a = alice.secret_start(only_device(&alice, bob_account).await).await.unwrap();
+    wait_event(&mut bob_ev, 20, |e| matches!(e, Event::SecretLinked { chat } if *chat == a)).await;
+
+    // Alice's device goes away; the relay restarts; bob's session reconnects.
+    let mut alice_device = alice.stop().await.unwrap();
+    relay.kill();
+    relay.restart();
+    wait_event(&mut bob_ev, 30, |e| matches!(e, Event::Connected)).await;
+
+    // Alice writes while away, then comes back: only her session has something to deliver, so
+    // it must reach bob's device, whose new reservation is the only way in.
+    alice_device.secret_send(a, "after the restart", None).unwrap();
+    let alice = start(alice_device);
+    wait_event(&mut bob_ev, 40, message_in(a, "after the restart")).await;
+    for s in [alice, bob] {
+        s.stop().await.unwrap();
+    }
+}

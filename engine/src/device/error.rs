@@ -108,6 +108,10 @@ pub enum Error {
     #[error("the sync session stopped")]
     Stopped,
 
+    /// A secret chat offered by another device that this device's user has not accepted yet.
+    #[error("secret chat {0} waits for you to accept it (`secret accept`)")]
+    SecretNotAccepted(SecretId),
+
     /// A secret chat command to a session that does not run them.
     #[error("this session does not run secret chats (start it with SessionConfig::secret_chats)")]
     SecretChatsOff,

@@ -261,6 +261,12 @@ struct Waiting {
     /// Work that waits for a TCP listener to be up: a connection to the relay made before it
     /// would not use its port, and DCUtR would then punch to a port nobody listens on.
     after_listen: Vec<(libp2p::core::transport::ListenerId, PeerId, SwarmCmd)>,
+    /// TCP listeners by the address asked for: listening again on one is a no-op.
+    tcp: std::collections::BTreeMap<Multiaddr, libp2p::core::transport::ListenerId>,
+    /// Circuit listeners by relay (one each: listening again is a no-op while it lives), and
+    /// the relays whose reservation stands.
+    circuits: std::collections::BTreeMap<PeerId, libp2p::core::transport::ListenerId>,
+    reserved: std::collections::BTreeSet<PeerId>,
 }
 
 /// Whether `addr` is loopback exactly when the relay `c` connects to is (or either has no IP).
@@ -313,12 +319,17 @@ async fn swarm_task(mut swarm: libp2p::Swarm<Behaviour>, mut cmd_rx: mpsc::Recei
                     }
                     SwarmCmd::Listen { tcp, relay, reply } => {
                         let relay_peer = relay.0;
-                        let listener = match tcp.map(|t| swarm.listen_on(t)) {
-                            Some(Err(e)) => {
+                        // A TCP listener asked for before is up, or its wait is under way.
+                        let tcp = tcp.filter(|t| !waiting.tcp.contains_key(t));
+                        let listener = match tcp.map(|t| (swarm.listen_on(t.clone()), t)) {
+                            Some((Err(e), _)) => {
                                 let _ = reply.send(Err(e.to_string()));
                                 continue;
                             }
-                            Some(Ok(l)) => Some(l),
+                            Some((Ok(l), t)) => {
+                                waiting.tcp.insert(t, l);
+                                Some(l)
+                            }
                             None => None,
                         };
                         let c = SwarmCmd::Listen { tcp: None, relay, reply };
@@ -401,15 +412,24 @@ async fn swarm_task(mut swarm: libp2p::Swarm<Behaviour>, mut cmd_rx: mpsc::Recei
                     relay_peer_id,
                     ..
                 })) => {
+                    waiting.reserved.insert(relay_peer_id);
                     for (_, r) in extract(&mut waiting.reservations, relay_peer_id) {
                         let _ = r.send(Ok(()));
                     }
                 }
-                SwarmEvent::ListenerClosed { addresses, reason: Err(e), .. } => {
-                    tracing::info!(?addresses, %e, "a listener closed");
-                    for (_, r) in std::mem::take(&mut waiting.reservations) {
-                        let _ = r.send(Err(e.to_string()));
+                SwarmEvent::ListenerClosed { listener_id, addresses, reason, .. } => {
+                    // A circuit listener closes (without an error) when the relay connection
+                    // goes: its reservation is gone, and listening again makes a new one.
+                    tracing::info!(?addresses, ?reason, "a listener closed");
+                    let why = reason.err().map_or("the listener closed".to_string(), |e| e.to_string());
+                    if let Some(relay) = waiting.circuits.iter().find(|(_, l)| **l == listener_id).map(|(r, _)| *r) {
+                        waiting.circuits.remove(&relay);
+                        waiting.reserved.remove(&relay);
+                        for (_, r) in extract(&mut waiting.reservations, relay) {
+                            let _ = r.send(Err(why.clone()));
+                        }
                     }
+                    waiting.tcp.retain(|_, l| *l != listener_id);
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => {
                     match result {
@@ -458,8 +478,17 @@ fn after_identify(
 
 fn run_after_identify(swarm: &mut libp2p::Swarm<Behaviour>, waiting: &mut Waiting, c: SwarmCmd) {
     match c {
+        SwarmCmd::Listen { relay, reply, .. } if waiting.circuits.contains_key(&relay.0) => {
+            match waiting.reserved.contains(&relay.0) {
+                true => drop(reply.send(Ok(()))),
+                false => waiting.reservations.push((relay.0, reply)),
+            }
+        }
         SwarmCmd::Listen { relay, reply, .. } => match swarm.listen_on(relay.1.with(Protocol::P2pCircuit)) {
-            Ok(_) => waiting.reservations.push((relay.0, reply)),
+            Ok(l) => {
+                waiting.circuits.insert(relay.0, l);
+                waiting.reservations.push((relay.0, reply));
+            }
             Err(e) => {
                 let _ = reply.send(Err(e.to_string()));
             }

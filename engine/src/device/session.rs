@@ -306,6 +306,9 @@ impl Driver {
                     Ok(s) => {
                         self.stream = Some(s);
                         backoff = BACKOFF_MIN;
+                        if let Some(hub) = self.hub.as_mut() {
+                            hub.relay_up();
+                        }
                         let out = self.core.handle(SyncInput::Connected);
                         self.carry_out(out).await;
                     }
@@ -630,6 +633,12 @@ impl Driver {
                 Action::Emit(Event::SessionRevoked) => {
                     self.revoked = true;
                     self.stream = None;
+                    // The account's data is gone here: no secret chat runs, nothing is answered.
+                    self.hub = None;
+                    for (_, p) in std::mem::take(&mut self.pending) {
+                        self.unanswered(p);
+                    }
+                    self.pending_outs.clear();
                     self.emit(Event::SessionRevoked).await;
                 }
                 Action::Emit(event) => self.emit(event).await,

@@ -8,7 +8,8 @@
 //! (sans-IO) one at a time. Nothing here awaits the network in the session task itself, so a
 //! slow or hostile peer holds up only its own stream.
 //!
-//! Bounds: [`MAX_CONNS`] streams at once (more opened to this device are dropped), each with
+//! Bounds: [`MAX_CONNS`] streams at once, [`MAX_OPENING`] of them opened by other devices and not
+//! up yet (more opened to this device are dropped), each with
 //! [`CONN_QUEUE`] frames waiting to go out (a peer that does not read loses its stream); a stream
 //! not up within [`OPENING_TIMEOUT`] is dropped.
 
@@ -24,10 +25,14 @@ use crate::device::drive::Event;
 use crate::device::error::Error;
 use crate::device::local::{Device, Ended, SecretConn, Step, OPENING_TIMEOUT};
 use crate::device::net::{NetError, NetHandle, SecretStream};
+use crate::device::store::SecretState;
 use crate::proto::ids::{AccountId, DeviceId, SecretId};
 
-/// Most secret streams at once.
-pub const MAX_CONNS: usize = 128;
+/// Most secret streams at once (a live link stays up while both devices run).
+pub const MAX_CONNS: usize = 1024;
+/// Most secret streams other devices opened that are not up yet (each is dropped after
+/// [`OPENING_TIMEOUT`]).
+pub const MAX_OPENING: usize = 32;
 /// Frames waiting to go out on one stream.
 pub const CONN_QUEUE: usize = 256;
 const RETRY_MIN: Duration = Duration::from_secs(1);
@@ -70,7 +75,10 @@ enum Listen {
 struct Conn {
     conn: SecretConn,
     out: mpsc::Sender<Vec<u8>>,
+    /// Until the link is up: when it is dropped.
     deadline: Option<Instant>,
+    /// Since when the link is up.
+    up_since: Option<Instant>,
 }
 
 pub(super) struct SecretHub {
@@ -210,7 +218,11 @@ impl SecretHub {
                 Ok(gone) => outs.extend(
                     gone.into_iter().map(|(chat, message)| HubOut::Emit(Event::SecretExpired { chat, message })),
                 ),
-                Err(e) => outs.push(HubOut::Emit(Event::Error { message: e.to_string() })),
+                Err(e) => {
+                    // Tried again in a while, not at once (the store may be full or broken).
+                    self.next_expiry = Some(Some(device.now_ms() + 5_000));
+                    outs.push(HubOut::Emit(Event::Error { message: e.to_string() }));
+                }
             }
         }
         outs
@@ -241,7 +253,8 @@ impl SecretHub {
     pub(super) fn handle(&mut self, device: &mut Device, input: Input) -> Vec<HubOut> {
         match input {
             Input::Incoming(peer, stream) => {
-                if self.conns.len() >= MAX_CONNS {
+                let opening = self.conns.values().filter(|c| !c.conn.opened_here() && c.up_since.is_none()).count();
+                if self.conns.len() >= MAX_CONNS || opening >= MAX_OPENING {
                     tracing::info!(%peer, "too many secret streams; one dropped");
                     return Vec::new();
                 }
@@ -259,11 +272,15 @@ impl SecretHub {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::debug!(%chat, error = %e, "the other device is not reachable");
-                        self.retry(chat);
+                        self.retry_if_waiting(device, chat);
                         return Vec::new();
                     }
                 };
-                if self.conns.values().any(|c| c.conn.chat() == Some(chat)) || self.conns.len() >= MAX_CONNS {
+                if self.conns.values().any(|c| c.conn.chat() == Some(chat)) {
+                    return Vec::new();
+                }
+                if self.conns.len() >= MAX_CONNS {
+                    self.retry(chat);
                     return Vec::new();
                 }
                 match device.secret_connect(chat) {
@@ -320,16 +337,21 @@ impl SecretHub {
                 return Vec::new();
             }
         };
-        let quiet = out.is_empty();
-        self.send(device, no, out);
         let Some(c) = self.conns.get_mut(&no) else { return Vec::new() };
-        let opened_here = c.conn.opened_here();
+        let (opened_here, named) = (c.conn.opened_here(), c.conn.chat());
+        let settled = device.secret_conn_settled(&c.conn);
+        // Sent first (an answer goes out before its stream is dropped below); if the stream
+        // cannot take it, it is dropped, and what the step did is still handled.
+        self.send(device, no, out);
         let mut outs = Vec::new();
         match step {
             Step::Continue => {}
             Step::Lookup(account) => outs.push(HubOut::Lookup { conn: no, account }),
             Step::Up(chat) => {
-                c.deadline = None;
+                if let Some(c) = self.conns.get_mut(&no) {
+                    c.deadline = None;
+                    c.up_since = Some(Instant::now());
+                }
                 self.next_expiry = None;
                 self.backoff.remove(&chat);
                 self.due.remove(&chat);
@@ -337,9 +359,9 @@ impl SecretHub {
                 self.keep_one(device, chat);
             }
             Step::Update(update) => {
-                let chat = c.conn.chat().expect("a live link names its chat");
+                let chat = named.expect("a live link names its chat");
                 self.next_expiry = None;
-                if quiet {
+                if settled {
                     self.dirty.remove(&chat);
                 }
                 outs.extend(
@@ -354,7 +376,10 @@ impl SecretHub {
             Step::Ended(Ended::Pending(chat)) => {
                 self.conns.remove(&no);
                 if opened_here {
-                    self.due.insert(chat, Instant::now() + PENDING_RETRY);
+                    // Closed here while the opening was under way: tell the other device now.
+                    let closing = device.secret_state(chat) == Some(SecretState::Closing);
+                    let wait = if closing { Duration::ZERO } else { PENDING_RETRY };
+                    self.due.insert(chat, Instant::now() + wait);
                 } else if let (true, Some(from)) = (self.told.insert(chat), device.secret_offer(chat)) {
                     outs.push(HubOut::Emit(Event::SecretOffered { chat, from: Box::new(from) }));
                 }
@@ -368,25 +393,31 @@ impl SecretHub {
         outs
     }
 
-    /// Two links for one chat (both devices opened one at once): the one opened by the device
-    /// with the smaller id stays, on both devices alike.
+    /// Two links for one chat. Both devices opened one at once (both came up within
+    /// [`OPENING_TIMEOUT`]): the one opened by the device with the smaller id stays, on both
+    /// devices alike. Otherwise the older link is one the other device no longer has (a device
+    /// opens a link only for a chat without one): the new one stays.
     fn keep_one(&mut self, device: &Device, chat: SecretId) {
-        let up: Vec<(u64, bool)> = self
+        let up: Vec<(u64, bool, Instant)> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.conn.is_up() && c.conn.chat() == Some(chat))
-            .map(|(n, c)| (*n, c.conn.opened_here()))
+            .filter(|(_, c)| c.conn.chat() == Some(chat))
+            .filter_map(|(n, c)| Some((*n, c.conn.opened_here(), c.up_since?)))
             .collect();
-        if up.len() < 2 {
-            return;
-        }
+        let Some(newest) = up.iter().map(|(_, _, t)| *t).max() else { return };
+        let fresh: Vec<&(u64, bool, Instant)> =
+            up.iter().filter(|(_, _, t)| newest.duration_since(*t) < OPENING_TIMEOUT).collect();
         let Some(peer) = device.secret_peer(chat) else { return };
         let mine_wins = *device.id() < peer;
-        let keep = up.iter().filter(|(_, here)| *here == mine_wins).map(|(n, _)| *n).max();
-        let keep = keep.unwrap_or_else(|| up.iter().map(|(n, _)| *n).max().expect("two or more"));
-        for (n, _) in up {
-            if n != keep {
-                self.conns.remove(&n);
+        let keep = fresh
+            .iter()
+            .filter(|(_, here, _)| *here == mine_wins)
+            .map(|(n, _, _)| *n)
+            .max()
+            .or_else(|| fresh.iter().map(|(n, _, _)| *n).max());
+        for (n, _, _) in &up {
+            if Some(*n) != keep {
+                self.conns.remove(n);
             }
         }
     }
@@ -407,7 +438,8 @@ impl SecretHub {
             let _ = out.try_send(f);
         }
         tokio::spawn(pump(no, stream, rx, self.tx.clone()));
-        self.conns.insert(no, Conn { conn, out, deadline: Some(Instant::now() + OPENING_TIMEOUT) });
+        let deadline = Some(Instant::now() + OPENING_TIMEOUT);
+        self.conns.insert(no, Conn { conn, out, deadline, up_since: None });
     }
 
     fn send(&mut self, device: &Device, no: u64, out: Vec<Vec<u8>>) {
@@ -428,8 +460,21 @@ impl SecretHub {
         if self.conns.values().any(|o| o.conn.chat() == Some(chat)) {
             return;
         }
+        self.retry_if_waiting(device, chat);
+    }
+
+    /// Tries `chat` again later if it has something for the other device.
+    fn retry_if_waiting(&mut self, device: &Device, chat: SecretId) {
         if self.dirty.contains(&chat) || device.secret_waiting(chat).unwrap_or(false) {
             self.retry(chat);
+        }
+    }
+
+    /// The session's relay connection came (back) up: the circuit reservation went with the
+    /// old one, so listen again (a no-op if it stands).
+    pub(super) fn relay_up(&mut self) {
+        if matches!(self.listen, Listen::Up) {
+            self.listen = Listen::At(Instant::now());
         }
     }
 

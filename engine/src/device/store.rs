@@ -13,7 +13,7 @@
 //! * `authors`: chat id ‖ device id → [`Author`] of the changes that device sent (the account
 //!   the relay stamped on its deltas), for the authorship checks of changes applied on loading
 //! * `secrets`, `secret_docs`, `secret_changes`, `secret_keys`, `secret_undelivered`,
-//!   `secret_timers`: secret chats (see `store_secret.rs`)
+//!   `secret_timers`, `secret_closed`: secret chats (see `store_secret.rs`)
 //! * `outbox`: client seq → [`OutboxItem`] (sealed, with its plaintext change for resealing
 //!   after a rotation, waiting for the relay's ack)
 //! * `devices`: device id → certificate of a device of this account
@@ -196,6 +196,7 @@ pub struct DeviceStore {
     secret_changes: sled::Tree,
     secret_undelivered: sled::Tree,
     secret_timers: sled::Tree,
+    secret_closed: sled::Tree,
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -276,7 +277,7 @@ impl DeviceStore {
     }
 
     fn from_db(db: sled::Db, dir: &Path) -> Result<Self, StoreError> {
-        Ok(DeviceStore {
+        let store = DeviceStore {
             files: SledDir::new(dir),
             dir: dir.to_path_buf(),
             meta: db.open_tree("meta")?,
@@ -295,8 +296,11 @@ impl DeviceStore {
             secret_changes: db.open_tree("secret_changes")?,
             secret_undelivered: db.open_tree("secret_undelivered")?,
             secret_timers: db.open_tree("secret_timers")?,
+            secret_closed: db.open_tree("secret_closed")?,
             db,
-        })
+        };
+        store.index_secret_keys()?;
+        Ok(store)
     }
 
     /// Makes everything written so far durable across power loss (sled's own flush is not).
@@ -472,6 +476,7 @@ impl DeviceStore {
             &self.secret_changes,
             &self.secret_undelivered,
             &self.secret_timers,
+            &self.secret_closed,
         ] {
             tree.clear()?;
         }

@@ -79,6 +79,11 @@ fn key_key(chat: SecretId, message: &str) -> Vec<u8> {
     [&chat.0[..], message.as_bytes()].concat()
 }
 
+/// How long a closed chat's id is remembered (an opening of it is then answered `Gone`).
+pub const CLOSED_KEPT_MS: i64 = 30 * 24 * 3600 * 1000;
+/// Most closed chat ids remembered.
+pub const CLOSED_KEPT: usize = 4096;
+
 /// A running timer's entry: its time first, so that the next to run comes first.
 fn timer_key(expires_ms: i64, chat: SecretId, message: &str) -> Vec<u8> {
     [&expires_ms.max(0).to_be_bytes()[..], &chat.0[..], message.as_bytes()].concat()
@@ -202,6 +207,56 @@ impl DeviceStore {
             }
         }
         Ok(out)
+    }
+
+    /// Builds the indexes of undelivered keys and running timers from the keys, once (a store
+    /// written before they existed has keys in neither).
+    pub(super) fn index_secret_keys(&self) -> Result<(), StoreError> {
+        if self.meta.get("secret_key_index")?.is_some() {
+            return Ok(());
+        }
+        for kv in self.secret_keys.iter() {
+            let (k, v) = kv?;
+            let key: MessageKey = dec(&v, "message key")?;
+            if k.len() < 16 {
+                return Err(StoreError::Corrupt("message key id"));
+            }
+            let chat = SecretId(k[..16].try_into().expect("sixteen bytes"));
+            let message = std::str::from_utf8(&k[16..]).map_err(|_| StoreError::Corrupt("message key id"))?;
+            if key.mine && !key.delivered && !key.gone {
+                self.secret_undelivered.insert(&k, &[])?;
+            }
+            if let Some(t) = timer_of(&key) {
+                self.secret_timers.insert(timer_key(t, chat, message), &chat.0[..])?;
+            }
+        }
+        self.meta.insert("secret_key_index", &[1u8][..])?;
+        Ok(())
+    }
+
+    /// Remembers that the chat `id` was closed (and deleted) at `now_ms`, for
+    /// [`CLOSED_KEPT_MS`]; at most [`CLOSED_KEPT`] are remembered, the oldest forgotten first.
+    pub fn put_closed_secret(&self, id: SecretId, now_ms: i64) -> Result<(), StoreError> {
+        self.secret_closed.insert(id.0, &now_ms.to_be_bytes())?;
+        let mut all: Vec<(i64, sled::IVec)> = Vec::new();
+        for kv in self.secret_closed.iter() {
+            let (k, v) = kv?;
+            let at = v.as_ref().try_into().map(i64::from_be_bytes).unwrap_or(0);
+            all.push((at, k));
+        }
+        all.sort();
+        let over = all.len().saturating_sub(CLOSED_KEPT);
+        for (i, (at, k)) in all.into_iter().enumerate() {
+            if i < over || at < now_ms.saturating_sub(CLOSED_KEPT_MS) {
+                self.secret_closed.remove(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the chat `id` was closed here lately (see [`DeviceStore::put_closed_secret`]).
+    pub fn is_closed_secret(&self, id: SecretId) -> Result<bool, StoreError> {
+        Ok(self.secret_closed.contains_key(id.0)?)
     }
 
     /// The keys of this device's messages in `chat` that the peer has not confirmed yet.

@@ -96,6 +96,15 @@ impl Device {
         Ok(())
     }
 
+    /// The record of a chat this device may write in: one it started, or accepted.
+    fn secret_writable(&self, id: SecretId) -> Result<SecretChat, Error> {
+        let chat = self.secret(id)?;
+        match chat.state {
+            SecretState::Invited => Err(Error::SecretNotAccepted(id)),
+            _ => Ok(chat),
+        }
+    }
+
     /// One secret chat's record.
     pub fn secret(&self, id: SecretId) -> Result<SecretChat, Error> {
         self.store.secret(id)?.filter(|c| c.state != SecretState::Closing).ok_or(Error::UnknownSecret(id))
@@ -134,7 +143,7 @@ impl Device {
     /// this device until a link to the peer carries it.
     pub fn secret_send(&mut self, id: SecretId, text: &str, ttl_s: Option<u32>) -> Result<SecretMessage, Error> {
         check_text(text)?;
-        self.secret(id)?;
+        self.secret_writable(id)?;
         let account = self.login()?.account.id;
         let mut raw = [0u8; 16];
         self.rng.fill_bytes(&mut raw);
@@ -190,15 +199,16 @@ impl Device {
 
     /// Marks the chat read up to message `upto`; the timers of the messages it covers start.
     pub fn secret_read(&mut self, id: SecretId, upto: &str) -> Result<(), Error> {
-        self.secret(id)?;
+        self.secret_writable(id)?;
         let account = self.login()?.account.id;
         let device = self.id.clone();
         let now = self.now_ms();
         let doc = self.secret_doc(id)?;
         let marks = doc.read_marks();
         let change = doc.mark_read(&account, &device, upto, now)?;
-        self.store_secret_changes(id, &[change])?;
+        // Timers first: a crash in between must not keep the mark without its timers.
         self.arm_newly_read(id, &marks)?;
+        self.store_secret_changes(id, &[change])?;
         self.store.barrier()?;
         Ok(())
     }
@@ -232,10 +242,16 @@ impl Device {
         if changes.is_empty() {
             return Ok(());
         }
-        if self.store.append_secret_changes(id, changes)? >= SECRET_COMPACT_AFTER {
+        let stored = self.store.append_secret_changes(id, changes)?;
+        if stored >= SECRET_COMPACT_AFTER {
             let doc = self.secret_doc(id)?;
-            let (snapshot, pending) = (doc.save(), doc.pending_changes());
-            self.store.compact_secret(id, &snapshot, &pending)?;
+            let pending = doc.pending_changes();
+            // Compaction keeps the waiting changes: counting them would compact on every change
+            // while many wait.
+            if stored >= SECRET_COMPACT_AFTER + pending.len() as u64 {
+                let snapshot = doc.save();
+                self.store.compact_secret(id, &snapshot, &pending)?;
+            }
         }
         Ok(())
     }
@@ -294,12 +310,15 @@ impl Device {
         let mut frames: Vec<SecretFrame> =
             doc.sync_message(&mut link.sync).map(SecretFrame::Sync).into_iter().collect();
         // Each key once per link (the stream is reliable; a new link sends what is still not
-        // acknowledged).
+        // acknowledged), and at most a frame's worth not yet acknowledged: the peer takes keys
+        // ahead of their messages only so far.
+        let room = MAX_KEYS_PER_FRAME.saturating_sub(link.keys_sent.len());
         let undelivered: Vec<(String, [u8; 32])> = self
             .store
             .undelivered_keys(id)?
             .into_iter()
             .filter(|(m, _)| !link.keys_sent.contains(m))
+            .take(room)
             .map(|(m, k)| (m, k.key))
             .collect();
         link.keys_sent.extend(undelivered.iter().map(|(m, _)| m.clone()));
@@ -349,19 +368,26 @@ impl Device {
                 let doc = self.secret_doc(id)?;
                 let (heads, marks, waiting) = (doc.head_hashes(), doc.read_marks(), doc.pending_changes());
                 let applied = doc.receive_sync(&mut link.sync, &message, &chat.peer());
-                if doc.is_poisoned() {
-                    self.secret_docs.remove(&id);
-                } else {
-                    // What applied, and what now waits for its dependencies (stored too: the
-                    // peer's sync state counts it as sent, and the document may leave the cache).
-                    let mut changes = doc.changes_since(&heads);
+                // What applied (also before a refused change) and what now waits for its
+                // dependencies (stored too: the peer's sync state counts it as sent, and the
+                // document may leave the cache). Timers first, as in `secret_read`.
+                let poisoned = doc.is_poisoned();
+                let mut changes = Vec::new();
+                if !poisoned {
+                    changes = doc.changes_since(&heads);
                     changes.extend(doc.pending_changes().into_iter().filter(|c| !waiting.contains(c)));
-                    self.store_secret_changes(id, &changes)?;
                 }
-                let added = applied?.added;
+                if poisoned {
+                    self.secret_docs.remove(&id);
+                    applied?;
+                    return Err(Error::Doc(crate::device::doc::DocError::Panicked));
+                }
+                let added = applied.as_ref().map(|u| u.added.clone()).unwrap_or_default();
                 update.added = self.open_with_stored_keys(id, added);
                 self.arm(id, &update.added)?;
                 self.arm_newly_read(id, &marks)?;
+                self.store_secret_changes(id, &changes)?;
+                applied?;
             }
             SecretFrame::Sync(_) => return Err(crate::device::secret::SecretError::TooLarge.into()),
             SecretFrame::Keys(keys) => {
@@ -422,15 +448,20 @@ impl Device {
 
     /// Deletes a secret chat's document and keys here, durably, and its record unless
     /// `keep` replaces it.
+    /// Once the record goes too, the chat id is remembered as closed for a while, so that an
+    /// opening of it still under way does not bring it back as a new offer.
     pub(super) fn forget_secret(&mut self, id: SecretId, keep: Option<&SecretChat>) -> Result<(), Error> {
         self.secret_docs.remove(&id);
         self.store.delete_secret(id, keep)?;
+        if keep.is_none() {
+            self.store.put_closed_secret(id, self.now_ms())?;
+        }
         Ok(self.store.barrier()?)
     }
 
     /// A secret chat's document, loaded from the store on first use (at most [`DOC_CACHE`] are
     /// kept; everything of a document is in the store, so any can go).
-    fn secret_doc(&mut self, id: SecretId) -> Result<&mut ChatDoc, Error> {
+    pub(super) fn secret_doc(&mut self, id: SecretId) -> Result<&mut ChatDoc, Error> {
         if !self.secret_docs.contains_key(&id) {
             let chat = self.store.secret(id)?.ok_or(Error::UnknownSecret(id))?;
             let (snapshot, changes) = self.store.secret_doc_parts(id)?;

@@ -143,6 +143,9 @@ impl Device {
     /// and has not told the peer yet): the conn and the first frame to send.
     pub fn secret_connect(&mut self, id: SecretId) -> Result<(SecretConn, Vec<u8>), Error> {
         let chat = self.store.secret(id)?.ok_or(Error::UnknownSecret(id))?;
+        if chat.state == SecretState::Invited {
+            return Err(Error::SecretNotAccepted(id));
+        }
         let close = chat.state == SecretState::Closing;
         let cert = self.login()?.cert.clone();
         let conn = SecretConn {
@@ -176,9 +179,11 @@ impl Device {
                 if opening.cert.body.device != conn.peer {
                     return Err(Error::Untrusted("a secret chat opened with another device's certificate"));
                 }
-                conn.chat = Some(opening.chat);
-                let known = self.store.secret(opening.chat)?;
-                if known.is_none() && !opening.close && self.secret_auto_accept()? {
+                // A new offer, to be taken at once, from an account whose keys are not here:
+                // look them up first (within the cap on offers).
+                let new = self.store.secret(opening.chat)?.is_none() && !self.store.is_closed_secret(opening.chat)?;
+                if new && !opening.close && self.secret_auto_accept()? {
+                    self.check_offer_cap()?;
                     let account = opening.cert.body.account;
                     if !self.check_peer_cert(&opening.cert)? {
                         conn.phase = Phase::AwaitLookup(opening);
@@ -257,14 +262,10 @@ impl Device {
             }
             Some(_) if opening.close => None,
             Some(c) => Some(c),
-            None if opening.close => None,
+            // Closed here lately: an opening sent before the other device heard of it.
+            None if opening.close || self.store.is_closed_secret(id)? => None,
             None => {
-                // Offers cost a record (and with auto-accept a lookup) each: bounded, also those
-                // taken at once.
-                let offered = self.store.secret_chats()?.iter().filter(|c| !c.started_here).count();
-                if offered >= MAX_OFFERS {
-                    return Err(Error::Untrusted("too many secret chats started by other devices; close some"));
-                }
+                self.check_offer_cap()?;
                 let verified = self.check_peer_cert(&opening.cert)?;
                 let auto = self.secret_auto_accept()?;
                 Some(self.secret_offered(id, opening.cert, verified, auto)?)
@@ -276,6 +277,7 @@ impl Device {
             Some(SecretState::Closing) | None => Answer::Gone,
         };
         let out = vec![encode(&answer)];
+        conn.chat = Some(id);
         match (answer, chat) {
             (Answer::Go, Some(chat)) => {
                 let ends = Ends { chat: id, initiator: &peer, responder: &self.id };
@@ -298,6 +300,37 @@ impl Device {
                 Ok((out, Step::Ended(Ended::Gone(id))))
             }
         }
+    }
+
+    /// Offers cost a record (and with auto-accept a lookup) each: bounded, also those taken at
+    /// once.
+    fn check_offer_cap(&self) -> Result<(), Error> {
+        let offered = self.store.secret_chats()?.iter().filter(|c| !c.started_here).count();
+        match offered >= MAX_OFFERS {
+            true => Err(Error::Untrusted("too many secret chats started by other devices; close some")),
+            false => Ok(()),
+        }
+    }
+
+    /// The state of the secret chat `id`, if it is here.
+    pub fn secret_state(&self, id: SecretId) -> Option<SecretState> {
+        self.store.secret(id).ok().flatten().map(|c| c.state)
+    }
+
+    /// Whether a live conn has carried everything: the peer has this device's heads, and every
+    /// key sent on it was acknowledged.
+    pub fn secret_conn_settled(&mut self, conn: &SecretConn) -> bool {
+        let Phase::Up(link) = &conn.phase else { return false };
+        if !link.keys_sent.is_empty() || link.sync.in_flight {
+            return false;
+        }
+        let mut shared = link.sync.shared_heads.clone();
+        shared.sort();
+        self.secret_doc(link.chat).is_ok_and(|doc| {
+            let mut heads = doc.head_hashes();
+            heads.sort();
+            heads == shared
+        })
     }
 
     /// The device at the other end of the secret chat `id`.

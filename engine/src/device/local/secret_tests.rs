@@ -275,3 +275,54 @@ fn both_sides_learn_what_they_share_so_sync_messages_stay_small() {
         assert_eq!(lb.sync.shared_heads, heads, "message {i}");
     }
 }
+
+/// Feeds frames from one conn to the other until neither has more; returns the last steps.
+fn drive(
+    (a, ca): (&mut Device, &mut SecretConn),
+    (b, cb): (&mut Device, &mut SecretConn),
+    first: Vec<u8>,
+) -> (Option<Step>, Option<Step>) {
+    let (mut to_b, mut to_a, mut last_a, mut last_b) = (vec![first], Vec::new(), None, None);
+    for _ in 0..20 {
+        for f in to_b.drain(..) {
+            let (out, step) = b.secret_step(cb, &f).unwrap();
+            to_a.extend(out);
+            last_b = Some(step);
+        }
+        for f in to_a.drain(..) {
+            let (out, step) = a.secret_step(ca, &f).unwrap();
+            to_b.extend(out);
+            last_a = Some(step);
+        }
+        if to_a.is_empty() && to_b.is_empty() {
+            break;
+        }
+    }
+    (last_a, last_b)
+}
+
+#[test]
+fn a_declined_offer_reaches_its_sender_and_a_late_opening_does_not_bring_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut alice, mut bob) = (device(dir.path(), "alice", 1), device(dir.path(), "bob", 2));
+    let id = alice.secret_start(bob.login().unwrap().cert.clone()).unwrap();
+    bob.secret_offered(id, alice.login().unwrap().cert.clone(), true, false).unwrap();
+    assert!(matches!(bob.secret_send(id, "not yet", None), Err(Error::SecretNotAccepted(_))));
+    assert!(matches!(bob.secret_connect(id), Err(Error::SecretNotAccepted(_))));
+
+    // Alice's device opens a stream for the offer; its opening is still on the way when bob
+    // declines.
+    let (mut late, late_opening) = alice.secret_connect(id).unwrap();
+    bob.secret_close(id).unwrap();
+    let (mut from_bob, opening) = bob.secret_connect(id).unwrap();
+    let mut at_alice = alice.secret_incoming(bob.id().clone());
+    let (bob_step, alice_step) = drive((&mut bob, &mut from_bob), (&mut alice, &mut at_alice), opening);
+    assert_eq!(alice_step, Some(Step::Ended(Ended::Gone(id))));
+    assert_eq!(bob_step, Some(Step::Ended(Ended::Gone(id))));
+    assert!(alice.secret_chats().unwrap().is_empty() && bob.store.secret(id).unwrap().is_none());
+
+    let mut at_bob = bob.secret_incoming(alice.id().clone());
+    let (alice_step, _) = drive((&mut alice, &mut late), (&mut bob, &mut at_bob), late_opening);
+    assert_eq!(alice_step, Some(Step::Ended(Ended::Gone(id))));
+    assert!(bob.secret_chats().unwrap().is_empty(), "not recorded as a new offer");
+}
