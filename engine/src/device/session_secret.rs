@@ -33,6 +33,8 @@ pub const MAX_CONNS: usize = 1024;
 /// Most secret streams other devices opened that are not up yet (each is dropped after
 /// [`OPENING_TIMEOUT`]).
 pub const MAX_OPENING: usize = 32;
+/// Most streams being opened to other devices at once (the rest wait their turn).
+pub const MAX_DIALING: usize = 16;
 /// Frames waiting to go out on one stream.
 pub const CONN_QUEUE: usize = 256;
 const RETRY_MIN: Duration = Duration::from_secs(1);
@@ -169,7 +171,7 @@ impl SecretHub {
         if let Listen::At(t) = self.listen {
             at = at.min(t);
         }
-        if matches!(self.listen, Listen::Up | Listen::At(_)) {
+        if matches!(self.listen, Listen::Up | Listen::At(_)) && self.dialing.len() < MAX_DIALING {
             if let Some(t) = self.due.iter().filter(|(c, _)| !self.dialing.contains(c)).map(|(_, t)| *t).min() {
                 at = at.min(t);
             }
@@ -209,6 +211,9 @@ impl SecretHub {
             let ready: Vec<SecretId> =
                 self.due.iter().filter(|(c, t)| **t <= now && !self.dialing.contains(c)).map(|(c, _)| *c).collect();
             for chat in ready {
+                if self.dialing.len() >= MAX_DIALING {
+                    break;
+                }
                 self.dial(device, chat);
             }
         }
