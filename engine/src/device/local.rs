@@ -31,7 +31,7 @@ mod secret_conn;
 mod secret_net;
 mod sessions;
 pub use secret::{SecretMessage, SecretUpdate};
-pub use secret_conn::{Ended, SecretConn, Step, OPENING_TIMEOUT};
+pub use secret_conn::{Answer, Ended, Opening, SecretConn, Step, OPENING_TIMEOUT};
 
 pub use members::ContactInfo;
 pub(crate) use members::KeyWork;

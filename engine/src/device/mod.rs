@@ -15,8 +15,8 @@ pub use doc::Message;
 pub use drive::{Action, Event};
 pub use error::Error;
 pub use local::{
-    ChatSummary, ContactInfo, Device, Ended, LinkCode, MessageOp, SecretConn, SecretMessage, SecretUpdate, SessionInfo,
-    Step,
+    Answer, ChatSummary, ContactInfo, Device, Ended, LinkCode, MessageOp, Opening, SecretConn, SecretMessage,
+    SecretUpdate, SessionInfo, Step,
 };
 pub use session::{Session, SessionConfig, Status};
 pub use session_secret::{CONN_QUEUE, MAX_CONNS};
