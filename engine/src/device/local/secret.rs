@@ -447,8 +447,7 @@ impl Device {
     }
 
     /// Deletes a secret chat's document and keys here, durably, and its record unless
-    /// `keep` replaces it.
-    /// Once the record goes too, the chat id is remembered as closed for a while, so that an
+    /// `keep` replaces it. Once the record goes too, the chat id is remembered as closed for a while, so that an
     /// opening of it still under way does not bring it back as a new offer.
     pub(super) fn forget_secret(&mut self, id: SecretId, keep: Option<&SecretChat>) -> Result<(), Error> {
         self.secret_docs.remove(&id);
