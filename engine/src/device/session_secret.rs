@@ -33,6 +33,8 @@ pub const MAX_CONNS: usize = 1024;
 /// Most secret streams other devices opened that are not up yet (each is dropped after
 /// [`OPENING_TIMEOUT`]).
 pub const MAX_OPENING: usize = 32;
+/// How long a session's start waits for its circuit reservation.
+pub const LISTEN_FIRST_WAIT: Duration = Duration::from_secs(5);
 /// Most streams being opened to other devices at once (the rest wait their turn).
 pub const MAX_DIALING: usize = 16;
 /// Frames waiting to go out on one stream.
@@ -137,9 +139,15 @@ impl SecretHub {
     }
 
     /// Listens now (before the session first dials the relay, so that the relay connection
-    /// reuses the listening port and DCUtR punches holes to it).
+    /// reuses the listening port and DCUtR punches holes to it). Waits at most
+    /// [`LISTEN_FIRST_WAIT`] for the relay's reservation; if it is slower, sync starts and the
+    /// listening is asked for again (a no-op once it stands).
     pub(super) async fn listen_first(&mut self) {
-        let r = self.net.listen_secret(self.tcp.clone(), &self.relay).await.map_err(|e| e.to_string());
+        let listen = self.net.listen_secret(self.tcp.clone(), &self.relay);
+        let r = match tokio::time::timeout(LISTEN_FIRST_WAIT, listen).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("the relay has not granted the reservation yet".into()),
+        };
         self.listened(r);
     }
 
