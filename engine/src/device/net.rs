@@ -269,6 +269,27 @@ struct Waiting {
     reserved: std::collections::BTreeSet<PeerId>,
 }
 
+impl Waiting {
+    /// Forgets work whose caller stopped waiting (timed out): retried listens and dials would
+    /// otherwise pile up while the relay does not answer.
+    fn prune(&mut self) {
+        self.dials.retain(|(_, r)| !r.is_closed());
+        self.reservations.retain(|(_, r)| !r.is_closed());
+        self.after_identify.retain(|(_, c)| !abandoned(c));
+        self.after_listen.retain(|(_, _, c)| !abandoned(c));
+    }
+}
+
+/// Whether the caller of `c` stopped waiting for its answer.
+fn abandoned(c: &SwarmCmd) -> bool {
+    match c {
+        SwarmCmd::Dial { reply, .. } | SwarmCmd::Listen { reply, .. } | SwarmCmd::DialPeer { reply, .. } => {
+            reply.is_closed()
+        }
+        SwarmCmd::Paths { reply, .. } => reply.is_closed(),
+    }
+}
+
 /// Whether `addr` is loopback exactly when the relay `c` connects to is (or either has no IP).
 fn same_kind(addr: &Multiaddr, c: &SwarmCmd) -> bool {
     let loopback = |a: &Multiaddr| {
@@ -306,6 +327,7 @@ async fn swarm_task(mut swarm: libp2p::Swarm<Behaviour>, mut cmd_rx: mpsc::Recei
         tokio::select! {
             c = cmd_rx.recv() => {
                 let Some(c) = c else { return };
+                waiting.prune();
                 match c {
                     SwarmCmd::Dial { peer, addr, reply } => {
                         if swarm.is_connected(&peer) {
@@ -313,7 +335,6 @@ async fn swarm_task(mut swarm: libp2p::Swarm<Behaviour>, mut cmd_rx: mpsc::Recei
                         } else if let Err(e) = swarm.dial(addr) {
                             let _ = reply.send(Err(e.to_string()));
                         } else {
-                            waiting.dials.retain(|(_, r)| !r.is_closed());
                             waiting.dials.push((peer, reply));
                         }
                     }
@@ -497,7 +518,6 @@ fn run_after_identify(swarm: &mut libp2p::Swarm<Behaviour>, waiting: &mut Waitin
             let addr = relay.1.with(Protocol::P2pCircuit).with(Protocol::P2p(peer));
             match swarm.dial(addr) {
                 Ok(()) => {
-                    waiting.dials.retain(|(_, r)| !r.is_closed());
                     waiting.dials.push((peer, reply));
                 }
                 Err(e) => {
@@ -534,7 +554,27 @@ pub const SECRET_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A framed secret chat stream to another device: frames of at most one Noise message.
 pub struct SecretStream {
-    framed: Framed<Compat<libp2p::Stream>, LengthDelimitedCodec>,
+    framed: SecretFramed,
+}
+
+type SecretFramed = Framed<Compat<libp2p::Stream>, LengthDelimitedCodec>;
+
+async fn send_frame(
+    sink: &mut (impl SinkExt<bytes::Bytes, Error = std::io::Error> + Unpin),
+    bytes: &[u8],
+) -> Result<(), NetError> {
+    sink.send(bytes::Bytes::copy_from_slice(bytes)).await?;
+    Ok(())
+}
+
+async fn recv_frame(
+    stream: &mut (impl futures::Stream<Item = Result<bytes::BytesMut, std::io::Error>> + Unpin),
+) -> Result<Option<Vec<u8>>, NetError> {
+    match stream.next().await {
+        None => Ok(None),
+        Some(Err(e)) => Err(e.into()),
+        Some(Ok(bytes)) => Ok(Some(bytes.to_vec())),
+    }
 }
 
 impl From<libp2p::Stream> for SecretStream {
@@ -552,17 +592,12 @@ impl SecretStream {
 
     /// Sends one frame.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), NetError> {
-        self.framed.send(bytes::Bytes::copy_from_slice(bytes)).await?;
-        Ok(())
+        send_frame(&mut self.framed, bytes).await
     }
 
     /// Receives one frame; `Ok(None)` when the peer closed the stream.
     pub async fn recv(&mut self) -> Result<Option<Vec<u8>>, NetError> {
-        match self.framed.next().await {
-            None => Ok(None),
-            Some(Err(e)) => Err(e.into()),
-            Some(Ok(bytes)) => Ok(Some(bytes.to_vec())),
-        }
+        recv_frame(&mut self.framed).await
     }
 
     /// Closes the sending side.
@@ -578,8 +613,6 @@ impl SecretStream {
     }
 }
 
-type SecretFramed = Framed<Compat<libp2p::Stream>, LengthDelimitedCodec>;
-
 /// The sending half of a [`SecretStream`].
 pub struct SecretSender {
     sink: futures::stream::SplitSink<SecretFramed, bytes::Bytes>,
@@ -588,8 +621,7 @@ pub struct SecretSender {
 impl SecretSender {
     /// Sends one frame.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), NetError> {
-        self.sink.send(bytes::Bytes::copy_from_slice(bytes)).await?;
-        Ok(())
+        send_frame(&mut self.sink, bytes).await
     }
 
     /// Closes the sending side.
@@ -606,11 +638,7 @@ pub struct SecretReceiver {
 impl SecretReceiver {
     /// Receives one frame; `Ok(None)` when the peer closed the stream.
     pub async fn recv(&mut self) -> Result<Option<Vec<u8>>, NetError> {
-        match self.stream.next().await {
-            None => Ok(None),
-            Some(Err(e)) => Err(e.into()),
-            Some(Ok(bytes)) => Ok(Some(bytes.to_vec())),
-        }
+        recv_frame(&mut self.stream).await
     }
 }
 

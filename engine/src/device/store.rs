@@ -395,14 +395,23 @@ impl DeviceStore {
 
     /// Whether a session of the account expired and no rotation followed yet.
     pub fn rotation_due(&self) -> Result<bool, StoreError> {
-        Ok(self.meta.get("rotation_due")?.is_some())
+        self.flag("rotation_due")
     }
 
     /// Records whether the account's keys are due a rotation.
     pub fn set_rotation_due(&self, due: bool) -> Result<(), StoreError> {
-        match due {
-            true => self.meta.insert("rotation_due", &[1u8][..])?,
-            false => self.meta.remove("rotation_due")?,
+        self.set_flag("rotation_due", due)
+    }
+
+    /// A yes/no setting in `meta` (present: yes).
+    pub(super) fn flag(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.meta.get(name)?.is_some())
+    }
+
+    pub(super) fn set_flag(&self, name: &str, on: bool) -> Result<(), StoreError> {
+        match on {
+            true => self.meta.insert(name, &[1u8][..])?,
+            false => self.meta.remove(name)?,
         };
         Ok(())
     }

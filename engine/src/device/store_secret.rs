@@ -113,16 +113,12 @@ impl DeviceStore {
 
     /// Whether secret chats offered by other devices are taken at once.
     pub fn secret_auto_accept(&self) -> Result<bool, StoreError> {
-        Ok(self.meta.get("secret_auto_accept")?.is_some())
+        self.flag("secret_auto_accept")
     }
 
     /// Sets [`DeviceStore::secret_auto_accept`].
     pub fn set_secret_auto_accept(&self, on: bool) -> Result<(), StoreError> {
-        match on {
-            true => self.meta.insert("secret_auto_accept", &[1u8][..])?,
-            false => self.meta.remove("secret_auto_accept")?,
-        };
-        Ok(())
+        self.set_flag("secret_auto_accept", on)
     }
 
     /// Sets a secret chat's document to `snapshot` and nothing after it (a new chat).
@@ -212,7 +208,7 @@ impl DeviceStore {
     /// Builds the indexes of undelivered keys and running timers from the keys, once (a store
     /// written before they existed has keys in neither).
     pub(super) fn index_secret_keys(&self) -> Result<(), StoreError> {
-        if self.meta.get("secret_key_index")?.is_some() {
+        if self.flag("secret_key_index")? {
             return Ok(());
         }
         for kv in self.secret_keys.iter() {
@@ -230,8 +226,7 @@ impl DeviceStore {
                 self.secret_timers.insert(timer_key(t, chat, message), &chat.0[..])?;
             }
         }
-        self.meta.insert("secret_key_index", &[1u8][..])?;
-        Ok(())
+        self.set_flag("secret_key_index", true)
     }
 
     /// Remembers that the chat `id` was closed (and deleted) at `now_ms`, for
