@@ -488,6 +488,13 @@ impl Harness {
                 assert!(devices.iter().all(|(c, _)| c.body.account == account), "another account's device listed");
                 self.replied(conn, req);
             }
+            RelayFrame::Behind { account_head, chats } => {
+                let a = account.expect("behind goes to a device of an account");
+                assert!(account_head <= self.durable.account_head(a), "behind reports a non-durable log head");
+                for (chat, head) in chats {
+                    assert!(head <= self.durable.chat_head(chat), "behind reports a non-durable chat head");
+                }
+            }
             RelayFrame::Hello { .. } | RelayFrame::Error { req: None, .. } => {}
         }
     }

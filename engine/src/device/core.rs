@@ -372,6 +372,14 @@ impl SyncCore {
                     c.known_head = c.known_head.max(head);
                 }
             }
+            RelayFrame::Behind { account_head, chats } => {
+                // Pushes were dropped: fetch what they carried (schedule does, past each cursor).
+                self.account_head = self.account_head.max(account_head);
+                for (chat, head) in chats {
+                    let c = self.chats.entry(chat).or_default();
+                    c.known_head = c.known_head.max(head);
+                }
+            }
             RelayFrame::AccountPage { req, entries, head } if self.is(req, |p| matches!(p, Pending::FetchAccount)) => {
                 self.pending.remove(&req);
                 self.account_fetching = false;

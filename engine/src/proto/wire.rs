@@ -16,7 +16,7 @@ use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 /// The libp2p protocol name of the sync stream.
 pub const PROTOCOL: &str = "/stratus/sync/1";
 /// Bumped on any incompatible change to the frames below.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Longest frame either side sends or accepts. A longer length prefix is a protocol error and
 /// closes the stream (the rest of the stream cannot be trusted to be framed).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
@@ -317,6 +317,11 @@ pub enum RelayFrame {
     Accounts { req: ReqId, accounts: Vec<DirectoryEntry> },
     /// An account's devices: each certificate, and whether it is connected now.
     AccountDevices { req: ReqId, account: AccountId, devices: Vec<(DeviceCert, bool)> },
+    /// Pushes to this device were dropped because it fell behind (the relay's queue for it
+    /// held too many bytes). These are the durable heads of what it missed: the account log's
+    /// and each chat's that had a push dropped. The device fetches past its cursors, as after
+    /// `SyncState`. Sent once the queue has drained. Added in protocol version 6.
+    Behind { account_head: Seq, chats: Vec<(ChatId, Seq)> },
 }
 
 /// How long a typing indicator is shown after its last `Typing`.
@@ -374,7 +379,8 @@ impl RelayFrame {
             RelayFrame::Hello { .. }
             | RelayFrame::Push { .. }
             | RelayFrame::PushAccount { .. }
-            | RelayFrame::Typing { .. } => None,
+            | RelayFrame::Typing { .. }
+            | RelayFrame::Behind { .. } => None,
         }
     }
 }
