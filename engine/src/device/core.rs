@@ -76,6 +76,10 @@ pub enum SyncInput {
     /// Whether the account's keys are due a rotation (a session expired; a rotation since
     /// clears it).
     RotationDue(bool),
+    /// The connection has been quiet for a while: ask the relay for its heads again (a
+    /// `SyncState`), which both shows the connection still carries answers and fetches
+    /// anything a lost push would have brought. Ignored unless connected with nothing waiting.
+    Probe,
 }
 
 /// What the core asks the driver to do, in order.
@@ -255,6 +259,11 @@ impl SyncCore {
             && self.chats.values().all(|c| !c.ready || c.cursor >= c.known_head)
     }
 
+    /// True while a request of the core's waits for the relay's answer.
+    pub fn is_waiting(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// True while a stream is up and the relay accepted this device.
     pub fn is_connected(&self) -> bool {
         matches!(self.phase, Phase::AwaitState | Phase::Ready)
@@ -335,6 +344,13 @@ impl SyncCore {
                 c.ready = false;
                 c.cursor = c.cursor.min(Seq(seq.0.saturating_sub(1)));
                 c.known_head = c.known_head.max(seq);
+            }
+            SyncInput::Probe => {
+                if self.phase == Phase::Ready && self.pending.is_empty() {
+                    let req = self.next_req();
+                    self.pending.insert(req, Pending::State);
+                    out.push(SyncOutput::Send(ClientFrame::SyncState { req }));
+                }
             }
             SyncInput::Resume => {
                 self.paused = false;

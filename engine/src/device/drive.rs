@@ -7,10 +7,13 @@
 
 use std::collections::VecDeque;
 
+use rand::Rng;
+
 use crate::device::core::{SyncCore, SyncInput, SyncOutput};
 use crate::device::doc::Message;
 use crate::device::error::Error;
 use crate::device::local::{Device, KeyWork, MessageOp, SecretMessage};
+use crate::device::session_core::{SessionCore, SessionInput, Work};
 use crate::proto::cert::DeviceCert;
 use crate::proto::ids::{ChatId, ClientSeq, SecretId, Seq};
 use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame};
@@ -84,6 +87,22 @@ pub enum Action {
 }
 
 impl Device {
+    /// Feeds `input` at `now` to the session core and carries out what its sync outputs ask of
+    /// this device ([`Device::carry_out`]): returns what is left for the driver, in order.
+    pub fn session_step(&mut self, session: &mut SessionCore, now: u64, input: SessionInput) -> Vec<Work> {
+        let (mut work, outputs) = session.handle(now, input);
+        let actions = self.carry_out(session.sync(), outputs);
+        work.extend(session.actions(now, actions));
+        work
+    }
+
+    /// A session core for this device as its store stands (see [`Device::start_core`]); its
+    /// reconnect jitter comes from the device's RNG.
+    pub fn start_session(&mut self) -> Result<SessionCore, Error> {
+        let sync = self.start_core()?;
+        Ok(SessionCore::new(sync, self.rng.gen()))
+    }
+
     /// A sync core for this device as its store stands: account cursor, outbox, and every chat
     /// it can read at its cursor.
     pub fn start_core(&self) -> Result<SyncCore, Error> {

@@ -8,6 +8,7 @@ mod local;
 pub mod net;
 pub mod secret;
 mod session;
+pub mod session_core;
 mod session_secret;
 pub mod store;
 

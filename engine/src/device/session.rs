@@ -15,20 +15,19 @@
 //! `session_secret.rs`): it stays reachable for other devices, delivers what waits whenever the
 //! other device can be reached, and reports what arrives as events.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rand::Rng;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::device::core::{SyncCore, SyncInput, SyncOutput};
 use crate::device::doc::Message;
 use crate::device::drive::{Action, Event};
 use crate::device::error::Error;
 use crate::device::local::SecretMessage;
 use crate::device::local::{Device, MessageOp};
-use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
+use crate::device::net::{parse_relay_addr, Net, NetError, RelayLink, RelayStream};
+use crate::device::session_core::{SessionCore, SessionInput, Work};
 use crate::device::session_secret::{HubOut, Input, SecretHub};
 use crate::device::store::SecretChat;
 use crate::proto::cert::DeviceCert;
@@ -39,8 +38,6 @@ use crate::proto::wire::{ClientFrame, RelayFrame, ReqId};
 pub const COMMAND_QUEUE: usize = 64;
 /// Events waiting for the app.
 pub const EVENT_QUEUE: usize = 4096;
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// A snapshot of the session's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +124,8 @@ impl Session {
         };
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (ev_tx, ev_rx) = broadcast::channel(EVENT_QUEUE);
-        let core = device.start_core()?;
+        let mut device = device;
+        let core = device.start_session()?;
         let driver = Driver {
             device,
             core,
@@ -135,14 +133,12 @@ impl Session {
             peer,
             addr,
             events: ev_tx.clone(),
-            stream: None,
-            was_connected: false,
-            was_caught_up: false,
-            was_idle: false,
-            resume_at: None,
-            revoked: false,
+            link: None,
+            connecting: None,
+            epoch: Instant::now(),
             hub,
-            pending: HashMap::new(),
+            waiting: BTreeMap::new(),
+            next_token: 0,
             pending_outs: Vec::new(),
         };
         tokio::spawn(driver.run(cmd_rx));
@@ -272,64 +268,46 @@ impl Session {
 
 struct Driver {
     device: Device,
-    core: SyncCore,
+    /// Every decision about the relay connection: see [`SessionCore`].
+    core: SessionCore,
     net: Net,
     peer: libp2p::PeerId,
     addr: libp2p::Multiaddr,
     events: broadcast::Sender<Event>,
-    stream: Option<RelayStream>,
-    was_connected: bool,
-    was_caught_up: bool,
-    was_idle: bool,
-    /// When to feed [`SyncInput::Resume`] after the relay limited this device.
-    resume_at: Option<Instant>,
-    /// The account ended this device's session: its data is gone and it never reconnects.
-    revoked: bool,
+    /// The open stream's task, while connected.
+    link: Option<RelayLink>,
+    /// A connection being opened ([`Work::Connect`]); the session goes on meanwhile.
+    connecting: Option<tokio::task::JoinHandle<Result<RelayStream, NetError>>>,
+    /// The driver's clock: ms since this instant are the session core's time.
+    epoch: Instant,
     /// The secret chats, if the session runs them.
     hub: Option<SecretHub>,
-    /// Requests the session made of the relay itself.
-    pending: HashMap<ReqId, Pending>,
+    /// What each app request of the session's is for, by the token the core routes answers to.
+    waiting: BTreeMap<u64, Pending>,
+    next_token: u64,
     /// What the hub asked for while a request was settled, to carry out next.
     pending_outs: Vec<HubOut>,
 }
 
 impl Driver {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        let mut backoff = BACKOFF_MIN;
-        let mut reconnect_at = Instant::now();
         if let Some(hub) = self.hub.as_mut() {
             hub.listen_first().await;
         }
         loop {
-            if self.stream.is_none() && !self.revoked && Instant::now() >= reconnect_at {
-                match self.net.open(self.peer, self.addr.clone()).await {
-                    Ok(s) => {
-                        self.stream = Some(s);
-                        backoff = BACKOFF_MIN;
-                        if let Some(hub) = self.hub.as_mut() {
-                            hub.relay_up();
-                        }
-                        let out = self.core.handle(SyncInput::Connected);
-                        self.carry_out(out).await;
-                    }
-                    Err(e) => {
-                        self.emit(Event::Disconnected { reason: e.to_string() }).await;
-                        let jitter = self.device.rng.gen_range(0..=backoff.as_millis() as u64 / 4);
-                        reconnect_at = Instant::now() + backoff + Duration::from_millis(jitter);
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                    }
-                }
-                continue;
-            }
-            let offline = self.stream.is_none() && !self.revoked;
-            let resume_at = self.resume_at;
-            let stream = self.stream.as_mut();
+            let wake = self.core.next_wake().map(|ms| self.epoch + Duration::from_millis(ms));
             let hub_wake = match self.hub.as_mut() {
                 Some(h) => h.wake_at(&self.device),
                 None => Instant::now() + Duration::from_secs(3600),
             };
             let has_hub = self.hub.is_some();
             let hub = self.hub.as_mut();
+            let link = self.link.as_mut();
+            let connecting = self.connecting.as_mut();
             tokio::select! {
                 input = hub_recv(hub) => {
                     let hub = self.hub.as_mut().expect("only with a hub");
@@ -346,91 +324,138 @@ impl Driver {
                     Some(Command::Stop { reply }) => {
                         // What was sent last (a typing indicator has no answer to wait for)
                         // reaches the relay before the connection goes.
-                        if let Some(mut s) = self.stream.take() {
-                            s.close_and_drain(Duration::from_secs(1)).await;
+                        if let Some(link) = self.link.take() {
+                            link.close(Duration::from_secs(1)).await;
                         }
                         let _ = reply.send(self.device);
                         return;
                     }
                     Some(cmd) => self.command(cmd).await,
                 },
-                frame = recv(stream) => match frame {
-                    Ok(Some(frame)) => {
-                        let out = self.core.handle(SyncInput::Frame(Box::new(frame)));
-                        self.carry_out(out).await;
-                    }
-                    Ok(None) => self.lost("relay closed the stream".into(), &mut reconnect_at, backoff).await,
-                    Err(e) => self.lost(e.to_string(), &mut reconnect_at, backoff).await,
+                frame = recv(link) => match frame {
+                    Ok(Some(frame)) => self.step(SessionInput::Frame(Box::new(frame))).await,
+                    Ok(None) => self.lost("relay closed the stream".into()).await,
+                    Err(e) => self.lost(e.to_string()).await,
                 },
-                () = tokio::time::sleep_until(reconnect_at), if offline => {}
-                () = tokio::time::sleep_until(resume_at.unwrap_or(reconnect_at)), if resume_at.is_some() => {
-                    self.resume_at = None;
-                    let out = self.core.handle(SyncInput::Resume);
-                    self.carry_out(out).await;
+                opened = connected(connecting) => {
+                    self.connecting = None;
+                    match opened {
+                        Ok(stream) => {
+                            self.link = Some(RelayLink::start(stream));
+                            if let Some(hub) = self.hub.as_mut() {
+                                hub.relay_up();
+                            }
+                            self.step(SessionInput::Connected).await;
+                        }
+                        Err(e) => self.step(SessionInput::ConnectFailed(e.to_string())).await,
+                    }
+                }
+                () = tokio::time::sleep_until(wake.unwrap_or(self.epoch)), if wake.is_some() => {
+                    self.step(SessionInput::Timeout).await;
                 }
             }
         }
     }
 
-    async fn lost(&mut self, reason: String, reconnect_at: &mut Instant, backoff: Duration) {
-        self.drop_stream(reason).await;
-        *reconnect_at = Instant::now() + backoff;
+    /// Feeds the session core and carries out what it decided.
+    async fn step(&mut self, input: SessionInput) {
+        let now = self.now_ms();
+        let work = self.device.session_step(&mut self.core, now, input);
+        self.carry(work).await;
     }
 
-    /// Forgets the stream and everything that waited on it.
-    async fn drop_stream(&mut self, reason: String) {
-        if self.stream.is_none() {
-            return;
-        }
-        self.stream = None;
-        self.core.handle(SyncInput::Disconnected);
-        for (_, p) in std::mem::take(&mut self.pending) {
-            self.unanswered(p);
+    async fn lost(&mut self, reason: String) {
+        self.link = None;
+        self.step(SessionInput::Lost(reason)).await;
+    }
+
+    /// Carries out the session core's work, in order.
+    async fn carry(&mut self, work: Vec<Work>) {
+        let mut queue = std::collections::VecDeque::from(work);
+        while let Some(w) = queue.pop_front() {
+            match w {
+                Work::Connect => {
+                    let (mut net, peer, addr) = (self.net.handle(), self.peer, self.addr.clone());
+                    self.connecting = Some(tokio::spawn(async move { net.open(peer, addr).await }));
+                }
+                Work::Close => self.link = None,
+                Work::Send(frame) => {
+                    let Some(link) = self.link.as_ref() else { continue };
+                    if let Err(e) = link.send(frame) {
+                        tracing::info!(error = %e, "the relay connection is stuck; dropping it");
+                        self.link = None;
+                        let now = self.now_ms();
+                        queue.extend(self.device.session_step(&mut self.core, now, SessionInput::Lost(e.to_string())));
+                    }
+                }
+                Work::Emit(Event::SessionRevoked) => {
+                    // The account's data is gone here: no secret chat runs, nothing is answered.
+                    self.hub = None;
+                    self.pending_outs.clear();
+                    self.emit(Event::SessionRevoked);
+                }
+                Work::Emit(event) => self.emit(event),
+                Work::Answer { token, frame } => {
+                    if let Some(p) = self.waiting.remove(&token) {
+                        Box::pin(self.answered(p, frame)).await;
+                    }
+                }
+                Work::Unanswered { token } => {
+                    if let Some(p) = self.waiting.remove(&token) {
+                        self.unanswered(p);
+                    }
+                }
+            }
         }
         let outs = std::mem::take(&mut self.pending_outs);
-        Box::pin(self.hub_outs(outs)).await;
-        self.was_connected = false;
-        self.was_caught_up = false;
-        self.was_idle = false;
-        self.emit(Event::Disconnected { reason }).await;
+        if !outs.is_empty() {
+            Box::pin(self.hub_outs(outs)).await;
+        }
     }
 
-    async fn emit(&mut self, e: Event) {
+    fn emit(&mut self, e: Event) {
         // No receiver is fine: nobody listens.
         let _ = self.events.send(e);
     }
 
+    /// Carries out what a local write asked for.
+    async fn local(&mut self, actions: Vec<Action>) {
+        let now = self.now_ms();
+        let work = self.core.actions(now, actions);
+        self.carry(work).await;
+    }
+
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Send { chat, text, reply } => match self.device.send(&mut self.core, chat, &text) {
+            Command::Send { chat, text, reply } => match self.device.send(self.core.sync(), chat, &text) {
                 Ok((message, client_seq, actions)) => {
                     let _ = reply.send(Ok((message, client_seq)));
-                    self.run_actions(actions).await;
+                    self.local(actions).await;
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }
             },
-            Command::Write { chat, write, reply } => match self.device.write(&mut self.core, chat, &write) {
+            Command::Write { chat, write, reply } => match self.device.write(self.core.sync(), chat, &write) {
                 Ok((message, client_seq, actions)) => {
                     let _ = reply.send(Ok((message, client_seq)));
-                    self.run_actions(actions).await;
+                    self.local(actions).await;
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }
             },
             Command::Typing { chat, reply } => {
-                let connected = self.core.is_connected();
+                let connected = self.core.sync_ref().is_connected();
                 if connected {
-                    self.send_frame(ClientFrame::Typing { chat }).await;
+                    self.carry(vec![Work::Send(ClientFrame::Typing { chat })]).await;
                 }
                 let _ = reply.send(Ok(connected));
             }
-            Command::CreateChat { title, reply } => match self.device.create_chat(&mut self.core, &title) {
+            Command::CreateChat { title, reply } => match self.device.create_chat(self.core.sync(), &title) {
                 Ok((chat, actions)) => {
                     let _ = reply.send(Ok(chat));
-                    self.run_actions(actions).await;
+                    self.local(actions).await;
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e));
@@ -443,9 +468,10 @@ impl Driver {
                 let _ = reply.send(self.device.heads(chat));
             }
             Command::Status { reply } => {
+                let sync = self.core.sync_ref();
                 let _ = reply.send(Status {
-                    connected: self.core.is_connected(),
-                    caught_up: self.core.is_caught_up(),
+                    connected: sync.is_connected(),
+                    caught_up: sync.is_caught_up(),
                     outbox: self.device.outbox_len(),
                 });
             }
@@ -523,15 +549,14 @@ impl Driver {
         }
     }
 
-    /// Sends a request of the session's own; its answer comes to [`Driver::answered`]. Not
-    /// connected: it fails at once.
+    /// Sends a request of the session's own; its answer comes to [`Driver::answered`], or
+    /// [`Driver::unanswered`] when it will not come (not connected, or the connection went).
     async fn request(&mut self, frame: impl FnOnce(ReqId) -> ClientFrame, pending: Pending) {
-        if !self.core.is_connected() {
-            return self.unanswered(pending);
-        }
-        let req = self.core.next_req();
-        self.pending.insert(req, pending);
-        self.send_frame(frame(req)).await;
+        let token = self.next_token;
+        self.next_token += 1;
+        self.waiting.insert(token, pending);
+        let work = self.core.request(token, frame);
+        self.carry(vec![work]).await;
     }
 
     /// A request of the session's own that will not be answered (the connection went).
@@ -596,7 +621,7 @@ impl Driver {
     async fn hub_outs(&mut self, outs: Vec<HubOut>) {
         for o in outs {
             match o {
-                HubOut::Emit(e) => self.emit(e).await,
+                HubOut::Emit(e) => self.emit(e),
                 HubOut::Lookup { conn, account } => {
                     let frame = |req| ClientFrame::LookupAccounts { req, accounts: vec![account] };
                     Box::pin(self.request(frame, Pending::ConnLookup(conn))).await;
@@ -607,63 +632,6 @@ impl Driver {
         if !outs.is_empty() {
             Box::pin(self.hub_outs(outs)).await;
         }
-    }
-
-    async fn send_frame(&mut self, frame: crate::proto::wire::ClientFrame) {
-        if let Some(s) = self.stream.as_mut() {
-            if let Err(e) = s.send(&frame).await {
-                tracing::debug!(error = %e, "send failed");
-                self.drop_stream(e.to_string()).await;
-            }
-        }
-    }
-
-    async fn carry_out(&mut self, outputs: Vec<SyncOutput>) {
-        for o in &outputs {
-            tracing::debug!(output = ?short(o), "sync output");
-        }
-        let actions = self.device.carry_out(&mut self.core, outputs);
-        self.run_actions(actions).await;
-    }
-
-    async fn run_actions(&mut self, actions: Vec<Action>) {
-        for action in actions {
-            match action {
-                Action::Send(frame) => self.send_frame(frame).await,
-                Action::Emit(Event::SessionRevoked) => {
-                    self.revoked = true;
-                    self.stream = None;
-                    // The account's data is gone here: no secret chat runs, nothing is answered.
-                    self.hub = None;
-                    for (_, p) in std::mem::take(&mut self.pending) {
-                        self.unanswered(p);
-                    }
-                    self.pending_outs.clear();
-                    self.emit(Event::SessionRevoked).await;
-                }
-                Action::Emit(event) => self.emit(event).await,
-                Action::RetryAfter(ms) => self.resume_at = Some(Instant::now() + Duration::from_millis(ms.into())),
-                Action::Reply(frame) => match frame.req().and_then(|r| self.pending.remove(&r)) {
-                    Some(p) => Box::pin(self.answered(p, frame)).await,
-                    None => tracing::debug!(?frame, "unexpected reply"),
-                },
-            }
-        }
-        let connected = self.core.is_connected();
-        if connected && !self.was_connected {
-            self.emit(Event::Connected).await;
-        }
-        self.was_connected = connected;
-        let caught_up = self.core.is_caught_up();
-        if caught_up && !self.was_caught_up {
-            self.emit(Event::CaughtUp).await;
-        }
-        self.was_caught_up = caught_up;
-        let idle = self.core.is_idle();
-        if idle && !self.was_idle {
-            self.emit(Event::Idle).await;
-        }
-        self.was_idle = idle;
     }
 }
 
@@ -690,17 +658,21 @@ async fn hub_recv(hub: Option<&mut SecretHub>) -> Input {
     }
 }
 
-async fn recv(stream: Option<&mut RelayStream>) -> Result<Option<RelayFrame>, NetError> {
-    match stream {
-        Some(s) => s.recv().await,
+async fn recv(link: Option<&mut RelayLink>) -> Result<Option<RelayFrame>, NetError> {
+    match link {
+        Some(l) => l.recv().await,
         None => std::future::pending().await,
     }
 }
 
-fn short(o: &SyncOutput) -> String {
-    match o {
-        SyncOutput::Send(f) => format!("send {}", format!("{f:?}").chars().take(120).collect::<String>()),
-        SyncOutput::ApplyDelta(d) => format!("apply {} seq {}", d.chat, d.seq),
-        other => format!("{other:?}").chars().take(160).collect(),
+async fn connected(
+    connecting: Option<&mut tokio::task::JoinHandle<Result<RelayStream, NetError>>>,
+) -> Result<RelayStream, NetError> {
+    match connecting {
+        Some(task) => match task.await {
+            Ok(r) => r,
+            Err(e) => Err(NetError::Unreachable(e.to_string())),
+        },
+        None => std::future::pending().await,
     }
 }
