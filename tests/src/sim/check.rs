@@ -94,7 +94,7 @@ impl Sim {
             .devs
             .iter()
             .filter(|d| live(d))
-            .all(|d| d.conn.is_some() && d.core.as_ref().is_some_and(SyncCore::is_idle))
+            .all(|d| d.conn.is_some() && d.core.as_ref().is_some_and(|c| c.sync_ref().is_idle()))
         {
             return Ok(false);
         }
@@ -250,7 +250,7 @@ impl Sim {
                     "down"
                 },
                 d.conn,
-                d.core.as_ref().is_some_and(SyncCore::is_idle),
+                d.core.as_ref().is_some_and(|c| c.sync_ref().is_idle()),
                 d.device.as_ref().map(Device::outbox_len).unwrap_or_default(),
                 d.applied.values().map(|s| s.0).collect::<Vec<_>>()
             ));

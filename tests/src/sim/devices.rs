@@ -5,9 +5,12 @@ use super::*;
 impl Sim {
     // ---- devices ----
 
-    pub(super) fn device_input(&mut self, dev: usize, input: SyncInput) -> Check {
+    /// Feeds the device's session core (at the simulated time) and carries out what it asks.
+    pub(super) fn device_input(&mut self, dev: usize, input: SessionInput) -> Check {
+        let now_ms = self.now / MS;
         let Some(core) = self.devs[dev].core.as_mut() else { return Ok(()) };
-        let outputs = core.handle(input);
+        let (work, outputs) = core.handle(now_ms, input);
+        self.run_work(dev, work)?;
         self.device_outputs(dev, outputs)
     }
 
@@ -31,7 +34,7 @@ impl Sim {
             .collect();
         let d = &mut self.devs[dev];
         let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(()) };
-        let actions = device.carry_out(core, outputs);
+        let actions = device.carry_out(core.sync(), outputs);
         // A delta whose epoch key had not arrived yet was not applied: the device's cursor
         // stayed before it, and it comes again once the key is here.
         for chat in touched {
@@ -45,61 +48,92 @@ impl Sim {
         self.run_actions(dev, actions)
     }
 
+    /// What a local write or the sync core's outputs asked of the driver.
     pub(super) fn run_actions(&mut self, dev: usize, actions: Vec<Action>) -> Check {
-        for action in actions {
-            match action {
-                Action::Send(frame) => {
+        let now_ms = self.now / MS;
+        let Some(core) = self.devs[dev].core.as_mut() else { return Ok(()) };
+        let work = core.actions(now_ms, actions);
+        self.run_work(dev, work)
+    }
+
+    /// Carries out the session core's work, then schedules its next wake-up.
+    pub(super) fn run_work(&mut self, dev: usize, work: Vec<Work>) -> Check {
+        for w in work {
+            match w {
+                Work::Connect => {
+                    // Dialing takes a round trip before it succeeds or fails.
+                    let at = self.now + 2 * self.devs[dev].latency;
+                    let life = self.devs[dev].life;
+                    self.schedule(at, Ev::Connect { dev, life });
+                }
+                Work::Close => {
+                    if let Some(conn) = self.devs[dev].conn.take() {
+                        self.report.watchdog_closes += 1;
+                        self.drop_conn(conn);
+                    }
+                }
+                Work::Send(frame) => {
                     if let Some(conn) = self.devs[dev].conn {
                         self.transmit(conn, C2R, Ev::ToRelay { conn, frame });
                     }
                 }
-                // What the departed account had queued for the group is refused for good.
-                Action::Emit(Event::Rejected { chat, code: ErrorCode::NotMember, .. }) if self.departed(dev, chat) => {}
-                Action::Emit(Event::Rejected { chat, client_seq, code, message }) => {
-                    return Err(format!(
-                        "{} had chat {chat} client seq {} rejected: {message} ({code:?})",
-                        self.devs[dev].name, client_seq.0
-                    ))
+                Work::Answer { token, frame } => {
+                    self.revoke_reply(dev, token, &frame)?;
+                    self.change_reply(dev, token, &frame)?;
                 }
-                Action::Emit(Event::Error { message }) => {
-                    return Err(format!("{} reported an error: {message}", self.devs[dev].name))
-                }
-                Action::RetryAfter(ms) => {
-                    let d = &mut self.devs[dev];
-                    d.resume_gen += 1;
-                    let ev = Ev::Resume { dev, generation: d.resume_gen };
-                    self.report.rate_limited += 1;
-                    self.schedule(self.now + u64::from(ms) * MS, ev);
-                }
-                Action::Emit(Event::Acked { client_seq, .. }) => {
-                    self.devs[dev].acked.insert(client_seq);
-                }
-                Action::Emit(Event::SessionRevoked) => {
-                    let r = self.revoking.as_ref().ok_or("a session ended without a revocation")?;
-                    if r.target != dev {
-                        return Err(format!(
-                            "{} was told its session ended; the target was another",
-                            self.devs[dev].name
-                        ));
-                    }
-                    if self.devs[dev].home.join("store").exists() {
-                        return Err(format!(
-                            "{}'s store is still on disk after its session ended",
-                            self.devs[dev].name
-                        ));
-                    }
-                    let d = &mut self.devs[dev];
-                    d.gone = true;
-                    d.conn = None;
-                    d.core = None;
-                    return Ok(());
-                }
-                Action::Reply(frame) => {
-                    self.revoke_reply(dev, &frame)?;
-                    self.change_reply(dev, &frame)?;
-                }
-                Action::Emit(_) => {}
+                // Asked again by the next `Revoke` or `ChangeMembers` event.
+                Work::Unanswered { .. } => {}
+                Work::Emit(event) => self.emitted(dev, event)?,
             }
+            if self.devs[dev].gone {
+                return Ok(());
+            }
+        }
+        self.schedule_wake(dev);
+        Ok(())
+    }
+
+    /// Schedules the wake-up the device's session core asks for, unless one is due then.
+    pub(super) fn schedule_wake(&mut self, dev: usize) {
+        let d = &self.devs[dev];
+        let Some(next) = d.core.as_ref().and_then(SessionCore::next_wake) else { return };
+        let at = (next * MS).max(self.now);
+        if d.wake == Some(at) {
+            return;
+        }
+        let life = d.life;
+        self.devs[dev].wake = Some(at);
+        self.schedule(at, Ev::Wake { dev, life, at });
+    }
+
+    fn emitted(&mut self, dev: usize, event: Event) -> Check {
+        match event {
+            // What the departed account had queued for the group is refused for good.
+            Event::Rejected { chat, code: ErrorCode::NotMember, .. } if self.departed(dev, chat) => {}
+            Event::Rejected { chat, client_seq, code, message } => {
+                return Err(format!(
+                    "{} had chat {chat} client seq {} rejected: {message} ({code:?})",
+                    self.devs[dev].name, client_seq.0
+                ))
+            }
+            Event::Error { message } => return Err(format!("{} reported an error: {message}", self.devs[dev].name)),
+            Event::Acked { client_seq, .. } => {
+                self.devs[dev].acked.insert(client_seq);
+            }
+            Event::SessionRevoked => {
+                let r = self.revoking.as_ref().ok_or("a session ended without a revocation")?;
+                if r.target != dev {
+                    return Err(format!("{} was told its session ended; the target was another", self.devs[dev].name));
+                }
+                if self.devs[dev].home.join("store").exists() {
+                    return Err(format!("{}'s store is still on disk after its session ended", self.devs[dev].name));
+                }
+                let d = &mut self.devs[dev];
+                d.gone = true;
+                d.conn = None;
+                d.core = None;
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -109,7 +143,7 @@ impl Sim {
         let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(()) };
         let title = format!("{}'s chat", d.name);
         let (chat, actions) =
-            device.create_chat(core, &title).map_err(|e| format!("{} creates a chat: {e}", d.name))?;
+            device.create_chat(core.sync(), &title).map_err(|e| format!("{} creates a chat: {e}", d.name))?;
         let account = d.account;
         self.chats[account].push(chat);
         self.creators.insert(chat, dev);
@@ -126,17 +160,17 @@ impl Sim {
         self.schedule(self.now + 5 * SEC, Ev::Revoke);
         let target_id = self.devs[target].id.clone();
         let d = &mut self.devs[by];
-        let (Some(device), Some(core), Some(conn)) = (d.device.as_mut(), d.core.as_mut(), d.conn) else {
+        let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else {
             return Ok(());
         };
-        if !core.is_connected() {
+        if !core.sync_ref().is_connected() {
             return Ok(());
         }
-        let req = core.next_req();
-        let frame = device.revoke_request(&target_id, req).map_err(|e| e.to_string())?;
-        self.revoking.as_mut().expect("checked").req = Some(req);
-        self.transmit(conn, C2R, Ev::ToRelay { conn, frame });
-        Ok(())
+        self.next_token += 1;
+        let token = self.next_token;
+        let work = core.try_request(token, |req| device.revoke_request(&target_id, req)).map_err(|e| e.to_string())?;
+        self.revoking.as_mut().expect("checked").req = Some(token);
+        self.run_work(by, vec![work])
     }
 
     /// Whether `dev`'s account is the one leaving the group `chat`.
@@ -159,24 +193,24 @@ impl Sim {
             false => stratus_engine::proto::directory::Membership::Leave,
         };
         let dv = &mut self.devs[by];
-        let (Some(device), Some(core), Some(conn)) = (dv.device.as_mut(), dv.core.as_mut(), dv.conn) else {
+        let (Some(device), Some(core)) = (dv.device.as_mut(), dv.core.as_mut()) else {
             return Ok(());
         };
-        if !core.is_connected() {
+        if !core.sync_ref().is_connected() {
             return Ok(());
         }
-        let req = core.next_req();
-        let frame = match device.member_change_request(chat, change, req) {
-            Ok(f) => f,
+        self.next_token += 1;
+        let token = self.next_token;
+        let work = match core.try_request(token, |req| device.member_change_request(chat, change, req)) {
+            Ok(w) => w,
             // Not a member of it yet (the group reaches a device through the account log), or
             // no longer (the change was made and its answer lost): asked again, or done.
             Err(stratus_engine::Error::UnknownChat(_)) => return Ok(()),
             Err(stratus_engine::Error::NotMember(_)) => return self.departure_done(),
             Err(e) => return Err(e.to_string()),
         };
-        self.departure.as_mut().expect("checked").req = Some(req);
-        self.transmit(conn, C2R, Ev::ToRelay { conn, frame });
-        Ok(())
+        self.departure.as_mut().expect("checked").req = Some(token);
+        self.run_work(by, vec![work])
     }
 
     fn departure_done(&mut self) -> Check {
@@ -188,9 +222,9 @@ impl Sim {
         Ok(())
     }
 
-    pub(super) fn change_reply(&mut self, dev: usize, frame: &RelayFrame) -> Check {
+    pub(super) fn change_reply(&mut self, dev: usize, token: u64, frame: &RelayFrame) -> Check {
         let Some(d) = self.departure.as_ref() else { return Ok(()) };
-        if d.by != dev || frame.req() != d.req || d.req.is_none() {
+        if d.by != dev || d.req != Some(token) {
             return Ok(());
         }
         match frame {
@@ -204,10 +238,9 @@ impl Sim {
         }
     }
 
-    pub(super) fn revoke_reply(&mut self, dev: usize, frame: &RelayFrame) -> Check {
-        // Replies nobody waits for (key work the device gave up) are passed over.
+    pub(super) fn revoke_reply(&mut self, dev: usize, token: u64, frame: &RelayFrame) -> Check {
         let Some(r) = self.revoking.as_mut() else { return Ok(()) };
-        if r.by != dev || frame.req() != r.req {
+        if r.by != dev || r.req != Some(token) {
             return Ok(());
         }
         match frame {
@@ -265,7 +298,7 @@ impl Sim {
                 2 => MessageOp::React { id: m.id.clone(), reaction: "👍".into(), add: pick % 8 < 4 },
                 _ => MessageOp::Read { id: m.id.clone() },
             };
-            return match device.write(core, chat, &op) {
+            return match device.write(core.sync(), chat, &op) {
                 Ok((_, _, actions)) => self.run_actions(dev, actions),
                 // Another account's message, or one deleted already; a group it left.
                 Err(
@@ -276,7 +309,7 @@ impl Sim {
                 Err(e) => Err(format!("{} could not {op:?}: {e}", self.devs[dev].name)),
             };
         }
-        match device.send(core, chat, &text) {
+        match device.send(core.sync(), chat, &text) {
             Ok((message, client_seq, actions)) => {
                 d.written += 1;
                 let account = d.account;
@@ -312,7 +345,8 @@ impl Sim {
         let d = &mut self.devs[dev];
         d.core = None;
         d.device = None;
-        d.resume_gen += 1;
+        d.life += 1;
+        d.wake = None;
         Ok(())
     }
 
@@ -334,10 +368,9 @@ impl Sim {
                 ));
             }
         }
-        d.core = Some(device.start_core().map_err(|e| e.to_string())?);
+        d.core = Some(device.start_session().map_err(|e| e.to_string())?);
         d.device = Some(device);
-        d.backoff = BACKOFF_MIN;
-        self.schedule_connect(dev, self.now);
+        self.schedule_wake(dev);
         Ok(())
     }
 }

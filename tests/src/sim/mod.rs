@@ -59,8 +59,9 @@ use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use stratus_engine::core::{SyncCore, SyncInput, SyncOutput};
+use stratus_engine::core::SyncOutput;
 use stratus_engine::proto::wire::{ClientFrame, ErrorCode, RelayFrame};
+use stratus_engine::session_core::{SessionCore, SessionInput, Work};
 use stratus_engine::{Action, ChatId, ClientSeq, Device, DeviceId, Event, MessageOp, Seq};
 use stratus_relay::core::{ConnId, Effect, Input, RelayCore, StoreOp};
 use stratus_relay::limits::Limits;
@@ -75,8 +76,6 @@ pub const SEC: u64 = 1_000_000;
 
 const C2R: usize = 0;
 const R2C: usize = 1;
-const BACKOFF_MIN: u64 = 100 * MS;
-const BACKOFF_MAX: u64 = 5 * SEC;
 const CHECK_EVERY: u64 = 250 * MS;
 const TRACE_TAIL: usize = 80;
 const RELAY_NAME: &str = "/sim/relay";
@@ -193,6 +192,8 @@ pub struct Report {
     pub device_restarts: u32,
     /// Connections that broke (loss, partition, offline, crash).
     pub broken_connections: u32,
+    /// Connections a device's session core dropped as dead (silent too long).
+    pub watchdog_closes: u32,
     /// Frames lost.
     pub lost_frames: u32,
     /// `RateLimited` answers devices waited out.
@@ -257,8 +258,16 @@ enum Ev {
     RelayLost {
         conn: ConnId,
     },
+    /// The device's session core asked to connect ([`Work::Connect`]): the dial reaches the
+    /// relay, or fails, now. `life` is the device's process: a restart ignores older dials.
     Connect {
         dev: usize,
+        life: u64,
+    },
+    /// A dial failed (the relay is down, or the device cut off).
+    ConnectFailed {
+        dev: usize,
+        life: u64,
     },
     Compose {
         dev: usize,
@@ -270,10 +279,12 @@ enum Ev {
     Revoke,
     /// The group's member change is asked for (again, until it is done).
     ChangeMembers,
-    /// The device's wait after a `RateLimited` answer is over (unless a later one replaced it).
-    Resume {
+    /// The device's session core asked to be woken now ([`SessionCore::next_wake`]), unless it
+    /// asked for another time since.
+    Wake {
         dev: usize,
-        generation: u64,
+        life: u64,
+        at: u64,
     },
     BarrierDone {
         epoch: u32,
@@ -320,18 +331,18 @@ struct Dev {
     home: PathBuf,
     id: DeviceId,
     device: Option<Device>,
-    core: Option<SyncCore>,
+    core: Option<SessionCore>,
     conn: Option<ConnId>,
     latency: u64,
     offline_until: u64,
     partition_until: [u64; 2],
-    backoff: u64,
-    connect_scheduled: bool,
+    /// The wake-up scheduled for its session core, if any.
+    wake: Option<u64>,
     /// Last seq applied per chat, as the checks saw it.
     applied: BTreeMap<ChatId, Seq>,
     written: u32,
-    /// Bumped by each `RetryAfter` and restart; a `Resume` of an older one is stale.
-    resume_gen: u64,
+    /// Bumped by each restart: dials and wake-ups of an earlier process are stale.
+    life: u64,
     /// Client seqs the relay acknowledged to it.
     acked: BTreeSet<ClientSeq>,
     /// Its session was ended and it deleted the account's data: the simulation leaves it be.
@@ -347,7 +358,8 @@ struct Departure {
     account: usize,
     /// Removed by the creator (else it leaves).
     removed: bool,
-    req: Option<stratus_engine::proto::wire::ReqId>,
+    /// The token of the request in flight (its answer comes as [`Work::Answer`]).
+    req: Option<u64>,
     /// The change is durable on the relay.
     done: bool,
     /// Messages the other accounts wrote to the group after that: the departed account's
@@ -359,7 +371,8 @@ struct Departure {
 struct Revoking {
     by: usize,
     target: usize,
-    req: Option<stratus_engine::proto::wire::ReqId>,
+    /// The token of the request in flight (its answer comes as [`Work::Answer`]).
+    req: Option<u64>,
     /// The revoker got `Done`: the revocation is durable.
     done: bool,
     /// At `Done`: each chat of the account, its durable head and the epoch the rotation began.
@@ -406,6 +419,8 @@ pub struct Sim {
     seen: BTreeMap<(ChatId, Seq), (DeviceId, ClientSeq)>,
     /// Every acknowledgement the relay gave.
     acked: BTreeMap<(ChatId, Seq), (DeviceId, ClientSeq)>,
+    /// Tokens for the app requests the simulation makes through session cores.
+    next_token: u64,
     hasher: blake3::Hasher,
     tail: VecDeque<String>,
     report: Report,
@@ -461,6 +476,7 @@ impl Sim {
             creators: BTreeMap::new(),
             seen: BTreeMap::new(),
             acked: BTreeMap::new(),
+            next_token: 0,
             hasher: blake3::Hasher::new(),
             tail: VecDeque::new(),
             report: Report { seed: cfg.seed, ..Report::default() },
@@ -531,19 +547,29 @@ impl Sim {
                 let dev = self.conns[&conn].dev;
                 if self.conns[&conn].dev_open && self.devs[dev].conn == Some(conn) {
                     self.observe_relay_frame(dev, &frame)?;
-                    self.device_input(dev, SyncInput::Frame(Box::new(frame)))?;
+                    self.device_input(dev, SessionInput::Frame(Box::new(frame)))?;
                 }
             }
             Ev::DeviceLost { conn } => self.device_lost(conn)?,
             Ev::RelayLost { conn } => self.relay_lost(conn)?,
-            Ev::Connect { dev } => self.connect(dev)?,
+            Ev::Connect { dev, life } => {
+                if self.devs[dev].life == life {
+                    self.connect(dev)?;
+                }
+            }
+            Ev::ConnectFailed { dev, life } => {
+                if self.devs[dev].life == life {
+                    self.device_input(dev, SessionInput::ConnectFailed("the relay is unreachable".into()))?;
+                }
+            }
             Ev::Compose { dev } => self.compose(dev)?,
             Ev::CreateChat { dev } => self.create_chat(dev)?,
             Ev::Revoke => self.revoke()?,
             Ev::ChangeMembers => self.change_members()?,
-            Ev::Resume { dev, generation } => {
-                if self.devs[dev].resume_gen == generation {
-                    self.device_input(dev, SyncInput::Resume)?;
+            Ev::Wake { dev, life, at } => {
+                if self.devs[dev].life == life && self.devs[dev].wake == Some(at) {
+                    self.devs[dev].wake = None;
+                    self.device_input(dev, SessionInput::Timeout)?;
                 }
             }
             Ev::BarrierDone { epoch, covering, batches, fails } => {

@@ -49,47 +49,51 @@ impl Sim {
         self.schedule(at, ev);
     }
 
-    pub(super) fn schedule_connect(&mut self, dev: usize, at: u64) {
-        if !self.devs[dev].connect_scheduled {
-            self.devs[dev].connect_scheduled = true;
-            self.schedule(at, Ev::Connect { dev });
-        }
-    }
-
+    /// The device's dial arrives: a connection, or (relay down, device cut off) a failure
+    /// after a while.
     pub(super) fn connect(&mut self, dev: usize) -> Check {
-        self.devs[dev].connect_scheduled = false;
         if self.devs[dev].gone || self.devs[dev].device.is_none() || self.devs[dev].conn.is_some() {
             return Ok(());
         }
         if self.relay.core.is_none() || self.cut(dev, C2R) || self.cut(dev, R2C) {
-            let d = &mut self.devs[dev];
-            let backoff = d.backoff;
-            d.backoff = (d.backoff * 2).min(BACKOFF_MAX);
-            let jitter = self.rng.gen_range(0..=backoff / 4);
             // A failed dial takes a while to fail (refused: a round trip; no route: a timeout).
             let fail_after = self.rng.gen_range(self.devs[dev].latency * 2..=SEC);
-            self.schedule_connect(dev, self.now + fail_after + backoff + jitter);
+            let life = self.devs[dev].life;
+            self.schedule(self.now + fail_after, Ev::ConnectFailed { dev, life });
             return Ok(());
         }
         let conn = self.open_conn(dev);
-        let d = &mut self.devs[dev];
-        d.conn = Some(conn);
-        d.backoff = BACKOFF_MIN;
-        self.device_input(dev, SyncInput::Connected)
+        self.devs[dev].conn = Some(conn);
+        self.device_input(dev, SessionInput::Connected)
     }
 
+    /// The device notices its connection is gone (a reset, or its own timeout).
     pub(super) fn device_lost(&mut self, conn: ConnId) -> Check {
         let Some(c) = self.conns.get_mut(&conn) else { return Ok(()) };
         c.dev_open = false;
         let dev = c.dev;
         if self.devs[dev].conn == Some(conn) {
             self.devs[dev].conn = None;
-            self.device_input(dev, SyncInput::Disconnected)?;
-            let d = &self.devs[dev];
-            let at = self.now + d.backoff + self.rng.gen_range(0..=d.backoff / 4);
-            self.schedule_connect(dev, at);
+            self.device_input(dev, SessionInput::Lost("the connection broke".into()))?;
         }
         Ok(())
+    }
+
+    /// The device drops its connection ([`Work::Close`]): nothing more goes either way; the
+    /// relay notices by the reset, or by its own timeout if the path is cut.
+    pub(super) fn drop_conn(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.dev_open = false;
+        c.lost = [true; 2];
+        if !c.doomed {
+            c.doomed = true;
+            let dev = c.dev;
+            let at = match self.cut(dev, C2R) {
+                true => self.now + self.rng.gen_range(2 * SEC..20 * SEC),
+                false => self.now + self.devs[dev].latency,
+            };
+            self.schedule(at, Ev::RelayLost { conn });
+        }
     }
 
     pub(super) fn relay_lost(&mut self, conn: ConnId) -> Check {

@@ -24,11 +24,10 @@ impl Sim {
                     latency,
                     offline_until: 0,
                     partition_until: [0; 2],
-                    backoff: BACKOFF_MIN,
-                    connect_scheduled: false,
+                    wake: None,
                     applied: BTreeMap::new(),
                     written: 0,
-                    resume_gen: 0,
+                    life: 0,
                     acked: BTreeSet::new(),
                     gone: false,
                 });
@@ -81,10 +80,13 @@ impl Sim {
         }
         for dev in 0..self.devs.len() {
             let d = &mut self.devs[dev];
-            let core = d.device.as_ref().expect("up").start_core().map_err(|e| e.to_string())?;
+            let core = d.device.as_mut().expect("up").start_session().map_err(|e| e.to_string())?;
             d.core = Some(core);
+            // Devices start a little apart: each session core connects at its first wake-up.
             let at = self.rng.gen_range(0..100 * MS);
-            self.schedule_connect(dev, at);
+            d.wake = Some(at);
+            let life = d.life;
+            self.schedule(at, Ev::Wake { dev, life, at });
             let at = self.poisson(3 * SEC);
             self.schedule(at, Ev::Compose { dev });
         }
