@@ -16,6 +16,22 @@ fn run_seed(seed: u64) -> Result<Report, Failure> {
     Sim::new(Config::from_seed(seed), dir.path())?.run()
 }
 
+/// Seeds that once failed, each with what it found; they run in every default run.
+const REGRESSIONS: &[(u64, &str)] = &[(
+    3_194_430_904_402_104_906,
+    "a stream that died silently right after it opened left the session waiting for the \
+     relay's hello for good",
+)];
+
+#[test]
+fn seeds_that_once_failed_pass() {
+    for (seed, what) in REGRESSIONS {
+        if let Err(f) = run_seed(*seed) {
+            panic!("regression ({what}):\n{f}");
+        }
+    }
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{name} must be a u64")))
 }
@@ -56,7 +72,8 @@ fn simulated_worlds_keep_every_invariant() {
     eprintln!(
         "{} seeds in {:.1} s: {} events, {} messages, {} acks, {} relay crashes, {} device restarts, \
          {} broken connections, {} lost frames, {} rate-limit waits, {} revocations with rotation, \
-         {} member changes, {} stale-epoch refusals, {} key waits; slowest convergence {:.1} s after faults",
+         {} member changes, {} stale-epoch refusals, {} key waits, {} silent stream deaths, {} watchdog \
+         closes, {} burst messages; slowest convergence {:.1} s after faults",
         reports.len(),
         started.elapsed().as_secs_f64(),
         sum(|r| r.events),
@@ -71,6 +88,9 @@ fn simulated_worlds_keep_every_invariant() {
         sum(|r| r.member_changes as u64),
         sum(|r| r.stale_epochs as u64),
         sum(|r| r.key_waits as u64),
+        sum(|r| r.silent_drops as u64),
+        sum(|r| r.watchdog_closes as u64),
+        sum(|r| r.burst_messages as u64),
         reports.iter().map(|r| r.converged_after).max().unwrap_or(0) as f64 / 1e6,
     );
     let failures = failures.into_inner().unwrap();

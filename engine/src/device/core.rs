@@ -259,9 +259,31 @@ impl SyncCore {
             && self.chats.values().all(|c| !c.ready || c.cursor >= c.known_head)
     }
 
-    /// True while a request of the core's waits for the relay's answer.
+    /// A one-line summary of the core's state, for diagnostics (the simulator prints it when a
+    /// world does not converge).
+    pub fn summary(&self) -> String {
+        let behind = self.chats.values().filter(|c| c.ready && c.cursor < c.known_head).count();
+        format!(
+            "{:?} paused {} pending {} fetches {} appends {} resending {} stale {} outbox {}{} behind {} account {}/{}",
+            self.phase,
+            self.paused,
+            self.pending.len(),
+            self.fetches_in_flight,
+            self.appends_in_flight,
+            self.resending,
+            self.stale.len(),
+            self.outbox.len(),
+            if self.outbox_more { "+" } else { "" },
+            behind,
+            self.account_cursor.0,
+            self.account_head.0,
+        )
+    }
+
+    /// True while a request of the core's, or the `Hello` that opens a connection, waits for
+    /// the relay's answer.
     pub fn is_waiting(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || self.phase == Phase::AwaitHello
     }
 
     /// True while a stream is up and the relay accepted this device.

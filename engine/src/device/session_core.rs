@@ -37,9 +37,9 @@ pub const BACKOFF_MIN_MS: u64 = 100;
 /// Longest wait between connection attempts (before jitter).
 pub const BACKOFF_MAX_MS: u64 = 5_000;
 /// A connection with requests waiting that brings nothing for this long is taken as dead.
-pub const SILENCE_MS: u64 = 30_000;
+pub const SILENCE_MS: u64 = 20_000;
 /// A connection with nothing waiting that brings nothing for this long is probed.
-pub const PROBE_AFTER_MS: u64 = 60_000;
+pub const PROBE_AFTER_MS: u64 = 30_000;
 /// Most app requests waiting for the relay at once; more are answered
 /// [`Work::Unanswered`] at once.
 pub const MAX_APP_REQUESTS: usize = 64;

@@ -183,3 +183,15 @@ fn an_ended_session_never_connects_again() {
     assert_eq!(s.next_wake(), None);
     assert!(step(&mut s, 1_000_000, SessionInput::Timeout).is_empty());
 }
+
+#[test]
+fn a_hello_never_answered_is_a_dead_connection() {
+    // Found by the simulator: a stream that died right after it opened left the session waiting
+    // for the relay's hello for good, with no request to time out.
+    let mut s = SessionCore::new(SyncCore::new(Seq(0), false), 7);
+    step(&mut s, 0, SessionInput::Timeout);
+    step(&mut s, 0, SessionInput::Connected);
+    assert_eq!(s.next_wake(), Some(SILENCE_MS));
+    let work = step(&mut s, SILENCE_MS, SessionInput::Timeout);
+    assert_eq!(work[0], Work::Close, "{work:?}");
+}

@@ -240,7 +240,7 @@ impl Sim {
         ));
         for d in &self.devs {
             out.push(format!(
-                "{}: {} conn {:?} idle {} outbox {} applied {:?}",
+                "{}: {} conn {:?} idle {} outbox {} applied {:?} ({})",
                 d.name,
                 if d.gone {
                     "gone"
@@ -252,7 +252,8 @@ impl Sim {
                 d.conn,
                 d.core.as_ref().is_some_and(|c| c.sync_ref().is_idle()),
                 d.device.as_ref().map(Device::outbox_len).unwrap_or_default(),
-                d.applied.values().map(|s| s.0).collect::<Vec<_>>()
+                d.applied.values().map(|s| s.0).collect::<Vec<_>>(),
+                d.core.as_ref().map(|c| c.sync_ref().summary()).unwrap_or_default()
             ));
         }
         out.join("; ")

@@ -22,6 +22,7 @@ impl Sim {
                     self.check_next(dev, d.chat, d.seq)?;
                 }
                 SyncOutput::Cursor { chat, seq } => self.check_next(dev, *chat, *seq)?,
+                SyncOutput::RetryAfter { .. } => self.report.rate_limited += 1,
                 _ => {}
             }
         }
@@ -309,9 +310,19 @@ impl Sim {
                 Err(e) => Err(format!("{} could not {op:?}: {e}", self.devs[dev].name)),
             };
         }
-        match device.send(core.sync(), chat, &text) {
+        if self.send_message(dev, chat, &text)? {
+            self.devs[dev].written += 1;
+        }
+        Ok(())
+    }
+
+    /// Writes one message on `dev` into `chat` and records it for the checks; false when the
+    /// device cannot write there (yet).
+    fn send_message(&mut self, dev: usize, chat: ChatId, text: &str) -> Result<bool, String> {
+        let d = &mut self.devs[dev];
+        let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(false) };
+        match device.send(core.sync(), chat, text) {
             Ok((message, client_seq, actions)) => {
-                d.written += 1;
                 let account = d.account;
                 if let Some(dep) =
                     self.departure.as_mut().filter(|p| p.done && p.account != account && Some(chat) == self.group)
@@ -320,13 +331,33 @@ impl Sim {
                 }
                 self.written_by.insert(message.id.clone(), (dev, client_seq));
                 self.written.entry(chat).or_default().insert(message.id);
-                self.run_actions(dev, actions)
+                self.run_actions(dev, actions)?;
+                Ok(true)
             }
             // A linked device learns the chat's key from the account log: not yet. A group the
             // account left.
-            Err(stratus_engine::Error::UnknownChat(_) | stratus_engine::Error::NotMember(_)) => Ok(()),
+            Err(stratus_engine::Error::UnknownChat(_) | stratus_engine::Error::NotMember(_)) => Ok(false),
             Err(e) => Err(format!("{} could not write: {e}", self.devs[dev].name)),
         }
+    }
+
+    /// One message of a burst: every device of the first account writes [`Config::burst`]'s
+    /// count of messages [`BURST_GAP`] apart (2,000 messages/s each), faults or not.
+    pub(super) fn burst(&mut self, dev: usize, left: u32) -> Check {
+        if left == 0 {
+            return Ok(());
+        }
+        self.schedule(self.now + BURST_GAP, Ev::Burst { dev, left: left - 1 });
+        if self.devs[dev].device.is_none() {
+            return Ok(());
+        }
+        let account = self.devs[dev].account;
+        let chat = self.chats[account][left as usize % self.chats[account].len()];
+        let text = format!("{} burst #{left}", self.devs[dev].name);
+        if self.send_message(dev, chat, &text)? {
+            self.report.burst_messages += 1;
+        }
+        Ok(())
     }
 
     pub(super) fn device_down(&mut self, dev: usize) -> Check {

@@ -73,6 +73,8 @@ pub use store::MemStore;
 pub const MS: u64 = 1_000;
 /// One second of simulated time.
 pub const SEC: u64 = 1_000_000;
+/// Time between two messages of a burst from one device (2,000 messages/s).
+pub const BURST_GAP: u64 = 500;
 
 const C2R: usize = 0;
 const R2C: usize = 1;
@@ -127,6 +129,15 @@ pub struct Config {
     /// With two accounts or more, every account is in one group; at this time the last account
     /// leaves it or is removed by the creator (`None`: no member change).
     pub member_change_at: Option<u64>,
+    /// Mean time between a device's sync stream dying without the device being told (the relay
+    /// side goes, no reset arrives): only the device's session core can notice (`None`: never).
+    pub silent_drop_every: Option<u64>,
+    /// When every device of the first account writes this many messages [`BURST_GAP`] apart
+    /// (2,000 messages/s each, several writers at once); only with the relay's default limits.
+    pub burst: Option<(u64, u32)>,
+    /// A device that takes this long over each frame from the relay (it applies slower than
+    /// the relay pushes): frames wait for it in order.
+    pub slow_device: Option<(usize, u64)>,
 }
 
 impl Config {
@@ -135,18 +146,28 @@ impl Config {
     pub fn from_seed(seed: u64) -> Config {
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5157_a7a5);
         let accounts = rng.gen_range(1..=3);
-        let devices = (0..accounts).map(|i| if i == 0 { rng.gen_range(2..=3) } else { rng.gen_range(1..=3) }).collect();
+        let devices: Vec<usize> =
+            (0..accounts).map(|i| if i == 0 { rng.gen_range(2..=3) } else { rng.gen_range(1..=3) }).collect();
         let intensity: f64 = if rng.gen_bool(0.1) { 0.0 } else { rng.gen_range(0.2..1.0) };
         let every = |rng: &mut StdRng, mean_s: u64| {
             (intensity > 0.0 && rng.gen_bool(0.8)).then(|| ((mean_s as f64 / intensity) as u64) * SEC)
         };
+        let default_limits = rng.gen_bool(0.5);
+        let first_account = devices[0];
         Config {
+            silent_drop_every: every(&mut rng, 30),
+            burst: (default_limits && rng.gen_bool(0.3))
+                .then(|| (rng.gen_range(SEC..20 * SEC), rng.gen_range(50..=150))),
+            slow_device: rng.gen_bool(0.3).then(|| (rng.gen_range(0..first_account), rng.gen_range(MS..20 * MS))),
             seed,
             devices,
             chats_per_account: rng.gen_range(1..=2),
             messages_per_device: rng.gen_range(2..=8),
             faults_until: 30 * SEC,
-            converge_within: 60 * SEC,
+            // The liveness bound: a device whose stream died silently while nothing waited
+            // probes after PROBE_AFTER_MS and gives up after SILENCE_MS more, then reconnects
+            // (backoff) and catches up.
+            converge_within: 75 * SEC,
             loss: intensity * [0.0, 0.002, 0.01, 0.03][rng.gen_range(0..4)],
             create_chat_every: rng.gen_bool(0.5).then_some(40 * SEC),
             relay_crash_every: every(&mut rng, 10),
@@ -157,7 +178,7 @@ impl Config {
             failing_barrier: intensity * 0.002,
             revoke_at: rng.gen_bool(0.3).then(|| rng.gen_range(SEC..20 * SEC)),
             member_change_at: rng.gen_bool(0.5).then(|| rng.gen_range(SEC..25 * SEC)),
-            limits: if rng.gen_bool(0.5) {
+            limits: if default_limits {
                 Limits { min_session_age_ms: 0, ..Limits::default() }
             } else {
                 Limits {
@@ -194,6 +215,10 @@ pub struct Report {
     pub broken_connections: u32,
     /// Connections a device's session core dropped as dead (silent too long).
     pub watchdog_closes: u32,
+    /// Streams that died without the device being told.
+    pub silent_drops: u32,
+    /// Messages written in bursts.
+    pub burst_messages: u32,
     /// Frames lost.
     pub lost_frames: u32,
     /// `RateLimited` answers devices waited out.
@@ -294,6 +319,19 @@ enum Ev {
     },
     RelayCrash,
     RelayStart,
+    /// The device's stream dies without the device hearing of it.
+    SilentDrop {
+        dev: usize,
+    },
+    /// A slow device takes the next frame waiting for it.
+    DeviceTake {
+        dev: usize,
+    },
+    /// The next message of a burst; `left` more to go.
+    Burst {
+        dev: usize,
+        left: u32,
+    },
     DeviceRestart {
         dev: usize,
     },
@@ -343,6 +381,10 @@ struct Dev {
     written: u32,
     /// Bumped by each restart: dials and wake-ups of an earlier process are stale.
     life: u64,
+    /// Frames from the relay waiting for a slow device ([`Config::slow_device`]), and until
+    /// when it is busy with the last one.
+    inbox: VecDeque<(ConnId, RelayFrame)>,
+    busy_until: u64,
     /// Client seqs the relay acknowledged to it.
     acked: BTreeSet<ClientSeq>,
     /// Its session was ended and it deleted the account's data: the simulation leaves it be.
@@ -545,12 +587,43 @@ impl Sim {
             }
             Ev::ToDevice { conn, frame } => {
                 let dev = self.conns[&conn].dev;
-                if self.conns[&conn].dev_open && self.devs[dev].conn == Some(conn) {
-                    self.observe_relay_frame(dev, &frame)?;
-                    self.device_input(dev, SessionInput::Frame(Box::new(frame)))?;
+                match self.cfg.slow_device {
+                    // A slow device takes its frames one at a time, in order.
+                    Some((slow, _)) if slow == dev => {
+                        let d = &mut self.devs[dev];
+                        d.inbox.push_back((conn, frame));
+                        if d.inbox.len() == 1 {
+                            let at = d.busy_until.max(self.now);
+                            self.schedule(at, Ev::DeviceTake { dev });
+                        }
+                    }
+                    _ => self.device_frame(dev, conn, frame)?,
+                }
+            }
+            Ev::DeviceTake { dev } => {
+                let cost = self.cfg.slow_device.map_or(0, |(_, c)| c);
+                let d = &mut self.devs[dev];
+                if let Some((conn, frame)) = d.inbox.pop_front() {
+                    d.busy_until = self.now + cost;
+                    if !d.inbox.is_empty() {
+                        let at = d.busy_until;
+                        self.schedule(at, Ev::DeviceTake { dev });
+                    }
+                    self.device_frame(dev, conn, frame)?;
                 }
             }
             Ev::DeviceLost { conn } => self.device_lost(conn)?,
+            Ev::SilentDrop { dev } => {
+                if let (true, Some(conn)) = (self.faults, self.devs[dev].conn) {
+                    self.report.silent_drops += 1;
+                    // Nothing more arrives either way, and only the relay hears of it.
+                    let c = self.conns.get_mut(&conn).expect("open");
+                    c.lost = [true; 2];
+                    c.doomed = true;
+                    self.schedule(self.now + MS, Ev::RelayLost { conn });
+                }
+            }
+            Ev::Burst { dev, left } => self.burst(dev, left)?,
             Ev::RelayLost { conn } => self.relay_lost(conn)?,
             Ev::Connect { dev, life } => {
                 if self.devs[dev].life == life {

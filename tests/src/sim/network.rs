@@ -67,6 +67,15 @@ impl Sim {
         self.device_input(dev, SessionInput::Connected)
     }
 
+    /// A frame from the relay reaches the device (if it still has that connection).
+    pub(super) fn device_frame(&mut self, dev: usize, conn: ConnId, frame: RelayFrame) -> Check {
+        if self.conns[&conn].dev_open && self.devs[dev].conn == Some(conn) {
+            self.observe_relay_frame(dev, &frame)?;
+            self.device_input(dev, SessionInput::Frame(Box::new(frame)))?;
+        }
+        Ok(())
+    }
+
     /// The device notices its connection is gone (a reset, or its own timeout).
     pub(super) fn device_lost(&mut self, conn: ConnId) -> Check {
         let Some(c) = self.conns.get_mut(&conn) else { return Ok(()) };

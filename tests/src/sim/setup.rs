@@ -28,6 +28,8 @@ impl Sim {
                     applied: BTreeMap::new(),
                     written: 0,
                     life: 0,
+                    inbox: VecDeque::new(),
+                    busy_until: 0,
                     acked: BTreeSet::new(),
                     gone: false,
                 });
@@ -276,6 +278,14 @@ impl Sim {
             for t in times(self, self.cfg.offline_every) {
                 let until = t + self.rng.gen_range(5 * SEC..25 * SEC);
                 self.schedule(t, Ev::Offline { dev, until });
+            }
+            for t in times(self, self.cfg.silent_drop_every) {
+                self.schedule(t, Ev::SilentDrop { dev });
+            }
+        }
+        if let Some((at, count)) = self.cfg.burst {
+            for dev in 0..self.cfg.devices[0] {
+                self.schedule(at, Ev::Burst { dev, left: count });
             }
         }
     }
