@@ -15,8 +15,8 @@ use crate::device::error::Error;
 use crate::device::local::{Device, KeyWork, MessageOp, SecretMessage};
 use crate::device::session_core::{SessionCore, SessionInput, Work};
 use crate::proto::cert::DeviceCert;
-use crate::proto::ids::{ChatId, ClientSeq, SecretId, Seq};
-use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame};
+use crate::proto::ids::{AccountId, ChatId, ClientSeq, SecretId, Seq};
+use crate::proto::wire::{ChatKind, ClientFrame, ErrorCode, RelayFrame};
 
 /// What a session tells the app.
 #[derive(Debug, Clone, PartialEq)]
@@ -164,6 +164,32 @@ impl Device {
         let mut actions = vec![Action::Emit(Event::ChatAdded { chat })];
         actions.extend(self.carry_out(core, outputs));
         Ok((chat, actions))
+    }
+
+    /// Creates a direct chat or a group with `others` ([`Device::new_chat_with`]) and queues it
+    /// with `core`, like [`Device::create_chat`].
+    pub fn create_chat_with(
+        &mut self,
+        core: &mut SyncCore,
+        kind: ChatKind,
+        title: &str,
+        others: &[AccountId],
+    ) -> Result<(ChatId, Vec<Action>), Error> {
+        let (chat, items) = self.new_chat_with(kind, title, others)?;
+        let mut outputs = core.handle(SyncInput::ChatReady { chat, cursor: Seq(0) });
+        for item in items {
+            outputs.extend(core.handle(SyncInput::OutboxAdded(item)));
+        }
+        let mut actions = vec![Action::Emit(Event::ChatAdded { chat })];
+        actions.extend(self.carry_out(core, outputs));
+        Ok((chat, actions))
+    }
+
+    /// Renames a chat ([`Device::rename_local`]) and queues the change with `core`.
+    pub fn rename(&mut self, core: &mut SyncCore, chat: ChatId, title: &str) -> Result<Vec<Action>, Error> {
+        let item = self.rename_local(chat, title)?;
+        let outputs = core.handle(SyncInput::OutboxAdded(item));
+        Ok(self.carry_out(core, outputs))
     }
 
     /// Carries out `outputs` of `core`: everything that touches only this device is done here

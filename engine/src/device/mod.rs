@@ -6,6 +6,7 @@ mod drive;
 mod error;
 mod local;
 pub mod net;
+mod ops;
 pub mod secret;
 mod session;
 pub mod session_core;

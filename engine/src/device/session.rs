@@ -25,13 +25,17 @@ use crate::device::doc::Message;
 use crate::device::drive::{Action, Event};
 use crate::device::error::Error;
 use crate::device::local::SecretMessage;
-use crate::device::local::{Device, MessageOp};
+use crate::device::local::{ChatSummary, ContactInfo, Device, LinkCode, MessageOp, SessionInfo};
 use crate::device::net::{parse_relay_addr, Net, NetError, RelayLink, RelayStream};
+use crate::device::ops::{Op, OpOut, Step};
 use crate::device::session_core::{SessionCore, SessionInput, Work};
 use crate::device::session_secret::{HubOut, Input, SecretHub};
 use crate::device::store::SecretChat;
 use crate::proto::cert::DeviceCert;
-use crate::proto::ids::{AccountId, ChatId, ClientSeq, SecretId};
+use crate::proto::crypto::RecoveryKey;
+use crate::proto::directory::Membership;
+use crate::proto::ids::{AccountId, ChatId, ClientSeq, DeviceId, SecretId};
+use crate::proto::wire::ChatKind;
 use crate::proto::wire::{ClientFrame, RelayFrame, ReqId};
 
 /// Commands from the app waiting for the session task.
@@ -89,15 +93,66 @@ enum Pending {
 }
 
 enum Command {
-    Send { chat: ChatId, text: String, reply: Reply<(Message, ClientSeq)> },
-    Write { chat: ChatId, write: MessageOp, reply: Reply<(Message, ClientSeq)> },
-    Typing { chat: ChatId, reply: Reply<bool> },
-    CreateChat { title: String, reply: Reply<ChatId> },
-    Messages { chat: ChatId, reply: Reply<Vec<Message>> },
-    Heads { chat: ChatId, reply: Reply<Vec<String>> },
-    Status { reply: oneshot::Sender<Status> },
+    Send {
+        chat: ChatId,
+        text: String,
+        reply: Reply<(Message, ClientSeq)>,
+    },
+    Write {
+        chat: ChatId,
+        write: MessageOp,
+        reply: Reply<(Message, ClientSeq)>,
+    },
+    Typing {
+        chat: ChatId,
+        reply: Reply<bool>,
+    },
+    CreateChat {
+        title: String,
+        reply: Reply<ChatId>,
+    },
+    Messages {
+        chat: ChatId,
+        reply: Reply<Vec<Message>>,
+    },
+    Heads {
+        chat: ChatId,
+        reply: Reply<Vec<String>>,
+    },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
     Secret(SecretCmd),
-    Stop { reply: oneshot::Sender<Device> },
+    /// An operation that needs the relay (see `ops.rs`).
+    Op {
+        op: Op,
+        reply: Reply<OpOut>,
+    },
+    /// A local chat with other accounts, made after their lookups.
+    CreateChatWith {
+        kind: ChatKind,
+        title: String,
+        others: Vec<AccountId>,
+        reply: Reply<ChatId>,
+    },
+    /// A local rename, queued for the relay.
+    Rename {
+        chat: ChatId,
+        title: String,
+        reply: Reply<()>,
+    },
+    /// Local reads of the device's state.
+    Read(ReadCmd),
+    Stop {
+        reply: oneshot::Sender<Device>,
+    },
+}
+
+/// What the app reads of the device while the session runs.
+enum ReadCmd {
+    Chats(Reply<Vec<ChatSummary>>),
+    Devices(Reply<Vec<DeviceCert>>),
+    Contact(AccountId, Reply<Option<ContactInfo>>),
 }
 
 /// A handle on a running session. Dropping it stops the session.
@@ -138,6 +193,7 @@ impl Session {
             epoch: Instant::now(),
             hub,
             waiting: BTreeMap::new(),
+            ops: BTreeMap::new(),
             next_token: 0,
             pending_outs: Vec::new(),
         };
@@ -258,6 +314,100 @@ impl Session {
         self.secret(|reply| SecretCmd::Fingerprint { chat, reply }).await
     }
 
+    async fn op(&self, op: Op) -> Result<OpOut, Error> {
+        self.call(|reply| Command::Op { op, reply }).await
+    }
+
+    /// Approves the new device that shows `code` (see [`crate::Device::link_code`]): signs its
+    /// certificate and seals the account's keys to it. Returns its id and name.
+    pub async fn approve(&self, code: &LinkCode) -> Result<(DeviceId, String), Error> {
+        match self.op(Op::approve(code.clone())).await? {
+            OpOut::Approved(id, name) => Ok((id, name)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The account's sessions (every device whose session was not ended), and after how many
+    /// days of inactivity they end (0: never).
+    pub async fn sessions(&self) -> Result<(Vec<SessionInfo>, u32), Error> {
+        match self.op(Op::sessions()).await? {
+            OpOut::Sessions(s, ttl) => Ok((s, ttl)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Ends another device's session and rotates the account's keys; made once the session is
+    /// caught up, and again if the account moved on meanwhile.
+    pub async fn revoke(&self, device: DeviceId) -> Result<(), Error> {
+        self.op(Op::revoke(device)).await.map(drop)
+    }
+
+    /// Sets after how many days of inactivity the account's sessions end (0: never).
+    pub async fn set_session_ttl(&self, days: u32) -> Result<(), Error> {
+        self.op(Op::set_session_ttl(days)).await.map(drop)
+    }
+
+    /// Makes a new recovery key and stores the account's keys sealed under it on the relay
+    /// (replacing an earlier one). Show it to the user once: nothing keeps it.
+    pub async fn create_recovery_key(&self) -> Result<RecoveryKey, Error> {
+        match self.op(Op::recovery_key()).await? {
+            OpOut::RecoveryKey(k) => Ok(k),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Takes `name` as the account's username (`None` releases it).
+    pub async fn set_username(&self, name: Option<&str>) -> Result<(), Error> {
+        self.op(Op::set_username(name.map(str::to_string))).await.map(drop)
+    }
+
+    /// Looks `username` up in the directory and pins the account it names on first use
+    /// ([`Error::KeyChanged`] if another account is pinned for it); with `confirm`, the safety
+    /// number the users compared, pins that account and marks it verified.
+    pub async fn lookup(&self, username: &str, confirm: Option<&str>) -> Result<ContactInfo, Error> {
+        match self.op(Op::lookup(username.to_string(), confirm.map(str::to_string))).await? {
+            OpOut::Contact(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Creates a direct chat (one user) or a group with other accounts, looked up by username
+    /// first. It is made here and queued like [`Session::create_chat`].
+    pub async fn create_chat_with(&self, kind: ChatKind, title: &str, users: &[String]) -> Result<ChatId, Error> {
+        let mut others = Vec::new();
+        for user in users {
+            let info = self.lookup(user, None).await?;
+            others.push(info.account.parse().map_err(|_| Error::Untrusted("the directory gave a bad account id"))?);
+        }
+        self.call(|reply| Command::CreateChatWith { kind, title: title.to_string(), others, reply }).await
+    }
+
+    /// Changes a chat's members (add with or without the history, remove, leave): made once the
+    /// session is caught up; the chat's next key epoch follows by itself.
+    pub async fn change_members(&self, chat: ChatId, change: Membership) -> Result<(), Error> {
+        self.op(Op::change_members(chat, change)).await.map(drop)
+    }
+
+    /// Renames a chat (queued like a message).
+    pub async fn rename(&self, chat: ChatId, title: &str) -> Result<(), Error> {
+        self.call(|reply| Command::Rename { chat, title: title.to_string(), reply }).await
+    }
+
+    /// Every chat on this device.
+    pub async fn chats(&self) -> Result<Vec<ChatSummary>, Error> {
+        self.call(|reply| Command::Read(ReadCmd::Chats(reply))).await
+    }
+
+    /// The account's devices as this device knows them (their certificates).
+    pub async fn devices(&self) -> Result<Vec<DeviceCert>, Error> {
+        self.call(|reply| Command::Read(ReadCmd::Devices(reply))).await
+    }
+
+    /// Another account as this device knows it.
+    pub async fn contact(&self, account: AccountId) -> Result<Option<ContactInfo>, Error> {
+        self.call(|reply| Command::Read(ReadCmd::Contact(account, reply))).await
+    }
+
     /// Stops the session and gives the device back.
     pub async fn stop(self) -> Result<Device, Error> {
         let (tx, rx) = oneshot::channel();
@@ -284,6 +434,8 @@ struct Driver {
     hub: Option<SecretHub>,
     /// What each app request of the session's is for, by the token the core routes answers to.
     waiting: BTreeMap<u64, Pending>,
+    /// Operations under way, by token, with whom to answer.
+    ops: BTreeMap<u64, (Op, Reply<OpOut>)>,
     next_token: u64,
     /// What the hub asked for while a request was settled, to carry out next.
     pending_outs: Vec<HubOut>,
@@ -398,13 +550,18 @@ impl Driver {
                 Work::Answer { token, frame } => {
                     if let Some(p) = self.waiting.remove(&token) {
                         Box::pin(self.answered(p, frame)).await;
+                    } else {
+                        queue.extend(self.op_answered(token, frame));
                     }
                 }
                 Work::Unanswered { token } => {
                     if let Some(p) = self.waiting.remove(&token) {
                         self.unanswered(p);
+                    } else if let Some((_, reply)) = self.ops.remove(&token) {
+                        let _ = reply.send(Err(Error::Offline));
                     }
                 }
+                Work::Ready { token } => queue.extend(self.op_send(token)),
             }
         }
         let outs = std::mem::take(&mut self.pending_outs);
@@ -476,7 +633,84 @@ impl Driver {
                 });
             }
             Command::Secret(cmd) => self.secret_command(cmd).await,
+            Command::Op { op, reply } => {
+                let token = self.next_token;
+                self.next_token += 1;
+                // Made once connected (or caught up, for those that must see everything first).
+                let sync_first = op.sync_first();
+                self.ops.insert(token, (op, reply));
+                let now = self.now_ms();
+                let work = self.core.park(now, token, sync_first);
+                self.carry(work).await;
+            }
+            Command::CreateChatWith { kind, title, others, reply } => {
+                match self.device.create_chat_with(self.core.sync(), kind, &title, &others) {
+                    Ok((chat, actions)) => {
+                        let _ = reply.send(Ok(chat));
+                        self.local(actions).await;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Rename { chat, title, reply } => match self.device.rename(self.core.sync(), chat, &title) {
+                Ok(actions) => {
+                    let _ = reply.send(Ok(()));
+                    self.local(actions).await;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Read(read) => match read {
+                ReadCmd::Chats(reply) => drop(reply.send(self.device.chats())),
+                ReadCmd::Devices(reply) => drop(reply.send(self.device.devices())),
+                ReadCmd::Contact(account, reply) => drop(reply.send(self.device.contact(account))),
+            },
             Command::Stop { .. } => unreachable!("handled in run"),
+        }
+    }
+
+    /// Makes an operation's next request; what the driver does next.
+    fn op_send(&mut self, token: u64) -> Vec<Work> {
+        let Some((op, _)) = self.ops.get_mut(&token) else { return Vec::new() };
+        let device = &mut self.device;
+        match self.core.try_request(token, |req| device.op_request(op, req)) {
+            Ok(w) => vec![w],
+            Err(e) => {
+                if let Some((_, reply)) = self.ops.remove(&token) {
+                    let _ = reply.send(Err(e));
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// The relay answered an operation's request.
+    fn op_answered(&mut self, token: u64, frame: RelayFrame) -> Vec<Work> {
+        let Some((op, _)) = self.ops.get_mut(&token) else {
+            tracing::debug!(?frame, "an answer for an operation that ended");
+            return Vec::new();
+        };
+        match self.device.op_answer(op, frame) {
+            Ok(Step::Next) => self.op_send(token),
+            Ok(Step::AfterSync) => {
+                let now = self.now_ms();
+                self.core.park(now, token, true)
+            }
+            Ok(Step::Done(out)) => {
+                if let Some((_, reply)) = self.ops.remove(&token) {
+                    let _ = reply.send(Ok(out));
+                }
+                Vec::new()
+            }
+            Err(e) => {
+                if let Some((_, reply)) = self.ops.remove(&token) {
+                    let _ = reply.send(Err(e));
+                }
+                Vec::new()
+            }
         }
     }
 
@@ -633,6 +867,12 @@ impl Driver {
             Box::pin(self.hub_outs(outs)).await;
         }
     }
+}
+
+/// An operation answered with another kind of result: a bug in the session.
+fn unexpected(out: OpOut) -> Error {
+    tracing::error!(?out, "an operation gave an unexpected result");
+    Error::Relay { code: crate::proto::wire::ErrorCode::Internal, message: "unexpected result".into() }
 }
 
 /// Answers a secret chat command when the session does not run secret chats.

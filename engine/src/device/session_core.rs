@@ -21,6 +21,8 @@
 //! * App requests (a lookup for a secret chat, say) get a relay req id from the sync core and
 //!   are answered with [`Work::Answer`]; when the connection goes first, with
 //!   [`Work::Unanswered`]. At most [`MAX_APP_REQUESTS`] wait at once; more are refused at once.
+//! * An app request that must see everything the relay has first waits, parked, until the
+//!   session is connected and caught up ([`Work::Ready`]), at most [`PARK_MS`].
 //! * Once the relay says the session was ended ([`Event::SessionRevoked`]) nothing reconnects.
 
 use std::collections::BTreeMap;
@@ -43,6 +45,9 @@ pub const PROBE_AFTER_MS: u64 = 30_000;
 /// Most app requests waiting for the relay at once; more are answered
 /// [`Work::Unanswered`] at once.
 pub const MAX_APP_REQUESTS: usize = 64;
+/// Longest an app request parked until the session is caught up ([`SessionCore::park`])
+/// waits; then it is answered [`Work::Unanswered`].
+pub const PARK_MS: u64 = 30_000;
 
 /// What the driver tells the session core.
 #[derive(Debug)]
@@ -75,6 +80,9 @@ pub enum Work {
     Answer { token: u64, frame: RelayFrame },
     /// The app request `token` will not be answered: not connected, or the connection went.
     Unanswered { token: u64 },
+    /// The app request `token` parked with [`SessionCore::park`] can be made now: the
+    /// session is caught up.
+    Ready { token: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +113,9 @@ pub struct SessionCore {
     resume_at: Option<u64>,
     /// App requests waiting for the relay: relay req id → the driver's token.
     requests: BTreeMap<ReqId, u64>,
+    /// App requests parked until the session is connected (or caught up, when `true`): token →
+    /// (when they give up, whether they wait to be caught up).
+    parked: BTreeMap<u64, (u64, bool)>,
     shown: Shown,
     rng: StdRng,
 }
@@ -119,6 +130,7 @@ impl SessionCore {
             backoff_ms: BACKOFF_MIN_MS,
             resume_at: None,
             requests: BTreeMap::new(),
+            parked: BTreeMap::new(),
             shown: Shown::default(),
             rng: StdRng::seed_from_u64(seed),
         }
@@ -147,10 +159,8 @@ impl SessionCore {
             Link::Up { heard } => Some(heard + PROBE_AFTER_MS),
             Link::Connecting | Link::Ended => None,
         };
-        match (link, self.resume_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let parked = self.parked.values().map(|(at, _)| *at).min();
+        [link, self.resume_at, parked].into_iter().flatten().min()
     }
 
     fn waiting(&self) -> bool {
@@ -187,6 +197,11 @@ impl SessionCore {
                 }
             }
             SessionInput::Timeout => {
+                let late: Vec<u64> = self.parked.iter().filter(|(_, (at, _))| *at <= now).map(|(t, _)| *t).collect();
+                for token in late {
+                    self.parked.remove(&token);
+                    work.push(Work::Unanswered { token });
+                }
                 if self.resume_at.is_some_and(|t| t <= now) {
                     self.resume_at = None;
                     sync = self.sync.handle(SyncInput::Resume);
@@ -237,6 +252,31 @@ impl SessionCore {
         Ok(Work::Send(frame))
     }
 
+    /// Parks the app request `token` until the session is connected, or with `caught_up` until
+    /// it is also caught up with the relay: then [`Work::Ready`] comes (at once if it is now),
+    /// or after [`PARK_MS`] [`Work::Unanswered`].
+    pub fn park(&mut self, now: u64, token: u64, caught_up: bool) -> Vec<Work> {
+        if self.link == Link::Ended {
+            return vec![Work::Unanswered { token }];
+        }
+        self.parked.insert(token, (now + PARK_MS, caught_up));
+        let mut work = Vec::new();
+        self.release(&mut work);
+        work
+    }
+
+    fn release(&mut self, work: &mut Vec<Work>) {
+        if !matches!(self.link, Link::Up { .. }) || !self.sync.is_connected() || self.parked.is_empty() {
+            return;
+        }
+        let caught_up = self.sync.is_caught_up();
+        let ready: Vec<u64> = self.parked.iter().filter(|(_, (_, c))| caught_up || !c).map(|(t, _)| *t).collect();
+        for token in ready {
+            self.parked.remove(&token);
+            work.push(Work::Ready { token });
+        }
+    }
+
     /// Turns what [`crate::Device::carry_out`] asked for into work for the driver, and tells
     /// the app of changes in the session's state.
     pub fn actions(&mut self, now: u64, actions: Vec<Action>) -> Vec<Work> {
@@ -251,6 +291,7 @@ impl SessionCore {
                     self.link = Link::Ended;
                     self.resume_at = None;
                     work.extend(self.unanswered());
+                    work.extend(std::mem::take(&mut self.parked).into_keys().map(|token| Work::Unanswered { token }));
                     work.push(Work::Emit(Event::SessionRevoked));
                 }
                 Action::Emit(event) => work.push(Work::Emit(event)),
@@ -262,6 +303,7 @@ impl SessionCore {
             }
         }
         self.show(&mut work);
+        self.release(&mut work);
         work
     }
 

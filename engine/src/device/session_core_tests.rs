@@ -195,3 +195,37 @@ fn a_hello_never_answered_is_a_dead_connection() {
     let work = step(&mut s, SILENCE_MS, SessionInput::Timeout);
     assert_eq!(work[0], Work::Close, "{work:?}");
 }
+
+#[test]
+fn a_parked_request_waits_until_caught_up_or_gives_up() {
+    let mut s = SessionCore::new(SyncCore::new(Seq(0), false), 7);
+    assert!(s.park(0, 5, true).is_empty(), "not connected: it waits");
+    assert!(s.park(0, 4, false).is_empty(), "not connected: it waits");
+    assert_eq!(s.next_wake(), Some(0), "the connection comes first");
+    step(&mut s, 0, SessionInput::Timeout);
+    step(&mut s, 0, SessionInput::Connected);
+    let work = frame(&mut s, 1, RelayFrame::Hello { version: PROTOCOL_VERSION, account: Some(AccountId([2; 16])) });
+    let [ClientFrame::SyncState { req }] = sent(&work)[..] else { panic!("{work:?}") };
+    let req = *req;
+    assert!(work.contains(&Work::Ready { token: 4 }), "connected: {work:?}");
+    assert!(!work.contains(&Work::Ready { token: 5 }), "not caught up yet: {work:?}");
+    let work = frame(&mut s, 2, RelayFrame::SyncState { req, account_head: Seq(0), chats: vec![] });
+    assert!(work.contains(&Work::Ready { token: 5 }), "caught up: {work:?}");
+    assert!(s.park(3, 6, true) == vec![Work::Ready { token: 6 }], "caught up already: at once");
+
+    let mut s = SessionCore::new(SyncCore::new(Seq(0), false), 7);
+    s.park(0, 8, true);
+    step(&mut s, 0, SessionInput::Timeout);
+    step(&mut s, 0, SessionInput::ConnectFailed("down".into()));
+    let mut now = 0;
+    let mut gave_up = false;
+    while now <= PARK_MS {
+        now = s.next_wake().expect("a retry or the park's end");
+        let work = step(&mut s, now, SessionInput::Timeout);
+        gave_up |= work.contains(&Work::Unanswered { token: 8 });
+        if work.contains(&Work::Connect) {
+            step(&mut s, now, SessionInput::ConnectFailed("down".into()));
+        }
+    }
+    assert!(gave_up, "the relay never came: the request is answered unanswered");
+}

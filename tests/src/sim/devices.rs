@@ -82,8 +82,9 @@ impl Sim {
                     self.revoke_reply(dev, token, &frame)?;
                     self.change_reply(dev, token, &frame)?;
                 }
-                // Asked again by the next `Revoke` or `ChangeMembers` event.
-                Work::Unanswered { .. } => {}
+                // Asked again by the next `Revoke` or `ChangeMembers` event; the simulation parks
+                // nothing.
+                Work::Unanswered { .. } | Work::Ready { .. } => {}
                 Work::Emit(event) => self.emitted(dev, event)?,
             }
             if self.devs[dev].gone {

@@ -73,6 +73,17 @@ impl Device {
     async fn lookup_and_pin(&mut self, username: &str, confirm: Option<&str>) -> Result<ContactInfo, Error> {
         check_username(username)?;
         let reply = self.one_request(ClientFrame::Lookup { req: 1, username: username.to_string() }, 1).await?;
+        self.lookup_answer(username, confirm, reply)
+    }
+
+    /// Takes the directory's answer to a `Lookup` of `username` (see [`Device::lookup`] and
+    /// [`Device::confirm_contact`]).
+    pub(crate) fn lookup_answer(
+        &mut self,
+        username: &str,
+        confirm: Option<&str>,
+        reply: RelayFrame,
+    ) -> Result<ContactInfo, Error> {
         let entry = match reply {
             RelayFrame::Accounts { mut accounts, .. }
                 if accounts.len() == 1 && accounts[0].username.as_deref() == Some(username) =>

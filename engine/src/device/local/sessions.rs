@@ -46,9 +46,14 @@ impl Device {
     /// knows of it (its certificate) and what the relay knows (registration, last activity);
     /// and after how many days of inactivity sessions end (0: never).
     pub async fn sessions(&mut self) -> Result<(Vec<SessionInfo>, u32), Error> {
-        let RelayFrame::Devices { devices, session_ttl_days, .. } =
-            self.one_request(ClientFrame::ListDevices { req: 1 }, 1).await?
-        else {
+        let reply = self.one_request(ClientFrame::ListDevices { req: 1 }, 1).await?;
+        self.sessions_from(reply)
+    }
+
+    /// The account's sessions from the relay's answer to `ListDevices` (see
+    /// [`Device::sessions`]).
+    pub(crate) fn sessions_from(&self, reply: RelayFrame) -> Result<(Vec<SessionInfo>, u32), Error> {
+        let RelayFrame::Devices { devices, session_ttl_days, .. } = reply else {
             return Err(Error::Relay { code: ErrorCode::Internal, message: "unexpected reply to list devices".into() });
         };
         let certs: BTreeMap<DeviceId, DeviceCert> =
@@ -101,15 +106,21 @@ impl Device {
     /// Makes a new recovery key for the account and stores the account bundle sealed under it
     /// on the relay (replacing an earlier one). Show the key to the user once; nothing keeps it.
     pub async fn create_recovery_key(&mut self) -> Result<RecoveryKey, Error> {
+        let (request, key) = self.recovery_request(1)?;
+        self.one_request(request, 1).await?;
+        Ok(key)
+    }
+
+    /// A new recovery key and the request that stores the account bundle sealed under it (see
+    /// [`Device::create_recovery_key`]); the key is good once the relay answers `Done`.
+    pub(crate) fn recovery_request(&mut self, req: ReqId) -> Result<(ClientFrame, RecoveryKey), Error> {
         let login = self.login()?.clone();
         let key = RecoveryKey::random(&mut self.rng);
         let public = key.public();
         let bundle = postcard::to_allocvec(&login.keys).expect("serializing keys cannot fail");
         let sealed = RecoveryKey::seal_to(&public, &bundle, &mut self.rng);
         let signature = login.keys.sign_recovery(&public, &self.id);
-        let request = ClientFrame::PutRecovery { req: 1, lookup_id: key.lookup_id(), public, signature, sealed };
-        self.one_request(request, 1).await?;
-        Ok(key)
+        Ok((ClientFrame::PutRecovery { req, lookup_id: key.lookup_id(), public, signature, sealed }, key))
     }
 
     /// Logs this (new) device in to the account whose bundle `key` sealed on `relay`: fetches
