@@ -172,9 +172,19 @@ impl Device {
         Self::open_with_rng(home, StdRng::seed_from_u64(seed))
     }
 
-    fn open_with_rng(home: &Path, mut rng: StdRng) -> Result<Device, Error> {
+    /// Opens the device whose store is on `disk`, an in-memory disk with an explicit
+    /// durability line, drawing every random choice from `seed`: for the deterministic
+    /// simulator, which crashes the disk to lose what was not made durable.
+    pub fn open_mem(disk: &crate::device::kv::MemDisk, seed: u64) -> Result<Device, Error> {
+        Self::with_store(DeviceStore::open_mem(disk)?, StdRng::seed_from_u64(seed))
+    }
+
+    fn open_with_rng(home: &Path, rng: StdRng) -> Result<Device, Error> {
         std::fs::create_dir_all(home).map_err(|e| Error::Store(crate::device::store::StoreError::Sync(e)))?;
-        let store = DeviceStore::open(&home.join("store"))?;
+        Self::with_store(DeviceStore::open(&home.join("store"))?, rng)
+    }
+
+    fn with_store(store: DeviceStore, mut rng: StdRng) -> Result<Device, Error> {
         let secrets = store.secrets_or_create(|| {
             let mut s = DeviceSecrets { ed25519: [0; 32], x25519: [0; 32] };
             rng.fill_bytes(&mut s.ed25519);
@@ -624,9 +634,7 @@ impl Device {
         self.secret_docs.clear();
         self.login = None;
         self.store.clear()?;
-        let dir = self.store.dir().to_path_buf();
-        drop(std::mem::replace(&mut self.store, DeviceStore::placeholder()?));
-        DeviceStore::remove_files(&dir)?;
+        self.store.wipe()?;
         Ok(())
     }
 

@@ -4,6 +4,7 @@ pub mod core;
 pub mod doc;
 mod drive;
 mod error;
+mod kv;
 mod local;
 pub mod net;
 mod ops;
@@ -16,6 +17,7 @@ pub mod store;
 pub use doc::Message;
 pub use drive::{Action, Event};
 pub use error::Error;
+pub use kv::MemDisk;
 pub use local::{
     Answer, ChatSummary, ContactInfo, Device, Ended, LinkCode, MessageOp, Opening, SecretConn, SecretMessage,
     SecretUpdate, SessionInfo, Step,

@@ -29,11 +29,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::Transactional;
-
 use crate::device::doc::Author;
+use crate::device::kv::{atomic, MemDisk, Tree};
+use serde::{Deserialize, Serialize};
 
 #[path = "store_secret.rs"]
 mod secret;
@@ -177,26 +175,24 @@ pub type DocParts = (Option<Vec<u8>>, Vec<Vec<u8>>);
 
 /// The device's sled database.
 pub struct DeviceStore {
-    db: sled::Db,
-    files: SledDir,
-    dir: std::path::PathBuf,
-    meta: sled::Tree,
-    chats: sled::Tree,
-    cursors: sled::Tree,
-    snapshots: sled::Tree,
-    changes: sled::Tree,
-    outbox: sled::Tree,
-    devices: sled::Tree,
-    contacts: sled::Tree,
-    pins: sled::Tree,
-    authors: sled::Tree,
-    secrets: sled::Tree,
-    secret_docs: sled::Tree,
-    secret_keys: sled::Tree,
-    secret_changes: sled::Tree,
-    secret_undelivered: sled::Tree,
-    secret_timers: sled::Tree,
-    secret_closed: sled::Tree,
+    backend: Backend,
+    meta: Tree,
+    chats: Tree,
+    cursors: Tree,
+    snapshots: Tree,
+    changes: Tree,
+    outbox: Tree,
+    devices: Tree,
+    contacts: Tree,
+    pins: Tree,
+    authors: Tree,
+    secrets: Tree,
+    secret_docs: Tree,
+    secret_keys: Tree,
+    secret_changes: Tree,
+    secret_undelivered: Tree,
+    secret_timers: Tree,
+    secret_closed: Tree,
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -213,14 +209,14 @@ fn u64_of(b: &[u8], what: &'static str) -> Result<u64, StoreError> {
 }
 
 /// A document's snapshot (in `snaps`) and the changes stored after it (in `changes`), in order.
-pub(super) fn doc_parts_in(snaps: &sled::Tree, changes: &sled::Tree, chat: ChatId) -> Result<DocParts, StoreError> {
+pub(super) fn doc_parts_in(snaps: &Tree, changes: &Tree, chat: ChatId) -> Result<DocParts, StoreError> {
     let snap = snaps.get(chat.0)?.map(|v| v.to_vec());
     let changes = changes.scan_prefix(chat.0).map(|kv| Ok(kv?.1.to_vec())).collect::<Result<_, StoreError>>()?;
     Ok((snap, changes))
 }
 
 /// The number the next change of `chat` in `changes` gets.
-pub(super) fn next_change_in(changes: &sled::Tree, chat: ChatId) -> Result<u64, StoreError> {
+pub(super) fn next_change_in(changes: &Tree, chat: ChatId) -> Result<u64, StoreError> {
     match changes.scan_prefix(chat.0).next_back() {
         Some(kv) => Ok(u64_of(&kv?.0[16..], "change key")? + 1),
         None => Ok(0),
@@ -230,27 +226,24 @@ pub(super) fn next_change_in(changes: &sled::Tree, chat: ChatId) -> Result<u64, 
 /// Replaces a document's snapshot and drops the changes it covers, keeping `pending` (see
 /// [`DeviceStore::compact`]).
 pub(super) fn compact_in(
-    snaps: &sled::Tree,
-    changes: &sled::Tree,
+    snaps: &Tree,
+    changes: &Tree,
     chat: ChatId,
     snapshot: &[u8],
     pending: &[Vec<u8>],
 ) -> Result<(), StoreError> {
     let keys: Vec<sled::IVec> = changes.scan_prefix(chat.0).keys().collect::<Result<_, _>>()?;
-    tx_result((snaps, changes).transaction(
-        |(snaps, changes): &(TransactionalTree, TransactionalTree)| -> TxResult<()> {
-            snaps.insert(&chat.0[..], snapshot)?;
-            for k in &keys {
-                changes.remove(k)?;
-            }
-            // From 0 again: the count of changes after the snapshot is what triggers the next
-            // compaction.
-            for (n, c) in (0..).zip(pending) {
-                changes.insert(&change_key(chat, n)[..], &c[..])?;
-            }
-            Ok(())
-        },
-    ))
+    atomic(&[snaps, changes], |b| {
+        b.insert(0, chat.0, snapshot);
+        for k in &keys {
+            b.remove(1, k);
+        }
+        // From 0 again: the count of changes after the snapshot is what triggers the next
+        // compaction.
+        for (n, c) in (0..).zip(pending) {
+            b.insert(1, change_key(chat, n), &c[..]);
+        }
+    })
 }
 
 pub(super) fn change_key(chat: ChatId, n: u64) -> [u8; 24] {
@@ -260,15 +253,11 @@ pub(super) fn change_key(chat: ChatId, n: u64) -> [u8; 24] {
     k
 }
 
-fn tx_result<T>(r: Result<T, TransactionError<()>>) -> Result<T, StoreError> {
-    match r {
-        Ok(v) => Ok(v),
-        Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e)),
-        Err(TransactionError::Abort(())) => unreachable!("store transactions never abort"),
-    }
+/// Where a store's trees live.
+enum Backend {
+    Sled { db: sled::Db, files: SledDir, dir: std::path::PathBuf },
+    Mem(MemDisk),
 }
-
-type TxResult<T> = Result<T, ConflictableTransactionError<()>>;
 
 impl DeviceStore {
     /// Opens (or creates) the store under `dir`.
@@ -278,26 +267,51 @@ impl DeviceStore {
 
     fn from_db(db: sled::Db, dir: &Path) -> Result<Self, StoreError> {
         let store = DeviceStore {
-            files: SledDir::new(dir),
-            dir: dir.to_path_buf(),
-            meta: db.open_tree("meta")?,
-            chats: db.open_tree("chats")?,
-            cursors: db.open_tree("cursors")?,
-            snapshots: db.open_tree("snapshots")?,
-            changes: db.open_tree("changes")?,
-            outbox: db.open_tree("outbox")?,
-            devices: db.open_tree("devices")?,
-            contacts: db.open_tree("contacts")?,
-            pins: db.open_tree("pins")?,
-            authors: db.open_tree("authors")?,
-            secrets: db.open_tree("secrets")?,
-            secret_docs: db.open_tree("secret_docs")?,
-            secret_keys: db.open_tree("secret_keys")?,
-            secret_changes: db.open_tree("secret_changes")?,
-            secret_undelivered: db.open_tree("secret_undelivered")?,
-            secret_timers: db.open_tree("secret_timers")?,
-            secret_closed: db.open_tree("secret_closed")?,
-            db,
+            meta: Tree::sled(&db, "meta")?,
+            chats: Tree::sled(&db, "chats")?,
+            cursors: Tree::sled(&db, "cursors")?,
+            snapshots: Tree::sled(&db, "snapshots")?,
+            changes: Tree::sled(&db, "changes")?,
+            outbox: Tree::sled(&db, "outbox")?,
+            devices: Tree::sled(&db, "devices")?,
+            contacts: Tree::sled(&db, "contacts")?,
+            pins: Tree::sled(&db, "pins")?,
+            authors: Tree::sled(&db, "authors")?,
+            secrets: Tree::sled(&db, "secrets")?,
+            secret_docs: Tree::sled(&db, "secret_docs")?,
+            secret_keys: Tree::sled(&db, "secret_keys")?,
+            secret_changes: Tree::sled(&db, "secret_changes")?,
+            secret_undelivered: Tree::sled(&db, "secret_undelivered")?,
+            secret_timers: Tree::sled(&db, "secret_timers")?,
+            secret_closed: Tree::sled(&db, "secret_closed")?,
+            backend: Backend::Sled { files: SledDir::new(dir), dir: dir.to_path_buf(), db },
+        };
+        store.index_secret_keys()?;
+        Ok(store)
+    }
+
+    /// Opens (or creates) the store on a memory disk (the simulator's): what it wrote before
+    /// the disk's last crash and barrier is there.
+    pub fn open_mem(disk: &MemDisk) -> Result<Self, StoreError> {
+        let store = DeviceStore {
+            meta: Tree::mem(disk, "meta"),
+            chats: Tree::mem(disk, "chats"),
+            cursors: Tree::mem(disk, "cursors"),
+            snapshots: Tree::mem(disk, "snapshots"),
+            changes: Tree::mem(disk, "changes"),
+            outbox: Tree::mem(disk, "outbox"),
+            devices: Tree::mem(disk, "devices"),
+            contacts: Tree::mem(disk, "contacts"),
+            pins: Tree::mem(disk, "pins"),
+            authors: Tree::mem(disk, "authors"),
+            secrets: Tree::mem(disk, "secrets"),
+            secret_docs: Tree::mem(disk, "secret_docs"),
+            secret_keys: Tree::mem(disk, "secret_keys"),
+            secret_changes: Tree::mem(disk, "secret_changes"),
+            secret_undelivered: Tree::mem(disk, "secret_undelivered"),
+            secret_timers: Tree::mem(disk, "secret_timers"),
+            secret_closed: Tree::mem(disk, "secret_closed"),
+            backend: Backend::Mem(disk.clone()),
         };
         store.index_secret_keys()?;
         Ok(store)
@@ -305,8 +319,16 @@ impl DeviceStore {
 
     /// Makes everything written so far durable across power loss (sled's own flush is not).
     pub fn barrier(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        self.files.sync().map_err(StoreError::Sync)
+        match &self.backend {
+            Backend::Sled { db, files, .. } => {
+                db.flush()?;
+                files.sync().map_err(StoreError::Sync)
+            }
+            Backend::Mem(disk) => {
+                disk.barrier();
+                Ok(())
+            }
+        }
     }
 
     /// The device's secrets, creating them with `make` on first use.
@@ -492,17 +514,25 @@ impl DeviceStore {
         self.barrier()
     }
 
-    /// The store's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// An empty store in a temporary place, deleted when dropped: it stands in for a store that
-    /// was wiped until the device is dropped.
-    pub fn placeholder() -> Result<Self, StoreError> {
-        let dir = std::env::temp_dir().join(format!("stratus-wiped-{:016x}", rand::random::<u64>()));
-        let db = sled::Config::new().path(&dir).temporary(true).open()?;
-        Self::from_db(db, &dir)
+    /// Replaces this store with an empty one that stands in for it until the device is dropped,
+    /// and removes the old one's files (see [`DeviceStore::remove_files`]). Call
+    /// [`DeviceStore::clear`] first.
+    pub fn wipe(&mut self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled { dir, .. } => {
+                let dir = dir.clone();
+                let tmp = std::env::temp_dir().join(format!("stratus-wiped-{:016x}", rand::random::<u64>()));
+                let db = sled::Config::new().path(&tmp).temporary(true).open()?;
+                drop(std::mem::replace(self, Self::from_db(db, &tmp)?));
+                Self::remove_files(&dir)
+            }
+            Backend::Mem(disk) => {
+                let disk = disk.clone();
+                disk.wipe();
+                *self = Self::open_mem(&disk)?;
+                Ok(())
+            }
+        }
     }
 
     /// Removes a store's files once sled has let go of them (after every handle was dropped, sled
@@ -543,14 +573,11 @@ impl DeviceStore {
     /// Stores a new chat's metadata and the outbox item that creates it on the relay,
     /// atomically; not yet durable, see [`DeviceStore::barrier`].
     pub fn create_chat(&self, chat: ChatId, meta: &ChatMeta, item: &OutboxItem) -> Result<(), StoreError> {
-        tx_result((&self.chats, &self.outbox, &self.meta).transaction(
-            |(chats, ob, m): &(TransactionalTree, TransactionalTree, TransactionalTree)| -> TxResult<()> {
-                chats.insert(&chat.0[..], enc(meta))?;
-                ob.insert(&item.client_seq.0.to_be_bytes()[..], enc(item))?;
-                m.insert("next_client_seq", &(item.client_seq.0 + 1).to_be_bytes())?;
-                Ok(())
-            },
-        ))
+        atomic(&[&self.chats, &self.outbox, &self.meta], |b| {
+            b.insert(0, chat.0, enc(meta));
+            b.insert(1, item.client_seq.0.to_be_bytes(), enc(item));
+            b.insert(2, "next_client_seq", &(item.client_seq.0 + 1).to_be_bytes()[..]);
+        })
     }
 
     /// Stores a chat's metadata.
@@ -601,15 +628,12 @@ impl DeviceStore {
     /// changes now stored after the chat's snapshot.
     pub fn apply_remote(&self, chat: ChatId, seq: Seq, change: Option<&[u8]>) -> Result<u64, StoreError> {
         let n = self.next_change_n(chat)?;
-        tx_result((&self.changes, &self.cursors).transaction(
-            |(changes, cursors): &(TransactionalTree, TransactionalTree)| -> TxResult<()> {
-                if let Some(c) = change {
-                    changes.insert(&change_key(chat, n)[..], c)?;
-                }
-                cursors.insert(&chat.0[..], &seq.0.to_be_bytes())?;
-                Ok(())
-            },
-        ))?;
+        atomic(&[&self.changes, &self.cursors], |b| {
+            if let Some(c) = change {
+                b.insert(0, change_key(chat, n), c);
+            }
+            b.insert(1, chat.0, &seq.0.to_be_bytes()[..]);
+        })?;
         Ok(n + u64::from(change.is_some()))
     }
 
@@ -618,14 +642,11 @@ impl DeviceStore {
     /// chat's snapshot.
     pub fn store_local(&self, chat: ChatId, change: &[u8], item: &OutboxItem) -> Result<u64, StoreError> {
         let n = self.next_change_n(chat)?;
-        tx_result((&self.changes, &self.outbox, &self.meta).transaction(
-            |(changes, ob, meta): &(TransactionalTree, TransactionalTree, TransactionalTree)| -> TxResult<()> {
-                changes.insert(&change_key(chat, n)[..], change)?;
-                ob.insert(&item.client_seq.0.to_be_bytes()[..], enc(item))?;
-                meta.insert("next_client_seq", &(item.client_seq.0 + 1).to_be_bytes())?;
-                Ok(())
-            },
-        ))?;
+        atomic(&[&self.changes, &self.outbox, &self.meta], |b| {
+            b.insert(0, change_key(chat, n), change);
+            b.insert(1, item.client_seq.0.to_be_bytes(), enc(item));
+            b.insert(2, "next_client_seq", &(item.client_seq.0 + 1).to_be_bytes()[..]);
+        })?;
         Ok(n + 1)
     }
 
@@ -653,7 +674,7 @@ impl DeviceStore {
 
     /// Outbox items after `after`, at most `max`, in client-seq order.
     pub fn outbox_after(&self, after: ClientSeq, max: usize) -> Result<Vec<OutboxItem>, StoreError> {
-        self.outbox.range((after.0 + 1).to_be_bytes()..).take(max).map(|kv| dec(&kv?.1, "outbox item")).collect()
+        self.outbox.range_from((after.0 + 1).to_be_bytes(), max).map(|kv| dec(&kv?.1, "outbox item")).collect()
     }
 
     /// One outbox item.
@@ -669,17 +690,14 @@ impl DeviceStore {
     /// Replaces outbox items (resealed after a rotation) and, with `meta`, a chat's keys,
     /// atomically and durably.
     pub fn replace_outbox(&self, items: &[OutboxItem], meta: Option<(ChatId, &ChatMeta)>) -> Result<(), StoreError> {
-        tx_result((&self.outbox, &self.chats).transaction(
-            |(ob, chats): &(TransactionalTree, TransactionalTree)| -> TxResult<()> {
-                for item in items {
-                    ob.insert(&item.client_seq.0.to_be_bytes()[..], enc(item))?;
-                }
-                if let Some((chat, meta)) = meta {
-                    chats.insert(&chat.0[..], enc(meta))?;
-                }
-                Ok(())
-            },
-        ))?;
+        atomic(&[&self.outbox, &self.chats], |b| {
+            for item in items {
+                b.insert(0, item.client_seq.0.to_be_bytes(), enc(item));
+            }
+            if let Some((chat, meta)) = meta {
+                b.insert(1, chat.0, enc(meta));
+            }
+        })?;
         self.barrier()
     }
 

@@ -3,17 +3,12 @@
 //! leave the device but over the secret chat's own session: nothing here reaches the relay.
 //! Part of [`DeviceStore`]; split out of `store.rs` for size.
 
-use serde::{Deserialize, Serialize};
-use sled::transaction::TransactionalTree;
-use sled::Transactional;
-
-use super::{
-    change_key, compact_in, dec, doc_parts_in, enc, next_change_in, tx_result, DeviceStore, DocParts, StoreError,
-    TxResult,
-};
+use super::{change_key, compact_in, dec, doc_parts_in, enc, next_change_in, DeviceStore, DocParts, StoreError};
 use crate::device::doc::Author;
+use crate::device::kv::atomic;
 use crate::proto::cert::DeviceCert;
 use crate::proto::ids::{ChatId, SecretId};
+use serde::{Deserialize, Serialize};
 
 /// Where a secret chat stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,12 +131,12 @@ impl DeviceStore {
     pub fn append_secret_changes(&self, id: SecretId, changes: &[Vec<u8>]) -> Result<u64, StoreError> {
         let chat = ChatId(id.0);
         let mut n = next_change_in(&self.secret_changes, chat)?;
-        let mut batch = sled::Batch::default();
-        for c in changes {
-            batch.insert(&change_key(chat, n)[..], &c[..]);
-            n += 1;
-        }
-        self.secret_changes.apply_batch(batch)?;
+        atomic(&[&self.secret_changes], |b| {
+            for c in changes {
+                b.insert(0, change_key(chat, n), &c[..]);
+                n += 1;
+            }
+        })?;
         Ok(n)
     }
 
@@ -251,7 +246,7 @@ impl DeviceStore {
 
     /// Whether the chat `id` was closed here lately (see [`DeviceStore::put_closed_secret`]).
     pub fn is_closed_secret(&self, id: SecretId) -> Result<bool, StoreError> {
-        Ok(self.secret_closed.contains_key(id.0)?)
+        self.secret_closed.contains_key(id.0)
     }
 
     /// The keys of this device's messages in `chat` that the peer has not confirmed yet.
@@ -298,39 +293,30 @@ impl DeviceStore {
             keys.push(k);
         }
         let changes: Vec<sled::IVec> = self.secret_changes.scan_prefix(id.0).keys().collect::<Result<_, _>>()?;
-        let trees = (
+        let trees = [
             &self.secrets,
             &self.secret_docs,
             &self.secret_keys,
             &self.secret_changes,
             &self.secret_undelivered,
             &self.secret_timers,
-        );
-        type Trees = (
-            TransactionalTree,
-            TransactionalTree,
-            TransactionalTree,
-            TransactionalTree,
-            TransactionalTree,
-            TransactionalTree,
-        );
-        tx_result(trees.transaction(|(chats, docs, ks, cs, undelivered, ts): &Trees| -> TxResult<()> {
+        ];
+        atomic(&trees, |b| {
             match keep {
-                Some(c) => chats.insert(&id.0[..], enc(c))?,
-                None => chats.remove(&id.0[..])?,
+                Some(c) => b.insert(0, id.0, enc(c)),
+                None => b.remove(0, id.0),
             };
-            docs.remove(&id.0[..])?;
+            b.remove(1, id.0);
             for k in &keys {
-                ks.remove(k)?;
-                undelivered.remove(k)?;
+                b.remove(2, k);
+                b.remove(4, k);
             }
             for k in &changes {
-                cs.remove(k)?;
+                b.remove(3, k);
             }
             for k in &timers {
-                ts.remove(&k[..])?;
+                b.remove(5, k);
             }
-            Ok(())
-        }))
+        })
     }
 }
