@@ -12,16 +12,22 @@ use std::time::Instant;
 use stratus_tests::sim::{Config, Failure, Report, Sim};
 
 fn run_seed(seed: u64) -> Result<Report, Failure> {
-    let dir = tempfile::tempdir().expect("temp dir");
-    Sim::new(Config::from_seed(seed), dir.path())?.run()
+    Sim::new(Config::from_seed(seed))?.run()
 }
 
 /// Seeds that once failed, each with what it found; they run in every default run.
-const REGRESSIONS: &[(u64, &str)] = &[(
-    3_194_430_904_402_104_906,
-    "a stream that died silently right after it opened left the session waiting for the \
-     relay's hello for good",
-)];
+const REGRESSIONS: &[(u64, &str)] = &[
+    (
+        3_194_430_904_402_104_906,
+        "a stream that died silently right after it opened left the session waiting for the \
+         relay's hello for good",
+    ),
+    (
+        15_754_995_062_316_867_484,
+        "a power loss kept a rotation's new key generation but not the account cursor before it; \
+         the rotation then failed its check when applied again",
+    ),
+];
 
 #[test]
 fn seeds_that_once_failed_pass() {
@@ -73,7 +79,7 @@ fn simulated_worlds_keep_every_invariant() {
         "{} seeds in {:.1} s: {} events, {} messages, {} acks, {} relay crashes, {} device restarts, \
          {} broken connections, {} lost frames, {} rate-limit waits, {} revocations with rotation, \
          {} member changes, {} stale-epoch refusals, {} key waits, {} silent stream deaths, {} watchdog \
-         closes, {} burst messages; slowest convergence {:.1} s after faults",
+         closes, {} burst messages, {} device crashes losing {} applied deltas; slowest convergence {:.1} s after faults",
         reports.len(),
         started.elapsed().as_secs_f64(),
         sum(|r| r.events),
@@ -91,6 +97,8 @@ fn simulated_worlds_keep_every_invariant() {
         sum(|r| r.silent_drops as u64),
         sum(|r| r.watchdog_closes as u64),
         sum(|r| r.burst_messages as u64),
+        sum(|r| r.device_crashes as u64),
+        sum(|r| r.lost_applies as u64),
         reports.iter().map(|r| r.converged_after).max().unwrap_or(0) as f64 / 1e6,
     );
     let failures = failures.into_inner().unwrap();

@@ -642,12 +642,19 @@ impl Device {
     /// is refused: a bad entry must not stall the log). Every signature is checked against the
     /// generation of the account's keys that the log has reached at the entry.
     pub(crate) fn apply_account_entry(&mut self, entry: &AccountEntry) -> Result<Applied, Error> {
-        let result = self.apply_account_event(&entry.event);
-        self.store.set_account_cursor(entry.seq)?;
+        let mut next_gen = None;
+        let result = self.apply_account_event(&entry.event, &mut next_gen);
+        self.store.advance_account_log(entry.seq, next_gen.as_ref())?;
         result
     }
 
-    fn apply_account_event(&mut self, event: &AccountEvent) -> Result<Applied, Error> {
+    /// Applies one account log event; a rotation sets `next_gen`, which the caller stores with
+    /// the cursor.
+    fn apply_account_event(
+        &mut self,
+        event: &AccountEvent,
+        next_gen: &mut Option<AccountGen>,
+    ) -> Result<Applied, Error> {
         let gen = self.log_gen()?;
         match event {
             AccountEvent::DeviceAdded { cert } => {
@@ -675,7 +682,7 @@ impl Device {
             AccountEvent::MembersChanged { change, by_chain } => {
                 return self.apply_member_change(change, by_chain.as_ref(), &gen);
             }
-            AccountEvent::Rotated { rotation } => return self.apply_rotation(rotation, &gen),
+            AccountEvent::Rotated { rotation } => return self.apply_rotation(rotation, &gen, next_gen),
             AccountEvent::RecoverySet { public, by, signature } => {
                 gen.verify_recovery(public, by, signature)?;
                 self.store.set_recovery_public(Some(&(*public, by.clone())))?;

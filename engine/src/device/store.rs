@@ -383,22 +383,22 @@ impl DeviceStore {
         Ok(Seq(self.meta.get("account_cursor")?.map(|v| u64_of(&v, "account cursor")).transpose()?.unwrap_or(0)))
     }
 
-    /// Sets the account log cursor.
-    pub fn set_account_cursor(&self, seq: Seq) -> Result<(), StoreError> {
-        self.meta.insert("account_cursor", &seq.0.to_be_bytes())?;
-        Ok(())
-    }
-
     /// The generation of the account's keys the account log has reached, if recorded (the
     /// account's genesis until the first rotation).
     pub fn account_gen(&self) -> Result<Option<AccountGen>, StoreError> {
         self.meta.get("account_gen")?.map(|v| dec(&v, "account generation")).transpose()
     }
 
-    /// Records the generation the account log has reached.
-    pub fn set_account_gen(&self, gen: &AccountGen) -> Result<(), StoreError> {
-        self.meta.insert("account_gen", enc(gen))?;
-        Ok(())
+    /// Moves the account cursor and, with a rotation, the generation the log has reached, in
+    /// one write: a crash between the two would leave the log's generation ahead of the entry
+    /// that starts it, which then fails its check when it is applied again.
+    pub fn advance_account_log(&self, seq: Seq, gen: Option<&AccountGen>) -> Result<(), StoreError> {
+        atomic(&[&self.meta], |b| {
+            b.insert(0, "account_cursor", &seq.0.to_be_bytes()[..]);
+            if let Some(g) = gen {
+                b.insert(0, "account_gen", enc(g));
+            }
+        })
     }
 
     /// The account's recovery key's public half and the device that made it, if any.
@@ -528,8 +528,9 @@ impl DeviceStore {
             }
             Backend::Mem(disk) => {
                 let disk = disk.clone();
+                // The stand-in lives on a disk of its own, as sled's does in a temporary place.
+                *self = Self::open_mem(&MemDisk::new())?;
                 disk.wipe();
-                *self = Self::open_mem(&disk)?;
                 Ok(())
             }
         }

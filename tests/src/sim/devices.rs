@@ -127,7 +127,7 @@ impl Sim {
                 if r.target != dev {
                     return Err(format!("{} was told its session ended; the target was another", self.devs[dev].name));
                 }
-                if self.devs[dev].home.join("store").exists() {
+                if !self.devs[dev].disk.is_empty() {
                     return Err(format!("{}'s store is still on disk after its session ended", self.devs[dev].name));
                 }
                 let d = &mut self.devs[dev];
@@ -374,11 +374,20 @@ impl Sim {
                 self.schedule(at, Ev::RelayLost { conn });
             }
         }
+        let power_loss = self.rng.gen_bool(0.5);
         let d = &mut self.devs[dev];
         d.core = None;
         d.device = None;
         d.life += 1;
         d.wake = None;
+        d.inbox.clear();
+        if power_loss {
+            // What was not made durable is gone, but for a prefix of it (sled writes in order).
+            let keep = self.rng.gen_range(0..=d.disk.unsynced());
+            d.disk.crash(keep);
+            d.crashed = true;
+            self.report.device_crashes += 1;
+        }
         Ok(())
     }
 
@@ -388,17 +397,26 @@ impl Sim {
         }
         let seed = self.rng.gen();
         let d = &mut self.devs[dev];
-        let mut device = reopen(&d.home, seed).map_err(|e| format!("{} reopens: {e}", d.name))?;
+        let mut device = Device::open_mem(&d.disk, seed).map_err(|e| format!("{} reopens: {e}", d.name))?;
         device.set_clock(sim_now_ms);
+        let mut stored = BTreeMap::new();
         for s in device.chats().map_err(|e| e.to_string())? {
             let chat: ChatId = s.id.parse().map_err(|_| "chat id")?;
-            let tracked = d.applied.get(&chat).copied().unwrap_or_default();
-            if Seq(s.seq) != tracked {
+            stored.insert(chat, Seq(s.seq));
+        }
+        let crashed = std::mem::take(&mut d.crashed);
+        for (chat, tracked) in d.applied.iter_mut() {
+            let now = stored.get(chat).copied().unwrap_or_default();
+            // A crash may take back what was applied and not yet durable (it is fetched again);
+            // nothing else may move a cursor, and nothing moves one forward.
+            if now > *tracked || (now < *tracked && !crashed) {
                 return Err(format!(
                     "{} restarted with chat {chat} at seq {} but had applied {}",
-                    d.name, s.seq, tracked.0
+                    d.name, now.0, tracked.0
                 ));
             }
+            self.report.lost_applies += (tracked.0 - now.0) as u32;
+            *tracked = now;
         }
         d.core = Some(device.start_session().map_err(|e| e.to_string())?);
         d.device = Some(device);

@@ -55,13 +55,14 @@ use trace::{describe, short_relay};
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use stratus_engine::core::SyncOutput;
 use stratus_engine::proto::wire::{ClientFrame, ErrorCode, RelayFrame};
 use stratus_engine::session_core::{SessionCore, SessionInput, Work};
+use stratus_engine::MemDisk;
 use stratus_engine::{Action, ChatId, ClientSeq, Device, DeviceId, Event, MessageOp, Seq};
 use stratus_relay::core::{ConnId, Effect, Input, RelayCore, StoreOp};
 use stratus_relay::limits::Limits;
@@ -217,6 +218,10 @@ pub struct Report {
     pub watchdog_closes: u32,
     /// Streams that died without the device being told.
     pub silent_drops: u32,
+    /// Device restarts that lost writes not yet made durable (power loss).
+    pub device_crashes: u32,
+    /// Deltas a device had applied and lost in a crash (fetched again).
+    pub lost_applies: u32,
     /// Messages written in bursts.
     pub burst_messages: u32,
     /// Frames lost.
@@ -366,7 +371,10 @@ struct Conn {
 struct Dev {
     name: String,
     account: usize,
-    home: PathBuf,
+    /// The device's store, in memory with an explicit durability line: a restart may crash it.
+    disk: MemDisk,
+    /// Its last restart lost what was not durable.
+    crashed: bool,
     id: DeviceId,
     device: Option<Device>,
     core: Option<SessionCore>,
@@ -471,10 +479,10 @@ pub struct Sim {
 type Check = Result<(), String>;
 
 impl Sim {
-    /// Builds the world for `cfg` with device homes under `dir`, and runs account creation,
+    /// Builds the world for `cfg` (device stores on memory disks), and runs account creation,
     /// linking and chat creation (fault-free) through the relay core.
-    pub fn new(cfg: Config, dir: &Path) -> Result<Sim, Failure> {
-        Self::build(cfg, dir, None)
+    pub fn new(cfg: Config) -> Result<Sim, Failure> {
+        Self::build(cfg, None)
     }
 
     /// Like [`Sim::new`], and every relay write also goes to a real [`SledStore`]; at the end
@@ -487,10 +495,10 @@ impl Sim {
             message: format!("sled mirror: {e}"),
             trace_tail: Vec::new(),
         })?;
-        Self::build(cfg, dir, Some(sled))
+        Self::build(cfg, Some(sled))
     }
 
-    fn build(cfg: Config, dir: &Path, sled: Option<SledStore>) -> Result<Sim, Failure> {
+    fn build(cfg: Config, sled: Option<SledStore>) -> Result<Sim, Failure> {
         let mut sim = Sim {
             rng: StdRng::seed_from_u64(cfg.seed),
             now: 0,
@@ -526,7 +534,7 @@ impl Sim {
         };
         sim.relay.mirror = sled;
         NOW_MS.with(|c| c.set(1_800_000_000_000));
-        sim.setup(dir).map_err(|m| sim.failure(format!("setup: {m}")))?;
+        sim.setup().map_err(|m| sim.failure(format!("setup: {m}")))?;
         Ok(sim)
     }
 
@@ -838,21 +846,5 @@ fn mirror(sled: &Option<SledStore>, ops: &[StoreOp]) -> Check {
     match sled {
         Some(s) => s.apply(ops).map_err(|e| format!("sled mirror: {e}")),
         None => Ok(()),
-    }
-}
-
-/// Opens a device again after its restart. sled 0.34 releases its file lock from a background
-/// thread shortly after the last handle drops, so an immediate reopen may find it still held;
-/// the wait is wall-clock only and changes nothing simulated.
-fn reopen(home: &Path, seed: u64) -> Result<Device, stratus_engine::Error> {
-    let mut tries = 0;
-    loop {
-        match Device::open_seeded(home, seed) {
-            Err(e) if tries < 500 && e.to_string().contains("could not acquire lock") => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            other => return other,
-        }
     }
 }

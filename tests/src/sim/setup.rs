@@ -5,18 +5,19 @@ use super::*;
 impl Sim {
     // ---- setup ----
 
-    pub(super) fn setup(&mut self, dir: &Path) -> Check {
+    pub(super) fn setup(&mut self) -> Check {
         for (a, &n) in self.cfg.devices.clone().iter().enumerate() {
             for i in 0..n {
                 let name = format!("a{a}d{i}");
-                let home = dir.join(&name);
-                let mut device = Device::open_seeded(&home, self.rng.gen()).map_err(|e| e.to_string())?;
+                let disk = MemDisk::new();
+                let mut device = Device::open_mem(&disk, self.rng.gen()).map_err(|e| e.to_string())?;
                 device.set_clock(sim_now_ms);
                 let latency = self.rng.gen_range(1..=20) * MS;
                 self.devs.push(Dev {
                     name,
                     account: a,
-                    home,
+                    disk,
+                    crashed: false,
                     id: device.id().clone(),
                     device: Some(device),
                     core: None,

@@ -134,10 +134,15 @@ impl Device {
     /// refused as stale again under the new keys. (A creation the relay took before the rotation
     /// is not made again: the rotation gave that chat a new epoch, which reseals its deltas.) The log's generation moves on even when the bundle
     /// cannot be taken: the chain of signatures holds, and later entries are checked against it.
-    pub(super) fn apply_rotation(&mut self, rotation: &Rotation, gen: &AccountGen) -> Result<Applied, Error> {
+    pub(super) fn apply_rotation(
+        &mut self,
+        rotation: &Rotation,
+        gen: &AccountGen,
+        next_gen: &mut Option<AccountGen>,
+    ) -> Result<Applied, Error> {
         let next = gen.verify_rotation(rotation)?;
         let result = self.take_bundle(rotation, &next);
-        self.store.set_account_gen(&next)?;
+        *next_gen = Some(next.clone());
         self.store.set_rotation_due(false)?;
         // The chats with other members are due their next epoch from this account's devices
         // (the relay stores nothing more in them until one comes).
