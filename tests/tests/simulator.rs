@@ -27,6 +27,11 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "a power loss kept a rotation's new key generation but not the account cursor before it; \
          the rotation then failed its check when applied again",
     ),
+    (
+        8_285_807_922_849_056_994,
+        "a power loss took back the account cursor past a member change the chat had taken; \
+         applied again, the change was refused as made for another state of the chat",
+    ),
 ];
 
 #[test]

@@ -452,6 +452,23 @@ impl DeviceStore {
         Ok(())
     }
 
+    /// Stores a chat's metadata and the chats due a new epoch in one write (a member change:
+    /// applied again after a crash, it must find both or neither).
+    pub fn put_chat_and_rekey_due(
+        &self,
+        chat: ChatId,
+        meta: &ChatMeta,
+        due: &BTreeMap<ChatId, RekeyDue>,
+    ) -> Result<(), StoreError> {
+        atomic(&[&self.chats, &self.meta], |b| {
+            b.insert(0, chat.0, enc(meta));
+            match due.is_empty() {
+                true => b.remove(1, "rekey_due"),
+                false => b.insert(1, "rekey_due", enc(due)),
+            }
+        })
+    }
+
     /// Another account's contact record, if this device has seen the account.
     pub fn contact(&self, account: AccountId) -> Result<Option<Contact>, StoreError> {
         self.contacts.get(account.0)?.map(|v| dec(&v, "contact")).transpose()

@@ -454,9 +454,16 @@ impl Device {
         by_gen.verify_member_change(change)?;
         // Added to a chat this device does not have yet: its key comes with the next epoch.
         let Some(mut meta) = self.store.chat(b.chat)?.filter(|m| !m.left) else { return Ok(Applied::default()) };
+        // The change this chat took last, applied again: a crash took back the account cursor
+        // that passed it (the chat's record and what is due were written together with it, so
+        // they are there). Nothing more to do but what it asked of the key work.
+        let in_place = meta.current().map(|(e, _)| e) == Some(b.base_epoch);
+        if in_place && b.seq + 1 == meta.changes && b.apply(&meta.members) == meta.members {
+            return Ok(Applied { rotation_due: Some(true), ..Applied::default() });
+        }
         // Taken only in its place: for the chat's newest epoch, after as many changes in it as
         // it says (an old change cannot be replayed).
-        if meta.current().map(|(e, _)| e) != Some(b.base_epoch) || b.seq != meta.changes {
+        if !in_place || b.seq != meta.changes {
             return Err(Error::Untrusted("a member change made for another state of the chat"));
         }
         if !meta.members.contains(&b.by) {
@@ -487,8 +494,7 @@ impl Device {
             }
             Applied { rotation_due: Some(true), ..Applied::default() }
         };
-        self.store.put_chat(b.chat, &meta)?;
-        self.store.set_rekey_due(&due)?;
+        self.store.put_chat_and_rekey_due(b.chat, &meta, &due)?;
         Ok(applied)
     }
 
