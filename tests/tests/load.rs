@@ -46,9 +46,11 @@ async fn link(relay: &str, approver: &mut Device, home: &std::path::Path, name: 
 
 /// Sends `n` messages into every chat with up to [`IN_FLIGHT`] sends in flight.
 async fn burst(session: Arc<Session>, chats: Vec<ChatId>, n: usize, who: &'static str) -> usize {
-    let jobs = (0..n).flat_map(|i| chats.iter().map(move |c| (*c, i)));
+    // Owned, not borrowed from `chats`: a spawned future must be `Send` for every lifetime, and
+    // rustc cannot prove that of an iterator borrowing a local across the await.
+    let jobs: Vec<(ChatId, usize)> = (0..n).flat_map(|i| chats.iter().map(move |c| (*c, i))).collect();
     futures::stream::iter(jobs)
-        .map(|(chat, i)| {
+        .map(move |(chat, i)| {
             let s = session.clone();
             async move { s.send(chat, &format!("{who} {i}")).await.expect("send returns Ok") }
         })
