@@ -56,7 +56,8 @@ fn simulated_worlds_keep_every_invariant() {
     eprintln!(
         "{} seeds in {:.1} s: {} events, {} messages, {} acks, {} relay crashes, {} device restarts, \
          {} broken connections, {} lost frames, {} rate-limit waits, {} revocations with rotation, \
-         {} member changes, {} stale-epoch refusals, {} key waits; slowest convergence {:.1} s after faults",
+         {} member changes, {} stale-epoch refusals, {} key waits, {} behind, {} streams cut off; \
+         slowest convergence {:.1} s after faults",
         reports.len(),
         started.elapsed().as_secs_f64(),
         sum(|r| r.events),
@@ -71,6 +72,8 @@ fn simulated_worlds_keep_every_invariant() {
         sum(|r| r.member_changes as u64),
         sum(|r| r.stale_epochs as u64),
         sum(|r| r.key_waits as u64),
+        sum(|r| r.behind as u64),
+        sum(|r| r.cut_off as u64),
         reports.iter().map(|r| r.converged_after).max().unwrap_or(0) as f64 / 1e6,
     );
     let failures = failures.into_inner().unwrap();
