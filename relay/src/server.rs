@@ -17,19 +17,20 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{connection_limits, identify, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
-use stratus_engine::proto::wire::{self, ClientFrame, FrameError, RelayFrame, MAX_FRAME_BYTES};
+use stratus_engine::proto::wire::{self, ClientFrame, RelayFrame, MAX_FRAME_BYTES};
 use stratus_engine::DeviceId;
 use tokio::sync::{mpsc, watch};
-use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
-use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{frame_cost, ConnId, Effect, Input, RelayCore, FRAME_OVERHEAD_BYTES};
+use crate::core::{ConnId, Effect, Input, RelayCore, FRAME_OVERHEAD_BYTES};
 use crate::limits::{Limits, LimitsError, MAX_QUEUED_BYTES};
+
+mod stream;
 use crate::store::{RelayStore, SledStore, StoreError};
 
 /// Frames from all device streams waiting for the core task.
@@ -400,7 +401,15 @@ pub async fn run_with_store<S: RelayStore>(
             let conn = next_conn;
             next_conn += 1;
             let queue = output_queue(&limits);
-            tokio::spawn(connection(conn, peer, stream, accept_tx.clone(), limits.max_frame_bytes, queue, slot));
+            tokio::spawn(stream::connection(
+                conn,
+                peer,
+                stream,
+                accept_tx.clone(),
+                limits.max_frame_bytes,
+                queue,
+                slot,
+            ));
         }
     });
 
@@ -669,104 +678,4 @@ fn internal(req: u64, e: StoreError) -> RelayFrame {
         code: wire::ErrorCode::Internal,
         message: "the relay's store failed to read".into(),
     }
-}
-
-async fn connection(
-    conn: ConnId,
-    peer: PeerId,
-    stream: libp2p::Stream,
-    core: mpsc::Sender<CoreMsg>,
-    max_frame_bytes: usize,
-    queue: usize,
-    _slot: StreamSlot,
-) {
-    let mut framed = Framed::new(stream.compat(), RelayCodec::new(max_frame_bytes));
-    let (tx, mut rx) = mpsc::channel::<Outgoing>(queue);
-    let kill = CancellationToken::new();
-    let handle = StreamHandle { tx, kill: kill.clone() };
-    if core.send(CoreMsg::Open { conn, device: DeviceId(peer.to_string()), handle }).await.is_err() {
-        return;
-    }
-    // One task reads and writes: frames for the core go out through a bounded channel (the
-    // reader waits when the core is busy), frames for the device come in through another.
-    // (Splitting the framed stream into a reader task and a writer task stalled the write
-    // direction now and then under a steady append load: a lost wake-up between the split's
-    // lock and the yamux stream. One task with `select!` has no such hand-off.)
-    let mut reading = true;
-    let mut killed = false;
-    loop {
-        tokio::select! {
-            () = kill.cancelled() => {
-                killed = true;
-                break;
-            }
-            out = rx.recv() => {
-                let (frame, page) = match out {
-                    Some(Outgoing::Frame(f)) => (f, false),
-                    Some(Outgoing::Page(f)) => (f, true),
-                    Some(Outgoing::Close) | None => break,
-                };
-                {
-                    // What the core counted for it (see `Input::Sent`): pages by number.
-                    let (encoded, written) = match wire::encode(&frame) {
-                        Ok(b) if page => (b, (0, 1)),
-                        Ok(b) => {
-                            let cost = b.len() as u64 + FRAME_OVERHEAD_BYTES;
-                            (b, (cost, 0))
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "dropping a frame that does not encode");
-                            let (bytes, pages) = if page { (0, 1) } else { (frame_cost(&frame), 0) };
-                            if core.send(CoreMsg::Input(Input::Sent { conn, bytes, pages })).await.is_err() {
-                                break;
-                            }
-                            continue;
-                        }
-                    };
-                    // A peer that stops reading blocks this write; the core cuts it off after
-                    // the stall timeout and the kill stops the write here.
-                    let sent = tokio::select! {
-                        () = kill.cancelled() => { killed = true; break; }
-                        r = framed.send(bytes::Bytes::from(encoded)) => r,
-                    };
-                    if sent.is_err() {
-                        break;
-                    }
-                    let report = Input::Sent { conn, bytes: written.0, pages: written.1 };
-                    if core.send(CoreMsg::Input(report)).await.is_err() {
-                        break;
-                    }
-                }
-            }
-            item = framed.next(), if reading => {
-                // Wall-clock time: sessions show when they were last active, and the rate limit
-                // only uses differences (a clock stepped back just refills the bucket later).
-                let now_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-                let input = match item {
-                    Some(Ok(bytes)) => match wire::decode::<ClientFrame>(&bytes) {
-                        Ok(frame) => Input::Frame { conn, frame, now_ms },
-                        Err(error) => Input::BadFrame { conn, error },
-                    },
-                    Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-                        // An oversized length prefix: the rest of the stream cannot be framed.
-                        // The core answers with an error and a close, which this loop still sends.
-                        reading = false;
-                        Input::BadFrame { conn, error: FrameError::TooLarge(0) }
-                    }
-                    Some(Err(_)) | None => break,
-                };
-                if core.send(CoreMsg::Input(input)).await.is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = core.send(CoreMsg::Input(Input::Closed { conn })).await;
-    if !killed {
-        let _ = tokio::time::timeout(Duration::from_secs(5), SinkExt::<bytes::Bytes>::close(&mut framed)).await;
-    }
-    // Dropping the stream resets it if it is not closed: a peer that stopped reading gets
-    // nothing more, and what was queued for it is freed with `rx`.
 }

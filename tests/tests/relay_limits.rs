@@ -388,3 +388,44 @@ fn a_peer_that_stops_reading_is_disconnected_and_memory_stays_flat() {
         assert!(got < n, "it was cut off, not sent everything ({got})");
     });
 }
+
+/// The relay keeps reading a device while a write to it waits: a device that sends a lot
+/// without reading, while pushes to it have filled its transport window, is still served. (A
+/// stream task that only read between writes left both sides waiting on each other.)
+#[test]
+fn the_relay_reads_a_device_while_it_waits_to_write_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"));
+    let (home_a, home_s) = (dir.path().join("a"), dir.path().join("s"));
+    let a = account(&relay, &home_a, "a");
+    link_device(&relay, &home_a, &home_s, "s");
+    let s_keys = stratus_engine::Device::open(&home_s).unwrap().keypair();
+    rt().block_on(async {
+        let mut s = Raw::connect(s_keys, &relay.addr).await;
+        assert!(matches!(s.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
+        // Pushes to s fill its transport window (it reads nothing): the relay's writes to it wait.
+        let mut w = raw(&relay, &a).await;
+        for i in 0..40 {
+            let reply = w.request(append(i, a.chat, 1000 + i, 16 * 1024)).await;
+            assert!(matches!(reply, RelayFrame::Acked { .. }), "{reply:?}");
+        }
+        // s sends 1 MiB of appends meanwhile, more than its own window towards the relay: this
+        // only completes if the relay reads it while its writes to it wait.
+        let sending = async {
+            for i in 0..64 {
+                s.stream.send(&append(i, a.chat, 5000 + i, 16 * 1024)).await.unwrap();
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), sending)
+            .await
+            .expect("the relay reads a device it waits to write to");
+        // Then s reads: every append is acknowledged.
+        let mut acked = 0;
+        while acked < 64 {
+            if let RelayFrame::Acked { .. } = s.next().await.expect("the stream stays open") {
+                acked += 1;
+            }
+        }
+    });
+    assert!(!relay.log().contains("disconnecting it"), "nobody was cut off");
+}
