@@ -12,7 +12,12 @@
 //! * frames go to open streams only; pushes go to devices of member accounts only; a device
 //!   whose session was ended gets nothing but errors;
 //! * every request is answered at most once, and once everything is durable every request on
-//!   a stream that is still open has been answered (a `LinkWait` only when approved).
+//!   a stream that is still open has been answered (a `LinkWait` only when approved);
+//! * backlogs (the driver reports frames written, `Sent`, and ticks, `Tick`): a push goes only
+//!   to a stream whose unwritten frames are within the push budget; a `Behind` names durable
+//!   heads; a stream is cut off (`Kill`) exactly when it has had something unwritten for the
+//!   stall timeout with no progress, or when its answers would pass the hard cap, and then it
+//!   gets nothing more.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -33,10 +38,10 @@ use stratus_engine::proto::wire::{
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 use stratus_relay::core::{
-    AccountSettings, ApprovedLink, ChatRecord, ConnId, DeviceState, Effect, Input as CoreInput, Recovered,
-    RecoveryRecord, RelayCore, StoreOp, DEDUP_WINDOW,
+    frame_cost, AccountSettings, ApprovedLink, ChatRecord, ConnId, DeviceState, Effect, Input as CoreInput, Recovered,
+    RecoveryRecord, RelayCore, StoreOp, DEDUP_WINDOW, FRAME_OVERHEAD_BYTES,
 };
-use stratus_relay::limits::Limits;
+use stratus_relay::limits::{Limits, MAX_QUEUED_BYTES};
 
 /// Most operations per run.
 const MAX_OPS: usize = 96;
@@ -171,6 +176,16 @@ enum Op {
     Wait {
         ms: u16,
     },
+    /// The driver reports a share (`part` / 256) of what waits for a stream written, and a
+    /// page if `part` is odd.
+    Sent {
+        conn: u8,
+        part: u8,
+    },
+    /// The driver's timer, `secs` seconds after the last.
+    Tick {
+        secs: u8,
+    },
 }
 
 #[path = "relay_core/fixture.rs"]
@@ -282,10 +297,28 @@ impl Store {
     }
 }
 
+/// What waits to be written to one stream, as the driver sees it.
+#[derive(Default)]
+struct Waiting {
+    /// Cost of the frames sent and not yet reported written.
+    bytes: u64,
+    /// Pages read and not yet reported written.
+    pages: u32,
+    /// The tick since which something has waited with no progress (the stall timer's model).
+    since_ms: Option<u64>,
+}
+
 struct Harness {
     core: RelayCore,
     /// Open streams and their devices.
     open: BTreeMap<ConnId, DeviceId>,
+    /// What waits for each open stream.
+    waiting: BTreeMap<ConnId, Waiting>,
+    /// The driver's monotonic clock for ticks, in ms.
+    tick_ms: u64,
+    /// Streams the current input may cut off for a stall (a tick's), and those it did.
+    may_stall: Vec<ConnId>,
+    stalled: Vec<ConnId>,
     next_conn: ConnId,
     durable: Store,
     latest: Store,
@@ -308,6 +341,8 @@ fn limits() -> Limits {
         max_appends_in_flight_per_device: 4,
         max_fetches_in_flight_per_device: 2,
         min_session_age_ms: 0,
+        max_push_backlog_bytes: 2048,
+        stalled_reader_ms: 5_000,
         ..Limits::default()
     }
 }
@@ -317,6 +352,10 @@ impl Harness {
         Harness {
             core: RelayCore::new(Recovered::default(), limits()),
             open: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            tick_ms: 0,
+            may_stall: Vec::new(),
+            stalled: Vec::new(),
             next_conn: 1,
             durable: Store::default(),
             latest: Store::default(),
@@ -339,6 +378,7 @@ impl Harness {
         let conn = self.next_conn;
         self.next_conn += 1;
         self.open.insert(conn, device.clone());
+        self.waiting.insert(conn, Waiting::default());
         self.input(CoreInput::Opened { conn, device });
         conn
     }
@@ -371,9 +411,46 @@ impl Harness {
 
     fn close(&mut self, conn: ConnId) {
         if self.open.remove(&conn).is_some() {
+            self.waiting.remove(&conn);
             self.requests.retain(|(c, _), _| *c != conn);
             self.input(CoreInput::Closed { conn });
         }
+    }
+
+    /// The driver wrote `part` / 256 of what waits for the `i`th stream, and a page if `part`
+    /// is odd.
+    fn sent(&mut self, i: u8, part: u8) {
+        let Some(conn) = self.conn(i) else { return };
+        let w = self.waiting.get_mut(&conn).expect("an open stream has a count");
+        let bytes = w.bytes * (u64::from(part) + 1) / 256;
+        let pages = u32::from(part % 2 == 1).min(w.pages);
+        w.bytes -= bytes;
+        w.pages -= pages;
+        if bytes > 0 || pages > 0 {
+            w.since_ms = None;
+        }
+        self.input(CoreInput::Sent { conn, bytes, pages });
+    }
+
+    /// The driver's timer: the streams the model says stalled, and only they, are cut off.
+    fn tick(&mut self, secs: u8) {
+        self.tick_ms += u64::from(secs) * 1000;
+        let now_ms = self.tick_ms;
+        let stall_ms = limits().stalled_reader_ms;
+        self.may_stall.clear();
+        for (conn, w) in &mut self.waiting {
+            if w.bytes == 0 && w.pages == 0 {
+                w.since_ms = None;
+                continue;
+            }
+            if now_ms - *w.since_ms.get_or_insert(now_ms) >= stall_ms {
+                self.may_stall.push(*conn);
+            }
+        }
+        self.input(CoreInput::Tick { now_ms });
+        assert_eq!(self.stalled, self.may_stall, "the streams cut off are those stalled for the timeout");
+        self.may_stall.clear();
+        self.stalled.clear();
     }
 
     fn replied(&mut self, conn: ConnId, req: ReqId) {
@@ -416,18 +493,43 @@ impl Harness {
                 assert!(self.open.contains_key(&conn), "close of a stream that is not open");
                 closing.push(conn);
             }
+            Effect::Kill { conn } => {
+                assert!(self.open.contains_key(&conn), "kill of a stream that is not open");
+                let w = self.waiting.remove(&conn).expect("an open stream has a count");
+                if self.may_stall.contains(&conn) {
+                    self.stalled.push(conn);
+                } else {
+                    // Only answers that would pass the hard cap cut a stream off otherwise.
+                    let largest = stratus_engine::proto::wire::MAX_FRAME_BYTES as u64 + FRAME_OVERHEAD_BYTES;
+                    assert!(w.bytes + largest > MAX_QUEUED_BYTES, "a stream cut off with {} bytes waiting", w.bytes);
+                }
+                // The core has forgotten it; the driver's `Closed` comes later and changes nothing.
+                self.open.remove(&conn);
+                self.requests.retain(|(c, _), _| *c != conn);
+                let after = self.core.handle(CoreInput::Closed { conn });
+                assert!(after.is_empty(), "a closed stream's `Closed` did something: {after:?}");
+            }
             Effect::ReadChat { conn, req, chat, upto, .. } => {
                 assert!(self.open.contains_key(&conn), "read for a stream that is not open");
+                self.waiting.get_mut(&conn).expect("open").pages += 1;
                 assert!(upto <= self.durable.chat_head(chat), "a read of chat {chat} past its durable head");
                 self.replied(conn, req);
             }
             Effect::ReadAccount { conn, req, account, upto, .. } => {
                 assert!(self.open.contains_key(&conn), "read for a stream that is not open");
+                self.waiting.get_mut(&conn).expect("open").pages += 1;
                 assert!(upto <= self.durable.account_head(account), "a read of an account log past its durable head");
                 self.replied(conn, req);
             }
             Effect::Send { conn, frame } => {
                 let device = self.open.get(&conn).unwrap_or_else(|| panic!("send to stream {conn}, not open")).clone();
+                let w = self.waiting.get_mut(&conn).expect("open");
+                if matches!(frame, RelayFrame::Push { .. } | RelayFrame::PushAccount { .. } | RelayFrame::Typing { .. })
+                {
+                    assert!(w.bytes <= limits().max_push_backlog_bytes, "a push to a stream past its budget");
+                }
+                w.bytes += frame_cost(&frame);
+                assert!(w.bytes <= MAX_QUEUED_BYTES, "more than the hard cap waits for a stream");
                 self.check_send(conn, &device, frame);
             }
         }
@@ -520,6 +622,7 @@ impl Harness {
         self.latest = self.durable.clone();
         self.core = RelayCore::new(self.durable.recover(), limits());
         self.open.clear();
+        self.waiting.clear();
         self.requests.clear();
         self.last_token = 0;
         self.durable_token = 0;
@@ -670,6 +773,8 @@ fuzz_target!(|script: Script| {
             }
             // Up to a few days, so that sessions expire.
             Op::Wait { ms } => h.now_ms += u64::from(ms) * u64::from(ms) * 10_000,
+            Op::Sent { conn, part } => h.sent(conn, part),
+            Op::Tick { secs } => h.tick(secs % 8),
         }
     }
     // Everything durable: every request on an open stream has its answer.

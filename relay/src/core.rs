@@ -13,7 +13,7 @@
 //! Limits (see [`crate::limits::Limits`]): every request of a registered device takes a token
 //! from its bucket (the driver gives the time with each frame; the core never reads a clock);
 //! appends accepted and not yet acknowledged, and pages asked for and not yet sent in full
-//! ([`Input::PageSent`]), are counted per device. A request over a limit gets
+//! ([`Input::Sent`]), are counted per device. A request over a limit gets
 //! [`RelayFrame::RateLimited`] and changes nothing. An append refused that way holds back the
 //! device's later client seqs until it comes again (see [`Device::held`]): the relay stores a
 //! device's appends in client-seq order, and its dedup takes any client seq at or below the
@@ -23,6 +23,12 @@
 //! `core/rotation.rs` and docs/crypto.md). After a rotation an append under an older epoch of its
 //! chat, and a chat key or certificate an older generation signed, get `StaleEpoch`; a refused
 //! append or chat creation holds back the device's later client seqs the same way.
+//!
+//! Backlogs (see `core/backlog.rs`): what waits to be written to each stream is counted in
+//! bytes from the driver's [`Input::Sent`] reports. Pushes to a device that falls behind are
+//! dropped and it is told what it missed ([`RelayFrame::Behind`]); answers are never dropped;
+//! a device that stops reading is cut off ([`Effect::Kill`]) after a timeout on the driver's
+//! [`Input::Tick`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -54,10 +60,19 @@ pub enum Input {
     /// A decoded frame arrived at `now_ms`, milliseconds since the Unix epoch by the driver's
     /// clock (sessions' registration and last activity; the rate limit uses only differences).
     Frame { conn: ConnId, frame: ClientFrame, now_ms: u64 },
-    /// The answer to a [`Effect::ReadChat`] or [`Effect::ReadAccount`] on `conn` has been
-    /// written to the stream: the page no longer counts against the device's fetches in flight.
-    /// (A stream that closes drops its count with [`Input::Closed`].)
-    PageSent { conn: ConnId },
+    /// Frames for `conn` have been written to its stream (handed to the transport): `bytes` is
+    /// the sum of the [`frame_cost`]s of the [`Effect::Send`] frames among them, `pages` the
+    /// number of answers to [`Effect::ReadChat`] and [`Effect::ReadAccount`] (which then no
+    /// longer count against the device's fetches in flight; a page's bytes are not counted).
+    /// The driver may report many frames at once, each frame once; reports for a stream the
+    /// core has closed change nothing. (A stream that closes drops its counts with
+    /// [`Input::Closed`].)
+    Sent { conn: ConnId, bytes: u64, pages: u32 },
+    /// The driver's timer, about once a second. `now_ms` is milliseconds on a monotonic clock
+    /// with any origin (the core uses only differences, and only between ticks): streams that
+    /// have had something waiting and nothing written for [`Limits::stalled_reader_ms`] are
+    /// cut off.
+    Tick { now_ms: u64 },
     /// A frame failed to decode.
     BadFrame { conn: ConnId, error: FrameError },
     /// The stream closed.
@@ -73,15 +88,20 @@ pub enum Effect {
     Send { conn: ConnId, frame: RelayFrame },
     /// Close a stream (after sending what was queued).
     Close { conn: ConnId },
+    /// Stop a stream at once, dropping whatever waits to be written to it: its device has
+    /// stopped reading. The core has already forgotten the stream (an [`Input::Closed`] for it
+    /// changes nothing). Logged as "device is not reading; disconnecting it".
+    Kill { conn: ConnId },
     /// Apply these operations atomically, then include them in the next fsync barrier and report
     /// [`Input::Durable`] with `token` once it completes.
     Write { token: u64, ops: Vec<StoreOp> },
     /// Read a page of a chat's log (`after < seq <= upto`, at most `max` deltas and
     /// [`stratus_engine::proto::wire::MAX_PAGE_BYTES`]) and send it as a `ChatPage` with `head: upto`.
-    /// Report [`Input::PageSent`] once it (or an error in its place) is written to the stream.
+    /// Report it in [`Input::Sent`]'s `pages` once it (or an error in its place) is written to
+    /// the stream.
     ReadChat { conn: ConnId, req: ReqId, chat: ChatId, after: Seq, upto: Seq, max: u32 },
-    /// Read a page of an account log likewise, send it as an `AccountPage` and report
-    /// [`Input::PageSent`].
+    /// Read a page of an account log likewise, send it as an `AccountPage` and report it in
+    /// [`Input::Sent`].
     ReadAccount { conn: ConnId, req: ReqId, account: AccountId, after: Seq, upto: Seq, max: u32 },
 }
 
@@ -196,6 +216,8 @@ struct Conn {
     account: Option<AccountId>,
     /// This stream's share of its device's `fetches_in_flight`, given back when it closes.
     fetches_in_flight: u32,
+    /// What waits to be written to it.
+    backlog: Backlog,
 }
 
 struct PendingLink {
@@ -336,18 +358,11 @@ impl RelayCore {
         let mut out = Vec::new();
         match input {
             Input::Opened { conn, device } => {
-                self.conns.insert(conn, Conn { device, hello: false, account: None, fetches_in_flight: 0 });
+                let backlog = Backlog::default();
+                self.conns.insert(conn, Conn { device, hello: false, account: None, fetches_in_flight: 0, backlog });
             }
-            Input::PageSent { conn } => {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    if c.fetches_in_flight > 0 {
-                        c.fetches_in_flight -= 1;
-                        if let Some(d) = self.devices.get_mut(&c.device) {
-                            d.fetches_in_flight = d.fetches_in_flight.saturating_sub(1);
-                        }
-                    }
-                }
-            }
+            Input::Sent { conn, bytes, pages } => self.sent(conn, bytes, pages, &mut out),
+            Input::Tick { now_ms } => self.tick(now_ms, &mut out),
             Input::Closed { conn } => self.close(conn, &mut out),
             Input::BadFrame { conn, error } => {
                 let code = match error {
@@ -362,7 +377,7 @@ impl RelayCore {
             Input::Frame { conn, frame, now_ms } => self.frame(conn, frame, now_ms, &mut out),
             Input::Durable { token } => self.durable(token, &mut out),
         }
-        out
+        self.admit(out)
     }
 
     fn close(&mut self, conn: ConnId, out: &mut Vec<Effect>) {
@@ -742,6 +757,9 @@ fn error_frame(conn: ConnId, req: Option<ReqId>, code: ErrorCode, message: impl 
 }
 
 mod accounts;
+mod backlog;
+use backlog::Backlog;
+pub use backlog::{frame_cost, FRAME_OVERHEAD_BYTES};
 mod chats;
 mod limiting;
 mod members;

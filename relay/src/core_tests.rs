@@ -470,12 +470,12 @@ fn fetches_in_flight_are_capped_per_device_until_their_pages_are_sent() {
     assert_eq!(rate_limited(&w.frame(a2.conn, fetch(4))), vec![(4, IN_FLIGHT_RETRY_MS)]);
     assert_eq!(reads(&w.frame(b.conn, fetch(5))), 1);
     // One page written: room for one more.
-    w.input(Input::PageSent { conn: a.conn });
+    w.input(Input::Sent { conn: a.conn, bytes: 0, pages: 1 });
     assert_eq!(reads(&w.frame(a2.conn, fetch(6))), 1);
     assert_eq!(rate_limited(&w.frame(a.conn, fetch(7))).len(), 1);
-    // A stream that closes gives back what it had in flight; a stray PageSent changes nothing.
+    // A stream that closes gives back what it had in flight; a stray report changes nothing.
     w.input(Input::Closed { conn: a.conn });
-    w.input(Input::PageSent { conn: a.conn });
+    w.input(Input::Sent { conn: a.conn, bytes: 0, pages: 1 });
     assert_eq!(reads(&w.frame(a2.conn, fetch(8))), 1);
     assert_eq!(rate_limited(&w.frame(a2.conn, fetch(9))).len(), 1);
 }
@@ -654,6 +654,9 @@ mod sessions;
 
 #[path = "core_tests_members.rs"]
 mod members;
+
+#[path = "core_tests_backlog.rs"]
+mod backlog;
 
 #[test]
 fn typing_is_pushed_to_the_members_other_devices_and_never_written() {

@@ -8,7 +8,10 @@
 //!   stream is opened;
 //! * sync streams per connection and frame size: the driver (`server.rs`);
 //! * request rate, appends and fetches in flight: the sans-IO core (`core.rs`), which is given
-//!   the time with each frame.
+//!   the time with each frame;
+//! * what waits to be written to a device (pushes dropped past a budget, a reader that stopped
+//!   cut off): the core too (`core/backlog.rs`), from the driver's reports of what it wrote and
+//!   its once-a-second tick.
 
 /// The relay's limits. `Default` gives the documented values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +70,33 @@ pub struct Limits {
     /// Bytes one circuit may carry, both ways together (ciphertext and framing); then it is
     /// closed like one that lasted too long. Default 64 MiB.
     pub max_circuit_bytes: u64,
+    /// How much may wait to be written to one device stream before pushes to it (`Push`,
+    /// `PushAccount`, `Typing`) are dropped, counted as the frames' cost (encoded length plus
+    /// [`crate::core::FRAME_OVERHEAD_BYTES`]; pages are not counted, the fetch limit bounds
+    /// them). Once the backlog falls to half of this the device gets one `Behind` with the
+    /// durable heads of what it missed, and fetches it. Answers to requests are never dropped.
+    /// A device that applies more slowly than the relay pushes (bursts of thousands of messages
+    /// a second) thereby stays connected and catches up by pages. At most half of
+    /// [`MAX_QUEUED_BYTES`]. Default 1 MiB: about a second of pushes of 100-byte messages at
+    /// 2,000/s (each counts about 500 bytes). A device that keeps up has far less waiting (the
+    /// driver reports what it wrote every 16 KiB or 100 ms), but one fsync barrier releases the
+    /// pushes of every append it covers at once: 16 appends in flight of 16 KiB deltas are
+    /// already 256 KiB for each device of the chat.
+    pub max_push_backlog_bytes: u64,
+    /// How long a device stream may have frames waiting without any of them being written
+    /// before the relay cuts it off (at once, dropping what waits): the device has stopped
+    /// reading. Checked on the driver's one-second tick, so a cut comes up to a second later.
+    /// A device that reads at all, however slowly, is never cut for this, provided it takes at
+    /// least one frame (at most 1 MiB) per period. Default 30 s.
+    pub stalled_reader_ms: u64,
 }
+
+/// Most bytes that may wait to be written to one device stream (counted like
+/// [`Limits::max_push_backlog_bytes`], pages excluded): a stream whose answers would pass it
+/// is cut off at once. A safety net: pushes stop at the push backlog, and a device that reads
+/// never has more than a few answers waiting (the largest is half a frame), so only one that
+/// asks and does not read reaches it before [`Limits::stalled_reader_ms`] runs out.
+pub const MAX_QUEUED_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Longest frame the protocol allows (see the wire module).
 pub use stratus_engine::proto::wire::MAX_FRAME_BYTES;
@@ -97,6 +126,8 @@ impl Default for Limits {
             max_circuits_per_peer: 8,
             max_circuit_secs: 3600,
             max_circuit_bytes: 64 * 1024 * 1024,
+            max_push_backlog_bytes: 1024 * 1024,
+            stalled_reader_ms: 30_000,
         }
     }
 }
@@ -111,6 +142,9 @@ pub enum LimitsError {
     /// The frame limit is outside what the protocol allows.
     #[error("max_frame_bytes must be between {MIN_FRAME_BYTES} and {MAX_FRAME_BYTES}, not {0}")]
     FrameBytes(usize),
+    /// The push backlog is 0 or more than half of [`MAX_QUEUED_BYTES`].
+    #[error("max_push_backlog_bytes must be between 1 and {max}, not {0}", max = MAX_QUEUED_BYTES / 2)]
+    PushBacklog(u64),
 }
 
 impl Limits {
@@ -131,6 +165,12 @@ impl Limits {
         }
         if !(MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
             return Err(LimitsError::FrameBytes(self.max_frame_bytes));
+        }
+        if !(1..=MAX_QUEUED_BYTES / 2).contains(&self.max_push_backlog_bytes) {
+            return Err(LimitsError::PushBacklog(self.max_push_backlog_bytes));
+        }
+        if self.stalled_reader_ms == 0 {
+            return Err(LimitsError::Zero("stalled_reader_ms"));
         }
         Ok(())
     }
@@ -202,5 +242,9 @@ mod tests {
         assert_eq!(l.validate(), Err(LimitsError::FrameBytes(10)));
         let l = Limits { max_appends_in_flight_per_device: 0, ..Limits::default() };
         assert!(matches!(l.validate(), Err(LimitsError::Zero(_))));
+        let l = Limits { max_push_backlog_bytes: MAX_QUEUED_BYTES, ..Limits::default() };
+        assert_eq!(l.validate(), Err(LimitsError::PushBacklog(MAX_QUEUED_BYTES)));
+        let l = Limits { stalled_reader_ms: 0, ..Limits::default() };
+        assert_eq!(l.validate(), Err(LimitsError::Zero("stalled_reader_ms")));
     }
 }

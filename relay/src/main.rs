@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use stratus_relay::limits::{Limits, MAX_FRAME_BYTES, MIN_FRAME_BYTES};
+use stratus_relay::limits::{Limits, MAX_FRAME_BYTES, MAX_QUEUED_BYTES, MIN_FRAME_BYTES};
 use stratus_relay::server::{self, Config};
 
 /// Stores client-side-encrypted chat deltas durably and pushes them to every connected device.
@@ -59,6 +59,13 @@ struct Args {
     /// Bytes a relayed connection may carry, both ways (0: no limit).
     #[arg(long, default_value_t = Limits::default().max_circuit_bytes)]
     max_circuit_bytes: u64,
+    /// Bytes that may wait to be written to one device stream before pushes to it are dropped
+    /// (it is then told what it missed and fetches it).
+    #[arg(long, default_value_t = Limits::default().max_push_backlog_bytes, value_parser = clap::value_parser!(u64).range(1..=MAX_QUEUED_BYTES / 2))]
+    max_push_backlog_bytes: u64,
+    /// Seconds a device stream may have frames waiting with none written before it is cut off.
+    #[arg(long, default_value_t = Limits::default().stalled_reader_ms / 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    stalled_reader_secs: u64,
     /// An address devices can reach the relay at (repeatable), when it is not the one it
     /// listens on (behind NAT or a port forward). Devices reachable through the relay are given
     /// these.
@@ -105,6 +112,8 @@ fn main() -> ExitCode {
         max_circuits_per_peer: args.max_circuits_per_peer,
         max_circuit_secs: args.max_circuit_secs,
         max_circuit_bytes: args.max_circuit_bytes,
+        max_push_backlog_bytes: args.max_push_backlog_bytes,
+        stalled_reader_ms: args.stalled_reader_secs.saturating_mul(1000),
     };
     let config =
         Config { data_dir: args.data_dir, listen: args.listen, external_addresses: args.external_addresses, limits };

@@ -2,9 +2,13 @@
 //!
 //! Bounds (each documented where it is defined):
 //! * [`INPUT_QUEUE`] frames wait for the core task; readers wait when it is full.
-//! * [`OUTPUT_QUEUE`] frames wait for each device; a device that lets it fill is disconnected,
-//!   which keeps the relay's memory flat when a peer stops reading: its stream task is stopped
-//!   even while it waits to write, and its queue is dropped. It catches up on reconnect.
+//! * What waits for each device is bounded by the core in bytes (pushes dropped past
+//!   [`Limits::max_push_backlog_bytes`], a device that stops reading cut off after
+//!   [`Limits::stalled_reader_ms`], answers capped by [`crate::limits::MAX_QUEUED_BYTES`]; see
+//!   `core/backlog.rs`). The core task carries out the cut ([`Effect::Kill`]): the stream task
+//!   is stopped even while it waits to write, and its queue is dropped. Each stream's queue is
+//!   also bounded in frames ([`output_queue`]), sized so that the core's bounds keep it from
+//!   filling; a stream whose queue fills anyway is cut off the same way.
 //! * [`Limits`]: connections in total and per peer (the swarm's `connection_limits`), sync
 //!   streams per connection and frame size (here), the rest in the core.
 
@@ -13,25 +17,36 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{connection_limits, identify, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
-use stratus_engine::proto::wire::{self, ClientFrame, FrameError, RelayFrame, MAX_FRAME_BYTES};
+use stratus_engine::proto::wire::{self, ClientFrame, RelayFrame, MAX_FRAME_BYTES};
 use stratus_engine::DeviceId;
 use tokio::sync::{mpsc, watch};
-use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
-use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{ConnId, Effect, Input, RelayCore};
-use crate::limits::{Limits, LimitsError};
+use crate::core::{ConnId, Effect, Input, RelayCore, FRAME_OVERHEAD_BYTES};
+use crate::limits::{Limits, LimitsError, MAX_QUEUED_BYTES};
+
+mod stream;
 use crate::store::{RelayStore, SledStore, StoreError};
 
 /// Frames from all device streams waiting for the core task.
 pub const INPUT_QUEUE: usize = 4096;
-/// Frames waiting to be written to one device; when full the device is disconnected.
-pub const OUTPUT_QUEUE: usize = 256;
+/// How often the core task is given [`Input::Tick`] (the stall timer's resolution).
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// Most frames waiting to be written to one device stream: as many as the core lets wait
+/// ([`MAX_QUEUED_BYTES`] / [`FRAME_OVERHEAD_BYTES`], every frame costing at least that much, plus
+/// the device's pages in flight) and some slack for `Close`. The core cuts a stream off before
+/// it gets there; one that fills its queue anyway (a bug) is cut off by the driver. The queue
+/// takes memory only for what waits in it.
+pub fn output_queue(limits: &Limits) -> usize {
+    let frames = MAX_QUEUED_BYTES / FRAME_OVERHEAD_BYTES;
+    usize::try_from(frames).unwrap_or(usize::MAX / 2) + limits.max_fetches_in_flight_per_device as usize + 16
+}
 /// Most inputs the core task takes in one go; their writes share one store transaction.
 pub const CORE_BATCH: usize = 256;
 
@@ -87,7 +102,7 @@ const MAX_OBSERVED_ADDRESSES: usize = 8;
 
 enum Outgoing {
     Frame(RelayFrame),
-    /// The answer to a fetch: once written, the core hears [`Input::PageSent`].
+    /// The answer to a fetch: once written, it is reported as a page in [`Input::Sent`].
     Page(RelayFrame),
     Close,
 }
@@ -385,7 +400,16 @@ pub async fn run_with_store<S: RelayStore>(
             };
             let conn = next_conn;
             next_conn += 1;
-            tokio::spawn(connection(conn, peer, stream, accept_tx.clone(), limits.max_frame_bytes, slot));
+            let queue = output_queue(&limits);
+            tokio::spawn(stream::connection(
+                conn,
+                peer,
+                stream,
+                accept_tx.clone(),
+                limits.max_frame_bytes,
+                queue,
+                slot,
+            ));
         }
     });
 
@@ -393,6 +417,7 @@ pub async fn run_with_store<S: RelayStore>(
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<StoreError>(1);
     let barrier_task = tokio::spawn(barrier_loop(store.clone(), written_rx, in_tx.clone(), fatal_tx.clone()));
     let core_task = tokio::spawn(core_loop(core, store.clone(), in_rx, written_tx, fatal_tx, registered));
+    let tick_task = tokio::spawn(tick_loop(in_tx.clone()));
 
     let mut core_task = core_task;
     let result = tokio::select! {
@@ -407,6 +432,7 @@ pub async fn run_with_store<S: RelayStore>(
     accept_task.abort();
     core_task.abort();
     barrier_task.abort();
+    tick_task.abort();
     swarm_task.abort();
     if result.is_ok() {
         // Make whatever was written durable before a clean exit.
@@ -445,6 +471,20 @@ async fn barrier_loop<S: RelayStore>(
                 let _ = fatal.send(StoreError::Barrier(std::io::Error::other(e.to_string()))).await;
                 return;
             }
+        }
+    }
+}
+
+/// Gives the core the time every [`TICK`], on a monotonic clock that starts at 0.
+async fn tick_loop(in_tx: mpsc::Sender<CoreMsg>) {
+    let start = tokio::time::Instant::now();
+    let mut every = tokio::time::interval(TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if in_tx.send(CoreMsg::Input(Input::Tick { now_ms })).await.is_err() {
+            return;
         }
     }
 }
@@ -489,7 +529,8 @@ async fn core_loop<S: RelayStore>(
                         // then. Ending it here would drop those frames.
                         Some(Ok(())) | Some(Err(mpsc::error::TrySendError::Closed(_))) | None => true,
                         Some(Err(mpsc::error::TrySendError::Full(_))) => {
-                            tracing::warn!(conn, "device is not reading; disconnecting it");
+                            // The core's byte bounds should have cut it off first.
+                            tracing::error!(conn, "a device's output queue is full; disconnecting it");
                             if let Some(h) = conns.remove(&conn) {
                                 h.kill.cancel();
                             }
@@ -512,6 +553,14 @@ async fn core_loop<S: RelayStore>(
                     }
                     Effect::Close { conn } => {
                         send(&mut conns, conn, Outgoing::Close);
+                    }
+                    Effect::Kill { conn } => {
+                        // The core has forgotten the stream; its task's own `Closed` changes
+                        // nothing.
+                        tracing::warn!(conn, "device is not reading; disconnecting it");
+                        if let Some(h) = conns.remove(&conn) {
+                            h.kill.cancel();
+                        }
                     }
                     Effect::Write { token, ops: more } => {
                         note_devices(&registered, &more);
@@ -562,7 +611,8 @@ fn log_input(input: &Input) {
         Input::Closed { conn } => tracing::info!(conn, "device stream closed"),
         Input::BadFrame { conn, error } => tracing::info!(conn, %error, "bad frame"),
         Input::Durable { token } => tracing::trace!(token, "barrier done"),
-        Input::PageSent { conn } => tracing::trace!(conn, "page sent"),
+        Input::Sent { conn, bytes, pages } => tracing::trace!(conn, bytes, pages, "sent"),
+        Input::Tick { now_ms } => tracing::trace!(now_ms, "tick"),
         Input::Frame { conn, frame, .. } => match frame {
             ClientFrame::Append { req, chat, client_seq, sealed, .. } => {
                 tracing::debug!(conn, req, %chat, client_seq = client_seq.0, bytes = sealed.len(), "append")
@@ -628,93 +678,4 @@ fn internal(req: u64, e: StoreError) -> RelayFrame {
         code: wire::ErrorCode::Internal,
         message: "the relay's store failed to read".into(),
     }
-}
-
-async fn connection(
-    conn: ConnId,
-    peer: PeerId,
-    stream: libp2p::Stream,
-    core: mpsc::Sender<CoreMsg>,
-    max_frame_bytes: usize,
-    _slot: StreamSlot,
-) {
-    let mut framed = Framed::new(stream.compat(), RelayCodec::new(max_frame_bytes));
-    let (tx, mut rx) = mpsc::channel::<Outgoing>(OUTPUT_QUEUE);
-    let kill = CancellationToken::new();
-    let handle = StreamHandle { tx, kill: kill.clone() };
-    if core.send(CoreMsg::Open { conn, device: DeviceId(peer.to_string()), handle }).await.is_err() {
-        return;
-    }
-    // One task reads and writes: frames for the core go out through a bounded channel (the
-    // reader waits when the core is busy), frames for the device come in through another.
-    // (Splitting the framed stream into a reader task and a writer task stalled the write
-    // direction now and then under a steady append load: a lost wake-up between the split's
-    // lock and the yamux stream. One task with `select!` has no such hand-off.)
-    let mut reading = true;
-    let mut killed = false;
-    loop {
-        tokio::select! {
-            () = kill.cancelled() => {
-                killed = true;
-                break;
-            }
-            out = rx.recv() => {
-                let (frame, page) = match out {
-                    Some(Outgoing::Frame(f)) => (f, false),
-                    Some(Outgoing::Page(f)) => (f, true),
-                    Some(Outgoing::Close) | None => break,
-                };
-                {
-                    let bytes = match wire::encode(&frame) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            tracing::error!(error = %e, "dropping a frame that does not encode");
-                            continue;
-                        }
-                    };
-                    // A peer that stops reading blocks this write; the core then finds the
-                    // queue full and kills the task, which stops the write here.
-                    let sent = tokio::select! {
-                        () = kill.cancelled() => { killed = true; break; }
-                        r = framed.send(bytes::Bytes::from(bytes)) => r,
-                    };
-                    if sent.is_err() {
-                        break;
-                    }
-                    if page && core.send(CoreMsg::Input(Input::PageSent { conn })).await.is_err() {
-                        break;
-                    }
-                }
-            }
-            item = framed.next(), if reading => {
-                // Wall-clock time: sessions show when they were last active, and the rate limit
-                // only uses differences (a clock stepped back just refills the bucket later).
-                let now_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-                let input = match item {
-                    Some(Ok(bytes)) => match wire::decode::<ClientFrame>(&bytes) {
-                        Ok(frame) => Input::Frame { conn, frame, now_ms },
-                        Err(error) => Input::BadFrame { conn, error },
-                    },
-                    Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-                        // An oversized length prefix: the rest of the stream cannot be framed.
-                        // The core answers with an error and a close, which this loop still sends.
-                        reading = false;
-                        Input::BadFrame { conn, error: FrameError::TooLarge(0) }
-                    }
-                    Some(Err(_)) | None => break,
-                };
-                if core.send(CoreMsg::Input(input)).await.is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = core.send(CoreMsg::Input(Input::Closed { conn })).await;
-    if !killed {
-        let _ = tokio::time::timeout(Duration::from_secs(5), SinkExt::<bytes::Bytes>::close(&mut framed)).await;
-    }
-    // Dropping the stream resets it if it is not closed: a peer that stopped reading gets
-    // nothing more, and what was queued for it is freed with `rx`.
 }

@@ -301,12 +301,16 @@ impl Raw {
             .expect("frame decodes")
     }
 
-    /// Sends a request and returns the first frame that is not a push.
+    /// Sends a request and returns the first frame that is not a push (nor `Typing` or
+    /// `Behind`, which answer nothing either).
     pub async fn request(&mut self, frame: ClientFrame) -> RelayFrame {
         self.stream.send(&frame).await.expect("send");
         loop {
             match self.next().await.expect("an answer") {
-                RelayFrame::Push { .. } | RelayFrame::PushAccount { .. } => {}
+                RelayFrame::Push { .. }
+                | RelayFrame::PushAccount { .. }
+                | RelayFrame::Typing { .. }
+                | RelayFrame::Behind { .. } => {}
                 f => return f,
             }
         }

@@ -46,9 +46,11 @@ async fn link(relay: &str, approver: &mut Device, home: &std::path::Path, name: 
 
 /// Sends `n` messages into every chat with up to [`IN_FLIGHT`] sends in flight.
 async fn burst(session: Arc<Session>, chats: Vec<ChatId>, n: usize, who: &'static str) -> usize {
+    // Owned, not borrowed from `chats`: a spawned future must be `Send` for every lifetime, and
+    // rustc cannot prove that of an iterator borrowing a local across the await.
     let jobs: Vec<(ChatId, usize)> = (0..n).flat_map(|i| chats.iter().map(move |c| (*c, i))).collect();
     futures::stream::iter(jobs)
-        .map(|(chat, i)| {
+        .map(move |(chat, i)| {
             let s = session.clone();
             async move { s.send(chat, &format!("{who} {i}")).await.expect("send returns Ok") }
         })
@@ -64,8 +66,13 @@ async fn settle(session: &Session, chats: &[ChatId], want: usize, who: &str) {
     loop {
         let mut counts = Vec::new();
         for c in chats {
-            // A chat the account log has not brought yet has no messages here.
-            counts.push(session.messages(*c).await.map_or(0, |m| m.len()));
+            // A device still reading its account log does not know every chat yet.
+            let n = match session.messages(*c).await {
+                Ok(m) => m.len(),
+                Err(stratus_engine::Error::UnknownChat(_)) => 0,
+                Err(e) => panic!("{who}: messages: {e}"),
+            };
+            counts.push(n);
         }
         if counts.iter().all(|n| *n == want) {
             return;

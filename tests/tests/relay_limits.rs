@@ -314,12 +314,25 @@ fn fetches_in_flight_are_capped_for_a_device_that_does_not_read() {
     });
 }
 
-/// A device that stops reading while pushes pile up for it is disconnected; the relay's memory
-/// stays flat and the other streams get everything.
+/// Waits up to `secs` for the relay's log to contain `text`.
+fn log_shows(relay: &Relay, text: &str, secs: u64) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !relay.log().contains(text) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    true
+}
+
+/// A device that stops reading while pushes pile up for it: pushes past its backlog are
+/// dropped at once (the relay's memory stays flat), it is disconnected once nothing has been
+/// written to it for the stall timeout (set low here), and the other streams get everything.
 #[test]
 fn a_peer_that_stops_reading_is_disconnected_and_memory_stays_flat() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(&dir.path().join("relay"));
+    let relay = Relay::start_with(&dir.path().join("relay"), &["--stalled-reader-secs", "2"]);
     let (home_a, home_s) = (dir.path().join("a"), dir.path().join("s"));
     let a = account(&relay, &home_a, "a");
     link_device(&relay, &home_a, &home_s, "slow");
@@ -362,7 +375,7 @@ fn a_peer_that_stops_reading_is_disconnected_and_memory_stays_flat() {
         let grown_kib = rss_kib(pid).saturating_sub(baseline);
         eprintln!("relay RSS: {baseline} KiB before, grew by {grown_kib} KiB");
         assert!(grown_kib < 64 * 1024, "the relay grew by {grown_kib} KiB");
-        assert!(relay.log().contains("device is not reading; disconnecting it"));
+        assert!(log_shows(&relay, "device is not reading; disconnecting it", 20), "the stalled reader is cut off");
         // The slow device finds its stream ended after what was already on its way.
         let mut got = 0;
         loop {
@@ -374,4 +387,106 @@ fn a_peer_that_stops_reading_is_disconnected_and_memory_stays_flat() {
         }
         assert!(got < n, "it was cut off, not sent everything ({got})");
     });
+}
+
+/// A device that falls behind (it stops reading for a while, less than the stall timeout, while
+/// bursts larger than its push backlog arrive) is not cut off: pushes past its backlog are
+/// dropped (the writer is served as usual), and it is told with `Behind` the chat's durable head
+/// after each run of dropped pushes, so that what it got ends at the chat's head; the same
+/// stream serves the rest.
+#[test]
+fn a_device_that_falls_behind_is_told_what_it_missed_and_stays_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(&dir.path().join("relay"), &["--max-push-backlog-bytes", "65536"]);
+    let (home_a, home_s) = (dir.path().join("a"), dir.path().join("s"));
+    let a = account(&relay, &home_a, "a");
+    link_device(&relay, &home_a, &home_s, "slow");
+    let slow_keys = stratus_engine::Device::open(&home_s).unwrap().keypair();
+    let n: u64 = 400;
+    rt().block_on(async {
+        let mut slow = Raw::connect(slow_keys, &relay.addr).await;
+        assert!(matches!(slow.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
+        // a writes ~3 MiB, 16 appends of 8 KiB in flight, while the slow device reads nothing.
+        let mut w = raw(&relay, &a).await;
+        let (mut sent, mut answered, mut head) = (0u64, 0u64, Seq(0));
+        while answered < n {
+            while sent < n && sent - answered < 16 {
+                w.stream.send(&append(sent, a.chat, 1000 + sent, 8 * 1024)).await.unwrap();
+                sent += 1;
+            }
+            match w.next().await.expect("answer") {
+                RelayFrame::Acked { seq, .. } => {
+                    answered += 1;
+                    head = head.max(seq);
+                }
+                other => panic!("the writer is served: {other:?}"),
+            }
+        }
+        // It reads again: pushes and `Behind`s until it knows the chat's head.
+        let (mut pushed, mut behind, mut known) = (0u64, 0, Seq(0));
+        while known < head {
+            match slow.next().await.expect("the stream stays open") {
+                RelayFrame::Push { delta } => {
+                    pushed += 1;
+                    known = known.max(delta.seq);
+                }
+                RelayFrame::Behind { chats, .. } => {
+                    behind += 1;
+                    for (chat, h) in chats {
+                        assert_eq!(chat, a.chat, "Behind names only the chat that had pushes dropped");
+                        assert!(h <= head, "Behind names a durable head");
+                        known = known.max(h);
+                    }
+                }
+                RelayFrame::PushAccount { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(pushed < n && behind > 0, "pushes were dropped ({pushed} of {n} arrived, {behind} Behind)");
+        // The same stream serves the rest of the chat.
+        let page = slow.request(ClientFrame::FetchChat { req: 1, chat: a.chat, after: Seq(0), max: 512 }).await;
+        assert!(matches!(&page, RelayFrame::ChatPage { deltas, .. } if !deltas.is_empty()), "{page:?}");
+    });
+    assert!(!relay.log().contains("disconnecting it"), "nobody was cut off");
+}
+
+/// The relay keeps reading a device while a write to it waits: a device that sends a lot
+/// without reading, while pushes to it have filled its transport window, is still served. (A
+/// stream task that only read between writes left both sides waiting on each other.)
+#[test]
+fn the_relay_reads_a_device_while_it_waits_to_write_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"));
+    let (home_a, home_s) = (dir.path().join("a"), dir.path().join("s"));
+    let a = account(&relay, &home_a, "a");
+    link_device(&relay, &home_a, &home_s, "s");
+    let s_keys = stratus_engine::Device::open(&home_s).unwrap().keypair();
+    rt().block_on(async {
+        let mut s = Raw::connect(s_keys, &relay.addr).await;
+        assert!(matches!(s.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
+        // Pushes to s fill its transport window (it reads nothing): the relay's writes to it wait.
+        let mut w = raw(&relay, &a).await;
+        for i in 0..40 {
+            let reply = w.request(append(i, a.chat, 1000 + i, 16 * 1024)).await;
+            assert!(matches!(reply, RelayFrame::Acked { .. }), "{reply:?}");
+        }
+        // s sends 1 MiB of appends meanwhile, more than its own window towards the relay: this
+        // only completes if the relay reads it while its writes to it wait.
+        let sending = async {
+            for i in 0..64 {
+                s.stream.send(&append(i, a.chat, 5000 + i, 16 * 1024)).await.unwrap();
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), sending)
+            .await
+            .expect("the relay reads a device it waits to write to");
+        // Then s reads: every append is acknowledged.
+        let mut acked = 0;
+        while acked < 64 {
+            if let RelayFrame::Acked { .. } = s.next().await.expect("the stream stays open") {
+                acked += 1;
+            }
+        }
+    });
+    assert!(!relay.log().contains("disconnecting it"), "nobody was cut off");
 }

@@ -84,7 +84,8 @@ fn simulated_worlds_keep_every_invariant() {
         "{} seeds in {:.1} s: {} events, {} messages, {} acks, {} relay crashes, {} device restarts, \
          {} broken connections, {} lost frames, {} rate-limit waits, {} revocations with rotation, \
          {} member changes, {} stale-epoch refusals, {} key waits, {} silent stream deaths, {} watchdog \
-         closes, {} burst messages, {} device crashes losing {} applied deltas; slowest convergence {:.1} s after faults",
+         closes, {} burst messages, {} device crashes losing {} applied deltas, {} behind, {} streams cut off; \
+         slowest convergence {:.1} s after faults",
         reports.len(),
         started.elapsed().as_secs_f64(),
         sum(|r| r.events),
@@ -104,6 +105,8 @@ fn simulated_worlds_keep_every_invariant() {
         sum(|r| r.burst_messages as u64),
         sum(|r| r.device_crashes as u64),
         sum(|r| r.lost_applies as u64),
+        sum(|r| r.behind as u64),
+        sum(|r| r.cut_off as u64),
         reports.iter().map(|r| r.converged_after).max().unwrap_or(0) as f64 / 1e6,
     );
     let failures = failures.into_inner().unwrap();

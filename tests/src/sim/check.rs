@@ -37,6 +37,13 @@ impl Sim {
             RelayFrame::ChatPage { deltas, .. } => deltas.iter().map(|d| (d.chat, d.seq)).collect(),
             _ => Vec::new(),
         };
+        if let RelayFrame::Behind { chats, .. } = frame {
+            if let Some((chat, head)) =
+                chats.iter().find(|(chat, head)| head.0 > 0 && self.relay.store.durable_delta(*chat, *head).is_none())
+            {
+                return Err(format!("the relay said chat {chat} was at seq {} before it was durable", head.0));
+            }
+        }
         match shown.into_iter().find(|(chat, seq)| self.relay.store.durable_delta(*chat, *seq).is_none()) {
             Some((chat, seq)) => Err(format!("the relay showed chat {chat} seq {} before it was durable", seq.0)),
             None => Ok(()),

@@ -25,7 +25,12 @@
 //!   which rotates the account's keys (the other devices' outbox items sealed under the old
 //!   epochs are refused as stale and sealed again);
 //! * in half the worlds, tight relay limits (a few requests per second, one to eight appends and
-//!   one to four pages in flight), so that devices are answered `RateLimited` and wait.
+//!   one to four pages in flight, a push backlog of a few frames, a stall timeout of seconds),
+//!   so that devices are answered `RateLimited` and wait, pushes to them are dropped and they
+//!   are told `Behind`, and streams whose frames were lost are cut off by the relay.
+//!
+//! The relay hears that frames were written to a device ([`Input::Sent`]) when they arrive at
+//! it, and gets [`Input::Tick`] every simulated second.
 //!
 //! Invariants, checked as the run goes and at its end:
 //! * the relay acknowledges or shows a delta only once it is durable;
@@ -64,7 +69,7 @@ use stratus_engine::proto::wire::{ClientFrame, ErrorCode, RelayFrame};
 use stratus_engine::session_core::{SessionCore, SessionInput, Work};
 use stratus_engine::MemDisk;
 use stratus_engine::{Action, ChatId, ClientSeq, Device, DeviceId, Event, MessageOp, Seq};
-use stratus_relay::core::{ConnId, Effect, Input, RelayCore, StoreOp};
+use stratus_relay::core::{frame_cost, ConnId, Effect, Input, RelayCore, StoreOp};
 use stratus_relay::limits::Limits;
 use stratus_relay::store::{RelayStore, SledStore};
 
@@ -188,6 +193,8 @@ impl Config {
                     request_burst: rng.gen_range(2..=10),
                     max_appends_in_flight_per_device: rng.gen_range(1..=8),
                     max_fetches_in_flight_per_device: rng.gen_range(1..=4),
+                    max_push_backlog_bytes: rng.gen_range(1..=16) * 256,
+                    stalled_reader_ms: rng.gen_range(2_000..=10_000),
                     ..Limits::default()
                 }
             },
@@ -238,6 +245,10 @@ pub struct Report {
     pub key_waits: u32,
     /// Members that left a group or were removed (each starts the group's next key epoch).
     pub member_changes: u32,
+    /// `Behind` frames devices got (pushes to them had been dropped).
+    pub behind: u32,
+    /// Streams the relay cut off for not reading (frames lost on the way to the device).
+    pub cut_off: u32,
     /// Simulated time from the end of faults to convergence.
     pub converged_after: u64,
 }
@@ -354,6 +365,8 @@ enum Ev {
     },
     Heal,
     Check,
+    /// The relay driver's one-second timer.
+    Tick,
 }
 
 struct Conn {
@@ -596,7 +609,8 @@ impl Sim {
             Ev::ToDevice { conn, frame } => {
                 let dev = self.conns[&conn].dev;
                 match self.cfg.slow_device {
-                    // A slow device takes its frames one at a time, in order.
+                    // A slow device takes its frames one at a time, in order; the relay hears
+                    // them written only as it takes them (no buffer between them).
                     Some((slow, _)) if slow == dev => {
                         let d = &mut self.devs[dev];
                         d.inbox.push_back((conn, frame));
@@ -605,7 +619,10 @@ impl Sim {
                             self.schedule(at, Ev::DeviceTake { dev });
                         }
                     }
-                    _ => self.device_frame(dev, conn, frame)?,
+                    _ => {
+                        self.written_to_device(conn, &frame)?;
+                        self.device_frame(dev, conn, frame)?;
+                    }
                 }
             }
             Ev::DeviceTake { dev } => {
@@ -617,6 +634,7 @@ impl Sim {
                         let at = d.busy_until;
                         self.schedule(at, Ev::DeviceTake { dev });
                     }
+                    self.written_to_device(conn, &frame)?;
                     self.device_frame(dev, conn, frame)?;
                 }
             }
@@ -720,6 +738,13 @@ impl Sim {
                 }
                 self.schedule(self.now + CHECK_EVERY, Ev::Check);
             }
+            Ev::Tick => {
+                if let Some(core) = self.relay.core.as_mut() {
+                    let effects = core.handle(Input::Tick { now_ms: self.now / MS });
+                    self.relay_effects(effects)?;
+                }
+                self.schedule(self.now + SEC, Ev::Tick);
+            }
             Ev::Check => {
                 if self.converged()? {
                     self.report.converged_after = self.now - self.cfg.faults_until;
@@ -757,6 +782,15 @@ impl Sim {
                     }
                     self.schedule(at, Ev::DeviceLost { conn });
                 }
+                Effect::Kill { conn } => {
+                    // The relay resets the stream (the core has already closed it); frames on
+                    // the wire still arrive.
+                    self.report.cut_off += 1;
+                    let c = self.conns.get_mut(&conn).ok_or("kill of an unknown connection")?;
+                    c.relay_open = false;
+                    let at = c.floor[R2C].max(self.now) + MS;
+                    self.schedule(at, Ev::DeviceLost { conn });
+                }
                 Effect::Write { token, ops } => {
                     mirror(&self.relay.mirror, &ops)?;
                     self.relay.store.apply(ops);
@@ -768,16 +802,35 @@ impl Sim {
                     let frame = RelayFrame::ChatPage { req, chat, deltas, head: upto };
                     self.check_relay_frame(&frame)?;
                     self.relay_send(conn, frame)?;
-                    queue.extend(self.relay.core.as_mut().expect("up").handle(Input::PageSent { conn }));
                 }
                 Effect::ReadAccount { conn, req, account, after, upto, max } => {
                     let entries = self.relay.store.read_account(account, after, upto, max);
                     self.relay_send(conn, RelayFrame::AccountPage { req, entries, head: upto })?;
-                    queue.extend(self.relay.core.as_mut().expect("up").handle(Input::PageSent { conn }));
                 }
             }
         }
         Ok(())
+    }
+
+    /// A frame the relay sent on `conn` reached the device: the relay's transport reports it
+    /// written (a page by number, anything else by its cost).
+    fn written_to_device(&mut self, conn: ConnId, frame: &RelayFrame) -> Check {
+        if matches!(frame, RelayFrame::Behind { .. }) {
+            self.report.behind += 1;
+        }
+        let c = &self.conns[&conn];
+        if !c.relay_open || !c.dev_open || c.epoch != self.relay.epoch {
+            return Ok(());
+        }
+        let Some(core) = self.relay.core.as_mut() else { return Ok(()) };
+        let page = matches!(frame, RelayFrame::ChatPage { .. } | RelayFrame::AccountPage { .. });
+        let input = if page {
+            Input::Sent { conn, bytes: 0, pages: 1 }
+        } else {
+            Input::Sent { conn, bytes: frame_cost(frame), pages: 0 }
+        };
+        let effects = core.handle(input);
+        self.relay_effects(effects)
     }
 
     fn relay_send(&mut self, conn: ConnId, frame: RelayFrame) -> Check {

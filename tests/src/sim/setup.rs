@@ -115,6 +115,7 @@ impl Sim {
             self.schedule(at, Ev::ChangeMembers);
         }
         self.schedule(self.cfg.faults_until, Ev::Heal);
+        self.schedule(SEC, Ev::Tick);
         Ok(())
     }
 
@@ -185,7 +186,8 @@ impl Sim {
     }
 
     /// Feeds a frame to the relay core and carries out its effects at once, every write made
-    /// durable on the spot; returns the frames sent, per connection.
+    /// durable on the spot and every frame written on the spot; returns the frames sent, per
+    /// connection.
     pub(super) fn direct(&mut self, conn: ConnId, frame: ClientFrame) -> Result<Vec<(ConnId, RelayFrame)>, String> {
         let core = self.relay.core.as_mut().expect("the relay is up during setup");
         // Setup requests are a second apart, so that even tight rate limits let them through.
@@ -195,8 +197,13 @@ impl Sim {
         let mut sent = Vec::new();
         while let Some(e) = queue.pop_front() {
             match e {
-                Effect::Send { conn, frame } => sent.push((conn, frame)),
-                Effect::Close { conn } => return Err(format!("the relay closed setup connection {conn}")),
+                Effect::Send { conn, frame } => {
+                    queue.extend(core.handle(Input::Sent { conn, bytes: frame_cost(&frame), pages: 0 }));
+                    sent.push((conn, frame));
+                }
+                Effect::Close { conn } | Effect::Kill { conn } => {
+                    return Err(format!("the relay closed setup connection {conn}"))
+                }
                 Effect::Write { token, ops } => {
                     mirror(&self.relay.mirror, &ops)?;
                     self.relay.store.apply(ops);
@@ -206,12 +213,12 @@ impl Sim {
                 Effect::ReadChat { conn, req, chat, after, upto, max } => {
                     let deltas = self.relay.store.read_chat(chat, after, upto, max);
                     sent.push((conn, RelayFrame::ChatPage { req, chat, deltas, head: upto }));
-                    queue.extend(core.handle(Input::PageSent { conn }));
+                    queue.extend(core.handle(Input::Sent { conn, bytes: 0, pages: 1 }));
                 }
                 Effect::ReadAccount { conn, req, account, after, upto, max } => {
                     let entries = self.relay.store.read_account(account, after, upto, max);
                     sent.push((conn, RelayFrame::AccountPage { req, entries, head: upto }));
-                    queue.extend(core.handle(Input::PageSent { conn }));
+                    queue.extend(core.handle(Input::Sent { conn, bytes: 0, pages: 1 }));
                 }
             }
         }
