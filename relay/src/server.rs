@@ -29,12 +29,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::{ConnId, Effect, Input, RelayCore, FRAME_OVERHEAD_BYTES};
 use crate::limits::{Limits, LimitsError, MAX_QUEUED_BYTES};
+use crate::store::{RelayStore, SledStore, StoreError};
 
 mod stream;
-use crate::store::{RelayStore, SledStore, StoreError};
 
 /// Frames from all device streams waiting for the core task.
 pub const INPUT_QUEUE: usize = 4096;
+/// Most inputs the core task takes in one go; their writes share one store transaction.
+pub const CORE_BATCH: usize = 256;
 /// How often the core task is given [`Input::Tick`] (the stall timer's resolution).
 pub const TICK: Duration = Duration::from_secs(1);
 
@@ -47,8 +49,6 @@ pub fn output_queue(limits: &Limits) -> usize {
     let frames = MAX_QUEUED_BYTES / FRAME_OVERHEAD_BYTES;
     usize::try_from(frames).unwrap_or(usize::MAX / 2) + limits.max_fetches_in_flight_per_device as usize + 16
 }
-/// Most inputs the core task takes in one go; their writes share one store transaction.
-pub const CORE_BATCH: usize = 256;
 
 /// Relay configuration.
 #[derive(Debug, Clone)]
