@@ -25,7 +25,7 @@ use crate::device::doc::Message;
 use crate::device::drive::{Action, Event};
 use crate::device::error::Error;
 use crate::device::local::SecretMessage;
-use crate::device::local::{Device, MessageOp};
+use crate::device::local::{ChatSummary, Device, MessageOp};
 use crate::device::net::{parse_relay_addr, Net, NetError, RelayLink, RelayStream};
 use crate::device::session_core::{SessionCore, SessionInput, Work};
 use crate::device::session_secret::{HubOut, Input, SecretHub};
@@ -94,6 +94,7 @@ enum Command {
     Typing { chat: ChatId, reply: Reply<bool> },
     CreateChat { title: String, reply: Reply<ChatId> },
     Messages { chat: ChatId, reply: Reply<Vec<Message>> },
+    Chats { reply: Reply<Vec<ChatSummary>> },
     Heads { chat: ChatId, reply: Reply<Vec<String>> },
     Status { reply: oneshot::Sender<Status> },
     Secret(SecretCmd),
@@ -188,6 +189,11 @@ impl Session {
     /// A chat's messages in display order.
     pub async fn messages(&self, chat: ChatId) -> Result<Vec<Message>, Error> {
         self.call(|reply| Command::Messages { chat, reply }).await
+    }
+
+    /// The chats on this device, as [`Device::chats`] lists them.
+    pub async fn chats(&self) -> Result<Vec<ChatSummary>, Error> {
+        self.call(|reply| Command::Chats { reply }).await
     }
 
     /// A chat's document heads.
@@ -463,6 +469,9 @@ impl Driver {
             },
             Command::Messages { chat, reply } => {
                 let _ = reply.send(self.device.messages(chat));
+            }
+            Command::Chats { reply } => {
+                let _ = reply.send(self.device.chats());
             }
             Command::Heads { chat, reply } => {
                 let _ = reply.send(self.device.heads(chat));
