@@ -253,7 +253,7 @@ pub(crate) async fn run(mut device: Device, command: Command, json: bool) -> Res
             let all: Vec<ChatMessage> = device.messages(chat)?.iter().map(|m| ChatMessage::new(chat, m)).collect();
             print::messages(json, &all);
         }
-        Command::Watch { .. } => unreachable!("run by `watch`"),
+        Command::Watch { .. } | Command::Daemon { .. } => unreachable!("run by `serve`"),
     }
     Ok(())
 }

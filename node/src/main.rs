@@ -1,35 +1,44 @@
 //! `stratus`: the reference Stratus device, a CLI on the engine.
 //!
-//! Commands run on the device's store (`local.rs`) and print through `print.rs`.
+//! A command runs on the device's store, or, when a daemon (`stratus daemon` or `watch`) runs on
+//! the home and holds the store, through the daemon's socket (`remote.rs`); either way it prints
+//! the same (`print.rs`).
 //!
 //! Exit codes: 0 success; 1 error (one line on stderr); 2 usage error; 3 the relay was
 //! unreachable — what was written stays queued on this device and is sent by the next
-//! `send`, `sync` or `watch`.
+//! `send`, `sync` or `watch` (or by the running daemon).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use stratus_engine::{ChatId, Device, Error};
 
+mod daemon;
 mod local;
 mod members;
 mod print;
+mod remote;
 mod secret;
 mod view;
 
-use print::Shown;
+use print::{out, Shown};
 
 /// Exit code when the relay cannot be reached; the outbox keeps what was written.
 const EXIT_UNREACHABLE: u8 = 3;
 /// Failed connection attempts in a row (about 0.3 s with the session's backoff) before a
 /// command gives up with [`EXIT_UNREACHABLE`].
 const CONNECT_TRIES: u32 = 3;
+/// How long a command waits for a store that another command holds (or a daemon that is still
+/// starting) before it gives up.
+const LOCKED_WAIT: Duration = Duration::from_secs(5);
+
 /// A Stratus device: chats synced through a relay that cannot read them.
 #[derive(Parser)]
 #[command(name = "stratus", version)]
 struct Cli {
-    /// This device's directory (identity, store, outbox).
+    /// This device's directory (identity, store, outbox, the daemon's socket).
     #[arg(long, global = true, default_value = "./stratus-home")]
     home: PathBuf,
     /// Print JSON: one object per line.
@@ -90,8 +99,18 @@ enum Command {
     /// This device's history of a chat, in display order.
     Log { chat: ChatId },
     /// Stay connected and print each new message as it arrives, secret chats' too (this device
-    /// stays reachable for them, and delivers what waits whenever the other device is).
+    /// stays reachable for them, and delivers what waits whenever the other device is). Serves
+    /// other commands on this home meanwhile, as `daemon` does; if a daemon already runs, prints
+    /// its events.
     Watch {
+        /// The TCP address to listen on for direct connections of secret chats.
+        #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+        tcp: stratus_engine::libp2p::Multiaddr,
+    },
+    /// Run this device: stay connected, keep its secret chats reachable, and serve other
+    /// `stratus` commands and programs on the local socket HOME/stratus.sock (JSON-RPC,
+    /// docs/daemon.md). Prints `listening PATH` once serving; stops on SIGINT or SIGTERM.
+    Daemon {
         /// The TCP address to listen on for direct connections of secret chats.
         #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
         tcp: stratus_engine::libp2p::Multiaddr,
@@ -251,28 +270,79 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let device = Device::open(&cli.home)?;
+    let json = cli.json;
     match cli.command {
-        Command::Watch { tcp } => watch(device, tcp, cli.json).await,
-        command => local::run(device, command, cli.json).await,
+        Command::Daemon { tcp } => serve(&cli.home, tcp, json, Shown::State).await,
+        Command::Watch { tcp } => serve(&cli.home, tcp, json, Shown::Everything).await,
+        command => match open(&cli.home).await? {
+            Home::Store(device) => local::run(device, command, json).await,
+            Home::Daemon(mut client) => remote::run(&mut client, command, json).await,
+        },
     }
 }
 
-/// `watch`: runs the device and prints its events.
-async fn watch(device: Device, tcp: stratus_engine::libp2p::Multiaddr, json: bool) -> Result<(), Failure> {
-    use tokio::sync::broadcast::error::RecvError;
-    device.account().ok_or(Error::NotLoggedIn)?;
-    let mut session = secret::session(device, tcp)?;
-    let mut events = session.events();
+/// Where a command runs.
+enum Home {
+    /// On the store: nobody else holds it.
+    Store(Device),
+    /// Through the daemon that holds it.
+    Daemon(remote::Client),
+}
+
+/// The daemon if one answers on the home's socket, else the store. A store that another
+/// process holds is waited for (up to [`LOCKED_WAIT`]): a daemon still starting answers soon,
+/// another command ends soon.
+async fn open(home: &Path) -> Result<Home, Failure> {
+    let deadline = tokio::time::Instant::now() + LOCKED_WAIT;
     loop {
-        match events.recv().await {
-            Ok(e) => {
-                if let Some(v) = view::EventView::of(&e) {
-                    print::event(&v, json, Shown::Everything)?;
-                }
+        if let Some(client) = remote::Client::connect(home).await {
+            return Ok(Home::Daemon(client));
+        }
+        match Device::open(home) {
+            Ok(device) => return Ok(Home::Store(device)),
+            Err(e) if store_locked(&e) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(RecvError::Lagged(n)) => eprintln!("stratus: {n} events skipped (output too slow)"),
-            Err(RecvError::Closed) => return Ok(()),
+            Err(e) if store_locked(&e) => {
+                return Err(Failure::Other(format!(
+                    "another stratus command holds this home's store, and no daemon answers on {}; try again when \
+                     it is done",
+                    daemon::socket_path(home).display()
+                )))
+            }
+            Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// sled refuses a store another process has open with an I/O error saying so (its only sign).
+fn store_locked(e: &Error) -> bool {
+    matches!(e, Error::Store(_)) && e.to_string().contains("could not acquire lock")
+}
+
+/// `daemon` and `watch`: runs the device and serves the home's socket, showing its events as
+/// `shown` says. `watch` on a home whose daemon already runs prints that daemon's events.
+async fn serve(home: &Path, tcp: stratus_engine::libp2p::Multiaddr, json: bool, shown: Shown) -> Result<(), Failure> {
+    let device = match open(home).await? {
+        Home::Store(device) => device,
+        Home::Daemon(mut client) if shown == Shown::Everything => return remote::watch(&mut client, json).await,
+        Home::Daemon(_) => {
+            let at = daemon::socket_path(home);
+            return Err(Failure::Other(format!("a daemon already serves this home on {}", at.display())));
+        }
+    };
+    device.account().ok_or(Error::NotLoggedIn)?;
+    let listener = daemon::Listener::bind(home).await?;
+    let session = secret::session(device, tcp)?;
+    let at = listener.path().display().to_string();
+    match shown {
+        Shown::State if json => out(&serde_json::json!({ "listening": at }).to_string()),
+        Shown::State => out(&format!("listening {at}")),
+        _ => eprintln!("stratus: serving {at} (other stratus commands on this home go through it)"),
+    }
+    daemon::serve(listener, session, move |e| match view::EventView::of(e) {
+        Some(v) => print::event(&v, json, shown),
+        None => Ok(()),
+    })
+    .await
 }

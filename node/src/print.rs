@@ -113,14 +113,16 @@ pub(crate) enum Shown {
     Everything,
     /// `secret listen`: secret chats only.
     Secret,
+    /// `daemon`: the connection's state on standard error, nothing on standard output.
+    State,
 }
 
 /// Prints an event as `shown` says. A revoked session is an error: the command ends.
 pub(crate) fn event(e: &EventView, json: bool, shown: Shown) -> Result<(), Failure> {
     use EventView as E;
     let all = shown == Shown::Everything;
-    let state = all;
-    let secret = true;
+    let state = shown != Shown::Secret;
+    let secret = shown != Shown::State;
     match e {
         E::SessionRevoked => return Err(stratus_engine::Error::SessionRevoked.into()),
         E::MessageAdded { message, local: false } | E::MessageChanged { message, local: false } if all => {

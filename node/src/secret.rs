@@ -8,12 +8,14 @@
 use std::time::Duration;
 
 use clap::Subcommand;
+use serde::Deserialize;
 use serde_json::json;
 use stratus_engine::net::Net;
-use stratus_engine::{Device, DeviceId, Error, Event, SecretId, SecretUpdate, Session, SessionConfig};
+use stratus_engine::{AccountId, Device, DeviceId, Error, Event, SecretId, SecretUpdate, Session, SessionConfig};
 
 use crate::local::sync_until_idle;
 use crate::print::{self, out, Shown};
+use crate::remote::Client;
 use crate::view::{EventView, SecretChatMessage, SecretChatView};
 use crate::Failure;
 
@@ -285,4 +287,113 @@ async fn listen(
     }
     session.stop().await?;
     Ok(())
+}
+
+/// The secret chat commands through the running daemon: its session carries the chats, so
+/// what is written is delivered by it whenever the other device is reachable.
+pub(crate) async fn remote(c: &mut Client, command: SecretCommand, json: bool) -> Result<(), Failure> {
+    match command {
+        SecretCommand::Start { user, device } => {
+            let account = match user.parse::<AccountId>() {
+                Ok(a) => a.to_string(),
+                Err(_) => c.call::<ContactView>("lookup", json!({ "username": user })).await?.account,
+            };
+            let started = c.call_raw("secret_start", json!({ "account": account, "device": device })).await?;
+            let started: Started = match started {
+                Ok(v) => crate::remote::read(v)?,
+                Err(e) if e.kind == "choose_device" => {
+                    let devices: Vec<DeviceView> =
+                        e.data.get("devices").and_then(|d| serde_json::from_value(d.clone()).ok()).unwrap_or_default();
+                    return Err(choose_device(&user, devices.into_iter().map(|d| (d.device, d.name, d.online))));
+                }
+                Err(e) => return Err(crate::remote::failure(e)),
+            };
+            print::secret_made(json, "secret", &started.secret);
+            eprintln!(
+                "stratus: {}: the running daemon offers it whenever the other device is reachable",
+                started.secret
+            );
+        }
+        SecretCommand::Accept { id } => {
+            c.call::<serde_json::Value>("secret_accept", json!({ "secret": id.to_string() })).await?;
+            print::secret_state(json, &id.to_string(), "accepted");
+        }
+        SecretCommand::AutoAccept { .. } => c.not_yet("secret_auto_accept").await?,
+        SecretCommand::List => {
+            let all: Vec<SecretChatView> = c.call("secret_chats", json!({})).await?;
+            print::secret_chats(json, &all);
+        }
+        SecretCommand::Send { id, text, ttl } => {
+            let m: SecretChatMessage =
+                c.call("secret_send", json!({ "secret": id.to_string(), "text": text, "ttl_s": ttl })).await?;
+            print::secret_written(json, &m);
+            eprintln!("stratus: {id}: the running daemon delivers it whenever the other device is reachable");
+        }
+        SecretCommand::Log { id } => {
+            let secret = json!({ "secret": id.to_string() });
+            let all: Vec<SecretChatMessage> = c.call("secret_messages", secret.clone()).await?;
+            if let Some(last) = all.last() {
+                let read = json!({ "secret": id.to_string(), "up_to": last.message.id });
+                c.call::<serde_json::Value>("secret_read", read).await?;
+            }
+            let all: Vec<SecretChatMessage> = c.call("secret_messages", secret).await?;
+            print::secret_messages(json, &all);
+        }
+        SecretCommand::Close { id } => {
+            c.call::<serde_json::Value>("secret_close", json!({ "secret": id.to_string() })).await?;
+            print::secret_state(json, &id.to_string(), "closed here");
+            eprintln!("stratus: {id}: the running daemon tells the other device whenever it is reachable");
+        }
+        SecretCommand::Verify { id } => {
+            let f: Fingerprint = c.call("secret_fingerprint", json!({ "secret": id.to_string() })).await?;
+            print::fingerprint(json, &id.to_string(), &f.fingerprint);
+        }
+        SecretCommand::Sync => {
+            eprintln!("stratus: the running daemon reaches the other devices of secret chats by itself");
+        }
+        SecretCommand::Listen { secs, .. } => {
+            c.subscribe().await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(secs.unwrap_or(u64::MAX / 4));
+            let mut said = c.status().await?.connected;
+            if said {
+                listening(json);
+            }
+            loop {
+                let e = tokio::select! {
+                    e = c.next_event() => e?,
+                    () = tokio::time::sleep_until(deadline) => break,
+                };
+                match e {
+                    EventView::Connected if !said => {
+                        said = true;
+                        listening(json);
+                    }
+                    e => print::event(&e, json, Shown::Secret)?,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct ContactView {
+    account: String,
+}
+
+#[derive(Deserialize)]
+struct Started {
+    secret: String,
+}
+
+#[derive(Deserialize)]
+struct DeviceView {
+    device: String,
+    name: String,
+    online: bool,
+}
+
+#[derive(Deserialize)]
+struct Fingerprint {
+    fingerprint: String,
 }
