@@ -4,9 +4,11 @@
 use clap::Subcommand;
 use stratus_engine::proto::directory::Membership;
 use stratus_engine::proto::wire::ChatKind;
-use stratus_engine::AccountId;
+use stratus_engine::{AccountId, ChatId, Device, Error};
 
-use super::*;
+use crate::local::{sync_until_idle, with_current_keys};
+use crate::print::{json_line, out};
+use crate::Failure;
 
 #[derive(Subcommand)]
 pub(crate) enum ContactCommand {
@@ -18,8 +20,6 @@ pub(crate) enum ContactCommand {
         user: String,
         #[arg(long, value_name = "NUMBER")]
         confirm: Option<String>,
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -93,14 +93,14 @@ pub(crate) async fn leave(mut device: Device, chat: ChatId) -> Result<(), Failur
     change(device, chat, Membership::Leave).await
 }
 
-pub(crate) async fn contact(mut device: Device, command: ContactCommand) -> Result<(), Failure> {
-    let ContactCommand::Verify { user, confirm, json } = command;
+pub(crate) async fn contact(mut device: Device, command: ContactCommand, json: bool) -> Result<(), Failure> {
+    let ContactCommand::Verify { user, confirm } = command;
     let info = match confirm {
         Some(number) => device.confirm_contact(&user, &number).await?,
         None => device.lookup(&user).await?,
     };
     if json {
-        out(&serde_json::to_string(&info).map_err(|e| Failure::Other(e.to_string()))?);
+        out(&json_line(&info));
     } else {
         out(&format!("{user}: account {}", info.account));
         out(&format!("safety number: {}", info.safety_number));

@@ -5,11 +5,19 @@
 //! pass: `secret listen` keeps this device reachable; `send`, `start`, `close` and `sync`
 //! reach the other device if it is (and leave what they wrote waiting otherwise).
 
-use clap::Subcommand;
-use stratus_engine::net::Net;
-use stratus_engine::{DeviceId, SecretId, SecretMessage, SecretUpdate, SessionConfig};
+use std::time::Duration;
 
-use super::*;
+use clap::Subcommand;
+use serde::Deserialize;
+use serde_json::json;
+use stratus_engine::net::Net;
+use stratus_engine::{AccountId, Device, DeviceId, Error, Event, SecretId, SecretUpdate, Session, SessionConfig};
+
+use crate::local::sync_until_idle;
+use crate::print::{self, out, Shown};
+use crate::remote::Client;
+use crate::view::{EventView, SecretChatMessage, SecretChatView};
+use crate::Failure;
 
 /// How long the other device may stay quiet before a link is done with.
 const IDLE: Duration = Duration::from_millis(1500);
@@ -31,10 +39,7 @@ pub(crate) enum SecretCommand {
         off: bool,
     },
     /// The secret chats on this device.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// Write a message; with --ttl it disappears from both devices SECS seconds after it is
     /// read. Delivered now if the other device is reachable, else by a later command.
     Send {
@@ -44,11 +49,7 @@ pub(crate) enum SecretCommand {
         ttl: Option<u32>,
     },
     /// The chat's messages, marked read (their timers start).
-    Log {
-        id: SecretId,
-        #[arg(long)]
-        json: bool,
-    },
+    Log { id: SecretId },
     /// Close the chat: deleted here at once, and on the other device when it is next reached.
     Close { id: SecretId },
     /// The fingerprint of the chat's keys: compare it with the other user.
@@ -63,8 +64,6 @@ pub(crate) enum SecretCommand {
         /// The TCP address to listen on for direct connections.
         #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
         tcp: stratus_engine::libp2p::Multiaddr,
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -117,44 +116,44 @@ async fn reach(device: &mut Device, net: &mut Net, relay: &str, id: SecretId, pe
     result.unwrap_or_else(|e| Reach::Offline(e.to_string()))
 }
 
-fn say(id: SecretId, r: &Reach) {
+/// How reaching the other device went, as a line (`--json`: an object).
+fn said(id: SecretId, r: &Reach, json: bool) -> String {
+    if json {
+        let (reach, more) = match r {
+            Reach::Linked(updates, direct) => {
+                let n: usize = updates.iter().map(|u| u.added.len()).sum();
+                ("delivered", json!({ "direct": direct, "new": n }))
+            }
+            Reach::Pending => ("waiting", json!({})),
+            Reach::Gone => ("closed", json!({})),
+            Reach::Offline(why) => ("unreachable", json!({ "why": why })),
+        };
+        let mut v = json!({ "secret": id.to_string(), "reach": reach });
+        if let (Some(v), Some(more)) = (v.as_object_mut(), more.as_object()) {
+            v.extend(more.clone());
+        }
+        return v.to_string();
+    }
     match r {
         Reach::Linked(updates, direct) => {
             let n: usize = updates.iter().map(|u| u.added.len()).sum();
             let path = if *direct { "direct" } else { "through the relay" };
-            out(&format!("{id}: delivered ({path}); {n} new from the other device"));
+            format!("{id}: delivered ({path}); {n} new from the other device")
         }
-        Reach::Pending => out(&format!("{id}: waiting for the other device to accept")),
-        Reach::Gone => out(&format!("{id}: closed")),
-        Reach::Offline(why) => out(&format!("{id}: the other device is not reachable ({why}); it waits here")),
+        Reach::Pending => format!("{id}: waiting for the other device to accept"),
+        Reach::Gone => format!("{id}: closed"),
+        Reach::Offline(why) => format!("{id}: the other device is not reachable ({why}); it waits here"),
     }
 }
 
-fn secret_line(m: &SecretMessage) -> String {
-    let mut line = message_line(&m.message);
-    if let Some(ttl) = m.ttl_s {
-        line.push_str(&format!(" ⏱{ttl}s"));
-    }
-    line
+/// "choose one of USER's devices with --device: ID (NAME, online), …"
+fn choose_device(user: &str, devices: impl Iterator<Item = (String, String, bool)>) -> Failure {
+    let names: Vec<String> =
+        devices.map(|(id, name, on)| format!("{id} ({name}{})", if on { ", online" } else { "" })).collect();
+    Failure::Other(format!("choose one of {user}'s devices with --device: {}", names.join(", ")))
 }
 
-fn secret_json(id: SecretId, m: &SecretMessage) -> String {
-    serde_json::json!({
-        "secret": id.to_string(),
-        "id": m.message.id,
-        "author": m.message.author,
-        "device": m.message.device,
-        "text": m.message.text,
-        "ts": m.message.ts,
-        "deleted": m.message.deleted,
-        "read_by": m.message.read_by,
-        "ttl_s": m.ttl_s,
-        "expires_ms": m.expires_ms,
-    })
-    .to_string()
-}
-
-pub(crate) async fn secret(mut device: Device, command: SecretCommand) -> Result<(), Failure> {
+pub(crate) async fn secret(mut device: Device, command: SecretCommand, json: bool) -> Result<(), Failure> {
     device.account().ok_or(Error::NotLoggedIn)?;
     device.secret_expire()?;
     match command {
@@ -168,52 +167,36 @@ pub(crate) async fn secret(mut device: Device, command: SecretCommand) -> Result
                 .filter(|(c, _)| which.as_ref().is_none_or(|w| c.body.device.0 == *w || c.body.name == *w))
                 .collect();
             let [(cert, _)] = chosen[..] else {
-                let names: Vec<String> = devices
-                    .iter()
-                    .map(|(c, on)| format!("{} ({}{})", c.body.device, c.body.name, if *on { ", online" } else { "" }))
-                    .collect();
-                return Err(Failure::Other(format!(
-                    "choose one of {user}'s devices with --device: {}",
-                    names.join(", ")
-                )));
+                let all = devices.iter().map(|(c, on)| (c.body.device.0.clone(), c.body.name.clone(), *on));
+                return Err(choose_device(&user, all));
             };
             let peer = cert.body.device.clone();
             let id = device.secret_start(cert.clone())?;
-            out(&id.to_string());
+            print::secret_made(json, "secret", &id.to_string());
             let relay = relay_of(&device)?;
             let mut net = Net::start(device.keypair())?;
             let r = reach(&mut device, &mut net, &relay, id, &peer).await;
-            say(id, &r);
+            eprintln!("stratus: {}", said(id, &r, false));
         }
         SecretCommand::Accept { id } => {
             device.secret_accept_offer(id).await?;
-            out(&format!("{id}: accepted"));
+            print::secret_state(json, &id.to_string(), "accepted");
         }
         SecretCommand::AutoAccept { off } => {
             device.set_secret_auto_accept(!off)?;
-            out(if off { "secret chats wait for `secret accept`" } else { "secret chats are taken at once" });
+            out(&match (json, off) {
+                (true, off) => json!({ "auto_accept": !off }).to_string(),
+                (false, true) => "secret chats wait for `secret accept`".into(),
+                (false, false) => "secret chats are taken at once".into(),
+            });
         }
-        SecretCommand::List { json } => {
-            for c in device.secret_chats()? {
-                let state = format!("{:?}", c.state).to_lowercase();
-                if json {
-                    let v = serde_json::json!({
-                        "id": c.id.to_string(),
-                        "account": c.peer_cert.body.account.to_string(),
-                        "device": c.peer_cert.body.device.0,
-                        "device_name": c.peer_cert.body.name,
-                        "state": state,
-                        "verified": c.verified,
-                    });
-                    out(&v.to_string());
-                } else {
-                    out(&format!("{} {} ({}) [{state}]", c.id, c.peer_cert.body.name, c.peer_cert.body.account));
-                }
-            }
+        SecretCommand::List => {
+            let all: Vec<SecretChatView> = device.secret_chats()?.iter().map(SecretChatView::from).collect();
+            print::secret_chats(json, &all);
         }
         SecretCommand::Send { id, text, ttl } => {
             let m = device.secret_send(id, &text, ttl)?;
-            out(&m.message.id);
+            print::secret_written(json, &SecretChatMessage::new(id, &m));
             let peer = device.secret(id)?.peer_cert.body.device;
             let relay = relay_of(&device)?;
             let mut net = Net::start(device.keypair())?;
@@ -221,39 +204,38 @@ pub(crate) async fn secret(mut device: Device, command: SecretCommand) -> Result
                 Reach::Offline(why) => {
                     eprintln!("stratus: the other device is not reachable ({why}); the message waits here")
                 }
-                r => say(id, &r),
+                r => eprintln!("stratus: {}", said(id, &r, false)),
             }
         }
-        SecretCommand::Log { id, json } => {
+        SecretCommand::Log { id } => {
             let messages = device.secret_messages(id)?;
             if let Some(last) = messages.last() {
                 device.secret_read(id, &last.message.id)?;
             }
-            for m in device.secret_messages(id)? {
-                out(&if json { secret_json(id, &m) } else { secret_line(&m) });
-            }
+            let all: Vec<_> = device.secret_messages(id)?.iter().map(|m| SecretChatMessage::new(id, m)).collect();
+            print::secret_messages(json, &all);
         }
         SecretCommand::Close { id } => {
             let peer = device.secret(id)?.peer_cert.body.device;
             device.secret_close(id)?;
-            out(&format!("{id}: closed here"));
+            print::secret_state(json, &id.to_string(), "closed here");
             let relay = relay_of(&device)?;
             let mut net = Net::start(device.keypair())?;
             let r = reach(&mut device, &mut net, &relay, id, &peer).await;
             if !matches!(r, Reach::Offline(_)) {
-                out(&format!("{id}: closed on the other device"));
+                print::secret_state(json, &id.to_string(), "closed on the other device");
             }
         }
-        SecretCommand::Verify { id } => out(&format!("fingerprint: {}", device.secret_fingerprint(id)?)),
+        SecretCommand::Verify { id } => print::fingerprint(json, &id.to_string(), &device.secret_fingerprint(id)?),
         SecretCommand::Sync => {
             let relay = relay_of(&device)?;
             let mut net = Net::start(device.keypair())?;
             for (id, peer) in device.secret_chats_to_reach()? {
                 let r = reach(&mut device, &mut net, &relay, id, &peer).await;
-                say(id, &r);
+                out(&said(id, &r, json));
             }
         }
-        SecretCommand::Listen { secs, tcp, json } => listen(device, secs, tcp, json).await?,
+        SecretCommand::Listen { secs, tcp } => listen(device, secs, tcp, json).await?,
     }
     Ok(())
 }
@@ -265,35 +247,12 @@ pub(crate) fn session(device: Device, tcp: stratus_engine::libp2p::Multiaddr) ->
     Ok(Session::start_with(device, config)?)
 }
 
-/// Prints a secret chat event (others are ignored).
-pub(crate) fn print_event(e: &Event, json: bool) {
-    match e {
-        Event::SecretMessage { chat, message } => {
-            out(&if json { secret_json(*chat, message) } else { format!("{chat} {}", secret_line(message)) })
-        }
-        Event::SecretOffered { chat, from } => out(&if json {
-            serde_json::json!({ "secret": chat.to_string(), "offered_by": from.body.account.to_string(),
-                "device": from.body.device.0, "device_name": from.body.name })
-            .to_string()
-        } else {
-            format!("{chat}: offered by {} ({}); `secret accept` it", from.body.name, from.body.account)
-        }),
-        Event::SecretLinked { chat } => eprintln!("stratus: {chat}: linked with the other device"),
-        Event::SecretClosed { chat } => out(&if json {
-            serde_json::json!({ "secret": chat.to_string(), "closed": true }).to_string()
-        } else {
-            format!("{chat}: closed")
-        }),
-        Event::SecretExpired { chat, message } => out(&if json {
-            serde_json::json!({ "secret": chat.to_string(), "disappeared": message }).to_string()
-        } else {
-            format!("{chat}: message {message} disappeared")
-        }),
-        _ => {}
-    }
+/// `listening` (once reachable: the session is connected, its listening came first).
+pub(crate) fn listening(json: bool) {
+    out(if json { r#"{"listening":true}"# } else { "listening" });
 }
 
-/// Stays reachable (for `secret` seconds, or until stopped): a session that runs the secret
+/// Stays reachable (for `secs` seconds, or until stopped): a session that runs the secret
 /// chats, printing what arrives in them.
 async fn listen(
     device: Device,
@@ -311,13 +270,15 @@ async fn listen(
             () = tokio::time::sleep_until(deadline) => break,
         };
         match e {
-            Ok(Event::SessionRevoked) => return Err(Error::SessionRevoked.into()),
-            // Reachable once the session is connected (its listening came first).
             Ok(Event::Connected) if !said => {
                 said = true;
-                out("listening");
+                listening(json);
             }
-            Ok(e) => print_event(&e, json),
+            Ok(e) => {
+                if let Some(v) = EventView::of(&e) {
+                    print::event(&v, json, Shown::Secret)?;
+                }
+            }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 eprintln!("stratus: {n} events skipped (output too slow)")
             }
@@ -326,4 +287,113 @@ async fn listen(
     }
     session.stop().await?;
     Ok(())
+}
+
+/// The secret chat commands through the running daemon: its session carries the chats, so
+/// what is written is delivered by it whenever the other device is reachable.
+pub(crate) async fn remote(c: &mut Client, command: SecretCommand, json: bool) -> Result<(), Failure> {
+    match command {
+        SecretCommand::Start { user, device } => {
+            let account = match user.parse::<AccountId>() {
+                Ok(a) => a.to_string(),
+                Err(_) => c.call::<ContactView>("lookup", json!({ "username": user })).await?.account,
+            };
+            let started = c.call_raw("secret_start", json!({ "account": account, "device": device })).await?;
+            let started: Started = match started {
+                Ok(v) => crate::remote::read(v)?,
+                Err(e) if e.kind == "choose_device" => {
+                    let devices: Vec<DeviceView> =
+                        e.data.get("devices").and_then(|d| serde_json::from_value(d.clone()).ok()).unwrap_or_default();
+                    return Err(choose_device(&user, devices.into_iter().map(|d| (d.device, d.name, d.online))));
+                }
+                Err(e) => return Err(crate::remote::failure(e)),
+            };
+            print::secret_made(json, "secret", &started.secret);
+            eprintln!(
+                "stratus: {}: the running daemon offers it whenever the other device is reachable",
+                started.secret
+            );
+        }
+        SecretCommand::Accept { id } => {
+            c.call::<serde_json::Value>("secret_accept", json!({ "secret": id.to_string() })).await?;
+            print::secret_state(json, &id.to_string(), "accepted");
+        }
+        SecretCommand::AutoAccept { .. } => c.not_yet("secret_auto_accept").await?,
+        SecretCommand::List => {
+            let all: Vec<SecretChatView> = c.call("secret_chats", json!({})).await?;
+            print::secret_chats(json, &all);
+        }
+        SecretCommand::Send { id, text, ttl } => {
+            let m: SecretChatMessage =
+                c.call("secret_send", json!({ "secret": id.to_string(), "text": text, "ttl_s": ttl })).await?;
+            print::secret_written(json, &m);
+            eprintln!("stratus: {id}: the running daemon delivers it whenever the other device is reachable");
+        }
+        SecretCommand::Log { id } => {
+            let secret = json!({ "secret": id.to_string() });
+            let all: Vec<SecretChatMessage> = c.call("secret_messages", secret.clone()).await?;
+            if let Some(last) = all.last() {
+                let read = json!({ "secret": id.to_string(), "up_to": last.message.id });
+                c.call::<serde_json::Value>("secret_read", read).await?;
+            }
+            let all: Vec<SecretChatMessage> = c.call("secret_messages", secret).await?;
+            print::secret_messages(json, &all);
+        }
+        SecretCommand::Close { id } => {
+            c.call::<serde_json::Value>("secret_close", json!({ "secret": id.to_string() })).await?;
+            print::secret_state(json, &id.to_string(), "closed here");
+            eprintln!("stratus: {id}: the running daemon tells the other device whenever it is reachable");
+        }
+        SecretCommand::Verify { id } => {
+            let f: Fingerprint = c.call("secret_fingerprint", json!({ "secret": id.to_string() })).await?;
+            print::fingerprint(json, &id.to_string(), &f.fingerprint);
+        }
+        SecretCommand::Sync => {
+            eprintln!("stratus: the running daemon reaches the other devices of secret chats by itself");
+        }
+        SecretCommand::Listen { secs, .. } => {
+            c.subscribe().await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(secs.unwrap_or(u64::MAX / 4));
+            let mut said = c.status().await?.connected;
+            if said {
+                listening(json);
+            }
+            loop {
+                let e = tokio::select! {
+                    e = c.next_event() => e?,
+                    () = tokio::time::sleep_until(deadline) => break,
+                };
+                match e {
+                    EventView::Connected if !said => {
+                        said = true;
+                        listening(json);
+                    }
+                    e => print::event(&e, json, Shown::Secret)?,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct ContactView {
+    account: String,
+}
+
+#[derive(Deserialize)]
+struct Started {
+    secret: String,
+}
+
+#[derive(Deserialize)]
+struct DeviceView {
+    device: String,
+    name: String,
+    online: bool,
+}
+
+#[derive(Deserialize)]
+struct Fingerprint {
+    fingerprint: String,
 }

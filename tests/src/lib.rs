@@ -222,6 +222,68 @@ pub fn watch_json(home: &Path) -> Child {
         .expect("stratus runs")
 }
 
+/// A running `stratus daemon` on a home (`--tcp` on 127.0.0.1), its standard error in
+/// `HOME.daemon.log`. Killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    /// The socket it serves.
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    /// Starts it and waits until it serves (its `listening PATH` line).
+    pub fn start(home: &Path) -> Daemon {
+        let log = std::fs::File::create(home.with_extension("daemon.log")).expect("daemon log");
+        let mut child = Command::new(bin("stratus"))
+            .arg("--home")
+            .arg(home)
+            .args(["daemon", "--tcp", "/ip4/127.0.0.1/tcp/0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("stratus runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).expect("a line");
+        let socket = match line.trim().strip_prefix("listening ") {
+            Some(path) => PathBuf::from(path),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(home.with_extension("daemon.log")).unwrap_or_default();
+                panic!("the daemon did not start: {line:?}; its log: {log}");
+            }
+        };
+        Daemon { child: Some(child), socket }
+    }
+
+    /// Stops it with SIGTERM and returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        c.wait().ok()
+    }
+
+    /// SIGKILLs it: its socket file stays behind.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Still running.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Runs `stratus account recover` for a new device in `home`, the key on standard input.
 pub fn recover(relay: &Relay, home: &Path, name: &str, key: &str) -> Output {
     use std::io::Write;

@@ -237,9 +237,12 @@ fn the_cli_starts_accepts_sends_and_closes_a_secret_chat() {
     }
 
     let l = listening(&bob, 6);
-    let started = stratus_ok(&alice, &["secret", "start", "bob"]);
-    let id = started.lines().next().unwrap().to_string();
-    assert!(started.contains("waiting for the other device to accept"), "{started}");
+    let started = stratus(&alice, &["secret", "start", "bob"]);
+    assert!(started.status.success());
+    let id = String::from_utf8_lossy(&started.stdout).trim().to_string();
+    assert_eq!(id.len(), 32, "the id alone: {id}");
+    let said = String::from_utf8_lossy(&started.stderr);
+    assert!(said.contains("waiting for the other device to accept"), "{said}");
     assert!(finished(l).contains("secret accept"));
     assert!(stratus_ok(&bob, &["secret", "list"]).contains("[invited]"));
     stratus_ok(&bob, &["secret", "accept", &id]);

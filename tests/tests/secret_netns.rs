@@ -60,10 +60,14 @@ impl Hosts {
         c
     }
 
-    fn ok(&self, i: usize, home: &Path, args: &[&str]) -> String {
+    fn run(&self, i: usize, home: &Path, args: &[&str]) -> Output {
         let o: Output = self.stratus(i, home, args).output().expect("stratus runs");
         assert!(o.status.success(), "stratus {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8(o.stdout).unwrap()
+        o
+    }
+
+    fn ok(&self, i: usize, home: &Path, args: &[&str]) -> String {
+        String::from_utf8(self.run(i, home, args).stdout).unwrap()
     }
 }
 
@@ -118,11 +122,12 @@ fn a_secret_chat_runs_over_a_direct_connection_between_two_network_namespaces() 
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "listening");
 
-    let started = hosts.ok(0, &alice, &["secret", "start", "bob"]);
-    let id = started.lines().next().unwrap().to_string();
-    assert!(started.contains("delivered (direct)"), "{started}");
-    let sent = hosts.ok(0, &alice, &["secret", "send", &id, "across the namespaces"]);
-    assert!(sent.contains("delivered (direct)"), "{sent}");
+    // The id alone on standard output; how the other device was reached on standard error.
+    let started = hosts.run(0, &alice, &["secret", "start", "bob"]);
+    let id = String::from_utf8_lossy(&started.stdout).trim().to_string();
+    assert!(String::from_utf8_lossy(&started.stderr).contains("delivered (direct)"), "{started:?}");
+    let sent = hosts.run(0, &alice, &["secret", "send", &id, "across the namespaces"]);
+    assert!(String::from_utf8_lossy(&sent.stderr).contains("delivered (direct)"), "{sent:?}");
     assert!(listen.wait().unwrap().success());
     let mut printed = String::new();
     out.read_to_string(&mut printed).unwrap();

@@ -39,8 +39,11 @@ fn devices_lists_every_session_and_which_one_is_this() {
         list.iter().map(|s| (s["name"].as_str().unwrap(), s["this_device"].as_bool().unwrap())).collect();
     assert!(names.contains(&("laptop", true)) && names.contains(&("phone", false)), "{names:?}");
     for s in &list {
-        assert!(s["registered_ms"].as_u64().unwrap() > 1_600_000_000_000, "a wall-clock time: {s}");
-        assert!(s["last_active_ms"].as_u64().unwrap() >= s["registered_ms"].as_u64().unwrap());
+        // RFC 3339 in UTC with milliseconds, which sort as text in time order.
+        let (registered, active) = (s["registered"].as_str().unwrap(), s["last_active"].as_str().unwrap());
+        assert!(registered > "2020-" && registered.len() == 24 && registered.ends_with('Z'), "a wall-clock time: {s}");
+        assert!(active >= registered, "{s}");
+        assert!(s["created"].as_str().is_some_and(|c| c.ends_with('Z')), "{s}");
     }
     let text = stratus_ok(&b, &["devices"]);
     assert!(text.lines().any(|l| l.contains("phone") && l.ends_with("(this device)")), "{text}");
