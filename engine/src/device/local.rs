@@ -27,11 +27,9 @@ mod members;
 mod messages;
 mod rotation;
 mod secret;
-mod secret_conn;
-mod secret_net;
 mod sessions;
-pub use secret::{SecretMessage, SecretUpdate};
-pub use secret_conn::{Answer, Ended, Opening, SecretConn, Step, OPENING_TIMEOUT};
+use secret::SecretDocs;
+pub use secret::{Answer, Ended, Opening, SecretConn, SecretMessage, SecretUpdate, Step, OPENING_TIMEOUT};
 
 pub use members::ContactInfo;
 pub(crate) use members::KeyWork;
@@ -150,9 +148,8 @@ pub struct Device {
     /// Chats whose creation the relay refused as stale while this device's keys were current:
     /// another member's keys moved on, and the creation is wrapped again after a lookup.
     pub(crate) relook: std::collections::BTreeSet<ChatId>,
-    /// Secret chats' documents, loaded on first use (a device has few secret chats; each is
-    /// saved whole to the store after every change).
-    pub(crate) secret_docs: BTreeMap<crate::proto::ids::SecretId, ChatDoc>,
+    /// Secret chats' documents in memory.
+    secret_docs: SecretDocs,
 }
 
 fn system_now_ms() -> i64 {
@@ -206,7 +203,7 @@ impl Device {
             fresh: BTreeMap::new(),
             rekey_sent: None,
             relook: Default::default(),
-            secret_docs: BTreeMap::new(),
+            secret_docs: SecretDocs::default(),
         })
     }
 

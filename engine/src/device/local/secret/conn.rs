@@ -4,15 +4,16 @@
 //! other device answers, and a Noise KK handshake between the certificates' static keys starts
 //! the link. Feed each frame from the stream to [`Device::secret_step`] and send what it
 //! returns; [`Device::secret_open`] and the session's secret chats drive it over libp2p.
-//! Part of [`Device`]; split out of `local.rs` for size.
 
 use serde::{Deserialize, Serialize};
 
-use super::*;
+use crate::device::error::Error;
 use crate::device::local::secret::SecretUpdate;
+use crate::device::local::Device;
 use crate::device::secret::{Ends, Handshake, Pattern, SecretError, SecretFrame, SecretLink};
 use crate::device::store::{SecretChat, SecretState};
-use crate::proto::ids::SecretId;
+use crate::proto::cert::DeviceCert;
+use crate::proto::ids::{AccountId, DeviceId, SecretId};
 
 /// The first frame on a secret stream, from the device that opened it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,11 +1,15 @@
 //! Two devices of two accounts with a secret chat, their link driven by hand: the frames
 //! each sends are handed to the other until both are quiet.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
+
+use rand::SeedableRng;
 
 use super::*;
 use crate::device::secret::{Ends, Handshake, Pattern};
-use crate::proto::cert::DeviceCertBody;
+use crate::device::store::Login;
+use crate::proto::cert::{AccountKeys, DeviceCertBody};
 
 static NOW: AtomicI64 = AtomicI64::new(1_800_000_000_000);
 
