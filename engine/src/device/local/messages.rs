@@ -40,7 +40,7 @@ impl Device {
                 }
                 let mut id = [0u8; 16];
                 self.rng.fill_bytes(&mut id);
-                let mut msg = new_message(account, &self.id, text, now, id);
+                let mut msg = new_message(account, self.identity.id(), text, now, id);
                 msg.reply_to = reply_to.clone();
                 let stored = Message { text: self.seal_text(chat, &msg.id, text)?, ..msg.clone() };
                 let change = self.doc(chat)?.add_message(&stored)?;
@@ -57,7 +57,7 @@ impl Device {
                 (id.clone(), self.doc(chat)?.delete_message(id, now)?, None)
             }
             MessageOp::Read { id } => {
-                let device = self.id.clone();
+                let device = self.identity.id().clone();
                 (id.clone(), self.doc(chat)?.mark_read(&account, &device, id, now)?, None)
             }
             MessageOp::React { id, reaction, add } => {

@@ -118,7 +118,7 @@ impl Device {
             created_ms: self.now_ms(),
         };
         self.store.put_secret(&chat)?;
-        self.store.put_secret_doc(id, &ChatDoc::new(doc_chat(id), &self.id).save())?;
+        self.store.put_secret_doc(id, &ChatDoc::new(doc_chat(id), self.identity.id()).save())?;
         self.store.barrier()?;
         Ok(id)
     }
@@ -139,7 +139,7 @@ impl Device {
         let state = if accept && verified { SecretState::Active } else { SecretState::Invited };
         let chat = SecretChat { id, peer_cert: peer, verified, started_here: false, state, created_ms: self.now_ms() };
         self.store.put_secret(&chat)?;
-        self.store.put_secret_doc(id, &ChatDoc::new(doc_chat(id), &self.id).save())?;
+        self.store.put_secret_doc(id, &ChatDoc::new(doc_chat(id), self.identity.id()).save())?;
         self.store.barrier()?;
         Ok(chat)
     }
@@ -207,7 +207,7 @@ impl Device {
         let account = self.login()?.account.id;
         let mut raw = [0u8; 16];
         self.rng.fill_bytes(&mut raw);
-        let mut msg = new_message(account, &self.id, "", self.now_ms(), raw);
+        let mut msg = new_message(account, self.identity.id(), "", self.now_ms(), raw);
         let mut key = [0u8; 32];
         self.rng.fill_bytes(&mut key);
         let sealed = seal_text(&key, id, &msg.id, &SecretText { text: text.to_string(), ttl_s }, &mut self.rng);
@@ -261,7 +261,7 @@ impl Device {
     pub fn secret_read(&mut self, id: SecretId, upto: &str) -> Result<(), Error> {
         self.secret_writable(id)?;
         let account = self.login()?.account.id;
-        let device = self.id.clone();
+        let device = self.identity.id().clone();
         let now = self.now_ms();
         let doc = self.secret_doc(id)?;
         let marks = doc.read_marks();
@@ -521,7 +521,6 @@ impl Device {
     /// A secret chat's document, loaded from the store on first use (at most [`DOC_CACHE`] are
     /// kept; everything of a document is in the store, so any can go).
     fn secret_doc(&mut self, id: SecretId) -> Result<&mut ChatDoc, Error> {
-        self.secret_docs.get(&self.store, &self.id, &mut self.rng, id)
+        self.secret_docs.get(&self.store, self.identity.id(), &mut self.rng, id)
     }
 }
-

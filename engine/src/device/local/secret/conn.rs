@@ -205,9 +205,15 @@ impl Device {
                     (_, true) => return Err(Error::Untrusted("the other device kept a chat closed here")),
                 }
                 let chat = self.store.secret(id)?.ok_or(Error::UnknownSecret(id))?;
-                let ends = Ends { chat: id, initiator: &self.id, responder: &conn.peer };
-                let mut hs =
-                    Handshake::new(Pattern::KK, true, &ends, &self.secrets.x25519, &chat.peer_static(), &mut self.rng)?;
+                let ends = Ends { chat: id, initiator: self.identity.id(), responder: &conn.peer };
+                let mut hs = Handshake::new(
+                    Pattern::KK,
+                    true,
+                    &ends,
+                    self.identity.x25519_secret(),
+                    &chat.peer_static(),
+                    &mut self.rng,
+                )?;
                 let first = hs.write(b"")?;
                 conn.phase = Phase::Handshake(Box::new(hs));
                 Ok((vec![first], Step::Continue))
@@ -281,12 +287,12 @@ impl Device {
         conn.chat = Some(id);
         match (answer, chat) {
             (Answer::Go, Some(chat)) => {
-                let ends = Ends { chat: id, initiator: &peer, responder: &self.id };
+                let ends = Ends { chat: id, initiator: &peer, responder: self.identity.id() };
                 let hs = Handshake::new(
                     Pattern::KK,
                     false,
                     &ends,
-                    &self.secrets.x25519,
+                    self.identity.x25519_secret(),
                     &chat.peer_static(),
                     &mut self.rng,
                 )?;

@@ -28,11 +28,6 @@ impl Device {
         self.secret_devices_from(account, frame)
     }
 
-    /// Whether `account` is a contact (its keys are pinned here).
-    pub fn is_contact(&self, account: AccountId) -> Result<bool, Error> {
-        Ok(self.store.contact(account)?.is_some())
-    }
-
     /// [`Device::secret_devices`] from the relay's answer to `AccountDevices`.
     pub(crate) fn secret_devices_from(
         &self,
@@ -183,7 +178,7 @@ impl Device {
     /// The fingerprint of a secret chat's keys, for the two users to compare.
     pub fn secret_fingerprint(&self, id: SecretId) -> Result<String, Error> {
         let chat = self.secret(id)?;
-        Ok(crate::device::secret::fingerprint(id, &self.x25519_public(), &chat.peer_static()))
+        Ok(crate::device::secret::fingerprint(id, &self.identity.x25519_public(), &chat.peer_static()))
     }
 }
 
