@@ -15,7 +15,8 @@ use rand::RngCore;
 
 use crate::device::doc::{new_message, ChatDoc, Message, MAX_SYNC_MESSAGE_BYTES};
 use crate::device::error::Error;
-use crate::device::local::{check_text, Device, DOC_CACHE};
+use crate::device::local::chats::{check_text, DOC_CACHE};
+use crate::device::local::Device;
 use crate::device::secret::link::{open_text, seal_text, MAX_KEYS_PER_FRAME};
 use crate::device::secret::{Channel, SecretFrame, SecretLink, SecretText};
 use crate::device::store::{DeviceStore, MessageKey, SecretChat, SecretState};

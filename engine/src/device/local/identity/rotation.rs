@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use x25519_dalek::StaticSecret;
 
 use crate::device::error::Error;
-use crate::device::local::Applied;
+use crate::device::local::chats::Applied;
 use crate::device::local::Device;
 use crate::device::store::Login;
 use crate::proto::cert::{rotation_bundle_context, AccountGen, AccountKeys, RevocationBody, Rotation};
