@@ -33,7 +33,8 @@ mod secret;
 pub(crate) use chats::KeyWork;
 pub use chats::{ChatSummary, MessageOp};
 pub use identity::{ContactInfo, LinkCode, SessionInfo};
-pub use secret::{Answer, Ended, Opening, SecretConn, SecretMessage, SecretUpdate, Step, OPENING_TIMEOUT};
+pub(crate) use secret::OPENING_TIMEOUT;
+pub use secret::{Answer, Ended, Opening, SecretConn, SecretMessage, SecretUpdate, Step};
 
 use chats::{ChatDocs, KeyWorkState};
 use identity::Identity;

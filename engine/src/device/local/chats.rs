@@ -30,7 +30,7 @@ pub use messages::MessageOp;
 
 /// Most chat documents kept in memory; beyond it the least recently opened is dropped (it
 /// reloads from the store when needed).
-pub const DOC_CACHE: usize = 64;
+pub(crate) const DOC_CACHE: usize = 64;
 
 /// A chat as listed to users.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

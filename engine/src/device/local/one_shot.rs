@@ -10,7 +10,7 @@ use crate::proto::ids::AccountId;
 use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame, ReqId, PROTOCOL_VERSION};
 
 /// How often a one-shot request opens its stream before giving up.
-pub const CONNECT_ATTEMPTS: u32 = 5;
+pub(crate) const CONNECT_ATTEMPTS: u32 = 5;
 
 impl Device {
     /// Opens a sync stream and exchanges `Hello`. A stream that breaks during the exchange is

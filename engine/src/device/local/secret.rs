@@ -28,7 +28,8 @@ mod net;
 #[cfg(test)]
 mod tests;
 
-pub use conn::{Answer, Ended, Opening, SecretConn, Step, OPENING_TIMEOUT};
+pub(crate) use conn::OPENING_TIMEOUT;
+pub use conn::{Answer, Ended, Opening, SecretConn, Step};
 
 /// A secret chat's message as the user sees it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -53,7 +54,7 @@ pub struct SecretUpdate {
 
 /// A secret chat's document is saved whole (its snapshot) once this many changes were stored
 /// after the last snapshot; each change is stored on its own in between.
-pub const SECRET_COMPACT_AFTER: u64 = 256;
+pub(crate) const SECRET_COMPACT_AFTER: u64 = 256;
 
 /// The document of a secret chat lives under a chat id made from the secret chat's id (it is
 /// never a chat on the relay).

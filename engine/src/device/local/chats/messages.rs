@@ -12,7 +12,7 @@ use crate::proto::crypto::{open_text, seal_text, sealed_text_epoch};
 use crate::proto::ids::{AccountId, ChatId};
 
 /// Longest message text, in bytes (a sealed delta must fit the relay's 64 KiB limit).
-pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_TEXT_BYTES: usize = 16 * 1024;
 
 /// Something a user does to a chat's messages.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -39,11 +39,11 @@ pub enum Answer {
 }
 
 /// How long the other device may take for each step of the opening and the handshake.
-pub const OPENING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const OPENING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Most secret chats started by other devices (offered or taken) on one device: more offers
 /// are refused.
-pub const MAX_OFFERS: usize = 256;
+pub(crate) const MAX_OFFERS: usize = 256;
 
 /// A secret stream's state; see the module's documentation.
 #[derive(Debug)]
