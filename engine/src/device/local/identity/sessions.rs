@@ -1,5 +1,5 @@
 //! Sessions and recovery: listing and ending the account's device sessions, their
-//! time-to-live, and the recovery key. Part of [`Device`]; split out of `local.rs` for size.
+//! time-to-live, and the recovery key.
 
 use std::collections::BTreeMap;
 
