@@ -260,6 +260,9 @@ fn main() -> ExitCode {
         }
         Err(Failure::Error(e)) => {
             eprintln!("stratus: {e}");
+            if let Some(hint) = hint(&e) {
+                eprintln!("stratus: {hint}");
+            }
             ExitCode::FAILURE
         }
         Err(Failure::Other(e)) => {
@@ -267,6 +270,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// What to run about `e`, where a command helps: the engine's messages name no commands.
+fn hint(e: &Error) -> Option<String> {
+    Some(match e {
+        Error::NotLoggedIn => "run `stratus account create` or `stratus device link` first".into(),
+        Error::UnknownChat(_) => "see `stratus chat list`".into(),
+        Error::UnknownSecret(_) => "see `stratus secret list`".into(),
+        Error::BadLinkCode => "copy it exactly as `stratus device link` printed it".into(),
+        Error::KeyChanged { username, number, .. } => {
+            format!("after comparing: `stratus contact verify {username} --confirm \"{number}\"`")
+        }
+        Error::SecretNotAccepted(id) => format!("accept it with `stratus secret accept {id}`"),
+        _ => return None,
+    })
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {

@@ -51,7 +51,8 @@ mod authorship;
 mod sync;
 #[path = "doc_view.rs"]
 mod view;
-pub use authorship::{message_id_prefix, Author};
+pub(crate) use authorship::message_id_prefix;
+pub use authorship::Author;
 pub use automerge::sync::State as SyncState;
 pub use sync::{MAX_SYNC_CHANGES, MAX_SYNC_MESSAGE_BYTES};
 
@@ -223,7 +224,7 @@ fn commit_time(ms: i64) -> i64 {
 }
 
 /// The Automerge actor a device writes as: derived from its id, so it is stable across restarts.
-pub fn device_actor(device: &DeviceId) -> ActorId {
+pub(crate) fn device_actor(device: &DeviceId) -> ActorId {
     let h = blake3::hash(device.0.as_bytes());
     ActorId::from(&h.as_bytes()[..16])
 }

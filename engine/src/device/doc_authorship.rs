@@ -39,7 +39,7 @@ pub struct Author {
 
 /// The first 8 bytes of every message id a device makes: from its actor, so that ids made on
 /// different devices never collide (see the module docs).
-pub fn message_id_prefix(device: &DeviceId) -> [u8; 8] {
+pub(crate) fn message_id_prefix(device: &DeviceId) -> [u8; 8] {
     device_actor(device).to_bytes()[..8].try_into().expect("an actor is 16 bytes")
 }
 

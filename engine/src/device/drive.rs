@@ -295,7 +295,7 @@ impl Device {
                 SyncOutput::Stale { client_seq, chat } => match self.remake_stale(client_seq) {
                     Ok(items) if !items.is_empty() => queue.extend(core.handle(SyncInput::Resealed(items))),
                     // Remade once the new keys arrive in the account log, or by key work.
-                    Ok(_) if !self.relook.is_empty() => queue.extend(core.handle(SyncInput::RotationDue(true))),
+                    Ok(_) if self.relook_due() => queue.extend(core.handle(SyncInput::RotationDue(true))),
                     Ok(_) => {}
                     Err(e) => actions.push(error(format!("chat {chat} client seq {}: {e}", client_seq.0))),
                 },
@@ -318,7 +318,7 @@ impl Device {
                     };
                     actions.extend(self.key_work_step(core, work, &mut queue));
                 }
-                SyncOutput::KeyWorkStale => self.fresh.clear(),
+                SyncOutput::KeyWorkStale => self.forget_looked_up(),
                 SyncOutput::KeyWorkDone => {
                     if let Err(e) = self.key_work_done() {
                         actions.push(error(e.to_string()));
@@ -367,7 +367,7 @@ impl Device {
                 None
             }
             Err(e) => {
-                self.fresh.clear();
+                self.forget_looked_up();
                 queue.extend(core.handle(SyncInput::RotationDue(false)));
                 Some(Action::Emit(Event::Error { message: format!("renewing keys: {e}") }))
             }

@@ -12,16 +12,16 @@ use crate::proto::wire::ErrorCode;
 #[non_exhaustive]
 pub enum Error {
     /// The device belongs to no account yet.
-    #[error("this device is not logged in: run `account create` or `device link` first")]
+    #[error("this device is not logged in: create an account, or link or recover this device into one, first")]
     NotLoggedIn,
     /// The device already belongs to an account.
     #[error("this device already belongs to account {0}")]
     AlreadyLoggedIn(String),
     /// No such chat on this device.
-    #[error("no chat {0} on this device (see `chat list`)")]
+    #[error("no chat {0} on this device")]
     UnknownChat(ChatId),
     /// No such secret chat on this device (or it was closed).
-    #[error("no secret chat {0} on this device (see `secret list`)")]
+    #[error("no secret chat {0} on this device (or it was closed)")]
     UnknownSecret(SecretId),
     /// A secret chat's session failed; the connection is to be closed (the next one starts
     /// afresh).
@@ -42,7 +42,7 @@ pub enum Error {
         message: String,
     },
     /// A link code did not parse.
-    #[error("not a valid link code: copy it exactly as `device link` printed it")]
+    #[error("not a valid link code: pass it exactly as the new device showed it")]
     BadLinkCode,
     /// The device waiting under a link code is not the one the code names: someone is
     /// interfering. Nothing was approved.
@@ -84,12 +84,12 @@ pub enum Error {
     #[error("refused from another account: {0}")]
     Untrusted(&'static str),
     /// The directory gave another account for a username than the one this device pinned
-    /// for it: someone may be impersonating the user. Compare safety numbers
-    /// (`contact verify`) before trusting it.
+    /// for it: someone may be impersonating the user. Compare safety numbers, then confirm the
+    /// contact with the number ([`crate::Session::lookup`] with `confirm`) before trusting it.
     #[error(
         "WARNING: the relay now says {username} is account {now} (safety number {number}), but this device \
-         pinned account {pinned} for that name; compare the number with them before trusting it, then run \
-         `contact verify {username} --confirm \"{number}\"`"
+         pinned account {pinned} for that name; compare the number with them before trusting it, then confirm \
+         the contact with that number"
     )]
     KeyChanged {
         /// The username.
@@ -109,7 +109,7 @@ pub enum Error {
     Stopped,
 
     /// A secret chat offered by another device that this device's user has not accepted yet.
-    #[error("secret chat {0} waits for you to accept it (`secret accept`)")]
+    #[error("secret chat {0} was offered by another device and waits to be accepted here")]
     SecretNotAccepted(SecretId),
 
     /// A secret chat command to a session that does not run them.

@@ -1,158 +1,59 @@
-//! [`Device`]: one device's identity, store and documents, and the requests that need a relay
-//! before the device can sync (account creation, linking, approval).
+//! [`Device`]: one device's identity, store and documents. Everything works offline; the
+//! `async` methods make one request to the relay and return (a [`crate::Session`] runs the same
+//! work while it syncs).
+//!
+//! A `Device` is made of parts, one per concern, each in its own module that owns its state
+//! (other parts reach it only through its methods) and names in its imports what else it uses:
+//!
+//! * [`identity`]: the device's secrets and login, the account's keys and their rotation,
+//!   linking, approval and recovery, sessions, and the directory of other accounts;
+//! * [`chats`]: the chat documents, applying deltas and account-log entries, messages, members
+//!   and key work;
+//! * [`outbox`]: local changes sealed into outbox items, and sealed again under new keys;
+//! * [`secret`]: secret chats and their links to the peer device;
+//! * [`one_shot`]: one request over a fresh stream, for the `async` methods that run without a
+//!   session.
+//!
+//! The store, the RNG and the clock are shared by all of them.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
-use serde::Serialize;
-use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::device::doc::{new_message, Author, ChatDoc, DocUpdate, Message};
 use crate::device::error::Error;
-use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
-use crate::device::store::{
-    device_id_of, ChatMeta, DeviceSecrets, DeviceStore, Login, OutboxBody, OutboxItem, COMPACT_AFTER_CHANGES,
-};
-use crate::proto::cert::{AccountGen, AccountKeys, DeviceCert, DeviceCertBody, RevocationBody, MAX_DEVICE_NAME_BYTES};
-use crate::proto::crypto::{open_box, seal_box, seal_delta, unwrap_chat_key, ChatKey, DeltaAd, RecoveryKey};
-use crate::proto::ids::{AccountId, ChatId, DeviceId, Epoch, Seq};
-use crate::proto::wire::{
-    AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, ErrorCode, RelayFrame, ReqId, WrappedKey,
-    PROTOCOL_VERSION,
-};
+use crate::device::store::{device_id_of, DeviceSecrets, DeviceStore};
 
-mod members;
-mod messages;
-mod rotation;
+mod chats;
+mod identity;
+mod one_shot;
+mod outbox;
 mod secret;
-mod secret_conn;
-mod secret_net;
-mod sessions;
-pub use secret::{SecretMessage, SecretUpdate};
-pub use secret_conn::{Answer, Ended, Opening, SecretConn, Step, OPENING_TIMEOUT};
 
-pub use members::ContactInfo;
-pub(crate) use members::KeyWork;
-pub use messages::MessageOp;
+pub(crate) use chats::KeyWork;
+pub use chats::{ChatSummary, MessageOp};
+pub use identity::{ContactInfo, LinkCode, SessionInfo};
+pub(crate) use secret::OPENING_TIMEOUT;
+pub use secret::{Answer, Ended, Opening, SecretConn, SecretMessage, SecretUpdate, Step};
 
-pub(crate) use rotation::Applied;
-
-pub use sessions::SessionInfo;
-
-/// Longest message text, in bytes (a sealed delta must fit the relay's 64 KiB limit).
-pub const MAX_TEXT_BYTES: usize = 16 * 1024;
-/// How often a one-shot request opens its stream before giving up.
-pub const CONNECT_ATTEMPTS: u32 = 5;
-/// Most chat documents kept in memory; beyond it the least recently opened is dropped (it
-/// reloads from the store when needed).
-pub const DOC_CACHE: usize = 64;
-
-/// A chat as listed to users.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ChatSummary {
-    /// Its id.
-    pub id: String,
-    /// Title, if set.
-    pub title: Option<String>,
-    /// Kind.
-    pub kind: String,
-    /// Number of messages.
-    pub messages: usize,
-    /// Last applied seq from the relay.
-    pub seq: u64,
-    /// Messages of other accounts after this account's read mark.
-    pub unread: usize,
-    /// The other member accounts: by username where this device pinned one, else by id.
-    pub members: Vec<String>,
-    /// This account is no longer a member.
-    pub left: bool,
-}
-
-/// A link code: what a new device shows so that a logged-in device can approve it.
-///
-/// It holds a one-time secret (never sent to the relay; the relay only sees its hash as the
-/// link id) and a fingerprint of the new device's keys, which the approving device checks
-/// against what the relay says waits under the link id.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct LinkCode {
-    secret: [u8; 16],
-    fingerprint: [u8; 8],
-}
-
-impl LinkCode {
-    const PREFIX: &'static str = "stratus-link-";
-
-    fn link_id(&self) -> [u8; 32] {
-        let mut h = blake3::Hasher::new();
-        h.update(b"stratus-link-id");
-        h.update(&self.secret);
-        *h.finalize().as_bytes()
-    }
-
-    fn fingerprint_of(device: &DeviceId, x25519: &[u8; 32]) -> [u8; 8] {
-        let mut h = blake3::Hasher::new();
-        h.update(b"stratus-link-fingerprint");
-        h.update(device.0.as_bytes());
-        h.update(x25519);
-        let mut f = [0u8; 8];
-        f.copy_from_slice(&h.finalize().as_bytes()[..8]);
-        f
-    }
-
-    fn context(device: &DeviceId) -> Vec<u8> {
-        let mut c = b"link-bundle/".to_vec();
-        c.extend_from_slice(device.0.as_bytes());
-        c
-    }
-}
-
-impl std::fmt::Display for LinkCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}{}{}", Self::PREFIX, hex::encode(self.secret), hex::encode(self.fingerprint))
-    }
-}
-
-impl std::str::FromStr for LinkCode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        let hexpart = s.trim().strip_prefix(Self::PREFIX).ok_or(Error::BadLinkCode)?;
-        let bytes = hex::decode(hexpart).map_err(|_| Error::BadLinkCode)?;
-        if bytes.len() != 24 {
-            return Err(Error::BadLinkCode);
-        }
-        let mut code = LinkCode { secret: [0; 16], fingerprint: [0; 8] };
-        code.secret.copy_from_slice(&bytes[..16]);
-        code.fingerprint.copy_from_slice(&bytes[16..]);
-        Ok(code)
-    }
-}
+use chats::{ChatDocs, KeyWorkState};
+use identity::Identity;
+use secret::SecretDocs;
 
 /// One device: identity, local store, chat documents. Everything here works offline; the
 /// `async` methods talk to the relay once and return.
 pub struct Device {
     pub(crate) store: DeviceStore,
-    secrets: DeviceSecrets,
-    id: DeviceId,
-    pub(crate) login: Option<Login>,
-    docs: BTreeMap<ChatId, ChatDoc>,
-    doc_order: Vec<ChatId>,
+    /// Who this device is, and the account it is logged in to.
+    identity: Identity,
+    /// The chat documents in memory.
+    docs: ChatDocs,
+    /// The key work under way.
+    key_state: KeyWorkState,
+    /// Secret chats' documents in memory.
+    secret_docs: SecretDocs,
     pub(crate) rng: StdRng,
     clock: fn() -> i64,
-    /// Chats whose creation the relay refused as made with keys a rotation ended, before this
-    /// device had the new keys: made again when the rotation arrives.
-    stale_creations: std::collections::BTreeSet<ChatId>,
-    /// Other accounts' current keys, looked up for the key work under way.
-    pub(crate) fresh: BTreeMap<AccountId, AccountGen>,
-    /// The chat and epoch of the last `Rekey` sent (see [`Device::key_work_done`]).
-    rekey_sent: Option<(ChatId, Epoch)>,
-    /// Chats whose creation the relay refused as stale while this device's keys were current:
-    /// another member's keys moved on, and the creation is wrapped again after a lookup.
-    pub(crate) relook: std::collections::BTreeSet<ChatId>,
-    /// Secret chats' documents, loaded on first use (a device has few secret chats; each is
-    /// saved whole to the store after every change).
-    pub(crate) secret_docs: BTreeMap<crate::proto::ids::SecretId, ChatDoc>,
 }
 
 fn system_now_ms() -> i64 {
@@ -195,18 +96,12 @@ impl Device {
         let login = store.login()?;
         Ok(Device {
             store,
-            secrets,
-            id,
-            login,
-            docs: BTreeMap::new(),
-            doc_order: Vec::new(),
+            identity: Identity::new(secrets, id, login),
+            docs: ChatDocs::default(),
             rng,
             clock: system_now_ms,
-            stale_creations: Default::default(),
-            fresh: BTreeMap::new(),
-            rekey_sent: None,
-            relook: Default::default(),
-            secret_docs: BTreeMap::new(),
+            key_state: KeyWorkState::default(),
+            secret_docs: SecretDocs::default(),
         })
     }
 
@@ -219,560 +114,14 @@ impl Device {
         (self.clock)()
     }
 
-    /// This device's id (its libp2p PeerId).
-    pub fn id(&self) -> &DeviceId {
-        &self.id
-    }
-
-    /// The account, if logged in.
-    pub fn account(&self) -> Option<AccountId> {
-        self.login.as_ref().map(|l| l.account.id)
-    }
-
-    /// The relay this device syncs with, if logged in.
-    pub fn relay(&self) -> Option<&str> {
-        self.login.as_ref().map(|l| l.relay.as_str())
-    }
-
-    /// The device's libp2p identity (its PeerId is the device id). For tools and tests.
-    pub fn keypair(&self) -> libp2p::identity::Keypair {
-        libp2p::identity::Keypair::ed25519_from_bytes(self.secrets.ed25519)
-            .expect("32 bytes are a valid Ed25519 secret")
-    }
-
-    fn x25519_public(&self) -> [u8; 32] {
-        PublicKey::from(&StaticSecret::from(self.secrets.x25519)).to_bytes()
-    }
-
-    pub(crate) fn login(&self) -> Result<&Login, Error> {
-        self.login.as_ref().ok_or(Error::NotLoggedIn)
-    }
-
-    /// Number of sealed deltas waiting for the relay.
-    pub fn outbox_len(&self) -> usize {
-        self.store.outbox_len()
-    }
-
-    /// The account's devices this device knows of (certificates verified on arrival).
-    pub fn devices(&self) -> Result<Vec<crate::proto::cert::DeviceCert>, Error> {
-        Ok(self.store.devices()?)
-    }
-
-    // ---- relay requests made before a session can run ----
-
-    /// Opens a sync stream and exchanges `Hello`. A stream that breaks during the exchange is
-    /// opened again (up to [`CONNECT_ATTEMPTS`] times): libp2p-stream 0.4 drops an inbound
-    /// stream that arrives while the relay's accept queue (one slot) is taken, which happens
-    /// when many devices connect at once.
-    async fn connect(&self, relay: &str) -> Result<(Net, RelayStream, Option<AccountId>), Error> {
-        let (peer, addr) = parse_relay_addr(relay)?;
-        let mut net = Net::start(self.keypair())?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let result = async {
-                let mut stream = net.open(peer, addr.clone()).await?;
-                stream.send(&ClientFrame::Hello { version: PROTOCOL_VERSION }).await?;
-                Ok::<_, Error>((stream.recv().await?, stream))
-            }
-            .await;
-            match result {
-                Ok((Some(RelayFrame::Hello { account, .. }), stream)) => return Ok((net, stream, account)),
-                Ok((Some(RelayFrame::Error { code, message, .. }), _)) => return Err(Error::Relay { code, message }),
-                Err(Error::Net(NetError::Io(_))) | Ok((None, _)) if attempt < CONNECT_ATTEMPTS => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
-                }
-                Err(e) => return Err(e),
-                Ok(_) => return Err(Error::Net(NetError::Unreachable("relay did not answer hello".into()))),
-            }
-        }
-    }
-
-    async fn reply(stream: &mut RelayStream, req: ReqId) -> Result<RelayFrame, Error> {
-        loop {
-            match stream.recv().await? {
-                None => {
-                    return Err(Error::Net(crate::device::net::NetError::Unreachable("relay closed the stream".into())))
-                }
-                Some(RelayFrame::Error { req: r, code, message }) if r == Some(req) || r.is_none() => {
-                    return Err(Error::Relay { code, message })
-                }
-                Some(f) if f.req() == Some(req) => return Ok(f),
-                Some(_) => {} // pushes and other traffic: the session will fetch them
-            }
-        }
-    }
-
-    /// Creates a new account on `relay` with this device as its first device.
-    pub async fn create_account(&mut self, relay: &str, name: &str) -> Result<AccountId, Error> {
-        let request = self.create_account_request(relay, name, 1)?;
-        let (_net, mut stream, _) = self.connect(relay).await?;
-        stream.send(&request).await?;
-        Self::reply(&mut stream, 1).await?;
-        self.create_account_done()
-    }
-
-    /// The request that creates a new account with this device as its first device; after the
-    /// relay answers `Done`, call [`Device::create_account_done`]. For drivers other than
-    /// [`Device::create_account`].
-    ///
-    /// The new account is kept before it is sent: if the reply is lost, asking again sends the
-    /// same account, which the relay acknowledges again, instead of a new one that it would
-    /// refuse for a device it already knows.
-    pub fn create_account_request(&mut self, relay: &str, name: &str, req: ReqId) -> Result<ClientFrame, Error> {
-        if let Some(a) = self.account() {
-            return Err(Error::AlreadyLoggedIn(a.to_string()));
-        }
-        check_name(name)?;
-        let pending = match self.store.pending_login()? {
-            Some(p) if p.cert.body.device == self.id && p.relay == relay => p,
-            _ => {
-                let keys = AccountKeys::generate(&mut self.rng);
-                let account = keys.public();
-                let cert = keys.certify(DeviceCertBody {
-                    account: account.id,
-                    device: self.id.clone(),
-                    device_x25519: self.x25519_public(),
-                    name: name.to_string(),
-                    created_ms: self.now_ms() as u64,
-                });
-                let p = Login { account, keys, cert, relay: relay.to_string() };
-                self.store.set_pending_login(&p)?;
-                p
-            }
-        };
-        Ok(ClientFrame::CreateAccount { req, account: pending.account, cert: pending.cert })
-    }
-
-    /// Logs in with the account of [`Device::create_account_request`] once the relay accepted it.
-    pub fn create_account_done(&mut self) -> Result<AccountId, Error> {
-        let login = self.store.pending_login()?.filter(|p| p.cert.body.device == self.id).ok_or(Error::NotLoggedIn)?;
-        self.store.set_login(&login)?;
-        self.store.put_device(&login.cert)?;
-        let id = login.account.id;
-        self.login = Some(login);
-        Ok(id)
-    }
-
-    /// The link code of this (not yet logged-in) device. It is made once and kept until the
-    /// device is linked, so that a `link` interrupted after approval can be run again and
-    /// fetch the approval the relay kept for it.
-    pub fn link_code(&mut self) -> Result<LinkCode, Error> {
-        let secret = match self.store.link_secret()? {
-            Some(s) => s,
-            None => {
-                let mut s = [0u8; 16];
-                self.rng.fill_bytes(&mut s);
-                self.store.set_link_secret(&s)?;
-                s
-            }
-        };
-        Ok(LinkCode { secret, fingerprint: LinkCode::fingerprint_of(&self.id, &self.x25519_public()) })
-    }
-
-    /// Waits on `relay` until a logged-in device approves `code`, then stores the account
-    /// bundle. Run a [`crate::Session`] afterwards to pull the history.
-    pub async fn link(&mut self, relay: &str, name: &str, code: &LinkCode) -> Result<AccountId, Error> {
-        let request = self.link_request(name, code, 1)?;
-        let (_net, mut stream, _) = self.connect(relay).await?;
-        stream.send(&request).await?;
-        let reply = Self::reply(&mut stream, 1).await?;
-        self.link_done(relay, code, reply)
-    }
-
-    /// The request that waits for approval of `code`; pass the relay's answer to
-    /// [`Device::link_done`]. For drivers other than [`Device::link`].
-    pub fn link_request(&mut self, name: &str, code: &LinkCode, req: ReqId) -> Result<ClientFrame, Error> {
-        if let Some(a) = self.account() {
-            return Err(Error::AlreadyLoggedIn(a.to_string()));
-        }
-        check_name(name)?;
-        Ok(ClientFrame::LinkWait {
-            req,
-            link_id: code.link_id(),
-            device_x25519: self.x25519_public(),
-            name: name.to_string(),
-        })
-    }
-
-    /// Opens and checks the approval the relay delivered for `code` and logs in.
-    pub fn link_done(&mut self, relay: &str, code: &LinkCode, reply: RelayFrame) -> Result<AccountId, Error> {
-        let RelayFrame::LinkApproved { account, cert, bundle, .. } = reply else {
-            return Err(Error::LinkMismatch);
-        };
-        let plain =
-            open_box(&StaticSecret::from(self.secrets.x25519), &code.secret, &LinkCode::context(&self.id), &bundle)?;
-        let keys: AccountKeys = postcard::from_bytes(&plain).map_err(|_| Error::LinkMismatch)?;
-        if keys.public() != account || !keys.is_consistent() {
-            return Err(Error::LinkMismatch);
-        }
-        account.validate()?;
-        cert.verify(&keys.current())?;
-        if cert.body.device != self.id || cert.body.device_x25519 != self.x25519_public() {
-            return Err(Error::LinkMismatch);
-        }
-        let login = Login { account: account.clone(), keys, cert: cert.clone(), relay: relay.to_string() };
-        self.store.set_login(&login)?;
-        self.store.put_device(&cert)?;
-        self.login = Some(login);
-        Ok(account.id)
-    }
-
-    /// Approves the device that shows `code`: signs its certificate and seals the account bundle
-    /// to it. Returns the new device's id and name.
-    pub async fn approve(&mut self, code: &LinkCode) -> Result<(DeviceId, String), Error> {
-        let relay = self.login()?.relay.clone();
-        let (_net, mut stream, _) = self.connect(&relay).await?;
-        stream.send(&Self::approve_lookup(code, 1)).await?;
-        let info = Self::reply(&mut stream, 1).await?;
-        let (request, cert) = self.approve_request(code, info, 2)?;
-        stream.send(&request).await?;
-        Self::reply(&mut stream, 2).await?;
-        self.approve_done(&cert)
-    }
-
-    /// The request that asks the relay who waits under `code`; pass the answer to
-    /// [`Device::approve_request`]. For drivers other than [`Device::approve`].
-    pub fn approve_lookup(code: &LinkCode, req: ReqId) -> ClientFrame {
-        ClientFrame::LinkLookup { req, link_id: code.link_id() }
-    }
-
-    /// Checks that the device the relay named in `info` is the one `code` shows, and returns the
-    /// approval request with the certificate it carries (for [`Device::approve_done`] once the
-    /// relay answers `Done`).
-    pub fn approve_request(
-        &mut self,
-        code: &LinkCode,
-        info: RelayFrame,
-        req: ReqId,
-    ) -> Result<(ClientFrame, DeviceCert), Error> {
-        let login = self.login()?.clone();
-        let RelayFrame::LinkInfo { device, device_x25519, name, .. } = info else {
-            return Err(Error::LinkMismatch);
-        };
-        if LinkCode::fingerprint_of(&device, &device_x25519) != code.fingerprint {
-            return Err(Error::LinkMismatch);
-        }
-        check_name(&name)?;
-        let cert = login.keys.certify(DeviceCertBody {
-            account: login.account.id,
-            device: device.clone(),
-            device_x25519,
-            name,
-            created_ms: self.now_ms() as u64,
-        });
-        let bundle_plain = postcard::to_allocvec(&login.keys).expect("serializing keys cannot fail");
-        let bundle = seal_box(&device_x25519, &code.secret, &LinkCode::context(&device), &bundle_plain, &mut self.rng);
-        Ok((ClientFrame::LinkApprove { req, link_id: code.link_id(), cert: cert.clone(), bundle }, cert))
-    }
-
-    /// Records the approved device once the relay accepted the approval.
-    pub fn approve_done(&mut self, cert: &DeviceCert) -> Result<(DeviceId, String), Error> {
-        self.store.put_device(cert)?;
-        Ok((cert.body.device.clone(), cert.body.name.clone()))
-    }
-
-    // ---- local chat state ----
-
-    pub(crate) fn doc(&mut self, chat: ChatId) -> Result<&mut ChatDoc, Error> {
-        if !self.docs.contains_key(&chat) {
-            if self.store.chat(chat)?.is_none() {
-                return Err(Error::UnknownChat(chat));
-            }
-            let (snap, changes) = self.store.doc_parts(chat)?;
-            let doc = ChatDoc::load(chat, &self.id, snap.as_deref(), &changes, &self.store.authors(chat)?)?;
-            if self.docs.len() >= DOC_CACHE {
-                let evict = self.doc_order.remove(0);
-                self.docs.remove(&evict);
-            }
-            self.docs.insert(chat, doc);
-            self.doc_order.push(chat);
-        }
-        Ok(self.docs.get_mut(&chat).expect("inserted above"))
-    }
-
-    pub(crate) fn drop_doc(&mut self, chat: ChatId) {
-        self.docs.remove(&chat);
-        self.doc_order.retain(|c| *c != chat);
-    }
-
-    /// Every chat on this device.
-    pub fn chats(&mut self) -> Result<Vec<ChatSummary>, Error> {
-        let mut out = Vec::new();
-        let account = self.account();
-        for (chat, meta, seq) in self.store.chats()? {
-            let mut members = Vec::new();
-            for m in meta.members.iter().filter(|m| Some(**m) != account) {
-                let name = self.store.contact(*m)?.and_then(|c| c.username);
-                members.push(name.unwrap_or_else(|| m.to_string()));
-            }
-            // Counted over what this device may read (a member who joined without the history
-            // does not see the older messages).
-            let visible = self.messages(chat)?;
-            let doc = self.doc(chat)?;
-            let unread = match account {
-                Some(a) => {
-                    let mark = doc.read_up_to(&a);
-                    let from = mark.and_then(|id| visible.iter().position(|m| m.id == id)).map_or(0, |i| i + 1);
-                    let me = a.to_string();
-                    visible[from..].iter().filter(|m| m.author != me && !m.deleted).count()
-                }
-                None => 0,
-            };
-            out.push(ChatSummary {
-                members,
-                left: meta.left,
-                unread,
-                id: chat.to_string(),
-                title: doc.title(),
-                kind: format!("{:?}", meta.kind).to_lowercase(),
-                messages: visible.len(),
-                seq: seq.0,
-            });
-        }
-        Ok(out)
-    }
-
-    /// A chat's document heads (equal heads: equal chat).
-    pub fn heads(&mut self, chat: ChatId) -> Result<Vec<String>, Error> {
-        Ok(self.doc(chat)?.heads())
-    }
-
-    /// Creates a notes chat (this account alone) locally: key, genesis document, and two outbox
-    /// items, durable before it returns: the chat's creation on the relay and its title delta.
-    /// Give both to the sync core in order, with [`crate::core::SyncInput::ChatReady`] at seq 0
-    /// ([`Device::create_chat`] does all of it); the creation is retried like any outbox item
-    /// until the relay has it. (See [`Device::new_chat_with`] for direct chats and groups.)
-    pub fn new_chat(&mut self, title: &str) -> Result<(ChatId, Vec<OutboxItem>), Error> {
-        self.new_chat_with(ChatKind::Notes, title, &[])
-    }
-
-    /// Writes a message: edits the document, seals the change, and stores both and the outbox
-    /// item durably. Sending is the session's job. (See [`Device::write_local`] for replies,
-    /// edits, deletes and reactions.)
-    pub fn compose(&mut self, chat: ChatId, text: &str) -> Result<(Message, OutboxItem), Error> {
-        self.write_local(chat, &MessageOp::Send { text: text.to_string(), reply_to: None })
-    }
-
-    fn seal_and_store(&mut self, chat: ChatId, change: &[u8]) -> Result<OutboxItem, Error> {
-        let meta = self.store.chat(chat)?.ok_or(Error::UnknownChat(chat))?;
-        let (epoch, key) = meta.current().ok_or(Error::UnknownChat(chat))?;
-        let client_seq = self.store.next_client_seq()?;
-        let ad = DeltaAd { chat, epoch, device: &self.id, account: self.login()?.account.id, client_seq };
-        let sealed = seal_delta(&key.transport(), &ad, change, &mut self.rng);
-        let item = OutboxItem { client_seq, chat, epoch, body: OutboxBody::Delta { sealed, plain: change.to_vec() } };
-        let stored = self.store.store_local(chat, change, &item)?;
-        self.store.barrier()?;
-        self.maybe_compact(chat, stored)?;
-        Ok(item)
-    }
-
-    /// Rewrites the chat's snapshot once `stored` changes pile up after it.
-    fn maybe_compact(&mut self, chat: ChatId, stored: u64) -> Result<(), Error> {
-        if stored >= COMPACT_AFTER_CHANGES {
-            let doc = self.doc(chat)?;
-            let (snap, pending) = (doc.save(), doc.pending_changes());
-            self.store.compact(chat, &snap, &pending)?;
-        }
-        Ok(())
-    }
-
-    /// Opens and applies a delta from the relay and moves the chat's cursor past it. A delta
-    /// that fails to open or apply is skipped (the cursor still moves) and reported as an error;
-    /// it never stalls the chat.
-    pub(crate) fn apply_delta(&mut self, delta: &Delta) -> Result<DocUpdate, Error> {
-        let meta = self.store.chat(delta.chat)?.ok_or(Error::UnknownChat(delta.chat))?;
-        let opened = match meta.transport(delta.epoch) {
-            // From before this account joined (or while it was away), and not shared with it:
-            // passed over.
-            None if meta.current().is_some_and(|(e, _)| delta.epoch < e) => {
-                self.store.apply_remote(delta.chat, delta.seq, None)?;
-                return Ok(DocUpdate::default());
-            }
-            // A new epoch whose key is still on its way in the account log (the relay only
-            // stores deltas under epochs it has): the cursor stays, the delta comes again.
-            None => return Err(Error::NoKeyYet(delta.chat, delta.epoch)),
-            Some(key) => crate::proto::crypto::open_delta(&key, &delta.ad(), &delta.sealed).map_err(Error::from),
-        };
-        let plain = match opened {
-            Ok(p) => p,
-            Err(e) => {
-                self.store.apply_remote(delta.chat, delta.seq, None)?;
-                return Err(e);
-            }
-        };
-        let from = Author { account: delta.account, device: delta.device.clone() };
-        if !self.doc(delta.chat)?.knows_author(&from) {
-            self.store.put_author(delta.chat, &from)?;
-        }
-        let doc = self.doc(delta.chat)?;
-        match doc.apply_untrusted_update(&plain, &from) {
-            Ok(update) => {
-                let stored = self.store.apply_remote(delta.chat, delta.seq, Some(&plain))?;
-                self.maybe_compact(delta.chat, stored)?;
-                Ok(DocUpdate {
-                    added: self.reveal(delta.chat, update.added)?,
-                    changed: self.reveal(delta.chat, update.changed)?,
-                    read: update.read,
-                })
-            }
-            Err(e) => {
-                if doc.is_poisoned() {
-                    self.drop_doc(delta.chat);
-                }
-                self.store.apply_remote(delta.chat, delta.seq, None)?;
-                Err(e.into())
-            }
-        }
-    }
-
     /// Deletes the account's keys and data and this device's identity from the store, durably,
     /// and logs out (after the account ended this device's session).
     pub fn wipe_account(&mut self) -> Result<(), Error> {
         self.docs.clear();
-        self.doc_order.clear();
         self.secret_docs.clear();
-        self.login = None;
+        self.identity.log_out();
         self.store.clear()?;
         self.store.wipe()?;
         Ok(())
-    }
-
-    /// Applies an account log entry and moves the account cursor past it (also when the entry
-    /// is refused: a bad entry must not stall the log). Every signature is checked against the
-    /// generation of the account's keys that the log has reached at the entry.
-    pub(crate) fn apply_account_entry(&mut self, entry: &AccountEntry) -> Result<Applied, Error> {
-        let mut next_gen = None;
-        let result = self.apply_account_event(&entry.event, &mut next_gen);
-        self.store.advance_account_log(entry.seq, next_gen.as_ref())?;
-        result
-    }
-
-    /// Applies one account log event; a rotation sets `next_gen`, which the caller stores with
-    /// the cursor.
-    fn apply_account_event(
-        &mut self,
-        event: &AccountEvent,
-        next_gen: &mut Option<AccountGen>,
-    ) -> Result<Applied, Error> {
-        let gen = self.log_gen()?;
-        match event {
-            AccountEvent::DeviceAdded { cert } => {
-                cert.verify(&gen)?;
-                self.store.put_device(cert)?;
-            }
-            AccountEvent::DeviceRevoked { revocation } => {
-                // Checked here too: the relay's word is not enough to drop a device.
-                revocation.verify(&gen)?;
-                self.session_ended(&revocation.body.device)?;
-            }
-            AccountEvent::DeviceExpired { device, .. } => {
-                // The relay's decision (the account set the time-to-live); it can refuse any
-                // device anyway, so there is nothing to check it against. Nobody rotated the
-                // keys: the devices that stay do (`Rotate`), the first one the relay takes.
-                self.session_ended(device)?;
-                if *device != self.id {
-                    self.store.set_rotation_due(true)?;
-                    return Ok(Applied { rotation_due: Some(true), ..Applied::default() });
-                }
-            }
-            AccountEvent::ChatAdded { terms, key, signer, signer_chain } => {
-                return self.apply_chat_key(terms, key, *signer, signer_chain.as_ref(), &gen);
-            }
-            AccountEvent::MembersChanged { change, by_chain } => {
-                return self.apply_member_change(change, by_chain.as_ref(), &gen);
-            }
-            AccountEvent::Rotated { rotation } => return self.apply_rotation(rotation, &gen, next_gen),
-            AccountEvent::RecoverySet { public, by, signature } => {
-                gen.verify_recovery(public, by, signature)?;
-                self.store.set_recovery_public(Some(&(*public, by.clone())))?;
-            }
-        }
-        Ok(Applied::default())
-    }
-
-    /// Forgets a device whose session ended (and the recovery key it made: the relay withdrew it).
-    fn session_ended(&mut self, device: &DeviceId) -> Result<(), Error> {
-        if *device != self.id {
-            self.store.remove_device(device)?;
-        }
-        if self.store.recovery_public()?.is_some_and(|(_, by)| by == *device) {
-            self.store.set_recovery_public(None)?;
-        }
-        Ok(())
-    }
-
-    /// The last seq of `chat` this device applied (or passed).
-    pub fn cursor(&self, chat: ChatId) -> Result<Seq, Error> {
-        Ok(self.store.cursor(chat)?)
-    }
-}
-
-fn check_name(name: &str) -> Result<(), Error> {
-    if name.len() > MAX_DEVICE_NAME_BYTES {
-        return Err(Error::TooLong(name.len(), MAX_DEVICE_NAME_BYTES));
-    }
-    Ok(())
-}
-
-fn check_text(text: &str) -> Result<(), Error> {
-    if text.len() > MAX_TEXT_BYTES {
-        return Err(Error::TooLong(text.len(), MAX_TEXT_BYTES));
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proto::cert::DeviceCertBody;
-    use crate::proto::crypto::wrap_chat_key;
-    use crate::proto::wire::AccountEntry;
-
-    #[test]
-    fn a_chat_key_the_account_did_not_sign_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut d = Device::open(dir.path()).unwrap();
-        let mut rng = rand::thread_rng();
-        let keys = AccountKeys::generate(&mut rng);
-        let account = keys.public();
-        let cert = keys.certify(DeviceCertBody {
-            account: account.id,
-            device: d.id().clone(),
-            device_x25519: d.x25519_public(),
-            name: "d".into(),
-            created_ms: 0,
-        });
-        d.login = Some(Login { account: account.clone(), keys: keys.clone(), cert, relay: "x".into() });
-
-        // The relay knows the account's KEM public key: it can wrap a key of its own.
-        let chat = ChatId([1; 16]);
-        let relay_key = ChatKey::random(&mut rng);
-        let terms = crate::proto::directory::KeyTerms {
-            chat,
-            kind: ChatKind::Notes,
-            epoch: Epoch(0),
-            members: [account.id].into(),
-        };
-        let wrapped = wrap_chat_key(&relay_key, chat, Epoch(0), account.id, &account.kem_key, &mut rng);
-        let entry = |seq, signer, signature| AccountEntry {
-            seq: Seq(seq),
-            event: AccountEvent::ChatAdded {
-                terms: terms.clone(),
-                key: WrappedKey { account: account.id, generation: 0, content: true, key: wrapped.clone(), signature },
-                signer,
-                signer_chain: None,
-            },
-        };
-        let stranger = AccountKeys::generate(&mut rng);
-        let forged = stranger.sign_chat_key(&terms, account.id, 0, true, &wrapped);
-        assert!(d.apply_account_entry(&entry(1, account.id, forged.clone())).is_err());
-        assert!(d.apply_account_entry(&entry(2, stranger.public().id, forged)).is_err());
-        assert!(d.apply_account_entry(&entry(3, account.id, vec![0; 64])).is_err());
-        assert!(d.store.chat(chat).unwrap().is_none(), "no key was taken");
-
-        let signed = keys.sign_chat_key(&terms, account.id, 0, true, &wrapped);
-        assert_eq!(d.apply_account_entry(&entry(4, account.id, signed)).unwrap().chat, Some(chat));
-        assert!(d.store.chat(chat).unwrap().is_some());
     }
 }

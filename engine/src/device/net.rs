@@ -703,17 +703,17 @@ impl RelayStream {
 /// requests in flight (appends, pages, its own and the app's requests are each capped), so a
 /// full queue means the relay has stopped taking bytes: [`RelayLink::send`] fails and the
 /// session treats the connection as lost.
-pub const LINK_OUT_QUEUE: usize = 512;
+pub(crate) const LINK_OUT_QUEUE: usize = 512;
 /// Frames read from the relay and waiting for the session. When it is full the link stops
 /// reading (the relay then sees a slow reader and drops pushes, which the device fetches later)
 /// but goes on writing.
-pub const LINK_IN_QUEUE: usize = 64;
+pub(crate) const LINK_IN_QUEUE: usize = 64;
 
 /// A sync stream to the relay run by its own task, which reads and writes at once: a write
 /// the relay is slow to take never stops frames from being read, and a session busy applying
 /// never stops its requests from going out. (A single task owns both halves of the stream, so
 /// no wake-up is lost between two tasks sharing it.)
-pub struct RelayLink {
+pub(crate) struct RelayLink {
     out: mpsc::Sender<ClientFrame>,
     inc: mpsc::Receiver<Result<RelayFrame, NetError>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -722,7 +722,7 @@ pub struct RelayLink {
 /// Why [`RelayLink::send`] did not queue a frame.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum LinkFull {
+pub(crate) enum LinkFull {
     /// [`LINK_OUT_QUEUE`] frames wait already: the relay is not taking bytes.
     #[error("the relay is not taking frames")]
     Full,

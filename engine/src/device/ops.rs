@@ -20,7 +20,7 @@ use crate::proto::ids::{ChatId, DeviceId};
 use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame, ReqId};
 
 /// Most times an operation is made again after the relay refused it as stale.
-pub const MAX_OP_TRIES: u32 = 3;
+pub(crate) const MAX_OP_TRIES: u32 = 3;
 
 /// An operation a session carries out for the app. Made by the [`crate::Session`] methods.
 #[derive(Debug)]

@@ -39,9 +39,9 @@ use crate::proto::wire::ChatKind;
 use crate::proto::wire::{ClientFrame, RelayFrame, ReqId};
 
 /// Commands from the app waiting for the session task.
-pub const COMMAND_QUEUE: usize = 64;
+pub(crate) const COMMAND_QUEUE: usize = 64;
 /// Events waiting for the app.
-pub const EVENT_QUEUE: usize = 4096;
+pub(crate) const EVENT_QUEUE: usize = 4096;
 
 /// A snapshot of the session's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

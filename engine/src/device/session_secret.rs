@@ -32,11 +32,11 @@ use crate::proto::ids::{AccountId, DeviceId, SecretId};
 pub const MAX_CONNS: usize = 1024;
 /// Most secret streams other devices opened that are not up yet (each is dropped after
 /// [`OPENING_TIMEOUT`]).
-pub const MAX_OPENING: usize = 32;
+pub(crate) const MAX_OPENING: usize = 32;
 /// How long a session's start waits for its circuit reservation.
-pub const LISTEN_FIRST_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const LISTEN_FIRST_WAIT: Duration = Duration::from_secs(5);
 /// Most streams being opened to other devices at once (the rest wait their turn).
-pub const MAX_DIALING: usize = 16;
+pub(crate) const MAX_DIALING: usize = 16;
 /// Frames waiting to go out on one stream.
 pub const CONN_QUEUE: usize = 256;
 const RETRY_MIN: Duration = Duration::from_secs(1);

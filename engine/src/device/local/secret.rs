@@ -1,15 +1,35 @@
-//! Secret chats on the device: start, accept, write, read, self-destruct, close, and the work
-//! of a live link to the peer device (see `secret/`). A secret chat's document is a
-//! [`ChatDoc`] like any chat's, kept in the device's own trees and synced only over the link.
-//! Part of [`Device`]; split out of `local.rs` for size.
+//! Secret chats on the device (the peer-links concern): start, accept, write, read,
+//! self-destruct, close, and the work of a live link to the peer device (see
+//! `crate::device::secret`). A secret chat's document is a [`ChatDoc`] like any chat's, kept in
+//! the device's own trees and synced only over the link; [`SecretDocs`] holds the ones in
+//! memory. [`conn`] is one secret stream without I/O, [`net`] drives it over libp2p.
+//!
+//! What this part of [`Device`] touches: the store's secret-chat trees, its own [`SecretDocs`],
+//! the device's id, login and Noise static key, other accounts' keys (to check a peer's
+//! certificate), the clock and the RNG; no cloud chat.
 
-use super::*;
+use std::collections::BTreeMap;
 
-use crate::device::doc::MAX_SYNC_MESSAGE_BYTES;
+use rand::rngs::StdRng;
+use rand::RngCore;
+
+use crate::device::doc::{new_message, ChatDoc, Message, MAX_SYNC_MESSAGE_BYTES};
+use crate::device::error::Error;
+use crate::device::local::chats::{check_text, DOC_CACHE};
+use crate::device::local::Device;
 use crate::device::secret::link::{open_text, seal_text, MAX_KEYS_PER_FRAME};
 use crate::device::secret::{Channel, SecretFrame, SecretLink, SecretText};
-use crate::device::store::{MessageKey, SecretChat, SecretState};
-use crate::proto::ids::SecretId;
+use crate::device::store::{DeviceStore, MessageKey, SecretChat, SecretState};
+use crate::proto::cert::DeviceCert;
+use crate::proto::ids::{ChatId, DeviceId, SecretId};
+
+mod conn;
+mod net;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use conn::OPENING_TIMEOUT;
+pub use conn::{Answer, Ended, Opening, SecretConn, Step};
 
 /// A secret chat's message as the user sees it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -34,12 +54,54 @@ pub struct SecretUpdate {
 
 /// A secret chat's document is saved whole (its snapshot) once this many changes were stored
 /// after the last snapshot; each change is stored on its own in between.
-pub const SECRET_COMPACT_AFTER: u64 = 256;
+pub(crate) const SECRET_COMPACT_AFTER: u64 = 256;
 
 /// The document of a secret chat lives under a chat id made from the secret chat's id (it is
 /// never a chat on the relay).
 fn doc_chat(id: SecretId) -> ChatId {
     ChatId(id.0)
+}
+
+/// Secret chats' documents in memory, loaded on first use (a device has few secret chats; each
+/// is saved to the store after every change, so any can be dropped): at most [`DOC_CACHE`],
+/// a random one dropped when full.
+#[derive(Default)]
+pub(super) struct SecretDocs {
+    docs: BTreeMap<SecretId, ChatDoc>,
+}
+
+impl SecretDocs {
+    /// A secret chat's document, loaded from `store` on first use.
+    fn get(
+        &mut self,
+        store: &DeviceStore,
+        me: &DeviceId,
+        rng: &mut StdRng,
+        id: SecretId,
+    ) -> Result<&mut ChatDoc, Error> {
+        if !self.docs.contains_key(&id) {
+            let chat = store.secret(id)?.ok_or(Error::UnknownSecret(id))?;
+            let (snapshot, changes) = store.secret_doc_parts(id)?;
+            let snapshot = snapshot.ok_or(Error::UnknownSecret(id))?;
+            let doc = ChatDoc::load(doc_chat(id), me, Some(&snapshot), &changes, &[chat.peer()])?;
+            if self.docs.len() >= DOC_CACHE {
+                let evict = *self.docs.keys().nth(rng.next_u32() as usize % DOC_CACHE).expect("full");
+                self.docs.remove(&evict);
+            }
+            self.docs.insert(id, doc);
+        }
+        Ok(self.docs.get_mut(&id).expect("inserted above"))
+    }
+
+    /// Drops a secret chat's document (it reloads from the store when needed).
+    fn forget(&mut self, id: SecretId) {
+        self.docs.remove(&id);
+    }
+
+    /// Drops every document (the account's data is being deleted).
+    pub(super) fn clear(&mut self) {
+        self.docs.clear();
+    }
 }
 
 impl Device {
@@ -58,7 +120,7 @@ impl Device {
             created_ms: self.now_ms(),
         };
         self.store.put_secret(&chat)?;
-        self.store.put_secret_doc(id, &ChatDoc::new(doc_chat(id), &self.id).save())?;
+        self.store.put_secret_doc(id, &ChatDoc::new(doc_chat(id), self.identity.id()).save())?;
         self.store.barrier()?;
         Ok(id)
     }
@@ -79,7 +141,7 @@ impl Device {
         let state = if accept && verified { SecretState::Active } else { SecretState::Invited };
         let chat = SecretChat { id, peer_cert: peer, verified, started_here: false, state, created_ms: self.now_ms() };
         self.store.put_secret(&chat)?;
-        self.store.put_secret_doc(id, &ChatDoc::new(doc_chat(id), &self.id).save())?;
+        self.store.put_secret_doc(id, &ChatDoc::new(doc_chat(id), self.identity.id()).save())?;
         self.store.barrier()?;
         Ok(chat)
     }
@@ -147,7 +209,7 @@ impl Device {
         let account = self.login()?.account.id;
         let mut raw = [0u8; 16];
         self.rng.fill_bytes(&mut raw);
-        let mut msg = new_message(account, &self.id, "", self.now_ms(), raw);
+        let mut msg = new_message(account, self.identity.id(), "", self.now_ms(), raw);
         let mut key = [0u8; 32];
         self.rng.fill_bytes(&mut key);
         let sealed = seal_text(&key, id, &msg.id, &SecretText { text: text.to_string(), ttl_s }, &mut self.rng);
@@ -201,7 +263,7 @@ impl Device {
     pub fn secret_read(&mut self, id: SecretId, upto: &str) -> Result<(), Error> {
         self.secret_writable(id)?;
         let account = self.login()?.account.id;
-        let device = self.id.clone();
+        let device = self.identity.id().clone();
         let now = self.now_ms();
         let doc = self.secret_doc(id)?;
         let marks = doc.read_marks();
@@ -378,7 +440,7 @@ impl Device {
                     changes.extend(doc.pending_changes().into_iter().filter(|c| !waiting.contains(c)));
                 }
                 if poisoned {
-                    self.secret_docs.remove(&id);
+                    self.secret_docs.forget(id);
                     applied?;
                     return Err(Error::Doc(crate::device::doc::DocError::Panicked));
                 }
@@ -450,7 +512,7 @@ impl Device {
     /// `keep` replaces it. Once the record goes too, the chat id is remembered as closed for a while, so that an
     /// opening of it still under way does not bring it back as a new offer.
     pub(super) fn forget_secret(&mut self, id: SecretId, keep: Option<&SecretChat>) -> Result<(), Error> {
-        self.secret_docs.remove(&id);
+        self.secret_docs.forget(id);
         self.store.delete_secret(id, keep)?;
         if keep.is_none() {
             self.store.put_closed_secret(id, self.now_ms())?;
@@ -460,22 +522,7 @@ impl Device {
 
     /// A secret chat's document, loaded from the store on first use (at most [`DOC_CACHE`] are
     /// kept; everything of a document is in the store, so any can go).
-    pub(super) fn secret_doc(&mut self, id: SecretId) -> Result<&mut ChatDoc, Error> {
-        if !self.secret_docs.contains_key(&id) {
-            let chat = self.store.secret(id)?.ok_or(Error::UnknownSecret(id))?;
-            let (snapshot, changes) = self.store.secret_doc_parts(id)?;
-            let snapshot = snapshot.ok_or(Error::UnknownSecret(id))?;
-            let doc = ChatDoc::load(doc_chat(id), &self.id, Some(&snapshot), &changes, &[chat.peer()])?;
-            if self.secret_docs.len() >= DOC_CACHE {
-                let evict = *self.secret_docs.keys().nth(self.rng.next_u32() as usize % DOC_CACHE).expect("full");
-                self.secret_docs.remove(&evict);
-            }
-            self.secret_docs.insert(id, doc);
-        }
-        Ok(self.secret_docs.get_mut(&id).expect("inserted above"))
+    fn secret_doc(&mut self, id: SecretId) -> Result<&mut ChatDoc, Error> {
+        self.secret_docs.get(&self.store, self.identity.id(), &mut self.rng, id)
     }
 }
-
-#[cfg(test)]
-#[path = "secret_tests.rs"]
-mod tests;

@@ -91,7 +91,7 @@ impl SecretLink {
 
 /// What a message's own key seals: its text and its timer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SecretText {
+pub(crate) struct SecretText {
     /// The text.
     pub text: String,
     /// Seconds after it is read that it disappears, if it does.
@@ -103,7 +103,7 @@ fn text_ad(chat: SecretId, message: &str) -> Vec<u8> {
 }
 
 /// Seals a message's text under its own key, bound to the chat and the message id.
-pub fn seal_text<R: RngCore + CryptoRng>(
+pub(crate) fn seal_text<R: RngCore + CryptoRng>(
     key: &[u8; 32],
     chat: SecretId,
     message: &str,
@@ -120,7 +120,7 @@ pub fn seal_text<R: RngCore + CryptoRng>(
 }
 
 /// Opens a text sealed by [`seal_text`]; `None` if it is not one or does not open.
-pub fn open_text(key: &[u8; 32], chat: SecretId, message: &str, sealed: &str) -> Option<SecretText> {
+pub(crate) fn open_text(key: &[u8; 32], chat: SecretId, message: &str, sealed: &str) -> Option<SecretText> {
     let bytes = hex::decode(sealed.strip_prefix(PREFIX)?).ok()?;
     if bytes.len() < 24 {
         return None;

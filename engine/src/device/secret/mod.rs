@@ -7,5 +7,6 @@
 pub mod link;
 pub mod noise;
 
-pub use link::{SecretFrame, SecretLink, SecretText};
+pub(crate) use link::SecretText;
+pub use link::{SecretFrame, SecretLink};
 pub use noise::{fingerprint, Channel, Ends, Handshake, Pattern, SecretError};

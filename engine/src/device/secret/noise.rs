@@ -45,9 +45,9 @@ pub const REKEY_AFTER_MS: i64 = 7 * 24 * 3600 * 1000;
 const MAX_HANDSHAKE_PAYLOAD: usize = 1024;
 
 /// The message is the last under its key: both sides re-key this direction after it.
-pub const FLAG_REKEY: u8 = 1;
+pub(crate) const FLAG_REKEY: u8 = 1;
 /// More fragments of the same payload follow.
-pub const FLAG_MORE: u8 = 2;
+pub(crate) const FLAG_MORE: u8 = 2;
 
 /// Why a handshake or a transport message failed. After any error the handshake or channel
 /// is dead: drop it and close the connection.

@@ -2,14 +2,16 @@
 //! commands; a [`crate::Session`] runs them itself): which devices of another account one can
 //! be started with (from the relay, each certificate checked against the account's keys), and
 //! a [`SecretConn`] driven over one stream until its link is up, then served.
-//! Part of [`Device`]; split out of `local.rs` for size.
 
-use super::*;
+use crate::device::error::Error;
+use crate::device::local::secret::conn::{SecretConn, Step, OPENING_TIMEOUT};
 use crate::device::local::secret::SecretUpdate;
-use crate::device::local::secret_conn::{SecretConn, Step};
+use crate::device::local::Device;
 use crate::device::net::SecretStream;
 use crate::device::secret::{SecretError, SecretLink};
-use crate::proto::ids::SecretId;
+use crate::proto::cert::DeviceCert;
+use crate::proto::ids::{AccountId, DeviceId, SecretId};
+use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame};
 
 /// A link just opened: the link and what to send first.
 pub type Opened = (SecretLink, Vec<Vec<u8>>);
@@ -24,11 +26,6 @@ impl Device {
         }
         let frame = self.one_request(ClientFrame::AccountDevices { req: 1, account }, 1).await?;
         self.secret_devices_from(account, frame)
-    }
-
-    /// Whether `account` is a contact (its keys are pinned here).
-    pub fn is_contact(&self, account: AccountId) -> Result<bool, Error> {
-        Ok(self.store.contact(account)?.is_some())
     }
 
     /// [`Device::secret_devices`] from the relay's answer to `AccountDevices`.
@@ -181,7 +178,7 @@ impl Device {
     /// The fingerprint of a secret chat's keys, for the two users to compare.
     pub fn secret_fingerprint(&self, id: SecretId) -> Result<String, Error> {
         let chat = self.secret(id)?;
-        Ok(crate::device::secret::fingerprint(id, &self.x25519_public(), &chat.peer_static()))
+        Ok(crate::device::secret::fingerprint(id, &self.identity.x25519_public(), &chat.peer_static()))
     }
 }
 

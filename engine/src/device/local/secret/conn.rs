@@ -4,15 +4,16 @@
 //! other device answers, and a Noise KK handshake between the certificates' static keys starts
 //! the link. Feed each frame from the stream to [`Device::secret_step`] and send what it
 //! returns; [`Device::secret_open`] and the session's secret chats drive it over libp2p.
-//! Part of [`Device`]; split out of `local.rs` for size.
 
 use serde::{Deserialize, Serialize};
 
-use super::*;
+use crate::device::error::Error;
 use crate::device::local::secret::SecretUpdate;
+use crate::device::local::Device;
 use crate::device::secret::{Ends, Handshake, Pattern, SecretError, SecretFrame, SecretLink};
 use crate::device::store::{SecretChat, SecretState};
-use crate::proto::ids::SecretId;
+use crate::proto::cert::DeviceCert;
+use crate::proto::ids::{AccountId, DeviceId, SecretId};
 
 /// The first frame on a secret stream, from the device that opened it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,11 +39,11 @@ pub enum Answer {
 }
 
 /// How long the other device may take for each step of the opening and the handshake.
-pub const OPENING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const OPENING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Most secret chats started by other devices (offered or taken) on one device: more offers
 /// are refused.
-pub const MAX_OFFERS: usize = 256;
+pub(crate) const MAX_OFFERS: usize = 256;
 
 /// A secret stream's state; see the module's documentation.
 #[derive(Debug)]
@@ -204,9 +205,15 @@ impl Device {
                     (_, true) => return Err(Error::Untrusted("the other device kept a chat closed here")),
                 }
                 let chat = self.store.secret(id)?.ok_or(Error::UnknownSecret(id))?;
-                let ends = Ends { chat: id, initiator: &self.id, responder: &conn.peer };
-                let mut hs =
-                    Handshake::new(Pattern::KK, true, &ends, &self.secrets.x25519, &chat.peer_static(), &mut self.rng)?;
+                let ends = Ends { chat: id, initiator: self.identity.id(), responder: &conn.peer };
+                let mut hs = Handshake::new(
+                    Pattern::KK,
+                    true,
+                    &ends,
+                    self.identity.x25519_secret(),
+                    &chat.peer_static(),
+                    &mut self.rng,
+                )?;
                 let first = hs.write(b"")?;
                 conn.phase = Phase::Handshake(Box::new(hs));
                 Ok((vec![first], Step::Continue))
@@ -280,12 +287,12 @@ impl Device {
         conn.chat = Some(id);
         match (answer, chat) {
             (Answer::Go, Some(chat)) => {
-                let ends = Ends { chat: id, initiator: &peer, responder: &self.id };
+                let ends = Ends { chat: id, initiator: &peer, responder: self.identity.id() };
                 let hs = Handshake::new(
                     Pattern::KK,
                     false,
                     &ends,
-                    &self.secrets.x25519,
+                    self.identity.x25519_secret(),
                     &chat.peer_static(),
                     &mut self.rng,
                 )?;

@@ -1,11 +1,15 @@
 //! Two devices of two accounts with a secret chat, their link driven by hand: the frames
 //! each sends are handed to the other until both are quiet.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
+
+use rand::SeedableRng;
 
 use super::*;
 use crate::device::secret::{Ends, Handshake, Pattern};
-use crate::proto::cert::DeviceCertBody;
+use crate::device::store::Login;
+use crate::proto::cert::{AccountKeys, DeviceCertBody};
 
 static NOW: AtomicI64 = AtomicI64::new(1_800_000_000_000);
 
@@ -21,12 +25,12 @@ fn device(dir: &Path, name: &str, seed: u64) -> Device {
     let body = DeviceCertBody {
         account: account.id,
         device: d.id().clone(),
-        device_x25519: d.x25519_public(),
+        device_x25519: d.identity.x25519_public(),
         name: name.into(),
         created_ms: 0,
     };
     let cert = keys.certify(body);
-    d.login = Some(Login { account, keys, cert, relay: "x".into() });
+    d.identity.log_in(Login { account, keys, cert, relay: "x".into() });
     d
 }
 
@@ -44,9 +48,9 @@ fn connect(alice: &mut Device, bob: &mut Device, id: SecretId) -> (SecretLink, S
     let (da, db) = (alice.id().clone(), bob.id().clone());
     let ends = Ends { chat: id, initiator: &da, responder: &db };
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-    let (sa, sb) = (alice.secrets.x25519, bob.secrets.x25519);
-    let mut i = Handshake::new(Pattern::KK, true, &ends, &sa, &bob.x25519_public(), &mut rng).unwrap();
-    let mut r = Handshake::new(Pattern::KK, false, &ends, &sb, &alice.x25519_public(), &mut rng).unwrap();
+    let (sa, sb) = (*alice.identity.x25519_secret(), *bob.identity.x25519_secret());
+    let mut i = Handshake::new(Pattern::KK, true, &ends, &sa, &bob.identity.x25519_public(), &mut rng).unwrap();
+    let mut r = Handshake::new(Pattern::KK, false, &ends, &sb, &alice.identity.x25519_public(), &mut rng).unwrap();
     r.read(&i.write(b"").unwrap()).unwrap();
     i.read(&r.write(b"").unwrap()).unwrap();
     let (la, fa) = alice.secret_link_up(id, i.finish(now()).unwrap()).unwrap();

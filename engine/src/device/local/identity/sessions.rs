@@ -1,7 +1,18 @@
 //! Sessions and recovery: listing and ending the account's device sessions, their
-//! time-to-live, and the recovery key. Part of [`Device`]; split out of `local.rs` for size.
+//! time-to-live, and the recovery key.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::device::error::Error;
+use crate::device::local::identity::check_name;
+use crate::device::local::Device;
+use crate::device::store::Login;
+use crate::proto::cert::{AccountKeys, DeviceCert, DeviceCertBody};
+use crate::proto::crypto::RecoveryKey;
+use crate::proto::ids::{AccountId, DeviceId};
+use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame, ReqId};
 
 /// A session of the account, as [`Device::sessions`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -25,23 +36,6 @@ pub struct SessionInfo {
 impl Device {
     // ---- sessions ----
 
-    /// One request over a fresh stream for a logged-in device, and its reply. A relay that
-    /// answers that this device's session was ended gets the account's data deleted here.
-    pub(super) async fn one_request(&mut self, frame: ClientFrame, req: ReqId) -> Result<RelayFrame, Error> {
-        let relay = self.login()?.relay.clone();
-        let result = async {
-            let (_net, mut stream, _) = self.connect(&relay).await?;
-            stream.send(&frame).await?;
-            Self::reply(&mut stream, req).await
-        }
-        .await;
-        if let Err(Error::Relay { code: ErrorCode::SessionRevoked, .. }) = result {
-            self.wipe_account()?;
-            return Err(Error::SessionRevoked);
-        }
-        result
-    }
-
     /// The account's sessions: every device whose session was not ended, with what this device
     /// knows of it (its certificate) and what the relay knows (registration, last activity);
     /// and after how many days of inactivity sessions end (0: never).
@@ -64,7 +58,7 @@ impl Device {
             .map(|d| {
                 let cert = certs.get(&d.device);
                 SessionInfo {
-                    this_device: d.device == self.id,
+                    this_device: d.device == self.identity.id,
                     name: cert.map(|c| c.body.name.clone()),
                     created_ms: cert.map(|c| c.body.created_ms),
                     registered_ms: d.registered_ms,
@@ -119,7 +113,7 @@ impl Device {
         let public = key.public();
         let bundle = postcard::to_allocvec(&login.keys).expect("serializing keys cannot fail");
         let sealed = RecoveryKey::seal_to(&public, &bundle, &mut self.rng);
-        let signature = login.keys.sign_recovery(&public, &self.id);
+        let signature = login.keys.sign_recovery(&public, &self.identity.id);
         Ok((ClientFrame::PutRecovery { req, lookup_id: key.lookup_id(), public, signature, sealed }, key))
     }
 
@@ -143,8 +137,8 @@ impl Device {
         }
         let cert = keys.certify(DeviceCertBody {
             account: account.id,
-            device: self.id.clone(),
-            device_x25519: self.x25519_public(),
+            device: self.identity.id.clone(),
+            device_x25519: self.identity.x25519_public(),
             name: name.to_string(),
             created_ms: self.now_ms().max(0) as u64,
         });
@@ -153,7 +147,7 @@ impl Device {
         let login = Login { account: account.clone(), keys, cert: cert.clone(), relay: relay.to_string() };
         self.store.set_login(&login)?;
         self.store.put_device(&cert)?;
-        self.login = Some(login);
+        self.identity.login = Some(login);
         Ok(account.id)
     }
 }

@@ -1,10 +1,18 @@
 //! What a user does to a chat's messages: send (possibly as a reply), edit, delete for
 //! everyone, react. Each is one change of the chat's document, sealed and queued like any
-//! other. Part of [`Device`]; split out of `local.rs` for size.
+//! other.
 
-use super::*;
-use crate::device::doc::DocError;
+use rand::RngCore;
+
+use crate::device::doc::{new_message, DocError, Message};
+use crate::device::error::Error;
+use crate::device::local::Device;
+use crate::device::store::OutboxItem;
 use crate::proto::crypto::{open_text, seal_text, sealed_text_epoch};
+use crate::proto::ids::{AccountId, ChatId};
+
+/// Longest message text, in bytes (a sealed delta must fit the relay's 64 KiB limit).
+pub(crate) const MAX_TEXT_BYTES: usize = 16 * 1024;
 
 /// Something a user does to a chat's messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +31,13 @@ pub enum MessageOp {
 }
 
 impl Device {
+    /// Writes a message: edits the document, seals the change, and stores both and the outbox
+    /// item durably. Sending is the session's job. (See [`Device::write_local`] for replies,
+    /// edits, deletes and reactions.)
+    pub fn compose(&mut self, chat: ChatId, text: &str) -> Result<(Message, OutboxItem), Error> {
+        self.write_local(chat, &MessageOp::Send { text: text.to_string(), reply_to: None })
+    }
+
     /// Carries out `write` on the chat's document, seals the change, and stores both and the
     /// outbox item durably (sending is the session's job). Returns the message as it is now.
     /// Only messages of this account can be edited or deleted.
@@ -40,7 +55,7 @@ impl Device {
                 }
                 let mut id = [0u8; 16];
                 self.rng.fill_bytes(&mut id);
-                let mut msg = new_message(account, &self.id, text, now, id);
+                let mut msg = new_message(account, self.identity.id(), text, now, id);
                 msg.reply_to = reply_to.clone();
                 let stored = Message { text: self.seal_text(chat, &msg.id, text)?, ..msg.clone() };
                 let change = self.doc(chat)?.add_message(&stored)?;
@@ -57,7 +72,7 @@ impl Device {
                 (id.clone(), self.doc(chat)?.delete_message(id, now)?, None)
             }
             MessageOp::Read { id } => {
-                let device = self.id.clone();
+                let device = self.identity.id().clone();
                 (id.clone(), self.doc(chat)?.mark_read(&account, &device, id, now)?, None)
             }
             MessageOp::React { id, reaction, add } => {
@@ -126,4 +141,11 @@ impl Device {
         }
         Ok(())
     }
+}
+
+pub(in crate::device::local) fn check_text(text: &str) -> Result<(), Error> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(Error::TooLong(text.len(), MAX_TEXT_BYTES));
+    }
+    Ok(())
 }

@@ -1,0 +1,218 @@
+//! The cloud chats on this device (the chats concern): the chat documents in memory
+//! ([`ChatDocs`]), listing them, creating one, and applying what the relay delivers to them.
+//!
+//! The children: [`messages`] (what a user does to a chat's messages), [`members`] (direct
+//! chats and groups, member changes and the chat keys they bring), [`account_log`] (applying
+//! the account log's entries) and [`key_work`] (the requests a device owes for keys: the
+//! account's rotation, a chat's next epoch, creations wrapped again).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::device::doc::{Author, ChatDoc, DocUpdate};
+use crate::device::error::Error;
+use crate::device::local::Device;
+use crate::device::store::{DeviceStore, OutboxItem, COMPACT_AFTER_CHANGES};
+use crate::proto::ids::{ChatId, DeviceId, Seq};
+use crate::proto::wire::{ChatKind, Delta};
+
+mod account_log;
+mod key_work;
+mod members;
+mod messages;
+
+pub(crate) use account_log::Applied;
+pub(crate) use key_work::KeyWork;
+pub(super) use key_work::KeyWorkState;
+pub(super) use messages::check_text;
+pub use messages::MessageOp;
+
+/// Most chat documents kept in memory; beyond it the least recently opened is dropped (it
+/// reloads from the store when needed).
+pub(crate) const DOC_CACHE: usize = 64;
+
+/// A chat as listed to users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatSummary {
+    /// Its id.
+    pub id: String,
+    /// Title, if set.
+    pub title: Option<String>,
+    /// Kind.
+    pub kind: String,
+    /// Number of messages.
+    pub messages: usize,
+    /// Last applied seq from the relay.
+    pub seq: u64,
+    /// Messages of other accounts after this account's read mark.
+    pub unread: usize,
+    /// The other member accounts: by username where this device pinned one, else by id.
+    pub members: Vec<String>,
+    /// This account is no longer a member.
+    pub left: bool,
+}
+
+/// The chat documents in memory: at most [`DOC_CACHE`]; beyond it the one loaded first is
+/// dropped (it reloads from the store when needed).
+#[derive(Default)]
+pub(super) struct ChatDocs {
+    docs: BTreeMap<ChatId, ChatDoc>,
+    order: Vec<ChatId>,
+}
+
+impl ChatDocs {
+    /// A chat's document, loaded from `store` on first use.
+    fn get(&mut self, store: &DeviceStore, me: &DeviceId, chat: ChatId) -> Result<&mut ChatDoc, Error> {
+        if !self.docs.contains_key(&chat) {
+            if store.chat(chat)?.is_none() {
+                return Err(Error::UnknownChat(chat));
+            }
+            let (snap, changes) = store.doc_parts(chat)?;
+            let doc = ChatDoc::load(chat, me, snap.as_deref(), &changes, &store.authors(chat)?)?;
+            if self.docs.len() >= DOC_CACHE {
+                let evict = self.order.remove(0);
+                self.docs.remove(&evict);
+            }
+            self.docs.insert(chat, doc);
+            self.order.push(chat);
+        }
+        Ok(self.docs.get_mut(&chat).expect("inserted above"))
+    }
+
+    fn forget(&mut self, chat: ChatId) {
+        self.docs.remove(&chat);
+        self.order.retain(|c| *c != chat);
+    }
+
+    /// Drops every document (the account's data is being deleted).
+    pub(super) fn clear(&mut self) {
+        self.docs.clear();
+        self.order.clear();
+    }
+}
+
+impl Device {
+    pub(crate) fn doc(&mut self, chat: ChatId) -> Result<&mut ChatDoc, Error> {
+        self.docs.get(&self.store, self.identity.id(), chat)
+    }
+
+    pub(crate) fn drop_doc(&mut self, chat: ChatId) {
+        self.docs.forget(chat);
+    }
+
+    /// Rewrites the chat's snapshot once `stored` changes pile up after it.
+    pub(super) fn maybe_compact(&mut self, chat: ChatId, stored: u64) -> Result<(), Error> {
+        if stored >= COMPACT_AFTER_CHANGES {
+            let doc = self.doc(chat)?;
+            let (snap, pending) = (doc.save(), doc.pending_changes());
+            self.store.compact(chat, &snap, &pending)?;
+        }
+        Ok(())
+    }
+
+    /// Every chat on this device.
+    pub fn chats(&mut self) -> Result<Vec<ChatSummary>, Error> {
+        let mut out = Vec::new();
+        let account = self.account();
+        for (chat, meta, seq) in self.store.chats()? {
+            let mut members = Vec::new();
+            for m in meta.members.iter().filter(|m| Some(**m) != account) {
+                let name = self.store.contact(*m)?.and_then(|c| c.username);
+                members.push(name.unwrap_or_else(|| m.to_string()));
+            }
+            // Counted over what this device may read (a member who joined without the history
+            // does not see the older messages).
+            let visible = self.messages(chat)?;
+            let doc = self.doc(chat)?;
+            let unread = match account {
+                Some(a) => {
+                    let mark = doc.read_up_to(&a);
+                    let from = mark.and_then(|id| visible.iter().position(|m| m.id == id)).map_or(0, |i| i + 1);
+                    let me = a.to_string();
+                    visible[from..].iter().filter(|m| m.author != me && !m.deleted).count()
+                }
+                None => 0,
+            };
+            out.push(ChatSummary {
+                members,
+                left: meta.left,
+                unread,
+                id: chat.to_string(),
+                title: doc.title(),
+                kind: format!("{:?}", meta.kind).to_lowercase(),
+                messages: visible.len(),
+                seq: seq.0,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A chat's document heads (equal heads: equal chat).
+    pub fn heads(&mut self, chat: ChatId) -> Result<Vec<String>, Error> {
+        Ok(self.doc(chat)?.heads())
+    }
+
+    /// The last seq of `chat` this device applied (or passed).
+    pub fn cursor(&self, chat: ChatId) -> Result<Seq, Error> {
+        Ok(self.store.cursor(chat)?)
+    }
+
+    /// Creates a notes chat (this account alone) locally: key, genesis document, and two outbox
+    /// items, durable before it returns: the chat's creation on the relay and its title delta.
+    /// Give both to the sync core in order, with [`crate::core::SyncInput::ChatReady`] at seq 0
+    /// ([`Device::create_chat`] does all of it); the creation is retried like any outbox item
+    /// until the relay has it. (See [`Device::new_chat_with`] for direct chats and groups.)
+    pub fn new_chat(&mut self, title: &str) -> Result<(ChatId, Vec<OutboxItem>), Error> {
+        self.new_chat_with(ChatKind::Notes, title, &[])
+    }
+
+    /// Opens and applies a delta from the relay and moves the chat's cursor past it. A delta
+    /// that fails to open or apply is skipped (the cursor still moves) and reported as an error;
+    /// it never stalls the chat.
+    pub(crate) fn apply_delta(&mut self, delta: &Delta) -> Result<DocUpdate, Error> {
+        let meta = self.store.chat(delta.chat)?.ok_or(Error::UnknownChat(delta.chat))?;
+        let opened = match meta.transport(delta.epoch) {
+            // From before this account joined (or while it was away), and not shared with it:
+            // passed over.
+            None if meta.current().is_some_and(|(e, _)| delta.epoch < e) => {
+                self.store.apply_remote(delta.chat, delta.seq, None)?;
+                return Ok(DocUpdate::default());
+            }
+            // A new epoch whose key is still on its way in the account log (the relay only
+            // stores deltas under epochs it has): the cursor stays, the delta comes again.
+            None => return Err(Error::NoKeyYet(delta.chat, delta.epoch)),
+            Some(key) => crate::proto::crypto::open_delta(&key, &delta.ad(), &delta.sealed).map_err(Error::from),
+        };
+        let plain = match opened {
+            Ok(p) => p,
+            Err(e) => {
+                self.store.apply_remote(delta.chat, delta.seq, None)?;
+                return Err(e);
+            }
+        };
+        let from = Author { account: delta.account, device: delta.device.clone() };
+        if !self.doc(delta.chat)?.knows_author(&from) {
+            self.store.put_author(delta.chat, &from)?;
+        }
+        let doc = self.doc(delta.chat)?;
+        match doc.apply_untrusted_update(&plain, &from) {
+            Ok(update) => {
+                let stored = self.store.apply_remote(delta.chat, delta.seq, Some(&plain))?;
+                self.maybe_compact(delta.chat, stored)?;
+                Ok(DocUpdate {
+                    added: self.reveal(delta.chat, update.added)?,
+                    changed: self.reveal(delta.chat, update.changed)?,
+                    read: update.read,
+                })
+            }
+            Err(e) => {
+                if doc.is_poisoned() {
+                    self.drop_doc(delta.chat);
+                }
+                self.store.apply_remote(delta.chat, delta.seq, None)?;
+                Err(e.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! One request at a time over a fresh stream to the relay, for the `async` methods of
+//! [`Device`] that run without a [`crate::Session`] (account creation, linking, approval,
+//! recovery, the directory, sessions, member changes, secret chats' device lists). A session
+//! makes the same requests over its own connection ([`crate::device::ops`]).
+
+use crate::device::error::Error;
+use crate::device::local::Device;
+use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
+use crate::proto::ids::AccountId;
+use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame, ReqId, PROTOCOL_VERSION};
+
+/// How often a one-shot request opens its stream before giving up.
+pub(crate) const CONNECT_ATTEMPTS: u32 = 5;
+
+impl Device {
+    /// Opens a sync stream and exchanges `Hello`. A stream that breaks during the exchange is
+    /// opened again (up to [`CONNECT_ATTEMPTS`] times): libp2p-stream 0.4 drops an inbound
+    /// stream that arrives while the relay's accept queue (one slot) is taken, which happens
+    /// when many devices connect at once.
+    pub(super) async fn connect(&self, relay: &str) -> Result<(Net, RelayStream, Option<AccountId>), Error> {
+        let (peer, addr) = parse_relay_addr(relay)?;
+        let mut net = Net::start(self.keypair())?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = async {
+                let mut stream = net.open(peer, addr.clone()).await?;
+                stream.send(&ClientFrame::Hello { version: PROTOCOL_VERSION }).await?;
+                Ok::<_, Error>((stream.recv().await?, stream))
+            }
+            .await;
+            match result {
+                Ok((Some(RelayFrame::Hello { account, .. }), stream)) => return Ok((net, stream, account)),
+                Ok((Some(RelayFrame::Error { code, message, .. }), _)) => return Err(Error::Relay { code, message }),
+                Err(Error::Net(NetError::Io(_))) | Ok((None, _)) if attempt < CONNECT_ATTEMPTS => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                }
+                Err(e) => return Err(e),
+                Ok(_) => return Err(Error::Net(NetError::Unreachable("relay did not answer hello".into()))),
+            }
+        }
+    }
+
+    pub(super) async fn reply(stream: &mut RelayStream, req: ReqId) -> Result<RelayFrame, Error> {
+        loop {
+            match stream.recv().await? {
+                None => return Err(Error::Net(NetError::Unreachable("relay closed the stream".into()))),
+                Some(RelayFrame::Error { req: r, code, message }) if r == Some(req) || r.is_none() => {
+                    return Err(Error::Relay { code, message })
+                }
+                Some(f) if f.req() == Some(req) => return Ok(f),
+                Some(_) => {} // pushes and other traffic: the session will fetch them
+            }
+        }
+    }
+
+    /// One request over a fresh stream for a logged-in device, and its reply. A relay that
+    /// answers that this device's session was ended gets the account's data deleted here.
+    pub(super) async fn one_request(&mut self, frame: ClientFrame, req: ReqId) -> Result<RelayFrame, Error> {
+        let relay = self.login()?.relay.clone();
+        let result = async {
+            let (_net, mut stream, _) = self.connect(&relay).await?;
+            stream.send(&frame).await?;
+            Self::reply(&mut stream, req).await
+        }
+        .await;
+        if let Err(Error::Relay { code: ErrorCode::SessionRevoked, .. }) = result {
+            self.wipe_account()?;
+            return Err(Error::SessionRevoked);
+        }
+        result
+    }
+}
