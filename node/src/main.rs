@@ -259,9 +259,10 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_UNREACHABLE)
         }
         Err(Failure::Error(e)) => {
-            eprintln!("stratus: {e}");
-            if let Some(hint) = hint(&e) {
-                eprintln!("stratus: {hint}");
+            // One line: the engine's message, and what to run about it where a command helps.
+            match hint(&e) {
+                Some(hint) => eprintln!("stratus: {e}; {hint}"),
+                None => eprintln!("stratus: {e}"),
             }
             ExitCode::FAILURE
         }

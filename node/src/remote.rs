@@ -281,44 +281,151 @@ pub(crate) async fn run(c: &mut Client, command: Command, json: bool) -> Result<
             print::chats(json, &rows);
         }
         Command::Chat { command: ChatCommand::Create { title, direct, group: _, member } } => {
-            // Chats with others need their accounts looked up first, which the running session
-            // does not offer yet: the daemon says so.
-            if direct.is_some() || !member.is_empty() {
-                return c.not_yet("lookup").await;
-            }
             c.subscribe().await?;
-            let made: Value = c.call("create_chat", json!({ "title": title.unwrap_or_default() })).await?;
+            let made: Value = match (direct, member.is_empty()) {
+                (Some(user), _) => {
+                    let p = json!({ "kind": "direct", "title": title.unwrap_or_default(), "users": [user] });
+                    c.call("create_chat_with", p).await?
+                }
+                (None, false) => {
+                    let p = json!({ "kind": "group", "title": title.unwrap_or_default(), "users": member });
+                    c.call("create_chat_with", p).await?
+                }
+                (None, true) => c.call("create_chat", json!({ "title": title.unwrap_or_default() })).await?,
+            };
             let chat = made["chat"].as_str().unwrap_or_default().to_string();
             // Like without a daemon: the command returns once the relay has the chat.
             c.idle().await?;
             print::chat_created(json, &chat);
         }
-        Command::Chat { command: ChatCommand::Add { .. } } => c.not_yet("add_members").await?,
-        Command::Chat { command: ChatCommand::Remove { .. } } => c.not_yet("remove_member").await?,
-        Command::Chat { command: ChatCommand::Leave { .. } } => c.not_yet("leave_chat").await?,
-        Command::Chat { command: ChatCommand::Rename { .. } } => c.not_yet("rename_chat").await?,
+        Command::Chat { command: ChatCommand::Add { chat, users, share_history } } => {
+            let p = json!({ "chat": chat.to_string(), "users": users, "share_history": share_history });
+            c.call::<Value>("add_members", p).await?;
+        }
+        Command::Chat { command: ChatCommand::Remove { chat, user } } => {
+            c.call::<Value>("remove_member", json!({ "chat": chat.to_string(), "user": user })).await?;
+        }
+        Command::Chat { command: ChatCommand::Leave { chat } } => {
+            c.call::<Value>("leave_chat", json!({ "chat": chat.to_string() })).await?;
+        }
+        Command::Chat { command: ChatCommand::Rename { chat, title } } => {
+            c.subscribe().await?;
+            c.call::<Value>("rename_chat", json!({ "chat": chat.to_string(), "title": title })).await?;
+            c.idle().await?;
+        }
         Command::Secret { command } => secret::remote(c, command, json).await?,
-        Command::Contact { .. } => c.not_yet("lookup").await?,
-        Command::Devices => c.not_yet("sessions").await?,
-        Command::Device { command } => {
-            c.not_yet(match command {
-                DeviceCommand::Link { .. } => "link",
-                DeviceCommand::Approve { .. } => "approve",
-                DeviceCommand::List => "devices",
-                DeviceCommand::Revoke { .. } => "revoke",
-            })
-            .await?
+        Command::Contact { command: crate::members::ContactCommand::Verify { user, confirm } } => {
+            let info: Value = match confirm {
+                Some(number) => c.call("confirm_contact", json!({ "user": user, "number": number })).await?,
+                None => c.call("lookup", json!({ "user": user })).await?,
+            };
+            if json {
+                print::out(&info.to_string());
+            } else {
+                print::out(&format!("{user}: account {}", info["account"].as_str().unwrap_or_default()));
+                print::out(&format!("safety number: {}", info["safety_number"].as_str().unwrap_or_default()));
+                print::out(if info["verified"] == true {
+                    "verified: you confirmed this number"
+                } else {
+                    "not verified: compare the number with them, then run `contact verify USER --confirm NUMBER`"
+                });
+            }
         }
-        Command::Account { command } => {
-            c.not_yet(match command {
-                AccountCommand::Create { .. } => "create_account",
-                AccountCommand::SetSessionTtl { .. } => "set_session_ttl",
-                AccountCommand::RecoveryKey => "recovery_key",
-                AccountCommand::Recover { .. } => "recover",
-                AccountCommand::SetUsername { .. } => "set_username",
-            })
-            .await?
+        Command::Devices => {
+            let all: Value = c.call("sessions", json!({})).await?;
+            if !json {
+                match all["session_ttl_days"].as_u64().unwrap_or(0) {
+                    0 => print::out("sessions never expire (set with `stratus account set-session-ttl DAYS`)"),
+                    d => print::out(&format!("sessions inactive for more than {d} days end")),
+                }
+            }
+            for s in all["sessions"].as_array().into_iter().flatten() {
+                if json {
+                    print::out(&s.to_string());
+                    continue;
+                }
+                let text = |k: &str| s[k].as_str().unwrap_or("unknown").to_string();
+                let active = if s["online"] == true { "online now".to_string() } else { text("last_active") };
+                let created = s["created"].as_str().map_or_else(|| text("registered"), str::to_string);
+                print::out(&format!(
+                    "{} {}  created {}  last active {}{}",
+                    text("device"),
+                    s["name"].as_str().unwrap_or("(not yet synced)"),
+                    created,
+                    active,
+                    if s["this_device"] == true { "  (this device)" } else { "" }
+                ));
+            }
         }
+        Command::Device { command: DeviceCommand::Approve { code } } => {
+            let r: Value = c.call("approve", json!({ "code": code })).await?;
+            print::out(&match json {
+                true => r.to_string(),
+                false => format!(
+                    "approved {} ({})",
+                    r["approved"].as_str().unwrap_or_default(),
+                    r["name"].as_str().unwrap_or_default()
+                ),
+            });
+        }
+        Command::Device { command: DeviceCommand::List } => {
+            let status: Value = c.call("sessions", json!({})).await?;
+            let this = status["sessions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| s["this_device"] == true)
+                .and_then(|s| s["device"].as_str().map(str::to_string));
+            let all: Value = c.call("devices", json!({})).await?;
+            for d in all.as_array().into_iter().flatten() {
+                let is_this = d["device"].as_str() == this.as_deref();
+                print::out(&match json {
+                    true => {
+                        json!({ "device": d["device"], "name": d["name"], "created": d["created"], "this": is_this })
+                            .to_string()
+                    }
+                    false => format!(
+                        "{} {}{}",
+                        d["device"].as_str().unwrap_or_default(),
+                        d["name"].as_str().unwrap_or_default(),
+                        if is_this { " (this device)" } else { "" }
+                    ),
+                });
+            }
+        }
+        Command::Device { command: DeviceCommand::Revoke { device } } => {
+            let r: Value = c.call("revoke", json!({ "device": device })).await?;
+            let target = r["revoked"].as_str().unwrap_or_default().to_string();
+            print::out(&match json {
+                true => r.to_string(),
+                false => format!("revoked {target}; the account's keys are rotated"),
+            });
+        }
+        Command::Device { command: DeviceCommand::Link { .. } } => c.not_yet("link").await?,
+        Command::Account { command: AccountCommand::SetSessionTtl { days } } => {
+            c.call::<Value>("set_session_ttl", json!({ "days": days })).await?;
+            print::out(&match (json, days) {
+                (true, d) => json!({ "session_ttl_days": d }).to_string(),
+                (false, 0) => "sessions never expire".to_string(),
+                (false, d) => format!("sessions inactive for more than {d} days end"),
+            });
+        }
+        Command::Account { command: AccountCommand::RecoveryKey } => {
+            let r: Value = c.call("recovery_key", json!({})).await?;
+            let key = r["recovery_key"].as_str().unwrap_or_default().to_string();
+            print::out(&if json { r.to_string() } else { format!("recovery key: {key}") });
+            eprintln!("stratus: write it down and keep it safe; it is not stored anywhere and logs anyone in");
+        }
+        Command::Account { command: AccountCommand::SetUsername { name, clear: _ } } => {
+            c.call::<Value>("set_username", json!({ "name": name })).await?;
+            print::out(&match (json, name) {
+                (true, n) => json!({ "username": n }).to_string(),
+                (false, Some(n)) => format!("username: {n}"),
+                (false, None) => "username released".into(),
+            });
+        }
+        Command::Account { command: AccountCommand::Create { .. } } => c.not_yet("create_account").await?,
+        Command::Account { command: AccountCommand::Recover { .. } } => c.not_yet("recover").await?,
         Command::Watch { .. } | Command::Daemon { .. } => unreachable!("run by `serve`"),
     }
     Ok(())

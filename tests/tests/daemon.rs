@@ -171,9 +171,10 @@ fn commands_on_a_home_whose_daemon_runs_go_through_it_and_reach_the_other_device
     watch.kill().unwrap();
     watch.wait().unwrap();
 
-    // What the session does not offer yet is a typed error saying what to do, not a hang.
-    let not_yet: [&[&str]; 3] =
-        [&["devices"], &["chat", "create", "--direct", "someone"], &["account", "recovery-key"]];
+    // What a running session cannot do (it already has an account) is a typed error saying
+    // what to do, not a hang.
+    let not_yet: [&[&str]; 2] =
+        [&["account", "create", "--relay", "/ip4/127.0.0.1/tcp/1/p2p/x", "--name", "n"], &["secret", "auto-accept"]];
     for args in not_yet {
         let o = stratus(&a, args);
         assert_eq!(o.status.code(), Some(1), "{args:?}");
@@ -284,7 +285,7 @@ fn bad_input_on_the_socket_gets_typed_errors_and_the_device_keeps_syncing() {
     assert_eq!(kind(&rpc.call("send", json!({ "chat": chat, "text": "x", "extra": 1 }))), "bad_params");
     assert_eq!(kind(&rpc.call("write", json!({ "chat": chat, "op": "edit", "id": "abc" }))), "bad_params");
     assert_eq!(kind(&rpc.call("messages", json!({ "chat": "00".repeat(16) }))), "unknown_chat");
-    let e = rpc.call("sessions", json!({}));
+    let e = rpc.call("create_account", json!({}));
     assert_eq!((e["error"]["code"].as_i64(), kind(&e)), (Some(-32004), "not_available_in_daemon"));
     let status = rpc.call("status", json!({}));
     assert_eq!(status["result"]["outbox"], 0, "{status}");
@@ -406,4 +407,50 @@ fn a_stale_socket_is_replaced_and_a_second_daemon_is_refused() {
     assert!(stratus_ok(&a, &["send", &chat, "after the restart"]).trim().len() == 32);
     assert_eq!(again.stop().and_then(|s| s.code()), Some(0));
     assert!(stratus_ok(&a, &["log", &chat]).contains("after the restart"));
+}
+
+/// The account's operations go through the daemon too (issue 14's one handle): sessions,
+/// approving a new device, the session TTL, recovery key, username, a direct chat by username,
+/// renaming, and revoking the new device, all while the daemon syncs.
+#[test]
+fn account_device_and_member_commands_go_through_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    // Any session may end others here (the relay's 24-hour rule is tested in sessions.rs).
+    let relay = Relay::start_with(&dir.path().join("relay"), &["--min-session-age-secs", "0"]);
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    stratus_ok(&a, &["account", "create", "--relay", &relay.addr, "--name", "laptop"]);
+    link_device(&relay, &a, &b, "phone");
+    let mut daemon = Daemon::start(&a);
+    let sessions = stratus_ok(&a, &["devices"]);
+    assert!(sessions.contains("(this device)") && sessions.lines().count() >= 3, "{sessions}");
+    assert_eq!(
+        stratus_ok(&a, &["account", "set-session-ttl", "30"]).trim(),
+        "sessions inactive for more than 30 days end"
+    );
+    assert!(stratus_ok(&a, &["devices"]).contains("more than 30 days"));
+    assert!(stratus_ok(&a, &["account", "recovery-key"]).trim().starts_with("recovery key: stratus-recovery-"));
+    assert_eq!(stratus_ok(&a, &["account", "set-username", "ann"]).trim(), "username: ann");
+    let listed = stratus_ok(&a, &["device", "list"]);
+    assert!(listed.lines().any(|l| l.ends_with("(this device)")), "{listed}");
+
+    // Another account, looked up and chatted with by username through the daemon.
+    let c = dir.path().join("c");
+    stratus_ok(&c, &["account", "create", "--relay", &relay.addr, "--name", "cat"]);
+    stratus_ok(&c, &["account", "set-username", "cat"]);
+    let verify = stratus_ok(&a, &["contact", "verify", "cat"]);
+    assert!(verify.contains("safety number"), "{verify}");
+    let direct = stratus_ok(&a, &["chat", "create", "--direct", "cat"]).trim().to_string();
+    assert_eq!(direct.len(), 32, "{direct}");
+    stratus_ok(&a, &["chat", "rename", &direct, "with cat"]);
+    wait_until(30, "the direct chat on cat's device", || {
+        stratus_ok(&c, &["sync"]);
+        stratus_ok(&c, &["chat", "list"]).contains("with cat")
+    });
+
+    // Revoking the phone through the daemon: it is cut off.
+    stratus_ok(&a, &["device", "revoke", "phone"]);
+    let o = stratus_tests::stratus(&b, &["sync"]);
+    assert!(!o.status.success(), "the revoked phone cannot sync: {}", stderr(&o));
+    assert!(!stratus_ok(&a, &["devices"]).contains("phone"));
+    daemon.stop();
 }

@@ -1,11 +1,12 @@
 //! The daemon's methods: one small function each, in a table per area (`chats.rs`,
-//! `secret.rs`). A method reads its params into a struct (unknown members refused), calls the
+//! `secret.rs`, `account.rs`). A method reads its params into a struct (unknown members refused), calls the
 //! running [`Session`], and returns its result as JSON. Adding one is adding a function and a
 //! table row; docs/daemon.md lists them all, and a test keeps that list and these tables equal.
 //!
 //! `subscribe` and `unsubscribe` change the connection, not the device: the connection handles
 //! them itself (`conn.rs`).
 
+mod account;
 mod chats;
 mod secret;
 
@@ -32,25 +33,7 @@ pub(crate) type Handler = fn(Ctx, Value) -> Reply;
 /// or their own relay connection today). The daemon answers them with
 /// `not_available_in_daemon` instead of `unknown_method`, so that the CLI can tell the user
 /// to stop the daemon for that command. Each moves to a table once `Session` offers it.
-pub(crate) const NOT_YET: &[&str] = &[
-    "create_account",
-    "link",
-    "recover",
-    "approve",
-    "devices",
-    "sessions",
-    "revoke",
-    "set_session_ttl",
-    "recovery_key",
-    "set_username",
-    "lookup",
-    "confirm_contact",
-    "add_members",
-    "remove_member",
-    "leave_chat",
-    "rename_chat",
-    "secret_auto_accept",
-];
+pub(crate) const NOT_YET: &[&str] = &["create_account", "link", "recover", "secret_auto_accept"];
 
 /// What a method name is.
 pub(crate) enum Found {
@@ -60,7 +43,7 @@ pub(crate) enum Found {
 }
 
 pub(crate) fn find(name: &str) -> Found {
-    let tables = [chats::METHODS, secret::METHODS];
+    let tables = [chats::METHODS, secret::METHODS, account::METHODS];
     if let Some((_, h)) = tables.iter().flat_map(|t| t.iter()).find(|(n, _)| *n == name) {
         return Found::Method(*h);
     }
@@ -73,7 +56,7 @@ pub(crate) fn find(name: &str) -> Found {
 /// Every method the daemon answers, those of the connection (`conn.rs`) first.
 #[cfg(test)]
 pub(crate) fn names() -> Vec<&'static str> {
-    let tables = [chats::METHODS, secret::METHODS];
+    let tables = [chats::METHODS, secret::METHODS, account::METHODS];
     ["subscribe", "unsubscribe"].into_iter().chain(tables.iter().flat_map(|t| t.iter().map(|(n, _)| *n))).collect()
 }
 
