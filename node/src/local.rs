@@ -127,16 +127,7 @@ pub(crate) async fn run(mut device: Device, command: Command, json: bool) -> Res
             for s in sessions {
                 let created = s.created_ms.and_then(known_time).or_else(|| known_time(s.registered_ms));
                 if json {
-                    out(&json!({
-                        "device": s.device.to_string(),
-                        "name": s.name,
-                        "created": s.created_ms.and_then(known_time),
-                        "registered": known_time(s.registered_ms),
-                        "last_active": known_time(s.last_active_ms),
-                        "online": s.online,
-                        "this_device": s.this_device,
-                    })
-                    .to_string());
+                    out(&crate::view::session_json(&s).to_string());
                 } else {
                     let unknown = || "unknown".to_string();
                     let active = if s.online {

@@ -276,6 +276,19 @@ impl EventView {
     }
 }
 
+/// A session of the account as `devices --json` and the daemon's `sessions` show it.
+pub(crate) fn session_json(s: &stratus_engine::SessionInfo) -> serde_json::Value {
+    serde_json::json!({
+        "device": s.device.to_string(),
+        "name": s.name,
+        "created": s.created_ms.and_then(known_time),
+        "registered": known_time(s.registered_ms),
+        "last_active": known_time(s.last_active_ms),
+        "online": s.online,
+        "this_device": s.this_device,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

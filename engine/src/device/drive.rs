@@ -14,6 +14,7 @@ use crate::device::doc::Message;
 use crate::device::error::Error;
 use crate::device::local::{Device, KeyWork, MessageOp, SecretMessage};
 use crate::device::session_core::{SessionCore, SessionInput, Work};
+use crate::device::store::OutboxItem;
 use crate::proto::cert::DeviceCert;
 use crate::proto::ids::{AccountId, ChatId, ClientSeq, SecretId, Seq};
 use crate::proto::wire::{ChatKind, ClientFrame, ErrorCode, RelayFrame};
@@ -157,13 +158,18 @@ impl Device {
     /// the first client seq). Returns the chat and what the driver must do now.
     pub fn create_chat(&mut self, core: &mut SyncCore, title: &str) -> Result<(ChatId, Vec<Action>), Error> {
         let (chat, items) = self.new_chat(title)?;
+        Ok((chat, self.queue_new_chat(core, chat, items)))
+    }
+
+    /// Gives `core` a chat made here (ready at seq 0) and its outbox items, in order.
+    fn queue_new_chat(&mut self, core: &mut SyncCore, chat: ChatId, items: Vec<OutboxItem>) -> Vec<Action> {
         let mut outputs = core.handle(SyncInput::ChatReady { chat, cursor: Seq(0) });
         for item in items {
             outputs.extend(core.handle(SyncInput::OutboxAdded(item)));
         }
         let mut actions = vec![Action::Emit(Event::ChatAdded { chat })];
         actions.extend(self.carry_out(core, outputs));
-        Ok((chat, actions))
+        actions
     }
 
     /// Creates a direct chat or a group with `others` ([`Device::new_chat_with`]) and queues it
@@ -176,13 +182,7 @@ impl Device {
         others: &[AccountId],
     ) -> Result<(ChatId, Vec<Action>), Error> {
         let (chat, items) = self.new_chat_with(kind, title, others)?;
-        let mut outputs = core.handle(SyncInput::ChatReady { chat, cursor: Seq(0) });
-        for item in items {
-            outputs.extend(core.handle(SyncInput::OutboxAdded(item)));
-        }
-        let mut actions = vec![Action::Emit(Event::ChatAdded { chat })];
-        actions.extend(self.carry_out(core, outputs));
-        Ok((chat, actions))
+        Ok((chat, self.queue_new_chat(core, chat, items)))
     }
 
     /// Renames a chat ([`Device::rename_local`]) and queues the change with `core`.

@@ -12,7 +12,7 @@ use stratus_engine::{AccountId, ChatId, LinkCode};
 
 use super::{done, to_json, with, Ctx, Handler, Id, NoParams, Reply};
 use crate::daemon::rpc::RpcError;
-use crate::view::{known_time, rfc3339};
+use crate::view::{rfc3339, session_json};
 
 pub(super) const METHODS: &[(&str, Handler)] = &[
     ("approve", approve),
@@ -65,20 +65,7 @@ fn devices(cx: Ctx, p: Value) -> Reply {
 fn sessions(cx: Ctx, p: Value) -> Reply {
     with(cx, p, |cx, NoParams {}| async move {
         let (sessions, ttl) = cx.session().sessions().await?;
-        let list: Vec<Value> = sessions
-            .iter()
-            .map(|s| {
-                json!({
-                    "device": s.device.to_string(),
-                    "name": s.name,
-                    "created": s.created_ms.and_then(known_time),
-                    "registered": known_time(s.registered_ms),
-                    "last_active": known_time(s.last_active_ms),
-                    "online": s.online,
-                    "this_device": s.this_device,
-                })
-            })
-            .collect();
+        let list: Vec<Value> = sessions.iter().map(session_json).collect();
         Ok(json!({ "session_ttl_days": ttl, "sessions": list }))
     })
 }
