@@ -1,4 +1,4 @@
-//! The answering side of a secret stream (`SecretConn`, `engine/src/device/local/secret_conn.rs`):
+//! The answering side of a secret stream (`SecretConn`, `engine/src/device/local/secret/conn.rs`):
 //! what another device sends before and during the handshake, fed to a real device with its
 //! own store. The opening is built from arbitrary fields (then possibly cut or flipped) so that
 //! it decodes often; the frames after it are arbitrary. Never a panic: every frame gives a step

@@ -1,3 +1,6 @@
+//! The device's error type: everything that can go wrong on a device, each message saying what
+//! to do about it in the API's terms.
+
 use crate::device::doc::DocError;
 use crate::device::net::NetError;
 use crate::device::secret::SecretError;
