@@ -2,7 +2,7 @@
 //! resumes, when a quiet connection is probed or taken as dead, which relay replies answer the
 //! app's own requests, and which changes of state the app hears of.
 //!
-//! [`SessionCore`] wraps the [`SyncCore`]. The driver (the tokio `Session`, or the simulator)
+//! [`SessionCore`] wraps the [`SyncCore`]. The driver (the async `Session`, or the simulator)
 //! feeds it [`SessionInput`]s with the time, hands the sync outputs to
 //! [`crate::Device::carry_out`] (see [`crate::Device::session_step`], which does both), and
 //! carries out the returned [`Work`] in order. It calls back with [`SessionInput::Timeout`] at
