@@ -53,7 +53,7 @@ pub struct ChatSummary {
     pub left: bool,
 }
 
-/// The chat documents in memory: at most [`DOC_CACHE`]; beyond it the one loaded first is
+/// The chat documents in memory: at most [`DOC_CACHE`]; beyond it the least recently used is
 /// dropped (it reloads from the store when needed).
 #[derive(Default)]
 pub(super) struct ChatDocs {
@@ -75,6 +75,10 @@ impl ChatDocs {
                 self.docs.remove(&evict);
             }
             self.docs.insert(chat, doc);
+            self.order.push(chat);
+        } else if self.order.last() != Some(&chat) {
+            // Used again: last to go (at most DOC_CACHE entries to move).
+            self.order.retain(|c| *c != chat);
             self.order.push(chat);
         }
         Ok(self.docs.get_mut(&chat).expect("inserted above"))
