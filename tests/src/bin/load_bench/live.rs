@@ -37,6 +37,8 @@ struct Stamps {
     /// Events C's receiver missed, and the writers' ack receivers missed.
     lagged: AtomicU64,
     acks_lagged: AtomicU64,
+    /// Events of note, "<device> <kind>" → (how many, the first one's text).
+    notes: Mutex<BTreeMap<String, (u64, String)>>,
 }
 
 impl Stamps {
@@ -53,7 +55,21 @@ impl Stamps {
             duplicates: AtomicU64::new(0),
             lagged: AtomicU64::new(0),
             acks_lagged: AtomicU64::new(0),
+            notes: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Notes `event` of device `who` if it tells of trouble (a disconnection, an error, a delta
+    /// the relay refused).
+    fn note(&self, who: &str, event: &Event) {
+        let (kind, text) = match event {
+            Event::Disconnected { reason } => ("Disconnected", reason.clone()),
+            Event::Error { message } => ("Error", message.clone()),
+            Event::Rejected { message, .. } => ("Rejected", message.clone()),
+            _ => return,
+        };
+        let mut notes = self.notes.lock().expect("not poisoned");
+        notes.entry(format!("{who} {kind}")).or_insert((0, text)).0 += 1;
     }
 
     fn now(&self) -> u64 {
@@ -127,13 +143,17 @@ pub(crate) async fn live(
         .enumerate()
         .map(|(w, events)| tokio::spawn(record_acks(events, w, stamps.clone())))
         .collect();
+    // Held until the run has settled: a session stops when its last handle is dropped, and the
+    // writers' outboxes still hold deltas when their last send returns.
+    let writers = [Arc::new(sa), Arc::new(sb)];
 
     let tck = clk_tck();
     let cpu_before = (cpu_secs(&relay.pid.to_string(), tck), cpu_secs("self", tck), Instant::now());
     let start = Instant::now() + Duration::from_millis(100);
     let (chats_shared, pads) = (Arc::new(chats.to_vec()), Arc::new(pads.to_vec()));
-    let tasks: Vec<_> = [Arc::new(sa), Arc::new(sb)]
-        .into_iter()
+    let tasks: Vec<_> = writers
+        .iter()
+        .cloned()
         .enumerate()
         .map(|(w, s)| {
             // Each writer starts a share of a period after the previous: together evenly paced.
@@ -167,6 +187,18 @@ pub(crate) async fn live(
     for t in ack_tasks {
         t.abort();
     }
+    let mut status_at_end = Vec::new();
+    for (s, who) in [(&*writers[0], "a"), (&*writers[1], "b"), (&sc, "c")] {
+        let status = s.status().await.map_or_else(|e| e.to_string(), |s| format!("{s:?}"));
+        status_at_end.push(format!("{who} {status}"));
+    }
+    let events = stamps
+        .notes
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .map(|(what, (n, first))| format!("{what} ×{n} (first: {first})"))
+        .collect();
 
     let mut latency = Vec::new();
     let mut no_event = 0;
@@ -201,6 +233,8 @@ pub(crate) async fn live(
         lagged: stamps.lagged.load(Ordering::Relaxed),
         relay_cpu,
         bench_cpu,
+        events,
+        status_at_end: status_at_end.join(", "),
     };
     if errors > 0 {
         fail(result, format!("{errors} sends failed"));
@@ -209,10 +243,10 @@ pub(crate) async fn live(
         fail(result, format!("c's event receiver lagged ({} events missed)", live.lagged));
     }
     if live.no_event > 0 {
-        fail(result, format!("{} messages never reported by c", live.no_event));
+        fail(result, format!("{} messages not reported by c within {SETTLE:?} of the last send", live.no_event));
     }
     if live.not_stored > 0 || stored > sent {
-        fail(result, format!("c's store has {stored} of {sent} live messages"));
+        fail(result, format!("c's store has {stored} of {sent} live messages then"));
     }
     if live.duplicates > 0 {
         fail(result, format!("{} messages reported twice", live.duplicates));
@@ -278,7 +312,7 @@ async fn record_acks(mut events: Receiver<Event>, w: usize, stamps: Arc<Stamps>)
                 let now = stamps.now();
                 stamps.acks.lock().expect("not poisoned")[w].push((client_seq.0, now));
             }
-            Ok(_) => {}
+            Ok(e) => stamps.note(["a", "b"][w], &e),
             Err(RecvError::Lagged(n)) => {
                 stamps.acks_lagged.fetch_add(n, Ordering::Relaxed);
             }
@@ -312,7 +346,7 @@ async fn receive(mut events: Receiver<Event>, stamps: Arc<Stamps>) {
                     stamps.duplicates.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Ok(_) => {}
+            Ok(e) => stamps.note("c", &e),
             Err(RecvError::Lagged(n)) => {
                 stamps.lagged.fetch_add(n, Ordering::Relaxed);
             }

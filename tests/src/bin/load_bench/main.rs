@@ -18,8 +18,8 @@
 //!    [`LIVE_IN_FLIGHT`] in flight per writer; beyond that the writer falls behind and the
 //!    achieved rate shows it). Latency = when C's `Event::MessageAdded` reaches the bench minus
 //!    when the writer called `Session::send` (one process, one monotonic clock; the message's
-//!    text carries its writer and index). Every sent message must reach C (as an event, and in
-//!    C's store once the run settles).
+//!    text carries its writer and index). Every sent message must reach C, as an event and in
+//!    its store, within [`SETTLE`] of the writers' last send returning.
 //! 3. The writers' achieved send rate, and how long `Session::send` took: it returns after the
 //!    message is written durably on the device (the device's store barrier), queued behind
 //!    whatever else the session's task is doing. To tell where live latency goes, also the time
@@ -41,7 +41,13 @@
 //! (1,000 requests/s per device, so writing the history is paced by the relay) and
 //! `STRATUS_LOG=stratus_relay=info` (nothing logged per append). `BENCH_RELAY_ARGS` adds flags
 //! (e.g. `--requests-per-second 0`). The data directories go to a fresh temporary directory
-//! under `--dir` (default: the system temp directory); its filesystem is printed.
+//! under `--dir` (default: the system temp directory); its filesystem is printed. `--keep` keeps
+//! each run's directory (the relay's log, every store).
+//!
+//! Besides the figures each run line reports what a reader needs when a run goes wrong: the
+//! devices' `Disconnected`, `Error` and `Rejected` events during the live part, each session's
+//! `Status` at its end, and the relay log's warnings (a device the relay cut off for not reading
+//! its pushes, `device is not reading; disconnecting it`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -61,7 +67,7 @@ use catch_up::catch_up;
 use live::live;
 use report::{print_medians, summary_line};
 use setup::{link, padding, write_history};
-use system::{filesystem_of, fsync_loop, loadavg, machine, RelayProc};
+use system::{filesystem_of, fsync_loop, loadavg, machine, relay_warnings, RelayProc};
 
 /// Sends in flight while A writes the history (as in tests/tests/load.rs).
 const HISTORY_IN_FLIGHT: usize = 128;
@@ -88,12 +94,13 @@ struct Config {
     runs: usize,
     seed: u64,
     dir: PathBuf,
+    keep: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: load_bench [--chats N] [--messages N (per chat)] [--rate MSGS_PER_S (both writers)] [--seconds N] \
-         [--runs N] [--seed N] [--dir PATH]"
+         [--runs N] [--seed N] [--dir PATH] [--keep]"
     );
     std::process::exit(2);
 }
@@ -107,10 +114,15 @@ fn parse_args() -> Config {
         runs: 5,
         seed: rand::random(),
         dir: std::env::temp_dir(),
+        keep: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
+        if a == "--keep" {
+            c.keep = true;
+            continue;
+        }
         let value = it.next().unwrap_or_else(|| usage());
         let num = || value.parse::<u64>().unwrap_or_else(|_| usage());
         match a.as_str() {
@@ -175,6 +187,10 @@ struct Live {
     /// CPU of the relay and of this process over the live part, 1.0 = one core.
     relay_cpu: f64,
     bench_cpu: f64,
+    /// Events of note from the three sessions during the live part ("b Disconnected ×2: …").
+    events: Vec<String>,
+    /// Each session's `Status` at the end of the live part.
+    status_at_end: String,
 }
 
 #[derive(Default)]
@@ -187,6 +203,8 @@ struct RunResult {
     catch_up_failures: Vec<String>,
     live_failures: Vec<String>,
     load: String,
+    /// The relay log's warnings and errors, counted.
+    relay_log: String,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -238,9 +256,17 @@ fn main() {
 
 /// One run: a fresh relay, fresh devices, the history, the catch-up, the live part.
 async fn run(cfg: &Config, relay_exe: &Path, seed: u64) -> RunResult {
-    let mut result = RunResult::default();
     let tmp = tempfile::Builder::new().prefix("load-bench-").tempdir_in(&cfg.dir).expect("temporary directory");
-    let dir = tmp.path();
+    let mut result = run_in(cfg, relay_exe, seed, tmp.path()).await;
+    result.relay_log = relay_warnings(&tmp.path().join("relay.log"));
+    if cfg.keep {
+        println!("kept {}", tmp.keep().display());
+    }
+    result
+}
+
+async fn run_in(cfg: &Config, relay_exe: &Path, seed: u64, dir: &Path) -> RunResult {
+    let mut result = RunResult::default();
     let relay = RelayProc::start(relay_exe, &dir.join("relay"), &dir.join("relay.log"));
     let mut rng = StdRng::seed_from_u64(seed);
     let pads: Vec<String> = (0..256).map(|_| padding(&mut rng)).collect();

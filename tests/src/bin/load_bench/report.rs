@@ -52,12 +52,18 @@ pub(crate) fn summary_line(r: usize, runs: usize, x: &RunResult) -> String {
         None => "live n/a".into(),
     };
     let verdict = |f: &[String]| if f.is_empty() { "ok".to_string() } else { format!("FAILED: {}", f.join("; ")) };
-    format!(
-        "run {r}/{runs}: {history} | {catch_up} [{}] | {live} [{}] | load {}",
+    let mut line = format!(
+        "run {r}/{runs}: {history} | {catch_up} [{}] | {live} [{}] | load {} | relay log: {}",
         verdict(&x.catch_up_failures),
         verdict(&x.live_failures),
-        x.load
-    )
+        x.load,
+        x.relay_log
+    );
+    if let Some(l) = &x.live {
+        let events = if l.events.is_empty() { "none".to_string() } else { l.events.join("; ") };
+        line += &format!(" | events: {events} | at the end: {}", l.status_at_end);
+    }
+    line
 }
 
 /// (median, min, max); NaN when empty.
@@ -112,7 +118,7 @@ pub(crate) fn print_medians(cfg: &Config, results: &[RunResult]) {
         results.iter().filter(|r| r.catch_up_failures.iter().chain(&r.live_failures).any(|f| f.contains("lagged")));
     println!();
     println!(
-        "failed: catch-up {} of {n} runs, live {} of {n} runs; live messages missing from c's store, all runs: {lost}; \
+        "failed: catch-up {} of {n} runs, live {} of {n} runs; live messages not in c's store at the end, all runs: {lost}; \
          runs with a lagged event receiver: {}",
         n - ok_catch_up.len(),
         n - ok_live.len(),

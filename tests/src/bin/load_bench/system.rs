@@ -67,6 +67,43 @@ pub(crate) fn fsync_loop(dir: &Path) -> String {
     )
 }
 
+/// The relay log's warnings and errors: how many devices it cut off for not reading, and the
+/// other lines counted by their message.
+pub(crate) fn relay_warnings(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut counted: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
+        let line = strip_ansi(line);
+        let line = line.as_str();
+        // The message follows the level and the target ("… WARN stratus_relay::server: message conn=…").
+        let message = line.split_once(": ").map_or(line, |(_, m)| m);
+        let message = message.split(" conn=").next().unwrap_or(message).trim();
+        *counted.entry(message.to_string()).or_default() += 1;
+    }
+    if counted.is_empty() {
+        return "no warnings".into();
+    }
+    counted.iter().map(|(m, n)| format!("{n} × {m}")).collect::<Vec<_>>().join("; ")
+}
+
+/// `line` without its terminal colour codes (ESC [ … m).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Clock ticks per second of /proc/<pid>/stat times.
 pub(crate) fn clk_tck() -> f64 {
     Command::new("getconf")
