@@ -5,7 +5,7 @@
 //! [`crate::Session`] runs it over libp2p and tokio; the deterministic simulator in `tests/`
 //! runs the same code over a simulated network, so both exercise one implementation.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use rand::Rng;
 
@@ -87,6 +87,10 @@ pub enum Action {
     RetryAfter(u32),
 }
 
+/// What one write of [`Device::write_batch`] came to: the message as it is now and the client
+/// seq of its delta.
+pub type Written = Result<(Message, ClientSeq), Error>;
+
 impl Device {
     /// Feeds `input` at `now` to the session core and carries out what its sync outputs ask of
     /// this device ([`Device::carry_out`]): returns what is left for the driver, in order.
@@ -128,18 +132,63 @@ impl Device {
         self.write(core, chat, &MessageOp::Send { text: text.to_string(), reply_to: None })
     }
 
-    /// Carries out `write` ([`Device::write_local`]) and queues it with `core`. Returns the
-    /// message as it is now, the client seq of its delta, and what the driver must do now.
+    /// Carries out `write` ([`Device::write_local`]) and queues it with `core`. Returns the message
+    /// as it is now, the client seq of its delta, and what the driver must do now.
     pub fn write(
         &mut self,
         core: &mut SyncCore,
         chat: ChatId,
         write: &MessageOp,
     ) -> Result<(Message, ClientSeq, Vec<Action>), Error> {
-        let (message, item) = self.write_local(chat, write)?;
-        let client_seq = item.client_seq;
-        let outputs = core.handle(SyncInput::OutboxAdded(item));
-        let event = match write {
+        let (mut results, actions) = self.write_batch(core, &[(chat, write.clone())]);
+        let (message, client_seq) = results.pop().expect("one result per write")?;
+        Ok((message, client_seq, actions))
+    }
+
+    /// Carries out `writes` in order ([`Device::write_local`]) with one store barrier for all of
+    /// them (a group commit: an app sending thousands of messages a second pays one fsync per
+    /// batch, not per message), then queues those that succeeded with `core`. Nothing of the
+    /// batch is answered or sent before the barrier. Returns one result per write, in order,
+    /// and what the driver must do now.
+    pub fn write_batch(&mut self, core: &mut SyncCore, writes: &[(ChatId, MessageOp)]) -> (Vec<Written>, Vec<Action>) {
+        let staged: Vec<_> = writes.iter().map(|(chat, write)| self.write_staged(*chat, write)).collect();
+        let barrier = match staged.iter().any(Result::is_ok) {
+            true => self.store.barrier().map_err(|e| e.to_string()),
+            false => Ok(()),
+        };
+        let mut results = Vec::with_capacity(writes.len());
+        let mut events = Vec::new();
+        let mut outputs = Vec::new();
+        let mut compact = BTreeMap::new();
+        for ((chat, write), staged) in writes.iter().zip(staged) {
+            let (message, item, stored) = match (staged, &barrier) {
+                (Ok(s), Ok(())) => s,
+                (Ok(_), Err(e)) => {
+                    results.push(Err(Error::NotDurable(e.clone())));
+                    continue;
+                }
+                (Err(e), _) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            compact.insert(*chat, stored);
+            events.push(Action::Emit(self.written_event(*chat, write, &message)));
+            results.push(Ok((message, item.client_seq)));
+            outputs.extend(core.handle(SyncInput::OutboxAdded(item)));
+        }
+        for (chat, stored) in compact {
+            if let Err(e) = self.maybe_compact(chat, stored) {
+                events.push(Action::Emit(Event::Error { message: format!("compacting chat {chat}: {e}") }));
+            }
+        }
+        events.extend(self.carry_out(core, outputs));
+        (results, events)
+    }
+
+    /// What the app is told of a write made here.
+    fn written_event(&self, chat: ChatId, write: &MessageOp, message: &Message) -> Event {
+        match write {
             MessageOp::Send { .. } => Event::MessageAdded { chat, message: message.clone(), local: true },
             MessageOp::Read { id } => Event::Read {
                 chat,
@@ -147,10 +196,7 @@ impl Device {
                 up_to: id.clone(),
             },
             _ => Event::MessageChanged { chat, message: message.clone(), local: true },
-        };
-        let mut actions = vec![Action::Emit(event)];
-        actions.extend(self.carry_out(core, outputs));
-        Ok((message, client_seq, actions))
+        }
     }
 
     /// Creates a chat ([`Device::new_chat`]) and queues its creation and title with `core`; it

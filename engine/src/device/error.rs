@@ -33,6 +33,10 @@ pub enum Error {
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The local store could not make a batch of writes durable (its barrier failed): none of
+    /// them was answered or sent; they may or may not be on this device after a restart.
+    #[error("the local store could not make the write durable: {0}")]
+    NotDurable(String),
     /// The relay could not be reached or the connection broke.
     #[error(transparent)]
     Net(#[from] NetError),

@@ -69,6 +69,9 @@ pub struct SessionConfig {
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
+/// A write of the app's with whom to answer.
+type WriteCmd = (ChatId, MessageOp, Reply<(Message, ClientSeq)>);
+
 /// A secret chat command ([`Session`]'s `secret_*` methods).
 enum SecretCmd {
     Devices { account: AccountId, reply: Reply<Vec<(DeviceCert, bool)>> },
@@ -93,11 +96,7 @@ enum Pending {
 }
 
 enum Command {
-    Send {
-        chat: ChatId,
-        text: String,
-        reply: Reply<(Message, ClientSeq)>,
-    },
+    /// A message sent, replied, edited, deleted, reacted to or read (see [`take_writes`]).
     Write {
         chat: ChatId,
         write: MessageOp,
@@ -217,7 +216,8 @@ impl Session {
     /// and the client seq of its delta: [`Event::Acked`] with that client seq tells when the
     /// relay has it.
     pub async fn send(&self, chat: ChatId, text: &str) -> Result<(Message, ClientSeq), Error> {
-        self.call(|reply| Command::Send { chat, text: text.to_string(), reply }).await
+        let write = MessageOp::Send { text: text.to_string(), reply_to: None };
+        self.call(|reply| Command::Write { chat, write, reply }).await
     }
 
     /// Replies, edits, deletes for everyone or reacts ([`MessageOp`]), durably on this device, and
@@ -471,19 +471,26 @@ impl Driver {
                     let outs = hub.tick(&mut self.device);
                     self.hub_outs(outs).await;
                 }
-                cmd = commands.recv() => match cmd {
-                    None => return,
-                    Some(Command::Stop { reply }) => {
-                        // What was sent last (a typing indicator has no answer to wait for)
-                        // reaches the relay before the connection goes.
-                        if let Some(link) = self.link.take() {
-                            link.close(Duration::from_secs(1)).await;
-                        }
-                        let _ = reply.send(self.device);
-                        return;
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    let (writes, rest) = take_writes(cmd, &mut commands);
+                    if !writes.is_empty() {
+                        self.writes(writes).await;
                     }
-                    Some(cmd) => self.command(cmd).await,
-                },
+                    match rest {
+                        Some(Command::Stop { reply }) => {
+                            // What was sent last (a typing indicator has no answer to wait
+                            // for) reaches the relay before the connection goes.
+                            if let Some(link) = self.link.take() {
+                                link.close(Duration::from_secs(1)).await;
+                            }
+                            let _ = reply.send(self.device);
+                            return;
+                        }
+                        Some(cmd) => self.command(cmd).await,
+                        None => {}
+                    }
+                }
                 frame = recv(link) => match frame {
                     Ok(Some(frame)) => self.step(SessionInput::Frame(Box::new(frame))).await,
                     Ok(None) => self.lost("relay closed the stream".into()).await,
@@ -582,26 +589,20 @@ impl Driver {
         self.carry(work).await;
     }
 
+    /// Carries out a batch of the app's writes with one store barrier, answers each, then
+    /// what they asked for (sending them).
+    async fn writes(&mut self, writes: Vec<WriteCmd>) {
+        let (ops, replies): (Vec<_>, Vec<_>) = writes.into_iter().map(|(chat, op, reply)| ((chat, op), reply)).unzip();
+        let (results, actions) = self.device.write_batch(self.core.sync(), &ops);
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+        self.local(actions).await;
+    }
+
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Send { chat, text, reply } => match self.device.send(self.core.sync(), chat, &text) {
-                Ok((message, client_seq, actions)) => {
-                    let _ = reply.send(Ok((message, client_seq)));
-                    self.local(actions).await;
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
-            Command::Write { chat, write, reply } => match self.device.write(self.core.sync(), chat, &write) {
-                Ok((message, client_seq, actions)) => {
-                    let _ = reply.send(Ok((message, client_seq)));
-                    self.local(actions).await;
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
+            Command::Write { chat, write, reply } => self.writes(vec![(chat, write, reply)]).await,
             Command::Typing { chat, reply } => {
                 let connected = self.core.sync_ref().is_connected();
                 if connected {
@@ -717,6 +718,26 @@ impl Driver {
 
 #[path = "session_secret_cmds.rs"]
 mod secret_cmds;
+
+/// Most writes carried out under one store barrier.
+const MAX_WRITE_BATCH: usize = 256;
+
+/// The app's writes waiting for the session, from `first` on, up to [`MAX_WRITE_BATCH`] and
+/// without waiting for more; and the first other command taken, which comes after them.
+fn take_writes(first: Command, commands: &mut mpsc::Receiver<Command>) -> (Vec<WriteCmd>, Option<Command>) {
+    let mut writes = Vec::new();
+    let mut next = Some(first);
+    while let Some(cmd) = next.take() {
+        match cmd {
+            Command::Write { chat, write, reply } => writes.push((chat, write, reply)),
+            other => return (writes, Some(other)),
+        }
+        if writes.len() < MAX_WRITE_BATCH {
+            next = commands.try_recv().ok();
+        }
+    }
+    (writes, None)
+}
 
 /// An operation answered with another kind of result: a bug in the session.
 fn unexpected(out: OpOut) -> Error {

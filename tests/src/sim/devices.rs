@@ -320,45 +320,63 @@ impl Sim {
     /// Writes one message on `dev` into `chat` and records it for the checks; false when the
     /// device cannot write there (yet).
     fn send_message(&mut self, dev: usize, chat: ChatId, text: &str) -> Result<bool, String> {
-        let d = &mut self.devs[dev];
-        let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(false) };
-        match device.send(core.sync(), chat, text) {
-            Ok((message, client_seq, actions)) => {
-                let account = d.account;
-                if let Some(dep) =
-                    self.departure.as_mut().filter(|p| p.done && p.account != account && Some(chat) == self.group)
-                {
-                    dep.written_after.insert(message.id.clone());
-                }
-                self.written_by.insert(message.id.clone(), (dev, client_seq));
-                self.written.entry(chat).or_default().insert(message.id);
-                self.run_actions(dev, actions)?;
-                Ok(true)
-            }
-            // A linked device learns the chat's key from the account log: not yet. A group the
-            // account left.
-            Err(stratus_engine::Error::UnknownChat(_) | stratus_engine::Error::NotMember(_)) => Ok(false),
-            Err(e) => Err(format!("{} could not write: {e}", self.devs[dev].name)),
-        }
+        Ok(self.send_batch(dev, &[(chat, MessageOp::Send { text: text.to_string(), reply_to: None })])? == 1)
     }
 
-    /// One message of a burst: every device of the first account writes [`Config::burst`]'s
-    /// count of messages [`BURST_GAP`] apart (2,000 messages/s each), faults or not.
+    /// The next messages of a burst: every device of the first account writes [`Config::burst`]'s
+    /// count of messages [`BURST_GAP`] apart (2,000 messages/s each), faults or not. They are
+    /// written in batches of one to eight under one store barrier, as a session's group commit
+    /// takes the sends waiting for it (the batch size comes from the message count, not the
+    /// RNG, so that seeds replay the runs they did before batching).
     pub(super) fn burst(&mut self, dev: usize, left: u32) -> Check {
         if left == 0 {
             return Ok(());
         }
-        self.schedule(self.now + BURST_GAP, Ev::Burst { dev, left: left - 1 });
+        let take = (1 + (left as usize * 7 + dev) % 8).min(left as usize) as u32;
+        self.schedule(self.now + u64::from(take) * BURST_GAP, Ev::Burst { dev, left: left - take });
         if self.devs[dev].device.is_none() {
             return Ok(());
         }
         let account = self.devs[dev].account;
-        let chat = self.chats[account][left as usize % self.chats[account].len()];
-        let text = format!("{} burst #{left}", self.devs[dev].name);
-        if self.send_message(dev, chat, &text)? {
-            self.report.burst_messages += 1;
-        }
+        let writes: Vec<_> = (0..take)
+            .map(|i| {
+                let n = left - i;
+                let chat = self.chats[account][n as usize % self.chats[account].len()];
+                (chat, MessageOp::Send { text: format!("{} burst #{n}", self.devs[dev].name), reply_to: None })
+            })
+            .collect();
+        self.report.burst_messages += self.send_batch(dev, &writes)?;
         Ok(())
+    }
+
+    /// Writes `writes` on `dev` under one barrier ([`Device::write_batch`]) and records them for
+    /// the checks; how many it could write.
+    fn send_batch(&mut self, dev: usize, writes: &[(ChatId, MessageOp)]) -> Result<u32, String> {
+        let d = &mut self.devs[dev];
+        let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(0) };
+        let (results, actions) = device.write_batch(core.sync(), writes);
+        let mut written = 0;
+        for ((chat, _), result) in writes.iter().zip(results) {
+            match result {
+                Ok((message, client_seq)) => {
+                    let account = self.devs[dev].account;
+                    if let Some(dep) =
+                        self.departure.as_mut().filter(|p| p.done && p.account != account && Some(*chat) == self.group)
+                    {
+                        dep.written_after.insert(message.id.clone());
+                    }
+                    self.written_by.insert(message.id.clone(), (dev, client_seq));
+                    self.written.entry(*chat).or_default().insert(message.id);
+                    written += 1;
+                }
+                // A linked device learns the chat's key from the account log: not yet. A group the
+                // account left.
+                Err(stratus_engine::Error::UnknownChat(_) | stratus_engine::Error::NotMember(_)) => {}
+                Err(e) => return Err(format!("{} could not write: {e}", self.devs[dev].name)),
+            }
+        }
+        self.run_actions(dev, actions)?;
+        Ok(written)
     }
 
     pub(super) fn device_down(&mut self, dev: usize) -> Check {

@@ -106,7 +106,7 @@ impl Device {
     }
 
     /// Rewrites the chat's snapshot once `stored` changes pile up after it.
-    pub(super) fn maybe_compact(&mut self, chat: ChatId, stored: u64) -> Result<(), Error> {
+    pub(crate) fn maybe_compact(&mut self, chat: ChatId, stored: u64) -> Result<(), Error> {
         if stored >= COMPACT_AFTER_CHANGES {
             let doc = self.doc(chat)?;
             let (snap, pending) = (doc.save(), doc.pending_changes());

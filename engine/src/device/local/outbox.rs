@@ -16,7 +16,18 @@ impl Device {
         self.store.outbox_len()
     }
 
+    /// Seals `change` of `chat` into an outbox item and stores both durably.
     pub(super) fn seal_and_store(&mut self, chat: ChatId, change: &[u8]) -> Result<OutboxItem, Error> {
+        let (item, stored) = self.seal_and_stage(chat, change)?;
+        self.store.barrier()?;
+        self.maybe_compact(chat, stored)?;
+        Ok(item)
+    }
+
+    /// Seals `change` of `chat` into an outbox item and stores both, not yet durably: the caller
+    /// makes a barrier before the item goes anywhere, then [`Device::maybe_compact`] with the
+    /// returned count of changes stored after the chat's snapshot.
+    pub(super) fn seal_and_stage(&mut self, chat: ChatId, change: &[u8]) -> Result<(OutboxItem, u64), Error> {
         let meta = self.store.chat(chat)?.ok_or(Error::UnknownChat(chat))?;
         let (epoch, key) = meta.current().ok_or(Error::UnknownChat(chat))?;
         let client_seq = self.store.next_client_seq()?;
@@ -24,9 +35,7 @@ impl Device {
         let sealed = seal_delta(&key.transport(), &ad, change, &mut self.rng);
         let item = OutboxItem { client_seq, chat, epoch, body: OutboxBody::Delta { sealed, plain: change.to_vec() } };
         let stored = self.store.store_local(chat, change, &item)?;
-        self.store.barrier()?;
-        self.maybe_compact(chat, stored)?;
-        Ok(item)
+        Ok((item, stored))
     }
 
     /// Chats whose creation still waits in the outbox.

@@ -42,6 +42,20 @@ impl Device {
     /// outbox item durably (sending is the session's job). Returns the message as it is now.
     /// Only messages of this account can be edited or deleted.
     pub fn write_local(&mut self, chat: ChatId, write: &MessageOp) -> Result<(Message, OutboxItem), Error> {
+        let (message, item, stored) = self.write_staged(chat, write)?;
+        self.store.barrier()?;
+        self.maybe_compact(chat, stored)?;
+        Ok((message, item))
+    }
+
+    /// [`Device::write_local`] without its barrier: the change and its outbox item are stored
+    /// but not yet durable. The caller makes one barrier for a batch of writes before any of
+    /// them is answered or sent, then [`Device::maybe_compact`] with the returned count.
+    pub(crate) fn write_staged(
+        &mut self,
+        chat: ChatId,
+        write: &MessageOp,
+    ) -> Result<(Message, OutboxItem, u64), Error> {
         let account = self.login()?.account.id;
         if self.store.chat(chat)?.is_some_and(|m| m.left) {
             return Err(Error::NotMember(chat));
@@ -79,12 +93,12 @@ impl Device {
                 (id.clone(), self.doc(chat)?.react(id, &account, reaction, *add, now)?, None)
             }
         };
-        let item = self.seal_and_store(chat, &change)?;
+        let (item, stored) = self.seal_and_stage(chat, &change)?;
         let message = match sent {
             Some(m) => m,
             None => self.message(chat, &id)?,
         };
-        Ok((message, item))
+        Ok((message, item, stored))
     }
 
     /// Gives the chat a new title (any member may), durably queued like a message.
