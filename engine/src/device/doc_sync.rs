@@ -4,7 +4,10 @@
 //! message only without its changes (for the heads, needs and bloom filters it keeps in the
 //! [`SyncState`]). Part of [`ChatDoc`]; split out of `doc.rs` for size.
 
+use std::collections::BTreeSet;
+
 use automerge::sync::{ChunkList, Message as SyncMessage, MessageVersion, State as SyncState, SyncDoc};
+use automerge::{ChangeHash, ReadDoc};
 
 use super::{guarded, Author, ChatDoc, DocError, DocUpdate};
 
@@ -50,9 +53,33 @@ impl ChatDoc {
         // Guarded: it reads the peer's bloom filters (checked in `receive_sync`, but the state
         // is the caller's).
         let mut message = guarded(|| self.doc.generate_sync_message(state)).flatten()?;
+        message.need = self.needs(&message.need);
         message.supported_capabilities = None;
         message.version = MessageVersion::V1;
         Some(message.encode())
+    }
+
+    /// What to ask the peer for. Automerge asks for the dependencies of the changes waiting in
+    /// its own queue, but the changes waiting here are held by [`ChatDoc`] (checked, not yet
+    /// applied), which Automerge does not see: without this, a change whose dependency the peer
+    /// did not send (its bloom filter of this side's changes gave a false positive for it) waits
+    /// for ever, and the two sides stay quiet with different heads. Automerge's own needs stay,
+    /// but for changes held here (asking for them again would get nothing: the peer's sync
+    /// state has them as sent).
+    fn needs(&self, automerge_needs: &[ChangeHash]) -> Vec<ChangeHash> {
+        if self.pending.is_empty() {
+            return automerge_needs.to_vec();
+        }
+        let held: BTreeSet<ChangeHash> = self.pending.iter().map(|c| c.hash()).collect();
+        let mut need: BTreeSet<ChangeHash> = automerge_needs.iter().filter(|h| !held.contains(h)).copied().collect();
+        for change in &self.pending {
+            for dep in change.deps() {
+                if !held.contains(dep) && self.doc.get_change_by_hash(dep).is_none() {
+                    need.insert(*dep);
+                }
+            }
+        }
+        need.into_iter().collect()
     }
 
     /// Applies a sync message from the peer `from`: each change it carries goes through the
