@@ -448,7 +448,7 @@ impl Driver {
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         if let Some(hub) = self.hub.as_mut() {
-            hub.listen_first().await;
+            hub.listen_first(&mut self.device).await;
         }
         loop {
             let wake = self.core.next_wake().map(|ms| self.epoch + Duration::from_millis(ms));

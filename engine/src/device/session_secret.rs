@@ -1,19 +1,14 @@
-//! The secret chats of a [`crate::Session`]: the device stays reachable for other devices (a
-//! circuit reservation on the relay, and a TCP listener for direct connections), answers every
-//! secret stream opened to it, and opens one to the peer of each chat with something waiting,
-//! retrying with backoff until it is delivered. Links stay up while both devices run.
+//! The secret chats of a [`crate::Session`], the driver's half: carries out what
+//! [`SecretLinks`] (sans-IO, which decides everything about the links) asks for with libp2p,
+//! and reports back what came of it.
 //!
 //! The session task owns the device, so every secret stream has a small pump task that moves
-//! its frames to and from the session; the session feeds them to the stream's [`SecretConn`]
-//! (sans-IO) one at a time. Nothing here awaits the network in the session task itself, so a
-//! slow or hostile peer holds up only its own stream.
-//!
-//! Bounds: [`MAX_CONNS`] streams at once, [`MAX_OPENING`] of them opened by other devices and not
-//! up yet (more opened to this device are dropped), each with
-//! [`CONN_QUEUE`] frames waiting to go out (a peer that does not read loses its stream); a stream
-//! not up within [`OPENING_TIMEOUT`] is dropped.
+//! its frames to and from the session; the session feeds them to [`SecretLinks`] one at a time.
+//! Nothing here awaits the network in the session task itself (dials and listening run in
+//! tasks of their own), so a slow or hostile peer holds up only its own stream. Each stream
+//! has [`CONN_QUEUE`] frames waiting to go out; a peer that does not read loses its stream.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -23,33 +18,25 @@ use tokio::time::Instant;
 
 use crate::device::drive::Event;
 use crate::device::error::Error;
-use crate::device::local::{Device, Ended, SecretConn, Step, OPENING_TIMEOUT};
+use crate::device::local::Device;
 use crate::device::net::{NetError, NetHandle, SecretStream};
-use crate::device::store::SecretState;
+use crate::device::peer_links::LinkNo;
+use crate::device::secret_links::{SecretLinks, SecretOut};
 use crate::proto::ids::{AccountId, DeviceId, SecretId};
 
-/// Most secret streams at once (a live link stays up while both devices run).
-pub const MAX_CONNS: usize = 1024;
-/// Most secret streams other devices opened that are not up yet (each is dropped after
-/// [`OPENING_TIMEOUT`]).
-pub(crate) const MAX_OPENING: usize = 32;
+pub use crate::device::secret_links::MAX_CONNS;
+
 /// How long a session's start waits for its circuit reservation.
 pub(crate) const LISTEN_FIRST_WAIT: Duration = Duration::from_secs(5);
-/// Most streams being opened to other devices at once (the rest wait their turn).
-pub(crate) const MAX_DIALING: usize = 16;
 /// Frames waiting to go out on one stream.
 pub const CONN_QUEUE: usize = 256;
-const RETRY_MIN: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(300);
-/// How long before a chat the peer has not accepted yet is offered again.
-const PENDING_RETRY: Duration = Duration::from_secs(300);
 
-/// What the pump and dial tasks tell the session.
+/// What the pump, dial and listen tasks tell the session.
 pub(super) enum HubEvent {
     Listened(Result<(), String>),
     Dialed { chat: SecretId, result: Result<SecretStream, String> },
-    Frame(u64, Vec<u8>),
-    Closed(u64, Option<String>),
+    Frame(LinkNo, Vec<u8>),
+    Closed(LinkNo, Option<String>),
 }
 
 /// What the session task waits for on the hub's behalf.
@@ -64,25 +51,9 @@ pub(super) enum HubOut {
     Emit(Event),
     /// Look `account`'s keys up on the relay, then call [`SecretHub::looked_up`] for `conn`.
     Lookup {
-        conn: u64,
+        conn: LinkNo,
         account: AccountId,
     },
-}
-
-enum Listen {
-    /// Not yet (or again after a failure) at this time.
-    At(Instant),
-    Trying,
-    Up,
-}
-
-struct Conn {
-    conn: SecretConn,
-    out: mpsc::Sender<Vec<u8>>,
-    /// Until the link is up: when it is dropped.
-    deadline: Option<Instant>,
-    /// Since when the link is up.
-    up_since: Option<Instant>,
 }
 
 pub(super) struct SecretHub {
@@ -92,19 +63,11 @@ pub(super) struct SecretHub {
     incoming: libp2p_stream::IncomingStreams,
     tx: mpsc::Sender<HubEvent>,
     rx: mpsc::Receiver<HubEvent>,
-    conns: HashMap<u64, Conn>,
-    next_conn: u64,
-    /// Chats to open a stream for, and when.
-    due: BTreeMap<SecretId, Instant>,
-    backoff: HashMap<SecretId, Duration>,
-    dialing: BTreeSet<SecretId>,
-    /// Chats written in here since a link last had nothing more to carry.
-    dirty: BTreeSet<SecretId>,
-    listen: Listen,
-    /// When the next message disappears (`None`: to be read again from the store).
-    next_expiry: Option<Option<i64>>,
-    /// Offers already told to the app.
-    told: BTreeSet<SecretId>,
+    /// The way to each link's stream (its pump task); nothing else is kept here.
+    streams: HashMap<LinkNo, mpsc::Sender<Vec<u8>>>,
+    links: SecretLinks,
+    /// The hub's clock: ms since this instant are the links' time.
+    epoch: Instant,
 }
 
 impl SecretHub {
@@ -117,8 +80,6 @@ impl SecretHub {
         let mut net = net;
         let incoming = net.accept_secret()?;
         let (tx, rx) = mpsc::channel(64);
-        let now = Instant::now();
-        let due = device.secret_chats_to_reach()?.into_iter().map(|(c, _)| (c, now)).collect();
         Ok(SecretHub {
             net,
             relay,
@@ -126,39 +87,32 @@ impl SecretHub {
             incoming,
             tx,
             rx,
-            conns: HashMap::new(),
-            next_conn: 0,
-            due,
-            backoff: HashMap::new(),
-            dialing: BTreeSet::new(),
-            dirty: BTreeSet::new(),
-            listen: Listen::At(now),
-            next_expiry: None,
-            told: BTreeSet::new(),
+            streams: HashMap::new(),
+            links: SecretLinks::new(device, 0)?,
+            epoch: Instant::now(),
         })
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Listens now (before the session first dials the relay, so that the relay connection
     /// reuses the listening port and DCUtR punches holes to it). Waits at most
     /// [`LISTEN_FIRST_WAIT`] for the relay's reservation; if it is slower, sync starts and the
     /// listening is asked for again (a no-op once it stands).
-    pub(super) async fn listen_first(&mut self) {
+    pub(super) async fn listen_first(&mut self, device: &mut Device) {
+        let now = self.now();
+        // The first tick asks to listen (and nothing else: dials wait for the listening).
+        let outs = self.links.tick(device, now);
+        debug_assert!(outs.iter().all(|o| matches!(o, SecretOut::Listen)));
         let listen = self.net.listen_secret(self.tcp.clone(), &self.relay);
         let r = match tokio::time::timeout(LISTEN_FIRST_WAIT, listen).await {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err("the relay has not granted the reservation yet".into()),
         };
-        self.listened(r);
-    }
-
-    fn listened(&mut self, r: Result<(), String>) {
-        match r {
-            Ok(()) => self.listen = Listen::Up,
-            Err(e) => {
-                tracing::info!(error = %e, "not reachable for secret chats yet; retrying");
-                self.listen = Listen::At(Instant::now() + Duration::from_secs(5));
-            }
-        }
+        let now = self.now();
+        self.links.listened(now, r);
     }
 
     /// The next thing to handle (cancel safe).
@@ -174,327 +128,137 @@ impl SecretHub {
 
     /// When [`SecretHub::tick`] is due.
     pub(super) fn wake_at(&mut self, device: &Device) -> Instant {
-        let far = Instant::now() + Duration::from_secs(3600);
-        let mut at = far;
-        if let Listen::At(t) = self.listen {
-            at = at.min(t);
+        let now = self.now();
+        match self.links.next_wake(device, now) {
+            Some(ms) => self.epoch + Duration::from_millis(ms),
+            None => Instant::now() + Duration::from_secs(3600),
         }
-        if matches!(self.listen, Listen::Up | Listen::At(_)) && self.dialing.len() < MAX_DIALING {
-            if let Some(t) = self.due.iter().filter(|(c, _)| !self.dialing.contains(c)).map(|(_, t)| *t).min() {
-                at = at.min(t);
-            }
-        }
-        if let Some(t) = self.conns.values().filter_map(|c| c.deadline).min() {
-            at = at.min(t);
-        }
-        if self.next_expiry.is_none() {
-            self.next_expiry = Some(device.secret_next_expiry().unwrap_or(None));
-        }
-        if let Some(Some(ms)) = self.next_expiry {
-            let wait = (ms - device.now_ms()).max(0) as u64;
-            at = at.min(Instant::now() + Duration::from_millis(wait));
-        }
-        at
     }
 
     /// Runs what is due: listening, opening streams, dropping those that did not come up in
     /// time, the self-destruct timers.
     pub(super) fn tick(&mut self, device: &mut Device) -> Vec<HubOut> {
-        let now = Instant::now();
-        let mut outs = Vec::new();
-        if matches!(self.listen, Listen::At(t) if t <= now) {
-            self.listen = Listen::Trying;
-            let (mut net, relay, tcp, tx) = (self.net.clone(), self.relay.clone(), self.tcp.clone(), self.tx.clone());
-            tokio::spawn(async move {
-                let r = net.listen_secret(tcp, &relay).await.map_err(|e| e.to_string());
-                let _ = tx.send(HubEvent::Listened(r)).await;
-            });
-        }
-        let late: Vec<u64> =
-            self.conns.iter().filter(|(_, c)| c.deadline.is_some_and(|d| d <= now)).map(|(n, _)| *n).collect();
-        for no in late {
-            self.drop_conn(device, no, "the other device did not answer in time");
-        }
-        if !matches!(self.listen, Listen::Trying) {
-            let ready: Vec<SecretId> =
-                self.due.iter().filter(|(c, t)| **t <= now && !self.dialing.contains(c)).map(|(c, _)| *c).collect();
-            for chat in ready {
-                if self.dialing.len() >= MAX_DIALING {
-                    break;
-                }
-                self.dial(device, chat);
-            }
-        }
-        if self.next_expiry.is_some_and(|t| t.is_some_and(|ms| ms <= device.now_ms())) {
-            self.next_expiry = None;
-            match device.secret_expire() {
-                Ok(gone) => outs.extend(
-                    gone.into_iter().map(|(chat, message)| HubOut::Emit(Event::SecretExpired { chat, message })),
-                ),
-                Err(e) => {
-                    // Tried again in a while, not at once (the store may be full or broken).
-                    self.next_expiry = Some(Some(device.now_ms() + 5_000));
-                    outs.push(HubOut::Emit(Event::Error { message: e.to_string() }));
-                }
-            }
-        }
-        outs
-    }
-
-    /// Opens a stream for `chat` unless one is open or being opened.
-    fn dial(&mut self, device: &Device, chat: SecretId) {
-        self.due.remove(&chat);
-        if self.conns.values().any(|c| c.conn.chat() == Some(chat)) {
-            return;
-        }
-        let Some(peer) = device.secret_peer(chat) else { return };
-        let Ok(p) = peer.0.parse::<PeerId>() else { return };
-        self.dialing.insert(chat);
-        let (mut net, relay, tx) = (self.net.clone(), self.relay.clone(), self.tx.clone());
-        tokio::spawn(async move {
-            let result = async {
-                net.connect_peer(p, &relay).await?;
-                net.open_secret(p).await
-            }
-            .await
-            .map_err(|e| e.to_string());
-            let _ = tx.send(HubEvent::Dialed { chat, result }).await;
-        });
+        let now = self.now();
+        let outs = self.links.tick(device, now);
+        self.carry(device, outs)
     }
 
     /// Handles what a task or another device brought.
     pub(super) fn handle(&mut self, device: &mut Device, input: Input) -> Vec<HubOut> {
+        let now = self.now();
         match input {
             Input::Incoming(peer, stream) => {
-                let opening = self.conns.values().filter(|c| !c.conn.opened_here() && c.up_since.is_none()).count();
-                if self.conns.len() >= MAX_CONNS || opening >= MAX_OPENING {
-                    tracing::info!(%peer, "too many secret streams; one dropped");
-                    return Vec::new();
+                if let Some(link) = self.links.incoming(device, now, DeviceId(peer.to_string())) {
+                    self.attach(link, SecretStream::from(stream));
                 }
-                let conn = device.secret_incoming(DeviceId(peer.to_string()));
-                self.add_conn(conn, SecretStream::from(stream), Vec::new());
                 Vec::new()
             }
             Input::Event(HubEvent::Listened(r)) => {
-                self.listened(r);
+                self.links.listened(now, r);
                 Vec::new()
             }
             Input::Event(HubEvent::Dialed { chat, result }) => {
-                self.dialing.remove(&chat);
-                let stream = match result {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::debug!(%chat, error = %e, "the other device is not reachable");
-                        self.retry_if_waiting(device, chat);
-                        return Vec::new();
-                    }
+                let (stream, result) = match result {
+                    Ok(s) => (Some(s), Ok(())),
+                    Err(e) => (None, Err(e)),
                 };
-                if self.conns.values().any(|c| c.conn.chat() == Some(chat)) {
-                    return Vec::new();
+                let (link, outs) = self.links.dialed(device, now, chat, result);
+                if let (Some(link), Some(stream)) = (link, stream) {
+                    self.attach(link, stream);
                 }
-                if self.conns.len() >= MAX_CONNS {
-                    self.retry(chat);
-                    return Vec::new();
-                }
-                match device.secret_connect(chat) {
-                    Ok((conn, first)) => self.add_conn(conn, stream, vec![first]),
-                    Err(e) => tracing::debug!(%chat, error = %e, "the chat went while its stream opened"),
-                }
-                Vec::new()
+                self.carry(device, outs)
             }
-            Input::Event(HubEvent::Frame(no, frame)) => {
-                let Some(c) = self.conns.get_mut(&no) else { return Vec::new() };
-                let result = device.secret_step(&mut c.conn, &frame);
-                self.stepped(device, no, result)
+            Input::Event(HubEvent::Frame(link, frame)) => {
+                let outs = self.links.frame(device, now, link, &frame);
+                self.carry(device, outs)
             }
-            Input::Event(HubEvent::Closed(no, why)) => {
-                self.drop_conn(device, no, why.as_deref().unwrap_or("the other device closed the stream"));
-                Vec::new()
+            Input::Event(HubEvent::Closed(link, why)) => {
+                self.streams.remove(&link);
+                let why = why.as_deref().unwrap_or("the other device closed the stream");
+                let outs = self.links.closed(device, now, link, why);
+                self.carry(device, outs)
             }
         }
     }
 
     /// Goes on with the conn that waited for a lookup of its offering account's keys.
-    pub(super) fn looked_up(&mut self, device: &mut Device, no: u64) -> Vec<HubOut> {
-        let Some(c) = self.conns.get_mut(&no) else { return Vec::new() };
-        let result = device.secret_looked_up(&mut c.conn);
-        self.stepped(device, no, result)
+    pub(super) fn looked_up(&mut self, device: &mut Device, conn: LinkNo) -> Vec<HubOut> {
+        let now = self.now();
+        let outs = self.links.looked_up(device, now, conn);
+        self.carry(device, outs)
     }
 
     /// This device wrote, read, started, accepted or closed in `chat`: a live link carries it
     /// now, else a stream is opened for it.
-    pub(super) fn touched(&mut self, device: &mut Device, chat: SecretId) {
-        self.next_expiry = None;
-        self.dirty.insert(chat);
-        self.backoff.remove(&chat);
-        let live: Vec<u64> =
-            self.conns.iter().filter(|(_, c)| c.conn.is_up() && c.conn.chat() == Some(chat)).map(|(n, _)| *n).collect();
-        if live.is_empty() {
-            self.due.insert(chat, Instant::now());
-        }
-        for no in live {
-            let c = self.conns.get_mut(&no).expect("listed above");
-            let result = device.secret_conn_flush(&mut c.conn);
-            match result {
-                Ok(out) => self.send(device, no, out),
-                Err(e) => self.drop_conn(device, no, &e.to_string()),
-            }
-        }
-    }
-
-    fn stepped(&mut self, device: &mut Device, no: u64, result: Result<(Vec<Vec<u8>>, Step), Error>) -> Vec<HubOut> {
-        let (out, step) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.drop_conn(device, no, &e.to_string());
-                return Vec::new();
-            }
-        };
-        let Some(c) = self.conns.get_mut(&no) else { return Vec::new() };
-        let (opened_here, named) = (c.conn.opened_here(), c.conn.chat());
-        let settled = device.secret_conn_settled(&c.conn);
-        // Sent first (an answer goes out before its stream is dropped below); if the stream
-        // cannot take it, it is dropped, and what the step did is still handled.
-        self.send(device, no, out);
-        let mut outs = Vec::new();
-        match step {
-            Step::Continue => {}
-            Step::Lookup(account) => outs.push(HubOut::Lookup { conn: no, account }),
-            Step::Up(chat) => {
-                if let Some(c) = self.conns.get_mut(&no) {
-                    c.deadline = None;
-                    c.up_since = Some(Instant::now());
-                }
-                self.next_expiry = None;
-                self.backoff.remove(&chat);
-                self.due.remove(&chat);
-                outs.push(HubOut::Emit(Event::SecretLinked { chat }));
-                self.keep_one(device, chat);
-            }
-            Step::Update(update) => {
-                let chat = named.expect("a live link names its chat");
-                self.next_expiry = None;
-                if settled {
-                    self.dirty.remove(&chat);
-                }
-                outs.extend(
-                    update.added.into_iter().map(|message| HubOut::Emit(Event::SecretMessage { chat, message })),
-                );
-                if update.closed {
-                    self.conns.remove(&no);
-                    self.forget(chat);
-                    outs.push(HubOut::Emit(Event::SecretClosed { chat }));
-                }
-            }
-            Step::Ended(Ended::Pending(chat)) => {
-                self.conns.remove(&no);
-                if opened_here {
-                    // Closed here while the opening was under way: tell the other device now.
-                    let closing = device.secret_state(chat) == Some(SecretState::Closing);
-                    let wait = if closing { Duration::ZERO } else { PENDING_RETRY };
-                    self.due.insert(chat, Instant::now() + wait);
-                } else if let (true, Some(from)) = (self.told.insert(chat), device.secret_offer(chat)) {
-                    outs.push(HubOut::Emit(Event::SecretOffered { chat, from: Box::new(from) }));
-                }
-            }
-            Step::Ended(Ended::Gone(chat)) => {
-                self.conns.remove(&no);
-                self.forget(chat);
-                outs.push(HubOut::Emit(Event::SecretClosed { chat }));
-            }
-        }
-        outs
-    }
-
-    /// Two links for one chat. Both devices opened one at once (both came up within
-    /// [`OPENING_TIMEOUT`]): the one opened by the device with the smaller id stays, on both
-    /// devices alike. Otherwise the older link is one the other device no longer has (a device
-    /// opens a link only for a chat without one): the new one stays.
-    fn keep_one(&mut self, device: &Device, chat: SecretId) {
-        let up: Vec<(u64, bool, Instant)> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.conn.chat() == Some(chat))
-            .filter_map(|(n, c)| Some((*n, c.conn.opened_here(), c.up_since?)))
-            .collect();
-        let Some(newest) = up.iter().map(|(_, _, t)| *t).max() else { return };
-        let fresh: Vec<&(u64, bool, Instant)> =
-            up.iter().filter(|(_, _, t)| newest.duration_since(*t) < OPENING_TIMEOUT).collect();
-        let Some(peer) = device.secret_peer(chat) else { return };
-        let mine_wins = *device.id() < peer;
-        let keep = fresh
-            .iter()
-            .filter(|(_, here, _)| *here == mine_wins)
-            .map(|(n, _, _)| *n)
-            .max()
-            .or_else(|| fresh.iter().map(|(n, _, _)| *n).max());
-        for (n, _, _) in &up {
-            if Some(*n) != keep {
-                self.conns.remove(n);
-            }
-        }
-    }
-
-    fn forget(&mut self, chat: SecretId) {
-        self.due.remove(&chat);
-        self.backoff.remove(&chat);
-        self.dirty.remove(&chat);
-        self.told.remove(&chat);
-        self.next_expiry = None;
-    }
-
-    fn add_conn(&mut self, conn: SecretConn, stream: SecretStream, first: Vec<Vec<u8>>) {
-        let no = self.next_conn;
-        self.next_conn += 1;
-        let (out, rx) = mpsc::channel(CONN_QUEUE);
-        for f in first {
-            let _ = out.try_send(f);
-        }
-        tokio::spawn(pump(no, stream, rx, self.tx.clone()));
-        let deadline = Some(Instant::now() + OPENING_TIMEOUT);
-        self.conns.insert(no, Conn { conn, out, deadline, up_since: None });
-    }
-
-    fn send(&mut self, device: &Device, no: u64, out: Vec<Vec<u8>>) {
-        let Some(c) = self.conns.get(&no) else { return };
-        for f in out {
-            if c.out.try_send(f).is_err() {
-                self.drop_conn(device, no, "the other device does not read");
-                return;
-            }
-        }
-    }
-
-    /// Drops a stream (closing it); a chat with something waiting is tried again later.
-    fn drop_conn(&mut self, device: &Device, no: u64, why: &str) {
-        let Some(c) = self.conns.remove(&no) else { return };
-        tracing::debug!(conn = no, peer = %c.conn.peer(), reason = why, "secret stream ended");
-        let Some(chat) = c.conn.chat() else { return };
-        if self.conns.values().any(|o| o.conn.chat() == Some(chat)) {
-            return;
-        }
-        self.retry_if_waiting(device, chat);
-    }
-
-    /// Tries `chat` again later if it has something for the other device.
-    fn retry_if_waiting(&mut self, device: &Device, chat: SecretId) {
-        if self.dirty.contains(&chat) || device.secret_waiting(chat).unwrap_or(false) {
-            self.retry(chat);
-        }
+    pub(super) fn touched(&mut self, device: &mut Device, chat: SecretId) -> Vec<HubOut> {
+        let now = self.now();
+        let outs = self.links.touched(device, now, chat);
+        self.carry(device, outs)
     }
 
     /// The session's relay connection came (back) up: the circuit reservation went with the
     /// old one, so listen again (a no-op if it stands).
     pub(super) fn relay_up(&mut self) {
-        if matches!(self.listen, Listen::Up) {
-            self.listen = Listen::At(Instant::now());
-        }
+        let now = self.now();
+        self.links.relay_up(now);
     }
 
-    fn retry(&mut self, chat: SecretId) {
-        let b = self.backoff.get(&chat).copied().unwrap_or(RETRY_MIN);
-        self.backoff.insert(chat, (b * 2).min(RETRY_MAX));
-        self.due.insert(chat, Instant::now() + b);
+    fn attach(&mut self, link: LinkNo, stream: SecretStream) {
+        let (out, rx) = mpsc::channel(CONN_QUEUE);
+        tokio::spawn(pump(link, stream, rx, self.tx.clone()));
+        self.streams.insert(link, out);
+    }
+
+    /// Carries out what the links decided; what is for the session comes back.
+    fn carry(&mut self, device: &mut Device, outs: Vec<SecretOut>) -> Vec<HubOut> {
+        let mut queue = std::collections::VecDeque::from(outs);
+        let mut back = Vec::new();
+        while let Some(o) = queue.pop_front() {
+            match o {
+                SecretOut::Listen => {
+                    let (mut net, relay, tcp, tx) =
+                        (self.net.clone(), self.relay.clone(), self.tcp.clone(), self.tx.clone());
+                    tokio::spawn(async move {
+                        let r = net.listen_secret(tcp, &relay).await.map_err(|e| e.to_string());
+                        let _ = tx.send(HubEvent::Listened(r)).await;
+                    });
+                }
+                SecretOut::Dial { chat, peer } => {
+                    let Ok(p) = peer.0.parse::<PeerId>() else {
+                        let now = self.now();
+                        let (_, outs) = self.links.dialed(device, now, chat, Err("not a peer id".into()));
+                        queue.extend(outs);
+                        continue;
+                    };
+                    let (mut net, relay, tx) = (self.net.clone(), self.relay.clone(), self.tx.clone());
+                    tokio::spawn(async move {
+                        let result = async {
+                            net.connect_peer(p, &relay).await?;
+                            net.open_secret(p).await
+                        }
+                        .await
+                        .map_err(|e| e.to_string());
+                        let _ = tx.send(HubEvent::Dialed { chat, result }).await;
+                    });
+                }
+                SecretOut::Send { link, frames } => {
+                    let Some(stream) = self.streams.get(&link) else { continue };
+                    if frames.into_iter().any(|f| stream.try_send(f).is_err()) {
+                        let now = self.now();
+                        queue.extend(self.links.stream_full(device, now, link));
+                    }
+                }
+                SecretOut::Close { link, reason } => {
+                    // Dropping the sender ends the pump, which closes the stream.
+                    if self.streams.remove(&link).is_some() {
+                        tracing::debug!(link, %reason, "secret stream closed");
+                    }
+                }
+                SecretOut::Emit(e) => back.push(HubOut::Emit(e)),
+                SecretOut::Lookup { link, account } => back.push(HubOut::Lookup { conn: link, account }),
+            }
+        }
+        back
     }
 }
 

@@ -24,7 +24,7 @@ impl Driver {
             SecretCmd::Start { peer, reply } => {
                 let r = device.secret_start(*peer);
                 if let Ok(chat) = r {
-                    hub.touched(device, chat);
+                    self.pending_outs.extend(hub.touched(device, chat));
                 }
                 let _ = reply.send(r);
             }
@@ -36,7 +36,7 @@ impl Driver {
                 }
                 Ok(_) => {
                     let r = device.secret_accept(chat);
-                    hub.touched(device, chat);
+                    self.pending_outs.extend(hub.touched(device, chat));
                     let _ = reply.send(r);
                 }
                 Err(e) => {
@@ -46,7 +46,7 @@ impl Driver {
             SecretCmd::Send { chat, text, ttl_s, reply } => {
                 let r = device.secret_send(chat, &text, ttl_s);
                 if r.is_ok() {
-                    hub.touched(device, chat);
+                    self.pending_outs.extend(hub.touched(device, chat));
                 }
                 let _ = reply.send(r);
             }
@@ -56,14 +56,14 @@ impl Driver {
             SecretCmd::Read { chat, upto, reply } => {
                 let r = device.secret_read(chat, &upto);
                 if r.is_ok() {
-                    hub.touched(device, chat);
+                    self.pending_outs.extend(hub.touched(device, chat));
                 }
                 let _ = reply.send(r);
             }
             SecretCmd::Close { chat, reply } => {
                 let r = device.secret_close(chat);
                 if r.is_ok() {
-                    hub.touched(device, chat);
+                    self.pending_outs.extend(hub.touched(device, chat));
                 }
                 let _ = reply.send(r);
             }
@@ -73,6 +73,10 @@ impl Driver {
             SecretCmd::Fingerprint { chat, reply } => {
                 let _ = reply.send(device.secret_fingerprint(chat));
             }
+        }
+        let outs = std::mem::take(&mut self.pending_outs);
+        if !outs.is_empty() {
+            self.hub_outs(outs).await;
         }
     }
 
@@ -120,7 +124,8 @@ impl Driver {
             Pending::Accept(chat, reply) => {
                 let r = self.device.secret_accept_checked(chat);
                 if let (Ok(()), Some(hub)) = (&r, self.hub.as_mut()) {
-                    hub.touched(&mut self.device, chat);
+                    let outs = hub.touched(&mut self.device, chat);
+                    self.pending_outs.extend(outs);
                 }
                 let _ = reply.send(r);
             }

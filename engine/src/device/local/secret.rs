@@ -24,6 +24,8 @@ use crate::proto::cert::DeviceCert;
 use crate::proto::ids::{ChatId, DeviceId, SecretId};
 
 mod conn;
+#[cfg(test)]
+mod links_sim;
 mod net;
 #[cfg(test)]
 mod tests;

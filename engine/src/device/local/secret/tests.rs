@@ -20,6 +20,12 @@ fn now() -> i64 {
 fn device(dir: &Path, name: &str, seed: u64) -> Device {
     let mut d = Device::open_seeded(&dir.join(name), seed).unwrap();
     d.set_clock(now);
+    log_in(&mut d, name);
+    d
+}
+
+/// Logs `d` in as the first device of a new account of its own (no relay involved).
+pub(super) fn log_in(d: &mut Device, name: &str) {
     let keys = AccountKeys::generate(&mut d.rng);
     let account = keys.public();
     let body = DeviceCertBody {
@@ -31,7 +37,6 @@ fn device(dir: &Path, name: &str, seed: u64) -> Device {
     };
     let cert = keys.certify(body);
     d.identity.log_in(Login { account, keys, cert, relay: "x".into() });
-    d
 }
 
 /// Alice starts a secret chat with bob's device; bob's device takes it.
