@@ -28,6 +28,23 @@
 //! When a session of the account ended without a rotation (it expired), the driver says so
 //! ([`SyncInput::RotationDue`]); once caught up, the core asks it for a `Rotate` request
 //! ([`SyncOutput::Rotate`]), a few times per connection at most.
+//!
+//! ```
+//! use stratus_engine::core::{SyncCore, SyncInput, SyncOutput};
+//! use stratus_engine::proto::wire::{ClientFrame, RelayFrame};
+//! use stratus_engine::Seq;
+//!
+//! // A device at the start of its account log, nothing in its outbox.
+//! let mut core = SyncCore::new(Seq(0), false);
+//! let out = core.handle(SyncInput::Connected);
+//! assert!(matches!(out.as_slice(), [SyncOutput::Send(ClientFrame::Hello { .. })]));
+//! // The relay's `Hello` in turn: the core asks for the durable heads.
+//! let version = stratus_engine::proto::wire::PROTOCOL_VERSION;
+//! let hello = RelayFrame::Hello { version, account: Some(stratus_engine::AccountId([1; 16])) };
+//! let out = core.handle(SyncInput::Frame(Box::new(hello)));
+//! assert!(matches!(out.as_slice(), [SyncOutput::Send(ClientFrame::SyncState { .. })]));
+//! assert!(core.is_connected() && !core.is_caught_up());
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 

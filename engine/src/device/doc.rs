@@ -238,6 +238,25 @@ fn genesis_actor(chat: ChatId) -> ActorId {
 
 impl ChatDoc {
     /// A new document holding only the chat's genesis change.
+    ///
+    /// ```
+    /// use stratus_engine::doc::{new_message, Author, ChatDoc};
+    /// use stratus_engine::{AccountId, ChatId, DeviceId};
+    ///
+    /// let (chat, alice, bob) = (ChatId([9; 16]), AccountId([1; 16]), AccountId([2; 16]));
+    /// let (laptop, phone) = (DeviceId("laptop".into()), DeviceId("phone".into()));
+    /// let (mut a, mut b) = (ChatDoc::new(chat, &laptop), ChatDoc::new(chat, &phone));
+    /// let change = a.add_message(&new_message(alice, &laptop, "hi", 1_700_000_000_000, [1; 16]))?;
+    /// // What arrives from outside goes through the checks: here, that the change is the
+    /// // laptop's own and writes only what its account may.
+    /// let added = b.apply_untrusted(&change, &Author { account: alice, device: laptop.clone() })?;
+    /// assert_eq!(added[0].text, "hi");
+    /// // Bob's device cannot pass it off as its own.
+    /// let again = a.add_message(&new_message(alice, &laptop, "again", 1_700_000_000_001, [2; 16]))?;
+    /// assert!(b.apply_untrusted(&again, &Author { account: bob, device: phone }).is_err());
+    /// assert_eq!(b.messages().len(), 1);
+    /// # Ok::<(), stratus_engine::doc::DocError>(())
+    /// ```
     pub fn new(chat: ChatId, device: &DeviceId) -> Self {
         let mut doc = Automerge::new().with_actor(genesis_actor(chat));
         doc.transact_with::<_, _, automerge::AutomergeError, _>(
@@ -743,7 +762,7 @@ impl ChatDoc {
 }
 
 /// A new message authored on this device. The first 8 bytes of `id` are replaced with the
-/// device's [`message_id_prefix`].
+/// device's message id prefix.
 pub fn new_message(author: AccountId, device: &DeviceId, text: &str, ts: i64, mut id: [u8; 16]) -> Message {
     id[..8].copy_from_slice(&message_id_prefix(device));
     Message {

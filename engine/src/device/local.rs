@@ -76,6 +76,17 @@ impl Device {
     /// Opens the device whose store is on `disk`, an in-memory disk with an explicit
     /// durability line, drawing every random choice from `seed`: for the deterministic
     /// simulator, which crashes the disk to lose what was not made durable.
+    ///
+    /// ```
+    /// use stratus_engine::{Device, MemDisk};
+    ///
+    /// let disk = MemDisk::new();
+    /// let device = Device::open_mem(&disk, 7)?;
+    /// assert!(device.account().is_none(), "not logged in yet: create an account or link");
+    /// // The same seed makes the same device (its identity comes from the seeded RNG).
+    /// assert_eq!(Device::open_mem(&MemDisk::new(), 7)?.id(), device.id());
+    /// # Ok::<(), stratus_engine::Error>(())
+    /// ```
     pub fn open_mem(disk: &crate::device::kv::MemDisk, seed: u64) -> Result<Device, Error> {
         Self::with_store(DeviceStore::open_mem(disk)?, StdRng::seed_from_u64(seed))
     }

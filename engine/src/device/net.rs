@@ -6,8 +6,8 @@
 //! [`crate::core::SyncCore`] (and, for secret chats, in [`crate::secret`]).
 //!
 //! Secret chats: a device that is to be reachable listens on TCP and reserves a circuit on the
-//! relay (circuit relay v2, [`Net::listen_secret`]). The other device dials it through the
-//! relay ([`Net::connect_peer`]); DCUtR then tries a direct connection using the addresses
+//! relay (circuit relay v2, [`NetHandle::listen_secret`]). The other device dials it through the
+//! relay ([`NetHandle::connect_peer`]); DCUtR then tries a direct connection using the addresses
 //! identify observed, and when one comes up the relayed connection is closed, so that the next
 //! secret stream runs on the direct one. Where the upgrade fails, the circuit carries the
 //! session (the relay sees only the devices' encrypted connection, within its circuit limits).
@@ -201,7 +201,7 @@ impl NetHandle {
         rx.await.unwrap_or_default()
     }
 
-    /// Opens a secret chat stream to `peer` (connected before with [`Net::connect_peer`]).
+    /// Opens a secret chat stream to `peer` (connected before with [`NetHandle::connect_peer`]).
     pub async fn open_secret(&mut self, peer: PeerId) -> Result<SecretStream, NetError> {
         let fut = self.control.open_stream(peer, StreamProtocol::new(SECRET_PROTOCOL));
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, fut)
@@ -546,7 +546,7 @@ fn extract<T>(v: &mut Vec<(PeerId, T)>, peer: PeerId) -> Vec<(PeerId, T)> {
     hit
 }
 
-/// How long [`Net::connect_peer`] waits for a direct connection to replace a relayed one.
+/// How long [`NetHandle::connect_peer`] waits for a direct connection to replace a relayed one.
 pub const DIRECT_WAIT: Duration = Duration::from_secs(5);
 
 /// How long reaching another device (through the relay, identify first) may take.

@@ -10,6 +10,29 @@
 //! [`LinkOut`]s (listen, dial) and reports what came of them; it keeps nothing but the streams
 //! themselves. The session runs this over its network stack; the secret-link simulator runs it
 //! over a simulated network.
+//!
+//! ```
+//! use stratus_engine::peer_links::{Dialed, LinkLimits, LinkOut, PeerLinks};
+//!
+//! let limits = LinkLimits {
+//!     max_links: 64, max_opening: 8, max_dialing: 4, opening_timeout_ms: 10_000,
+//!     retry_min_ms: 1_000, retry_max_ms: 300_000, listen_retry_ms: 5_000,
+//! };
+//! // Targets are whatever the layer above links for: here device numbers. Device 7 has
+//! // something waiting at time 0.
+//! let mut links = PeerLinks::new(limits, 0, [7u32]);
+//! assert_eq!(links.tick(0), vec![LinkOut::Listen]); // reachable first
+//! links.listened(20, true);
+//! assert_eq!(links.tick(20), vec![LinkOut::Dial(7)]);
+//! // The dial failed: tried again after the backoff, which doubles each time.
+//! assert_eq!(links.dialed(90, 7, false), Dialed::Failed);
+//! links.retry(90, 7);
+//! assert_eq!(links.next_wake(), Some(1_090));
+//! assert_eq!(links.tick(1_090), vec![LinkOut::Dial(7)]);
+//! let Dialed::Attach(link) = links.dialed(1_100, 7, true) else { unreachable!() };
+//! assert!(links.up(1_150, link, 7, true).is_empty()); // no second link to close
+//! assert_eq!(links.live(7), vec![link]);
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 

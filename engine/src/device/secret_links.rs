@@ -10,9 +10,9 @@
 //! over a simulated network, so both run this code. Time (`now`) is milliseconds on the
 //! driver's monotonic clock; message expiry uses the device's own clock.
 //!
-//! Bounds: [`MAX_CONNS`] streams at once, [`MAX_OPENING`] of them opened by other devices and
-//! not up yet, at most [`MAX_DIALING`] being opened; a stream not up within
-//! [`OPENING_TIMEOUT`] is dropped; a stream whose frames the driver cannot queue (the peer does
+//! Bounds: [`MAX_CONNS`] streams at once, `MAX_OPENING` (32) of them opened by other devices
+//! and not up yet, at most `MAX_DIALING` (16) being opened; a stream not up within
+//! `OPENING_TIMEOUT` (10 s) is dropped; a stream whose frames the driver cannot queue (the peer does
 //! not read) is dropped ([`SecretLinks::stream_full`]).
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -154,7 +154,9 @@ enum ReadCmd {
     Contact(AccountId, Reply<Option<ContactInfo>>),
 }
 
-/// A handle on a running session. Dropping it stops the session.
+/// A handle on a running session: every operation of the device, served while it syncs (the
+/// crate docs show one in use; [`Session::approve`] links a second device). Dropping it stops
+/// the session; [`Session::stop`] hands the device back.
 pub struct Session {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<Event>,
@@ -320,6 +322,49 @@ impl Session {
 
     /// Approves the new device that shows `code` (see [`crate::Device::link_code`]): signs its
     /// certificate and seals the account's keys to it. Returns its id and name.
+    ///
+    /// ```
+    /// use stratus_engine::{Device, Event, Session};
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let (tx, rx) = tokio::sync::oneshot::channel();
+    /// # let config = stratus_relay::server::Config {
+    /// #     data_dir: dir.path().join("relay"),
+    /// #     listen: "/ip4/127.0.0.1/tcp/0".parse()?,
+    /// #     external_addresses: Vec::new(),
+    /// #     limits: Default::default(),
+    /// # };
+    /// # tokio::spawn(stratus_relay::server::run(config, move |a| drop(tx.send(a)), std::future::pending()));
+    /// # let relay = rx.await?.to_string();
+    /// # let mut laptop = Device::open(&dir.path().join("laptop"))?;
+    /// # laptop.create_account(&relay, "laptop").await?;
+    /// let laptop = Session::start(laptop)?;
+    /// let chat = laptop.create_chat("Notes").await?;
+    /// laptop.send(chat, "written before the phone came").await?;
+    ///
+    /// // The phone shows its link code (as text or a QR code) and waits; the laptop approves.
+    /// let mut phone = Device::open(&dir.path().join("phone"))?;
+    /// let code = phone.link_code()?;
+    /// let (relay_addr, shown) = (relay.clone(), code.clone());
+    /// let waiting = tokio::spawn(async move { phone.link(&relay_addr, "phone", &shown).await.map(|_| phone) });
+    /// # for _ in 0..50 {
+    /// #     // (Until the phone's wait has reached the relay.)
+    /// #     if laptop.approve(&code).await.is_ok() { break }
+    /// #     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    /// # }
+    /// # /*
+    /// let (_id, name) = laptop.approve(&code).await?;
+    /// # */
+    /// let mut phone = Session::start(waiting.await??)?;
+    ///
+    /// // The phone pulls the account's chats and their history by itself.
+    /// let mut events = phone.events();
+    /// while !matches!(events.recv().await?, Event::Idle) {}
+    /// assert_eq!(phone.messages(chat).await?[0].text, "written before the phone came");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn approve(&self, code: &LinkCode) -> Result<(DeviceId, String), Error> {
         match self.op(Op::approve(code.clone())).await? {
             OpOut::Approved(id, name) => Ok((id, name)),

@@ -225,7 +225,7 @@ impl DeviceStore {
     }
 
     /// Remembers that the chat `id` was closed (and deleted) at `now_ms`, for
-    /// [`CLOSED_KEPT_MS`]; at most [`CLOSED_KEPT`] are remembered, the oldest forgotten first.
+    /// `CLOSED_KEPT_MS`; at most `CLOSED_KEPT` are remembered, the oldest forgotten first.
     pub fn put_closed_secret(&self, id: SecretId, now_ms: i64) -> Result<(), StoreError> {
         self.secret_closed.insert(id.0, &now_ms.to_be_bytes())?;
         let mut all: Vec<(i64, sled::IVec)> = Vec::new();

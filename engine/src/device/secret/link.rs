@@ -6,7 +6,7 @@
 //!   from the document; `KeysAck` names the ones it stored;
 //! * `Close`: the sending device deleted the chat; the receiver deletes its side.
 //!
-//! A message's text is sealed in the document under a key of its own ([`seal_text`]), with its
+//! A message's text is sealed in the document under a key of its own (`seal_text`), with its
 //! self-destruct timer. Automerge keeps every change, so a text written into the document
 //! could never be removed from it; deleting the key removes it.
 

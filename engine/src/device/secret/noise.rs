@@ -10,13 +10,13 @@
 //!   ([`SecretError::WrongPeer`]). The prologue binds the secret chat and both device ids, so
 //!   a handshake cannot be moved to another chat or pair.
 //! * **Transport.** Each message's plaintext is a flags byte and a fragment of a payload; a
-//!   payload longer than one message is cut into fragments ([`FLAG_MORE`]) and put together
+//!   payload longer than one message is cut into fragments (`FLAG_MORE`) and put together
 //!   again up to [`MAX_PAYLOAD_BYTES`]. Noise's nonces count the messages each way and the two
 //!   directions have their own keys, so a replayed, reordered, dropped or reflected message fails
 //!   to decrypt ([`SecretError::Decrypt`]); the channel is then dead and the connection is to
 //!   be closed (a new handshake starts afresh).
 //! * **Re-key.** A sender re-keys its direction after [`REKEY_AFTER_MESSAGES`] messages or
-//!   [`REKEY_AFTER_MS`] since the last re-key: the message says so ([`FLAG_REKEY`]), and both
+//!   [`REKEY_AFTER_MS`] since the last re-key: the message says so (`FLAG_REKEY`), and both
 //!   sides move to the next key right after it (Noise's `Rekey()`), so messages in flight
 //!   across a re-key are read with the key they were sealed under. Old keys are gone: a key
 //!   taken from a device later opens nothing sent before its last re-key.

@@ -66,7 +66,7 @@ impl Device {
     }
 
     /// The request that changes a chat's members, signed by this account; the chat's next key
-    /// epoch follows (a member's device makes it, see [`Device::key_work`]).
+    /// epoch follows (a member's device makes it, see `Device::key_work`).
     pub fn member_change_request(
         &mut self,
         chat: ChatId,
