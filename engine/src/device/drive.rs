@@ -87,6 +87,9 @@ pub enum Action {
     RetryAfter(u32),
 }
 
+/// Most deltas of one chat applied and stored together.
+const MAX_APPLY_BATCH: usize = 512;
+
 /// What one write of [`Device::write_batch`] came to: the message as it is now and the client
 /// seq of its delta.
 pub type Written = Result<(Message, ClientSeq), Error>;
@@ -95,7 +98,22 @@ impl Device {
     /// Feeds `input` at `now` to the session core and carries out what its sync outputs ask of
     /// this device ([`Device::carry_out`]): returns what is left for the driver, in order.
     pub fn session_step(&mut self, session: &mut SessionCore, now: u64, input: SessionInput) -> Vec<Work> {
-        let (mut work, outputs) = session.handle(now, input);
+        self.session_steps(session, now, vec![input])
+    }
+
+    /// [`Device::session_step`] for several inputs at once (frames that arrived together):
+    /// the core takes them in order, then this device carries out all their outputs, so that
+    /// deltas of one chat among them are applied and stored together. The core allows for it:
+    /// what it learns from the device's follow-up inputs (a chat ready, a key missing) it may
+    /// learn after the later frames.
+    pub fn session_steps(&mut self, session: &mut SessionCore, now: u64, inputs: Vec<SessionInput>) -> Vec<Work> {
+        let mut work = Vec::new();
+        let mut outputs = Vec::new();
+        for input in inputs {
+            let (w, o) = session.handle(now, input);
+            work.extend(w);
+            outputs.extend(o);
+        }
         let actions = self.carry_out(session.sync(), outputs);
         work.extend(session.actions(now, actions));
         work
@@ -252,23 +270,59 @@ impl Device {
                 // Deltas of a chat after one whose key has not arrived wait with it.
                 SyncOutput::ApplyDelta(delta) if waiting.contains(&delta.chat) => {}
                 SyncOutput::ApplyDelta(delta) => {
-                    match self.apply_delta(&delta) {
-                        Err(Error::NoKeyYet(chat, _)) => {
+                    // With the deltas of the same chat right after it (a page, or pushes that
+                    // came together): applied and stored together.
+                    let chat = delta.chat;
+                    let mut batch = vec![delta];
+                    while batch.len() < MAX_APPLY_BATCH {
+                        match queue.front() {
+                            Some(SyncOutput::ApplyDelta(d)) if d.chat == chat => {
+                                let Some(SyncOutput::ApplyDelta(d)) = queue.pop_front() else { unreachable!() };
+                                batch.push(d);
+                            }
+                            _ => break,
+                        }
+                    }
+                    let mut rest = &batch[..];
+                    while !rest.is_empty() {
+                        let applied = match self.apply_deltas(chat, rest) {
+                            Ok(a) => a,
+                            Err(e) => {
+                                actions.push(error(format!("chat {chat} seq {}: {e}", rest[0].seq)));
+                                rest = &rest[1..];
+                                continue;
+                            }
+                        };
+                        for update in applied.updates {
+                            actions.extend(
+                                update
+                                    .added
+                                    .into_iter()
+                                    .map(|message| Action::Emit(Event::MessageAdded { chat, message, local: false })),
+                            );
+                            actions.extend(
+                                update
+                                    .changed
+                                    .into_iter()
+                                    .map(|message| Action::Emit(Event::MessageChanged { chat, message, local: false })),
+                            );
+                            actions.extend(
+                                update
+                                    .read
+                                    .into_iter()
+                                    .map(|(account, up_to)| Action::Emit(Event::Read { chat, account, up_to })),
+                            );
+                        }
+                        for (seq, e) in applied.errors {
+                            actions.push(error(format!("chat {chat} seq {seq}: {e}")));
+                        }
+                        if let Some(seq) = applied.no_key {
+                            // It and the chat's deltas after it wait for the key.
                             waiting.insert(chat);
-                            queue.extend(core.handle(SyncInput::KeyMissing { chat, seq: delta.seq }));
+                            queue.extend(core.handle(SyncInput::KeyMissing { chat, seq }));
+                            break;
                         }
-                        Ok(update) => {
-                            actions.extend(update.added.into_iter().map(|message| {
-                                Action::Emit(Event::MessageAdded { chat: delta.chat, message, local: false })
-                            }));
-                            actions.extend(update.changed.into_iter().map(|message| {
-                                Action::Emit(Event::MessageChanged { chat: delta.chat, message, local: false })
-                            }));
-                            actions.extend(update.read.into_iter().map(|(account, up_to)| {
-                                Action::Emit(Event::Read { chat: delta.chat, account, up_to })
-                            }));
-                        }
-                        Err(e) => actions.push(error(format!("chat {} seq {}: {e}", delta.chat, delta.seq))),
+                        rest = &rest[applied.consumed..];
                     }
                 }
                 SyncOutput::ApplyAccountEntry(entry) => match self.apply_account_entry(&entry) {

@@ -537,7 +537,20 @@ impl Driver {
                     }
                 }
                 frame = recv(link) => match frame {
-                    Ok(Some(frame)) => self.step(SessionInput::Frame(Box::new(frame))).await,
+                    Ok(Some(frame)) => {
+                        // With the frames that arrived meanwhile: pushes that came together are
+                        // applied and stored together.
+                        let mut inputs = vec![SessionInput::Frame(Box::new(frame))];
+                        while inputs.len() < MAX_FRAMES_PER_STEP {
+                            match self.link.as_mut().and_then(RelayLink::try_recv) {
+                                Some(f) => inputs.push(SessionInput::Frame(Box::new(f))),
+                                None => break,
+                            }
+                        }
+                        let now = self.now_ms();
+                        let work = self.device.session_steps(&mut self.core, now, inputs);
+                        self.carry(work).await;
+                    }
                     Ok(None) => self.lost("relay closed the stream".into()).await,
                     Err(e) => self.lost(e.to_string()).await,
                 },
@@ -763,6 +776,9 @@ impl Driver {
 
 #[path = "session_secret_cmds.rs"]
 mod secret_cmds;
+
+/// Most frames from the relay taken in one step (see [`Device::session_steps`]).
+const MAX_FRAMES_PER_STEP: usize = 64;
 
 /// Most writes carried out under one store barrier.
 const MAX_WRITE_BATCH: usize = 256;

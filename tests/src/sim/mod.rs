@@ -81,6 +81,8 @@ pub const MS: u64 = 1_000;
 pub const SEC: u64 = 1_000_000;
 /// Time between two messages of a burst from one device (2,000 messages/s).
 pub const BURST_GAP: u64 = 500;
+/// Most frames a slow device takes in one step (the session's `MAX_FRAMES_PER_STEP`).
+pub const SESSION_FRAMES_PER_STEP: usize = 64;
 
 const C2R: usize = 0;
 const R2C: usize = 1;
@@ -626,17 +628,24 @@ impl Sim {
                 }
             }
             Ev::DeviceTake { dev } => {
+                // It takes every frame that waits (of one connection, at most a session's
+                // step's worth) and carries them out together, as the session does.
                 let cost = self.cfg.slow_device.map_or(0, |(_, c)| c);
                 let d = &mut self.devs[dev];
-                if let Some((conn, frame)) = d.inbox.pop_front() {
-                    d.busy_until = self.now + cost;
-                    if !d.inbox.is_empty() {
-                        let at = d.busy_until;
-                        self.schedule(at, Ev::DeviceTake { dev });
-                    }
-                    self.written_to_device(conn, &frame)?;
-                    self.device_frame(dev, conn, frame)?;
+                let Some(&(conn, _)) = d.inbox.front() else { return Ok(false) };
+                let mut frames = Vec::new();
+                while frames.len() < SESSION_FRAMES_PER_STEP && d.inbox.front().is_some_and(|(c, _)| *c == conn) {
+                    frames.push(d.inbox.pop_front().expect("looked at").1);
                 }
+                d.busy_until = self.now + cost * frames.len() as u64;
+                if !d.inbox.is_empty() {
+                    let at = d.busy_until;
+                    self.schedule(at, Ev::DeviceTake { dev });
+                }
+                for frame in &frames {
+                    self.written_to_device(conn, frame)?;
+                }
+                self.device_frames(dev, conn, frames)?;
             }
             Ev::DeviceLost { conn } => self.device_lost(conn)?,
             Ev::SilentDrop { dev } => {

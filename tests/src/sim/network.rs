@@ -76,6 +76,25 @@ impl Sim {
         Ok(())
     }
 
+    /// Frames from the relay that reach the device together: its session core takes them in
+    /// order, then the device carries out all their outputs at once (`Device::session_steps`).
+    pub(super) fn device_frames(&mut self, dev: usize, conn: ConnId, frames: Vec<RelayFrame>) -> Check {
+        if !(self.conns[&conn].dev_open && self.devs[dev].conn == Some(conn)) {
+            return Ok(());
+        }
+        let now_ms = self.now / MS;
+        let (mut work, mut outputs) = (Vec::new(), Vec::new());
+        for frame in frames {
+            self.observe_relay_frame(dev, &frame)?;
+            let Some(core) = self.devs[dev].core.as_mut() else { return Ok(()) };
+            let (w, o) = core.handle(now_ms, SessionInput::Frame(Box::new(frame)));
+            work.extend(w);
+            outputs.extend(o);
+        }
+        self.run_work(dev, work)?;
+        self.device_outputs(dev, outputs)
+    }
+
     /// The device notices its connection is gone (a reset, or its own timeout).
     pub(super) fn device_lost(&mut self, conn: ConnId) -> Check {
         let Some(c) = self.conns.get_mut(&conn) else { return Ok(()) };

@@ -171,52 +171,91 @@ impl Device {
         self.new_chat_with(ChatKind::Notes, title, &[])
     }
 
-    /// Opens and applies a delta from the relay and moves the chat's cursor past it. A delta
-    /// that fails to open or apply is skipped (the cursor still moves) and reported as an error;
-    /// it never stalls the chat.
-    pub(crate) fn apply_delta(&mut self, delta: &Delta) -> Result<DocUpdate, Error> {
-        let meta = self.store.chat(delta.chat)?.ok_or(Error::UnknownChat(delta.chat))?;
-        let opened = match meta.transport(delta.epoch) {
-            // From before this account joined (or while it was away), and not shared with it:
-            // passed over.
-            None if meta.current().is_some_and(|(e, _)| delta.epoch < e) => {
-                self.store.apply_remote(delta.chat, delta.seq, None)?;
-                return Ok(DocUpdate::default());
-            }
-            // A new epoch whose key is still on its way in the account log (the relay only
-            // stores deltas under epochs it has): the cursor stays, the delta comes again.
-            None => return Err(Error::NoKeyYet(delta.chat, delta.epoch)),
-            Some(key) => crate::proto::crypto::open_delta(&key, &delta.ad(), &delta.sealed).map_err(Error::from),
-        };
-        let plain = match opened {
-            Ok(p) => p,
-            Err(e) => {
-                self.store.apply_remote(delta.chat, delta.seq, None)?;
-                return Err(e);
-            }
-        };
-        let from = Author { account: delta.account, device: delta.device.clone() };
-        if !self.doc(delta.chat)?.knows_author(&from) {
-            self.store.put_author(delta.chat, &from)?;
-        }
-        let doc = self.doc(delta.chat)?;
-        match doc.apply_untrusted_update(&plain, &from) {
-            Ok(update) => {
-                let stored = self.store.apply_remote(delta.chat, delta.seq, Some(&plain))?;
-                self.maybe_compact(delta.chat, stored)?;
-                Ok(DocUpdate {
-                    added: self.reveal(delta.chat, update.added)?,
-                    changed: self.reveal(delta.chat, update.changed)?,
-                    read: update.read,
-                })
-            }
-            Err(e) => {
-                if doc.is_poisoned() {
-                    self.drop_doc(delta.chat);
+    /// Opens and applies deltas of one chat from the relay, in order, and moves the chat's
+    /// cursor past them, with one store write for all of them (a page of catch-up, or pushes
+    /// that arrived together). A delta that fails to open or apply is skipped (the cursor still
+    /// moves) and reported in [`AppliedDeltas::errors`]; it never stalls the chat. Stops early at a
+    /// delta whose key has not arrived ([`AppliedDeltas::no_key`]: the cursor stays before it) or
+    /// after one that broke the document in memory (it is read again from the store for the
+    /// rest); [`AppliedDeltas::consumed`] says how far it got.
+    pub(crate) fn apply_deltas(&mut self, chat: ChatId, deltas: &[Delta]) -> Result<AppliedDeltas, Error> {
+        let meta = self.store.chat(chat)?.ok_or(Error::UnknownChat(chat))?;
+        let mut done = AppliedDeltas::default();
+        let mut entries: Vec<(Seq, Option<Vec<u8>>)> = Vec::with_capacity(deltas.len());
+        for delta in deltas {
+            let opened = match meta.transport(delta.epoch) {
+                // From before this account joined (or while it was away), and not shared with
+                // it: passed over.
+                None if meta.current().is_some_and(|(e, _)| delta.epoch < e) => {
+                    entries.push((delta.seq, None));
+                    continue;
                 }
-                self.store.apply_remote(delta.chat, delta.seq, None)?;
-                Err(e.into())
+                // A new epoch whose key is still on its way in the account log (the relay only
+                // stores deltas under epochs it has): the cursor stays, the delta comes again.
+                None => {
+                    done.no_key = Some(delta.seq);
+                    break;
+                }
+                Some(key) => crate::proto::crypto::open_delta(&key, &delta.ad(), &delta.sealed),
+            };
+            let plain = match opened {
+                Ok(p) => p,
+                Err(e) => {
+                    entries.push((delta.seq, None));
+                    done.errors.push((delta.seq, e.into()));
+                    continue;
+                }
+            };
+            let from = Author { account: delta.account, device: delta.device.clone() };
+            if !self.doc(chat)?.knows_author(&from) {
+                self.store.put_author(chat, &from)?;
+            }
+            let doc = self.doc(chat)?;
+            match doc.apply_untrusted_update(&plain, &from) {
+                Ok(update) => {
+                    entries.push((delta.seq, Some(plain)));
+                    done.updates.push(update);
+                }
+                Err(e) => {
+                    let poisoned = doc.is_poisoned();
+                    entries.push((delta.seq, None));
+                    done.errors.push((delta.seq, e.into()));
+                    if poisoned {
+                        // What this batch applied before is stored first: the document is read
+                        // again from the store for the deltas after this one.
+                        self.drop_doc(chat);
+                        break;
+                    }
+                }
             }
         }
+        done.consumed = entries.len();
+        let refs: Vec<(Seq, Option<&[u8]>)> = entries.iter().map(|(s, c)| (*s, c.as_deref())).collect();
+        match self.store.apply_remote_many(chat, &refs) {
+            Ok(stored) => self.maybe_compact(chat, stored)?,
+            Err(e) => {
+                // The document in memory is ahead of the store: read it again from there.
+                self.drop_doc(chat);
+                return Err(e.into());
+            }
+        }
+        for update in &mut done.updates {
+            update.added = self.reveal(chat, std::mem::take(&mut update.added))?;
+            update.changed = self.reveal(chat, std::mem::take(&mut update.changed))?;
+        }
+        Ok(done)
     }
+}
+
+/// What [`Device::apply_deltas`] did.
+#[derive(Debug, Default)]
+pub(crate) struct AppliedDeltas {
+    /// How many of the deltas it took (applied or skipped); the rest are for another call.
+    pub consumed: usize,
+    /// What each applied delta did, in order.
+    pub updates: Vec<DocUpdate>,
+    /// The deltas skipped, and why.
+    pub errors: Vec<(Seq, Error)>,
+    /// The delta it stopped before: its key has not arrived.
+    pub no_key: Option<Seq>,
 }

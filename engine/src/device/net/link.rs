@@ -29,6 +29,8 @@ pub(crate) struct RelayLink {
     out: mpsc::Sender<ClientFrame>,
     inc: mpsc::Receiver<Result<RelayFrame, NetError>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// An error [`RelayLink::try_recv`] took, for [`RelayLink::recv`] to report.
+    failed: Option<NetError>,
 }
 
 /// Why [`RelayLink::send`] did not queue a frame.
@@ -49,7 +51,7 @@ impl RelayLink {
         let (out, out_rx) = mpsc::channel(LINK_OUT_QUEUE);
         let (in_tx, inc) = mpsc::channel(LINK_IN_QUEUE);
         let task = tokio::spawn(pump(stream, out_rx, in_tx));
-        RelayLink { out, inc, task: Some(task) }
+        RelayLink { out, inc, task: Some(task), failed: None }
     }
 
     /// Queues a frame to send; never waits.
@@ -62,9 +64,26 @@ impl RelayLink {
 
     /// The next frame from the relay; `Ok(None)` once the relay closed the stream (cancel safe).
     pub async fn recv(&mut self) -> Result<Option<RelayFrame>, NetError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         match self.inc.recv().await {
             Some(r) => r.map(Some),
             None => Ok(None),
+        }
+    }
+
+    /// The next frame if one has arrived already, without waiting (`None`: none yet; the
+    /// stream's end or error comes from [`RelayLink::recv`]).
+    pub fn try_recv(&mut self) -> Option<RelayFrame> {
+        match self.inc.try_recv() {
+            Ok(Ok(frame)) => Some(frame),
+            Ok(Err(e)) => {
+                // Reported by the next `recv`.
+                self.failed = Some(e);
+                None
+            }
+            Err(_) => None,
         }
     }
 
