@@ -206,6 +206,7 @@ struct Store {
     recoveries: BTreeMap<[u8; 32], RecoveryRecord>,
     gens: BTreeMap<(AccountId, u32), SignedGen>,
     usernames: BTreeMap<AccountId, String>,
+    usage: BTreeMap<AccountId, u64>,
 }
 
 impl Store {
@@ -254,6 +255,11 @@ impl Store {
                         None => self.usernames.remove(&a),
                     };
                 }
+                // The relay never reads a chat's keys back; only the count matters here.
+                StoreOp::PutChatKeys(..) => {}
+                StoreOp::PutUsage(a, bytes) => {
+                    self.usage.insert(a, bytes);
+                }
             }
         }
     }
@@ -293,6 +299,7 @@ impl Store {
             recoveries: self.recoveries.iter().map(|(k, v)| (*k, v.clone())).collect(),
             account_gens: self.gens.values().cloned().collect(),
             usernames: self.usernames.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            usage: self.usage.iter().map(|(k, v)| (*k, *v)).collect(),
         }
     }
 }
@@ -717,13 +724,17 @@ fuzz_target!(|script: Script| {
                 match decode::<ClientFrame>(&bytes) {
                     Ok(frame) if frame.req() >= TRACKED_REQ => {}
                     Ok(frame) => h.frame(conn, frame),
-                    Err(error) => h.input(CoreInput::BadFrame { conn, error }),
+                    Err(error) => {
+                        let now_ms = h.now_ms;
+                        h.input(CoreInput::BadFrame { conn, error, now_ms })
+                    }
                 }
             }
             Op::BadFrame { conn, too_large } => {
                 let Some(conn) = h.conn(conn) else { continue };
                 let error = if too_large { FrameError::TooLarge(0) } else { FrameError::Malformed("fuzz".into()) };
-                h.input(CoreInput::BadFrame { conn, error });
+                let now_ms = h.now_ms;
+                h.input(CoreInput::BadFrame { conn, error, now_ms });
             }
             Op::Durable { advance } => {
                 let behind = h.last_token - h.durable_token;

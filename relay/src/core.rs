@@ -28,7 +28,15 @@
 //! bytes from the driver's [`Input::Sent`] reports. Pushes to a device that falls behind are
 //! dropped and it is told what it missed ([`RelayFrame::Behind`]); answers are never dropped;
 //! a device that stops reading is cut off ([`Effect::Kill`]) after a timeout on the driver's
-//! [`Input::Tick`].
+//! [`Input::Tick`]. Typing indicators are coalesced per chat and device and dropped first.
+//!
+//! Peers without a session (see `core/peers.rs`) have a request budget of their own, and
+//! recovery attempts and link waits are held per peer, so that no one peer uses up what the
+//! relay has for everyone. Accounts have a byte quota (`core/quota.rs`).
+//!
+//! A full disk (see `core/storage.rs`): when the driver reports [`Input::WriteFailed`], nothing
+//! written since the last barrier is ever revealed, every request that would write is refused,
+//! and reads and pushes of what is durable go on.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -40,7 +48,7 @@ use stratus_engine::proto::wire::{
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
-use crate::limits::{Limits, TokenBucket, IN_FLIGHT_RETRY_MS};
+use crate::limits::{IntervalBucket, Limits, TokenBucket, IN_FLIGHT_RETRY_MS};
 
 /// The driver's handle on one device stream.
 pub type ConnId = u64;
@@ -49,8 +57,6 @@ pub type ConnId = u64;
 /// retried appends with their seq. A device keeps at most a few appends in flight, so only
 /// recent ones are retried; an older repeat gets [`RelayFrame::Duplicate`].
 pub const DEDUP_WINDOW: usize = 1024;
-/// Most devices waiting for link approval at once; more get `RateLimited`.
-pub const MAX_PENDING_LINKS: usize = 1024;
 
 /// What the driver tells the core.
 #[derive(Debug)]
@@ -73,12 +79,18 @@ pub enum Input {
     /// have had something waiting and nothing written for [`Limits::stalled_reader_ms`] are
     /// cut off.
     Tick { now_ms: u64 },
-    /// A frame failed to decode.
-    BadFrame { conn: ConnId, error: FrameError },
+    /// A frame failed to decode, at `now_ms` (the same clock as [`Input::Frame`]'s): it costs
+    /// the peer a request like any frame, and one over its budget closes the stream.
+    BadFrame { conn: ConnId, error: FrameError, now_ms: u64 },
     /// The stream closed.
     Closed { conn: ConnId },
     /// Every write up to and including `token` is behind an fsync barrier.
     Durable { token: u64 },
+    /// A write or a barrier failed because the disk is full: no later [`Input::Durable`] will
+    /// come, and the driver applies no more writes. The core reveals nothing not yet durable,
+    /// refuses every request that would write, and goes on serving reads (see
+    /// `core/storage.rs`).
+    WriteFailed,
 }
 
 /// What the core asks the driver to do, in order.
@@ -134,6 +146,12 @@ pub enum StoreOp {
     PutApprovedLink([u8; 32], ApprovedLink),
     /// The new device has its bundle: the approval is no longer needed.
     DeleteApprovedLink([u8; 32]),
+    /// Keys of one of a chat's epochs, each stored as a record of its own under (chat, epoch,
+    /// account) and never rewritten with the chat (a later key for the same account and epoch,
+    /// such as the whole key after a transport key, replaces it).
+    PutChatKeys(ChatId, Epoch, Vec<WrappedKey>),
+    /// What an account has stored, in bytes (its quota's count).
+    PutUsage(AccountId, u64),
 }
 
 struct Account {
@@ -151,6 +169,8 @@ struct Account {
     chats: BTreeSet<ChatId>,
     log_head: Seq,
     log_durable: Seq,
+    /// Bytes stored for it (see `core/quota.rs`).
+    stored_bytes: u64,
 }
 
 struct Device {
@@ -169,6 +189,9 @@ struct Device {
     /// Pages asked for and not yet written, over all the device's streams.
     fetches_in_flight: u32,
     state: DeviceState,
+    /// When it last had a typing indicator forwarded, per chat (only recent ones, at most
+    /// [`chats::TYPING_CHATS`]).
+    typing: BTreeMap<ChatId, u64>,
 }
 
 impl Device {
@@ -183,6 +206,7 @@ impl Device {
             bucket: TokenBucket::default(),
             appends_in_flight: 0,
             fetches_in_flight: 0,
+            typing: BTreeMap::new(),
         }
     }
 }
@@ -200,6 +224,7 @@ impl Account {
             chats: BTreeSet::new(),
             log_head: Seq(0),
             log_durable: Seq(0),
+            stored_bytes: 0,
         }
     }
 }
@@ -208,6 +233,14 @@ struct Chat {
     record: ChatRecord,
     head: Seq,
     durable: Seq,
+    /// Its member changes' budget (see [`Limits::member_change_interval_ms`]).
+    member_changes: IntervalBucket,
+}
+
+impl Chat {
+    fn new(record: ChatRecord, head: Seq) -> Self {
+        Chat { record, head, durable: head, member_changes: IntervalBucket::default() }
+    }
 }
 
 struct Conn {
@@ -256,7 +289,12 @@ pub struct RelayCore {
     deferred: VecDeque<(u64, Deferred)>,
     limits: Limits,
     recoveries: BTreeMap<[u8; 32], RecoveryRecord>,
-    recovery_bucket: TokenBucket,
+    /// Every peer with a stream open, and those gone whose budgets are not full again.
+    peers: BTreeMap<DeviceId, Peer>,
+    /// The latest time a frame came with (the clock the peers' budgets run on).
+    frame_clock_ms: u64,
+    /// A write or barrier failed (the disk is full): nothing more is written or revealed.
+    storage_failed: bool,
     /// The directory: username → account.
     usernames: BTreeMap<String, AccountId>,
 }
@@ -277,7 +315,9 @@ impl RelayCore {
             deferred: VecDeque::new(),
             limits,
             recoveries: BTreeMap::new(),
-            recovery_bucket: TokenBucket::default(),
+            peers: BTreeMap::new(),
+            frame_clock_ms: 0,
+            storage_failed: false,
             usernames: BTreeMap::new(),
         };
         for public in recovered.accounts {
@@ -312,6 +352,11 @@ impl RelayCore {
                 a.settings = settings;
             }
         }
+        for (account, bytes) in recovered.usage {
+            if let Some(a) = core.accounts.get_mut(&account) {
+                a.stored_bytes = bytes;
+            }
+        }
         for (account, head) in recovered.account_heads {
             if let Some(a) = core.accounts.get_mut(&account) {
                 a.log_head = head;
@@ -332,7 +377,7 @@ impl RelayCore {
                     a.chats.insert(chat);
                 }
             }
-            core.chats.insert(chat, Chat { record, head, durable: head });
+            core.chats.insert(chat, Chat::new(record, head));
         }
         for (device, recent) in recovered.recent_appends {
             if let Some(d) = core.devices.get_mut(&device) {
@@ -358,24 +403,20 @@ impl RelayCore {
         let mut out = Vec::new();
         match input {
             Input::Opened { conn, device } => {
+                self.peer_opened(&device);
                 let backlog = Backlog::default();
                 self.conns.insert(conn, Conn { device, hello: false, account: None, fetches_in_flight: 0, backlog });
             }
             Input::Sent { conn, bytes, pages } => self.sent(conn, bytes, pages, &mut out),
-            Input::Tick { now_ms } => self.tick(now_ms, &mut out),
-            Input::Closed { conn } => self.close(conn, &mut out),
-            Input::BadFrame { conn, error } => {
-                let code = match error {
-                    FrameError::TooLarge(_) => ErrorCode::FrameTooLarge,
-                    _ => ErrorCode::MalformedFrame,
-                };
-                out.push(error_frame(conn, None, code, error.to_string()));
-                if code == ErrorCode::FrameTooLarge {
-                    out.push(Effect::Close { conn });
-                }
+            Input::Tick { now_ms } => {
+                self.tick(now_ms, &mut out);
+                self.prune_peers();
             }
+            Input::Closed { conn } => self.close(conn, &mut out),
+            Input::BadFrame { conn, error, now_ms } => self.bad_frame(conn, error, now_ms, &mut out),
             Input::Frame { conn, frame, now_ms } => self.frame(conn, frame, now_ms, &mut out),
             Input::Durable { token } => self.durable(token, &mut out),
+            Input::WriteFailed => self.write_failed(&mut out),
         }
         self.admit(out)
     }
@@ -383,12 +424,15 @@ impl RelayCore {
     fn close(&mut self, conn: ConnId, out: &mut Vec<Effect>) {
         self.detach(conn);
         if let Some(c) = self.conns.remove(&conn) {
+            self.peer_closed(&c.device);
             if let Some(d) = self.devices.get_mut(&c.device) {
                 d.fetches_in_flight = d.fetches_in_flight.saturating_sub(c.fetches_in_flight);
                 // Its last activity, kept across restarts for the account's session list.
                 let state = d.state;
-                let token = self.token();
-                out.push(Effect::Write { token, ops: vec![StoreOp::PutDeviceState(c.device.clone(), state)] });
+                if !self.storage_failed {
+                    let token = self.token();
+                    out.push(Effect::Write { token, ops: vec![StoreOp::PutDeviceState(c.device.clone(), state)] });
+                }
             }
         }
         self.links.retain(|_, l| l.conn != conn);
@@ -434,6 +478,7 @@ impl RelayCore {
         }
         let device = c.device.clone();
         let account = c.account;
+        self.frame_clock_ms = self.frame_clock_ms.max(now_ms);
         if let Some(d) = self.devices.get_mut(&device) {
             if d.state.revoked {
                 // Frames already on their way when the session ended.
@@ -443,12 +488,26 @@ impl RelayCore {
             }
             d.state.last_active_ms = d.state.last_active_ms.max(now_ms);
         }
+        if account.is_none() {
+            // A peer without a session: its own budget, before anything else is done for it.
+            if let Some(retry_after_ms) = self.peer_over_rate(&device, now_ms) {
+                if !matches!(frame, ClientFrame::Typing { .. }) {
+                    let frame = RelayFrame::RateLimited { req: frame.req(), retry_after_ms };
+                    out.push(Effect::Send { conn, frame });
+                }
+                return;
+            }
+        }
         if let ClientFrame::Typing { chat } = frame {
             self.typing(conn, &device, account, chat, now_ms, out);
             return;
         }
         if let Some(retry_after_ms) = self.over_rate(&device, &frame, now_ms) {
             out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req: frame.req(), retry_after_ms } });
+            return;
+        }
+        if self.storage_failed && writes(&frame) {
+            out.push(storage_full(conn, frame.req()));
             return;
         }
         let result = match (frame, account) {
@@ -460,7 +519,7 @@ impl RelayCore {
                 self.link_wait(conn, req, &device, link_id, device_x25519, name, out).map_err(|e| (req, e))
             }
             (ClientFrame::FetchRecovery { req, lookup_id }, _) => {
-                self.fetch_recovery(conn, req, lookup_id, now_ms, out);
+                self.fetch_recovery(conn, req, &device, lookup_id, now_ms, out);
                 Ok(())
             }
             (ClientFrame::Recover { req, lookup_id, cert }, _) => {
@@ -538,14 +597,15 @@ impl RelayCore {
                 Some(a),
             ) => {
                 let req = frame.req();
-                self.members_frame(conn, a, frame, out).map_err(|e| (req, e))
+                self.members_frame(conn, a, frame, now_ms, out).map_err(|e| (req, e))
             }
             (ClientFrame::Append { req, chat, epoch, client_seq, sealed }, Some(a)) => {
                 self.append(conn, req, a, &device, chat, epoch, client_seq, sealed, out).map_err(|e| (req, e))
             }
             (ClientFrame::SyncState { req }, Some(a)) => {
                 // A device that syncs has its bundle: its stored approval can go.
-                if let Some(id) = self.approved.iter().find(|(_, l)| l.device == device).map(|(id, _)| *id) {
+                let approved = self.approved.iter().find(|(_, l)| l.device == device).map(|(id, _)| *id);
+                if let Some(id) = approved.filter(|_| !self.storage_failed) {
                     self.approved.remove(&id);
                     let token = self.token();
                     out.push(Effect::Write { token, ops: vec![StoreOp::DeleteApprovedLink(id)] });
@@ -626,11 +686,14 @@ impl RelayCore {
         t
     }
 
-    /// Runs `d` once everything written so far is durable.
+    /// Runs `d` once everything written so far is durable (and refuses it at once if that can
+    /// no longer happen: the disk is full).
     fn after_durable(&mut self, d: Deferred, out: &mut Vec<Effect>) {
         let last = self.next_token - 1;
         if last <= self.durable_token {
             self.run_deferred(d, out);
+        } else if self.storage_failed {
+            self.refuse_deferred(d, out);
         } else {
             self.deferred.push_back((last, d));
         }
@@ -710,18 +773,18 @@ impl RelayCore {
         AccountChain { public: a.public.clone(), rotations: a.rotations.clone() }
     }
 
-    /// Writes `ops` in one batch and, once it is durable, pushes `entries` to their accounts and
-    /// answers `Done` to `req`.
+    /// Writes `ops` in one batch, counted against `account`'s quota, and, once it is durable,
+    /// pushes `entries` to their accounts and answers `Done` to `req`.
     fn commit_and_answer(
         &mut self,
         conn: ConnId,
         req: ReqId,
+        account: AccountId,
         ops: Vec<StoreOp>,
         entries: Vec<(AccountId, AccountEntry)>,
         out: &mut Vec<Effect>,
     ) {
-        let token = self.token();
-        out.push(Effect::Write { token, ops });
+        self.write_for(account, ops, out);
         for (account, entry) in entries {
             self.after_durable(Deferred::AccountDurable { account, entry }, out);
         }
@@ -761,14 +824,21 @@ mod backlog;
 use backlog::Backlog;
 pub use backlog::{frame_cost, FRAME_OVERHEAD_BYTES};
 mod chats;
+pub use chats::{TYPING_CHATS, TYPING_FORWARD_MS};
 mod limiting;
 mod members;
 use limiting::hold;
+mod peers;
+use peers::Peer;
+mod quota;
+pub use quota::DELTA_OVERHEAD_BYTES;
 mod records;
 mod rotation;
 mod sessions;
+mod storage;
 use rotation::Rotate;
 pub use rotation::MAX_ACCOUNT_CHATS;
+use storage::{storage_full, writes};
 
 pub use records::*;
 

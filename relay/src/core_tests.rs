@@ -658,6 +658,12 @@ mod members;
 #[path = "core_tests_backlog.rs"]
 mod backlog;
 
+#[path = "core_tests_abuse.rs"]
+mod abuse;
+
+#[path = "core_tests_peers.rs"]
+mod peers;
+
 #[test]
 fn typing_is_pushed_to_the_members_other_devices_and_never_written() {
     let mut w = world();

@@ -9,11 +9,11 @@ fn big_append(req: ReqId, chat: ChatId, cs: u64, bytes: usize) -> ClientFrame {
 }
 
 /// What the frames sent to `conn` in `effects` cost its backlog.
-fn cost_to(effects: &[Effect], conn: ConnId) -> u64 {
+pub(super) fn cost_to(effects: &[Effect], conn: ConnId) -> u64 {
     sends(effects).into_iter().filter(|(c, _)| *c == conn).map(|(_, f)| frame_cost(f)).sum()
 }
 
-fn pushed_seqs(effects: &[Effect], conn: ConnId) -> Vec<u64> {
+pub(super) fn pushed_seqs(effects: &[Effect], conn: ConnId) -> Vec<u64> {
     sends(effects)
         .into_iter()
         .filter_map(|(c, f)| match f {
@@ -23,7 +23,7 @@ fn pushed_seqs(effects: &[Effect], conn: ConnId) -> Vec<u64> {
         .collect()
 }
 
-fn behinds(effects: &[Effect], conn: ConnId) -> Vec<(Seq, Vec<(ChatId, Seq)>)> {
+pub(super) fn behinds(effects: &[Effect], conn: ConnId) -> Vec<(Seq, Vec<(ChatId, Seq)>)> {
     sends(effects)
         .into_iter()
         .filter_map(|(c, f)| match f {
@@ -33,7 +33,7 @@ fn behinds(effects: &[Effect], conn: ConnId) -> Vec<(Seq, Vec<(ChatId, Seq)>)> {
         .collect()
 }
 
-fn killed(effects: &[Effect]) -> Vec<ConnId> {
+pub(super) fn killed(effects: &[Effect]) -> Vec<ConnId> {
     effects
         .iter()
         .filter_map(|e| match e {
@@ -44,7 +44,7 @@ fn killed(effects: &[Effect]) -> Vec<ConnId> {
 }
 
 /// Reports everything waiting for `conns` written (what setting up the world sent them).
-fn drain(w: &mut World, conns: &[ConnId]) {
+pub(super) fn drain(w: &mut World, conns: &[ConnId]) {
     for &conn in conns {
         let bytes = w.core.conns[&conn].backlog.queued_bytes;
         w.input(Input::Sent { conn, bytes, pages: 0 });
@@ -160,17 +160,19 @@ fn pushes_past_the_budget_are_dropped_and_one_behind_with_durable_heads_follows_
 
 #[test]
 fn typing_alone_dropped_sends_no_behind() {
-    let mut w = world_with(Limits { max_push_backlog_bytes: 1, ..Limits::default() });
+    // Room for one typing indicator under half the budget, not two.
+    let mut w = world_with(Limits { max_push_backlog_bytes: 800, ..Limits::default() });
     let a = w.connect(1, "a");
     let (keys, chat) = w.account(&a);
     let b = w.second_device(&keys, 2, "b");
     drain(&mut w, &[a.conn, b.conn]);
-    // Over a budget of one byte as soon as anything waits: the first typing goes, the rest not.
     let e = w.frame(a.conn, ClientFrame::Typing { chat });
     let cost = cost_to(&e, b.conn);
-    assert!(cost > 0);
-    assert!(sends(&w.frame(a.conn, ClientFrame::Typing { chat })).is_empty());
+    assert!(cost > 0 && cost <= 400, "{cost}");
+    w.now_ms += TYPING_FORWARD_MS;
+    assert!(sends(&w.frame(a.conn, ClientFrame::Typing { chat })).is_empty(), "over half the budget");
     assert!(w.input(Input::Sent { conn: b.conn, bytes: cost, pages: 0 }).is_empty(), "no Behind for typing");
+    w.now_ms += TYPING_FORWARD_MS;
     assert_eq!(sends(&w.frame(a.conn, ClientFrame::Typing { chat })).len(), 1, "pushed again once drained");
 }
 

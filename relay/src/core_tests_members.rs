@@ -8,7 +8,7 @@ use stratus_engine::proto::wire::{encode, NewEpoch, MAX_FRAME_BYTES};
 use super::sessions::error_codes;
 use super::*;
 
-fn grant(
+pub(super) fn grant(
     signer: &AccountKeys,
     terms: &KeyTerms,
     to: &[&AccountKeys],
@@ -19,25 +19,25 @@ fn grant(
     to.iter().map(|k| signer.grant_chat_key(&key, terms, &k.current(), content, rng)).collect()
 }
 
-fn group_terms(chat: ChatId, epoch: u32, members: &[AccountId]) -> KeyTerms {
+pub(super) fn group_terms(chat: ChatId, epoch: u32, members: &[AccountId]) -> KeyTerms {
     KeyTerms { chat, kind: ChatKind::Group, epoch: Epoch(epoch), members: members.iter().copied().collect() }
 }
 
 /// The creation of group `chat` at epoch 0 with its first keys.
-fn create_group(chat: ChatId, keys: Vec<WrappedKey>) -> ClientFrame {
+pub(super) fn create_group(chat: ChatId, keys: Vec<WrappedKey>) -> ClientFrame {
     ClientFrame::CreateChat { req: 4, chat, kind: ChatKind::Group, epoch: Epoch(0), client_seq: ClientSeq(9), keys }
 }
 
-fn change(keys: &AccountKeys, chat: ChatId, base: u32, change: Membership) -> MemberChange {
+pub(super) fn change(keys: &AccountKeys, chat: ChatId, base: u32, change: Membership) -> MemberChange {
     change_after(keys, chat, base, 0, change)
 }
 
-fn change_after(keys: &AccountKeys, chat: ChatId, base: u32, seq: u32, change: Membership) -> MemberChange {
+pub(super) fn change_after(keys: &AccountKeys, chat: ChatId, base: u32, seq: u32, change: Membership) -> MemberChange {
     let body = MemberChangeBody { chat, base_epoch: Epoch(base), seq, by: keys.public().id, change };
     keys.sign_member_change(body)
 }
 
-fn pushed_events(effects: &[Effect], conn: ConnId) -> Vec<AccountEvent> {
+pub(super) fn pushed_events(effects: &[Effect], conn: ConnId) -> Vec<AccountEvent> {
     sends(effects)
         .into_iter()
         .filter_map(|(c, f)| match f {
@@ -47,7 +47,7 @@ fn pushed_events(effects: &[Effect], conn: ConnId) -> Vec<AccountEvent> {
         .collect()
 }
 
-fn done(effects: &[Effect], req: ReqId) -> bool {
+pub(super) fn done(effects: &[Effect], req: ReqId) -> bool {
     sends(effects).iter().any(|(_, f)| matches!(f, RelayFrame::Done { req: r } if *r == req))
 }
 

@@ -11,7 +11,10 @@
 //!   the time with each frame;
 //! * what waits to be written to a device (pushes dropped past a budget, a reader that stopped
 //!   cut off): the core too (`core/backlog.rs`), from the driver's reports of what it wrote and
-//!   its once-a-second tick.
+//!   its once-a-second tick;
+//! * what a peer without a session may ask (`core/peers.rs`), what an account may store
+//!   (`core/quota.rs`) and how fast a chat's members and key epochs may change
+//!   (`core/members.rs`): the core.
 
 /// The relay's limits. `Default` gives the documented values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +92,38 @@ pub struct Limits {
     /// A device that reads at all, however slowly, is never cut for this, provided it takes at
     /// least one frame (at most 1 MiB) per period. Default 30 s.
     pub stalled_reader_ms: u64,
+    /// Bytes one account may have the relay store: the sealed deltas its devices append (each
+    /// with [`crate::core::DELTA_OVERHEAD_BYTES`] for its index), and the records and account
+    /// log entries its requests write (chats, keys, member changes, rotations, links). Past it,
+    /// appends, new chats and added members get `QuotaExceeded` and change nothing; what keeps
+    /// the account safe and its chats going (revocations, rotations, new key epochs, leaving,
+    /// removing, linking a device, recovery keys) is still taken and counted. 0: no quota.
+    /// Default 1 GiB: about two million text messages. The relay deletes nothing yet, so an
+    /// account that reaches it stays there until the operator raises it.
+    pub max_account_bytes: u64,
+    /// Most key epochs a chat reaches by adding members: once its newest epoch is this far,
+    /// adding members gets `TooLarge` (make a new group). Leaving, removing and the new epochs
+    /// of rotations still go on (each is bounded: by the members, and by the 256 generations an
+    /// account has). Each epoch is stored as records of its own, so this bounds a chat's key
+    /// records on disk, not what a member change rewrites. Default 4,096.
+    pub max_chat_epochs: u32,
+    /// Member changes per chat (adding and removing; leaving is never limited): one per this
+    /// many ms sustained, after a burst of [`Limits::member_change_burst`]; more get
+    /// `RateLimited` with the wait. Every change starts a key epoch that every member's devices
+    /// take, so this is what two accounts looping add → leave can cost. Kept in memory (a
+    /// restart refills it). 0 turns it off. Default 10 s.
+    pub member_change_interval_ms: u64,
+    /// Member changes a chat may have at once above the sustained rate. Default 32 (a group
+    /// made with a few hundred members, eight at a time, goes through without a pause).
+    pub member_change_burst: u32,
+    /// Requests per second from a peer with no session on this relay (every frame after
+    /// `Hello`, malformed ones too, over all its streams): creating an account, waiting to be
+    /// linked, recovering. Over it a request gets `RateLimited` and a malformed frame closes
+    /// the stream. Kept per peer while it is connected and until its budget is full again, so
+    /// reconnecting does not refill it. 0 turns it off. Default 10/s.
+    pub unregistered_requests_per_second: u32,
+    /// Requests such a peer may send at once above the sustained rate. Default 20.
+    pub unregistered_request_burst: u32,
 }
 
 /// Most bytes that may wait to be written to one device stream (counted like
@@ -128,6 +163,12 @@ impl Default for Limits {
             max_circuit_bytes: 64 * 1024 * 1024,
             max_push_backlog_bytes: 1024 * 1024,
             stalled_reader_ms: 30_000,
+            max_account_bytes: 1 << 30,
+            max_chat_epochs: 4096,
+            member_change_interval_ms: 10_000,
+            member_change_burst: 32,
+            unregistered_requests_per_second: 10,
+            unregistered_request_burst: 20,
         }
     }
 }
@@ -158,6 +199,9 @@ impl Limits {
             ("max_appends_in_flight_per_device", self.max_appends_in_flight_per_device),
             ("request_burst", self.request_burst),
             ("max_circuit_secs", self.max_circuit_secs),
+            ("max_chat_epochs", self.max_chat_epochs),
+            ("member_change_burst", self.member_change_burst),
+            ("unregistered_request_burst", self.unregistered_request_burst),
         ] {
             if v == 0 {
                 return Err(LimitsError::Zero(name));
@@ -210,6 +254,49 @@ impl TokenBucket {
     }
 }
 
+/// A token bucket for slow rates: one token every `interval_ms`, fed by the caller's clock.
+/// Credit is kept in milliseconds, so it is exact for any interval.
+#[derive(Debug, Clone, Default)]
+pub struct IntervalBucket {
+    credit_ms: u64,
+    last_ms: Option<u64>,
+}
+
+impl IntervalBucket {
+    /// Takes one token at `now_ms`, or returns how many ms until one is there. The bucket
+    /// starts full (`burst` tokens). A clock that goes backwards adds nothing. `interval_ms == 0`
+    /// means no limit.
+    pub fn take(&mut self, now_ms: u64, interval_ms: u64, burst: u32) -> Result<(), u32> {
+        if interval_ms == 0 {
+            return Ok(());
+        }
+        let cap = interval_ms.saturating_mul(u64::from(burst.max(1)));
+        self.credit_ms = match self.last_ms {
+            None => cap,
+            Some(last) => self.credit_ms.saturating_add(now_ms.saturating_sub(last)).min(cap),
+        };
+        self.last_ms = Some(self.last_ms.map_or(now_ms, |l| l.max(now_ms)));
+        if self.credit_ms >= interval_ms {
+            self.credit_ms -= interval_ms;
+            Ok(())
+        } else {
+            Err(u32::try_from(interval_ms - self.credit_ms).unwrap_or(u32::MAX).max(1))
+        }
+    }
+}
+
+impl TokenBucket {
+    /// True when the bucket would be full at `now_ms`: it is then the same as a new one, and
+    /// may be dropped.
+    pub fn is_full(&self, now_ms: u64, rate_per_s: u32, burst: u32) -> bool {
+        let Some(last) = self.last_ms else { return true };
+        let cap = u64::from(burst.max(1)) * 1000;
+        rate_per_s == 0
+            || self.milli_tokens.saturating_add(now_ms.saturating_sub(last).saturating_mul(u64::from(rate_per_s)))
+                >= cap
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +320,24 @@ mod tests {
         assert!(b.take(0, 10, 5).is_err());
         // Off.
         assert_eq!(TokenBucket::default().take(0, 0, 1), Ok(()));
+    }
+
+    #[test]
+    fn the_interval_bucket_allows_a_burst_then_one_per_interval() {
+        let mut b = IntervalBucket::default();
+        for _ in 0..3 {
+            assert_eq!(b.take(0, 10_000, 3), Ok(()));
+        }
+        assert_eq!(b.take(0, 10_000, 3), Err(10_000));
+        assert_eq!(b.take(4_000, 10_000, 3), Err(6_000));
+        assert_eq!(b.take(10_000, 10_000, 3), Ok(()));
+        assert!(b.take(5, 10_000, 3).is_err(), "a clock that goes backwards adds nothing");
+        assert_eq!(IntervalBucket::default().take(0, 0, 1), Ok(()));
+        let mut t = TokenBucket::default();
+        assert!(t.is_full(0, 10, 2));
+        t.take(0, 10, 2).unwrap();
+        assert!(!t.is_full(50, 10, 2));
+        assert!(t.is_full(100, 10, 2));
     }
 
     #[test]

@@ -66,6 +66,26 @@ struct Args {
     /// Seconds a device stream may have frames waiting with none written before it is cut off.
     #[arg(long, default_value_t = Limits::default().stalled_reader_ms / 1000, value_parser = clap::value_parser!(u64).range(1..))]
     stalled_reader_secs: u64,
+    /// Bytes one account may have the relay store (0: no quota); past it, appends, new chats
+    /// and added members are refused with `QuotaExceeded`.
+    #[arg(long, default_value_t = Limits::default().max_account_bytes)]
+    max_account_bytes: u64,
+    /// Most key epochs a chat reaches by adding members; then adding is refused.
+    #[arg(long, default_value_t = Limits::default().max_chat_epochs, value_parser = clap::value_parser!(u32).range(1..))]
+    max_chat_epochs: u32,
+    /// Seconds between member changes of one chat, sustained (0: no limit); leaving is never
+    /// limited.
+    #[arg(long, default_value_t = Limits::default().member_change_interval_ms / 1000)]
+    member_change_interval_secs: u64,
+    /// Member changes a chat may have at once above the sustained rate.
+    #[arg(long, default_value_t = Limits::default().member_change_burst, value_parser = clap::value_parser!(u32).range(1..))]
+    member_change_burst: u32,
+    /// Requests per second from a peer with no session on this relay (0 turns it off).
+    #[arg(long, default_value_t = Limits::default().unregistered_requests_per_second)]
+    unregistered_requests_per_second: u32,
+    /// Requests such a peer may send at once above the sustained rate.
+    #[arg(long, default_value_t = Limits::default().unregistered_request_burst, value_parser = clap::value_parser!(u32).range(1..))]
+    unregistered_request_burst: u32,
     /// An address devices can reach the relay at (repeatable), when it is not the one it
     /// listens on (behind NAT or a port forward). Devices reachable through the relay are given
     /// these.
@@ -114,6 +134,12 @@ fn main() -> ExitCode {
         max_circuit_bytes: args.max_circuit_bytes,
         max_push_backlog_bytes: args.max_push_backlog_bytes,
         stalled_reader_ms: args.stalled_reader_secs.saturating_mul(1000),
+        max_account_bytes: args.max_account_bytes,
+        max_chat_epochs: args.max_chat_epochs,
+        member_change_interval_ms: args.member_change_interval_secs.saturating_mul(1000),
+        member_change_burst: args.member_change_burst,
+        unregistered_requests_per_second: args.unregistered_requests_per_second,
+        unregistered_request_burst: args.unregistered_request_burst,
     };
     let config =
         Config { data_dir: args.data_dir, listen: args.listen, external_addresses: args.external_addresses, limits };

@@ -11,6 +11,11 @@
 //!   filling; a stream whose queue fills anyway is cut off the same way.
 //! * [`Limits`]: connections in total and per peer (the swarm's `connection_limits`), sync
 //!   streams per connection and frame size (here), the rest in the core.
+//!
+//! A store write or barrier that fails stops the relay, except for lack of space
+//! ([`StoreError::is_disk_full`]): then the driver applies no more writes, runs no more
+//! barriers, and tells the core ([`Input::WriteFailed`]), which refuses what would write and
+//! serves what is durable.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -462,6 +467,13 @@ async fn barrier_loop<S: RelayStore>(
                     return;
                 }
             }
+            Ok(Err(e)) if e.is_disk_full() => {
+                // Nothing since the last good barrier is acknowledged, ever: no barrier runs
+                // again. The relay stays up for reads.
+                tracing::error!(error = %e, "{DISK_FULL}");
+                let _ = in_tx.send(CoreMsg::Input(Input::WriteFailed)).await;
+                return;
+            }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "fsync barrier failed; no further acknowledgements");
                 let _ = fatal.send(e).await;
@@ -474,6 +486,10 @@ async fn barrier_loop<S: RelayStore>(
         }
     }
 }
+
+/// Logged when a write or barrier fails for lack of space.
+const DISK_FULL: &str = "the disk is full: the relay stores nothing more and keeps serving what it has; free space \
+                         and restart it";
 
 /// Gives the core the time every [`TICK`], on a monotonic clock that starts at 0.
 async fn tick_loop(in_tx: mpsc::Sender<CoreMsg>) {
@@ -489,6 +505,100 @@ async fn tick_loop(in_tx: mpsc::Sender<CoreMsg>) {
     }
 }
 
+/// What the core task carries out the core's effects with.
+struct Driver<S> {
+    store: Arc<S>,
+    conns: BTreeMap<ConnId, StreamHandle>,
+    /// The writes of the inputs taken so far in this batch, and the newest token among them.
+    ops: Vec<crate::core::StoreOp>,
+    batch_token: u64,
+    registered: Registered,
+    /// A write failed for lack of space: nothing is written any more.
+    disk_full: bool,
+}
+
+impl<S: RelayStore> Driver<S> {
+    /// Feeds `input` to the core and carries out what it asks, and what that asks in turn.
+    fn run(&mut self, core: &mut RelayCore, input: Input) {
+        let mut queue = std::collections::VecDeque::from(core.handle(input));
+        while let Some(effect) = queue.pop_front() {
+            if let Some(conn) = self.carry_out(effect) {
+                queue.extend(core.handle(Input::Closed { conn }));
+            }
+        }
+    }
+
+    /// Carries out one effect; returns a stream that had to be dropped (its queue was full).
+    fn carry_out(&mut self, effect: Effect) -> Option<ConnId> {
+        let conns = &mut self.conns;
+        let mut send = |conn: ConnId, out: Outgoing| -> Option<ConnId> {
+            match conns.get(&conn).map(|h| h.tx.try_send(out)) {
+                // The stream's task has ended (the device closed its side): its own
+                // `Closed` follows the frames it read, in order, and ends the conn
+                // then. Ending it here would drop those frames.
+                Some(Ok(())) | Some(Err(mpsc::error::TrySendError::Closed(_))) | None => None,
+                Some(Err(mpsc::error::TrySendError::Full(_))) => {
+                    // The core's byte bounds should have cut it off first.
+                    tracing::error!(conn, "a device's output queue is full; disconnecting it");
+                    if let Some(h) = conns.remove(&conn) {
+                        h.kill.cancel();
+                    }
+                    Some(conn)
+                }
+            }
+        };
+        match effect {
+            Effect::Send { conn, frame } => {
+                if let RelayFrame::Error { req, code, message } = &frame {
+                    tracing::debug!(conn, ?req, ?code, %message, "refused");
+                }
+                if let RelayFrame::RateLimited { req, retry_after_ms } = &frame {
+                    tracing::debug!(conn, req, retry_after_ms, "rate limited");
+                }
+                send(conn, Outgoing::Frame(frame))
+            }
+            Effect::Close { conn } => {
+                send(conn, Outgoing::Close);
+                None
+            }
+            Effect::Kill { conn } => {
+                // The core has forgotten the stream; its task's own `Closed` changes
+                // nothing.
+                tracing::warn!(conn, "device is not reading; disconnecting it");
+                if let Some(h) = conns.remove(&conn) {
+                    h.kill.cancel();
+                }
+                None
+            }
+            Effect::Write { token, ops: more } => {
+                if self.disk_full {
+                    // The core writes nothing once told; this would be a bug, and is dropped.
+                    tracing::error!(token, "a write after the disk was found full; dropped");
+                    return None;
+                }
+                note_devices(&self.registered, &more);
+                self.ops.extend(more);
+                self.batch_token = self.batch_token.max(token);
+                None
+            }
+            Effect::ReadChat { conn, req, chat, after, upto, max } => {
+                let frame = match self.store.read_chat(chat, after, upto, max) {
+                    Ok(deltas) => RelayFrame::ChatPage { req, chat, deltas, head: upto },
+                    Err(e) => internal(req, e),
+                };
+                send(conn, Outgoing::Page(frame))
+            }
+            Effect::ReadAccount { conn, req, account, after, upto, max } => {
+                let frame = match self.store.read_account(account, after, upto, max) {
+                    Ok(entries) => RelayFrame::AccountPage { req, entries, head: upto },
+                    Err(e) => internal(req, e),
+                };
+                send(conn, Outgoing::Page(frame))
+            }
+        }
+    }
+}
+
 async fn core_loop<S: RelayStore>(
     mut core: RelayCore,
     store: Arc<S>,
@@ -497,108 +607,54 @@ async fn core_loop<S: RelayStore>(
     fatal: mpsc::Sender<StoreError>,
     registered: Registered,
 ) {
-    let mut conns: BTreeMap<ConnId, StreamHandle> = BTreeMap::new();
     // The writes of every input drained in one go are applied as one sled transaction: sled
     // 0.34 pays two log-buffer rolls (two device writes) per transaction, which capped the relay
     // at ~6,400 appends/s with one transaction per append (docs/benchmarks.md). Nothing reveals
     // a write before its barrier, and the barrier only starts after the batch is applied.
-    let mut ops: Vec<crate::core::StoreOp> = Vec::new();
-    let mut batch_token = 0u64;
+    let mut d = Driver { store, conns: BTreeMap::new(), ops: Vec::new(), batch_token: 0, registered, disk_full: false };
     let mut batch: Vec<CoreMsg> = Vec::with_capacity(CORE_BATCH);
     while in_rx.recv_many(&mut batch, CORE_BATCH).await > 0 {
         for msg in batch.drain(..) {
             let input = match msg {
                 CoreMsg::Open { conn, device, handle } => {
-                    conns.insert(conn, handle);
+                    d.conns.insert(conn, handle);
                     Input::Opened { conn, device }
                 }
                 CoreMsg::Input(i) => {
                     if let Input::Closed { conn } = &i {
-                        conns.remove(conn);
+                        d.conns.remove(conn);
+                    }
+                    if let Input::WriteFailed = &i {
+                        // From the barrier task: no write is applied from now on.
+                        d.disk_full = true;
+                        d.ops.clear();
                     }
                     i
                 }
             };
             log_input(&input);
-            let mut queue = std::collections::VecDeque::from(core.handle(input));
-            while let Some(effect) = queue.pop_front() {
-                let send = |conns: &mut BTreeMap<ConnId, StreamHandle>, conn: ConnId, out: Outgoing| -> bool {
-                    match conns.get(&conn).map(|h| h.tx.try_send(out)) {
-                        // The stream's task has ended (the device closed its side): its own
-                        // `Closed` follows the frames it read, in order, and ends the conn
-                        // then. Ending it here would drop those frames.
-                        Some(Ok(())) | Some(Err(mpsc::error::TrySendError::Closed(_))) | None => true,
-                        Some(Err(mpsc::error::TrySendError::Full(_))) => {
-                            // The core's byte bounds should have cut it off first.
-                            tracing::error!(conn, "a device's output queue is full; disconnecting it");
-                            if let Some(h) = conns.remove(&conn) {
-                                h.kill.cancel();
-                            }
-                            false
-                        }
-                    }
-                };
-                let mut dropped = None;
-                match effect {
-                    Effect::Send { conn, frame } => {
-                        if let RelayFrame::Error { req, code, message } = &frame {
-                            tracing::debug!(conn, ?req, ?code, %message, "refused");
-                        }
-                        if let RelayFrame::RateLimited { req, retry_after_ms } = &frame {
-                            tracing::debug!(conn, req, retry_after_ms, "rate limited");
-                        }
-                        if !send(&mut conns, conn, Outgoing::Frame(frame)) {
-                            dropped = Some(conn);
-                        }
-                    }
-                    Effect::Close { conn } => {
-                        send(&mut conns, conn, Outgoing::Close);
-                    }
-                    Effect::Kill { conn } => {
-                        // The core has forgotten the stream; its task's own `Closed` changes
-                        // nothing.
-                        tracing::warn!(conn, "device is not reading; disconnecting it");
-                        if let Some(h) = conns.remove(&conn) {
-                            h.kill.cancel();
-                        }
-                    }
-                    Effect::Write { token, ops: more } => {
-                        note_devices(&registered, &more);
-                        ops.extend(more);
-                        batch_token = batch_token.max(token);
-                    }
-                    Effect::ReadChat { conn, req, chat, after, upto, max } => {
-                        let frame = match store.read_chat(chat, after, upto, max) {
-                            Ok(deltas) => RelayFrame::ChatPage { req, chat, deltas, head: upto },
-                            Err(e) => internal(req, e),
-                        };
-                        if !send(&mut conns, conn, Outgoing::Page(frame)) {
-                            dropped = Some(conn);
-                        }
-                    }
-                    Effect::ReadAccount { conn, req, account, after, upto, max } => {
-                        let frame = match store.read_account(account, after, upto, max) {
-                            Ok(entries) => RelayFrame::AccountPage { req, entries, head: upto },
-                            Err(e) => internal(req, e),
-                        };
-                        if !send(&mut conns, conn, Outgoing::Page(frame)) {
-                            dropped = Some(conn);
-                        }
-                    }
-                }
-                if let Some(conn) = dropped {
-                    queue.extend(core.handle(Input::Closed { conn }));
-                }
-            }
+            d.run(&mut core, input);
         }
-        if !ops.is_empty() {
-            if let Err(e) = store.apply(&ops) {
-                tracing::error!(error = %e, "store write failed; no further acknowledgements");
-                let _ = fatal.send(e).await;
-                return;
+        if !d.ops.is_empty() {
+            match d.store.apply(&d.ops) {
+                Ok(()) => {
+                    d.ops.clear();
+                    written.send_replace(d.batch_token);
+                }
+                Err(e) if e.is_disk_full() => {
+                    // Not applied (a batch is atomic) and never acknowledged; the token is not
+                    // published, so no barrier covers it.
+                    tracing::error!(error = %e, "{DISK_FULL}");
+                    d.ops.clear();
+                    d.disk_full = true;
+                    d.run(&mut core, Input::WriteFailed);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "store write failed; no further acknowledgements");
+                    let _ = fatal.send(e).await;
+                    return;
+                }
             }
-            ops.clear();
-            written.send_replace(batch_token);
         }
     }
 }
@@ -609,8 +665,9 @@ fn log_input(input: &Input) {
     match input {
         Input::Opened { conn, device } => tracing::info!(conn, %device, "device stream opened"),
         Input::Closed { conn } => tracing::info!(conn, "device stream closed"),
-        Input::BadFrame { conn, error } => tracing::info!(conn, %error, "bad frame"),
+        Input::BadFrame { conn, error, .. } => tracing::info!(conn, %error, "bad frame"),
         Input::Durable { token } => tracing::trace!(token, "barrier done"),
+        Input::WriteFailed => tracing::warn!("writes are refused from now on (the disk is full)"),
         Input::Sent { conn, bytes, pages } => tracing::trace!(conn, bytes, pages, "sent"),
         Input::Tick { now_ms } => tracing::trace!(now_ms, "tick"),
         Input::Frame { conn, frame, .. } => match frame {

@@ -8,10 +8,15 @@
 //! Layout (trees; integers big-endian so that keys sort by number):
 //! * `accounts`: account id → `AccountPublic`
 //! * `devices`: device id → `DeviceCert`
-//! * `chats`: chat id → `ChatRecord`
+//! * `chats`: chat id → [`TAG`] ‖ `ChatRecord` (a record without the tag is the earlier form,
+//!   which held every epoch's keys; it is read as the new one, and rewritten as it on the next
+//!   change)
+//! * `chat_keys`: chat id ‖ epoch ‖ account id → `WrappedKey` (one record per key, written once)
 //! * `deltas`: chat id ‖ seq → `StoredDelta`
 //! * `dedup`: blake3(device id) ‖ client seq → chat id ‖ seq
-//! * `account_log`: account id ‖ seq → `AccountEvent`
+//! * `account_log`: account id ‖ seq → [`TAG`] ‖ `StoredEvent` (key chains stored once, in
+//!   `accounts` and `account_gens`, and put back when read), or, without the tag, an
+//!   `AccountEvent` as the earlier form stored it
 //! * `approved_links`: link id → `ApprovedLink` (until the new device syncs)
 //! * `device_state`: device id → `DeviceState` (registration, last activity, revocation)
 //! * `account_settings`: account id → `AccountSettings` (session time-to-live)
@@ -19,18 +24,27 @@
 //! * `account_gens`: account id ‖ generation → `SignedGen` (the public keys of each rotation,
 //!   signed by the generation before)
 //! * `usernames`: account id → its username in the directory
+//! * `usage`: account id → bytes it has stored (its quota's count), big-endian u64
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
+use std::collections::{BTreeMap, BTreeSet};
+
 use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
+use stratus_engine::proto::directory::{AccountChain, SignedGen};
 use stratus_engine::proto::durable::SledDir;
-use stratus_engine::proto::wire::{AccountEntry, AccountEvent, Delta, MAX_PAGE_BYTES};
+use stratus_engine::proto::wire::{AccountEntry, AccountEvent, ChatKind, Delta, WrappedKey, MAX_PAGE_BYTES};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
-use crate::core::{ApprovedLink, ChatRecord, Recovered, StoreOp, DEDUP_WINDOW};
+use crate::core::{keys_digest, ApprovedLink, ChatRecord, Recovered, StoreOp, StoredEvent, DEDUP_WINDOW};
+
+/// First byte of a chat record or account log entry in the form this version writes. The
+/// earlier forms are plain postcard, which starts with a small enum index or varint, never
+/// this.
+pub const TAG: u8 = 0xFE;
 
 /// A failing store. The relay stops acknowledging when it sees one.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +59,18 @@ pub enum StoreError {
     /// Stored bytes did not decode: the data directory is damaged or from another version.
     #[error("stored record {0} is corrupt")]
     Corrupt(&'static str),
+}
+
+impl StoreError {
+    /// Whether the store failed for lack of space (the disk or the user's disk quota is full):
+    /// the relay then stops writing and goes on serving reads instead of stopping.
+    pub fn is_disk_full(&self) -> bool {
+        let io = match self {
+            StoreError::Sled(sled::Error::Io(e)) | StoreError::Barrier(e) => e,
+            _ => return false,
+        };
+        matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+    }
 }
 
 /// What the relay needs from a store. Implementations must make [`RelayStore::apply`] atomic and
@@ -85,6 +111,7 @@ pub struct SledStore {
     accounts: sled::Tree,
     devices: sled::Tree,
     chats: sled::Tree,
+    chat_keys: sled::Tree,
     deltas: sled::Tree,
     dedup: sled::Tree,
     account_log: sled::Tree,
@@ -94,6 +121,52 @@ pub struct SledStore {
     recovery: sled::Tree,
     account_gens: sled::Tree,
     usernames: sled::Tree,
+    usage: sled::Tree,
+}
+
+/// A chat record as the earlier form stored it, with every epoch's keys in it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct LegacyChatRecord {
+    kind: ChatKind,
+    creator: AccountId,
+    members: BTreeSet<AccountId>,
+    epochs: BTreeMap<Epoch, Vec<WrappedKey>>,
+    rekey_due: bool,
+    joining: BTreeSet<AccountId>,
+    share_with: BTreeSet<AccountId>,
+    changes: u32,
+}
+
+fn tagged<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = vec![TAG];
+    out.extend(enc(v));
+    out
+}
+
+fn dec_chat(b: &[u8]) -> Result<ChatRecord, StoreError> {
+    if let Some(rest) = b.strip_prefix(&[TAG]) {
+        return dec(rest, "chat");
+    }
+    let old: LegacyChatRecord = dec(b, "chat")?;
+    Ok(ChatRecord {
+        kind: old.kind,
+        creator: old.creator,
+        members: old.members,
+        newest: old.epochs.keys().next_back().copied().unwrap_or_default(),
+        genesis_keys: old.epochs.get(&Epoch(0)).map_or([0; 32], |k| keys_digest(k)),
+        rekey_due: old.rekey_due,
+        joining: old.joining,
+        share_with: old.share_with,
+        changes: old.changes,
+    })
+}
+
+fn dec_event(b: &[u8]) -> Result<StoredEvent, StoreError> {
+    match b.strip_prefix(&[TAG]) {
+        Some(rest) => dec(rest, "account log entry"),
+        None => Ok(StoredEvent::Whole(dec(b, "account log entry")?)),
+    }
 }
 
 impl SledStore {
@@ -105,6 +178,7 @@ impl SledStore {
             accounts: db.open_tree("accounts")?,
             devices: db.open_tree("devices")?,
             chats: db.open_tree("chats")?,
+            chat_keys: db.open_tree("chat_keys")?,
             deltas: db.open_tree("deltas")?,
             dedup: db.open_tree("dedup")?,
             account_log: db.open_tree("account_log")?,
@@ -114,6 +188,7 @@ impl SledStore {
             recovery: db.open_tree("recovery")?,
             account_gens: db.open_tree("account_gens")?,
             usernames: db.open_tree("usernames")?,
+            usage: db.open_tree("usage")?,
             db,
         })
     }
@@ -138,6 +213,51 @@ fn dec<'a, T: Deserialize<'a>>(b: &'a [u8], what: &'static str) -> Result<T, Sto
     postcard::from_bytes(b).map_err(|_| StoreError::Corrupt(what))
 }
 
+fn chat_key_key(chat: ChatId, epoch: Epoch, account: AccountId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(36);
+    k.extend_from_slice(&chat.0);
+    k.extend_from_slice(&epoch.0.to_be_bytes());
+    k.extend_from_slice(&account.0);
+    k
+}
+
+impl SledStore {
+    /// `account`'s chain with its first `rotations` rotations, from the directory's records.
+    fn chain(&self, account: AccountId, rotations: u32) -> Result<Option<AccountChain>, StoreError> {
+        let Some(public) = self.accounts.get(account.0)? else { return Ok(None) };
+        let public: AccountPublic = dec(&public, "account")?;
+        let mut gens = Vec::new();
+        for kv in self.account_gens.range(seq_key(&account.0, 1)..=seq_key(&account.0, u64::from(rotations))) {
+            gens.push(dec::<SignedGen>(&kv?.1, "account generation")?);
+        }
+        Ok((gens.len() == rotations as usize).then_some(AccountChain { public, rotations: gens }))
+    }
+
+    /// The entry as it was sent: its chain put back (chains cached per page in `cache`).
+    fn expand(
+        &self,
+        stored: StoredEvent,
+        cache: &mut BTreeMap<(AccountId, u32), Option<AccountChain>>,
+    ) -> Result<AccountEvent, StoreError> {
+        let mut failed = None;
+        let event = stored.expand(|account, n| match cache.entry((account, n)) {
+            std::collections::btree_map::Entry::Occupied(c) => c.get().clone(),
+            std::collections::btree_map::Entry::Vacant(slot) => match self.chain(account, n) {
+                Ok(c) => slot.insert(c).clone(),
+                Err(e) => {
+                    failed = Some(e);
+                    None
+                }
+            },
+        });
+        match (event, failed) {
+            (_, Some(e)) => Err(e),
+            (Some(event), None) => Ok(event),
+            (None, None) => Err(StoreError::Corrupt("account log entry's key chain")),
+        }
+    }
+}
+
 fn tail_u64(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&key[key.len() - 8..]);
@@ -159,11 +279,22 @@ impl RelayStore for SledStore {
             &self.recovery,
             &self.account_gens,
             &self.usernames,
+            &self.chat_keys,
+            &self.usage,
         ];
+        // A batch carries an account's usage once per write that changed it; only the last
+        // one of each account is stored (the batch is atomic, so the result is the same).
+        let mut last_usage: BTreeMap<AccountId, usize> = BTreeMap::new();
+        for (i, op) in ops.iter().enumerate() {
+            if let StoreOp::PutUsage(a, _) = op {
+                last_usage.insert(*a, i);
+            }
+        }
         let r: Result<(), TransactionError<()>> = trees.transaction(|t: &Vec<TransactionalTree>| {
             let (accounts, devices, chats, deltas, dedup, log, links, states, settings, recovery, gens, names) =
                 (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &t[9], &t[10], &t[11]);
-            for op in ops {
+            let (chat_keys, usage) = (&t[12], &t[13]);
+            for (i, op) in ops.iter().enumerate() {
                 match op {
                     StoreOp::PutAccount(a) => {
                         accounts.insert(&a.id.0[..], enc(a))?;
@@ -172,7 +303,17 @@ impl RelayStore for SledStore {
                         devices.insert(c.body.device.0.as_bytes(), enc(c))?;
                     }
                     StoreOp::PutChat(id, r) => {
-                        chats.insert(&id.0[..], enc(r))?;
+                        chats.insert(&id.0[..], tagged(r))?;
+                    }
+                    StoreOp::PutChatKeys(chat, epoch, keys) => {
+                        for k in keys {
+                            chat_keys.insert(chat_key_key(*chat, *epoch, k.account), enc(k))?;
+                        }
+                    }
+                    StoreOp::PutUsage(a, bytes) => {
+                        if last_usage.get(a) == Some(&i) {
+                            usage.insert(&a.0[..], &bytes.to_be_bytes()[..])?;
+                        }
                     }
                     StoreOp::PutDelta(d) => {
                         let stored = StoredDelta {
@@ -186,7 +327,7 @@ impl RelayStore for SledStore {
                         dedup.insert(seq_key(&dedup_prefix(&d.device), d.client_seq.0), seq_key(&d.chat.0, d.seq.0))?;
                     }
                     StoreOp::PutAccountEntry(a, e) => {
-                        log.insert(seq_key(&a.0, e.seq.0), enc(&e.event))?;
+                        log.insert(seq_key(&a.0, e.seq.0), tagged(&StoredEvent::compact(&e.event)))?;
                     }
                     StoreOp::PutApprovedLink(id, l) => {
                         links.insert(&id[..], enc(l))?;
@@ -272,15 +413,16 @@ impl RelayStore for SledStore {
             return Ok(out);
         }
         let mut bytes = 0;
+        let mut chains = BTreeMap::new();
         for kv in self.account_log.range(seq_key(&account.0, after.0 + 1)..=seq_key(&account.0, upto.0)) {
             let (k, v) = kv?;
-            // Entries carry member lists and key chains: a page is capped in bytes too (always
-            // at least one entry).
-            bytes += v.len();
+            // Entries carry member lists and key chains: a page is capped in bytes too, as they
+            // are sent (always at least one entry).
+            let event = self.expand(dec_event(&v)?, &mut chains)?;
+            bytes += postcard::experimental::serialized_size(&event).unwrap_or(MAX_PAGE_BYTES);
             if !out.is_empty() && bytes > MAX_PAGE_BYTES {
                 break;
             }
-            let event: AccountEvent = dec(&v, "account log entry")?;
             out.push(AccountEntry { seq: Seq(tail_u64(&k)), event });
             if out.len() >= max as usize {
                 break;
@@ -351,13 +493,121 @@ impl RelayStore for SledStore {
         for kv in self.chats.iter() {
             let (k, v) = kv?;
             let id: [u8; 16] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("chat id"))?;
-            let record: ChatRecord = dec(&v, "chat")?;
+            let record = dec_chat(&v)?;
             let head = match self.deltas.scan_prefix(id).next_back() {
                 Some(kv) => Seq(tail_u64(&kv?.0)),
                 None => Seq(0),
             };
             r.chats.push((ChatId(id), record, head));
         }
+        for kv in self.usage.iter() {
+            let (k, v) = kv?;
+            let id: [u8; 16] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("account id"))?;
+            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("usage"))?;
+            r.usage.push((AccountId(id), u64::from_be_bytes(bytes)));
+        }
         Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use stratus_engine::proto::cert::{AccountKeys, RotationBody};
+    use stratus_engine::proto::crypto::SealedBox;
+    use stratus_engine::proto::directory::{KeyTerms, MemberChange, MemberChangeBody, Membership};
+
+    use super::*;
+
+    fn key(account: AccountId) -> WrappedKey {
+        let key = SealedBox { ephemeral: [3; 32], sealed: vec![4; 72] };
+        WrappedKey { account, generation: 0, content: true, key, signature: vec![5; 64] }
+    }
+
+    /// A handout's key chain is stored once (in the directory's records), not in each log
+    /// entry, and the entries read back exactly as they were written; entries and chat records
+    /// in the earlier form still read.
+    #[test]
+    fn key_chains_in_log_entries_are_stored_once_and_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let signer = AccountKeys::generate(&mut rng).public();
+        let gens: Vec<SignedGen> = (1..=40u8)
+            .map(|g| SignedGen {
+                body: RotationBody {
+                    account: signer.id,
+                    generation: u32::from(g),
+                    signing_key: [g; 32],
+                    kem_key: [g; 32],
+                },
+                signature: vec![g; 64],
+            })
+            .collect();
+        let chain = |n: usize| AccountChain { public: signer.clone(), rotations: gens[..n].to_vec() };
+        let chat = ChatId([7; 16]);
+        let me = AccountId([9; 16]);
+        let terms = KeyTerms { chat, kind: ChatKind::Group, epoch: Epoch(3), members: [me, signer.id].into() };
+        let change = MemberChange {
+            body: MemberChangeBody { chat, base_epoch: Epoch(3), seq: 0, by: signer.id, change: Membership::Leave },
+            signature: vec![6; 64],
+        };
+        let events = vec![
+            AccountEvent::ChatAdded {
+                terms: terms.clone(),
+                key: key(me),
+                signer: signer.id,
+                signer_chain: Some(chain(30)),
+            },
+            AccountEvent::MembersChanged { change: change.clone(), by_chain: Some(chain(40)) },
+            AccountEvent::ChatAdded { terms, key: key(me), signer: me, signer_chain: None },
+            AccountEvent::DeviceExpired { device: DeviceId("d".into()), last_active_ms: 5 },
+        ];
+        let mut ops = vec![StoreOp::PutAccount(signer.clone())];
+        ops.extend(gens.iter().cloned().map(StoreOp::PutAccountGen));
+        for (i, event) in events.iter().enumerate() {
+            ops.push(StoreOp::PutAccountEntry(me, AccountEntry { seq: Seq(i as u64 + 1), event: event.clone() }));
+        }
+        store.apply(&ops).unwrap();
+        let read: Vec<AccountEvent> =
+            store.read_account(me, Seq(0), Seq(10), 10).unwrap().into_iter().map(|e| e.event).collect();
+        assert_eq!(read, events);
+        let chain_bytes = enc(&chain(30)).len();
+        for kv in store.account_log.iter() {
+            let (_, v) = kv.unwrap();
+            assert!(v.len() < chain_bytes / 4, "an entry of {} bytes; the chain alone is {chain_bytes}", v.len());
+        }
+
+        // The earlier forms: an entry with its chain inside, a chat record with its keys.
+        let old = AccountEvent::MembersChanged { change, by_chain: Some(chain(12)) };
+        store.account_log.insert(seq_key(&me.0, 5), enc(&old)).unwrap();
+        let read = store.read_account(me, Seq(4), Seq(5), 10).unwrap();
+        assert_eq!(read[0].event, old);
+        let epochs: BTreeMap<Epoch, Vec<WrappedKey>> = (0..3).map(|e| (Epoch(e), vec![key(me)])).collect();
+        let legacy = LegacyChatRecord {
+            kind: ChatKind::Group,
+            creator: me,
+            members: [me].into(),
+            epochs: epochs.clone(),
+            rekey_due: true,
+            joining: BTreeSet::new(),
+            share_with: BTreeSet::new(),
+            changes: 1,
+        };
+        store.chats.insert(&chat.0[..], enc(&legacy)).unwrap();
+        let recovered = store.recover().unwrap();
+        let (_, record, _) = recovered.chats.iter().find(|(c, _, _)| *c == chat).unwrap();
+        assert_eq!((record.newest, record.rekey_due, record.changes), (Epoch(2), true, 1));
+        assert_eq!(record.genesis_keys, keys_digest(&epochs[&Epoch(0)]));
+    }
+
+    /// Only a lack of space makes the relay stay up without writing; other failures stop it.
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_failures() {
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        assert!(StoreError::Barrier(full).is_disk_full());
+        assert!(StoreError::Sled(sled::Error::Io(std::io::Error::from_raw_os_error(28))).is_disk_full());
+        assert!(!StoreError::Barrier(std::io::Error::other("gone")).is_disk_full());
+        assert!(!StoreError::Corrupt("x").is_disk_full());
     }
 }

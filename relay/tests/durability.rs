@@ -1,7 +1,8 @@
 //! Power-loss safety: no acknowledgement leaves the relay before its fsync barrier completed,
-//! and a failing barrier stops the relay (non-zero) instead of acknowledging. The relay runs
-//! in-process over the real sled store wrapped so that barriers can be held back or failed;
-//! the device is a real engine session over libp2p on 127.0.0.1.
+//! and a failing barrier stops the relay (non-zero) instead of acknowledging; a full disk stops
+//! the writes, not the relay. The relay runs in-process over the real sled store wrapped so that
+//! barriers can be held back or failed and writes can fail for lack of space; the device is a
+//! real engine session over libp2p on 127.0.0.1.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -19,6 +20,8 @@ struct GatedStore {
     open: Mutex<bool>,
     opened: Condvar,
     fail: AtomicBool,
+    /// Writes fail as on a full disk.
+    full: AtomicBool,
 }
 
 impl GatedStore {
@@ -30,6 +33,10 @@ impl GatedStore {
 
 impl RelayStore for GatedStore {
     fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        if self.full.load(Ordering::SeqCst) {
+            let e = std::io::Error::from(std::io::ErrorKind::StorageFull);
+            return Err(StoreError::Sled(sled::Error::Io(e)));
+        }
         self.inner.apply(ops)
     }
     fn barrier(&self) -> Result<(), StoreError> {
@@ -64,17 +71,17 @@ async fn wait_outbox(session: &Session, want: usize, secs: u64) -> bool {
     false
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acks_wait_for_the_barrier_and_a_failed_barrier_stops_the_relay() {
-    let dir = tempfile::tempdir().unwrap();
+/// A relay over a [`GatedStore`] in `dir`, and its address.
+async fn start(dir: &std::path::Path) -> (Arc<GatedStore>, tokio::task::JoinHandle<Result<(), ServerError>>, String) {
     let store = Arc::new(GatedStore {
-        inner: SledStore::open(&dir.path().join("relay/store")).unwrap(),
+        inner: SledStore::open(&dir.join("relay/store")).unwrap(),
         open: Mutex::new(true),
         opened: Condvar::new(),
         fail: AtomicBool::new(false),
+        full: AtomicBool::new(false),
     });
     let config = Config {
-        data_dir: dir.path().join("relay"),
+        data_dir: dir.join("relay"),
         listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
         external_addresses: Vec::new(),
         limits: Default::default(),
@@ -88,7 +95,13 @@ async fn acks_wait_for_the_barrier_and_a_failed_barrier_stops_the_relay() {
         },
         std::future::pending(),
     ));
-    let addr = addr_rx.await.unwrap();
+    (store, relay, addr_rx.await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_wait_for_the_barrier_and_a_failed_barrier_stops_the_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, relay, addr) = start(dir.path()).await;
 
     let mut device = Device::open(&dir.path().join("d")).unwrap();
     device.create_account(&addr, "d").await.unwrap();
@@ -112,5 +125,65 @@ async fn acks_wait_for_the_barrier_and_a_failed_barrier_stops_the_relay() {
     let result = tokio::time::timeout(Duration::from_secs(20), relay).await.expect("the relay stops").unwrap();
     assert!(matches!(result, Err(ServerError::Store(StoreError::Barrier(_)))), "{result:?}");
     assert_eq!(session.status().await.unwrap().outbox, 1, "the failed append stays in the outbox");
+    session.stop().await.unwrap();
+}
+
+/// The disk fills up (a write fails for lack of space): the relay stays up, acknowledges
+/// nothing more (the device keeps its message in its outbox), and goes on serving what it
+/// stored to a device that reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_writes_not_the_relay() {
+    use stratus_engine::proto::wire::{ClientFrame, RelayFrame, PROTOCOL_VERSION};
+    let dir = tempfile::tempdir().unwrap();
+    let (store, relay, addr) = start(dir.path()).await;
+    let mut device = Device::open(&dir.path().join("d")).unwrap();
+    device.create_account(&addr, "d").await.unwrap();
+    let keys = device.keypair();
+    let mut session = Session::start(device).unwrap();
+    let mut events = session.events();
+    while !matches!(events.recv().await.unwrap(), stratus_engine::Event::Connected) {}
+    let chat = session.create_chat("full").await.unwrap();
+    session.send(chat, "stored").await.unwrap();
+    assert!(wait_outbox(&session, 0, 20).await, "acknowledged while there is space");
+
+    store.full.store(true, Ordering::SeqCst);
+    session.send(chat, "no room").await.unwrap();
+    assert!(!wait_outbox(&session, 0, 3).await, "acknowledged without being written");
+    assert!(!relay.is_finished(), "the relay stays up");
+
+    // Another stream of the device reads what is stored, and is refused a write.
+    let (peer, ma) = stratus_engine::net::parse_relay_addr(&addr).unwrap();
+    let mut net = stratus_engine::net::Net::start(keys).unwrap();
+    let mut s = net.open(peer, ma).await.unwrap();
+    s.send(&ClientFrame::Hello { version: PROTOCOL_VERSION }).await.unwrap();
+    assert!(matches!(s.recv().await.unwrap(), Some(RelayFrame::Hello { account: Some(_), .. })));
+    s.send(&ClientFrame::FetchChat { req: 1, chat, after: stratus_engine::Seq(0), max: 100 }).await.unwrap();
+    let page = loop {
+        match s.recv().await.unwrap() {
+            Some(RelayFrame::ChatPage { deltas, .. }) => break deltas,
+            Some(_) => {}
+            None => panic!("the stream closed"),
+        }
+    };
+    assert_eq!(page.len(), 2, "the title and the first message, nothing of the one not written");
+    let sealed = vec![1; 40];
+    let append = ClientFrame::Append {
+        req: 2,
+        chat,
+        epoch: stratus_engine::Epoch(0),
+        client_seq: stratus_engine::ClientSeq(1 << 40),
+        sealed,
+    };
+    s.send(&append).await.unwrap();
+    let refused = loop {
+        match s.recv().await.unwrap() {
+            Some(RelayFrame::Error { req: Some(2), message, .. }) => break message,
+            Some(_) => {}
+            None => panic!("the stream closed"),
+        }
+    };
+    assert!(refused.contains("disk is full"), "{refused}");
+    assert!(!relay.is_finished(), "the relay stays up");
+    assert_eq!(session.status().await.unwrap().outbox, 1, "the message waits in the outbox");
     session.stop().await.unwrap();
 }

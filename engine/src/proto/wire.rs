@@ -16,7 +16,7 @@ use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 /// The libp2p protocol name of the sync stream.
 pub const PROTOCOL: &str = "/stratus/sync/1";
 /// Bumped on any incompatible change to the frames below.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Longest frame either side sends or accepts. A longer length prefix is a protocol error and
 /// closes the stream (the rest of the stream cannot be trusted to be framed).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
@@ -435,6 +435,11 @@ pub enum ErrorCode {
     /// The account may not do that (remove a member it did not add to a group it did not
     /// create, change the members of a direct chat or notes).
     NotAllowed,
+    /// The account has stored as many bytes on the relay as the relay allows one account (its
+    /// quota, see the relay's `--max-account-bytes`). Nothing changed; the request is refused
+    /// for good (sending it again fails the same way until the operator raises the quota).
+    /// Added in protocol version 7; kept last because postcard encodes variant indices.
+    QuotaExceeded,
 }
 
 /// A frame that failed to encode or decode.

@@ -46,8 +46,7 @@ impl RelayCore {
         self.accounts.insert(id, acct);
         self.devices.insert(device.clone(), Device::new(cert.clone(), state));
         let entry = self.log_entry(id, AccountEvent::DeviceAdded { cert }, &mut ops);
-        let token = self.token();
-        out.push(Effect::Write { token, ops });
+        self.write_for(id, ops, out);
         self.attach(conn, id);
         self.after_durable(Deferred::AccountDurable { account: id, entry }, out);
         self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
@@ -81,15 +80,17 @@ impl RelayCore {
         if name.len() > MAX_DEVICE_NAME_BYTES {
             return Err((ErrorCode::TooLarge, format!("device names are at most {MAX_DEVICE_NAME_BYTES} bytes")));
         }
-        if self.links.len() >= MAX_PENDING_LINKS && !self.links.contains_key(&link_id) {
-            return Err((ErrorCode::RateLimited, "too many devices wait for approval; try again later".into()));
-        }
         if self.links.get(&link_id).is_some_and(|l| &l.device != device) {
             return Err((ErrorCode::AlreadyExists, "another device waits under that link code".into()));
         }
-        // One pending link per stream: a new wait replaces the old one, so one stream cannot
-        // fill the relay's table.
-        self.links.retain(|_, l| l.conn != conn);
+        // One pending link per peer: a new wait replaces the peer's old one (from any of its
+        // streams), so no peer holds more than one place, and a place lives only as long as
+        // its stream. The table is therefore no larger than the connections the relay allows;
+        // this cap is only a safety net that no fewer peers can fill.
+        self.links.retain(|_, l| &l.device != device);
+        if self.links.len() >= self.limits.max_connections as usize {
+            return Err((ErrorCode::RateLimited, "too many devices wait for approval; try again later".into()));
+        }
         self.links.insert(link_id, PendingLink { conn, req, device: device.clone(), device_x25519, name });
         Ok(())
     }
@@ -137,8 +138,7 @@ impl RelayCore {
         self.devices.insert(link.device.clone(), Device::new(cert.clone(), state));
         self.accounts.get_mut(&account).expect("the approver's account exists").devices.insert(link.device.clone());
         let entry = self.log_entry(account, AccountEvent::DeviceAdded { cert: cert.clone() }, &mut ops);
-        let token = self.token();
-        out.push(Effect::Write { token, ops });
+        self.write_for(account, ops, out);
         self.attach(link.conn, account);
         self.after_durable(Deferred::AccountDurable { account, entry }, out);
         self.after_durable(

@@ -12,7 +12,8 @@
 //!   until the backlog falls to half of that. The stream remembers which chats (and whether the
 //!   account log) it missed pushes for, at most the account's chats; then it sends one
 //!   [`RelayFrame::Behind`] with their durable heads and the device fetches what it missed.
-//!   Typing indicators are just dropped.
+//!   Typing indicators are dropped sooner, once half the budget waits, and just dropped: they
+//!   never start the dropping of other pushes, nor a `Behind`, nor a cut.
 //! * A stream with frames or pages waiting and nothing written for
 //!   [`Limits::stalled_reader_ms`] (by the driver's [`Input::Tick`]) is cut off at once
 //!   ([`Effect::Kill`]): its device has stopped reading. So is one whose answers would pass
@@ -74,6 +75,14 @@ impl RelayCore {
         let budget = self.limits.max_push_backlog_bytes;
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let b = &mut c.backlog;
+        if let RelayFrame::Typing { .. } = frame {
+            // Dropped first, and never a reason for anything else: a typing indicator goes out
+            // only while the stream has less than half its push budget waiting, and one dropped
+            // is not missed (no `Behind`, no other push dropped, never a cut).
+            if b.dropping || b.queued_bytes + frame_cost(&frame) > budget / 2 {
+                return;
+            }
+        }
         let push =
             matches!(frame, RelayFrame::Push { .. } | RelayFrame::PushAccount { .. } | RelayFrame::Typing { .. });
         if push && (b.dropping || b.queued_bytes > budget) {

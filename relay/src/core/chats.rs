@@ -1,12 +1,25 @@
 //! Chats: creating one and appending to it. Part of [`RelayCore`]; split out of `core.rs` for
 //! size.
 
+use stratus_engine::proto::wire::TYPING_SHOWN_MS;
+
 use super::*;
 
+/// Shortest time between two typing indicators of one device in one chat that the relay
+/// forwards; the ones in between are dropped. Half of how long devices show one
+/// ([`TYPING_SHOWN_MS`]), so a user who keeps typing is shown typing without a gap.
+pub const TYPING_FORWARD_MS: u64 = TYPING_SHOWN_MS / 2;
+/// Most chats one device is shown typing in at once (within [`TYPING_FORWARD_MS`]); indicators
+/// for more are dropped. A person types in one chat at a time.
+pub const TYPING_CHATS: usize = 4;
+
 impl RelayCore {
-    /// Pushes a typing indicator to the other connected devices of the chat's members. Never
-    /// stored and never answered: from a device that is not a member, or over its rate limit,
-    /// it is dropped.
+    /// Pushes a typing indicator to the other connected devices of the chat's members, at most
+    /// one per [`TYPING_FORWARD_MS`] per chat and device and in at most [`TYPING_CHATS`] chats
+    /// at once: one indicator is pushed to every stream of every member, so the relay passes
+    /// on only what a user can be shown. Never stored and never answered: from a device that
+    /// is not a member, over its rate limit, or coalesced, it is dropped. (Pushes of it are
+    /// dropped first when a stream falls behind, see `core/backlog.rs`.)
     pub(super) fn typing(
         &mut self,
         from: ConnId,
@@ -22,6 +35,12 @@ impl RelayCore {
         if self.over_rate(device, &ClientFrame::Typing { chat }, now_ms).is_some() {
             return;
         }
+        let Some(d) = self.devices.get_mut(device) else { return };
+        d.typing.retain(|_, at| now_ms.saturating_sub(*at) < TYPING_FORWARD_MS && *at <= now_ms);
+        if d.typing.contains_key(&chat) || d.typing.len() >= TYPING_CHATS {
+            return;
+        }
+        d.typing.insert(chat, now_ms);
         for member in &members {
             for conn in self.conns_by_account.get(member).into_iter().flatten() {
                 if *conn != from {
@@ -51,7 +70,8 @@ impl RelayCore {
             // acknowledged): the same kind and first-epoch keys, from a member.
             if existing.record.kind == kind
                 && existing.record.members.contains(&account)
-                && existing.record.epochs.get(&epoch) == Some(&keys)
+                && epoch == Epoch(0)
+                && existing.record.genesis_keys == keys_digest(&keys)
             {
                 self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
                 return Ok(());
@@ -79,6 +99,7 @@ impl RelayCore {
         if let Some(m) = members.iter().find(|m| !self.accounts.contains_key(m)) {
             return Err((ErrorCode::NotFound, format!("no account {m}")));
         }
+        self.check_quota(account, 1)?;
         if members.iter().any(|m| self.accounts[m].chats.len() >= MAX_ACCOUNT_CHATS) {
             return Err((
                 ErrorCode::TooLarge,
@@ -100,19 +121,20 @@ impl RelayCore {
             kind,
             creator: account,
             members: members.clone(),
-            epochs: BTreeMap::from([(epoch, keys.clone())]),
+            newest: epoch,
+            genesis_keys: keys_digest(&keys),
             rekey_due: false,
             joining: BTreeSet::new(),
             share_with: BTreeSet::new(),
             changes: 0,
         };
-        let mut ops = vec![StoreOp::PutChat(chat, record.clone())];
-        self.chats.insert(chat, Chat { record, head: Seq(0), durable: Seq(0) });
+        let mut ops = vec![StoreOp::PutChat(chat, record.clone()), StoreOp::PutChatKeys(chat, epoch, keys.clone())];
+        self.chats.insert(chat, Chat::new(record, Seq(0)));
         for m in &members {
             self.accounts.get_mut(m).expect("checked").chats.insert(chat);
         }
         let entries = self.log_chat_keys(&terms, keys, account, &mut ops);
-        self.commit_and_answer(conn, req, ops, entries, out);
+        self.commit_and_answer(conn, req, account, ops, entries, out);
         Ok(())
     }
 
@@ -129,6 +151,7 @@ impl RelayCore {
         sealed: Vec<u8>,
         out: &mut Vec<Effect>,
     ) -> Result<(), (ErrorCode, String)> {
+        let quota = self.check_quota(account, sealed.len() as u64 + DELTA_OVERHEAD_BYTES);
         let chat = self.chats.get_mut(&chat_id).ok_or((ErrorCode::UnknownChat, format!("no chat {chat_id}")))?;
         if !chat.record.members.contains(&account) {
             return Err((ErrorCode::NotMember, format!("this account is not a member of chat {chat_id}")));
@@ -136,10 +159,10 @@ impl RelayCore {
         if sealed.len() > MAX_DELTA_BYTES {
             return Err((ErrorCode::TooLarge, format!("a delta is at most {MAX_DELTA_BYTES} bytes")));
         }
-        if !chat.record.epochs.contains_key(&epoch) {
+        let newest = chat.record.newest;
+        if epoch > newest {
             return Err((ErrorCode::UnknownEpoch, format!("chat {chat_id} has no epoch {}", epoch.0)));
         }
-        let newest = chat.record.epochs.keys().next_back().copied().unwrap_or_default();
         let dev = self.devices.get_mut(device).expect("an attached connection's device is known");
         if dev.appends_in_flight >= self.limits.max_appends_in_flight_per_device {
             hold(dev, client_seq);
@@ -155,6 +178,11 @@ impl RelayCore {
                 ErrorCode::StaleEpoch,
                 format!("chat {chat_id} moved past key epoch {}; seal the delta again under the next", epoch.0),
             ));
+        }
+        if client_seq > dev.highest_client_seq {
+            // Refused for good (not held): the device drops it and goes on with its next ones,
+            // which meet the same refusal while the account is over its quota.
+            quota?;
         }
         dev.appends_in_flight += 1;
         if client_seq <= dev.highest_client_seq {
@@ -173,8 +201,7 @@ impl RelayCore {
             dev.recent.pop_first();
         }
         let delta = Delta { chat: chat_id, seq, epoch, device: device.clone(), account, client_seq, sealed };
-        let token = self.token();
-        out.push(Effect::Write { token, ops: vec![StoreOp::PutDelta(delta.clone())] });
+        self.write_for(account, vec![StoreOp::PutDelta(delta.clone())], out);
         self.after_durable(
             Deferred::AppendDone(conn, device.clone(), RelayFrame::Acked { req, chat: chat_id, client_seq, seq }),
             out,

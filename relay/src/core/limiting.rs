@@ -6,9 +6,8 @@ use super::*;
 
 impl RelayCore {
     /// The rate limit and the held-back client seqs, checked before anything else: `Some` with
-    /// the retry-after when `frame` is refused. Only registered devices are limited here (an
-    /// unknown device can only create an account or wait for a link; those are bounded by the
-    /// connection limits and [`MAX_PENDING_LINKS`]).
+    /// the retry-after when `frame` is refused. Only registered devices are limited here; a
+    /// peer without a session has a budget of its own (`core/peers.rs`).
     pub(super) fn over_rate(&mut self, device: &DeviceId, frame: &ClientFrame, now_ms: u64) -> Option<u32> {
         let limits = &self.limits;
         let dev = self.devices.get_mut(device)?;

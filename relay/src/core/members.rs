@@ -1,6 +1,12 @@
 //! The directory (usernames, lookups) and the members of direct chats and groups: changes, and
 //! the new key epochs they call for (see docs/crypto.md, "Members"). Part of [`RelayCore`];
 //! split out of `core.rs` for size.
+//!
+//! What member changes may cost: each starts a key epoch whose keys every member's devices take,
+//! so adding and removing members is rate limited per chat
+//! ([`Limits::member_change_interval_ms`]), and adding stops once a chat's newest epoch has
+//! reached [`Limits::max_chat_epochs`]. Leaving is never limited. A new epoch writes only its
+//! own keys (one record per member) and the small chat record, never the earlier epochs'.
 
 use stratus_engine::proto::directory::{
     check_username, DirectoryEntry, MemberChange, Membership, MAX_ADDED_AT_ONCE, MAX_LOOKUP_ACCOUNTS, MAX_SHARED_EPOCHS,
@@ -22,6 +28,7 @@ impl RelayCore {
         conn: ConnId,
         account: AccountId,
         frame: ClientFrame,
+        now_ms: u64,
         out: &mut Vec<Effect>,
     ) -> Result<(), Refusal> {
         match frame {
@@ -69,7 +76,7 @@ impl RelayCore {
                 out.push(Effect::Send { conn, frame: RelayFrame::AccountDevices { req, account, devices } });
                 Ok(())
             }
-            ClientFrame::ChangeMembers { req, change } => self.change_members(conn, req, account, change, out),
+            ClientFrame::ChangeMembers { req, change } => self.change_members(conn, req, account, change, now_ms, out),
             ClientFrame::Rekey { req, epoch, history } => self.rekey(conn, req, account, epoch, history, out),
             _ => unreachable!("the caller passes only the frames above"),
         }
@@ -101,7 +108,7 @@ impl RelayCore {
         if let Some(n) = &name {
             self.usernames.insert(n.clone(), account);
         }
-        self.commit_and_answer(conn, req, vec![StoreOp::PutUsername(account, name)], Vec::new(), out);
+        self.commit_and_answer(conn, req, account, vec![StoreOp::PutUsername(account, name)], Vec::new(), out);
         Ok(())
     }
 
@@ -139,13 +146,17 @@ impl RelayCore {
 
     /// Changes a chat's members as a member signed it, for the chat's newest epoch: logged to
     /// every member before and after, and the chat is due its next epoch (nothing more is
-    /// stored under the current one, which the departed may hold).
+    /// stored under the current one, which the departed may hold). Adding and removing take
+    /// from the chat's budget of member changes (`RateLimited` when it is spent); adding is
+    /// refused once the chat has had [`Limits::max_chat_epochs`] epochs, or the adding account
+    /// is over its quota.
     fn change_members(
         &mut self,
         conn: ConnId,
         req: ReqId,
         account: AccountId,
         change: MemberChange,
+        now_ms: u64,
         out: &mut Vec<Effect>,
     ) -> Result<(), Refusal> {
         let b = &change.body;
@@ -158,7 +169,7 @@ impl RelayCore {
         if !record.members.contains(&account) {
             return Err(refuse(ErrorCode::NotMember, format!("this account is not a member of chat {}", b.chat)));
         }
-        let newest = record.epochs.keys().next_back().copied().unwrap_or_default();
+        let newest = record.newest;
         if b.base_epoch != newest || b.seq != record.changes {
             return Err(refuse(
                 ErrorCode::StaleEpoch,
@@ -182,6 +193,14 @@ impl RelayCore {
                 if record.members.len() + accounts.len() > MAX_CHAT_MEMBERS {
                     return Err(refuse(ErrorCode::TooLarge, format!("a chat has at most {MAX_CHAT_MEMBERS} members")));
                 }
+                let max_epochs = self.limits.max_chat_epochs;
+                if newest.0 >= max_epochs {
+                    return Err(refuse(
+                        ErrorCode::TooLarge,
+                        format!("this chat has had {max_epochs} key epochs, as many as adding members may start; make a new group"),
+                    ));
+                }
+                self.check_quota(account, 1)?;
                 for a in accounts {
                     match self.accounts.get(a) {
                         None => return Err(refuse(ErrorCode::NotFound, format!("no account {a}"))),
@@ -206,7 +225,16 @@ impl RelayCore {
             (_, Membership::Leave) => {}
         }
         self.check_signed(account, "the member change", |g| g.verify_member_change(&change))?;
+        if !matches!(b.change, Membership::Leave) {
+            let (interval, burst) = (self.limits.member_change_interval_ms, self.limits.member_change_burst);
+            let chat = self.chats.get_mut(&b.chat).expect("checked above");
+            if let Err(retry_after_ms) = chat.member_changes.take(now_ms, interval, burst) {
+                out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req, retry_after_ms } });
+                return Ok(());
+            }
+        }
 
+        let record = &self.chats[&b.chat].record;
         let before = record.members.clone();
         let after = b.apply(&before);
         let chat_id = b.chat;
@@ -236,7 +264,7 @@ impl RelayCore {
             let event = AccountEvent::MembersChanged { change: change.clone(), by_chain };
             entries.push((*m, self.log_entry(*m, event, &mut ops)));
         }
-        self.commit_and_answer(conn, req, ops, entries, out);
+        self.commit_and_answer(conn, req, account, ops, entries, out);
         Ok(())
     }
 
@@ -267,7 +295,7 @@ impl RelayCore {
             self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
             return Ok(());
         }
-        let newest = record.epochs.keys().next_back().copied().unwrap_or_default();
+        let newest = record.newest;
         if newest.0.checked_add(1) != Some(new.epoch.0) {
             return Err(refuse(
                 ErrorCode::StaleEpoch,
@@ -287,7 +315,7 @@ impl RelayCore {
             return Err(refuse(ErrorCode::TooLarge, format!("at most {MAX_SHARED_EPOCHS} earlier epochs are shared")));
         }
         for h in &history {
-            if h.chat != new.chat || !record.epochs.contains_key(&h.epoch) {
+            if h.chat != new.chat || h.epoch > newest {
                 return Err(refuse(ErrorCode::UnknownEpoch, "history for an epoch the chat does not have"));
             }
             if h.keys.iter().any(|k| !record.joining.contains(&k.account)) {
@@ -300,27 +328,27 @@ impl RelayCore {
         }
 
         let chat = self.chats.get_mut(&new.chat).expect("checked above");
-        let mut grants = Vec::new();
-        for h in history {
-            let keys = chat.record.epochs.get_mut(&h.epoch).expect("checked above");
-            let fresh: Vec<WrappedKey> =
-                h.keys.into_iter().filter(|k| keys.iter().all(|have| have.account != k.account)).collect();
-            keys.extend(fresh.iter().cloned());
-            grants.push((KeyTerms { epoch: h.epoch, ..terms.clone() }, fresh));
-        }
-        chat.record.epochs.insert(new.epoch, new.keys.clone());
+        chat.record.newest = new.epoch;
         chat.record.rekey_due = false;
         chat.record.joining.clear();
         chat.record.share_with.clear();
         chat.record.changes = 0;
+        // Each epoch's keys are records of their own: the earlier epochs' keys handed to new
+        // members are added beside the ones there, nothing is rewritten.
         let mut ops = vec![StoreOp::PutChat(new.chat, chat.record.clone())];
+        let mut grants = Vec::new();
+        for h in history {
+            ops.push(StoreOp::PutChatKeys(new.chat, h.epoch, h.keys.clone()));
+            grants.push((KeyTerms { epoch: h.epoch, ..terms.clone() }, h.keys));
+        }
+        ops.push(StoreOp::PutChatKeys(new.chat, new.epoch, new.keys.clone()));
         // Earlier epochs first: a new member's device has them before deltas of the new one.
         let mut entries = Vec::new();
         for (terms, keys) in grants {
             entries.extend(self.log_chat_keys(&terms, keys, account, &mut ops));
         }
         entries.extend(self.log_chat_keys(&terms, new.keys, account, &mut ops));
-        self.commit_and_answer(conn, req, ops, entries, out);
+        self.commit_and_answer(conn, req, account, ops, entries, out);
         Ok(())
     }
 }

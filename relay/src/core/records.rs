@@ -1,12 +1,12 @@
 //! What the relay stores besides deltas, and what it recovers its index from. Part of
 //! [`super`]; split out for size.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
-use stratus_engine::proto::directory::SignedGen;
-use stratus_engine::proto::wire::{ChatKind, WrappedKey};
+use stratus_engine::proto::directory::{AccountChain, KeyTerms, MemberChange, SignedGen};
+use stratus_engine::proto::wire::{AccountEvent, ChatKind, WrappedKey};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
 /// An approved link, kept until the new device shows it has its bundle (by syncing), so that a
@@ -24,7 +24,10 @@ pub struct ApprovedLink {
     pub bundle: stratus_engine::proto::crypto::SealedBox,
 }
 
-/// What the relay keeps of a chat besides its deltas.
+/// What the relay keeps of a chat besides its deltas and its keys. Small and of bounded size
+/// (members at most [`stratus_engine::proto::wire::MAX_CHAT_MEMBERS`]): it is rewritten whole on
+/// each member change or new epoch, while each epoch's keys are records of their own
+/// ([`StoreOp::PutChatKeys`](super::StoreOp::PutChatKeys)), written once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatRecord {
     /// Its kind.
@@ -33,9 +36,12 @@ pub struct ChatRecord {
     pub creator: AccountId,
     /// Member accounts.
     pub members: BTreeSet<AccountId>,
-    /// Key epochs with the chat key wrapped to each member (and to members who got the epoch
-    /// with their history later).
-    pub epochs: BTreeMap<Epoch, Vec<WrappedKey>>,
+    /// Its newest key epoch. Epochs are numbered from 0 without gaps, so the chat has every
+    /// epoch up to this one.
+    pub newest: Epoch,
+    /// `blake3` of the first epoch's keys as the creation carried them (see [`keys_digest`]):
+    /// a creation sent again after its reply was lost is recognised by it.
+    pub genesis_keys: [u8; 32],
     /// The members changed (or one's keys were rotated) and no new epoch followed yet: nothing
     /// more is stored under the newest one until a member's `Rekey`.
     pub rekey_due: bool,
@@ -47,6 +53,83 @@ pub struct ChatRecord {
     pub share_with: BTreeSet<AccountId>,
     /// Member changes since the newest epoch began (a change names how many it follows).
     pub changes: u32,
+}
+
+/// What [`ChatRecord::genesis_keys`] holds for a chat created with `keys`.
+pub fn keys_digest(keys: &[WrappedKey]) -> [u8; 32] {
+    let bytes = postcard::to_allocvec(keys).expect("serializing keys cannot fail");
+    *blake3::hash(&bytes).as_bytes()
+}
+
+/// An account log entry as the relay stores it: a key chain that `ChatAdded` or
+/// `MembersChanged` carries is stored once, in the directory's own records (the account and
+/// its rotations), and the entry keeps only how many rotations the chain had then. Chains only
+/// grow, so the first that many rotations are the chain the entry was sent with; the store puts
+/// it back when it reads the entry. (A handout to a group of 1,024 members would otherwise copy
+/// the signer's chain, up to 256 rotations, 1,024 times.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredEvent {
+    /// An entry with no chain, stored as it is sent.
+    Whole(AccountEvent),
+    /// `AccountEvent::ChatAdded`; `signer_rotations` is the length of the chain's rotations.
+    ChatAdded { terms: KeyTerms, key: WrappedKey, signer: AccountId, signer_rotations: Option<u32> },
+    /// `AccountEvent::MembersChanged`; `by_rotations` likewise.
+    MembersChanged { change: MemberChange, by_rotations: Option<u32> },
+}
+
+/// A stored chain's rotation count, or `None` when it does not belong to `account` (an entry
+/// the core never makes; stored whole so that nothing is lost).
+fn rotations_of(chain: &AccountChain, account: AccountId) -> Option<u32> {
+    (chain.public.id == account).then(|| u32::try_from(chain.rotations.len()).ok()).flatten()
+}
+
+impl StoredEvent {
+    /// The stored form of `event`.
+    pub fn compact(event: &AccountEvent) -> StoredEvent {
+        match event {
+            AccountEvent::ChatAdded { terms, key, signer, signer_chain }
+                if signer_chain.as_ref().is_none_or(|c| rotations_of(c, *signer).is_some()) =>
+            {
+                StoredEvent::ChatAdded {
+                    terms: terms.clone(),
+                    key: key.clone(),
+                    signer: *signer,
+                    signer_rotations: signer_chain.as_ref().and_then(|c| rotations_of(c, *signer)),
+                }
+            }
+            AccountEvent::MembersChanged { change, by_chain }
+                if by_chain.as_ref().is_none_or(|c| rotations_of(c, change.body.by).is_some()) =>
+            {
+                StoredEvent::MembersChanged {
+                    change: change.clone(),
+                    by_rotations: by_chain.as_ref().and_then(|c| rotations_of(c, change.body.by)),
+                }
+            }
+            other => StoredEvent::Whole(other.clone()),
+        }
+    }
+
+    /// The entry as it was sent, given `chain(account, rotations)`: that account's chain with
+    /// its first `rotations` rotations (`None` if the store does not have them: damage).
+    pub fn expand(self, mut chain: impl FnMut(AccountId, u32) -> Option<AccountChain>) -> Option<AccountEvent> {
+        Some(match self {
+            StoredEvent::Whole(e) => e,
+            StoredEvent::ChatAdded { terms, key, signer, signer_rotations } => {
+                let signer_chain = match signer_rotations {
+                    Some(n) => Some(chain(signer, n)?),
+                    None => None,
+                };
+                AccountEvent::ChatAdded { terms, key, signer, signer_chain }
+            }
+            StoredEvent::MembersChanged { change, by_rotations } => {
+                let by_chain = match by_rotations {
+                    Some(n) => Some(chain(change.body.by, n)?),
+                    None => None,
+                };
+                AccountEvent::MembersChanged { change, by_chain }
+            }
+        })
+    }
 }
 
 /// A stored append: `(client seq, chat, seq)`.
@@ -77,6 +160,8 @@ pub struct Recovered {
     pub account_gens: Vec<SignedGen>,
     /// The accounts' usernames.
     pub usernames: Vec<(AccountId, String)>,
+    /// What each account has stored, in bytes (see [`crate::limits::Limits::max_account_bytes`]).
+    pub usage: Vec<(AccountId, u64)>,
 }
 
 /// An account bundle sealed under a recovery key the relay never sees.
@@ -93,10 +178,12 @@ pub struct RecoveryRecord {
 
 /// Longest sealed recovery bundle the relay keeps (a bundle with every past generation, sealed).
 pub const MAX_RECOVERY_BYTES: usize = stratus_engine::proto::cert::MAX_BUNDLE_BYTES + 1024;
-/// Recovery lookups and registrations, relay-wide, per second (and burst): a recovery key has
-/// 256 bits, so this guards the relay's work, not the keys.
-pub const RECOVERY_ATTEMPTS_PER_SECOND: u32 = 10;
-pub(super) const RECOVERY_BURST: u32 = 20;
+/// Recovery lookups and registrations per peer, per second (and burst): a recovery key has
+/// 256 bits, so this guards the relay's work, not the keys. Per peer, not relay-wide, so that
+/// no one peer can use up everyone's attempts (a user needs two: the lookup and the
+/// registration).
+pub const RECOVERY_ATTEMPTS_PER_SECOND: u32 = 1;
+pub(super) const RECOVERY_BURST: u32 = 4;
 
 /// What an account chose about its sessions, and whether its keys are due a rotation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

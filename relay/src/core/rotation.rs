@@ -112,7 +112,7 @@ impl RelayCore {
         let mut entries =
             vec![(account, self.log_entry(account, AccountEvent::DeviceRevoked { revocation }, &mut ops))];
         self.apply_rotation(account, next, r, &mut ops, &mut entries);
-        self.commit_and_answer(conn, req, ops, entries, out);
+        self.commit_and_answer(conn, req, account, ops, entries, out);
         self.cut_off(&target, out);
         Ok(())
     }
@@ -136,7 +136,7 @@ impl RelayCore {
         let mut ops = Vec::new();
         let mut entries = Vec::new();
         self.apply_rotation(account, next, r, &mut ops, &mut entries);
-        self.commit_and_answer(conn, req, ops, entries, out);
+        self.commit_and_answer(conn, req, account, ops, entries, out);
         Ok(())
     }
 
@@ -165,7 +165,8 @@ impl RelayCore {
         entries.push((account, self.log_entry(account, AccountEvent::Rotated { rotation: r.rotation }, ops)));
         for new in r.chats {
             let chat = self.chats.get_mut(&new.chat).expect("checked in check_rotation");
-            chat.record.epochs.insert(new.epoch, new.keys.clone());
+            chat.record.newest = new.epoch;
+            ops.push(StoreOp::PutChatKeys(new.chat, new.epoch, new.keys.clone()));
             // A new epoch: whatever was due of one is done (the account is alone in the chat).
             chat.record.rekey_due = false;
             chat.record.joining.clear();
@@ -237,7 +238,7 @@ impl RelayCore {
         }
         for new in &r.chats {
             let chat = &self.chats[&new.chat];
-            let newest = chat.record.epochs.keys().next_back().copied().unwrap_or_default();
+            let newest = chat.record.newest;
             if new.epoch <= newest {
                 return Err(stale(format!("chat {} is past epoch {}; sync and revoke again", new.chat, newest.0)));
             }

@@ -40,33 +40,22 @@ impl RelayCore {
         self.recoveries.insert(lookup_id, record.clone());
         ops.push(StoreOp::PutRecovery(lookup_id, record));
         let entry = self.log_entry(account, AccountEvent::RecoverySet { public, by: by.clone(), signature }, &mut ops);
-        let token = self.token();
-        out.push(Effect::Write { token, ops });
+        self.write_for(account, ops, out);
         self.after_durable(Deferred::AccountDurable { account, entry }, out);
         self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
         Ok(())
-    }
-
-    /// Takes one recovery attempt from the relay-wide budget, or answers `RateLimited`.
-    fn recovery_attempt(&mut self, conn: ConnId, req: ReqId, now_ms: u64, out: &mut Vec<Effect>) -> bool {
-        match self.recovery_bucket.take(now_ms, RECOVERY_ATTEMPTS_PER_SECOND, RECOVERY_BURST) {
-            Ok(()) => true,
-            Err(retry_after_ms) => {
-                out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req, retry_after_ms } });
-                false
-            }
-        }
     }
 
     pub(super) fn fetch_recovery(
         &mut self,
         conn: ConnId,
         req: ReqId,
+        device: &DeviceId,
         lookup_id: [u8; 32],
         now_ms: u64,
         out: &mut Vec<Effect>,
     ) {
-        if !self.recovery_attempt(conn, req, now_ms, out) {
+        if !self.recovery_attempt(conn, req, device, now_ms, out) {
             return;
         }
         let frame = match self.recoveries.get(&lookup_id) {
@@ -95,7 +84,7 @@ impl RelayCore {
         now_ms: u64,
         out: &mut Vec<Effect>,
     ) -> Result<(), (ErrorCode, String)> {
-        if !self.recovery_attempt(conn, req, now_ms, out) {
+        if !self.recovery_attempt(conn, req, device, now_ms, out) {
             return Ok(());
         }
         let record = self
@@ -128,8 +117,7 @@ impl RelayCore {
         self.devices.insert(device.clone(), Device::new(cert.clone(), state));
         self.accounts.get_mut(&account).expect("the record's account exists").devices.insert(device.clone());
         let entry = self.log_entry(account, AccountEvent::DeviceAdded { cert }, &mut ops);
-        let token = self.token();
-        out.push(Effect::Write { token, ops });
+        self.write_for(account, ops, out);
         self.attach(conn, account);
         self.after_durable(Deferred::AccountDurable { account, entry }, out);
         self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
@@ -139,6 +127,10 @@ impl RelayCore {
     /// Ends `device`'s session if its account sets a time-to-live and the device has been
     /// inactive longer (a device whose last activity is unknown is left alone).
     pub(super) fn expire_if_idle(&mut self, device: &DeviceId, now_ms: u64, out: &mut Vec<Effect>) {
+        // Ending a session is a write: with the disk full, it waits until the relay can write.
+        if self.storage_failed {
+            return;
+        }
         let Some(d) = self.devices.get(device) else { return };
         let ttl_days = self.accounts.get(&d.account).map_or(0, |a| a.settings.session_ttl_days);
         let last = d.state.last_active_ms;
@@ -226,8 +218,7 @@ impl RelayCore {
         let a = self.accounts.get_mut(&account).expect("an attached connection's account exists");
         a.settings.session_ttl_days = days;
         let settings = a.settings;
-        let token = self.token();
-        out.push(Effect::Write { token, ops: vec![StoreOp::PutAccountSettings(account, settings)] });
+        self.write_for(account, vec![StoreOp::PutAccountSettings(account, settings)], out);
         self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
         Ok(())
     }

@@ -212,13 +212,13 @@ pub(super) async fn connection(
         let input = match item {
             Some(Ok(bytes)) => match wire::decode::<ClientFrame>(&bytes) {
                 Ok(frame) => Input::Frame { conn, frame, now_ms },
-                Err(error) => Input::BadFrame { conn, error },
+                Err(error) => Input::BadFrame { conn, error, now_ms },
             },
             Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
                 // An oversized length prefix: the rest of the stream cannot be framed. The core
                 // answers with an error and a close, which this loop still sends.
                 reading = false;
-                Input::BadFrame { conn, error: FrameError::TooLarge(0) }
+                Input::BadFrame { conn, error: FrameError::TooLarge(0), now_ms }
             }
             Some(Err(_)) | None => break,
         };

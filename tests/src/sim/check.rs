@@ -204,8 +204,23 @@ impl Sim {
                     }
                 }
             }
+            // Account logs: sled stores key chains once and puts them back when it reads.
+            for (account, head) in self.relay.store.durable_accounts() {
+                let theirs = sled.read_account(account, Seq(0), head, 3).map_err(|e| e.to_string())?;
+                if theirs != self.relay.store.read_account(account, Seq(0), head, 3) {
+                    return Err(format!("the simulated store and sled read account {account}'s log differently"));
+                }
+            }
         }
         for chat in self.relay.store.durable_chats() {
+            // Each epoch's keys are records of their own: the newest epoch's are wrapped to
+            // exactly the members, unless a change since calls for the next.
+            let record = self.relay.store.durable_chat(chat).ok_or("a durable chat has a record")?;
+            let holders: BTreeSet<_> =
+                self.relay.store.durable_chat_keys(chat, record.newest).iter().map(|k| k.account).collect();
+            if !record.rekey_due && holders != record.members {
+                return Err(format!("chat {chat}'s epoch {} has keys for {holders:?}", record.newest.0));
+            }
             let log = self.relay.store.durable_log(chat);
             let mut ids = BTreeSet::new();
             for (i, d) in log.iter().enumerate() {

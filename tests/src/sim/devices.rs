@@ -259,7 +259,7 @@ impl Sim {
                     .filter_map(|c| store.durable_chat(*c).map(|rec| (*c, rec)))
                     .map(|(c, rec)| {
                         let head = store.durable_log(c).last().map(|d| d.seq).unwrap_or_default();
-                        (c, head, rec.epochs.keys().next_back().copied().unwrap_or_default())
+                        (c, head, rec.newest)
                     })
                     .collect();
                 let target = self.devs[r.target].id.clone();

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
 use stratus_engine::proto::directory::SignedGen;
-use stratus_engine::proto::wire::{AccountEntry, AccountEvent, Delta, MAX_PAGE_BYTES};
-use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Seq};
+use stratus_engine::proto::wire::{AccountEntry, AccountEvent, Delta, WrappedKey, MAX_PAGE_BYTES};
+use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 use stratus_relay::core::{
     AccountSettings, ApprovedLink, ChatRecord, DeviceState, Recovered, RecoveryRecord, StoreOp, DEDUP_WINDOW,
 };
@@ -29,6 +29,8 @@ struct State {
     recoveries: BTreeMap<[u8; 32], RecoveryRecord>,
     gens: BTreeMap<(AccountId, u32), SignedGen>,
     usernames: BTreeMap<AccountId, String>,
+    chat_keys: BTreeMap<(ChatId, Epoch, AccountId), WrappedKey>,
+    usage: BTreeMap<AccountId, u64>,
 }
 
 impl State {
@@ -78,6 +80,14 @@ impl State {
                 StoreOp::DeleteApprovedLink(id) => {
                     self.links.remove(id);
                 }
+                StoreOp::PutChatKeys(chat, epoch, keys) => {
+                    for k in keys {
+                        self.chat_keys.insert((*chat, *epoch, k.account), k.clone());
+                    }
+                }
+                StoreOp::PutUsage(a, bytes) => {
+                    self.usage.insert(*a, *bytes);
+                }
             }
         }
     }
@@ -126,7 +136,6 @@ impl MemStore {
         self.durable.deltas.get(&(chat, seq))
     }
 
-    /// Every chat the durable state knows.
     /// The durable record of a chat.
     pub fn durable_chat(&self, chat: ChatId) -> Option<&ChatRecord> {
         self.durable.chats.get(&chat)
@@ -135,6 +144,25 @@ impl MemStore {
     /// Every durable chat.
     pub fn durable_chats(&self) -> Vec<ChatId> {
         self.durable.chats.keys().copied().collect()
+    }
+
+    /// Every durable account with the head of its log.
+    pub fn durable_accounts(&self) -> Vec<(AccountId, Seq)> {
+        self.durable
+            .accounts
+            .keys()
+            .map(|a| {
+                let head = self.durable.log.range((*a, Seq(0))..=(*a, Seq(u64::MAX))).next_back().map(|((_, s), _)| *s);
+                (*a, head.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// The durable keys of one epoch of a chat, by account.
+    pub fn durable_chat_keys(&self, chat: ChatId, epoch: Epoch) -> Vec<WrappedKey> {
+        let lo = (chat, epoch, AccountId([0; 16]));
+        let hi = (chat, epoch, AccountId([0xff; 16]));
+        self.durable.chat_keys.range(lo..=hi).map(|(_, k)| k.clone()).collect()
     }
 
     /// Like `SledStore::read_chat`, on what is visible.
@@ -202,6 +230,7 @@ impl MemStore {
             let head = s.deltas.range((*id, Seq(0))..=(*id, Seq(u64::MAX))).next_back().map(|((_, seq), _)| *seq);
             r.chats.push((*id, record.clone(), head.unwrap_or_default()));
         }
+        r.usage = s.usage.iter().map(|(k, v)| (*k, *v)).collect();
         r
     }
 }

@@ -1,0 +1,161 @@
+//! What one account or peer can cost the relay (issue 15), against the real relay binary: an
+//! account over its byte quota is refused for good while others are served, across a restart;
+//! a peer without a session cannot spend the recovery attempts or the patience others need; a
+//! flood of typing indicators reaches the other devices coalesced and cuts nobody off.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use stratus_engine::libp2p::identity::Keypair;
+use stratus_engine::proto::wire::{ClientFrame, ErrorCode, RelayFrame, ReqId, PROTOCOL_VERSION};
+use stratus_engine::{ChatId, ClientSeq, Epoch};
+use stratus_tests::*;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+struct Acct {
+    keys: Keypair,
+    chat: ChatId,
+}
+
+fn account(relay: &Relay, home: &Path, name: &str) -> Acct {
+    stratus_ok(home, &["account", "create", "--relay", &relay.addr, "--name", name]);
+    let chat = stratus_ok(home, &["chat", "create", "--title", name]).trim().parse().expect("chat id");
+    let keys = stratus_engine::Device::open(home).expect("device opens").keypair();
+    Acct { keys, chat }
+}
+
+fn append(req: ReqId, chat: ChatId, cs: u64, bytes: usize) -> ClientFrame {
+    // The relay stores sealed bytes without opening them; these need not be a real seal.
+    ClientFrame::Append { req, chat, epoch: Epoch(0), client_seq: ClientSeq(cs), sealed: vec![0x5a; bytes] }
+}
+
+async fn raw(relay: &Relay, acct: &Acct) -> Raw {
+    let mut r = Raw::connect(acct.keys.clone(), &relay.addr).await;
+    assert!(matches!(r.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
+    r
+}
+
+fn code_of(f: &RelayFrame) -> Option<ErrorCode> {
+    match f {
+        RelayFrame::Error { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+/// Item 2: appends of 16 KiB until the account's quota (set low) refuses them with
+/// `QuotaExceeded`; another account is served; a restarted relay still refuses.
+#[test]
+fn an_account_over_its_quota_is_refused_and_others_are_served_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--max-account-bytes", "300000"];
+    let mut relay = Relay::start_with(&dir.path().join("relay"), &flags);
+    let a = account(&relay, &dir.path().join("a"), "a");
+    let b = account(&relay, &dir.path().join("b"), "b");
+    let stored = rt().block_on(async {
+        let mut r = raw(&relay, &a).await;
+        let mut stored = 0u64;
+        loop {
+            match r.request(append(stored, a.chat, 1000 + stored, 16 * 1024)).await {
+                RelayFrame::Acked { .. } => stored += 1,
+                other => {
+                    assert_eq!(code_of(&other), Some(ErrorCode::QuotaExceeded), "{other:?}");
+                    break;
+                }
+            }
+            assert!(stored < 40, "the quota holds");
+        }
+        let other = raw(&relay, &b).await.request(append(1, b.chat, 1000, 16 * 1024)).await;
+        assert!(matches!(other, RelayFrame::Acked { .. }), "another account is served: {other:?}");
+        stored
+    });
+    assert!((15..=18).contains(&stored), "about 300,000 bytes of 16 KiB deltas: {stored}");
+    relay.restart_with(&flags);
+    rt().block_on(async {
+        let reply = raw(&relay, &a).await.request(append(99, a.chat, 1000 + stored, 16 * 1024)).await;
+        assert_eq!(code_of(&reply), Some(ErrorCode::QuotaExceeded), "the count survives a restart: {reply:?}");
+    });
+}
+
+/// Item 5: a peer with no session that floods recovery lookups and garbage is held to its own
+/// budget and then cut off; another such peer's recovery lookup and a registered device are
+/// served meanwhile.
+#[test]
+fn a_peer_without_a_session_cannot_spend_what_others_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"));
+    let a = account(&relay, &dir.path().join("a"), "a");
+    rt().block_on(async {
+        let mut x = Raw::connect(Keypair::generate_ed25519(), &relay.addr).await;
+        assert!(matches!(x.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: None, .. }));
+        for req in 0..50 {
+            x.stream.send(&ClientFrame::FetchRecovery { req, lookup_id: [req as u8; 32] }).await.unwrap();
+        }
+        let (mut not_found, mut limited) = (0, 0);
+        for _ in 0..50 {
+            match x.next().await.expect("an answer") {
+                RelayFrame::RateLimited { .. } => limited += 1,
+                f if code_of(&f) == Some(ErrorCode::RecoveryNotFound) => not_found += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(not_found <= 10 && limited >= 40, "{not_found} looked up, {limited} refused");
+        // Another peer's lookup is answered, not refused for the first one's.
+        let mut y = Raw::connect(Keypair::generate_ed25519(), &relay.addr).await;
+        y.hello(PROTOCOL_VERSION).await;
+        let reply = y.request(ClientFrame::FetchRecovery { req: 1, lookup_id: [9; 32] }).await;
+        assert_eq!(code_of(&reply), Some(ErrorCode::RecoveryNotFound), "{reply:?}");
+        // Garbage: answered while the budget lasts, then the stream is closed.
+        for _ in 0..200 {
+            if x.stream.send_raw_frame(&[0xff, 0xff, 0xff, 0x01]).await.is_err() {
+                break;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), x.stream.recv()).await.expect("answered or closed") {
+                Ok(Some(f)) => assert!(code_of(&f) == Some(ErrorCode::MalformedFrame), "{f:?}"),
+                Ok(None) | Err(_) => break,
+            }
+            assert!(Instant::now() < deadline, "the flooding stream is closed");
+        }
+        let reply = raw(&relay, &a).await.request(append(1, a.chat, 1000, 64)).await;
+        assert!(matches!(reply, RelayFrame::Acked { .. }), "a registered device is served: {reply:?}");
+    });
+}
+
+/// Item 4: 2,000 typing frames from one device reach its other device once (coalesced per chat
+/// and interval); that device is not cut off and gets the next message.
+#[test]
+fn a_typing_flood_is_coalesced_and_cuts_nobody_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"));
+    let (home_a, home_s) = (dir.path().join("a"), dir.path().join("s"));
+    let a = account(&relay, &home_a, "a");
+    link_device(&relay, &home_a, &home_s, "s");
+    let s_keys = stratus_engine::Device::open(&home_s).unwrap().keypair();
+    rt().block_on(async {
+        let mut s = Raw::connect(s_keys, &relay.addr).await;
+        assert!(matches!(s.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
+        let mut w = raw(&relay, &a).await;
+        for _ in 0..2_000 {
+            w.stream.send(&ClientFrame::Typing { chat: a.chat }).await.unwrap();
+        }
+        let reply = w.request(append(1, a.chat, 1000, 64)).await;
+        assert!(matches!(reply, RelayFrame::Acked { .. }), "{reply:?}");
+        let mut typing = 0;
+        loop {
+            match s.next().await.expect("the stream stays open") {
+                RelayFrame::Typing { .. } => typing += 1,
+                RelayFrame::Push { delta } if delta.client_seq == ClientSeq(1000) => break,
+                RelayFrame::Push { .. } | RelayFrame::PushAccount { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Sent within a few seconds: one, maybe two if the flood spans an interval.
+        assert!((1..=2).contains(&typing), "{typing} typing indicators arrived");
+    });
+    assert!(!relay.log().contains("disconnecting it"), "nobody was cut off");
+}
