@@ -317,6 +317,52 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// A two-thread tokio runtime, as the whole-system tests use.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+/// A device with an account and a notes chat, made with the CLI: its keys and the chat.
+pub struct Acct {
+    /// The device's keys (to speak the protocol as it with [`Raw`]).
+    pub keys: stratus_engine::libp2p::identity::Keypair,
+    /// Its notes chat.
+    pub chat: stratus_engine::ChatId,
+}
+
+/// Creates an account with a notes chat on `relay` for the device at `home`.
+pub fn account(relay: &Relay, home: &Path, name: &str) -> Acct {
+    stratus_ok(home, &["account", "create", "--relay", &relay.addr, "--name", name]);
+    let chat = stratus_ok(home, &["chat", "create", "--title", name]).trim().parse().expect("chat id");
+    let keys = stratus_engine::Device::open(home).expect("device opens").keypair();
+    Acct { keys, chat }
+}
+
+/// An append of `bytes` bytes at client seq `cs`. The relay stores sealed bytes without opening
+/// them; these need not be a real seal.
+pub fn append(
+    req: stratus_engine::proto::wire::ReqId,
+    chat: stratus_engine::ChatId,
+    cs: u64,
+    bytes: usize,
+) -> stratus_engine::proto::wire::ClientFrame {
+    stratus_engine::proto::wire::ClientFrame::Append {
+        req,
+        chat,
+        epoch: stratus_engine::Epoch(0),
+        client_seq: stratus_engine::ClientSeq(cs),
+        sealed: vec![0x5a; bytes],
+    }
+}
+
+/// A raw stream of `acct`'s device after `Hello`.
+pub async fn raw(relay: &Relay, acct: &Acct) -> Raw {
+    use stratus_engine::proto::wire::{RelayFrame, PROTOCOL_VERSION};
+    let mut r = Raw::connect(acct.keys.clone(), &relay.addr).await;
+    assert!(matches!(r.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
+    r
+}
+
 /// A raw protocol client: a libp2p connection and one sync stream, for tests that speak the
 /// protocol directly (bad input, log inspection).
 pub struct Raw {

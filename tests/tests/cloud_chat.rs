@@ -8,10 +8,6 @@ use stratus_engine::proto::wire::{RelayFrame, PROTOCOL_VERSION};
 use stratus_engine::{ChatId, Event, Session};
 use stratus_tests::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
-}
-
 async fn wait_converged(sessions: &[&Session], chat: ChatId, count: usize, secs: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {

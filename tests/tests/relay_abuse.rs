@@ -3,40 +3,12 @@
 //! a peer without a session cannot spend the recovery attempts or the patience others need; a
 //! flood of typing indicators reaches the other devices coalesced and cuts nobody off.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use stratus_engine::libp2p::identity::Keypair;
-use stratus_engine::proto::wire::{ClientFrame, ErrorCode, RelayFrame, ReqId, PROTOCOL_VERSION};
-use stratus_engine::{ChatId, ClientSeq, Epoch};
+use stratus_engine::proto::wire::{ClientFrame, ErrorCode, RelayFrame, PROTOCOL_VERSION};
+use stratus_engine::ClientSeq;
 use stratus_tests::*;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
-}
-
-struct Acct {
-    keys: Keypair,
-    chat: ChatId,
-}
-
-fn account(relay: &Relay, home: &Path, name: &str) -> Acct {
-    stratus_ok(home, &["account", "create", "--relay", &relay.addr, "--name", name]);
-    let chat = stratus_ok(home, &["chat", "create", "--title", name]).trim().parse().expect("chat id");
-    let keys = stratus_engine::Device::open(home).expect("device opens").keypair();
-    Acct { keys, chat }
-}
-
-fn append(req: ReqId, chat: ChatId, cs: u64, bytes: usize) -> ClientFrame {
-    // The relay stores sealed bytes without opening them; these need not be a real seal.
-    ClientFrame::Append { req, chat, epoch: Epoch(0), client_seq: ClientSeq(cs), sealed: vec![0x5a; bytes] }
-}
-
-async fn raw(relay: &Relay, acct: &Acct) -> Raw {
-    let mut r = Raw::connect(acct.keys.clone(), &relay.addr).await;
-    assert!(matches!(r.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
-    r
-}
 
 fn code_of(f: &RelayFrame) -> Option<ErrorCode> {
     match f {

@@ -8,10 +8,6 @@ use stratus_engine::proto::wire::{ClientFrame, ErrorCode, RelayFrame, PROTOCOL_V
 use stratus_engine::{ChatId, ClientSeq, Epoch, Session};
 use stratus_tests::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
-}
-
 fn code_of(f: &RelayFrame) -> Option<ErrorCode> {
     match f {
         RelayFrame::Error { code, .. } => Some(*code),

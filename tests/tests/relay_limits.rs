@@ -1,41 +1,10 @@
 //! Each relay limit against the real relay binary, set low by its command-line flag: the limit
 //! holds, the device over it gets a typed answer, and another device is served as usual.
 
-use std::path::Path;
-
 use stratus_engine::libp2p::identity::Keypair;
-use stratus_engine::proto::wire::{ClientFrame, ErrorCode, RelayFrame, ReqId, PROTOCOL_VERSION};
-use stratus_engine::{ChatId, ClientSeq, Epoch, Seq, Session};
+use stratus_engine::proto::wire::{ClientFrame, ErrorCode, RelayFrame, PROTOCOL_VERSION};
+use stratus_engine::{ChatId, Seq, Session};
 use stratus_tests::*;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
-}
-
-/// A device with an account and a notes chat, made with the CLI: its keys and the chat.
-struct Acct {
-    keys: Keypair,
-    chat: ChatId,
-}
-
-fn account(relay: &Relay, home: &Path, name: &str) -> Acct {
-    stratus_ok(home, &["account", "create", "--relay", &relay.addr, "--name", name]);
-    let chat = stratus_ok(home, &["chat", "create", "--title", name]).trim().parse().expect("chat id");
-    let keys = stratus_engine::Device::open(home).expect("device opens").keypair();
-    Acct { keys, chat }
-}
-
-fn append(req: ReqId, chat: ChatId, cs: u64, bytes: usize) -> ClientFrame {
-    // The relay stores sealed bytes without opening them; these need not be a real seal.
-    ClientFrame::Append { req, chat, epoch: Epoch(0), client_seq: ClientSeq(cs), sealed: vec![0x5a; bytes] }
-}
-
-/// A raw stream of `acct`'s device after `Hello`.
-async fn raw(relay: &Relay, acct: &Acct) -> Raw {
-    let mut r = Raw::connect(acct.keys.clone(), &relay.addr).await;
-    assert!(matches!(r.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
-    r
-}
 
 /// `acct`'s device is served: an append is acknowledged.
 async fn served(relay: &Relay, acct: &Acct, cs: u64) {
