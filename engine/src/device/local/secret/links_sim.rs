@@ -4,7 +4,8 @@
 //! ends told, or one end only after a ping timeout, as a dead connection is found), dials that
 //! fail, both devices dialing each other at once, a network partition, device restarts (every
 //! stream gone, the links' state rebuilt from the store), streams the driver cannot queue to.
-//! Users write and read throughout.
+//! Users write and read throughout, and start new chats that the other device's user accepts
+//! once told of the offer.
 //!
 //! Invariants: no panic; a message is reported to the app at most once per device; and
 //! liveness: within [`SETTLE`] of the faults stopping, both devices of every chat show the same
@@ -27,6 +28,7 @@ use crate::device::kv::MemDisk;
 use crate::device::local::Device;
 use crate::device::peer_links::LinkNo;
 use crate::device::secret_links::{SecretLinks, SecretOut};
+use crate::device::store::SecretState;
 use crate::proto::ids::SecretId;
 
 const MS: u64 = 1;
@@ -51,15 +53,39 @@ fn wall() -> i64 {
 #[derive(Debug)]
 enum Ev {
     Tick(usize),
-    Listened { dev: usize, life: u32, ok: bool },
-    Dialed { dev: usize, life: u32, chat: SecretId, to: usize },
-    Frame { stream: u64, to_side: usize, frame: Vec<u8> },
-    Closed { dev: usize, life: u32, link: LinkNo },
+    Listened {
+        dev: usize,
+        life: u32,
+        ok: bool,
+    },
+    Dialed {
+        dev: usize,
+        life: u32,
+        chat: SecretId,
+        to: usize,
+    },
+    Frame {
+        stream: u64,
+        to_side: usize,
+        frame: Vec<u8>,
+    },
+    Closed {
+        dev: usize,
+        life: u32,
+        link: LinkNo,
+    },
     Write(usize),
     Break,
     Restart(usize),
     Back(usize),
     Partition(bool),
+    /// A user starts a secret chat with another account's device.
+    Offer,
+    /// The user of `dev` accepts the offer of `chat` (told by `SecretOffered`).
+    Accept {
+        dev: usize,
+        chat: SecretId,
+    },
 }
 
 struct Node {
@@ -110,6 +136,7 @@ struct Report {
     restarts: u64,
     partitions: u64,
     streams_full: u64,
+    offers: u64,
 }
 
 impl Report {
@@ -121,6 +148,7 @@ impl Report {
         self.restarts += o.restarts;
         self.partitions += o.partitions;
         self.streams_full += o.streams_full;
+        self.offers += o.offers;
     }
 }
 
@@ -186,6 +214,8 @@ impl Sim {
             let at = sim.rng.gen_range(5 * SEC..FAULTS_FOR - 30 * SEC);
             sim.schedule(at, Ev::Partition(true));
         }
+        let at = sim.rng.gen_range(5 * SEC..30 * SEC);
+        sim.schedule(at, Ev::Offer);
         sim
     }
 
@@ -306,6 +336,36 @@ impl Sim {
                     self.schedule(at, Ev::Restart(who));
                 }
             }
+            Ev::Offer => {
+                if self.faults() {
+                    let gap = self.rng.gen_range(10 * SEC..40 * SEC);
+                    self.schedule(self.now + gap, Ev::Offer);
+                }
+                let from = self.rng.gen_range(0..self.nodes.len());
+                let to = (from + self.rng.gen_range(1..self.nodes.len())) % self.nodes.len();
+                if !self.nodes[from].up {
+                    return Ok(());
+                }
+                let cert = self.nodes[to].device.login().map_err(|e| e.to_string())?.cert.clone();
+                let node = &mut self.nodes[from];
+                let chat = node.device.secret_start(cert).map_err(|e| format!("start: {e}"))?;
+                self.chats.push((chat, from, to));
+                self.report.offers += 1;
+                let outs = node.links.touched(&mut node.device, self.now, chat);
+                self.carry(from, outs)?;
+            }
+            Ev::Accept { dev, chat } => {
+                if !self.nodes[dev].up {
+                    self.schedule(self.now + SEC, Ev::Accept { dev, chat });
+                    return Ok(());
+                }
+                let node = &mut self.nodes[dev];
+                if node.device.secret_offer(chat).is_some() {
+                    node.device.secret_accept(chat).map_err(|e| format!("accept: {e}"))?;
+                    let outs = node.links.touched(&mut node.device, self.now, chat);
+                    self.carry(dev, outs)?;
+                }
+            }
             Ev::Partition(on) => {
                 self.partitioned = on;
                 if on {
@@ -330,7 +390,15 @@ impl Sim {
         if !self.nodes[dev].up {
             return Ok(());
         }
-        let mine: Vec<SecretId> = self.chats.iter().filter(|(_, a, b)| *a == dev || *b == dev).map(|c| c.0).collect();
+        // Chats it has and may write in: not an offer still waiting for this user.
+        let node = &self.nodes[dev];
+        let mine: Vec<SecretId> = self
+            .chats
+            .iter()
+            .filter(|(_, a, b)| *a == dev || *b == dev)
+            .map(|c| c.0)
+            .filter(|c| node.device.secret(*c).is_ok_and(|s| s.state != SecretState::Invited))
+            .collect();
         let chat = mine[self.rng.gen_range(0..mine.len())];
         let node = &mut self.nodes[dev];
         if self.rng.gen_bool(0.2) {
@@ -430,6 +498,10 @@ impl Sim {
                     }
                 }
                 SecretOut::Emit(Event::SecretLinked { .. }) => self.report.links_up += 1,
+                SecretOut::Emit(Event::SecretOffered { chat, .. }) => {
+                    let at = self.now + self.rng.gen_range(100 * MS..10 * SEC);
+                    self.schedule(at, Ev::Accept { dev, chat });
+                }
                 SecretOut::Emit(_) => {}
                 // The offering account's keys are here already (the chats were set up so): a
                 // lookup is not expected; answered as failed.
@@ -479,6 +551,11 @@ impl Sim {
             let mut texts = Vec::new();
             for dev in [a, b] {
                 let node = &mut self.nodes[dev];
+                let state =
+                    node.device.secret(chat).map(|c| c.state).map_err(|e| format!("device {dev}, chat {chat}: {e}"))?;
+                if state != SecretState::Active {
+                    return Err(format!("device {dev}: chat {chat} is {state:?}, not active"));
+                }
                 let mut t: Vec<String> = node
                     .device
                     .secret_messages(chat)
