@@ -773,8 +773,17 @@ impl DeviceStore {
     /// [`SENT_KEPT`] are kept there, to be sent again to a restored relay), in one write.
     pub fn outbox_acked(&self, cs: ClientSeq) -> Result<(), StoreError> {
         let Some(item) = self.outbox.get(cs.0.to_be_bytes())? else { return Ok(()) };
-        let excess = (self.sent.len() + 1).saturating_sub(SENT_KEPT);
-        let old: Vec<sled::IVec> = self.sent.iter().keys().take(excess).collect::<Result<_, _>>()?;
+        // Client seqs are consecutive: those more than SENT_KEPT below this one go (a scan from
+        // the start that stops at the first one kept; `len` would walk the whole tree).
+        let bound = cs.0.saturating_sub(SENT_KEPT as u64 - 1).to_be_bytes();
+        let mut old: Vec<sled::IVec> = Vec::new();
+        for k in self.sent.iter().keys() {
+            let k = k?;
+            if k.as_ref() >= &bound[..] {
+                break;
+            }
+            old.push(k);
+        }
         atomic(&[&self.outbox, &self.sent], |b| {
             b.remove(0, cs.0.to_be_bytes());
             b.insert(1, cs.0.to_be_bytes(), item.to_vec());
@@ -831,4 +840,37 @@ pub fn device_id_of(secrets: &DeviceSecrets) -> DeviceId {
     let kp = libp2p::identity::Keypair::ed25519_from_bytes(secrets.ed25519)
         .expect("32 bytes are always a valid Ed25519 secret");
     DeviceId(kp.public().to_peer_id().to_string())
+}
+
+#[cfg(test)]
+mod sent_tests {
+    use super::*;
+
+    /// Acknowledged items move to `sent`, the newest `SENT_KEPT` stay, and a rewind puts back
+    /// those after the relay's client seq, with the new incarnation, in one write.
+    #[test]
+    fn acknowledged_items_are_kept_for_a_restored_relay_and_put_back_by_a_rewind() {
+        let store = DeviceStore::open_mem(&MemDisk::new()).unwrap();
+        let chat = ChatId([4; 16]);
+        let n = SENT_KEPT as u64 + 10;
+        for cs in 1..=n {
+            let item = OutboxItem {
+                client_seq: ClientSeq(cs),
+                chat,
+                epoch: Epoch(0),
+                body: OutboxBody::Delta { sealed: vec![1], plain: vec![2] },
+            };
+            store.outbox.insert(cs.to_be_bytes(), enc(&item)).unwrap();
+            store.outbox_acked(ClientSeq(cs)).unwrap();
+        }
+        assert_eq!(store.outbox_len(), 0);
+        assert_eq!(store.sent.len(), SENT_KEPT, "only the newest are kept");
+        store.set_cursor(chat, Seq(50)).unwrap();
+        let inc = Incarnation { store: [9; 16], generation: 3 };
+        store.rewind(inc, Seq(0), &[(chat, Seq(20))], Some(ClientSeq(n - 5))).unwrap();
+        assert_eq!(store.incarnation().unwrap(), Some(inc));
+        assert_eq!(store.cursor(chat).unwrap(), Seq(20));
+        let back: Vec<u64> = store.outbox_after(ClientSeq(0), 100).unwrap().iter().map(|i| i.client_seq.0).collect();
+        assert_eq!(back, ((n - 4)..=n).collect::<Vec<_>>(), "the five the relay lacks, in order");
+    }
 }
