@@ -2,9 +2,12 @@
 //! in-memory log per chat and for the account, pages of random size, pushes of other devices'
 //! deltas, random disconnects and restarts. Checked on every step: each applied delta continues
 //! its chat's cursor, account entries continue the account cursor, every outbox item is
-//! acknowledged exactly once, and no more than the allowed appends and fetches are unanswered.
-//! Checked at the end, after the faults stop: the core reaches `is_idle` with every chat and the
-//! account log caught up and the outbox empty.
+//! acknowledged exactly once (once more after a restore that lost it), and no more than the
+//! allowed appends and fetches are unanswered. The relay is also backed up and restored from an
+//! older backup (a new incarnation, docs/protocol.md "Restores"). Checked at the end, after the
+//! faults stop: the core reaches `is_idle` with every chat and the account log caught up and
+//! the outbox empty, each chat's deltas as the device applied them are the relay's log, and
+//! the relay holds every delta the device wrote.
 
 mod common;
 
@@ -15,7 +18,7 @@ use proptest::prelude::*;
 use stratus_engine::core::{SyncCore, SyncInput, SyncOutput, MAX_APPENDS_IN_FLIGHT, MAX_FETCHES_IN_FLIGHT};
 use stratus_engine::proto::cert::{DeviceCert, DeviceCertBody};
 use stratus_engine::proto::wire::{
-    AccountEntry, AccountEvent, ClientFrame, Delta, RelayFrame, ReqId, PROTOCOL_VERSION,
+    AccountEntry, AccountEvent, ClientFrame, Delta, Incarnation, RelayFrame, ReqId, Restored, PROTOCOL_VERSION,
 };
 use stratus_engine::store::{OutboxBody, OutboxItem};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
@@ -49,6 +52,11 @@ enum Step {
     KeyArrives {
         chat: u8,
     },
+    /// The operator backs the relay up.
+    Backup,
+    /// The operator restores the last backup: the device's stream breaks, and the relay's logs
+    /// go back to the backup's under a new incarnation.
+    Restore,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -62,6 +70,8 @@ fn step() -> impl Strategy<Value = Step> {
         2 => Just(Step::Connect),
         1 => Just(Step::Restart),
         1 => any::<u8>().prop_map(|chat| Step::KeyArrives { chat }),
+        1 => Just(Step::Backup),
+        1 => Just(Step::Restore),
     ]
 }
 
@@ -102,9 +112,37 @@ struct ModelRelay {
     pages: Vec<u32>,
     next_page: usize,
     other_client_seq: u64,
+    incarnation: Incarnation,
+    /// The last backup: the logs and the dedup index.
+    backup: Option<Backup>,
+    /// After a restore: the lowest head each log had at any restore.
+    floors: Option<(Seq, BTreeMap<ChatId, Seq>)>,
+}
+
+#[derive(Clone)]
+struct Backup {
+    chats: BTreeMap<ChatId, Vec<Delta>>,
+    account: Vec<AccountEntry>,
+    dedup: BTreeMap<ClientSeq, (ChatId, Seq)>,
 }
 
 impl ModelRelay {
+    fn restore(&mut self) -> bool {
+        let Some(b) = self.backup.clone() else { return false };
+        let (mut account, mut chats) = self.floors.take().unwrap_or((Seq(u64::MAX), BTreeMap::new()));
+        account = account.min(Seq(b.account.len() as u64));
+        for (c, log) in &b.chats {
+            let f = chats.entry(*c).or_insert(Seq(u64::MAX));
+            *f = (*f).min(Seq(log.len() as u64));
+        }
+        self.floors = Some((account, chats));
+        self.chats = b.chats;
+        self.account = b.account;
+        self.dedup = b.dedup;
+        self.incarnation.generation += 1;
+        true
+    }
+
     fn remote_delta(&mut self, chat: ChatId) -> Delta {
         self.other_client_seq += 1;
         let log = self.chats.get_mut(&chat).expect("a chat of the scenario");
@@ -149,12 +187,17 @@ impl ModelRelay {
             ClientFrame::Hello { version } => {
                 assert_eq!(version, PROTOCOL_VERSION);
                 self.attached = true;
-                vec![RelayFrame::Hello { version, account: Some(AccountId([1; 16])) }]
+                vec![RelayFrame::Hello { version, account: Some(AccountId([1; 16])), incarnation: self.incarnation }]
             }
             ClientFrame::SyncState { req } => vec![RelayFrame::SyncState {
                 req,
                 account_head: Seq(self.account.len() as u64),
                 chats: self.chats.iter().map(|(c, log)| (*c, Seq(log.len() as u64))).collect(),
+                restored: self.floors.as_ref().map(|(account, chats)| Restored {
+                    account_floor: *account,
+                    chats: chats.iter().map(|(c, s)| (*c, *s)).collect(),
+                    client_seq: self.dedup.keys().next_back().copied().unwrap_or_default(),
+                }),
             }],
             ClientFrame::FetchChat { req, chat, after, max } => {
                 let n = self.page_size(max);
@@ -197,6 +240,12 @@ struct World {
     cursors: BTreeMap<ChatId, Seq>,
     account_cursor: Seq,
     outbox: BTreeMap<ClientSeq, OutboxItem>,
+    /// Acknowledged items, kept to be sent again to a restored relay.
+    sent: BTreeMap<ClientSeq, OutboxItem>,
+    /// The relay incarnation the store keeps.
+    incarnation: Option<Incarnation>,
+    /// Each chat's deltas as the device applied them (or passed, its own), in order.
+    applied: BTreeMap<ChatId, Vec<Delta>>,
     next_client_seq: u64,
     acked: BTreeSet<ClientSeq>,
     appends_unanswered: BTreeSet<ReqId>,
@@ -214,6 +263,9 @@ impl World {
             pages: s.pages.clone(),
             next_page: 0,
             other_client_seq: 0,
+            incarnation: Incarnation { store: [3; 16], generation: 0 },
+            backup: None,
+            floors: None,
         };
         for (chat, n) in chat_ids.iter().zip(&s.backlog) {
             for _ in 0..*n {
@@ -234,6 +286,9 @@ impl World {
             chat_ids,
             account_cursor: Seq(0),
             outbox: BTreeMap::new(),
+            sent: BTreeMap::new(),
+            incarnation: None,
+            applied: BTreeMap::new(),
             next_client_seq: 1,
             acked: BTreeSet::new(),
             appends_unanswered: BTreeSet::new(),
@@ -292,12 +347,15 @@ impl World {
                 prop_assert_eq!(delta.seq, cursor.next(), "a delta that does not continue the cursor");
                 prop_assert_eq!(&self.relay.chats[&delta.chat][cursor.0 as usize], &delta, "not the stored delta");
                 self.cursors.insert(delta.chat, delta.seq);
+                self.applied.entry(delta.chat).or_default().push(delta);
             }
             SyncOutput::Cursor { chat, seq } => {
                 let cursor = self.cursors[&chat];
                 prop_assert_eq!(seq, cursor.next(), "a cursor move that skips");
-                prop_assert_eq!(&self.relay.chats[&chat][cursor.0 as usize].device, &me(), "skipped another's delta");
+                let own = self.relay.chats[&chat][cursor.0 as usize].clone();
+                prop_assert_eq!(&own.device, &me(), "skipped another's delta");
                 self.cursors.insert(chat, seq);
+                self.applied.entry(chat).or_default().push(own);
             }
             SyncOutput::ApplyAccountEntry(entry) => {
                 prop_assert_eq!(entry.seq, self.account_cursor.next(), "an entry that does not continue the cursor");
@@ -306,7 +364,8 @@ impl World {
             SyncOutput::Acked { client_seq, chat, seq } => {
                 prop_assert!(self.acked.insert(client_seq), "client seq {client_seq:?} acknowledged twice");
                 let item = self.outbox.remove(&client_seq);
-                prop_assert!(item.is_some_and(|i| i.chat == chat), "an ack for no outbox item");
+                prop_assert!(item.as_ref().is_some_and(|i| i.chat == chat), "an ack for no outbox item");
+                self.sent.extend(item.map(|i| (client_seq, i)));
                 if let Some(seq) = seq {
                     let stored = &self.relay.chats[&chat][seq.0 as usize - 1];
                     prop_assert_eq!((&stored.device, stored.client_seq), (&me(), client_seq));
@@ -317,6 +376,22 @@ impl World {
                 let loaded: Vec<OutboxItem> = items.by_ref().take(max).collect();
                 let more = items.next().is_some();
                 inputs.push_back(SyncInput::OutboxLoaded { items: loaded, more });
+            }
+            SyncOutput::Rewind { incarnation, account, chats, resend_after } => {
+                self.incarnation = Some(incarnation);
+                self.account_cursor = self.account_cursor.min(account);
+                for (chat, seq) in chats {
+                    let c = self.cursors.entry(chat).or_default();
+                    *c = (*c).min(seq);
+                    self.applied.entry(chat).or_default().truncate(seq.0 as usize);
+                }
+                if let Some(after) = resend_after {
+                    let back = self.sent.split_off(&ClientSeq(after.0 + 1));
+                    for cs in back.keys() {
+                        self.acked.remove(cs);
+                    }
+                    self.outbox.extend(back);
+                }
             }
             other => prop_assert!(false, "the model relay is correct, yet: {other:?}"),
         }
@@ -388,12 +463,24 @@ impl World {
             }
             Step::Restart => {
                 self.drop_stream();
-                self.core = SyncCore::new(self.account_cursor, !self.outbox.is_empty());
+                self.core =
+                    SyncCore::new(self.account_cursor, !self.outbox.is_empty()).with_incarnation(self.incarnation);
                 for chat in std::mem::take(&mut self.ready) {
                     self.key_arrives(chat)?;
                 }
             }
             Step::KeyArrives { chat } => self.key_arrives(self.chat(*chat))?,
+            Step::Backup => {
+                let r = &self.relay;
+                self.relay.backup =
+                    Some(Backup { chats: r.chats.clone(), account: r.account.clone(), dedup: r.dedup.clone() });
+            }
+            Step::Restore => {
+                if self.relay.restore() && self.connected {
+                    self.drop_stream();
+                    self.input(SyncInput::Disconnected)?;
+                }
+            }
         }
         Ok(())
     }
@@ -441,5 +528,13 @@ proptest! {
             prop_assert_eq!(w.cursors[chat], Seq(log.len() as u64), "chat {} not caught up", chat);
         }
         prop_assert_eq!(w.account_cursor, Seq(w.relay.account.len() as u64), "account log not caught up");
+        for (chat, log) in &w.relay.chats {
+            let applied = w.applied.get(chat).map(Vec::as_slice).unwrap_or_default();
+            prop_assert!(applied == log.as_slice(), "chat {} applied {} deltas, not the relay's {}", chat, applied.len(), log.len());
+        }
+        let stored: BTreeSet<ClientSeq> =
+            w.relay.chats.values().flatten().filter(|d| d.device == me()).map(|d| d.client_seq).collect();
+        let written: BTreeSet<ClientSeq> = (1..w.next_client_seq).map(ClientSeq).collect();
+        prop_assert_eq!(stored, written, "the relay lacks deltas the device wrote");
     }
 }

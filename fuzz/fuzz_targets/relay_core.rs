@@ -300,6 +300,8 @@ impl Store {
             account_gens: self.gens.values().cloned().collect(),
             usernames: self.usernames.iter().map(|(k, v)| (*k, v.clone())).collect(),
             usage: self.usage.iter().map(|(k, v)| (*k, *v)).collect(),
+            incarnation: Default::default(),
+            floors: Default::default(),
         }
     }
 }
@@ -563,7 +565,8 @@ impl Harness {
                 let a = account.expect("an account push goes to a device of an account");
                 assert_eq!(self.durable.entries.get(&(a, entry.seq)), Some(&entry), "a push of a durable entry");
             }
-            RelayFrame::SyncState { req, account_head, chats } => {
+            RelayFrame::SyncState { req, account_head, chats, restored } => {
+                assert!(restored.is_none(), "a store never restored reports no floors");
                 let a = account.expect("sync state goes to a device of an account");
                 assert!(account_head <= self.durable.account_head(a), "sync state reports a non-durable log head");
                 for (chat, head) in chats {

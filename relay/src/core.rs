@@ -43,8 +43,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use stratus_engine::proto::cert::{AccountGen, AccountPublic, CertError, DeviceCert, MAX_DEVICE_NAME_BYTES};
 use stratus_engine::proto::directory::{AccountChain, KeyTerms, SignedGen};
 use stratus_engine::proto::wire::{
-    AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, DeviceSession, ErrorCode, FrameError, RelayFrame, ReqId,
-    WrappedKey, MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
+    AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, DeviceSession, ErrorCode, FrameError, Incarnation,
+    RelayFrame, ReqId, Restored, WrappedKey, MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
@@ -297,6 +297,11 @@ pub struct RelayCore {
     storage_failed: bool,
     /// The directory: username → account.
     usernames: BTreeMap<String, AccountId>,
+    /// The store's life, named in every `Hello`.
+    incarnation: Incarnation,
+    /// After a restore, how far each log matches every earlier incarnation (told in
+    /// `SyncState`); `None` for a store never restored.
+    floors: Option<Floors>,
 }
 
 impl RelayCore {
@@ -319,6 +324,8 @@ impl RelayCore {
             frame_clock_ms: 0,
             storage_failed: false,
             usernames: BTreeMap::new(),
+            incarnation: recovered.incarnation,
+            floors: (recovered.incarnation.generation > 0).then_some(recovered.floors),
         };
         for public in recovered.accounts {
             core.accounts.insert(public.id, Account::new(public));
@@ -468,7 +475,11 @@ impl RelayCore {
             if let Some(a) = account {
                 self.attach(conn, a);
             }
-            out.push(Effect::Send { conn, frame: RelayFrame::Hello { version: PROTOCOL_VERSION, account } });
+            let incarnation = self.incarnation;
+            out.push(Effect::Send {
+                conn,
+                frame: RelayFrame::Hello { version: PROTOCOL_VERSION, account, incarnation },
+            });
             return;
         }
         if !c.hello {
@@ -612,9 +623,14 @@ impl RelayCore {
                 }
                 let acct = &self.accounts[&a];
                 let chats = acct.chats.iter().map(|c| (*c, self.chats[c].durable)).collect();
+                let restored = self.floors.as_ref().map(|f| Restored {
+                    account_floor: f.accounts.get(&a).copied().unwrap_or_default(),
+                    chats: acct.chats.iter().filter_map(|c| f.chats.get(c).map(|s| (*c, *s))).collect(),
+                    client_seq: self.devices.get(&device).map(|d| d.highest_client_seq).unwrap_or_default(),
+                });
                 out.push(Effect::Send {
                     conn,
-                    frame: RelayFrame::SyncState { req, account_head: acct.log_durable, chats },
+                    frame: RelayFrame::SyncState { req, account_head: acct.log_durable, chats, restored },
                 });
                 Ok(())
             }

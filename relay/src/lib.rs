@@ -13,6 +13,7 @@
 //!
 //! The relay never links Automerge and never holds a chat key.
 
+pub mod admin;
 pub mod core;
 pub mod limits;
 pub mod server;

@@ -11,8 +11,11 @@ use stratus_relay::server::{self, Config};
 #[derive(Parser)]
 #[command(name = "stratus-relay", version)]
 struct Args {
+    /// Without a command, the relay runs.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Directory for the sled store and the relay's identity key.
-    #[arg(long, default_value = "./stratus-relay-data")]
+    #[arg(long, global = true, default_value = "./stratus-relay-data")]
     data_dir: PathBuf,
     /// Multiaddr to listen on.
     #[arg(long, default_value = "/ip4/0.0.0.0/tcp/4001")]
@@ -93,6 +96,79 @@ struct Args {
     external_addresses: Vec<libp2p::Multiaddr>,
 }
 
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Copies the running relay's store (as durable at that moment) and identity key into a new
+    /// or empty directory, through its admin socket; the relay keeps serving.
+    Backup {
+        /// Where the copy goes (created if missing; refused if not empty).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Replaces the store of a stopped relay with a backup, as a new incarnation: devices that
+    /// synced with any earlier one go back to where the logs still agree and send again what
+    /// the relay lacks. The replaced store is kept as `store.replaced-<generation>`.
+    Restore {
+        /// A directory `stratus-relay backup` made.
+        #[arg(long)]
+        from: PathBuf,
+    },
+}
+
+fn backup(data_dir: &std::path::Path, to: &std::path::Path) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stratus-relay: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(stratus_relay::admin::request_backup(data_dir, to)) {
+        Ok(answer) => {
+            println!("backed up to {} (store and generation {answer})", to.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("stratus-relay: backup failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn restore(data_dir: &std::path::Path, from: &std::path::Path) -> ExitCode {
+    let socket = data_dir.join(stratus_relay::admin::SOCKET_NAME);
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        eprintln!("stratus-relay: restore failed: a relay is running on {}; stop it first", data_dir.display());
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = std::fs::create_dir_all(data_dir) {
+        eprintln!("stratus-relay: restore failed: cannot create {}: {e}", data_dir.display());
+        return ExitCode::FAILURE;
+    }
+    let key = data_dir.join("identity.key");
+    let backup_key = from.join("identity.key");
+    if !key.exists() && backup_key.exists() {
+        if let Err(e) = std::fs::copy(&backup_key, &key).and_then(|_| std::fs::File::open(&key)?.sync_all()) {
+            eprintln!("stratus-relay: restore failed: copying the identity key: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    match stratus_relay::store::restore(from, &data_dir.join("store"), now_ms) {
+        Ok(inc) => {
+            println!("restored {} as generation {}; start the relay", from.display(), inc.generation);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("stratus-relay: restore failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn frame_bytes(s: &str) -> Result<usize, String> {
     let n: usize = s.parse().map_err(|e| format!("{e}"))?;
     if (MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&n) {
@@ -104,6 +180,11 @@ fn frame_bytes(s: &str) -> Result<usize, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    match &args.command {
+        Some(Command::Backup { to }) => return backup(&args.data_dir, to),
+        Some(Command::Restore { from }) => return restore(&args.data_dir, from),
+        None => {}
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{AdminRequest, AdminSocket};
 use crate::core::{ConnId, Effect, Input, RelayCore, FRAME_OVERHEAD_BYTES};
 use crate::limits::{Limits, LimitsError, MAX_QUEUED_BYTES};
 use crate::store::{RelayStore, SledStore, StoreError};
@@ -120,8 +121,14 @@ struct StreamHandle {
 }
 
 enum CoreMsg {
-    Open { conn: ConnId, device: DeviceId, handle: StreamHandle },
+    Open {
+        conn: ConnId,
+        device: DeviceId,
+        handle: StreamHandle,
+    },
     Input(Input),
+    /// From the admin socket: carried out between two batches of writes.
+    Admin(AdminRequest),
 }
 
 /// Established connections and open sync streams per peer, shared by the swarm task (which
@@ -293,8 +300,15 @@ pub async fn run_with_store<S: RelayStore>(
                 .filter_map(|c| peer_of(&c.body.device)),
         );
     }
+    let incarnation = recovered.incarnation;
     let core = RelayCore::new(recovered, config.limits.clone());
     let limits = config.limits.clone();
+    let admin = AdminSocket::bind(&config.data_dir).await.map_err(|e| ServerError::Network(e.to_string()))?;
+    tracing::info!(
+        store = %incarnation.store.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        generation = incarnation.generation,
+        "store opened"
+    );
 
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -423,6 +437,16 @@ pub async fn run_with_store<S: RelayStore>(
     let barrier_task = tokio::spawn(barrier_loop(store.clone(), written_rx, in_tx.clone(), fatal_tx.clone()));
     let core_task = tokio::spawn(core_loop(core, store.clone(), in_rx, written_tx, fatal_tx, registered));
     let tick_task = tokio::spawn(tick_loop(in_tx.clone()));
+    let (admin_tx, mut admin_rx) = mpsc::channel::<AdminRequest>(1);
+    let admin_task = tokio::spawn(admin.serve(admin_tx));
+    let admin_core = in_tx.clone();
+    let admin_fwd = tokio::spawn(async move {
+        while let Some(r) = admin_rx.recv().await {
+            if admin_core.send(CoreMsg::Admin(r)).await.is_err() {
+                return;
+            }
+        }
+    });
 
     let mut core_task = core_task;
     let result = tokio::select! {
@@ -438,6 +462,8 @@ pub async fn run_with_store<S: RelayStore>(
     core_task.abort();
     barrier_task.abort();
     tick_task.abort();
+    admin_task.abort();
+    admin_fwd.abort();
     swarm_task.abort();
     if result.is_ok() {
         // Make whatever was written durable before a clean exit.
@@ -616,6 +642,21 @@ async fn core_loop<S: RelayStore>(
     while in_rx.recv_many(&mut batch, CORE_BATCH).await > 0 {
         for msg in batch.drain(..) {
             let input = match msg {
+                CoreMsg::Admin(AdminRequest::Backup { to, reply }) => {
+                    // What the batch wrote so far goes in first; nothing is applied while the
+                    // copy runs (the store makes it durable, then copies).
+                    if !apply_ops(&mut d, &mut core, &written, &fatal).await {
+                        return;
+                    }
+                    tracing::info!(to = %to.display(), "backup started");
+                    let r = d.store.backup(&to).map_err(|e| e.to_string());
+                    match &r {
+                        Ok(_) => tracing::info!(to = %to.display(), "backup done"),
+                        Err(e) => tracing::warn!(to = %to.display(), error = %e, "backup failed"),
+                    }
+                    let _ = reply.send(r);
+                    continue;
+                }
                 CoreMsg::Open { conn, device, handle } => {
                     d.conns.insert(conn, handle);
                     Input::Opened { conn, device }
@@ -635,26 +676,42 @@ async fn core_loop<S: RelayStore>(
             log_input(&input);
             d.run(&mut core, input);
         }
-        if !d.ops.is_empty() {
-            match d.store.apply(&d.ops) {
-                Ok(()) => {
-                    d.ops.clear();
-                    written.send_replace(d.batch_token);
-                }
-                Err(e) if e.is_disk_full() => {
-                    // Not applied (a batch is atomic) and never acknowledged; the token is not
-                    // published, so no barrier covers it.
-                    tracing::error!(error = %e, "{DISK_FULL}");
-                    d.ops.clear();
-                    d.disk_full = true;
-                    d.run(&mut core, Input::WriteFailed);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "store write failed; no further acknowledgements");
-                    let _ = fatal.send(e).await;
-                    return;
-                }
-            }
+        if !apply_ops(&mut d, &mut core, &written, &fatal).await {
+            return;
+        }
+    }
+}
+
+/// Applies the writes taken so far as one transaction and publishes their token for the
+/// barrier task. False when the store failed for good (the relay stops).
+async fn apply_ops<S: RelayStore>(
+    d: &mut Driver<S>,
+    core: &mut RelayCore,
+    written: &watch::Sender<u64>,
+    fatal: &mpsc::Sender<StoreError>,
+) -> bool {
+    if d.ops.is_empty() {
+        return true;
+    }
+    match d.store.apply(&d.ops) {
+        Ok(()) => {
+            d.ops.clear();
+            written.send_replace(d.batch_token);
+            true
+        }
+        Err(e) if e.is_disk_full() => {
+            // Not applied (a batch is atomic) and never acknowledged; the token is not
+            // published, so no barrier covers it.
+            tracing::error!(error = %e, "{DISK_FULL}");
+            d.ops.clear();
+            d.disk_full = true;
+            d.run(core, Input::WriteFailed);
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "store write failed; no further acknowledgements");
+            let _ = fatal.send(e).await;
+            false
         }
     }
 }

@@ -300,7 +300,7 @@ pub fn recover(relay: &Relay, home: &Path, name: &str, key: &str) -> Output {
     child.wait_with_output().expect("stratus finishes")
 }
 
-/// Every file under `dir`, recursively.
+/// Every regular file under `dir`, recursively.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -309,7 +309,8 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else {
+            } else if p.is_file() {
+                // Sockets (the relay's admin socket, a daemon's) hold no bytes to scan.
                 out.push(p);
             }
         }

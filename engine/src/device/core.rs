@@ -29,6 +29,18 @@
 //! ([`SyncInput::RotationDue`]); once caught up, the core asks it for a `Rotate` request
 //! ([`SyncOutput::Rotate`]), a few times per connection at most.
 //!
+//! Restores (docs/protocol.md, "Restores"): the relay's `Hello` names its store's
+//! [`Incarnation`]. When it is not the one the device last saw ([`SyncCore::with_incarnation`]),
+//! the relay's store was restored from a backup: seqs the device passed may since have been
+//! given to other deltas. On the `SyncState` answer the core moves each cursor back to the
+//! floor the relay reports (the seq up to which every incarnation's log is the same; 0 for a
+//! chat made since, or when a relay never restored names a new store), and asks the driver
+//! ([`SyncOutput::Rewind`]) to store the lower cursors and the new incarnation in one write and
+//! to put back into the outbox the device's own acknowledged deltas the relay no longer holds
+//! (after the relay's highest client seq of this device); then it fetches and sends as on any
+//! connection. A relay whose heads are below the device's cursors under the same incarnation
+//! (a store copied back by hand) is rewound to those heads the same way.
+//!
 //! ```
 //! use stratus_engine::core::{SyncCore, SyncInput, SyncOutput};
 //! use stratus_engine::proto::wire::{ClientFrame, RelayFrame};
@@ -40,7 +52,8 @@
 //! assert!(matches!(out.as_slice(), [SyncOutput::Send(ClientFrame::Hello { .. })]));
 //! // The relay's `Hello` in turn: the core asks for the durable heads.
 //! let version = stratus_engine::proto::wire::PROTOCOL_VERSION;
-//! let hello = RelayFrame::Hello { version, account: Some(stratus_engine::AccountId([1; 16])) };
+//! let incarnation = stratus_engine::proto::wire::Incarnation { store: [7; 16], generation: 0 };
+//! let hello = RelayFrame::Hello { version, account: Some(stratus_engine::AccountId([1; 16])), incarnation };
 //! let out = core.handle(SyncInput::Frame(Box::new(hello)));
 //! assert!(matches!(out.as_slice(), [SyncOutput::Send(ClientFrame::SyncState { .. })]));
 //! assert!(core.is_connected() && !core.is_caught_up());
@@ -52,7 +65,8 @@ use crate::device::store::{OutboxBody, OutboxItem};
 use crate::proto::directory::DirectoryEntry;
 use crate::proto::ids::{AccountId, ChatId, ClientSeq, DeviceId, Seq};
 use crate::proto::wire::{
-    AccountEntry, ClientFrame, Delta, ErrorCode, RelayFrame, ReqId, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
+    AccountEntry, ClientFrame, Delta, ErrorCode, Incarnation, RelayFrame, ReqId, Restored, MAX_PAGE_DELTAS,
+    PROTOCOL_VERSION,
 };
 
 /// Most catch-up pages (chat or account) requested and not yet answered.
@@ -146,6 +160,13 @@ pub enum SyncOutput {
     /// The relay is limiting this device: feed [`SyncInput::Resume`] after `ms` milliseconds.
     /// Until then the core sends no request. Emitted once per pause.
     RetryAfter { ms: u32 },
+    /// The relay's logs are not the ones this device followed (restored from a backup, or its
+    /// heads are below the device's cursors). In one store write: lower the account cursor to
+    /// at most `account` and each listed chat's cursor to at most its seq (whether or not the
+    /// chat can be read yet), and remember `incarnation`; with `resend_after`, put the
+    /// device's acknowledged outbox items after that client seq back into the outbox (the
+    /// relay lost them). The core then loads the outbox again from its start.
+    Rewind { incarnation: Incarnation, account: Seq, chats: Vec<(ChatId, Seq)>, resend_after: Option<ClientSeq> },
 }
 
 #[derive(Debug, Default)]
@@ -220,6 +241,11 @@ pub struct SyncCore {
     rotating: bool,
     /// `Rotate` requests sent on this connection.
     rotate_attempts: u32,
+    /// The relay's incarnation this device last synced with (`None`: never, or before it was
+    /// kept).
+    incarnation: Option<Incarnation>,
+    /// The incarnation the relay named in this connection's `Hello`, until its `SyncState`.
+    hello_incarnation: Option<Incarnation>,
 }
 
 impl SyncCore {
@@ -246,7 +272,16 @@ impl SyncCore {
             rotation_due: false,
             rotating: false,
             rotate_attempts: 0,
+            incarnation: None,
+            hello_incarnation: None,
         }
+    }
+
+    /// The relay incarnation this device last synced with, as its store keeps it (see the
+    /// module docs, "Restores").
+    pub fn with_incarnation(mut self, known: Option<Incarnation>) -> Self {
+        self.incarnation = known;
+        self
     }
 
     /// A fresh request id for a request the driver sends itself; the reply comes back as
@@ -319,6 +354,7 @@ impl SyncCore {
             SyncInput::Disconnected => {
                 self.phase = Phase::Offline;
                 self.pending.clear();
+                self.hello_incarnation = None;
                 self.state_retry = false;
                 self.resending = false;
                 self.rotating = false;
@@ -407,7 +443,8 @@ impl SyncCore {
 
     fn frame(&mut self, frame: RelayFrame, out: &mut Vec<SyncOutput>) {
         match frame {
-            RelayFrame::Hello { account, .. } => {
+            RelayFrame::Hello { account, incarnation, .. } => {
+                self.hello_incarnation = Some(incarnation);
                 if account.is_none() {
                     self.phase = Phase::Offline;
                     out.push(SyncOutput::NotRegistered);
@@ -418,8 +455,13 @@ impl SyncCore {
                 self.pending.insert(req, Pending::State);
                 out.push(SyncOutput::Send(ClientFrame::SyncState { req }));
             }
-            RelayFrame::SyncState { req, account_head, chats } if self.is(req, |p| matches!(p, Pending::State)) => {
+            RelayFrame::SyncState { req, account_head, chats, restored }
+                if self.is(req, |p| matches!(p, Pending::State)) =>
+            {
                 self.pending.remove(&req);
+                if let Some(incarnation) = self.hello_incarnation.take() {
+                    self.check_incarnation(incarnation, account_head, &chats, restored, out);
+                }
                 self.phase = Phase::Ready;
                 self.account_head = self.account_head.max(account_head);
                 for (chat, head) in chats {
@@ -646,6 +688,62 @@ impl SyncCore {
             RelayFrame::Typing { chat, account, device } => out.push(SyncOutput::Typing { chat, account, device }),
             other => out.push(SyncOutput::Reply(other)),
         }
+    }
+
+    /// On the first `SyncState` of a connection: whether the relay's logs are still the ones
+    /// this device followed, and if not, the rewind (see the module docs, "Restores").
+    fn check_incarnation(
+        &mut self,
+        incarnation: Incarnation,
+        account_head: Seq,
+        heads: &[(ChatId, Seq)],
+        restored: Option<Restored>,
+        out: &mut Vec<SyncOutput>,
+    ) {
+        let (account_floor, floors, resend_after) = match self.incarnation {
+            // Never synced (or synced before incarnations were kept): a fresh device has
+            // nothing to rewind; the heads check below covers the rest.
+            None => (account_head, BTreeMap::new(), None),
+            Some(known) if known == incarnation => (account_head, BTreeMap::new(), None),
+            // Restored: the relay says how far its logs match every earlier incarnation. A relay
+            // that names another store and was never restored shares nothing with the old one.
+            Some(_) => match restored {
+                Some(r) => (r.account_floor, r.chats.into_iter().collect(), Some(r.client_seq)),
+                None => (Seq(0), BTreeMap::new(), Some(ClientSeq(0))),
+            },
+        };
+        let restored = resend_after.is_some();
+        let mut lowered = Vec::new();
+        for (chat, head) in heads {
+            // Under the same incarnation, only a head below the cursor says the relay lost
+            // something; after a restore, everything above the floor may be new.
+            let floor = if restored { floors.get(chat).copied().unwrap_or_default().min(*head) } else { *head };
+            let c = self.chats.entry(*chat).or_default();
+            if c.cursor > floor || (restored && !c.ready) {
+                c.cursor = c.cursor.min(floor);
+                c.known_head = *head;
+                lowered.push((*chat, floor));
+            }
+        }
+        let account = account_floor.min(account_head);
+        let account_lowered = self.account_cursor > account;
+        if account_lowered {
+            self.account_cursor = account;
+            self.account_head = account_head;
+        }
+        if !restored && lowered.is_empty() && !account_lowered && self.incarnation == Some(incarnation) {
+            return;
+        }
+        if resend_after.is_some() {
+            // Loaded again from the start: the driver puts the items the relay lost back in.
+            // Nothing was sent on this connection yet (no request goes out before `SyncState`).
+            self.outbox.clear();
+            self.stale.clear();
+            self.outbox_more = true;
+            self.outbox_loading = false;
+        }
+        self.incarnation = Some(incarnation);
+        out.push(SyncOutput::Rewind { incarnation, account: self.account_cursor, chats: lowered, resend_after });
     }
 
     /// True when `req` is a request of ours of the kind `kind` accepts: a reply of the wrong

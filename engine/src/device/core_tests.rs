@@ -30,9 +30,16 @@ fn frame(core: &mut SyncCore, f: RelayFrame) -> Vec<SyncOutput> {
 fn ready() -> SyncCore {
     let mut core = SyncCore::new(Seq(0), false);
     core.handle(SyncInput::Connected);
-    let out = frame(&mut core, RelayFrame::Hello { version: PROTOCOL_VERSION, account: Some(AccountId([2; 16])) });
+    let out = frame(
+        &mut core,
+        RelayFrame::Hello {
+            version: PROTOCOL_VERSION,
+            account: Some(AccountId([2; 16])),
+            incarnation: Default::default(),
+        },
+    );
     let Some(SyncOutput::Send(ClientFrame::SyncState { req })) = out.first() else { panic!("{out:?}") };
-    frame(&mut core, RelayFrame::SyncState { req: *req, account_head: Seq(0), chats: vec![] });
+    frame(&mut core, RelayFrame::SyncState { req: *req, account_head: Seq(0), chats: vec![], restored: None });
     assert!(core.is_connected());
     core
 }
@@ -87,15 +94,26 @@ fn a_rate_limited_fetch_is_asked_again_after_the_pause() {
     core.handle(SyncInput::Connected);
     let chat = ChatId([3; 16]);
     core.handle(SyncInput::ChatReady { chat, cursor: Seq(0) });
-    let out = frame(&mut core, RelayFrame::Hello { version: PROTOCOL_VERSION, account: Some(AccountId([2; 16])) });
+    let out = frame(
+        &mut core,
+        RelayFrame::Hello {
+            version: PROTOCOL_VERSION,
+            account: Some(AccountId([2; 16])),
+            incarnation: Default::default(),
+        },
+    );
     let Some(SyncOutput::Send(ClientFrame::SyncState { req })) = out.first() else { panic!("{out:?}") };
     // The state request itself is limited: asked again on resume.
     let out = frame(&mut core, RelayFrame::RateLimited { req: *req, retry_after_ms: 70_000_000 });
     assert_eq!(out, vec![SyncOutput::RetryAfter { ms: MAX_RETRY_AFTER_MS }], "a huge retry-after is cut");
     let out = core.handle(SyncInput::Resume);
     let Some(SyncOutput::Send(ClientFrame::SyncState { req })) = out.first() else { panic!("{out:?}") };
-    let out = frame(&mut core, RelayFrame::SyncState { req: *req, account_head: Seq(0), chats: vec![(chat, Seq(9))] });
-    let Some(SyncOutput::Send(ClientFrame::FetchChat { req, after: Seq(0), .. })) = out.first() else {
+    let out = frame(
+        &mut core,
+        RelayFrame::SyncState { req: *req, account_head: Seq(0), chats: vec![(chat, Seq(9))], restored: None },
+    );
+    // (The first connection's incarnation is stored first.)
+    let Some(SyncOutput::Send(ClientFrame::FetchChat { req, after: Seq(0), .. })) = out.last() else {
         panic!("{out:?}")
     };
     let out = frame(&mut core, RelayFrame::RateLimited { req: *req, retry_after_ms: 100 });
@@ -194,9 +212,16 @@ fn a_due_rotation_is_asked_for_once_caught_up_and_holds_idle_until_answered() {
     // A new connection tries again; `Done` ends it.
     core.handle(SyncInput::Disconnected);
     core.handle(SyncInput::Connected);
-    let out = frame(&mut core, RelayFrame::Hello { version: PROTOCOL_VERSION, account: Some(AccountId([2; 16])) });
+    let out = frame(
+        &mut core,
+        RelayFrame::Hello {
+            version: PROTOCOL_VERSION,
+            account: Some(AccountId([2; 16])),
+            incarnation: Default::default(),
+        },
+    );
     let [SyncOutput::Send(ClientFrame::SyncState { req })] = out[..] else { panic!("{out:?}") };
-    let out = frame(&mut core, RelayFrame::SyncState { req, account_head: Seq(0), chats: vec![] });
+    let out = frame(&mut core, RelayFrame::SyncState { req, account_head: Seq(0), chats: vec![], restored: None });
     let [SyncOutput::Rotate { req }] = out[..] else { panic!("{out:?}") };
     let out = frame(&mut core, RelayFrame::Done { req });
     assert!(matches!(out[..], [SyncOutput::KeyWorkDone]), "the driver checks for more: {out:?}");
@@ -234,4 +259,65 @@ fn a_delta_whose_key_has_not_arrived_waits_and_is_fetched_again_once_it_has() {
     // The key came: the chat is fetched again from before the delta.
     let out = core.handle(SyncInput::ChatReady { chat, cursor: Seq(0) });
     assert!(matches!(out[..], [SyncOutput::Send(ClientFrame::FetchChat { after: Seq(0), .. })]), "{out:?}");
+}
+
+/// A relay restored from a backup (docs/protocol.md, "Restores"): a new incarnation in its
+/// `Hello` makes the core go back to the floors it reports, put back what the relay lost from
+/// this device's outbox, and fetch from there: new deltas at seqs it had passed are not skipped.
+/// Under the same incarnation only heads below the cursors rewind.
+#[test]
+fn a_new_incarnation_rewinds_to_the_floors_and_sends_again_what_the_relay_lost() {
+    let old = Incarnation { store: [1; 16], generation: 0 };
+    let new = Incarnation { store: [1; 16], generation: 7 };
+    let (chat, made_since) = (ChatId([6; 16]), ChatId([8; 16]));
+    let connect = |core: &mut SyncCore, incarnation, heads: Vec<(ChatId, Seq)>, restored| {
+        core.handle(SyncInput::Disconnected);
+        core.handle(SyncInput::Connected);
+        let hello = RelayFrame::Hello { version: PROTOCOL_VERSION, account: Some(AccountId([2; 16])), incarnation };
+        let [SyncOutput::Send(ClientFrame::SyncState { req })] = frame(core, hello)[..] else { panic!() };
+        frame(core, RelayFrame::SyncState { req, account_head: Seq(4), chats: heads, restored })
+    };
+    let mut core = SyncCore::new(Seq(4), false).with_incarnation(Some(old));
+    core.handle(SyncInput::ChatReady { chat, cursor: Seq(20) });
+
+    // Same incarnation, heads at or past the cursors: nothing to rewind.
+    let out = connect(&mut core, old, vec![(chat, Seq(20))], None);
+    assert!(!out.iter().any(|o| matches!(o, SyncOutput::Rewind { .. })), "{out:?}");
+
+    // Restored: the chat's log is the old one up to 12, the account log up to 3; the relay
+    // holds this device's deltas up to client seq 5; `made_since` is new.
+    let restored = Restored { account_floor: Seq(3), chats: vec![(chat, Seq(12))], client_seq: ClientSeq(5) };
+    let out = connect(&mut core, new, vec![(chat, Seq(25)), (made_since, Seq(2))], Some(restored));
+    assert_eq!(
+        out[0],
+        SyncOutput::Rewind {
+            incarnation: new,
+            account: Seq(3),
+            chats: vec![(chat, Seq(12)), (made_since, Seq(0))],
+            resend_after: Some(ClientSeq(5)),
+        }
+    );
+    let sent: Vec<_> = out[1..].iter().collect();
+    assert!(sent.iter().any(|o| matches!(o, SyncOutput::Send(ClientFrame::FetchAccount { after: Seq(3), .. }))));
+    assert!(sent
+        .iter()
+        .any(|o| matches!(o, SyncOutput::Send(ClientFrame::FetchChat { chat: c, after: Seq(12), .. }) if *c == chat)));
+    assert!(sent.iter().any(|o| matches!(o, SyncOutput::LoadOutbox { after: ClientSeq(0), .. })), "{out:?}");
+
+    // The next connection to the same incarnation rewinds nothing more.
+    let out = connect(
+        &mut core,
+        new,
+        vec![(chat, Seq(25))],
+        Some(Restored { account_floor: Seq(3), chats: vec![(chat, Seq(12))], client_seq: ClientSeq(5) }),
+    );
+    assert!(!out.iter().any(|o| matches!(o, SyncOutput::Rewind { .. })), "{out:?}");
+
+    // Same incarnation, a head below the cursor (a store copied back by hand): back to it.
+    core.handle(SyncInput::ChatReady { chat, cursor: Seq(25) });
+    let out = connect(&mut core, new, vec![(chat, Seq(21))], None);
+    assert!(
+        matches!(&out[0], SyncOutput::Rewind { chats, resend_after: None, .. } if chats == &vec![(chat, Seq(21))]),
+        "{out:?}"
+    );
 }

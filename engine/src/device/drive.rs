@@ -129,7 +129,8 @@ impl Device {
     /// A sync core for this device as its store stands: account cursor, outbox, and every chat
     /// it can read at its cursor.
     pub fn start_core(&self) -> Result<SyncCore, Error> {
-        let mut core = SyncCore::new(self.store.account_cursor()?, self.outbox_len() > 0);
+        let mut core = SyncCore::new(self.store.account_cursor()?, self.outbox_len() > 0)
+            .with_incarnation(self.store.incarnation()?);
         for (chat, _, cursor) in self.store.chats()? {
             core.handle(SyncInput::ChatReady { chat, cursor });
         }
@@ -358,7 +359,7 @@ impl Device {
                     Err(e) => actions.push(error(format!("account log entry {}: {e}", entry.seq))),
                 },
                 SyncOutput::Acked { client_seq, chat, seq } => {
-                    if let Err(e) = self.store.outbox_remove(client_seq) {
+                    if let Err(e) = self.store.outbox_acked(client_seq) {
                         actions.push(error(e.to_string()));
                     }
                     // A chat whose next epoch waited for its creation to reach the relay.
@@ -429,6 +430,11 @@ impl Device {
                 }
                 SyncOutput::Reply(frame) => actions.push(Action::Reply(frame)),
                 SyncOutput::RetryAfter { ms } => actions.push(Action::RetryAfter(ms)),
+                SyncOutput::Rewind { incarnation, account, chats, resend_after } => {
+                    if let Err(e) = self.store.rewind(incarnation, account, &chats, resend_after) {
+                        actions.push(error(format!("rewinding after the relay's restore: {e}")));
+                    }
+                }
                 SyncOutput::Error { code, message } => actions.push(error(format!("relay: {message} ({code:?})"))),
                 SyncOutput::NotRegistered => actions.push(error("the relay does not know this device".into())),
                 SyncOutput::Revoked => {

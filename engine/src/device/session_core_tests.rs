@@ -44,10 +44,19 @@ fn up(now: u64) -> SessionCore {
     assert_eq!(step(&mut s, now, SessionInput::Timeout), vec![Work::Connect]);
     let work = step(&mut s, now, SessionInput::Connected);
     assert!(matches!(sent(&work)[..], [ClientFrame::Hello { .. }]), "{work:?}");
-    let work = frame(&mut s, now, RelayFrame::Hello { version: PROTOCOL_VERSION, account: Some(AccountId([2; 16])) });
+    let work = frame(
+        &mut s,
+        now,
+        RelayFrame::Hello {
+            version: PROTOCOL_VERSION,
+            account: Some(AccountId([2; 16])),
+            incarnation: Default::default(),
+        },
+    );
     let [ClientFrame::SyncState { req }] = sent(&work)[..] else { panic!("{work:?}") };
     assert!(work.contains(&Work::Emit(Event::Connected)), "accepted by the relay: {work:?}");
-    let work = frame(&mut s, now, RelayFrame::SyncState { req: *req, account_head: Seq(0), chats: vec![] });
+    let work =
+        frame(&mut s, now, RelayFrame::SyncState { req: *req, account_head: Seq(0), chats: vec![], restored: None });
     assert_eq!(work, vec![Work::Emit(Event::CaughtUp), Work::Emit(Event::Idle)]);
     s
 }
@@ -135,7 +144,12 @@ fn frames_keep_a_connection_alive_and_a_quiet_one_is_probed() {
     let work = frame(
         &mut s,
         10_100 + PROBE_AFTER_MS,
-        RelayFrame::SyncState { req, account_head: Seq(0), chats: vec![(crate::ChatId([5; 16]), Seq(3))] },
+        RelayFrame::SyncState {
+            req,
+            account_head: Seq(0),
+            chats: vec![(crate::ChatId([5; 16]), Seq(3))],
+            restored: None,
+        },
     );
     assert!(!work.contains(&Work::Close), "{work:?}");
 }
@@ -204,12 +218,20 @@ fn a_parked_request_waits_until_caught_up_or_gives_up() {
     assert_eq!(s.next_wake(), Some(0), "the connection comes first");
     step(&mut s, 0, SessionInput::Timeout);
     step(&mut s, 0, SessionInput::Connected);
-    let work = frame(&mut s, 1, RelayFrame::Hello { version: PROTOCOL_VERSION, account: Some(AccountId([2; 16])) });
+    let work = frame(
+        &mut s,
+        1,
+        RelayFrame::Hello {
+            version: PROTOCOL_VERSION,
+            account: Some(AccountId([2; 16])),
+            incarnation: Default::default(),
+        },
+    );
     let [ClientFrame::SyncState { req }] = sent(&work)[..] else { panic!("{work:?}") };
     let req = *req;
     assert!(work.contains(&Work::Ready { token: 4 }), "connected: {work:?}");
     assert!(!work.contains(&Work::Ready { token: 5 }), "not caught up yet: {work:?}");
-    let work = frame(&mut s, 2, RelayFrame::SyncState { req, account_head: Seq(0), chats: vec![] });
+    let work = frame(&mut s, 2, RelayFrame::SyncState { req, account_head: Seq(0), chats: vec![], restored: None });
     assert!(work.contains(&Work::Ready { token: 5 }), "caught up: {work:?}");
     assert!(s.park(3, 6, true) == vec![Work::Ready { token: 6 }], "caught up already: at once");
 

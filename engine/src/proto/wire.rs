@@ -16,7 +16,7 @@ use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 /// The libp2p protocol name of the sync stream.
 pub const PROTOCOL: &str = "/stratus/sync/1";
 /// Bumped on any incompatible change to the frames below.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// Longest frame either side sends or accepts. A longer length prefix is a protocol error and
 /// closes the stream (the rest of the stream cannot be trusted to be framed).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
@@ -31,6 +31,34 @@ pub const MAX_CHAT_MEMBERS: usize = 1024;
 
 /// A request id, chosen by the device and echoed by the relay.
 pub type ReqId = u64;
+
+/// Which life of a relay's store a device talks to, sent in the relay's `Hello`. A device keeps
+/// the last one it saw; a different one means the relay's store was restored from a backup (or
+/// replaced), so seqs the device has seen may have been given to other deltas since, and the
+/// device rewinds to the floors of [`Restored`] (docs/protocol.md, "Restores").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Incarnation {
+    /// Random, fixed when the store was first made.
+    pub store: [u8; 16],
+    /// Changed by every restore from a backup (0 until the first); never the same twice for
+    /// one store id.
+    pub generation: u64,
+}
+
+/// What a relay restored from a backup tells a device in `SyncState` (docs/protocol.md,
+/// "Restores"): how far its logs are the same as in every earlier incarnation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restored {
+    /// Account log entries at or below this seq are the same in every incarnation of the
+    /// store; those above it may be new ones at seqs the device already passed.
+    pub account_floor: Seq,
+    /// The same for each chat of the account that existed when a restore happened; a chat of
+    /// the account not listed here was made since (its floor is 0).
+    pub chats: Vec<(ChatId, Seq)>,
+    /// The highest client seq of this device that the relay holds: the device sends again the
+    /// deltas after it that it still has.
+    pub client_seq: ClientSeq,
+}
 
 /// The kind of a chat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,6 +305,8 @@ pub enum RelayFrame {
         version: u16,
         /// The account this device belongs to, if the relay knows the device.
         account: Option<AccountId>,
+        /// The life of the relay's store (added in protocol version 8).
+        incarnation: Incarnation,
     },
     /// A request succeeded and has nothing else to say.
     Done { req: ReqId },
@@ -288,8 +318,9 @@ pub enum RelayFrame {
     Acked { req: ReqId, chat: ChatId, client_seq: ClientSeq, seq: Seq },
     /// An append repeats one stored long ago; it is durable, but its seq is no longer indexed.
     Duplicate { req: ReqId, chat: ChatId, client_seq: ClientSeq },
-    /// Durable heads: the account log and each chat of the account.
-    SyncState { req: ReqId, account_head: Seq, chats: Vec<(ChatId, Seq)> },
+    /// Durable heads: the account log and each chat of the account; and, from a relay that was
+    /// ever restored from a backup, how far its logs match every earlier incarnation's.
+    SyncState { req: ReqId, account_head: Seq, chats: Vec<(ChatId, Seq)>, restored: Option<Restored> },
     /// A page of a chat's log. `head` is the chat's durable head when the page was read.
     ChatPage { req: ReqId, chat: ChatId, deltas: Vec<Delta>, head: Seq },
     /// A page of the account log.

@@ -1,12 +1,12 @@
 //! What the relay stores besides deltas, and what it recovers its index from. Part of
 //! [`super`]; split out for size.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
 use stratus_engine::proto::directory::{AccountChain, KeyTerms, MemberChange, SignedGen};
-use stratus_engine::proto::wire::{AccountEvent, ChatKind, WrappedKey};
+use stratus_engine::proto::wire::{AccountEvent, ChatKind, Incarnation, WrappedKey};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
 /// An approved link, kept until the new device shows it has its bundle (by syncing), so that a
@@ -162,6 +162,23 @@ pub struct Recovered {
     pub usernames: Vec<(AccountId, String)>,
     /// What each account has stored, in bytes (see [`crate::limits::Limits::max_account_bytes`]).
     pub usage: Vec<(AccountId, u64)>,
+    /// The store's life: its id and how many restores made it (see docs/protocol.md,
+    /// "Restores").
+    pub incarnation: Incarnation,
+    /// After a restore: how far each log is the same in every earlier incarnation.
+    pub floors: Floors,
+}
+
+/// How far each log of a restored store is the same as in every earlier incarnation of it: the
+/// lowest head the log had at any restore (written by `stratus-relay restore`, never by the
+/// core). Seqs above a floor may have been handed out again since; devices that passed them
+/// go back to the floor. Empty for a store never restored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Floors {
+    /// Per account log.
+    pub accounts: BTreeMap<AccountId, Seq>,
+    /// Per chat.
+    pub chats: BTreeMap<ChatId, Seq>,
 }
 
 /// An account bundle sealed under a recovery key the relay never sees.

@@ -547,6 +547,9 @@ impl Sim {
             report: Report { seed: cfg.seed, ..Report::default() },
             cfg,
         };
+        if let Some(s) = &sled {
+            sim.relay.store.incarnation = s.incarnation().map_err(|e| sim.failure(format!("sled mirror: {e}")))?;
+        }
         sim.relay.mirror = sled;
         NOW_MS.with(|c| c.set(1_800_000_000_000));
         sim.setup().map_err(|m| sim.failure(format!("setup: {m}")))?;

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
 use stratus_engine::proto::directory::SignedGen;
-use stratus_engine::proto::wire::{AccountEntry, AccountEvent, Delta, WrappedKey, MAX_PAGE_BYTES};
+use stratus_engine::proto::wire::{AccountEntry, AccountEvent, Delta, Incarnation, WrappedKey, MAX_PAGE_BYTES};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 use stratus_relay::core::{
     AccountSettings, ApprovedLink, ChatRecord, DeviceState, Recovered, RecoveryRecord, StoreOp, DEDUP_WINDOW,
@@ -99,6 +99,9 @@ pub struct MemStore {
     visible: State,
     durable: State,
     pending: Vec<Vec<StoreOp>>,
+    /// The store's life, as `SledStore` keeps it in its `meta` tree (set to the mirror's when
+    /// one runs; restores are not simulated yet, so the floors stay empty).
+    pub incarnation: Incarnation,
 }
 
 impl MemStore {
@@ -231,6 +234,7 @@ impl MemStore {
             r.chats.push((*id, record.clone(), head.unwrap_or_default()));
         }
         r.usage = s.usage.iter().map(|(k, v)| (*k, *v)).collect();
+        r.incarnation = self.incarnation;
         r
     }
 }
