@@ -1,9 +1,12 @@
 //! [`Session`]: the driver that keeps a [`Device`] in sync with its relay.
 //!
-//! One tokio task owns the device, the libp2p swarm and the [`SyncCore`]. It waits for a frame
-//! from the relay or a command from the app, feeds it to the core, and carries out the core's
-//! outputs (send a frame, apply a delta, drop an acknowledged outbox item). When the stream
-//! breaks it reconnects with exponential backoff (100 ms doubling to 5 s, with jitter).
+//! One tokio task owns the device, the libp2p swarm and the [`SessionCore`] (sans-IO, around the
+//! sync core), which decides everything: when to connect and reconnect, when a quiet
+//! connection is dead, which answers go to which request. The task waits for a frame from the
+//! relay, a command from the app, a finished dial or the core's next wake-up, feeds the core,
+//! and carries out its work (send a frame, apply a delta, drop an acknowledged outbox item).
+//! It takes what is already waiting together: the app's writes under one store barrier
+//! ([`Device::write_batch`]), the relay's frames in one step ([`Device::session_steps`]).
 //!
 //! Bounds: [`COMMAND_QUEUE`] commands wait for the task. Events go to a broadcast channel of
 //! [`EVENT_QUEUE`] entries: the session never waits for the app (that would deadlock an app that
@@ -12,7 +15,7 @@
 //! about ([`Session::messages`], [`Session::status`]).
 //!
 //! With [`SessionConfig::secret_chats`] the session also runs the device's secret chats (see
-//! `session_secret.rs`): it stays reachable for other devices, delivers what waits whenever the
+//! `secret_links.rs`, sans-IO, and its driver `session_secret.rs`): it stays reachable for other devices, delivers what waits whenever the
 //! other device can be reached, and reports what arrives as events.
 
 use std::collections::BTreeMap;
