@@ -28,6 +28,7 @@ fn the_cores_know_nothing_of_tokio_libp2p_sled_or_the_clock() {
     let mut cores = vec![
         root().join("relay/src/core.rs"),
         root().join("engine/src/device/core.rs"),
+        root().join("engine/src/device/core_schedule.rs"),
         root().join("engine/src/device/session_core.rs"),
         root().join("engine/src/device/ops.rs"),
         root().join("engine/src/device/peer_links.rs"),
