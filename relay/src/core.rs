@@ -695,125 +695,6 @@ impl RelayCore {
             self.conns_by_account.entry(account).or_default().insert(conn);
         }
     }
-
-    fn token(&mut self) -> u64 {
-        let t = self.next_token;
-        self.next_token += 1;
-        t
-    }
-
-    /// Runs `d` once everything written so far is durable (and refuses it at once if that can
-    /// no longer happen: the disk is full).
-    fn after_durable(&mut self, d: Deferred, out: &mut Vec<Effect>) {
-        let last = self.next_token - 1;
-        if last <= self.durable_token {
-            self.run_deferred(d, out);
-        } else if self.storage_failed {
-            self.refuse_deferred(d, out);
-        } else {
-            self.deferred.push_back((last, d));
-        }
-    }
-
-    fn durable(&mut self, token: u64, out: &mut Vec<Effect>) {
-        self.durable_token = self.durable_token.max(token);
-        while let Some((t, _)) = self.deferred.front() {
-            if *t > self.durable_token {
-                break;
-            }
-            let (_, d) = self.deferred.pop_front().expect("front exists");
-            self.run_deferred(d, out);
-        }
-    }
-
-    fn run_deferred(&mut self, d: Deferred, out: &mut Vec<Effect>) {
-        match d {
-            Deferred::Send(conn, frame) => {
-                if self.conns.contains_key(&conn) {
-                    out.push(Effect::Send { conn, frame });
-                }
-            }
-            Deferred::AppendDone(conn, device, frame) => {
-                if let Some(d) = self.devices.get_mut(&device) {
-                    d.appends_in_flight = d.appends_in_flight.saturating_sub(1);
-                }
-                if self.conns.contains_key(&conn) {
-                    out.push(Effect::Send { conn, frame });
-                }
-            }
-            Deferred::ChatDurable { delta, from } => {
-                let Some(chat) = self.chats.get_mut(&delta.chat) else { return };
-                chat.durable = chat.durable.max(delta.seq);
-                for member in &chat.record.members {
-                    for conn in self.conns_by_account.get(member).into_iter().flatten() {
-                        if *conn != from {
-                            out.push(Effect::Send { conn: *conn, frame: RelayFrame::Push { delta: delta.clone() } });
-                        }
-                    }
-                }
-            }
-            Deferred::AccountDurable { account, entry } => {
-                let Some(a) = self.accounts.get_mut(&account) else { return };
-                a.log_durable = a.log_durable.max(entry.seq);
-                for conn in self.conns_by_account.get(&account).into_iter().flatten() {
-                    out.push(Effect::Send { conn: *conn, frame: RelayFrame::PushAccount { entry: entry.clone() } });
-                }
-            }
-        }
-    }
-
-    /// Logs each key handed out on `terms` as `ChatAdded` in its recipient's log, signed by
-    /// `signer` (with `signer`'s keys for the other accounts), into `ops`; returns the entries
-    /// to push once durable.
-    fn log_chat_keys(
-        &mut self,
-        terms: &KeyTerms,
-        keys: Vec<WrappedKey>,
-        signer: AccountId,
-        ops: &mut Vec<StoreOp>,
-    ) -> Vec<(AccountId, AccountEntry)> {
-        let chain = self.chain_of(signer);
-        let mut entries = Vec::new();
-        for key in keys {
-            let account = key.account;
-            let signer_chain = (account != signer).then(|| chain.clone());
-            let event = AccountEvent::ChatAdded { terms: terms.clone(), key, signer, signer_chain };
-            entries.push((account, self.log_entry(account, event, ops)));
-        }
-        entries
-    }
-
-    /// An account's keys through all their generations, as the directory serves them.
-    fn chain_of(&self, account: AccountId) -> AccountChain {
-        let a = &self.accounts[&account];
-        AccountChain { public: a.public.clone(), rotations: a.rotations.clone() }
-    }
-
-    /// Writes `ops` in one batch, counted against `account`'s quota, and, once it is durable,
-    /// pushes `entries` to their accounts and answers `Done` to `req`.
-    fn commit_and_answer(
-        &mut self,
-        conn: ConnId,
-        req: ReqId,
-        account: AccountId,
-        ops: Vec<StoreOp>,
-        entries: Vec<(AccountId, AccountEntry)>,
-        out: &mut Vec<Effect>,
-    ) {
-        self.write_for(account, ops, out);
-        for (account, entry) in entries {
-            self.after_durable(Deferred::AccountDurable { account, entry }, out);
-        }
-        self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
-    }
-
-    fn log_entry(&mut self, account: AccountId, event: AccountEvent, ops: &mut Vec<StoreOp>) -> AccountEntry {
-        let a = self.accounts.get_mut(&account).expect("caller checked the account exists");
-        a.log_head = a.log_head.next();
-        let entry = AccountEntry { seq: a.log_head, event };
-        ops.push(StoreOp::PutAccountEntry(account, entry.clone()));
-        entry
-    }
 }
 
 /// The generation a signed rotation starts.
@@ -837,6 +718,7 @@ fn error_frame(conn: ConnId, req: Option<ReqId>, code: ErrorCode, message: impl 
 
 mod accounts;
 mod backlog;
+mod durable;
 use backlog::Backlog;
 pub use backlog::{frame_cost, FRAME_OVERHEAD_BYTES};
 mod chats;
