@@ -8,11 +8,12 @@
 //! answer is one line: `ok <store id hex> <generation>` or `error <message>`. At most
 //! [`MAX_CLIENTS`] connections are served at once; more are answered `error` and closed.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use stratus_engine::proto::owner_socket::bind_owner_only;
 use stratus_engine::proto::wire::Incarnation;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -66,19 +67,8 @@ impl AdminSocket {
             }
             std::fs::remove_file(&path).map_err(fail)?;
         }
-        let private = data_dir.join(format!(".admin-sock.{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&private);
-        let made = (|| {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new().mode(0o700).create(&private)?;
-            let inside = private.join(SOCKET_NAME);
-            let listener = UnixListener::bind(&inside)?;
-            std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))?;
-            std::fs::rename(&inside, &path)?;
-            Ok::<_, std::io::Error>(listener)
-        })();
-        let _ = std::fs::remove_dir_all(&private);
-        let listener = made.map_err(fail)?;
+        let staging = data_dir.join(format!(".admin-sock.{}", std::process::id()));
+        let listener = bind_owner_only(&path, &staging).and_then(UnixListener::from_std).map_err(fail)?;
         let inode = std::fs::metadata(&path).map_err(fail)?.ino();
         let (a, _b) = UnixStream::pair().map_err(fail)?;
         let uid = a.peer_cred().map_err(fail)?.uid();

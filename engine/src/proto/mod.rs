@@ -7,4 +7,5 @@ pub mod crypto;
 pub mod directory;
 pub mod durable;
 pub mod ids;
+pub mod owner_socket;
 pub mod wire;

@@ -24,12 +24,13 @@ mod conn;
 pub(crate) mod methods;
 pub(crate) mod rpc;
 
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use stratus_engine::proto::owner_socket::bind_owner_only;
 use stratus_engine::{Error, Event, Session};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, Semaphore};
@@ -83,17 +84,8 @@ impl Listener {
         }
         // Bound inside a directory only this user can enter, made owner-only there, then moved
         // into place: at no moment can another user connect whatever the umask.
-        let private = home.join(format!(".stratus-sock.{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&private);
-        std::fs::DirBuilder::new().mode(0o700).create(&private).map_err(|e| fail("making a directory for", e))?;
-        let made = (|| {
-            let inside = private.join(SOCKET_NAME);
-            let listener = UnixListener::bind(&inside)?;
-            std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))?;
-            std::fs::rename(&inside, &path)?;
-            Ok::<_, std::io::Error>(listener)
-        })();
-        let _ = std::fs::remove_dir_all(&private);
+        let staging = home.join(format!(".stratus-sock.{}", std::process::id()));
+        let made = bind_owner_only(&path, &staging).and_then(UnixListener::from_std);
         let listener = made.map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidInput => Failure::Other(format!(
                 "cannot listen on {}: {e} (a Unix socket's path is at most 107 bytes; use a shorter --home)",
