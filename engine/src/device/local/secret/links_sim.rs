@@ -503,8 +503,8 @@ impl Sim {
                     self.schedule(at, Ev::Accept { dev, chat });
                 }
                 SecretOut::Emit(_) => {}
-                // The offering account's keys are here already (the chats were set up so): a
-                // lookup is not expected; answered as failed.
+                // An offer from an account whose keys are not here: the lookup fails (no relay
+                // here), so the offer waits for this device's user, who accepts when told.
                 SecretOut::Lookup { link, .. } => {
                     let node = &mut self.nodes[dev];
                     queue.extend(node.links.looked_up(&mut node.device, self.now, link));
