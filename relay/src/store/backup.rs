@@ -1,0 +1,175 @@
+//! Backups and restores of the relay's sled store: a consistent copy made while the relay
+//! runs, the store's incarnation and the logs' floors, and putting a backup in place as a new
+//! incarnation (docs/protocol.md, "Restores"). Part of the store; split out of `store.rs` for
+//! size.
+
+use super::*;
+
+/// What a backup directory holds besides the store: written last, so a backup without it is
+/// incomplete (and [`restore`] refuses it).
+pub const MANIFEST: &str = "backup.manifest";
+
+fn backup_err(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Backup(what.to_string())
+}
+
+/// Syncs a directory's entries (a rename or a new file in it) to the disk.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| backup_err(format!("syncing {}: {e}", dir.display())))
+}
+
+impl SledStore {
+    /// The store's incarnation.
+    pub fn incarnation(&self) -> Result<Incarnation, StoreError> {
+        match self.meta.get("incarnation")? {
+            Some(v) => dec(&v, "incarnation"),
+            None => Ok(Incarnation::default()),
+        }
+    }
+
+    /// The floors the restores left (empty if never restored).
+    pub fn floors(&self) -> Result<Floors, StoreError> {
+        let mut f = Floors::default();
+        for kv in self.floor_accounts.iter() {
+            let (k, v) = kv?;
+            let id: [u8; 16] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("account id"))?;
+            f.accounts.insert(AccountId(id), Seq(u64_of(&v)?));
+        }
+        for kv in self.floor_chats.iter() {
+            let (k, v) = kv?;
+            let id: [u8; 16] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("chat id"))?;
+            f.chats.insert(ChatId(id), Seq(u64_of(&v)?));
+        }
+        Ok(f)
+    }
+
+    /// Copies the store into `to` (new, or holding only what the caller put there, never an
+    /// earlier backup) as it is durable now: `to/store` (a sled database of the same trees) and
+    /// `to/`[`MANIFEST`], written last. Blocks until done; the caller applies no write
+    /// meanwhile (the relay's core task runs it between two batches, so the whole core waits:
+    /// devices see a pause as long as the copy).
+    pub fn backup(&self, to: &Path) -> Result<Incarnation, StoreError> {
+        if to.join("store").exists() || to.join("store.partial").exists() || to.join(MANIFEST).exists() {
+            return Err(backup_err(format!("{} already holds a backup; use a new or empty directory", to.display())));
+        }
+        std::fs::create_dir_all(to).map_err(|e| backup_err(format!("cannot create {}: {e}", to.display())))?;
+        // Exactly what is durable: nothing applied and not yet behind a barrier may be copied,
+        // or a restore could bring back a seq that a crash gave to another delta.
+        self.barrier()?;
+        let partial = to.join("store.partial");
+        {
+            let copy = sled::Config::new().path(&partial).open()?;
+            copy.import(self.db.export());
+            copy.flush()?;
+            SledDir::new(&partial).sync().map_err(StoreError::Barrier)?;
+        }
+        std::fs::rename(&partial, to.join("store")).map_err(|e| backup_err(format!("renaming the copy: {e}")))?;
+        let incarnation = self.incarnation()?;
+        let manifest = format!(
+            "# stratus-relay backup\nformat = 1\nstore = \"{}\"\ngeneration = {}\n",
+            incarnation.store.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            incarnation.generation
+        );
+        let tmp = to.join(format!("{MANIFEST}.tmp"));
+        std::fs::write(&tmp, manifest)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, to.join(MANIFEST)))
+            .map_err(|e| backup_err(format!("writing the manifest: {e}")))?;
+        sync_dir(to)?;
+        Ok(incarnation)
+    }
+}
+
+fn u64_of(v: &[u8]) -> Result<u64, StoreError> {
+    let b: [u8; 8] = v.try_into().map_err(|_| StoreError::Corrupt("floor"))?;
+    Ok(u64::from_be_bytes(b))
+}
+
+/// Puts the backup in `from` (made by [`SledStore::backup`]) in place of the store at
+/// `store_dir`, as a new incarnation: the generation moves past both the backup's and the
+/// replaced store's, and each log's floor becomes the lowest of its head in the backup and
+/// the floors both already had (so a device that synced with any of them rewinds far
+/// enough). The replaced store is kept, renamed `<store_dir>.replaced-<generation>`. Fails,
+/// changing nothing, if the backup is incomplete or the store is in use (a running relay).
+pub fn restore(from: &Path, store_dir: &Path, now_ms: u64) -> Result<Incarnation, StoreError> {
+    if !from.join(MANIFEST).is_file() || !from.join("store").is_dir() {
+        return Err(backup_err(format!(
+            "{} is not a complete backup (no {MANIFEST} or no store/ in it)",
+            from.display()
+        )));
+    }
+    let old = if store_dir.exists() {
+        // sled locks its files: this fails while a relay runs on them.
+        let s = SledStore::open_only(store_dir).map_err(|e| match e {
+            StoreError::Sled(sled::Error::Io(io)) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                backup_err(format!("{} is in use: stop the relay before restoring", store_dir.display()))
+            }
+            StoreError::Sled(sled::Error::Io(io)) if io.to_string().contains("lock") => {
+                backup_err(format!("{} is in use: stop the relay before restoring", store_dir.display()))
+            }
+            e => e,
+        })?;
+        Some((s.incarnation()?, s.floors()?))
+    } else {
+        None
+    };
+    let parent = store_dir.parent().ok_or_else(|| backup_err("the store directory has no parent"))?;
+    let staging = parent.join("store.restoring");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| backup_err(format!("removing {}: {e}", staging.display())))?;
+    }
+    let incarnation;
+    {
+        let copy = sled::Config::new().path(&staging).open()?;
+        let backup = SledStore::open_only(&from.join("store"))?;
+        copy.import(backup.db.export());
+        drop(backup);
+        let staged = SledStore::open_trees(copy, &staging)?;
+        let was = staged.incarnation()?;
+        let mut generation = was.generation + 1;
+        let mut floors = staged.floors()?;
+        if let Some((inc, f)) = &old {
+            if inc.store == was.store {
+                generation = generation.max(inc.generation + 1);
+            }
+            for (a, s) in &f.accounts {
+                let e = floors.accounts.entry(*a).or_insert(*s);
+                *e = (*e).min(*s);
+            }
+            for (c, s) in &f.chats {
+                let e = floors.chats.entry(*c).or_insert(*s);
+                *e = (*e).min(*s);
+            }
+        }
+        // Never the same generation twice, even restoring one backup twice into an empty
+        // directory: the clock is part of it.
+        incarnation = Incarnation { store: was.store, generation: generation.max(now_ms) };
+        let heads = staged.recover()?;
+        for (a, head) in heads.account_heads {
+            let e = floors.accounts.entry(a).or_insert(head);
+            *e = (*e).min(head);
+        }
+        for (c, _, head) in heads.chats {
+            let e = floors.chats.entry(c).or_insert(head);
+            *e = (*e).min(head);
+        }
+        for (a, s) in &floors.accounts {
+            staged.floor_accounts.insert(a.0, &s.0.to_be_bytes())?;
+        }
+        for (c, s) in &floors.chats {
+            staged.floor_chats.insert(c.0, &s.0.to_be_bytes())?;
+        }
+        staged.meta.insert("incarnation", enc(&incarnation))?;
+        staged.barrier()?;
+    }
+    if let Some((inc, _)) = &old {
+        let aside = parent.join(format!("store.replaced-{}", inc.generation));
+        std::fs::rename(store_dir, &aside).map_err(|e| backup_err(format!("moving the old store aside: {e}")))?;
+    }
+    std::fs::rename(&staging, store_dir)
+        .map_err(|e| backup_err(format!("putting the restored store in place: {e}")))?;
+    sync_dir(parent)?;
+    Ok(incarnation)
+}
