@@ -11,8 +11,9 @@ use tokio::sync::Semaphore;
 
 use crate::report::pct;
 use crate::setup::ready;
-use crate::system::{clk_tck, cpu_secs, RelayProc};
+use crate::system::RelayProc;
 use crate::{Config, Live, RunResult, LIVE_IN_FLIGHT, SETTLE};
+use stratus_tests::bench_sys::{clk_tck, cpu_secs};
 
 /// Writers in the live part.
 const WRITERS: usize = 2;

@@ -67,7 +67,8 @@ use catch_up::catch_up;
 use live::live;
 use report::{print_medians, summary_line};
 use setup::{link, padding, write_history};
-use system::{filesystem_of, fsync_loop, loadavg, machine, relay_warnings, RelayProc};
+use stratus_tests::bench_sys::{filesystem_of, loadavg, machine};
+use system::{fsync_loop, relay_warnings, RelayProc};
 
 /// Sends in flight while A writes the history (as in tests/tests/load.rs).
 const HISTORY_IN_FLIGHT: usize = 128;
@@ -230,7 +231,7 @@ fn main() {
         relay_exe.display()
     );
     std::fs::create_dir_all(&cfg.dir).expect("--dir exists or can be created");
-    let (mount, fstype, source) = filesystem_of(&cfg.dir);
+    let (mount, fstype, source, _) = filesystem_of(&cfg.dir);
     println!("data dirs under {} on {fstype} {source} (mounted at {mount})", cfg.dir.display());
     println!(
         "relay: {} {}",

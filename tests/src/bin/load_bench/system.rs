@@ -9,41 +9,6 @@ use std::time::Instant;
 use crate::report::{ms, pct};
 use crate::BARRIER_SAMPLES;
 
-pub(crate) fn read(path: &str) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-pub(crate) fn machine() -> String {
-    let cpu = read("/proc/cpuinfo")
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string()))
-        .unwrap_or_else(|| "?".into());
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    format!("{cpus} CPUs ({cpu}), Linux {}", read("/proc/sys/kernel/osrelease").trim())
-}
-
-pub(crate) fn loadavg() -> String {
-    read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-}
-
-/// The mount holding `path`: (mount point, filesystem type, source).
-pub(crate) fn filesystem_of(path: &Path) -> (String, String, String) {
-    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let mut best: Option<(String, String, String)> = None;
-    for line in read("/proc/self/mountinfo").lines() {
-        let Some((left, right)) = line.split_once(" - ") else { continue };
-        let (l, r): (Vec<&str>, Vec<&str>) = (left.split(' ').collect(), right.split(' ').collect());
-        if l.len() < 5 || r.len() < 2 {
-            continue;
-        }
-        let mount = l[4].replace("\\040", " ");
-        if path.starts_with(&mount) && best.as_ref().is_none_or(|b| mount.len() >= b.0.len()) {
-            best = Some((mount, r[0].to_string(), r[1].to_string()));
-        }
-    }
-    best.unwrap_or_else(|| ("?".into(), "?".into(), "?".into()))
-}
-
 /// The disk's own barrier on `dir`'s filesystem, which bounds every durable write here (each
 /// device's store and the relay's): [`BARRIER_SAMPLES`] × (append 4 KiB, `fdatasync`).
 pub(crate) fn fsync_loop(dir: &Path) -> String {
@@ -102,27 +67,6 @@ fn strip_ansi(line: &str) -> String {
         }
     }
     out
-}
-
-/// Clock ticks per second of /proc/<pid>/stat times.
-pub(crate) fn clk_tck() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// CPU seconds (user + system, all threads) a process has used.
-pub(crate) fn cpu_secs(pid: &str, tck: f64) -> f64 {
-    let stat = read(&format!("/proc/{pid}/stat"));
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    (get(11) + get(12)) / tck
 }
 
 /// A `stratus-relay` process, SIGKILLed when dropped.

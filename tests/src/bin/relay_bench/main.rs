@@ -55,6 +55,7 @@ use stratus_engine::proto::wire::{
     AccountEvent, ChatKind, ClientFrame, RelayFrame, ReqId, WrappedKey, PROTOCOL_VERSION,
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch};
+use stratus_tests::bench_sys::{clk_tck, cpu_secs, filesystem_of, loadavg, machine};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 /// Plaintext bytes per delta; sealed it is 24 (nonce) + 160 + 16 (tag) = 200 bytes.
