@@ -359,10 +359,27 @@ pub fn append(
 
 /// A raw stream of `acct`'s device after `Hello`.
 pub async fn raw(relay: &Relay, acct: &Acct) -> Raw {
+    raw_as(relay, acct.keys.clone()).await
+}
+
+/// A raw stream, after `Hello`, of the registered device whose keys are `keys`.
+pub async fn raw_as(relay: &Relay, keys: stratus_engine::libp2p::identity::Keypair) -> Raw {
     use stratus_engine::proto::wire::{RelayFrame, PROTOCOL_VERSION};
-    let mut r = Raw::connect(acct.keys.clone(), &relay.addr).await;
+    let mut r = Raw::connect(keys, &relay.addr).await;
     assert!(matches!(r.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
     r
+}
+
+/// Links a second device at `home` to the account of the device at `approver` (with the CLI)
+/// and returns its keys.
+pub fn linked_keys(
+    relay: &Relay,
+    approver: &Path,
+    home: &Path,
+    name: &str,
+) -> stratus_engine::libp2p::identity::Keypair {
+    link_device(relay, approver, home, name);
+    stratus_engine::Device::open(home).expect("device opens").keypair()
 }
 
 /// A raw protocol client: a libp2p connection and one sync stream, for tests that speak the

@@ -106,11 +106,9 @@ fn a_typing_flood_is_coalesced_and_cuts_nobody_off() {
     let relay = Relay::start(&dir.path().join("relay"));
     let (home_a, home_s) = (dir.path().join("a"), dir.path().join("s"));
     let a = account(&relay, &home_a, "a");
-    link_device(&relay, &home_a, &home_s, "s");
-    let s_keys = stratus_engine::Device::open(&home_s).unwrap().keypair();
+    let s_keys = linked_keys(&relay, &home_a, &home_s, "s");
     rt().block_on(async {
-        let mut s = Raw::connect(s_keys, &relay.addr).await;
-        assert!(matches!(s.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
+        let mut s = raw_as(&relay, s_keys).await;
         let mut w = raw(&relay, &a).await;
         for _ in 0..2_000 {
             w.stream.send(&ClientFrame::Typing { chat: a.chat }).await.unwrap();

@@ -428,11 +428,9 @@ fn the_relay_reads_a_device_while_it_waits_to_write_to_it() {
     let relay = Relay::start(&dir.path().join("relay"));
     let (home_a, home_s) = (dir.path().join("a"), dir.path().join("s"));
     let a = account(&relay, &home_a, "a");
-    link_device(&relay, &home_a, &home_s, "s");
-    let s_keys = stratus_engine::Device::open(&home_s).unwrap().keypair();
+    let s_keys = linked_keys(&relay, &home_a, &home_s, "s");
     rt().block_on(async {
-        let mut s = Raw::connect(s_keys, &relay.addr).await;
-        assert!(matches!(s.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
+        let mut s = raw_as(&relay, s_keys).await;
         // Pushes to s fill its transport window (it reads nothing): the relay's writes to it wait.
         let mut w = raw(&relay, &a).await;
         for i in 0..40 {
