@@ -192,7 +192,7 @@ pub(crate) async fn run(mut device: Device, command: Command, json: bool) -> Res
         Command::Contact { command } => members::contact(device, command, json).await?,
         Command::Secret { command } => secret::secret(device, command, json).await?,
         Command::Chat { command: ChatCommand::List } => {
-            let rows: Vec<ChatRow> = device.chats()?.iter().map(ChatRow::from).collect();
+            let rows: Vec<ChatRow> = device.chats()?;
             print::chats(json, &rows);
         }
         Command::Send { chat, text } => {

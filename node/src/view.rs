@@ -102,38 +102,8 @@ impl SecretChatMessage {
     }
 }
 
-/// A chat as `chat list` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct ChatRow {
-    pub id: String,
-    pub title: Option<String>,
-    /// `notes`, `direct` or `group`.
-    pub kind: String,
-    pub messages: usize,
-    /// The last seq applied from the relay.
-    pub seq: u64,
-    /// Messages of other accounts after this account's read mark.
-    pub unread: usize,
-    /// The other members: usernames where this device pinned one, else account ids.
-    pub members: Vec<String>,
-    /// This account is no longer a member.
-    pub left: bool,
-}
-
-impl From<&ChatSummary> for ChatRow {
-    fn from(c: &ChatSummary) -> Self {
-        ChatRow {
-            id: c.id.clone(),
-            title: c.title.clone(),
-            kind: c.kind.clone(),
-            messages: c.messages,
-            seq: c.seq,
-            unread: c.unread,
-            members: c.members.clone(),
-            left: c.left,
-        }
-    }
-}
+/// A chat as `chat list` shows it (and the daemon sends it): the engine's summary as it is.
+pub(crate) type ChatRow = ChatSummary;
 
 /// A secret chat as `secret list` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]

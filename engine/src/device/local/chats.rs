@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::device::doc::{Author, ChatDoc, DocUpdate};
 use crate::device::error::Error;
@@ -32,8 +32,8 @@ pub use messages::MessageOp;
 /// reloads from the store when needed).
 pub(crate) const DOC_CACHE: usize = 64;
 
-/// A chat as listed to users.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A chat as listed to users (also as the device daemon's JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatSummary {
     /// Its id.
     pub id: String,

@@ -7,7 +7,7 @@ use stratus_engine::{ChatId, MessageOp};
 
 use super::{to_json, with, Ctx, Handler, Id, NoParams, Reply};
 use crate::daemon::rpc::RpcError;
-use crate::view::{ChatMessage, ChatRow};
+use crate::view::ChatMessage;
 
 pub(super) const METHODS: &[(&str, Handler)] = &[
     ("status", status),
@@ -112,9 +112,7 @@ fn create_chat(cx: Ctx, p: Value) -> Reply {
 }
 
 fn chats(cx: Ctx, p: Value) -> Reply {
-    with(cx, p, |cx, NoParams {}| async move {
-        to_json(cx.session().chats().await?.iter().map(ChatRow::from).collect::<Vec<_>>())
-    })
+    with(cx, p, |cx, NoParams {}| async move { to_json(cx.session().chats().await?) })
 }
 
 fn messages(cx: Ctx, p: Value) -> Reply {
