@@ -10,9 +10,9 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use stratus_engine::core::{SyncCore, SyncInput, SyncOutput};
+use stratus_engine::proto::wire::{decode, encode, RelayFrame, MAX_FRAME_BYTES};
 use stratus_engine::session_core::{SessionCore, SessionInput, Work};
 use stratus_engine::{Action, Event};
-use stratus_engine::proto::wire::{decode, encode, RelayFrame, MAX_FRAME_BYTES};
 use stratus_engine::{ChatId, Seq};
 use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
