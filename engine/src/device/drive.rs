@@ -5,19 +5,19 @@
 //! [`crate::Session`] runs it over libp2p and tokio; the deterministic simulator in `tests/`
 //! runs the same code over a simulated network, so both exercise one implementation.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rand::Rng;
 
 use crate::device::core::{SyncCore, SyncInput, SyncOutput};
 use crate::device::doc::Message;
 use crate::device::error::Error;
-use crate::device::local::{Device, KeyWork, MessageOp, SecretMessage};
+use crate::device::local::{Device, KeyWork, LocalWrites, MessageOp, SecretMessage, StagedDeltas};
 use crate::device::session_core::{SessionCore, SessionInput, Work};
-use crate::device::store::OutboxItem;
+use crate::device::store::{Barrier, OutboxItem};
 use crate::proto::cert::DeviceCert;
 use crate::proto::ids::{AccountId, ChatId, ClientSeq, SecretId, Seq};
-use crate::proto::wire::{ChatKind, ClientFrame, ErrorCode, RelayFrame};
+use crate::proto::wire::{ChatKind, ClientFrame, Delta, ErrorCode, RelayFrame};
 
 /// What a session tells the app.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,8 +87,46 @@ pub enum Action {
     RetryAfter(u32),
 }
 
-/// Most deltas of one chat applied and stored together.
+/// A batch of the app's writes carried out on the documents and stored, not yet durable
+/// ([`Device::stage_writes`]).
+pub(crate) struct StagedWrites {
+    staged: Vec<Result<(Message, OutboxItem, u64), Error>>,
+    /// Whether the store took them.
+    stored: Result<(), String>,
+}
+
+impl StagedWrites {
+    /// Whether a barrier is owed: something was stored.
+    pub(crate) fn needs_barrier(&self) -> bool {
+        self.stored.is_ok() && self.staged.iter().any(Result::is_ok)
+    }
+}
+
+/// Most deltas and acks carried out together (see [`Device::carry_out`]).
 const MAX_APPLY_BATCH: usize = 512;
+
+/// Deltas (per chat, in order, chats in the order they came) and acks that came together.
+#[derive(Default)]
+struct Run {
+    deltas: Vec<(ChatId, Vec<Delta>)>,
+    acks: Vec<(ClientSeq, ChatId, Option<Seq>)>,
+    len: usize,
+}
+
+impl Run {
+    fn add(&mut self, output: SyncOutput) {
+        match output {
+            SyncOutput::ApplyDelta(d) => match self.deltas.iter_mut().find(|(c, _)| *c == d.chat) {
+                Some((_, list)) => list.push(d),
+                None => self.deltas.push((d.chat, vec![d])),
+            },
+            SyncOutput::Acked { client_seq, chat, seq } => self.acks.push((client_seq, chat, seq)),
+            // Only the two above are gathered into a run.
+            _ => return,
+        }
+        self.len += 1;
+    }
+}
 
 /// What one write of [`Device::write_batch`] came to: the message as it is now and the client
 /// seq of its delta.
@@ -168,19 +206,48 @@ impl Device {
     /// them (a group commit: an app sending thousands of messages a second pays one fsync per
     /// batch, not per message), then queues those that succeeded with `core`. Nothing of the
     /// batch is answered or sent before the barrier. Returns one result per write, in order,
-    /// and what the driver must do now.
+    /// and what the driver must do now. (The session's driver does the same in three steps, to
+    /// wait for the disk on a blocking thread.)
     pub fn write_batch(&mut self, core: &mut SyncCore, writes: &[(ChatId, MessageOp)]) -> (Vec<Written>, Vec<Action>) {
-        let staged: Vec<_> = writes.iter().map(|(chat, write)| self.write_staged(*chat, write)).collect();
-        let barrier = match staged.iter().any(Result::is_ok) {
+        let staged = self.stage_writes(writes);
+        let barrier = match staged.needs_barrier() {
             true => self.store.barrier().map_err(|e| e.to_string()),
             false => Ok(()),
         };
+        self.finish_writes(core, writes, staged, barrier)
+    }
+
+    /// The first half of [`Device::write_batch`]: `writes` carried out on the documents and
+    /// stored in one write, not yet durable.
+    pub(crate) fn stage_writes(&mut self, writes: &[(ChatId, MessageOp)]) -> StagedWrites {
+        let mut local = LocalWrites::default();
+        let staged = writes.iter().map(|(chat, write)| self.write_staged(*chat, write, &mut local)).collect();
+        let stored = self.store_writes(&mut local).map_err(|e| e.to_string());
+        StagedWrites { staged, stored }
+    }
+
+    /// What makes this device's writes durable, to run where waiting for the disk blocks
+    /// nothing else (see [`Device::write_batch`]).
+    pub(crate) fn barrier_handle(&self) -> Barrier {
+        self.store.barrier_handle()
+    }
+
+    /// The second half of [`Device::write_batch`], once the barrier after
+    /// [`Device::stage_writes`] is done (or failed, with its error).
+    pub(crate) fn finish_writes(
+        &mut self,
+        core: &mut SyncCore,
+        writes: &[(ChatId, MessageOp)],
+        staged: StagedWrites,
+        barrier: Result<(), String>,
+    ) -> (Vec<Written>, Vec<Action>) {
+        let durable = staged.stored.and(barrier);
         let mut results = Vec::with_capacity(writes.len());
         let mut events = Vec::new();
         let mut outputs = Vec::new();
         let mut compact = BTreeMap::new();
-        for ((chat, write), staged) in writes.iter().zip(staged) {
-            let (message, item, stored) = match (staged, &barrier) {
+        for ((chat, write), staged) in writes.iter().zip(staged.staged) {
+            let (message, item, stored) = match (staged, &durable) {
                 (Ok(s), Ok(())) => s,
                 (Ok(_), Err(e)) => {
                     results.push(Err(Error::NotDurable(e.clone())));
@@ -268,63 +335,19 @@ impl Device {
         while let Some(o) = queue.pop_front() {
             match o {
                 SyncOutput::Send(frame) => actions.push(Action::Send(frame)),
-                // Deltas of a chat after one whose key has not arrived wait with it.
-                SyncOutput::ApplyDelta(delta) if waiting.contains(&delta.chat) => {}
-                SyncOutput::ApplyDelta(delta) => {
-                    // With the deltas of the same chat right after it (a page, or pushes that
-                    // came together): applied and stored together.
-                    let chat = delta.chat;
-                    let mut batch = vec![delta];
-                    while batch.len() < MAX_APPLY_BATCH {
-                        match queue.front() {
-                            Some(SyncOutput::ApplyDelta(d)) if d.chat == chat => {
-                                let Some(SyncOutput::ApplyDelta(d)) = queue.pop_front() else { unreachable!() };
-                                batch.push(d);
-                            }
-                            _ => break,
+                SyncOutput::ApplyDelta(_) | SyncOutput::Acked { .. } => {
+                    // With the deltas and acks right after it (pages, or pushes and acks that
+                    // came together), whatever their chats: stored with one write each.
+                    let mut run = Run::default();
+                    run.add(o);
+                    while run.len < MAX_APPLY_BATCH
+                        && matches!(queue.front(), Some(SyncOutput::ApplyDelta(_) | SyncOutput::Acked { .. }))
+                    {
+                        if let Some(next) = queue.pop_front() {
+                            run.add(next);
                         }
                     }
-                    let mut rest = &batch[..];
-                    while !rest.is_empty() {
-                        let applied = match self.apply_deltas(chat, rest) {
-                            Ok(a) => a,
-                            Err(e) => {
-                                actions.push(error(format!("chat {chat} seq {}: {e}", rest[0].seq)));
-                                rest = &rest[1..];
-                                continue;
-                            }
-                        };
-                        for update in applied.updates {
-                            actions.extend(
-                                update
-                                    .added
-                                    .into_iter()
-                                    .map(|message| Action::Emit(Event::MessageAdded { chat, message, local: false })),
-                            );
-                            actions.extend(
-                                update
-                                    .changed
-                                    .into_iter()
-                                    .map(|message| Action::Emit(Event::MessageChanged { chat, message, local: false })),
-                            );
-                            actions.extend(
-                                update
-                                    .read
-                                    .into_iter()
-                                    .map(|(account, up_to)| Action::Emit(Event::Read { chat, account, up_to })),
-                            );
-                        }
-                        for (seq, e) in applied.errors {
-                            actions.push(error(format!("chat {chat} seq {seq}: {e}")));
-                        }
-                        if let Some(seq) = applied.no_key {
-                            // It and the chat's deltas after it wait for the key.
-                            waiting.insert(chat);
-                            queue.extend(core.handle(SyncInput::KeyMissing { chat, seq }));
-                            break;
-                        }
-                        rest = &rest[applied.consumed..];
-                    }
+                    actions.extend(self.carry_out_run(core, run, &mut waiting, &mut queue));
                 }
                 SyncOutput::ApplyAccountEntry(entry) => match self.apply_account_entry(&entry) {
                     Ok(applied) => {
@@ -358,16 +381,6 @@ impl Device {
                     }
                     Err(e) => actions.push(error(format!("account log entry {}: {e}", entry.seq))),
                 },
-                SyncOutput::Acked { client_seq, chat, seq } => {
-                    if let Err(e) = self.store.outbox_acked(client_seq) {
-                        actions.push(error(e.to_string()));
-                    }
-                    // A chat whose next epoch waited for its creation to reach the relay.
-                    if seq.is_none() && self.store.rekey_due().is_ok_and(|d| d.contains_key(&chat)) {
-                        queue.extend(core.handle(SyncInput::RotationDue(true)));
-                    }
-                    actions.push(Action::Emit(Event::Acked { chat, client_seq, seq }));
-                }
                 SyncOutput::Rejected { client_seq, chat, code, message } => {
                     if let Err(e) = self.store.outbox_remove(client_seq) {
                         actions.push(error(e.to_string()));
@@ -446,6 +459,93 @@ impl Device {
                     break;
                 }
             }
+        }
+        actions
+    }
+
+    /// Carries out a run of acks and deltas: the acks with one store write, then the deltas
+    /// chat by chat into their documents and all of them into the store with one write; the
+    /// app hears of what they did only once it is stored. Deltas of a chat in `waiting` (a
+    /// delta before them lacks its key) wait with it.
+    fn carry_out_run(
+        &mut self,
+        core: &mut SyncCore,
+        run: Run,
+        waiting: &mut BTreeSet<ChatId>,
+        queue: &mut VecDeque<SyncOutput>,
+    ) -> Vec<Action> {
+        let error = |message: String| Action::Emit(Event::Error { message });
+        let mut actions = Vec::new();
+        if !run.acks.is_empty() {
+            let seqs: Vec<ClientSeq> = run.acks.iter().map(|(cs, _, _)| *cs).collect();
+            if let Err(e) = self.store.outbox_acked_many(&seqs) {
+                actions.push(error(e.to_string()));
+            }
+            for (client_seq, chat, seq) in run.acks {
+                // A chat whose next epoch waited for its creation to reach the relay.
+                if seq.is_none() && self.store.rekey_due().is_ok_and(|d| d.contains_key(&chat)) {
+                    queue.extend(core.handle(SyncInput::RotationDue(true)));
+                }
+                actions.push(Action::Emit(Event::Acked { chat, client_seq, seq }));
+            }
+        }
+        let mut staged = StagedDeltas::default();
+        // Updates of deltas staged, and of deltas stored: only these reach the app.
+        let (mut updates, mut stored) = (Vec::new(), Vec::new());
+        let store_now =
+            |device: &mut Device, staged: &mut StagedDeltas, updates: &mut Vec<_>, stored: &mut Vec<_>| match device
+                .store_staged(staged)
+            {
+                Ok(failed) => {
+                    stored.append(updates);
+                    failed.into_iter().map(|e| error(format!("compacting: {e}"))).collect()
+                }
+                Err(e) => {
+                    updates.clear();
+                    vec![error(format!("storing applied deltas: {e}"))]
+                }
+            };
+        for (chat, batch) in run.deltas {
+            if waiting.contains(&chat) {
+                continue;
+            }
+            let mut rest = &batch[..];
+            while !rest.is_empty() {
+                let applied = match self.stage_deltas(chat, rest, &mut staged) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        actions.push(error(format!("chat {chat} seq {}: {e}", rest[0].seq)));
+                        // The document may be ahead of what is staged: what is staged is
+                        // stored, and the document read again from the store.
+                        actions.extend(store_now(self, &mut staged, &mut updates, &mut stored));
+                        self.drop_doc(chat);
+                        rest = &rest[1..];
+                        continue;
+                    }
+                };
+                updates.extend(applied.updates.into_iter().map(|u| (chat, u)));
+                for (seq, e) in applied.errors {
+                    actions.push(error(format!("chat {chat} seq {seq}: {e}")));
+                }
+                actions.extend(applied.compaction.into_iter().map(|e| error(format!("compacting chat {chat}: {e}"))));
+                if let Some(seq) = applied.no_key {
+                    // It and the chat's deltas after it wait for the key.
+                    waiting.insert(chat);
+                    queue.extend(core.handle(SyncInput::KeyMissing { chat, seq }));
+                    break;
+                }
+                rest = &rest[applied.consumed..];
+            }
+        }
+        if !staged.is_empty() {
+            actions.extend(store_now(self, &mut staged, &mut updates, &mut stored));
+        }
+        for (chat, update) in stored {
+            let added = update.added.into_iter().map(|message| Event::MessageAdded { chat, message, local: false });
+            let changed =
+                update.changed.into_iter().map(|message| Event::MessageChanged { chat, message, local: false });
+            let read = update.read.into_iter().map(|(account, up_to)| Event::Read { chat, account, up_to });
+            actions.extend(added.chain(changed).chain(read).map(Action::Emit));
         }
         actions
     }

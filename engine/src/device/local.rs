@@ -28,10 +28,11 @@ mod chats;
 mod identity;
 mod one_shot;
 mod outbox;
+pub(crate) use outbox::LocalWrites;
 mod secret;
 
-pub(crate) use chats::KeyWork;
 pub use chats::{ChatSummary, MessageOp};
+pub(crate) use chats::{KeyWork, StagedDeltas};
 pub use identity::{ContactInfo, LinkCode, SessionInfo};
 pub(crate) use secret::OPENING_TIMEOUT;
 pub use secret::{Answer, Ended, Opening, SecretConn, SecretMessage, SecretUpdate, Step};

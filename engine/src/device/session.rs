@@ -461,7 +461,20 @@ impl Driver {
     /// what they asked for (sending them).
     async fn writes(&mut self, writes: Vec<WriteCmd>) {
         let (ops, replies): (Vec<_>, Vec<_>) = writes.into_iter().map(|(chat, op, reply)| ((chat, op), reply)).unzip();
-        let (results, actions) = self.device.write_batch(self.core.sync(), &ops);
+        // The barrier waits for the disk on a blocking thread, not on the runtime's: other
+        // sessions and the links' pumps go on meanwhile (this session's task waits for it).
+        let staged = self.device.stage_writes(&ops);
+        let barrier = match staged.needs_barrier() {
+            true => {
+                let barrier = self.device.barrier_handle();
+                match tokio::task::spawn_blocking(move || barrier.barrier()).await {
+                    Ok(done) => done.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("the barrier's thread failed: {e}")),
+                }
+            }
+            false => Ok(()),
+        };
+        let (results, actions) = self.device.finish_writes(self.core.sync(), &ops, staged, barrier);
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
         }
@@ -590,8 +603,10 @@ mod secret_cmds;
 #[path = "session_methods.rs"]
 mod methods;
 
-/// Most frames from the relay taken in one step (see [`Device::session_steps`]).
-const MAX_FRAMES_PER_STEP: usize = 64;
+/// Most frames from the relay taken in one step (see [`Device::session_steps`]): as many as
+/// [`Device::carry_out`] carries out together, so that acks and pushes are taken as fast as a
+/// batch of the app's writes (up to [`MAX_WRITE_BATCH`]) makes them.
+const MAX_FRAMES_PER_STEP: usize = 512;
 
 /// Most writes carried out under one store barrier.
 const MAX_WRITE_BATCH: usize = 256;

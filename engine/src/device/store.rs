@@ -36,6 +36,8 @@ use crate::device::doc::Author;
 use crate::device::kv::{atomic, MemDisk, Tree};
 use serde::{Deserialize, Serialize};
 
+#[path = "store_changes.rs"]
+mod changes;
 #[path = "store_outbox.rs"]
 mod outbox;
 #[path = "store_secret.rs"]
@@ -185,6 +187,10 @@ pub const SENT_KEPT: usize = 1024;
 /// A chat's saved snapshot (if any) and the changes stored after it, in order.
 pub type DocParts = (Option<Vec<u8>>, Vec<Vec<u8>>);
 
+/// A delta of a chat as the store keeps it: its seq, and its change (`None` for one passed
+/// over, which only moves the cursor).
+pub type RemoteEntry<'a> = (Seq, Option<&'a [u8]>);
+
 /// The device's sled database.
 pub struct DeviceStore {
     backend: Backend,
@@ -269,9 +275,33 @@ pub(super) fn change_key(chat: ChatId, n: u64) -> [u8; 24] {
     k
 }
 
+/// A store's barrier, apart from the store ([`DeviceStore::barrier_handle`]).
+pub struct Barrier(BarrierOf);
+
+enum BarrierOf {
+    Sled(sled::Db, std::sync::Arc<SledDir>),
+    Mem(MemDisk),
+}
+
+impl Barrier {
+    /// [`DeviceStore::barrier`].
+    pub fn barrier(&self) -> Result<(), StoreError> {
+        match &self.0 {
+            BarrierOf::Sled(db, files) => {
+                db.flush()?;
+                files.sync().map_err(StoreError::Sync)
+            }
+            BarrierOf::Mem(disk) => {
+                disk.barrier();
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Where a store's trees live.
 enum Backend {
-    Sled { db: sled::Db, files: SledDir, dir: std::path::PathBuf },
+    Sled { db: sled::Db, files: std::sync::Arc<SledDir>, dir: std::path::PathBuf },
     Mem(MemDisk),
 }
 
@@ -302,7 +332,7 @@ impl DeviceStore {
             secret_timers: Tree::sled(&db, "secret_timers")?,
             secret_closed: Tree::sled(&db, "secret_closed")?,
             next_change: Default::default(),
-            backend: Backend::Sled { files: SledDir::new(dir), dir: dir.to_path_buf(), db },
+            backend: Backend::Sled { files: std::sync::Arc::new(SledDir::new(dir)), dir: dir.to_path_buf(), db },
         };
         store.index_secret_keys()?;
         Ok(store)
@@ -339,15 +369,15 @@ impl DeviceStore {
 
     /// Makes everything written so far durable across power loss (sled's own flush is not).
     pub fn barrier(&self) -> Result<(), StoreError> {
+        self.barrier_handle().barrier()
+    }
+
+    /// What makes this store's writes durable, apart from the store: a driver runs
+    /// [`Barrier::barrier`] on a thread where waiting for the disk blocks nothing else.
+    pub fn barrier_handle(&self) -> Barrier {
         match &self.backend {
-            Backend::Sled { db, files, .. } => {
-                db.flush()?;
-                files.sync().map_err(StoreError::Sync)
-            }
-            Backend::Mem(disk) => {
-                disk.barrier();
-                Ok(())
-            }
+            Backend::Sled { db, files, .. } => Barrier(BarrierOf::Sled(db.clone(), files.clone())),
+            Backend::Mem(disk) => Barrier(BarrierOf::Mem(disk.clone())),
         }
     }
 
@@ -670,47 +700,6 @@ impl DeviceStore {
         let n = next_change_in(&self.changes, chat)?;
         self.next_change_cache().insert(chat, n);
         Ok(n)
-    }
-
-    /// Stores a remote change and moves the cursor to `seq`, atomically. `change` is `None` for
-    /// a delta that failed to open or apply: the cursor still passes it. Returns the number of
-    /// changes now stored after the chat's snapshot.
-    pub fn apply_remote(&self, chat: ChatId, seq: Seq, change: Option<&[u8]>) -> Result<u64, StoreError> {
-        self.apply_remote_many(chat, &[(seq, change)])
-    }
-
-    /// [`DeviceStore::apply_remote`] for several deltas of one chat in order, atomically: the
-    /// changes stored and the cursor at the last seq.
-    pub fn apply_remote_many(&self, chat: ChatId, deltas: &[(Seq, Option<&[u8]>)]) -> Result<u64, StoreError> {
-        let Some((last, _)) = deltas.last() else { return self.next_change_n(chat) };
-        let first = self.next_change_n(chat)?;
-        let mut n = first;
-        atomic(&[&self.changes, &self.cursors], |b| {
-            n = first;
-            for (_, change) in deltas {
-                if let Some(c) = change {
-                    b.insert(0, change_key(chat, n), *c);
-                    n += 1;
-                }
-            }
-            b.insert(1, chat.0, &last.0.to_be_bytes()[..]);
-        })?;
-        self.next_change_cache().insert(chat, n);
-        Ok(n)
-    }
-
-    /// Stores a local change with its outbox item, advancing the client seq, atomically; not yet
-    /// durable, see [`DeviceStore::barrier`]. Returns the number of changes now stored after the
-    /// chat's snapshot.
-    pub fn store_local(&self, chat: ChatId, change: &[u8], item: &OutboxItem) -> Result<u64, StoreError> {
-        let n = self.next_change_n(chat)?;
-        atomic(&[&self.changes, &self.outbox, &self.meta], |b| {
-            b.insert(0, change_key(chat, n), change);
-            b.insert(1, item.client_seq.0.to_be_bytes(), enc(item));
-            b.insert(2, "next_client_seq", &(item.client_seq.0 + 1).to_be_bytes()[..]);
-        })?;
-        self.next_change_cache().insert(chat, n + 1);
-        Ok(n + 1)
     }
 
     /// The client seq the next local delta gets.

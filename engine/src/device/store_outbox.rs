@@ -43,10 +43,22 @@ impl DeviceStore {
     /// Moves an item the relay acknowledged from the outbox to `sent` (the newest
     /// [`SENT_KEPT`] are kept there, to be sent again to a restored relay), in one write.
     pub fn outbox_acked(&self, cs: ClientSeq) -> Result<(), StoreError> {
-        let Some(item) = self.outbox.get(cs.0.to_be_bytes())? else { return Ok(()) };
-        // Client seqs are consecutive: those more than SENT_KEPT below this one go (a scan from
-        // the start that stops at the first one kept; `len` would walk the whole tree).
-        let bound = cs.0.saturating_sub(SENT_KEPT as u64 - 1).to_be_bytes();
+        self.outbox_acked_many(&[cs])
+    }
+
+    /// [`DeviceStore::outbox_acked`] for several items, in one write (the acks a session took
+    /// from the relay together).
+    pub fn outbox_acked_many(&self, acked: &[ClientSeq]) -> Result<(), StoreError> {
+        let mut items = Vec::with_capacity(acked.len());
+        for cs in acked {
+            if let Some(item) = self.outbox.get(cs.0.to_be_bytes())? {
+                items.push((*cs, item));
+            }
+        }
+        let Some(newest) = items.iter().map(|(cs, _)| cs.0).max() else { return Ok(()) };
+        // Client seqs are consecutive: those more than SENT_KEPT below the newest go (a scan
+        // from the start that stops at the first one kept; `len` would walk the whole tree).
+        let bound = newest.saturating_sub(SENT_KEPT as u64 - 1).to_be_bytes();
         let mut old: Vec<sled::IVec> = Vec::new();
         for k in self.sent.iter().keys() {
             let k = k?;
@@ -56,8 +68,13 @@ impl DeviceStore {
             old.push(k);
         }
         atomic(&[&self.outbox, &self.sent], |b| {
-            b.remove(0, cs.0.to_be_bytes());
-            b.insert(1, cs.0.to_be_bytes(), item.to_vec());
+            for (cs, item) in &items {
+                let key = cs.0.to_be_bytes();
+                b.remove(0, key);
+                if key >= bound {
+                    b.insert(1, key, item.to_vec());
+                }
+            }
             for k in &old {
                 b.remove(1, k);
             }
@@ -136,5 +153,56 @@ mod sent_tests {
         assert_eq!(store.cursor(chat).unwrap(), Seq(20));
         let back: Vec<u64> = store.outbox_after(ClientSeq(0), 100).unwrap().iter().map(|i| i.client_seq.0).collect();
         assert_eq!(back, ((n - 4)..=n).collect::<Vec<_>>(), "the five the relay lacks, in order");
+    }
+
+    /// The batched writes a session makes: local changes of two chats in one write (numbered
+    /// per chat, the client seq after the last), deltas of two chats in one write (each chat's
+    /// changes in order, each cursor at its last seq), and acks in one write; a power loss
+    /// before the barrier loses each of these writes whole or not at all.
+    #[test]
+    fn batched_writes_are_numbered_per_chat_and_land_whole_or_not_at_all() {
+        let (a, b) = (ChatId([1; 16]), ChatId([2; 16]));
+        let item = |cs: u64, chat| OutboxItem {
+            client_seq: ClientSeq(cs),
+            chat,
+            epoch: Epoch(0),
+            body: OutboxBody::Delta { sealed: vec![cs as u8], plain: vec![cs as u8] },
+        };
+        let items = [item(1, a), item(2, b), item(3, a)];
+        let changes = [[1u8], [2], [3]];
+        let writes: Vec<(ChatId, &[u8], &OutboxItem)> =
+            items.iter().zip(&changes).map(|(i, c)| (i.chat, &c[..], i)).collect();
+        let da: [(Seq, Option<&[u8]>); 2] = [(Seq(7), Some(&[7])), (Seq(8), None)];
+        let db: [(Seq, Option<&[u8]>); 1] = [(Seq(4), Some(&[4]))];
+        let da2: [(Seq, Option<&[u8]>); 1] = [(Seq(9), Some(&[9]))];
+        let state = |s: &DeviceStore| {
+            let outbox: Vec<u64> = s.outbox_after(ClientSeq(0), 10).unwrap().iter().map(|i| i.client_seq.0).collect();
+            (s.doc_parts(a).unwrap().1, s.doc_parts(b).unwrap().1, s.cursor(a).unwrap().0, outbox, s.sent.len())
+        };
+        for keep in 0..=3 {
+            let disk = MemDisk::new();
+            let store = DeviceStore::open_mem(&disk).unwrap();
+            store.barrier().unwrap();
+            store.store_local_many(&writes).unwrap();
+            assert_eq!(store.next_client_seq().unwrap(), ClientSeq(4));
+            assert_eq!((store.changes_stored(a).unwrap(), store.changes_stored(b).unwrap()), (2, 1));
+            let counts = store.apply_remote_chats(&[(a, &da), (b, &db), (a, &da2)]).unwrap();
+            assert_eq!(counts, [3, 2, 4], "each entry's chat count after it");
+            assert_eq!(store.cursor(b).unwrap(), Seq(4));
+            store.outbox_acked_many(&[ClientSeq(1), ClientSeq(3), ClientSeq(99)]).unwrap();
+            assert_eq!(disk.unsynced(), 3, "one write each");
+            drop(store);
+            disk.crash(keep);
+            let store = DeviceStore::open_mem(&disk).unwrap();
+            let (ca, cb) = (vec![vec![1], vec![3]], vec![vec![2]]);
+            let (ca2, cb2) = (vec![vec![1], vec![3], vec![7], vec![9]], vec![vec![2], vec![4]]);
+            let want = match keep {
+                0 => (vec![], vec![], 0, vec![], 0),
+                1 => (ca, cb, 0, vec![1, 2, 3], 0),
+                2 => (ca2.clone(), cb2.clone(), 9, vec![1, 2, 3], 0),
+                _ => (ca2, cb2, 9, vec![2], 2),
+            };
+            assert_eq!(state(&store), want, "{keep} of the three writes kept");
+        }
     }
 }

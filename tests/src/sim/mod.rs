@@ -83,7 +83,7 @@ pub const SEC: u64 = 1_000_000;
 /// Time between two messages of a burst from one device (2,000 messages/s).
 pub const BURST_GAP: u64 = 500;
 /// Most frames a slow device takes in one step (the session's `MAX_FRAMES_PER_STEP`).
-pub const SESSION_FRAMES_PER_STEP: usize = 64;
+pub const SESSION_FRAMES_PER_STEP: usize = 512;
 
 const C2R: usize = 0;
 const R2C: usize = 1;

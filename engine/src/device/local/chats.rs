@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::device::doc::{Author, ChatDoc, DocUpdate};
 use crate::device::error::Error;
 use crate::device::local::Device;
-use crate::device::store::{DeviceStore, OutboxItem, COMPACT_AFTER_CHANGES};
+use crate::device::store::{DeviceStore, OutboxItem, RemoteEntry, COMPACT_AFTER_CHANGES};
 use crate::proto::ids::{ChatId, DeviceId, Seq};
 use crate::proto::wire::{ChatKind, Delta};
 
@@ -171,17 +171,25 @@ impl Device {
         self.new_chat_with(ChatKind::Notes, title, &[])
     }
 
-    /// Opens and applies deltas of one chat from the relay, in order, and moves the chat's
-    /// cursor past them, with one store write for all of them (a page of catch-up, or pushes
-    /// that arrived together). A delta that fails to open or apply is skipped (the cursor still
-    /// moves) and reported in [`AppliedDeltas::errors`]; it never stalls the chat. Stops early at a
-    /// delta whose key has not arrived ([`AppliedDeltas::no_key`]: the cursor stays before it) or
-    /// after one that broke the document in memory (it is read again from the store for the
-    /// rest); [`AppliedDeltas::consumed`] says how far it got.
-    pub(crate) fn apply_deltas(&mut self, chat: ChatId, deltas: &[Delta]) -> Result<AppliedDeltas, Error> {
+    /// Opens and applies deltas of one chat from the relay to its document, in order, and
+    /// stages them in `staged` for one store write with the other chats' deltas that came
+    /// together ([`Device::store_staged`]: until then nothing of them is stored and the cursor
+    /// has not moved). A delta that fails to open or apply is skipped (the cursor still moves)
+    /// and reported in [`AppliedDeltas::errors`]; it never stalls the chat. Stops early at a
+    /// delta whose key has not arrived ([`AppliedDeltas::no_key`]: the cursor stays before it)
+    /// or after one that broke the document in memory (what is staged is stored at once, and
+    /// the document is read again from the store for the rest); [`AppliedDeltas::consumed`]
+    /// says how far it got. The messages in the updates are revealed (their texts opened).
+    pub(crate) fn stage_deltas(
+        &mut self,
+        chat: ChatId,
+        deltas: &[Delta],
+        staged: &mut StagedDeltas,
+    ) -> Result<AppliedDeltas, Error> {
         let meta = self.store.chat(chat)?.ok_or(Error::UnknownChat(chat))?;
         let mut done = AppliedDeltas::default();
-        let mut entries: Vec<(Seq, Option<Vec<u8>>)> = Vec::with_capacity(deltas.len());
+        let mut entries: Vec<Staged> = Vec::with_capacity(deltas.len());
+        let mut poisoned = false;
         for delta in deltas {
             let opened = match meta.transport(delta.epoch) {
                 // From before this account joined (or while it was away), and not shared with
@@ -217,37 +225,93 @@ impl Device {
                     done.updates.push(update);
                 }
                 Err(e) => {
-                    let poisoned = doc.is_poisoned();
+                    poisoned = doc.is_poisoned();
                     entries.push((delta.seq, None));
                     done.errors.push((delta.seq, e.into()));
                     if poisoned {
-                        // What this batch applied before is stored first: the document is read
-                        // again from the store for the deltas after this one.
-                        self.drop_doc(chat);
                         break;
                     }
                 }
             }
         }
         done.consumed = entries.len();
-        let refs: Vec<(Seq, Option<&[u8]>)> = entries.iter().map(|(s, c)| (*s, c.as_deref())).collect();
-        match self.store.apply_remote_many(chat, &refs) {
-            Ok(stored) => self.maybe_compact(chat, stored)?,
-            Err(e) => {
-                // The document in memory is ahead of the store: read it again from there.
-                self.drop_doc(chat);
-                return Err(e.into());
-            }
+        staged.push(chat, entries);
+        if poisoned {
+            // What was applied before is stored first: the document is read again from the
+            // store for the deltas after this one.
+            self.drop_doc(chat);
+            done.compaction = self.store_staged(staged)?;
         }
         for update in &mut done.updates {
-            update.added = self.reveal(chat, std::mem::take(&mut update.added))?;
-            update.changed = self.reveal(chat, std::mem::take(&mut update.changed))?;
+            update.added = messages::reveal_with(&meta, chat, std::mem::take(&mut update.added));
+            update.changed = messages::reveal_with(&meta, chat, std::mem::take(&mut update.changed));
         }
         Ok(done)
     }
+
+    /// Stores what [`Device::stage_deltas`] staged, every chat in one write, and compacts the
+    /// chats that need it. On failure the staged chats' documents (ahead of the store) are
+    /// dropped, to be read again from the store, and nothing staged counts as applied. Returns
+    /// the compactions that failed (the deltas are stored all the same).
+    pub(crate) fn store_staged(&mut self, staged: &mut StagedDeltas) -> Result<Vec<Error>, Error> {
+        let chats = std::mem::take(&mut staged.chats);
+        if chats.is_empty() {
+            return Ok(Vec::new());
+        }
+        let refs: Vec<(ChatId, Vec<RemoteEntry>)> =
+            chats.iter().map(|(chat, e)| (*chat, e.iter().map(|(s, c)| (*s, c.as_deref())).collect())).collect();
+        let list: Vec<(ChatId, &[RemoteEntry])> = refs.iter().map(|(c, e)| (*c, &e[..])).collect();
+        let counts = match self.store.apply_remote_chats(&list) {
+            Ok(counts) => counts,
+            Err(e) => {
+                for (chat, _) in &chats {
+                    self.drop_doc(*chat);
+                }
+                return Err(e.into());
+            }
+        };
+        // A chat's last count is its current one.
+        let latest: BTreeMap<ChatId, u64> = chats.iter().map(|(c, _)| *c).zip(counts).collect();
+        let mut errors = Vec::new();
+        for (chat, stored) in latest {
+            if let Err(e) = self.maybe_compact(chat, stored) {
+                errors.push(e);
+            }
+        }
+        Ok(errors)
+    }
 }
 
-/// What [`Device::apply_deltas`] did.
+/// Deltas applied to chats' documents and not yet stored: [`Device::stage_deltas`] adds to
+/// it, [`Device::store_staged`] stores it.
+#[derive(Debug, Default)]
+pub(crate) struct StagedDeltas {
+    /// Per chat (a chat may come more than once), its deltas in order: the change, or `None`
+    /// for one passed over.
+    chats: Vec<(ChatId, Vec<Staged>)>,
+}
+
+/// A staged delta: its seq, and its change (`None` for one passed over).
+type Staged = (Seq, Option<Vec<u8>>);
+
+impl StagedDeltas {
+    fn push(&mut self, chat: ChatId, entries: Vec<Staged>) {
+        if entries.is_empty() {
+            return;
+        }
+        match self.chats.last_mut() {
+            Some((c, e)) if *c == chat => e.extend(entries),
+            _ => self.chats.push((chat, entries)),
+        }
+    }
+
+    /// Whether nothing is staged.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.chats.is_empty()
+    }
+}
+
+/// What [`Device::stage_deltas`] did.
 #[derive(Debug, Default)]
 pub(crate) struct AppliedDeltas {
     /// How many of the deltas it took (applied or skipped); the rest are for another call.
@@ -258,4 +322,6 @@ pub(crate) struct AppliedDeltas {
     pub errors: Vec<(Seq, Error)>,
     /// The delta it stopped before: its key has not arrived.
     pub no_key: Option<Seq>,
+    /// Compactions that failed when what was staged had to be stored early.
+    pub compaction: Vec<Error>,
 }

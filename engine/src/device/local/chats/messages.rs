@@ -6,8 +6,8 @@ use rand::RngCore;
 
 use crate::device::doc::{new_message, DocError, Message};
 use crate::device::error::Error;
-use crate::device::local::Device;
-use crate::device::store::OutboxItem;
+use crate::device::local::{Device, LocalWrites};
+use crate::device::store::{ChatMeta, OutboxItem};
 use crate::proto::crypto::{open_text, seal_text, sealed_text_epoch};
 use crate::proto::ids::{AccountId, ChatId};
 
@@ -42,19 +42,23 @@ impl Device {
     /// outbox item durably (sending is the session's job). Returns the message as it is now.
     /// Only messages of this account can be edited or deleted.
     pub fn write_local(&mut self, chat: ChatId, write: &MessageOp) -> Result<(Message, OutboxItem), Error> {
-        let (message, item, stored) = self.write_staged(chat, write)?;
+        let mut writes = LocalWrites::default();
+        let (message, item, stored) = self.write_staged(chat, write, &mut writes)?;
+        self.store_writes(&mut writes)?;
         self.store.barrier()?;
         self.maybe_compact(chat, stored)?;
         Ok((message, item))
     }
 
-    /// [`Device::write_local`] without its barrier: the change and its outbox item are stored
-    /// but not yet durable. The caller makes one barrier for a batch of writes before any of
-    /// them is answered or sent, then [`Device::maybe_compact`] with the returned count.
+    /// [`Device::write_local`] without storing: the change and its outbox item are added to
+    /// `writes`. The caller stores a batch of writes with [`Device::store_writes`] and makes one
+    /// barrier before any of them is answered or sent, then [`Device::maybe_compact`] with the
+    /// returned count.
     pub(crate) fn write_staged(
         &mut self,
         chat: ChatId,
         write: &MessageOp,
+        writes: &mut LocalWrites,
     ) -> Result<(Message, OutboxItem, u64), Error> {
         let account = self.login()?.account.id;
         if self.store.chat(chat)?.is_some_and(|m| m.left) {
@@ -93,7 +97,7 @@ impl Device {
                 (id.clone(), self.doc(chat)?.react(id, &account, reaction, *add, now)?, None)
             }
         };
-        let (item, stored) = self.seal_and_stage(chat, &change)?;
+        let (item, stored) = self.seal_and_stage(chat, &change, writes)?;
         let message = match sent {
             Some(m) => m,
             None => self.message(chat, &id)?,
@@ -132,15 +136,7 @@ impl Device {
     /// account joined, without the history.
     pub(crate) fn reveal(&self, chat: ChatId, messages: Vec<Message>) -> Result<Vec<Message>, Error> {
         let meta = self.store.chat(chat)?.ok_or(Error::UnknownChat(chat))?;
-        Ok(messages
-            .into_iter()
-            .filter_map(|mut m| {
-                if let Some(epoch) = sealed_text_epoch(&m.text) {
-                    m.text = open_text(meta.keys.get(&epoch)?, chat, &m.id, &m.text).ok()?;
-                }
-                Some(m)
-            })
-            .collect())
+        Ok(reveal_with(&meta, chat, messages))
     }
 
     fn seal_text(&mut self, chat: ChatId, message: &str, text: &str) -> Result<String, Error> {
@@ -162,4 +158,18 @@ pub(in crate::device::local) fn check_text(text: &str) -> Result<(), Error> {
         return Err(Error::TooLong(text.len(), MAX_TEXT_BYTES));
     }
     Ok(())
+}
+
+/// Opens the sealed texts of `messages` of `chat` with the chat's keys in `meta`; a message
+/// whose text does not open is left out.
+pub(crate) fn reveal_with(meta: &ChatMeta, chat: ChatId, messages: Vec<Message>) -> Vec<Message> {
+    messages
+        .into_iter()
+        .filter_map(|mut m| {
+            if let Some(epoch) = sealed_text_epoch(&m.text) {
+                m.text = open_text(meta.keys.get(&epoch)?, chat, &m.id, &m.text).ok()?;
+            }
+            Some(m)
+        })
+        .collect()
 }
