@@ -7,6 +7,8 @@
 //! * [`core`] decides everything and is sans-IO: inputs in, effects out, no clock, no sockets.
 //! * [`store`] keeps the data in sled behind the [`store::RelayStore`] trait and provides the
 //!   durability barrier.
+//! * [`metrics`] counts what the driver carries out, for the admin HTTP listener
+//!   ([`server::http`]).
 //! * [`limits`] holds what one peer, connection or device may hold or ask for at once.
 //! * [`server`] is the driver: libp2p, one task per stream, the core task and the group-commit
 //!   barrier task.
@@ -16,5 +18,6 @@
 pub mod admin;
 pub mod core;
 pub mod limits;
+pub mod metrics;
 pub mod server;
 pub mod store;

@@ -94,6 +94,10 @@ struct Args {
     /// these.
     #[arg(long = "external-address")]
     external_addresses: Vec<libp2p::Multiaddr>,
+    /// Address of the admin HTTP listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9101;
+    /// off by default.
+    #[arg(long, value_name = "ADDR")]
+    admin_http: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Subcommand)]
@@ -222,8 +226,13 @@ fn main() -> ExitCode {
         unregistered_requests_per_second: args.unregistered_requests_per_second,
         unregistered_request_burst: args.unregistered_request_burst,
     };
-    let config =
-        Config { data_dir: args.data_dir, listen: args.listen, external_addresses: args.external_addresses, limits };
+    let config = Config {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        external_addresses: args.external_addresses,
+        limits,
+        admin_http: args.admin_http,
+    };
     let result = rt.block_on(server::run(
         config,
         |addr| {

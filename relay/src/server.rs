@@ -18,6 +18,7 @@
 //! serves what is durable.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,8 +36,10 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{AdminRequest, AdminSocket};
 use crate::core::{ConnId, Effect, Input, RelayCore, FRAME_OVERHEAD_BYTES};
 use crate::limits::{Limits, LimitsError, MAX_QUEUED_BYTES};
+use crate::metrics::{Health, Metrics};
 use crate::store::{RelayStore, SledStore, StoreError};
 
+pub mod http;
 mod stream;
 mod tasks;
 use tasks::{barrier_loop, core_loop, tick_loop};
@@ -70,6 +73,10 @@ pub struct Config {
     pub external_addresses: Vec<Multiaddr>,
     /// What one peer, connection or device may hold or ask for at once.
     pub limits: Limits,
+    /// Where the admin HTTP listener serves metrics and health (`server/http.rs`); off when
+    /// `None`. It has no authentication: the caller decides whether the address may be reached
+    /// from other hosts (the binary's settings refuse that unless allowed).
+    pub admin_http: Option<SocketAddr>,
 }
 
 /// Why the relay stopped.
@@ -91,6 +98,9 @@ pub enum ServerError {
     /// A limit in the configuration cannot be enforced.
     #[error("configuration: {0}")]
     Limits(#[from] LimitsError),
+    /// The admin HTTP listener could not listen.
+    #[error("admin http listener on {0}: {1}")]
+    AdminHttp(SocketAddr, std::io::Error),
 }
 
 #[derive(NetworkBehaviour)]
@@ -267,9 +277,12 @@ pub async fn run(
     ready: impl FnOnce(Multiaddr),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    // The admin listener first: `/healthz` answers, and `/readyz` says so, while the store opens.
+    let observer = Observer::start(&config, false).await?;
     std::fs::create_dir_all(&config.data_dir)?;
     let store = Arc::new(SledStore::open(&config.data_dir.join("store"))?);
-    run_with_store(config, store, ready, shutdown).await
+    observer.health.store_opened();
+    serve(config, store, observer, ready, shutdown).await
 }
 
 /// [`run`] over any [`RelayStore`] (tests wrap the sled store to hold back or fail barriers).
@@ -279,6 +292,71 @@ pub async fn run_with_store<S: RelayStore>(
     ready: impl FnOnce(Multiaddr),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let observer = Observer::start(&config, true).await?;
+    serve(config, store, observer, ready, shutdown).await
+}
+
+/// The relay's metrics and readiness, and the admin HTTP listener serving them when configured
+/// (stopped when this is dropped).
+struct Observer {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    http: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Observer {
+    /// Binds and starts the admin HTTP listener when configured; `store_open` when the store
+    /// is open already.
+    async fn start(config: &Config, store_open: bool) -> Result<Observer, ServerError> {
+        let (metrics, health) = (Arc::new(Metrics::new()), Arc::new(Health::default()));
+        if store_open {
+            health.store_opened();
+        }
+        let http = match config.admin_http {
+            Some(addr) => {
+                let listener = http::bind(addr).await.map_err(|e| ServerError::AdminHttp(addr, e))?;
+                let local = listener.local_addr().map_err(|e| ServerError::AdminHttp(addr, e))?;
+                tracing::info!(addr = %local, "admin http listening (/metrics, /healthz, /readyz)");
+                Some(tokio::spawn(http::serve(listener, metrics.clone(), health.clone())))
+            }
+            None => None,
+        };
+        Ok(Observer { metrics, health, http })
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        if let Some(h) = &self.http {
+            h.abort();
+        }
+    }
+}
+
+/// Updates the store's size on disk every [`STORE_SIZE_EVERY`] (it may list files, so not on
+/// the core task).
+async fn store_size_loop<S: RelayStore>(store: Arc<S>, metrics: Arc<Metrics>) {
+    loop {
+        let s = store.clone();
+        if let Ok(Some(bytes)) = tokio::task::spawn_blocking(move || s.size_on_disk()).await {
+            metrics.store_bytes(bytes);
+        }
+        tokio::time::sleep(STORE_SIZE_EVERY).await;
+    }
+}
+
+/// How often the store's size on disk is measured for the metrics.
+pub const STORE_SIZE_EVERY: Duration = Duration::from_secs(10);
+
+async fn serve<S: RelayStore>(
+    config: Config,
+    store: Arc<S>,
+    observer: Observer,
+    ready: impl FnOnce(Multiaddr),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let Observer { metrics, health, .. } = &observer;
+    let (metrics, health) = (metrics.clone(), health.clone());
     config.limits.validate()?;
     std::fs::create_dir_all(&config.data_dir)?;
     let keypair = load_identity(&config.data_dir)?;
@@ -288,6 +366,7 @@ pub async fn run_with_store<S: RelayStore>(
         let s = store.clone();
         tokio::task::spawn_blocking(move || s.barrier()).await.map_err(|e| ServerError::Bug(e.to_string()))??;
     }
+    health.first_barrier_done();
     let recovered = store.recover()?;
     let registered = Registered::default();
     {
@@ -354,6 +433,7 @@ pub async fn run_with_store<S: RelayStore>(
     let mut control = swarm.behaviour().stream.new_control();
     let mut incoming =
         control.accept(StreamProtocol::new(wire::PROTOCOL)).map_err(|e| ServerError::Network(e.to_string()))?;
+    health.listening();
     ready(listen_addr.with(libp2p::multiaddr::Protocol::P2p(peer_id)));
 
     let counts = Arc::new(Mutex::new(PeerCounts::default()));
@@ -436,8 +516,11 @@ pub async fn run_with_store<S: RelayStore>(
 
     let (written_tx, written_rx) = watch::channel(0u64);
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<StoreError>(1);
-    let barrier_task = tokio::spawn(barrier_loop(store.clone(), written_rx, in_tx.clone(), fatal_tx.clone()));
-    let core_task = tokio::spawn(core_loop(core, store.clone(), in_rx, written_tx, fatal_tx, registered));
+    let barrier_task =
+        tokio::spawn(barrier_loop(store.clone(), written_rx, in_tx.clone(), fatal_tx.clone(), metrics.clone()));
+    let core_task =
+        tokio::spawn(core_loop(core, store.clone(), in_rx, written_tx, fatal_tx, registered, metrics.clone()));
+    let size_task = tokio::spawn(store_size_loop(store.clone(), metrics.clone()));
     let tick_task = tokio::spawn(tick_loop(in_tx.clone()));
     let (admin_tx, mut admin_rx) = mpsc::channel::<AdminRequest>(1);
     let admin_task = tokio::spawn(admin.serve(admin_tx));
@@ -460,6 +543,8 @@ pub async fn run_with_store<S: RelayStore>(
             _ => "the core task stopped".into(),
         })),
     };
+    health.shutting_down(result.as_ref().err().map(ToString::to_string));
+    size_task.abort();
     accept_task.abort();
     core_task.abort();
     barrier_task.abort();

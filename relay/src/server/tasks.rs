@@ -9,6 +9,7 @@ pub(super) async fn barrier_loop<S: RelayStore>(
     mut written: watch::Receiver<u64>,
     in_tx: mpsc::Sender<CoreMsg>,
     fatal: mpsc::Sender<StoreError>,
+    metrics: Arc<Metrics>,
 ) {
     let mut done = 0u64;
     loop {
@@ -17,8 +18,10 @@ pub(super) async fn barrier_loop<S: RelayStore>(
         }
         let target = *written.borrow_and_update();
         let s = store.clone();
+        let (started, start) = (metrics.barrier_started(), std::time::Instant::now());
         match tokio::task::spawn_blocking(move || s.barrier()).await {
             Ok(Ok(())) => {
+                metrics.barrier_done(started, start.elapsed());
                 done = target;
                 if in_tx.send(CoreMsg::Input(Input::Durable { token: target })).await.is_err() {
                     return;
@@ -72,6 +75,7 @@ struct Driver<S> {
     registered: Registered,
     /// A write failed for lack of space: nothing is written any more.
     disk_full: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl<S: RelayStore> Driver<S> {
@@ -106,6 +110,7 @@ impl<S: RelayStore> Driver<S> {
         };
         match effect {
             Effect::Send { conn, frame } => {
+                self.metrics.frame_sent(&frame);
                 if let RelayFrame::Error { req, code, message } = &frame {
                     tracing::debug!(conn, ?req, ?code, %message, "refused");
                 }
@@ -122,6 +127,7 @@ impl<S: RelayStore> Driver<S> {
                 // The core has forgotten the stream; its task's own `Closed` changes
                 // nothing.
                 tracing::warn!(conn, "device is not reading; disconnecting it");
+                self.metrics.stalled_disconnect();
                 if let Some(h) = conns.remove(&conn) {
                     h.kill.cancel();
                 }
@@ -163,12 +169,21 @@ pub(super) async fn core_loop<S: RelayStore>(
     written: watch::Sender<u64>,
     fatal: mpsc::Sender<StoreError>,
     registered: Registered,
+    metrics: Arc<Metrics>,
 ) {
     // The writes of every input drained in one go are applied as one sled transaction: sled
     // 0.34 pays two log-buffer rolls (two device writes) per transaction, which capped the relay
     // at ~6,400 appends/s with one transaction per append (docs/benchmarks.md). Nothing reveals
     // a write before its barrier, and the barrier only starts after the batch is applied.
-    let mut d = Driver { store, conns: BTreeMap::new(), ops: Vec::new(), batch_token: 0, registered, disk_full: false };
+    let mut d = Driver {
+        store,
+        conns: BTreeMap::new(),
+        ops: Vec::new(),
+        batch_token: 0,
+        registered,
+        disk_full: false,
+        metrics,
+    };
     let mut batch: Vec<CoreMsg> = Vec::with_capacity(CORE_BATCH);
     while in_rx.recv_many(&mut batch, CORE_BATCH).await > 0 {
         for msg in batch.drain(..) {
@@ -195,6 +210,10 @@ pub(super) async fn core_loop<S: RelayStore>(
                 CoreMsg::Input(i) => {
                     if let Input::Closed { conn } = &i {
                         d.conns.remove(conn);
+                    }
+                    if let Input::Tick { .. } = &i {
+                        // Once a second: the counts that walk the core's index.
+                        d.metrics.core_stats(&core.stats());
                     }
                     if let Input::WriteFailed = &i {
                         // From the barrier task: no write is applied from now on.
@@ -226,6 +245,7 @@ async fn apply_ops<S: RelayStore>(
     }
     match d.store.apply(&d.ops) {
         Ok(()) => {
+            d.metrics.applied(&d.ops);
             d.ops.clear();
             written.send_replace(d.batch_token);
             true
