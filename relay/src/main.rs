@@ -4,100 +4,152 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use stratus_relay::limits::{Limits, MAX_FRAME_BYTES, MAX_QUEUED_BYTES, MIN_FRAME_BYTES};
-use stratus_relay::server::{self, Config};
+use serde::Serialize;
+use stratus_relay::config::{LogFormat, Settings};
+use stratus_relay::server;
 
 /// Stores client-side-encrypted chat deltas durably and pushes them to every connected device.
-#[derive(Parser)]
-#[command(name = "stratus-relay", version)]
+#[derive(Parser, Serialize)]
+#[command(
+    name = "stratus-relay",
+    version,
+    after_help = "Every setting above can also be given in the --config file (as `max_connections = 100`) or \
+                  as an environment variable (STRATUS_RELAY_MAX_CONNECTIONS=100); flags override the \
+                  environment, which overrides the file. --print-config shows every setting's effective \
+                  value, defaults included."
+)]
 struct Args {
     /// Without a command, the relay runs.
     #[command(subcommand)]
+    #[serde(skip)]
     command: Option<Command>,
+    /// A TOML file of settings (see --print-config for every setting and its form).
+    #[arg(long, global = true, value_name = "PATH")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Prints the effective settings as TOML (defaults, file, environment and flags together)
+    /// and exits.
+    #[arg(long)]
+    #[serde(skip)]
+    print_config: bool,
     /// Directory for the sled store and the relay's identity key.
-    #[arg(long, global = true, default_value = "./stratus-relay-data")]
-    data_dir: PathBuf,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
     /// Multiaddr to listen on.
-    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/4001")]
-    listen: libp2p::Multiaddr,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<libp2p::Multiaddr>,
     /// Most connections in total; more are closed after the handshake.
-    #[arg(long, default_value_t = Limits::default().max_connections, value_parser = clap::value_parser!(u32).range(1..))]
-    max_connections: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections: Option<u32>,
     /// Most connections from one device.
-    #[arg(long, default_value_t = Limits::default().max_connections_per_peer, value_parser = clap::value_parser!(u32).range(1..))]
-    max_connections_per_peer: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections_per_peer: Option<u32>,
     /// Most sync streams per connection; more are reset.
-    #[arg(long, default_value_t = Limits::default().max_streams_per_connection, value_parser = clap::value_parser!(u32).range(1..))]
-    max_streams_per_connection: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_streams_per_connection: Option<u32>,
     /// Longest frame a device may send, in bytes.
-    #[arg(long, default_value_t = Limits::default().max_frame_bytes, value_parser = frame_bytes)]
-    max_frame_bytes: usize,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_frame_bytes: Option<usize>,
     /// Most catch-up pages one device may have asked for and not yet received.
-    #[arg(long, default_value_t = Limits::default().max_fetches_in_flight_per_device, value_parser = clap::value_parser!(u32).range(1..))]
-    max_fetches_in_flight: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_fetches_in_flight: Option<u32>,
     /// Most appends of one device waiting for their fsync barrier.
-    #[arg(long, default_value_t = Limits::default().max_appends_in_flight_per_device, value_parser = clap::value_parser!(u32).range(1..))]
-    max_appends_in_flight: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_appends_in_flight: Option<u32>,
     /// Sustained requests per second per device; 0 turns the rate limit off.
-    #[arg(long, default_value_t = Limits::default().requests_per_second)]
-    requests_per_second: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    requests_per_second: Option<u32>,
     /// Requests per device allowed at once above the sustained rate.
-    #[arg(long, default_value_t = Limits::default().request_burst, value_parser = clap::value_parser!(u32).range(1..))]
-    request_burst: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_burst: Option<u32>,
     /// Seconds a device's session must have existed before it may end other sessions.
-    #[arg(long, default_value_t = Limits::default().min_session_age_ms / 1000)]
-    min_session_age_secs: u64,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_session_age_secs: Option<u64>,
     /// Most devices reachable through the relay (circuit reservations, for secret chats).
-    #[arg(long, default_value_t = Limits::default().max_reservations)]
-    max_reservations: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_reservations: Option<u32>,
     /// Most relayed connections between devices at once (0: none, the relay relays nothing).
-    #[arg(long, default_value_t = Limits::default().max_circuits)]
-    max_circuits: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_circuits: Option<u32>,
     /// Most relayed connections one device takes part in at once.
-    #[arg(long, default_value_t = Limits::default().max_circuits_per_peer)]
-    max_circuits_per_peer: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_circuits_per_peer: Option<u32>,
     /// Seconds a relayed connection may last.
-    #[arg(long, default_value_t = Limits::default().max_circuit_secs, value_parser = clap::value_parser!(u32).range(1..))]
-    max_circuit_secs: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_circuit_secs: Option<u32>,
     /// Bytes a relayed connection may carry, both ways (0: no limit).
-    #[arg(long, default_value_t = Limits::default().max_circuit_bytes)]
-    max_circuit_bytes: u64,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_circuit_bytes: Option<u64>,
     /// Bytes that may wait to be written to one device stream before pushes to it are dropped
     /// (it is then told what it missed and fetches it).
-    #[arg(long, default_value_t = Limits::default().max_push_backlog_bytes, value_parser = clap::value_parser!(u64).range(1..=MAX_QUEUED_BYTES / 2))]
-    max_push_backlog_bytes: u64,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_push_backlog_bytes: Option<u64>,
     /// Seconds a device stream may have frames waiting with none written before it is cut off.
-    #[arg(long, default_value_t = Limits::default().stalled_reader_ms / 1000, value_parser = clap::value_parser!(u64).range(1..))]
-    stalled_reader_secs: u64,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stalled_reader_secs: Option<u64>,
     /// Bytes one account may have the relay store (0: no quota); past it, appends, new chats
     /// and added members are refused with `QuotaExceeded`.
-    #[arg(long, default_value_t = Limits::default().max_account_bytes)]
-    max_account_bytes: u64,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_account_bytes: Option<u64>,
     /// Most key epochs a chat reaches by adding members; then adding is refused.
-    #[arg(long, default_value_t = Limits::default().max_chat_epochs, value_parser = clap::value_parser!(u32).range(1..))]
-    max_chat_epochs: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_chat_epochs: Option<u32>,
     /// Seconds between member changes of one chat, sustained (0: no limit); leaving is never
     /// limited.
-    #[arg(long, default_value_t = Limits::default().member_change_interval_ms / 1000)]
-    member_change_interval_secs: u64,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    member_change_interval_secs: Option<u64>,
     /// Member changes a chat may have at once above the sustained rate.
-    #[arg(long, default_value_t = Limits::default().member_change_burst, value_parser = clap::value_parser!(u32).range(1..))]
-    member_change_burst: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    member_change_burst: Option<u32>,
     /// Requests per second from a peer with no session on this relay (0 turns it off).
-    #[arg(long, default_value_t = Limits::default().unregistered_requests_per_second)]
-    unregistered_requests_per_second: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unregistered_requests_per_second: Option<u32>,
     /// Requests such a peer may send at once above the sustained rate.
-    #[arg(long, default_value_t = Limits::default().unregistered_request_burst, value_parser = clap::value_parser!(u32).range(1..))]
-    unregistered_request_burst: u32,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unregistered_request_burst: Option<u32>,
     /// An address devices can reach the relay at (repeatable), when it is not the one it
     /// listens on (behind NAT or a port forward). Devices reachable through the relay are given
     /// these.
     #[arg(long = "external-address")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     external_addresses: Vec<libp2p::Multiaddr>,
     /// Address of the admin HTTP listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9101;
-    /// off by default.
+    /// off by default. Only loopback addresses unless --admin-http-allow-remote.
     #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     admin_http: Option<std::net::SocketAddr>,
+    /// Lets --admin-http listen on an address other hosts can reach (it has no authentication).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    admin_http_allow_remote: bool,
+    /// Log lines as text or as one JSON object per line [default: text].
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(clap::Subcommand)]
@@ -173,28 +225,35 @@ fn restore(data_dir: &std::path::Path, from: &std::path::Path) -> ExitCode {
     }
 }
 
-fn frame_bytes(s: &str) -> Result<usize, String> {
-    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
-    if (MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&n) {
-        Ok(n)
-    } else {
-        Err(format!("must be between {MIN_FRAME_BYTES} and {MAX_FRAME_BYTES}"))
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
+    let settings = match Settings::load(args.config.as_deref(), std::env::vars(), &args) {
+        Ok(s) => s,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                eprintln!("stratus-relay: {line}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.print_config {
+        print!("{}", settings.print());
+        return ExitCode::SUCCESS;
+    }
     match &args.command {
-        Some(Command::Backup { to }) => return backup(&args.data_dir, to),
-        Some(Command::Restore { from }) => return restore(&args.data_dir, from),
+        Some(Command::Backup { to }) => return backup(&settings.data_dir, to),
+        Some(Command::Restore { from }) => return restore(&settings.data_dir, from),
         None => {}
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATUS_LOG").unwrap_or_else(|_| "stratus_relay=info".into()),
-        )
-        .init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("STRATUS_LOG").unwrap_or_else(|_| "stratus_relay=info".into());
+    // Colours only for a person at a terminal: a journal or a log file gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(filter);
+    match settings.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -202,39 +261,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let limits = Limits {
-        max_connections: args.max_connections,
-        max_connections_per_peer: args.max_connections_per_peer,
-        max_streams_per_connection: args.max_streams_per_connection,
-        max_frame_bytes: args.max_frame_bytes,
-        max_fetches_in_flight_per_device: args.max_fetches_in_flight,
-        max_appends_in_flight_per_device: args.max_appends_in_flight,
-        requests_per_second: args.requests_per_second,
-        request_burst: args.request_burst,
-        min_session_age_ms: args.min_session_age_secs.saturating_mul(1000),
-        max_reservations: args.max_reservations,
-        max_circuits: args.max_circuits,
-        max_circuits_per_peer: args.max_circuits_per_peer,
-        max_circuit_secs: args.max_circuit_secs,
-        max_circuit_bytes: args.max_circuit_bytes,
-        max_push_backlog_bytes: args.max_push_backlog_bytes,
-        stalled_reader_ms: args.stalled_reader_secs.saturating_mul(1000),
-        max_account_bytes: args.max_account_bytes,
-        max_chat_epochs: args.max_chat_epochs,
-        member_change_interval_ms: args.member_change_interval_secs.saturating_mul(1000),
-        member_change_burst: args.member_change_burst,
-        unregistered_requests_per_second: args.unregistered_requests_per_second,
-        unregistered_request_burst: args.unregistered_request_burst,
-    };
-    let config = Config {
-        data_dir: args.data_dir,
-        listen: args.listen,
-        external_addresses: args.external_addresses,
-        limits,
-        admin_http: args.admin_http,
-    };
     let result = rt.block_on(server::run(
-        config,
+        settings.server_config(),
         |addr| {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
