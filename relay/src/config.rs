@@ -46,7 +46,6 @@ pub enum LogFormat {
 /// [`Limits::max_appends_in_flight_per_device`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(missing_docs)]
 pub struct Settings {
     /// Directory for the sled store, the relay's identity key and its admin socket.
     pub data_dir: PathBuf,
@@ -63,6 +62,8 @@ pub struct Settings {
     pub admin_http_allow_remote: bool,
     /// How log lines are written.
     pub log_format: LogFormat,
+    // The limits, each under its flag's name (see `Settings::limits` for the field of
+    // `Limits` it sets, and `Limits` for what it means).
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
     pub max_streams_per_connection: u32,
@@ -127,8 +128,8 @@ impl Default for Settings {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The `--config` file cannot be read.
-    #[error("cannot read the config file {path}: {message}")]
+    /// The `--config` file cannot be read or is not TOML.
+    #[error("the config file {path}: {message}")]
     File { path: PathBuf, message: String },
     /// A setting's value does not parse, or a setting is unknown.
     #[error("{0}")]
@@ -198,10 +199,19 @@ impl Settings {
     ) -> Result<Settings, ConfigError> {
         let mut figment = Figment::from(Named { name: DEFAULTS, inner: Serialized::defaults(Settings::default()) });
         if let Some(path) = file {
-            // Opened here first, so that a missing or unreadable file is an error of its own
-            // (figment would take a missing file as an empty one).
-            std::fs::File::open(path)
-                .map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
+            // Read and parsed here first, so that a missing file and bad TOML are one-line
+            // errors of their own (figment takes a missing file as an empty one, and prints
+            // TOML's multi-line snippets).
+            let file_error = |message: String| ConfigError::File { path: path.to_path_buf(), message };
+            let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+            if let Err(e) = text.parse::<toml::Table>() {
+                let at = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
+                let before = text.get(..at).unwrap_or("");
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                let what = e.message().trim().replace('\n', "; ");
+                return Err(file_error(format!("not valid TOML at line {line}, column {column}: {what}")));
+            }
             figment = figment.merge(Toml::file_exact(path));
         }
         figment = figment.merge(EnvVars::new(env));
@@ -408,6 +418,10 @@ mod tests {
 
         let e = Settings::load(Some(&dir.path().join("missing.toml")), [], &toml::Table::new()).unwrap_err();
         assert!(matches!(e, ConfigError::File { .. }), "{e}");
+
+        std::fs::write(&file, "max_chat_epochs = 5\nmax_connections = \n").unwrap();
+        let e = Settings::load(Some(&file), [], &toml::Table::new()).unwrap_err().to_string();
+        assert!(e.contains("relay.toml") && e.contains("line 2, column 19") && !e.contains('\n'), "{e}");
     }
 
     #[test]

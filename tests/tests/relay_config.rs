@@ -84,12 +84,14 @@ fn an_unusable_value_names_the_setting_and_nothing_starts() {
     let data_arg = data.to_str().unwrap();
     let unknown = write(&dir.path().join("unknown.toml"), "max_conections = 5\n");
     let bad_type = write(&dir.path().join("type.toml"), "max_connections = \"many\"\n");
+    let malformed = write(&dir.path().join("malformed.toml"), "max_connections = 5\nlisten = \n");
     // (environment, flags, what the one-line error must say)
     type Case<'a> = (&'a [(&'a str, &'a str)], Vec<&'a str>, &'a [&'a str]);
-    let cases: [Case; 6] = [
+    let cases: [Case; 7] = [
         (&[("STRATUS_RELAY_MAX_CIRCUITS", "lots")], vec![], &["max_circuits", "STRATUS_RELAY_MAX_CIRCUITS"]),
         (&[], vec!["--config", &unknown], &["unknown setting `max_conections`", "unknown.toml"]),
         (&[], vec!["--config", &bad_type], &["max_connections", "type.toml"]),
+        (&[], vec!["--config", &malformed], &["malformed.toml", "not valid TOML at line 2"]),
         (&[], vec!["--max-chat-epochs", "0"], &["max_chat_epochs = 0", "--max-chat-epochs", "at least 1"]),
         (&[("STRATUS_RELAY_ADMIN_HTTP", "0.0.0.0:9101")], vec![], &["admin_http", "loopback"]),
         (
