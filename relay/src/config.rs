@@ -248,6 +248,19 @@ impl Settings {
                 return Err(invalid(setting, "0".into(), "must be at least 1".into()));
             }
         }
+        // TOML integers are signed 64-bit: a larger value could not be written in the file nor
+        // printed by --print-config. (Each is far past any use: 2^63 bytes, 2^63 s.)
+        for (setting, v) in [
+            ("min_session_age_secs", self.min_session_age_secs),
+            ("max_circuit_bytes", self.max_circuit_bytes),
+            ("stalled_reader_secs", self.stalled_reader_secs),
+            ("max_account_bytes", self.max_account_bytes),
+            ("member_change_interval_secs", self.member_change_interval_secs),
+        ] {
+            if i64::try_from(v).is_err() {
+                return Err(invalid(setting, v.to_string(), format!("must be at most {}", i64::MAX)));
+            }
+        }
         if !(MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
             return Err(invalid(
                 "max_frame_bytes",
@@ -320,8 +333,12 @@ impl Settings {
     /// `admin_http` is shown commented out.
     pub fn print(&self) -> String {
         let mut out = String::from("# stratus-relay effective settings (defaults < file < environment < flags)\n");
-        // Every field serializes (no maps with non-string keys, no unsupported values).
-        out.push_str(&toml::to_string(self).expect("the settings serialize as TOML"));
+        // Validated settings always serialize (integers within i64, no maps); were one not to,
+        // the reason is printed in its place rather than a panic.
+        match toml::to_string(self) {
+            Ok(text) => out.push_str(&text),
+            Err(e) => out.push_str(&format!("# cannot print the settings as TOML: {e}\n")),
+        }
         if self.admin_http.is_none() {
             out.push_str("# admin_http = \"127.0.0.1:9101\"  (unset: the admin HTTP listener is off)\n");
         }
@@ -406,6 +423,10 @@ mod tests {
         let env = [("STRATUS_RELAY_MAX_CONNECTIONS".to_string(), "lots".to_string())];
         let e = Settings::load(None, env, &toml::Table::new()).unwrap_err().to_string();
         assert!(e.contains("max_connections") && e.contains("STRATUS_RELAY_MAX_CONNECTIONS"), "{e}");
+
+        let huge = [("STRATUS_RELAY_MAX_ACCOUNT_BYTES".to_string(), u64::MAX.to_string())];
+        let e = Settings::load(None, huge, &toml::Table::new()).unwrap_err().to_string();
+        assert!(e.contains("max_account_bytes") && e.contains("at most"), "{e}");
 
         let e = Settings::load(None, [], &flags(&[("max_chat_epochs", 0.into())])).unwrap_err().to_string();
         assert!(e.contains("max_chat_epochs = 0") && e.contains("--max-chat-epochs"), "{e}");

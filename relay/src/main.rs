@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use serde::Serialize;
 use stratus_relay::config::{LogFormat, Settings};
 use stratus_relay::server;
@@ -33,109 +33,84 @@ struct Args {
     #[serde(skip)]
     print_config: bool,
     /// Directory for the sled store and the relay's identity key.
-    #[arg(long, global = true)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data_dir: Option<PathBuf>,
+    #[arg(long, global = true, default_value_os_t = Settings::default().data_dir)]
+    data_dir: PathBuf,
     /// Multiaddr to listen on.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    listen: Option<libp2p::Multiaddr>,
+    #[arg(long, default_value_t = Settings::default().listen)]
+    listen: libp2p::Multiaddr,
     /// Most connections in total; more are closed after the handshake.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_connections: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().max_connections)]
+    max_connections: u32,
     /// Most connections from one device.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_connections_per_peer: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().max_connections_per_peer)]
+    max_connections_per_peer: u32,
     /// Most sync streams per connection; more are reset.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_streams_per_connection: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().max_streams_per_connection)]
+    max_streams_per_connection: u32,
     /// Longest frame a device may send, in bytes.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_frame_bytes: Option<usize>,
+    #[arg(long, default_value_t = Settings::default().max_frame_bytes)]
+    max_frame_bytes: usize,
     /// Most catch-up pages one device may have asked for and not yet received.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_fetches_in_flight: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().max_fetches_in_flight)]
+    max_fetches_in_flight: u32,
     /// Most appends of one device waiting for their fsync barrier.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_appends_in_flight: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().max_appends_in_flight)]
+    max_appends_in_flight: u32,
     /// Sustained requests per second per device; 0 turns the rate limit off.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    requests_per_second: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().requests_per_second)]
+    requests_per_second: u32,
     /// Requests per device allowed at once above the sustained rate.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    request_burst: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().request_burst)]
+    request_burst: u32,
     /// Seconds a device's session must have existed before it may end other sessions.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    min_session_age_secs: Option<u64>,
+    #[arg(long, default_value_t = Settings::default().min_session_age_secs)]
+    min_session_age_secs: u64,
     /// Most devices reachable through the relay (circuit reservations, for secret chats).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_reservations: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().max_reservations)]
+    max_reservations: u32,
     /// Most relayed connections between devices at once (0: none, the relay relays nothing).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_circuits: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().max_circuits)]
+    max_circuits: u32,
     /// Most relayed connections one device takes part in at once.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_circuits_per_peer: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().max_circuits_per_peer)]
+    max_circuits_per_peer: u32,
     /// Seconds a relayed connection may last.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_circuit_secs: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().max_circuit_secs)]
+    max_circuit_secs: u32,
     /// Bytes a relayed connection may carry, both ways (0: no limit).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_circuit_bytes: Option<u64>,
+    #[arg(long, default_value_t = Settings::default().max_circuit_bytes)]
+    max_circuit_bytes: u64,
     /// Bytes that may wait to be written to one device stream before pushes to it are dropped
     /// (it is then told what it missed and fetches it).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_push_backlog_bytes: Option<u64>,
+    #[arg(long, default_value_t = Settings::default().max_push_backlog_bytes)]
+    max_push_backlog_bytes: u64,
     /// Seconds a device stream may have frames waiting with none written before it is cut off.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stalled_reader_secs: Option<u64>,
+    #[arg(long, default_value_t = Settings::default().stalled_reader_secs)]
+    stalled_reader_secs: u64,
     /// Bytes one account may have the relay store (0: no quota); past it, appends, new chats
     /// and added members are refused with `QuotaExceeded`.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_account_bytes: Option<u64>,
+    #[arg(long, default_value_t = Settings::default().max_account_bytes)]
+    max_account_bytes: u64,
     /// Most key epochs a chat reaches by adding members; then adding is refused.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_chat_epochs: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().max_chat_epochs)]
+    max_chat_epochs: u32,
     /// Seconds between member changes of one chat, sustained (0: no limit); leaving is never
     /// limited.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    member_change_interval_secs: Option<u64>,
+    #[arg(long, default_value_t = Settings::default().member_change_interval_secs)]
+    member_change_interval_secs: u64,
     /// Member changes a chat may have at once above the sustained rate.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    member_change_burst: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().member_change_burst)]
+    member_change_burst: u32,
     /// Requests per second from a peer with no session on this relay (0 turns it off).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    unregistered_requests_per_second: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().unregistered_requests_per_second)]
+    unregistered_requests_per_second: u32,
     /// Requests such a peer may send at once above the sustained rate.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    unregistered_request_burst: Option<u32>,
+    #[arg(long, default_value_t = Settings::default().unregistered_request_burst)]
+    unregistered_request_burst: u32,
     /// An address devices can reach the relay at (repeatable), when it is not the one it
     /// listens on (behind NAT or a port forward). Devices reachable through the relay are given
     /// these.
     #[arg(long = "external-address")]
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     external_addresses: Vec<libp2p::Multiaddr>,
     /// Address of the admin HTTP listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9101;
     /// off by default. Only loopback addresses unless --admin-http-allow-remote.
@@ -144,12 +119,10 @@ struct Args {
     admin_http: Option<std::net::SocketAddr>,
     /// Lets --admin-http listen on an address other hosts can reach (it has no authentication).
     #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     admin_http_allow_remote: bool,
-    /// Log lines as text or as one JSON object per line [default: text].
-    #[arg(long, value_enum)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    log_format: Option<LogFormat>,
+    /// Log lines as text or as one JSON object per line.
+    #[arg(long, value_enum, default_value_t = Settings::default().log_format)]
+    log_format: LogFormat,
 }
 
 #[derive(clap::Subcommand)]
@@ -225,9 +198,26 @@ fn restore(data_dir: &std::path::Path, from: &std::path::Path) -> ExitCode {
     }
 }
 
+/// The settings given on the command line, by name: only those, so that a flag's default does
+/// not override the file or the environment.
+fn given_flags(args: &Args, matches: &clap::ArgMatches) -> Result<figment::value::Dict, String> {
+    let all = figment::value::Value::serialize(args).map_err(|e| format!("reading the flags: {e}"))?;
+    let mut dict = all.into_dict().ok_or("reading the flags: not a map")?;
+    dict.retain(|name, _| matches.value_source(name) == Some(clap::parser::ValueSource::CommandLine));
+    Ok(dict)
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let settings = match Settings::load(args.config.as_deref(), std::env::vars(), &args) {
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let flags = match given_flags(&args, &matches) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("stratus-relay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let settings = match Settings::load(args.config.as_deref(), std::env::vars(), &flags) {
         Ok(s) => s,
         Err(e) => {
             for line in e.to_string().lines() {

@@ -44,6 +44,12 @@ fn flags_override_the_environment_which_overrides_the_file() {
     assert_eq!(s["max_circuits"].as_integer(), Some(33), "the flag over both");
     assert_eq!(s["listen"].as_str(), Some("/ip4/127.0.0.1/tcp/4999"), "from the file");
     assert_eq!(s["max_chat_epochs"].as_integer(), Some(4096), "the default where nothing says otherwise");
+    // A flag given with its default value still overrides; one not given does not.
+    let s = printed(
+        &[("STRATUS_RELAY_MAX_CONNECTIONS", "5"), ("STRATUS_RELAY_MAX_CIRCUITS", "6")],
+        &["--max-connections", "10000"],
+    );
+    assert_eq!((s["max_connections"].as_integer(), s["max_circuits"].as_integer()), (Some(10000), Some(6)));
     // Every flag the relay had keeps working, under its name.
     let s = printed(
         &[],
