@@ -29,6 +29,23 @@ fn metrics_count_appends_and_refusals_by_code() {
         }
         let reply = r.request(append(6, ChatId([7; 16]), 1005, 100)).await;
         assert!(matches!(reply, RelayFrame::Error { code: ErrorCode::UnknownChat, .. }), "{reply:?}");
+        // The gauges read from the relay's index follow on its once-a-second tick: wait for
+        // them (no bound on how soon), with this device still connected.
+        let summary = |t: &str| {
+            let m = |name| metric(t, name).unwrap_or(0.0);
+            (m("stratus_relay_connected_devices"), m("stratus_relay_chats"), m("stratus_relay_chat_log_max"))
+        };
+        let mut text = scrape(&relay);
+        for _ in 0..200 {
+            if summary(&text).0 >= 1.0 && summary(&text).2 >= 5.0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            text = scrape(&relay);
+        }
+        let (devices, chats, longest) = summary(&text);
+        assert!(devices >= 1.0 && chats >= 1.0 && longest >= 5.0, "{text}");
+        assert_eq!(metric(&text, "stratus_relay_chats_by_log_length{le=\"+Inf\"}"), Some(chats), "{text}");
     });
 
     // Each append was counted when it was written, before its acknowledgement; each refusal
