@@ -733,6 +733,8 @@ pub use quota::DELTA_OVERHEAD_BYTES;
 mod records;
 mod rotation;
 mod sessions;
+mod stats;
+pub use stats::{CoreStats, LOG_LENGTH_BUCKETS};
 mod storage;
 use rotation::Rotate;
 pub use rotation::MAX_ACCOUNT_CHATS;

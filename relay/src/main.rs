@@ -3,97 +3,126 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
-use stratus_relay::limits::{Limits, MAX_FRAME_BYTES, MAX_QUEUED_BYTES, MIN_FRAME_BYTES};
-use stratus_relay::server::{self, Config};
+use clap::{CommandFactory, FromArgMatches, Parser};
+use serde::Serialize;
+use stratus_relay::config::{LogFormat, Settings};
+use stratus_relay::server;
 
 /// Stores client-side-encrypted chat deltas durably and pushes them to every connected device.
-#[derive(Parser)]
-#[command(name = "stratus-relay", version)]
+#[derive(Parser, Serialize)]
+#[command(
+    name = "stratus-relay",
+    version,
+    after_help = "Every setting above can also be given in the --config file (as `max_connections = 100`) or \
+                  as an environment variable (STRATUS_RELAY_MAX_CONNECTIONS=100); flags override the \
+                  environment, which overrides the file. --print-config shows every setting's effective \
+                  value, defaults included."
+)]
 struct Args {
     /// Without a command, the relay runs.
     #[command(subcommand)]
+    #[serde(skip)]
     command: Option<Command>,
+    /// A TOML file of settings (see --print-config for every setting and its form).
+    #[arg(long, global = true, value_name = "PATH")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Prints the effective settings as TOML (defaults, file, environment and flags together)
+    /// and exits.
+    #[arg(long)]
+    #[serde(skip)]
+    print_config: bool,
     /// Directory for the sled store and the relay's identity key.
-    #[arg(long, global = true, default_value = "./stratus-relay-data")]
+    #[arg(long, global = true, default_value_os_t = Settings::default().data_dir)]
     data_dir: PathBuf,
     /// Multiaddr to listen on.
-    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/4001")]
+    #[arg(long, default_value_t = Settings::default().listen)]
     listen: libp2p::Multiaddr,
     /// Most connections in total; more are closed after the handshake.
-    #[arg(long, default_value_t = Limits::default().max_connections, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = Settings::default().max_connections)]
     max_connections: u32,
     /// Most connections from one device.
-    #[arg(long, default_value_t = Limits::default().max_connections_per_peer, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = Settings::default().max_connections_per_peer)]
     max_connections_per_peer: u32,
     /// Most sync streams per connection; more are reset.
-    #[arg(long, default_value_t = Limits::default().max_streams_per_connection, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = Settings::default().max_streams_per_connection)]
     max_streams_per_connection: u32,
     /// Longest frame a device may send, in bytes.
-    #[arg(long, default_value_t = Limits::default().max_frame_bytes, value_parser = frame_bytes)]
+    #[arg(long, default_value_t = Settings::default().max_frame_bytes)]
     max_frame_bytes: usize,
     /// Most catch-up pages one device may have asked for and not yet received.
-    #[arg(long, default_value_t = Limits::default().max_fetches_in_flight_per_device, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = Settings::default().max_fetches_in_flight)]
     max_fetches_in_flight: u32,
     /// Most appends of one device waiting for their fsync barrier.
-    #[arg(long, default_value_t = Limits::default().max_appends_in_flight_per_device, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = Settings::default().max_appends_in_flight)]
     max_appends_in_flight: u32,
     /// Sustained requests per second per device; 0 turns the rate limit off.
-    #[arg(long, default_value_t = Limits::default().requests_per_second)]
+    #[arg(long, default_value_t = Settings::default().requests_per_second)]
     requests_per_second: u32,
     /// Requests per device allowed at once above the sustained rate.
-    #[arg(long, default_value_t = Limits::default().request_burst, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = Settings::default().request_burst)]
     request_burst: u32,
     /// Seconds a device's session must have existed before it may end other sessions.
-    #[arg(long, default_value_t = Limits::default().min_session_age_ms / 1000)]
+    #[arg(long, default_value_t = Settings::default().min_session_age_secs)]
     min_session_age_secs: u64,
     /// Most devices reachable through the relay (circuit reservations, for secret chats).
-    #[arg(long, default_value_t = Limits::default().max_reservations)]
+    #[arg(long, default_value_t = Settings::default().max_reservations)]
     max_reservations: u32,
     /// Most relayed connections between devices at once (0: none, the relay relays nothing).
-    #[arg(long, default_value_t = Limits::default().max_circuits)]
+    #[arg(long, default_value_t = Settings::default().max_circuits)]
     max_circuits: u32,
     /// Most relayed connections one device takes part in at once.
-    #[arg(long, default_value_t = Limits::default().max_circuits_per_peer)]
+    #[arg(long, default_value_t = Settings::default().max_circuits_per_peer)]
     max_circuits_per_peer: u32,
     /// Seconds a relayed connection may last.
-    #[arg(long, default_value_t = Limits::default().max_circuit_secs, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = Settings::default().max_circuit_secs)]
     max_circuit_secs: u32,
     /// Bytes a relayed connection may carry, both ways (0: no limit).
-    #[arg(long, default_value_t = Limits::default().max_circuit_bytes)]
+    #[arg(long, default_value_t = Settings::default().max_circuit_bytes)]
     max_circuit_bytes: u64,
     /// Bytes that may wait to be written to one device stream before pushes to it are dropped
     /// (it is then told what it missed and fetches it).
-    #[arg(long, default_value_t = Limits::default().max_push_backlog_bytes, value_parser = clap::value_parser!(u64).range(1..=MAX_QUEUED_BYTES / 2))]
+    #[arg(long, default_value_t = Settings::default().max_push_backlog_bytes)]
     max_push_backlog_bytes: u64,
     /// Seconds a device stream may have frames waiting with none written before it is cut off.
-    #[arg(long, default_value_t = Limits::default().stalled_reader_ms / 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = Settings::default().stalled_reader_secs)]
     stalled_reader_secs: u64,
     /// Bytes one account may have the relay store (0: no quota); past it, appends, new chats
     /// and added members are refused with `QuotaExceeded`.
-    #[arg(long, default_value_t = Limits::default().max_account_bytes)]
+    #[arg(long, default_value_t = Settings::default().max_account_bytes)]
     max_account_bytes: u64,
     /// Most key epochs a chat reaches by adding members; then adding is refused.
-    #[arg(long, default_value_t = Limits::default().max_chat_epochs, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = Settings::default().max_chat_epochs)]
     max_chat_epochs: u32,
     /// Seconds between member changes of one chat, sustained (0: no limit); leaving is never
     /// limited.
-    #[arg(long, default_value_t = Limits::default().member_change_interval_ms / 1000)]
+    #[arg(long, default_value_t = Settings::default().member_change_interval_secs)]
     member_change_interval_secs: u64,
     /// Member changes a chat may have at once above the sustained rate.
-    #[arg(long, default_value_t = Limits::default().member_change_burst, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = Settings::default().member_change_burst)]
     member_change_burst: u32,
     /// Requests per second from a peer with no session on this relay (0 turns it off).
-    #[arg(long, default_value_t = Limits::default().unregistered_requests_per_second)]
+    #[arg(long, default_value_t = Settings::default().unregistered_requests_per_second)]
     unregistered_requests_per_second: u32,
     /// Requests such a peer may send at once above the sustained rate.
-    #[arg(long, default_value_t = Limits::default().unregistered_request_burst, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = Settings::default().unregistered_request_burst)]
     unregistered_request_burst: u32,
     /// An address devices can reach the relay at (repeatable), when it is not the one it
     /// listens on (behind NAT or a port forward). Devices reachable through the relay are given
     /// these.
     #[arg(long = "external-address")]
     external_addresses: Vec<libp2p::Multiaddr>,
+    /// Address of the admin HTTP listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9101;
+    /// off by default. Only loopback addresses unless --admin-http-allow-remote.
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_http: Option<std::net::SocketAddr>,
+    /// Lets --admin-http listen on an address other hosts can reach (it has no authentication).
+    #[arg(long)]
+    admin_http_allow_remote: bool,
+    /// Log lines as text or as one JSON object per line.
+    #[arg(long, value_enum, default_value_t = Settings::default().log_format)]
+    log_format: LogFormat,
 }
 
 #[derive(clap::Subcommand)]
@@ -169,28 +198,52 @@ fn restore(data_dir: &std::path::Path, from: &std::path::Path) -> ExitCode {
     }
 }
 
-fn frame_bytes(s: &str) -> Result<usize, String> {
-    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
-    if (MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&n) {
-        Ok(n)
-    } else {
-        Err(format!("must be between {MIN_FRAME_BYTES} and {MAX_FRAME_BYTES}"))
-    }
+/// The settings given on the command line, by name: only those, so that a flag's default does
+/// not override the file or the environment.
+fn given_flags(args: &Args, matches: &clap::ArgMatches) -> Result<figment::value::Dict, String> {
+    let all = figment::value::Value::serialize(args).map_err(|e| format!("reading the flags: {e}"))?;
+    let mut dict = all.into_dict().ok_or("reading the flags: not a map")?;
+    dict.retain(|name, _| matches.value_source(name) == Some(clap::parser::ValueSource::CommandLine));
+    Ok(dict)
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let flags = match given_flags(&args, &matches) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("stratus-relay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let settings = match Settings::load(args.config.as_deref(), std::env::vars(), &flags) {
+        Ok(s) => s,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                eprintln!("stratus-relay: {line}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.print_config {
+        print!("{}", settings.print());
+        return ExitCode::SUCCESS;
+    }
     match &args.command {
-        Some(Command::Backup { to }) => return backup(&args.data_dir, to),
-        Some(Command::Restore { from }) => return restore(&args.data_dir, from),
+        Some(Command::Backup { to }) => return backup(&settings.data_dir, to),
+        Some(Command::Restore { from }) => return restore(&settings.data_dir, from),
         None => {}
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATUS_LOG").unwrap_or_else(|_| "stratus_relay=info".into()),
-        )
-        .init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("STRATUS_LOG").unwrap_or_else(|_| "stratus_relay=info".into());
+    // Colours only for a person at a terminal: a journal or a log file gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(filter);
+    match settings.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -198,34 +251,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let limits = Limits {
-        max_connections: args.max_connections,
-        max_connections_per_peer: args.max_connections_per_peer,
-        max_streams_per_connection: args.max_streams_per_connection,
-        max_frame_bytes: args.max_frame_bytes,
-        max_fetches_in_flight_per_device: args.max_fetches_in_flight,
-        max_appends_in_flight_per_device: args.max_appends_in_flight,
-        requests_per_second: args.requests_per_second,
-        request_burst: args.request_burst,
-        min_session_age_ms: args.min_session_age_secs.saturating_mul(1000),
-        max_reservations: args.max_reservations,
-        max_circuits: args.max_circuits,
-        max_circuits_per_peer: args.max_circuits_per_peer,
-        max_circuit_secs: args.max_circuit_secs,
-        max_circuit_bytes: args.max_circuit_bytes,
-        max_push_backlog_bytes: args.max_push_backlog_bytes,
-        stalled_reader_ms: args.stalled_reader_secs.saturating_mul(1000),
-        max_account_bytes: args.max_account_bytes,
-        max_chat_epochs: args.max_chat_epochs,
-        member_change_interval_ms: args.member_change_interval_secs.saturating_mul(1000),
-        member_change_burst: args.member_change_burst,
-        unregistered_requests_per_second: args.unregistered_requests_per_second,
-        unregistered_request_burst: args.unregistered_request_burst,
-    };
-    let config =
-        Config { data_dir: args.data_dir, listen: args.listen, external_addresses: args.external_addresses, limits };
     let result = rt.block_on(server::run(
-        config,
+        settings.server_config(),
         |addr| {
             use std::io::Write;
             let mut out = std::io::stdout().lock();

@@ -114,6 +114,11 @@ pub trait RelayStore: Send + Sync + 'static {
         let _ = to;
         Err(StoreError::Backup("this store cannot be backed up".into()))
     }
+    /// Bytes the store takes on disk (for the operator's metrics), `None` when unknown.
+    /// Blocking (it may list files); called off the core task.
+    fn size_on_disk(&self) -> Option<u64> {
+        None
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -554,6 +559,10 @@ impl RelayStore for SledStore {
 
     fn backup(&self, to: &Path) -> Result<Incarnation, StoreError> {
         SledStore::backup(self, to)
+    }
+
+    fn size_on_disk(&self) -> Option<u64> {
+        self.db.size_on_disk().ok()
     }
 }
 

@@ -85,6 +85,7 @@ async fn start(dir: &std::path::Path) -> (Arc<GatedStore>, tokio::task::JoinHand
         listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
         external_addresses: Vec::new(),
         limits: Default::default(),
+        admin_http: None,
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let relay = tokio::spawn(run_with_store(
@@ -186,4 +187,82 @@ async fn a_full_disk_stops_the_writes_not_the_relay() {
     assert!(!relay.is_finished(), "the relay stays up");
     assert_eq!(session.status().await.unwrap().outbox, 1, "the message waits in the outbox");
     session.stop().await.unwrap();
+}
+
+/// `GET path` on the admin listener at `addr`: the status code and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.split(' ').nth(1).unwrap().parse().unwrap(), body.to_string())
+}
+
+/// `/readyz` says 503 until the first barrier (over what a crash may have left unflushed) is
+/// done and again once the relay is stopping, while `/healthz` answers throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_first_barrier_and_ends_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(GatedStore {
+        inner: SledStore::open(&dir.path().join("relay/store")).unwrap(),
+        open: Mutex::new(false),
+        opened: Condvar::new(),
+        fail: AtomicBool::new(false),
+        full: AtomicBool::new(false),
+    });
+    // A port that was free a moment ago (the listener takes no port 0 here: its address is not
+    // reported back to an in-process caller).
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = Config {
+        data_dir: dir.path().join("relay"),
+        listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+        external_addresses: Vec::new(),
+        limits: Default::default(),
+        admin_http: Some(admin),
+    };
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(run_with_store(
+        config,
+        store.clone(),
+        move |a| {
+            let _ = addr_tx.send(a.to_string());
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    // The listener is bound before the first barrier, which is held back.
+    let mut answer = None;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(admin).await.is_ok() {
+            answer = Some(http_get(admin, "/readyz").await);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(answer, Some((503, "not ready: waiting for the first fsync barrier\n".into())));
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+
+    store.set_open(true);
+    addr_rx.await.unwrap();
+    assert_eq!(http_get(admin, "/readyz").await, (200, "ready\n".into()));
+
+    // Stopping: the final barrier is held back, and meanwhile the relay is not ready.
+    store.set_open(false);
+    stop_tx.send(()).unwrap();
+    let mut stopping = None;
+    for _ in 0..200 {
+        let (code, body) = http_get(admin, "/readyz").await;
+        if code != 200 {
+            stopping = Some((code, body));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stopping, Some((503, "not ready: shutting down\n".into())));
+    store.set_open(true);
+    assert!(relay.await.unwrap().is_ok());
 }

@@ -139,6 +139,18 @@ impl Relay {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The address its admin HTTP listener serves on (started with `--admin-http`, port 0 or
+    /// not), from its log: the listener is up before the relay says it listens, so this is
+    /// there once [`Relay::start_with`] returns. The newest one after restarts.
+    pub fn admin_http(&self) -> String {
+        let log = self.log();
+        let line = log.lines().rev().find(|l| l.contains("admin http listening")).expect("an admin http listener");
+        // `addr=127.0.0.1:PORT` in text logs, `"addr":"127.0.0.1:PORT"` in JSON ones.
+        let at = line.find("addr=").map(|i| i + 5).or_else(|| line.find("\"addr\":\"").map(|i| i + 8));
+        let rest = &line[at.expect("the listener's address in its log line")..];
+        rest.split(|c: char| c.is_whitespace() || c == '"').next().expect("an address").to_string()
+    }
+
     /// Stops the relay with SIGTERM and returns its exit status.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
@@ -162,6 +174,25 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// An HTTP/1.1 request (`"GET"`, `"/metrics"`) to `addr` over a plain TCP stream, as a
+/// scraper or a load balancer's health check sends it: the status code and the body.
+pub fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("the admin listener accepts");
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("request sent");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("a response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("headers, then a body");
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("a status line");
+    (status, body.to_string())
+}
+
+/// The value of the sample `name` (the whole series, labels included:
+/// `stratus_relay_refused_total{code="UnknownChat"}`) in a `/metrics` text, if it is there.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
 }
 
 /// Runs `stratus --home HOME ARGS…` to completion.

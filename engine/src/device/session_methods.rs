@@ -80,6 +80,7 @@ impl Session {
     /// #     listen: "/ip4/127.0.0.1/tcp/0".parse()?,
     /// #     external_addresses: Vec::new(),
     /// #     limits: Default::default(),
+    /// #     admin_http: None,
     /// # };
     /// # tokio::spawn(stratus_relay::server::run(config, move |a| drop(tx.send(a)), std::future::pending()));
     /// # let relay = rx.await?.to_string();

@@ -22,6 +22,13 @@ pub(super) struct Peer {
     recovery: TokenBucket,
 }
 
+impl Peer {
+    /// It has a stream open (a connected device, not one kept for its budgets).
+    pub(super) fn has_streams(&self) -> bool {
+        self.streams > 0
+    }
+}
+
 impl RelayCore {
     pub(super) fn peer_opened(&mut self, device: &DeviceId) {
         self.peers.entry(device.clone()).or_default().streams += 1;
