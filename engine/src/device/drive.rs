@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use rand::Rng;
 
 use crate::device::core::{SyncCore, SyncInput, SyncOutput};
-use crate::device::doc::Message;
+use crate::device::doc::{DocUpdate, Message};
 use crate::device::error::Error;
 use crate::device::local::{Device, KeyWork, LocalWrites, MessageOp, SecretMessage, StagedDeltas};
 use crate::device::session_core::{SessionCore, SessionInput, Work};
@@ -105,15 +105,37 @@ impl StagedWrites {
 /// Most deltas and acks carried out together (see [`Device::carry_out`]).
 const MAX_APPLY_BATCH: usize = 512;
 
-/// Deltas (per chat, in order, chats in the order they came) and acks that came together.
+/// Deltas (per chat, in order, chats in the order they came), acks, cursor moves and sends
+/// that came together (see [`Device::carry_out`]).
 #[derive(Default)]
 struct Run {
     deltas: Vec<(ChatId, Vec<Delta>)>,
     acks: Vec<(ClientSeq, ChatId, Option<Seq>)>,
+    /// Each chat's furthest cursor move (the device's own deltas acknowledged).
+    cursors: BTreeMap<ChatId, Seq>,
+    sends: Vec<ClientFrame>,
     len: usize,
 }
 
+/// What the deltas of a run did: of those staged, and of those stored (only these reach the
+/// app); and whether some could not be stored.
+#[derive(Default)]
+struct RunUpdates {
+    staged: Vec<(ChatId, DocUpdate)>,
+    stored: Vec<(ChatId, DocUpdate)>,
+    lost: bool,
+}
+
 impl Run {
+    /// Whether `output` joins a run: what the run carries out in its own order (sends first,
+    /// then acks, deltas and cursors) means the same as in the order they came.
+    fn takes(output: &SyncOutput) -> bool {
+        matches!(
+            output,
+            SyncOutput::ApplyDelta(_) | SyncOutput::Acked { .. } | SyncOutput::Cursor { .. } | SyncOutput::Send(_)
+        )
+    }
+
     fn add(&mut self, output: SyncOutput) {
         match output {
             SyncOutput::ApplyDelta(d) => match self.deltas.iter_mut().find(|(c, _)| *c == d.chat) {
@@ -121,7 +143,12 @@ impl Run {
                 None => self.deltas.push((d.chat, vec![d])),
             },
             SyncOutput::Acked { client_seq, chat, seq } => self.acks.push((client_seq, chat, seq)),
-            // Only the two above are gathered into a run.
+            SyncOutput::Cursor { chat, seq } => {
+                let at = self.cursors.entry(chat).or_default();
+                *at = (*at).max(seq);
+            }
+            SyncOutput::Send(frame) => self.sends.push(frame),
+            // Nothing else joins a run (see `Run::takes`).
             _ => return,
         }
         self.len += 1;
@@ -335,14 +362,13 @@ impl Device {
         while let Some(o) = queue.pop_front() {
             match o {
                 SyncOutput::Send(frame) => actions.push(Action::Send(frame)),
-                SyncOutput::ApplyDelta(_) | SyncOutput::Acked { .. } => {
-                    // With the deltas and acks right after it (pages, or pushes and acks that
-                    // came together), whatever their chats: stored with one write each.
+                SyncOutput::ApplyDelta(_) | SyncOutput::Acked { .. } | SyncOutput::Cursor { .. } => {
+                    // With the deltas, acks, cursor moves and sends right after it (pages, or
+                    // pushes and acks that came together, each ack followed by the next
+                    // append), whatever their chats: stored with one write each.
                     let mut run = Run::default();
                     run.add(o);
-                    while run.len < MAX_APPLY_BATCH
-                        && matches!(queue.front(), Some(SyncOutput::ApplyDelta(_) | SyncOutput::Acked { .. }))
-                    {
+                    while run.len < MAX_APPLY_BATCH && queue.front().is_some_and(Run::takes) {
                         if let Some(next) = queue.pop_front() {
                             run.add(next);
                         }
@@ -386,11 +412,6 @@ impl Device {
                         actions.push(error(e.to_string()));
                     }
                     actions.push(Action::Emit(Event::Rejected { chat, client_seq, code, message }));
-                }
-                SyncOutput::Cursor { chat, seq } => {
-                    if let Err(e) = self.store.set_cursor(chat, seq) {
-                        actions.push(error(e.to_string()));
-                    }
                 }
                 SyncOutput::LoadOutbox { after, max } => {
                     let (items, more) = match self.store.outbox_after(after, max + 1) {
@@ -463,10 +484,10 @@ impl Device {
         actions
     }
 
-    /// Carries out a run of acks and deltas: the acks with one store write, then the deltas
-    /// chat by chat into their documents and all of them into the store with one write; the
-    /// app hears of what they did only once it is stored. Deltas of a chat in `waiting` (a
-    /// delta before them lacks its key) wait with it.
+    /// Carries out a run: its sends, the acks with one store write, then the deltas chat by
+    /// chat into their documents and all of them into the store with one write, then the
+    /// cursor moves; the app hears of what the deltas did only once they are stored. Deltas
+    /// and cursors of a chat in `waiting` (a delta before them lacks its key) wait with it.
     fn carry_out_run(
         &mut self,
         core: &mut SyncCore,
@@ -475,7 +496,8 @@ impl Device {
         queue: &mut VecDeque<SyncOutput>,
     ) -> Vec<Action> {
         let error = |message: String| Action::Emit(Event::Error { message });
-        let mut actions = Vec::new();
+        // Frames for the relay (the next appends, fetches) need nothing of the run stored.
+        let mut actions: Vec<Action> = run.sends.into_iter().map(Action::Send).collect();
         if !run.acks.is_empty() {
             let seqs: Vec<ClientSeq> = run.acks.iter().map(|(cs, _, _)| *cs).collect();
             if let Err(e) = self.store.outbox_acked_many(&seqs) {
@@ -490,21 +512,7 @@ impl Device {
             }
         }
         let mut staged = StagedDeltas::default();
-        // Updates of deltas staged, and of deltas stored: only these reach the app.
-        let (mut updates, mut stored) = (Vec::new(), Vec::new());
-        let store_now =
-            |device: &mut Device, staged: &mut StagedDeltas, updates: &mut Vec<_>, stored: &mut Vec<_>| match device
-                .store_staged(staged)
-            {
-                Ok(failed) => {
-                    stored.append(updates);
-                    failed.into_iter().map(|e| error(format!("compacting: {e}"))).collect()
-                }
-                Err(e) => {
-                    updates.clear();
-                    vec![error(format!("storing applied deltas: {e}"))]
-                }
-            };
+        let mut done = RunUpdates::default();
         for (chat, batch) in run.deltas {
             if waiting.contains(&chat) {
                 continue;
@@ -517,13 +525,13 @@ impl Device {
                         actions.push(error(format!("chat {chat} seq {}: {e}", rest[0].seq)));
                         // The document may be ahead of what is staged: what is staged is
                         // stored, and the document read again from the store.
-                        actions.extend(store_now(self, &mut staged, &mut updates, &mut stored));
+                        actions.extend(self.store_run(&mut staged, &mut done));
                         self.drop_doc(chat);
                         rest = &rest[1..];
                         continue;
                     }
                 };
-                updates.extend(applied.updates.into_iter().map(|u| (chat, u)));
+                done.staged.extend(applied.updates.into_iter().map(|u| (chat, u)));
                 for (seq, e) in applied.errors {
                     actions.push(error(format!("chat {chat} seq {seq}: {e}")));
                 }
@@ -538,9 +546,26 @@ impl Device {
             }
         }
         if !staged.is_empty() {
-            actions.extend(store_now(self, &mut staged, &mut updates, &mut stored));
+            actions.extend(self.store_run(&mut staged, &mut done));
         }
-        for (chat, update) in stored {
+        // A chat's cursor passes the device's own acknowledged deltas (a plain write: the
+        // cursor is only ever moved on). Not for a chat whose deltas wait for a key, nor past
+        // deltas that could not be stored.
+        for (chat, seq) in run.cursors {
+            if waiting.contains(&chat) || done.lost {
+                continue;
+            }
+            match self.store.cursor(chat) {
+                Ok(at) if at >= seq => {}
+                Ok(_) => {
+                    if let Err(e) = self.store.set_cursor(chat, seq) {
+                        actions.push(error(e.to_string()));
+                    }
+                }
+                Err(e) => actions.push(error(e.to_string())),
+            }
+        }
+        for (chat, update) in done.stored {
             let added = update.added.into_iter().map(|message| Event::MessageAdded { chat, message, local: false });
             let changed =
                 update.changed.into_iter().map(|message| Event::MessageChanged { chat, message, local: false });
@@ -548,6 +573,23 @@ impl Device {
             actions.extend(added.chain(changed).chain(read).map(Action::Emit));
         }
         actions
+    }
+
+    /// Stores what a run staged ([`Device::store_staged`]); the updates of what it stored
+    /// move on to be told to the app, those of what it could not store are dropped.
+    fn store_run(&mut self, staged: &mut StagedDeltas, done: &mut RunUpdates) -> Vec<Action> {
+        let error = |message: String| Action::Emit(Event::Error { message });
+        match self.store_staged(staged) {
+            Ok(failed) => {
+                done.stored.append(&mut done.staged);
+                failed.into_iter().map(|e| error(format!("compacting: {e}"))).collect()
+            }
+            Err(e) => {
+                done.staged.clear();
+                done.lost = true;
+                vec![error(format!("storing applied deltas: {e}"))]
+            }
+        }
     }
 
     /// What to do with the next step of the key work: send it, or with nothing (more) to do or
