@@ -207,6 +207,7 @@ struct Store {
     gens: BTreeMap<(AccountId, u32), SignedGen>,
     usernames: BTreeMap<AccountId, String>,
     usage: BTreeMap<AccountId, u64>,
+    session_ends: BTreeMap<DeviceId, AccountEntry>,
 }
 
 impl Store {
@@ -260,6 +261,9 @@ impl Store {
                 StoreOp::PutUsage(a, bytes) => {
                     self.usage.insert(a, bytes);
                 }
+                StoreOp::PutSessionEnd(d, e) => {
+                    self.session_ends.insert(d, e);
+                }
             }
         }
     }
@@ -300,6 +304,7 @@ impl Store {
             account_gens: self.gens.values().cloned().collect(),
             usernames: self.usernames.iter().map(|(k, v)| (*k, v.clone())).collect(),
             usage: self.usage.iter().map(|(k, v)| (*k, *v)).collect(),
+            session_ends: self.session_ends.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             incarnation: Default::default(),
             floors: Default::default(),
         }
@@ -547,7 +552,10 @@ impl Harness {
     fn check_send(&mut self, conn: ConnId, device: &DeviceId, frame: RelayFrame) {
         let account = self.latest.devices.get(device).map(|c| c.body.account);
         if self.latest.states.get(device).is_some_and(|s| s.revoked) {
-            assert!(matches!(frame, RelayFrame::Error { .. }), "a revoked device was sent {frame:?}");
+            assert!(
+                matches!(frame, RelayFrame::Error { .. } | RelayFrame::SessionEnded { .. }),
+                "a revoked device was sent {frame:?}"
+            );
         }
         match frame {
             RelayFrame::Acked { req, chat, client_seq, seq } => {
@@ -606,6 +614,19 @@ impl Harness {
                 for (chat, head) in chats {
                     assert!(head <= self.durable.chat_head(chat), "behind reports a non-durable chat head");
                 }
+            }
+            RelayFrame::SessionEnded { entry, chain } => {
+                // The proof is the durable entry that ended this device's session, and the
+                // account's keys as the relay holds them.
+                let ended = match &entry.event {
+                    stratus_engine::proto::wire::AccountEvent::DeviceRevoked { revocation } => &revocation.body.device,
+                    stratus_engine::proto::wire::AccountEvent::DeviceExpired { device, .. } => device,
+                    e => panic!("a session end shown with {e:?}"),
+                };
+                assert_eq!(ended, device, "another device's end shown");
+                let a = self.latest.devices[device].body.account;
+                assert_eq!(self.durable.entries.get(&(a, entry.seq)), Some(&*entry), "a proof that is not durable");
+                assert!(chain.id() == a && chain.verify().is_ok(), "a proof with keys that do not verify");
             }
             RelayFrame::Hello { .. } | RelayFrame::Error { req: None, .. } => {}
         }

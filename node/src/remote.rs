@@ -176,6 +176,7 @@ impl Client {
                 EventView::Connected => failures = 0,
                 EventView::Error { message } => eprintln!("stratus: {message}"),
                 EventView::SessionRevoked => return Err(stratus_engine::Error::SessionRevoked.into()),
+                EventView::SessionRefused => return Err(stratus_engine::Error::SessionRefused.into()),
                 _ => {}
             }
         }

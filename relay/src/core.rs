@@ -152,6 +152,9 @@ pub enum StoreOp {
     PutChatKeys(ChatId, Epoch, Vec<WrappedKey>),
     /// What an account has stored, in bytes (its quota's count).
     PutUsage(AccountId, u64),
+    /// The account log entry that ended a device's session, kept to show the device (see
+    /// `RelayFrame::SessionEnded`).
+    PutSessionEnd(DeviceId, AccountEntry),
 }
 
 struct Account {
@@ -192,6 +195,8 @@ struct Device {
     /// When it last had a typing indicator forwarded, per chat (only recent ones, at most
     /// [`chats::TYPING_CHATS`]).
     typing: BTreeMap<ChatId, u64>,
+    /// The account log entry that ended its session, shown to it as proof.
+    ended: Option<Box<AccountEntry>>,
 }
 
 impl Device {
@@ -207,6 +212,7 @@ impl Device {
             appends_in_flight: 0,
             fetches_in_flight: 0,
             typing: BTreeMap::new(),
+            ended: None,
         }
     }
 }
@@ -251,6 +257,9 @@ struct Conn {
     fetches_in_flight: u32,
     /// What waits to be written to it.
     backlog: Backlog,
+    /// Its device's session ended and the proof waits for a barrier: frames from it are
+    /// dropped meanwhile (the proof, then `SessionRevoked`, then the close follow).
+    ending: bool,
 }
 
 struct PendingLink {
@@ -273,6 +282,9 @@ enum Deferred {
         account: AccountId,
         entry: AccountEntry,
     },
+    /// The stream of a device whose session ended: the proof (`SessionEnded`), then
+    /// `SessionRevoked`, then the close.
+    EndSession(ConnId),
 }
 
 /// The relay's state machine. See the module docs.
@@ -378,6 +390,11 @@ impl RelayCore {
             }
             core.devices.insert(cert.body.device.clone(), Device::new(cert, state));
         }
+        for (device, entry) in recovered.session_ends {
+            if let Some(d) = core.devices.get_mut(&device) {
+                d.ended = Some(Box::new(entry));
+            }
+        }
         for (chat, record, head) in recovered.chats {
             for m in &record.members {
                 if let Some(a) = core.accounts.get_mut(m) {
@@ -412,7 +429,10 @@ impl RelayCore {
             Input::Opened { conn, device } => {
                 self.peer_opened(&device);
                 let backlog = Backlog::default();
-                self.conns.insert(conn, Conn { device, hello: false, account: None, fetches_in_flight: 0, backlog });
+                self.conns.insert(
+                    conn,
+                    Conn { device, hello: false, account: None, fetches_in_flight: 0, backlog, ending: false },
+                );
             }
             Input::Sent { conn, bytes, pages } => self.sent(conn, bytes, pages, &mut out),
             Input::Tick { now_ms } => {
@@ -465,8 +485,7 @@ impl RelayCore {
             let device = c.device.clone();
             self.expire_if_idle(&device, now_ms, out);
             if self.devices.get(&device).is_some_and(|d| d.state.revoked) {
-                out.push(revoked(conn, None));
-                out.push(Effect::Close { conn });
+                self.end_stream(conn, out);
                 return;
             }
             let Some(c) = self.conns.get_mut(&conn) else { return };
@@ -487,14 +506,15 @@ impl RelayCore {
             out.push(Effect::Close { conn });
             return;
         }
-        let device = c.device.clone();
-        let account = c.account;
+        let (device, account, ending) = (c.device.clone(), c.account, c.ending);
         self.frame_clock_ms = self.frame_clock_ms.max(now_ms);
         if let Some(d) = self.devices.get_mut(&device) {
             if d.state.revoked {
-                // Frames already on their way when the session ended.
-                out.push(revoked(conn, Some(frame.req())));
-                out.push(Effect::Close { conn });
+                // Frames already on their way when the session ended: the stream is told why
+                // (once, with the proof) and closed.
+                if !ending {
+                    self.end_stream(conn, out);
+                }
                 return;
             }
             d.state.last_active_ms = d.state.last_active_ms.max(now_ms);
@@ -703,13 +723,8 @@ fn gen_of(g: &SignedGen) -> AccountGen {
     AccountGen { account: b.account, generation: b.generation, signing_key: b.signing_key, kem_key: b.kem_key }
 }
 
-fn revoked(conn: ConnId, req: Option<ReqId>) -> Effect {
-    error_frame(
-        conn,
-        req,
-        ErrorCode::SessionRevoked,
-        "this device's session was ended by another device of its account",
-    )
+fn revoked(conn: ConnId) -> Effect {
+    error_frame(conn, None, ErrorCode::SessionRevoked, "this device's session was ended by its account")
 }
 
 fn error_frame(conn: ConnId, req: Option<ReqId>, code: ErrorCode, message: impl Into<String>) -> Effect {

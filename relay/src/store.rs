@@ -25,6 +25,7 @@
 //!   signed by the generation before)
 //! * `usernames`: account id → its username in the directory
 //! * `usage`: account id → bytes it has stored (its quota's count), big-endian u64
+//! * `session_ends`: device id → the `AccountEntry` that ended its session (its proof)
 //! * `meta`: `incarnation` → [`Incarnation`] (made when the store is first opened; a restore
 //!   gives it a new generation)
 //! * `floor_accounts`, `floor_chats`: account or chat id → the lowest head its log had at any
@@ -143,6 +144,7 @@ pub struct SledStore {
     account_gens: sled::Tree,
     usernames: sled::Tree,
     usage: sled::Tree,
+    session_ends: sled::Tree,
     meta: sled::Tree,
     floor_accounts: sled::Tree,
     floor_chats: sled::Tree,
@@ -230,6 +232,7 @@ impl SledStore {
             account_gens: db.open_tree("account_gens")?,
             usernames: db.open_tree("usernames")?,
             usage: db.open_tree("usage")?,
+            session_ends: db.open_tree("session_ends")?,
             db,
         })
     }
@@ -322,6 +325,7 @@ impl RelayStore for SledStore {
             &self.usernames,
             &self.chat_keys,
             &self.usage,
+            &self.session_ends,
         ];
         // A batch carries an account's usage once per write that changed it; only the last
         // one of each account is stored (the batch is atomic, so the result is the same).
@@ -334,7 +338,7 @@ impl RelayStore for SledStore {
         let r: Result<(), TransactionError<()>> = trees.transaction(|t: &Vec<TransactionalTree>| {
             let (accounts, devices, chats, deltas, dedup, log, links, states, settings, recovery, gens, names) =
                 (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &t[9], &t[10], &t[11]);
-            let (chat_keys, usage) = (&t[12], &t[13]);
+            let (chat_keys, usage, ends) = (&t[12], &t[13], &t[14]);
             for (i, op) in ops.iter().enumerate() {
                 match op {
                     StoreOp::PutAccount(a) => {
@@ -396,6 +400,9 @@ impl RelayStore for SledStore {
                     }
                     StoreOp::DeleteApprovedLink(id) => {
                         links.remove(&id[..])?;
+                    }
+                    StoreOp::PutSessionEnd(d, e) => {
+                        ends.insert(d.0.as_bytes(), enc(e))?;
                     }
                 }
             }
@@ -546,6 +553,11 @@ impl RelayStore for SledStore {
             let id: [u8; 16] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("account id"))?;
             let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("usage"))?;
             r.usage.push((AccountId(id), u64::from_be_bytes(bytes)));
+        }
+        for kv in self.session_ends.iter() {
+            let (k, v) = kv?;
+            let device = DeviceId(String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt("device id"))?);
+            r.session_ends.push((device, dec(&v, "session end")?));
         }
         r.incarnation = self.incarnation()?;
         r.floors = self.floors()?;

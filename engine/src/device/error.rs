@@ -71,6 +71,10 @@ pub enum Error {
     /// from this device.
     #[error("this device's session was ended by another device of the account; its account data was deleted here")]
     SessionRevoked,
+    /// The relay refuses this device's session, saying the account ended it, without a proof
+    /// this device accepts; nothing was deleted here.
+    #[error("the relay refuses this device's session and says the account ended it, but showed no proof signed by the account; nothing was deleted here")]
+    SessionRefused,
     /// A delta is sealed under a key epoch whose key has not arrived yet (it comes in the
     /// account log after a rotation); the delta is applied once it has.
     #[error("chat {0}: the key of epoch {epoch} has not arrived yet", epoch = .1.0)]

@@ -174,7 +174,7 @@ impl Device {
             op.tries += 1;
             return match code {
                 ErrorCode::StaleEpoch if op.tries < MAX_OP_TRIES => Ok(Step::AfterSync),
-                ErrorCode::SessionRevoked => Err(Error::SessionRevoked),
+                ErrorCode::SessionRevoked => Err(Error::SessionRefused),
                 code => Err(Error::Relay { code, message }),
             };
         }

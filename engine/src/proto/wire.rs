@@ -16,7 +16,7 @@ use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 /// The libp2p protocol name of the sync stream.
 pub const PROTOCOL: &str = "/stratus/sync/1";
 /// Bumped on any incompatible change to the frames below.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 /// Longest frame either side sends or accepts. A longer length prefix is a protocol error and
 /// closes the stream (the rest of the stream cannot be trusted to be framed).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
@@ -353,6 +353,13 @@ pub enum RelayFrame {
     /// and each chat's that had a push dropped. The device fetches past its cursors, as after
     /// `SyncState`. Sent once the queue has drained. Added in protocol version 6.
     Behind { account_head: Seq, chats: Vec<(ChatId, Seq)> },
+    /// This device's session ended: the account log entry that ended it (`DeviceRevoked`,
+    /// signed by the account, or `DeviceExpired`) and the account's keys through every
+    /// generation, so that the device checks it before it deletes anything. Sent before the
+    /// `Error { SessionRevoked }` that closes the stream (to a device that connects later, or
+    /// once the entry is durable). An `Error { SessionRevoked }` without it proves nothing: the
+    /// device stops syncing and keeps its data. Added in protocol version 9.
+    SessionEnded { entry: Box<AccountEntry>, chain: Box<AccountChain> },
 }
 
 /// How long a typing indicator is shown after its last `Typing`.
@@ -411,7 +418,8 @@ impl RelayFrame {
             | RelayFrame::Push { .. }
             | RelayFrame::PushAccount { .. }
             | RelayFrame::Typing { .. }
-            | RelayFrame::Behind { .. } => None,
+            | RelayFrame::Behind { .. }
+            | RelayFrame::SessionEnded { .. } => None,
         }
     }
 }

@@ -111,6 +111,7 @@ impl From<Error> for RpcError {
             Error::Offline => "offline",
             Error::Net(_) => "unreachable",
             Error::SessionRevoked => "session_revoked",
+            Error::SessionRefused => "session_refused",
             Error::Stopped => "stopped",
             Error::Doc(_) => "message_refused",
             Error::Store(_) => "store",

@@ -62,6 +62,7 @@ impl RelayCore {
                     }
                 }
             }
+            Deferred::EndSession(conn) => self.send_session_end(conn, true, out),
             Deferred::AccountDurable { account, entry } => {
                 let Some(a) = self.accounts.get_mut(&account) else { return };
                 a.log_durable = a.log_durable.max(entry.seq);

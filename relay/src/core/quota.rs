@@ -48,6 +48,7 @@ impl StoreOp {
             StoreOp::PutChat(_, r) => size(r),
             StoreOp::PutAccountEntry(_, e) => event_bytes(&e.event),
             StoreOp::PutDeviceState(_, s) => size(s),
+            StoreOp::PutSessionEnd(_, e) => size(e),
             StoreOp::PutAccountSettings(_, s) => size(s),
             StoreOp::PutRecovery(_, r) => size(r),
             StoreOp::PutAccountGen(g) => size(g),

@@ -72,6 +72,7 @@ impl RelayCore {
                 }
                 (conn, frame)
             }
+            Deferred::EndSession(conn) => return self.send_session_end(conn, false, out),
             Deferred::ChatDurable { .. } | Deferred::AccountDurable { .. } => return,
         };
         if let (Some(req), true) = (frame.req(), self.conns.contains_key(&conn)) {

@@ -31,6 +31,7 @@ struct State {
     usernames: BTreeMap<AccountId, String>,
     chat_keys: BTreeMap<(ChatId, Epoch, AccountId), WrappedKey>,
     usage: BTreeMap<AccountId, u64>,
+    session_ends: BTreeMap<DeviceId, AccountEntry>,
 }
 
 impl State {
@@ -87,6 +88,9 @@ impl State {
                 }
                 StoreOp::PutUsage(a, bytes) => {
                     self.usage.insert(*a, *bytes);
+                }
+                StoreOp::PutSessionEnd(d, e) => {
+                    self.session_ends.insert(d.clone(), e.clone());
                 }
             }
         }
@@ -234,6 +238,7 @@ impl MemStore {
             r.chats.push((*id, record.clone(), head.unwrap_or_default()));
         }
         r.usage = s.usage.iter().map(|(k, v)| (*k, *v)).collect();
+        r.session_ends = s.session_ends.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         r.incarnation = self.incarnation;
         r
     }
