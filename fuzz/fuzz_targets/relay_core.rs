@@ -208,6 +208,8 @@ struct Store {
     usernames: BTreeMap<AccountId, String>,
     usage: BTreeMap<AccountId, u64>,
     session_ends: BTreeMap<DeviceId, AccountEntry>,
+    accepted: BTreeMap<(AccountId, AccountId), ()>,
+    invitations: BTreeMap<(AccountId, AccountId), u64>,
 }
 
 impl Store {
@@ -264,6 +266,18 @@ impl Store {
                 StoreOp::PutSessionEnd(d, e) => {
                     self.session_ends.insert(d, e);
                 }
+                StoreOp::PutAccepted(a, b, true) => {
+                    self.accepted.insert((a, b), ());
+                }
+                StoreOp::PutAccepted(a, b, false) => {
+                    self.accepted.remove(&(a, b));
+                }
+                StoreOp::PutInvitation(a, b, Some(at)) => {
+                    self.invitations.insert((a, b), at);
+                }
+                StoreOp::PutInvitation(a, b, None) => {
+                    self.invitations.remove(&(a, b));
+                }
             }
         }
     }
@@ -305,6 +319,8 @@ impl Store {
             usernames: self.usernames.iter().map(|(k, v)| (*k, v.clone())).collect(),
             usage: self.usage.iter().map(|(k, v)| (*k, *v)).collect(),
             session_ends: self.session_ends.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            accepted: self.accepted.keys().copied().collect(),
+            invitations: self.invitations.iter().map(|((a, b), at)| (*a, *b, *at)).collect(),
             incarnation: Default::default(),
             floors: Default::default(),
         }
@@ -604,10 +620,12 @@ impl Harness {
                 }
                 self.replied(conn, req);
             }
-            RelayFrame::AccountDevices { req, account, devices } => {
-                assert!(devices.iter().all(|(c, _)| c.body.account == account), "another account's device listed");
+            RelayFrame::AccountDevices { req, account: of, devices } => {
+                assert!(devices.iter().all(|(c, _)| c.body.account == of), "another account's device listed");
+                assert!(account == Some(of) || devices.iter().all(|(_, online)| !online), "another's presence shown");
                 self.replied(conn, req);
             }
+            RelayFrame::Invitations { req, .. } => self.replied(conn, req),
             RelayFrame::Behind { account_head, chats } => {
                 let a = account.expect("behind goes to a device of an account");
                 assert!(account_head <= self.durable.account_head(a), "behind reports a non-durable log head");

@@ -155,6 +155,10 @@ pub enum StoreOp {
     /// The account log entry that ended a device's session, kept to show the device (see
     /// `RelayFrame::SessionEnded`).
     PutSessionEnd(DeviceId, AccountEntry),
+    /// The first account accepts chats from the second (true), or no longer does.
+    PutAccepted(AccountId, AccountId, bool),
+    /// An invitation to the first account from the second, made at this time (ms), or answered.
+    PutInvitation(AccountId, AccountId, Option<u64>),
 }
 
 struct Account {
@@ -174,6 +178,10 @@ struct Account {
     log_durable: Seq,
     /// Bytes stored for it (see `core/quota.rs`).
     stored_bytes: u64,
+    /// The accounts it accepts chats from (see `core/consent.rs`).
+    accepts: BTreeSet<AccountId>,
+    /// Invitations waiting for it: who asked, and when (ms).
+    invitations: BTreeMap<AccountId, u64>,
 }
 
 struct Device {
@@ -231,6 +239,8 @@ impl Account {
             log_head: Seq(0),
             log_durable: Seq(0),
             stored_bytes: 0,
+            accepts: BTreeSet::new(),
+            invitations: BTreeMap::new(),
         }
     }
 }
@@ -389,6 +399,16 @@ impl RelayCore {
                 a.devices.insert(cert.body.device.clone());
             }
             core.devices.insert(cert.body.device.clone(), Device::new(cert, state));
+        }
+        for (account, other) in recovered.accepted {
+            if let Some(a) = core.accounts.get_mut(&account) {
+                a.accepts.insert(other);
+            }
+        }
+        for (invitee, inviter, at_ms) in recovered.invitations {
+            if let Some(a) = core.accounts.get_mut(&invitee) {
+                a.invitations.insert(inviter, at_ms);
+            }
         }
         for (device, entry) in recovered.session_ends {
             if let Some(d) = core.devices.get_mut(&device) {
@@ -623,6 +643,9 @@ impl RelayCore {
                 | ClientFrame::Lookup { .. }
                 | ClientFrame::LookupAccounts { .. }
                 | ClientFrame::AccountDevices { .. }
+                | ClientFrame::Accept { .. }
+                | ClientFrame::Invite { .. }
+                | ClientFrame::ListInvitations { .. }
                 | ClientFrame::ChangeMembers { .. }
                 | ClientFrame::Rekey { .. }),
                 Some(a),
@@ -738,6 +761,8 @@ use backlog::Backlog;
 pub use backlog::{frame_cost, FRAME_OVERHEAD_BYTES};
 mod chats;
 pub use chats::{TYPING_CHATS, TYPING_FORWARD_MS};
+mod consent;
+pub use consent::{MAX_ACCEPTED, MAX_INVITATIONS};
 mod limiting;
 mod members;
 use limiting::hold;

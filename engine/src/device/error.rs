@@ -112,6 +112,10 @@ pub enum Error {
         /// The safety number with the account it gives now.
         number: String,
     },
+    /// The account has not accepted chats from this one: the relay would refuse to put it in a
+    /// chat this account makes or changes. Nothing was made.
+    #[error("{0} has not accepted chats from this account: invite them, and try again once they accept")]
+    NotAccepted(String),
     /// The safety number given does not match the account the directory names now.
     #[error("the safety number does not match the account the relay names for {0}; nothing was pinned")]
     NumberMismatch(String),

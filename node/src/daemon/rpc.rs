@@ -108,6 +108,7 @@ impl From<Error> for RpcError {
             Error::NotMember(_) => "not_member",
             Error::SecretNotAccepted(_) => "secret_not_accepted",
             Error::SecretChatsOff => "secret_chats_off",
+            Error::NotAccepted(_) => "not_accepted",
             Error::Offline => "offline",
             Error::Net(_) => "unreachable",
             Error::SessionRevoked => "session_revoked",

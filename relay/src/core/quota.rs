@@ -49,6 +49,8 @@ impl StoreOp {
             StoreOp::PutAccountEntry(_, e) => event_bytes(&e.event),
             StoreOp::PutDeviceState(_, s) => size(s),
             StoreOp::PutSessionEnd(_, e) => size(e),
+            StoreOp::PutAccepted(..) => 32,
+            StoreOp::PutInvitation(..) => 40,
             StoreOp::PutAccountSettings(_, s) => size(s),
             StoreOp::PutRecovery(_, r) => size(r),
             StoreOp::PutAccountGen(g) => size(g),

@@ -164,6 +164,10 @@ pub struct Recovered {
     pub usage: Vec<(AccountId, u64)>,
     /// The account log entry that ended each ended session (kept since protocol version 9).
     pub session_ends: Vec<(DeviceId, AccountEntry)>,
+    /// `(account, other)`: `account` accepts chats from `other`.
+    pub accepted: Vec<(AccountId, AccountId)>,
+    /// `(invitee, inviter, at_ms)`: invitations waiting.
+    pub invitations: Vec<(AccountId, AccountId, u64)>,
     /// The store's life: its id and how many restores made it (see docs/protocol.md,
     /// "Restores").
     pub incarnation: Incarnation,

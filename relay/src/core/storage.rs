@@ -41,6 +41,8 @@ pub(super) fn writes(frame: &ClientFrame) -> bool {
             | ClientFrame::SetUsername { .. }
             | ClientFrame::ChangeMembers { .. }
             | ClientFrame::Rekey { .. }
+            | ClientFrame::Accept { .. }
+            | ClientFrame::Invite { .. }
     )
 }
 
