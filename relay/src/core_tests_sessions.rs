@@ -571,3 +571,29 @@ fn a_rotation_at_the_caps_fits_one_frame() {
         bundle.len()
     );
 }
+
+/// Found by the `relay_core` fuzz target: an answer that waited for a barrier (here b's own
+/// `SetUsername`) must not reach b's stream once b's session ended meanwhile; the stream gets
+/// the proof of the end, `SessionRevoked`, and its close, nothing else.
+#[test]
+fn an_answer_waiting_for_the_barrier_does_not_reach_a_stream_whose_session_ended() {
+    let mut w = world_with(Limits { min_session_age_ms: 0, ..Limits::default() });
+    let a = w.connect(1, "a");
+    let (keys, _) = w.account(&a);
+    let b = w.second_device(&keys, 2, "b");
+    let named = w.frame(b.conn, ClientFrame::SetUsername { req: 3, name: Some("bee".into()) });
+    assert!(named.iter().any(|e| matches!(e, Effect::Write { .. })));
+    let e = {
+        let f = revoke(&mut w, &keys, &b, &a, 4);
+        w.frame(a.conn, f)
+    };
+    let released = w.durable(&e);
+    let to_b: Vec<&RelayFrame> = sends(&released).into_iter().filter(|(c, _)| *c == b.conn).map(|(_, f)| f).collect();
+    assert!(
+        matches!(
+            &to_b[..],
+            [RelayFrame::SessionEnded { .. }, RelayFrame::Error { code: ErrorCode::SessionRevoked, .. }]
+        ),
+        "{to_b:?}"
+    );
+}

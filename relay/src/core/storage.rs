@@ -77,7 +77,7 @@ impl RelayCore {
             Deferred::EndSession(conn) => return self.send_session_end(conn, false, out),
             Deferred::ChatDurable { .. } | Deferred::AccountDurable { .. } => return,
         };
-        if let (Some(req), true) = (frame.req(), self.conns.contains_key(&conn)) {
+        if let (Some(req), true) = (frame.req(), self.conns.get(&conn).is_some_and(|c| !c.ending)) {
             out.push(storage_full(conn, req));
         }
     }
