@@ -66,7 +66,8 @@ fn step(session: &mut SessionCore, now: u64, input: SessionInput) -> Vec<Work> {
             SyncOutput::Send(f) => Some(Action::Send(f)),
             SyncOutput::Reply(f) => Some(Action::Reply(f)),
             SyncOutput::RetryAfter { ms } => Some(Action::RetryAfter(ms)),
-            SyncOutput::Revoked => Some(Action::Emit(Event::SessionRevoked)),
+            SyncOutput::Revoked { proof: Some(_) } => Some(Action::Emit(Event::SessionRevoked)),
+            SyncOutput::Revoked { proof: None } => Some(Action::Emit(Event::SessionRefused)),
             _ => None,
         })
         .collect();

@@ -207,6 +207,9 @@ struct Store {
     gens: BTreeMap<(AccountId, u32), SignedGen>,
     usernames: BTreeMap<AccountId, String>,
     usage: BTreeMap<AccountId, u64>,
+    session_ends: BTreeMap<DeviceId, AccountEntry>,
+    accepted: BTreeMap<(AccountId, AccountId), ()>,
+    invitations: BTreeMap<(AccountId, AccountId), u64>,
 }
 
 impl Store {
@@ -260,6 +263,21 @@ impl Store {
                 StoreOp::PutUsage(a, bytes) => {
                     self.usage.insert(a, bytes);
                 }
+                StoreOp::PutSessionEnd(d, e) => {
+                    self.session_ends.insert(d, e);
+                }
+                StoreOp::PutAccepted(a, b, true) => {
+                    self.accepted.insert((a, b), ());
+                }
+                StoreOp::PutAccepted(a, b, false) => {
+                    self.accepted.remove(&(a, b));
+                }
+                StoreOp::PutInvitation(a, b, Some(at)) => {
+                    self.invitations.insert((a, b), at);
+                }
+                StoreOp::PutInvitation(a, b, None) => {
+                    self.invitations.remove(&(a, b));
+                }
             }
         }
     }
@@ -300,6 +318,9 @@ impl Store {
             account_gens: self.gens.values().cloned().collect(),
             usernames: self.usernames.iter().map(|(k, v)| (*k, v.clone())).collect(),
             usage: self.usage.iter().map(|(k, v)| (*k, *v)).collect(),
+            session_ends: self.session_ends.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            accepted: self.accepted.keys().copied().collect(),
+            invitations: self.invitations.iter().map(|((a, b), at)| (*a, *b, *at)).collect(),
             incarnation: Default::default(),
             floors: Default::default(),
         }
@@ -547,7 +568,10 @@ impl Harness {
     fn check_send(&mut self, conn: ConnId, device: &DeviceId, frame: RelayFrame) {
         let account = self.latest.devices.get(device).map(|c| c.body.account);
         if self.latest.states.get(device).is_some_and(|s| s.revoked) {
-            assert!(matches!(frame, RelayFrame::Error { .. }), "a revoked device was sent {frame:?}");
+            assert!(
+                matches!(frame, RelayFrame::Error { .. } | RelayFrame::SessionEnded { .. }),
+                "a revoked device was sent {frame:?}"
+            );
         }
         match frame {
             RelayFrame::Acked { req, chat, client_seq, seq } => {
@@ -596,16 +620,31 @@ impl Harness {
                 }
                 self.replied(conn, req);
             }
-            RelayFrame::AccountDevices { req, account, devices } => {
-                assert!(devices.iter().all(|(c, _)| c.body.account == account), "another account's device listed");
+            RelayFrame::AccountDevices { req, account: of, devices } => {
+                assert!(devices.iter().all(|(c, _)| c.body.account == of), "another account's device listed");
+                assert!(account == Some(of) || devices.iter().all(|(_, online)| !online), "another's presence shown");
                 self.replied(conn, req);
             }
+            RelayFrame::Invitations { req, .. } => self.replied(conn, req),
             RelayFrame::Behind { account_head, chats } => {
                 let a = account.expect("behind goes to a device of an account");
                 assert!(account_head <= self.durable.account_head(a), "behind reports a non-durable log head");
                 for (chat, head) in chats {
                     assert!(head <= self.durable.chat_head(chat), "behind reports a non-durable chat head");
                 }
+            }
+            RelayFrame::SessionEnded { entry, chain } => {
+                // The proof is the durable entry that ended this device's session, and the
+                // account's keys as the relay holds them.
+                let ended = match &entry.event {
+                    stratus_engine::proto::wire::AccountEvent::DeviceRevoked { revocation } => &revocation.body.device,
+                    stratus_engine::proto::wire::AccountEvent::DeviceExpired { device, .. } => device,
+                    e => panic!("a session end shown with {e:?}"),
+                };
+                assert_eq!(ended, device, "another device's end shown");
+                let a = self.latest.devices[device].body.account;
+                assert_eq!(self.durable.entries.get(&(a, entry.seq)), Some(&*entry), "a proof that is not durable");
+                assert!(chain.id() == a && chain.verify().is_ok(), "a proof with keys that do not verify");
             }
             RelayFrame::Hello { .. } | RelayFrame::Error { req: None, .. } => {}
         }

@@ -304,6 +304,7 @@ async fn wait_for(
             Event::Rejected { message, code, .. } => return Err(rejected(&message, &format!("{code:?}"))),
             Event::Error { message } => eprintln!("stratus: {message}"),
             Event::SessionRevoked => return Err(Error::SessionRevoked.into()),
+            Event::SessionRefused => return Err(Error::SessionRefused.into()),
             _ => {}
         }
     }

@@ -21,15 +21,47 @@ pub(crate) enum ContactCommand {
         #[arg(long, value_name = "NUMBER")]
         confirm: Option<String>,
     },
+    /// Ask USER to accept chats from you: until they do, you cannot make a chat with them or
+    /// add them to a group.
+    Invite { user: String },
+    /// The accounts that invited you, waiting for your answer.
+    Invitations,
+    /// Accept chats from WHO (a username, or an account id from `contact invitations`): they can
+    /// make chats with you and add you to groups.
+    Accept { who: String },
+    /// Decline WHO's invitation, or stop accepting chats from WHO (chats you are in stay).
+    Decline { who: String },
+}
+
+/// One invitation as the CLI prints it (`--json`: one object a line).
+pub(crate) fn invitation_line(json: bool, account: &str, at_ms: u64) -> String {
+    let at = crate::view::rfc3339(i64::try_from(at_ms).unwrap_or(i64::MAX));
+    match json {
+        true => serde_json::json!({ "account": account, "invited": at }).to_string(),
+        false => format!("{account} invited you on {at}"),
+    }
 }
 
 /// Looks each user up (pinning on first use) and returns their account ids. Callers sync first:
 /// keys seen in a lookup are the newest this device accepts, so what the account log still
 /// holds from those users must be taken before.
 async fn accounts_of(device: &mut Device, users: &[String]) -> Result<Vec<AccountId>, Failure> {
+    look_up(device, users, false).await
+}
+
+/// [`accounts_of`] for accounts to put in a chat: each must accept chats from this account
+/// ([`Error::NotAccepted`] before anything is made otherwise).
+async fn members_of(device: &mut Device, users: &[String]) -> Result<Vec<AccountId>, Failure> {
+    look_up(device, users, true).await
+}
+
+async fn look_up(device: &mut Device, users: &[String], accepting: bool) -> Result<Vec<AccountId>, Failure> {
     let mut out = Vec::new();
     for user in users {
         let info = device.lookup(user).await?;
+        if accepting && info.accepts_you == Some(false) {
+            return Err(Error::NotAccepted(user.clone()).into());
+        }
         out.push(info.account.parse().map_err(|_| Failure::Other(format!("the relay gave a bad id for {user}")))?);
     }
     Ok(out)
@@ -53,7 +85,7 @@ pub(crate) async fn create_chat(
     if !users.is_empty() {
         device = sync_until_idle(device).await?;
     }
-    let others = accounts_of(&mut device, &users).await?;
+    let others = members_of(&mut device, &users).await?;
     let (chat, _) = device.new_chat_with(kind, title.as_deref().unwrap_or(""), &others)?;
     sync_until_idle(device).await?;
     Ok(chat)
@@ -76,7 +108,7 @@ pub(crate) async fn add(
 ) -> Result<(), Failure> {
     device.account().ok_or(Error::NotLoggedIn)?;
     device = sync_until_idle(device).await?;
-    let accounts = accounts_of(&mut device, &users).await?.into_iter().collect();
+    let accounts = members_of(&mut device, &users).await?.into_iter().collect();
     change(device, chat, Membership::Add { accounts, share_history }).await
 }
 
@@ -93,8 +125,36 @@ pub(crate) async fn leave(mut device: Device, chat: ChatId) -> Result<(), Failur
     change(device, chat, Membership::Leave).await
 }
 
+/// The account `who` names: an account id as such, else a username looked up (and pinned).
+async fn account_named(device: &mut Device, who: &str) -> Result<AccountId, Failure> {
+    match who.parse() {
+        Ok(id) => Ok(id),
+        Err(_) => Ok(accounts_of(device, &[who.to_string()]).await?[0]),
+    }
+}
+
 pub(crate) async fn contact(mut device: Device, command: ContactCommand, json: bool) -> Result<(), Failure> {
-    let ContactCommand::Verify { user, confirm } = command;
+    let (user, confirm) = match command {
+        ContactCommand::Verify { user, confirm } => (user, confirm),
+        ContactCommand::Invite { user } => {
+            let account = account_named(&mut device, &user).await?;
+            return Ok(device.invite(account).await?);
+        }
+        ContactCommand::Accept { who } => {
+            let account = account_named(&mut device, &who).await?;
+            return Ok(device.accept_chats_from(account, true).await?);
+        }
+        ContactCommand::Decline { who } => {
+            let account = account_named(&mut device, &who).await?;
+            return Ok(device.accept_chats_from(account, false).await?);
+        }
+        ContactCommand::Invitations => {
+            for (account, at_ms) in device.invitations().await? {
+                out(&invitation_line(json, &account.to_string(), at_ms));
+            }
+            return Ok(());
+        }
+    };
     let info = match confirm {
         Some(number) => device.confirm_contact(&user, &number).await?,
         None => device.lookup(&user).await?,

@@ -125,6 +125,7 @@ pub(crate) fn event(e: &EventView, json: bool, shown: Shown) -> Result<(), Failu
     let secret = shown != Shown::State;
     match e {
         E::SessionRevoked => return Err(stratus_engine::Error::SessionRevoked.into()),
+        E::SessionRefused => return Err(stratus_engine::Error::SessionRefused.into()),
         E::MessageAdded { message, local: false } | E::MessageChanged { message, local: false } if all => {
             out(&if json { json_line(message) } else { message_line(&message.message) })
         }

@@ -176,6 +176,7 @@ impl Client {
                 EventView::Connected => failures = 0,
                 EventView::Error { message } => eprintln!("stratus: {message}"),
                 EventView::SessionRevoked => return Err(stratus_engine::Error::SessionRevoked.into()),
+                EventView::SessionRefused => return Err(stratus_engine::Error::SessionRefused.into()),
                 _ => {}
             }
         }
@@ -314,6 +315,22 @@ pub(crate) async fn run(c: &mut Client, command: Command, json: bool) -> Result<
             c.idle().await?;
         }
         Command::Secret { command } => secret::remote(c, command, json).await?,
+        Command::Contact { command: crate::members::ContactCommand::Invite { user } } => {
+            c.call::<Value>("invite", json!({ "user": user })).await?;
+        }
+        Command::Contact { command: crate::members::ContactCommand::Accept { who } } => {
+            c.call::<Value>("accept_contact", json!({ "who": who, "accept": true })).await?;
+        }
+        Command::Contact { command: crate::members::ContactCommand::Decline { who } } => {
+            c.call::<Value>("accept_contact", json!({ "who": who, "accept": false })).await?;
+        }
+        Command::Contact { command: crate::members::ContactCommand::Invitations } => {
+            let all: Value = c.call("invitations", json!({})).await?;
+            for i in all.as_array().into_iter().flatten() {
+                let (account, at) = (i["account"].as_str().unwrap_or_default(), i["at_ms"].as_u64().unwrap_or(0));
+                print::out(&crate::members::invitation_line(json, account, at));
+            }
+        }
         Command::Contact { command: crate::members::ContactCommand::Verify { user, confirm } } => {
             let info: Value = match confirm {
                 Some(number) => c.call("confirm_contact", json!({ "user": user, "number": number })).await?,

@@ -191,6 +191,7 @@ pub(crate) enum EventView {
     SecretClosed { secret: String },
     SecretExpired { secret: String, message: String },
     SessionRevoked,
+    SessionRefused,
 }
 
 impl EventView {
@@ -241,6 +242,7 @@ impl EventView {
                 EventView::SecretExpired { secret: chat.to_string(), message: message.clone() }
             }
             Event::SessionRevoked => EventView::SessionRevoked,
+            Event::SessionRefused => EventView::SessionRefused,
             _ => return None,
         })
     }

@@ -152,6 +152,13 @@ pub enum StoreOp {
     PutChatKeys(ChatId, Epoch, Vec<WrappedKey>),
     /// What an account has stored, in bytes (its quota's count).
     PutUsage(AccountId, u64),
+    /// The account log entry that ended a device's session, kept to show the device (see
+    /// `RelayFrame::SessionEnded`).
+    PutSessionEnd(DeviceId, AccountEntry),
+    /// The first account accepts chats from the second (true), or no longer does.
+    PutAccepted(AccountId, AccountId, bool),
+    /// An invitation to the first account from the second, made at this time (ms), or answered.
+    PutInvitation(AccountId, AccountId, Option<u64>),
 }
 
 struct Account {
@@ -171,6 +178,10 @@ struct Account {
     log_durable: Seq,
     /// Bytes stored for it (see `core/quota.rs`).
     stored_bytes: u64,
+    /// The accounts it accepts chats from (see `core/consent.rs`).
+    accepts: BTreeSet<AccountId>,
+    /// Invitations waiting for it: who asked, and when (ms).
+    invitations: BTreeMap<AccountId, u64>,
 }
 
 struct Device {
@@ -192,6 +203,8 @@ struct Device {
     /// When it last had a typing indicator forwarded, per chat (only recent ones, at most
     /// [`chats::TYPING_CHATS`]).
     typing: BTreeMap<ChatId, u64>,
+    /// The account log entry that ended its session, shown to it as proof.
+    ended: Option<Box<AccountEntry>>,
 }
 
 impl Device {
@@ -207,6 +220,7 @@ impl Device {
             appends_in_flight: 0,
             fetches_in_flight: 0,
             typing: BTreeMap::new(),
+            ended: None,
         }
     }
 }
@@ -225,6 +239,8 @@ impl Account {
             log_head: Seq(0),
             log_durable: Seq(0),
             stored_bytes: 0,
+            accepts: BTreeSet::new(),
+            invitations: BTreeMap::new(),
         }
     }
 }
@@ -251,6 +267,9 @@ struct Conn {
     fetches_in_flight: u32,
     /// What waits to be written to it.
     backlog: Backlog,
+    /// Its device's session ended and the proof waits for a barrier: frames from it are
+    /// dropped meanwhile (the proof, then `SessionRevoked`, then the close follow).
+    ending: bool,
 }
 
 struct PendingLink {
@@ -273,6 +292,9 @@ enum Deferred {
         account: AccountId,
         entry: AccountEntry,
     },
+    /// The stream of a device whose session ended: the proof (`SessionEnded`), then
+    /// `SessionRevoked`, then the close.
+    EndSession(ConnId),
 }
 
 /// The relay's state machine. See the module docs.
@@ -378,6 +400,21 @@ impl RelayCore {
             }
             core.devices.insert(cert.body.device.clone(), Device::new(cert, state));
         }
+        for (account, other) in recovered.accepted {
+            if let Some(a) = core.accounts.get_mut(&account) {
+                a.accepts.insert(other);
+            }
+        }
+        for (invitee, inviter, at_ms) in recovered.invitations {
+            if let Some(a) = core.accounts.get_mut(&invitee) {
+                a.invitations.insert(inviter, at_ms);
+            }
+        }
+        for (device, entry) in recovered.session_ends {
+            if let Some(d) = core.devices.get_mut(&device) {
+                d.ended = Some(Box::new(entry));
+            }
+        }
         for (chat, record, head) in recovered.chats {
             for m in &record.members {
                 if let Some(a) = core.accounts.get_mut(m) {
@@ -412,7 +449,10 @@ impl RelayCore {
             Input::Opened { conn, device } => {
                 self.peer_opened(&device);
                 let backlog = Backlog::default();
-                self.conns.insert(conn, Conn { device, hello: false, account: None, fetches_in_flight: 0, backlog });
+                self.conns.insert(
+                    conn,
+                    Conn { device, hello: false, account: None, fetches_in_flight: 0, backlog, ending: false },
+                );
             }
             Input::Sent { conn, bytes, pages } => self.sent(conn, bytes, pages, &mut out),
             Input::Tick { now_ms } => {
@@ -465,8 +505,7 @@ impl RelayCore {
             let device = c.device.clone();
             self.expire_if_idle(&device, now_ms, out);
             if self.devices.get(&device).is_some_and(|d| d.state.revoked) {
-                out.push(revoked(conn, None));
-                out.push(Effect::Close { conn });
+                self.end_stream(conn, out);
                 return;
             }
             let Some(c) = self.conns.get_mut(&conn) else { return };
@@ -487,14 +526,15 @@ impl RelayCore {
             out.push(Effect::Close { conn });
             return;
         }
-        let device = c.device.clone();
-        let account = c.account;
+        let (device, account, ending) = (c.device.clone(), c.account, c.ending);
         self.frame_clock_ms = self.frame_clock_ms.max(now_ms);
         if let Some(d) = self.devices.get_mut(&device) {
             if d.state.revoked {
-                // Frames already on their way when the session ended.
-                out.push(revoked(conn, Some(frame.req())));
-                out.push(Effect::Close { conn });
+                // Frames already on their way when the session ended: the stream is told why
+                // (once, with the proof) and closed.
+                if !ending {
+                    self.end_stream(conn, out);
+                }
                 return;
             }
             d.state.last_active_ms = d.state.last_active_ms.max(now_ms);
@@ -603,6 +643,9 @@ impl RelayCore {
                 | ClientFrame::Lookup { .. }
                 | ClientFrame::LookupAccounts { .. }
                 | ClientFrame::AccountDevices { .. }
+                | ClientFrame::Accept { .. }
+                | ClientFrame::Invite { .. }
+                | ClientFrame::ListInvitations { .. }
                 | ClientFrame::ChangeMembers { .. }
                 | ClientFrame::Rekey { .. }),
                 Some(a),
@@ -703,13 +746,8 @@ fn gen_of(g: &SignedGen) -> AccountGen {
     AccountGen { account: b.account, generation: b.generation, signing_key: b.signing_key, kem_key: b.kem_key }
 }
 
-fn revoked(conn: ConnId, req: Option<ReqId>) -> Effect {
-    error_frame(
-        conn,
-        req,
-        ErrorCode::SessionRevoked,
-        "this device's session was ended by another device of its account",
-    )
+fn revoked(conn: ConnId) -> Effect {
+    error_frame(conn, None, ErrorCode::SessionRevoked, "this device's session was ended by its account")
 }
 
 fn error_frame(conn: ConnId, req: Option<ReqId>, code: ErrorCode, message: impl Into<String>) -> Effect {
@@ -723,6 +761,8 @@ use backlog::Backlog;
 pub use backlog::{frame_cost, FRAME_OVERHEAD_BYTES};
 mod chats;
 pub use chats::{TYPING_CHATS, TYPING_FORWARD_MS};
+mod consent;
+pub use consent::{MAX_ACCEPTED, MAX_INVITATIONS};
 mod limiting;
 mod members;
 use limiting::hold;

@@ -66,6 +66,15 @@ impl World {
         Dev { conn, id }
     }
 
+    /// Every account accepts chats from every other (as if each had accepted the others), for
+    /// tests about what comes after.
+    fn accept_all(&mut self) {
+        let ids: Vec<AccountId> = self.core.accounts.keys().copied().collect();
+        for a in self.core.accounts.values_mut() {
+            a.accepts.extend(ids.iter().copied().filter(|id| *id != a.public.id));
+        }
+    }
+
     fn account(&mut self, dev: &Dev) -> (AccountKeys, ChatId) {
         let keys = AccountKeys::generate(&mut self.rng);
         let account = keys.public();

@@ -47,6 +47,7 @@ struct Group {
 fn group(w: &mut World) -> Group {
     let (a, b) = (w.connect(1, "a"), w.connect(2, "b"));
     let ((ka, _), (kb, _)) = (w.account(&a), w.account(&b));
+    w.accept_all();
     let chat = ChatId([0x42; 16]);
     let ia = ka.public().id;
     let keys = grant(&ka, &group_terms(chat, 0, &[ia]), &[&ka], true, &mut w.rng);
@@ -116,6 +117,7 @@ fn member_changes_are_rate_limited_per_chat_and_leaving_never_is() {
     let (kc, _) = w.account(&c);
     let d = w.connect(4, "d");
     let (kd, _) = w.account(&d);
+    w.accept_all();
     let add = |k: &AccountKeys| Membership::Add { accounts: [k.public().id].into(), share_history: false };
 
     for (k, members) in [(&kb, vec![&ka, &kb]), (&kc, vec![&ka, &kb, &kc])] {

@@ -92,6 +92,7 @@ fn members_change_only_as_signed_for_the_newest_epoch_and_nothing_is_stored_unti
     let mut w = world();
     let (a, b, c) = (w.connect(1, "a"), w.connect(2, "b"), w.connect(3, "c"));
     let ((ka, _), (kb, _), (kc, _)) = (w.account(&a), w.account(&b), w.account(&c));
+    w.accept_all();
     let (ia, ib, ic) = (ka.public().id, kb.public().id, kc.public().id);
     let chat = ChatId([0x61; 16]);
     let terms = |epoch, members: &[AccountId]| group_terms(chat, epoch, members);
@@ -221,6 +222,7 @@ fn a_group_of_two_hundred_accounts_is_made_and_rekeyed() {
     let mut w = world();
     let devs: Vec<Dev> = (0..200u64).map(|i| w.connect(10 + i, &format!("d{i}"))).collect();
     let keys: Vec<AccountKeys> = devs.iter().map(|d| w.account(d).0).collect();
+    w.accept_all();
     let ids: Vec<AccountId> = keys.iter().map(|k| k.public().id).collect();
     let chat = ChatId([0x77; 16]);
     let terms = |epoch, members: &[AccountId]| group_terms(chat, epoch, members);
@@ -247,4 +249,91 @@ fn a_group_of_two_hundred_accounts_is_made_and_rekeyed() {
         |conn| pushed_events(&released, conn).iter().filter(|e| matches!(e, AccountEvent::ChatAdded { .. })).count();
     assert_eq!((added(devs[2].conn), added(devs[199].conn)), (1, 0), "the removed account gets no key");
     eprintln!("200 members: made and rekeyed in {:?} (debug build, signing included)", started.elapsed());
+}
+
+/// Issue 15, item 3: nobody is put into a chat without having accepted chats from the account
+/// doing it. Others invite (bounded per invitee) and wait for the answer; the devices of an
+/// account are shown only to itself (with whether they are connected) and to the accounts it
+/// accepts or shares a chat with (issue 15, item 10). All of it survives a restart.
+#[test]
+fn nobody_is_put_into_a_chat_without_accepting_its_maker() {
+    let mut w = world();
+    let (a, b, c) = (w.connect(1, "a"), w.connect(2, "b"), w.connect(3, "c"));
+    let ((ka, _), (kb, _), (kc, _)) = (w.account(&a), w.account(&b), w.account(&c));
+    let (ia, ib, ic) = (ka.public().id, kb.public().id, kc.public().id);
+    let chat = ChatId([0x62; 16]);
+    let keys = grant(&ka, &group_terms(chat, 0, &[ia, ib]), &[&ka, &kb], true, &mut w.rng);
+
+    // Refused, changing nothing: b never accepted a.
+    let e = w.frame(a.conn, create_group(chat, keys.clone()));
+    assert_eq!(error_codes(&e), vec![(1, ErrorCode::NotAllowed)]);
+    assert!(!e.iter().any(|e| matches!(e, Effect::Write { .. })) && !w.core.chats.contains_key(&chat));
+    assert_eq!(w.core.accounts[&ib].chats.len(), 1, "b is in its notes chat only");
+    let devices_of_b = |w: &mut World, conn| {
+        let e = w.frame(conn, ClientFrame::AccountDevices { req: 9, account: ib });
+        let [(_, RelayFrame::AccountDevices { devices, .. })] = &sends(&e)[..] else { panic!("{e:?}") };
+        devices.iter().map(|(c, online)| (c.body.device.clone(), *online)).collect::<Vec<_>>()
+    };
+    assert!(devices_of_b(&mut w, a.conn).is_empty(), "a stranger sees none of b's devices");
+    assert_eq!(devices_of_b(&mut w, b.conn), vec![(b.id.clone(), true)], "b sees its own, online");
+
+    // a invites b (once, however often it asks); b sees it and accepts.
+    let e = w.frame(a.conn, ClientFrame::Invite { req: 5, account: ib });
+    assert!(done(&w.durable(&e), 5));
+    let again = w.frame(a.conn, ClientFrame::Invite { req: 5, account: ib });
+    assert!(done(&again, 5) && !again.iter().any(|e| matches!(e, Effect::Write { .. })), "{again:?}");
+    let e = w.frame(b.conn, ClientFrame::ListInvitations { req: 6 });
+    assert!(
+        matches!(&sends(&e)[..], [(2, RelayFrame::Invitations { from, .. })] if from.len() == 1 && from[0].0 == ia)
+    );
+    let e = w.frame(b.conn, ClientFrame::Accept { req: 7, account: ia, accept: true });
+    assert!(done(&w.durable(&e), 7));
+    let e = w.frame(b.conn, ClientFrame::ListInvitations { req: 8 });
+    assert!(matches!(&sends(&e)[..], [(2, RelayFrame::Invitations { from, .. })] if from.is_empty()));
+    assert_eq!(devices_of_b(&mut w, a.conn), vec![(b.id.clone(), false)], "whether it is online stays b's");
+    let e = w.frame(a.conn, create_group(chat, keys));
+    assert!(done(&w.durable(&e), 4));
+
+    // c accepted by nobody: a cannot add it; c sees b's devices once it shares a chat with b.
+    let add = Membership::Add { accounts: [ic].into(), share_history: false };
+    let e = w.frame(a.conn, ClientFrame::ChangeMembers { req: 10, change: change(&ka, chat, 0, add) });
+    assert_eq!(error_codes(&e), vec![(1, ErrorCode::NotAllowed)]);
+    assert!(devices_of_b(&mut w, c.conn).is_empty());
+
+    // Invitations waiting for one account are bounded; its answer frees a place.
+    let inviters: Vec<(Dev, AccountKeys)> = (0..MAX_INVITATIONS as u64)
+        .map(|i| {
+            let d = w.connect(100 + i, &format!("i{i}"));
+            let (k, _) = w.account(&d);
+            (d, k)
+        })
+        .collect();
+    for (i, (d, _)) in inviters.iter().enumerate() {
+        let e = w.frame(d.conn, ClientFrame::Invite { req: 11, account: ic });
+        assert!(done(&w.durable(&e), 11), "invitation {i}");
+    }
+    let e = w.frame(a.conn, ClientFrame::Invite { req: 12, account: ic });
+    assert_eq!(error_codes(&e), vec![(1, ErrorCode::TooLarge)]);
+    let declined = inviters[0].1.public().id;
+    let e = w.frame(c.conn, ClientFrame::Accept { req: 13, account: declined, accept: false });
+    assert!(done(&w.durable(&e), 13));
+    let e = w.frame(a.conn, ClientFrame::Invite { req: 14, account: ic });
+    assert!(done(&w.durable(&e), 14));
+
+    // A restarted relay keeps who accepts whom and what waits.
+    let accepted: Vec<(AccountId, AccountId)> =
+        w.core.accounts.iter().flat_map(|(id, a)| a.accepts.iter().map(|o| (*id, *o))).collect();
+    let invitations: Vec<(AccountId, AccountId, u64)> =
+        w.core.accounts.iter().flat_map(|(id, a)| a.invitations.iter().map(|(o, at)| (*id, *o, *at))).collect();
+    assert_eq!((accepted.len(), invitations.len()), (1, MAX_INVITATIONS));
+    let core = RelayCore::new(
+        Recovered {
+            accounts: w.core.accounts.values().map(|a| a.public.clone()).collect(),
+            accepted: accepted.clone(),
+            invitations: invitations.clone(),
+            ..Default::default()
+        },
+        Limits::default(),
+    );
+    assert!(core.accepts(ib, ia) && !core.accepts(ic, ia) && core.accounts[&ic].invitations.contains_key(&ia));
 }

@@ -84,13 +84,16 @@ fn a_revocation_is_checked_cuts_the_device_off_and_refuses_it_afterwards() {
     assert_eq!(error_codes(&unknown), vec![(1, ErrorCode::UnknownDevice)]);
     assert!(!w.core.devices[&b.id].state.revoked);
 
-    // A real one cuts b off at once, before the barrier.
+    // A real one cuts b off at once: nothing more is pushed to it, frames on their way from it
+    // are dropped, and once the revocation is durable b is shown it (signed by the account,
+    // with the account's keys), told `SessionRevoked`, and closed.
     let e = {
         let f = revoke(&mut w, &keys, &b, &a, 4);
         w.frame(a.conn, f)
     };
-    assert_eq!(error_codes(&e), vec![(2, ErrorCode::SessionRevoked)]);
-    assert!(e.contains(&Effect::Close { conn: 2 }));
+    assert!(sends(&e).iter().all(|(c, _)| *c != 2), "nothing before the barrier: {e:?}");
+    let late = w.frame(b.conn, append(5, chat, 1));
+    assert!(late.is_empty(), "{late:?}");
     let released = w.durable(&e);
     let to =
         |conn| sends(&released).into_iter().filter(|(c, _)| *c == conn).map(|(_, f)| f.clone()).collect::<Vec<_>>();
@@ -99,14 +102,21 @@ fn a_revocation_is_checked_cuts_the_device_off_and_refuses_it_afterwards() {
         f,
         RelayFrame::PushAccount { entry: AccountEntry { event: AccountEvent::DeviceRevoked { .. }, .. } }
     )));
-    assert!(to(2).is_empty(), "nothing more reaches the revoked device: {released:?}");
+    let ended = |frames: &[RelayFrame]| match frames {
+        [RelayFrame::SessionEnded { entry, chain }, RelayFrame::Error { code: ErrorCode::SessionRevoked, .. }] => {
+            let AccountEvent::DeviceRevoked { revocation } = &entry.event else { return false };
+            revocation.body.device == b.id && chain.id() == keys.public().id && chain.rotations.len() == 1
+        }
+        _ => false,
+    };
+    assert!(ended(&to(2)), "the proof, then the end, and nothing else: {released:?}");
+    assert!(released.contains(&Effect::Close { conn: 2 }));
 
-    // Frames already on their way, and any later connection, are refused.
-    let late = w.frame(b.conn, append(5, chat, 1));
-    assert_eq!(error_codes(&late), vec![(2, ErrorCode::SessionRevoked)]);
+    // Any later connection is shown the same and closed.
     w.input(Input::Opened { conn: 3, device: b.id.clone() });
     let hello = w.frame(3, ClientFrame::Hello { version: PROTOCOL_VERSION });
-    assert_eq!(error_codes(&hello), vec![(3, ErrorCode::SessionRevoked)]);
+    let frames: Vec<RelayFrame> = sends(&hello).into_iter().map(|(_, f)| f.clone()).collect();
+    assert!(ended(&frames), "{hello:?}");
     assert!(hello.contains(&Effect::Close { conn: 3 }));
 
     // Asking again is answered again; the list shows b ended.
@@ -148,8 +158,10 @@ fn a_young_session_cannot_end_others_and_two_revoking_each_other_leave_one() {
         let f = revoke(&mut w, &keys, &b, &a, 3);
         w.frame(a.conn, f)
     };
-    assert_eq!(error_codes(&first), vec![(1, ErrorCode::SessionRevoked)]);
-    assert_eq!(error_codes(&second), vec![(1, ErrorCode::SessionRevoked)]);
+    // a's stream waits for the barrier to be told; its own revocation meanwhile is dropped.
+    assert!(second.is_empty(), "{second:?}");
+    let released = w.durable(&first);
+    assert_eq!(error_codes(&released), vec![(1, ErrorCode::SessionRevoked)]);
     assert!(w.core.devices[&a.id].state.revoked && !w.core.devices[&b.id].state.revoked);
 }
 
@@ -184,17 +196,32 @@ fn a_revocation_is_written_and_survives_a_restart() {
         name: "b".into(),
         created_ms: 0,
     });
-    let recovered = Recovered {
+    let Some(end) = writes.iter().find_map(|op| match op {
+        StoreOp::PutSessionEnd(d, entry) if *d == b.id => Some(entry.clone()),
+        _ => None,
+    }) else {
+        panic!("the revocation is kept for b: {writes:?}")
+    };
+    let recovered = |ends| Recovered {
         accounts: vec![keys.public()],
-        devices: vec![cert],
+        devices: vec![cert.clone()],
         device_states: vec![(b.id.clone(), DeviceState { registered_ms: 0, last_active_ms: 0, revoked: true })],
+        session_ends: ends,
         ..Recovered::default()
     };
-    let mut core = RelayCore::new(recovered, Limits::default());
-    assert!(core.handle(Input::Opened { conn: 1, device: b.id.clone() }).is_empty());
-    let hello =
-        core.handle(Input::Frame { conn: 1, frame: ClientFrame::Hello { version: PROTOCOL_VERSION }, now_ms: 0 });
-    assert_eq!(error_codes(&hello), vec![(1, ErrorCode::SessionRevoked)]);
+    let hello = |recovered| {
+        let mut core = RelayCore::new(recovered, Limits::default());
+        assert!(core.handle(Input::Opened { conn: 1, device: b.id.clone() }).is_empty());
+        core.handle(Input::Frame { conn: 1, frame: ClientFrame::Hello { version: PROTOCOL_VERSION }, now_ms: 0 })
+    };
+    let proven = hello(recovered(vec![(b.id.clone(), end.clone())]));
+    assert!(
+        matches!(&sends(&proven)[..], [(1, RelayFrame::SessionEnded { entry, .. }), (1, RelayFrame::Error { code: ErrorCode::SessionRevoked, .. })] if **entry == end),
+        "{proven:?}"
+    );
+    // Without the kept entry (a session ended before the relay kept them) b is only told.
+    let told = hello(recovered(Vec::new()));
+    assert!(matches!(&sends(&told)[..], [(1, RelayFrame::Error { code: ErrorCode::SessionRevoked, .. })]), "{told:?}");
 }
 
 #[test]
@@ -239,7 +266,14 @@ fn sessions_inactive_longer_than_the_account_allows_end() {
     assert_eq!((by_id[&a.id], by_id[&b.id]), (false, true), "a is active (it asked), b expired");
     w.input(Input::Opened { conn: 3, device: b.id.clone() });
     let hello = w.frame(3, ClientFrame::Hello { version: PROTOCOL_VERSION });
-    assert_eq!(error_codes(&hello), vec![(3, ErrorCode::SessionRevoked)]);
+    assert!(hello.is_empty(), "the expiry is not durable yet: {hello:?}");
+    let released = w.durable(&list);
+    let to3: Vec<&RelayFrame> = sends(&released).into_iter().filter(|(c, _)| *c == 3).map(|(_, f)| f).collect();
+    assert!(
+        matches!(&to3[..], [RelayFrame::SessionEnded { entry, .. }, RelayFrame::Error { code: ErrorCode::SessionRevoked, .. }]
+            if matches!(&entry.event, AccountEvent::DeviceExpired { device, .. } if *device == b.id)),
+        "{released:?}"
+    );
 
     // Nobody rotated the keys: a rotation is due, and the first `Rotate` that covers the
     // account as it stands (a alone) makes it; after it, another changes nothing.
@@ -535,5 +569,31 @@ fn a_rotation_at_the_caps_fits_one_frame() {
         bytes.len(),
         stratus_engine::proto::wire::MAX_FRAME_BYTES,
         bundle.len()
+    );
+}
+
+/// Found by the `relay_core` fuzz target: an answer that waited for a barrier (here b's own
+/// `SetUsername`) must not reach b's stream once b's session ended meanwhile; the stream gets
+/// the proof of the end, `SessionRevoked`, and its close, nothing else.
+#[test]
+fn an_answer_waiting_for_the_barrier_does_not_reach_a_stream_whose_session_ended() {
+    let mut w = world_with(Limits { min_session_age_ms: 0, ..Limits::default() });
+    let a = w.connect(1, "a");
+    let (keys, _) = w.account(&a);
+    let b = w.second_device(&keys, 2, "b");
+    let named = w.frame(b.conn, ClientFrame::SetUsername { req: 3, name: Some("bee".into()) });
+    assert!(named.iter().any(|e| matches!(e, Effect::Write { .. })));
+    let e = {
+        let f = revoke(&mut w, &keys, &b, &a, 4);
+        w.frame(a.conn, f)
+    };
+    let released = w.durable(&e);
+    let to_b: Vec<&RelayFrame> = sends(&released).into_iter().filter(|(c, _)| *c == b.conn).map(|(_, f)| f).collect();
+    assert!(
+        matches!(
+            &to_b[..],
+            [RelayFrame::SessionEnded { .. }, RelayFrame::Error { code: ErrorCode::SessionRevoked, .. }]
+        ),
+        "{to_b:?}"
     );
 }

@@ -25,6 +25,9 @@
 //!   signed by the generation before)
 //! * `usernames`: account id → its username in the directory
 //! * `usage`: account id → bytes it has stored (its quota's count), big-endian u64
+//! * `session_ends`: device id → the `AccountEntry` that ended its session (its proof)
+//! * `accepted`: account id ‖ account id → nothing (the first accepts chats from the second)
+//! * `invitations`: invitee id ‖ inviter id → when it was made, big-endian u64 ms
 //! * `meta`: `incarnation` → [`Incarnation`] (made when the store is first opened; a restore
 //!   gives it a new generation)
 //! * `floor_accounts`, `floor_chats`: account or chat id → the lowest head its log had at any
@@ -148,6 +151,9 @@ pub struct SledStore {
     account_gens: sled::Tree,
     usernames: sled::Tree,
     usage: sled::Tree,
+    session_ends: sled::Tree,
+    accepted: sled::Tree,
+    invitations: sled::Tree,
     meta: sled::Tree,
     floor_accounts: sled::Tree,
     floor_chats: sled::Tree,
@@ -235,6 +241,9 @@ impl SledStore {
             account_gens: db.open_tree("account_gens")?,
             usernames: db.open_tree("usernames")?,
             usage: db.open_tree("usage")?,
+            session_ends: db.open_tree("session_ends")?,
+            accepted: db.open_tree("accepted")?,
+            invitations: db.open_tree("invitations")?,
             db,
         })
     }
@@ -304,6 +313,22 @@ impl SledStore {
     }
 }
 
+/// The key of a record about two accounts.
+fn pair_key(a: &AccountId, b: &AccountId) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    k[..16].copy_from_slice(&a.0);
+    k[16..].copy_from_slice(&b.0);
+    k
+}
+
+fn pair_of(key: &[u8]) -> Result<(AccountId, AccountId), StoreError> {
+    let k: [u8; 32] = key.try_into().map_err(|_| StoreError::Corrupt("account pair"))?;
+    let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+    a.copy_from_slice(&k[..16]);
+    b.copy_from_slice(&k[16..]);
+    Ok((AccountId(a), AccountId(b)))
+}
+
 fn tail_u64(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&key[key.len() - 8..]);
@@ -327,6 +352,9 @@ impl RelayStore for SledStore {
             &self.usernames,
             &self.chat_keys,
             &self.usage,
+            &self.session_ends,
+            &self.accepted,
+            &self.invitations,
         ];
         // A batch carries an account's usage once per write that changed it; only the last
         // one of each account is stored (the batch is atomic, so the result is the same).
@@ -339,7 +367,7 @@ impl RelayStore for SledStore {
         let r: Result<(), TransactionError<()>> = trees.transaction(|t: &Vec<TransactionalTree>| {
             let (accounts, devices, chats, deltas, dedup, log, links, states, settings, recovery, gens, names) =
                 (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &t[9], &t[10], &t[11]);
-            let (chat_keys, usage) = (&t[12], &t[13]);
+            let (chat_keys, usage, ends, accepted, invitations) = (&t[12], &t[13], &t[14], &t[15], &t[16]);
             for (i, op) in ops.iter().enumerate() {
                 match op {
                     StoreOp::PutAccount(a) => {
@@ -401,6 +429,21 @@ impl RelayStore for SledStore {
                     }
                     StoreOp::DeleteApprovedLink(id) => {
                         links.remove(&id[..])?;
+                    }
+                    StoreOp::PutSessionEnd(d, e) => {
+                        ends.insert(d.0.as_bytes(), enc(e))?;
+                    }
+                    StoreOp::PutAccepted(a, b, true) => {
+                        accepted.insert(&pair_key(a, b)[..], &[][..])?;
+                    }
+                    StoreOp::PutAccepted(a, b, false) => {
+                        accepted.remove(&pair_key(a, b)[..])?;
+                    }
+                    StoreOp::PutInvitation(a, b, Some(at)) => {
+                        invitations.insert(&pair_key(a, b)[..], &at.to_be_bytes()[..])?;
+                    }
+                    StoreOp::PutInvitation(a, b, None) => {
+                        invitations.remove(&pair_key(a, b)[..])?;
                     }
                 }
             }
@@ -551,6 +594,21 @@ impl RelayStore for SledStore {
             let id: [u8; 16] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("account id"))?;
             let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("usage"))?;
             r.usage.push((AccountId(id), u64::from_be_bytes(bytes)));
+        }
+        for kv in self.session_ends.iter() {
+            let (k, v) = kv?;
+            let device = DeviceId(String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt("device id"))?);
+            r.session_ends.push((device, dec(&v, "session end")?));
+        }
+        for kv in self.accepted.iter() {
+            let (k, _) = kv?;
+            r.accepted.push(pair_of(&k)?);
+        }
+        for kv in self.invitations.iter() {
+            let (k, v) = kv?;
+            let (a, b) = pair_of(&k)?;
+            let at: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("invitation"))?;
+            r.invitations.push((a, b, u64::from_be_bytes(at)));
         }
         r.incarnation = self.incarnation()?;
         r.floors = self.floors()?;

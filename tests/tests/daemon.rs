@@ -208,6 +208,8 @@ fn the_readme_secret_chat_flow_works_while_watch_runs() {
         stratus_ok(home, &["account", "create", "--relay", &relay.addr, "--name", name]);
         stratus_ok(home, &["account", "set-username", name]);
     }
+    stratus_ok(&bob, &["contact", "accept", "alice"]);
+    stratus_ok(&alice, &["contact", "accept", "bob"]);
     let mut watch = Command::new(bin("stratus"))
         .arg("--home")
         .arg(&bob)
@@ -437,6 +439,7 @@ fn account_device_and_member_commands_go_through_the_daemon() {
     let c = dir.path().join("c");
     stratus_ok(&c, &["account", "create", "--relay", &relay.addr, "--name", "cat"]);
     stratus_ok(&c, &["account", "set-username", "cat"]);
+    stratus_ok(&c, &["contact", "accept", "ann"]);
     let verify = stratus_ok(&a, &["contact", "verify", "cat"]);
     assert!(verify.contains("safety number"), "{verify}");
     let direct = stratus_ok(&a, &["chat", "create", "--direct", "cat"]).trim().to_string();

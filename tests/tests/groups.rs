@@ -43,6 +43,8 @@ fn a_group_of_three_accounts_with_two_devices_each_converges_and_a_removed_membe
     let bob = account(&relay, dir.path(), "bob");
     let cat = account(&relay, dir.path(), "cat");
     let devices: Vec<&PathBuf> = ann.iter().chain(&bob).chain(&cat).collect();
+    stratus_ok(&bob[0], &["contact", "accept", "ann"]);
+    stratus_ok(&cat[1], &["contact", "accept", "ann"]);
 
     let chat =
         stratus_ok(&ann[0], &["chat", "create", "--group", "--title", "trip", "--member", "bob", "--member", "cat"])
@@ -138,6 +140,9 @@ fn new_members_read_from_their_joining_on_or_the_whole_history_and_leaving_rekey
     }
     let taken = stratus(eve, &["account", "set-username", "ann"]);
     assert!(!taken.status.success(), "a username has one owner");
+    for home in [bob, dan, eve] {
+        stratus_ok(home, &["contact", "accept", "ann"]);
+    }
 
     let chat = stratus_ok(ann, &["chat", "create", "--group", "--title", "club", "--member", "bob"]).trim().to_string();
     stratus_ok(ann, &["send", &chat, "before anyone joined"]);
@@ -182,6 +187,7 @@ fn a_direct_chat_and_safety_numbers_and_a_warning_when_a_name_changes_hands() {
         stratus_ok(home, &["account", "create", "--relay", &relay.addr, "--name", name]);
         stratus_ok(home, &["account", "set-username", name]);
     }
+    stratus_ok(&bob, &["contact", "accept", "ann"]);
     let chat = stratus_ok(&ann, &["chat", "create", "--direct", "bob"]).trim().to_string();
     stratus_ok(&ann, &["send", &chat, "hi bob"]);
     stratus_ok(&bob, &["sync"]);
@@ -225,6 +231,7 @@ async fn a_group_made_with_keys_a_member_rotated_since_is_wrapped_again() {
     link_device(&relay, &bob, &phone, "phone");
 
     let mut ann = stratus_tests::new_account(&relay, &dir.path().join("ann"), "ann").await;
+    stratus_ok(&bob, &["contact", "accept", &ann.account().unwrap().to_string()]);
     let seen = ann.lookup("bob").await.unwrap();
     assert_eq!(seen.generation, 0);
     stratus_ok(&bob, &["device", "revoke", "phone"]);
@@ -256,6 +263,7 @@ async fn a_member_cannot_edit_or_react_as_another() {
         stratus_ok(home, &["account", "create", "--relay", &relay.addr, "--name", name]);
         stratus_ok(home, &["account", "set-username", name]);
     }
+    stratus_ok(&bob, &["contact", "accept", "ann"]);
     let chat = stratus_ok(&ann, &["chat", "create", "--direct", "bob"]).trim().to_string();
     let hello = stratus_ok(&ann, &["send", &chat, "hello"]).trim().to_string();
     stratus_ok(&bob, &["sync"]);
@@ -300,4 +308,52 @@ async fn a_member_cannot_edit_or_react_as_another() {
     assert_eq!(log[0]["text"], "hello", "{log:?}");
     assert!(log[0]["edited"].is_null(), "{log:?}");
     assert_eq!(log[0]["reactions"], serde_json::json!({}), "{log:?}");
+}
+
+/// Issue 15, item 3: an account is put into a chat only by an account it accepts. A stranger's
+/// direct chat and group addition are refused and the account holds nothing of them; the
+/// stranger invites, the account sees the invitation and accepts, and the same chat is made.
+/// A stranger sees none of its devices either (item 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_is_put_into_a_chat_without_accepting_its_maker() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"));
+    let (ann, bob, cat) = (dir.path().join("ann"), dir.path().join("bob"), dir.path().join("cat"));
+    for (home, name) in [(&ann, "ann"), (&bob, "bob"), (&cat, "cat")] {
+        stratus_ok(home, &["account", "create", "--relay", &relay.addr, "--name", name]);
+        stratus_ok(home, &["account", "set-username", name]);
+    }
+    let refused = stratus(&ann, &["chat", "create", "--direct", "bob"]);
+    let err = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(!refused.status.success() && err.contains("has not accepted chats"), "{err}");
+    assert!(stratus_ok(&ann, &["chat", "list"]).trim().is_empty(), "nothing was made");
+    stratus_ok(&bob, &["sync"]);
+    assert!(stratus_ok(&bob, &["chat", "list"]).trim().is_empty(), "bob holds nothing of it");
+
+    // A stranger sees none of bob's devices.
+    let mut cat_device = stratus_engine::Device::open(&cat).unwrap();
+    let bob_id = cat_device.lookup("bob").await.unwrap().account.parse().unwrap();
+    assert!(cat_device.secret_devices(bob_id).await.unwrap().is_empty());
+    drop(cat_device);
+
+    stratus_ok(&ann, &["contact", "invite", "bob"]);
+    let waiting = stratus_ok(&bob, &["contact", "invitations", "--json"]);
+    let lines: Vec<serde_json::Value> = waiting.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1, "{waiting}");
+    let from = lines[0]["account"].as_str().unwrap().to_string();
+    stratus_ok(&bob, &["contact", "accept", &from]);
+    assert!(stratus_ok(&bob, &["contact", "invitations"]).trim().is_empty(), "answered");
+
+    let chat = stratus_ok(&ann, &["chat", "create", "--group", "--title", "t", "--member", "bob"]).trim().to_string();
+    stratus_ok(&ann, &["send", &chat, "hi bob"]);
+    stratus_ok(&bob, &["sync"]);
+    assert_eq!(log_json(&bob, &chat)[0]["text"], "hi bob");
+    // cat accepted nobody: ann cannot add it.
+    let add = stratus(&ann, &["chat", "add", &chat, "cat"]);
+    assert!(!add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    stratus_ok(&cat, &["sync"]);
+    assert!(stratus_ok(&cat, &["chat", "list"]).trim().is_empty());
+    // Declining ends it for later chats.
+    stratus_ok(&bob, &["contact", "decline", "ann"]);
+    assert!(!stratus(&ann, &["chat", "create", "--direct", "bob"]).status.success());
 }

@@ -25,6 +25,10 @@ async fn two_accounts(relay: &Relay, dir: &Path) -> (Device, Device) {
     bob.set_username(Some("bob")).await.unwrap();
     alice.lookup("bob").await.unwrap();
     bob.lookup("alice").await.unwrap();
+    // Each shows the other its devices (issue 15, item 10).
+    let (ia, ib) = (alice.account().unwrap(), bob.account().unwrap());
+    alice.accept_chats_from(ib, true).await.unwrap();
+    bob.accept_chats_from(ia, true).await.unwrap();
     (alice, bob)
 }
 
@@ -235,6 +239,8 @@ fn the_cli_starts_accepts_sends_and_closes_a_secret_chat() {
         stratus_ok(home, &["account", "create", "--relay", &relay.addr, "--name", name]);
         stratus_ok(home, &["account", "set-username", name]);
     }
+    stratus_ok(&bob, &["contact", "accept", "alice"]);
+    stratus_ok(&alice, &["contact", "accept", "bob"]);
 
     let l = listening(&bob, 6);
     let started = stratus(&alice, &["secret", "start", "bob"]);

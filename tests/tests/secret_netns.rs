@@ -111,6 +111,8 @@ fn a_secret_chat_runs_over_a_direct_connection_between_two_network_namespaces() 
         hosts.ok(i, home, &["account", "create", "--relay", &addr, "--name", name]);
         hosts.ok(i, home, &["account", "set-username", name]);
     }
+    hosts.ok(1, &bob, &["contact", "accept", "alice"]);
+    hosts.ok(0, &alice, &["contact", "accept", "bob"]);
     hosts.ok(1, &bob, &["secret", "auto-accept"]);
     let mut listen = hosts
         .stratus(1, &bob, &["secret", "listen", "--for", "8"])

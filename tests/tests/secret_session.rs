@@ -21,6 +21,16 @@ async fn only_device(session: &Session, account: AccountId) -> stratus_engine::p
     devices[0].0.clone()
 }
 
+/// Bob and the two others accept each other (each shows the other its devices).
+async fn accepting(mut alice: Device, mut bob: Device, mut carol: Device) -> (Device, Device, Device) {
+    let (ia, ib, ic) = (alice.account().unwrap(), bob.account().unwrap(), carol.account().unwrap());
+    bob.accept_chats_from(ia, true).await.unwrap();
+    bob.accept_chats_from(ic, true).await.unwrap();
+    alice.accept_chats_from(ib, true).await.unwrap();
+    carol.accept_chats_from(ib, true).await.unwrap();
+    (alice, bob, carol)
+}
+
 async fn texts(session: &Session, chat: SecretId) -> Vec<String> {
     session.secret_messages(chat).await.unwrap().into_iter().map(|m| m.message.text).collect()
 }
@@ -39,6 +49,7 @@ async fn sessions_offer_accept_deliver_queue_decline_and_close_by_themselves() {
     let bob = new_account(&relay, &dir.path().join("bob"), "bob laptop").await;
     let carol = new_account(&relay, &dir.path().join("carol"), "carol tablet").await;
     let bob_account = bob.account().unwrap();
+    let (alice, bob, carol) = accepting(alice, bob, carol).await;
     let (mut alice, mut bob, mut carol) = (start(alice), start(bob), start(carol));
     let (mut alice_ev, mut bob_ev, mut carol_ev) = (alice.events(), bob.events(), carol.events());
     for s in [&alice, &bob, &carol] {
@@ -128,8 +139,10 @@ async fn a_session_stays_reachable_across_a_relay_restart() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let mut relay = Relay::start(&dir.path().join("relay"));
-    let alice = new_account(&relay, &dir.path().join("alice"), "alice phone").await;
+    let mut alice = new_account(&relay, &dir.path().join("alice"), "alice phone").await;
     let mut bob = new_account(&relay, &dir.path().join("bob"), "bob laptop").await;
+    bob.accept_chats_from(alice.account().unwrap(), true).await.unwrap();
+    alice.accept_chats_from(bob.account().unwrap(), true).await.unwrap();
     bob.set_secret_auto_accept(true).unwrap();
     let bob_account = bob.account().unwrap();
     let (alice, mut bob) = (start(alice), start(bob));

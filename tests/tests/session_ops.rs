@@ -94,6 +94,8 @@ async fn every_relay_operation_works_while_the_session_syncs() {
     let mut sc = Session::start(cat).unwrap();
     let mut ec = sc.events();
     sc.set_username(Some("cat")).await.unwrap();
+    let ann_id = sc.lookup("ann", None).await.unwrap().account.parse().unwrap();
+    sc.accept_chats_from(ann_id, true).await.unwrap();
     let contact = sa.lookup("cat", None).await.unwrap();
     let confirmed = sa.lookup("cat", Some(&contact.safety_number)).await.unwrap();
     assert!(confirmed.verified);

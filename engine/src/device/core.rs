@@ -62,7 +62,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::device::store::{OutboxBody, OutboxItem};
-use crate::proto::directory::DirectoryEntry;
+use crate::proto::directory::{AccountChain, DirectoryEntry};
 use crate::proto::ids::{AccountId, ChatId, ClientSeq, DeviceId, Seq};
 use crate::proto::wire::{
     AccountEntry, ClientFrame, Delta, ErrorCode, Incarnation, RelayFrame, ReqId, Restored, MAX_PAGE_DELTAS,
@@ -154,9 +154,11 @@ pub enum SyncOutput {
     Error { code: ErrorCode, message: String },
     /// The relay does not know this device (never linked, or removed).
     NotRegistered,
-    /// Another device of the account ended this device's session: delete the account's data
-    /// here and stop syncing.
-    Revoked,
+    /// The relay ended this device's session: stop syncing. With `proof` (the account log
+    /// entry that ended it and the account's keys, from `RelayFrame::SessionEnded`), and only
+    /// if the device verifies it, delete the account's data here; without it, or if it does
+    /// not verify, keep everything (an unsigned error proves nothing).
+    Revoked { proof: Option<Box<(AccountEntry, AccountChain)>> },
     /// The relay is limiting this device: feed [`SyncInput::Resume`] after `ms` milliseconds.
     /// Until then the core sends no request. Emitted once per pause.
     RetryAfter { ms: u32 },
@@ -246,6 +248,8 @@ pub struct SyncCore {
     incarnation: Option<Incarnation>,
     /// The incarnation the relay named in this connection's `Hello`, until its `SyncState`.
     hello_incarnation: Option<Incarnation>,
+    /// What the relay showed as the end of this device's session, until its `SessionRevoked`.
+    session_end: Option<Box<(AccountEntry, AccountChain)>>,
 }
 
 impl SyncCore {
@@ -274,6 +278,7 @@ impl SyncCore {
             rotate_attempts: 0,
             incarnation: None,
             hello_incarnation: None,
+            session_end: None,
         }
     }
 
@@ -349,6 +354,7 @@ impl SyncCore {
         match input {
             SyncInput::Connected => {
                 self.phase = Phase::AwaitHello;
+                self.session_end = None;
                 out.push(SyncOutput::Send(ClientFrame::Hello { version: PROTOCOL_VERSION }));
             }
             SyncInput::Disconnected => {
@@ -583,9 +589,10 @@ impl SyncCore {
             RelayFrame::Accounts { req, accounts } if self.is(req, |p| matches!(p, Pending::Rotate)) => {
                 out.push(SyncOutput::Looked { req, accounts });
             }
+            RelayFrame::SessionEnded { entry, chain } => self.session_end = Some(Box::new((*entry, *chain))),
             RelayFrame::Error { code: ErrorCode::SessionRevoked, .. } => {
                 self.phase = Phase::Offline;
-                out.push(SyncOutput::Revoked);
+                out.push(SyncOutput::Revoked { proof: self.session_end.take() });
             }
             RelayFrame::Error { req: Some(req), code, message } if self.is(req, |_| true) => {
                 match self.pending.remove(&req) {

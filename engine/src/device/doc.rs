@@ -70,6 +70,12 @@ pub const MAX_REACTION_BYTES: usize = 32;
 /// fills this; when it is full, a change that cannot be applied yet is refused
 /// ([`DocError::TooManyPending`]).
 pub const MAX_PENDING_CHANGES: usize = 1024;
+/// Most bytes of changes held back in one document (changes are up to [`MAX_CHANGE_BYTES`]
+/// each, so the count alone allowed 64 MiB a document). With at most
+/// `DOC_CACHE` (64) chat documents in memory, what a device holds back is at most 16 MiB
+/// however many chats others put it in; past it a change that cannot be applied yet is refused
+/// ([`DocError::TooManyPending`]).
+pub const MAX_PENDING_BYTES: usize = 256 * 1024;
 
 /// Why a document operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,7 +115,8 @@ pub enum DocError {
     /// `doc_authorship.rs`): edit another account's message, react as another account, ...
     #[error("change refused: it {0}")]
     Forbidden(&'static str),
-    /// [`MAX_PENDING_CHANGES`] changes already wait for their dependencies.
+    /// [`MAX_PENDING_CHANGES`] changes, or [`MAX_PENDING_BYTES`], already wait for their
+    /// dependencies.
     #[error("too many changes wait for changes that have not arrived")]
     TooManyPending,
     /// No message with that id in the chat.
@@ -338,7 +345,8 @@ impl ChatDoc {
             return Ok(());
         }
         if !self.is_ready(&change) {
-            if self.pending.len() >= MAX_PENDING_CHANGES {
+            let held: usize = self.pending.iter().map(|c| c.raw_bytes().len()).sum();
+            if self.pending.len() >= MAX_PENDING_CHANGES || held + change.raw_bytes().len() > MAX_PENDING_BYTES {
                 return Err(DocError::TooManyPending);
             }
             self.pending.push(change);

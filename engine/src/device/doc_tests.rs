@@ -193,6 +193,33 @@ fn changes_waiting_for_dependencies_are_bounded() {
     assert_eq!(victim.take(&waiting(0)), Ok(vec![]), "a repeat is no new change");
 }
 
+/// Issue 15, item 3: what waits for its dependencies is bounded in bytes too, so that a member
+/// who puts a device in many chats cannot make it hold 1,024 changes of 64 KiB in each.
+#[test]
+fn changes_waiting_for_dependencies_are_bounded_in_bytes() {
+    let chat = ChatId([8; 16]);
+    let mut evil = ChatDoc::new(chat, &dev("evil"));
+    let text = "x".repeat(20_000);
+    let change = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), &text, 5, [1; 16])).unwrap();
+    let waiting = |i: u32| {
+        let mut e = Change::from_bytes(change.clone()).unwrap().decode();
+        let mut missing = [0u8; 32];
+        missing[..4].copy_from_slice(&i.to_be_bytes());
+        e.deps = vec![automerge::ChangeHash(missing)];
+        Change::from(e).raw_bytes().to_vec()
+    };
+    let size = waiting(0).len();
+    assert!(size > 10_000, "{size}");
+    let fit = (MAX_PENDING_BYTES / size) as u32;
+    let mut victim = ChatDoc::new(chat, &dev("v"));
+    for i in 0..fit {
+        assert_eq!(victim.take(&waiting(i)), Ok(vec![]), "change {i} of {fit}");
+    }
+    assert_eq!(victim.take(&waiting(fit)), Err(DocError::TooManyPending));
+    let held: usize = victim.pending_changes().iter().map(Vec::len).sum();
+    assert!(held <= MAX_PENDING_BYTES && victim.pending_changes().len() < MAX_PENDING_CHANGES, "{held}");
+}
+
 /// Found by the property test `doc_props::save_and_load_keep_the_document`: a device that
 /// had made no change yet set the title the chat already had; Automerge made no change and
 /// `set_title` panicked looking for it (a device with earlier changes got its previous

@@ -67,10 +67,14 @@ pub enum Event {
     SecretClosed { chat: SecretId },
     /// A secret chat's message disappeared (its self-destruct timer ran out).
     SecretExpired { chat: SecretId, message: String },
-    /// Another device of the account ended this device's session. The account's data on this
-    /// device is deleted (the device is logged out, with a new identity on its next open) and
-    /// the session stops.
+    /// The account ended this device's session (another device revoked it, or it expired),
+    /// and the relay proved it: the account's data on this device is deleted (the device is
+    /// logged out, with a new identity on its next open) and the session stops.
     SessionRevoked,
+    /// The relay refuses this device's session without a proof that the account ended it (a
+    /// revocation signed by the account, or an expiry after long enough away): the session
+    /// stops and nothing is deleted. Starting a session again asks the relay again.
+    SessionRefused,
 }
 
 /// What the driver must do after [`Device::carry_out`], in order.
@@ -356,6 +360,11 @@ impl Device {
     /// Failures of single steps become [`Event::Error`]; sync goes on.
     pub fn carry_out(&mut self, core: &mut SyncCore, outputs: Vec<SyncOutput>) -> Vec<Action> {
         let mut actions = Vec::new();
+        if core.is_connected() {
+            if let Err(e) = self.note_reached() {
+                actions.push(Action::Emit(Event::Error { message: format!("recording the session: {e}") }));
+            }
+        }
         let mut queue = VecDeque::from(outputs);
         let mut waiting = std::collections::BTreeSet::new();
         let error = |message: String| Action::Emit(Event::Error { message });
@@ -471,7 +480,11 @@ impl Device {
                 }
                 SyncOutput::Error { code, message } => actions.push(error(format!("relay: {message} ({code:?})"))),
                 SyncOutput::NotRegistered => actions.push(error("the relay does not know this device".into())),
-                SyncOutput::Revoked => {
+                SyncOutput::Revoked { proof } => {
+                    if !self.session_end_proven(proof.as_deref()) {
+                        actions.push(Action::Emit(Event::SessionRefused));
+                        break;
+                    }
                     if let Err(e) = self.wipe_account() {
                         actions.push(error(format!("deleting the account's data: {e}")));
                     }

@@ -71,6 +71,10 @@ pub enum Error {
     /// from this device.
     #[error("this device's session was ended by another device of the account; its account data was deleted here")]
     SessionRevoked,
+    /// The relay refuses this device's session, saying the account ended it, without a proof
+    /// this device accepts; nothing was deleted here.
+    #[error("the relay refuses this device's session and says the account ended it, but showed no proof signed by the account; nothing was deleted here")]
+    SessionRefused,
     /// A delta is sealed under a key epoch whose key has not arrived yet (it comes in the
     /// account log after a rotation); the delta is applied once it has.
     #[error("chat {0}: the key of epoch {epoch} has not arrived yet", epoch = .1.0)]
@@ -108,6 +112,10 @@ pub enum Error {
         /// The safety number with the account it gives now.
         number: String,
     },
+    /// The account has not accepted chats from this one: the relay would refuse to put it in a
+    /// chat this account makes or changes. Nothing was made.
+    #[error("{0} has not accepted chats from this account: invite them, and try again once they accept")]
+    NotAccepted(String),
     /// The safety number given does not match the account the directory names now.
     #[error("the safety number does not match the account the relay names for {0}; nothing was pinned")]
     NumberMismatch(String),

@@ -55,7 +55,14 @@ pub struct Device {
     secret_docs: SecretDocs,
     pub(crate) rng: StdRng,
     clock: fn() -> i64,
+    /// When this device last recorded that it had a session with the relay (see
+    /// [`DeviceStore::last_reached_ms`]); written at most every [`REACHED_EVERY_MS`].
+    reached_ms: i64,
 }
+
+/// How often a device with a session records that it has one: an expiry is believed only
+/// after a day without (the shortest session time-to-live), so ten minutes is close enough.
+const REACHED_EVERY_MS: i64 = 10 * 60 * 1000;
 
 fn system_now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -114,6 +121,7 @@ impl Device {
             clock: system_now_ms,
             key_state: KeyWorkState::default(),
             secret_docs: SecretDocs::default(),
+            reached_ms: 0,
         })
     }
 
@@ -124,6 +132,17 @@ impl Device {
 
     pub(crate) fn now_ms(&self) -> i64 {
         (self.clock)()
+    }
+
+    /// Records, at most every [`REACHED_EVERY_MS`], that this device has a session with the
+    /// relay now.
+    pub(crate) fn note_reached(&mut self) -> Result<(), Error> {
+        let now = self.now_ms();
+        if now.saturating_sub(self.reached_ms) >= REACHED_EVERY_MS {
+            self.store.set_last_reached_ms(now)?;
+            self.reached_ms = now;
+        }
+        Ok(())
     }
 
     /// Deletes the account's keys and data and this device's identity from the store, durably,

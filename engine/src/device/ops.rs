@@ -16,7 +16,7 @@ use crate::device::local::{ContactInfo, Device, LinkCode, SessionInfo};
 use crate::proto::cert::DeviceCert;
 use crate::proto::crypto::RecoveryKey;
 use crate::proto::directory::{check_username, Membership};
-use crate::proto::ids::{ChatId, DeviceId};
+use crate::proto::ids::{AccountId, ChatId, DeviceId};
 use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame, ReqId};
 
 /// Most times an operation is made again after the relay refused it as stale.
@@ -57,6 +57,14 @@ enum Kind {
         chat: ChatId,
         change: Membership,
     },
+    Accept {
+        account: AccountId,
+        accept: bool,
+    },
+    Invite {
+        account: AccountId,
+    },
+    Invitations,
 }
 
 #[derive(Debug)]
@@ -74,6 +82,7 @@ pub(crate) enum OpOut {
     Sessions(Vec<SessionInfo>, u32),
     RecoveryKey(RecoveryKey),
     Contact(ContactInfo),
+    Invitations(Vec<(AccountId, u64)>),
 }
 
 /// What comes after an answer.
@@ -124,6 +133,18 @@ impl Op {
         Op::new(Kind::ChangeMembers { chat, change })
     }
 
+    pub(crate) fn accept(account: AccountId, accept: bool) -> Op {
+        Op::new(Kind::Accept { account, accept })
+    }
+
+    pub(crate) fn invite(account: AccountId) -> Op {
+        Op::new(Kind::Invite { account })
+    }
+
+    pub(crate) fn invitations() -> Op {
+        Op::new(Kind::Invitations)
+    }
+
     /// Whether it starts only once the session is caught up: it must be made for everything
     /// the relay has (the account's devices and chats, a chat's members and epoch, the keys
     /// other accounts' log entries brought before a lookup pins newer ones).
@@ -165,6 +186,9 @@ impl Device {
                 ClientFrame::Lookup { req, username: username.clone() }
             }
             Kind::ChangeMembers { chat, change } => self.member_change_request(*chat, change.clone(), req)?,
+            Kind::Accept { account, accept } => ClientFrame::Accept { req, account: *account, accept: *accept },
+            Kind::Invite { account } => ClientFrame::Invite { req, account: *account },
+            Kind::Invitations => ClientFrame::ListInvitations { req },
         })
     }
 
@@ -174,7 +198,7 @@ impl Device {
             op.tries += 1;
             return match code {
                 ErrorCode::StaleEpoch if op.tries < MAX_OP_TRIES => Ok(Step::AfterSync),
-                ErrorCode::SessionRevoked => Err(Error::SessionRevoked),
+                ErrorCode::SessionRevoked => Err(Error::SessionRefused),
                 code => Err(Error::Relay { code, message }),
             };
         }
@@ -200,9 +224,14 @@ impl Device {
                 Step::Done(OpOut::RecoveryKey(key.take().ok_or_else(unexpected)?))
             }
             (
-                Kind::SetSessionTtl { .. } | Kind::SetUsername { .. } | Kind::ChangeMembers { .. },
+                Kind::SetSessionTtl { .. }
+                | Kind::SetUsername { .. }
+                | Kind::ChangeMembers { .. }
+                | Kind::Accept { .. }
+                | Kind::Invite { .. },
                 RelayFrame::Done { .. },
             ) => Step::Done(OpOut::Done),
+            (Kind::Invitations, RelayFrame::Invitations { from, .. }) => Step::Done(OpOut::Invitations(from)),
             (Kind::Lookup { username, confirm }, reply @ RelayFrame::Accounts { .. }) => {
                 let (username, confirm) = (username.clone(), confirm.clone());
                 Step::Done(OpOut::Contact(self.lookup_answer(&username, confirm.as_deref(), reply)?))

@@ -23,7 +23,8 @@
 //!   [`Work::Unanswered`]. At most [`MAX_APP_REQUESTS`] wait at once; more are refused at once.
 //! * An app request that must see everything the relay has first waits, parked, until the
 //!   session is connected and caught up ([`Work::Ready`]), at most [`PARK_MS`].
-//! * Once the relay says the session was ended ([`Event::SessionRevoked`]) nothing reconnects.
+//! * Once the relay says the session was ended ([`Event::SessionRevoked`], or without a proof
+//!   [`Event::SessionRefused`]) nothing reconnects.
 
 use std::collections::BTreeMap;
 
@@ -284,7 +285,7 @@ impl SessionCore {
         for action in actions {
             match action {
                 Action::Send(frame) => work.push(Work::Send(frame)),
-                Action::Emit(Event::SessionRevoked) => {
+                Action::Emit(event @ (Event::SessionRevoked | Event::SessionRefused)) => {
                     if matches!(self.link, Link::Up { .. }) {
                         work.push(Work::Close);
                     }
@@ -292,7 +293,7 @@ impl SessionCore {
                     self.resume_at = None;
                     work.extend(self.unanswered());
                     work.extend(std::mem::take(&mut self.parked).into_keys().map(|token| Work::Unanswered { token }));
-                    work.push(Work::Emit(Event::SessionRevoked));
+                    work.push(Work::Emit(event));
                 }
                 Action::Emit(event) => work.push(Work::Emit(event)),
                 Action::RetryAfter(ms) => self.resume_at = Some(now + u64::from(ms)),

@@ -12,7 +12,8 @@ fn carry(outputs: Vec<SyncOutput>) -> Vec<Action> {
             SyncOutput::Send(f) => Some(Action::Send(f)),
             SyncOutput::Reply(f) => Some(Action::Reply(f)),
             SyncOutput::RetryAfter { ms } => Some(Action::RetryAfter(ms)),
-            SyncOutput::Revoked => Some(Action::Emit(Event::SessionRevoked)),
+            SyncOutput::Revoked { proof: Some(_) } => Some(Action::Emit(Event::SessionRevoked)),
+            SyncOutput::Revoked { proof: None } => Some(Action::Emit(Event::SessionRefused)),
             _ => None,
         })
         .collect()
@@ -192,7 +193,7 @@ fn an_ended_session_never_connects_again() {
         5,
         RelayFrame::Error { req: None, code: crate::proto::wire::ErrorCode::SessionRevoked, message: "ended".into() },
     );
-    assert!(work.contains(&Work::Close) && work.contains(&Work::Emit(Event::SessionRevoked)), "{work:?}");
+    assert!(work.contains(&Work::Close) && work.contains(&Work::Emit(Event::SessionRefused)), "{work:?}");
     assert!(s.is_ended());
     assert_eq!(s.next_wake(), None);
     assert!(step(&mut s, 1_000_000, SessionInput::Timeout).is_empty());

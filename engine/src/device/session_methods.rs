@@ -163,12 +163,37 @@ impl Session {
         }
     }
 
+    /// Accepts chats from `account` (or with `accept` false, no longer does): only an account
+    /// this one accepts can create a chat with it or add it to a group (the relay refuses the
+    /// others with `NotAllowed`). Answers `account`'s invitation, if one waits.
+    pub async fn accept_chats_from(&self, account: AccountId, accept: bool) -> Result<(), Error> {
+        self.op(Op::accept(account, accept)).await.map(drop)
+    }
+
+    /// Asks `account` to accept chats from this account; it sees the invitation in
+    /// [`Session::invitations`] until it answers ([`Session::accept_chats_from`]).
+    pub async fn invite(&self, account: AccountId) -> Result<(), Error> {
+        self.op(Op::invite(account)).await.map(drop)
+    }
+
+    /// The accounts that invited this one and wait for its answer, with when each asked (ms
+    /// since the Unix epoch, by the relay's clock), oldest first.
+    pub async fn invitations(&self) -> Result<Vec<(AccountId, u64)>, Error> {
+        match self.op(Op::invitations()).await? {
+            OpOut::Invitations(from) => Ok(from),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Creates a direct chat (one user) or a group with other accounts, looked up by username
     /// first. It is made here and queued like [`Session::create_chat`].
     pub async fn create_chat_with(&self, kind: ChatKind, title: &str, users: &[String]) -> Result<ChatId, Error> {
         let mut others = Vec::new();
         for user in users {
             let info = self.lookup(user, None).await?;
+            if info.accepts_you == Some(false) {
+                return Err(Error::NotAccepted(user.clone()));
+            }
             others.push(info.account.parse().map_err(|_| Error::Untrusted("the directory gave a bad account id"))?);
         }
         self.call(|reply| Command::CreateChatWith { kind, title: title.to_string(), others, reply }).await

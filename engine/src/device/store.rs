@@ -475,6 +475,20 @@ impl DeviceStore {
         self.set_flag("rotation_due", due)
     }
 
+    /// When this device last had a session with the relay, by its own clock (ms since the Unix
+    /// epoch; 0: never recorded). An expiry of its session is believed only after long enough
+    /// without one (see `Device::session_end_proven`).
+    pub fn last_reached_ms(&self) -> Result<i64, StoreError> {
+        let v = self.meta.get("last_reached_ms")?;
+        Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map_or(0, i64::from_be_bytes))
+    }
+
+    /// Records when this device last had a session with the relay.
+    pub fn set_last_reached_ms(&self, ms: i64) -> Result<(), StoreError> {
+        self.meta.insert("last_reached_ms", &ms.to_be_bytes()[..])?;
+        Ok(())
+    }
+
     /// A yes/no setting in `meta` (present: yes).
     pub(super) fn flag(&self, name: &str) -> Result<bool, StoreError> {
         Ok(self.meta.get(name)?.is_some())

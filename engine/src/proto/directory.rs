@@ -99,6 +99,9 @@ pub struct DirectoryEntry {
     pub username: Option<String>,
     /// Its keys.
     pub chain: AccountChain,
+    /// Whether it accepts chats from the account that asked (the relay's word, so that a
+    /// device can say so before it makes a chat the relay would refuse; the relay enforces it).
+    pub accepts_you: bool,
 }
 
 /// What a chat key's signature covers besides the wrapped key itself and its recipient: the

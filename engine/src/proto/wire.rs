@@ -16,7 +16,7 @@ use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 /// The libp2p protocol name of the sync stream.
 pub const PROTOCOL: &str = "/stratus/sync/1";
 /// Bumped on any incompatible change to the frames below.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 /// Longest frame either side sends or accepts. A longer length prefix is a protocol error and
 /// closes the stream (the rest of the stream cannot be trusted to be framed).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
@@ -292,8 +292,23 @@ pub enum ClientFrame {
     /// when it does not cover the members as they stand.
     Rekey { req: ReqId, epoch: NewEpoch, history: Vec<NewEpoch> },
     /// The certificates of an account's devices whose sessions have not ended, for a secret
-    /// chat with one of them; answered with `AccountDevices` (empty for an unknown account).
+    /// chat with one of them; answered with `AccountDevices`: this account's own devices with
+    /// whether each is connected; another account's only if it accepts chats from this one
+    /// (see `Accept`) or shares a chat with it, never whether they are connected; empty
+    /// otherwise (and for an unknown account).
     AccountDevices { req: ReqId, account: AccountId },
+    /// This account accepts chats from `account` (`accept`), or no longer does: a chat creation
+    /// or a member addition naming this account is refused (`NotAllowed`) unless this account
+    /// accepts the account making it. Answers (and removes) `account`'s invitation, if one
+    /// waits. `Done` once durable. Added in protocol version 9.
+    Accept { req: ReqId, account: AccountId, accept: bool },
+    /// Asks `account` to accept chats from this account: an invitation it sees in
+    /// `ListInvitations` until it accepts or declines (`Accept`). `Done` once durable (also
+    /// when it accepts already); `TooLarge` when too many wait for it. Added in version 9.
+    Invite { req: ReqId, account: AccountId },
+    /// The invitations waiting for this account; answered with `Invitations`. Added in
+    /// version 9.
+    ListInvitations { req: ReqId },
 }
 
 /// Relay → device.
@@ -353,6 +368,16 @@ pub enum RelayFrame {
     /// and each chat's that had a push dropped. The device fetches past its cursors, as after
     /// `SyncState`. Sent once the queue has drained. Added in protocol version 6.
     Behind { account_head: Seq, chats: Vec<(ChatId, Seq)> },
+    /// This device's session ended: the account log entry that ended it (`DeviceRevoked`,
+    /// signed by the account, or `DeviceExpired`) and the account's keys through every
+    /// generation, so that the device checks it before it deletes anything. Sent before the
+    /// `Error { SessionRevoked }` that closes the stream (to a device that connects later, or
+    /// once the entry is durable). An `Error { SessionRevoked }` without it proves nothing: the
+    /// device stops syncing and keeps its data. Added in protocol version 9.
+    SessionEnded { entry: Box<AccountEntry>, chain: Box<AccountChain> },
+    /// The accounts waiting for this one to accept chats from them, each with when it asked
+    /// (ms since the Unix epoch, the relay's clock), oldest first. Added in protocol version 9.
+    Invitations { req: ReqId, from: Vec<(AccountId, u64)> },
 }
 
 /// How long a typing indicator is shown after its last `Typing`.
@@ -384,6 +409,9 @@ impl ClientFrame {
             | ClientFrame::ChangeMembers { req, .. }
             | ClientFrame::Rekey { req, .. }
             | ClientFrame::AccountDevices { req, .. }
+            | ClientFrame::Accept { req, .. }
+            | ClientFrame::Invite { req, .. }
+            | ClientFrame::ListInvitations { req }
             | ClientFrame::Revoke { req, .. } => *req,
         }
     }
@@ -398,6 +426,7 @@ impl RelayFrame {
             | RelayFrame::Recovery { req, .. }
             | RelayFrame::Accounts { req, .. }
             | RelayFrame::AccountDevices { req, .. }
+            | RelayFrame::Invitations { req, .. }
             | RelayFrame::LinkInfo { req, .. }
             | RelayFrame::LinkApproved { req, .. }
             | RelayFrame::Acked { req, .. }
@@ -411,7 +440,8 @@ impl RelayFrame {
             | RelayFrame::Push { .. }
             | RelayFrame::PushAccount { .. }
             | RelayFrame::Typing { .. }
-            | RelayFrame::Behind { .. } => None,
+            | RelayFrame::Behind { .. }
+            | RelayFrame::SessionEnded { .. } => None,
         }
     }
 }

@@ -64,6 +64,13 @@ pub(super) fn fixture() -> &'static Fixture {
             ClientFrame::LookupAccounts { req: 0, accounts: vec![a.public().id, b.public().id, AccountId([7; 16])] },
             ClientFrame::AccountDevices { req: 0, account: b.public().id },
             ClientFrame::AccountDevices { req: 0, account: AccountId([7; 16]) },
+            // Consent: either account accepting (or no longer) the other, inviting it, listing.
+            ClientFrame::Accept { req: 0, account: a.public().id, accept: true },
+            ClientFrame::Accept { req: 0, account: b.public().id, accept: true },
+            ClientFrame::Accept { req: 0, account: a.public().id, accept: false },
+            ClientFrame::Invite { req: 0, account: a.public().id },
+            ClientFrame::Invite { req: 0, account: b.public().id },
+            ClientFrame::ListInvitations { req: 0 },
         ];
         for (leaver, stayer) in [(&a, &b), (&b, &a)] {
             let chat = chats[2];
@@ -156,6 +163,9 @@ pub(super) fn with_req(frame: ClientFrame, req: ReqId) -> ClientFrame {
         ClientFrame::Lookup { username, .. } => ClientFrame::Lookup { req, username },
         ClientFrame::LookupAccounts { accounts, .. } => ClientFrame::LookupAccounts { req, accounts },
         ClientFrame::AccountDevices { account, .. } => ClientFrame::AccountDevices { req, account },
+        ClientFrame::Accept { account, accept, .. } => ClientFrame::Accept { req, account, accept },
+        ClientFrame::Invite { account, .. } => ClientFrame::Invite { req, account },
+        ClientFrame::ListInvitations { .. } => ClientFrame::ListInvitations { req },
         ClientFrame::ChangeMembers { change, .. } => ClientFrame::ChangeMembers { req, change },
         ClientFrame::Rekey { epoch, history, .. } => ClientFrame::Rekey { req, epoch, history },
         other => other,

@@ -99,6 +99,8 @@ impl RelayCore {
         if let Some(m) = members.iter().find(|m| !self.accounts.contains_key(m)) {
             return Err((ErrorCode::NotFound, format!("no account {m}")));
         }
+        // Nobody is put into a chat without having accepted chats from its creator.
+        self.check_consent(account, members.iter())?;
         self.check_quota(account, 1)?;
         if members.iter().any(|m| self.accounts[m].chats.len() >= MAX_ACCOUNT_CHATS) {
             return Err((

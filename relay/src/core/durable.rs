@@ -38,8 +38,9 @@ impl RelayCore {
 
     pub(super) fn run_deferred(&mut self, d: Deferred, out: &mut Vec<Effect>) {
         match d {
+            // A stream whose session ended since gets only the end (see `end_stream`).
             Deferred::Send(conn, frame) => {
-                if self.conns.contains_key(&conn) {
+                if self.conns.get(&conn).is_some_and(|c| !c.ending) {
                     out.push(Effect::Send { conn, frame });
                 }
             }
@@ -47,7 +48,7 @@ impl RelayCore {
                 if let Some(d) = self.devices.get_mut(&device) {
                     d.appends_in_flight = d.appends_in_flight.saturating_sub(1);
                 }
-                if self.conns.contains_key(&conn) {
+                if self.conns.get(&conn).is_some_and(|c| !c.ending) {
                     out.push(Effect::Send { conn, frame });
                 }
             }
@@ -62,6 +63,7 @@ impl RelayCore {
                     }
                 }
             }
+            Deferred::EndSession(conn) => self.send_session_end(conn, true, out),
             Deferred::AccountDurable { account, entry } => {
                 let Some(a) = self.accounts.get_mut(&account) else { return };
                 a.log_durable = a.log_durable.max(entry.seq);

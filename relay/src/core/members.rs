@@ -37,7 +37,7 @@ impl RelayCore {
                 let Some(found) = self.usernames.get(&username).copied() else {
                     return Err(refuse(ErrorCode::NotFound, format!("nobody has the username {username}")));
                 };
-                let accounts = vec![self.entry_of(found)];
+                let accounts = vec![self.entry_of(found, account)];
                 out.push(Effect::Send { conn, frame: RelayFrame::Accounts { req, accounts } });
                 Ok(())
             }
@@ -53,7 +53,7 @@ impl RelayCore {
                 let mut found = Vec::new();
                 let mut bytes = 0;
                 for a in accounts.iter().filter(|a| self.accounts.contains_key(a)) {
-                    let entry = self.entry_of(*a);
+                    let entry = self.entry_of(*a, account);
                     bytes += postcard::to_allocvec(&entry).map_or(MAX_FRAME_BYTES, |b| b.len());
                     if !found.is_empty() && bytes > MAX_FRAME_BYTES / 2 {
                         break;
@@ -63,27 +63,22 @@ impl RelayCore {
                 out.push(Effect::Send { conn, frame: RelayFrame::Accounts { req, accounts: found } });
                 Ok(())
             }
-            ClientFrame::AccountDevices { req, account } => {
-                let online: BTreeSet<&DeviceId> = self.conns.values().map(|c| &c.device).collect();
-                let devices = self
-                    .accounts
-                    .get(&account)
-                    .into_iter()
-                    .flat_map(|a| a.devices.iter())
-                    .filter_map(|d| self.devices.get(d).filter(|s| !s.state.revoked).map(|s| (d, s)))
-                    .map(|(d, s)| (s.cert.clone(), online.contains(d)))
-                    .collect();
-                out.push(Effect::Send { conn, frame: RelayFrame::AccountDevices { req, account, devices } });
-                Ok(())
-            }
+            frame @ (ClientFrame::AccountDevices { .. }
+            | ClientFrame::Accept { .. }
+            | ClientFrame::Invite { .. }
+            | ClientFrame::ListInvitations { .. }) => self.consent_frame(conn, account, frame, now_ms, out),
             ClientFrame::ChangeMembers { req, change } => self.change_members(conn, req, account, change, now_ms, out),
             ClientFrame::Rekey { req, epoch, history } => self.rekey(conn, req, account, epoch, history, out),
             _ => unreachable!("the caller passes only the frames above"),
         }
     }
 
-    fn entry_of(&self, account: AccountId) -> DirectoryEntry {
-        DirectoryEntry { username: self.accounts[&account].username.clone(), chain: self.chain_of(account) }
+    fn entry_of(&self, account: AccountId, asker: AccountId) -> DirectoryEntry {
+        DirectoryEntry {
+            username: self.accounts[&account].username.clone(),
+            chain: self.chain_of(account),
+            accepts_you: self.accepts(account, asker),
+        }
     }
 
     fn set_username(
@@ -213,6 +208,8 @@ impl RelayCore {
                         Some(_) => {}
                     }
                 }
+                // Nobody is added without having accepted chats from the member adding it.
+                self.check_consent(account, accounts.iter())?;
             }
             (_, Membership::Remove { account: target }) => {
                 if record.creator != account {

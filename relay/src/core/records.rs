@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
 use stratus_engine::proto::directory::{AccountChain, KeyTerms, MemberChange, SignedGen};
-use stratus_engine::proto::wire::{AccountEvent, ChatKind, Incarnation, WrappedKey};
+use stratus_engine::proto::wire::{AccountEntry, AccountEvent, ChatKind, Incarnation, WrappedKey};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
 /// An approved link, kept until the new device shows it has its bundle (by syncing), so that a
@@ -162,6 +162,12 @@ pub struct Recovered {
     pub usernames: Vec<(AccountId, String)>,
     /// What each account has stored, in bytes (see [`crate::limits::Limits::max_account_bytes`]).
     pub usage: Vec<(AccountId, u64)>,
+    /// The account log entry that ended each ended session (kept since protocol version 9).
+    pub session_ends: Vec<(DeviceId, AccountEntry)>,
+    /// `(account, other)`: `account` accepts chats from `other`.
+    pub accepted: Vec<(AccountId, AccountId)>,
+    /// `(invitee, inviter, at_ms)`: invitations waiting.
+    pub invitations: Vec<(AccountId, AccountId, u64)>,
     /// The store's life: its id and how many restores made it (see docs/protocol.md,
     /// "Restores").
     pub incarnation: Incarnation,

@@ -109,8 +109,9 @@ impl RelayCore {
         dev.held = None;
         let mut ops = vec![StoreOp::PutDeviceState(target.clone(), dev.state)];
         self.withdraw_recovery(account, &target, &mut ops);
-        let mut entries =
-            vec![(account, self.log_entry(account, AccountEvent::DeviceRevoked { revocation }, &mut ops))];
+        let ended = self.log_entry(account, AccountEvent::DeviceRevoked { revocation }, &mut ops);
+        self.record_session_end(&target, &ended, &mut ops);
+        let mut entries = vec![(account, ended)];
         self.apply_rotation(account, next, r, &mut ops, &mut entries);
         self.commit_and_answer(conn, req, account, ops, entries, out);
         self.cut_off(&target, out);

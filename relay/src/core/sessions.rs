@@ -153,6 +153,7 @@ impl RelayCore {
             AccountEvent::DeviceExpired { device: device.clone(), last_active_ms: last },
             &mut ops,
         );
+        self.record_session_end(device, &entry, &mut ops);
         let token = self.token();
         out.push(Effect::Write { token, ops });
         self.cut_off(device, out);
@@ -169,15 +170,50 @@ impl RelayCore {
         }
     }
 
-    /// Closes every stream of a device whose session ended, telling it why.
+    /// Keeps the account log entry that ended `device`'s session (written with `ops`), to show
+    /// the device as proof (`RelayFrame::SessionEnded`).
+    pub(super) fn record_session_end(&mut self, device: &DeviceId, entry: &AccountEntry, ops: &mut Vec<StoreOp>) {
+        if let Some(d) = self.devices.get_mut(device) {
+            d.ended = Some(Box::new(entry.clone()));
+            ops.push(StoreOp::PutSessionEnd(device.clone(), entry.clone()));
+        }
+    }
+
+    /// Closes every stream of a device whose session ended, telling it why once what ended it
+    /// is durable.
     pub(super) fn cut_off(&mut self, device: &DeviceId, out: &mut Vec<Effect>) {
         let cut: Vec<ConnId> = self.conns.iter().filter(|(_, c)| &c.device == device).map(|(id, _)| *id).collect();
         for c in cut {
             // Nothing more is pushed to it, not even the news of its own end.
             self.detach(c);
-            out.push(revoked(c, None));
-            out.push(Effect::Close { conn: c });
+            self.end_stream(c, out);
         }
+    }
+
+    /// Ends a stream of a device whose session ended: once the entry that ended it is durable,
+    /// the stream gets the proof (the entry and the account's keys), then `SessionRevoked`,
+    /// then its close. Frames from it are dropped meanwhile. A device whose proof the relay
+    /// lacks (its session ended before the relay kept them) gets `SessionRevoked` alone, and
+    /// keeps its data.
+    pub(super) fn end_stream(&mut self, conn: ConnId, out: &mut Vec<Effect>) {
+        let Some(c) = self.conns.get_mut(&conn).filter(|c| !c.ending) else { return };
+        c.ending = true;
+        self.after_durable(Deferred::EndSession(conn), out);
+    }
+
+    /// Sends the end of a stream (see [`RelayCore::end_stream`]); with `proven` false (the disk is
+    /// full and the entry may never be durable), without the proof.
+    pub(super) fn send_session_end(&mut self, conn: ConnId, proven: bool, out: &mut Vec<Effect>) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        let ended = self.devices.get(&c.device).and_then(|d| d.ended.as_deref());
+        if let (Some(entry), true) = (ended, proven) {
+            let Some(d) = self.devices.get(&c.device) else { return };
+            let frame =
+                RelayFrame::SessionEnded { entry: Box::new(entry.clone()), chain: Box::new(self.chain_of(d.account)) };
+            out.push(Effect::Send { conn, frame });
+        }
+        out.push(revoked(conn));
+        out.push(Effect::Close { conn });
     }
 
     /// Refuses a policy change from a session younger than the configured minimum age.

@@ -41,6 +41,8 @@ pub(super) fn writes(frame: &ClientFrame) -> bool {
             | ClientFrame::SetUsername { .. }
             | ClientFrame::ChangeMembers { .. }
             | ClientFrame::Rekey { .. }
+            | ClientFrame::Accept { .. }
+            | ClientFrame::Invite { .. }
     )
 }
 
@@ -72,9 +74,10 @@ impl RelayCore {
                 }
                 (conn, frame)
             }
+            Deferred::EndSession(conn) => return self.send_session_end(conn, false, out),
             Deferred::ChatDurable { .. } | Deferred::AccountDurable { .. } => return,
         };
-        if let (Some(req), true) = (frame.req(), self.conns.contains_key(&conn)) {
+        if let (Some(req), true) = (frame.req(), self.conns.get(&conn).is_some_and(|c| !c.ending)) {
             out.push(storage_full(conn, req));
         }
     }

@@ -316,6 +316,9 @@ fn log_input(input: &Input) {
             ClientFrame::ChangeMembers { req, change } => {
                 tracing::info!(conn, req, chat = %change.body.chat, "change members")
             }
+            ClientFrame::Accept { req, account, accept } => tracing::info!(conn, req, %account, accept, "accept"),
+            ClientFrame::Invite { req, account } => tracing::info!(conn, req, %account, "invite"),
+            ClientFrame::ListInvitations { req } => tracing::debug!(conn, req, "list invitations"),
             ClientFrame::Rekey { req, epoch, history } => {
                 tracing::info!(conn, req, chat = %epoch.chat, epoch = epoch.epoch.0, shared = history.len(), "rekey")
             }

@@ -76,6 +76,8 @@ async fn main() {
     bob.set_username(Some("bob")).await.expect("username");
     alice.lookup("bob").await.expect("lookup");
     bob.lookup("alice").await.expect("lookup");
+    bob.accept_chats_from(alice.account().expect("account"), true).await.expect("accept");
+    alice.accept_chats_from(bob.account().expect("account"), true).await.expect("accept");
     let bob_cert = alice.secret_devices(bob.account().expect("account")).await.expect("devices")[0].0.clone();
     let id = alice.secret_start(bob_cert).expect("start");
     bob.set_secret_auto_accept(true).expect("auto-accept");

@@ -135,6 +135,10 @@ impl Sim {
                 d.conn = None;
                 d.core = None;
             }
+            // The relay here is honest: it always shows the revocation it acted on.
+            Event::SessionRefused => {
+                return Err(format!("{} was refused its session without a proof", self.devs[dev].name))
+            }
             _ => {}
         }
         Ok(())

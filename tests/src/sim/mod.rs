@@ -40,9 +40,10 @@
 //!   that came before its epoch's key is taken again once the key is there);
 //! * a device's stored cursors never go back (checked across its restarts);
 //! * nothing is rejected and no device reports an error;
-//! * once a revocation is durable, the relay sends the revoked device nothing but
-//!   `SessionRevoked`; the revoked device deletes its store when it hears that, and its
-//!   messages the relay never acknowledged are allowed to be lost with it;
+//! * once a revocation is durable, the relay sends the revoked device nothing but the proof
+//!   (`SessionEnded`, the signed revocation) and `SessionRevoked`; the revoked device checks
+//!   the proof and deletes its store, and its messages the relay never acknowledged are
+//!   allowed to be lost with it; no device is refused its session without a proof;
 //! * after a rotation, no chat stores a delta under an epoch older than the rotation's;
 //! * once faults stop, sync terminates: within `converge_within` every device is idle and the
 //!   devices of each account show the same chats, heads and messages, holding every message

@@ -77,7 +77,10 @@ impl Sim {
             self.report.stale_epochs += 1;
         }
         if let (Some(r), Some(c)) = (&self.revoking, self.conns.get(&conn)) {
-            let session_ended = matches!(frame, RelayFrame::Error { code: ErrorCode::SessionRevoked, .. });
+            let session_ended = matches!(
+                frame,
+                RelayFrame::Error { code: ErrorCode::SessionRevoked, .. } | RelayFrame::SessionEnded { .. }
+            );
             if r.done && c.dev == r.target && !session_ended {
                 return Err(format!(
                     "the relay sent {} a frame after its session ended: {}",

@@ -130,6 +130,16 @@ impl Sim {
             }
             first += n;
         }
+        // Each other account accepts chats from the first (it could not be put in the group
+        // otherwise).
+        let creator = self.devs[0].device.as_ref().and_then(Device::account).ok_or("no account")?;
+        let firsts: Vec<usize> =
+            self.cfg.devices.iter().scan(0, |at, n| Some(std::mem::replace(at, *at + n))).collect();
+        for first in firsts.into_iter().skip(1) {
+            let conn = self.setup_conn(first)?;
+            self.expect_done(conn, ClientFrame::Accept { req: 8, account: creator, accept: true })?;
+            self.setup_close(conn)?;
+        }
         let conn = self.setup_conn(0)?;
         let replies = self.direct(conn, ClientFrame::LookupAccounts { req: 9, accounts: others.clone() })?;
         let Some((_, RelayFrame::Accounts { accounts, .. })) = replies.into_iter().find(|(c, _)| *c == conn) else {

@@ -5,7 +5,7 @@
 //! from them (`recover` mirrors `SledStore::recover`); `memstore_matches_sledstore` in
 //! tests/tests/simulator.rs holds the two to the same answers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
 use stratus_engine::proto::directory::SignedGen;
@@ -31,6 +31,9 @@ struct State {
     usernames: BTreeMap<AccountId, String>,
     chat_keys: BTreeMap<(ChatId, Epoch, AccountId), WrappedKey>,
     usage: BTreeMap<AccountId, u64>,
+    session_ends: BTreeMap<DeviceId, AccountEntry>,
+    accepted: BTreeSet<(AccountId, AccountId)>,
+    invitations: BTreeMap<(AccountId, AccountId), u64>,
 }
 
 impl State {
@@ -87,6 +90,21 @@ impl State {
                 }
                 StoreOp::PutUsage(a, bytes) => {
                     self.usage.insert(*a, *bytes);
+                }
+                StoreOp::PutSessionEnd(d, e) => {
+                    self.session_ends.insert(d.clone(), e.clone());
+                }
+                StoreOp::PutAccepted(a, b, true) => {
+                    self.accepted.insert((*a, *b));
+                }
+                StoreOp::PutAccepted(a, b, false) => {
+                    self.accepted.remove(&(*a, *b));
+                }
+                StoreOp::PutInvitation(a, b, Some(at)) => {
+                    self.invitations.insert((*a, *b), *at);
+                }
+                StoreOp::PutInvitation(a, b, None) => {
+                    self.invitations.remove(&(*a, *b));
                 }
             }
         }
@@ -234,6 +252,9 @@ impl MemStore {
             r.chats.push((*id, record.clone(), head.unwrap_or_default()));
         }
         r.usage = s.usage.iter().map(|(k, v)| (*k, *v)).collect();
+        r.session_ends = s.session_ends.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        r.accepted = s.accepted.iter().copied().collect();
+        r.invitations = s.invitations.iter().map(|((a, b), at)| (*a, *b, *at)).collect();
         r.incarnation = self.incarnation;
         r
     }

@@ -31,6 +31,17 @@ impl Device {
             .await;
             match result {
                 Ok((Some(RelayFrame::Hello { account, .. }), stream)) => return Ok((net, stream, account)),
+                // The session ended: believed only with a proof this device checks (the caller
+                // deletes the account's data on `SessionRevoked`).
+                Ok((Some(RelayFrame::SessionEnded { entry, chain }), _)) => {
+                    return Err(match self.session_end_proven(Some(&(*entry, *chain))) {
+                        true => Error::SessionRevoked,
+                        false => Error::SessionRefused,
+                    })
+                }
+                Ok((Some(RelayFrame::Error { code: ErrorCode::SessionRevoked, .. }), _)) => {
+                    return Err(Error::SessionRefused)
+                }
                 Ok((Some(RelayFrame::Error { code, message, .. }), _)) => return Err(Error::Relay { code, message }),
                 Err(Error::Net(NetError::Io(_))) | Ok((None, _)) if attempt < CONNECT_ATTEMPTS => {
                     tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
@@ -55,7 +66,8 @@ impl Device {
     }
 
     /// One request over a fresh stream for a logged-in device, and its reply. A relay that
-    /// answers that this device's session was ended gets the account's data deleted here.
+    /// proves that the account ended this device's session gets the account's data deleted
+    /// here; one that only says so gets [`Error::SessionRefused`], and nothing is deleted.
     pub(super) async fn one_request(&mut self, frame: ClientFrame, req: ReqId) -> Result<RelayFrame, Error> {
         let relay = self.login()?.relay.clone();
         let result = async {
@@ -64,10 +76,13 @@ impl Device {
             Self::reply(&mut stream, req).await
         }
         .await;
-        if let Err(Error::Relay { code: ErrorCode::SessionRevoked, .. }) = result {
-            self.wipe_account()?;
-            return Err(Error::SessionRevoked);
+        match result {
+            Err(Error::SessionRevoked) => {
+                self.wipe_account()?;
+                Err(Error::SessionRevoked)
+            }
+            Err(Error::Relay { code: ErrorCode::SessionRevoked, .. }) => Err(Error::SessionRefused),
+            result => result,
         }
-        result
     }
 }

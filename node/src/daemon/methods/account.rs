@@ -1,8 +1,8 @@
 //! The account, its devices and sessions, the directory and chat members, as the running
 //! session carries them out over its own connection while it syncs: `approve`, `devices`,
 //! `sessions`, `revoke`, `set_session_ttl`, `recovery_key`, `set_username`, `lookup`,
-//! `confirm_contact`, `add_members`, `remove_member`, `leave_chat`, `rename_chat`,
-//! `create_chat_with`.
+//! `confirm_contact`, `invite`, `accept_contact`, `invitations`, `add_members`,
+//! `remove_member`, `leave_chat`, `rename_chat`, `create_chat_with`.
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -24,6 +24,9 @@ pub(super) const METHODS: &[(&str, Handler)] = &[
     ("set_username", set_username),
     ("lookup", lookup),
     ("confirm_contact", confirm_contact),
+    ("invite", invite),
+    ("accept_contact", accept_contact),
+    ("invitations", invitations),
     ("add_members", add_members),
     ("remove_member", remove_member),
     ("leave_chat", leave_chat),
@@ -148,6 +151,40 @@ fn confirm_contact(cx: Ctx, p: Value) -> Reply {
     with(cx, p, |cx, Confirm { user, number }| async move { to_json(cx.session().lookup(&user, Some(&number)).await?) })
 }
 
+fn invite(cx: Ctx, p: Value) -> Reply {
+    with(cx, p, |cx, User { user }| async move {
+        let account = account_of(&cx, &user).await?;
+        cx.session().invite(account).await?;
+        done()
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AcceptContact {
+    /// A username, or an account id.
+    who: String,
+    accept: bool,
+}
+
+fn accept_contact(cx: Ctx, p: Value) -> Reply {
+    with(cx, p, |cx, AcceptContact { who, accept }| async move {
+        let account = match who.parse::<AccountId>() {
+            Ok(id) => id,
+            Err(_) => account_of(&cx, &who).await?,
+        };
+        cx.session().accept_chats_from(account, accept).await?;
+        done()
+    })
+}
+
+fn invitations(cx: Ctx, p: Value) -> Reply {
+    with(cx, p, |cx, NoParams {}| async move {
+        let from = cx.session().invitations().await?;
+        Ok(Value::Array(from.into_iter().map(|(a, at)| json!({ "account": a.to_string(), "at_ms": at })).collect()))
+    })
+}
+
 /// The account `user` names in the directory (pinned on first use).
 async fn account_of(cx: &Ctx, user: &str) -> Result<AccountId, RpcError> {
     let info = cx.session().lookup(user, None).await?;
@@ -169,6 +206,10 @@ fn add_members(cx: Ctx, p: Value) -> Reply {
     with(cx, p, |cx, Add { chat: Id(chat), users, share_history }| async move {
         let mut accounts = std::collections::BTreeSet::new();
         for u in &users {
+            let info = cx.session().lookup(u, None).await?;
+            if info.accepts_you == Some(false) {
+                return Err(stratus_engine::Error::NotAccepted(u.clone()).into());
+            }
             accounts.insert(account_of(&cx, u).await?);
         }
         cx.session().change_members(chat, Membership::Add { accounts, share_history }).await?;

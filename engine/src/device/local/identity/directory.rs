@@ -24,6 +24,10 @@ pub struct ContactInfo {
     pub generation: u32,
     /// The user confirmed the safety number.
     pub verified: bool,
+    /// Whether it accepts chats from this account, as the relay said in the lookup that gave
+    /// this (`None`: not from a lookup). Without it, the relay refuses to put it in a chat made
+    /// or changed by this account.
+    pub accepts_you: Option<bool>,
     /// The number both users see for the pair (see [`safety_number`]).
     pub safety_number: String,
 }
@@ -36,6 +40,29 @@ impl Device {
         }
         self.one_request(ClientFrame::SetUsername { req: 1, name: name.map(str::to_string) }, 1).await?;
         Ok(())
+    }
+
+    /// Accepts chats from `account`, or with `accept` false no longer does (see
+    /// [`crate::Session::accept_chats_from`]).
+    pub async fn accept_chats_from(&mut self, account: AccountId, accept: bool) -> Result<(), Error> {
+        self.one_request(ClientFrame::Accept { req: 1, account, accept }, 1).await?;
+        Ok(())
+    }
+
+    /// Asks `account` to accept chats from this account (see [`crate::Session::invite`]).
+    pub async fn invite(&mut self, account: AccountId) -> Result<(), Error> {
+        self.one_request(ClientFrame::Invite { req: 1, account }, 1).await?;
+        Ok(())
+    }
+
+    /// The invitations waiting for this account (see [`crate::Session::invitations`]).
+    pub async fn invitations(&mut self) -> Result<Vec<(AccountId, u64)>, Error> {
+        match self.one_request(ClientFrame::ListInvitations { req: 1 }, 1).await? {
+            RelayFrame::Invitations { from, .. } => Ok(from),
+            _ => {
+                Err(Error::Relay { code: crate::proto::wire::ErrorCode::Internal, message: "unexpected answer".into() })
+            }
+        }
     }
 
     /// Looks `username` up in the relay's directory and pins the account it names on first use.
@@ -81,7 +108,9 @@ impl Device {
                 return Err(Error::NumberMismatch(username.to_string()));
             }
         }
-        self.take_named(username, &entry, confirm.is_some())
+        let mut info = self.take_named(username, &entry, confirm.is_some())?;
+        info.accepts_you = Some(entry.accepts_you);
+        Ok(info)
     }
 
     /// Takes what the directory says `username` is: refused if another account is pinned for it
@@ -127,6 +156,7 @@ impl Device {
             username: c.username.clone(),
             generation: c.chain.rotations.len() as u32,
             verified: c.verified,
+            accepts_you: None,
             safety_number: safety_number(self.login()?.account.id, c.chain.id()),
         })
     }

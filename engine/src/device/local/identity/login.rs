@@ -20,12 +20,17 @@ use crate::proto::wire::{ClientFrame, RelayFrame, ReqId};
 ///
 /// It holds a one-time secret (never sent to the relay; the relay only sees its hash as the
 /// link id) and a fingerprint of the new device's keys, which the approving device checks
-/// against what the relay says waits under the link id.
+/// against what the relay says waits under the link id. The fingerprint has 128 bits: a relay
+/// that wants to slip in a device of its own must find keys whose fingerprint matches, and at
+/// 64 bits that search was within reach.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct LinkCode {
     secret: [u8; 16],
-    fingerprint: [u8; 8],
+    fingerprint: [u8; FINGERPRINT_BYTES],
 }
+
+/// The length of a link code's fingerprint of the new device's keys.
+const FINGERPRINT_BYTES: usize = 16;
 
 impl LinkCode {
     const PREFIX: &'static str = "stratus-link-";
@@ -37,13 +42,13 @@ impl LinkCode {
         *h.finalize().as_bytes()
     }
 
-    fn fingerprint_of(device: &DeviceId, x25519: &[u8; 32]) -> [u8; 8] {
+    fn fingerprint_of(device: &DeviceId, x25519: &[u8; 32]) -> [u8; FINGERPRINT_BYTES] {
         let mut h = blake3::Hasher::new();
         h.update(b"stratus-link-fingerprint");
         h.update(device.0.as_bytes());
         h.update(x25519);
-        let mut f = [0u8; 8];
-        f.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        let mut f = [0u8; FINGERPRINT_BYTES];
+        f.copy_from_slice(&h.finalize().as_bytes()[..FINGERPRINT_BYTES]);
         f
     }
 
@@ -65,10 +70,10 @@ impl std::str::FromStr for LinkCode {
     fn from_str(s: &str) -> Result<Self, Error> {
         let hexpart = s.trim().strip_prefix(Self::PREFIX).ok_or(Error::BadLinkCode)?;
         let bytes = hex::decode(hexpart).map_err(|_| Error::BadLinkCode)?;
-        if bytes.len() != 24 {
+        if bytes.len() != 16 + FINGERPRINT_BYTES {
             return Err(Error::BadLinkCode);
         }
-        let mut code = LinkCode { secret: [0; 16], fingerprint: [0; 8] };
+        let mut code = LinkCode { secret: [0; 16], fingerprint: [0; FINGERPRINT_BYTES] };
         code.secret.copy_from_slice(&bytes[..16]);
         code.fingerprint.copy_from_slice(&bytes[16..]);
         Ok(code)
@@ -251,5 +256,27 @@ impl Device {
     pub fn approve_done(&mut self, cert: &DeviceCert) -> Result<(DeviceId, String), Error> {
         self.store.put_device(cert)?;
         Ok((cert.body.device.clone(), cert.body.name.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 15, item 10: the fingerprint of the new device's keys in a link code has 128 bits
+    /// (a relay that could match a 64-bit one with keys of its own could slip its device in).
+    #[test]
+    fn a_link_code_carries_a_128_bit_fingerprint_of_the_new_devices_keys() {
+        let device = DeviceId("12D3KooWnew".into());
+        let code = LinkCode { secret: [7; 16], fingerprint: LinkCode::fingerprint_of(&device, &[9; 32]) };
+        let text = code.to_string();
+        assert_eq!(text.len(), LinkCode::PREFIX.len() + 2 * (16 + 16), "{text}");
+        assert_eq!(text.parse::<LinkCode>().unwrap(), code);
+        // Another key gives another fingerprint in all 128 bits' worth of places.
+        let other = LinkCode::fingerprint_of(&device, &[8; 32]);
+        assert_ne!(other, code.fingerprint);
+        // A code of the earlier form (64-bit fingerprint) is refused, not half-checked.
+        let short = &text[..text.len() - 16];
+        assert!(matches!(short.parse::<LinkCode>(), Err(Error::BadLinkCode)));
     }
 }
