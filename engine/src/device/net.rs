@@ -35,6 +35,9 @@ pub enum NetError {
     /// The relay address is not a multiaddr ending in `/p2p/<peer id>`.
     #[error("relay address {0:?} must be a multiaddr ending in /p2p/<peer id>")]
     BadAddress(String),
+    /// A relay address list is empty, or longer than [`MAX_RELAY_ADDRS`].
+    #[error("a relay needs between 1 and {MAX_RELAY_ADDRS} addresses, not {0}")]
+    AddressCount(usize),
     /// The relay could not be reached.
     #[error("relay unreachable: {0}")]
     Unreachable(String),
@@ -118,7 +121,24 @@ impl Drop for Net {
     }
 }
 
-/// Splits `…/p2p/<peer id>` into the peer id and the full address.
+/// Most addresses a device keeps for its relay: each failed one costs a dial per round, so a
+/// longer list is refused ([`NetError::AddressCount`]).
+pub const MAX_RELAY_ADDRS: usize = 8;
+
+/// Parses a relay's addresses, separated by whitespace (how a device's login keeps them, in
+/// the order they are tried), each `…/p2p/<peer id>` (see [`parse_relay_addr`]).
+pub fn parse_relay_addrs(s: &str) -> Result<Vec<(PeerId, Multiaddr)>, NetError> {
+    let addrs = s.split_whitespace().map(parse_relay_addr).collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() || addrs.len() > MAX_RELAY_ADDRS {
+        return Err(NetError::AddressCount(addrs.len()));
+    }
+    Ok(addrs)
+}
+
+/// Splits `…/p2p/<peer id>` into the peer id and the full address. The transports a device
+/// dials: `/ip4/…/tcp/…`, `/ip6/…`, `/dns/…`, `/dns4/…`, `/dns6/…` (resolved with the
+/// system's resolver), each also as WebSocket (`…/tcp/…/ws`) or secure WebSocket
+/// (`…/tcp/443/wss`, checked against the web's root certificates).
 pub fn parse_relay_addr(s: &str) -> Result<(PeerId, Multiaddr), NetError> {
     let addr: Multiaddr = s.parse().map_err(|_| NetError::BadAddress(s.into()))?;
     match addr.iter().last() {
@@ -130,9 +150,18 @@ pub fn parse_relay_addr(s: &str) -> Result<(PeerId, Multiaddr), NetError> {
 impl Net {
     /// Starts the swarm with the device's keypair. Must be called inside a tokio runtime.
     pub fn start(keypair: Keypair) -> Result<Net, NetError> {
+        use futures::FutureExt;
         let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+            .map_err(|e| NetError::Unreachable(e.to_string()))?
+            .with_dns()
+            .map_err(|e| NetError::Unreachable(format!("the system's DNS configuration: {e}")))?
+            // With tokio the websocket transport is built without waiting (its `async` is for
+            // other runtimes' DNS set-up), so it is ready at the first poll.
+            .with_websocket(noise::Config::new, yamux::Config::default)
+            .now_or_never()
+            .ok_or_else(|| NetError::Unreachable("the websocket transport did not start".into()))?
             .map_err(|e| NetError::Unreachable(e.to_string()))?
             .with_relay_client(noise::Config::new, yamux::Config::default)
             .map_err(|e| NetError::Unreachable(e.to_string()))?
