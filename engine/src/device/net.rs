@@ -150,19 +150,14 @@ pub fn parse_relay_addr(s: &str) -> Result<(PeerId, Multiaddr), NetError> {
 impl Net {
     /// Starts the swarm with the device's keypair. Must be called inside a tokio runtime.
     pub fn start(keypair: Keypair) -> Result<Net, NetError> {
-        use futures::FutureExt;
+        let (dns, dns_opts) = dns_config();
         let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
             .map_err(|e| NetError::Unreachable(e.to_string()))?
-            .with_dns()
-            .map_err(|e| NetError::Unreachable(format!("the system's DNS configuration: {e}")))?
-            // With tokio the websocket transport is built without waiting (its `async` is for
-            // other runtimes' DNS set-up), so it is ready at the first poll.
-            .with_websocket(noise::Config::new, yamux::Config::default)
-            .now_or_never()
-            .ok_or_else(|| NetError::Unreachable("the websocket transport did not start".into()))?
+            .with_other_transport(|key| websocket(key, dns.clone(), dns_opts.clone()))
             .map_err(|e| NetError::Unreachable(e.to_string()))?
+            .with_dns_config(dns, dns_opts)
             .with_relay_client(noise::Config::new, yamux::Config::default)
             .map_err(|e| NetError::Unreachable(e.to_string()))?
             .with_behaviour(|key, relay_client| Behaviour {
@@ -185,6 +180,39 @@ impl Net {
     pub fn handle(&self) -> NetHandle {
         self.handle.clone()
     }
+}
+
+/// The system's DNS settings; where it has none (no `/etc/resolv.conf`, as on Android), none:
+/// `/dns…` addresses then fail to resolve when dialed, IP addresses still work.
+fn dns_config() -> (libp2p::dns::ResolverConfig, libp2p::dns::ResolverOpts) {
+    hickory_resolver::system_conf::read_system_conf().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no system DNS settings: /dns addresses will not resolve");
+        (libp2p::dns::ResolverConfig::new(), libp2p::dns::ResolverOpts::default())
+    })
+}
+
+/// WebSocket (`…/ws`) and secure WebSocket (`…/wss`, TLS against the web's roots) over DNS and
+/// TCP. Names resolve inside it, so that TLS checks the certificate against the host name;
+/// libp2p's own builder would read the system's DNS settings and fail without them.
+fn websocket(
+    key: &Keypair,
+    dns: libp2p::dns::ResolverConfig,
+    dns_opts: libp2p::dns::ResolverOpts,
+) -> Result<
+    libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    use libp2p::core::muxing::StreamMuxerBox;
+    use libp2p::core::upgrade::Version;
+    use libp2p::Transport;
+    let tcp = libp2p::tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let ws = libp2p::websocket::Config::new(libp2p::dns::tokio::Transport::custom(tcp, dns, dns_opts));
+    Ok(ws
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise::Config::new(key)?)
+        .multiplex(yamux::Config::default())
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+        .boxed())
 }
 
 impl NetHandle {
