@@ -235,7 +235,9 @@ impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         match e {
             Error::Net(
-                stratus_engine::net::NetError::BadAddress(_) | stratus_engine::net::NetError::AddressCount(_),
+                stratus_engine::net::NetError::BadAddress(_)
+                | stratus_engine::net::NetError::UnsupportedAddress(_)
+                | stratus_engine::net::NetError::AddressCount(_),
             ) => Failure::Error(e),
             Error::Net(n) => Failure::Unreachable(n.to_string()),
             e => Failure::Error(e),

@@ -46,6 +46,13 @@ fn a_device_syncs_through_the_relay_over_websocket() {
     stratus_ok(&b, &["send", &chat, "answered over tcp"]);
     stratus_ok(&a, &["sync"]);
     assert!(log(&a, &chat).contains("answered over tcp"), "{}", log(&a, &chat));
+    // A `/wss` address is dialed (TLS first): the relay serves plain /ws here, so the TLS
+    // handshake fails; without a proxy in front, that is as far as this test can go.
+    let wss = by_name(&ws.replacen("/ws/", "/wss/", 1));
+    let o = stratus(&dir.path().join("c"), &["account", "create", "--relay", &wss, "--name", "c"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "unreachable, not refused: {err}");
+    assert!(!err.contains("Unsupported"), "{err}");
 }
 
 #[test]
@@ -102,6 +109,11 @@ fn set_relay_moves_a_device_to_its_relay_on_another_port() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("/p2p/<peer id>") && err.lines().count() == 1, "{err}");
     }
+    // A transport a device does not dial is refused by name, not tried.
+    let quic = format!("/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{}", dead_port(), relay.addr.rsplit("/p2p/").next().unwrap());
+    let o = stratus(&a, &["account", "set-relay", &quic, &relay.addr]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && err.contains("/dns4") && err.lines().count() == 1, "{err}");
     let o = stratus(&a, &["account", "set-relay"]);
     assert_eq!(o.status.code(), Some(2), "an address is required");
 

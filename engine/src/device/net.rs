@@ -35,6 +35,12 @@ pub enum NetError {
     /// The relay address is not a multiaddr ending in `/p2p/<peer id>`.
     #[error("relay address {0:?} must be a multiaddr ending in /p2p/<peer id>")]
     BadAddress(String),
+    /// The relay address is over a transport a device does not dial (QUIC, say).
+    #[error(
+        "relay address {0:?}: a device dials /ip4, /ip6, /dns, /dns4 or /dns6, then /tcp/PORT, then \
+         optionally /ws or /wss, then /p2p/<peer id>"
+    )]
+    UnsupportedAddress(String),
     /// A relay address list is empty, or longer than [`MAX_RELAY_ADDRS`].
     #[error("a relay needs between 1 and {MAX_RELAY_ADDRS} addresses, not {0}")]
     AddressCount(usize),
@@ -141,9 +147,22 @@ pub fn parse_relay_addrs(s: &str) -> Result<Vec<(PeerId, Multiaddr)>, NetError> 
 /// (`…/tcp/443/wss`, checked against the web's root certificates).
 pub fn parse_relay_addr(s: &str) -> Result<(PeerId, Multiaddr), NetError> {
     let addr: Multiaddr = s.parse().map_err(|_| NetError::BadAddress(s.into()))?;
-    match addr.iter().last() {
-        Some(Protocol::P2p(peer)) => Ok((peer, addr)),
-        _ => Err(NetError::BadAddress(s.into())),
+    let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+        return Err(NetError::BadAddress(s.into()));
+    };
+    let parts: Vec<Protocol> = addr.iter().collect();
+    let dialable = match &parts[..] {
+        [host, Protocol::Tcp(_), rest @ .., Protocol::P2p(_)] => {
+            matches!(
+                host,
+                Protocol::Ip4(_) | Protocol::Ip6(_) | Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_)
+            ) && matches!(rest, [] | [Protocol::Ws(_)] | [Protocol::Wss(_)] | [Protocol::Tls, Protocol::Ws(_)])
+        }
+        _ => false,
+    };
+    match dialable {
+        true => Ok((peer, addr)),
+        false => Err(NetError::UnsupportedAddress(s.into())),
     }
 }
 
