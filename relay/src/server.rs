@@ -398,9 +398,22 @@ async fn serve<S: RelayStore>(
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
         .map_err(|e| ServerError::Network(e.to_string()))?
-        // Plain WebSocket, served only when `listen_ws` asks for it; TLS is a proxy's job.
-        .with_websocket(noise::Config::new, yamux::Config::default)
-        .await
+        // Plain WebSocket over TCP, served only when `listen_ws` asks for it; TLS is a proxy's
+        // job. Built here rather than with the builder's `with_websocket`, which also resolves
+        // names and so needs the system's DNS settings: a relay only listens.
+        .with_other_transport(|key| {
+            use libp2p::core::upgrade::Version;
+            use libp2p::Transport;
+            let tcp = libp2p::tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                libp2p::websocket::Config::new(tcp)
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default())
+                    .map(|(peer, muxer), _| (peer, libp2p::core::muxing::StreamMuxerBox::new(muxer)))
+                    .boxed(),
+            )
+        })
         .map_err(|e| ServerError::Network(e.to_string()))?
         .with_behaviour(|key| Behaviour {
             limits: connection_limits::Behaviour::new(
