@@ -36,6 +36,11 @@ pub(crate) async fn run(mut device: Device, command: Command, json: bool) -> Res
             let id = device.create_account(&relay, &name).await?;
             out(&if json { json!({ "account": id.to_string() }).to_string() } else { id.to_string() });
         }
+        Command::Account { command: AccountCommand::SetRelay { addrs } } => {
+            device.set_relay(&addrs.iter().map(String::as_str).collect::<Vec<_>>())?;
+            let addrs = device.relay_addrs();
+            out(&if json { json!({ "relay": addrs }).to_string() } else { format!("relay: {}", addrs.join(" ")) });
+        }
         Command::Account { command: AccountCommand::SetSessionTtl { days } } => {
             device.set_session_ttl(days).await?;
             out(&match (json, days) {

@@ -133,6 +133,13 @@ enum AccountCommand {
         #[arg(long)]
         name: String,
     },
+    /// Move this device to its relay's new addresses (tried in this order, each ending in
+    /// /p2p/<peer id>; /ip4, /ip6, /dns4, /dns6, each over TCP or /ws, /wss), e.g. after the
+    /// relay moved host or port. Offline: the next sync connects there. Run it on each device.
+    SetRelay {
+        #[arg(required = true, value_name = "ADDR")]
+        addrs: Vec<String>,
+    },
     /// End the account's sessions that stay inactive for more than DAYS days (0: never).
     SetSessionTtl { days: u32 },
     /// Make a recovery key (printed once; keep it safe) and store the account's keys on the
@@ -227,7 +234,11 @@ impl From<stratus_engine::net::NetError> for Failure {
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         match e {
-            Error::Net(stratus_engine::net::NetError::BadAddress(_)) => Failure::Error(e),
+            Error::Net(
+                stratus_engine::net::NetError::BadAddress(_)
+                | stratus_engine::net::NetError::UnsupportedAddress(_)
+                | stratus_engine::net::NetError::AddressCount(_),
+            ) => Failure::Error(e),
             Error::Net(n) => Failure::Unreachable(n.to_string()),
             e => Failure::Error(e),
         }

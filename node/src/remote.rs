@@ -443,6 +443,7 @@ pub(crate) async fn run(c: &mut Client, command: Command, json: bool) -> Result<
         }
         Command::Account { command: AccountCommand::Create { .. } } => c.not_yet("create_account").await?,
         Command::Account { command: AccountCommand::Recover { .. } } => c.not_yet("recover").await?,
+        Command::Account { command: AccountCommand::SetRelay { .. } } => c.not_yet("set_relay").await?,
         Command::Watch { .. } | Command::Daemon { .. } => unreachable!("run by `serve`"),
     }
     Ok(())

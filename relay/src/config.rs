@@ -49,8 +49,13 @@ pub enum LogFormat {
 pub struct Settings {
     /// Directory for the sled store, the relay's identity key and its admin socket.
     pub data_dir: PathBuf,
-    /// Multiaddr to listen on.
+    /// Multiaddr to listen on (TCP).
     pub listen: Multiaddr,
+    /// Multiaddr to serve WebSocket on besides [`Settings::listen`], e.g.
+    /// `/ip4/127.0.0.1/tcp/8080/ws` behind a reverse proxy that terminates TLS; off when unset.
+    /// Plain `/ws` only: the relay holds no TLS certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_ws: Option<Multiaddr>,
     /// Addresses devices reach the relay at besides the ones it listens on.
     pub external_addresses: Vec<Multiaddr>,
     /// Where the admin HTTP listener serves `/metrics`, `/healthz` and `/readyz`; off when
@@ -94,6 +99,7 @@ impl Default for Settings {
         Settings {
             data_dir: PathBuf::from("./stratus-relay-data"),
             listen: "/ip4/0.0.0.0/tcp/4001".parse().expect("a valid multiaddr"),
+            listen_ws: None,
             external_addresses: Vec::new(),
             admin_http: None,
             admin_http_allow_remote: false,
@@ -286,6 +292,14 @@ impl Settings {
                 ));
             }
         }
+        if let Err(reason) = listen_addr(&self.listen, false) {
+            return Err(invalid("listen", self.listen.to_string(), reason));
+        }
+        if let Some(ws) = &self.listen_ws {
+            if let Err(reason) = listen_addr(ws, true) {
+                return Err(invalid("listen_ws", ws.to_string(), reason));
+            }
+        }
         // What is left are the relationships between limits, which name their own fields.
         self.limits().validate().map_err(|e| ConfigError::Parse(format!("invalid settings: {e}")))
     }
@@ -323,6 +337,7 @@ impl Settings {
         Config {
             data_dir: self.data_dir.clone(),
             listen: self.listen.clone(),
+            listen_ws: self.listen_ws.clone(),
             external_addresses: self.external_addresses.clone(),
             limits: self.limits(),
             admin_http: self.admin_http,
@@ -342,7 +357,32 @@ impl Settings {
         if self.admin_http.is_none() {
             out.push_str("# admin_http = \"127.0.0.1:9101\"  (unset: the admin HTTP listener is off)\n");
         }
+        if self.listen_ws.is_none() {
+            out.push_str("# listen_ws = \"/ip4/127.0.0.1/tcp/8080/ws\"  (unset: no WebSocket listener)\n");
+        }
         out
+    }
+}
+
+/// Whether the relay can listen on `addr`: an IP address (a name would have to be resolved to
+/// one first, and which of its addresses to take is the operator's choice), TCP, then `/ws`
+/// exactly when `ws`.
+fn listen_addr(addr: &Multiaddr, ws: bool) -> Result<(), String> {
+    use libp2p::multiaddr::Protocol;
+    let mut parts = addr.iter();
+    let ip = matches!(parts.next(), Some(Protocol::Ip4(_) | Protocol::Ip6(_)));
+    let tcp = matches!(parts.next(), Some(Protocol::Tcp(_)));
+    let rest: Vec<Protocol> = parts.collect();
+    let (form, ok) = match ws {
+        false => ("/ip4/ADDR/tcp/PORT or /ip6/ADDR/tcp/PORT", rest.is_empty()),
+        true => ("/ip4/ADDR/tcp/PORT/ws or /ip6/ADDR/tcp/PORT/ws", matches!(rest[..], [Protocol::Ws(_)])),
+    };
+    if ws && matches!(rest[..], [Protocol::Wss(_)] | [Protocol::Tls, Protocol::Ws(_)]) {
+        return Err("the relay serves plain /ws only: let a reverse proxy terminate TLS (wss) in front of it".into());
+    }
+    match ip && tcp && ok {
+        true => Ok(()),
+        false => Err(format!("must be {form}")),
     }
 }
 
@@ -469,5 +509,24 @@ mod tests {
         std::fs::write(&file, s.print()).unwrap();
         assert_eq!(Settings::load(Some(&file), [], &toml::Table::new()).unwrap(), s);
         assert!(Settings::default().print().contains("# admin_http ="));
+        let ws = Settings { listen_ws: Some("/ip4/127.0.0.1/tcp/8080/ws".parse().unwrap()), ..Settings::default() };
+        std::fs::write(&file, ws.print()).unwrap();
+        assert_eq!(Settings::load(Some(&file), [], &toml::Table::new()).unwrap(), ws);
+    }
+
+    #[test]
+    fn listen_addresses_the_relay_cannot_serve_are_refused_by_name() {
+        let refused = |setting: &str, v: &str| {
+            let e = Settings::load(None, [], &flags(&[(setting, v.into())])).unwrap_err().to_string();
+            assert!(e.contains(setting), "{e}");
+            e
+        };
+        assert!(refused("listen_ws", "/ip4/127.0.0.1/tcp/8080/wss").contains("reverse proxy"));
+        assert!(refused("listen_ws", "/ip4/127.0.0.1/tcp/8080").contains("/ws"));
+        assert!(refused("listen", "/ip4/127.0.0.1/tcp/8080/ws").contains("must be"));
+        assert!(refused("listen", "/dns4/example.com/tcp/4001").contains("must be"));
+        for ok in [("listen_ws", "/ip6/::1/tcp/0/ws"), ("listen", "/ip4/0.0.0.0/tcp/4001")] {
+            assert!(Settings::load(None, [], &flags(&[(ok.0, ok.1.into())])).is_ok(), "{ok:?}");
+        }
     }
 }

@@ -35,9 +35,15 @@ struct Args {
     /// Directory for the sled store and the relay's identity key.
     #[arg(long, global = true, default_value_os_t = Settings::default().data_dir)]
     data_dir: PathBuf,
-    /// Multiaddr to listen on.
+    /// Multiaddr to listen on (TCP).
     #[arg(long, default_value_t = Settings::default().listen)]
     listen: libp2p::Multiaddr,
+    /// Multiaddr to serve WebSocket on as well, e.g. /ip4/127.0.0.1/tcp/8080/ws behind a
+    /// reverse proxy that terminates TLS (devices then dial /dns4/HOST/tcp/443/wss/p2p/ID);
+    /// off by default. Plain /ws only.
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen_ws: Option<libp2p::Multiaddr>,
     /// Most connections in total; more are closed after the handshake.
     #[arg(long, default_value_t = Settings::default().max_connections)]
     max_connections: u32,

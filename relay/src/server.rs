@@ -66,8 +66,11 @@ pub fn output_queue(limits: &Limits) -> usize {
 pub struct Config {
     /// Where the sled store and the relay's identity key live.
     pub data_dir: PathBuf,
-    /// Address to listen on.
+    /// Address to listen on (TCP: `/ip4/…/tcp/PORT`).
     pub listen: Multiaddr,
+    /// Address to serve WebSocket on as well (`/ip4/…/tcp/PORT/ws`), e.g. behind a reverse
+    /// proxy that terminates TLS for devices dialing `…/tcp/443/wss`; none when `None`.
+    pub listen_ws: Option<Multiaddr>,
     /// Addresses devices reach the relay at besides the ones it listens on (given to devices
     /// reachable through it, see [`Limits::max_reservations`]).
     pub external_addresses: Vec<Multiaddr>,
@@ -395,6 +398,23 @@ async fn serve<S: RelayStore>(
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
         .map_err(|e| ServerError::Network(e.to_string()))?
+        // Plain WebSocket over TCP, served only when `listen_ws` asks for it; TLS is a proxy's
+        // job. Built here rather than with the builder's `with_websocket`, which also resolves
+        // names and so needs the system's DNS settings: a relay only listens.
+        .with_other_transport(|key| {
+            use libp2p::core::upgrade::Version;
+            use libp2p::Transport;
+            let tcp = libp2p::tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                libp2p::websocket::Config::new(tcp)
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default())
+                    .map(|(peer, muxer), _| (peer, libp2p::core::muxing::StreamMuxerBox::new(muxer)))
+                    .boxed(),
+            )
+        })
+        .map_err(|e| ServerError::Network(e.to_string()))?
         .with_behaviour(|key| Behaviour {
             limits: connection_limits::Behaviour::new(
                 connection_limits::ConnectionLimits::default()
@@ -412,10 +432,24 @@ async fn serve<S: RelayStore>(
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
         .build();
     let peer_id = *swarm.local_peer_id();
-    swarm.listen_on(config.listen.clone()).map_err(|e| ServerError::Network(e.to_string()))?;
+    let tcp_listener = swarm.listen_on(config.listen.clone()).map_err(|e| ServerError::Network(e.to_string()))?;
+    let mut ws_listener = match &config.listen_ws {
+        Some(ws) => Some(swarm.listen_on(ws.clone()).map_err(|e| ServerError::Network(format!("{ws}: {e}")))?),
+        None => None,
+    };
+    let mut tcp_addr: Option<Multiaddr> = None;
     let listen_addr = loop {
+        if let (Some(a), None) = (&tcp_addr, ws_listener) {
+            break a.clone();
+        }
         match swarm.select_next_some().await {
-            libp2p::swarm::SwarmEvent::NewListenAddr { address, .. } => break address,
+            libp2p::swarm::SwarmEvent::NewListenAddr { listener_id, address } if Some(listener_id) == ws_listener => {
+                tracing::info!(addr = %address.clone().with(libp2p::multiaddr::Protocol::P2p(peer_id)), "websocket listening");
+                ws_listener = None;
+            }
+            libp2p::swarm::SwarmEvent::NewListenAddr { listener_id, address } if listener_id == tcp_listener => {
+                tcp_addr.get_or_insert(address);
+            }
             libp2p::swarm::SwarmEvent::ListenerError { error, .. } => {
                 return Err(ServerError::Network(error.to_string()))
             }

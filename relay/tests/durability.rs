@@ -83,6 +83,7 @@ async fn start(dir: &std::path::Path) -> (Arc<GatedStore>, tokio::task::JoinHand
     let config = Config {
         data_dir: dir.join("relay"),
         listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+        listen_ws: None,
         external_addresses: Vec::new(),
         limits: Default::default(),
         admin_http: None,
@@ -218,6 +219,7 @@ async fn readiness_waits_for_the_first_barrier_and_ends_at_shutdown() {
     let config = Config {
         data_dir: dir.path().join("relay"),
         listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+        listen_ws: None,
         external_addresses: Vec::new(),
         limits: Default::default(),
         admin_http: Some(admin),

@@ -35,6 +35,15 @@ pub enum NetError {
     /// The relay address is not a multiaddr ending in `/p2p/<peer id>`.
     #[error("relay address {0:?} must be a multiaddr ending in /p2p/<peer id>")]
     BadAddress(String),
+    /// The relay address is over a transport a device does not dial (QUIC, say).
+    #[error(
+        "relay address {0:?}: a device dials /ip4, /ip6, /dns, /dns4 or /dns6, then /tcp/PORT, then \
+         optionally /ws or /wss, then /p2p/<peer id>"
+    )]
+    UnsupportedAddress(String),
+    /// A relay address list is empty, or longer than [`MAX_RELAY_ADDRS`].
+    #[error("a relay needs between 1 and {MAX_RELAY_ADDRS} addresses, not {0}")]
+    AddressCount(usize),
     /// The relay could not be reached.
     #[error("relay unreachable: {0}")]
     Unreachable(String),
@@ -118,22 +127,56 @@ impl Drop for Net {
     }
 }
 
-/// Splits `…/p2p/<peer id>` into the peer id and the full address.
+/// Most addresses a device keeps for its relay: each failed one costs a dial per round, so a
+/// longer list is refused ([`NetError::AddressCount`]).
+pub const MAX_RELAY_ADDRS: usize = 8;
+
+/// Parses a relay's addresses, separated by whitespace (how a device's login keeps them, in
+/// the order they are tried), each `…/p2p/<peer id>` (see [`parse_relay_addr`]).
+pub fn parse_relay_addrs(s: &str) -> Result<Vec<(PeerId, Multiaddr)>, NetError> {
+    let addrs = s.split_whitespace().map(parse_relay_addr).collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() || addrs.len() > MAX_RELAY_ADDRS {
+        return Err(NetError::AddressCount(addrs.len()));
+    }
+    Ok(addrs)
+}
+
+/// Splits `…/p2p/<peer id>` into the peer id and the full address. The transports a device
+/// dials: `/ip4/…/tcp/…`, `/ip6/…`, `/dns/…`, `/dns4/…`, `/dns6/…` (resolved with the
+/// system's resolver), each also as WebSocket (`…/tcp/…/ws`) or secure WebSocket
+/// (`…/tcp/443/wss`, checked against the web's root certificates).
 pub fn parse_relay_addr(s: &str) -> Result<(PeerId, Multiaddr), NetError> {
     let addr: Multiaddr = s.parse().map_err(|_| NetError::BadAddress(s.into()))?;
-    match addr.iter().last() {
-        Some(Protocol::P2p(peer)) => Ok((peer, addr)),
-        _ => Err(NetError::BadAddress(s.into())),
+    let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+        return Err(NetError::BadAddress(s.into()));
+    };
+    let parts: Vec<Protocol> = addr.iter().collect();
+    let dialable = match &parts[..] {
+        [host, Protocol::Tcp(_), rest @ .., Protocol::P2p(_)] => {
+            matches!(
+                host,
+                Protocol::Ip4(_) | Protocol::Ip6(_) | Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_)
+            ) && matches!(rest, [] | [Protocol::Ws(_)] | [Protocol::Wss(_)] | [Protocol::Tls, Protocol::Ws(_)])
+        }
+        _ => false,
+    };
+    match dialable {
+        true => Ok((peer, addr)),
+        false => Err(NetError::UnsupportedAddress(s.into())),
     }
 }
 
 impl Net {
     /// Starts the swarm with the device's keypair. Must be called inside a tokio runtime.
     pub fn start(keypair: Keypair) -> Result<Net, NetError> {
+        let (dns, dns_opts) = dns_config();
         let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
             .map_err(|e| NetError::Unreachable(e.to_string()))?
+            .with_other_transport(|key| websocket(key, dns.clone(), dns_opts.clone()))
+            .map_err(|e| NetError::Unreachable(e.to_string()))?
+            .with_dns_config(dns, dns_opts)
             .with_relay_client(noise::Config::new, yamux::Config::default)
             .map_err(|e| NetError::Unreachable(e.to_string()))?
             .with_behaviour(|key, relay_client| Behaviour {
@@ -156,6 +199,39 @@ impl Net {
     pub fn handle(&self) -> NetHandle {
         self.handle.clone()
     }
+}
+
+/// The system's DNS settings; where it has none (no `/etc/resolv.conf`, as on Android), none:
+/// `/dns…` addresses then fail to resolve when dialed, IP addresses still work.
+fn dns_config() -> (libp2p::dns::ResolverConfig, libp2p::dns::ResolverOpts) {
+    hickory_resolver::system_conf::read_system_conf().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no system DNS settings: /dns addresses will not resolve");
+        (libp2p::dns::ResolverConfig::new(), libp2p::dns::ResolverOpts::default())
+    })
+}
+
+/// WebSocket (`…/ws`) and secure WebSocket (`…/wss`, TLS against the web's roots) over DNS and
+/// TCP. Names resolve inside it, so that TLS checks the certificate against the host name;
+/// libp2p's own builder would read the system's DNS settings and fail without them.
+fn websocket(
+    key: &Keypair,
+    dns: libp2p::dns::ResolverConfig,
+    dns_opts: libp2p::dns::ResolverOpts,
+) -> Result<
+    libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    use libp2p::core::muxing::StreamMuxerBox;
+    use libp2p::core::upgrade::Version;
+    use libp2p::Transport;
+    let tcp = libp2p::tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let ws = libp2p::websocket::Config::new(libp2p::dns::tokio::Transport::custom(tcp, dns, dns_opts));
+    Ok(ws
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise::Config::new(key)?)
+        .multiplex(yamux::Config::default())
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+        .boxed())
 }
 
 impl NetHandle {

@@ -29,7 +29,7 @@ use crate::device::drive::{Action, Event};
 use crate::device::error::Error;
 use crate::device::local::SecretMessage;
 use crate::device::local::{ChatSummary, ContactInfo, Device, LinkCode, MessageOp, SessionInfo};
-use crate::device::net::{parse_relay_addr, Net, NetError, RelayLink, RelayStream};
+use crate::device::net::{parse_relay_addrs, Net, NetError, RelayLink, RelayStream};
 use crate::device::ops::{Op, OpOut, Step};
 use crate::device::session_core::{SessionCore, SessionInput, Work};
 use crate::device::session_secret::{HubOut, Input, SecretHub};
@@ -174,23 +174,23 @@ impl Session {
 
     /// Starts syncing `device` (which must be logged in) with its relay, as `config` says.
     pub fn start_with(device: Device, config: SessionConfig) -> Result<Session, Error> {
-        let relay = device.login()?.relay.clone();
-        let (peer, addr) = parse_relay_addr(&relay)?;
+        let relays = parse_relay_addrs(&device.login()?.relay)?;
         let net = Net::start(device.keypair())?;
         let hub = match config.secret_chats {
-            true => Some(SecretHub::new(net.handle(), relay, config.secret_tcp, &device)?),
+            // Circuits go through the address the session connected on (see `relay_up`).
+            true => Some(SecretHub::new(net.handle(), relays[0].1.to_string(), config.secret_tcp, &device)?),
             false => None,
         };
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (ev_tx, ev_rx) = broadcast::channel(EVENT_QUEUE);
         let mut device = device;
-        let core = device.start_session()?;
+        let core = device.start_session()?.with_addresses(relays.len());
         let driver = Driver {
             device,
             core,
             net,
-            peer,
-            addr,
+            relays,
+            connecting_to: 0,
             events: ev_tx.clone(),
             link: None,
             connecting: None,
@@ -276,8 +276,10 @@ struct Driver {
     /// Every decision about the relay connection: see [`SessionCore`].
     core: SessionCore,
     net: Net,
-    peer: libp2p::PeerId,
-    addr: libp2p::Multiaddr,
+    /// The relay's addresses, in the order the core tries them ([`Work::Connect`] names one).
+    relays: Vec<(libp2p::PeerId, libp2p::Multiaddr)>,
+    /// The address of the connection being opened, or of the open one.
+    connecting_to: usize,
     events: broadcast::Sender<Event>,
     /// The open stream's task, while connected.
     link: Option<RelayLink>,
@@ -370,7 +372,8 @@ impl Driver {
                         Ok(stream) => {
                             self.link = Some(RelayLink::start(stream));
                             if let Some(hub) = self.hub.as_mut() {
-                                hub.relay_up();
+                                let at = self.relays.get(self.connecting_to).map(|(_, a)| a.to_string());
+                                hub.relay_up(at);
                             }
                             self.step(SessionInput::Connected).await;
                         }
@@ -401,9 +404,12 @@ impl Driver {
         let mut queue = std::collections::VecDeque::from(work);
         while let Some(w) = queue.pop_front() {
             match w {
-                Work::Connect => {
-                    let (mut net, peer, addr) = (self.net.handle(), self.peer, self.addr.clone());
-                    self.connecting = Some(tokio::spawn(async move { net.open(peer, addr).await }));
+                Work::Connect { addr } => {
+                    // The core only names addresses it was told of; were it not to, the first.
+                    let (peer, at) = self.relays.get(addr).unwrap_or(&self.relays[0]).clone();
+                    self.connecting_to = addr;
+                    let mut net = self.net.handle();
+                    self.connecting = Some(tokio::spawn(async move { net.open(peer, at).await }));
                 }
                 Work::Close => self.link = None,
                 Work::Send(frame) => {

@@ -11,8 +11,12 @@
 //!
 //! Rules:
 //! * Connecting: at start, then after a failure or a loss, after a backoff that starts at
-//!   [`BACKOFF_MIN_MS`] and doubles per failed attempt up to [`BACKOFF_MAX_MS`], plus up to a
+//!   [`BACKOFF_MIN_MS`] and doubles per failed round up to [`BACKOFF_MAX_MS`], plus up to a
 //!   quarter of it in jitter. A connection that came up resets it.
+//! * The relay may have several addresses ([`SessionCore::with_addresses`]): a round tries
+//!   them in order, starting from the one that worked last, the next one at once after a
+//!   failure; the backoff comes only once every address of the round failed. A lost
+//!   connection starts the next round from the address it ran on.
 //! * A connection on which requests wait and nothing arrives for [`SILENCE_MS`] is taken as
 //!   dead ([`Work::Close`], then reconnect): a stream whose peer vanished without a reset would
 //!   otherwise hold the session for good. One on which nothing waits is probed after
@@ -68,9 +72,10 @@ pub enum SessionInput {
 /// What the driver carries out, in order.
 #[derive(Debug, PartialEq)]
 pub enum Work {
-    /// Open a stream to the relay; report [`SessionInput::Connected`] or
-    /// [`SessionInput::ConnectFailed`].
-    Connect,
+    /// Open a stream to the relay at its address number `addr` (an index into the list the
+    /// driver gave [`SessionCore::with_addresses`] the length of); report
+    /// [`SessionInput::Connected`] or [`SessionInput::ConnectFailed`].
+    Connect { addr: usize },
     /// Drop the stream without waiting for anything on it (the core already counts it lost).
     Close,
     /// Send this frame on the stream.
@@ -119,6 +124,12 @@ pub struct SessionCore {
     parked: BTreeMap<u64, (u64, bool)>,
     shown: Shown,
     rng: StdRng,
+    /// How many addresses the relay has (at least 1).
+    addrs: usize,
+    /// The address tried next, or the one connected to.
+    addr: usize,
+    /// Addresses that failed in this round, since the last connection or backoff.
+    failed_in_round: usize,
 }
 
 impl SessionCore {
@@ -134,7 +145,17 @@ impl SessionCore {
             parked: BTreeMap::new(),
             shown: Shown::default(),
             rng: StdRng::seed_from_u64(seed),
+            addrs: 1,
+            addr: 0,
+            failed_in_round: 0,
         }
+    }
+
+    /// The relay has `addrs` addresses (0 counts as 1), tried in order: [`Work::Connect`]
+    /// names one by its index.
+    pub fn with_addresses(mut self, addrs: usize) -> Self {
+        self.addrs = addrs.max(1);
+        self
     }
 
     /// The sync core, for [`crate::Device::carry_out`] and for local writes that queue into it.
@@ -177,12 +198,21 @@ impl SessionCore {
             SessionInput::Connected if self.link == Link::Connecting => {
                 self.link = Link::Up { heard: now };
                 self.backoff_ms = BACKOFF_MIN_MS;
+                self.failed_in_round = 0;
                 sync = self.sync.handle(SyncInput::Connected);
             }
             // A stream opened after the session ended or was lost meanwhile: not ours.
             SessionInput::Connected => work.push(Work::Close),
             SessionInput::ConnectFailed(reason) if self.link == Link::Connecting => {
-                self.down(now);
+                self.addr = (self.addr + 1) % self.addrs;
+                self.failed_in_round += 1;
+                if self.failed_in_round < self.addrs {
+                    // The next address of this round, at once.
+                    self.link = Link::Down { retry_at: now };
+                } else {
+                    self.failed_in_round = 0;
+                    self.down(now);
+                }
                 work.push(Work::Emit(Event::Disconnected { reason }));
             }
             SessionInput::ConnectFailed(_) => {}
@@ -210,7 +240,7 @@ impl SessionCore {
                 match self.link {
                     Link::Down { retry_at } if retry_at <= now => {
                         self.link = Link::Connecting;
-                        work.push(Work::Connect);
+                        work.push(Work::Connect { addr: self.addr });
                     }
                     Link::Up { heard } if self.waiting() && now >= heard + SILENCE_MS => {
                         work.push(Work::Close);
@@ -333,6 +363,7 @@ impl SessionCore {
     fn lost(&mut self, now: u64, reason: String, work: &mut Vec<Work>) {
         // The sync core's Disconnected has no outputs: it forgets what waited on the stream.
         let _ = self.sync.handle(SyncInput::Disconnected);
+        self.failed_in_round = 0;
         self.down(now);
         work.extend(self.unanswered());
         self.shown = Shown::default();

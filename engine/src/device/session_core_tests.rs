@@ -42,7 +42,7 @@ fn sent(work: &[Work]) -> Vec<&ClientFrame> {
 fn up(now: u64) -> SessionCore {
     let mut s = SessionCore::new(SyncCore::new(Seq(0), false), 7);
     assert_eq!(s.next_wake(), Some(0), "it connects at once");
-    assert_eq!(step(&mut s, now, SessionInput::Timeout), vec![Work::Connect]);
+    assert_eq!(step(&mut s, now, SessionInput::Timeout), vec![Work::Connect { addr: 0 }]);
     let work = step(&mut s, now, SessionInput::Connected);
     assert!(matches!(sent(&work)[..], [ClientFrame::Hello { .. }]), "{work:?}");
     let work = frame(
@@ -62,13 +62,43 @@ fn up(now: u64) -> SessionCore {
     s
 }
 
+/// Three addresses: a round tries each in order, the next at once after a failure; only a
+/// round where all failed backs off; the address that worked is where the next round starts.
+#[test]
+fn a_relay_with_several_addresses_is_tried_in_order_and_backs_off_per_round() {
+    let mut s = SessionCore::new(SyncCore::new(Seq(0), false), 3).with_addresses(3);
+    let mut now = 10;
+    let fail = |s: &mut SessionCore, now: u64, addr: usize| {
+        assert_eq!(step(s, now, SessionInput::Timeout), vec![Work::Connect { addr }]);
+        step(s, now, SessionInput::ConnectFailed(format!("address {addr} refused")));
+    };
+    fail(&mut s, now, 0);
+    assert_eq!(s.next_wake(), Some(now), "the second address at once");
+    fail(&mut s, now, 1);
+    assert_eq!(s.next_wake(), Some(now), "the third address at once");
+    fail(&mut s, now, 2);
+    let at = s.next_wake().expect("a retry is due");
+    assert!((BACKOFF_MIN_MS..=BACKOFF_MIN_MS + BACKOFF_MIN_MS / 4).contains(&(at - now)), "all failed: backoff");
+    now = at;
+    fail(&mut s, now, 0);
+    assert_eq!(step(&mut s, now, SessionInput::Timeout), vec![Work::Connect { addr: 1 }]);
+    step(&mut s, now, SessionInput::Connected);
+    step(&mut s, now, SessionInput::Lost("reset".into()));
+    let at = s.next_wake().expect("reconnects");
+    assert!(at - now <= BACKOFF_MIN_MS + BACKOFF_MIN_MS / 4, "a connection resets the backoff");
+    assert_eq!(step(&mut s, at, SessionInput::Timeout), vec![Work::Connect { addr: 1 }], "where it last worked");
+    step(&mut s, at, SessionInput::ConnectFailed("gone".into()));
+    assert_eq!(s.next_wake(), Some(at), "then the others, at once");
+    assert_eq!(step(&mut s, at, SessionInput::Timeout), vec![Work::Connect { addr: 2 }]);
+}
+
 #[test]
 fn failed_connections_back_off_doubling_with_bounded_jitter_and_a_success_resets_it() {
     let mut s = SessionCore::new(SyncCore::new(Seq(0), false), 1);
     let mut now = 0;
     let mut waits = Vec::new();
     for _ in 0..10 {
-        assert_eq!(step(&mut s, now, SessionInput::Timeout), vec![Work::Connect]);
+        assert_eq!(step(&mut s, now, SessionInput::Timeout), vec![Work::Connect { addr: 0 }]);
         assert_eq!(s.next_wake(), None, "nothing to do while the connect is under way");
         let work = step(&mut s, now, SessionInput::ConnectFailed("refused".into()));
         assert!(matches!(&work[..], [Work::Emit(Event::Disconnected { .. })]), "{work:?}");
@@ -82,7 +112,7 @@ fn failed_connections_back_off_doubling_with_bounded_jitter_and_a_success_resets
         assert!((backoff..=backoff + backoff / 4).contains(w), "{waits:?}");
         backoff = (backoff * 2).min(BACKOFF_MAX_MS);
     }
-    assert_eq!(step(&mut s, now, SessionInput::Timeout), vec![Work::Connect]);
+    assert_eq!(step(&mut s, now, SessionInput::Timeout), vec![Work::Connect { addr: 0 }]);
     step(&mut s, now, SessionInput::Connected);
     step(&mut s, now, SessionInput::Lost("reset".into()));
     let again = s.next_wake().expect("reconnects") - now;
@@ -119,7 +149,7 @@ fn a_connection_that_goes_silent_with_requests_waiting_is_dropped_and_made_again
     assert!(work.contains(&Work::Unanswered { token: 9 }), "{work:?}");
     assert!(work.iter().any(|w| matches!(w, Work::Emit(Event::Disconnected { .. }))), "{work:?}");
     let at = s.next_wake().expect("reconnects");
-    assert_eq!(step(&mut s, at, SessionInput::Timeout), vec![Work::Connect]);
+    assert_eq!(step(&mut s, at, SessionInput::Timeout), vec![Work::Connect { addr: 0 }]);
     // A stream that was being read when it was dropped may still report its end: ignored.
     assert!(step(&mut s, at, SessionInput::Lost("late".into())).is_empty());
 }
@@ -246,7 +276,7 @@ fn a_parked_request_waits_until_caught_up_or_gives_up() {
         now = s.next_wake().expect("a retry or the park's end");
         let work = step(&mut s, now, SessionInput::Timeout);
         gave_up |= work.contains(&Work::Unanswered { token: 8 });
-        if work.contains(&Work::Connect) {
+        if work.contains(&Work::Connect { addr: 0 }) {
             step(&mut s, now, SessionInput::ConnectFailed("down".into()));
         }
     }

@@ -78,6 +78,7 @@ impl Session {
     /// # let config = stratus_relay::server::Config {
     /// #     data_dir: dir.path().join("relay"),
     /// #     listen: "/ip4/127.0.0.1/tcp/0".parse()?,
+    /// #     listen_ws: None,
     /// #     external_addresses: Vec::new(),
     /// #     limits: Default::default(),
     /// #     admin_http: None,

@@ -198,7 +198,12 @@ impl SecretHub {
 
     /// The session's relay connection came (back) up: the circuit reservation went with the
     /// old one, so listen again (a no-op if it stands).
-    pub(super) fn relay_up(&mut self) {
+    /// `at`: the relay address the session connected on, which circuits use from now on
+    /// (reserving and dialing through an address the relay is not reached at would fail).
+    pub(super) fn relay_up(&mut self, at: Option<String>) {
+        if let Some(at) = at {
+            self.relay = at;
+        }
         let now = self.now();
         self.links.relay_up(now);
     }

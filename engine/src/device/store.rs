@@ -86,7 +86,10 @@ pub struct Login {
     pub keys: AccountKeys,
     /// This device's certificate.
     pub cert: DeviceCert,
-    /// The relay's multiaddr, `…/p2p/<peer id>`.
+    /// The relay's multiaddrs, each `…/p2p/<peer id>`, separated by spaces, in the order a
+    /// device tries them (see [`crate::net::parse_relay_addrs`]). One string rather than a
+    /// list so that logins stored before devices kept several addresses still decode: the
+    /// stored records carry no format version yet.
     pub relay: String,
 }
 

@@ -61,7 +61,7 @@ impl Sim {
     pub(super) fn run_work(&mut self, dev: usize, work: Vec<Work>) -> Check {
         for w in work {
             match w {
-                Work::Connect => {
+                Work::Connect { .. } => {
                     // Dialing takes a round trip before it succeeds or fails.
                     let at = self.now + 2 * self.devs[dev].latency;
                     let life = self.devs[dev].life;

@@ -86,9 +86,31 @@ impl Device {
         self.identity.account()
     }
 
-    /// The relay this device syncs with, if logged in.
+    /// The relay this device syncs with, if logged in: its first address (the one secret
+    /// chats' circuits start with; see [`Device::relay_addrs`] for all).
     pub fn relay(&self) -> Option<&str> {
-        self.identity.login.as_ref().map(|l| l.relay.as_str())
+        self.relay_addrs().into_iter().next()
+    }
+
+    /// Every address of the relay this device syncs with, in the order it tries them (empty
+    /// when not logged in).
+    pub fn relay_addrs(&self) -> Vec<&str> {
+        self.identity.login.as_ref().map(|l| l.relay.split_whitespace().collect()).unwrap_or_default()
+    }
+
+    /// Moves this device's account to the relay at `addrs` (tried in this order; each
+    /// `…/p2p/<peer id>`, at most [`crate::net::MAX_RELAY_ADDRS`]), durably. Nothing is sent:
+    /// the account must be on that relay already (the same relay at new addresses, or one
+    /// restored from its backup); the next session connects there. Addresses that do not
+    /// parse change nothing.
+    pub fn set_relay(&mut self, addrs: &[&str]) -> Result<(), Error> {
+        let joined = addrs.join(" ");
+        crate::net::parse_relay_addrs(&joined)?;
+        let mut login = self.identity.login()?.clone();
+        login.relay = joined;
+        self.store.set_login(&login)?;
+        self.identity.login = Some(login);
+        Ok(())
     }
 
     /// The device's libp2p identity (its PeerId is the device id). For tools and tests.

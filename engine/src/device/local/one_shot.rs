@@ -5,7 +5,7 @@
 
 use crate::device::error::Error;
 use crate::device::local::Device;
-use crate::device::net::{parse_relay_addr, Net, NetError, RelayStream};
+use crate::device::net::{parse_relay_addrs, Net, NetError, RelayStream};
 use crate::proto::ids::AccountId;
 use crate::proto::wire::{ClientFrame, ErrorCode, RelayFrame, ReqId, PROTOCOL_VERSION};
 
@@ -16,15 +16,16 @@ impl Device {
     /// Opens a sync stream and exchanges `Hello`. A stream that breaks during the exchange is
     /// opened again (up to [`CONNECT_ATTEMPTS`] times): libp2p-stream 0.4 drops an inbound
     /// stream that arrives while the relay's accept queue (one slot) is taken, which happens
-    /// when many devices connect at once.
+    /// when many devices connect at once. `relay` may list several addresses: each attempt
+    /// tries them in order until one answers.
     pub(super) async fn connect(&self, relay: &str) -> Result<(Net, RelayStream, Option<AccountId>), Error> {
-        let (peer, addr) = parse_relay_addr(relay)?;
+        let addrs = parse_relay_addrs(relay)?;
         let mut net = Net::start(self.keypair())?;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let result = async {
-                let mut stream = net.open(peer, addr.clone()).await?;
+                let mut stream = Self::open_any(&mut net, &addrs).await?;
                 stream.send(&ClientFrame::Hello { version: PROTOCOL_VERSION }).await?;
                 Ok::<_, Error>((stream.recv().await?, stream))
             }
@@ -50,6 +51,18 @@ impl Device {
                 Ok(_) => return Err(Error::Net(NetError::Unreachable("relay did not answer hello".into()))),
             }
         }
+    }
+
+    /// A stream to the first of `addrs` that can be reached, or the last one's failure.
+    async fn open_any(net: &mut Net, addrs: &[(libp2p::PeerId, libp2p::Multiaddr)]) -> Result<RelayStream, NetError> {
+        let mut last = NetError::AddressCount(0);
+        for (peer, addr) in addrs {
+            match net.open(*peer, addr.clone()).await {
+                Err(e @ NetError::Unreachable(_)) => last = e,
+                r => return r,
+            }
+        }
+        Err(last)
     }
 
     pub(super) async fn reply(stream: &mut RelayStream, req: ReqId) -> Result<RelayFrame, Error> {
