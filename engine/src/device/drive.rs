@@ -558,9 +558,8 @@ impl Device {
                 rest = &rest[applied.consumed..];
             }
         }
-        if !staged.is_empty() {
-            actions.extend(self.store_run(&mut staged, &mut done));
-        }
+        // Also with nothing left staged: what a broken document made store early is told now.
+        actions.extend(self.store_run(&mut staged, &mut done));
         // A chat's cursor passes the device's own acknowledged deltas (a plain write: the
         // cursor is only ever moved on). Not for a chat whose deltas wait for a key, nor past
         // deltas that could not be stored.

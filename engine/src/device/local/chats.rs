@@ -304,11 +304,6 @@ impl StagedDeltas {
             _ => self.chats.push((chat, entries)),
         }
     }
-
-    /// Whether nothing is staged.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.chats.is_empty()
-    }
 }
 
 /// What [`Device::stage_deltas`] did.
