@@ -173,18 +173,21 @@ fn a_held_back_change_is_checked_when_its_dependencies_arrive() {
     assert_eq!(replayed.heads(), victim.heads());
 }
 
+/// `change` made to depend on a change nobody has (number `i`): it waits for it.
+fn waiting_for(change: &[u8], i: u32) -> Vec<u8> {
+    let mut e = Change::from_bytes(change.to_vec()).unwrap().decode();
+    let mut missing = [0u8; 32];
+    missing[..4].copy_from_slice(&i.to_be_bytes());
+    e.deps = vec![automerge::ChangeHash(missing)];
+    Change::from(e).raw_bytes().to_vec()
+}
+
 #[test]
 fn changes_waiting_for_dependencies_are_bounded() {
     let chat = ChatId([8; 16]);
     let mut evil = ChatDoc::new(chat, &dev("evil"));
     let change = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), "x", 5, [1; 16])).unwrap();
-    let waiting = |i: u32| {
-        let mut e = Change::from_bytes(change.clone()).unwrap().decode();
-        let mut missing = [0u8; 32];
-        missing[..4].copy_from_slice(&i.to_be_bytes());
-        e.deps = vec![automerge::ChangeHash(missing)];
-        Change::from(e).raw_bytes().to_vec()
-    };
+    let waiting = |i: u32| waiting_for(&change, i);
     let mut victim = ChatDoc::new(chat, &dev("v"));
     for i in 0..MAX_PENDING_CHANGES as u32 {
         assert_eq!(victim.take(&waiting(i)), Ok(vec![]));
@@ -201,13 +204,7 @@ fn changes_waiting_for_dependencies_are_bounded_in_bytes() {
     let mut evil = ChatDoc::new(chat, &dev("evil"));
     let text = "x".repeat(20_000);
     let change = evil.add_message(&new_message(AccountId([1; 16]), &dev("evil"), &text, 5, [1; 16])).unwrap();
-    let waiting = |i: u32| {
-        let mut e = Change::from_bytes(change.clone()).unwrap().decode();
-        let mut missing = [0u8; 32];
-        missing[..4].copy_from_slice(&i.to_be_bytes());
-        e.deps = vec![automerge::ChangeHash(missing)];
-        Change::from(e).raw_bytes().to_vec()
-    };
+    let waiting = |i: u32| waiting_for(&change, i);
     let size = waiting(0).len();
     assert!(size > 10_000, "{size}");
     let fit = (MAX_PENDING_BYTES / size) as u32;
