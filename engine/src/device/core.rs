@@ -537,6 +537,11 @@ impl SyncCore {
                     }
                 }
             }
+            // Until this connection's `SyncState` is answered the device does not know whether
+            // the relay's logs are still the ones it followed (a restore): a delta pushed
+            // meanwhile is fetched after it (its head counts it), not applied under a cursor
+            // the rewind would not know to lower.
+            RelayFrame::Push { .. } if self.phase != Phase::Ready => {}
             RelayFrame::Push { delta } => {
                 let c = self.chats.entry(delta.chat).or_default();
                 if c.ready && c.fetching.is_none() && delta.seq == c.cursor.next() {
