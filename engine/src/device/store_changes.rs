@@ -6,23 +6,11 @@
 use super::*;
 
 impl DeviceStore {
-    /// Stores a remote change and moves the cursor to `seq`, atomically. `change` is `None` for
-    /// a delta that failed to open or apply: the cursor still passes it. Returns the number of
-    /// changes now stored after the chat's snapshot.
-    pub fn apply_remote(&self, chat: ChatId, seq: Seq, change: Option<&[u8]>) -> Result<u64, StoreError> {
-        self.apply_remote_many(chat, &[(seq, change)])
-    }
-
-    /// [`DeviceStore::apply_remote`] for several deltas of one chat in order, atomically: the
-    /// changes stored and the cursor at the last seq.
-    pub fn apply_remote_many(&self, chat: ChatId, deltas: &[RemoteEntry]) -> Result<u64, StoreError> {
-        let stored = self.apply_remote_chats(&[(chat, deltas)])?;
-        Ok(stored.first().copied().unwrap_or(0))
-    }
-
-    /// [`DeviceStore::apply_remote_many`] for several chats in one atomic write (the deltas a
-    /// session took from the relay together, whatever their chats). Returns, for each entry in
-    /// the order given, its chat's number of changes then stored after its snapshot.
+    /// Stores remote changes of several chats and moves each chat's cursor to its last seq, in
+    /// one atomic write (the deltas a session took from the relay together, whatever their
+    /// chats); an entry whose change is `None` (a delta that failed to open or apply) only
+    /// moves the cursor past it. Returns, for each entry in the order given, its chat's number
+    /// of changes then stored after its snapshot.
     pub fn apply_remote_chats(&self, chats: &[(ChatId, &[RemoteEntry])]) -> Result<Vec<u64>, StoreError> {
         let mut next = BTreeMap::new();
         for (chat, _) in chats {
@@ -50,16 +38,9 @@ impl DeviceStore {
         Ok(counts)
     }
 
-    /// Stores a local change with its outbox item, advancing the client seq, atomically; not yet
-    /// durable, see [`DeviceStore::barrier`]. Returns the number of changes now stored after the
-    /// chat's snapshot.
-    pub fn store_local(&self, chat: ChatId, change: &[u8], item: &OutboxItem) -> Result<u64, StoreError> {
-        self.store_local_many(&[(chat, change, item)])?;
-        self.next_change_n(chat)
-    }
-
-    /// [`DeviceStore::store_local`] for several local changes (of any chats, with consecutive
-    /// client seqs) in one atomic write, as a batch of the app's writes comes.
+    /// Stores local changes (of any chats, with consecutive client seqs) with their outbox
+    /// items, advancing the client seq, in one atomic write, as a batch of the app's writes
+    /// comes; not yet durable, see [`DeviceStore::barrier`].
     pub fn store_local_many(&self, writes: &[(ChatId, &[u8], &OutboxItem)]) -> Result<(), StoreError> {
         let mut next = BTreeMap::new();
         for (chat, _, _) in writes {

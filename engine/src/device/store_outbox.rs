@@ -40,14 +40,9 @@ impl DeviceStore {
         Ok(())
     }
 
-    /// Moves an item the relay acknowledged from the outbox to `sent` (the newest
-    /// [`SENT_KEPT`] are kept there, to be sent again to a restored relay), in one write.
-    pub fn outbox_acked(&self, cs: ClientSeq) -> Result<(), StoreError> {
-        self.outbox_acked_many(&[cs])
-    }
-
-    /// [`DeviceStore::outbox_acked`] for several items, in one write (the acks a session took
-    /// from the relay together).
+    /// Moves items the relay acknowledged from the outbox to `sent` (the newest [`SENT_KEPT`]
+    /// are kept there, to be sent again to a restored relay), in one write (the acks a session
+    /// took from the relay together).
     pub fn outbox_acked_many(&self, acked: &[ClientSeq]) -> Result<(), StoreError> {
         let mut items = Vec::with_capacity(acked.len());
         for cs in acked {
@@ -142,7 +137,7 @@ mod sent_tests {
                 body: OutboxBody::Delta { sealed: vec![1], plain: vec![2] },
             };
             store.outbox.insert(cs.to_be_bytes(), enc(&item)).unwrap();
-            store.outbox_acked(ClientSeq(cs)).unwrap();
+            store.outbox_acked_many(&[ClientSeq(cs)]).unwrap();
         }
         assert_eq!(store.outbox_len(), 0);
         assert_eq!(store.sent.len(), SENT_KEPT, "only the newest are kept");
