@@ -72,7 +72,7 @@ use crate::proto::wire::{
 /// Most catch-up pages (chat or account) requested and not yet answered.
 pub const MAX_FETCHES_IN_FLIGHT: usize = 4;
 /// Most appends sent and not yet acknowledged.
-pub const MAX_APPENDS_IN_FLIGHT: usize = 16;
+pub const MAX_APPENDS_IN_FLIGHT: usize = 64;
 /// Most outbox items the core holds; more stay in the store until these are acknowledged.
 pub const OUTBOX_WINDOW: usize = 256;
 /// Longest pause a relay's retry-after can impose; a longer one is cut to this, so that a

@@ -12,6 +12,7 @@ use rand::Rng;
 use crate::device::core::{SyncCore, SyncInput, SyncOutput};
 use crate::device::doc::{DocUpdate, Message};
 use crate::device::error::Error;
+use crate::device::group_commit::BarrierStart;
 use crate::device::local::{Device, KeyWork, LocalWrites, MessageOp, SecretMessage, StagedDeltas};
 use crate::device::session_core::{SessionCore, SessionInput, Work};
 use crate::device::store::{Barrier, OutboxItem};
@@ -103,6 +104,12 @@ impl StagedWrites {
     /// Whether a barrier is owed: something was stored.
     pub(crate) fn needs_barrier(&self) -> bool {
         self.stored.is_ok() && self.staged.iter().any(Result::is_ok)
+    }
+
+    /// The client seqs of the items stored.
+    pub(crate) fn client_seqs(&self) -> impl Iterator<Item = ClientSeq> + '_ {
+        let stored = self.stored.is_ok();
+        self.staged.iter().filter_map(move |s| s.as_ref().ok().filter(|_| stored).map(|(_, item, _)| item.client_seq))
     }
 }
 
@@ -237,15 +244,26 @@ impl Device {
     /// them (a group commit: an app sending thousands of messages a second pays one fsync per
     /// batch, not per message), then queues those that succeeded with `core`. Nothing of the
     /// batch is answered or sent before the barrier. Returns one result per write, in order,
-    /// and what the driver must do now. (The session's driver does the same in three steps, to
-    /// wait for the disk on a blocking thread.)
+    /// and what the driver must do now. (The session's driver does the same in steps, to wait
+    /// for the disk on a blocking thread while it takes the relay's frames: see
+    /// `group_commit.rs`.)
     pub fn write_batch(&mut self, core: &mut SyncCore, writes: &[(ChatId, MessageOp)]) -> (Vec<Written>, Vec<Action>) {
-        let staged = self.stage_writes(writes);
-        let barrier = match staged.needs_barrier() {
-            true => self.store.barrier().map_err(|e| e.to_string()),
-            false => Ok(()),
-        };
-        self.finish_writes(core, writes, staged, barrier)
+        self.stage_batch(writes.to_vec());
+        let mut answers = Vec::new();
+        let mut actions = Vec::new();
+        loop {
+            let barrier = match self.start_barrier() {
+                BarrierStart::Nothing => break,
+                BarrierStart::Done => Ok(()),
+                BarrierStart::Run(b) => b.barrier().map_err(|e| e.to_string()),
+            };
+            let (a, more) = self.barrier_done(core, barrier);
+            answers.extend(a);
+            actions.extend(more);
+        }
+        // This batch was staged last (a session's driver, the only other stager, owns its
+        // device while it runs).
+        (answers.pop().unwrap_or_default(), actions)
     }
 
     /// The first half of [`Device::write_batch`]: `writes` carried out on the documents and
@@ -292,6 +310,11 @@ impl Device {
             compact.insert(*chat, stored);
             events.push(Action::Emit(self.written_event(*chat, write, &message)));
             results.push(Ok((message, item.client_seq)));
+            // As stored now: sealed again if a rotation came between staging and here.
+            let item = match self.store.outbox_item(item.client_seq) {
+                Ok(Some(now)) => now,
+                _ => item,
+            };
             outputs.extend(core.handle(SyncInput::OutboxAdded(item)));
         }
         for (chat, stored) in compact {
@@ -425,6 +448,11 @@ impl Device {
                 SyncOutput::LoadOutbox { after, max } => {
                     let (items, more) = match self.store.outbox_after(after, max + 1) {
                         Ok(mut items) => {
+                            // Writes not yet durable reach the core when they are
+                            // (`group_commit.rs`), not from here.
+                            if let Some(bound) = self.durable_bound() {
+                                items.retain(|i| i.client_seq < bound);
+                            }
                             let more = items.len() > max;
                             items.truncate(max);
                             (items, more)

@@ -25,6 +25,8 @@ use crate::device::error::Error;
 use crate::device::store::{device_id_of, DeviceSecrets, DeviceStore};
 
 mod chats;
+#[cfg(test)]
+mod group_commit_tests;
 mod identity;
 mod one_shot;
 mod outbox;
@@ -58,6 +60,8 @@ pub struct Device {
     /// When this device last recorded that it had a session with the relay (see
     /// [`DeviceStore::last_reached_ms`]); written at most every [`REACHED_EVERY_MS`].
     reached_ms: i64,
+    /// The app's writes stored and not yet durable (`group_commit.rs`).
+    pub(crate) unsettled: crate::device::group_commit::Unsettled,
 }
 
 /// How often a device with a session records that it has one: an expiry is believed only
@@ -122,6 +126,7 @@ impl Device {
             key_state: KeyWorkState::default(),
             secret_docs: SecretDocs::default(),
             reached_ms: 0,
+            unsettled: Default::default(),
         })
     }
 

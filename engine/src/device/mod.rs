@@ -4,6 +4,7 @@ pub mod core;
 pub mod doc;
 mod drive;
 mod error;
+mod group_commit;
 mod kv;
 mod local;
 pub mod net;
@@ -17,8 +18,9 @@ mod session_secret;
 pub mod store;
 
 pub use doc::Message;
-pub use drive::{Action, Event};
+pub use drive::{Action, Event, Written};
 pub use error::Error;
+pub use group_commit::BarrierStart;
 pub use kv::MemDisk;
 pub use local::{
     Answer, ChatSummary, ContactInfo, Device, Ended, LinkCode, MessageOp, Opening, SecretConn, SecretMessage,

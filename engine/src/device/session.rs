@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use crate::device::doc::Message;
 use crate::device::drive::{Action, Event};
 use crate::device::error::Error;
+use crate::device::group_commit::BarrierStart;
 use crate::device::local::SecretMessage;
 use crate::device::local::{ChatSummary, ContactInfo, Device, LinkCode, MessageOp, SessionInfo};
 use crate::device::net::{parse_relay_addrs, Net, NetError, RelayLink, RelayStream};
@@ -200,6 +201,8 @@ impl Session {
             ops: BTreeMap::new(),
             next_token: 0,
             pending_outs: Vec::new(),
+            write_replies: Default::default(),
+            barrier: None,
         };
         tokio::spawn(driver.run(cmd_rx));
         Ok(Session { commands: cmd_tx, events: ev_tx, first: Some(ev_rx) })
@@ -296,6 +299,11 @@ struct Driver {
     next_token: u64,
     /// What the hub asked for while a request was settled, to carry out next.
     pending_outs: Vec<HubOut>,
+    /// Whom to answer for each batch of writes the device holds until its barrier is done
+    /// (`group_commit.rs`), oldest first.
+    write_replies: std::collections::VecDeque<Vec<Reply<(Message, ClientSeq)>>>,
+    /// The barrier under way for them, on a blocking thread.
+    barrier: Option<tokio::task::JoinHandle<Result<(), String>>>,
 }
 
 impl Driver {
@@ -334,6 +342,11 @@ impl Driver {
                     if !writes.is_empty() {
                         self.writes(writes).await;
                     }
+                    if rest.is_some() {
+                        // Anything else comes after the writes before it are durable and
+                        // queued: it may queue writes of its own, which must follow theirs.
+                        self.settle_writes().await;
+                    }
                     match rest {
                         Some(Command::Stop { reply }) => {
                             // What was sent last (a typing indicator has no answer to wait
@@ -366,6 +379,11 @@ impl Driver {
                     Ok(None) => self.lost("relay closed the stream".into()).await,
                     Err(e) => self.lost(e.to_string()).await,
                 },
+                done = barrier_done(self.barrier.as_mut()) => {
+                    self.barrier = None;
+                    self.barrier_done(done.unwrap_or_else(|e| Err(format!("the barrier's thread failed: {e}")))).await;
+                    self.start_barrier().await;
+                }
                 opened = connected(connecting) => {
                     self.connecting = None;
                     match opened {
@@ -463,28 +481,60 @@ impl Driver {
         self.carry(work).await;
     }
 
-    /// Carries out a batch of the app's writes with one store barrier, answers each, then
-    /// what they asked for (sending them).
+    /// Carries out a batch of the app's writes on the documents and stores it; it is answered
+    /// and sent once a barrier makes it durable, which runs on a blocking thread while the task
+    /// goes on (`group_commit.rs`): the writes that come meanwhile share the next barrier.
     async fn writes(&mut self, writes: Vec<WriteCmd>) {
         let (ops, replies): (Vec<_>, Vec<_>) = writes.into_iter().map(|(chat, op, reply)| ((chat, op), reply)).unzip();
-        // The barrier waits for the disk on a blocking thread, not on the runtime's: other
-        // sessions and the links' pumps go on meanwhile (this session's task waits for it).
-        let staged = self.device.stage_writes(&ops);
-        let barrier = match staged.needs_barrier() {
-            true => {
-                let barrier = self.device.barrier_handle();
-                match tokio::task::spawn_blocking(move || barrier.barrier()).await {
-                    Ok(done) => done.map_err(|e| e.to_string()),
-                    Err(e) => Err(format!("the barrier's thread failed: {e}")),
+        self.device.stage_batch(ops);
+        self.write_replies.push_back(replies);
+        self.start_barrier().await;
+    }
+
+    /// Starts a barrier for the writes staged, unless one is under way.
+    async fn start_barrier(&mut self) {
+        loop {
+            match self.device.start_barrier() {
+                BarrierStart::Nothing => return,
+                BarrierStart::Done => self.barrier_done(Ok(())).await,
+                BarrierStart::Run(barrier) => {
+                    self.barrier =
+                        Some(tokio::task::spawn_blocking(move || barrier.barrier().map_err(|e| e.to_string())));
+                    return;
                 }
             }
-            false => Ok(()),
-        };
-        let (results, actions) = self.device.finish_writes(self.core.sync(), &ops, staged, barrier);
-        for (reply, result) in replies.into_iter().zip(results) {
-            let _ = reply.send(result);
+        }
+    }
+
+    /// Answers the writes a barrier covered and sends them.
+    async fn barrier_done(&mut self, barrier: Result<(), String>) {
+        let (answers, actions) = self.device.barrier_done(self.core.sync(), barrier);
+        for results in answers {
+            let replies = self.write_replies.pop_front().unwrap_or_default();
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
         }
         self.local(actions).await;
+    }
+
+    /// Waits until every write staged is durable, answered and queued.
+    async fn settle_writes(&mut self) {
+        while self.device.writes_unsettled() {
+            match self.barrier.take() {
+                Some(task) => {
+                    let done = task.await.unwrap_or_else(|e| Err(format!("the barrier's thread failed: {e}")));
+                    self.barrier_done(done).await;
+                }
+                None => {
+                    self.start_barrier().await;
+                    if self.barrier.is_none() && self.device.writes_unsettled() {
+                        // Not reached: a start either settles the batches or runs a barrier.
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     async fn command(&mut self, cmd: Command) {
@@ -643,6 +693,15 @@ fn unexpected(out: OpOut) -> Error {
 async fn hub_recv(hub: Option<&mut SecretHub>) -> Input {
     match hub {
         Some(h) => h.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn barrier_done(
+    barrier: Option<&mut tokio::task::JoinHandle<Result<(), String>>>,
+) -> Result<Result<(), String>, tokio::task::JoinError> {
+    match barrier {
+        Some(task) => task.await,
         None => std::future::pending().await,
     }
 }

@@ -145,6 +145,7 @@ impl Sim {
     }
 
     pub(super) fn create_chat(&mut self, dev: usize) -> Check {
+        self.settle(dev)?;
         let d = &mut self.devs[dev];
         let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(()) };
         let title = format!("{}'s chat", d.name);
@@ -291,6 +292,7 @@ impl Sim {
         let chat = self.chats[account][self.rng.gen_range(0..self.chats[account].len())];
         let text = format!("{} #{}", self.devs[dev].name, self.devs[dev].written);
         let (pick, kind) = (self.rng.gen::<usize>(), self.rng.gen_range(0..10u8));
+        self.settle(dev)?;
         let d = &mut self.devs[dev];
         let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(()) };
         // Three times in ten, something done to a message the device shows instead: an edit or
@@ -349,36 +351,17 @@ impl Sim {
                 (chat, MessageOp::Send { text: format!("{} burst #{n}", self.devs[dev].name), reply_to: None })
             })
             .collect();
-        self.report.burst_messages += self.send_batch(dev, &writes)?;
-        Ok(())
+        self.stage(dev, writes)
     }
 
-    /// Writes `writes` on `dev` under one barrier ([`Device::write_batch`]) and records them for
-    /// the checks; how many it could write.
+    /// Writes `writes` on `dev` under one barrier ([`Device::write_batch`]), after every write it
+    /// staged before, and records them for the checks; how many it could write.
     fn send_batch(&mut self, dev: usize, writes: &[(ChatId, MessageOp)]) -> Result<u32, String> {
+        self.settle(dev)?;
         let d = &mut self.devs[dev];
         let (Some(device), Some(core)) = (d.device.as_mut(), d.core.as_mut()) else { return Ok(0) };
         let (results, actions) = device.write_batch(core.sync(), writes);
-        let mut written = 0;
-        for ((chat, _), result) in writes.iter().zip(results) {
-            match result {
-                Ok((message, client_seq)) => {
-                    let account = self.devs[dev].account;
-                    if let Some(dep) =
-                        self.departure.as_mut().filter(|p| p.done && p.account != account && Some(*chat) == self.group)
-                    {
-                        dep.written_after.insert(message.id.clone());
-                    }
-                    self.written_by.insert(message.id.clone(), (dev, client_seq));
-                    self.written.entry(*chat).or_default().insert(message.id);
-                    written += 1;
-                }
-                // A linked device learns the chat's key from the account log: not yet. A group the
-                // account left.
-                Err(stratus_engine::Error::UnknownChat(_) | stratus_engine::Error::NotMember(_)) => {}
-                Err(e) => return Err(format!("{} could not write: {e}", self.devs[dev].name)),
-            }
-        }
+        let written = self.record_written(dev, writes, results)?;
         self.run_actions(dev, actions)?;
         Ok(written)
     }
@@ -403,6 +386,9 @@ impl Sim {
         d.life += 1;
         d.wake = None;
         d.inbox.clear();
+        // Staged writes go unanswered (what of them was durable is sent after the restart).
+        d.unsettled.clear();
+        d.barrier = None;
         if power_loss {
             // What was not made durable is gone, but for a prefix of it (sled writes in order).
             let keep = self.rng.gen_range(0..=d.disk.unsynced());

@@ -56,6 +56,7 @@ mod relay;
 mod setup;
 mod store;
 mod trace;
+mod writes;
 
 use trace::{describe, short_relay};
 
@@ -337,6 +338,11 @@ enum Ev {
         batches: usize,
         fails: bool,
     },
+    /// A device's store barrier is done (`writes.rs`).
+    DeviceBarrier {
+        dev: usize,
+        life: u64,
+    },
     RelayCrash,
     RelayStart,
     /// The device's stream dies without the device hearing of it.
@@ -414,6 +420,9 @@ struct Dev {
     acked: BTreeSet<ClientSeq>,
     /// Its session was ended and it deleted the account's data: the simulation leaves it be.
     gone: bool,
+    /// Its bursts' batches staged and not yet answered, and the barrier under way for them.
+    unsettled: VecDeque<Vec<(ChatId, MessageOp)>>,
+    barrier: Option<stratus_engine::store::Barrier>,
 }
 
 /// The world's member change, if it has one: the last account leaves the group (or is
@@ -664,6 +673,7 @@ impl Sim {
                 }
             }
             Ev::Burst { dev, left } => self.burst(dev, left)?,
+            Ev::DeviceBarrier { dev, life } => self.device_barrier(dev, life)?,
             Ev::RelayLost { conn } => self.relay_lost(conn)?,
             Ev::Connect { dev, life } => {
                 if self.devs[dev].life == life {

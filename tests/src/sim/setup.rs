@@ -33,6 +33,8 @@ impl Sim {
                     busy_until: 0,
                     acked: BTreeSet::new(),
                     gone: false,
+                    unsettled: VecDeque::new(),
+                    barrier: None,
                 });
             }
         }
