@@ -42,9 +42,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use stratus_engine::proto::cert::{AccountGen, AccountPublic, CertError, DeviceCert, MAX_DEVICE_NAME_BYTES};
 use stratus_engine::proto::directory::{AccountChain, KeyTerms, SignedGen};
+use stratus_engine::proto::wire::version_refusal;
 use stratus_engine::proto::wire::{
     AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, DeviceSession, ErrorCode, FrameError, Incarnation,
-    RelayFrame, ReqId, Restored, WrappedKey, MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
+    RelayFrame, ReqId, Restored, WrappedKey, MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
@@ -487,13 +489,8 @@ impl RelayCore {
                 out.push(error_frame(conn, None, ErrorCode::ProtocolViolation, "hello sent twice"));
                 return;
             }
-            if version != PROTOCOL_VERSION {
-                out.push(error_frame(
-                    conn,
-                    None,
-                    ErrorCode::UnsupportedVersion,
-                    format!("protocol version {version} is not supported; this relay speaks {PROTOCOL_VERSION}"),
-                ));
+            if let Some(why) = version_refusal(version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION) {
+                out.push(error_frame(conn, None, ErrorCode::UnsupportedVersion, why));
                 out.push(Effect::Close { conn });
                 return;
             }
