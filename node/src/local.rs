@@ -310,6 +310,7 @@ async fn wait_for(
             Event::Error { message } => eprintln!("stratus: {message}"),
             Event::SessionRevoked => return Err(Error::SessionRevoked.into()),
             Event::SessionRefused => return Err(Error::SessionRefused.into()),
+            Event::VersionRefused { message } => return Err(Error::VersionRefused(message).into()),
             _ => {}
         }
     }

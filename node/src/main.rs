@@ -2,7 +2,9 @@
 //!
 //! A command runs on the device's store, or, when a daemon (`stratus daemon` or `watch`) runs on
 //! the home and holds the store, through the daemon's socket (`remote.rs`); either way it prints
-//! the same (`print.rs`).
+//! the same (`print.rs`). The home is `--home`, else `STRATUS_HOME`, else
+//! `$XDG_DATA_HOME/stratus` (`home.rs`); only `account create`, `account recover` and `device
+//! link` make one.
 //!
 //! Exit codes: 0 success; 1 error (one line on stderr); 2 usage error; 3 the relay was
 //! unreachable — what was written stays queued on this device and is sent by the next
@@ -16,6 +18,7 @@ use clap::{Parser, Subcommand};
 use stratus_engine::{ChatId, Device, Error};
 
 mod daemon;
+mod home;
 mod local;
 mod members;
 mod print;
@@ -38,9 +41,11 @@ const LOCKED_WAIT: Duration = Duration::from_secs(5);
 #[derive(Parser)]
 #[command(name = "stratus", version)]
 struct Cli {
-    /// This device's directory (identity, store, outbox, the daemon's socket).
-    #[arg(long, global = true, default_value = "./stratus-home")]
-    home: PathBuf,
+    /// This device's directory (identity, store, outbox, the daemon's socket). Default:
+    /// $STRATUS_HOME, else $XDG_DATA_HOME/stratus (~/.local/share/stratus). Only `account
+    /// create`, `account recover` and `device link` make a new one.
+    #[arg(long, global = true, value_name = "DIR")]
+    home: Option<PathBuf>,
     /// Print JSON: one object per line.
     #[arg(long, global = true)]
     json: bool,
@@ -301,10 +306,23 @@ fn hint(e: &Error) -> Option<String> {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.json;
+    let home = home::Home::resolve(cli.home).map_err(Failure::Other)?;
+    // Only the commands that make an identity make a home; the others need a device there.
+    let creates = matches!(
+        cli.command,
+        Command::Account { command: AccountCommand::Create { .. } | AccountCommand::Recover { .. } }
+            | Command::Device { command: DeviceCommand::Link { .. } }
+    );
+    match creates {
+        true if !home.has_device() => home.create().map_err(Failure::Other)?,
+        true => {}
+        false => home.require_device().map_err(Failure::Other)?,
+    }
+    let home = home.path;
     match cli.command {
-        Command::Daemon { tcp } => serve(&cli.home, tcp, json, Shown::State).await,
-        Command::Watch { tcp } => serve(&cli.home, tcp, json, Shown::Everything).await,
-        command => match open(&cli.home).await? {
+        Command::Daemon { tcp } => serve(&home, tcp, json, Shown::State).await,
+        Command::Watch { tcp } => serve(&home, tcp, json, Shown::Everything).await,
+        command => match open(&home).await? {
             Home::Store(device) => local::run(device, command, json).await,
             Home::Daemon(mut client) => remote::run(&mut client, command, json).await,
         },

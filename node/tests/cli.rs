@@ -6,9 +6,21 @@ fn stratus(home: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_stratus")).arg("--home").arg(home).args(args).output().unwrap()
 }
 
+/// An unreachable relay: `account create` makes the device (its home and identity), then
+/// fails with exit 3.
+const NOWHERE: &str = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWQK4ZGUF4pJKaeDndqfWZgsqrdcakkkJQCFJ7NhVRmUgs";
+
+/// A home with a device that is not logged in.
+fn device_home() -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let o = stratus(home.path(), &["account", "create", "--relay", NOWHERE, "--name", "x"]);
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    home
+}
+
 #[test]
 fn commands_that_need_an_account_say_so() {
-    let home = tempfile::tempdir().unwrap();
+    let home = device_home();
     for args in
         [&["sync"][..], &["send", "00000000000000000000000000000000", "hi"], &["chat", "create", "--title", "t"]]
     {
@@ -22,7 +34,7 @@ fn commands_that_need_an_account_say_so() {
 
 #[test]
 fn bad_ids_and_codes_are_usage_or_input_errors() {
-    let home = tempfile::tempdir().unwrap();
+    let home = device_home();
     let o = stratus(home.path(), &["log", "xyz"]);
     assert_eq!(o.status.code(), Some(2), "clap rejects a malformed chat id");
     let o = stratus(home.path(), &["log", "00000000000000000000000000000000"]);
@@ -36,8 +48,7 @@ fn bad_ids_and_codes_are_usage_or_input_errors() {
 #[test]
 fn an_unreachable_relay_exits_3() {
     let home = tempfile::tempdir().unwrap();
-    let relay = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWQK4ZGUF4pJKaeDndqfWZgsqrdcakkkJQCFJ7NhVRmUgs";
-    let o = stratus(home.path(), &["account", "create", "--relay", relay, "--name", "x"]);
+    let o = stratus(home.path(), &["account", "create", "--relay", NOWHERE, "--name", "x"]);
     assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
     let o = stratus(home.path(), &["account", "create", "--relay", "/ip4/127.0.0.1/tcp/1", "--name", "x"]);
     assert_eq!(o.status.code(), Some(1), "an address without /p2p/ is bad input");

@@ -27,6 +27,13 @@ use crate::server::Config;
 /// The prefix of the environment variables that set the relay's settings.
 pub const ENV_PREFIX: &str = "STRATUS_RELAY_";
 
+/// The default of [`Settings::shutdown_grace_secs`]: below Docker's 10 s before it kills a
+/// container it stopped (`docker stop -t`, `stop_grace_period`) and systemd's 90 s
+/// (`TimeoutStopSec`), far above the milliseconds a drain takes when devices read.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 8;
+/// The most [`Settings::shutdown_grace_secs`] may be.
+pub const MAX_SHUTDOWN_GRACE_SECS: u64 = 3600;
+
 /// How the relay writes its log lines (to standard error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -67,6 +74,9 @@ pub struct Settings {
     pub admin_http_allow_remote: bool,
     /// How log lines are written.
     pub log_format: LogFormat,
+    /// Seconds a stopping relay (SIGTERM, SIGINT) waits for what it accepted to be answered
+    /// and for its devices' streams to close before it exits anyway (see `core/lifecycle.rs`).
+    pub shutdown_grace_secs: u64,
     // The limits, each under its flag's name (see `Settings::limits` for the field of
     // `Limits` it sets, and `Limits` for what it means).
     pub max_connections: u32,
@@ -104,6 +114,7 @@ impl Default for Settings {
             admin_http: None,
             admin_http_allow_remote: false,
             log_format: LogFormat::Text,
+            shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             max_connections: l.max_connections,
             max_connections_per_peer: l.max_connections_per_peer,
             max_streams_per_connection: l.max_streams_per_connection,
@@ -267,6 +278,13 @@ impl Settings {
                 return Err(invalid(setting, v.to_string(), format!("must be at most {}", i64::MAX)));
             }
         }
+        if !(1..=MAX_SHUTDOWN_GRACE_SECS).contains(&self.shutdown_grace_secs) {
+            return Err(invalid(
+                "shutdown_grace_secs",
+                self.shutdown_grace_secs.to_string(),
+                format!("must be between 1 and {MAX_SHUTDOWN_GRACE_SECS}"),
+            ));
+        }
         if !(MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
             return Err(invalid(
                 "max_frame_bytes",
@@ -341,6 +359,7 @@ impl Settings {
             external_addresses: self.external_addresses.clone(),
             limits: self.limits(),
             admin_http: self.admin_http,
+            shutdown_grace: std::time::Duration::from_secs(self.shutdown_grace_secs),
         }
     }
 

@@ -42,9 +42,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use stratus_engine::proto::cert::{AccountGen, AccountPublic, CertError, DeviceCert, MAX_DEVICE_NAME_BYTES};
 use stratus_engine::proto::directory::{AccountChain, KeyTerms, SignedGen};
+use stratus_engine::proto::wire::version_refusal;
 use stratus_engine::proto::wire::{
     AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, DeviceSession, ErrorCode, FrameError, Incarnation,
-    RelayFrame, ReqId, Restored, WrappedKey, MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
+    RelayFrame, ReqId, Restored, WrappedKey, MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
@@ -91,6 +93,10 @@ pub enum Input {
     /// refuses every request that would write, and goes on serving reads (see
     /// `core/storage.rs`).
     WriteFailed,
+    /// The relay is shutting down (lame duck, see `core/lifecycle.rs`): what was accepted is
+    /// answered once durable, nothing new is taken, and every stream is then closed; poll
+    /// [`RelayCore::drained`] after each input.
+    Drain,
 }
 
 /// What the core asks the driver to do, in order.
@@ -324,6 +330,8 @@ pub struct RelayCore {
     /// After a restore, how far each log matches every earlier incarnation (told in
     /// `SyncState`); `None` for a store never restored.
     floors: Option<Floors>,
+    /// Shutting down: the streams told to close so far (see `core/lifecycle.rs`).
+    draining: Option<BTreeSet<ConnId>>,
 }
 
 impl RelayCore {
@@ -348,6 +356,7 @@ impl RelayCore {
             usernames: BTreeMap::new(),
             incarnation: recovered.incarnation,
             floors: (recovered.incarnation.generation > 0).then_some(recovered.floors),
+            draining: None,
         };
         for public in recovered.accounts {
             core.accounts.insert(public.id, Account::new(public));
@@ -464,41 +473,24 @@ impl RelayCore {
             Input::Frame { conn, frame, now_ms } => self.frame(conn, frame, now_ms, &mut out),
             Input::Durable { token } => self.durable(token, &mut out),
             Input::WriteFailed => self.write_failed(&mut out),
+            Input::Drain => self.draining = Some(BTreeSet::new()),
         }
+        self.drain_step(&mut out);
         self.admit(out)
-    }
-
-    fn close(&mut self, conn: ConnId, out: &mut Vec<Effect>) {
-        self.detach(conn);
-        if let Some(c) = self.conns.remove(&conn) {
-            self.peer_closed(&c.device);
-            if let Some(d) = self.devices.get_mut(&c.device) {
-                d.fetches_in_flight = d.fetches_in_flight.saturating_sub(c.fetches_in_flight);
-                // Its last activity, kept across restarts for the account's session list.
-                let state = d.state;
-                if !self.storage_failed {
-                    let token = self.token();
-                    out.push(Effect::Write { token, ops: vec![StoreOp::PutDeviceState(c.device.clone(), state)] });
-                }
-            }
-        }
-        self.links.retain(|_, l| l.conn != conn);
     }
 
     fn frame(&mut self, conn: ConnId, frame: ClientFrame, now_ms: u64, out: &mut Vec<Effect>) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
+        if self.draining.is_some() {
+            return Self::refuse_while_draining(conn, &frame, out);
+        }
         if let ClientFrame::Hello { version } = frame {
             if c.hello {
                 out.push(error_frame(conn, None, ErrorCode::ProtocolViolation, "hello sent twice"));
                 return;
             }
-            if version != PROTOCOL_VERSION {
-                out.push(error_frame(
-                    conn,
-                    None,
-                    ErrorCode::UnsupportedVersion,
-                    format!("protocol version {version} is not supported; this relay speaks {PROTOCOL_VERSION}"),
-                ));
+            if let Some(why) = version_refusal(version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION) {
+                out.push(error_frame(conn, None, ErrorCode::UnsupportedVersion, why));
                 out.push(Effect::Close { conn });
                 return;
             }
@@ -720,24 +712,6 @@ impl RelayCore {
             out.push(error_frame(conn, Some(req), code, message));
         }
     }
-
-    fn detach(&mut self, conn: ConnId) {
-        if let Some(a) = self.conns.get_mut(&conn).and_then(|c| c.account.take()) {
-            if let Some(set) = self.conns_by_account.get_mut(&a) {
-                set.remove(&conn);
-                if set.is_empty() {
-                    self.conns_by_account.remove(&a);
-                }
-            }
-        }
-    }
-
-    fn attach(&mut self, conn: ConnId, account: AccountId) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.account = Some(account);
-            self.conns_by_account.entry(account).or_default().insert(conn);
-        }
-    }
 }
 
 /// The generation a signed rotation starts.
@@ -763,6 +737,8 @@ mod chats;
 pub use chats::{TYPING_CHATS, TYPING_FORWARD_MS};
 mod consent;
 pub use consent::{MAX_ACCEPTED, MAX_INVITATIONS};
+mod lifecycle;
+pub use lifecycle::DRAIN_RETRY_MS;
 mod limiting;
 mod members;
 use limiting::hold;

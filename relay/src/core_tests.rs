@@ -711,3 +711,41 @@ pub(crate) fn notes_key(
         key: wrapped,
     }
 }
+
+#[test]
+fn a_drain_answers_what_was_accepted_then_closes_every_stream_and_takes_nothing_new() {
+    let mut w = world();
+    let a = w.connect(1, "a");
+    let (keys, chat) = w.account(&a);
+    let b = w.second_device(&keys, 2, "b");
+    // Accepted before the drain: written, waiting for its barrier.
+    let written = w.frame(a.conn, append(10, chat, 1));
+    assert!(!w.core.draining() && !w.core.drained());
+    let e = w.input(Input::Drain);
+    assert!(w.core.draining());
+    assert!(!e.iter().any(|e| matches!(e, Effect::Close { .. })), "nothing closes while an answer waits: {e:?}");
+    // New requests are refused with a wait (an append stays in the device's outbox); hello
+    // and typing get nothing; nothing is written.
+    let e = w.frame(b.conn, append(11, chat, 1));
+    assert_eq!(sends(&e), [(b.conn, &RelayFrame::RateLimited { req: 11, retry_after_ms: DRAIN_RETRY_MS })], "{e:?}");
+    assert!(!e.iter().any(|e| matches!(e, Effect::Write { .. })));
+    assert!(w.frame(b.conn, ClientFrame::Typing { chat }).is_empty());
+    // The barrier: the ack and the push go out, then every stream is closed.
+    let e = w.durable(&written);
+    let acked = e.iter().position(|e| matches!(e, Effect::Send { frame: RelayFrame::Acked { req: 10, .. }, .. }));
+    let pushed = e.iter().position(|e| matches!(e, Effect::Send { conn: 2, frame: RelayFrame::Push { .. } }));
+    let closes: Vec<usize> =
+        e.iter().enumerate().filter(|(_, e)| matches!(e, Effect::Close { .. })).map(|(i, _)| i).collect();
+    assert!(acked.is_some() && pushed.is_some() && closes.len() == 2, "{e:?}");
+    assert!(closes.iter().all(|c| *c > acked.unwrap() && *c > pushed.unwrap()), "closed after the answers: {e:?}");
+    // A stream opened meanwhile is closed at once; the drain is done when all have closed.
+    let e = w.input(Input::Opened { conn: 3, device: DeviceId("c".into()) });
+    assert_eq!(e, [Effect::Close { conn: 3 }]);
+    assert!(w.frame(3, ClientFrame::Hello { version: PROTOCOL_VERSION }).is_empty(), "no hello while draining");
+    for conn in [1, 2] {
+        w.input(Input::Closed { conn });
+        assert!(!w.core.drained());
+    }
+    w.input(Input::Closed { conn: 3 });
+    assert!(w.core.drained());
+}

@@ -126,6 +126,10 @@ struct Args {
     /// Lets --admin-http listen on an address other hosts can reach (it has no authentication).
     #[arg(long)]
     admin_http_allow_remote: bool,
+    /// Seconds a stopping relay (SIGTERM, SIGINT) lets what it accepted finish and its devices'
+    /// streams close before it exits anyway.
+    #[arg(long, default_value_t = Settings::default().shutdown_grace_secs)]
+    shutdown_grace_secs: u64,
     /// Log lines as text or as one JSON object per line.
     #[arg(long, value_enum, default_value_t = Settings::default().log_format)]
     log_format: LogFormat,

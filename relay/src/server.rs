@@ -80,6 +80,9 @@ pub struct Config {
     /// `None`. It has no authentication: the caller decides whether the address may be reached
     /// from other hosts (the binary's settings refuse that unless allowed).
     pub admin_http: Option<SocketAddr>,
+    /// How long a shutdown waits for the drain (what was accepted answered, every device
+    /// stream closed; see [`run`]) before it exits anyway.
+    pub shutdown_grace: Duration,
 }
 
 /// Why the relay stopped.
@@ -275,6 +278,12 @@ pub fn load_identity(dir: &Path) -> Result<Keypair, ServerError> {
 
 /// Runs the relay until `shutdown` resolves (clean exit) or the store fails (error).
 /// `ready` receives the full address (`…/p2p/<peer id>`) once the relay listens.
+///
+/// Shutdown is a lame-duck drain: `/readyz` turns not ready, the listeners close (new
+/// connections are refused), the admin socket stops, and the core is told to drain
+/// ([`Input::Drain`]: nothing new is taken, what was accepted is answered once durable, then
+/// every stream is closed). Once the core is drained, or after [`Config::shutdown_grace`]
+/// whatever is left, a last barrier makes everything written durable and `run` returns `Ok`.
 pub async fn run(
     config: Config,
     ready: impl FnOnce(Multiaddr),
@@ -437,6 +446,7 @@ async fn serve<S: RelayStore>(
         Some(ws) => Some(swarm.listen_on(ws.clone()).map_err(|e| ServerError::Network(format!("{ws}: {e}")))?),
         None => None,
     };
+    let listeners: Vec<_> = std::iter::once(tcp_listener).chain(ws_listener).collect();
     let mut tcp_addr: Option<Multiaddr> = None;
     let listen_addr = loop {
         if let (Some(a), None) = (&tcp_addr, ws_listener) {
@@ -473,10 +483,25 @@ async fn serve<S: RelayStore>(
     let counts = Arc::new(Mutex::new(PeerCounts::default()));
     let swarm_counts = counts.clone();
     let observers = registered.clone();
+    // Cancelled when the relay starts to drain: its listeners close; established connections
+    // stay until their streams are closed.
+    let stop_listening = CancellationToken::new();
+    let stop = stop_listening.clone();
     let swarm_task = tokio::spawn(async move {
         use libp2p::swarm::SwarmEvent;
+        let mut listening = true;
         loop {
-            let event = swarm.select_next_some().await;
+            let event = tokio::select! {
+                event = swarm.select_next_some() => event,
+                () = stop.cancelled(), if listening => {
+                    listening = false;
+                    for l in &listeners {
+                        swarm.remove_listener(*l);
+                    }
+                    tracing::info!("listeners closed: new connections are refused");
+                    continue;
+                }
+            };
             match &event {
                 SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } => {
                     let mut c = swarm_counts.lock().unwrap_or_else(|e| e.into_inner());
@@ -549,11 +574,19 @@ async fn serve<S: RelayStore>(
     });
 
     let (written_tx, written_rx) = watch::channel(0u64);
+    let (drained_tx, mut drained_rx) = watch::channel(false);
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<StoreError>(1);
     let barrier_task =
         tokio::spawn(barrier_loop(store.clone(), written_rx, in_tx.clone(), fatal_tx.clone(), metrics.clone()));
-    let core_task =
-        tokio::spawn(core_loop(core, store.clone(), in_rx, written_tx, fatal_tx, registered, metrics.clone()));
+    let core_task = tokio::spawn(core_loop(
+        core,
+        store.clone(),
+        in_rx,
+        (written_tx, drained_tx),
+        fatal_tx,
+        registered,
+        metrics.clone(),
+    ));
     let size_task = tokio::spawn(store_size_loop(store.clone(), metrics.clone()));
     let tick_task = tokio::spawn(tick_loop(in_tx.clone()));
     let (admin_tx, mut admin_rx) = mpsc::channel::<AdminRequest>(1);
@@ -568,15 +601,39 @@ async fn serve<S: RelayStore>(
     });
 
     let mut core_task = core_task;
-    let result = tokio::select! {
-        () = shutdown => Ok(()),
-        Some(e) = fatal_rx.recv() => Err(ServerError::Store(e)),
-        // The core task ends only on a bug (a panic): stop rather than serve without it.
-        r = &mut core_task => Err(ServerError::Bug(match r {
+    // The core task ends only on a bug (a panic): stop rather than serve without it.
+    let bug = |r: Result<(), tokio::task::JoinError>| {
+        ServerError::Bug(match r {
             Err(e) if e.is_panic() => "the core task panicked".into(),
             _ => "the core task stopped".into(),
-        })),
+        })
     };
+    let mut result = tokio::select! {
+        () = shutdown => Ok(()),
+        Some(e) = fatal_rx.recv() => Err(ServerError::Store(e)),
+        r = &mut core_task => Err(bug(r)),
+    };
+    if result.is_ok() {
+        // The lame-duck drain (see `run`).
+        health.shutting_down(None);
+        stop_listening.cancel();
+        admin_task.abort();
+        admin_fwd.abort();
+        tracing::info!(grace_secs = config.shutdown_grace.as_secs(), "shutting down: draining the devices' streams");
+        let _ = in_tx.send(CoreMsg::Input(Input::Drain)).await;
+        result = tokio::select! {
+            r = drained_rx.wait_for(|d| *d) => match r {
+                Ok(_) => Ok(()),
+                Err(_) => Err(ServerError::Bug("the core task stopped while draining".into())),
+            },
+            () = tokio::time::sleep(config.shutdown_grace) => {
+                tracing::warn!("the shutdown grace ran out; closing the streams left");
+                Ok(())
+            }
+            Some(e) = fatal_rx.recv() => Err(ServerError::Store(e)),
+            r = &mut core_task => Err(bug(r)),
+        };
+    }
     health.shutting_down(result.as_ref().err().map(ToString::to_string));
     size_task.abort();
     accept_task.abort();
@@ -590,6 +647,7 @@ async fn serve<S: RelayStore>(
         // Make whatever was written durable before a clean exit.
         let s = store.clone();
         tokio::task::spawn_blocking(move || s.barrier()).await.map_err(|e| ServerError::Network(e.to_string()))??;
+        tracing::info!("stopped: everything written is durable");
     }
     result
 }

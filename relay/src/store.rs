@@ -29,7 +29,8 @@
 //! * `accepted`: account id ‖ account id → nothing (the first accepts chats from the second)
 //! * `invitations`: invitee id ‖ inviter id → when it was made, big-endian u64 ms
 //! * `meta`: `incarnation` → [`Incarnation`] (made when the store is first opened; a restore
-//!   gives it a new generation)
+//!   gives it a new generation); `format` → the store's format version (see [`STORE_FORMAT`]
+//!   and `store/format.rs`: checked at open, older formats migrated in place, newer refused)
 //! * `floor_accounts`, `floor_chats`: account or chat id → the lowest head its log had at any
 //!   restore ([`Floors`]; written only by [`restore`])
 //!
@@ -76,6 +77,10 @@ pub enum StoreError {
     /// why and what to do).
     #[error("{0}")]
     Backup(String),
+    /// The store was written by a newer relay, in a format this binary does not know; nothing
+    /// was changed (see `store/format.rs`).
+    #[error("store format v{found} is newer than this binary supports (v{supported}); run the newer stratus-relay")]
+    NewerFormat { found: u32, supported: u32 },
 }
 
 impl StoreError {
@@ -209,6 +214,7 @@ impl SledStore {
     /// random id, generation 0).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let store = Self::open_only(dir)?;
+        store.open_format()?;
         if store.meta.get("incarnation")?.is_none() {
             let incarnation = Incarnation { store: rand::random(), generation: 0 };
             store.meta.insert("incarnation", enc(&incarnation))?;
@@ -626,6 +632,8 @@ impl RelayStore for SledStore {
 
 mod backup;
 pub use backup::{restore, MANIFEST};
+mod format;
+pub use format::STORE_FORMAT;
 
 #[cfg(test)]
 mod tests {

@@ -87,6 +87,7 @@ async fn start(dir: &std::path::Path) -> (Arc<GatedStore>, tokio::task::JoinHand
         external_addresses: Vec::new(),
         limits: Default::default(),
         admin_http: None,
+        shutdown_grace: std::time::Duration::from_secs(5),
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let relay = tokio::spawn(run_with_store(
@@ -223,6 +224,7 @@ async fn readiness_waits_for_the_first_barrier_and_ends_at_shutdown() {
         external_addresses: Vec::new(),
         limits: Default::default(),
         admin_http: Some(admin),
+        shutdown_grace: std::time::Duration::from_secs(5),
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -267,4 +269,84 @@ async fn readiness_waits_for_the_first_barrier_and_ends_at_shutdown() {
     assert_eq!(stopping, Some((503, "not ready: shutting down\n".into())));
     store.set_open(true);
     assert!(relay.await.unwrap().is_ok());
+}
+
+/// Stopping while an append waits for its barrier (lame duck): the relay stops listening at
+/// once, but stays up until the barrier lets it answer the append; then it closes the stream
+/// and returns `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_relay_answers_what_it_accepted_and_takes_no_new_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(GatedStore {
+        inner: SledStore::open(&dir.path().join("relay/store")).unwrap(),
+        open: Mutex::new(true),
+        opened: Condvar::new(),
+        fail: AtomicBool::new(false),
+        full: AtomicBool::new(false),
+    });
+    let config = Config {
+        data_dir: dir.path().join("relay"),
+        listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+        listen_ws: None,
+        external_addresses: Vec::new(),
+        limits: Default::default(),
+        admin_http: None,
+        shutdown_grace: Duration::from_secs(600),
+    };
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(run_with_store(
+        config,
+        store.clone(),
+        move |a| {
+            let _ = addr_tx.send(a.to_string());
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let addr = addr_rx.await.unwrap();
+    let mut device = Device::open(&dir.path().join("d")).unwrap();
+    device.create_account(&addr, "d").await.unwrap();
+    let mut session = Session::start(device).unwrap();
+    let mut events = session.events();
+    while !matches!(events.recv().await.unwrap(), stratus_engine::Event::Connected) {}
+    let chat = session.create_chat("drain").await.unwrap();
+    assert!(wait_outbox(&session, 0, 20).await);
+
+    // Accepted, written, waiting for its barrier; then the relay is told to stop.
+    store.set_open(false);
+    let stored = || store.inner.read_chat(chat, Seq(0), Seq(u64::MAX), 10).unwrap().len();
+    let before = stored();
+    session.send(chat, "in flight at the stop").await.unwrap();
+    for _ in 0..1000 {
+        if stored() > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stored() > before, "the append reached the relay's store");
+    stop_tx.send(()).unwrap();
+    // New connections are refused while it drains.
+    let (peer, ma) = stratus_engine::net::parse_relay_addr(&addr).unwrap();
+    let mut refused = false;
+    for _ in 0..200 {
+        let mut net =
+            stratus_engine::net::Net::start(stratus_engine::libp2p::identity::Keypair::generate_ed25519()).unwrap();
+        if net.open(peer, ma.clone()).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "a new connection was taken while stopping");
+    assert!(!relay.is_finished(), "the drain waits for the accepted append's barrier");
+    assert_eq!(session.status().await.unwrap().outbox, 1, "not acknowledged before its barrier");
+
+    // The barrier completes: the append is acknowledged, the streams close, the relay returns.
+    store.set_open(true);
+    assert!(wait_outbox(&session, 0, 20).await, "acknowledged during the drain");
+    let result = tokio::time::timeout(Duration::from_secs(20), relay).await.expect("the relay stops").unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    session.stop().await.unwrap();
 }

@@ -153,9 +153,21 @@ impl Relay {
 
     /// Stops the relay with SIGTERM and returns its exit status.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        self.send_term();
+        self.wait_exit()
+    }
+
+    /// Sends the relay SIGTERM (it starts its shutdown) without waiting for it to exit.
+    pub fn send_term(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        }
+    }
+
+    /// Waits for the relay to exit (after [`Relay::send_term`]) and returns its exit status;
+    /// SIGKILLs it after 10 s.
+    pub fn wait_exit(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        // SAFETY-free: send SIGTERM through the kill command.
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(s)) = c.try_wait() {

@@ -76,6 +76,9 @@ pub enum Event {
     /// revocation signed by the account, or an expiry after long enough away): the session
     /// stops and nothing is deleted. Starting a session again asks the relay again.
     SessionRefused,
+    /// The relay does not serve this device's version of the sync protocol (`message`, the
+    /// relay's words, names both and which side to upgrade): the session stops.
+    VersionRefused { message: String },
 }
 
 /// What the driver must do after [`Device::carry_out`], in order.
@@ -505,6 +508,9 @@ impl Device {
                     if let Err(e) = self.store.rewind(incarnation, account, &chats, resend_after) {
                         actions.push(error(format!("rewinding after the relay's restore: {e}")));
                     }
+                }
+                SyncOutput::Error { code: ErrorCode::UnsupportedVersion, message } => {
+                    actions.push(Action::Emit(Event::VersionRefused { message }))
                 }
                 SyncOutput::Error { code, message } => actions.push(error(format!("relay: {message} ({code:?})"))),
                 SyncOutput::NotRegistered => actions.push(error("the relay does not know this device".into())),

@@ -40,6 +40,10 @@ pub enum Error {
     /// The relay could not be reached or the connection broke.
     #[error(transparent)]
     Net(#[from] NetError),
+    /// The relay does not serve this device's version of the sync protocol: the relay's words,
+    /// naming both versions and which side to upgrade. The session stops (nothing reconnects).
+    #[error("the relay refuses this device: {0}")]
+    VersionRefused(String),
     /// The relay refused a request.
     #[error("relay refused: {message} ({code:?})")]
     Relay {

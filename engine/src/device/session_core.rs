@@ -28,7 +28,8 @@
 //! * An app request that must see everything the relay has first waits, parked, until the
 //!   session is connected and caught up ([`Work::Ready`]), at most [`PARK_MS`].
 //! * Once the relay says the session was ended ([`Event::SessionRevoked`], or without a proof
-//!   [`Event::SessionRefused`]) nothing reconnects.
+//!   [`Event::SessionRefused`]), or that it does not serve this device's protocol version
+//!   ([`Event::VersionRefused`]), nothing reconnects.
 
 use std::collections::BTreeMap;
 
@@ -315,7 +316,9 @@ impl SessionCore {
         for action in actions {
             match action {
                 Action::Send(frame) => work.push(Work::Send(frame)),
-                Action::Emit(event @ (Event::SessionRevoked | Event::SessionRefused)) => {
+                Action::Emit(
+                    event @ (Event::SessionRevoked | Event::SessionRefused | Event::VersionRefused { .. }),
+                ) => {
                     if matches!(self.link, Link::Up { .. }) {
                         work.push(Work::Close);
                     }

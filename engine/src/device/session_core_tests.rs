@@ -14,6 +14,9 @@ fn carry(outputs: Vec<SyncOutput>) -> Vec<Action> {
             SyncOutput::RetryAfter { ms } => Some(Action::RetryAfter(ms)),
             SyncOutput::Revoked { proof: Some(_) } => Some(Action::Emit(Event::SessionRevoked)),
             SyncOutput::Revoked { proof: None } => Some(Action::Emit(Event::SessionRefused)),
+            SyncOutput::Error { code: crate::proto::wire::ErrorCode::UnsupportedVersion, message } => {
+                Some(Action::Emit(Event::VersionRefused { message }))
+            }
             _ => None,
         })
         .collect()
@@ -213,6 +216,21 @@ fn a_pause_the_relay_asks_for_ends_at_its_time() {
     // The relay limits this device: the sync core stops and asks to be resumed.
     frame(&mut s, PROBE_AFTER_MS + 10, RelayFrame::RateLimited { req, retry_after_ms: 700 });
     assert_eq!(s.next_wake(), Some(PROBE_AFTER_MS + 710));
+}
+
+#[test]
+fn a_relay_that_refuses_this_protocol_version_ends_the_session() {
+    let mut s = up(0);
+    let message = crate::proto::wire::version_refusal(PROTOCOL_VERSION, PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 1)
+        .expect("outside the range");
+    let refusal = RelayFrame::Error {
+        req: None,
+        code: crate::proto::wire::ErrorCode::UnsupportedVersion,
+        message: message.clone(),
+    };
+    let work = frame(&mut s, 5, refusal);
+    assert!(work.contains(&Work::Close) && work.contains(&Work::Emit(Event::VersionRefused { message })), "{work:?}");
+    assert!(s.is_ended() && s.next_wake().is_none(), "no reconnecting to a relay that will refuse again");
 }
 
 #[test]

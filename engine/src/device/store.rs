@@ -24,7 +24,7 @@
 //! * `pins`: username → the account id first seen under it
 //!
 //! `meta` also keeps `rekey_due`: the chats whose members changed, whose next key epoch this
-//! device is to start.
+//! device is to start, and `format`: the store's format version (see `store_format.rs`).
 //!
 //! A remote change and the cursor that passes it are written in one transaction, so a crash
 //! never skips a delta; re-applying one is harmless.
@@ -38,6 +38,8 @@ use serde::{Deserialize, Serialize};
 
 #[path = "store_changes.rs"]
 mod changes;
+#[path = "store_format.rs"]
+mod format;
 #[path = "store_outbox.rs"]
 mod outbox;
 #[path = "store_secret.rs"]
@@ -48,6 +50,7 @@ use crate::proto::directory::AccountChain;
 use crate::proto::durable::SledDir;
 use crate::proto::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 use crate::proto::wire::{ChatKind, Incarnation, WrappedKey};
+pub use format::STORE_FORMAT;
 pub use secret::{MessageKey, SecretChat, SecretState};
 
 /// How many changes pile up after a chat's snapshot before the snapshot is rewritten.
@@ -66,6 +69,10 @@ pub enum StoreError {
     /// A stored record did not decode.
     #[error("local store: record {0} is corrupt")]
     Corrupt(&'static str),
+    /// The store was written by a newer version, in a format this one does not know; nothing
+    /// was changed (see `store_format.rs`).
+    #[error("local store: store format v{found} is newer than this version supports (v{supported}); upgrade")]
+    NewerFormat { found: u32, supported: u32 },
 }
 
 /// This device's secret keys.
@@ -337,6 +344,7 @@ impl DeviceStore {
             next_change: Default::default(),
             backend: Backend::Sled { files: std::sync::Arc::new(SledDir::new(dir)), dir: dir.to_path_buf(), db },
         };
+        store.open_format()?;
         store.index_secret_keys()?;
         Ok(store)
     }
@@ -366,6 +374,7 @@ impl DeviceStore {
             next_change: Default::default(),
             backend: Backend::Mem(disk.clone()),
         };
+        store.open_format()?;
         store.index_secret_keys()?;
         Ok(store)
     }

@@ -17,6 +17,26 @@ use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 pub const PROTOCOL: &str = "/stratus/sync/1";
 /// Bumped on any incompatible change to the frames below.
 pub const PROTOCOL_VERSION: u16 = 9;
+/// The oldest protocol version a relay of this build serves: it accepts a device's `Hello` with
+/// a version in `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION` and refuses any other with
+/// [`ErrorCode::UnsupportedVersion`], its message naming the device's version, the range, and
+/// which side to upgrade (see [`version_refusal`]). A relay that keeps an older version in its
+/// range speaks it to those devices (today the range is one version: 8's `DirectoryEntry`
+/// lacks `accepts_you`, and 8 devices take an unproven `SessionRevoked` as proof). `Hello`
+/// stays the first variant both ways, and `Error` keeps its place and fields, so that any two
+/// versions can refuse each other in words both read (docs/protocol.md, "Versions").
+pub const MIN_PROTOCOL_VERSION: u16 = 9;
+
+/// The message of the relay's `Error { code: UnsupportedVersion }` for a device that spoke
+/// `version`, when it accepts `min..=max`; `None` when it accepts it.
+pub fn version_refusal(version: u16, min: u16, max: u16) -> Option<String> {
+    let (side, upgrade) = match version {
+        v if v < min => ("older", "upgrade the device's app"),
+        v if v > max => ("newer", "upgrade the relay"),
+        _ => return None,
+    };
+    Some(format!("sync protocol {version} is {side} than this relay accepts ({min} to {max}): {upgrade}"))
+}
 /// Longest frame either side sends or accepts. A longer length prefix is a protocol error and
 /// closes the stream (the rest of the stream cannot be trusted to be framed).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;

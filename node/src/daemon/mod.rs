@@ -191,6 +191,7 @@ async fn show_events(
         match events.recv().await {
             Ok(Event::SessionRevoked) => return Err(Error::SessionRevoked.into()),
             Ok(Event::SessionRefused) => return Err(Error::SessionRefused.into()),
+            Ok(Event::VersionRefused { message }) => return Err(Error::VersionRefused(message).into()),
             Ok(e) => show(&e)?,
             Err(RecvError::Lagged(n)) => eprintln!("stratus: {n} events skipped (output too slow)"),
             Err(RecvError::Closed) => return Err(Failure::Other("the sync session stopped".into())),

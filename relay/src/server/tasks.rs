@@ -166,7 +166,7 @@ pub(super) async fn core_loop<S: RelayStore>(
     mut core: RelayCore,
     store: Arc<S>,
     mut in_rx: mpsc::Receiver<CoreMsg>,
-    written: watch::Sender<u64>,
+    (written, drained): (watch::Sender<u64>, watch::Sender<bool>),
     fatal: mpsc::Sender<StoreError>,
     registered: Registered,
     metrics: Arc<Metrics>,
@@ -229,6 +229,10 @@ pub(super) async fn core_loop<S: RelayStore>(
         if !apply_ops(&mut d, &mut core, &written, &fatal).await {
             return;
         }
+        // After the batch's writes are applied: the driver's last barrier covers them.
+        if core.drained() {
+            drained.send_replace(true);
+        }
     }
 }
 
@@ -276,6 +280,7 @@ fn log_input(input: &Input) {
         Input::BadFrame { conn, error, .. } => tracing::info!(conn, %error, "bad frame"),
         Input::Durable { token } => tracing::trace!(token, "barrier done"),
         Input::WriteFailed => tracing::warn!("writes are refused from now on (the disk is full)"),
+        Input::Drain => tracing::info!("draining: new requests are refused, streams close once answered"),
         Input::Sent { conn, bytes, pages } => tracing::trace!(conn, bytes, pages, "sent"),
         Input::Tick { now_ms } => tracing::trace!(now_ms, "tick"),
         Input::Frame { conn, frame, .. } => match frame {

@@ -124,6 +124,7 @@ pub fn restore(from: &Path, store_dir: &Path, now_ms: u64) -> Result<Incarnation
     {
         let copy = sled::Config::new().path(&staging).open()?;
         let backup = SledStore::open_only(&from.join("store"))?;
+        backup.refuse_newer()?;
         copy.import(backup.db.export());
         drop(backup);
         let staged = SledStore::open_trees(copy, &staging)?;

@@ -43,6 +43,9 @@ impl Device {
                 Ok((Some(RelayFrame::Error { code: ErrorCode::SessionRevoked, .. }), _)) => {
                     return Err(Error::SessionRefused)
                 }
+                Ok((Some(RelayFrame::Error { code: ErrorCode::UnsupportedVersion, message, .. }), _)) => {
+                    return Err(Error::VersionRefused(message))
+                }
                 Ok((Some(RelayFrame::Error { code, message, .. }), _)) => return Err(Error::Relay { code, message }),
                 Err(Error::Net(NetError::Io(_))) | Ok((None, _)) if attempt < CONNECT_ATTEMPTS => {
                     tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
