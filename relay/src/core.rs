@@ -15,7 +15,7 @@
 //! appends accepted and not yet acknowledged, and pages asked for and not yet sent in full
 //! ([`Input::Sent`]), are counted per device. A request over a limit gets
 //! [`RelayFrame::RateLimited`] and changes nothing. An append refused that way holds back the
-//! device's later client seqs until it comes again (see [`Device::held`]): the relay stores a
+//! device's later client seqs until it comes again (see `Device::held`): the relay stores a
 //! device's appends in client-seq order, and its dedup takes any client seq at or below the
 //! highest stored one as stored, so storing a later one first would lose the refused one.
 //!
