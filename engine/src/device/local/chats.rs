@@ -105,9 +105,9 @@ impl Device {
         self.docs.forget(chat);
     }
 
-    /// Rewrites the chat's snapshot once `stored` changes pile up after it.
+    /// Rewrites the chat's snapshot once `stored` changes pile up after it ([`compact_after`]).
     pub(crate) fn maybe_compact(&mut self, chat: ChatId, stored: u64) -> Result<(), Error> {
-        if stored >= COMPACT_AFTER_CHANGES {
+        if stored >= compact_after(chat) {
             let doc = self.doc(chat)?;
             let (snap, pending) = (doc.save(), doc.pending_changes());
             self.store.compact(chat, &snap, &pending)?;
@@ -319,4 +319,31 @@ pub(crate) struct AppliedDeltas {
     pub no_key: Option<Seq>,
     /// Compactions that failed when what was staged had to be stored early.
     pub compaction: Vec<Error>,
+}
+
+/// How many changes pile up after `chat`'s snapshot before it is rewritten: from
+/// [`COMPACT_AFTER_CHANGES`] to 1.875 times it, by the chat's id. A rewrite holds the device's
+/// session for tens of milliseconds per megabyte of document; chats written together (an app's
+/// burst into each of them) then rewrite theirs at different times, not all in one step.
+pub(crate) fn compact_after(chat: ChatId) -> u64 {
+    COMPACT_AFTER_CHANGES + u64::from(chat.0[15] % 8) * (COMPACT_AFTER_CHANGES / 8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chats_rewrite_their_snapshots_at_different_counts_within_bounds() {
+        let counts: std::collections::BTreeSet<u64> = (0..=255u8)
+            .map(|b| {
+                let mut id = [7u8; 16];
+                id[15] = b;
+                compact_after(ChatId(id))
+            })
+            .collect();
+        assert_eq!(counts.len(), 8, "{counts:?}");
+        assert_eq!(counts.first(), Some(&COMPACT_AFTER_CHANGES));
+        assert!(*counts.last().unwrap() < 2 * COMPACT_AFTER_CHANGES);
+    }
 }
