@@ -38,6 +38,7 @@
 //! #     external_addresses: Vec::new(),
 //! #     limits: Default::default(),
 //! #     admin_http: None,
+//! #     admin_socket: None,
 //! # };
 //! # tokio::spawn(stratus_relay::server::run(config, move |a| drop(tx.send(a)), std::future::pending()));
 //! # let relay = rx.await?.to_string();

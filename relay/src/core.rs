@@ -44,7 +44,8 @@ use stratus_engine::proto::cert::{AccountGen, AccountPublic, CertError, DeviceCe
 use stratus_engine::proto::directory::{AccountChain, KeyTerms, SignedGen};
 use stratus_engine::proto::wire::{
     AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, DeviceSession, ErrorCode, FrameError, Incarnation,
-    RelayFrame, ReqId, Restored, WrappedKey, MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, PROTOCOL_VERSION,
+    InviteToken, RelayFrame, ReqId, Restored, WrappedKey, MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS,
+    PROTOCOL_VERSION,
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
@@ -91,6 +92,9 @@ pub enum Input {
     /// refuses every request that would write, and goes on serving reads (see
     /// `core/storage.rs`).
     WriteFailed,
+    /// The operator's command (`stratus-relay admin`, see `core/admin.rs`), answered with
+    /// [`Effect::Admin`] carrying the same `id` once what it changed is durable.
+    Admin { id: AdminId, command: AdminCommand },
 }
 
 /// What the core asks the driver to do, in order.
@@ -115,50 +119,8 @@ pub enum Effect {
     /// Read a page of an account log likewise, send it as an `AccountPage` and report it in
     /// [`Input::Sent`].
     ReadAccount { conn: ConnId, req: ReqId, account: AccountId, after: Seq, upto: Seq, max: u32 },
-}
-
-/// One store mutation.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StoreOp {
-    /// A new account.
-    PutAccount(AccountPublic),
-    /// A new device certificate.
-    PutDevice(DeviceCert),
-    /// A chat record (new, or with a new epoch).
-    PutChat(ChatId, ChatRecord),
-    /// A delta at its seq, indexed by `(device, client seq)`.
-    PutDelta(Delta),
-    /// An account log entry.
-    PutAccountEntry(AccountId, AccountEntry),
-    /// A device's session state (registration, last activity, revocation).
-    PutDeviceState(DeviceId, DeviceState),
-    /// An account's settings.
-    PutAccountSettings(AccountId, AccountSettings),
-    /// A recovery bundle under its lookup id.
-    PutRecovery([u8; 32], RecoveryRecord),
-    /// A new generation of an account's keys (a rotation), signed.
-    PutAccountGen(SignedGen),
-    /// An account's username taken (or with `None` released).
-    PutUsername(AccountId, Option<String>),
-    /// A recovery bundle replaced or withdrawn.
-    DeleteRecovery([u8; 32]),
-    /// An approval kept until the new device has fetched it (see [`ApprovedLink`]).
-    PutApprovedLink([u8; 32], ApprovedLink),
-    /// The new device has its bundle: the approval is no longer needed.
-    DeleteApprovedLink([u8; 32]),
-    /// Keys of one of a chat's epochs, each stored as a record of its own under (chat, epoch,
-    /// account) and never rewritten with the chat (a later key for the same account and epoch,
-    /// such as the whole key after a transport key, replaces it).
-    PutChatKeys(ChatId, Epoch, Vec<WrappedKey>),
-    /// What an account has stored, in bytes (its quota's count).
-    PutUsage(AccountId, u64),
-    /// The account log entry that ended a device's session, kept to show the device (see
-    /// `RelayFrame::SessionEnded`).
-    PutSessionEnd(DeviceId, AccountEntry),
-    /// The first account accepts chats from the second (true), or no longer does.
-    PutAccepted(AccountId, AccountId, bool),
-    /// An invitation to the first account from the second, made at this time (ms), or answered.
-    PutInvitation(AccountId, AccountId, Option<u64>),
+    /// The answer to the operator's command [`Input::Admin`] `id`.
+    Admin { id: AdminId, answer: Result<AdminAnswer, AdminRefusal> },
 }
 
 struct Account {
@@ -182,6 +144,8 @@ struct Account {
     accepts: BTreeSet<AccountId>,
     /// Invitations waiting for it: who asked, and when (ms).
     invitations: BTreeMap<AccountId, u64>,
+    /// What the operator decided about it (see `core/admin.rs`).
+    admin: AccountAdmin,
 }
 
 struct Device {
@@ -241,6 +205,7 @@ impl Account {
             stored_bytes: 0,
             accepts: BTreeSet::new(),
             invitations: BTreeMap::new(),
+            admin: AccountAdmin::default(),
         }
     }
 }
@@ -270,6 +235,9 @@ struct Conn {
     /// Its device's session ended and the proof waits for a barrier: frames from it are
     /// dropped meanwhile (the proof, then `SessionRevoked`, then the close follow).
     ending: bool,
+    /// The operator refuses its device (see `core/admin.rs`): it was told why and is being
+    /// closed; nothing more is sent to it, and what it sends is dropped.
+    refused: bool,
 }
 
 struct PendingLink {
@@ -295,6 +263,8 @@ enum Deferred {
     /// The stream of a device whose session ended: the proof (`SessionEnded`), then
     /// `SessionRevoked`, then the close.
     EndSession(ConnId),
+    /// The answer to an operator's command.
+    Admin(AdminId, AdminAnswer),
 }
 
 /// The relay's state machine. See the module docs.
@@ -324,6 +294,12 @@ pub struct RelayCore {
     /// After a restore, how far each log matches every earlier incarnation (told in
     /// `SyncState`); `None` for a store never restored.
     floors: Option<Floors>,
+    /// The devices deleted accounts had, and their account (refused; see `core/admin.rs`).
+    former_devices: BTreeMap<DeviceId, AccountId>,
+    /// Who may make an account.
+    registration: Registration,
+    /// Invite tokens not yet used, by digest, with when they were made (ms).
+    invites: BTreeMap<[u8; 32], u64>,
 }
 
 impl RelayCore {
@@ -348,6 +324,9 @@ impl RelayCore {
             usernames: BTreeMap::new(),
             incarnation: recovered.incarnation,
             floors: (recovered.incarnation.generation > 0).then_some(recovered.floors),
+            former_devices: BTreeMap::new(),
+            registration: recovered.registration,
+            invites: recovered.invites.into_iter().collect(),
         };
         for public in recovered.accounts {
             core.accounts.insert(public.id, Account::new(public));
@@ -379,6 +358,14 @@ impl RelayCore {
         for (account, settings) in recovered.account_settings {
             if let Some(a) = core.accounts.get_mut(&account) {
                 a.settings = settings;
+            }
+        }
+        for (account, admin) in recovered.account_admin {
+            if let Some(a) = core.accounts.get_mut(&account) {
+                if admin.deleted {
+                    core.former_devices.extend(admin.former_devices.iter().map(|d| (d.clone(), account)));
+                }
+                a.admin = admin;
             }
         }
         for (account, bytes) in recovered.usage {
@@ -451,7 +438,15 @@ impl RelayCore {
                 let backlog = Backlog::default();
                 self.conns.insert(
                     conn,
-                    Conn { device, hello: false, account: None, fetches_in_flight: 0, backlog, ending: false },
+                    Conn {
+                        device,
+                        hello: false,
+                        account: None,
+                        fetches_in_flight: 0,
+                        backlog,
+                        ending: false,
+                        refused: false,
+                    },
                 );
             }
             Input::Sent { conn, bytes, pages } => self.sent(conn, bytes, pages, &mut out),
@@ -464,6 +459,7 @@ impl RelayCore {
             Input::Frame { conn, frame, now_ms } => self.frame(conn, frame, now_ms, &mut out),
             Input::Durable { token } => self.durable(token, &mut out),
             Input::WriteFailed => self.write_failed(&mut out),
+            Input::Admin { id, command } => self.admin(id, command, &mut out),
         }
         self.admit(out)
     }
@@ -486,7 +482,7 @@ impl RelayCore {
     }
 
     fn frame(&mut self, conn: ConnId, frame: ClientFrame, now_ms: u64, out: &mut Vec<Effect>) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(c) = self.conns.get_mut(&conn).filter(|c| !c.refused) else { return };
         if let ClientFrame::Hello { version } = frame {
             if c.hello {
                 out.push(error_frame(conn, None, ErrorCode::ProtocolViolation, "hello sent twice"));
@@ -506,6 +502,11 @@ impl RelayCore {
             self.expire_if_idle(&device, now_ms, out);
             if self.devices.get(&device).is_some_and(|d| d.state.revoked) {
                 self.end_stream(conn, out);
+                return;
+            }
+            if let Some((code, message)) = self.refusal_of(&device) {
+                // The operator suspended, banned or deleted its account.
+                self.refuse_stream(conn, code, message, out);
                 return;
             }
             let Some(c) = self.conns.get_mut(&conn) else { return };
@@ -563,8 +564,8 @@ impl RelayCore {
         }
         let result = match (frame, account) {
             (ClientFrame::Hello { .. } | ClientFrame::Typing { .. }, _) => unreachable!("handled above"),
-            (ClientFrame::CreateAccount { req, account, cert }, _) => {
-                self.create_account(conn, req, &device, account, cert, now_ms, out).map_err(|e| (req, e))
+            (ClientFrame::CreateAccount { req, account, cert, invite }, _) => {
+                self.create_account(conn, req, &device, account, cert, invite, now_ms, out).map_err(|e| (req, e))
             }
             (ClientFrame::LinkWait { req, link_id, device_x25519, name }, _) => {
                 self.link_wait(conn, req, &device, link_id, device_x25519, name, out).map_err(|e| (req, e))
@@ -755,6 +756,12 @@ fn error_frame(conn: ConnId, req: Option<ReqId>, code: ErrorCode, message: impl 
 }
 
 mod accounts;
+mod admin;
+use admin::banned_message;
+pub use admin::{
+    AccountRef, AccountView, AdminAnswer, AdminCommand, AdminId, AdminRefusal, AdminRefusalCode, DeleteReport,
+    DeviceView, MAX_INVITES,
+};
 mod backlog;
 mod durable;
 use backlog::Backlog;

@@ -87,6 +87,7 @@ async fn start(dir: &std::path::Path) -> (Arc<GatedStore>, tokio::task::JoinHand
         external_addresses: Vec::new(),
         limits: Default::default(),
         admin_http: None,
+        admin_socket: None,
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let relay = tokio::spawn(run_with_store(
@@ -223,6 +224,7 @@ async fn readiness_waits_for_the_first_barrier_and_ends_at_shutdown() {
         external_addresses: Vec::new(),
         limits: Default::default(),
         admin_http: Some(admin),
+        admin_socket: None,
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -75,6 +75,11 @@ pub enum Event {
     /// revocation signed by the account, or an expiry after long enough away): the session
     /// stops and nothing is deleted. Starting a session again asks the relay again.
     SessionRefused,
+    /// The relay's operator refuses this account: it suspended (`AccountSuspended`), banned
+    /// (`AccountBanned`) or deleted (`AccountDeleted`) it, and `message` says so. Nothing is
+    /// deleted here; the session keeps reconnecting with its backoff (a suspension may be
+    /// lifted), so an app shows this rather than waits.
+    Refused { code: ErrorCode, message: String },
 }
 
 /// What the driver must do after [`Device::carry_out`], in order.
@@ -478,6 +483,10 @@ impl Device {
                         actions.push(error(format!("rewinding after the relay's restore: {e}")));
                     }
                 }
+                SyncOutput::Error {
+                    code: code @ (ErrorCode::AccountSuspended | ErrorCode::AccountBanned | ErrorCode::AccountDeleted),
+                    message,
+                } => actions.push(Action::Emit(Event::Refused { code, message })),
                 SyncOutput::Error { code, message } => actions.push(error(format!("relay: {message} ({code:?})"))),
                 SyncOutput::NotRegistered => actions.push(error("the relay does not know this device".into())),
                 SyncOutput::Revoked { proof } => {
