@@ -296,7 +296,10 @@ impl RelayCore {
     /// The account the operator named; a deleted one only when `deleted_too`.
     fn resolve(&self, account: &AccountRef, deleted_too: bool) -> Result<AccountId, AdminRefusal> {
         let id = match account {
-            AccountRef::Id(id) => Some(*id).filter(|id| self.accounts.contains_key(id)),
+            // (A username that looks like an id is taken as one only when no account has it.)
+            AccountRef::Id(id) => Some(*id)
+                .filter(|id| self.accounts.contains_key(id))
+                .or_else(|| self.usernames.get(&id.to_string()).copied()),
             AccountRef::Username(name) => self.usernames.get(name).copied(),
         };
         let Some(id) = id else {
