@@ -13,6 +13,9 @@
 //!   whose session was ended gets nothing but errors;
 //! * every request is answered at most once, and once everything is durable every request on
 //!   a stream that is still open has been answered (a `LinkWait` only when approved);
+//! * the operator's commands (suspend, ban, delete, quotas, registration, invite tokens for
+//!   `CreateAccount`) are answered once each, and a command's answer only once what it wrote
+//!   (and everything before) is durable;
 //! * backlogs (the driver reports frames written, `Sent`, and ticks, `Tick`): a push goes only
 //!   to a stream whose unwritten frames are within the push budget; a `Behind` names durable
 //!   heads; a stream is cut off (`Kill`) exactly when it has had something unwritten for the
@@ -33,13 +36,14 @@ use stratus_engine::proto::cert::{
 use stratus_engine::proto::crypto::{ChatKey, SealedBox};
 use stratus_engine::proto::directory::{KeyTerms, MemberChangeBody, Membership, SignedGen};
 use stratus_engine::proto::wire::{
-    decode, AccountEntry, ChatKind, ClientFrame, Delta, FrameError, NewEpoch, RelayFrame, ReqId, WrappedKey,
-    MAX_DELTA_BYTES, PROTOCOL_VERSION,
+    decode, AccountEntry, ChatKind, ClientFrame, Delta, FrameError, InviteToken, NewEpoch, RelayFrame, ReqId,
+    WrappedKey, MAX_DELTA_BYTES, PROTOCOL_VERSION,
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 use stratus_relay::core::{
-    frame_cost, AccountSettings, ApprovedLink, ChatRecord, ConnId, DeviceState, Effect, Input as CoreInput, Recovered,
-    RecoveryRecord, RelayCore, StoreOp, DEDUP_WINDOW, FRAME_OVERHEAD_BYTES,
+    frame_cost, AccountAdmin, AccountRef, AccountSettings, AdminCommand, AdminId, ApprovedLink, ChatRecord, ConnId,
+    DeviceState, Effect, Input as CoreInput, Recovered, RecoveryRecord, Registration, RelayCore, StoreOp, DEDUP_WINDOW,
+    FRAME_OVERHEAD_BYTES,
 };
 use stratus_relay::limits::{Limits, MAX_QUEUED_BYTES};
 
@@ -186,6 +190,11 @@ enum Op {
     Tick {
         secs: u8,
     },
+    /// An operator's command (`which` picks one) about one of the fixture's accounts.
+    Admin {
+        which: u8,
+        account: u8,
+    },
 }
 
 #[path = "relay_core/fixture.rs"]
@@ -229,6 +238,12 @@ struct Harness {
     requests: BTreeMap<(ConnId, ReqId), (bool, u32)>,
     /// The driver's clock, in ms.
     now_ms: u64,
+    /// Operators' commands not answered yet: the newest write token when each was given (or
+    /// of its own write), which must be durable before it is answered.
+    admin_pending: BTreeMap<AdminId, u64>,
+    /// The command being given, while its input runs.
+    admin_now: Option<AdminId>,
+    next_admin: AdminId,
 }
 
 fn limits() -> Limits {
@@ -263,7 +278,18 @@ impl Harness {
             next_req: TRACKED_REQ,
             requests: BTreeMap::new(),
             now_ms: 1,
+            admin_pending: BTreeMap::new(),
+            admin_now: None,
+            next_admin: 1,
         }
+    }
+
+    fn admin(&mut self, command: AdminCommand) {
+        let id = self.next_admin;
+        self.next_admin += 1;
+        self.admin_pending.insert(id, self.last_token);
+        self.admin_now = Some(id);
+        self.input(CoreInput::Admin { id, command });
     }
 
     fn frame(&mut self, conn: ConnId, frame: ClientFrame) {
@@ -302,6 +328,8 @@ impl Harness {
         for e in effects {
             self.check(e, &mut closing);
         }
+        // What the closes below write is not an operator's command's.
+        self.admin_now = None;
         for conn in closing {
             self.close(conn);
         }
@@ -363,6 +391,9 @@ impl Harness {
             Effect::Write { token, ops } => {
                 assert_eq!(token, self.last_token + 1, "write tokens are handed out in order");
                 self.last_token = token;
+                if let Some(id) = self.admin_now {
+                    self.admin_pending.insert(id, token);
+                }
                 for op in &ops {
                     match op {
                         StoreOp::PutDelta(d) => {
@@ -406,6 +437,12 @@ impl Harness {
                 self.requests.retain(|(c, _), _| *c != conn);
                 let after = self.core.handle(CoreInput::Closed { conn });
                 assert!(after.is_empty(), "a closed stream's `Closed` did something: {after:?}");
+            }
+            Effect::Admin { id, answer } => {
+                let written = self.admin_pending.remove(&id).expect("an operator's command answered once");
+                if answer.is_ok() && !self.core.storage_failed() {
+                    assert!(written <= self.durable_token, "an operator's command answered before it is durable");
+                }
             }
             Effect::ReadChat { conn, req, chat, upto, .. } => {
                 assert!(self.open.contains_key(&conn), "read for a stream that is not open");
@@ -541,6 +578,7 @@ impl Harness {
         self.open.clear();
         self.waiting.clear();
         self.requests.clear();
+        self.admin_pending.clear();
         self.last_token = 0;
         self.durable_token = 0;
     }
@@ -583,7 +621,9 @@ fuzz_target!(|script: Script| {
             }
             Op::CreateAccount { conn, which } => {
                 let (account, cert) = pick(&f.create_account, which).clone();
-                h.request(conn, |req| ClientFrame::CreateAccount { req, account, cert });
+                // With one of the invite tokens the operator may have made, every other time.
+                let invite = (which % 4 >= 2).then_some(InviteToken([which % 2; 16]));
+                h.request(conn, |req| ClientFrame::CreateAccount { req, account, cert, invite });
             }
             Op::CreateChat { conn, which } => {
                 let (chat, epoch, keys) = pick(&f.create_chat, which).clone();
@@ -696,6 +736,22 @@ fuzz_target!(|script: Script| {
             Op::Wait { ms } => h.now_ms += u64::from(ms) * u64::from(ms) * 10_000,
             Op::Sent { conn, part } => h.sent(conn, part),
             Op::Tick { secs } => h.tick(secs % 8),
+            Op::Admin { which, account } => {
+                let account = AccountRef::Id(pick(&f.create_account, account).0.id);
+                let registration = [Registration::Open, Registration::Invite, Registration::Closed];
+                h.admin(match which % 10 {
+                    0 => AdminCommand::Suspend(account),
+                    1 => AdminCommand::Unsuspend(account),
+                    2 => AdminCommand::Ban(account),
+                    3 => AdminCommand::Delete(account),
+                    4 => AdminCommand::SetQuota { account, bytes: Some(u64::from(which) * 64) },
+                    5 => AdminCommand::SetQuota { account, bytes: None },
+                    6 => AdminCommand::Registration(Some(*pick(&registration, which / 10))),
+                    7 => AdminCommand::CreateInvite { token: InviteToken([which / 10 % 2; 16]), now_ms: h.now_ms },
+                    8 => AdminCommand::Accounts,
+                    _ => AdminCommand::Registration(None),
+                });
+            }
         }
     }
     // Everything durable: every request on an open stream has its answer.
@@ -703,4 +759,5 @@ fuzz_target!(|script: Script| {
     for ((conn, req), (link_wait, replies)) in &h.requests {
         assert!(*link_wait || *replies == 1, "request {req} on open stream {conn} never answered");
     }
+    assert!(h.admin_pending.is_empty(), "operators' commands never answered: {:?}", h.admin_pending);
 });

@@ -32,8 +32,8 @@ pub(crate) use with_current_keys;
 
 pub(crate) async fn run(mut device: Device, command: Command, json: bool) -> Result<(), Failure> {
     match command {
-        Command::Account { command: AccountCommand::Create { relay, name } } => {
-            let id = device.create_account(&relay, &name).await?;
+        Command::Account { command: AccountCommand::Create { relay, name, invite } } => {
+            let id = device.create_account_invited(&relay, &name, invite).await?;
             out(&if json { json!({ "account": id.to_string() }).to_string() } else { id.to_string() });
         }
         Command::Account { command: AccountCommand::SetRelay { addrs } } => {
@@ -311,9 +311,15 @@ async fn wait_for(
             Event::SessionRevoked => return Err(Error::SessionRevoked.into()),
             Event::SessionRefused => return Err(Error::SessionRefused.into()),
             Event::VersionRefused { message } => return Err(Error::VersionRefused(message).into()),
+            Event::Refused { code, message } => return Err(refused(&message, &format!("{code:?}"))),
             _ => {}
         }
     }
+}
+
+/// The relay's operator refuses this account (suspended, banned or deleted).
+pub(crate) fn refused(message: &str, code: &str) -> Failure {
+    Failure::Other(format!("the relay refuses this account: {message} ({code})"))
 }
 
 /// The relay refused a delta for good.

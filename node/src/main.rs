@@ -137,6 +137,10 @@ enum AccountCommand {
         /// A name for this device.
         #[arg(long)]
         name: String,
+        /// An invite token from the relay's operator (`stratus-invite-…`), for a relay that
+        /// takes new accounts only by invitation.
+        #[arg(long, value_name = "TOKEN")]
+        invite: Option<stratus_engine::proto::wire::InviteToken>,
     },
     /// Move this device to its relay's new addresses (tried in this order, each ending in
     /// /p2p/<peer id>; /ip4, /ip6, /dns4, /dns6, each over TCP or /ws, /wss), e.g. after the
@@ -300,6 +304,9 @@ fn hint(e: &Error) -> Option<String> {
             format!("after comparing: `stratus contact verify {username} --confirm \"{number}\"`")
         }
         Error::SecretNotAccepted(id) => format!("accept it with `stratus secret accept {id}`"),
+        Error::Relay { code: stratus_engine::proto::wire::ErrorCode::InviteRequired, .. } => {
+            "ask the relay's operator for an invite token and pass it with `--invite`".into()
+        }
         _ => return None,
     })
 }

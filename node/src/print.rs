@@ -139,6 +139,9 @@ pub(crate) fn event(e: &EventView, json: bool, shown: Shown) -> Result<(), Failu
         }),
         E::Disconnected { reason } if state => eprintln!("stratus: disconnected ({reason}); retrying"),
         E::Error { message } if state => eprintln!("stratus: {message}"),
+        E::Refused { code, message } if state => {
+            eprintln!("stratus: the relay refuses this account: {message} ({code}); retrying")
+        }
         E::CaughtUp if state => eprintln!("stratus: caught up"),
         E::SecretMessage { message } if secret => {
             out(&if json { json_line(message) } else { format!("{} {}", message.secret, secret_line(message)) })

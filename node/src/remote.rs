@@ -177,6 +177,7 @@ impl Client {
                 EventView::Error { message } => eprintln!("stratus: {message}"),
                 EventView::SessionRevoked => return Err(stratus_engine::Error::SessionRevoked.into()),
                 EventView::SessionRefused => return Err(stratus_engine::Error::SessionRefused.into()),
+                EventView::Refused { code, message } => return Err(crate::local::refused(&message, &code)),
                 _ => {}
             }
         }

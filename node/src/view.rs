@@ -192,6 +192,7 @@ pub(crate) enum EventView {
     SecretExpired { secret: String, message: String },
     SessionRevoked,
     SessionRefused,
+    Refused { code: String, message: String },
 }
 
 impl EventView {
@@ -243,6 +244,9 @@ impl EventView {
             }
             Event::SessionRevoked => EventView::SessionRevoked,
             Event::SessionRefused => EventView::SessionRefused,
+            Event::Refused { code, message } => {
+                EventView::Refused { code: format!("{code:?}"), message: message.clone() }
+            }
             _ => return None,
         })
     }

@@ -77,6 +77,10 @@ pub struct Settings {
     /// Seconds a stopping relay (SIGTERM, SIGINT) waits for what it accepted to be answered
     /// and for its devices' streams to close before it exits anyway (see `core/lifecycle.rs`).
     pub shutdown_grace_secs: u64,
+    /// Where the owner-only admin socket is (`stratus-relay admin`, `backup`); unset:
+    /// `<data_dir>/admin.sock`. A Unix socket's path is at most 107 bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_socket: Option<PathBuf>,
     // The limits, each under its flag's name (see `Settings::limits` for the field of
     // `Limits` it sets, and `Limits` for what it means).
     pub max_connections: u32,
@@ -115,6 +119,7 @@ impl Default for Settings {
             admin_http_allow_remote: false,
             log_format: LogFormat::Text,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            admin_socket: None,
             max_connections: l.max_connections,
             max_connections_per_peer: l.max_connections_per_peer,
             max_streams_per_connection: l.max_streams_per_connection,
@@ -350,9 +355,16 @@ impl Settings {
         }
     }
 
+    /// Where the admin socket is: [`Settings::admin_socket`], or `admin.sock` in the data
+    /// directory.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.admin_socket.clone().unwrap_or_else(|| self.data_dir.join(crate::admin::SOCKET_NAME))
+    }
+
     /// The server's configuration from these settings.
     pub fn server_config(&self) -> Config {
         Config {
+            admin_socket: self.admin_socket.clone(),
             data_dir: self.data_dir.clone(),
             listen: self.listen.clone(),
             listen_ws: self.listen_ws.clone(),
@@ -378,6 +390,9 @@ impl Settings {
         }
         if self.listen_ws.is_none() {
             out.push_str("# listen_ws = \"/ip4/127.0.0.1/tcp/8080/ws\"  (unset: no WebSocket listener)\n");
+        }
+        if self.admin_socket.is_none() {
+            out.push_str("# admin_socket = \"/run/stratus-relay/admin.sock\"  (unset: admin.sock in data_dir)\n");
         }
         out
     }

@@ -45,8 +45,8 @@ use stratus_engine::proto::directory::{AccountChain, KeyTerms, SignedGen};
 use stratus_engine::proto::wire::version_refusal;
 use stratus_engine::proto::wire::{
     AccountEntry, AccountEvent, ChatKind, ClientFrame, Delta, DeviceSession, ErrorCode, FrameError, Incarnation,
-    RelayFrame, ReqId, Restored, WrappedKey, MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    InviteToken, RelayFrame, ReqId, Restored, WrappedKey, MAX_CHAT_MEMBERS, MAX_DELTA_BYTES, MAX_PAGE_DELTAS,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
@@ -97,6 +97,9 @@ pub enum Input {
     /// answered once durable, nothing new is taken, and every stream is then closed; poll
     /// [`RelayCore::drained`] after each input.
     Drain,
+    /// The operator's command (`stratus-relay admin`, see `core/admin.rs`), answered with
+    /// [`Effect::Admin`] carrying the same `id` once what it changed is durable.
+    Admin { id: AdminId, command: AdminCommand },
 }
 
 /// What the core asks the driver to do, in order.
@@ -121,50 +124,8 @@ pub enum Effect {
     /// Read a page of an account log likewise, send it as an `AccountPage` and report it in
     /// [`Input::Sent`].
     ReadAccount { conn: ConnId, req: ReqId, account: AccountId, after: Seq, upto: Seq, max: u32 },
-}
-
-/// One store mutation.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StoreOp {
-    /// A new account.
-    PutAccount(AccountPublic),
-    /// A new device certificate.
-    PutDevice(DeviceCert),
-    /// A chat record (new, or with a new epoch).
-    PutChat(ChatId, ChatRecord),
-    /// A delta at its seq, indexed by `(device, client seq)`.
-    PutDelta(Delta),
-    /// An account log entry.
-    PutAccountEntry(AccountId, AccountEntry),
-    /// A device's session state (registration, last activity, revocation).
-    PutDeviceState(DeviceId, DeviceState),
-    /// An account's settings.
-    PutAccountSettings(AccountId, AccountSettings),
-    /// A recovery bundle under its lookup id.
-    PutRecovery([u8; 32], RecoveryRecord),
-    /// A new generation of an account's keys (a rotation), signed.
-    PutAccountGen(SignedGen),
-    /// An account's username taken (or with `None` released).
-    PutUsername(AccountId, Option<String>),
-    /// A recovery bundle replaced or withdrawn.
-    DeleteRecovery([u8; 32]),
-    /// An approval kept until the new device has fetched it (see [`ApprovedLink`]).
-    PutApprovedLink([u8; 32], ApprovedLink),
-    /// The new device has its bundle: the approval is no longer needed.
-    DeleteApprovedLink([u8; 32]),
-    /// Keys of one of a chat's epochs, each stored as a record of its own under (chat, epoch,
-    /// account) and never rewritten with the chat (a later key for the same account and epoch,
-    /// such as the whole key after a transport key, replaces it).
-    PutChatKeys(ChatId, Epoch, Vec<WrappedKey>),
-    /// What an account has stored, in bytes (its quota's count).
-    PutUsage(AccountId, u64),
-    /// The account log entry that ended a device's session, kept to show the device (see
-    /// `RelayFrame::SessionEnded`).
-    PutSessionEnd(DeviceId, AccountEntry),
-    /// The first account accepts chats from the second (true), or no longer does.
-    PutAccepted(AccountId, AccountId, bool),
-    /// An invitation to the first account from the second, made at this time (ms), or answered.
-    PutInvitation(AccountId, AccountId, Option<u64>),
+    /// The answer to the operator's command [`Input::Admin`] `id`.
+    Admin { id: AdminId, answer: Result<AdminAnswer, AdminRefusal> },
 }
 
 struct Account {
@@ -188,6 +149,8 @@ struct Account {
     accepts: BTreeSet<AccountId>,
     /// Invitations waiting for it: who asked, and when (ms).
     invitations: BTreeMap<AccountId, u64>,
+    /// What the operator decided about it (see `core/admin.rs`).
+    admin: AccountAdmin,
 }
 
 struct Device {
@@ -247,6 +210,7 @@ impl Account {
             stored_bytes: 0,
             accepts: BTreeSet::new(),
             invitations: BTreeMap::new(),
+            admin: AccountAdmin::default(),
         }
     }
 }
@@ -276,6 +240,9 @@ struct Conn {
     /// Its device's session ended and the proof waits for a barrier: frames from it are
     /// dropped meanwhile (the proof, then `SessionRevoked`, then the close follow).
     ending: bool,
+    /// The operator refuses its device (see `core/admin.rs`): it was told why and is being
+    /// closed; nothing more is sent to it, and what it sends is dropped.
+    refused: bool,
 }
 
 struct PendingLink {
@@ -301,6 +268,8 @@ enum Deferred {
     /// The stream of a device whose session ended: the proof (`SessionEnded`), then
     /// `SessionRevoked`, then the close.
     EndSession(ConnId),
+    /// The answer to an operator's command.
+    Admin(AdminId, AdminAnswer),
 }
 
 /// The relay's state machine. See the module docs.
@@ -332,6 +301,12 @@ pub struct RelayCore {
     floors: Option<Floors>,
     /// Shutting down: the streams told to close so far (see `core/lifecycle.rs`).
     draining: Option<BTreeSet<ConnId>>,
+    /// The devices deleted accounts had, and their account (refused; see `core/admin.rs`).
+    former_devices: BTreeMap<DeviceId, AccountId>,
+    /// Who may make an account.
+    registration: Registration,
+    /// Invite tokens not yet used, by digest, with when they were made (ms).
+    invites: BTreeMap<[u8; 32], u64>,
 }
 
 impl RelayCore {
@@ -357,6 +332,9 @@ impl RelayCore {
             incarnation: recovered.incarnation,
             floors: (recovered.incarnation.generation > 0).then_some(recovered.floors),
             draining: None,
+            former_devices: BTreeMap::new(),
+            registration: recovered.registration,
+            invites: recovered.invites.into_iter().collect(),
         };
         for public in recovered.accounts {
             core.accounts.insert(public.id, Account::new(public));
@@ -388,6 +366,14 @@ impl RelayCore {
         for (account, settings) in recovered.account_settings {
             if let Some(a) = core.accounts.get_mut(&account) {
                 a.settings = settings;
+            }
+        }
+        for (account, admin) in recovered.account_admin {
+            if let Some(a) = core.accounts.get_mut(&account) {
+                if admin.deleted {
+                    core.former_devices.extend(admin.former_devices.iter().map(|d| (d.clone(), account)));
+                }
+                a.admin = admin;
             }
         }
         for (account, bytes) in recovered.usage {
@@ -460,7 +446,15 @@ impl RelayCore {
                 let backlog = Backlog::default();
                 self.conns.insert(
                     conn,
-                    Conn { device, hello: false, account: None, fetches_in_flight: 0, backlog, ending: false },
+                    Conn {
+                        device,
+                        hello: false,
+                        account: None,
+                        fetches_in_flight: 0,
+                        backlog,
+                        ending: false,
+                        refused: false,
+                    },
                 );
             }
             Input::Sent { conn, bytes, pages } => self.sent(conn, bytes, pages, &mut out),
@@ -474,13 +468,14 @@ impl RelayCore {
             Input::Durable { token } => self.durable(token, &mut out),
             Input::WriteFailed => self.write_failed(&mut out),
             Input::Drain => self.draining = Some(BTreeSet::new()),
+            Input::Admin { id, command } => self.admin(id, command, &mut out),
         }
         self.drain_step(&mut out);
         self.admit(out)
     }
 
     fn frame(&mut self, conn: ConnId, frame: ClientFrame, now_ms: u64, out: &mut Vec<Effect>) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(c) = self.conns.get_mut(&conn).filter(|c| !c.refused) else { return };
         if self.draining.is_some() {
             return Self::refuse_while_draining(conn, &frame, out);
         }
@@ -498,6 +493,11 @@ impl RelayCore {
             self.expire_if_idle(&device, now_ms, out);
             if self.devices.get(&device).is_some_and(|d| d.state.revoked) {
                 self.end_stream(conn, out);
+                return;
+            }
+            if let Some((code, message)) = self.refusal_of(&device) {
+                // The operator suspended, banned or deleted its account.
+                self.refuse_stream(conn, code, message, out);
                 return;
             }
             let Some(c) = self.conns.get_mut(&conn) else { return };
@@ -555,8 +555,8 @@ impl RelayCore {
         }
         let result = match (frame, account) {
             (ClientFrame::Hello { .. } | ClientFrame::Typing { .. }, _) => unreachable!("handled above"),
-            (ClientFrame::CreateAccount { req, account, cert }, _) => {
-                self.create_account(conn, req, &device, account, cert, now_ms, out).map_err(|e| (req, e))
+            (ClientFrame::CreateAccount { req, account, cert, invite }, _) => {
+                self.create_account(conn, req, &device, account, cert, invite, now_ms, out).map_err(|e| (req, e))
             }
             (ClientFrame::LinkWait { req, link_id, device_x25519, name }, _) => {
                 self.link_wait(conn, req, &device, link_id, device_x25519, name, out).map_err(|e| (req, e))
@@ -729,6 +729,12 @@ fn error_frame(conn: ConnId, req: Option<ReqId>, code: ErrorCode, message: impl 
 }
 
 mod accounts;
+mod admin;
+use admin::banned_message;
+pub use admin::{
+    AccountRef, AccountView, AdminAnswer, AdminCommand, AdminId, AdminRefusal, AdminRefusalCode, DeleteReport,
+    DeviceView, MAX_INVITES,
+};
 mod backlog;
 mod durable;
 use backlog::Backlog;

@@ -85,7 +85,8 @@ impl World {
             name: "d".into(),
             created_ms: 0,
         });
-        let e = self.frame(dev.conn, ClientFrame::CreateAccount { req: 1, account: account.clone(), cert });
+        let e =
+            self.frame(dev.conn, ClientFrame::CreateAccount { req: 1, account: account.clone(), cert, invite: None });
         self.durable(&e);
         let chat = ChatId::random(&mut self.rng);
         let key = ChatKey::random(&mut self.rng);
@@ -294,7 +295,7 @@ fn a_repeated_create_account_is_acknowledged_again_and_another_refused() {
         name: "d".into(),
         created_ms: 0,
     });
-    let create = |req| ClientFrame::CreateAccount { req, account: account.clone(), cert: cert.clone() };
+    let create = |req| ClientFrame::CreateAccount { req, account: account.clone(), cert: cert.clone(), invite: None };
     let e = w.frame(a.conn, create(1));
     w.durable(&e);
     // The reply was lost; the device sends the same account again.
@@ -309,7 +310,8 @@ fn a_repeated_create_account_is_acknowledged_again_and_another_refused() {
         name: "d".into(),
         created_ms: 0,
     });
-    let refused = w.frame(a.conn, ClientFrame::CreateAccount { req: 3, account: other.public(), cert: other_cert });
+    let refused =
+        w.frame(a.conn, ClientFrame::CreateAccount { req: 3, account: other.public(), cert: other_cert, invite: None });
     assert!(matches!(sends(&refused)[..], [(1, RelayFrame::Error { code: ErrorCode::AlreadyExists, .. })]));
 }
 
@@ -672,6 +674,9 @@ mod abuse;
 
 #[path = "core_tests_peers.rs"]
 mod peers;
+
+#[path = "core_tests_admin.rs"]
+mod admin;
 
 #[test]
 fn typing_is_pushed_to_the_members_other_devices_and_never_written() {

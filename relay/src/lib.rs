@@ -11,6 +11,8 @@
 //! * [`metrics`] counts what the driver carries out, for the admin HTTP listener
 //!   ([`server::http`]).
 //! * [`limits`] holds what one peer, connection or device may hold or ask for at once.
+//! * [`admin`] is the owner-only admin socket (`stratus-relay admin`, `backup`): it parses
+//!   the operator's requests and hands them to the core, which decides.
 //! * [`server`] is the driver: libp2p, one task per stream, the core task and the group-commit
 //!   barrier task.
 //!

@@ -35,6 +35,10 @@ struct Args {
     /// Directory for the sled store and the relay's identity key.
     #[arg(long, global = true, default_value_os_t = Settings::default().data_dir)]
     data_dir: PathBuf,
+    /// Where the owner-only admin socket is (default: admin.sock in the data directory).
+    #[arg(long, global = true, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_socket: Option<PathBuf>,
     /// Multiaddr to listen on (TCP).
     #[arg(long, default_value_t = Settings::default().listen)]
     listen: libp2p::Multiaddr,
@@ -152,9 +156,132 @@ enum Command {
         #[arg(long)]
         from: PathBuf,
     },
+    /// Administers the running relay through its admin socket (only as the user it runs as):
+    /// accounts, their quotas, suspending, banning and deleting them, and registration.
+    Admin {
+        /// Prints the relay's answer as one line of JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
 }
 
-fn backup(data_dir: &std::path::Path, to: &std::path::Path) -> ExitCode {
+#[derive(clap::Subcommand)]
+enum AdminCommand {
+    /// Lists every account with its devices, storage and last activity.
+    Accounts,
+    /// Sets an account's byte quota in place of max_account_bytes: a number of bytes (0: no
+    /// quota), or `default` for the relay's again.
+    Quota {
+        /// The account's id or username.
+        account: String,
+        /// Bytes, or `default`.
+        bytes: String,
+    },
+    /// Suspends an account: its devices are refused until `unsuspend`; nothing is deleted.
+    Suspend {
+        /// The account's id or username.
+        account: String,
+    },
+    /// Lifts an account's suspension or ban.
+    Unsuspend {
+        /// The account's id or username.
+        account: String,
+    },
+    /// Bans an account: its devices are refused, and it and they cannot register again.
+    Ban {
+        /// The account's id or username.
+        account: String,
+    },
+    /// Deletes an account: its devices, records and the chats only it is in go; the chats it
+    /// shares stay for their other members.
+    Delete {
+        /// The account's id or username.
+        account: String,
+    },
+    /// Shows or sets who may make an account: open (anyone), invite (with a token from
+    /// `admin invite create`) or closed.
+    Registration {
+        #[arg(value_parser = ["open", "invite", "closed"])]
+        mode: Option<String>,
+    },
+    /// Invite tokens for registration by invitation.
+    Invite {
+        #[command(subcommand)]
+        command: InviteCommand,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum InviteCommand {
+    /// Makes an invite token, good for one new account; prints it.
+    Create,
+}
+
+/// `stratus-relay admin …`: one request to the running relay, its answer printed.
+fn admin(socket: &std::path::Path, json: bool, command: &AdminCommand) -> ExitCode {
+    use stratus_relay::admin::client;
+    let fail = |e: String| {
+        eprintln!("stratus-relay: admin: {e}");
+        ExitCode::FAILURE
+    };
+    let request = match command {
+        AdminCommand::Accounts => serde_json::json!({ "command": "accounts" }),
+        AdminCommand::Quota { account, bytes } => {
+            let bytes = match bytes.as_str() {
+                "default" => None,
+                n => match n.parse::<u64>() {
+                    Ok(n) => Some(n),
+                    Err(_) => return fail(format!("{n:?} is not a number of bytes nor `default`")),
+                },
+            };
+            serde_json::json!({ "command": "quota", "account": account, "bytes": bytes })
+        }
+        AdminCommand::Suspend { account } => serde_json::json!({ "command": "suspend", "account": account }),
+        AdminCommand::Unsuspend { account } => serde_json::json!({ "command": "unsuspend", "account": account }),
+        AdminCommand::Ban { account } => serde_json::json!({ "command": "ban", "account": account }),
+        AdminCommand::Delete { account } => serde_json::json!({ "command": "delete", "account": account }),
+        AdminCommand::Registration { mode } => serde_json::json!({ "command": "registration", "mode": mode }),
+        AdminCommand::Invite { command: InviteCommand::Create } => serde_json::json!({ "command": "invite_create" }),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    let result = match rt.block_on(client::request(socket, &request)) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    if json {
+        println!("{result}");
+        return ExitCode::SUCCESS;
+    }
+    let text = match command {
+        AdminCommand::Accounts => client::accounts_text(&result),
+        AdminCommand::Quota { .. } => client::account_text(&result, "quota set"),
+        AdminCommand::Suspend { .. } => {
+            client::account_text(&result, "suspended: its devices are refused until `admin unsuspend`")
+        }
+        AdminCommand::Unsuspend { .. } => client::account_text(&result, "suspension and ban lifted"),
+        AdminCommand::Ban { .. } => client::account_text(&result, "banned"),
+        AdminCommand::Delete { .. } => client::deleted_text(&result),
+        AdminCommand::Registration { .. } => client::registration_text(&result),
+        AdminCommand::Invite { .. } => {
+            let mode = result.get("registration").and_then(serde_json::Value::as_str).unwrap_or("");
+            if mode != "invite" {
+                eprintln!(
+                    "stratus-relay: note: registration is {mode}; the token is asked for only once it is invite                      (`stratus-relay admin registration invite`)"
+                );
+            }
+            result.get("invite").and_then(serde_json::Value::as_str).unwrap_or("").to_string()
+        }
+    };
+    println!("{text}");
+    ExitCode::SUCCESS
+}
+
+fn backup(socket: &std::path::Path, to: &std::path::Path) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -162,9 +289,9 @@ fn backup(data_dir: &std::path::Path, to: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(stratus_relay::admin::request_backup(data_dir, to)) {
-        Ok(answer) => {
-            println!("backed up to {} (store and generation {answer})", to.display());
+    match rt.block_on(stratus_relay::admin::client::backup(socket, to)) {
+        Ok((store, generation)) => {
+            println!("backed up to {} (store and generation {store} {generation})", to.display());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -174,9 +301,8 @@ fn backup(data_dir: &std::path::Path, to: &std::path::Path) -> ExitCode {
     }
 }
 
-fn restore(data_dir: &std::path::Path, from: &std::path::Path) -> ExitCode {
-    let socket = data_dir.join(stratus_relay::admin::SOCKET_NAME);
-    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+fn restore(data_dir: &std::path::Path, socket: &std::path::Path, from: &std::path::Path) -> ExitCode {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
         eprintln!("stratus-relay: restore failed: a relay is running on {}; stop it first", data_dir.display());
         return ExitCode::FAILURE;
     }
@@ -241,8 +367,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     match &args.command {
-        Some(Command::Backup { to }) => return backup(&settings.data_dir, to),
-        Some(Command::Restore { from }) => return restore(&settings.data_dir, from),
+        Some(Command::Backup { to }) => return backup(&settings.admin_socket_path(), to),
+        Some(Command::Restore { from }) => return restore(&settings.data_dir, &settings.admin_socket_path(), from),
+        Some(Command::Admin { json, command }) => return admin(&settings.admin_socket_path(), *json, command),
         None => {}
     }
     let filter =

@@ -29,12 +29,12 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::{connection_limits, identify, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
 use stratus_engine::proto::wire::{self, ClientFrame, RelayFrame, MAX_FRAME_BYTES};
 use stratus_engine::DeviceId;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminRequest, AdminSocket};
-use crate::core::{ConnId, Effect, Input, RelayCore, FRAME_OVERHEAD_BYTES};
+use crate::core::{AdminAnswer, AdminId, AdminRefusal, ConnId, Effect, Input, RelayCore, FRAME_OVERHEAD_BYTES};
 use crate::limits::{Limits, LimitsError, MAX_QUEUED_BYTES};
 use crate::metrics::{Health, Metrics};
 use crate::store::{RelayStore, SledStore, StoreError};
@@ -66,6 +66,9 @@ pub fn output_queue(limits: &Limits) -> usize {
 pub struct Config {
     /// Where the sled store and the relay's identity key live.
     pub data_dir: PathBuf,
+    /// Where the owner-only admin socket is bound (`crate::admin`); `None`: `admin.sock` in
+    /// `data_dir`.
+    pub admin_socket: Option<PathBuf>,
     /// Address to listen on (TCP: `/ip4/…/tcp/PORT`).
     pub listen: Multiaddr,
     /// Address to serve WebSocket on as well (`/ip4/…/tcp/PORT/ws`), e.g. behind a reverse
@@ -229,6 +232,12 @@ fn note_devices(registered: &Registered, ops: &[crate::core::StoreOp]) {
                     r.remove(&p);
                 }
             }
+            crate::core::StoreOp::DeleteDevice(d) => {
+                let mut r = registered.write().unwrap_or_else(|e| e.into_inner());
+                if let Some(p) = peer_of(d) {
+                    r.remove(&p);
+                }
+            }
             _ => {}
         }
     }
@@ -380,23 +389,15 @@ async fn serve<S: RelayStore>(
     }
     health.first_barrier_done();
     let recovered = store.recover()?;
-    let registered = Registered::default();
-    {
-        let revoked: std::collections::BTreeSet<_> =
-            recovered.device_states.iter().filter(|(_, s)| s.revoked).map(|(d, _)| d.clone()).collect();
-        let mut r = registered.write().unwrap_or_else(|e| e.into_inner());
-        r.extend(
-            recovered
-                .devices
-                .iter()
-                .filter(|c| !revoked.contains(&c.body.device))
-                .filter_map(|c| peer_of(&c.body.device)),
-        );
-    }
     let incarnation = recovered.incarnation;
     let core = RelayCore::new(recovered, config.limits.clone());
+    // Devices with a session, of accounts the operator does not refuse: only they may use the
+    // circuits.
+    let registered = Registered::default();
+    registered.write().unwrap_or_else(|e| e.into_inner()).extend(core.served_devices().iter().filter_map(peer_of));
     let limits = config.limits.clone();
-    let admin = AdminSocket::bind(&config.data_dir).await.map_err(|e| ServerError::Network(e.to_string()))?;
+    let socket = config.admin_socket.clone().unwrap_or_else(|| config.data_dir.join(crate::admin::SOCKET_NAME));
+    let admin = AdminSocket::bind(&socket).await.map_err(|e| ServerError::Network(e.to_string()))?;
     tracing::info!(
         store = %incarnation.store.iter().map(|b| format!("{b:02x}")).collect::<String>(),
         generation = incarnation.generation,
@@ -590,7 +591,7 @@ async fn serve<S: RelayStore>(
     let size_task = tokio::spawn(store_size_loop(store.clone(), metrics.clone()));
     let tick_task = tokio::spawn(tick_loop(in_tx.clone()));
     let (admin_tx, mut admin_rx) = mpsc::channel::<AdminRequest>(1);
-    let admin_task = tokio::spawn(admin.serve(admin_tx));
+    let admin_task = tokio::spawn(admin.serve(admin_tx, config.data_dir.clone()));
     let admin_core = in_tx.clone();
     let admin_fwd = tokio::spawn(async move {
         while let Some(r) = admin_rx.recv().await {

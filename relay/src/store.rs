@@ -31,8 +31,21 @@
 //! * `meta`: `incarnation` → [`Incarnation`] (made when the store is first opened; a restore
 //!   gives it a new generation); `format` → the store's format version (see [`STORE_FORMAT`]
 //!   and `store/format.rs`: checked at open, older formats migrated in place, newer refused)
+//!   gives it a new generation); `registration` → [`Registration`] (who may make an account;
+//!   open when absent)
+//! * `account_admin`: account id → [`AccountAdmin`] (the operator's decisions about it)
+//! * `invites`: invite token digest → when it was made, big-endian u64 ms (unused tokens)
+//! * `purges`: what a deletion still has to remove from the big trees (below)
 //! * `floor_accounts`, `floor_chats`: account or chat id → the lowest head its log had at any
 //!   restore ([`Floors`]; written only by [`restore`])
+//!
+//! Deleting (`StoreOp::DeleteDevice`, `DeleteChat`, `DeleteAccountData`): the small records go
+//! in the batch's transaction, and so does a `purges` entry for each range of the big trees to
+//! empty (a chat's deltas and keys, a device's dedup index, an account's log), which a sled
+//! transaction cannot scan. Right after the transaction, [`RelayStore::apply`] removes those
+//! ranges and then the entries; a crash in between leaves the entries, and opening the store
+//! finishes them. Nothing is written into such a range again: the core never reuses a deleted
+//! chat's or account's id, nor lets a deleted account's devices back.
 //!
 //! Backups ([`SledStore::backup`]) are taken by the running relay between two batches of
 //! writes, after a barrier, so they hold exactly what was durable then; [`restore`] puts one
@@ -53,7 +66,9 @@ use stratus_engine::proto::wire::{
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 
-use crate::core::{keys_digest, ApprovedLink, ChatRecord, Floors, Recovered, StoreOp, StoredEvent, DEDUP_WINDOW};
+use crate::core::{
+    keys_digest, ApprovedLink, ChatRecord, Floors, Recovered, Registration, StoreOp, StoredEvent, DEDUP_WINDOW,
+};
 
 /// First byte of a chat record or account log entry in the form this version writes. The
 /// earlier forms are plain postcard, which starts with a small enum index or varint, never
@@ -159,6 +174,9 @@ pub struct SledStore {
     session_ends: sled::Tree,
     accepted: sled::Tree,
     invitations: sled::Tree,
+    account_admin: sled::Tree,
+    invites: sled::Tree,
+    purges: sled::Tree,
     meta: sled::Tree,
     floor_accounts: sled::Tree,
     floor_chats: sled::Tree,
@@ -220,6 +238,11 @@ impl SledStore {
             store.meta.insert("incarnation", enc(&incarnation))?;
             store.barrier()?;
         }
+        // Deletions a crash interrupted.
+        if !store.purges.is_empty() {
+            store.purge()?;
+            store.barrier()?;
+        }
         Ok(store)
     }
 
@@ -250,6 +273,9 @@ impl SledStore {
             session_ends: db.open_tree("session_ends")?,
             accepted: db.open_tree("accepted")?,
             invitations: db.open_tree("invitations")?,
+            account_admin: db.open_tree("account_admin")?,
+            invites: db.open_tree("invites")?,
+            purges: db.open_tree("purges")?,
             db,
         })
     }
@@ -335,6 +361,42 @@ fn pair_of(key: &[u8]) -> Result<(AccountId, AccountId), StoreError> {
     Ok((AccountId(a), AccountId(b)))
 }
 
+/// What a `purges` entry empties: the first byte of its key, then the range's prefix.
+const PURGE_DELTAS: u8 = b'd';
+const PURGE_CHAT_KEYS: u8 = b'k';
+const PURGE_DEDUP: u8 = b'q';
+const PURGE_ACCOUNT_LOG: u8 = b'l';
+
+fn purge_key(what: u8, prefix: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + prefix.len());
+    k.push(what);
+    k.extend_from_slice(prefix);
+    k
+}
+
+impl SledStore {
+    /// Empties the ranges the `purges` entries name, then the entries (see the module docs).
+    /// Not atomic, and need not be: run again, it finishes what a crash left.
+    fn purge(&self) -> Result<(), StoreError> {
+        for kv in self.purges.iter() {
+            let (key, _) = kv?;
+            let Some((what, prefix)) = key.split_first() else { continue };
+            let tree = match *what {
+                PURGE_DELTAS => &self.deltas,
+                PURGE_CHAT_KEYS => &self.chat_keys,
+                PURGE_DEDUP => &self.dedup,
+                PURGE_ACCOUNT_LOG => &self.account_log,
+                _ => return Err(StoreError::Corrupt("purge entry")),
+            };
+            for k in tree.scan_prefix(prefix).keys() {
+                tree.remove(k?)?;
+            }
+            self.purges.remove(&key)?;
+        }
+        Ok(())
+    }
+}
+
 fn tail_u64(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&key[key.len() - 8..]);
@@ -361,6 +423,10 @@ impl RelayStore for SledStore {
             &self.session_ends,
             &self.accepted,
             &self.invitations,
+            &self.account_admin,
+            &self.invites,
+            &self.purges,
+            &self.meta,
         ];
         // A batch carries an account's usage once per write that changed it; only the last
         // one of each account is stored (the batch is atomic, so the result is the same).
@@ -374,6 +440,7 @@ impl RelayStore for SledStore {
             let (accounts, devices, chats, deltas, dedup, log, links, states, settings, recovery, gens, names) =
                 (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &t[9], &t[10], &t[11]);
             let (chat_keys, usage, ends, accepted, invitations) = (&t[12], &t[13], &t[14], &t[15], &t[16]);
+            let (admin, invites, purges, meta) = (&t[17], &t[18], &t[19], &t[20]);
             for (i, op) in ops.iter().enumerate() {
                 match op {
                     StoreOp::PutAccount(a) => {
@@ -451,15 +518,50 @@ impl RelayStore for SledStore {
                     StoreOp::PutInvitation(a, b, None) => {
                         invitations.remove(&pair_key(a, b)[..])?;
                     }
+                    StoreOp::PutAccountAdmin(a, r) => {
+                        admin.insert(&a.0[..], enc(r))?;
+                    }
+                    StoreOp::PutRegistration(r) => {
+                        meta.insert("registration", enc(r))?;
+                    }
+                    StoreOp::PutInvite(digest, Some(at)) => {
+                        invites.insert(&digest[..], &at.to_be_bytes()[..])?;
+                    }
+                    StoreOp::PutInvite(digest, None) => {
+                        invites.remove(&digest[..])?;
+                    }
+                    StoreOp::DeleteDevice(d) => {
+                        devices.remove(d.0.as_bytes())?;
+                        states.remove(d.0.as_bytes())?;
+                        ends.remove(d.0.as_bytes())?;
+                        purges.insert(purge_key(PURGE_DEDUP, &dedup_prefix(d)), &[][..])?;
+                    }
+                    StoreOp::DeleteChat(c) => {
+                        chats.remove(&c.0[..])?;
+                        purges.insert(purge_key(PURGE_DELTAS, &c.0), &[][..])?;
+                        purges.insert(purge_key(PURGE_CHAT_KEYS, &c.0), &[][..])?;
+                    }
+                    StoreOp::DeleteAccountData(a) => {
+                        settings.remove(&a.0[..])?;
+                        usage.remove(&a.0[..])?;
+                        purges.insert(purge_key(PURGE_ACCOUNT_LOG, &a.0), &[][..])?;
+                    }
                 }
             }
             Ok::<(), ConflictableTransactionError<()>>(())
         });
         match r {
-            Ok(()) => Ok(()),
-            Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e)),
+            Ok(()) => {}
+            Err(TransactionError::Storage(e)) => return Err(StoreError::Sled(e)),
             Err(TransactionError::Abort(())) => unreachable!("the transaction never aborts"),
         }
+        let deletes = |op: &StoreOp| {
+            matches!(op, StoreOp::DeleteDevice(_) | StoreOp::DeleteChat(_) | StoreOp::DeleteAccountData(_))
+        };
+        if ops.iter().any(deletes) {
+            self.purge()?;
+        }
+        Ok(())
     }
 
     fn barrier(&self) -> Result<(), StoreError> {
@@ -616,6 +718,20 @@ impl RelayStore for SledStore {
             let at: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("invitation"))?;
             r.invitations.push((a, b, u64::from_be_bytes(at)));
         }
+        for kv in self.account_admin.iter() {
+            let (k, v) = kv?;
+            let id: [u8; 16] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("account id"))?;
+            r.account_admin.push((AccountId(id), dec(&v, "account admin record")?));
+        }
+        for kv in self.invites.iter() {
+            let (k, v) = kv?;
+            let digest: [u8; 32] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("invite"))?;
+            let at: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("invite"))?;
+            r.invites.push((digest, u64::from_be_bytes(at)));
+        }
+        if let Some(v) = self.meta.get("registration")? {
+            r.registration = dec::<Registration>(&v, "registration")?;
+        }
         r.incarnation = self.incarnation()?;
         r.floors = self.floors()?;
         Ok(r)
@@ -636,103 +752,4 @@ mod format;
 pub use format::STORE_FORMAT;
 
 #[cfg(test)]
-mod tests {
-    use rand::SeedableRng;
-    use stratus_engine::proto::cert::{AccountKeys, RotationBody};
-    use stratus_engine::proto::crypto::SealedBox;
-    use stratus_engine::proto::directory::{KeyTerms, MemberChange, MemberChangeBody, Membership};
-
-    use super::*;
-
-    fn key(account: AccountId) -> WrappedKey {
-        let key = SealedBox { ephemeral: [3; 32], sealed: vec![4; 72] };
-        WrappedKey { account, generation: 0, content: true, key, signature: vec![5; 64] }
-    }
-
-    /// A handout's key chain is stored once (in the directory's records), not in each log
-    /// entry, and the entries read back exactly as they were written; entries and chat records
-    /// in the earlier form still read.
-    #[test]
-    fn key_chains_in_log_entries_are_stored_once_and_read_back_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let signer = AccountKeys::generate(&mut rng).public();
-        let gens: Vec<SignedGen> = (1..=40u8)
-            .map(|g| SignedGen {
-                body: RotationBody {
-                    account: signer.id,
-                    generation: u32::from(g),
-                    signing_key: [g; 32],
-                    kem_key: [g; 32],
-                },
-                signature: vec![g; 64],
-            })
-            .collect();
-        let chain = |n: usize| AccountChain { public: signer.clone(), rotations: gens[..n].to_vec() };
-        let chat = ChatId([7; 16]);
-        let me = AccountId([9; 16]);
-        let terms = KeyTerms { chat, kind: ChatKind::Group, epoch: Epoch(3), members: [me, signer.id].into() };
-        let change = MemberChange {
-            body: MemberChangeBody { chat, base_epoch: Epoch(3), seq: 0, by: signer.id, change: Membership::Leave },
-            signature: vec![6; 64],
-        };
-        let events = vec![
-            AccountEvent::ChatAdded {
-                terms: terms.clone(),
-                key: key(me),
-                signer: signer.id,
-                signer_chain: Some(chain(30)),
-            },
-            AccountEvent::MembersChanged { change: change.clone(), by_chain: Some(chain(40)) },
-            AccountEvent::ChatAdded { terms, key: key(me), signer: me, signer_chain: None },
-            AccountEvent::DeviceExpired { device: DeviceId("d".into()), last_active_ms: 5 },
-        ];
-        let mut ops = vec![StoreOp::PutAccount(signer.clone())];
-        ops.extend(gens.iter().cloned().map(StoreOp::PutAccountGen));
-        for (i, event) in events.iter().enumerate() {
-            ops.push(StoreOp::PutAccountEntry(me, AccountEntry { seq: Seq(i as u64 + 1), event: event.clone() }));
-        }
-        store.apply(&ops).unwrap();
-        let read: Vec<AccountEvent> =
-            store.read_account(me, Seq(0), Seq(10), 10).unwrap().into_iter().map(|e| e.event).collect();
-        assert_eq!(read, events);
-        let chain_bytes = enc(&chain(30)).len();
-        for kv in store.account_log.iter() {
-            let (_, v) = kv.unwrap();
-            assert!(v.len() < chain_bytes / 4, "an entry of {} bytes; the chain alone is {chain_bytes}", v.len());
-        }
-
-        // The earlier forms: an entry with its chain inside, a chat record with its keys.
-        let old = AccountEvent::MembersChanged { change, by_chain: Some(chain(12)) };
-        store.account_log.insert(seq_key(&me.0, 5), enc(&old)).unwrap();
-        let read = store.read_account(me, Seq(4), Seq(5), 10).unwrap();
-        assert_eq!(read[0].event, old);
-        let epochs: BTreeMap<Epoch, Vec<WrappedKey>> = (0..3).map(|e| (Epoch(e), vec![key(me)])).collect();
-        let legacy = LegacyChatRecord {
-            kind: ChatKind::Group,
-            creator: me,
-            members: [me].into(),
-            epochs: epochs.clone(),
-            rekey_due: true,
-            joining: BTreeSet::new(),
-            share_with: BTreeSet::new(),
-            changes: 1,
-        };
-        store.chats.insert(&chat.0[..], enc(&legacy)).unwrap();
-        let recovered = store.recover().unwrap();
-        let (_, record, _) = recovered.chats.iter().find(|(c, _, _)| *c == chat).unwrap();
-        assert_eq!((record.newest, record.rekey_due, record.changes), (Epoch(2), true, 1));
-        assert_eq!(record.genesis_keys, keys_digest(&epochs[&Epoch(0)]));
-    }
-
-    /// Only a lack of space makes the relay stay up without writing; other failures stop it.
-    #[test]
-    fn a_full_disk_is_told_apart_from_other_failures() {
-        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
-        assert!(StoreError::Barrier(full).is_disk_full());
-        assert!(StoreError::Sled(sled::Error::Io(std::io::Error::from_raw_os_error(28))).is_disk_full());
-        assert!(!StoreError::Barrier(std::io::Error::other("gone")).is_disk_full());
-        assert!(!StoreError::Corrupt("x").is_disk_full());
-    }
-}
+mod tests;

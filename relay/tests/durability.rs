@@ -88,6 +88,7 @@ async fn start(dir: &std::path::Path) -> (Arc<GatedStore>, tokio::task::JoinHand
         limits: Default::default(),
         admin_http: None,
         shutdown_grace: std::time::Duration::from_secs(5),
+        admin_socket: None,
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let relay = tokio::spawn(run_with_store(
@@ -225,6 +226,7 @@ async fn readiness_waits_for_the_first_barrier_and_ends_at_shutdown() {
         limits: Default::default(),
         admin_http: Some(admin),
         shutdown_grace: std::time::Duration::from_secs(5),
+        admin_socket: None,
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

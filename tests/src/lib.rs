@@ -207,6 +207,25 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
 }
 
+/// Runs `stratus-relay --data-dir DATA_DIR ARGS…` to completion (its subcommands: `backup`,
+/// `restore`, `admin …`).
+pub fn relay_cmd(data_dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin("stratus-relay"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("stratus-relay runs")
+}
+
+/// Runs `stratus-relay` and returns its stdout, failing the test with its stderr if it failed.
+pub fn relay_ok(data_dir: &Path, args: &[&str]) -> String {
+    let o = relay_cmd(data_dir, args);
+    assert!(o.status.success(), "stratus-relay {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).expect("utf-8")
+}
+
 /// Runs `stratus --home HOME ARGS…` to completion.
 pub fn stratus(home: &Path, args: &[&str]) -> Output {
     Command::new(bin("stratus")).arg("--home").arg(home).args(args).stdin(Stdio::null()).output().expect("stratus runs")

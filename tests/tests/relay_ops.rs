@@ -4,26 +4,8 @@
 //! change nothing.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 
 use stratus_tests::*;
-
-/// Runs `stratus-relay --data-dir DATA ARGS…` to completion.
-fn relay_cmd(data_dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin("stratus-relay"))
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("stratus-relay runs")
-}
-
-fn relay_ok(data_dir: &Path, args: &[&str]) -> String {
-    let o = relay_cmd(data_dir, args);
-    assert!(o.status.success(), "stratus-relay {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).expect("utf-8")
-}
 
 fn texts(home: &Path, chat: &str) -> Vec<String> {
     let log = stratus_ok(home, &["log", chat, "--json"]);

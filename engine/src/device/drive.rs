@@ -79,6 +79,11 @@ pub enum Event {
     /// The relay does not serve this device's version of the sync protocol (`message`, the
     /// relay's words, names both and which side to upgrade): the session stops.
     VersionRefused { message: String },
+    /// The relay's operator refuses this account: it suspended (`AccountSuspended`), banned
+    /// (`AccountBanned`) or deleted (`AccountDeleted`) it, and `message` says so. Nothing is
+    /// deleted here; the session keeps reconnecting with its backoff (a suspension may be
+    /// lifted), so an app shows this rather than waits.
+    Refused { code: ErrorCode, message: String },
 }
 
 /// What the driver must do after [`Device::carry_out`], in order.
@@ -512,6 +517,10 @@ impl Device {
                 SyncOutput::Error { code: ErrorCode::UnsupportedVersion, message } => {
                     actions.push(Action::Emit(Event::VersionRefused { message }))
                 }
+                SyncOutput::Error {
+                    code: code @ (ErrorCode::AccountSuspended | ErrorCode::AccountBanned | ErrorCode::AccountDeleted),
+                    message,
+                } => actions.push(Action::Emit(Event::Refused { code, message })),
                 SyncOutput::Error { code, message } => actions.push(error(format!("relay: {message} ({code:?})"))),
                 SyncOutput::NotRegistered => actions.push(error("the relay does not know this device".into())),
                 SyncOutput::Revoked { proof } => {

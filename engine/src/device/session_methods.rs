@@ -83,6 +83,7 @@ impl Session {
     /// #     limits: Default::default(),
     /// #     admin_http: None,
     /// #     shutdown_grace: std::time::Duration::from_secs(5),
+    /// #     admin_socket: None,
     /// # };
     /// # tokio::spawn(stratus_relay::server::run(config, move |a| drop(tx.send(a)), std::future::pending()));
     /// # let relay = rx.await?.to_string();

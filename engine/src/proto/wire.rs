@@ -16,16 +16,17 @@ use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 /// The libp2p protocol name of the sync stream.
 pub const PROTOCOL: &str = "/stratus/sync/1";
 /// Bumped on any incompatible change to the frames below.
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 /// The oldest protocol version a relay of this build serves: it accepts a device's `Hello` with
 /// a version in `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION` and refuses any other with
 /// [`ErrorCode::UnsupportedVersion`], its message naming the device's version, the range, and
 /// which side to upgrade (see [`version_refusal`]). A relay that keeps an older version in its
-/// range speaks it to those devices (today the range is one version: 8's `DirectoryEntry`
-/// lacks `accepts_you`, and 8 devices take an unproven `SessionRevoked` as proof). `Hello`
-/// stays the first variant both ways, and `Error` keeps its place and fields, so that any two
-/// versions can refuse each other in words both read (docs/protocol.md, "Versions").
-pub const MIN_PROTOCOL_VERSION: u16 = 9;
+/// range speaks it to those devices (today the range is one version: 9's `CreateAccount` lacks
+/// `invite`, 8's `DirectoryEntry` lacks `accepts_you`, and 8 devices take an unproven
+/// `SessionRevoked` as proof). `Hello` stays the first variant both ways, and `Error` keeps its
+/// place and fields, so that any two versions can refuse each other in words both read
+/// (docs/protocol.md, "Versions").
+pub const MIN_PROTOCOL_VERSION: u16 = 10;
 
 /// The message of the relay's `Error { code: UnsupportedVersion }` for a device that spoke
 /// `version`, when it accepts `min..=max`; `None` when it accepts it.
@@ -37,6 +38,7 @@ pub fn version_refusal(version: u16, min: u16, max: u16) -> Option<String> {
     };
     Some(format!("sync protocol {version} is {side} than this relay accepts ({min} to {max}): {upgrade}"))
 }
+
 /// Longest frame either side sends or accepts. A longer length prefix is a protocol error and
 /// closes the stream (the rest of the stream cannot be trusted to be framed).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
@@ -246,8 +248,10 @@ pub enum ClientFrame {
         /// [`PROTOCOL_VERSION`] of the device.
         version: u16,
     },
-    /// Registers a new account with this device as its first device.
-    CreateAccount { req: ReqId, account: AccountPublic, cert: DeviceCert },
+    /// Registers a new account with this device as its first device. `invite`: a token from
+    /// the relay's operator, for a relay that takes new accounts only by invitation (it is
+    /// used up by the account it makes; see [`InviteToken`]).
+    CreateAccount { req: ReqId, account: AccountPublic, cert: DeviceCert, invite: Option<InviteToken> },
     /// A device that is not yet logged in waits for approval under `link_id`
     /// (`blake3` of the link code's one-time secret). Answered by `LinkApproved` when a logged-in
     /// device approves it, or an error.
@@ -521,6 +525,68 @@ pub enum ErrorCode {
     /// for good (sending it again fails the same way until the operator raises the quota).
     /// Added in protocol version 7; kept last because postcard encodes variant indices.
     QuotaExceeded,
+    /// The relay's operator suspended this account: its devices are refused (the stream
+    /// closes) until the operator lifts it; what the relay holds of the account is kept.
+    /// Added in protocol version 10, like the four codes after it.
+    AccountSuspended,
+    /// The relay's operator banned this account: its devices are refused, and neither the
+    /// account nor its devices may register again on this relay.
+    AccountBanned,
+    /// The relay's operator deleted this account: what the relay held of it is gone, and its
+    /// devices are refused. A new account (from a fresh device) may be made.
+    AccountDeleted,
+    /// The relay takes no new accounts (its operator closed registration).
+    RegistrationClosed,
+    /// The relay takes new accounts only with an invite token from its operator, and none
+    /// was given, or the one given is unknown or used already.
+    InviteRequired,
+}
+
+/// A one-time token from a relay's operator that lets one new account register on a relay
+/// that takes new accounts only by invitation (`stratus-relay admin invite create`). Written
+/// `stratus-invite-` and 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct InviteToken(pub [u8; 16]);
+
+impl InviteToken {
+    /// How a token's text begins.
+    pub const PREFIX: &'static str = "stratus-invite-";
+
+    /// What a relay keeps of a token: its hash, so that a copy of the store does not hold
+    /// tokens anyone could still use.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"stratus-invite-token");
+        h.update(&self.0);
+        *h.finalize().as_bytes()
+    }
+}
+
+impl std::fmt::Display for InviteToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", Self::PREFIX, hex::encode(self.0))
+    }
+}
+
+/// The token's value is a secret: not shown in logs of debug output.
+impl std::fmt::Debug for InviteToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InviteToken(..)")
+    }
+}
+
+/// A text that is not an invite token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not an invite token: expected `stratus-invite-` and 32 hex digits, as the relay's operator gave it")]
+pub struct BadInviteToken;
+
+impl std::str::FromStr for InviteToken {
+    type Err = BadInviteToken;
+    fn from_str(s: &str) -> Result<Self, BadInviteToken> {
+        let hex_part = s.trim().strip_prefix(Self::PREFIX).ok_or(BadInviteToken)?;
+        let bytes = hex::decode(hex_part).map_err(|_| BadInviteToken)?;
+        Ok(InviteToken(bytes.try_into().map_err(|_| BadInviteToken)?))
+    }
 }
 
 /// A frame that failed to encode or decode.
@@ -564,5 +630,19 @@ mod tests {
         assert!(decode::<RelayFrame>(&[]).is_err());
         let r = RelayFrame::RateLimited { req: 3, retry_after_ms: 250 };
         assert_eq!(decode::<RelayFrame>(&encode(&r).unwrap()).unwrap(), r);
+    }
+
+    #[test]
+    fn invite_tokens_print_and_parse_and_their_value_is_not_shown_in_debug_output() {
+        let t = InviteToken([0xab; 16]);
+        let text = t.to_string();
+        assert_eq!(text, format!("stratus-invite-{}", "ab".repeat(16)));
+        assert_eq!(text.parse::<InviteToken>(), Ok(t));
+        assert_eq!(format!(" {text}\n").parse::<InviteToken>(), Ok(t));
+        for bad in ["", "stratus-invite-", "stratus-invite-abab", &"ab".repeat(16), &format!("{text}00")] {
+            assert_eq!(bad.parse::<InviteToken>(), Err(BadInviteToken), "{bad:?}");
+        }
+        assert!(!format!("{t:?}").contains("abab"));
+        assert_ne!(t.digest(), InviteToken([0xac; 16]).digest());
     }
 }

@@ -22,6 +22,9 @@ pub(super) struct Store {
     pub(super) session_ends: BTreeMap<DeviceId, AccountEntry>,
     pub(super) accepted: BTreeMap<(AccountId, AccountId), ()>,
     pub(super) invitations: BTreeMap<(AccountId, AccountId), u64>,
+    pub(super) admin: BTreeMap<AccountId, AccountAdmin>,
+    pub(super) registration: Registration,
+    pub(super) invites: BTreeMap<[u8; 32], u64>,
 }
 
 impl Store {
@@ -90,6 +93,30 @@ impl Store {
                 StoreOp::PutInvitation(a, b, None) => {
                     self.invitations.remove(&(a, b));
                 }
+                StoreOp::PutAccountAdmin(a, r) => {
+                    self.admin.insert(a, r);
+                }
+                StoreOp::PutRegistration(r) => self.registration = r,
+                StoreOp::PutInvite(digest, at) => {
+                    match at {
+                        Some(at) => self.invites.insert(digest, at),
+                        None => self.invites.remove(&digest),
+                    };
+                }
+                StoreOp::DeleteDevice(d) => {
+                    self.devices.remove(&d);
+                    self.states.remove(&d);
+                    self.session_ends.remove(&d);
+                }
+                StoreOp::DeleteChat(c) => {
+                    self.chats.remove(&c);
+                    self.deltas.retain(|(chat, _), _| *chat != c);
+                }
+                StoreOp::DeleteAccountData(a) => {
+                    self.settings.remove(&a);
+                    self.usage.remove(&a);
+                    self.entries.retain(|(account, _), _| *account != a);
+                }
             }
         }
     }
@@ -133,6 +160,9 @@ impl Store {
             session_ends: self.session_ends.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             accepted: self.accepted.keys().copied().collect(),
             invitations: self.invitations.iter().map(|((a, b), at)| (*a, *b, *at)).collect(),
+            account_admin: self.admin.iter().map(|(a, r)| (*a, r.clone())).collect(),
+            registration: self.registration,
+            invites: self.invites.iter().map(|(d, at)| (*d, *at)).collect(),
             incarnation: Default::default(),
             floors: Default::default(),
         }

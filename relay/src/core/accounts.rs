@@ -12,6 +12,7 @@ impl RelayCore {
         device: &DeviceId,
         account: AccountPublic,
         cert: DeviceCert,
+        invite: Option<InviteToken>,
         now_ms: u64,
         out: &mut Vec<Effect>,
     ) -> Result<(), (ErrorCode, String)> {
@@ -28,12 +29,24 @@ impl RelayCore {
             self.after_durable(Deferred::Send(conn, RelayFrame::Done { req }), out);
             return Ok(());
         }
-        if self.accounts.contains_key(&account.id) {
-            return Err((ErrorCode::AlreadyExists, format!("account {} exists", account.id)));
+        if let Some(a) = self.accounts.get(&account.id) {
+            // The operator's decisions about it first: a deleted or banned account does not
+            // come back under the same keys.
+            return Err(match (a.admin.status, a.admin.deleted) {
+                (AccountStatus::Banned, _) => (ErrorCode::AccountBanned, banned_message(account.id)),
+                (_, true) => (
+                    ErrorCode::AccountDeleted,
+                    format!("account {} was deleted on this relay; make a new account", account.id),
+                ),
+                _ => (ErrorCode::AlreadyExists, format!("account {} exists", account.id)),
+            });
         }
         if self.devices.contains_key(device) {
             return Err((ErrorCode::AlreadyExists, "this device already belongs to an account".into()));
         }
+        // Who may make an account (the operator's setting); a token is used up only by an
+        // account that is made.
+        let invite = self.check_registration(invite)?;
         let id = account.id;
         let state = DeviceState { registered_ms: now_ms, last_active_ms: now_ms, revoked: false };
         let mut ops = vec![
@@ -41,6 +54,10 @@ impl RelayCore {
             StoreOp::PutDevice(cert.clone()),
             StoreOp::PutDeviceState(device.clone(), state),
         ];
+        if let Some(digest) = invite {
+            self.invites.remove(&digest);
+            ops.push(StoreOp::PutInvite(digest, None));
+        }
         let mut acct = Account::new(account);
         acct.devices.insert(device.clone());
         self.accounts.insert(id, acct);

@@ -96,7 +96,7 @@ impl RelayCore {
                 "a notes chat has its creator alone as member, a direct chat the creator and one other".into(),
             ));
         }
-        if let Some(m) = members.iter().find(|m| !self.accounts.contains_key(m)) {
+        if let Some(m) = members.iter().find(|m| !self.is_live(m)) {
             return Err((ErrorCode::NotFound, format!("no account {m}")));
         }
         // Nobody is put into a chat without having accepted chats from its creator.
@@ -189,8 +189,11 @@ impl RelayCore {
         dev.appends_in_flight += 1;
         if client_seq <= dev.highest_client_seq {
             let frame = match dev.recent.get(&client_seq) {
-                Some((c, seq)) => RelayFrame::Acked { req, chat: *c, client_seq, seq: *seq },
-                None => RelayFrame::Duplicate { req, chat: chat_id, client_seq },
+                // (Not for a chat deleted since with the account that alone was left in it.)
+                Some((c, seq)) if self.chats.contains_key(c) => {
+                    RelayFrame::Acked { req, chat: *c, client_seq, seq: *seq }
+                }
+                _ => RelayFrame::Duplicate { req, chat: chat_id, client_seq },
             };
             self.after_durable(Deferred::AppendDone(conn, device.clone(), frame), out);
             return Ok(());

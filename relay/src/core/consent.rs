@@ -79,7 +79,7 @@ impl RelayCore {
                 if other == account {
                     return Err((ErrorCode::NotAllowed, "an account always accepts itself".into()));
                 }
-                if !self.accounts.contains_key(&other) {
+                if !self.is_live(&other) {
                     return Err((ErrorCode::NotFound, format!("no account {other}")));
                 }
                 let a = self.accounts.get_mut(&account).expect("an attached connection's account exists");
@@ -101,7 +101,7 @@ impl RelayCore {
                 if invitee == account {
                     return Err((ErrorCode::NotAllowed, "an account always accepts itself".into()));
                 }
-                let Some(b) = self.accounts.get_mut(&invitee) else {
+                let Some(b) = self.accounts.get_mut(&invitee).filter(|b| !b.admin.deleted) else {
                     return Err((ErrorCode::NotFound, format!("no account {invitee}")));
                 };
                 let mut ops = Vec::new();

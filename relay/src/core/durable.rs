@@ -40,7 +40,7 @@ impl RelayCore {
         match d {
             // A stream whose session ended since gets only the end (see `end_stream`).
             Deferred::Send(conn, frame) => {
-                if self.conns.get(&conn).is_some_and(|c| !c.ending) {
+                if self.conns.get(&conn).is_some_and(|c| !c.ending && !c.refused) {
                     out.push(Effect::Send { conn, frame });
                 }
             }
@@ -48,7 +48,7 @@ impl RelayCore {
                 if let Some(d) = self.devices.get_mut(&device) {
                     d.appends_in_flight = d.appends_in_flight.saturating_sub(1);
                 }
-                if self.conns.get(&conn).is_some_and(|c| !c.ending) {
+                if self.conns.get(&conn).is_some_and(|c| !c.ending && !c.refused) {
                     out.push(Effect::Send { conn, frame });
                 }
             }
@@ -64,6 +64,7 @@ impl RelayCore {
                 }
             }
             Deferred::EndSession(conn) => self.send_session_end(conn, true, out),
+            Deferred::Admin(id, answer) => out.push(Effect::Admin { id, answer: Ok(answer) }),
             Deferred::AccountDurable { account, entry } => {
                 let Some(a) = self.accounts.get_mut(&account) else { return };
                 a.log_durable = a.log_durable.max(entry.seq);
@@ -128,7 +129,11 @@ impl RelayCore {
         let a = self.accounts.get_mut(&account).expect("caller checked the account exists");
         a.log_head = a.log_head.next();
         let entry = AccountEntry { seq: a.log_head, event };
-        ops.push(StoreOp::PutAccountEntry(account, entry.clone()));
+        // A deleted account stays a member of the chats it shared (see `core/admin.rs`): what
+        // their members hand it out is not kept, as nobody can fetch it.
+        if !a.admin.deleted {
+            ops.push(StoreOp::PutAccountEntry(account, entry.clone()));
+        }
         entry
     }
 }

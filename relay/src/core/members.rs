@@ -197,7 +197,7 @@ impl RelayCore {
                 }
                 self.check_quota(account, 1)?;
                 for a in accounts {
-                    match self.accounts.get(a) {
+                    match self.accounts.get(a).filter(|acct| !acct.admin.deleted) {
                         None => return Err(refuse(ErrorCode::NotFound, format!("no account {a}"))),
                         Some(_) if record.members.contains(a) => {
                             return Err(refuse(ErrorCode::AlreadyExists, format!("{a} is a member already")))

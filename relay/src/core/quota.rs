@@ -42,7 +42,12 @@ impl StoreOp {
         let record = match self {
             StoreOp::PutDelta(d) => return d.sealed.len() as u64 + DELTA_OVERHEAD_BYTES,
             StoreOp::PutChatKeys(_, _, keys) => return keys.iter().map(|k| size(k) + RECORD_OVERHEAD_BYTES).sum(),
-            StoreOp::PutUsage(..) | StoreOp::DeleteRecovery(_) | StoreOp::DeleteApprovedLink(_) => return 0,
+            StoreOp::PutUsage(..)
+            | StoreOp::DeleteRecovery(_)
+            | StoreOp::DeleteApprovedLink(_)
+            | StoreOp::DeleteDevice(_)
+            | StoreOp::DeleteChat(_)
+            | StoreOp::DeleteAccountData(_) => return 0,
             StoreOp::PutAccount(a) => size(a),
             StoreOp::PutDevice(c) => size(c),
             StoreOp::PutChat(_, r) => size(r),
@@ -56,6 +61,8 @@ impl StoreOp {
             StoreOp::PutAccountGen(g) => size(g),
             StoreOp::PutUsername(_, n) => n.as_ref().map_or(0, |n| n.len() as u64),
             StoreOp::PutApprovedLink(_, l) => size(l),
+            // The operator's records: counted against no account.
+            StoreOp::PutAccountAdmin(..) | StoreOp::PutRegistration(_) | StoreOp::PutInvite(..) => return 0,
         };
         record + RECORD_OVERHEAD_BYTES
     }
@@ -66,8 +73,11 @@ impl RelayCore {
     /// (requests whose size is only known once made ask with 1: refused once the quota is
     /// reached, and may pass it by their own size).
     pub(super) fn check_quota(&self, account: AccountId, adding: u64) -> Result<(), (ErrorCode, String)> {
-        let quota = self.limits.max_account_bytes;
-        let used = self.accounts.get(&account).map_or(0, |a| a.stored_bytes);
+        let a = self.accounts.get(&account);
+        // The operator's quota for this account, if it set one (`core/admin.rs`), else the
+        // relay's.
+        let quota = a.and_then(|a| a.admin.quota).unwrap_or(self.limits.max_account_bytes);
+        let used = a.map_or(0, |a| a.stored_bytes);
         if quota != 0 && used.saturating_add(adding) > quota {
             return Err((
                 ErrorCode::QuotaExceeded,

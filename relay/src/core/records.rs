@@ -6,8 +6,67 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use stratus_engine::proto::cert::{AccountPublic, DeviceCert};
 use stratus_engine::proto::directory::{AccountChain, KeyTerms, MemberChange, SignedGen};
-use stratus_engine::proto::wire::{AccountEntry, AccountEvent, ChatKind, Incarnation, WrappedKey};
+use stratus_engine::proto::wire::{AccountEntry, AccountEvent, ChatKind, Delta, Incarnation, WrappedKey};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
+
+/// One store mutation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreOp {
+    /// A new account.
+    PutAccount(AccountPublic),
+    /// A new device certificate.
+    PutDevice(DeviceCert),
+    /// A chat record (new, or with a new epoch).
+    PutChat(ChatId, ChatRecord),
+    /// A delta at its seq, indexed by `(device, client seq)`.
+    PutDelta(Delta),
+    /// An account log entry.
+    PutAccountEntry(AccountId, AccountEntry),
+    /// A device's session state (registration, last activity, revocation).
+    PutDeviceState(DeviceId, DeviceState),
+    /// An account's settings.
+    PutAccountSettings(AccountId, AccountSettings),
+    /// A recovery bundle under its lookup id.
+    PutRecovery([u8; 32], RecoveryRecord),
+    /// A new generation of an account's keys (a rotation), signed.
+    PutAccountGen(SignedGen),
+    /// An account's username taken (or with `None` released).
+    PutUsername(AccountId, Option<String>),
+    /// A recovery bundle replaced or withdrawn.
+    DeleteRecovery([u8; 32]),
+    /// An approval kept until the new device has fetched it (see [`ApprovedLink`]).
+    PutApprovedLink([u8; 32], ApprovedLink),
+    /// The new device has its bundle: the approval is no longer needed.
+    DeleteApprovedLink([u8; 32]),
+    /// Keys of one of a chat's epochs, each stored as a record of its own under (chat, epoch,
+    /// account) and never rewritten with the chat (a later key for the same account and epoch,
+    /// such as the whole key after a transport key, replaces it).
+    PutChatKeys(ChatId, Epoch, Vec<WrappedKey>),
+    /// What an account has stored, in bytes (its quota's count).
+    PutUsage(AccountId, u64),
+    /// The account log entry that ended a device's session, kept to show the device (see
+    /// `RelayFrame::SessionEnded`).
+    PutSessionEnd(DeviceId, AccountEntry),
+    /// The first account accepts chats from the second (true), or no longer does.
+    PutAccepted(AccountId, AccountId, bool),
+    /// An invitation to the first account from the second, made at this time (ms), or answered.
+    PutInvitation(AccountId, AccountId, Option<u64>),
+    /// What the operator decided about an account.
+    PutAccountAdmin(AccountId, AccountAdmin),
+    /// Who may make an account.
+    PutRegistration(Registration),
+    /// An invite token's digest, made at this time (ms), or used up (`None`).
+    PutInvite([u8; 32], Option<u64>),
+    /// A device of a deleted account: its certificate, session state, session end and dedup
+    /// index go.
+    DeleteDevice(DeviceId),
+    /// A chat of a deleted account that no other live account is in: its record, deltas and
+    /// keys go.
+    DeleteChat(ChatId),
+    /// A deleted account's log, settings and usage count go (its public keys stay: see
+    /// `core/admin.rs`).
+    DeleteAccountData(AccountId),
+}
 
 /// An approved link, kept until the new device shows it has its bundle (by syncing), so that a
 /// device that lost its connection between approval and delivery can ask again under the same
@@ -168,6 +227,13 @@ pub struct Recovered {
     pub accepted: Vec<(AccountId, AccountId)>,
     /// `(invitee, inviter, at_ms)`: invitations waiting.
     pub invitations: Vec<(AccountId, AccountId, u64)>,
+    /// What the operator decided about accounts (see [`AccountAdmin`]).
+    pub account_admin: Vec<(AccountId, AccountAdmin)>,
+    /// Who may make an account (see [`Registration`]).
+    pub registration: Registration,
+    /// Invite tokens not yet used: their digests ([`stratus_engine::proto::wire::InviteToken::digest`])
+    /// and when they were made (ms).
+    pub invites: Vec<([u8; 32], u64)>,
     /// The store's life: its id and how many restores made it (see docs/protocol.md,
     /// "Restores").
     pub incarnation: Incarnation,
@@ -232,4 +298,70 @@ pub struct DeviceState {
     pub last_active_ms: u64,
     /// Its session was ended; it is refused from now on.
     pub revoked: bool,
+}
+
+/// What the relay's operator decided about an account (`stratus-relay admin`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccountStatus {
+    /// Served.
+    #[default]
+    Active,
+    /// Its devices are refused (`AccountSuspended`) until the operator lifts it; its data is
+    /// kept.
+    Suspended,
+    /// Its devices are refused (`AccountBanned`), and neither the account nor they may register
+    /// again; its data is kept until it is deleted.
+    Banned,
+}
+
+/// The operator's record of an account: its status, its own quota, and whether it was deleted.
+/// Accounts the operator never touched have none (the default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountAdmin {
+    /// Served, suspended or banned.
+    pub status: AccountStatus,
+    /// Its byte quota in place of the relay's `max_account_bytes` (0: none); `None`: the
+    /// relay's.
+    pub quota: Option<u64>,
+    /// Its data is gone (see `core/admin.rs`); only its public keys are kept, for the members
+    /// of the chats it shared, and this record.
+    pub deleted: bool,
+    /// The devices it had when it was deleted: refused from then on (`AccountDeleted`, or
+    /// `AccountBanned` while it is banned).
+    pub former_devices: Vec<DeviceId>,
+}
+
+/// Who may make an account on the relay (`stratus-relay admin registration`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Registration {
+    /// Anyone (the default).
+    #[default]
+    Open,
+    /// Only with an invite token the operator made, each good for one account.
+    Invite,
+    /// Nobody.
+    Closed,
+}
+
+impl Registration {
+    /// Its name in the admin protocol and the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            Registration::Open => "open",
+            Registration::Invite => "invite",
+            Registration::Closed => "closed",
+        }
+    }
+}
+
+impl std::str::FromStr for Registration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "open" => Ok(Registration::Open),
+            "invite" => Ok(Registration::Invite),
+            "closed" => Ok(Registration::Closed),
+            other => Err(format!("registration is open, invite or closed, not {other:?}")),
+        }
+    }
 }

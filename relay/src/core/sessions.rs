@@ -92,6 +92,9 @@ impl RelayCore {
             .get(&lookup_id)
             .ok_or((ErrorCode::RecoveryNotFound, "nothing is filed under that recovery key".to_string()))?;
         let account = record.account;
+        if let Some(refusal) = self.account_refusal(account) {
+            return Err(refusal);
+        }
         self.check_signed(account, "the certificate", |g| cert.verify(g))?;
         if !self.devices.contains_key(device) {
             self.check_room_for_device(account)?;

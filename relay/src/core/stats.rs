@@ -14,7 +14,7 @@ pub struct CoreStats {
     pub streams: u64,
     /// Devices (peers) with at least one stream open.
     pub connected_devices: u64,
-    /// Accounts stored.
+    /// Accounts stored (deleted ones not counted).
     pub accounts: u64,
     /// Chats stored.
     pub chats: u64,
@@ -34,7 +34,7 @@ impl RelayCore {
         let mut s = CoreStats {
             streams: self.conns.len() as u64,
             connected_devices: self.peers.values().filter(|p| p.has_streams()).count() as u64,
-            accounts: self.accounts.len() as u64,
+            accounts: self.accounts.values().filter(|a| !a.admin.deleted).count() as u64,
             chats: self.chats.len() as u64,
             ..CoreStats::default()
         };

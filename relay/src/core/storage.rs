@@ -75,9 +75,10 @@ impl RelayCore {
                 (conn, frame)
             }
             Deferred::EndSession(conn) => return self.send_session_end(conn, false, out),
+            Deferred::Admin(id, _) => return out.push(Effect::Admin { id, answer: Err(AdminRefusal::storage_full()) }),
             Deferred::ChatDurable { .. } | Deferred::AccountDurable { .. } => return,
         };
-        if let (Some(req), true) = (frame.req(), self.conns.get(&conn).is_some_and(|c| !c.ending)) {
+        if let (Some(req), true) = (frame.req(), self.conns.get(&conn).is_some_and(|c| !c.ending && !c.refused)) {
             out.push(storage_full(conn, req));
         }
     }

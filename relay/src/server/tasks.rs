@@ -76,6 +76,9 @@ struct Driver<S> {
     /// A write failed for lack of space: nothing is written any more.
     disk_full: bool,
     metrics: Arc<Metrics>,
+    /// Operators' commands waiting for the core's answer, by the id given with them.
+    admin_replies: BTreeMap<AdminId, oneshot::Sender<Result<AdminAnswer, AdminRefusal>>>,
+    next_admin: AdminId,
 }
 
 impl<S: RelayStore> Driver<S> {
@@ -158,6 +161,16 @@ impl<S: RelayStore> Driver<S> {
                 };
                 send(conn, Outgoing::Page(frame))
             }
+            Effect::Admin { id, answer } => {
+                match &answer {
+                    Ok(_) => tracing::info!(id, "admin command done"),
+                    Err(e) => tracing::info!(id, code = e.code.name(), message = %e.message, "admin command refused"),
+                }
+                if let Some(reply) = self.admin_replies.remove(&id) {
+                    let _ = reply.send(answer);
+                }
+                None
+            }
         }
     }
 }
@@ -183,6 +196,8 @@ pub(super) async fn core_loop<S: RelayStore>(
         registered,
         disk_full: false,
         metrics,
+        admin_replies: BTreeMap::new(),
+        next_admin: 1,
     };
     let mut batch: Vec<CoreMsg> = Vec::with_capacity(CORE_BATCH);
     while in_rx.recv_many(&mut batch, CORE_BATCH).await > 0 {
@@ -201,6 +216,20 @@ pub(super) async fn core_loop<S: RelayStore>(
                         Err(e) => tracing::warn!(to = %to.display(), error = %e, "backup failed"),
                     }
                     let _ = reply.send(r);
+                    continue;
+                }
+                CoreMsg::Admin(AdminRequest::Command { command, reply }) => {
+                    let id = d.next_admin;
+                    d.next_admin += 1;
+                    d.admin_replies.insert(id, reply);
+                    let input = Input::Admin { id, command };
+                    log_input(&input);
+                    d.run(&mut core, input);
+                    // Its account may be served no longer, or again: the devices that may use
+                    // the circuits follow.
+                    let served: std::collections::BTreeSet<_> =
+                        core.served_devices().iter().filter_map(peer_of).collect();
+                    *d.registered.write().unwrap_or_else(|e| e.into_inner()) = served;
                     continue;
                 }
                 CoreMsg::Open { conn, device, handle } => {
@@ -283,6 +312,7 @@ fn log_input(input: &Input) {
         Input::Drain => tracing::info!("draining: new requests are refused, streams close once answered"),
         Input::Sent { conn, bytes, pages } => tracing::trace!(conn, bytes, pages, "sent"),
         Input::Tick { now_ms } => tracing::trace!(now_ms, "tick"),
+        Input::Admin { id, command } => tracing::info!(id, ?command, "admin command"),
         Input::Frame { conn, frame, .. } => match frame {
             ClientFrame::Append { req, chat, client_seq, sealed, .. } => {
                 tracing::debug!(conn, req, %chat, client_seq = client_seq.0, bytes = sealed.len(), "append")
@@ -294,8 +324,8 @@ fn log_input(input: &Input) {
                 tracing::debug!(conn, req, after = after.0, "fetch account log")
             }
             ClientFrame::CreateChat { req, chat, .. } => tracing::debug!(conn, req, %chat, "create chat"),
-            ClientFrame::CreateAccount { req, account, .. } => {
-                tracing::debug!(conn, req, account = %account.id, "create account")
+            ClientFrame::CreateAccount { req, account, invite, .. } => {
+                tracing::debug!(conn, req, account = %account.id, invited = invite.is_some(), "create account")
             }
             ClientFrame::LinkWait { req, .. } => tracing::debug!(conn, req, "link wait"),
             ClientFrame::LinkLookup { req, .. } => tracing::debug!(conn, req, "link lookup"),

@@ -46,6 +46,7 @@ impl Sim {
                     let entries = self.relay.store.read_account(account, after, upto, max);
                     self.relay_send(conn, RelayFrame::AccountPage { req, entries, head: upto })?;
                 }
+                Effect::Admin { id, .. } => return Err(format!("an answer to operator command {id}, never given")),
             }
         }
         Ok(())

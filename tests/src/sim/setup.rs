@@ -232,6 +232,7 @@ impl Sim {
                     sent.push((conn, RelayFrame::AccountPage { req, entries, head: upto }));
                     queue.extend(core.handle(Input::Sent { conn, bytes: 0, pages: 1 }));
                 }
+                Effect::Admin { id, .. } => return Err(format!("an answer to operator command {id}, never given")),
             }
         }
         if let Some((_, RelayFrame::Error { code, message, .. })) = sent.iter().find(|(c, _)| *c == conn) {

@@ -12,7 +12,8 @@ use stratus_engine::proto::directory::SignedGen;
 use stratus_engine::proto::wire::{AccountEntry, AccountEvent, Delta, Incarnation, WrappedKey, MAX_PAGE_BYTES};
 use stratus_engine::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 use stratus_relay::core::{
-    AccountSettings, ApprovedLink, ChatRecord, DeviceState, Recovered, RecoveryRecord, StoreOp, DEDUP_WINDOW,
+    AccountAdmin, AccountSettings, ApprovedLink, ChatRecord, DeviceState, Recovered, RecoveryRecord, Registration,
+    StoreOp, DEDUP_WINDOW,
 };
 
 #[derive(Clone, Default)]
@@ -34,6 +35,9 @@ struct State {
     session_ends: BTreeMap<DeviceId, AccountEntry>,
     accepted: BTreeSet<(AccountId, AccountId)>,
     invitations: BTreeMap<(AccountId, AccountId), u64>,
+    account_admin: BTreeMap<AccountId, AccountAdmin>,
+    registration: Registration,
+    invites: BTreeMap<[u8; 32], u64>,
 }
 
 impl State {
@@ -105,6 +109,32 @@ impl State {
                 }
                 StoreOp::PutInvitation(a, b, None) => {
                     self.invitations.remove(&(*a, *b));
+                }
+                StoreOp::PutAccountAdmin(a, r) => {
+                    self.account_admin.insert(*a, r.clone());
+                }
+                StoreOp::PutRegistration(r) => self.registration = *r,
+                StoreOp::PutInvite(digest, Some(at)) => {
+                    self.invites.insert(*digest, *at);
+                }
+                StoreOp::PutInvite(digest, None) => {
+                    self.invites.remove(digest);
+                }
+                StoreOp::DeleteDevice(d) => {
+                    self.devices.remove(d);
+                    self.device_states.remove(d);
+                    self.session_ends.remove(d);
+                    self.dedup.retain(|(device, _), _| device != d);
+                }
+                StoreOp::DeleteChat(c) => {
+                    self.chats.remove(c);
+                    self.deltas.retain(|(chat, _), _| chat != c);
+                    self.chat_keys.retain(|(chat, _, _), _| chat != c);
+                }
+                StoreOp::DeleteAccountData(a) => {
+                    self.settings.remove(a);
+                    self.usage.remove(a);
+                    self.log.retain(|(account, _), _| account != a);
                 }
             }
         }
@@ -255,6 +285,9 @@ impl MemStore {
         r.session_ends = s.session_ends.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         r.accepted = s.accepted.iter().copied().collect();
         r.invitations = s.invitations.iter().map(|((a, b), at)| (*a, *b, *at)).collect();
+        r.account_admin = s.account_admin.iter().map(|(a, r)| (*a, r.clone())).collect();
+        r.registration = s.registration;
+        r.invites = s.invites.iter().map(|(d, at)| (*d, *at)).collect();
         r.incarnation = self.incarnation;
         r
     }

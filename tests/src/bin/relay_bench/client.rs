@@ -117,7 +117,7 @@ impl Writer {
             name,
             created_ms: now_ms(),
         });
-        match request(&mut raw, 1, ClientFrame::CreateAccount { req: 1, account, cert }).await {
+        match request(&mut raw, 1, ClientFrame::CreateAccount { req: 1, account, cert, invite: None }).await {
             RelayFrame::Done { .. } => {}
             other => panic!("create account failed: {other:?}"),
         }

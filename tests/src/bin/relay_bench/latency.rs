@@ -49,7 +49,9 @@ pub(super) async fn push_latency(ctx: &Ctx, addr: &str, seed: u64, secs: u64, ra
             name: "bench-a".into(),
             created_ms: now_ms(),
         });
-        match request(&mut raw, 1, ClientFrame::CreateAccount { req: 1, account: keys.public(), cert }).await {
+        match request(&mut raw, 1, ClientFrame::CreateAccount { req: 1, account: keys.public(), cert, invite: None })
+            .await
+        {
             RelayFrame::Done { .. } => {}
             other => panic!("create account failed: {other:?}"),
         }

@@ -14,7 +14,7 @@ use crate::device::store::Login;
 use crate::proto::cert::{AccountKeys, DeviceCert, DeviceCertBody};
 use crate::proto::crypto::{open_box, seal_box};
 use crate::proto::ids::{AccountId, DeviceId};
-use crate::proto::wire::{ClientFrame, RelayFrame, ReqId};
+use crate::proto::wire::{ClientFrame, InviteToken, RelayFrame, ReqId};
 
 /// A link code: what a new device shows so that a logged-in device can approve it.
 ///
@@ -83,7 +83,22 @@ impl std::str::FromStr for LinkCode {
 impl Device {
     /// Creates a new account on `relay` with this device as its first device.
     pub async fn create_account(&mut self, relay: &str, name: &str) -> Result<AccountId, Error> {
-        let request = self.create_account_request(relay, name, 1)?;
+        self.create_account_invited(relay, name, None).await
+    }
+
+    /// [`Device::create_account`] with an invite token from the relay's operator, for a relay
+    /// that takes new accounts only by invitation. A relay that refuses says why with a typed
+    /// error ([`Error::Relay`] with `RegistrationClosed` or `InviteRequired`).
+    pub async fn create_account_invited(
+        &mut self,
+        relay: &str,
+        name: &str,
+        invite: Option<InviteToken>,
+    ) -> Result<AccountId, Error> {
+        let mut request = self.create_account_request(relay, name, 1)?;
+        if let ClientFrame::CreateAccount { invite: slot, .. } = &mut request {
+            *slot = invite;
+        }
         let (_net, mut stream, _) = self.connect(relay).await?;
         stream.send(&request).await?;
         Self::reply(&mut stream, 1).await?;
@@ -92,7 +107,8 @@ impl Device {
 
     /// The request that creates a new account with this device as its first device; after the
     /// relay answers `Done`, call [`Device::create_account_done`]. For drivers other than
-    /// [`Device::create_account`].
+    /// [`Device::create_account`]. Its `invite` is `None`: set it for a relay that takes new
+    /// accounts only by invitation.
     ///
     /// The new account is kept before it is sent: if the reply is lost, asking again sends the
     /// same account, which the relay acknowledges again, instead of a new one that it would
@@ -119,7 +135,7 @@ impl Device {
                 p
             }
         };
-        Ok(ClientFrame::CreateAccount { req, account: pending.account, cert: pending.cert })
+        Ok(ClientFrame::CreateAccount { req, account: pending.account, cert: pending.cert, invite: None })
     }
 
     /// Logs in with the account of [`Device::create_account_request`] once the relay accepted it.
