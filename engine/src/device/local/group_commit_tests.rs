@@ -7,27 +7,15 @@ use crate::device::core::{SyncCore, SyncInput, SyncOutput};
 use crate::device::drive::Action;
 use crate::device::group_commit::BarrierStart;
 use crate::device::kv::MemDisk;
-use crate::device::store::Login;
-use crate::proto::cert::{AccountKeys, DeviceCertBody};
 use crate::proto::ids::{AccountId, ChatId, ClientSeq, Seq};
 use crate::proto::wire::{ClientFrame, RelayFrame, PROTOCOL_VERSION};
 
-/// A device logged in as the first of a new account of its own (no relay involved).
+/// A device logged in as the first of a new account of its own (no relay involved), its login
+/// stored.
 fn device(disk: &MemDisk) -> Device {
     let mut d = Device::open_mem(disk, 5).unwrap();
-    let keys = AccountKeys::generate(&mut d.rng);
-    let account = keys.public();
-    let body = DeviceCertBody {
-        account: account.id,
-        device: d.id().clone(),
-        device_x25519: d.identity.x25519_public(),
-        name: "d".into(),
-        created_ms: 0,
-    };
-    let cert = keys.certify(body);
-    let login = Login { account, keys, cert, relay: "x".into() };
-    d.store.set_login(&login).unwrap();
-    d.identity.log_in(login);
+    super::secret::tests::log_in(&mut d, "d");
+    d.store.set_login(d.login().unwrap()).unwrap();
     d
 }
 

@@ -28,7 +28,7 @@ mod conn;
 mod links_sim;
 mod net;
 #[cfg(test)]
-mod tests;
+pub(in crate::device::local) mod tests;
 
 pub(crate) use conn::OPENING_TIMEOUT;
 pub use conn::{Answer, Ended, Opening, SecretConn, Step};

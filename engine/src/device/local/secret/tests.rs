@@ -25,7 +25,7 @@ fn device(dir: &Path, name: &str, seed: u64) -> Device {
 }
 
 /// Logs `d` in as the first device of a new account of its own (no relay involved).
-pub(super) fn log_in(d: &mut Device, name: &str) {
+pub(in crate::device::local) fn log_in(d: &mut Device, name: &str) {
     let keys = AccountKeys::generate(&mut d.rng);
     let account = keys.public();
     let body = DeviceCertBody {
