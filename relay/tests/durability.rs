@@ -294,6 +294,7 @@ async fn a_stopping_relay_answers_what_it_accepted_and_takes_no_new_connection()
         limits: Default::default(),
         admin_http: None,
         shutdown_grace: Duration::from_secs(600),
+        admin_socket: None,
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

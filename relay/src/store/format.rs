@@ -14,11 +14,14 @@
 //! * 0: stores made before the version key existed (every relay before it). Records untagged
 //!   or tagged with [`super::TAG`], read by this version as they are.
 //! * 1: the version key. No record changed, so 0 → 1 only writes it.
+//! * 2: the operator's records (`account_admin`, `invites`, `purges`, `registration`; see
+//!   `core/admin.rs`). A format-1 store has none of them, so 1 → 2 only writes the version; a
+//!   format-1 binary refuses a format-2 store rather than serve banned or suspended accounts.
 
 use super::*;
 
 /// The format this binary writes, and the newest it opens.
-pub const STORE_FORMAT: u32 = 1;
+pub const STORE_FORMAT: u32 = 2;
 
 /// The `meta` key that holds the format.
 const FORMAT_KEY: &str = "format";
@@ -32,8 +35,10 @@ struct Migration {
 }
 
 /// Every step, in order, from 0 to [`STORE_FORMAT`].
-const MIGRATIONS: &[Migration] =
-    &[Migration { from: 0, what: "adds the format version; records are read as they are", run: |_| Ok(()) }];
+const MIGRATIONS: &[Migration] = &[
+    Migration { from: 0, what: "adds the format version; records are read as they are", run: |_| Ok(()) },
+    Migration { from: 1, what: "the operator's records are new trees; nothing to rewrite", run: |_| Ok(()) },
+];
 
 impl SledStore {
     /// The store's format version: `None` for a store with nothing in it yet, 0 for one made
