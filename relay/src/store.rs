@@ -33,7 +33,7 @@
 //!   and `store/format.rs`: checked at open, older formats migrated in place, newer refused)
 //!   gives it a new generation); `registration` → [`Registration`] (who may make an account;
 //!   open when absent)
-//! * `account_admin`: account id → [`AccountAdmin`] (the operator's decisions about it)
+//! * `account_admin`: account id → [`AccountAdmin`](crate::core::AccountAdmin) (the operator's decisions about it)
 //! * `invites`: invite token digest → when it was made, big-endian u64 ms (unused tokens)
 //! * `purges`: what a deletion still has to remove from the big trees (below)
 //! * `floor_accounts`, `floor_chats`: account or chat id → the lowest head its log had at any
