@@ -301,7 +301,13 @@ fn log_shows(relay: &Relay, text: &str, secs: u64) -> bool {
 #[test]
 fn a_peer_that_stops_reading_is_disconnected_and_memory_stays_flat() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start_with(&dir.path().join("relay"), &["--stalled-reader-secs", "2"]);
+    // The reading stream must get every push: a backlog of 4 MiB (256 of these pushes, the most
+    // allowed) keeps a reader slowed by a busy machine from being `Behind` (pushes dropped,
+    // which a device fetches and this reader does not); the default 1 MiB flaked in CI.
+    let relay = Relay::start_with(
+        &dir.path().join("relay"),
+        &["--stalled-reader-secs", "2", "--max-push-backlog-bytes", "4194304"],
+    );
     let (home_a, home_s) = (dir.path().join("a"), dir.path().join("s"));
     let a = account(&relay, &home_a, "a");
     link_device(&relay, &home_a, &home_s, "slow");
