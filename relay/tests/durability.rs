@@ -80,16 +80,7 @@ async fn start(dir: &std::path::Path) -> (Arc<GatedStore>, tokio::task::JoinHand
         fail: AtomicBool::new(false),
         full: AtomicBool::new(false),
     });
-    let config = Config {
-        data_dir: dir.join("relay"),
-        listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
-        listen_ws: None,
-        external_addresses: Vec::new(),
-        limits: Default::default(),
-        admin_http: None,
-        shutdown_grace: std::time::Duration::from_secs(5),
-        admin_socket: None,
-    };
+    let config = test_config(dir.join("relay"), std::time::Duration::from_secs(5));
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let relay = tokio::spawn(run_with_store(
         config,
@@ -218,16 +209,8 @@ async fn readiness_waits_for_the_first_barrier_and_ends_at_shutdown() {
     // A port that was free a moment ago (the listener takes no port 0 here: its address is not
     // reported back to an in-process caller).
     let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let config = Config {
-        data_dir: dir.path().join("relay"),
-        listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
-        listen_ws: None,
-        external_addresses: Vec::new(),
-        limits: Default::default(),
-        admin_http: Some(admin),
-        shutdown_grace: std::time::Duration::from_secs(5),
-        admin_socket: None,
-    };
+    let config =
+        Config { admin_http: Some(admin), ..test_config(dir.path().join("relay"), std::time::Duration::from_secs(5)) };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let relay = tokio::spawn(run_with_store(
@@ -286,16 +269,7 @@ async fn a_stopping_relay_answers_what_it_accepted_and_takes_no_new_connection()
         fail: AtomicBool::new(false),
         full: AtomicBool::new(false),
     });
-    let config = Config {
-        data_dir: dir.path().join("relay"),
-        listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
-        listen_ws: None,
-        external_addresses: Vec::new(),
-        limits: Default::default(),
-        admin_http: None,
-        shutdown_grace: Duration::from_secs(600),
-        admin_socket: None,
-    };
+    let config = test_config(dir.path().join("relay"), Duration::from_secs(600));
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let relay = tokio::spawn(run_with_store(
@@ -352,4 +326,19 @@ async fn a_stopping_relay_answers_what_it_accepted_and_takes_no_new_connection()
     let result = tokio::time::timeout(Duration::from_secs(20), relay).await.expect("the relay stops").unwrap();
     assert!(result.is_ok(), "{result:?}");
     session.stop().await.unwrap();
+}
+
+/// The relay's settings in these tests: loopback, default limits, no admin listeners, the data
+/// in `data_dir`, and `shutdown_grace` for a stop (one place, so a new setting is added once).
+fn test_config(data_dir: std::path::PathBuf, shutdown_grace: std::time::Duration) -> Config {
+    Config {
+        data_dir,
+        listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+        listen_ws: None,
+        external_addresses: Vec::new(),
+        limits: Default::default(),
+        admin_http: None,
+        shutdown_grace,
+        admin_socket: None,
+    }
 }
