@@ -360,6 +360,7 @@ impl World {
             SyncOutput::ApplyAccountEntry(entry) => {
                 prop_assert_eq!(entry.seq, self.account_cursor.next(), "an entry that does not continue the cursor");
                 self.account_cursor = entry.seq;
+                inputs.push_back(SyncInput::AccountApplied(entry.seq));
             }
             SyncOutput::Acked { client_seq, chat, seq } => {
                 prop_assert!(self.acked.insert(client_seq), "client seq {client_seq:?} acknowledged twice");

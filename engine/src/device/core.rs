@@ -9,7 +9,11 @@
 //! is past its cursor, in pages, with at most [`MAX_FETCHES_IN_FLIGHT`] pages requested at once
 //! (that is the flow control: the relay only sends what was asked for). Pushes that continue a
 //! cursor are applied directly; a push past a gap triggers a fetch of the gap. The outbox is sent
-//! in client-seq order with at most [`MAX_APPENDS_IN_FLIGHT`] unacknowledged appends.
+//! in client-seq order with at most [`MAX_APPENDS_IN_FLIGHT`] unacknowledged appends, and only
+//! once the account log is applied as far as the relay has it ([`SyncInput::AccountApplied`])
+//! with no rotation due: a device back from offline learns of a revocation, and seals its
+//! outbox again under the new epochs, before anything of it leaves (under the old keys, a
+//! relay that keeps what it is sent could read it with the revoked device's keys).
 //!
 //! A request the relay answers with `RateLimited` changed nothing there: the core takes it back
 //! (an append becomes unsent again, a fetch is forgotten), stops sending requests and asks the
@@ -111,6 +115,15 @@ pub enum SyncInput {
     /// `SyncState`), which both shows the connection still carries answers and fetches
     /// anything a lost push would have brought. Ignored unless connected with nothing waiting.
     Probe,
+    /// The driver carried out the [`SyncOutput::ApplyAccountEntry`] up to this seq (applied,
+    /// or failed and reported). Until every entry the core handed out is carried out, no
+    /// outbox item is sent: an entry may end a key epoch, and the items sealed under it are
+    /// sealed again when it is applied ([`SyncInput::Resealed`]).
+    AccountApplied(Seq),
+    /// Ask the relay for its heads again, and count as not caught up until the answer is in
+    /// and everything up to those heads is applied: the relay refused a request as made for
+    /// keys or members that moved on (`StaleEpoch`), so what the device knows is behind.
+    Refresh,
 }
 
 /// What the core asks the driver to do, in order.
@@ -220,6 +233,8 @@ pub struct SyncCore {
     phase: Phase,
     next_req: ReqId,
     account_cursor: Seq,
+    /// The last account log entry the driver carried out ([`SyncInput::AccountApplied`]).
+    account_applied: Seq,
     account_head: Seq,
     account_fetching: bool,
     chats: BTreeMap<ChatId, ChatSync>,
@@ -239,6 +254,8 @@ pub struct SyncCore {
     resending: bool,
     /// The account's keys are due a rotation.
     rotation_due: bool,
+    /// A `SyncState` asked for by [`SyncInput::Refresh`] or after a rotation, not yet answered.
+    refreshing: Option<ReqId>,
     /// A `Rotate` request is in flight.
     rotating: bool,
     /// `Rotate` requests sent on this connection.
@@ -260,6 +277,7 @@ impl SyncCore {
             phase: Phase::Offline,
             next_req: 1,
             account_cursor,
+            account_applied: account_cursor,
             account_head: account_cursor,
             account_fetching: false,
             chats: BTreeMap::new(),
@@ -274,6 +292,7 @@ impl SyncCore {
             state_retry: false,
             resending: false,
             rotation_due: false,
+            refreshing: None,
             rotating: false,
             rotate_attempts: 0,
             incarnation: None,
@@ -303,6 +322,13 @@ impl SyncCore {
         self.is_caught_up() && self.outbox.is_empty() && !self.outbox_more && !self.rotation_pending()
     }
 
+    /// True while the device's own key work (a rotation or new epochs after a member change)
+    /// is due on this connection or under way: a request that must cover the account's keys
+    /// as they stand waits for it.
+    pub fn key_work_pending(&self) -> bool {
+        self.rotation_pending()
+    }
+
     /// A `Rotate` is in flight, or due and still to be asked on this connection.
     fn rotation_pending(&self) -> bool {
         self.rotating || (self.rotation_due && self.rotate_attempts < MAX_ROTATE_ATTEMPTS)
@@ -312,6 +338,7 @@ impl SyncCore {
     pub fn is_caught_up(&self) -> bool {
         self.phase == Phase::Ready
             && self.fetches_in_flight == 0
+            && self.refreshing.is_none()
             && self.account_cursor >= self.account_head
             && self.chats.values().all(|c| !c.ready || c.cursor >= c.known_head)
     }
@@ -362,6 +389,7 @@ impl SyncCore {
                 self.pending.clear();
                 self.hello_incarnation = None;
                 self.state_retry = false;
+                self.refreshing = None;
                 self.resending = false;
                 self.rotating = false;
                 self.rotate_attempts = 0;
@@ -433,8 +461,15 @@ impl SyncCore {
                     out.push(SyncOutput::Send(ClientFrame::SyncState { req }));
                 }
             }
+            SyncInput::AccountApplied(seq) => self.account_applied = self.account_applied.max(seq),
+            SyncInput::Refresh => self.refresh(&mut out),
             SyncInput::Resume => {
                 self.paused = false;
+                if self.refreshing.is_some_and(|r| !self.pending.contains_key(&r)) {
+                    // Its `SyncState` was rate limited: asked again.
+                    self.refreshing = None;
+                    self.refresh(&mut out);
+                }
                 if self.state_retry && self.phase == Phase::AwaitState {
                     self.state_retry = false;
                     let req = self.next_req();
@@ -465,6 +500,9 @@ impl SyncCore {
                 if self.is(req, |p| matches!(p, Pending::State)) =>
             {
                 self.pending.remove(&req);
+                if self.refreshing == Some(req) {
+                    self.refreshing = None;
+                }
                 if let Some(incarnation) = self.hello_incarnation.take() {
                     self.check_incarnation(incarnation, account_head, &chats, restored, out);
                 }
@@ -590,6 +628,9 @@ impl SyncCore {
                 self.rotation_due = false;
                 self.rotate_attempts = 0;
                 out.push(SyncOutput::KeyWorkDone);
+                // Its entries (the new epochs) are in the account log now: the heads are asked
+                // for again, and the outbox waits until they are read and applied.
+                self.refresh(out);
             }
             RelayFrame::Accounts { req, accounts } if self.is(req, |p| matches!(p, Pending::Rotate)) => {
                 out.push(SyncOutput::Looked { req, accounts });
@@ -652,7 +693,13 @@ impl SyncCore {
                             out.push(SyncOutput::Error { code, message });
                         }
                     }
-                    Some(Pending::State) | None => out.push(SyncOutput::Error { code, message }),
+                    Some(Pending::State) | None => {
+                        if self.refreshing == Some(req) {
+                            // Not answered: the next connection's heads will do.
+                            self.refreshing = None;
+                        }
+                        out.push(SyncOutput::Error { code, message })
+                    }
                 }
             }
             RelayFrame::RateLimited { req, retry_after_ms } if self.is(req, |_| true) => {
@@ -741,6 +788,7 @@ impl SyncCore {
         let account_lowered = self.account_cursor > account;
         if account_lowered {
             self.account_cursor = account;
+            self.account_applied = self.account_applied.min(account);
             self.account_head = account_head;
         }
         if !restored && lowered.is_empty() && !account_lowered && self.incarnation == Some(incarnation) {
@@ -762,6 +810,17 @@ impl SyncCore {
     /// kind for a req id (a buggy or hostile relay) is not taken as an answer.
     fn is(&self, req: ReqId, kind: impl Fn(&Pending) -> bool) -> bool {
         self.pending.get(&req).is_some_and(kind)
+    }
+
+    /// Asks for the heads again ([`SyncInput::Refresh`]); while connected only (a new
+    /// connection asks for them anyway).
+    fn refresh(&mut self, out: &mut Vec<SyncOutput>) {
+        if self.phase == Phase::Ready && self.refreshing.is_none() {
+            let req = self.next_req();
+            self.pending.insert(req, Pending::State);
+            self.refreshing = Some(req);
+            out.push(SyncOutput::Send(ClientFrame::SyncState { req }));
+        }
     }
 
     fn account_entry(&mut self, e: AccountEntry, out: &mut Vec<SyncOutput>) {

@@ -1,6 +1,7 @@
 //! What the sync core asks of the relay next, once connected: the account log, the chats
 //! past their cursors (at most [`MAX_FETCHES_IN_FLIGHT`] pages at once), the outbox in
-//! client-seq order (at most [`MAX_APPENDS_IN_FLIGHT`] appends unanswered), a rotation that is
+//! client-seq order (at most [`MAX_APPENDS_IN_FLIGHT`] appends unanswered, and none until the
+//! account log is applied as far as the relay has it and no rotation is due), a rotation that is
 //! due, and more of the outbox from the store. Part of [`SyncCore`]; split out of `core.rs` for
 //! size.
 
@@ -46,8 +47,17 @@ impl SyncCore {
         if self.resending && self.appends_in_flight == 0 {
             self.resending = false;
         }
+        // Nothing goes out under keys the device may not know have ended: not before the
+        // account log is read and applied as far as the relay has it, nor while a rotation
+        // (new epochs for every chat) is due or under way, nor until the heads asked for after
+        // one are known (issue 15, item 6).
+        let keys_current = self.account_cursor >= self.account_head
+            && self.account_applied >= self.account_cursor
+            && !self.rotation_due
+            && !self.rotating
+            && self.refreshing.is_none();
         for slot in self.outbox.iter_mut() {
-            if self.resending || self.appends_in_flight >= MAX_APPENDS_IN_FLIGHT {
+            if !keys_current || self.resending || self.appends_in_flight >= MAX_APPENDS_IN_FLIGHT {
                 break;
             }
             let item = &slot.item;

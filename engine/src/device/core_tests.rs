@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::proto::ids::{AccountId, Epoch};
+use crate::proto::wire::AccountEvent;
 
 fn item(cs: u64) -> OutboxItem {
     OutboxItem {
@@ -224,7 +225,11 @@ fn a_due_rotation_is_asked_for_once_caught_up_and_holds_idle_until_answered() {
     let out = frame(&mut core, RelayFrame::SyncState { req, account_head: Seq(0), chats: vec![], restored: None });
     let [SyncOutput::Rotate { req }] = out[..] else { panic!("{out:?}") };
     let out = frame(&mut core, RelayFrame::Done { req });
-    assert!(matches!(out[..], [SyncOutput::KeyWorkDone]), "the driver checks for more: {out:?}");
+    // The driver checks for more; the heads are asked for again (the rotation's entries).
+    let [SyncOutput::KeyWorkDone, SyncOutput::Send(ClientFrame::SyncState { req })] = out[..] else {
+        panic!("{out:?}")
+    };
+    frame(&mut core, RelayFrame::SyncState { req, account_head: Seq(0), chats: vec![], restored: None });
     assert!(core.is_idle());
 
     // Key work that needs a lookup first: the answer goes to the driver, the request stays.
@@ -320,4 +325,89 @@ fn a_new_incarnation_rewinds_to_the_floors_and_sends_again_what_the_relay_lost()
         matches!(&out[0], SyncOutput::Rewind { chats, resend_after: None, .. } if chats == &vec![(chat, Seq(21))]),
         "{out:?}"
     );
+}
+
+/// Issue 15, item 6: a device back from offline sends nothing of its outbox until it has read
+/// and applied the account log as far as the relay has it (an entry there may end the epoch the
+/// items are sealed under; applying it seals them again), nor while a rotation is due.
+#[test]
+fn the_outbox_waits_until_the_account_log_is_applied_and_no_rotation_is_due() {
+    let mut core = SyncCore::new(Seq(0), false).with_incarnation(Some(Default::default()));
+    for cs in 1..=2 {
+        assert!(core.handle(SyncInput::OutboxAdded(item(cs))).is_empty(), "offline");
+    }
+    core.handle(SyncInput::Connected);
+    let hello = RelayFrame::Hello {
+        version: PROTOCOL_VERSION,
+        account: Some(AccountId([2; 16])),
+        incarnation: Default::default(),
+    };
+    let [SyncOutput::Send(ClientFrame::SyncState { req })] = frame(&mut core, hello)[..] else { panic!() };
+    // The relay's account log is two entries ahead: fetched first, nothing sent.
+    let out = frame(&mut core, RelayFrame::SyncState { req, account_head: Seq(2), chats: vec![], restored: None });
+    let [SyncOutput::Send(ClientFrame::FetchAccount { req, .. })] = out[..] else { panic!("{out:?}") };
+    let expired = |seq: u64| AccountEntry {
+        seq: Seq(seq),
+        event: AccountEvent::DeviceExpired { device: DeviceId("old".into()), last_active_ms: 0 },
+    };
+    let out = frame(&mut core, RelayFrame::AccountPage { req, entries: vec![expired(1), expired(2)], head: Seq(2) });
+    assert_eq!(out.iter().filter(|o| matches!(o, SyncOutput::ApplyAccountEntry(_))).count(), 2, "{out:?}");
+    assert!(appends(&out).is_empty(), "not with the entries, before the driver applied them: {out:?}");
+    // The first is applied: still nothing.
+    assert!(appends(&core.handle(SyncInput::AccountApplied(Seq(1)))).is_empty());
+    // The second made a rotation due (an expired session): still nothing; the rotation is asked.
+    let out = core.handle(SyncInput::RotationDue(true));
+    assert!(matches!(out[..], [SyncOutput::Rotate { .. }]) && appends(&out).is_empty(), "{out:?}");
+    let [SyncOutput::Rotate { req }] = out[..] else { panic!() };
+    assert!(appends(&core.handle(SyncInput::AccountApplied(Seq(2)))).is_empty(), "the rotation is under way");
+    // It is done: the heads are asked for again (its entries are in the log now), still nothing.
+    let out = frame(&mut core, RelayFrame::Done { req });
+    let [SyncOutput::KeyWorkDone, SyncOutput::Send(ClientFrame::SyncState { req })] = out[..] else {
+        panic!("{out:?}")
+    };
+    let out = frame(&mut core, RelayFrame::SyncState { req, account_head: Seq(3), chats: vec![], restored: None });
+    let [SyncOutput::Send(ClientFrame::FetchAccount { req, .. })] = out[..] else { panic!("{out:?}") };
+    assert!(
+        appends(&frame(&mut core, RelayFrame::AccountPage { req, entries: vec![expired(3)], head: Seq(3) })).is_empty()
+    );
+    // The driver applies the rotation's entries, sealing the items again: now they go, sealed anew.
+    core.handle(SyncInput::RotationDue(false));
+    core.handle(SyncInput::Resealed(vec![resealed(1), resealed(2)]));
+    let out = core.handle(SyncInput::AccountApplied(Seq(3)));
+    let sent: Vec<(u64, u32)> = out
+        .iter()
+        .filter_map(|o| match o {
+            SyncOutput::Send(ClientFrame::Append { client_seq, epoch, .. }) => Some((client_seq.0, epoch.0)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent, vec![(1, 1), (2, 1)]);
+}
+
+/// A request refused as stale (made for keys or members that moved on) is made again only
+/// after the session caught up again; `Refresh` makes "caught up" mean the relay's heads as
+/// they are now, not as they were last asked for (else it is made again at once, as stale).
+#[test]
+fn a_refresh_asks_for_the_heads_again_and_is_not_caught_up_until_they_are_applied() {
+    let mut core = ready();
+    assert!(core.is_caught_up());
+    let out = core.handle(SyncInput::Refresh);
+    let [SyncOutput::Send(ClientFrame::SyncState { req })] = out[..] else { panic!("{out:?}") };
+    assert!(!core.is_caught_up(), "not while the heads are asked for");
+    assert!(core.handle(SyncInput::Refresh).is_empty(), "asked once");
+    // Rate limited: asked again on resume.
+    let out = frame(&mut core, RelayFrame::RateLimited { req, retry_after_ms: 10 });
+    assert!(matches!(out[..], [SyncOutput::RetryAfter { .. }]), "{out:?}");
+    assert!(!core.is_caught_up());
+    let out = core.handle(SyncInput::Resume);
+    let [SyncOutput::Send(ClientFrame::SyncState { req })] = out[..] else { panic!("{out:?}") };
+    // The relay's account log moved on (another device's new epoch): fetched and applied first.
+    let out = frame(&mut core, RelayFrame::SyncState { req, account_head: Seq(1), chats: vec![], restored: None });
+    let [SyncOutput::Send(ClientFrame::FetchAccount { req, .. })] = out[..] else { panic!("{out:?}") };
+    let entry = AccountEntry {
+        seq: Seq(1),
+        event: AccountEvent::DeviceExpired { device: DeviceId("old".into()), last_active_ms: 0 },
+    };
+    frame(&mut core, RelayFrame::AccountPage { req, entries: vec![entry], head: Seq(1) });
+    assert!(core.is_caught_up());
 }

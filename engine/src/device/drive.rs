@@ -415,38 +415,42 @@ impl Device {
                     }
                     actions.extend(self.carry_out_run(core, run, &mut waiting, &mut queue));
                 }
-                SyncOutput::ApplyAccountEntry(entry) => match self.apply_account_entry(&entry) {
-                    Ok(applied) => {
-                        if let Some(due) = applied.rotation_due {
-                            queue.extend(core.handle(SyncInput::RotationDue(due)));
-                        }
-                        if let Some(chat) = applied.left {
-                            // What waits for the chat goes out once more as it is (a refused item
-                            // may hold back the ones after it): the relay refuses it for good now.
-                            match self.store.outbox_after(ClientSeq(0), usize::MAX) {
-                                Ok(items) => {
-                                    let mine: Vec<_> = items.into_iter().filter(|i| i.chat == chat).collect();
-                                    if !mine.is_empty() {
-                                        queue.extend(core.handle(SyncInput::Resealed(mine)));
+                SyncOutput::ApplyAccountEntry(entry) => {
+                    match self.apply_account_entry(&entry) {
+                        Ok(applied) => {
+                            if let Some(due) = applied.rotation_due {
+                                queue.extend(core.handle(SyncInput::RotationDue(due)));
+                            }
+                            if let Some(chat) = applied.left {
+                                // What waits for the chat goes out once more as it is (a refused item
+                                // may hold back the ones after it): the relay refuses it for good now.
+                                match self.store.outbox_after(ClientSeq(0), usize::MAX) {
+                                    Ok(items) => {
+                                        let mine: Vec<_> = items.into_iter().filter(|i| i.chat == chat).collect();
+                                        if !mine.is_empty() {
+                                            queue.extend(core.handle(SyncInput::Resealed(mine)));
+                                        }
                                     }
+                                    Err(e) => actions.push(error(e.to_string())),
                                 }
-                                Err(e) => actions.push(error(e.to_string())),
+                                actions.push(Action::Emit(Event::ChatLeft { chat }));
                             }
-                            actions.push(Action::Emit(Event::ChatLeft { chat }));
-                        }
-                        if !applied.resealed.is_empty() {
-                            queue.extend(core.handle(SyncInput::Resealed(applied.resealed)));
-                        }
-                        if let Some(chat) = applied.chat {
-                            let cursor = self.cursor(chat).unwrap_or_default();
-                            queue.extend(core.handle(SyncInput::ChatReady { chat, cursor }));
-                            if applied.new_chat {
-                                actions.push(Action::Emit(Event::ChatAdded { chat }));
+                            if !applied.resealed.is_empty() {
+                                queue.extend(core.handle(SyncInput::Resealed(applied.resealed)));
+                            }
+                            if let Some(chat) = applied.chat {
+                                let cursor = self.cursor(chat).unwrap_or_default();
+                                queue.extend(core.handle(SyncInput::ChatReady { chat, cursor }));
+                                if applied.new_chat {
+                                    actions.push(Action::Emit(Event::ChatAdded { chat }));
+                                }
                             }
                         }
+                        Err(e) => actions.push(error(format!("account log entry {}: {e}", entry.seq))),
                     }
-                    Err(e) => actions.push(error(format!("account log entry {}: {e}", entry.seq))),
-                },
+                    // Carried out, applied or not: the outbox may go once every entry is.
+                    queue.extend(core.handle(SyncInput::AccountApplied(entry.seq)));
+                }
                 SyncOutput::Rejected { client_seq, chat, code, message } => {
                     if let Err(e) = self.store.outbox_remove(client_seq) {
                         actions.push(error(e.to_string()));

@@ -634,8 +634,12 @@ impl Driver {
         match self.device.op_answer(op, frame) {
             Ok(Step::Next) => self.op_send(token),
             Ok(Step::AfterSync) => {
+                // What the device knows is behind the relay: the heads are asked for again
+                // first, so that "caught up" covers what the refusal was about.
                 let now = self.now_ms();
-                self.core.park(now, token, true)
+                let mut work = self.device.session_step(&mut self.core, now, SessionInput::Refresh);
+                work.extend(self.core.park(now, token, true));
+                work
             }
             Ok(Step::Done(out)) => {
                 if let Some((_, reply)) = self.ops.remove(&token) {

@@ -26,7 +26,9 @@
 //!   are answered with [`Work::Answer`]; when the connection goes first, with
 //!   [`Work::Unanswered`]. At most [`MAX_APP_REQUESTS`] wait at once; more are refused at once.
 //! * An app request that must see everything the relay has first waits, parked, until the
-//!   session is connected and caught up ([`Work::Ready`]), at most [`PARK_MS`].
+//!   session is connected and caught up, with none of the device's own key work under way
+//!   ([`Work::Ready`]), at most [`PARK_MS`]. One refused as stale parks again after
+//!   [`SessionInput::Refresh`], so that it waits for the relay's heads as they are now.
 //! * Once the relay says the session was ended ([`Event::SessionRevoked`], or without a proof
 //!   [`Event::SessionRefused`]), or that it does not serve this device's protocol version
 //!   ([`Event::VersionRefused`]), nothing reconnects.
@@ -68,6 +70,9 @@ pub enum SessionInput {
     Frame(Box<RelayFrame>),
     /// [`SessionCore::next_wake`] has come.
     Timeout,
+    /// An app request was refused as made for keys or members that moved on: ask the relay
+    /// for its heads again ([`SyncInput::Refresh`]) before it is made again.
+    Refresh,
 }
 
 /// What the driver carries out, in order.
@@ -228,6 +233,7 @@ impl SessionCore {
                     sync = self.sync.handle(SyncInput::Frame(frame));
                 }
             }
+            SessionInput::Refresh => sync = self.sync.handle(SyncInput::Refresh),
             SessionInput::Timeout => {
                 let late: Vec<u64> = self.parked.iter().filter(|(_, (at, _))| *at <= now).map(|(t, _)| *t).collect();
                 for token in late {
@@ -301,7 +307,8 @@ impl SessionCore {
         if !matches!(self.link, Link::Up { .. }) || !self.sync.is_connected() || self.parked.is_empty() {
             return;
         }
-        let caught_up = self.sync.is_caught_up();
+        // What must see everything the relay has also waits for the device's own key work.
+        let caught_up = self.sync.is_caught_up() && !self.sync.key_work_pending();
         let ready: Vec<u64> = self.parked.iter().filter(|(_, (_, c))| caught_up || !c).map(|(t, _)| *t).collect();
         for token in ready {
             self.parked.remove(&token);
