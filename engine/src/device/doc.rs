@@ -435,6 +435,17 @@ impl ChatDoc {
         }
         check_savable(&change)?;
         check_canonical(&change)?;
+        // This device's own changes are in the document before they leave it: one that comes
+        // back is a copy; any other that claims to be this device's (by its actor or by the
+        // sender the relay names) is forged, and would skip the authorship rules, which this
+        // device's own changes do not go through (issue 15, item 7).
+        let own = self.doc.get_actor();
+        if change.actor_id() == own || &device_actor(&from.device) == own {
+            if self.doc.get_change_by_hash(&change.hash()).is_some() {
+                return Ok(DocUpdate::default());
+            }
+            return Err(DocError::Forbidden("claims to come from this device"));
+        }
         // Every entry of `authors` is keyed by its device's actor (but for fuzzing, see
         // `fuzz_trust_sender`).
         match self.authors.get(change.actor_id()) {

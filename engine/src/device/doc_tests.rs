@@ -599,3 +599,28 @@ fn a_sync_message_with_a_bloom_filter_out_of_range_is_refused() {
     let from = Author { account: AccountId([1; 16]), device: dev("a") };
     assert_eq!(b.receive_sync(&mut state, &message.encode(), &from), Err(DocError::OutOfRange("bloom filter")));
 }
+
+/// Issue 15, item 7: a change that comes from outside and claims to be this device's (its
+/// actor, or the sender the relay names) is refused, unless it is a copy of one of this
+/// device's own (a relay hands those back on a catch-up): this device's own changes skip the
+/// authorship rules, so a forged one must never be taken for one.
+#[test]
+fn a_change_from_outside_that_claims_to_be_this_devices_is_refused_unless_it_is_a_copy() {
+    let chat = ChatId([5; 16]);
+    let mut a = ChatDoc::new(chat, &dev("a"));
+    let mine = a.add_message(&new_message(AccountId([1; 16]), &dev("a"), "mine", 1, [1; 16])).unwrap();
+    let a_author = Author { account: AccountId([1; 16]), device: dev("a") };
+    let copy = a.apply_untrusted_update(&mine, &a_author).unwrap();
+    assert!(copy.added.is_empty(), "a copy of its own change changes nothing");
+
+    // A change made elsewhere under this device's actor (a forger holding the chat key).
+    let mut forger = ChatDoc::new(chat, &dev("a"));
+    let forged = forger.add_message(&new_message(AccountId([1; 16]), &dev("a"), "forged", 2, [2; 16])).unwrap();
+    assert!(matches!(a.apply_untrusted_update(&forged, &a_author), Err(DocError::Forbidden(_))));
+    // Named by the relay as this device's, though another device wrote it.
+    let mut b = ChatDoc::new(chat, &dev("b"));
+    let theirs = b.add_message(&new_message(AccountId([2; 16]), &dev("b"), "theirs", 3, [3; 16])).unwrap();
+    assert!(matches!(a.apply_untrusted_update(&theirs, &a_author), Err(DocError::Forbidden(_))));
+    assert_eq!(a.messages().iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["mine"]);
+    assert!(!a.is_poisoned());
+}
