@@ -86,6 +86,9 @@ struct Config {
     /// One short run: 3 s quiet, 6 s floods, a 32 MiB quota.
     #[arg(long)]
     quick: bool,
+    /// The cases to run, by letter (e.g. `--cases be`); all by default.
+    #[arg(long, default_value = "abcde")]
+    cases: String,
     /// Keeps the data directories.
     #[arg(long)]
     keep: bool,
@@ -211,7 +214,7 @@ fn run(cfg: &Config, relay_exe: &Path, work: &Path, seed: u64) -> RunResult {
         eprintln!("  baseline: {} appends, p99 {:.2} ms", baseline.good.len(), ms(pct(&baseline.good, 99.0)));
 
         let mut cases = Vec::new();
-        for name in CASES {
+        for name in CASES.into_iter().filter(|c| cfg.cases.contains(&c[..1])) {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let (rss0, written0, store0) = (rss_kib(pid), write_bytes(pid), dir_bytes(&data));
             let w0 = Instant::now();

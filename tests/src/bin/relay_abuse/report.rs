@@ -81,7 +81,8 @@ pub(super) fn print_summary(runs: &[RunResult]) {
          | good p99 ms | good p99 ÷ baseline p99 |"
     );
     println!("|---|--:|--:|--:|--:|--:|--:|--:|");
-    for (i, name) in CASES.iter().enumerate() {
+    for i in 0..runs.first().map_or(0, |r| r.cases.len()) {
+        let name = runs[0].cases[i].name;
         let col = |f: &dyn Fn(&CaseResult) -> f64| -> Vec<f64> { runs.iter().map(|r| f(&r.cases[i])).collect() };
         let ratio: Vec<f64> = runs.iter().map(|r| p99(&r.cases[i].good) / p99(&r.baseline.good).max(1e-3)).collect();
         println!(
