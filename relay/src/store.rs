@@ -77,9 +77,10 @@ pub const TAG: u8 = 0xFE;
 
 /// The page cache sled may hold, in its own accounting. With sled's default (1 GiB) it kept
 /// every page written since the relay started: one account appending 64 KiB deltas up to its
-/// quota grew the relay's RSS with each byte stored, past 1.5 GiB for 1.5 GiB written. With
-/// any capacity up to 256 MiB its RSS levels off near 300 MiB (measured by `relay_abuse`, see
-/// docs/benchmarks.md); reads past the cache come from the OS page cache.
+/// quota grew the relay's RSS with each byte stored (sled alone: 1.5 GiB of RSS for 1.5 GiB
+/// written). With any capacity from 8 to 256 MiB sled alone levels off near 300 MiB, and the
+/// relay grew by 267 MiB for 512 MiB stored instead of 582 MiB (`relay_abuse`, see
+/// docs/benchmarks.md). Reads past the cache come from the OS page cache.
 pub const STORE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A failing store. The relay stops acknowledging when it sees one.
