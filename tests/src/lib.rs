@@ -1,6 +1,7 @@
 //! Harness for whole-system tests: a real `stratus-relay` process (started, SIGKILLed,
 //! restarted), the real `stratus` CLI, real sled directories, libp2p on 127.0.0.1.
 
+pub mod bench_relay;
 pub mod bench_sys;
 pub mod sim;
 

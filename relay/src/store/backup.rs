@@ -60,7 +60,7 @@ impl SledStore {
         self.barrier()?;
         let partial = to.join("store.partial");
         {
-            let copy = sled::Config::new().path(&partial).open()?;
+            let copy = sled::Config::new().path(&partial).cache_capacity(STORE_CACHE_BYTES).open()?;
             copy.import(self.db.export());
             copy.flush()?;
             SledDir::new(&partial).sync().map_err(StoreError::Barrier)?;
@@ -122,7 +122,7 @@ pub fn restore(from: &Path, store_dir: &Path, now_ms: u64) -> Result<Incarnation
     }
     let incarnation;
     {
-        let copy = sled::Config::new().path(&staging).open()?;
+        let copy = sled::Config::new().path(&staging).cache_capacity(STORE_CACHE_BYTES).open()?;
         let backup = SledStore::open_only(&from.join("store"))?;
         backup.refuse_newer()?;
         copy.import(backup.db.export());
