@@ -168,18 +168,22 @@ impl Relay {
     /// Waits for the relay to exit (after [`Relay::send_term`]) and returns its exit status;
     /// SIGKILLs it after 10 s.
     pub fn wait_exit(&mut self) -> Option<std::process::ExitStatus> {
-        let mut c = self.child.take()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(s)) = c.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                return c.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        wait_or_kill(self.child.take()?)
+    }
+}
+
+/// Waits for `c` to exit and returns its status; SIGKILLs it after 10 s.
+pub fn wait_or_kill(mut c: Child) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(s)) = c.try_wait() {
+            return Some(s);
         }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            return c.wait().ok();
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

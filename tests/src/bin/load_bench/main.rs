@@ -68,7 +68,7 @@ use live::live;
 use report::{print_medians, summary_line};
 use setup::{link, padding, write_history};
 use stratus_tests::bench_sys::{filesystem_of, loadavg, machine};
-use system::{fsync_loop, relay_warnings, RelayProc};
+use system::{fsync_loop, relay_warnings, start_relay};
 
 /// Sends in flight while A writes the history (as in tests/tests/load.rs).
 const HISTORY_IN_FLIGHT: usize = 128;
@@ -268,7 +268,7 @@ async fn run(cfg: &Config, relay_exe: &Path, seed: u64) -> RunResult {
 
 async fn run_in(cfg: &Config, relay_exe: &Path, seed: u64, dir: &Path) -> RunResult {
     let mut result = RunResult::default();
-    let relay = RelayProc::start(relay_exe, &dir.join("relay"), &dir.join("relay.log"));
+    let relay = start_relay(relay_exe, &dir.join("relay"), &dir.join("relay.log"));
     let mut rng = StdRng::seed_from_u64(seed);
     let pads: Vec<String> = (0..256).map(|_| padding(&mut rng)).collect();
 

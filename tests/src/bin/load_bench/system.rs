@@ -1,13 +1,13 @@
 //! The machine, the disk's own barrier, CPU time, and the relay process.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use crate::report::{ms, pct};
 use crate::BARRIER_SAMPLES;
+pub(crate) use stratus_tests::bench_relay::RelayProc;
 
 /// The disk's own barrier on `dir`'s filesystem, which bounds every durable write here (each
 /// device's store and the relay's): [`BARRIER_SAMPLES`] × (append 4 KiB, `fdatasync`).
@@ -69,46 +69,9 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
-/// A `stratus-relay` process, SIGKILLed when dropped.
-pub(crate) struct RelayProc {
-    child: Child,
-    /// Kept open: the relay's stdout must not close under it.
-    _stdout: BufReader<ChildStdout>,
-    pub(crate) addr: String,
-    pub(crate) pid: u32,
-}
-
-impl RelayProc {
-    pub(crate) fn start(exe: &Path, data: &Path, log: &Path) -> RelayProc {
-        let stderr = File::create(log).expect("relay log file");
-        let extra = std::env::var("BENCH_RELAY_ARGS").unwrap_or_default();
-        let mut child = Command::new(exe)
-            .arg("--data-dir")
-            .arg(data)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(extra.split_whitespace())
-            .env("STRATUS_LOG", "stratus_relay=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
-        let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        let _ = out.read_line(&mut line);
-        let Some(addr) = line.trim().strip_prefix("listening ") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("relay did not start; see {}", log.display());
-        };
-        let pid = child.id();
-        RelayProc { addr: addr.to_string(), child, _stdout: out, pid }
-    }
-}
-
-impl Drop for RelayProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `stratus-relay` process (the benches' own, SIGKILLed when dropped), started with the
+/// flags in `BENCH_RELAY_ARGS` if set.
+pub(crate) fn start_relay(exe: &Path, data: &Path, log: &Path) -> RelayProc {
+    let extra = std::env::var("BENCH_RELAY_ARGS").unwrap_or_default();
+    RelayProc::start(exe, data, log, &extra.split_whitespace().collect::<Vec<_>>())
 }
