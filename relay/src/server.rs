@@ -127,10 +127,14 @@ struct Behaviour {
 /// device could report anything.
 const MAX_OBSERVED_ADDRESSES: usize = 8;
 
+/// What the core hands a stream task to write.
+///
+/// Frames are boxed: a stream's queue (tokio's mpsc) allocates its slots 32 at a time when it
+/// is made, and 32 unboxed `RelayFrame`s are ~9 KiB for every connected device, idle or not.
 enum Outgoing {
-    Frame(RelayFrame),
+    Frame(Box<RelayFrame>),
     /// The answer to a fetch: once written, it is reported as a page in [`Input::Sent`].
-    Page(RelayFrame),
+    Page(Box<RelayFrame>),
     Close,
 }
 

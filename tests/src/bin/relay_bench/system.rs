@@ -51,6 +51,12 @@ pub(super) struct RelayProc {
 
 impl RelayProc {
     pub(super) fn start(exe: &Path, data: &Path, log: &Path) -> RelayProc {
+        Self::start_with(exe, data, log, &[])
+    }
+
+    /// [`RelayProc::start`] with more flags (not `--data-dir`, `--listen` or
+    /// `--requests-per-second` again: the bench sets those).
+    pub(super) fn start_with(exe: &Path, data: &Path, log: &Path, extra: &[String]) -> RelayProc {
         let stderr = File::create(log).expect("relay log file");
         let mut child = Command::new(exe)
             .arg("--data-dir")
@@ -61,6 +67,7 @@ impl RelayProc {
             // handle `RateLimited`. The in-flight caps (64 appends, 8 pages) stay above what
             // its clients keep (16 appends).
             .args(["--requests-per-second", "0"])
+            .args(extra)
             // Info level: the relay logs one line per stream, nothing per append. BENCH_RELAY_LOG
             // overrides it (e.g. `stratus_relay=info,libp2p_stream=debug`).
             .env("STRATUS_LOG", std::env::var("BENCH_RELAY_LOG").unwrap_or_else(|_| "stratus_relay=info".into()))
