@@ -217,6 +217,13 @@ enum AdminCommand {
 enum InviteCommand {
     /// Makes an invite token, good for one new account; prints it.
     Create,
+    /// Lists the unused invite tokens by id (the relay keeps only a digest of each token).
+    List,
+    /// Revokes an unused invite token: no account can be made with it any more.
+    Revoke {
+        /// The token (`stratus-invite-…`) or its id as `invite list` shows it.
+        invite: String,
+    },
 }
 
 /// `stratus-relay admin …`: one request to the running relay, its answer printed.
@@ -244,6 +251,10 @@ fn admin(socket: &std::path::Path, json: bool, command: &AdminCommand) -> ExitCo
         AdminCommand::Delete { account } => serde_json::json!({ "command": "delete", "account": account }),
         AdminCommand::Registration { mode } => serde_json::json!({ "command": "registration", "mode": mode }),
         AdminCommand::Invite { command: InviteCommand::Create } => serde_json::json!({ "command": "invite_create" }),
+        AdminCommand::Invite { command: InviteCommand::List } => serde_json::json!({ "command": "invite_list" }),
+        AdminCommand::Invite { command: InviteCommand::Revoke { invite } } => {
+            serde_json::json!({ "command": "invite_revoke", "invite": invite })
+        }
     };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -267,7 +278,13 @@ fn admin(socket: &std::path::Path, json: bool, command: &AdminCommand) -> ExitCo
         AdminCommand::Ban { .. } => client::account_text(&result, "banned"),
         AdminCommand::Delete { .. } => client::deleted_text(&result),
         AdminCommand::Registration { .. } => client::registration_text(&result),
-        AdminCommand::Invite { .. } => {
+        AdminCommand::Invite { command: InviteCommand::List } => client::invites_text(&result),
+        AdminCommand::Invite { command: InviteCommand::Revoke { .. } } => format!(
+            "revoked invite {}; {} unused left",
+            result.get("revoked").and_then(serde_json::Value::as_str).unwrap_or("?"),
+            result.get("invites").and_then(serde_json::Value::as_u64).unwrap_or(0)
+        ),
+        AdminCommand::Invite { command: InviteCommand::Create } => {
             let mode = result.get("registration").and_then(serde_json::Value::as_str).unwrap_or("");
             if mode != "invite" {
                 eprintln!(

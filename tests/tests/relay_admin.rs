@@ -230,6 +230,55 @@ fn registration_closed_or_by_single_use_invitation() {
     assert!(create("f", None).status.success());
 }
 
+/// Unused invite tokens are listed by id (never the token: the relay keeps only digests) and
+/// revoked by the token or by that id; a revoked token lets no account in, revoking it again
+/// is `unknown_invite`, a malformed name `invalid_argument`, and the revocations survive a
+/// restart.
+#[test]
+fn invite_tokens_are_listed_and_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let mut relay = Relay::start(&data);
+    relay_ok(&data, &["admin", "registration", "invite"]);
+    let a = relay_ok(&data, &["admin", "invite", "create"]).trim().to_string();
+    let b = relay_ok(&data, &["admin", "invite", "create"]).trim().to_string();
+    let c = relay_ok(&data, &["admin", "invite", "create"]).trim().to_string();
+    let list = admin_json(&data, &["invite", "list"]);
+    let ids: Vec<String> =
+        list["invites"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), 3, "{list}");
+    assert!(list["invites"].as_array().unwrap().iter().all(|i| i["created_ms"].as_u64() > Some(0)), "{list}");
+    let text = relay_ok(&data, &["admin", "invite", "list"]);
+    assert!(text.starts_with("3 unused invite token(s); registration is invite"), "{text}");
+    for token in [&a, &b, &c] {
+        assert!(!text.contains(token.trim_start_matches("stratus-invite-")), "a listing shows no token: {text}");
+    }
+    // By the token itself, then by an id from the listing (the one that is not c's).
+    let revoked = admin_json(&data, &["invite", "revoke", &a]);
+    assert_eq!(revoked["invites"], 2, "{revoked}");
+    let a_id = revoked["revoked"].as_str().unwrap().to_string();
+    assert!(ids.contains(&a_id), "{a_id} in {ids:?}");
+    let left = admin_json(&data, &["invite", "list"]);
+    let other = left["invites"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect::<Vec<_>>();
+    let c_id = admin_json(&data, &["invite", "revoke", &c])["revoked"].as_str().unwrap().to_string();
+    let b_id = other.iter().find(|i| **i != c_id).unwrap().to_string();
+    let text = relay_ok(&data, &["admin", "invite", "revoke", &b_id]);
+    assert_eq!(text.trim(), format!("revoked invite {b_id}; 0 unused left"));
+
+    let err = failure(&relay_cmd(&data, &["admin", "invite", "revoke", &a]));
+    assert!(err.contains("unknown_invite"), "{err}");
+    let err = failure(&relay_cmd(&data, &["admin", "invite", "revoke", "not-an-id"]));
+    assert!(err.contains("invalid_argument"), "{err}");
+    relay.restart();
+    assert_eq!(admin_json(&data, &["invite", "list"])["invites"], serde_json::json!([]));
+    let o = stratus(
+        &dir.path().join("d"),
+        &["account", "create", "--relay", relay.addr.as_str(), "--name", "d", "--invite", &b],
+    );
+    assert!(failure(&o).contains("InviteRequired"), "a revoked token lets no account in");
+    assert!(accounts(&data).is_empty());
+}
+
 /// Bad requests on the socket get one typed line and change nothing; so do an unknown
 /// account, no relay at all, and (when the test can act as another user, i.e. runs as root) a
 /// request from another user, by the file's mode or by the relay's check of the peer's uid.
