@@ -6,7 +6,9 @@
 //! run, 50 devices append 200-byte sealed deltas paced at `--rate` appends/s in total (each
 //! keeping at most 32 in flight); after 20 s `stratus-relay backup` runs, and 10 s after it
 //! returns the appends stop. The throughput before the backup (from 5 s in) is compared with
-//! the throughput while it ran. The backup directory is removed after each run.
+//! the throughput while it ran. The backup directory is removed after each run. Then the same
+//! with `stratus-relay admin delete` of one of the filling accounts (each holds an eighth of
+//! the store) in place of the backup: how long the deletion holds the relay's core.
 
 use super::ops::*;
 use super::*;
@@ -85,6 +87,49 @@ impl BackupRun {
     }
 }
 
+/// Runs `cmd` ([`BEFORE`] after the paced appends start, which go on [`AFTER`] once it is
+/// done) and measures the appends before, during and after it.
+fn under_load(
+    rt: &tokio::runtime::Runtime,
+    load: Vec<Writer>,
+    rate: u64,
+    mut cmd: Command,
+) -> (Vec<Writer>, BackupRun) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let per_writer = rate as f64 / load.len() as f64;
+    let (writers, t0, b0, b1, out) = rt.block_on(async {
+        let t0 = Instant::now();
+        let tasks: Vec<_> =
+            load.into_iter().map(|w| tokio::spawn(paced(w, per_writer, stop.clone(), acks.clone()))).collect();
+        tokio::time::sleep(BEFORE).await;
+        let b0 = Instant::now();
+        let out = tokio::task::spawn_blocking(move || cmd.output()).await.expect("command task");
+        let b1 = Instant::now();
+        tokio::time::sleep(AFTER).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut writers = Vec::new();
+        for t in tasks {
+            writers.push(t.await.expect("load task"));
+        }
+        (writers, t0, b0, b1, out.expect("stratus-relay runs"))
+    });
+    assert!(out.status.success(), "the command failed: {}", String::from_utf8_lossy(&out.stderr));
+    let mut acks = std::mem::take(&mut *acks.lock().unwrap_or_else(|e| e.into_inner()));
+    acks.sort();
+    let rate =
+        |a: Instant, b: Instant| acks.iter().filter(|t| **t >= a && **t < b).count() as f64 / (b - a).as_secs_f64();
+    let run = BackupRun {
+        before_per_sec: rate(t0 + SKIP, b0),
+        during_per_sec: rate(b0, b1),
+        after_per_sec: rate(b1, b1 + AFTER),
+        backup_secs: (b1 - b0).as_secs_f64(),
+        backup_bytes: 0,
+        max_gap: acks.windows(2).map(|p| p[1] - p[0]).max().unwrap_or_default(),
+    };
+    (writers, run)
+}
+
 pub(super) fn backup_bench(relay_exe: &Path, work: &Path, cfg: &OpsConfig, seed: u64) {
     let admin = format!("127.0.0.1:{}", free_port());
     let extra: Vec<String> =
@@ -131,6 +176,7 @@ pub(super) fn backup_bench(relay_exe: &Path, work: &Path, cfg: &OpsConfig, seed:
         t.elapsed().as_secs_f64(),
         store_bytes as f64 / (1u64 << 30) as f64
     );
+    let fill_accounts: Vec<AccountId> = fillers.iter().map(|w| w.keys.public().id).collect();
     drop(fillers);
 
     let load: Vec<Writer> = rt.block_on(async {
@@ -147,50 +193,11 @@ pub(super) fn backup_bench(relay_exe: &Path, work: &Path, cfg: &OpsConfig, seed:
     let mut runs = Vec::new();
     for r in 0..cfg.runs {
         let to = work.join(format!("backup-{r}"));
-        let stop = Arc::new(AtomicBool::new(false));
-        let acks = Arc::new(Mutex::new(Vec::new()));
-        let per_writer = cfg.rate as f64 / LOAD_WRITERS as f64;
-        let (writers, t0, b0, b1, out) = rt.block_on(async {
-            let t0 = Instant::now();
-            let tasks: Vec<_> = load
-                .take()
-                .expect("the load's devices")
-                .into_iter()
-                .map(|w| tokio::spawn(paced(w, per_writer, stop.clone(), acks.clone())))
-                .collect();
-            tokio::time::sleep(BEFORE).await;
-            let b0 = Instant::now();
-            let (exe, d, to2) = (relay_exe.to_path_buf(), data.clone(), to.clone());
-            let out = tokio::task::spawn_blocking(move || {
-                Command::new(exe).arg("--data-dir").arg(d).arg("backup").arg("--to").arg(to2).output()
-            })
-            .await
-            .expect("backup task")
-            .expect("stratus-relay backup runs");
-            let b1 = Instant::now();
-            tokio::time::sleep(AFTER).await;
-            stop.store(true, Ordering::Relaxed);
-            let mut writers = Vec::new();
-            for t in tasks {
-                writers.push(t.await.expect("load task"));
-            }
-            (writers, t0, b0, b1, out)
-        });
-        load = Some(writers);
-        assert!(out.status.success(), "backup failed: {}", String::from_utf8_lossy(&out.stderr));
-        let mut acks = std::mem::take(&mut *acks.lock().unwrap_or_else(|e| e.into_inner()));
-        acks.sort();
-        let rate =
-            |a: Instant, b: Instant| acks.iter().filter(|t| **t >= a && **t < b).count() as f64 / (b - a).as_secs_f64();
-        let max_gap = acks.windows(2).map(|p| p[1] - p[0]).max().unwrap_or_default();
-        let run = BackupRun {
-            before_per_sec: rate(t0 + SKIP, b0),
-            during_per_sec: rate(b0, b1),
-            after_per_sec: rate(b1, b1 + AFTER),
-            backup_secs: (b1 - b0).as_secs_f64(),
-            backup_bytes: bytes_under(&to),
-            max_gap,
-        };
+        let mut cmd = Command::new(relay_exe);
+        cmd.arg("--data-dir").arg(&data).arg("backup").arg("--to").arg(&to);
+        let (w, run) = under_load(&rt, load.take().expect("the load's devices"), cfg.rate, cmd);
+        load = Some(w);
+        let run = BackupRun { backup_bytes: bytes_under(&to), ..run };
         eprintln!(
             "  backup run {}: {:.1} s, appends/s before {:.0}, during {:.0} ({:.0}% loss)",
             r + 1,
@@ -201,6 +208,23 @@ pub(super) fn backup_bench(relay_exe: &Path, work: &Path, cfg: &OpsConfig, seed:
         );
         let _ = std::fs::remove_dir_all(&to);
         runs.push(run);
+    }
+    // Deleting one of the filling accounts (1/8 of the store each) under the same load.
+    let mut deletes = Vec::new();
+    for (r, account) in fill_accounts.iter().take(cfg.runs).enumerate() {
+        let mut cmd = Command::new(relay_exe);
+        cmd.arg("--data-dir").arg(&data).args(["admin", "delete", &account.to_string()]);
+        let (w, run) = under_load(&rt, load.take().expect("the load's devices"), cfg.rate, cmd);
+        load = Some(w);
+        eprintln!(
+            "  delete run {}: {:.1} s, appends/s before {:.0}, during {:.0} ({:.0}% loss)",
+            r + 1,
+            run.backup_secs,
+            run.before_per_sec,
+            run.during_per_sec,
+            100.0 * run.loss()
+        );
+        deletes.push(run);
     }
     drop(load);
     drop(rt);
@@ -231,6 +255,30 @@ pub(super) fn backup_bench(relay_exe: &Path, work: &Path, cfg: &OpsConfig, seed:
             r.max_gap.as_secs_f64()
         );
     }
+    println!();
+    println!(
+        "`stratus-relay admin delete` of one filling account ({} of its deltas, {:.0} MiB) under the same load:",
+        fill_appends / FILL_WRITERS as u64,
+        (fill_appends / FILL_WRITERS as u64 * (FILL_PLAINTEXT as u64 + 40)) as f64 / (1u64 << 20) as f64
+    );
+    println!();
+    println!("| run | delete s | before | during | after (10 s) | loss % | longest ack gap s |");
+    println!("|---|---|---|---|---|---|---|");
+    for (i, r) in deletes.iter().enumerate() {
+        println!(
+            "| {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} |",
+            i + 1,
+            r.backup_secs,
+            r.before_per_sec,
+            r.during_per_sec,
+            r.after_per_sec,
+            100.0 * r.loss(),
+            r.max_gap.as_secs_f64()
+        );
+    }
+    let gaps: Vec<f64> = deletes.iter().map(|r| r.max_gap.as_secs_f64()).collect();
+    println!();
+    println!("- delete: median longest ack gap {:.2} s", median(&gaps));
     let losses: Vec<f64> = runs.iter().map(|r| 100.0 * r.loss()).collect();
     let secs: Vec<f64> = runs.iter().map(|r| r.backup_secs).collect();
     let lo = losses.iter().copied().fold(f64::MAX, f64::min);
