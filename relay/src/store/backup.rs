@@ -180,7 +180,8 @@ pub fn restore(from: &Path, store_dir: &Path, now_ms: u64, undelete: bool) -> Re
         let was = staged.incarnation()?;
         let mut generation = was.generation + 1;
         let mut floors = staged.floors()?;
-        if let Some((_, _, deleted)) = &old {
+        // Only a store of the same lineage (the same store id) says what was deleted since.
+        if let Some((_, _, deleted)) = old.as_ref().filter(|(inc, _, _)| inc.store == was.store) {
             let in_backup = staged.deleted_accounts()?;
             for a in deleted.difference(&in_backup) {
                 if staged.accounts.contains_key(a.0)? {
