@@ -32,7 +32,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{
-    AccountRef, AccountStatus, AccountView, AdminAnswer, AdminCommand, AdminRefusal, DeleteReport, Registration,
+    AccountRef, AccountStatus, AccountView, AdminAnswer, AdminCommand, AdminRefusal, DeleteReport, InviteRef,
+    InviteView, Registration, INVITE_ID_BYTES,
 };
 
 pub mod client;
@@ -47,8 +48,19 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SOCKET_NAME: &str = "admin.sock";
 
 /// Every command the socket knows.
-pub const COMMANDS: [&str; 9] =
-    ["accounts", "quota", "suspend", "unsuspend", "ban", "delete", "registration", "invite_create", "backup"];
+pub const COMMANDS: [&str; 11] = [
+    "accounts",
+    "quota",
+    "suspend",
+    "unsuspend",
+    "ban",
+    "delete",
+    "registration",
+    "invite_create",
+    "invite_list",
+    "invite_revoke",
+    "backup",
+];
 
 /// A request the admin socket hands to the core task.
 pub enum AdminRequest {
@@ -141,6 +153,10 @@ pub enum Request {
     },
     /// Makes an invite token.
     InviteCreate,
+    /// Lists the unused invite tokens by id.
+    InviteList,
+    /// Revokes an unused invite token, named by itself (`stratus-invite-…`) or by its id.
+    InviteRevoke { invite: String },
     /// Copies the store into `to`, an absolute path to a new or empty directory.
     Backup { to: PathBuf },
 }
@@ -291,6 +307,8 @@ async fn handle(request: Request, data_dir: &Path, core: &mpsc::Sender<AdminRequ
             None => None,
         }),
         Request::InviteCreate => AdminCommand::CreateInvite { token: InviteToken(rand::random()), now_ms: now_ms() },
+        Request::InviteList => AdminCommand::Invites,
+        Request::InviteRevoke { invite } => AdminCommand::RevokeInvite(invite_ref(&invite)?),
     };
     let (reply, answer) = oneshot::channel();
     core.send(AdminRequest::Command { command, reply }).await.map_err(stopping)?;
@@ -314,6 +332,30 @@ async fn backup(to: PathBuf, data_dir: &Path, core: &mpsc::Sender<AdminRequest>)
     core.send(AdminRequest::Backup { to, reply }).await.map_err(stopping)?;
     let inc = answer.await.map_err(stopping)?.map_err(failed)?;
     Ok(json!({ "store": hex(&inc.store), "generation": inc.generation }))
+}
+
+/// An invite token named by itself or by its id (16 hex digits, as `invite list` shows it).
+fn invite_ref(s: &str) -> Result<InviteRef, Refused> {
+    let s = s.trim();
+    if s.starts_with(InviteToken::PREFIX) {
+        let token = s.parse::<InviteToken>().map_err(|e| Refused::new("invalid_argument", e.to_string()))?;
+        return Ok(InviteRef::Digest(token.digest()));
+    }
+    let mut id = [0u8; INVITE_ID_BYTES];
+    let ok = s.len() == 2 * INVITE_ID_BYTES
+        && s.is_ascii()
+        && id.iter_mut().enumerate().all(|(i, b)| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map(|v| *b = v).is_ok());
+    match ok {
+        true => Ok(InviteRef::Id(id)),
+        false => Err(Refused::new(
+            "invalid_argument",
+            format!(
+                "{s:?} names no invite token: give the token (`stratus-invite-…`) or its id ({} hex digits, as \
+                 `invite list` shows it)",
+                2 * INVITE_ID_BYTES
+            ),
+        )),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -373,6 +415,14 @@ fn answer_json(answer: AdminAnswer) -> Value {
         }),
         AdminAnswer::Registration { mode, invites } => json!({ "registration": mode.name(), "invites": invites }),
         AdminAnswer::Invite { token, mode } => json!({ "invite": token.to_string(), "registration": mode.name() }),
+        AdminAnswer::Invites { invites, mode } => json!({
+            "invites": invites.iter().map(|InviteView { id, created_ms }| json!({
+                "id": hex(id),
+                "created_ms": created_ms,
+            })).collect::<Vec<_>>(),
+            "registration": mode.name(),
+        }),
+        AdminAnswer::InviteRevoked { id, invites } => json!({ "revoked": hex(&id), "invites": invites }),
     }
 }
 
@@ -405,6 +455,17 @@ mod tests {
         );
         assert_eq!(parse(r#"{"command":"registration"}"#), Ok(Request::Registration { mode: None }));
         assert_eq!(parse(r#"{"command":"invite_create"}"#), Ok(Request::InviteCreate));
+        assert_eq!(parse(r#"{"command":"invite_list"}"#), Ok(Request::InviteList));
+        assert_eq!(
+            parse(r#"{"command":"invite_revoke","invite":"0011223344556677"}"#),
+            Ok(Request::InviteRevoke { invite: "0011223344556677".into() })
+        );
+        assert_eq!(invite_ref("0011223344556677"), Ok(InviteRef::Id([0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77])));
+        let token = InviteToken([7; 16]);
+        assert_eq!(invite_ref(&token.to_string()), Ok(InviteRef::Digest(token.digest())));
+        for bad in ["", "00112233445566", "00112233445566zz", "stratus-invite-00", "ééééééééé"] {
+            assert_eq!(invite_ref(bad).unwrap_err().code, "invalid_argument", "{bad:?}");
+        }
         let code = |line: &str| parse(line).unwrap_err().code;
         assert_eq!(code("suspend alice"), "malformed_request");
         assert_eq!(code("[1,2]"), "malformed_request");

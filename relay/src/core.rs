@@ -732,8 +732,8 @@ mod accounts;
 mod admin;
 use admin::banned_message;
 pub use admin::{
-    AccountRef, AccountView, AdminAnswer, AdminCommand, AdminId, AdminRefusal, AdminRefusalCode, DeleteReport,
-    DeviceView, MAX_INVITES,
+    invite_id, AccountRef, AccountView, AdminAnswer, AdminCommand, AdminId, AdminRefusal, AdminRefusalCode,
+    DeleteReport, DeviceView, InviteRef, InviteView, INVITE_ID_BYTES, MAX_INVITES,
 };
 mod backlog;
 mod durable;

@@ -333,3 +333,25 @@ fn with_the_disk_full_the_operator_can_list_but_not_change() {
     assert_eq!(refused.code, AdminRefusalCode::StorageFull);
     assert!(w.core.account_refusal(ka.public().id).is_none(), "nothing changed");
 }
+
+#[test]
+fn unused_invites_are_listed_by_id_and_revoked_by_token_or_id() {
+    let mut w = world();
+    let (t1, t2) = (InviteToken([1; 16]), InviteToken([2; 16]));
+    w.admin_ok(AdminCommand::CreateInvite { token: t2, now_ms: 20 });
+    w.admin_ok(AdminCommand::CreateInvite { token: t1, now_ms: 10 });
+    let AdminAnswer::Invites { invites, .. } = w.admin_ok(AdminCommand::Invites) else { panic!("a listing") };
+    let ids: Vec<_> = invites.iter().map(|i| (i.id, i.created_ms)).collect();
+    assert_eq!(ids, vec![(invite_id(&t1.digest()), 10), (invite_id(&t2.digest()), 20)], "oldest first");
+
+    let (effects, answer) = w.admin(AdminCommand::RevokeInvite(InviteRef::Digest(t1.digest())));
+    assert_eq!(answer, Ok(AdminAnswer::InviteRevoked { id: invite_id(&t1.digest()), invites: 1 }));
+    assert!(World::ops(&effects).contains(&&StoreOp::PutInvite(t1.digest(), None)), "stored");
+    let answer = w.admin_ok(AdminCommand::RevokeInvite(InviteRef::Id(invite_id(&t2.digest()))));
+    assert_eq!(answer, AdminAnswer::InviteRevoked { id: invite_id(&t2.digest()), invites: 0 });
+    for again in [InviteRef::Digest(t1.digest()), InviteRef::Id(invite_id(&t2.digest()))] {
+        let (effects, answer) = w.admin(AdminCommand::RevokeInvite(again));
+        assert_eq!(answer.unwrap_err().code, AdminRefusalCode::UnknownInvite);
+        assert!(World::ops(&effects).is_empty(), "a refusal writes nothing");
+    }
+}

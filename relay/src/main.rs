@@ -155,6 +155,10 @@ enum Command {
         /// A directory `stratus-relay backup` made.
         #[arg(long)]
         from: PathBuf,
+        /// Brings back, as the backup has them, the accounts deleted after it was made; without
+        /// it the relay deletes them again as it starts.
+        #[arg(long)]
+        undelete: bool,
     },
     /// Administers the running relay through its admin socket (only as the user it runs as):
     /// accounts, their quotas, suspending, banning and deleting them, and registration.
@@ -217,6 +221,13 @@ enum AdminCommand {
 enum InviteCommand {
     /// Makes an invite token, good for one new account; prints it.
     Create,
+    /// Lists the unused invite tokens by id (the relay keeps only a digest of each token).
+    List,
+    /// Revokes an unused invite token: no account can be made with it any more.
+    Revoke {
+        /// The token (`stratus-invite-…`) or its id as `invite list` shows it.
+        invite: String,
+    },
 }
 
 /// `stratus-relay admin …`: one request to the running relay, its answer printed.
@@ -244,6 +255,10 @@ fn admin(socket: &std::path::Path, json: bool, command: &AdminCommand) -> ExitCo
         AdminCommand::Delete { account } => serde_json::json!({ "command": "delete", "account": account }),
         AdminCommand::Registration { mode } => serde_json::json!({ "command": "registration", "mode": mode }),
         AdminCommand::Invite { command: InviteCommand::Create } => serde_json::json!({ "command": "invite_create" }),
+        AdminCommand::Invite { command: InviteCommand::List } => serde_json::json!({ "command": "invite_list" }),
+        AdminCommand::Invite { command: InviteCommand::Revoke { invite } } => {
+            serde_json::json!({ "command": "invite_revoke", "invite": invite })
+        }
     };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -267,7 +282,13 @@ fn admin(socket: &std::path::Path, json: bool, command: &AdminCommand) -> ExitCo
         AdminCommand::Ban { .. } => client::account_text(&result, "banned"),
         AdminCommand::Delete { .. } => client::deleted_text(&result),
         AdminCommand::Registration { .. } => client::registration_text(&result),
-        AdminCommand::Invite { .. } => {
+        AdminCommand::Invite { command: InviteCommand::List } => client::invites_text(&result),
+        AdminCommand::Invite { command: InviteCommand::Revoke { .. } } => format!(
+            "revoked invite {}; {} unused left",
+            result.get("revoked").and_then(serde_json::Value::as_str).unwrap_or("?"),
+            result.get("invites").and_then(serde_json::Value::as_u64).unwrap_or(0)
+        ),
+        AdminCommand::Invite { command: InviteCommand::Create } => {
             let mode = result.get("registration").and_then(serde_json::Value::as_str).unwrap_or("");
             if mode != "invite" {
                 eprintln!(
@@ -301,7 +322,7 @@ fn backup(socket: &std::path::Path, to: &std::path::Path) -> ExitCode {
     }
 }
 
-fn restore(data_dir: &std::path::Path, socket: &std::path::Path, from: &std::path::Path) -> ExitCode {
+fn restore(data_dir: &std::path::Path, socket: &std::path::Path, from: &std::path::Path, undelete: bool) -> ExitCode {
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
         eprintln!("stratus-relay: restore failed: a relay is running on {}; stop it first", data_dir.display());
         return ExitCode::FAILURE;
@@ -322,9 +343,22 @@ fn restore(data_dir: &std::path::Path, socket: &std::path::Path, from: &std::pat
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0);
-    match stratus_relay::store::restore(from, &data_dir.join("store"), now_ms) {
-        Ok(inc) => {
-            println!("restored {} as generation {}; start the relay", from.display(), inc.generation);
+    match stratus_relay::store::restore(from, &data_dir.join("store"), now_ms, undelete) {
+        Ok(r) => {
+            println!("restored {} as generation {}; start the relay", from.display(), r.incarnation.generation);
+            if !r.deleted_since.is_empty() {
+                let ids = r.deleted_since.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" ");
+                match undelete {
+                    true => {
+                        println!("brought back {} account(s) deleted after the backup: {ids}", r.deleted_since.len())
+                    }
+                    false => println!(
+                        "{} account(s) deleted after the backup will be deleted again as the relay starts \
+                         (restore with --undelete to bring them back): {ids}",
+                        r.deleted_since.len()
+                    ),
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -368,7 +402,9 @@ fn main() -> ExitCode {
     }
     match &args.command {
         Some(Command::Backup { to }) => return backup(&settings.admin_socket_path(), to),
-        Some(Command::Restore { from }) => return restore(&settings.data_dir, &settings.admin_socket_path(), from),
+        Some(Command::Restore { from, undelete }) => {
+            return restore(&settings.data_dir, &settings.admin_socket_path(), from, *undelete)
+        }
         Some(Command::Admin { json, command }) => return admin(&settings.admin_socket_path(), *json, command),
         None => {}
     }

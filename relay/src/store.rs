@@ -138,6 +138,15 @@ pub trait RelayStore: Send + Sync + 'static {
     ) -> Result<Vec<AccountEntry>, StoreError>;
     /// Everything the core's index needs at start.
     fn recover(&self) -> Result<Recovered, StoreError>;
+    /// Accounts a restore found deleted after its backup was made, which the relay deletes
+    /// again as it starts (see [`restore`]); empty when there are none.
+    fn redo_deletions(&self) -> Result<Vec<AccountId>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Forgets [`RelayStore::redo_deletions`] once they are done and durable.
+    fn deletions_redone(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Copies everything applied so far, made durable first, into the empty directory `to`
     /// (see [`SledStore::backup`]). Called by the core task between two batches of writes, so
     /// that nothing is applied meanwhile.
@@ -412,6 +421,12 @@ fn tail_u64(key: &[u8]) -> u64 {
 }
 
 impl RelayStore for SledStore {
+    fn redo_deletions(&self) -> Result<Vec<AccountId>, StoreError> {
+        self.redo_deletions_list()
+    }
+    fn deletions_redone(&self) -> Result<(), StoreError> {
+        self.clear_redo_deletions()
+    }
     fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
         let trees = [
             &self.accounts,
@@ -755,7 +770,7 @@ impl RelayStore for SledStore {
 }
 
 mod backup;
-pub use backup::{restore, MANIFEST};
+pub use backup::{restore, Restored, MANIFEST};
 mod format;
 pub use format::STORE_FORMAT;
 

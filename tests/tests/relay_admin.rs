@@ -182,6 +182,60 @@ fn a_deleted_account_is_gone_and_the_other_member_of_its_chat_syncs_on() {
     assert!(r.account_heads.iter().any(|(a, head)| a.to_string() == ia && head.0 == 0), "her log is gone");
 }
 
+/// Back up, delete an account, restore the backup: the account does not come back. The
+/// restore says which accounts were deleted after the backup; the relay deletes them again as
+/// it starts (its device is refused with `AccountDeleted`, its notes gone, the other account
+/// served) and forgets the list. Restored again with `--undelete`, it is back as the backup
+/// had it. (Before, a restore silently brought deleted accounts and their data back.)
+#[test]
+fn a_restore_does_not_bring_back_an_account_deleted_after_its_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let mut relay = Relay::start(&data);
+    let (ann, bob) = (dir.path().join("ann"), dir.path().join("bob"));
+    let notes = account(&relay, &ann, "ann").chat;
+    account(&relay, &bob, "bob");
+    stratus_ok(&ann, &["send", &notes.to_string(), "ann's own note"]);
+    let (ia, ann_device) = (id_of(&ann), stratus_engine::Device::open(&ann).unwrap().keypair());
+    let backup = dir.path().join("backup");
+    relay_ok(&data, &["backup", "--to", backup.to_str().unwrap()]);
+    relay_ok(&data, &["admin", "delete", &ia]);
+    assert!(relay.terminate().is_some_and(|s| s.success()));
+
+    let out = relay_ok(&data, &["restore", "--from", backup.to_str().unwrap()]);
+    assert!(out.contains("1 account(s) deleted after the backup will be deleted again") && out.contains(&ia), "{out}");
+    relay.restart();
+    // The relay deletes it as it starts; the listing shows it deleted once that is durable.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while account_of(&accounts(&data), &ia)["deleted"] != true {
+        assert!(std::time::Instant::now() < deadline, "not deleted again: {:?}", accounts(&data));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(account_of(&accounts(&data), &ia)["devices"].as_array().unwrap().len(), 0);
+    rt().block_on(async {
+        let mut r = Raw::connect(ann_device.clone(), &relay.addr).await;
+        assert_eq!(code_of(&r.hello(PROTOCOL_VERSION).await), Some(ErrorCode::AccountDeleted));
+    });
+    stratus_ok(&bob, &["sync"]);
+    assert!(relay.terminate().is_some_and(|s| s.success()));
+    {
+        let store = SledStore::open(&data.join("store")).unwrap();
+        assert!(store.read_chat(notes, stratus_engine::Seq(0), stratus_engine::Seq(100), 100).unwrap().is_empty());
+        assert_eq!(store.redo_deletions().unwrap(), vec![], "the list is forgotten once done");
+    }
+
+    // Asked for, the backup's account comes back.
+    let out = relay_ok(&data, &["restore", "--from", backup.to_str().unwrap(), "--undelete"]);
+    assert!(out.contains("brought back 1 account(s) deleted after the backup") && out.contains(&ia), "{out}");
+    relay.restart();
+    let listed = account_of(&accounts(&data), &ia).clone();
+    assert_eq!((&listed["deleted"], listed["devices"].as_array().unwrap().len()), (&false.into(), 1), "{listed}");
+    rt().block_on(async {
+        let mut r = Raw::connect(ann_device, &relay.addr).await;
+        assert!(matches!(r.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
+    });
+}
+
 /// Registration closed refuses a new account with a clear error; by invitation, only with a
 /// token the operator made, each good for one account. (The admin socket elsewhere than the
 /// data directory, as the `admin_socket` setting puts it.)
@@ -228,6 +282,55 @@ fn registration_closed_or_by_single_use_invitation() {
 
     relay_ok(&data, &["admin", "registration", "open"]);
     assert!(create("f", None).status.success());
+}
+
+/// Unused invite tokens are listed by id (never the token: the relay keeps only digests) and
+/// revoked by the token or by that id; a revoked token lets no account in, revoking it again
+/// is `unknown_invite`, a malformed name `invalid_argument`, and the revocations survive a
+/// restart.
+#[test]
+fn invite_tokens_are_listed_and_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let mut relay = Relay::start(&data);
+    relay_ok(&data, &["admin", "registration", "invite"]);
+    let a = relay_ok(&data, &["admin", "invite", "create"]).trim().to_string();
+    let b = relay_ok(&data, &["admin", "invite", "create"]).trim().to_string();
+    let c = relay_ok(&data, &["admin", "invite", "create"]).trim().to_string();
+    let list = admin_json(&data, &["invite", "list"]);
+    let ids: Vec<String> =
+        list["invites"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), 3, "{list}");
+    assert!(list["invites"].as_array().unwrap().iter().all(|i| i["created_ms"].as_u64() > Some(0)), "{list}");
+    let text = relay_ok(&data, &["admin", "invite", "list"]);
+    assert!(text.starts_with("3 unused invite token(s); registration is invite"), "{text}");
+    for token in [&a, &b, &c] {
+        assert!(!text.contains(token.trim_start_matches("stratus-invite-")), "a listing shows no token: {text}");
+    }
+    // By the token itself, then by an id from the listing (the one that is not c's).
+    let revoked = admin_json(&data, &["invite", "revoke", &a]);
+    assert_eq!(revoked["invites"], 2, "{revoked}");
+    let a_id = revoked["revoked"].as_str().unwrap().to_string();
+    assert!(ids.contains(&a_id), "{a_id} in {ids:?}");
+    let left = admin_json(&data, &["invite", "list"]);
+    let other = left["invites"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect::<Vec<_>>();
+    let c_id = admin_json(&data, &["invite", "revoke", &c])["revoked"].as_str().unwrap().to_string();
+    let b_id = other.iter().find(|i| **i != c_id).unwrap().to_string();
+    let text = relay_ok(&data, &["admin", "invite", "revoke", &b_id]);
+    assert_eq!(text.trim(), format!("revoked invite {b_id}; 0 unused left"));
+
+    let err = failure(&relay_cmd(&data, &["admin", "invite", "revoke", &a]));
+    assert!(err.contains("unknown_invite"), "{err}");
+    let err = failure(&relay_cmd(&data, &["admin", "invite", "revoke", "not-an-id"]));
+    assert!(err.contains("invalid_argument"), "{err}");
+    relay.restart();
+    assert_eq!(admin_json(&data, &["invite", "list"])["invites"], serde_json::json!([]));
+    let o = stratus(
+        &dir.path().join("d"),
+        &["account", "create", "--relay", relay.addr.as_str(), "--name", "d", "--invite", &b],
+    );
+    assert!(failure(&o).contains("InviteRequired"), "a revoked token lets no account in");
+    assert!(accounts(&data).is_empty());
 }
 
 /// Bad requests on the socket get one typed line and change nothing; so do an unknown

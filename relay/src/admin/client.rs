@@ -186,6 +186,17 @@ pub fn registration_text(result: &Value) -> String {
     }
 }
 
+/// The unused invite tokens, one a line (`ID  made TIME`), after a line saying how many.
+pub fn invites_text(result: &Value) -> String {
+    let invites = result.get("invites").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut out =
+        format!("{} unused invite token(s); registration is {}", invites.len(), str_of(result, "registration"));
+    for i in &invites {
+        out.push_str(&format!("\n{}  made {}", str_of(i, "id"), utc(u64_of(i, "created_ms"))));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

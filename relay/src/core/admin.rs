@@ -89,6 +89,40 @@ pub enum AdminCommand {
     Registration(Option<Registration>),
     /// Makes an invite token (the driver draws `token` at random; the core keeps its digest).
     CreateInvite { token: InviteToken, now_ms: u64 },
+    /// Lists the invite tokens not yet used, by id (see [`invite_id`]).
+    Invites,
+    /// Revokes an unused invite token: no account can be made with it any more.
+    RevokeInvite(InviteRef),
+}
+
+/// An invite token as the operator names it to revoke it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InviteRef {
+    /// By the token itself (its digest: the relay keeps nothing else).
+    Digest([u8; 32]),
+    /// By the id `admin invite list` shows ([`invite_id`]).
+    Id([u8; INVITE_ID_BYTES]),
+}
+
+/// Bytes of a token's digest that make its id in listings (16 hex digits).
+pub const INVITE_ID_BYTES: usize = 8;
+
+/// How listings name an unused invite token: the first [`INVITE_ID_BYTES`] of its digest (the
+/// relay keeps only the digest, so a listing cannot show the token, and the id cannot be used
+/// to register).
+pub fn invite_id(digest: &[u8; 32]) -> [u8; INVITE_ID_BYTES] {
+    let mut id = [0; INVITE_ID_BYTES];
+    id.copy_from_slice(&digest[..INVITE_ID_BYTES]);
+    id
+}
+
+/// An unused invite token, as the operator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InviteView {
+    /// Its id ([`invite_id`]).
+    pub id: [u8; INVITE_ID_BYTES],
+    /// When it was made, ms since the Unix epoch.
+    pub created_ms: u64,
 }
 
 /// One device of an account, as the operator sees it.
@@ -161,6 +195,10 @@ pub enum AdminAnswer {
     Registration { mode: Registration, invites: usize },
     /// A new invite token, and who may make an account now.
     Invite { token: InviteToken, mode: Registration },
+    /// The unused invite tokens (oldest first), and who may make an account now.
+    Invites { invites: Vec<InviteView>, mode: Registration },
+    /// An invite token revoked, and how many are left.
+    InviteRevoked { id: [u8; INVITE_ID_BYTES], invites: usize },
 }
 
 /// Why an operator's command was refused (nothing changed).
@@ -172,6 +210,8 @@ pub enum AdminRefusalCode {
     AccountDeleted,
     /// Too many unused invite tokens.
     TooManyInvites,
+    /// No unused invite token is that one (never made, used already, or revoked).
+    UnknownInvite,
     /// The relay's disk is full: it writes nothing more until restarted.
     StorageFull,
 }
@@ -183,6 +223,7 @@ impl AdminRefusalCode {
             AdminRefusalCode::UnknownAccount => "unknown_account",
             AdminRefusalCode::AccountDeleted => "account_deleted",
             AdminRefusalCode::TooManyInvites => "too_many_invites",
+            AdminRefusalCode::UnknownInvite => "unknown_invite",
             AdminRefusalCode::StorageFull => "storage_full",
         }
     }
@@ -229,6 +270,15 @@ impl RelayCore {
             AdminCommand::Registration(None) => {
                 Ok(AdminAnswer::Registration { mode: self.registration, invites: self.invites.len() })
             }
+            AdminCommand::Invites => {
+                let mut invites: Vec<InviteView> = self
+                    .invites
+                    .iter()
+                    .map(|(digest, at)| InviteView { id: invite_id(digest), created_ms: *at })
+                    .collect();
+                invites.sort_by_key(|i| (i.created_ms, i.id));
+                Ok(AdminAnswer::Invites { invites, mode: self.registration })
+            }
             _ if self.storage_failed => Err(AdminRefusal::storage_full()),
             command => {
                 let mut ops = Vec::new();
@@ -254,7 +304,9 @@ impl RelayCore {
         out: &mut Vec<Effect>,
     ) -> Result<AdminAnswer, AdminRefusal> {
         match command {
-            AdminCommand::Accounts | AdminCommand::Registration(None) => unreachable!("answered by the caller"),
+            AdminCommand::Accounts | AdminCommand::Registration(None) | AdminCommand::Invites => {
+                unreachable!("answered by the caller")
+            }
             AdminCommand::SetQuota { account, bytes } => {
                 let id = self.resolve(&account, false)?;
                 let a = self.accounts.get_mut(&id).expect("resolved");
@@ -289,6 +341,24 @@ impl RelayCore {
                 self.invites.insert(digest, now_ms);
                 ops.push(StoreOp::PutInvite(digest, Some(now_ms)));
                 Ok(AdminAnswer::Invite { token, mode: self.registration })
+            }
+            AdminCommand::RevokeInvite(which) => {
+                let found: Vec<[u8; 32]> = match which {
+                    InviteRef::Digest(d) => self.invites.contains_key(&d).then_some(d).into_iter().collect(),
+                    InviteRef::Id(id) => self.invites.keys().filter(|d| invite_id(d) == id).copied().collect(),
+                };
+                // Two tokens whose digests share their first 8 bytes would take ~2^32 tokens;
+                // the full token still names either.
+                let [digest] = found[..] else {
+                    return Err(AdminRefusal::new(
+                        AdminRefusalCode::UnknownInvite,
+                        "no unused invite token is that one (never made here, used already, or revoked); \
+                         `stratus-relay admin invite list` shows the unused ones",
+                    ));
+                };
+                self.invites.remove(&digest);
+                ops.push(StoreOp::PutInvite(digest, None));
+                Ok(AdminAnswer::InviteRevoked { id: invite_id(&digest), invites: self.invites.len() })
             }
         }
     }

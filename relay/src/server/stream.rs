@@ -153,6 +153,12 @@ pub(super) async fn connection(
     _slot: StreamSlot,
 ) {
     let mut io: Io = Framed::new(stream.compat(), RelayCodec::new(max_frame_bytes));
+    // `Framed` gives each direction an 8 KiB buffer at once; empty ones grow with the frames
+    // (the codec reserves a frame's length once it has read its prefix), so an idle device's
+    // stream holds a few bytes instead of 16 KiB: a quarter of what 10,000 connected devices
+    // cost the relay (docs/benchmarks.md, "Relay operations").
+    *io.read_buffer_mut() = bytes::BytesMut::new();
+    *io.write_buffer_mut() = bytes::BytesMut::new();
     let (tx, mut rx) = mpsc::channel::<Outgoing>(queue);
     let kill = CancellationToken::new();
     let handle = StreamHandle { tx, kill: kill.clone() };

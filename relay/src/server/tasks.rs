@@ -120,7 +120,7 @@ impl<S: RelayStore> Driver<S> {
                 if let RelayFrame::RateLimited { req, retry_after_ms } = &frame {
                     tracing::debug!(conn, req, retry_after_ms, "rate limited");
                 }
-                send(conn, Outgoing::Frame(frame))
+                send(conn, Outgoing::Frame(Box::new(frame)))
             }
             Effect::Close { conn } => {
                 send(conn, Outgoing::Close);
@@ -152,14 +152,14 @@ impl<S: RelayStore> Driver<S> {
                     Ok(deltas) => RelayFrame::ChatPage { req, chat, deltas, head: upto },
                     Err(e) => internal(req, e),
                 };
-                send(conn, Outgoing::Page(frame))
+                send(conn, Outgoing::Page(Box::new(frame)))
             }
             Effect::ReadAccount { conn, req, account, after, upto, max } => {
                 let frame = match self.store.read_account(account, after, upto, max) {
                     Ok(entries) => RelayFrame::AccountPage { req, entries, head: upto },
                     Err(e) => internal(req, e),
                 };
-                send(conn, Outgoing::Page(frame))
+                send(conn, Outgoing::Page(Box::new(frame)))
             }
             Effect::Admin { id, answer } => {
                 match &answer {

@@ -9,6 +9,10 @@ use super::*;
 /// incomplete (and [`restore`] refuses it).
 pub const MANIFEST: &str = "backup.manifest";
 
+/// The `meta` key of the accounts a restore found deleted in the store it replaced but not in
+/// the backup: the relay deletes them again when it starts ([`RelayStore::redo_deletions`]).
+const REDO_DELETIONS: &str = "restore_deletions";
+
 fn backup_err(what: impl std::fmt::Display) -> StoreError {
     StoreError::Backup(what.to_string())
 }
@@ -82,6 +86,45 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// The accounts the operator deleted (their data gone, a tombstone kept).
+    fn deleted_accounts(&self) -> Result<BTreeSet<AccountId>, StoreError> {
+        let mut out = BTreeSet::new();
+        for kv in self.account_admin.iter() {
+            let (k, v) = kv?;
+            let id: [u8; 16] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("account id"))?;
+            if dec::<crate::core::AccountAdmin>(&v, "account admin record")?.deleted {
+                out.insert(AccountId(id));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The accounts a restore left to delete again (see [`restore`]); empty when none.
+    pub(super) fn redo_deletions_list(&self) -> Result<Vec<AccountId>, StoreError> {
+        match self.meta.get(REDO_DELETIONS)? {
+            Some(v) => dec(&v, "deletions to redo"),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Forgets the list once the relay deleted them again.
+    pub(super) fn clear_redo_deletions(&self) -> Result<(), StoreError> {
+        self.meta.remove(REDO_DELETIONS)?;
+        Ok(())
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// The new incarnation.
+    pub incarnation: Incarnation,
+    /// Accounts deleted in the replaced store after the backup was made: deleted again when the
+    /// relay starts (or, restored with `undelete`, back as the backup has them).
+    pub deleted_since: Vec<AccountId>,
+}
+
 fn u64_of(v: &[u8]) -> Result<u64, StoreError> {
     let b: [u8; 8] = v.try_into().map_err(|_| StoreError::Corrupt("floor"))?;
     Ok(u64::from_be_bytes(b))
@@ -93,7 +136,12 @@ fn u64_of(v: &[u8]) -> Result<u64, StoreError> {
 /// the floors both already had (so a device that synced with any of them rewinds far
 /// enough). The replaced store is kept, renamed `<store_dir>.replaced-<generation>`. Fails,
 /// changing nothing, if the backup is incomplete or the store is in use (a running relay).
-pub fn restore(from: &Path, store_dir: &Path, now_ms: u64) -> Result<Incarnation, StoreError> {
+///
+/// An account the operator deleted in the replaced store after the backup was made would come
+/// back with the backup's data; unless `undelete`, the restored store lists it to be deleted
+/// again, which the relay does as it starts (the same deletion as `stratus-relay admin
+/// delete`), and [`Restored::deleted_since`] names it.
+pub fn restore(from: &Path, store_dir: &Path, now_ms: u64, undelete: bool) -> Result<Restored, StoreError> {
     if !from.join(MANIFEST).is_file() || !from.join("store").is_dir() {
         return Err(backup_err(format!(
             "{} is not a complete backup (no {MANIFEST} or no store/ in it)",
@@ -111,7 +159,7 @@ pub fn restore(from: &Path, store_dir: &Path, now_ms: u64) -> Result<Incarnation
             }
             e => e,
         })?;
-        Some((s.incarnation()?, s.floors()?))
+        Some((s.incarnation()?, s.floors()?, s.deleted_accounts()?))
     } else {
         None
     };
@@ -121,6 +169,7 @@ pub fn restore(from: &Path, store_dir: &Path, now_ms: u64) -> Result<Incarnation
         std::fs::remove_dir_all(&staging).map_err(|e| backup_err(format!("removing {}: {e}", staging.display())))?;
     }
     let incarnation;
+    let mut deleted_since = Vec::new();
     {
         let copy = sled::Config::new().path(&staging).cache_capacity(STORE_CACHE_BYTES).open()?;
         let backup = SledStore::open_only(&from.join("store"))?;
@@ -131,7 +180,19 @@ pub fn restore(from: &Path, store_dir: &Path, now_ms: u64) -> Result<Incarnation
         let was = staged.incarnation()?;
         let mut generation = was.generation + 1;
         let mut floors = staged.floors()?;
-        if let Some((inc, f)) = &old {
+        // Only a store of the same lineage (the same store id) says what was deleted since.
+        if let Some((_, _, deleted)) = old.as_ref().filter(|(inc, _, _)| inc.store == was.store) {
+            let in_backup = staged.deleted_accounts()?;
+            for a in deleted.difference(&in_backup) {
+                if staged.accounts.contains_key(a.0)? {
+                    deleted_since.push(*a);
+                }
+            }
+            if !undelete && !deleted_since.is_empty() {
+                staged.meta.insert(REDO_DELETIONS, enc(&deleted_since))?;
+            }
+        }
+        if let Some((inc, f, _)) = &old {
             if inc.store == was.store {
                 generation = generation.max(inc.generation + 1);
             }
@@ -165,12 +226,12 @@ pub fn restore(from: &Path, store_dir: &Path, now_ms: u64) -> Result<Incarnation
         staged.meta.insert("incarnation", enc(&incarnation))?;
         staged.barrier()?;
     }
-    if let Some((inc, _)) = &old {
+    if let Some((inc, _, _)) = &old {
         let aside = parent.join(format!("store.replaced-{}", inc.generation));
         std::fs::rename(store_dir, &aside).map_err(|e| backup_err(format!("moving the old store aside: {e}")))?;
     }
     std::fs::rename(&staging, store_dir)
         .map_err(|e| backup_err(format!("putting the restored store in place: {e}")))?;
     sync_dir(parent)?;
-    Ok(incarnation)
+    Ok(Restored { incarnation, deleted_since })
 }

@@ -66,6 +66,7 @@ pub(super) async fn push_latency(ctx: &Ctx, addr: &str, seed: u64, secs: u64, ra
             next_client_seq: 1,
             next_req: 2,
             rng: wrng,
+            plaintext: PLAINTEXT_BYTES,
         }
     };
 

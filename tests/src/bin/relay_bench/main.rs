@@ -11,6 +11,9 @@
 //! 3. Append → push latency: device A appends at a paced rate, device B of the same account
 //!    (linked through the raw `LinkWait`/`LinkLookup`/`LinkApprove` flow) times each `Push`.
 //!
+//! `relay_bench ops` measures the operator's targets instead (idle devices' memory, `/metrics`,
+//! backup under load): see `ops.rs`.
+//!
 //! Only the raw protocol: no Automerge, no device store, no device-side fsync. Payloads are real
 //! sealed deltas (`seal_delta`, 160-byte plaintext → 200 sealed bytes). Only 127.0.0.1.
 //!
@@ -131,6 +134,8 @@ fn parse_args() -> Config {
 
 mod client;
 mod latency;
+mod ops;
+mod ops_backup;
 mod report;
 mod system;
 
@@ -140,6 +145,9 @@ use report::*;
 use system::*;
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("ops") {
+        return ops::main();
+    }
     let cfg = parse_args();
     let invocation = Instant::now();
     println!("# relay_bench{}", if cfg.quick { " --quick" } else { "" });
