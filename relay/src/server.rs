@@ -310,6 +310,10 @@ pub async fn run(
     serve(config, store, observer, ready, shutdown).await
 }
 
+/// Longest a clean shutdown waits for the devices' connections to close gracefully once
+/// their streams are closed.
+const CONNECTION_CLOSE_WAIT: Duration = Duration::from_secs(3);
+
 /// [`run`] over any [`RelayStore`] (tests wrap the sled store to hold back or fail barriers).
 pub async fn run_with_store<S: RelayStore>(
     config: Config,
@@ -492,10 +496,19 @@ async fn serve<S: RelayStore>(
     // stay until their streams are closed.
     let stop_listening = CancellationToken::new();
     let stop = stop_listening.clone();
-    let swarm_task = tokio::spawn(async move {
+    // Cancelled once drained: every connection is closed gracefully (what the streams wrote
+    // last, such as the final acknowledgements, is sent before the connection goes), and the
+    // task ends when none is left.
+    let close_connections = CancellationToken::new();
+    let closing = close_connections.clone();
+    let mut swarm_task = tokio::spawn(async move {
         use libp2p::swarm::SwarmEvent;
         let mut listening = true;
+        let mut ending = false;
         loop {
+            if ending && swarm.connected_peers().next().is_none() {
+                return;
+            }
             let event = tokio::select! {
                 event = swarm.select_next_some() => event,
                 () = stop.cancelled(), if listening => {
@@ -504,6 +517,14 @@ async fn serve<S: RelayStore>(
                         swarm.remove_listener(*l);
                     }
                     tracing::info!("listeners closed: new connections are refused");
+                    continue;
+                }
+                () = closing.cancelled(), if !ending => {
+                    ending = true;
+                    let peers: Vec<PeerId> = swarm.connected_peers().copied().collect();
+                    for p in peers {
+                        let _ = swarm.disconnect_peer_id(p);
+                    }
                     continue;
                 }
             };
@@ -640,6 +661,12 @@ async fn serve<S: RelayStore>(
             Some(e) = fatal_rx.recv() => Err(ServerError::Store(e)),
             r = &mut core_task => Err(bug(r)),
         };
+    }
+    if result.is_ok() {
+        // The streams are closed; the connections under them are closed gracefully, so that
+        // what was written last reaches the devices, for at most a few seconds.
+        close_connections.cancel();
+        let _ = tokio::time::timeout(CONNECTION_CLOSE_WAIT, &mut swarm_task).await;
     }
     health.shutting_down(result.as_ref().err().map(ToString::to_string));
     size_task.abort();

@@ -241,11 +241,21 @@ pub struct Writer {
     pub next_req: ReqId,
     /// Its randomness (from the bench's seed).
     pub rng: StdRng,
+    /// Plaintext bytes of each delta [`Writer::append`] makes.
+    pub plaintext: usize,
 }
 
 impl Writer {
     /// Connects a fresh identity, creates its account (with `keys`) and a notes chat.
     pub async fn create(addr: String, seed: u64, name: String) -> Writer {
+        let mut w = Writer::register(addr, seed, name).await;
+        w.create_chat().await;
+        w
+    }
+
+    /// Connects a fresh identity and creates its account; its notes chat is chosen but not
+    /// created (see [`Writer::create_chat`]).
+    pub async fn register(addr: String, seed: u64, name: String) -> Writer {
         let mut rng = StdRng::seed_from_u64(seed);
         let kp = Keypair::generate_ed25519();
         let device = device_id(&kp);
@@ -267,7 +277,7 @@ impl Writer {
             RelayFrame::Done { .. } => {}
             other => panic!("create account failed: {other:?}"),
         }
-        let mut w = Writer {
+        Writer {
             raw,
             device,
             chat: ChatId::random(&mut rng),
@@ -277,9 +287,8 @@ impl Writer {
             next_client_seq: 1,
             next_req: 2,
             rng,
-        };
-        w.create_chat().await;
-        w
+            plaintext: PLAINTEXT_BYTES,
+        }
     }
 
     /// Creates [`Writer::chat`] as a notes chat at epoch 0 with [`Writer::key`].
@@ -320,12 +329,14 @@ impl Writer {
         r
     }
 
-    /// A fresh append: a real sealed delta of [`PLAINTEXT_BYTES`] random bytes.
+    /// A fresh append: a real sealed delta of [`Writer::plaintext`] random bytes (sealed: 40
+    /// more).
     pub fn append(&mut self) -> (ReqId, ClientSeq, ClientFrame) {
+        let len = self.plaintext;
         let req = self.req();
         let client_seq = ClientSeq(self.next_client_seq);
         self.next_client_seq += 1;
-        let mut plain = [0u8; PLAINTEXT_BYTES];
+        let mut plain = vec![0u8; len];
         self.rng.fill_bytes(&mut plain);
         let ad = DeltaAd {
             chat: self.chat,

@@ -167,18 +167,18 @@ const IDLE: Duration = Duration::from_secs(10);
 fn memory_run(relay_exe: &Path, work: &Path, cfg: &OpsConfig, seed: u64) -> MemoryRun {
     std::fs::create_dir_all(work).expect("run dir");
     let admin = format!("127.0.0.1:{}", free_port());
-    let extra: Vec<String> = [
+    let max_connections = (cfg.devices + 100).to_string();
+    let extra = [
+        "--requests-per-second",
+        "0",
         "--admin-http",
         &admin,
         "--max-connections",
-        &(cfg.devices + 100).to_string(),
+        &max_connections,
         "--unregistered-requests-per-second",
         "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut relay = RelayProc::start_with(relay_exe, &work.join("relay"), &work.join("relay.log"), &extra);
+    ];
+    let mut relay = RelayProc::start(relay_exe, &work.join("relay"), &work.join("relay.log"), &extra);
     std::thread::sleep(Duration::from_secs(2));
     let rss_before_kib = stratus_tests::rss_kib(relay.pid);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");

@@ -132,10 +132,9 @@ fn under_load(
 
 pub(super) fn backup_bench(relay_exe: &Path, work: &Path, cfg: &OpsConfig, seed: u64) {
     let admin = format!("127.0.0.1:{}", free_port());
-    let extra: Vec<String> =
-        ["--admin-http", &admin, "--max-account-bytes", "0"].iter().map(|s| s.to_string()).collect();
+    let extra = ["--requests-per-second", "0", "--admin-http", &admin, "--max-account-bytes", "0"];
     let data = work.join("backup-relay");
-    let mut relay = RelayProc::start_with(relay_exe, &data, &work.join("backup-relay.log"), &extra);
+    let mut relay = RelayProc::start(relay_exe, &data, &work.join("backup-relay.log"), &extra);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let mut seeds = StdRng::seed_from_u64(seed);
     let target = cfg.store_mib * 1024 * 1024;
@@ -176,7 +175,7 @@ pub(super) fn backup_bench(relay_exe: &Path, work: &Path, cfg: &OpsConfig, seed:
         t.elapsed().as_secs_f64(),
         store_bytes as f64 / (1u64 << 30) as f64
     );
-    let fill_accounts: Vec<AccountId> = fillers.iter().map(|w| w.keys.public().id).collect();
+    let fill_accounts: Vec<_> = fillers.iter().map(|w| w.account()).collect();
     drop(fillers);
 
     let load: Vec<Writer> = rt.block_on(async {
