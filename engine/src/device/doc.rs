@@ -414,7 +414,9 @@ impl ChatDoc {
     /// True if changes of `from`'s device were seen before (else the caller stores `from` with
     /// the change, see [`ChatDoc::load`]).
     pub fn knows_author(&self, from: &Author) -> bool {
-        self.authors.contains_key(&device_actor(&from.device))
+        let actor = device_actor(&from.device);
+        // This device's own needs no record (its changes from outside are only copies).
+        &actor == self.doc.get_actor() || self.authors.contains_key(&actor)
     }
 
     /// Applies change bytes that came from outside the device, sent by `from` (the account and
