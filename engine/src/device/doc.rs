@@ -753,34 +753,11 @@ impl ChatDoc {
         }
     }
 
-    /// The title, if one was set.
-    pub fn title(&self) -> Option<String> {
-        match self.doc.get(ROOT, "title") {
-            Ok(Some((Value::Scalar(s), _))) => match s.as_ref() {
-                ScalarValue::Str(t) => Some(t.to_string()),
-                _ => None,
-            },
-            _ => None,
-        }
-    }
-
-    /// Number of messages.
-    pub fn message_count(&self) -> usize {
-        self.messages_obj().map(|l| self.doc.length(&l)).unwrap_or(0)
-    }
-
     /// The document saved whole (for the store's snapshot), without DEFLATE: the texts in it
     /// are sealed, so compressing them gains nothing and cost 3% of a busy device's CPU
     /// (compactions every few thousand changes). Loading reads either form.
     pub fn save(&self) -> Vec<u8> {
         self.doc.save_nocompress()
-    }
-
-    /// The document's heads, hex, sorted: equal heads mean equal documents.
-    pub fn heads(&self) -> Vec<String> {
-        let mut h: Vec<String> = self.doc.get_heads().iter().map(|h| h.to_string()).collect();
-        h.sort();
-        h
     }
 }
 

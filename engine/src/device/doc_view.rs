@@ -3,12 +3,35 @@
 
 use std::collections::BTreeMap;
 
-use automerge::{ObjId, ObjType, ReadDoc, ScalarValue, Value};
+use automerge::{ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 
 use super::{ChatDoc, Message};
 use crate::proto::ids::AccountId;
 
 impl ChatDoc {
+    /// The title, if one was set.
+    pub fn title(&self) -> Option<String> {
+        match self.doc.get(ROOT, "title") {
+            Ok(Some((Value::Scalar(s), _))) => match s.as_ref() {
+                ScalarValue::Str(t) => Some(t.to_string()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Number of messages.
+    pub fn message_count(&self) -> usize {
+        self.messages_obj().map(|l| self.doc.length(&l)).unwrap_or(0)
+    }
+
+    /// The document's heads, hex, sorted: equal heads mean equal documents.
+    pub fn heads(&self) -> Vec<String> {
+        let mut h: Vec<String> = self.doc.get_heads().iter().map(|h| h.to_string()).collect();
+        h.sort();
+        h
+    }
+
     /// Per account, the index of the furthest message one of its devices has read (the marks
     /// are counts; a count of 0 marks nothing).
     pub fn read_marks(&self) -> BTreeMap<String, usize> {
