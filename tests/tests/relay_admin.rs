@@ -7,11 +7,12 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 use stratus_engine::proto::wire::{ErrorCode, RelayFrame, PROTOCOL_VERSION};
+use stratus_engine::ChatId;
 use stratus_relay::store::{RelayStore, SledStore};
 use stratus_tests::*;
 
@@ -39,6 +40,18 @@ fn account_of<'a>(all: &'a [Value], id: &str) -> &'a Value {
 
 fn id_of(home: &Path) -> String {
     stratus_engine::Device::open(home).expect("device opens").account().expect("logged in").to_string()
+}
+
+/// A relay in `dir` with two accounts, `ann` (a note in her notes chat) and `bob`: the relay's
+/// data directory, the relay, their homes, and ann's notes chat.
+fn ann_and_bob(dir: &Path) -> (PathBuf, Relay, PathBuf, PathBuf, ChatId) {
+    let data = dir.join("relay");
+    let relay = Relay::start(&data);
+    let (ann, bob) = (dir.join("ann"), dir.join("bob"));
+    let notes = account(&relay, &ann, "ann").chat;
+    account(&relay, &bob, "bob");
+    stratus_ok(&ann, &["send", &notes.to_string(), "ann's own note"]);
+    (data, relay, ann, bob, notes)
 }
 
 fn code_of(f: &RelayFrame) -> Option<ErrorCode> {
@@ -131,12 +144,7 @@ fn accounts_are_listed_given_quotas_and_suspended() {
 #[test]
 fn a_deleted_account_is_gone_and_the_other_member_of_its_chat_syncs_on() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("relay");
-    let mut relay = Relay::start(&data);
-    let (ann, bob) = (dir.path().join("ann"), dir.path().join("bob"));
-    let notes = account(&relay, &ann, "ann").chat;
-    account(&relay, &bob, "bob");
-    stratus_ok(&ann, &["send", &notes.to_string(), "ann's own note"]);
+    let (data, mut relay, ann, bob, notes) = ann_and_bob(dir.path());
     for (home, name) in [(&ann, "ann"), (&bob, "bob")] {
         stratus_ok(home, &["account", "set-username", name]);
     }
@@ -190,12 +198,7 @@ fn a_deleted_account_is_gone_and_the_other_member_of_its_chat_syncs_on() {
 #[test]
 fn a_restore_does_not_bring_back_an_account_deleted_after_its_backup() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("relay");
-    let mut relay = Relay::start(&data);
-    let (ann, bob) = (dir.path().join("ann"), dir.path().join("bob"));
-    let notes = account(&relay, &ann, "ann").chat;
-    account(&relay, &bob, "bob");
-    stratus_ok(&ann, &["send", &notes.to_string(), "ann's own note"]);
+    let (data, mut relay, ann, bob, notes) = ann_and_bob(dir.path());
     let (ia, ann_device) = (id_of(&ann), stratus_engine::Device::open(&ann).unwrap().keypair());
     let backup = dir.path().join("backup");
     relay_ok(&data, &["backup", "--to", backup.to_str().unwrap()]);
