@@ -319,18 +319,14 @@ impl SyncCore {
     /// True once connected, caught up with every head the relay reported, nothing waits in
     /// the outbox, and no rotation of the account's keys is due from this device.
     pub fn is_idle(&self) -> bool {
-        self.is_caught_up() && self.outbox.is_empty() && !self.outbox_more && !self.rotation_pending()
+        self.is_caught_up() && self.outbox.is_empty() && !self.outbox_more && !self.key_work_pending()
     }
 
     /// True while the device's own key work (a rotation or new epochs after a member change)
     /// is due on this connection or under way: a request that must cover the account's keys
     /// as they stand waits for it.
+    /// (A `Rotate` is in flight, or due and still to be asked on this connection.)
     pub fn key_work_pending(&self) -> bool {
-        self.rotation_pending()
-    }
-
-    /// A `Rotate` is in flight, or due and still to be asked on this connection.
-    fn rotation_pending(&self) -> bool {
         self.rotating || (self.rotation_due && self.rotate_attempts < MAX_ROTATE_ATTEMPTS)
     }
 
