@@ -36,11 +36,8 @@
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use automerge::patches::TextRepresentation;
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{
-    ActorId, Automerge, Change, ObjId, ObjType, PatchAction, PatchLog, ReadDoc, ScalarValue, TextEncoding, Value, ROOT,
-};
+use automerge::{ActorId, Automerge, Change, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 use serde::Serialize;
 
 use crate::proto::ids::{AccountId, ChatId, DeviceId};
@@ -53,6 +50,7 @@ mod sync;
 mod view;
 pub(crate) use authorship::message_id_prefix;
 pub use authorship::Author;
+use authorship::Touched;
 pub use automerge::sync::State as SyncState;
 pub use sync::{MAX_SYNC_CHANGES, MAX_SYNC_MESSAGE_BYTES};
 
@@ -321,12 +319,11 @@ impl ChatDoc {
         };
         d.authors.extend(authors.iter().map(|a| (device_actor(&a.device), a.clone())));
         d.doc.set_actor(device_actor(device));
-        let mut log = PatchLog::null();
         for c in changes {
             let change = guarded(|| Change::from_bytes(c.to_vec()))
                 .ok_or(DocError::Panicked)?
                 .map_err(|e| DocError::Malformed(e.to_string()))?;
-            match d.integrate(change, &mut log) {
+            match d.integrate(change, &mut Touched::default()) {
                 // Stored while it waited for its dependencies, refused once they came: it was
                 // never part of the document.
                 Err(DocError::NotInSequence | DocError::Forbidden(_)) => {}
@@ -338,8 +335,9 @@ impl ChatDoc {
 
     /// Applies `change` if its dependencies are present, else holds it back; then applies every
     /// held-back change that became ready. An error is about `change`; a held-back change that
-    /// fails its checks when its turn comes is dropped.
-    fn integrate(&mut self, change: Change, log: &mut PatchLog) -> Result<(), DocError> {
+    /// fails its checks when its turn comes is dropped. What the changes applied touch is added
+    /// to `touched`.
+    fn integrate(&mut self, change: Change, touched: &mut Touched) -> Result<(), DocError> {
         let hash = change.hash();
         if self.doc.get_change_by_hash(&hash).is_some() || self.pending.iter().any(|c| c.hash() == hash) {
             return Ok(());
@@ -352,10 +350,10 @@ impl ChatDoc {
             self.pending.push(change);
             return Ok(());
         }
-        self.apply_ready(change, log)?;
+        self.apply_ready(change, touched)?;
         while let Some(i) = self.pending.iter().position(|c| self.is_ready(c)) {
             let next = self.pending.remove(i);
-            if let Err(DocError::Panicked) = self.apply_ready(next, log) {
+            if let Err(DocError::Panicked) = self.apply_ready(next, touched) {
                 return Err(DocError::Panicked);
             }
         }
@@ -367,7 +365,7 @@ impl ChatDoc {
     }
 
     /// Applies a change whose dependencies are present, if it continues its actor's sequence.
-    fn apply_ready(&mut self, change: Change, log: &mut PatchLog) -> Result<(), DocError> {
+    fn apply_ready(&mut self, change: Change, touched: &mut Touched) -> Result<(), DocError> {
         let actor = change.actor_id().clone();
         let (seq, max_op) = self.actors.get(&actor).copied().unwrap_or((0, 0));
         if change.seq() != seq + 1 || change.start_op().get() <= max_op {
@@ -381,12 +379,14 @@ impl ChatDoc {
         if change.start_op().get() > highest.saturating_add(1) {
             return Err(DocError::OutOfRange("operation counter"));
         }
-        if &actor != self.doc.get_actor() {
+        let mine = if &actor != self.doc.get_actor() {
             let from = self.authors.get(&actor).ok_or(DocError::Forbidden("comes from a device never heard from"))?;
-            self.check_authorship(&change, from)?;
-        }
+            self.check_authorship(&change, from)?
+        } else {
+            Touched::default()
+        };
         let next = (change.seq(), change.max_op());
-        match guarded(|| self.doc.apply_changes_log_patches([change], log)) {
+        match guarded(|| self.doc.apply_changes([change])) {
             None => {
                 self.poisoned = true;
                 Err(DocError::Panicked)
@@ -394,6 +394,7 @@ impl ChatDoc {
             Some(Err(e)) => Err(DocError::Malformed(e.to_string())),
             Some(Ok(())) => {
                 self.actors.insert(actor, next);
+                touched.extend(mine);
                 Ok(())
             }
         }
@@ -457,49 +458,41 @@ impl ChatDoc {
             }
             _ => return Err(DocError::Forbidden("is not written by the device that sent it")),
         }
-        let mut log = PatchLog::active(TextRepresentation::String(TextEncoding::UnicodeCodePoint));
-        self.integrate(change, &mut log)?;
+        let mut touched = Touched::default();
+        self.integrate(change, &mut touched)?;
         let Some(list) = self.messages_obj() else { return Ok(DocUpdate::default()) };
-        let patches = guarded(|| self.doc.make_patches(&mut log)).unwrap_or_default();
         let mut update = DocUpdate::default();
         let marks = self.read_marks();
-        let (read, reactions) = (self.read_obj(), self.root_map("reactions"));
+        // Where an object the change named is: a message's index in the list, or its own.
+        let import = |obj: &str| guarded(|| self.doc.import(obj)).and_then(Result::ok).map(|(id, _)| id);
+        let parent = |obj: &ObjId| guarded(|| self.doc.parents(obj).ok().and_then(|mut p| p.next())).flatten();
+        let index_in_list = |obj: &ObjId| match parent(obj) {
+            Some(p) if p.obj == list => match p.prop {
+                automerge::Prop::Seq(i) => Some(i),
+                automerge::Prop::Map(_) => None,
+            },
+            _ => None,
+        };
         let mut added = std::collections::BTreeSet::new();
-        let mut changed = std::collections::BTreeSet::new();
-        let mut reacted = std::collections::BTreeSet::new();
-        let mut readers = std::collections::BTreeSet::new();
-        for p in patches {
-            if p.obj == list {
-                if let PatchAction::Insert { index, values, .. } = p.action {
-                    for (k, (_, obj, _)) in values.iter().enumerate() {
-                        if let Some(m) = self.message_at(obj, index + k, &marks) {
-                            added.insert(index + k);
-                            update.added.push(m);
-                        }
-                    }
+        for obj in touched.new_messages.iter().filter_map(|o| import(o)) {
+            if let Some(i) = index_in_list(&obj) {
+                if let Some(m) = self.message_at(&obj, i, &marks) {
+                    added.insert(i);
+                    update.added.push(m);
                 }
-                continue;
-            }
-            if Some(&p.obj) == read.as_ref() {
-                if let PatchAction::PutMap { key, .. } = &p.action {
-                    readers.extend(key.split_once(' ').map(|(account, _)| account.to_string()));
-                }
-                continue;
-            }
-            if Some(&p.obj) == reactions.as_ref() {
-                if let PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } = &p.action {
-                    reacted.extend(key.split_once(' ').map(|(id, _)| id.to_string()));
-                }
-                continue;
-            }
-            // Inside a message: the path runs through the list at the message's index.
-            if let Some(i) = p.path.iter().find_map(|(obj, prop)| match prop {
-                automerge::Prop::Seq(i) if *obj == list => Some(*i),
-                _ => None,
-            }) {
-                changed.insert(i);
             }
         }
+        let mut changed: std::collections::BTreeSet<usize> =
+            touched.messages.iter().filter_map(|o| import(o)).filter_map(|m| index_in_list(&m)).collect();
+        changed.extend(
+            touched
+                .attachments
+                .iter()
+                .filter_map(|o| import(o))
+                .filter_map(|a| parent(&a))
+                .filter_map(|p| index_in_list(&p.obj)),
+        );
+        let (reacted, readers) = (touched.reacted, touched.readers);
         // A reaction names its message by id: one walk of the list finds them all (a change
         // may touch up to MAX_CHANGE_OPS messages; a walk per message would cost that many).
         if !reacted.is_empty() {

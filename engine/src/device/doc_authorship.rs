@@ -20,7 +20,7 @@
 //! the change and facts that never change once made (the genesis containers, a message's
 //! author), so every device decides alike, whatever order concurrent changes came in.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use automerge::{Change, ObjId, ObjType, Prop, ReadDoc, ScalarValue};
 use serde::{Deserialize, Serialize};
@@ -71,10 +71,37 @@ enum Target {
     Attachments(String),
 }
 
+/// What a change from outside touches, as its authorship check reads it: what its application
+/// reports ([`super::DocUpdate`]) comes from this rather than from Automerge's patches, whose
+/// paths cost a walk up the document for every operation.
+#[derive(Debug, Default)]
+pub(super) struct Touched {
+    /// The messages it makes (their objects, `"counter@actor"`), in the change's order.
+    pub new_messages: Vec<String>,
+    /// Messages already in the document that it edits or deletes (their objects).
+    pub messages: BTreeSet<String>,
+    /// Attachment lists of messages already in the document that it changes (their objects).
+    pub attachments: BTreeSet<String>,
+    /// Ids of the messages it reacts to, or takes a reaction back from.
+    pub reacted: BTreeSet<String>,
+    /// Accounts whose read mark it moves.
+    pub readers: BTreeSet<String>,
+}
+
+impl Touched {
+    pub(super) fn extend(&mut self, other: Touched) {
+        self.new_messages.extend(other.new_messages);
+        self.messages.extend(other.messages);
+        self.attachments.extend(other.attachments);
+        self.reacted.extend(other.reacted);
+        self.readers.extend(other.readers);
+    }
+}
+
 impl ChatDoc {
     /// Checks `change` (from outside, its dependencies applied, its actor `from`'s device's)
-    /// against the rules in the module docs.
-    pub(super) fn check_authorship(&self, change: &Change, from: &Author) -> Result<(), DocError> {
+    /// against the rules in the module docs; returns what it touches.
+    pub(super) fn check_authorship(&self, change: &Change, from: &Author) -> Result<Touched, DocError> {
         let expanded = guarded(|| change.decode()).ok_or(DocError::Panicked)?;
         let account = from.account.to_string();
         let read_key = format!("{account} {}", from.device.0);
@@ -82,13 +109,14 @@ impl ChatDoc {
         let start = change.start_op().get();
         // What each object the change names is: made earlier in the change, or resolved once.
         let mut targets: HashMap<String, Target> = HashMap::new();
+        let mut touched = Touched::default();
         for (i, op) in expanded.operations.iter().enumerate() {
             let obj = op.obj.to_string();
             let target = match targets.get(&obj) {
                 Some(t) => t.clone(),
                 None => {
                     let t = self.resolve(&obj)?;
-                    targets.insert(obj, t.clone());
+                    targets.insert(obj.clone(), t.clone());
                     t
                 }
             };
@@ -136,11 +164,30 @@ impl ChatDoc {
                 }
                 (target, ..) => return Err(DocError::Forbidden(refusal(target))),
             };
+            match (&target, key) {
+                (Target::Message(_), _) => {
+                    touched.messages.insert(obj);
+                }
+                (Target::Attachments(_), _) => {
+                    touched.attachments.insert(obj);
+                }
+                (Target::Read, Some(_)) => {
+                    touched.readers.insert(account.clone());
+                }
+                (Target::Reactions, Some(k)) => {
+                    touched.reacted.extend(k.split_once(' ').map(|(id, _)| id.to_string()));
+                }
+                _ => {}
+            }
             if let Some(t) = new {
-                targets.insert(format!("{}@{}", start + i as u64, change.actor_id()), t);
+                let made = format!("{}@{}", start + i as u64, change.actor_id());
+                if matches!(t, Target::NewMessage) {
+                    touched.new_messages.push(made.clone());
+                }
+                targets.insert(made, t);
             }
         }
-        Ok(())
+        Ok(touched)
     }
 
     /// What the object named `obj` (`"_root"` or `"counter@actor"`, not made in the change at

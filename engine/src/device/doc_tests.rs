@@ -624,3 +624,29 @@ fn a_change_from_outside_that_claims_to_be_this_devices_is_refused_unless_it_is_
     assert_eq!(a.messages().iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["mine"]);
     assert!(!a.is_poisoned());
 }
+
+#[test]
+fn what_a_change_touches_is_reported_also_for_held_back_changes_and_deletes() {
+    let chat = ChatId([6; 16]);
+    let (da, db) = (dev("a"), dev("b"));
+    let (mut a, mut b) = (ChatDoc::new(chat, &da), ChatDoc::new(chat, &db));
+    let alice = AccountId([1; 16]);
+    let mut first = new_message(alice, &da, "one", 1, [1; 16]);
+    first.attachments = vec!["photo".into(), "voice".into()];
+    let second = new_message(alice, &da, "two", 2, [2; 16]);
+    let (c1, c2) = (a.add_message(&first).unwrap(), a.add_message(&second).unwrap());
+    // The second comes first: held back, nothing to report; then both, in list order.
+    assert_eq!(b.take_update(&c2).unwrap(), DocUpdate::default());
+    let texts: Vec<String> = b.take_update(&c1).unwrap().added.into_iter().map(|m| m.text).collect();
+    assert_eq!(texts, ["one", "two"]);
+    // A delete (which also empties the attachment list) is one change of that message.
+    let delete = a.delete_message(&first.id, 3).unwrap();
+    let update = b.take_update(&delete).unwrap();
+    assert!(update.added.is_empty() && update.read.is_empty());
+    assert_eq!(update.changed.len(), 1);
+    assert!(update.changed[0].deleted && update.changed[0].attachments.is_empty());
+    assert_eq!(update.changed[0].id, first.id);
+    // A title is no message's business.
+    let title = a.set_title("plans", 4);
+    assert_eq!(b.take_update(&title).unwrap(), DocUpdate::default());
+}
