@@ -20,6 +20,8 @@ pub(crate) const LINK_OUT_QUEUE: usize = 512;
 /// reading (the relay then sees a slow reader and drops pushes, which the device fetches later)
 /// but goes on writing.
 pub(crate) const LINK_IN_QUEUE: usize = 64;
+/// Frames the link writes before one flush, at most.
+const MAX_FRAMES_PER_WRITE: usize = 64;
 
 /// A sync stream to the relay run by its own task, which reads and writes at once: a write
 /// the relay is slow to take never stops frames from being read, and a session busy applying
@@ -137,16 +139,41 @@ async fn pump(
             }
             frame = out_rx.recv(), if idle_sink.is_some() && !closing => {
                 let mut sink = idle_sink.take().expect("guarded");
-                match frame.map(|f| wire::encode(&f)) {
-                    Some(Ok(bytes)) => {
+                match frame {
+                    Some(first) => {
+                        // With the frames queued behind it, written together and flushed once:
+                        // one flush per frame costs a yamux frame, a Noise message and a
+                        // syscall each.
+                        let mut frames = vec![first];
+                        while frames.len() < MAX_FRAMES_PER_WRITE {
+                            match out_rx.try_recv() {
+                                Ok(f) => frames.push(f),
+                                Err(_) => break,
+                            }
+                        }
+                        let encoded: Vec<bytes::Bytes> = frames
+                            .iter()
+                            .filter_map(|f| match wire::encode(f) {
+                                Ok(b) => Some(bytes::Bytes::from(b)),
+                                Err(e) => {
+                                    tracing::error!(error = %e, "dropping a frame that does not encode");
+                                    None
+                                }
+                            })
+                            .collect();
                         writing = Some(Box::pin(async move {
-                            let r = sink.send(bytes::Bytes::from(bytes)).await;
+                            let mut r = Ok(());
+                            for b in encoded {
+                                r = sink.feed(b).await;
+                                if r.is_err() {
+                                    break;
+                                }
+                            }
+                            if r.is_ok() {
+                                r = SinkExt::<bytes::Bytes>::flush(&mut sink).await;
+                            }
                             (sink, r)
                         }));
-                    }
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "dropping a frame that does not encode");
-                        idle_sink = Some(sink);
                     }
                     None => {
                         // The session is done: flush, close our side, read until the relay's.
