@@ -301,13 +301,9 @@ fn log_shows(relay: &Relay, text: &str, secs: u64) -> bool {
 #[test]
 fn a_peer_that_stops_reading_is_disconnected_and_memory_stays_flat() {
     let dir = tempfile::tempdir().unwrap();
-    // The reading stream must get every push: a backlog of 4 MiB (256 of these pushes, the most
-    // allowed) keeps a reader slowed by a busy machine from being `Behind` (pushes dropped,
-    // which a device fetches and this reader does not); the default 1 MiB flaked in CI.
-    let relay = Relay::start_with(
-        &dir.path().join("relay"),
-        &["--stalled-reader-secs", "2", "--max-push-backlog-bytes", "4194304"],
-    );
+    // The reading stream ends with every delta, in order: pushes, and after a `Behind` (the
+    // machine can slow it past its backlog) pages of what it missed, as a device fetches them.
+    let relay = Relay::start_with(&dir.path().join("relay"), &["--stalled-reader-secs", "2"]);
     let (home_a, home_s) = (dir.path().join("a"), dir.path().join("s"));
     let a = account(&relay, &home_a, "a");
     link_device(&relay, &home_a, &home_s, "slow");
@@ -321,14 +317,36 @@ fn a_peer_that_stops_reading_is_disconnected_and_memory_stays_flat() {
         assert!(matches!(slow.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: Some(_), .. }));
         // Another stream of a's device reads every push.
         let mut reader = raw(&relay, &a).await;
+        let chat = a.chat;
         let reading = tokio::spawn(async move {
-            let mut seqs = Vec::new();
-            while (seqs.len() as u64) < n {
-                if let RelayFrame::Push { delta } = reader.next().await.expect("pushes keep coming") {
-                    seqs.push(delta.client_seq.0);
+            // Relay seq → client seq, whichever way each delta came (a page from the start
+            // also brings the chat's creation, before the appends at client seqs 1000 on); the
+            // highest head a `Behind` named, up to which the stream fetches.
+            let mut got = std::collections::BTreeMap::new();
+            let (mut target, mut fetching) = (Seq(0), false);
+            while (got.values().filter(|c| **c >= 1000).count() as u64) < n {
+                match reader.next().await.expect("frames keep coming") {
+                    RelayFrame::Push { delta } => {
+                        got.insert(delta.seq, delta.client_seq.0);
+                    }
+                    RelayFrame::Behind { chats, .. } => {
+                        target = chats.iter().filter(|(c, _)| *c == chat).map(|(_, h)| *h).fold(target, Seq::max);
+                    }
+                    RelayFrame::ChatPage { deltas, .. } => {
+                        fetching = false;
+                        got.extend(deltas.iter().map(|d| (d.seq, d.client_seq.0)));
+                    }
+                    RelayFrame::Error { .. } | RelayFrame::RateLimited { .. } => fetching = false,
+                    _ => {}
+                }
+                let had = (1..).map(Seq).take_while(|s| got.contains_key(s)).last().unwrap_or(Seq(0));
+                if !fetching && had < target {
+                    let fetch = ClientFrame::FetchChat { req: had.0 + 1, chat, after: had, max: 256 };
+                    reader.stream.send(&fetch).await.unwrap();
+                    fetching = true;
                 }
             }
-            seqs
+            got.into_values().filter(|c| *c >= 1000).collect::<Vec<u64>>()
         });
         let baseline = rss_kib(pid);
         // a writes ~19 MiB, 16 appends in flight.
@@ -346,7 +364,7 @@ fn a_peer_that_stops_reading_is_disconnected_and_memory_stays_flat() {
             }
         }
         let seqs = reading.await.unwrap();
-        assert_eq!(seqs, (1000..1000 + n).collect::<Vec<_>>(), "the reading stream got every push in order");
+        assert_eq!(seqs, (1000..1000 + n).collect::<Vec<_>>(), "the reading stream got every delta, in order");
         let grown_kib = rss_kib(pid).saturating_sub(baseline);
         eprintln!("relay RSS: {baseline} KiB before, grew by {grown_kib} KiB");
         assert!(grown_kib < 64 * 1024, "the relay grew by {grown_kib} KiB");
