@@ -45,7 +45,7 @@ use stratus_relay::core::{
     DeviceState, Effect, Input as CoreInput, Recovered, RecoveryRecord, Registration, RelayCore, StoreOp, DEDUP_WINDOW,
     FRAME_OVERHEAD_BYTES,
 };
-use stratus_relay::limits::{Limits, MAX_QUEUED_BYTES};
+use stratus_relay::limits::{Limits, MAX_QUEUED_BYTES, MIN_APPEND_BYTES_BURST};
 
 /// Most operations per run.
 const MAX_OPS: usize = 96;
@@ -256,6 +256,9 @@ fn limits() -> Limits {
         min_session_age_ms: 0,
         max_push_backlog_bytes: 2048,
         stalled_reader_ms: 5_000,
+        // The smallest burst the relay takes, then 8 KiB/s: a few large deltas reach it.
+        append_bytes_per_second: 8_192,
+        append_bytes_burst: MIN_APPEND_BYTES_BURST,
         ..Limits::default()
     }
 }

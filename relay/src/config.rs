@@ -21,7 +21,7 @@ use figment::{Figment, Metadata, Profile, Provider};
 use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{Limits, MAX_FRAME_BYTES, MAX_QUEUED_BYTES, MIN_FRAME_BYTES};
+use crate::limits::{Limits, MAX_FRAME_BYTES, MAX_QUEUED_BYTES, MIN_APPEND_BYTES_BURST, MIN_FRAME_BYTES};
 use crate::server::Config;
 
 /// The prefix of the environment variables that set the relay's settings.
@@ -105,6 +105,8 @@ pub struct Settings {
     pub member_change_burst: u32,
     pub unregistered_requests_per_second: u32,
     pub unregistered_request_burst: u32,
+    pub append_bytes_per_second: u64,
+    pub append_bytes_burst: u64,
 }
 
 impl Default for Settings {
@@ -142,6 +144,8 @@ impl Default for Settings {
             member_change_burst: l.member_change_burst,
             unregistered_requests_per_second: l.unregistered_requests_per_second,
             unregistered_request_burst: l.unregistered_request_burst,
+            append_bytes_per_second: l.append_bytes_per_second,
+            append_bytes_burst: l.append_bytes_burst,
         }
     }
 }
@@ -278,6 +282,8 @@ impl Settings {
             ("stalled_reader_secs", self.stalled_reader_secs),
             ("max_account_bytes", self.max_account_bytes),
             ("member_change_interval_secs", self.member_change_interval_secs),
+            ("append_bytes_per_second", self.append_bytes_per_second),
+            ("append_bytes_burst", self.append_bytes_burst),
         ] {
             if i64::try_from(v).is_err() {
                 return Err(invalid(setting, v.to_string(), format!("must be at most {}", i64::MAX)));
@@ -302,6 +308,15 @@ impl Settings {
                 "max_push_backlog_bytes",
                 self.max_push_backlog_bytes.to_string(),
                 format!("must be between 1 and {}", MAX_QUEUED_BYTES / 2),
+            ));
+        }
+        if self.append_bytes_per_second != 0 && self.append_bytes_burst < MIN_APPEND_BYTES_BURST {
+            return Err(invalid(
+                "append_bytes_burst",
+                self.append_bytes_burst.to_string(),
+                format!(
+                    "must be at least {MIN_APPEND_BYTES_BURST} (the largest delta) while append_bytes_per_second is on"
+                ),
             ));
         }
         if let Some(addr) = self.admin_http {
@@ -352,6 +367,8 @@ impl Settings {
             member_change_burst: self.member_change_burst,
             unregistered_requests_per_second: self.unregistered_requests_per_second,
             unregistered_request_burst: self.unregistered_request_burst,
+            append_bytes_per_second: self.append_bytes_per_second,
+            append_bytes_burst: self.append_bytes_burst,
         }
     }
 
@@ -504,6 +521,15 @@ mod tests {
 
         let e = Settings::load(None, [], &flags(&[("max_chat_epochs", 0.into())])).unwrap_err().to_string();
         assert!(e.contains("max_chat_epochs = 0") && e.contains("--max-chat-epochs"), "{e}");
+
+        let small = [("STRATUS_RELAY_APPEND_BYTES_BURST".to_string(), "1000".to_string())];
+        let e = Settings::load(None, small, &toml::Table::new()).unwrap_err().to_string();
+        assert!(e.contains("append_bytes_burst = 1000") && e.contains("largest delta"), "{e}");
+        let off = [
+            ("STRATUS_RELAY_APPEND_BYTES_BURST".to_string(), "1000".to_string()),
+            ("STRATUS_RELAY_APPEND_BYTES_PER_SECOND".to_string(), "0".to_string()),
+        ];
+        assert!(Settings::load(None, off, &toml::Table::new()).is_ok(), "no burst is needed with the rate off");
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("relay.toml");

@@ -145,6 +145,8 @@ struct Account {
     log_durable: Seq,
     /// Bytes stored for it (see `core/quota.rs`).
     stored_bytes: u64,
+    /// Its devices' appends, in bytes (see [`Limits::append_bytes_per_second`]).
+    append_bytes: TokenBucket,
     /// The accounts it accepts chats from (see `core/consent.rs`).
     accepts: BTreeSet<AccountId>,
     /// Invitations waiting for it: who asked, and when (ms).
@@ -208,6 +210,7 @@ impl Account {
             log_head: Seq(0),
             log_durable: Seq(0),
             stored_bytes: 0,
+            append_bytes: TokenBucket::default(),
             accepts: BTreeSet::new(),
             invitations: BTreeMap::new(),
             admin: AccountAdmin::default(),
@@ -646,7 +649,7 @@ impl RelayCore {
                 self.members_frame(conn, a, frame, now_ms, out).map_err(|e| (req, e))
             }
             (ClientFrame::Append { req, chat, epoch, client_seq, sealed }, Some(a)) => {
-                self.append(conn, req, a, &device, chat, epoch, client_seq, sealed, out).map_err(|e| (req, e))
+                self.append(conn, req, a, &device, chat, epoch, client_seq, sealed, now_ms, out).map_err(|e| (req, e))
             }
             (ClientFrame::SyncState { req }, Some(a)) => {
                 // A device that syncs has its bundle: its stored approval can go.

@@ -523,6 +523,9 @@ fn cores_under_limits(seed: u64) {
             requests_per_second: rng.gen_range(1..200),
             request_burst: rng.gen_range(1..20),
             max_appends_in_flight_per_device: rng.gen_range(1..20),
+            // Each delta below counts 16 + 192 bytes.
+            append_bytes_per_second: rng.gen_range(0..20_000),
+            append_bytes_burst: rng.gen_range(208..4_000),
             ..Limits::default()
         };
         let mut w = world_with(limits.clone());

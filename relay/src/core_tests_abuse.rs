@@ -294,3 +294,72 @@ fn a_full_disk_refuses_writes_reveals_nothing_unwritten_and_serves_reads() {
     // Closing a stream writes nothing either (its last activity waits).
     assert!(!writes_anything(&w.input(Input::Closed { conn: b.conn })));
 }
+
+fn acked_on(effects: &[Effect], conn: ConnId) -> Option<Seq> {
+    sends(effects).into_iter().find_map(|(c, f)| match f {
+        RelayFrame::Acked { seq, .. } if c == conn => Some(*seq),
+        _ => None,
+    })
+}
+
+/// The storage flood (`relay_abuse`): an account's devices together append at most
+/// `append_bytes_per_second` after a burst; an append over it gets `RateLimited` with the time
+/// until it fits, writes nothing, and holds the device's later appends back until it comes
+/// again. Retries of stored appends cost nothing, and other accounts are served.
+#[test]
+fn an_accounts_appends_are_held_to_its_byte_rate() {
+    // 10,000 bytes/s after 20,000 at once; each delta counts 4,000 + 192 bytes.
+    let limits = Limits { append_bytes_per_second: 10_000, append_bytes_burst: 20_000, ..Limits::default() };
+    let mut w = world_with(limits);
+    let (a, b) = (w.connect(1, "a"), w.connect(2, "b"));
+    let ((ka, chat_a), (_, chat_b)) = (w.account(&a), w.account(&b));
+    let a2 = w.second_device(&ka, 3, "a2");
+    let big = |req, chat, cs| ClientFrame::Append {
+        req,
+        chat,
+        epoch: Epoch(0),
+        client_seq: ClientSeq(cs),
+        sealed: vec![7; 4000],
+    };
+    w.now_ms = 10_000;
+    for cs in 1..=4 {
+        let e = w.frame(a.conn, big(cs, chat_a, cs));
+        assert!(writes_anything(&e), "within the burst: {e:?}");
+        w.durable(&e);
+    }
+    // 16,768 taken, 3,232 left: the fifth needs 960 more, 96 ms at 10,000/s.
+    let e = w.frame(a.conn, big(5, chat_a, 5));
+    assert!(!writes_anything(&e), "{e:?}");
+    assert_eq!(rate_limited(&e), vec![96]);
+    // Its later appends wait for it; the account's other device has the same budget.
+    let e = w.frame(a.conn, big(6, chat_a, 6));
+    assert!(!writes_anything(&e) && rate_limited(&e).len() == 1, "{e:?}");
+    let e = w.frame(a2.conn, big(7, chat_a, 1));
+    assert!(!writes_anything(&e) && rate_limited(&e) == vec![96], "{e:?}");
+    // A retry of a stored append is answered as before, and costs nothing.
+    let e = w.frame(a.conn, big(8, chat_a, 2));
+    assert!(matches!(sends(&e)[..], [(1, RelayFrame::Acked { seq: Seq(2), .. })]), "{e:?}");
+    // Another account is served meanwhile.
+    let e = w.frame(b.conn, big(9, chat_b, 1));
+    assert!(matches!(sends(&w.durable(&e))[..], [(2, RelayFrame::Acked { .. })]), "{e:?}");
+    // Once the wait is over the held append is stored, then the next one waits again.
+    w.now_ms += 96;
+    let e = w.frame(a.conn, big(10, chat_a, 5));
+    assert_eq!(acked_on(&w.durable(&e), 1), Some(Seq(5)));
+    let e = w.frame(a.conn, big(11, chat_a, 6));
+    assert_eq!(rate_limited(&e), vec![420], "4,192 bytes at 10,000/s: {e:?}");
+    w.now_ms += 420;
+    let e = w.frame(a.conn, big(12, chat_a, 6));
+    assert_eq!(acked_on(&w.durable(&e), 1), Some(Seq(6)));
+    let stored = w.core.accounts[&ka.public().id].stored_bytes;
+    // Off: nothing is paced.
+    let mut w = world_with(Limits { append_bytes_per_second: 0, ..Limits::default() });
+    let a = w.connect(1, "a");
+    let (_, chat) = w.account(&a);
+    for cs in 1..=64 {
+        let e = w.frame(a.conn, big(cs, chat, cs));
+        assert!(writes_anything(&e), "{e:?}");
+        w.durable(&e);
+    }
+    assert!(stored > 0);
+}

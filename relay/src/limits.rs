@@ -13,8 +13,8 @@
 //!   cut off): the core too (`core/backlog.rs`), from the driver's reports of what it wrote and
 //!   its once-a-second tick;
 //! * what a peer without a session may ask (`core/peers.rs`), what an account may store
-//!   (`core/quota.rs`) and how fast a chat's members and key epochs may change
-//!   (`core/members.rs`): the core.
+//!   (`core/quota.rs`) and how fast it appends (`core/chats.rs`), and how fast a chat's
+//!   members and key epochs may change (`core/members.rs`): the core.
 
 /// The relay's limits. `Default` gives the documented values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +124,23 @@ pub struct Limits {
     pub unregistered_requests_per_second: u32,
     /// Requests such a peer may send at once above the sustained rate. Default 20.
     pub unregistered_request_burst: u32,
+    /// Bytes per second one account's devices may append, all together, sustained (each
+    /// delta counted like [`Limits::max_account_bytes`] counts it: its sealed bytes plus
+    /// [`crate::core::DELTA_OVERHEAD_BYTES`]); after a burst of [`Limits::append_bytes_burst`],
+    /// an append over it gets `RateLimited` with the time until it fits, and the device's later
+    /// appends wait for it. The byte quota bounds how much one account stores; this bounds how
+    /// hard it writes meanwhile, so that one account appending large deltas as fast as its
+    /// requests go (about 60 MiB/s) cannot take the disk from everyone else (`relay_abuse`,
+    /// docs/benchmarks.md). 0 turns it off. Default 4 MiB/s (about 34 Mbit/s): more than a
+    /// phone's uplink (the median mobile upload is around 10 Mbit/s) and than most homes',
+    /// so a person sending photos or video cut into deltas is paced by their own link, not by
+    /// this; a text message is a few hundred bytes.
+    pub append_bytes_per_second: u64,
+    /// Bytes one account may append at once above the sustained rate (the bucket's size). At
+    /// least [`MIN_APPEND_BYTES_BURST`] (the largest delta) while the rate is on. Default 64
+    /// MiB: an outbox of about twenty full-size photos written offline goes out at the link's
+    /// speed when the device reconnects.
+    pub append_bytes_burst: u64,
 }
 
 /// Most bytes that may wait to be written to one device stream (counted like
@@ -143,6 +160,10 @@ pub const MIN_FRAME_BYTES: usize = stratus_engine::proto::wire::MAX_DELTA_BYTES 
 /// How long a device refused for too much in flight is told to wait. Its earlier requests are
 /// answered within a barrier or two (a few ms); this leaves room for those answers.
 pub const IN_FLIGHT_RETRY_MS: u32 = 100;
+
+/// Smallest allowed [`Limits::append_bytes_burst`]: the largest delta with its overhead fits.
+pub const MIN_APPEND_BYTES_BURST: u64 =
+    stratus_engine::proto::wire::MAX_DELTA_BYTES as u64 + crate::core::DELTA_OVERHEAD_BYTES;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -169,6 +190,8 @@ impl Default for Limits {
             member_change_burst: 32,
             unregistered_requests_per_second: 10,
             unregistered_request_burst: 20,
+            append_bytes_per_second: 4 * 1024 * 1024,
+            append_bytes_burst: 64 * 1024 * 1024,
         }
     }
 }
@@ -186,6 +209,9 @@ pub enum LimitsError {
     /// The push backlog is 0 or more than half of [`MAX_QUEUED_BYTES`].
     #[error("max_push_backlog_bytes must be between 1 and {max}, not {0}", max = MAX_QUEUED_BYTES / 2)]
     PushBacklog(u64),
+    /// The append byte burst cannot hold the largest delta.
+    #[error("append_bytes_burst must be at least {MIN_APPEND_BYTES_BURST} (the largest delta), not {0}")]
+    AppendBurst(u64),
 }
 
 impl Limits {
@@ -216,6 +242,9 @@ impl Limits {
         if self.stalled_reader_ms == 0 {
             return Err(LimitsError::Zero("stalled_reader_ms"));
         }
+        if self.append_bytes_per_second != 0 && self.append_bytes_burst < MIN_APPEND_BYTES_BURST {
+            return Err(LimitsError::AppendBurst(self.append_bytes_burst));
+        }
         Ok(())
     }
 }
@@ -234,21 +263,30 @@ impl TokenBucket {
     /// Takes one token at `now_ms`, or returns how many ms until one is there. The bucket
     /// starts full. A clock that goes backwards adds nothing. `rate_per_s == 0` means no limit.
     pub fn take(&mut self, now_ms: u64, rate_per_s: u32, burst: u32) -> Result<(), u32> {
+        self.take_n(now_ms, u64::from(rate_per_s), u64::from(burst), 1)
+    }
+
+    /// Takes `n` tokens at once (bytes, say), or returns how many ms until `n` are there and
+    /// takes none. As [`TokenBucket::take`] otherwise; `n` above `burst` is never there (the
+    /// caller keeps `burst` at least the largest `n`).
+    pub fn take_n(&mut self, now_ms: u64, rate_per_s: u64, burst: u64, n: u64) -> Result<(), u32> {
         if rate_per_s == 0 {
             return Ok(());
         }
-        let cap = u64::from(burst.max(1)) * 1000;
-        let rate = u64::from(rate_per_s);
+        let cap = burst.max(1).saturating_mul(1000);
+        let cost = n.saturating_mul(1000);
         self.milli_tokens = match self.last_ms {
             None => cap,
-            Some(last) => self.milli_tokens.saturating_add(now_ms.saturating_sub(last).saturating_mul(rate)).min(cap),
+            Some(last) => {
+                self.milli_tokens.saturating_add(now_ms.saturating_sub(last).saturating_mul(rate_per_s)).min(cap)
+            }
         };
         self.last_ms = Some(self.last_ms.map_or(now_ms, |l| l.max(now_ms)));
-        if self.milli_tokens >= 1000 {
-            self.milli_tokens -= 1000;
+        if self.milli_tokens >= cost {
+            self.milli_tokens -= cost;
             Ok(())
         } else {
-            let wait = (1000 - self.milli_tokens).div_ceil(rate);
+            let wait = (cost - self.milli_tokens).div_ceil(rate_per_s);
             Err(u32::try_from(wait).unwrap_or(u32::MAX).max(1))
         }
     }
@@ -323,6 +361,22 @@ mod tests {
     }
 
     #[test]
+    fn the_bucket_takes_many_tokens_at_once_or_none() {
+        // 1,000 bytes/s, 5,000 at once.
+        let mut b = TokenBucket::default();
+        assert_eq!(b.take_n(0, 1000, 5000, 4000), Ok(()));
+        // 1,000 left: 3,000 more are 2 s away, and a refusal takes nothing.
+        assert_eq!(b.take_n(0, 1000, 5000, 3000), Err(2000));
+        assert_eq!(b.take_n(0, 1000, 5000, 1000), Ok(()));
+        assert_eq!(b.take_n(1500, 1000, 5000, 1500), Ok(()));
+        assert_eq!(b.take_n(1500, 1000, 5000, 1), Err(1));
+        // Huge values saturate rather than overflow.
+        let mut b = TokenBucket::default();
+        assert_eq!(b.take_n(u64::MAX, u64::MAX, u64::MAX, u64::MAX / 1000), Ok(()));
+        assert_eq!(TokenBucket::default().take_n(0, 0, 0, u64::MAX), Ok(()), "off");
+    }
+
+    #[test]
     fn the_interval_bucket_allows_a_burst_then_one_per_interval() {
         let mut b = IntervalBucket::default();
         for _ in 0..3 {
@@ -351,5 +405,9 @@ mod tests {
         assert_eq!(l.validate(), Err(LimitsError::PushBacklog(MAX_QUEUED_BYTES)));
         let l = Limits { stalled_reader_ms: 0, ..Limits::default() };
         assert_eq!(l.validate(), Err(LimitsError::Zero("stalled_reader_ms")));
+        let l = Limits { append_bytes_burst: MIN_APPEND_BYTES_BURST - 1, ..Limits::default() };
+        assert_eq!(l.validate(), Err(LimitsError::AppendBurst(MIN_APPEND_BYTES_BURST - 1)));
+        let l = Limits { append_bytes_per_second: 0, append_bytes_burst: 0, ..Limits::default() };
+        assert_eq!(l.validate(), Ok(()), "a burst is not needed while the rate is off");
     }
 }

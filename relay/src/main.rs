@@ -117,6 +117,14 @@ struct Args {
     /// Requests such a peer may send at once above the sustained rate.
     #[arg(long, default_value_t = Settings::default().unregistered_request_burst)]
     unregistered_request_burst: u32,
+    /// Bytes per second one account's devices may append, sustained (0 turns it off); over
+    /// it an append gets `RateLimited` with the wait.
+    #[arg(long, default_value_t = Settings::default().append_bytes_per_second)]
+    append_bytes_per_second: u64,
+    /// Bytes one account may append at once above the sustained rate (at least the largest
+    /// delta, 65,728).
+    #[arg(long, default_value_t = Settings::default().append_bytes_burst)]
+    append_bytes_burst: u64,
     /// An address devices can reach the relay at (repeatable), when it is not the one it
     /// listens on (behind NAT or a port forward). Devices reachable through the relay are given
     /// these.

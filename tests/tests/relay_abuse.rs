@@ -137,7 +137,8 @@ fn a_typing_flood_is_coalesced_and_cuts_nobody_off() {
 #[test]
 fn a_storage_flood_does_not_grow_the_relays_memory_with_the_bytes_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(&dir.path().join("relay"));
+    // The append byte rate off: this is about what the bytes stored cost, not how fast.
+    let relay = Relay::start_with(&dir.path().join("relay"), &["--append-bytes-per-second", "0"]);
     let a = account(&relay, &dir.path().join("a"), "a");
     let pid = relay.pid().expect("running");
     let before = rss_kib(pid);
@@ -163,4 +164,32 @@ fn a_storage_flood_does_not_grow_the_relays_memory_with_the_bytes_stored() {
     let grown_mib = rss_kib(pid).saturating_sub(before) / 1024;
     eprintln!("the relay's RSS grew by {grown_mib} MiB for {} MiB stored", stored / 16);
     assert!(grown_mib < 448, "the relay's RSS grew by {grown_mib} MiB for {} MiB stored", stored / 16);
+}
+
+/// The storage flood, bounded in rate: past the account's append byte burst, a 64 KiB append
+/// gets `RateLimited` with the time until it fits, and the same append sent again after that
+/// wait is stored.
+#[test]
+fn an_accounts_appends_past_its_byte_rate_are_told_to_wait_then_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--append-bytes-per-second", "100000", "--append-bytes-burst", "200000"];
+    let relay = Relay::start_with(&dir.path().join("relay"), &flags);
+    let a = account(&relay, &dir.path().join("a"), "a");
+    rt().block_on(async {
+        let mut r = raw(&relay, &a).await;
+        // Each counts 65,536 + 192 bytes: three fit in the burst.
+        for i in 0..3 {
+            let reply = r.request(append(i, a.chat, 1000 + i, MAX_DELTA_BYTES)).await;
+            assert!(matches!(reply, RelayFrame::Acked { .. }), "within the burst: {reply:?}");
+        }
+        let wait = match r.request(append(3, a.chat, 1003, MAX_DELTA_BYTES)).await {
+            RelayFrame::RateLimited { retry_after_ms, .. } => retry_after_ms,
+            other => panic!("expected RateLimited, got {other:?}"),
+        };
+        // 62,912 bytes were missing at 100,000/s (less if time passed in between).
+        assert!((1..=630).contains(&wait), "{wait} ms");
+        tokio::time::sleep(Duration::from_millis(u64::from(wait))).await;
+        let reply = r.request(append(4, a.chat, 1003, MAX_DELTA_BYTES)).await;
+        assert!(matches!(reply, RelayFrame::Acked { .. }), "stored after the wait: {reply:?}");
+    });
 }

@@ -151,9 +151,11 @@ impl RelayCore {
         epoch: Epoch,
         client_seq: ClientSeq,
         sealed: Vec<u8>,
+        now_ms: u64,
         out: &mut Vec<Effect>,
     ) -> Result<(), (ErrorCode, String)> {
-        let quota = self.check_quota(account, sealed.len() as u64 + DELTA_OVERHEAD_BYTES);
+        let bytes = sealed.len() as u64 + DELTA_OVERHEAD_BYTES;
+        let quota = self.check_quota(account, bytes);
         let chat = self.chats.get_mut(&chat_id).ok_or((ErrorCode::UnknownChat, format!("no chat {chat_id}")))?;
         if !chat.record.members.contains(&account) {
             return Err((ErrorCode::NotMember, format!("this account is not a member of chat {chat_id}")));
@@ -185,6 +187,15 @@ impl RelayCore {
             // Refused for good (not held): the device drops it and goes on with its next ones,
             // which meet the same refusal while the account is over its quota.
             quota?;
+            // The account's byte rate (repeats of stored ones cost nothing): refused like a
+            // request over the device's rate, held until it comes again.
+            let (rate, burst) = (self.limits.append_bytes_per_second, self.limits.append_bytes_burst);
+            let acct = self.accounts.get_mut(&account).expect("an attached connection's account is known");
+            if let Err(retry_after_ms) = acct.append_bytes.take_n(now_ms, rate, burst, bytes) {
+                hold(dev, client_seq);
+                out.push(Effect::Send { conn, frame: RelayFrame::RateLimited { req, retry_after_ms } });
+                return Ok(());
+            }
         }
         dev.appends_in_flight += 1;
         if client_seq <= dev.highest_client_seq {

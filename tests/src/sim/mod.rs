@@ -73,7 +73,7 @@ use stratus_engine::session_core::{SessionCore, SessionInput, Work};
 use stratus_engine::MemDisk;
 use stratus_engine::{Action, ChatId, ClientSeq, Device, DeviceId, Event, MessageOp, Seq};
 use stratus_relay::core::{frame_cost, ConnId, Effect, Input, RelayCore, StoreOp};
-use stratus_relay::limits::Limits;
+use stratus_relay::limits::{Limits, MIN_APPEND_BYTES_BURST};
 use stratus_relay::store::{RelayStore, SledStore};
 
 pub use store::MemStore;
@@ -200,6 +200,8 @@ impl Config {
                     max_fetches_in_flight_per_device: rng.gen_range(1..=4),
                     max_push_backlog_bytes: rng.gen_range(1..=16) * 256,
                     stalled_reader_ms: rng.gen_range(2_000..=10_000),
+                    append_bytes_per_second: rng.gen_range(2_000..=50_000),
+                    append_bytes_burst: rng.gen_range(MIN_APPEND_BYTES_BURST..=2 * MIN_APPEND_BYTES_BURST),
                     ..Limits::default()
                 }
             },

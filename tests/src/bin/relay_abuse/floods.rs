@@ -157,35 +157,55 @@ pub(super) async fn churn(addr: &str, seed: u64, chats: usize, flood: Duration) 
 // (b) Storage
 
 /// One account appends 64 KiB deltas with 32 in flight until its quota refuses them, and 2 s
-/// more, or until `cap`.
+/// more, or until `cap`. An append refused `RateLimited` is sent again after the wait, in
+/// client-seq order before any new one (as a device does: the relay holds later ones back until
+/// it comes again).
 pub(super) async fn storage(addr: &str, seed: u64, cap: Duration) -> Flood {
     let mut w = Writer::create(addr.into(), seed, "storage".into()).await;
     let (start, until) = (Instant::now(), Instant::now() + cap);
     let (mut inflight, mut stored, mut limited) = (0usize, 0u64, 0u64);
     let mut answers = Answers::default();
     let mut refused_at: Option<Instant> = None;
+    // Sent and not answered, by request; refused for the rate and waiting to go again.
+    let mut sent: BTreeMap<ReqId, (ClientSeq, ClientFrame)> = BTreeMap::new();
+    let mut again: BTreeMap<ClientSeq, ClientFrame> = BTreeMap::new();
+    let mut resume_at: Option<Instant> = None;
     loop {
         let now = Instant::now();
         let stop = now >= until || refused_at.is_some_and(|t| now - t > Duration::from_secs(2));
         if stop && inflight == 0 {
             break;
         }
-        while !stop && inflight < 32 {
-            let (_, _, frame) = w.append_sized(MAX_DELTA_BYTES);
+        if let Some(t) = resume_at.take() {
+            if inflight == 0 {
+                tokio::time::sleep_until(t.into()).await;
+            } else {
+                resume_at = Some(t);
+            }
+        }
+        while !stop && resume_at.is_none() && inflight < 32 {
+            let (req, cs, frame) = match again.pop_first() {
+                Some((cs, frame)) => (frame.req(), cs, frame),
+                None => w.append_sized(MAX_DELTA_BYTES),
+            };
             w.raw.stream.send(&frame).await.expect("send an append");
+            sent.insert(req, (cs, frame));
             inflight += 1;
         }
         let f = recv(&mut w.raw, "an answer to an append").await;
-        if f.req().is_none() {
-            continue;
-        }
+        let Some(req) = f.req() else { continue };
         inflight -= 1;
+        let mine = sent.remove(&req);
         answers.count(&f);
         match f {
             RelayFrame::Acked { .. } => stored += 1,
             RelayFrame::RateLimited { retry_after_ms, .. } => {
                 limited += 1;
-                tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms).min(100))).await;
+                if let Some((cs, frame)) = mine {
+                    again.insert(cs, frame);
+                }
+                let t = Instant::now() + Duration::from_millis(u64::from(retry_after_ms));
+                resume_at = Some(resume_at.map_or(t, |r| r.max(t)));
             }
             RelayFrame::Error { code: ErrorCode::QuotaExceeded, .. } => {
                 refused_at.get_or_insert(now);

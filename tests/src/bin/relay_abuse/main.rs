@@ -9,7 +9,8 @@
 //! - (a) key-epoch churn: two accounts loop, over several groups of the two, leave → new epoch
 //!   → add → new epoch;
 //! - (b) storage: one account appends 64 KiB deltas at full rate until its quota refuses them
-//!   (run last, so that the others start from a small store);
+//!   or the flood's time is up (run last, so that the others start from a small store); the
+//!   relay's per-account byte rate paces it (`--append-bytes-per-second 0` shows it without);
 //! - (c) strangers: accounts create groups naming victim accounts (the well-behaved ones and
 //!   more) that accepted none of them, and invite them;
 //! - (d) typing: an account in a group with every well-behaved account floods `Typing`;
@@ -41,7 +42,7 @@ use stratus_engine::proto::cert::{AccountKeys, AccountPublic};
 use stratus_engine::proto::crypto::{wrap_chat_key, ChatKey};
 use stratus_engine::proto::directory::{KeyTerms, MemberChangeBody, Membership};
 use stratus_engine::proto::wire::{
-    ChatKind, ClientFrame, ErrorCode, NewEpoch, RelayFrame, WrappedKey, MAX_DELTA_BYTES, PROTOCOL_VERSION,
+    ChatKind, ClientFrame, ErrorCode, NewEpoch, RelayFrame, ReqId, WrappedKey, MAX_DELTA_BYTES, PROTOCOL_VERSION,
 };
 use stratus_engine::{AccountId, ChatId, ClientSeq, Epoch};
 use stratus_tests::bench_relay::*;
@@ -92,6 +93,10 @@ struct Config {
     /// Keeps the data directories.
     #[arg(long)]
     keep: bool,
+    /// The relay's `--append-bytes-per-second` (its default when not given; 0 turns the
+    /// per-account byte rate off, as it was before it existed).
+    #[arg(long)]
+    append_bytes_per_second: Option<u64>,
 }
 
 /// What one case cost, in one run.
@@ -147,8 +152,14 @@ fn main() {
     let dir = cfg.dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&dir).expect("--dir exists or can be made");
     println!(
-        "{} well-behaved devices × {} appends/s; {} s quiet baseline, {} s per flood; quota {} MiB per account",
-        cfg.good, cfg.rate, cfg.quiet_secs, cfg.flood_secs, cfg.quota_mib
+        "{} well-behaved devices × {} appends/s; {} s quiet baseline, {} s per flood; quota {} MiB per account; \
+         append byte rate {}",
+        cfg.good,
+        cfg.rate,
+        cfg.quiet_secs,
+        cfg.flood_secs,
+        cfg.quota_mib,
+        cfg.append_bytes_per_second.map_or("the relay's default".into(), |r| format!("{r} bytes/s"))
     );
     let mut seeds = StdRng::seed_from_u64(seed);
     let mut runs = Vec::new();
@@ -175,7 +186,12 @@ fn main() {
 fn run(cfg: &Config, relay_exe: &Path, work: &Path, seed: u64) -> RunResult {
     let data = work.join("relay");
     let quota = (cfg.quota_mib * 1024 * 1024).to_string();
-    let mut relay = RelayProc::start(relay_exe, &data, &work.join("relay.log"), &["--max-account-bytes", &quota]);
+    let rate = cfg.append_bytes_per_second.map(|r| r.to_string());
+    let mut args = vec!["--max-account-bytes", &quota];
+    if let Some(r) = &rate {
+        args.extend(["--append-bytes-per-second", r]);
+    }
+    let mut relay = RelayProc::start(relay_exe, &data, &work.join("relay.log"), &args);
     let pid = relay.pid;
     let sampler = RssSampler::start(pid);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
