@@ -47,9 +47,10 @@
 //! finishes them. Nothing is written into such a range again: the core never reuses a deleted
 //! chat's or account's id, nor lets a deleted account's devices back.
 //!
-//! Backups ([`SledStore::backup`]) are taken by the running relay between two batches of
-//! writes, after a barrier, so they hold exactly what was durable then; [`restore`] puts one
-//! in place of a stopped relay's store as a new incarnation.
+//! Backups ([`BackupCopy`]) are copied beside the running relay, which goes on applying
+//! batches and hands each to the copy as well; the copy is sealed at a batch boundary, after a
+//! barrier, so it holds exactly what was durable then; [`restore`] puts one in place of a
+//! stopped relay's store as a new incarnation.
 
 use std::path::Path;
 
@@ -147,10 +148,9 @@ pub trait RelayStore: Send + Sync + 'static {
     fn deletions_redone(&self) -> Result<(), StoreError> {
         Ok(())
     }
-    /// Copies everything applied so far, made durable first, into the empty directory `to`
-    /// (see [`SledStore::backup`]). Called by the core task between two batches of writes, so
-    /// that nothing is applied meanwhile.
-    fn backup(&self, to: &Path) -> Result<Incarnation, StoreError> {
+    /// Begins a backup into the empty directory `to` (see [`BackupCopy`]): the relay's core
+    /// task calls it between two batches, then hands the copy to a thread of its own.
+    fn backup_begin(&self, to: &Path) -> Result<Box<dyn BackupCopy>, StoreError> {
         let _ = to;
         Err(StoreError::Backup("this store cannot be backed up".into()))
     }
@@ -760,8 +760,8 @@ impl RelayStore for SledStore {
         Ok(r)
     }
 
-    fn backup(&self, to: &Path) -> Result<Incarnation, StoreError> {
-        SledStore::backup(self, to)
+    fn backup_begin(&self, to: &Path) -> Result<Box<dyn BackupCopy>, StoreError> {
+        Ok(Box::new(SledStore::backup_begin(self, to)?))
     }
 
     fn size_on_disk(&self) -> Option<u64> {
@@ -770,7 +770,7 @@ impl RelayStore for SledStore {
 }
 
 mod backup;
-pub use backup::{restore, Restored, MANIFEST};
+pub use backup::{restore, BackupCopy, Restored, SledBackup, MANIFEST};
 mod format;
 pub use format::STORE_FORMAT;
 

@@ -66,8 +66,8 @@ pub(super) async fn tick_loop(in_tx: mpsc::Sender<CoreMsg>) {
 }
 
 /// What the core task carries out the core's effects with.
-struct Driver<S> {
-    store: Arc<S>,
+pub(super) struct Driver<S> {
+    pub(super) store: Arc<S>,
     conns: BTreeMap<ConnId, StreamHandle>,
     /// The writes of the inputs taken so far in this batch, and the newest token among them.
     ops: Vec<crate::core::StoreOp>,
@@ -79,6 +79,11 @@ struct Driver<S> {
     /// Operators' commands waiting for the core's answer, by the id given with them.
     admin_replies: BTreeMap<AdminId, oneshot::Sender<Result<AdminAnswer, AdminRefusal>>>,
     next_admin: AdminId,
+    /// The backup under way, what decides about it, and how its copy's thread reaches the
+    /// core task (see `server/backup.rs`).
+    pub(super) backup: Option<super::backup::BackupTask>,
+    pub(super) backups: crate::backups::Backups,
+    pub(super) copy_news: mpsc::WeakSender<CoreMsg>,
 }
 
 impl<S: RelayStore> Driver<S> {
@@ -178,7 +183,7 @@ impl<S: RelayStore> Driver<S> {
 pub(super) async fn core_loop<S: RelayStore>(
     mut core: RelayCore,
     store: Arc<S>,
-    mut in_rx: mpsc::Receiver<CoreMsg>,
+    (mut in_rx, copy_news): (mpsc::Receiver<CoreMsg>, mpsc::WeakSender<CoreMsg>),
     (written, drained): (watch::Sender<u64>, watch::Sender<bool>),
     fatal: mpsc::Sender<StoreError>,
     registered: Registered,
@@ -198,24 +203,30 @@ pub(super) async fn core_loop<S: RelayStore>(
         metrics,
         admin_replies: BTreeMap::new(),
         next_admin: 1,
+        backup: None,
+        backups: Default::default(),
+        copy_news,
     };
     let mut batch: Vec<CoreMsg> = Vec::with_capacity(CORE_BATCH);
     while in_rx.recv_many(&mut batch, CORE_BATCH).await > 0 {
         for msg in batch.drain(..) {
             let input = match msg {
                 CoreMsg::Admin(AdminRequest::Backup { to, reply }) => {
-                    // What the batch wrote so far goes in first; nothing is applied while the
-                    // copy runs (the store makes it durable, then copies).
+                    // What the batch wrote so far goes in first: the copy begins at a batch
+                    // boundary, and every batch applied after it is handed to it too.
                     if !apply_ops(&mut d, &mut core, &written, &fatal).await {
                         return;
                     }
-                    tracing::info!(to = %to.display(), "backup started");
-                    let r = d.store.backup(&to).map_err(|e| e.to_string());
-                    match &r {
-                        Ok(_) => tracing::info!(to = %to.display(), "backup done"),
-                        Err(e) => tracing::warn!(to = %to.display(), error = %e, "backup failed"),
+                    super::backup::start(&mut d, to, reply);
+                    continue;
+                }
+                CoreMsg::BackupCopied { id, result } => {
+                    // The copy has caught up: the core pauses here, at a batch boundary, while
+                    // the store is made durable and the copy sealed (a few batches' time).
+                    if !apply_ops(&mut d, &mut core, &written, &fatal).await {
+                        return;
                     }
-                    let _ = reply.send(r);
+                    super::backup::copied(&mut d, id, result).await;
                     continue;
                 }
                 CoreMsg::Admin(AdminRequest::Command { command, reply }) => {
@@ -279,8 +290,9 @@ async fn apply_ops<S: RelayStore>(
     match d.store.apply(&d.ops) {
         Ok(()) => {
             d.metrics.applied(&d.ops);
-            d.ops.clear();
+            let ops = std::mem::take(&mut d.ops);
             written.send_replace(d.batch_token);
+            super::backup::feed(d, ops);
             true
         }
         Err(e) if e.is_disk_full() => {
