@@ -3,6 +3,8 @@
 //! for every write applied since the last) and the tick task. Split out of `server.rs` for size.
 
 use super::*;
+use crate::core::StoreOp;
+use crate::store::PURGE_CHUNK;
 
 pub(super) async fn barrier_loop<S: RelayStore>(
     store: Arc<S>,
@@ -84,6 +86,9 @@ pub(super) struct Driver<S> {
     pub(super) backup: Option<super::backup::BackupTask>,
     pub(super) backups: crate::backups::Backups,
     pub(super) copy_news: mpsc::WeakSender<CoreMsg>,
+    /// Deletions left ranges to empty in the store: a chunk goes between two batches, and
+    /// chunk after chunk while no input waits.
+    purging: bool,
 }
 
 impl<S: RelayStore> Driver<S> {
@@ -206,9 +211,18 @@ pub(super) async fn core_loop<S: RelayStore>(
         backup: None,
         backups: Default::default(),
         copy_news,
+        purging: false,
     };
     let mut batch: Vec<CoreMsg> = Vec::with_capacity(CORE_BATCH);
-    while in_rx.recv_many(&mut batch, CORE_BATCH).await > 0 {
+    loop {
+        if d.purging && in_rx.is_empty() {
+            purge_chunk(&mut d);
+            tokio::task::yield_now().await;
+            continue;
+        }
+        if in_rx.recv_many(&mut batch, CORE_BATCH).await == 0 {
+            return;
+        }
         for msg in batch.drain(..) {
             let input = match msg {
                 CoreMsg::Admin(AdminRequest::Backup { to, reply }) => {
@@ -269,9 +283,26 @@ pub(super) async fn core_loop<S: RelayStore>(
         if !apply_ops(&mut d, &mut core, &written, &fatal).await {
             return;
         }
+        if d.purging {
+            purge_chunk(&mut d);
+        }
         // After the batch's writes are applied: the driver's last barrier covers them.
         if core.drained() {
             drained.send_replace(true);
+        }
+    }
+}
+
+/// Empties a chunk of what deletions left in the store (at most [`PURGE_CHUNK`] keys), so that
+/// deleting a large account never holds the core for long. Nothing waits for it: the deleted
+/// data is never read or written again, and what a crash leaves is emptied when the store
+/// opens.
+fn purge_chunk<S: RelayStore>(d: &mut Driver<S>) {
+    match d.store.purge_some(PURGE_CHUNK) {
+        Ok(more) => d.purging = more,
+        Err(e) => {
+            tracing::error!(error = %e, "emptying a deletion's data failed; it is finished when the relay starts again");
+            d.purging = false;
         }
     }
 }
@@ -291,6 +322,7 @@ async fn apply_ops<S: RelayStore>(
         Ok(()) => {
             d.metrics.applied(&d.ops);
             let ops = std::mem::take(&mut d.ops);
+            d.purging |= ops.iter().any(StoreOp::is_deletion);
             written.send_replace(d.batch_token);
             super::backup::feed(d, ops);
             true

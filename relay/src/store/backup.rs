@@ -115,7 +115,11 @@ const COPY_BATCH: usize = 1024;
 impl BackupCopy for SledBackup {
     fn copy(&mut self) -> Result<(), StoreError> {
         // sled's `import` panics on an I/O error and `export` on a read error: copied by hand.
-        for name in self.source.tree_names() {
+        // `purges` first: a range the relay finishes emptying after its entry was copied is
+        // emptied in the copy below, and one whose entry was gone already was empty before.
+        let mut names = self.source.tree_names();
+        names.sort_by_key(|n| n.as_ref() != b"purges");
+        for name in names {
             let from = self.source.open_tree(&name)?;
             let to = self.copy.db.open_tree(&name)?;
             let mut batch = sled::Batch::default();
@@ -131,11 +135,17 @@ impl BackupCopy for SledBackup {
             }
             to.apply_batch(batch)?;
         }
+        // What deletions left to empty, in the store as copied: the copy holds none of it.
+        self.copy.purge()?;
         self.copy.barrier()
     }
 
     fn apply(&mut self, ops: &[StoreOp]) -> Result<(), StoreError> {
-        RelayStore::apply(&self.copy, ops)
+        RelayStore::apply(&self.copy, ops)?;
+        if ops.iter().any(StoreOp::is_deletion) {
+            self.copy.purge()?;
+        }
+        Ok(())
     }
 
     fn barrier(&mut self) -> Result<(), StoreError> {

@@ -85,7 +85,7 @@ fn key_chains_in_log_entries_are_stored_once_and_read_back_whole() {
     assert_eq!(record.genesis_keys, keys_digest(&epochs[&Epoch(0)]));
 }
 
-/// Deleting empties the big trees' ranges after the transaction, and a purge a crash
+/// Deleting empties the big trees' ranges after the transaction, in bounded chunks, and a purge a crash
 /// interrupted is finished when the store opens; the operator's records read back.
 #[test]
 fn deletions_purge_their_ranges_even_across_a_crash_and_admin_records_read_back() {
@@ -129,6 +129,14 @@ fn deletions_purge_their_ranges_even_across_a_crash_and_admin_records_read_back(
                 StoreOp::PutInvite([3; 32], Some(42)),
             ])
             .unwrap();
+        // Emptied a bounded chunk at a time, not in the batch: 5 deltas, 1 key, 8 dedup
+        // entries and 4 log entries left.
+        assert_eq!(store.deltas.scan_prefix(chat.0).count(), 5, "the batch itself leaves the ranges");
+        let mut chunks = 1;
+        while store.purge_some(3).unwrap() {
+            chunks += 1;
+        }
+        assert_eq!(chunks, 18 / 3, "chunks of 3 keys");
         assert_eq!(store.deltas.scan_prefix(chat.0).count(), 0);
         assert_eq!(store.deltas.scan_prefix(other_chat.0).count(), 3, "another chat's log stays");
         assert_eq!(store.chat_keys.scan_prefix(chat.0).count(), 0);
@@ -162,7 +170,8 @@ fn a_full_disk_is_told_apart_from_other_failures() {
 /// A backup copied while batches are applied to the store beside it, with those batches then
 /// applied to the copy, ends equal to the store, tree by tree: every kind of write (deltas,
 /// usage written twice in a batch, records put and removed, chats and devices deleted with
-/// their ranges, some of which the fuzzy copy took) replays onto whatever the copy read. The
+/// their ranges, some of which the fuzzy copy took while the store emptied them chunk by
+/// chunk) replays onto whatever the copy read. The
 /// batches come from the seed; how they interleave with the copy is up to the threads.
 #[test]
 fn a_backup_copied_beside_writes_ends_equal_to_the_store() {
@@ -215,6 +224,7 @@ fn a_backup_copied_beside_writes_ends_equal_to_the_store() {
     };
     for _ in 0..200 {
         store.apply(&batch(&mut rng)).unwrap();
+        store.purge_some(rng.gen_range(1..20)).unwrap();
     }
     let to = dir.path().join("backup");
     let mut copy = store.backup_begin(&to).unwrap();
@@ -224,6 +234,8 @@ fn a_backup_copied_beside_writes_ends_equal_to_the_store() {
         for _ in 0..200 {
             let ops = batch(&mut rng);
             store.apply(&ops).unwrap();
+            // The relay empties deleted ranges a chunk at a time between its batches.
+            store.purge_some(rng.gen_range(1..20)).unwrap();
             during.push(ops);
         }
         copying.join().unwrap().unwrap();
@@ -233,6 +245,8 @@ fn a_backup_copied_beside_writes_ends_equal_to_the_store() {
     }
     store.barrier().unwrap();
     Box::new(copy).seal().unwrap();
+    // The copy empties deleted ranges as it applies; the store's last chunks, now.
+    store.purge().unwrap();
     assert!(to.join(MANIFEST).is_file());
     let restored = SledStore::open_only(&to.join("store")).unwrap();
     let mut names = store.db.tree_names();
