@@ -109,9 +109,6 @@ pub struct SledBackup {
     to: std::path::PathBuf,
 }
 
-/// Key-value pairs copied per sled batch.
-const COPY_BATCH: usize = 1024;
-
 impl BackupCopy for SledBackup {
     fn copy(&mut self) -> Result<(), StoreError> {
         // sled's `import` panics on an I/O error and `export` on a read error: copied by hand.
@@ -122,18 +119,12 @@ impl BackupCopy for SledBackup {
         for name in names {
             let from = self.source.open_tree(&name)?;
             let to = self.copy.db.open_tree(&name)?;
-            let mut batch = sled::Batch::default();
-            let mut n = 0;
+            // One insert at a time, as sled's own `import` does (no batch: nothing needs to be
+            // atomic here, and a batch of large deltas would be held whole in memory).
             for kv in from.iter() {
                 let (k, v) = kv?;
-                batch.insert(k, v);
-                n += 1;
-                if n == COPY_BATCH {
-                    to.apply_batch(std::mem::take(&mut batch))?;
-                    n = 0;
-                }
+                to.insert(k, v)?;
             }
-            to.apply_batch(batch)?;
         }
         // What deletions left to empty, in the store as copied: the copy holds none of it.
         self.copy.purge()?;
