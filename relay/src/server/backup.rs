@@ -136,6 +136,51 @@ pub(super) async fn copied<S: RelayStore>(d: &mut Driver<S>, id: u64, result: Re
     let _ = task.reply.send(r);
 }
 
+/// Most bytes (as [`batch_bytes`] counts them) of queued batches the copy applies as one
+/// transaction. Applied one by one, the batches cost the copy what they cost the store (sled
+/// pays per transaction), and a copy with less of the CPU than the core task never caught up;
+/// applied together they give the same result (in order, each key's last write wins, and a
+/// deleted range is emptied after the whole run, as nothing is written into it again).
+const COALESCE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// What the copy's thread took from its queue.
+struct Run {
+    ops: Vec<StoreOp>,
+    bytes: u64,
+    /// The seal that came after the run, if one did.
+    seal: Option<oneshot::Sender<Result<Incarnation, StoreError>>>,
+    /// Nothing more will come (the backup failed meanwhile, or the relay stops).
+    gone: bool,
+}
+
+/// Takes the batches waiting (after `first`, if given) up to [`COALESCE_BYTES`], a seal, or
+/// an empty queue, whichever comes first.
+fn take_run(rx: &std::sync::mpsc::Receiver<Feed>, first: Option<Feed>) -> Run {
+    use std::sync::mpsc::TryRecvError;
+    let mut run = Run { ops: Vec::new(), bytes: 0, seal: None, gone: false };
+    let mut next = first.map(Ok);
+    loop {
+        match next.take().unwrap_or_else(|| rx.try_recv()) {
+            Ok(Feed::Ops(ops, n)) => {
+                run.ops.extend(ops);
+                run.bytes += n;
+                if run.bytes >= COALESCE_BYTES {
+                    return run;
+                }
+            }
+            Ok(Feed::Seal(reply)) => {
+                run.seal = Some(reply);
+                return run;
+            }
+            Err(TryRecvError::Empty) => return run,
+            Err(TryRecvError::Disconnected) => {
+                run.gone = true;
+                return run;
+            }
+        }
+    }
+}
+
 /// The copy's thread: the fuzzy copy, then the batches handed meanwhile; tells the core task
 /// once none is left, then goes on applying them until told to seal.
 fn copy_beside(
@@ -145,27 +190,28 @@ fn copy_beside(
     copied: Arc<AtomicU64>,
     news: mpsc::WeakSender<CoreMsg>,
 ) {
-    use std::sync::mpsc::TryRecvError;
     let caught_up = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<bool, StoreError> {
         copy.copy()?;
         // Twice: what was written during the copy, made durable, then what was written
         // meanwhile (less), so that the seal the relay waits for has little left to write.
         for _ in 0..2 {
             loop {
-                match rx.try_recv() {
-                    Ok(Feed::Ops(ops, n)) => {
-                        copy.apply(&ops)?;
-                        copied.fetch_add(n, Ordering::Relaxed);
-                    }
+                let run = take_run(&rx, None);
+                if !run.ops.is_empty() {
+                    copy.apply(&run.ops)?;
+                    copied.fetch_add(run.bytes, Ordering::Relaxed);
+                }
+                if let Some(reply) = run.seal {
                     // The core task seals only once told: never here.
-                    Ok(Feed::Seal(reply)) => {
-                        let _ = reply
-                            .send(Err(StoreError::Backup("the backup was sealed before its copy was made".into())));
-                        return Ok(false);
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    // The backup failed meanwhile, or the relay stops.
-                    Err(TryRecvError::Disconnected) => return Ok(false),
+                    let _ =
+                        reply.send(Err(StoreError::Backup("the backup was sealed before its copy was made".into())));
+                    return Ok(false);
+                }
+                if run.gone {
+                    return Ok(false);
+                }
+                if run.bytes < COALESCE_BYTES {
+                    break;
                 }
             }
             copy.barrier()?;
@@ -187,23 +233,23 @@ fn copy_beside(
         return;
     }
     let mut broken: Option<String> = None;
-    while let Ok(f) = rx.recv() {
-        match f {
-            Feed::Ops(ops, n) => {
-                if broken.is_none() {
-                    if let Err(e) = copy.apply(&ops) {
-                        broken = Some(e.to_string());
-                    }
-                }
-                copied.fetch_add(n, Ordering::Relaxed);
+    while let Ok(first) = rx.recv() {
+        let run = take_run(&rx, Some(first));
+        if broken.is_none() && !run.ops.is_empty() {
+            if let Err(e) = copy.apply(&run.ops) {
+                broken = Some(e.to_string());
             }
-            Feed::Seal(reply) => {
-                let _ = reply.send(match broken {
-                    Some(e) => Err(StoreError::Backup(e)),
-                    None => copy.seal(),
-                });
-                return;
-            }
+        }
+        copied.fetch_add(run.bytes, Ordering::Relaxed);
+        if let Some(reply) = run.seal {
+            let _ = reply.send(match broken {
+                Some(e) => Err(StoreError::Backup(e)),
+                None => copy.seal(),
+            });
+            return;
+        }
+        if run.gone {
+            return;
         }
     }
 }

@@ -171,7 +171,7 @@ fn a_full_disk_is_told_apart_from_other_failures() {
 /// applied to the copy, ends equal to the store, tree by tree: every kind of write (deltas,
 /// usage written twice in a batch, records put and removed, chats and devices deleted with
 /// their ranges, some of which the fuzzy copy took while the store emptied them chunk by
-/// chunk) replays onto whatever the copy read. The
+/// chunk) replays onto whatever the copy read, batch after batch or runs of them as one. The
 /// batches come from the seed; how they interleave with the copy is up to the threads.
 #[test]
 fn a_backup_copied_beside_writes_ends_equal_to_the_store() {
@@ -240,8 +240,12 @@ fn a_backup_copied_beside_writes_ends_equal_to_the_store() {
         }
         copying.join().unwrap().unwrap();
     });
-    for ops in &during {
-        BackupCopy::apply(&mut copy, ops).unwrap();
+    // Applied to the copy as the backup's thread does: runs of consecutive batches as one.
+    let mut rest = &during[..];
+    while !rest.is_empty() {
+        let (run, more) = rest.split_at(rng.gen_range(1..=rest.len().min(30)));
+        BackupCopy::apply(&mut copy, &run.concat()).unwrap();
+        rest = more;
     }
     store.barrier().unwrap();
     Box::new(copy).seal().unwrap();
