@@ -94,7 +94,8 @@ impl Backups {
             self.running = None;
             return AfterBatch::Fail(format!(
                 "the relay wrote faster than the backup could copy ({} MiB of writes waiting for the copy, at most \
-                 {} MiB); nothing was changed: back up again when the relay is less busy",
+                 {} MiB); the relay goes on unchanged, the directory holds an incomplete copy (no manifest): back up \
+                 again into a new or empty directory when the relay is less busy",
                 queued >> 20,
                 BACKUP_QUEUE_BYTES >> 20
             ));
