@@ -14,8 +14,8 @@
 //! [`Request`]). The answer is one line: `{"ok": true, "result": {…}}` or `{"ok": false,
 //! "error": {"code": "…", "message": "…"}}`. This module only parses and forwards: every
 //! decision about accounts and registration is the core's (`core/admin.rs`), carried out by the
-//! core task and answered once durable; a backup is carried out by the core task between two
-//! batches of writes.
+//! core task and answered once durable; a backup is copied beside the running core task, which
+//! pauses between two batches of writes only to seal it (`server/backup.rs`).
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -64,7 +64,7 @@ pub const COMMANDS: [&str; 11] = [
 
 /// A request the admin socket hands to the core task.
 pub enum AdminRequest {
-    /// Copy the store, as durable now, into this new or empty directory.
+    /// Copy the store into this new or empty directory, as durable when the copy is sealed.
     Backup { to: PathBuf, reply: oneshot::Sender<Result<Incarnation, String>> },
     /// An operator's command for the core.
     Command { command: AdminCommand, reply: oneshot::Sender<Result<AdminAnswer, AdminRefusal>> },

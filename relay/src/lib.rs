@@ -13,12 +13,15 @@
 //! * [`limits`] holds what one peer, connection or device may hold or ask for at once.
 //! * [`admin`] is the owner-only admin socket (`stratus-relay admin`, `backup`): it parses
 //!   the operator's requests and hands them to the core, which decides.
+//! * [`backups`] decides about a backup made while the relay runs (sans-IO too); the store
+//!   copies, the driver hands the copy what is written meanwhile.
 //! * [`server`] is the driver: libp2p, one task per stream, the core task and the group-commit
 //!   barrier task.
 //!
 //! The relay never links Automerge and never holds a chat key.
 
 pub mod admin;
+pub mod backups;
 pub mod config;
 pub mod core;
 pub mod limits;

@@ -149,8 +149,8 @@ struct Args {
 
 #[derive(clap::Subcommand)]
 enum Command {
-    /// Copies the running relay's store (as durable at that moment) and identity key into a new
-    /// or empty directory, through its admin socket; the relay keeps serving.
+    /// Copies the running relay's store (as durable when the copy is done) and identity key into
+    /// a new or empty directory, through its admin socket; the relay keeps serving meanwhile.
     Backup {
         /// Where the copy goes (created if missing; refused if not empty).
         #[arg(long)]

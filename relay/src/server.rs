@@ -39,6 +39,7 @@ use crate::limits::{Limits, LimitsError, MAX_QUEUED_BYTES};
 use crate::metrics::{Health, Metrics};
 use crate::store::{RelayStore, SledStore, StoreError};
 
+mod backup;
 pub mod http;
 mod stream;
 mod tasks;
@@ -154,6 +155,12 @@ enum CoreMsg {
     Input(Input),
     /// From the admin socket: carried out between two batches of writes.
     Admin(AdminRequest),
+    /// From a backup's copy: it has caught up with the batches applied since it began (or
+    /// failed), see `server/backup.rs`.
+    BackupCopied {
+        id: u64,
+        result: Result<(), String>,
+    },
 }
 
 /// Established connections and open sync streams per peer, shared by the swarm task (which
@@ -607,7 +614,7 @@ async fn serve<S: RelayStore>(
     let core_task = tokio::spawn(core_loop(
         core,
         store.clone(),
-        in_rx,
+        (in_rx, in_tx.downgrade()),
         (written_tx, drained_tx),
         fatal_tx,
         registered,

@@ -42,14 +42,16 @@
 //! Deleting (`StoreOp::DeleteDevice`, `DeleteChat`, `DeleteAccountData`): the small records go
 //! in the batch's transaction, and so does a `purges` entry for each range of the big trees to
 //! empty (a chat's deltas and keys, a device's dedup index, an account's log), which a sled
-//! transaction cannot scan. Right after the transaction, [`RelayStore::apply`] removes those
-//! ranges and then the entries; a crash in between leaves the entries, and opening the store
-//! finishes them. Nothing is written into such a range again: the core never reuses a deleted
-//! chat's or account's id, nor lets a deleted account's devices back.
+//! transaction cannot scan. The relay then empties those ranges a chunk at a time between its
+//! batches ([`RelayStore::purge_some`], `store/purge.rs`) and removes each entry once its range
+//! is empty; a crash in between leaves the entries, and opening the store finishes them.
+//! Nothing is written into such a range again, nor read: the core never reuses a deleted chat's
+//! or account's id, nor lets a deleted account's devices back.
 //!
-//! Backups ([`SledStore::backup`]) are taken by the running relay between two batches of
-//! writes, after a barrier, so they hold exactly what was durable then; [`restore`] puts one
-//! in place of a stopped relay's store as a new incarnation.
+//! Backups ([`BackupCopy`]) are copied beside the running relay, which goes on applying
+//! batches and hands each to the copy as well; the copy is sealed at a batch boundary, after a
+//! barrier, so it holds exactly what was durable then; [`restore`] puts one in place of a
+//! stopped relay's store as a new incarnation.
 
 use std::path::Path;
 
@@ -147,12 +149,18 @@ pub trait RelayStore: Send + Sync + 'static {
     fn deletions_redone(&self) -> Result<(), StoreError> {
         Ok(())
     }
-    /// Copies everything applied so far, made durable first, into the empty directory `to`
-    /// (see [`SledStore::backup`]). Called by the core task between two batches of writes, so
-    /// that nothing is applied meanwhile.
-    fn backup(&self, to: &Path) -> Result<Incarnation, StoreError> {
+    /// Begins a backup into the empty directory `to` (see [`BackupCopy`]): the relay's core
+    /// task calls it between two batches, then hands the copy to a thread of its own.
+    fn backup_begin(&self, to: &Path) -> Result<Box<dyn BackupCopy>, StoreError> {
         let _ = to;
         Err(StoreError::Backup("this store cannot be backed up".into()))
+    }
+    /// Removes at most `max_keys` keys of the ranges deletions left to empty (see the module
+    /// docs); true while some are left. The relay's core task calls it between batches and
+    /// while idle, so that a large deletion never holds it for long.
+    fn purge_some(&self, max_keys: usize) -> Result<bool, StoreError> {
+        let _ = max_keys;
+        Ok(false)
     }
     /// Bytes the store takes on disk (for the operator's metrics), `None` when unknown.
     /// Blocking (it may list files); called off the core task.
@@ -378,42 +386,6 @@ fn pair_of(key: &[u8]) -> Result<(AccountId, AccountId), StoreError> {
     Ok((AccountId(a), AccountId(b)))
 }
 
-/// What a `purges` entry empties: the first byte of its key, then the range's prefix.
-const PURGE_DELTAS: u8 = b'd';
-const PURGE_CHAT_KEYS: u8 = b'k';
-const PURGE_DEDUP: u8 = b'q';
-const PURGE_ACCOUNT_LOG: u8 = b'l';
-
-fn purge_key(what: u8, prefix: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + prefix.len());
-    k.push(what);
-    k.extend_from_slice(prefix);
-    k
-}
-
-impl SledStore {
-    /// Empties the ranges the `purges` entries name, then the entries (see the module docs).
-    /// Not atomic, and need not be: run again, it finishes what a crash left.
-    fn purge(&self) -> Result<(), StoreError> {
-        for kv in self.purges.iter() {
-            let (key, _) = kv?;
-            let Some((what, prefix)) = key.split_first() else { continue };
-            let tree = match *what {
-                PURGE_DELTAS => &self.deltas,
-                PURGE_CHAT_KEYS => &self.chat_keys,
-                PURGE_DEDUP => &self.dedup,
-                PURGE_ACCOUNT_LOG => &self.account_log,
-                _ => return Err(StoreError::Corrupt("purge entry")),
-            };
-            for k in tree.scan_prefix(prefix).keys() {
-                tree.remove(k?)?;
-            }
-            self.purges.remove(&key)?;
-        }
-        Ok(())
-    }
-}
-
 fn tail_u64(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&key[key.len() - 8..]);
@@ -578,13 +550,11 @@ impl RelayStore for SledStore {
             Err(TransactionError::Storage(e)) => return Err(StoreError::Sled(e)),
             Err(TransactionError::Abort(())) => unreachable!("the transaction never aborts"),
         }
-        let deletes = |op: &StoreOp| {
-            matches!(op, StoreOp::DeleteDevice(_) | StoreOp::DeleteChat(_) | StoreOp::DeleteAccountData(_))
-        };
-        if ops.iter().any(deletes) {
-            self.purge()?;
-        }
         Ok(())
+    }
+
+    fn purge_some(&self, max_keys: usize) -> Result<bool, StoreError> {
+        SledStore::purge_some(self, max_keys)
     }
 
     fn barrier(&self) -> Result<(), StoreError> {
@@ -760,8 +730,8 @@ impl RelayStore for SledStore {
         Ok(r)
     }
 
-    fn backup(&self, to: &Path) -> Result<Incarnation, StoreError> {
-        SledStore::backup(self, to)
+    fn backup_begin(&self, to: &Path) -> Result<Box<dyn BackupCopy>, StoreError> {
+        Ok(Box::new(SledStore::backup_begin(self, to)?))
     }
 
     fn size_on_disk(&self) -> Option<u64> {
@@ -770,9 +740,12 @@ impl RelayStore for SledStore {
 }
 
 mod backup;
-pub use backup::{restore, Restored, MANIFEST};
+pub use backup::{restore, BackupCopy, Restored, SledBackup, MANIFEST};
 mod format;
 pub use format::STORE_FORMAT;
+mod purge;
+pub use purge::PURGE_CHUNK;
+use purge::{purge_key, PURGE_ACCOUNT_LOG, PURGE_CHAT_KEYS, PURGE_DEDUP, PURGE_DELTAS};
 
 #[cfg(test)]
 mod tests;

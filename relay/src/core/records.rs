@@ -68,6 +68,13 @@ pub enum StoreOp {
     DeleteAccountData(AccountId),
 }
 
+impl StoreOp {
+    /// A deletion, which leaves ranges for the store to empty after its batch.
+    pub fn is_deletion(&self) -> bool {
+        matches!(self, StoreOp::DeleteDevice(_) | StoreOp::DeleteChat(_) | StoreOp::DeleteAccountData(_))
+    }
+}
+
 /// An approved link, kept until the new device shows it has its bundle (by syncing), so that a
 /// device that lost its connection between approval and delivery can ask again under the same
 /// link id. The bundle is sealed to the device and the link secret: the relay cannot open it.

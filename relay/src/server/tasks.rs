@@ -3,6 +3,8 @@
 //! for every write applied since the last) and the tick task. Split out of `server.rs` for size.
 
 use super::*;
+use crate::core::StoreOp;
+use crate::store::PURGE_CHUNK;
 
 pub(super) async fn barrier_loop<S: RelayStore>(
     store: Arc<S>,
@@ -66,8 +68,8 @@ pub(super) async fn tick_loop(in_tx: mpsc::Sender<CoreMsg>) {
 }
 
 /// What the core task carries out the core's effects with.
-struct Driver<S> {
-    store: Arc<S>,
+pub(super) struct Driver<S> {
+    pub(super) store: Arc<S>,
     conns: BTreeMap<ConnId, StreamHandle>,
     /// The writes of the inputs taken so far in this batch, and the newest token among them.
     ops: Vec<crate::core::StoreOp>,
@@ -79,6 +81,14 @@ struct Driver<S> {
     /// Operators' commands waiting for the core's answer, by the id given with them.
     admin_replies: BTreeMap<AdminId, oneshot::Sender<Result<AdminAnswer, AdminRefusal>>>,
     next_admin: AdminId,
+    /// The backup under way, what decides about it, and how its copy's thread reaches the
+    /// core task (see `server/backup.rs`).
+    pub(super) backup: Option<super::backup::BackupTask>,
+    pub(super) backups: crate::backups::Backups,
+    pub(super) copy_news: mpsc::WeakSender<CoreMsg>,
+    /// Deletions left ranges to empty in the store: a chunk goes between two batches, and
+    /// chunk after chunk while no input waits.
+    purging: bool,
 }
 
 impl<S: RelayStore> Driver<S> {
@@ -178,7 +188,7 @@ impl<S: RelayStore> Driver<S> {
 pub(super) async fn core_loop<S: RelayStore>(
     mut core: RelayCore,
     store: Arc<S>,
-    mut in_rx: mpsc::Receiver<CoreMsg>,
+    (mut in_rx, copy_news): (mpsc::Receiver<CoreMsg>, mpsc::WeakSender<CoreMsg>),
     (written, drained): (watch::Sender<u64>, watch::Sender<bool>),
     fatal: mpsc::Sender<StoreError>,
     registered: Registered,
@@ -198,24 +208,39 @@ pub(super) async fn core_loop<S: RelayStore>(
         metrics,
         admin_replies: BTreeMap::new(),
         next_admin: 1,
+        backup: None,
+        backups: Default::default(),
+        copy_news,
+        purging: false,
     };
     let mut batch: Vec<CoreMsg> = Vec::with_capacity(CORE_BATCH);
-    while in_rx.recv_many(&mut batch, CORE_BATCH).await > 0 {
+    loop {
+        if d.purging && in_rx.is_empty() {
+            purge_chunk(&mut d);
+            tokio::task::yield_now().await;
+            continue;
+        }
+        if in_rx.recv_many(&mut batch, CORE_BATCH).await == 0 {
+            return;
+        }
         for msg in batch.drain(..) {
             let input = match msg {
                 CoreMsg::Admin(AdminRequest::Backup { to, reply }) => {
-                    // What the batch wrote so far goes in first; nothing is applied while the
-                    // copy runs (the store makes it durable, then copies).
+                    // What the batch wrote so far goes in first: the copy begins at a batch
+                    // boundary, and every batch applied after it is handed to it too.
                     if !apply_ops(&mut d, &mut core, &written, &fatal).await {
                         return;
                     }
-                    tracing::info!(to = %to.display(), "backup started");
-                    let r = d.store.backup(&to).map_err(|e| e.to_string());
-                    match &r {
-                        Ok(_) => tracing::info!(to = %to.display(), "backup done"),
-                        Err(e) => tracing::warn!(to = %to.display(), error = %e, "backup failed"),
+                    super::backup::start(&mut d, to, reply);
+                    continue;
+                }
+                CoreMsg::BackupCopied { id, result } => {
+                    // The copy has caught up: the core pauses here, at a batch boundary, while
+                    // the store is made durable and the copy sealed (a few batches' time).
+                    if !apply_ops(&mut d, &mut core, &written, &fatal).await {
+                        return;
                     }
-                    let _ = reply.send(r);
+                    super::backup::copied(&mut d, id, result).await;
                     continue;
                 }
                 CoreMsg::Admin(AdminRequest::Command { command, reply }) => {
@@ -258,9 +283,26 @@ pub(super) async fn core_loop<S: RelayStore>(
         if !apply_ops(&mut d, &mut core, &written, &fatal).await {
             return;
         }
+        if d.purging {
+            purge_chunk(&mut d);
+        }
         // After the batch's writes are applied: the driver's last barrier covers them.
         if core.drained() {
             drained.send_replace(true);
+        }
+    }
+}
+
+/// Empties a chunk of what deletions left in the store (at most [`PURGE_CHUNK`] keys), so that
+/// deleting a large account never holds the core for long. Nothing waits for it: the deleted
+/// data is never read or written again, and what a crash leaves is emptied when the store
+/// opens.
+fn purge_chunk<S: RelayStore>(d: &mut Driver<S>) {
+    match d.store.purge_some(PURGE_CHUNK) {
+        Ok(more) => d.purging = more,
+        Err(e) => {
+            tracing::error!(error = %e, "emptying a deletion's data failed; it is finished when the relay starts again");
+            d.purging = false;
         }
     }
 }
@@ -279,8 +321,10 @@ async fn apply_ops<S: RelayStore>(
     match d.store.apply(&d.ops) {
         Ok(()) => {
             d.metrics.applied(&d.ops);
-            d.ops.clear();
+            let ops = std::mem::take(&mut d.ops);
+            d.purging |= ops.iter().any(StoreOp::is_deletion);
             written.send_replace(d.batch_token);
+            super::backup::feed(d, ops);
             true
         }
         Err(e) if e.is_disk_full() => {

@@ -49,28 +49,108 @@ impl SledStore {
         Ok(f)
     }
 
-    /// Copies the store into `to` (new, or holding only what the caller put there, never an
-    /// earlier backup) as it is durable now: `to/store` (a sled database of the same trees) and
-    /// `to/`[`MANIFEST`], written last. Blocks until done; the caller applies no write
-    /// meanwhile (the relay's core task runs it between two batches, so the whole core waits:
-    /// devices see a pause as long as the copy).
-    pub fn backup(&self, to: &Path) -> Result<Incarnation, StoreError> {
+    /// Begins a backup into `to` (new, or holding only what the caller put there, never an
+    /// earlier backup): the copy is made by the returned [`SledBackup`], beside the running
+    /// relay (see [`BackupCopy`]).
+    pub fn backup_begin(&self, to: &Path) -> Result<SledBackup, StoreError> {
         if to.join("store").exists() || to.join("store.partial").exists() || to.join(MANIFEST).exists() {
             return Err(backup_err(format!("{} already holds a backup; use a new or empty directory", to.display())));
         }
         std::fs::create_dir_all(to).map_err(|e| backup_err(format!("cannot create {}: {e}", to.display())))?;
-        // Exactly what is durable: nothing applied and not yet behind a barrier may be copied,
-        // or a restore could bring back a seq that a crash gave to another delta.
-        self.barrier()?;
         let partial = to.join("store.partial");
-        {
-            let copy = sled::Config::new().path(&partial).cache_capacity(STORE_CACHE_BYTES).open()?;
-            copy.import(self.db.export());
-            copy.flush()?;
-            SledDir::new(&partial).sync().map_err(StoreError::Barrier)?;
+        let db = sled::Config::new().path(&partial).cache_capacity(STORE_CACHE_BYTES).open()?;
+        let copy = SledStore::open_trees(db, &partial)?;
+        Ok(SledBackup { source: self.db.clone(), copy, to: to.to_path_buf() })
+    }
+
+    /// Copies the store into `to` while nothing else writes to it: [`SledStore::backup_begin`],
+    /// [`BackupCopy::copy`] and [`BackupCopy::seal`] in one go, after a barrier.
+    pub fn backup(&self, to: &Path) -> Result<Incarnation, StoreError> {
+        let mut b = self.backup_begin(to)?;
+        self.barrier()?;
+        b.copy()?;
+        Box::new(b).seal()
+    }
+}
+
+/// A backup under way, made beside the running relay so that the relay's writes go on: a
+/// fuzzy copy of every tree ([`BackupCopy::copy`], on a thread of its own, while the relay
+/// keeps applying batches), then every batch the relay applied since the copy began, applied
+/// to the copy in the same order ([`BackupCopy::apply`]), then [`BackupCopy::seal`].
+///
+/// Why the result is the store at one batch boundary: a key the relay did not write while the
+/// copy ran is copied as it was; one it wrote is copied as some value it held meanwhile and then
+/// set again by the replayed batches, each of which puts or removes whole keys (the last
+/// `PutUsage` of a batch is the one stored, in the copy as in the store), so the copy ends with
+/// the last value of each. Deletions empty a chat's, a device's or an account's ranges, and
+/// nothing is written into such a range again, so replaying one empties the copy's range too,
+/// whatever part of it the fuzzy copy took.
+pub trait BackupCopy: Send {
+    /// Copies every tree as it is while it is read (blocking, long).
+    fn copy(&mut self) -> Result<(), StoreError>;
+    /// Applies to the copy a batch the relay applied to the store after the copy began.
+    fn apply(&mut self, ops: &[StoreOp]) -> Result<(), StoreError>;
+    /// Makes what the copy holds so far durable, so that [`BackupCopy::seal`], which the relay
+    /// waits for, has only the last few batches left to write.
+    fn barrier(&mut self) -> Result<(), StoreError>;
+    /// Makes the copy durable and writes the manifest that marks it complete. The caller
+    /// applies no batch to the store between the last [`BackupCopy::apply`] and this, and has
+    /// made every batch durable in the store (a barrier) first: a backup holds nothing a crash
+    /// of the relay could have lost, or a restore could bring back a seq the relay gave to
+    /// another delta after the crash.
+    fn seal(self: Box<Self>) -> Result<Incarnation, StoreError>;
+}
+
+/// [`BackupCopy`] of a [`SledStore`]: `to/store.partial` while under way, renamed `to/store`
+/// and followed by `to/`[`MANIFEST`] when sealed.
+pub struct SledBackup {
+    source: sled::Db,
+    copy: SledStore,
+    to: std::path::PathBuf,
+}
+
+impl BackupCopy for SledBackup {
+    fn copy(&mut self) -> Result<(), StoreError> {
+        // sled's `import` panics on an I/O error and `export` on a read error: copied by hand.
+        // `purges` first: a range the relay finishes emptying after its entry was copied is
+        // emptied in the copy below, and one whose entry was gone already was empty before.
+        let mut names = self.source.tree_names();
+        names.sort_by_key(|n| n.as_ref() != b"purges");
+        for name in names {
+            let from = self.source.open_tree(&name)?;
+            let to = self.copy.db.open_tree(&name)?;
+            // One insert at a time, as sled's own `import` does (no batch: nothing needs to be
+            // atomic here, and a batch of large deltas would be held whole in memory).
+            for kv in from.iter() {
+                let (k, v) = kv?;
+                to.insert(k, v)?;
+            }
         }
-        std::fs::rename(&partial, to.join("store")).map_err(|e| backup_err(format!("renaming the copy: {e}")))?;
-        let incarnation = self.incarnation()?;
+        // What deletions left to empty, in the store as copied: the copy holds none of it.
+        self.copy.purge()?;
+        self.copy.barrier()
+    }
+
+    fn apply(&mut self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        RelayStore::apply(&self.copy, ops)?;
+        if ops.iter().any(StoreOp::is_deletion) {
+            self.copy.purge()?;
+        }
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<(), StoreError> {
+        self.copy.barrier()
+    }
+
+    fn seal(self: Box<Self>) -> Result<Incarnation, StoreError> {
+        let SledBackup { copy, to, source } = *self;
+        drop(source);
+        copy.barrier()?;
+        let incarnation = copy.incarnation()?;
+        drop(copy);
+        std::fs::rename(to.join("store.partial"), to.join("store"))
+            .map_err(|e| backup_err(format!("renaming the copy: {e}")))?;
         let manifest = format!(
             "# stratus-relay backup\nformat = 1\nstore = \"{}\"\ngeneration = {}\n",
             incarnation.store.iter().map(|b| format!("{b:02x}")).collect::<String>(),
@@ -81,7 +161,7 @@ impl SledStore {
             .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
             .and_then(|()| std::fs::rename(&tmp, to.join(MANIFEST)))
             .map_err(|e| backup_err(format!("writing the manifest: {e}")))?;
-        sync_dir(to)?;
+        sync_dir(&to)?;
         Ok(incarnation)
     }
 }

@@ -85,7 +85,7 @@ fn key_chains_in_log_entries_are_stored_once_and_read_back_whole() {
     assert_eq!(record.genesis_keys, keys_digest(&epochs[&Epoch(0)]));
 }
 
-/// Deleting empties the big trees' ranges after the transaction, and a purge a crash
+/// Deleting empties the big trees' ranges after the transaction, in bounded chunks, and a purge a crash
 /// interrupted is finished when the store opens; the operator's records read back.
 #[test]
 fn deletions_purge_their_ranges_even_across_a_crash_and_admin_records_read_back() {
@@ -129,6 +129,14 @@ fn deletions_purge_their_ranges_even_across_a_crash_and_admin_records_read_back(
                 StoreOp::PutInvite([3; 32], Some(42)),
             ])
             .unwrap();
+        // Emptied a bounded chunk at a time, not in the batch: 5 deltas, 1 key, 8 dedup
+        // entries and 4 log entries left.
+        assert_eq!(store.deltas.scan_prefix(chat.0).count(), 5, "the batch itself leaves the ranges");
+        let mut chunks = 1;
+        while store.purge_some(3).unwrap() {
+            chunks += 1;
+        }
+        assert_eq!(chunks, 18 / 3, "chunks of 3 keys");
         assert_eq!(store.deltas.scan_prefix(chat.0).count(), 0);
         assert_eq!(store.deltas.scan_prefix(other_chat.0).count(), 3, "another chat's log stays");
         assert_eq!(store.chat_keys.scan_prefix(chat.0).count(), 0);
@@ -157,4 +165,104 @@ fn a_full_disk_is_told_apart_from_other_failures() {
     assert!(StoreError::Sled(sled::Error::Io(std::io::Error::from_raw_os_error(28))).is_disk_full());
     assert!(!StoreError::Barrier(std::io::Error::other("gone")).is_disk_full());
     assert!(!StoreError::Corrupt("x").is_disk_full());
+}
+
+/// A backup copied while batches are applied to the store beside it, with those batches then
+/// applied to the copy, ends equal to the store, tree by tree: every kind of write (deltas,
+/// usage written twice in a batch, records put and removed, chats and devices deleted with
+/// their ranges, some of which the fuzzy copy took while the store emptied them chunk by
+/// chunk) replays onto whatever the copy read, batch after batch or runs of them as one. The
+/// batches come from the seed; how they interleave with the copy is up to the threads.
+#[test]
+fn a_backup_copied_beside_writes_ends_equal_to_the_store() {
+    use rand::Rng;
+    let seed: u64 = std::env::var("SEED").map(|s| s.parse().expect("SEED is a u64")).unwrap_or_else(|_| rand::random());
+    eprintln!("seed: {seed} (replay with SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&dir.path().join("store")).unwrap();
+    let me = AccountId([9; 16]);
+    let devices: Vec<DeviceId> = (0..3).map(|i| DeviceId(format!("dev{i}"))).collect();
+    let mut live_chats: Vec<(ChatId, u64)> = (0..4u8).map(|i| (ChatId([i + 1; 16]), 0)).collect();
+    let mut live_devices = devices.clone();
+    let mut client_seq = 0u64;
+    let mut batch = |rng: &mut rand::rngs::StdRng| -> Vec<StoreOp> {
+        let mut ops = Vec::new();
+        for _ in 0..rng.gen_range(1..40) {
+            let op = match rng.gen_range(0..100) {
+                0..=59 if !live_chats.is_empty() && !live_devices.is_empty() => {
+                    let c = rng.gen_range(0..live_chats.len());
+                    live_chats[c].1 += 1;
+                    client_seq += 1;
+                    let (chat, seq) = live_chats[c];
+                    let device = live_devices[rng.gen_range(0..live_devices.len())].clone();
+                    let sealed = vec![rng.gen(); rng.gen_range(1..3000)];
+                    let epoch = Epoch(0);
+                    let client_seq = ClientSeq(client_seq);
+                    StoreOp::PutDelta(Delta { chat, seq: Seq(seq), epoch, device, account: me, client_seq, sealed })
+                }
+                60..=69 => StoreOp::PutUsage(me, rng.gen()),
+                70..=74 => StoreOp::PutAccepted(me, AccountId([rng.gen_range(0..4); 16]), rng.gen()),
+                75..=79 => StoreOp::PutInvite([rng.gen_range(0..4); 32], rng.gen::<bool>().then(|| rng.gen())),
+                80..=84 => StoreOp::PutUsername(me, rng.gen::<bool>().then(|| format!("n{}", rng.gen::<u8>()))),
+                85..=89 if !live_chats.is_empty() => {
+                    let (chat, _) = live_chats[rng.gen_range(0..live_chats.len())];
+                    StoreOp::PutChatKeys(chat, Epoch(rng.gen_range(0..3)), vec![key(AccountId([rng.gen(); 16]))])
+                }
+                90..=91 if live_chats.len() > 1 => {
+                    let (chat, _) = live_chats.remove(rng.gen_range(0..live_chats.len()));
+                    StoreOp::DeleteChat(chat)
+                }
+                92..=93 if live_devices.len() > 1 => {
+                    StoreOp::DeleteDevice(live_devices.remove(rng.gen_range(0..live_devices.len())))
+                }
+                _ => StoreOp::PutRegistration(if rng.gen() { Registration::Closed } else { Registration::Open }),
+            };
+            ops.push(op);
+        }
+        ops
+    };
+    for _ in 0..200 {
+        store.apply(&batch(&mut rng)).unwrap();
+        store.purge_some(rng.gen_range(1..20)).unwrap();
+    }
+    let to = dir.path().join("backup");
+    let mut copy = store.backup_begin(&to).unwrap();
+    let mut during = Vec::new();
+    std::thread::scope(|s| {
+        let copying = s.spawn(|| copy.copy());
+        for _ in 0..200 {
+            let ops = batch(&mut rng);
+            store.apply(&ops).unwrap();
+            // The relay empties deleted ranges a chunk at a time between its batches.
+            store.purge_some(rng.gen_range(1..20)).unwrap();
+            during.push(ops);
+        }
+        copying.join().unwrap().unwrap();
+    });
+    // Applied to the copy as the backup's thread does: runs of consecutive batches as one.
+    let mut rest = &during[..];
+    while !rest.is_empty() {
+        let (run, more) = rest.split_at(rng.gen_range(1..=rest.len().min(30)));
+        BackupCopy::apply(&mut copy, &run.concat()).unwrap();
+        rest = more;
+    }
+    store.barrier().unwrap();
+    Box::new(copy).seal().unwrap();
+    // The copy empties deleted ranges as it applies; the store's last chunks, now.
+    store.purge().unwrap();
+    assert!(to.join(MANIFEST).is_file());
+    let restored = SledStore::open_only(&to.join("store")).unwrap();
+    let mut names = store.db.tree_names();
+    names.sort();
+    let mut copied = restored.db.tree_names();
+    copied.sort();
+    assert_eq!(names, copied);
+    for name in names {
+        let kvs = |db: &sled::Db| -> Vec<(sled::IVec, sled::IVec)> {
+            db.open_tree(&name).unwrap().iter().map(Result::unwrap).collect()
+        };
+        assert!(kvs(&store.db) == kvs(&restored.db), "tree {:?} differs", String::from_utf8_lossy(&name));
+    }
+    assert!(store.deltas.len() > 100, "the test wrote deltas");
 }
