@@ -180,13 +180,7 @@ fn an_account_over_its_quota_is_refused_and_others_are_served() {
     let (a, b) = (w.connect(1, "a"), w.connect(2, "b"));
     let ((ka, chat_a), (_, chat_b)) = (w.account(&a), w.account(&b));
     let ia = ka.public().id;
-    let big = |req, chat, cs| ClientFrame::Append {
-        req,
-        chat,
-        epoch: Epoch(0),
-        client_seq: ClientSeq(cs),
-        sealed: vec![7; 4000],
-    };
+    let big = big_append;
     let mut stored = 0;
     let refused = loop {
         let e = w.frame(a.conn, big(100 + stored, chat_a, 1 + stored));
@@ -314,13 +308,7 @@ fn an_accounts_appends_are_held_to_its_byte_rate() {
     let (a, b) = (w.connect(1, "a"), w.connect(2, "b"));
     let ((ka, chat_a), (_, chat_b)) = (w.account(&a), w.account(&b));
     let a2 = w.second_device(&ka, 3, "a2");
-    let big = |req, chat, cs| ClientFrame::Append {
-        req,
-        chat,
-        epoch: Epoch(0),
-        client_seq: ClientSeq(cs),
-        sealed: vec![7; 4000],
-    };
+    let big = big_append;
     w.now_ms = 10_000;
     for cs in 1..=4 {
         let e = w.frame(a.conn, big(cs, chat_a, cs));
@@ -362,4 +350,9 @@ fn an_accounts_appends_are_held_to_its_byte_rate() {
         w.durable(&e);
     }
     assert!(stored > 0);
+}
+
+/// An append of 4,000 sealed bytes at epoch 0 (the quota and byte-rate tests' unit).
+fn big_append(req: u64, chat: ChatId, cs: u64) -> ClientFrame {
+    ClientFrame::Append { req, chat, epoch: Epoch(0), client_seq: ClientSeq(cs), sealed: vec![7; 4000] }
 }
