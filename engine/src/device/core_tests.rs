@@ -23,6 +23,16 @@ fn appends(out: &[SyncOutput]) -> Vec<(ReqId, u64)> {
         .collect()
 }
 
+/// Sent appends as `(client seq, epoch)`.
+fn append_epochs(out: &[SyncOutput]) -> Vec<(u64, u32)> {
+    out.iter()
+        .filter_map(|o| match o {
+            SyncOutput::Send(ClientFrame::Append { client_seq, epoch, .. }) => Some((client_seq.0, epoch.0)),
+            _ => None,
+        })
+        .collect()
+}
+
 fn frame(core: &mut SyncCore, f: RelayFrame) -> Vec<SyncOutput> {
     core.handle(SyncInput::Frame(Box::new(f)))
 }
@@ -163,13 +173,7 @@ fn a_stale_append_waits_with_everything_after_it_until_it_is_sealed_again() {
     // Sealed again (here only 1 and 2, as if 3 and 4 were of a chat that did not rotate): all
     // go out, in client-seq order.
     let out = core.handle(SyncInput::Resealed(vec![resealed(1), resealed(2)]));
-    let epochs: Vec<(u64, u32)> = out
-        .iter()
-        .filter_map(|o| match o {
-            SyncOutput::Send(ClientFrame::Append { client_seq, epoch, .. }) => Some((client_seq.0, epoch.0)),
-            _ => None,
-        })
-        .collect();
+    let epochs = append_epochs(&out);
     assert_eq!(epochs, vec![(1, 1), (2, 1), (3, 0), (4, 0)]);
 }
 
@@ -374,13 +378,7 @@ fn the_outbox_waits_until_the_account_log_is_applied_and_no_rotation_is_due() {
     core.handle(SyncInput::RotationDue(false));
     core.handle(SyncInput::Resealed(vec![resealed(1), resealed(2)]));
     let out = core.handle(SyncInput::AccountApplied(Seq(3)));
-    let sent: Vec<(u64, u32)> = out
-        .iter()
-        .filter_map(|o| match o {
-            SyncOutput::Send(ClientFrame::Append { client_seq, epoch, .. }) => Some((client_seq.0, epoch.0)),
-            _ => None,
-        })
-        .collect();
+    let sent = append_epochs(&out);
     assert_eq!(sent, vec![(1, 1), (2, 1)]);
 }
 
