@@ -321,10 +321,16 @@ async fn apply_ops<S: RelayStore>(
     match d.store.apply(&d.ops) {
         Ok(()) => {
             d.metrics.applied(&d.ops);
-            let ops = std::mem::take(&mut d.ops);
-            d.purging |= ops.iter().any(StoreOp::is_deletion);
+            d.purging |= d.ops.iter().any(StoreOp::is_deletion);
             written.send_replace(d.batch_token);
-            super::backup::feed(d, ops);
+            if d.backup.is_some() {
+                // Handed to the backup's copy; otherwise the vector keeps its capacity for the
+                // next batch.
+                let ops = std::mem::take(&mut d.ops);
+                super::backup::feed(d, ops);
+            } else {
+                d.ops.clear();
+            }
             true
         }
         Err(e) if e.is_disk_full() => {
