@@ -1,15 +1,19 @@
 //! The memory disk against sled: the same writes give the same reads, and a crash keeps what a
-//! barrier made durable plus a prefix of what came after.
+//! barrier made durable plus a prefix of what came after, in which an atomic batch is there
+//! whole or not at all once the journal is replayed.
 
 use proptest::prelude::*;
 
 use super::*;
 
+/// One write of a batch: tree, key, value (`None`: remove).
+type BatchWrite = (u8, Vec<u8>, Option<Vec<u8>>);
+
 #[derive(Debug, Clone)]
 enum Op {
     Insert(u8, Vec<u8>, Vec<u8>),
     Remove(u8, Vec<u8>),
-    Atomic(Vec<(u8, Vec<u8>, Option<Vec<u8>>)>),
+    Atomic(Vec<BatchWrite>),
     Clear(u8),
 }
 
@@ -26,21 +30,29 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn run(trees: &[Tree; 2], op: &Op) {
+fn batch(ws: &[BatchWrite]) -> Batch {
+    let mut b = Batch::default();
+    for (t, k, v) in ws {
+        match v {
+            Some(v) => b.insert(*t as usize, k, v.clone()),
+            None => b.remove(*t as usize, k),
+        }
+    }
+    b
+}
+
+fn run(journal: &Journal, trees: &[Tree; 2], op: &Op) {
     match op {
         Op::Insert(t, k, v) => trees[*t as usize].insert(k, v.clone()).unwrap(),
         Op::Remove(t, k) => trees[*t as usize].remove(k).unwrap(),
-        Op::Atomic(ws) => atomic(&[&trees[0], &trees[1]], |b| {
-            for (t, k, v) in ws {
-                match v {
-                    Some(v) => b.insert(*t as usize, k, v.clone()),
-                    None => b.remove(*t as usize, k),
-                }
-            }
-        })
-        .unwrap(),
+        Op::Atomic(ws) => journal.write(&[&trees[0], &trees[1]], batch(ws), usize::MAX).unwrap(),
         Op::Clear(t) => trees[*t as usize].clear().unwrap(),
     }
+}
+
+/// Two trees and their journal on a memory disk.
+fn mem(disk: &MemDisk) -> (Journal, [Tree; 2]) {
+    (Journal::new(Tree::mem(disk, "journal")), [Tree::mem(disk, "a"), Tree::mem(disk, "b")])
 }
 
 /// Everything a reader can see of the two trees, through every read the store uses.
@@ -82,40 +94,74 @@ proptest! {
     fn the_memory_disk_reads_like_sled(ops in proptest::collection::vec(op(), 0..40)) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).temporary(true).open().unwrap();
+        let sled_journal = Journal::new(Tree::sled(&db, "journal").unwrap());
         let sled_trees = [Tree::sled(&db, "a").unwrap(), Tree::sled(&db, "b").unwrap()];
         let disk = MemDisk::new();
-        let mem_trees = [Tree::mem(&disk, "a"), Tree::mem(&disk, "b")];
+        let (mem_journal, mem_trees) = mem(&disk);
         for op in &ops {
-            run(&sled_trees, op);
-            run(&mem_trees, op);
+            run(&sled_journal, &sled_trees, op);
+            run(&mem_journal, &mem_trees, op);
             prop_assert_eq!(view(&sled_trees), view(&mem_trees));
         }
     }
 
     #[test]
-    fn a_crash_keeps_the_barrier_and_a_prefix_of_what_followed(
+    fn a_crash_keeps_the_barrier_and_a_prefix_of_what_followed_with_whole_batches(
         before in proptest::collection::vec(op(), 0..20),
         after in proptest::collection::vec(op(), 0..20),
-        keep in 0usize..25,
+        keep in 0usize..60,
     ) {
         let disk = MemDisk::new();
-        let trees = [Tree::mem(&disk, "a"), Tree::mem(&disk, "b")];
+        let (journal, trees) = mem(&disk);
         for op in &before {
-            run(&trees, op);
+            run(&journal, &trees, op);
         }
         disk.barrier();
+        // Which op each write after the barrier belongs to: an op survives the crash once its
+        // first write does (a batch's first write is its journal entry).
+        let mut firsts = Vec::new();
         for op in &after {
-            run(&trees, op);
+            firsts.push(disk.unsynced());
+            run(&journal, &trees, op);
         }
-        // Every op is one atomic write on a memory disk.
-        prop_assert_eq!(disk.unsynced(), after.len());
+        let kept_ops = firsts.iter().filter(|&&first| first < keep).count();
         disk.crash(keep);
         prop_assert_eq!(disk.unsynced(), 0);
+        let (journal, trees) = mem(&disk);
+        journal.replay(&[&trees[0], &trees[1]]).unwrap();
         let expect_disk = MemDisk::new();
-        let expect = [Tree::mem(&expect_disk, "a"), Tree::mem(&expect_disk, "b")];
-        for op in before.iter().chain(after.iter().take(keep)) {
-            run(&expect, op);
+        let (expect_journal, expect) = mem(&expect_disk);
+        for op in before.iter().chain(after.iter().take(kept_ops)) {
+            run(&expect_journal, &expect, op);
         }
         prop_assert_eq!(view(&trees), view(&expect));
+        prop_assert_eq!(journal.tree.len(), 0, "the journal is empty after its replay");
+    }
+
+    /// On sled: a batch cut short after any number of its writes (its journal entry written)
+    /// is finished when the journal is replayed, as on opening the store again.
+    #[test]
+    fn a_batch_cut_short_on_sled_is_finished_on_replay(
+        before in proptest::collection::vec(op(), 0..10),
+        ws in proptest::collection::vec((0u8..2, key(), proptest::option::of(key())), 2..6),
+        made in 0usize..6,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).temporary(true).open().unwrap();
+        let open = || (Journal::new(Tree::sled(&db, "journal").unwrap()), [Tree::sled(&db, "a").unwrap(), Tree::sled(&db, "b").unwrap()]);
+        let (journal, trees) = open();
+        for op in &before {
+            run(&journal, &trees, op);
+        }
+        journal.write(&[&trees[0], &trees[1]], batch(&ws), made.min(ws.len() - 1)).unwrap();
+        let (journal, trees) = open();
+        prop_assert_eq!(journal.replay(&[&trees[0], &trees[1]]).unwrap(), 1);
+        let expect_disk = MemDisk::new();
+        let (expect_journal, expect) = mem(&expect_disk);
+        for op in before.iter().chain([Op::Atomic(ws.clone())].iter()) {
+            run(&expect_journal, &expect, op);
+        }
+        prop_assert_eq!(view(&trees), view(&expect));
+        prop_assert_eq!(journal.tree.len(), 0);
     }
 }

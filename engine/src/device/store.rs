@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::device::doc::Author;
-use crate::device::kv::{atomic, MemDisk, Tree};
+use crate::device::kv::{Journal, MemDisk, Tree};
 use serde::{Deserialize, Serialize};
 
 #[path = "store_changes.rs"]
@@ -222,6 +222,8 @@ pub struct DeviceStore {
     secret_undelivered: Tree,
     secret_timers: Tree,
     secret_closed: Tree,
+    /// Where atomic batches over these trees go first (see `kv.rs`).
+    journal: Journal,
     /// The number of each chat's next change in `changes`, once looked up (a backwards scan
     /// per change stored was a few percent of a busy session's time).
     next_change: std::sync::Mutex<BTreeMap<ChatId, u64>>,
@@ -258,6 +260,7 @@ pub(super) fn next_change_in(changes: &Tree, chat: ChatId) -> Result<u64, StoreE
 /// Replaces a document's snapshot and drops the changes it covers, keeping `pending` (see
 /// [`DeviceStore::compact`]).
 pub(super) fn compact_in(
+    journal: &Journal,
     snaps: &Tree,
     changes: &Tree,
     chat: ChatId,
@@ -265,7 +268,7 @@ pub(super) fn compact_in(
     pending: &[Vec<u8>],
 ) -> Result<(), StoreError> {
     let keys: Vec<sled::IVec> = changes.scan_prefix(chat.0).keys().collect::<Result<_, _>>()?;
-    atomic(&[snaps, changes], |b| {
+    journal.atomic(&[snaps, changes], |b| {
         b.insert(0, chat.0, snapshot);
         for k in &keys {
             b.remove(1, k);
@@ -341,6 +344,7 @@ impl DeviceStore {
             secret_undelivered: Tree::sled(&db, "secret_undelivered")?,
             secret_timers: Tree::sled(&db, "secret_timers")?,
             secret_closed: Tree::sled(&db, "secret_closed")?,
+            journal: Journal::new(Tree::sled(&db, "journal")?),
             next_change: Default::default(),
             backend: Backend::Sled { files: std::sync::Arc::new(SledDir::new(dir)), dir: dir.to_path_buf(), db },
         };
@@ -371,6 +375,7 @@ impl DeviceStore {
             secret_undelivered: Tree::mem(disk, "secret_undelivered"),
             secret_timers: Tree::mem(disk, "secret_timers"),
             secret_closed: Tree::mem(disk, "secret_closed"),
+            journal: Journal::new(Tree::mem(disk, "journal")),
             next_change: Default::default(),
             backend: Backend::Mem(disk.clone()),
         };
@@ -455,7 +460,7 @@ impl DeviceStore {
     /// one write: a crash between the two would leave the log's generation ahead of the entry
     /// that starts it, which then fails its check when it is applied again.
     pub fn advance_account_log(&self, seq: Seq, gen: Option<&AccountGen>) -> Result<(), StoreError> {
-        atomic(&[&self.meta], |b| {
+        self.journal.atomic(&[&self.meta], |b| {
             b.insert(0, "account_cursor", &seq.0.to_be_bytes()[..]);
             if let Some(g) = gen {
                 b.insert(0, "account_gen", enc(g));
@@ -536,7 +541,7 @@ impl DeviceStore {
         meta: &ChatMeta,
         due: &BTreeMap<ChatId, RekeyDue>,
     ) -> Result<(), StoreError> {
-        atomic(&[&self.chats, &self.meta], |b| {
+        self.journal.atomic(&[&self.chats, &self.meta], |b| {
             b.insert(0, chat.0, enc(meta));
             match due.is_empty() {
                 true => b.remove(1, "rekey_due"),
@@ -579,11 +584,9 @@ impl DeviceStore {
         Ok(())
     }
 
-    /// Empties every tree, durably: the account's keys and data and this device's identity.
-    /// The files still hold old pages; [`DeviceStore::remove_files`] takes them away once this
-    /// store is dropped.
-    pub fn clear(&self) -> Result<(), StoreError> {
-        for tree in [
+    /// Every tree of the store but the journal.
+    fn trees(&self) -> [&Tree; 18] {
+        [
             &self.meta,
             &self.chats,
             &self.cursors,
@@ -602,7 +605,14 @@ impl DeviceStore {
             &self.secret_undelivered,
             &self.secret_timers,
             &self.secret_closed,
-        ] {
+        ]
+    }
+
+    /// Empties every tree, durably: the account's keys and data and this device's identity.
+    /// The files still hold old pages; [`DeviceStore::remove_files`] takes them away once this
+    /// store is dropped.
+    pub fn clear(&self) -> Result<(), StoreError> {
+        for tree in self.trees() {
             tree.clear()?;
         }
         self.next_change_cache().clear();
@@ -669,7 +679,7 @@ impl DeviceStore {
     /// Stores a new chat's metadata and the outbox item that creates it on the relay,
     /// atomically; not yet durable, see [`DeviceStore::barrier`].
     pub fn create_chat(&self, chat: ChatId, meta: &ChatMeta, item: &OutboxItem) -> Result<(), StoreError> {
-        atomic(&[&self.chats, &self.outbox, &self.meta], |b| {
+        self.journal.atomic(&[&self.chats, &self.outbox, &self.meta], |b| {
             b.insert(0, chat.0, enc(meta));
             b.insert(1, item.client_seq.0.to_be_bytes(), enc(item));
             b.insert(2, "next_client_seq", &(item.client_seq.0 + 1).to_be_bytes()[..]);
@@ -737,7 +747,7 @@ impl DeviceStore {
     /// changes that wait for their dependencies, which a snapshot does not hold).
     pub fn compact(&self, chat: ChatId, snapshot: &[u8], pending: &[Vec<u8>]) -> Result<(), StoreError> {
         self.next_change_cache().remove(&chat);
-        compact_in(&self.snapshots, &self.changes, chat, snapshot, pending)
+        compact_in(&self.journal, &self.snapshots, &self.changes, chat, snapshot, pending)
     }
 
     /// Records who sent a chat's changes from `author.device` (see [`Author`]).

@@ -19,7 +19,7 @@ impl DeviceStore {
             }
         }
         let mut counts = Vec::with_capacity(chats.len());
-        atomic(&[&self.changes, &self.cursors], |b| {
+        self.journal.atomic(&[&self.changes, &self.cursors], |b| {
             for (chat, deltas) in chats {
                 let n = next.get_mut(chat).expect("every chat numbered above");
                 for (_, change) in deltas.iter() {
@@ -48,7 +48,7 @@ impl DeviceStore {
                 next.insert(*chat, self.next_change_n(*chat)?);
             }
         }
-        atomic(&[&self.changes, &self.outbox, &self.meta], |b| {
+        self.journal.atomic(&[&self.changes, &self.outbox, &self.meta], |b| {
             for (chat, change, item) in writes {
                 let n = next.get_mut(chat).expect("every chat numbered above");
                 b.insert(0, change_key(*chat, *n), *change);

@@ -7,11 +7,13 @@
 //! Versions:
 //! * 0: stores made before the version key existed. Read by this version as they are.
 //! * 1: the version key. No record changed, so 0 → 1 only writes it.
+//! * 2: atomic batches go through the `journal` tree (`kv.rs`), which an earlier build would
+//!   not finish after a crash. No record changed, so 1 → 2 only writes the version.
 
 use super::{DeviceStore, StoreError};
 
 /// The format this build writes, and the newest it opens.
-pub const STORE_FORMAT: u32 = 1;
+pub const STORE_FORMAT: u32 = 2;
 
 /// The `meta` key that holds the format.
 const FORMAT_KEY: &str = "format";
@@ -23,7 +25,7 @@ struct Migration {
 }
 
 /// Every step, in order, from 0 to [`STORE_FORMAT`].
-const MIGRATIONS: &[Migration] = &[Migration { from: 0, run: |_| Ok(()) }];
+const MIGRATIONS: &[Migration] = &[Migration { from: 0, run: |_| Ok(()) }, Migration { from: 1, run: |_| Ok(()) }];
 
 impl DeviceStore {
     /// The store's format version: `None` for a store with nothing in it yet, 0 for one made
@@ -39,14 +41,17 @@ impl DeviceStore {
         }
     }
 
-    /// Called when the store opens: stamps a new store, migrates an older one, refuses a newer
-    /// one.
+    /// Called when the store opens: stamps a new store, refuses a newer one, finishes the
+    /// atomic batches a crash cut short (`kv.rs`) and migrates an older one.
     pub(super) fn open_format(&self) -> Result<(), StoreError> {
         let found = match self.format()? {
             Some(found) if found > STORE_FORMAT => {
                 return Err(StoreError::NewerFormat { found, supported: STORE_FORMAT })
             }
-            Some(found) => found,
+            Some(found) => {
+                self.journal.replay(&self.trees())?;
+                found
+            }
             None => {
                 self.meta.insert(FORMAT_KEY, STORE_FORMAT.to_be_bytes().to_vec())?;
                 return Ok(());

@@ -23,7 +23,7 @@ impl DeviceStore {
     /// Replaces outbox items (resealed after a rotation) and, with `meta`, a chat's keys,
     /// atomically and durably.
     pub fn replace_outbox(&self, items: &[OutboxItem], meta: Option<(ChatId, &ChatMeta)>) -> Result<(), StoreError> {
-        atomic(&[&self.outbox, &self.chats], |b| {
+        self.journal.atomic(&[&self.outbox, &self.chats], |b| {
             for item in items {
                 b.insert(0, item.client_seq.0.to_be_bytes(), enc(item));
             }
@@ -62,7 +62,7 @@ impl DeviceStore {
             }
             old.push(k);
         }
-        atomic(&[&self.outbox, &self.sent], |b| {
+        self.journal.atomic(&[&self.outbox, &self.sent], |b| {
             for (cs, item) in &items {
                 let key = cs.0.to_be_bytes();
                 b.remove(0, key);
@@ -103,7 +103,7 @@ impl DeviceStore {
             Some(after) => self.sent.range_from((after.0 + 1).to_be_bytes(), usize::MAX).collect::<Result<_, _>>()?,
             None => Vec::new(),
         };
-        atomic(&[&self.meta, &self.cursors, &self.outbox, &self.sent], |b| {
+        self.journal.atomic(&[&self.meta, &self.cursors, &self.outbox, &self.sent], |b| {
             b.insert(0, "account_cursor", &account.0.to_be_bytes()[..]);
             b.insert(0, "incarnation", enc(&incarnation));
             for (chat, seq) in &lowered {
@@ -178,16 +178,20 @@ mod sent_tests {
             let disk = MemDisk::new();
             let store = DeviceStore::open_mem(&disk).unwrap();
             store.barrier().unwrap();
+            // Where each write starts among the writes since the barrier: a crash that keeps
+            // its first (the journal entry) keeps it whole.
+            let mut starts = vec![disk.unsynced()];
             store.store_local_many(&writes).unwrap();
+            starts.push(disk.unsynced());
             assert_eq!(store.next_client_seq().unwrap(), ClientSeq(4));
             assert_eq!((store.changes_stored(a).unwrap(), store.changes_stored(b).unwrap()), (2, 1));
             let counts = store.apply_remote_chats(&[(a, &da), (b, &db), (a, &da2)]).unwrap();
             assert_eq!(counts, [3, 2, 4], "each entry's chat count after it");
             assert_eq!(store.cursor(b).unwrap(), Seq(4));
+            starts.push(disk.unsynced());
             store.outbox_acked_many(&[ClientSeq(1), ClientSeq(3), ClientSeq(99)]).unwrap();
-            assert_eq!(disk.unsynced(), 3, "one write each");
             drop(store);
-            disk.crash(keep);
+            disk.crash(if keep == 0 { 0 } else { starts[keep - 1] + 1 });
             let store = DeviceStore::open_mem(&disk).unwrap();
             let (ca, cb) = (vec![vec![1], vec![3]], vec![vec![2]]);
             let (ca2, cb2) = (vec![vec![1], vec![3], vec![7], vec![9]], vec![vec![2], vec![4]]);

