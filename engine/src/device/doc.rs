@@ -164,6 +164,9 @@ pub struct DocUpdate {
     pub changed: Vec<Message>,
     /// Accounts whose read mark it moved, with the message they have now read up to.
     pub read: Vec<(String, String)>,
+    /// The change was in the document already (applied, held back, or this device's own):
+    /// nothing changed, and the store has it (the caller need not store it again).
+    pub known: bool,
 }
 
 /// A chat's Automerge document.
@@ -445,7 +448,7 @@ impl ChatDoc {
         let own = self.doc.get_actor();
         if change.actor_id() == own || &device_actor(&from.device) == own {
             if self.doc.get_change_by_hash(&change.hash()).is_some() {
-                return Ok(DocUpdate::default());
+                return Ok(DocUpdate { known: true, ..DocUpdate::default() });
             }
             return Err(DocError::Forbidden("claims to come from this device"));
         }
@@ -457,6 +460,10 @@ impl ChatDoc {
                 self.authors.insert(change.actor_id().clone(), from.clone());
             }
             _ => return Err(DocError::Forbidden("is not written by the device that sent it")),
+        }
+        let hash = change.hash();
+        if self.doc.get_change_by_hash(&hash).is_some() || self.pending.iter().any(|c| c.hash() == hash) {
+            return Ok(DocUpdate { known: true, ..DocUpdate::default() });
         }
         let mut touched = Touched::default();
         self.integrate(change, &mut touched)?;

@@ -46,6 +46,26 @@ fn two_devices_converge_on_one_message_list() {
     assert_eq!(a.heads(), b.heads());
 }
 
+/// A change the document has (applied, held back, or its own) is reported as known, so that
+/// the device passes it over instead of storing it again (a crash can keep a run's changes
+/// without their cursor; they then come again).
+#[test]
+fn a_change_the_document_has_is_reported_as_known() {
+    let chat = ChatId([9; 16]);
+    let mut a = ChatDoc::new(chat, &dev("a"));
+    let mut b = ChatDoc::new(chat, &dev("b"));
+    let ca = a.add_message(&new_message(AccountId([1; 16]), &dev("a"), "from a", 1, [1; 16])).unwrap();
+    let first = b.take_update(&ca).unwrap();
+    assert!(!first.known && first.added.len() == 1);
+    let again = b.take_update(&ca).unwrap();
+    assert!(again.known && again.added.is_empty(), "applied before");
+    let held = waiting_for(&ca, 1);
+    assert!(!b.take_update(&held).unwrap().known, "held back, new");
+    assert!(b.take_update(&held).unwrap().known, "held back before");
+    let own = a.add_message(&new_message(AccountId([1; 16]), &dev("a"), "mine", 2, [2; 16])).unwrap();
+    assert!(a.take_update(&own).unwrap().known, "this device's own");
+}
+
 #[test]
 fn garbage_is_an_error_not_a_panic() {
     let mut a = ChatDoc::new(ChatId([1; 16]), &dev("a"));

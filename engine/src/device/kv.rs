@@ -291,6 +291,21 @@ impl Batch {
     }
 }
 
+/// Makes the writes `fill` gathers to `trees` one by one, in order, each a plain write: for
+/// batches every prefix of which is a state the store may be left in (a crash keeps a prefix),
+/// which then need no journal.
+pub(crate) fn in_order(trees: &[&Tree], fill: impl FnOnce(&mut Batch)) -> Result<(), StoreError> {
+    let mut batch = Batch::default();
+    fill(&mut batch);
+    for (i, k, v) in batch.0 {
+        match v {
+            Some(v) => trees[i].insert(k, v)?,
+            None => trees[i].remove(k)?,
+        }
+    }
+    Ok(())
+}
+
 /// A batch as the journal keeps it: (tree name, key, value or `None` for a removal), in order.
 type Record = Vec<(Vec<u8>, Vec<u8>, Option<Vec<u8>>)>;
 

@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::device::doc::Author;
-use crate::device::kv::{Journal, MemDisk, Tree};
+use crate::device::kv::{in_order, Journal, MemDisk, Tree};
 use serde::{Deserialize, Serialize};
 
 #[path = "store_changes.rs"]

@@ -1,14 +1,15 @@
 //! The device store's chat changes as they come: remote deltas applied with their chats'
-//! cursors, and local changes with their outbox items, each batch in one atomic write (a
-//! session stores what came together at once: sled's per-transaction cost, not the bytes, is
-//! what a busy device pays). Part of [`DeviceStore`]; split out of `store.rs` for size.
+//! cursors (changes first, cursors last), and local changes with their outbox items in one
+//! atomic write; a session stores what came together at once. Part of [`DeviceStore`]; split
+//! out of `store.rs` for size.
 
 use super::*;
 
 impl DeviceStore {
-    /// Stores remote changes of several chats and moves each chat's cursor to its last seq, in
-    /// one atomic write (the deltas a session took from the relay together, whatever their
-    /// chats); an entry whose change is `None` (a delta that failed to open or apply) only
+    /// Stores remote changes of several chats and moves each chat's cursor to its last seq
+    /// (the deltas a session took from the relay together, whatever their chats), every change
+    /// before any cursor: a crash keeps a prefix of it (see the comment inside); an entry whose
+    /// change is `None` (a delta that failed to open or apply, or one already stored) only
     /// moves the cursor past it. Returns, for each entry in the order given, its chat's number
     /// of changes then stored after its snapshot.
     pub fn apply_remote_chats(&self, chats: &[(ChatId, &[RemoteEntry])]) -> Result<Vec<u64>, StoreError> {
@@ -19,7 +20,11 @@ impl DeviceStore {
             }
         }
         let mut counts = Vec::with_capacity(chats.len());
-        self.journal.atomic(&[&self.changes, &self.cursors], |b| {
+        let mut cursors = BTreeMap::new();
+        // Every change before any cursor, as plain writes: a crash keeps a prefix, so a cursor
+        // that survives has all its chat's changes before it, and changes kept without their
+        // cursor come again from the relay and are passed over as known (`stage_deltas`).
+        in_order(&[&self.changes, &self.cursors], |b| {
             for (chat, deltas) in chats {
                 let n = next.get_mut(chat).expect("every chat numbered above");
                 for (_, change) in deltas.iter() {
@@ -29,9 +34,12 @@ impl DeviceStore {
                     }
                 }
                 if let Some((last, _)) = deltas.last() {
-                    b.insert(1, chat.0, &last.0.to_be_bytes()[..]);
+                    cursors.insert(*chat, *last);
                 }
                 counts.push(*n);
+            }
+            for (chat, last) in cursors {
+                b.insert(1, chat.0, &last.0.to_be_bytes()[..]);
             }
         })?;
         self.next_change_cache().extend(next);

@@ -41,8 +41,8 @@ impl DeviceStore {
     }
 
     /// Moves items the relay acknowledged from the outbox to `sent` (the newest [`SENT_KEPT`]
-    /// are kept there, to be sent again to a restored relay), in one write (the acks a session
-    /// took from the relay together).
+    /// are kept there, to be sent again to a restored relay), together (the acks a session took
+    /// from the relay together).
     pub fn outbox_acked_many(&self, acked: &[ClientSeq]) -> Result<(), StoreError> {
         let mut items = Vec::with_capacity(acked.len());
         for cs in acked {
@@ -62,13 +62,16 @@ impl DeviceStore {
             }
             old.push(k);
         }
-        self.journal.atomic(&[&self.outbox, &self.sent], |b| {
+        // As plain writes, each item into `sent` before it leaves the outbox: a crash keeps a
+        // prefix, at worst items both sent and still in the outbox, which go again and are
+        // acknowledged again (the relay answers a repeat with its seq).
+        in_order(&[&self.outbox, &self.sent], |b| {
             for (cs, item) in &items {
                 let key = cs.0.to_be_bytes();
-                b.remove(0, key);
                 if key >= bound {
                     b.insert(1, key, item.to_vec());
                 }
+                b.remove(0, key);
             }
             for k in &old {
                 b.remove(1, k);
@@ -150,12 +153,13 @@ mod sent_tests {
         assert_eq!(back, ((n - 4)..=n).collect::<Vec<_>>(), "the five the relay lacks, in order");
     }
 
-    /// The batched writes a session makes: local changes of two chats in one write (numbered
-    /// per chat, the client seq after the last), deltas of two chats in one write (each chat's
-    /// changes in order, each cursor at its last seq), and acks in one write; a power loss
-    /// before the barrier loses each of these writes whole or not at all.
+    /// The batched writes a session makes: local changes of two chats in one atomic write
+    /// (numbered per chat, the client seq after the last), deltas of two chats (each chat's
+    /// changes in order, each cursor at its last seq), and acks. A power loss before the
+    /// barrier after any of their writes keeps the local batch whole or not at all, no cursor
+    /// without its chat's changes before it, and no item in neither the outbox nor `sent`.
     #[test]
-    fn batched_writes_are_numbered_per_chat_and_land_whole_or_not_at_all() {
+    fn batched_writes_are_numbered_per_chat_and_a_crash_keeps_a_safe_prefix() {
         let (a, b) = (ChatId([1; 16]), ChatId([2; 16]));
         let item = |cs: u64, chat| OutboxItem {
             client_seq: ClientSeq(cs),
@@ -174,34 +178,63 @@ mod sent_tests {
             let outbox: Vec<u64> = s.outbox_after(ClientSeq(0), 10).unwrap().iter().map(|i| i.client_seq.0).collect();
             (s.doc_parts(a).unwrap().1, s.doc_parts(b).unwrap().1, s.cursor(a).unwrap().0, outbox, s.sent.len())
         };
-        for keep in 0..=3 {
-            let disk = MemDisk::new();
-            let store = DeviceStore::open_mem(&disk).unwrap();
+        // The writes since the barrier after each batch.
+        let write_all = |disk: &MemDisk| {
+            let store = DeviceStore::open_mem(disk).unwrap();
             store.barrier().unwrap();
-            // Where each write starts among the writes since the barrier: a crash that keeps
-            // its first (the journal entry) keeps it whole.
-            let mut starts = vec![disk.unsynced()];
+            let mut ends = vec![0];
             store.store_local_many(&writes).unwrap();
-            starts.push(disk.unsynced());
+            ends.push(disk.unsynced());
             assert_eq!(store.next_client_seq().unwrap(), ClientSeq(4));
             assert_eq!((store.changes_stored(a).unwrap(), store.changes_stored(b).unwrap()), (2, 1));
             let counts = store.apply_remote_chats(&[(a, &da), (b, &db), (a, &da2)]).unwrap();
             assert_eq!(counts, [3, 2, 4], "each entry's chat count after it");
             assert_eq!(store.cursor(b).unwrap(), Seq(4));
-            starts.push(disk.unsynced());
+            ends.push(disk.unsynced());
             store.outbox_acked_many(&[ClientSeq(1), ClientSeq(3), ClientSeq(99)]).unwrap();
-            drop(store);
-            disk.crash(if keep == 0 { 0 } else { starts[keep - 1] + 1 });
+            ends.push(disk.unsynced());
+            ends
+        };
+        let ends = write_all(&MemDisk::new());
+        let (ca, cb) = (vec![vec![1], vec![3]], vec![vec![2]]);
+        let (ca2, cb2) = (vec![vec![1], vec![3], vec![7], vec![9]], vec![vec![2], vec![4]]);
+        for keep in 0..=ends[3] {
+            let disk = MemDisk::new();
+            write_all(&disk);
+            disk.crash(keep);
             let store = DeviceStore::open_mem(&disk).unwrap();
-            let (ca, cb) = (vec![vec![1], vec![3]], vec![vec![2]]);
-            let (ca2, cb2) = (vec![vec![1], vec![3], vec![7], vec![9]], vec![vec![2], vec![4]]);
-            let want = match keep {
-                0 => (vec![], vec![], 0, vec![], 0),
-                1 => (ca, cb, 0, vec![1, 2, 3], 0),
-                2 => (ca2.clone(), cb2.clone(), 9, vec![1, 2, 3], 0),
-                _ => (ca2, cb2, 9, vec![2], 2),
+            let (got_a, got_b, cursor_a, outbox, sent) = state(&store);
+            // At the batches' ends, exactly what they wrote.
+            let want = match ends.iter().position(|&e| e == keep) {
+                Some(0) => Some((vec![], vec![], 0, vec![], 0)),
+                Some(1) => Some((ca.clone(), cb.clone(), 0, vec![1, 2, 3], 0)),
+                Some(2) => Some((ca2.clone(), cb2.clone(), 9, vec![1, 2, 3], 0)),
+                Some(_) => Some((ca2.clone(), cb2.clone(), 9, vec![2], 2)),
+                None => None,
             };
-            assert_eq!(state(&store), want, "{keep} of the three writes kept");
+            if let Some(want) = want {
+                assert_eq!((got_a.clone(), got_b.clone(), cursor_a, outbox.clone(), sent), want, "{keep} writes kept");
+            }
+            // In between, a safe prefix.
+            // The local batch's first write is its journal entry: with it, the batch is whole.
+            if keep == 0 {
+                assert!(outbox.is_empty() && got_a.is_empty(), "the local batch is absent");
+            } else {
+                let mut all: Vec<u64> = outbox.clone();
+                all.extend(
+                    store.sent.iter().keys().map(|k| u64::from_be_bytes(k.unwrap().as_ref().try_into().unwrap())),
+                );
+                all.sort();
+                all.dedup();
+                assert_eq!(all, vec![1, 2, 3], "no item lost ({keep} kept)");
+                assert!(got_a.starts_with(&ca) && got_b.starts_with(&cb), "local changes first ({keep} kept)");
+            }
+            if cursor_a == 9 {
+                assert_eq!(got_a, ca2, "a cursor comes after its chat's changes ({keep} kept)");
+            }
+            if store.cursor(b).unwrap() == Seq(4) {
+                assert_eq!(got_b, cb2, "a cursor comes after its chat's changes ({keep} kept)");
+            }
         }
     }
 }

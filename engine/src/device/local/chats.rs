@@ -220,6 +220,10 @@ impl Device {
             }
             let doc = self.doc(chat)?;
             match doc.apply_untrusted_update(&plain, &from) {
+                // Stored already (it came before, or it is this device's own): only the
+                // cursor moves. After a crash that kept part of a run's store (see
+                // `DeviceStore::apply_remote_chats`), the deltas come again and are these.
+                Ok(update) if update.known => entries.push((delta.seq, None)),
                 Ok(update) => {
                     entries.push((delta.seq, Some(plain)));
                     done.updates.push(update);
