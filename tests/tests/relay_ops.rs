@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use stratus_relay::store::RelayStore;
 use stratus_tests::*;
 
 fn texts(home: &Path, chat: &str) -> Vec<String> {
@@ -220,4 +221,64 @@ fn a_backup_does_not_stop_the_appends() {
     }
     let raw_held = held.iter().filter(|d| d.client_seq.0 >= CS0).count();
     assert!(raw_held <= sent.load(Ordering::SeqCst) as usize, "nothing the device did not send");
+}
+
+/// An account with many deltas deleted while the relay runs: the running relay empties its
+/// data a chunk at a time by itself (its `/metrics` count the chunks, and say when nothing is
+/// left), not only when the store next opens, and another account's appends are acknowledged
+/// meanwhile.
+#[test]
+fn a_running_relay_empties_a_deleted_accounts_data_while_serving_others() {
+    use std::time::{Duration, Instant};
+    const DELTAS: u64 = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let mut relay = Relay::start_with(&data, &["--requests-per-second", "0", "--admin-http", "127.0.0.1:0"]);
+    let gone_home = dir.path().join("gone");
+    let (gone, stays) = (account(&relay, &gone_home, "gone"), account(&relay, &dir.path().join("stays"), "stays"));
+    let gone_id = stratus_engine::Device::open(&gone_home).unwrap().account().unwrap().to_string();
+    let admin = relay.admin_http();
+    let purge = || {
+        let text = http(&admin, "GET", "/metrics").1;
+        let value = |name| metric(&text, name).unwrap_or_else(|| panic!("{name} in {text}"));
+        (value("stratus_relay_purge_chunks_total"), value("stratus_relay_purge_pending"))
+    };
+    let rt = rt();
+    let log = Appended::default();
+    rt.block_on(async {
+        let raw_gone = raw(&relay, &gone).await;
+        keep_appending(raw_gone, gone.chat, 1..=DELTAS, 200, None, Appended::default()).await;
+        assert_eq!(purge(), (0.0, 0.0), "nothing deleted yet");
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let raw_stays = raw(&relay, &stays).await;
+        let appender = tokio::spawn(keep_appending(raw_stays, stays.chat, 1..=u64::MAX, 200, Some(stop), log.clone()));
+        while log.acks.lock().unwrap().len() < 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let acked_before = log.acks.lock().unwrap().len();
+        let (d, id) = (data.clone(), gone_id.clone());
+        let out = tokio::task::spawn_blocking(move || relay_ok(&d, &["admin", "delete", &id])).await.unwrap();
+        assert!(out.contains(&gone_id), "{out}");
+        // A generous deadline: this waits for the purge, it does not time it.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (chunks, pending) = purge();
+            // Its chat's deltas alone take DELTAS / 128 chunks.
+            if pending == 0.0 && chunks >= (DELTAS / stratus_relay::core::PURGE_CHUNK as u64) as f64 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the purge did not finish: {chunks} chunks, pending {pending}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let acked_after = log.acks.lock().unwrap().len();
+        eprintln!("acknowledged to the other account while deleting: {}", acked_after - acked_before);
+        assert!(acked_after > acked_before, "the other account's appends were acknowledged meanwhile");
+        stop_tx.send_replace(true);
+        appender.await.expect("the other account's appends go on");
+    });
+    assert!(relay.terminate().is_some_and(|s| s.success()));
+    let store = stratus_relay::store::SledStore::open(&data.join("store")).unwrap();
+    assert!(store.read_chat(gone.chat, stratus_engine::Seq(0), stratus_engine::Seq(DELTAS), 100).unwrap().is_empty());
+    let kept = store.read_chat(stays.chat, stratus_engine::Seq(0), stratus_engine::Seq(10), 10).unwrap();
+    assert_eq!(kept.len(), 10, "the other account's deltas stay");
 }

@@ -10,8 +10,8 @@ use super::*;
 pub const MANIFEST: &str = "backup.manifest";
 
 /// The `meta` key of the accounts a restore found deleted in the store it replaced but not in
-/// the backup: the relay deletes them again when it starts ([`RelayStore::redo_deletions`]).
-const REDO_DELETIONS: &str = "restore_deletions";
+/// the backup: the relay's core deletes them again when it starts ([`Recovered::redo_deletions`]).
+pub(super) const REDO_DELETIONS: &str = "restore_deletions";
 
 fn backup_err(what: impl std::fmt::Display) -> StoreError {
     StoreError::Backup(what.to_string())
@@ -186,12 +186,6 @@ impl SledStore {
             Some(v) => dec(&v, "deletions to redo"),
             None => Ok(Vec::new()),
         }
-    }
-
-    /// Forgets the list once the relay deleted them again.
-    pub(super) fn clear_redo_deletions(&self) -> Result<(), StoreError> {
-        self.meta.remove(REDO_DELETIONS)?;
-        Ok(())
     }
 }
 
