@@ -729,7 +729,7 @@ impl RelayStore for SledStore {
 }
 
 mod backup;
-pub use backup::{restore, BackupCopy, Restored, SledBackup, MANIFEST};
+pub use backup::{restore, BackupCopy, Restored, SledBackup, MANIFEST, PARTIAL};
 mod format;
 pub use format::STORE_FORMAT;
 mod purge;

@@ -282,3 +282,33 @@ fn a_running_relay_empties_a_deleted_accounts_data_while_serving_others() {
     let kept = store.read_chat(stays.chat, stratus_engine::Seq(0), stratus_engine::Seq(10), 10).unwrap();
     assert_eq!(kept.len(), 10, "the other account's deltas stay");
 }
+
+/// A backup that fails leaves its directory as it found it, ready for the next backup: here a
+/// second backup asked for while one runs. (Before, the relay's identity, copied in first,
+/// stayed, and every later backup into that directory was refused as "not empty".)
+#[test]
+fn a_failed_backup_leaves_its_directory_ready_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let relay = Relay::start_with(&data, &["--requests-per-second", "0"]);
+    let acct = account(&relay, &dir.path().join("a"), "a");
+    let socket = data.join(stratus_relay::admin::SOCKET_NAME);
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    rt().block_on(async {
+        let raw = raw(&relay, &acct).await;
+        // A store whose copy takes a while (as in `a_backup_does_not_stop_the_appends`).
+        keep_appending(raw, acct.chat, 1..=FILL, FILL_BYTES, None, Appended::default()).await;
+        let (s, f) = (socket.clone(), first.clone());
+        let running = tokio::spawn(async move { stratus_relay::admin::client::backup(&s, &f).await });
+        while !relay.log().contains("backup started") {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let err = stratus_relay::admin::client::backup(&socket, &second).await.expect_err("one backup at a time");
+        assert!(err.contains("already running"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(&second).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "the failed backup left {left:?}");
+        running.await.unwrap().expect("the first backup is made");
+        stratus_relay::admin::client::backup(&socket, &second).await.expect("the directory takes the next backup");
+    });
+    assert!(second.join(stratus_relay::store::MANIFEST).is_file());
+}
