@@ -167,6 +167,8 @@ impl Store {
             invites: self.invites.iter().map(|(d, at)| (*d, *at)).collect(),
             incarnation: Default::default(),
             floors: Default::default(),
+            // The target makes no restores.
+            redo_deletions: Vec::new(),
         }
     }
 }
