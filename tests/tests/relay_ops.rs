@@ -1,7 +1,8 @@
 //! Relay operations for self-hosters (issue 19), against the real relay binary and the real
 //! `stratus` CLI: a backup taken while the relay serves, restored after more was written, loses
 //! no message on any device (the restore defect); backups and restores refuse bad input and
-//! change nothing.
+//! change nothing; a failed backup leaves its directory ready for the next; a running relay
+//! empties a deleted account's data while it serves the others.
 
 use std::path::Path;
 
