@@ -329,9 +329,18 @@ async fn backup(to: PathBuf, data_dir: &Path, core: &mpsc::Sender<AdminRequest>)
     let key = data_dir.join("identity.key");
     copy_synced(&key, &to.join("identity.key")).map_err(|e| failed(format!("copying {}: {e}", key.display())))?;
     let (reply, answer) = oneshot::channel();
-    core.send(AdminRequest::Backup { to, reply }).await.map_err(stopping)?;
-    let inc = answer.await.map_err(stopping)?.map_err(failed)?;
-    Ok(json!({ "store": hex(&inc.store), "generation": inc.generation }))
+    core.send(AdminRequest::Backup { to: to.clone(), reply }).await.map_err(stopping)?;
+    match answer.await.map_err(stopping)? {
+        Ok(inc) => Ok(json!({ "store": hex(&inc.store), "generation": inc.generation })),
+        Err(e) => {
+            // The directory goes back to empty, ready for the next backup: the identity copied
+            // above, and the store's copy (its thread may still hold it; removing it under the
+            // thread only makes the thread fail, and it removes nothing else).
+            let _ = std::fs::remove_file(to.join("identity.key"));
+            let _ = std::fs::remove_dir_all(to.join(crate::store::PARTIAL));
+            Err(failed(e))
+        }
+    }
 }
 
 /// An invite token named by itself or by its id (16 hex digits, as `invite list` shows it).

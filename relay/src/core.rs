@@ -100,6 +100,9 @@ pub enum Input {
     /// The operator's command (`stratus-relay admin`, see `core/admin.rs`), answered with
     /// [`Effect::Admin`] carrying the same `id` once what it changed is durable.
     Admin { id: AdminId, command: AdminCommand },
+    /// The driver emptied as much of the deleted ranges as [`RelayCore::purge_due`] asked;
+    /// `more` when some are left (see `core/purge.rs`).
+    Purged { more: bool },
 }
 
 /// What the core asks the driver to do, in order.
@@ -286,6 +289,11 @@ pub struct RelayCore {
     approved: BTreeMap<[u8; 32], ApprovedLink>,
     next_token: u64,
     durable_token: u64,
+    /// Deletions left ranges to empty once this token is durable (see `core/purge.rs`).
+    purge_after: Option<u64>,
+    /// What the core wrote as it started, out with the first input's effects (see
+    /// `RelayCore::redo_deletions`).
+    startup_ops: Vec<StoreOp>,
     deferred: VecDeque<(u64, Deferred)>,
     limits: Limits,
     recoveries: BTreeMap<[u8; 32], RecoveryRecord>,
@@ -325,6 +333,8 @@ impl RelayCore {
             approved: recovered.approved_links.iter().cloned().collect(),
             next_token: 1,
             durable_token: 0,
+            purge_after: None,
+            startup_ops: Vec::new(),
             deferred: VecDeque::new(),
             limits,
             recoveries: BTreeMap::new(),
@@ -421,6 +431,7 @@ impl RelayCore {
             }
             core.chats.insert(chat, Chat::new(record, head));
         }
+        core.redo_deletions(recovered.redo_deletions);
         for (device, recent) in recovered.recent_appends {
             if let Some(d) = core.devices.get_mut(&device) {
                 for (cs, chat, seq) in recent {
@@ -443,6 +454,7 @@ impl RelayCore {
     /// Handles one input and returns the effects to carry out, in order.
     pub fn handle(&mut self, input: Input) -> Vec<Effect> {
         let mut out = Vec::new();
+        self.startup_writes(&mut out);
         match input {
             Input::Opened { conn, device } => {
                 self.peer_opened(&device);
@@ -472,7 +484,9 @@ impl RelayCore {
             Input::WriteFailed => self.write_failed(&mut out),
             Input::Drain => self.draining = Some(BTreeSet::new()),
             Input::Admin { id, command } => self.admin(id, command, &mut out),
+            Input::Purged { more } => self.purged(more),
         }
+        self.note_deletions(&out);
         self.drain_step(&mut out);
         self.admit(out)
     }
@@ -753,6 +767,8 @@ mod members;
 use limiting::hold;
 mod peers;
 use peers::Peer;
+mod purge;
+pub use purge::PURGE_CHUNK;
 mod quota;
 pub use quota::DELTA_OVERHEAD_BYTES;
 mod records;

@@ -355,3 +355,73 @@ fn unused_invites_are_listed_by_id_and_revoked_by_token_or_id() {
         assert!(World::ops(&effects).is_empty(), "a refusal writes nothing");
     }
 }
+
+/// The store empties a deletion's ranges only once the deletion is durable, a chunk each time
+/// the driver asks, until it reports nothing left; a later deletion asks again.
+#[test]
+fn deleted_data_is_emptied_in_chunks_once_the_deletion_is_durable() {
+    let mut w = world();
+    let (a, b) = (w.connect(1, "a"), w.connect(2, "b"));
+    let ((ka, notes), (kb, _)) = (w.account(&a), w.account(&b));
+    let e = w.frame(a.conn, append(5, notes, 1));
+    w.durable(&e);
+    assert_eq!(w.core.purge_due(), None, "nothing deleted yet");
+
+    let e = w.input(Input::Admin { id: 1, command: AdminCommand::Delete(id_of(&ka)) });
+    assert!(World::ops(&e).iter().any(|op| op.is_deletion()));
+    assert_eq!(w.core.purge_due(), None, "not before the deletion is durable");
+    w.durable(&e);
+    assert_eq!(w.core.purge_due(), Some(PURGE_CHUNK));
+    w.input(Input::Purged { more: true });
+    assert_eq!(w.core.purge_due(), Some(PURGE_CHUNK), "more is left: another chunk");
+    w.input(Input::Purged { more: false });
+    assert_eq!(w.core.purge_due(), None, "all emptied");
+
+    // Another deletion: its own turn, again once durable.
+    let e = w.input(Input::Admin { id: 2, command: AdminCommand::Delete(id_of(&kb)) });
+    assert_eq!(w.core.purge_due(), None);
+    w.durable(&e);
+    assert_eq!(w.core.purge_due(), Some(PURGE_CHUNK));
+    w.input(Input::Purged { more: false });
+    assert_eq!(w.core.purge_due(), None);
+}
+
+/// After a restore, the accounts deleted since its backup are deleted again as the core
+/// starts: their devices are refused from the very first frame, the deletion's writes (and
+/// forgetting the list) go out once with the first input's effects, and nothing is asked of
+/// the store before they are durable. (Before, a task deleted them once the relay ran, and
+/// their devices could be served meanwhile.)
+#[test]
+fn accounts_deleted_after_a_restored_backup_are_refused_from_the_start() {
+    let mut w = world();
+    let (a, b) = (w.connect(1, "a"), w.connect(2, "b"));
+    let ((ka, notes), (kb, _)) = (w.account(&a), w.account(&b));
+    let (ia, ib) = (ka.public().id, kb.public().id);
+    let e = w.frame(a.conn, append(5, notes, 1));
+    w.durable(&e);
+    let chat = w.core.chats[&notes].record.clone();
+    let recovered = Recovered {
+        accounts: vec![ka.public(), kb.public()],
+        devices: vec![w.core.devices[&a.id].cert.clone(), w.core.devices[&b.id].cert.clone()],
+        chats: vec![(notes, chat, Seq(1))],
+        redo_deletions: vec![ia],
+        ..Recovered::default()
+    };
+    let mut w = World { core: RelayCore::new(recovered, Limits::default()), ..world() };
+
+    let first = w.input(Input::Opened { conn: 1, device: a.id.clone() });
+    let ops = World::ops(&first);
+    for wanted in [StoreOp::DeleteAccountData(ia), StoreOp::DeleteChat(notes), StoreOp::ForgetRedoDeletions] {
+        assert!(ops.contains(&&wanted), "{wanted:?} in {ops:?}");
+    }
+    assert_eq!(w.core.purge_due(), None, "the deletion is not durable yet");
+    let hello = w.frame(1, ClientFrame::Hello { version: PROTOCOL_VERSION });
+    assert_eq!(error_codes(&hello), vec![(1, ErrorCode::AccountDeleted)]);
+    assert!(World::ops(&hello).is_empty(), "written once");
+    // The other account is served.
+    w.input(Input::Opened { conn: 2, device: b.id.clone() });
+    let e = w.frame(2, ClientFrame::Hello { version: PROTOCOL_VERSION });
+    assert!(matches!(&sends(&e)[..], [(2, RelayFrame::Hello { account: Some(id), .. })] if *id == ib), "{e:?}");
+    w.durable(&first);
+    assert_eq!(w.core.purge_due(), Some(PURGE_CHUNK));
+}

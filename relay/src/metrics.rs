@@ -55,6 +55,8 @@ pub struct Metrics {
     chat_log_max: Gauge,
     chats_by_log_length: Family<LeLabel, Gauge>,
     store_bytes: Gauge,
+    purge_chunks: Counter,
+    purge_pending: Gauge,
     /// Appends applied when the last barrier began (for [`Metrics::barrier_appends`]).
     appends_at_barrier: AtomicU64,
 }
@@ -87,6 +89,8 @@ impl Metrics {
             chat_log_max: Gauge::default(),
             chats_by_log_length: Family::default(),
             store_bytes: Gauge::default(),
+            purge_chunks: Counter::default(),
+            purge_pending: Gauge::default(),
             appends_at_barrier: AtomicU64::new(0),
             registry: Registry::default(),
         };
@@ -111,6 +115,12 @@ impl Metrics {
             m.chats_by_log_length.clone(),
         );
         r.register_with_unit("store", "Size of the store on disk", Unit::Bytes, m.store_bytes.clone());
+        r.register("purge_chunks", "Chunks of deleted data emptied from the store", m.purge_chunks.clone());
+        r.register(
+            "purge_pending",
+            "1 while the last chunk emptied left more deleted data to empty, else 0",
+            m.purge_pending.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -170,6 +180,12 @@ impl Metrics {
             let le = LOG_LENGTH_BUCKETS.get(i).map_or_else(|| "+Inf".to_string(), u64::to_string);
             set(&self.chats_by_log_length.get_or_create(&LeLabel { le }), *count);
         }
+    }
+
+    /// Counts a chunk of deleted data emptied; `more` when some is left.
+    pub fn purged(&self, more: bool) {
+        self.purge_chunks.inc();
+        self.purge_pending.set(i64::from(more));
     }
 
     /// Sets the store's size on disk.

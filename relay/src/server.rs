@@ -622,7 +622,6 @@ async fn serve<S: RelayStore>(
     ));
     let size_task = tokio::spawn(store_size_loop(store.clone(), metrics.clone()));
     let tick_task = tokio::spawn(tick_loop(in_tx.clone()));
-    let redo_task = tokio::spawn(redo_deletions(store.clone(), in_tx.clone()));
     let (admin_tx, mut admin_rx) = mpsc::channel::<AdminRequest>(1);
     let admin_task = tokio::spawn(admin.serve(admin_tx, config.data_dir.clone()));
     let admin_core = in_tx.clone();
@@ -653,7 +652,6 @@ async fn serve<S: RelayStore>(
         stop_listening.cancel();
         admin_task.abort();
         admin_fwd.abort();
-        redo_task.abort();
         tracing::info!(grace_secs = config.shutdown_grace.as_secs(), "shutting down: draining the devices' streams");
         let _ = in_tx.send(CoreMsg::Input(Input::Drain)).await;
         result = tokio::select! {
@@ -691,32 +689,4 @@ async fn serve<S: RelayStore>(
         tracing::info!("stopped: everything written is durable");
     }
     result
-}
-
-/// Deletes again the accounts a restore found deleted after its backup was made (see
-/// [`crate::store::restore`]): the operator's `delete`, through the core like the admin
-/// socket's. Once each is done (or found done already) the store forgets the list.
-async fn redo_deletions<S: RelayStore>(store: Arc<S>, core: mpsc::Sender<CoreMsg>) {
-    let accounts = match store.redo_deletions() {
-        Ok(a) if a.is_empty() => return,
-        Ok(a) => a,
-        Err(e) => return tracing::error!(error = %e, "reading the deletions a restore left to redo"),
-    };
-    tracing::info!(accounts = accounts.len(), "deleting again the accounts deleted after the restored backup");
-    for account in accounts {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let command = crate::core::AdminCommand::Delete(crate::core::AccountRef::Id(account));
-        if core.send(CoreMsg::Admin(AdminRequest::Command { command, reply })).await.is_err() {
-            return;
-        }
-        match answer.await {
-            Ok(Ok(_)) => tracing::info!(%account, "account deleted again after the restore"),
-            Ok(Err(e)) if e.code == crate::core::AdminRefusalCode::AccountDeleted => {}
-            Ok(Err(e)) => return tracing::warn!(%account, error = %e, "could not delete again after the restore"),
-            Err(_) => return,
-        }
-    }
-    if let Err(e) = store.deletions_redone() {
-        tracing::error!(error = %e, "forgetting the deletions a restore left to redo");
-    }
 }

@@ -140,15 +140,6 @@ pub trait RelayStore: Send + Sync + 'static {
     ) -> Result<Vec<AccountEntry>, StoreError>;
     /// Everything the core's index needs at start.
     fn recover(&self) -> Result<Recovered, StoreError>;
-    /// Accounts a restore found deleted after its backup was made, which the relay deletes
-    /// again as it starts (see [`restore`]); empty when there are none.
-    fn redo_deletions(&self) -> Result<Vec<AccountId>, StoreError> {
-        Ok(Vec::new())
-    }
-    /// Forgets [`RelayStore::redo_deletions`] once they are done and durable.
-    fn deletions_redone(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
     /// Begins a backup into the empty directory `to` (see [`BackupCopy`]): the relay's core
     /// task calls it between two batches, then hands the copy to a thread of its own.
     fn backup_begin(&self, to: &Path) -> Result<Box<dyn BackupCopy>, StoreError> {
@@ -393,12 +384,6 @@ fn tail_u64(key: &[u8]) -> u64 {
 }
 
 impl RelayStore for SledStore {
-    fn redo_deletions(&self) -> Result<Vec<AccountId>, StoreError> {
-        self.redo_deletions_list()
-    }
-    fn deletions_redone(&self) -> Result<(), StoreError> {
-        self.clear_redo_deletions()
-    }
     fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
         let trees = [
             &self.accounts,
@@ -540,6 +525,9 @@ impl RelayStore for SledStore {
                         settings.remove(&a.0[..])?;
                         usage.remove(&a.0[..])?;
                         purges.insert(purge_key(PURGE_ACCOUNT_LOG, &a.0), &[][..])?;
+                    }
+                    StoreOp::ForgetRedoDeletions => {
+                        meta.remove(backup::REDO_DELETIONS)?;
                     }
                 }
             }
@@ -727,6 +715,7 @@ impl RelayStore for SledStore {
         }
         r.incarnation = self.incarnation()?;
         r.floors = self.floors()?;
+        r.redo_deletions = self.redo_deletions_list()?;
         Ok(r)
     }
 
@@ -740,11 +729,10 @@ impl RelayStore for SledStore {
 }
 
 mod backup;
-pub use backup::{restore, BackupCopy, Restored, SledBackup, MANIFEST};
+pub use backup::{restore, BackupCopy, Restored, SledBackup, MANIFEST, PARTIAL};
 mod format;
 pub use format::STORE_FORMAT;
 mod purge;
-pub use purge::PURGE_CHUNK;
 use purge::{purge_key, PURGE_ACCOUNT_LOG, PURGE_CHAT_KEYS, PURGE_DEDUP, PURGE_DELTAS};
 
 #[cfg(test)]

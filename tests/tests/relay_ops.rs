@@ -1,10 +1,12 @@
 //! Relay operations for self-hosters (issue 19), against the real relay binary and the real
 //! `stratus` CLI: a backup taken while the relay serves, restored after more was written, loses
 //! no message on any device (the restore defect); backups and restores refuse bad input and
-//! change nothing.
+//! change nothing; a failed backup leaves its directory ready for the next; a running relay
+//! empties a deleted account's data while it serves the others.
 
 use std::path::Path;
 
+use stratus_relay::store::RelayStore;
 use stratus_tests::*;
 
 fn texts(home: &Path, chat: &str) -> Vec<String> {
@@ -220,4 +222,94 @@ fn a_backup_does_not_stop_the_appends() {
     }
     let raw_held = held.iter().filter(|d| d.client_seq.0 >= CS0).count();
     assert!(raw_held <= sent.load(Ordering::SeqCst) as usize, "nothing the device did not send");
+}
+
+/// An account with many deltas deleted while the relay runs: the running relay empties its
+/// data a chunk at a time by itself (its `/metrics` count the chunks, and say when nothing is
+/// left), not only when the store next opens, and another account's appends are acknowledged
+/// meanwhile.
+#[test]
+fn a_running_relay_empties_a_deleted_accounts_data_while_serving_others() {
+    use std::time::{Duration, Instant};
+    const DELTAS: u64 = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let mut relay = Relay::start_with(&data, &["--requests-per-second", "0", "--admin-http", "127.0.0.1:0"]);
+    let gone_home = dir.path().join("gone");
+    let (gone, stays) = (account(&relay, &gone_home, "gone"), account(&relay, &dir.path().join("stays"), "stays"));
+    let gone_id = stratus_engine::Device::open(&gone_home).unwrap().account().unwrap().to_string();
+    let admin = relay.admin_http();
+    let purge = || {
+        let text = http(&admin, "GET", "/metrics").1;
+        let value = |name| metric(&text, name).unwrap_or_else(|| panic!("{name} in {text}"));
+        (value("stratus_relay_purge_chunks_total"), value("stratus_relay_purge_pending"))
+    };
+    let rt = rt();
+    let log = Appended::default();
+    rt.block_on(async {
+        let raw_gone = raw(&relay, &gone).await;
+        keep_appending(raw_gone, gone.chat, 1..=DELTAS, 200, None, Appended::default()).await;
+        assert_eq!(purge(), (0.0, 0.0), "nothing deleted yet");
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let raw_stays = raw(&relay, &stays).await;
+        let appender = tokio::spawn(keep_appending(raw_stays, stays.chat, 1..=u64::MAX, 200, Some(stop), log.clone()));
+        while log.acks.lock().unwrap().len() < 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let acked_before = log.acks.lock().unwrap().len();
+        let (d, id) = (data.clone(), gone_id.clone());
+        let out = tokio::task::spawn_blocking(move || relay_ok(&d, &["admin", "delete", &id])).await.unwrap();
+        assert!(out.contains(&gone_id), "{out}");
+        // A generous deadline: this waits for the purge, it does not time it.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (chunks, pending) = purge();
+            // Its chat's deltas alone take DELTAS / 128 chunks.
+            if pending == 0.0 && chunks >= (DELTAS / stratus_relay::core::PURGE_CHUNK as u64) as f64 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the purge did not finish: {chunks} chunks, pending {pending}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let acked_after = log.acks.lock().unwrap().len();
+        eprintln!("acknowledged to the other account while deleting: {}", acked_after - acked_before);
+        assert!(acked_after > acked_before, "the other account's appends were acknowledged meanwhile");
+        stop_tx.send_replace(true);
+        appender.await.expect("the other account's appends go on");
+    });
+    assert!(relay.terminate().is_some_and(|s| s.success()));
+    let store = stratus_relay::store::SledStore::open(&data.join("store")).unwrap();
+    assert!(store.read_chat(gone.chat, stratus_engine::Seq(0), stratus_engine::Seq(DELTAS), 100).unwrap().is_empty());
+    let kept = store.read_chat(stays.chat, stratus_engine::Seq(0), stratus_engine::Seq(10), 10).unwrap();
+    assert_eq!(kept.len(), 10, "the other account's deltas stay");
+}
+
+/// A backup that fails leaves its directory as it found it, ready for the next backup: here a
+/// second backup asked for while one runs. (Before, the relay's identity, copied in first,
+/// stayed, and every later backup into that directory was refused as "not empty".)
+#[test]
+fn a_failed_backup_leaves_its_directory_ready_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let relay = Relay::start_with(&data, &["--requests-per-second", "0"]);
+    let acct = account(&relay, &dir.path().join("a"), "a");
+    let socket = data.join(stratus_relay::admin::SOCKET_NAME);
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    rt().block_on(async {
+        let raw = raw(&relay, &acct).await;
+        // A store whose copy takes a while (as in `a_backup_does_not_stop_the_appends`).
+        keep_appending(raw, acct.chat, 1..=FILL, FILL_BYTES, None, Appended::default()).await;
+        let (s, f) = (socket.clone(), first.clone());
+        let running = tokio::spawn(async move { stratus_relay::admin::client::backup(&s, &f).await });
+        while !relay.log().contains("backup started") {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let err = stratus_relay::admin::client::backup(&socket, &second).await.expect_err("one backup at a time");
+        assert!(err.contains("already running"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(&second).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "the failed backup left {left:?}");
+        running.await.unwrap().expect("the first backup is made");
+        stratus_relay::admin::client::backup(&socket, &second).await.expect("the directory takes the next backup");
+    });
+    assert!(second.join(stratus_relay::store::MANIFEST).is_file());
 }

@@ -97,6 +97,8 @@ impl Store {
                     self.admin.insert(a, r);
                 }
                 StoreOp::PutRegistration(r) => self.registration = r,
+                // The target makes no restores: no list to forget.
+                StoreOp::ForgetRedoDeletions => {}
                 StoreOp::PutInvite(digest, at) => {
                     match at {
                         Some(at) => self.invites.insert(digest, at),
@@ -165,6 +167,8 @@ impl Store {
             invites: self.invites.iter().map(|(d, at)| (*d, *at)).collect(),
             incarnation: Default::default(),
             floors: Default::default(),
+            // The target makes no restores.
+            redo_deletions: Vec::new(),
         }
     }
 }

@@ -485,6 +485,34 @@ impl RelayCore {
         report
     }
 
+    /// Deletes again, as the core starts, the accounts a restore found deleted after its backup
+    /// (see [`Recovered::redo_deletions`]), so that their devices are refused from the first
+    /// frame on. The writes, and forgetting the list with them, go out with the first input's
+    /// effects ([`RelayCore::startup_writes`]); until they are durable the store keeps the list,
+    /// and a crash meanwhile deletes them again at the next start.
+    pub(super) fn redo_deletions(&mut self, accounts: Vec<AccountId>) {
+        if accounts.is_empty() {
+            return;
+        }
+        // No stream is open yet: nothing to refuse.
+        let (mut ops, mut refusals) = (Vec::new(), Vec::new());
+        for account in accounts {
+            if self.is_live(&account) {
+                self.delete_account(account, &mut ops, &mut refusals);
+            }
+        }
+        ops.push(StoreOp::ForgetRedoDeletions);
+        self.startup_ops = ops;
+    }
+
+    /// Emits what the core wrote as it started, once.
+    pub(super) fn startup_writes(&mut self, out: &mut Vec<Effect>) {
+        if !self.startup_ops.is_empty() {
+            let token = self.token();
+            out.push(Effect::Write { token, ops: std::mem::take(&mut self.startup_ops) });
+        }
+    }
+
     /// Tells every stream of `devices` why it is refused, and closes it.
     fn refuse_devices(&mut self, devices: &BTreeSet<DeviceId>, code: ErrorCode, message: &str, out: &mut Vec<Effect>) {
         let conns: Vec<ConnId> =

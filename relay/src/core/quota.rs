@@ -47,7 +47,8 @@ impl StoreOp {
             | StoreOp::DeleteApprovedLink(_)
             | StoreOp::DeleteDevice(_)
             | StoreOp::DeleteChat(_)
-            | StoreOp::DeleteAccountData(_) => return 0,
+            | StoreOp::DeleteAccountData(_)
+            | StoreOp::ForgetRedoDeletions => return 0,
             StoreOp::PutAccount(a) => size(a),
             StoreOp::PutDevice(c) => size(c),
             StoreOp::PutChat(_, r) => size(r),

@@ -66,6 +66,9 @@ pub enum StoreOp {
     /// A deleted account's log, settings and usage count go (its public keys stay: see
     /// `core/admin.rs`).
     DeleteAccountData(AccountId),
+    /// The deletions a restore left to redo ([`Recovered::redo_deletions`]) are done: the
+    /// list goes, in the same transaction as they.
+    ForgetRedoDeletions,
 }
 
 impl StoreOp {
@@ -246,6 +249,9 @@ pub struct Recovered {
     pub incarnation: Incarnation,
     /// After a restore: how far each log is the same in every earlier incarnation.
     pub floors: Floors,
+    /// Accounts a restore found deleted in the store it replaced but not in the backup: the
+    /// core deletes them again as it starts (see `RelayCore::new`).
+    pub redo_deletions: Vec<AccountId>,
 }
 
 /// How far each log of a restored store is the same as in every earlier incarnation of it: the

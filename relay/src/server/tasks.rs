@@ -3,8 +3,6 @@
 //! for every write applied since the last) and the tick task. Split out of `server.rs` for size.
 
 use super::*;
-use crate::core::StoreOp;
-use crate::store::PURGE_CHUNK;
 
 pub(super) async fn barrier_loop<S: RelayStore>(
     store: Arc<S>,
@@ -86,9 +84,6 @@ pub(super) struct Driver<S> {
     pub(super) backup: Option<super::backup::BackupTask>,
     pub(super) backups: crate::backups::Backups,
     pub(super) copy_news: mpsc::WeakSender<CoreMsg>,
-    /// Deletions left ranges to empty in the store: a chunk goes between two batches, and
-    /// chunk after chunk while no input waits.
-    purging: bool,
 }
 
 impl<S: RelayStore> Driver<S> {
@@ -211,12 +206,11 @@ pub(super) async fn core_loop<S: RelayStore>(
         backup: None,
         backups: Default::default(),
         copy_news,
-        purging: false,
     };
     let mut batch: Vec<CoreMsg> = Vec::with_capacity(CORE_BATCH);
     loop {
-        if d.purging && in_rx.is_empty() {
-            purge_chunk(&mut d);
+        // While no input waits, what deletions left is emptied chunk after chunk.
+        if in_rx.is_empty() && purge_chunk(&mut d, &mut core) {
             tokio::task::yield_now().await;
             continue;
         }
@@ -283,9 +277,7 @@ pub(super) async fn core_loop<S: RelayStore>(
         if !apply_ops(&mut d, &mut core, &written, &fatal).await {
             return;
         }
-        if d.purging {
-            purge_chunk(&mut d);
-        }
+        purge_chunk(&mut d, &mut core);
         // After the batch's writes are applied: the driver's last barrier covers them.
         if core.drained() {
             drained.send_replace(true);
@@ -293,18 +285,22 @@ pub(super) async fn core_loop<S: RelayStore>(
     }
 }
 
-/// Empties a chunk of what deletions left in the store (at most [`PURGE_CHUNK`] keys), so that
-/// deleting a large account never holds the core for long. Nothing waits for it: the deleted
-/// data is never read or written again, and what a crash leaves is emptied when the store
-/// opens.
-fn purge_chunk<S: RelayStore>(d: &mut Driver<S>) {
-    match d.store.purge_some(PURGE_CHUNK) {
-        Ok(more) => d.purging = more,
+/// Empties the chunk of what deletions left in the store that the core asks for, if it asks
+/// (see `core/purge.rs`); true if it did. Nothing waits for it: the deleted data is never read
+/// or written again, and what a crash leaves is emptied when the store opens.
+fn purge_chunk<S: RelayStore>(d: &mut Driver<S>, core: &mut RelayCore) -> bool {
+    let Some(max_keys) = core.purge_due() else { return false };
+    let more = match d.store.purge_some(max_keys) {
+        Ok(more) => more,
         Err(e) => {
+            // Reported as done: tried again after the next deletion, finished at the next start.
             tracing::error!(error = %e, "emptying a deletion's data failed; it is finished when the relay starts again");
-            d.purging = false;
+            false
         }
-    }
+    };
+    d.metrics.purged(more);
+    d.run(core, Input::Purged { more });
+    true
 }
 
 /// Applies the writes taken so far as one transaction and publishes their token for the
@@ -321,7 +317,6 @@ async fn apply_ops<S: RelayStore>(
     match d.store.apply(&d.ops) {
         Ok(()) => {
             d.metrics.applied(&d.ops);
-            d.purging |= d.ops.iter().any(StoreOp::is_deletion);
             written.send_replace(d.batch_token);
             if d.backup.is_some() {
                 // Handed to the backup's copy; otherwise the vector keeps its capacity for the
@@ -359,6 +354,7 @@ fn log_input(input: &Input) {
         Input::BadFrame { conn, error, .. } => tracing::info!(conn, %error, "bad frame"),
         Input::Durable { token } => tracing::trace!(token, "barrier done"),
         Input::WriteFailed => tracing::warn!("writes are refused from now on (the disk is full)"),
+        Input::Purged { more } => tracing::trace!(more, "purged a chunk"),
         Input::Drain => tracing::info!("draining: new requests are refused, streams close once answered"),
         Input::Sent { conn, bytes, pages } => tracing::trace!(conn, bytes, pages, "sent"),
         Input::Tick { now_ms } => tracing::trace!(now_ms, "tick"),

@@ -10,8 +10,8 @@ use super::*;
 pub const MANIFEST: &str = "backup.manifest";
 
 /// The `meta` key of the accounts a restore found deleted in the store it replaced but not in
-/// the backup: the relay deletes them again when it starts ([`RelayStore::redo_deletions`]).
-const REDO_DELETIONS: &str = "restore_deletions";
+/// the backup: the relay's core deletes them again when it starts ([`Recovered::redo_deletions`]).
+pub(super) const REDO_DELETIONS: &str = "restore_deletions";
 
 fn backup_err(what: impl std::fmt::Display) -> StoreError {
     StoreError::Backup(what.to_string())
@@ -53,14 +53,27 @@ impl SledStore {
     /// earlier backup): the copy is made by the returned [`SledBackup`], beside the running
     /// relay (see [`BackupCopy`]).
     pub fn backup_begin(&self, to: &Path) -> Result<SledBackup, StoreError> {
-        if to.join("store").exists() || to.join("store.partial").exists() || to.join(MANIFEST).exists() {
+        if to.join("store").exists() || to.join(MANIFEST).exists() {
             return Err(backup_err(format!("{} already holds a backup; use a new or empty directory", to.display())));
         }
+        let partial = to.join(PARTIAL);
+        if partial.exists() {
+            // A failed backup removes its copy (see `SledBackup`'s `Drop`); one is left only by a
+            // relay that stopped mid-way (killed, or crashed).
+            return Err(backup_err(format!(
+                "{} holds an unfinished backup (a relay stopped while making it); remove {} or use another \
+                 directory",
+                to.display(),
+                partial.display()
+            )));
+        }
         std::fs::create_dir_all(to).map_err(|e| backup_err(format!("cannot create {}: {e}", to.display())))?;
-        let partial = to.join("store.partial");
-        let db = sled::Config::new().path(&partial).cache_capacity(STORE_CACHE_BYTES).open()?;
-        let copy = SledStore::open_trees(db, &partial)?;
-        Ok(SledBackup { source: self.db.clone(), copy, to: to.to_path_buf() })
+        let db = sled::Config::new().path(&partial).cache_capacity(STORE_CACHE_BYTES).open();
+        let copy = db.map_err(StoreError::from).and_then(|db| SledStore::open_trees(db, &partial));
+        let copy = copy.inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&partial);
+        })?;
+        Ok(SledBackup { source: Some(self.db.clone()), copy: Some(copy), to: to.to_path_buf() })
     }
 
     /// Copies the store into `to` while nothing else writes to it: [`SledStore::backup_begin`],
@@ -101,12 +114,39 @@ pub trait BackupCopy: Send {
     fn seal(self: Box<Self>) -> Result<Incarnation, StoreError>;
 }
 
+/// Where a backup's copy is made, in its directory, until sealed.
+pub const PARTIAL: &str = "store.partial";
+
 /// [`BackupCopy`] of a [`SledStore`]: `to/store.partial` while under way, renamed `to/store`
-/// and followed by `to/`[`MANIFEST`] when sealed.
+/// and followed by `to/`[`MANIFEST`] when sealed. Dropped unsealed (the backup failed, or the
+/// relay stops), it removes `to/store.partial`, so that the directory can take the next backup.
 pub struct SledBackup {
-    source: sled::Db,
-    copy: SledStore,
+    /// Both `Some` until sealed.
+    source: Option<sled::Db>,
+    copy: Option<SledStore>,
     to: std::path::PathBuf,
+}
+
+impl SledBackup {
+    fn copy_store(&self) -> &SledStore {
+        self.copy.as_ref().expect("only a sealed backup has no copy, and sealing consumes it")
+    }
+}
+
+impl Drop for SledBackup {
+    fn drop(&mut self) {
+        if self.copy.take().is_some() {
+            // The copy's files are closed first (its trees and database dropped above).
+            let partial = self.to.join(PARTIAL);
+            // (The admin socket may have removed it already: see `admin.rs`.)
+            if let Err(e) = std::fs::remove_dir_all(&partial).or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            }) {
+                tracing::warn!(path = %partial.display(), error = %e, "could not remove an unfinished backup");
+            }
+        }
+    }
 }
 
 impl BackupCopy for SledBackup {
@@ -114,11 +154,12 @@ impl BackupCopy for SledBackup {
         // sled's `import` panics on an I/O error and `export` on a read error: copied by hand.
         // `purges` first: a range the relay finishes emptying after its entry was copied is
         // emptied in the copy below, and one whose entry was gone already was empty before.
-        let mut names = self.source.tree_names();
+        let source = self.source.as_ref().expect("unsealed");
+        let mut names = source.tree_names();
         names.sort_by_key(|n| n.as_ref() != b"purges");
         for name in names {
-            let from = self.source.open_tree(&name)?;
-            let to = self.copy.db.open_tree(&name)?;
+            let from = source.open_tree(&name)?;
+            let to = self.copy_store().db.open_tree(&name)?;
             // One insert at a time, as sled's own `import` does (no batch: nothing needs to be
             // atomic here, and a batch of large deltas would be held whole in memory).
             for kv in from.iter() {
@@ -127,29 +168,30 @@ impl BackupCopy for SledBackup {
             }
         }
         // What deletions left to empty, in the store as copied: the copy holds none of it.
-        self.copy.purge()?;
-        self.copy.barrier()
+        self.copy_store().purge()?;
+        self.copy_store().barrier()
     }
 
     fn apply(&mut self, ops: &[StoreOp]) -> Result<(), StoreError> {
-        RelayStore::apply(&self.copy, ops)?;
+        RelayStore::apply(self.copy_store(), ops)?;
         if ops.iter().any(StoreOp::is_deletion) {
-            self.copy.purge()?;
+            self.copy_store().purge()?;
         }
         Ok(())
     }
 
     fn barrier(&mut self) -> Result<(), StoreError> {
-        self.copy.barrier()
+        self.copy_store().barrier()
     }
 
-    fn seal(self: Box<Self>) -> Result<Incarnation, StoreError> {
-        let SledBackup { copy, to, source } = *self;
-        drop(source);
-        copy.barrier()?;
-        let incarnation = copy.incarnation()?;
-        drop(copy);
-        std::fs::rename(to.join("store.partial"), to.join("store"))
+    fn seal(mut self: Box<Self>) -> Result<Incarnation, StoreError> {
+        // Until the rename, a failure drops `self` with its copy, which removes it.
+        self.source = None;
+        self.copy_store().barrier()?;
+        let incarnation = self.copy_store().incarnation()?;
+        let to = self.to.clone();
+        drop(self.copy.take());
+        std::fs::rename(to.join(PARTIAL), to.join("store"))
             .map_err(|e| backup_err(format!("renaming the copy: {e}")))?;
         let manifest = format!(
             "# stratus-relay backup\nformat = 1\nstore = \"{}\"\ngeneration = {}\n",
@@ -186,12 +228,6 @@ impl SledStore {
             Some(v) => dec(&v, "deletions to redo"),
             None => Ok(Vec::new()),
         }
-    }
-
-    /// Forgets the list once the relay deleted them again.
-    pub(super) fn clear_redo_deletions(&self) -> Result<(), StoreError> {
-        self.meta.remove(REDO_DELETIONS)?;
-        Ok(())
     }
 }
 

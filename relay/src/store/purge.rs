@@ -1,8 +1,8 @@
 //! Emptying what deletions left in the big trees (see the module docs of `store.rs`): the
 //! `purges` entries name ranges (a chat's deltas and keys, a device's dedup index, an
 //! account's log) that a sled transaction cannot scan. The relay empties them a chunk at a
-//! time between its batches ([`SledStore::purge_some`]); opening the store, and a backup's
-//! copy, empty them at once ([`SledStore::purge`]). Part of the store; split out of `store.rs`
+//! time when its core says (`core/purge.rs`, [`SledStore::purge_some`]); opening the store,
+//! and a backup's copy, empty them at once ([`SledStore::purge`]). Part of the store; split out of `store.rs`
 //! for size.
 
 use super::*;
@@ -12,11 +12,6 @@ pub(super) const PURGE_DELTAS: u8 = b'd';
 pub(super) const PURGE_CHAT_KEYS: u8 = b'k';
 pub(super) const PURGE_DEDUP: u8 = b'q';
 pub(super) const PURGE_ACCOUNT_LOG: u8 = b'l';
-
-/// Keys the relay's core task removes between two batches: a deletion of 1,677 deltas of
-/// 60 KB held the core for ~0.5 s when removed at once (docs/benchmarks.md), ~0.3 ms a key;
-/// 128 of them take a few tens of ms at most.
-pub const PURGE_CHUNK: usize = 128;
 
 pub(super) fn purge_key(what: u8, prefix: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + prefix.len());

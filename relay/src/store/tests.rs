@@ -266,3 +266,32 @@ fn a_backup_copied_beside_writes_ends_equal_to_the_store() {
     }
     assert!(store.deltas.len() > 100, "the test wrote deltas");
 }
+
+/// A backup that fails (its copy dropped unsealed) leaves nothing in its directory, which
+/// then takes the next backup; a copy a stopped relay left is named, with what to do. (Before,
+/// a failed backup left `store.partial`, and every later backup into that directory was
+/// refused as if it held a backup.)
+#[test]
+fn a_failed_backup_leaves_its_directory_ready_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&dir.path().join("store")).unwrap();
+    store.apply(&[StoreOp::PutRegistration(Registration::Closed)]).unwrap();
+    let to = dir.path().join("backup");
+    let mut copy = store.backup_begin(&to).unwrap();
+    copy.copy().unwrap();
+    assert!(to.join(PARTIAL).is_dir());
+    drop(copy);
+    assert!(!to.join(PARTIAL).exists(), "the failed copy is removed");
+    assert_eq!(std::fs::read_dir(&to).unwrap().count(), 0);
+    let mut copy = store.backup_begin(&to).expect("the directory takes the next backup");
+    copy.copy().unwrap();
+    store.barrier().unwrap();
+    Box::new(copy).seal().unwrap();
+    assert!(to.join(MANIFEST).is_file() && to.join("store").is_dir() && !to.join(PARTIAL).exists());
+
+    // What a relay stopped mid-copy leaves (its copy never dropped).
+    let left = dir.path().join("left");
+    std::fs::create_dir_all(left.join(PARTIAL)).unwrap();
+    let Err(StoreError::Backup(m)) = store.backup_begin(&left) else { panic!("refused") };
+    assert!(m.contains("unfinished backup") && m.contains("remove"), "{m}");
+}

@@ -114,6 +114,8 @@ impl State {
                     self.account_admin.insert(*a, r.clone());
                 }
                 StoreOp::PutRegistration(r) => self.registration = *r,
+                // The simulator makes no restores: no list to forget.
+                StoreOp::ForgetRedoDeletions => {}
                 StoreOp::PutInvite(digest, Some(at)) => {
                     self.invites.insert(*digest, *at);
                 }

@@ -136,6 +136,7 @@ mod client;
 mod latency;
 mod ops;
 mod ops_backup;
+mod ops_delete;
 mod report;
 mod system;
 

@@ -9,11 +9,14 @@
 //!    timed from connect to the last byte. Target p99 ≤ 5 ms.
 //! 3. `stratus-relay backup --to DIR` of a large store while devices append at a paced rate
 //!    (`ops_backup.rs`).
+//! 4. `stratus-relay admin delete` of an account of `--delete-messages` messages while other
+//!    devices append at a paced rate: how long until its data is emptied, and the others'
+//!    append latency meanwhile (`ops_delete.rs`; only with `--only delete`).
 //!
 //! ```sh
 //! cargo build --release -p stratus-tests -p stratus-relay --bins
-//! target/release/relay_bench ops [--only memory|backup] [--runs N] [--devices N] [--scrapes N]
-//!                                [--store-mib N] [--rate N] [--seed N] [--dir PATH]
+//! target/release/relay_bench ops [--only memory|backup|delete] [--runs N] [--devices N] [--scrapes N]
+//!                                [--store-mib N] [--rate N] [--delete-messages N] [--seed N] [--dir PATH]
 //! ```
 //!
 //! The bench raises its own soft `RLIMIT_NOFILE` to the hard limit (the relay it starts inherits
@@ -29,14 +32,15 @@ pub(super) struct OpsConfig {
     pub(super) scrapes: usize,
     pub(super) store_mib: u64,
     pub(super) rate: u64,
+    pub(super) delete_messages: usize,
     pub(super) seed: u64,
     pub(super) dir: PathBuf,
 }
 
 fn ops_usage() -> ! {
     eprintln!(
-        "usage: relay_bench ops [--only memory|backup] [--runs N] [--devices N] [--scrapes N] [--store-mib N] \
-         [--rate N] [--seed N] [--dir PATH]"
+        "usage: relay_bench ops [--only memory|backup|delete] [--runs N] [--devices N] [--scrapes N] \
+         [--store-mib N] [--rate N] [--delete-messages N] [--seed N] [--dir PATH]"
     );
     std::process::exit(2);
 }
@@ -50,6 +54,7 @@ fn parse_ops_args() -> OpsConfig {
         scrapes: 200,
         store_mib: 2048,
         rate: 5000,
+        delete_messages: 50_000,
         seed: rand::random(),
         dir: std::env::temp_dir(),
     };
@@ -64,15 +69,16 @@ fn parse_ops_args() -> OpsConfig {
             "--scrapes" => c.scrapes = num(value()) as usize,
             "--store-mib" => c.store_mib = num(value()),
             "--rate" => c.rate = num(value()),
+            "--delete-messages" => c.delete_messages = num(value()) as usize,
             "--seed" => c.seed = num(value()),
             "--dir" => c.dir = PathBuf::from(value()),
             _ => ops_usage(),
         }
     }
-    if c.runs == 0 || c.devices == 0 || c.scrapes == 0 || c.rate == 0 {
+    if c.runs == 0 || c.devices == 0 || c.scrapes == 0 || c.rate == 0 || c.delete_messages == 0 {
         ops_usage();
     }
-    if !matches!(c.only.as_deref(), None | Some("memory") | Some("backup")) {
+    if !matches!(c.only.as_deref(), None | Some("memory") | Some("backup") | Some("delete")) {
         ops_usage();
     }
     c
@@ -112,7 +118,9 @@ pub(super) fn main() {
     println!("data dir: {} on {fstype} {source} (mounted at {mount}, {opts})", tmp.path().display());
     let mut seeds = StdRng::seed_from_u64(cfg.seed);
 
-    if cfg.only.as_deref() != Some("backup") {
+    if cfg.only.as_deref() == Some("delete") {
+        super::ops_delete::delete_bench(&relay_exe, tmp.path(), &cfg, seeds.next_u64());
+    } else if cfg.only.as_deref() != Some("backup") {
         assert!(
             soft as usize > cfg.devices + 1000,
             "RLIMIT_NOFILE {soft} is too low for {} devices; raise the hard limit",
@@ -132,7 +140,7 @@ pub(super) fn main() {
         }
         print_memory(&runs, &cfg);
     }
-    if cfg.only.as_deref() != Some("memory") {
+    if cfg.only.is_none() || cfg.only.as_deref() == Some("backup") {
         super::ops_backup::backup_bench(&relay_exe, tmp.path(), &cfg, seeds.next_u64());
     }
     println!("load average at end: {}", loadavg());
