@@ -740,8 +740,10 @@ pub use admin::{
 };
 mod backlog;
 mod durable;
+mod gate;
 use backlog::Backlog;
 pub use backlog::{frame_cost, FRAME_OVERHEAD_BYTES};
+pub use gate::{ConnectionGate, GateRefusal};
 mod chats;
 pub use chats::{TYPING_CHATS, TYPING_FORWARD_MS};
 mod consent;
