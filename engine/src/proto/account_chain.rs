@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::proto::ids::{AccountId, Seq};
+use crate::proto::ids::{AccountId, DeviceId, Seq};
 use crate::proto::wire::AccountEntry;
 
 const DOMAIN: &[u8] = b"stratus-account-log-v1";
@@ -63,6 +63,34 @@ pub fn compare(seq: Seq, ours: Option<ChainHash>, theirs: ChainHash) -> Result<(
     match ours {
         Some(h) if h != theirs => Err(Forked { seq }),
         _ => Ok(()),
+    }
+}
+
+/// A device's statement, signed with its account's keys, that the account log it was shown
+/// hashes to `hash` up to `seq`. Devices send theirs to the relay, which logs it
+/// ([`crate::proto::wire::AccountEvent::Checkpoint`]); every device of the account compares it
+/// with its own hash when it applies it, so that a relay that showed two devices different logs
+/// must also keep each one's checkpoints from the other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The position.
+    pub seq: Seq,
+    /// The device's hash of the log up to `seq`.
+    pub hash: ChainHash,
+    /// The device that made it.
+    pub by: DeviceId,
+    /// The account's signature (the generation in force when it was logged) over
+    /// [`Checkpoint::signed_bytes`].
+    pub signature: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// What the account signs: `"stratus-account-checkpoint-v1" ‖ postcard(account, seq, hash,
+    /// device)`.
+    pub fn signed_bytes(account: AccountId, seq: Seq, hash: &ChainHash, by: &DeviceId) -> Vec<u8> {
+        let mut b = b"stratus-account-checkpoint-v1".to_vec();
+        b.extend(postcard::to_allocvec(&(account, seq, hash, by)).expect("serializing cannot fail"));
+        b
     }
 }
 

@@ -5,7 +5,7 @@
 use crate::device::error::Error;
 use crate::device::local::Device;
 use crate::device::store::OutboxItem;
-use crate::proto::account_chain::{self, ChainHash};
+use crate::proto::account_chain::{self, ChainHash, Checkpoint};
 use crate::proto::cert::{AccountGen, Rotation};
 use crate::proto::ids::Seq;
 use crate::proto::ids::{ChatId, DeviceId};
@@ -80,6 +80,18 @@ impl Device {
         Ok(())
     }
 
+    /// This device's checkpoint of the account log at its cursor, signed with the account's
+    /// keys, to send to the relay (`ClientFrame::Checkpoint`); `None` while its chain is
+    /// unknown or the log is empty.
+    pub fn account_checkpoint(&self) -> Result<Option<Checkpoint>, Error> {
+        match self.account_log_head()? {
+            (seq, Some(hash)) if seq > Seq(0) => {
+                Ok(Some(self.login()?.keys.sign_checkpoint(seq, hash, self.identity.id().clone())))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The position of the first fork of the account log this device found, if any.
     pub fn account_log_forked(&self) -> Result<Option<Seq>, Error> {
         Ok(self.store.account_forked()?)
@@ -120,6 +132,12 @@ impl Device {
                 return self.apply_member_change(change, by_chain.as_ref(), &gen);
             }
             AccountEvent::Rotated { rotation } => return self.apply_rotation(rotation, &gen, next_gen),
+            AccountEvent::Checkpoint { checkpoint } => {
+                // Signed by the account (the relay could make up any hash), then compared: the
+                // position is before this entry, so this device has its own hash there.
+                gen.verify_checkpoint(checkpoint)?;
+                self.check_account_log(checkpoint.seq, checkpoint.hash)?;
+            }
             AccountEvent::RecoverySet { public, by, signature } => {
                 gen.verify_recovery(public, by, signature)?;
                 self.store.set_recovery_public(Some(&(*public, by.clone())))?;
@@ -284,6 +302,27 @@ mod tests {
         assert!(matches!(b.check_account_log(seq, a_head), Err(Error::AccountLogForked(_))));
         assert_eq!((a.account_log_forked().unwrap(), c.account_log_forked().unwrap()), (Some(Seq(2)), None));
         assert!(a.check_account_log(Seq(9), b_head).is_ok(), "a position not reached is not compared");
+
+        // Through the log: `a`'s signed checkpoint, applied by `b`, is the fork (and the typed
+        // error); applied by `c`, agreement. One made with other keys is refused unread.
+        let mut b2 = member(dirs[1].path().join("again").as_path(), &keys);
+        b2.apply_account_entry(&expired(1, "old")).unwrap();
+        b2.apply_account_entry(&expired(2, "decoy")).unwrap();
+        let checkpoint = a.account_checkpoint().unwrap().expect("a has a chain");
+        assert_eq!((checkpoint.seq, checkpoint.hash), (seq, a_head));
+        let logged = |checkpoint| AccountEntry { seq: Seq(3), event: AccountEvent::Checkpoint { checkpoint } };
+        let forged = AccountKeys::generate(&mut rand::thread_rng()).sign_checkpoint(seq, b_head, a.id().clone());
+        assert!(matches!(b2.apply_account_entry(&logged(forged)), Err(Error::Cert(_))));
+        assert_eq!(b2.account_log_forked().unwrap(), None, "a forged checkpoint proves nothing");
+        let mut b3 = member(dirs[1].path().join("third").as_path(), &keys);
+        for e in [expired(1, "old"), expired(2, "decoy")] {
+            b3.apply_account_entry(&e).unwrap();
+        }
+        match b3.apply_account_entry(&logged(checkpoint.clone())) {
+            Err(Error::AccountLogForked(f)) => assert_eq!(f.seq, seq),
+            other => panic!("the fork was not detected through the log: {other:?}"),
+        }
+        assert!(c.apply_account_entry(&logged(checkpoint)).is_ok());
 
         // A rewind (the relay restored from a backup) drops `b`'s hashes past the lowered
         // cursor; shown the log again, it agrees with `a`.
