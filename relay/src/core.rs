@@ -299,6 +299,9 @@ pub struct RelayCore {
     recoveries: BTreeMap<[u8; 32], RecoveryRecord>,
     /// Every peer with a stream open, and those gone whose budgets are not full again.
     peers: BTreeMap<DeviceId, Peer>,
+    /// The position of each account's last `Checkpoint` entry logged since the relay started
+    /// (`core/checkpoints.rs`).
+    checkpoints: BTreeMap<AccountId, Seq>,
     /// The latest time a frame came with (the clock the peers' budgets run on).
     frame_clock_ms: u64,
     /// A write or barrier failed (the disk is full): nothing more is written or revealed.
@@ -339,6 +342,7 @@ impl RelayCore {
             limits,
             recoveries: BTreeMap::new(),
             peers: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
             frame_clock_ms: 0,
             storage_failed: false,
             usernames: BTreeMap::new(),
@@ -631,6 +635,9 @@ impl RelayCore {
                 out.push(Effect::Send { conn, frame: RelayFrame::Devices { req, devices, session_ttl_days } });
                 Ok(())
             }
+            (ClientFrame::Checkpoint { req, checkpoint }, Some(a)) => {
+                self.checkpoint(conn, req, a, &device, checkpoint, out).map_err(|e| (req, e))
+            }
             (ClientFrame::PutRecovery { req, lookup_id, public, signature, sealed }, Some(a)) => self
                 .put_recovery(conn, req, a, &device, lookup_id, (public, signature, sealed), now_ms, out)
                 .map_err(|e| (req, e)),
@@ -754,10 +761,13 @@ pub use admin::{
 };
 mod backlog;
 mod durable;
+mod gate;
 use backlog::Backlog;
 pub use backlog::{frame_cost, FRAME_OVERHEAD_BYTES};
+pub use gate::{ConnectionGate, GateRefusal};
 mod chats;
 pub use chats::{TYPING_CHATS, TYPING_FORWARD_MS};
+mod checkpoints;
 mod consent;
 pub use consent::{MAX_ACCEPTED, MAX_INVITATIONS};
 mod lifecycle;

@@ -678,6 +678,9 @@ mod abuse;
 #[path = "core_tests_peers.rs"]
 mod peers;
 
+#[path = "core_tests_checkpoints.rs"]
+mod checkpoints;
+
 #[path = "core_tests_admin.rs"]
 mod admin;
 

@@ -4,9 +4,10 @@
 //! it; docs/self-hosting.md lists the same in a table with the command-line flags. Where a limit
 //! is enforced:
 //!
-//! * connections in total and per peer: the libp2p swarm (`connection_limits`), before any
-//!   stream is opened;
-//! * sync streams per connection and frame size: the driver (`server.rs`);
+//! * connections in total and per peer, and sync streams per connection: the connection gate
+//!   (`core/gate.rs`, sans-IO), carried out by the driver (`server/gate.rs`) right after a
+//!   connection's handshake and as a stream opens;
+//! * frame size: the driver (`server.rs`);
 //! * request rate, appends and fetches in flight: the sans-IO core (`core.rs`), which is given
 //!   the time with each frame;
 //! * what waits to be written to a device (pushes dropped past a budget, a reader that stopped

@@ -48,6 +48,8 @@ pub struct Metrics {
     barrier_appends: Histogram,
     write_batch_ops: Histogram,
     streams: Gauge,
+    connections: Gauge,
+    gate_peers: Gauge,
     devices: Gauge,
     accounts: Gauge,
     chats: Gauge,
@@ -82,6 +84,8 @@ impl Metrics {
             barrier_appends: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             write_batch_ops: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             streams: Gauge::default(),
+            connections: Gauge::default(),
+            gate_peers: Gauge::default(),
             devices: Gauge::default(),
             accounts: Gauge::default(),
             chats: Gauge::default(),
@@ -104,6 +108,12 @@ impl Metrics {
         r.register("barrier_appends", "Appends made durable by one fsync barrier", m.barrier_appends.clone());
         r.register("write_batch_ops", "Store operations applied in one transaction", m.write_batch_ops.clone());
         r.register("streams", "Open device sync streams", m.streams.clone());
+        r.register("connections", "Established libp2p connections", m.connections.clone());
+        r.register(
+            "gate_peers",
+            "Peers the connection gate counts (with a connection or sync stream open)",
+            m.gate_peers.clone(),
+        );
         r.register("connected_devices", "Devices with a sync stream open", m.devices.clone());
         r.register("accounts", "Accounts stored", m.accounts.clone());
         r.register("chats", "Chats stored", m.chats.clone());
@@ -186,6 +196,12 @@ impl Metrics {
     pub fn purged(&self, more: bool) {
         self.purge_chunks.inc();
         self.purge_pending.set(i64::from(more));
+    }
+
+    /// Sets the connection gate's sizes (`core/gate.rs`).
+    pub fn gate(&self, connections: usize, peers: usize) {
+        self.connections.set(i64::try_from(connections).unwrap_or(i64::MAX));
+        self.gate_peers.set(i64::try_from(peers).unwrap_or(i64::MAX));
     }
 
     /// Sets the store's size on disk.

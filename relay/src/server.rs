@@ -9,8 +9,9 @@
 //!   is stopped even while it waits to write, and its queue is dropped. Each stream's queue is
 //!   also bounded in frames ([`output_queue`]), sized so that the core's bounds keep it from
 //!   filling; a stream whose queue fills anyway is cut off the same way.
-//! * [`Limits`]: connections in total and per peer (the swarm's `connection_limits`), sync
-//!   streams per connection and frame size (here), the rest in the core.
+//! * [`Limits`]: connections in total and per peer and sync streams per connection (the
+//!   sans-IO [`crate::core::ConnectionGate`], carried out by `server/gate.rs`), frame size
+//!   (here), the rest in the core.
 //!
 //! A store write or barrier that fails stops the relay, except for lack of space
 //! ([`StoreError::is_disk_full`]): then the driver applies no more writes, runs no more
@@ -20,13 +21,13 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{connection_limits, identify, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+use libp2p::{identify, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
 use stratus_engine::proto::wire::{self, ClientFrame, RelayFrame, MAX_FRAME_BYTES};
 use stratus_engine::DeviceId;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -40,6 +41,8 @@ use crate::metrics::{Health, Metrics};
 use crate::store::{RelayStore, SledStore, StoreError};
 
 mod backup;
+mod gate;
+use gate::{Gate, SharedGate, StreamSlot};
 pub mod http;
 mod stream;
 mod tasks;
@@ -115,7 +118,7 @@ pub enum ServerError {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
-    limits: connection_limits::Behaviour,
+    gate: Gate,
     stream: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -161,32 +164,6 @@ enum CoreMsg {
         id: u64,
         result: Result<(), String>,
     },
-}
-
-/// Established connections and open sync streams per peer, shared by the swarm task (which
-/// counts connections) and the accept task (which counts streams).
-#[derive(Default)]
-struct PeerCounts {
-    connections: BTreeMap<PeerId, u32>,
-    streams: BTreeMap<PeerId, u32>,
-}
-
-/// Gives a sync stream's place back when its task ends, however it ends.
-struct StreamSlot {
-    peer: PeerId,
-    counts: Arc<Mutex<PeerCounts>>,
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = c.streams.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                c.streams.remove(&self.peer);
-            }
-        }
-    }
 }
 
 /// Length-delimited frames with separate limits each way: a device's frames are held to
@@ -419,6 +396,7 @@ async fn serve<S: RelayStore>(
         "store opened"
     );
 
+    let gate = SharedGate::new(&limits, metrics.clone());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -441,13 +419,7 @@ async fn serve<S: RelayStore>(
         })
         .map_err(|e| ServerError::Network(e.to_string()))?
         .with_behaviour(|key| Behaviour {
-            limits: connection_limits::Behaviour::new(
-                connection_limits::ConnectionLimits::default()
-                    .with_max_established(Some(limits.max_connections))
-                    .with_max_established_per_peer(Some(limits.max_connections_per_peer))
-                    // Handshakes in progress cost memory too; allow a reasonable share.
-                    .with_max_pending_incoming(Some(limits.max_connections.min(1024))),
-            ),
+            gate: Gate(gate.clone()),
             stream: libp2p_stream::Behaviour::new(),
             identify: identify::Behaviour::new(identify::Config::new("/stratus/1.0.0".into(), key.public())),
             ping: ping::Behaviour::default(),
@@ -496,8 +468,6 @@ async fn serve<S: RelayStore>(
     health.listening();
     ready(listen_addr.with(libp2p::multiaddr::Protocol::P2p(peer_id)));
 
-    let counts = Arc::new(Mutex::new(PeerCounts::default()));
-    let swarm_counts = counts.clone();
     let observers = registered.clone();
     // Cancelled when the relay starts to drain: its listeners close; established connections
     // stay until their streams are closed.
@@ -536,18 +506,6 @@ async fn serve<S: RelayStore>(
                 }
             };
             match &event {
-                SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } => {
-                    let mut c = swarm_counts.lock().unwrap_or_else(|e| e.into_inner());
-                    c.connections.insert(*peer_id, num_established.get());
-                }
-                SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
-                    let mut c = swarm_counts.lock().unwrap_or_else(|e| e.into_inner());
-                    if *num_established == 0 {
-                        c.connections.remove(peer_id);
-                    } else {
-                        c.connections.insert(*peer_id, *num_established);
-                    }
-                }
                 SwarmEvent::IncomingConnectionError { error, send_back_addr, .. } => {
                     tracing::info!(%send_back_addr, %error, "connection refused");
                 }
@@ -573,21 +531,8 @@ async fn serve<S: RelayStore>(
     let accept_task = tokio::spawn(async move {
         let mut next_conn: ConnId = 1;
         while let Some((peer, stream)) = incoming.next().await {
-            // libp2p-stream does not say which of the peer's connections a stream came on, so
-            // the limit is held per peer: its streams ≤ the limit × its connections.
-            let slot = {
-                let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
-                let conns = c.connections.get(&peer).copied().unwrap_or(1).max(1);
-                let open = c.streams.get(&peer).copied().unwrap_or(0);
-                if open >= limits.max_streams_per_connection.saturating_mul(conns) {
-                    None
-                } else {
-                    c.streams.insert(peer, open + 1);
-                    Some(StreamSlot { peer, counts: counts.clone() })
-                }
-            };
-            let Some(slot) = slot else {
-                tracing::info!(%peer, "too many sync streams on its connections; resetting the new one");
+            // The gate holds the peer's streams to the limit per connection (see `core/gate.rs`).
+            let Some(slot) = gate.stream(peer) else {
                 drop(stream);
                 continue;
             };

@@ -2,7 +2,8 @@
 //! account over its byte quota is refused for good while others are served, across a restart;
 //! a peer without a session cannot spend the recovery attempts or the patience others need; a
 //! flood of typing indicators reaches the other devices coalesced and cuts nobody off; a storage
-//! flood does not grow the relay's memory with the bytes it stores.
+//! flood does not grow the relay's memory with the bytes it stores; peers that come and go
+//! leave nothing in the relay's connection gate.
 
 use std::time::{Duration, Instant};
 
@@ -191,5 +192,38 @@ fn an_accounts_appends_past_its_byte_rate_are_told_to_wait_then_stored() {
         tokio::time::sleep(Duration::from_millis(u64::from(wait))).await;
         let reply = r.request(append(4, a.chat, 1003, MAX_DELTA_BYTES)).await;
         assert!(matches!(reply, RelayFrame::Acked { .. }), "stored after the wait: {reply:?}");
+    });
+}
+
+/// Item 5: peers that come and go leave nothing in the relay's connection gate. Forty fresh
+/// identities each connect, say `Hello` and leave; the gate's per-peer entries and connections
+/// (on `/metrics`) go back to zero (the `connection_limits` behaviour the gate replaced kept an
+/// entry per peer ever seen, and grew the relay with each).
+#[test]
+fn peers_that_come_and_go_leave_nothing_in_the_connection_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(&dir.path().join("relay"), &["--admin-http", "127.0.0.1:0"]);
+    let gauges = || {
+        let (status, text) = http(&relay.admin_http(), "GET", "/metrics");
+        assert_eq!(status, 200, "{text}");
+        let m = |name| metric(&text, name).unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        (m("stratus_relay_gate_peers"), m("stratus_relay_connections"))
+    };
+    rt().block_on(async {
+        let mut peers = Vec::new();
+        for _ in 0..40 {
+            let mut x = Raw::connect(Keypair::generate_ed25519(), &relay.addr).await;
+            assert!(matches!(x.hello(PROTOCOL_VERSION).await, RelayFrame::Hello { account: None, .. }));
+            peers.push(x);
+        }
+        let (held, connections) = gauges();
+        assert!(held >= 40.0 && connections >= 40.0, "{held} peers, {connections} connections counted");
+        drop(peers);
+        // The relay sees the connections close when it sees them (no bound on how soon).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while gauges() != (0.0, 0.0) {
+            assert!(Instant::now() < deadline, "the gate still holds {:?} (peers, connections)", gauges());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     });
 }

@@ -55,6 +55,11 @@ pub enum Event {
     Idle,
     /// Something failed that the app should show; sync goes on.
     Error { message: String },
+    /// The relay showed this device a version of the account log that another device of the
+    /// account contradicts (its signed checkpoint at `seq` hashes differently; docs/crypto.md,
+    /// "Account log forks"): entries were hidden, changed or added for one of them. The app
+    /// should warn the user; sync goes on.
+    AccountLogForked { seq: Seq },
     /// A message of a secret chat arrived (its text and its key), from the other device.
     SecretMessage { chat: SecretId, message: SecretMessage },
     /// Another account's device offered a secret chat; it waits for
@@ -445,6 +450,9 @@ impl Device {
                                     actions.push(Action::Emit(Event::ChatAdded { chat }));
                                 }
                             }
+                        }
+                        Err(Error::AccountLogForked(f)) => {
+                            actions.push(Action::Emit(Event::AccountLogForked { seq: f.seq }))
                         }
                         Err(e) => actions.push(error(format!("account log entry {}: {e}", entry.seq))),
                     }

@@ -44,6 +44,12 @@ pub enum Error {
     /// naming both versions and which side to upgrade. The session stops (nothing reconnects).
     #[error("the relay refuses this device: {0}")]
     VersionRefused(String),
+    /// The relay showed this device a version of the account log that another device of the
+    /// account (or the relay's own word) contradicts (docs/crypto.md, "Account log forks"):
+    /// entries were hidden, changed or added for one of them. Nothing from the comparison was
+    /// applied; the user is to be told.
+    #[error(transparent)]
+    AccountLogForked(#[from] crate::proto::account_chain::Forked),
     /// The relay refused a request.
     #[error("relay refused: {message} ({code:?})")]
     Relay {

@@ -22,6 +22,8 @@
 //! * `devices`: device id → certificate of a device of this account
 //! * `contacts`: account id → [`Contact`] (another account's keys, as far as seen)
 //! * `pins`: username → the account id first seen under it
+//! * `account_chain`: seq → the account log's hash chain up to that entry (see
+//!   `store_chain.rs`)
 //!
 //! `meta` also keeps `rekey_due`: the chats whose members changed, whose next key epoch this
 //! device is to start, and `format`: the store's format version (see `store_format.rs`).
@@ -36,6 +38,8 @@ use crate::device::doc::Author;
 use crate::device::kv::{in_order, Journal, MemDisk, Tree};
 use serde::{Deserialize, Serialize};
 
+#[path = "store_chain.rs"]
+mod chain;
 #[path = "store_changes.rs"]
 mod changes;
 #[path = "store_format.rs"]
@@ -222,6 +226,7 @@ pub struct DeviceStore {
     secret_undelivered: Tree,
     secret_timers: Tree,
     secret_closed: Tree,
+    account_chain: Tree,
     /// Where atomic batches over these trees go first (see `kv.rs`).
     journal: Journal,
     /// The number of each chat's next change in `changes`, once looked up (a backwards scan
@@ -344,6 +349,7 @@ impl DeviceStore {
             secret_undelivered: Tree::sled(&db, "secret_undelivered")?,
             secret_timers: Tree::sled(&db, "secret_timers")?,
             secret_closed: Tree::sled(&db, "secret_closed")?,
+            account_chain: Tree::sled(&db, "account_chain")?,
             journal: Journal::new(Tree::sled(&db, "journal")?),
             next_change: Default::default(),
             backend: Backend::Sled { files: std::sync::Arc::new(SledDir::new(dir)), dir: dir.to_path_buf(), db },
@@ -375,6 +381,7 @@ impl DeviceStore {
             secret_undelivered: Tree::mem(disk, "secret_undelivered"),
             secret_timers: Tree::mem(disk, "secret_timers"),
             secret_closed: Tree::mem(disk, "secret_closed"),
+            account_chain: Tree::mem(disk, "account_chain"),
             journal: Journal::new(Tree::mem(disk, "journal")),
             next_change: Default::default(),
             backend: Backend::Mem(disk.clone()),
@@ -459,11 +466,20 @@ impl DeviceStore {
     /// Moves the account cursor and, with a rotation, the generation the log has reached, in
     /// one write: a crash between the two would leave the log's generation ahead of the entry
     /// that starts it, which then fails its check when it is applied again.
-    pub fn advance_account_log(&self, seq: Seq, gen: Option<&AccountGen>) -> Result<(), StoreError> {
-        self.journal.atomic(&[&self.meta], |b| {
+    /// The chain's hash after the entry (`chain`, when known) goes in the same write.
+    pub fn advance_account_log(
+        &self,
+        seq: Seq,
+        gen: Option<&AccountGen>,
+        chain: Option<&crate::proto::account_chain::ChainHash>,
+    ) -> Result<(), StoreError> {
+        self.journal.atomic(&[&self.meta, &self.account_chain], |b| {
             b.insert(0, "account_cursor", &seq.0.to_be_bytes()[..]);
             if let Some(g) = gen {
                 b.insert(0, "account_gen", enc(g));
+            }
+            if let Some(h) = chain {
+                b.insert(1, seq.0.to_be_bytes(), &h.0[..]);
             }
         })
     }
@@ -585,7 +601,7 @@ impl DeviceStore {
     }
 
     /// Every tree of the store but the journal.
-    fn trees(&self) -> [&Tree; 18] {
+    fn trees(&self) -> [&Tree; 19] {
         [
             &self.meta,
             &self.chats,
@@ -605,6 +621,7 @@ impl DeviceStore {
             &self.secret_undelivered,
             &self.secret_timers,
             &self.secret_closed,
+            &self.account_chain,
         ]
     }
 

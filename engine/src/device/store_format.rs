@@ -7,13 +7,15 @@
 //! Versions:
 //! * 0: stores made before the version key existed. Read by this version as they are.
 //! * 1: the version key. No record changed, so 0 → 1 only writes it.
-//! * 2: atomic batches go through the `journal` tree (`kv.rs`), which an earlier build would
-//!   not finish after a crash. No record changed, so 1 → 2 only writes the version.
+//! * 2: the account log's hash chain (`store_chain.rs`). A store that applied part of the log
+//!   already marks its chain unknown (1 → 2); nothing else changed.
+//! * 3: atomic batches go through the `journal` tree (`kv.rs`), which an earlier build would
+//!   not finish after a crash. No record changed, so 2 → 3 only writes the version.
 
 use super::{DeviceStore, StoreError};
 
 /// The format this build writes, and the newest it opens.
-pub const STORE_FORMAT: u32 = 2;
+pub const STORE_FORMAT: u32 = 3;
 
 /// The `meta` key that holds the format.
 const FORMAT_KEY: &str = "format";
@@ -25,7 +27,11 @@ struct Migration {
 }
 
 /// Every step, in order, from 0 to [`STORE_FORMAT`].
-const MIGRATIONS: &[Migration] = &[Migration { from: 0, run: |_| Ok(()) }, Migration { from: 1, run: |_| Ok(()) }];
+const MIGRATIONS: &[Migration] = &[
+    Migration { from: 0, run: |_| Ok(()) },
+    Migration { from: 1, run: DeviceStore::migrate_account_chain },
+    Migration { from: 2, run: |_| Ok(()) },
+];
 
 impl DeviceStore {
     /// The store's format version: `None` for a store with nothing in it yet, 0 for one made
@@ -101,5 +107,26 @@ mod tests {
         let text = e.to_string();
         let want = format!("store format v{} is newer than this version supports (v{STORE_FORMAT})", STORE_FORMAT + 1);
         assert!(text.contains(&want), "{text}");
+    }
+
+    /// 1 → 2: a store that applied part of the account log marks its chain unknown (it could
+    /// not hash what it applied, and must not claim a wrong hash); one that applied none keeps a
+    /// chain from the start; both keep their cursor.
+    #[test]
+    fn format_1_stores_get_the_account_chain_only_from_the_start_of_the_log() {
+        use crate::proto::ids::Seq;
+        for cursor in [0, 5] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let store = DeviceStore::open(dir.path()).unwrap();
+                store.advance_account_log(Seq(cursor), None, None).unwrap();
+                store.meta.insert(FORMAT_KEY, 1u32.to_be_bytes().to_vec()).unwrap();
+                store.barrier().unwrap();
+            }
+            let store = DeviceStore::open(dir.path()).unwrap();
+            assert_eq!(store.format().unwrap(), Some(STORE_FORMAT));
+            assert_eq!(store.account_cursor().unwrap(), Seq(cursor));
+            assert_eq!(store.account_chain_known().unwrap(), cursor == 0, "cursor {cursor}");
+        }
     }
 }

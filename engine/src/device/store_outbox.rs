@@ -106,8 +106,14 @@ impl DeviceStore {
             Some(after) => self.sent.range_from((after.0 + 1).to_be_bytes(), usize::MAX).collect::<Result<_, _>>()?,
             None => Vec::new(),
         };
-        self.journal.atomic(&[&self.meta, &self.cursors, &self.outbox, &self.sent], |b| {
+        // The relay's log past the lowered cursor is served again, and may differ after a
+        // restore (what was written after the backup is gone): this device's chain past it goes.
+        let chain_past = self.account_chain_past(account)?;
+        self.journal.atomic(&[&self.meta, &self.cursors, &self.outbox, &self.sent, &self.account_chain], |b| {
             b.insert(0, "account_cursor", &account.0.to_be_bytes()[..]);
+            for k in &chain_past {
+                b.remove(4, k);
+            }
             b.insert(0, "incarnation", enc(&incarnation));
             for (chat, seq) in &lowered {
                 b.insert(1, chat.0, &seq.0.to_be_bytes()[..]);

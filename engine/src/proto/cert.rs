@@ -116,6 +116,13 @@ impl AccountGen {
         self.verify_signature(&change.body.signed_bytes(), &change.signature)
     }
 
+    /// Verifies a checkpoint of the account log made by [`AccountKeys::sign_checkpoint`] in
+    /// this generation.
+    pub fn verify_checkpoint(&self, c: &crate::proto::account_chain::Checkpoint) -> Result<(), CertError> {
+        let bytes = crate::proto::account_chain::Checkpoint::signed_bytes(self.account, c.seq, &c.hash, &c.by);
+        self.verify_signature(&bytes, &c.signature)
+    }
+
     /// Verifies the signature over a recovery key's public half (see
     /// [`AccountKeys::sign_recovery`]).
     pub fn verify_recovery(&self, public: &[u8; 32], by: &DeviceId, signature: &[u8]) -> Result<(), CertError> {
@@ -285,6 +292,18 @@ impl AccountKeys {
         };
         let signature = SigningKey::from_bytes(&self.signing).sign(&body.signed_bytes()).to_bytes().to_vec();
         Rotation { body, signature, bundles: Vec::new() }
+    }
+
+    /// Signs device `by`'s checkpoint of the account log: its hash `hash` up to `seq`.
+    pub fn sign_checkpoint(
+        &self,
+        seq: crate::proto::ids::Seq,
+        hash: crate::proto::account_chain::ChainHash,
+        by: DeviceId,
+    ) -> crate::proto::account_chain::Checkpoint {
+        let bytes = crate::proto::account_chain::Checkpoint::signed_bytes(self.public().id, seq, &hash, &by);
+        let signature = SigningKey::from_bytes(&self.signing).sign(&bytes).to_bytes().to_vec();
+        crate::proto::account_chain::Checkpoint { seq, hash, by, signature }
     }
 
     /// Signs a recovery key's public half, so that devices seal the bundle to it at a rotation

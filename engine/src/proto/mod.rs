@@ -2,6 +2,7 @@
 //!
 //! Nothing here links Automerge, sled or libp2p.
 
+pub mod account_chain;
 pub mod cert;
 pub mod crypto;
 pub mod directory;

@@ -16,17 +16,17 @@ use super::ids::{AccountId, ChatId, ClientSeq, DeviceId, Epoch, Seq};
 /// The libp2p protocol name of the sync stream.
 pub const PROTOCOL: &str = "/stratus/sync/1";
 /// Bumped on any incompatible change to the frames below.
-pub const PROTOCOL_VERSION: u16 = 10;
+pub const PROTOCOL_VERSION: u16 = 11;
 /// The oldest protocol version a relay of this build serves: it accepts a device's `Hello` with
 /// a version in `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION` and refuses any other with
 /// [`ErrorCode::UnsupportedVersion`], its message naming the device's version, the range, and
 /// which side to upgrade (see [`version_refusal`]). A relay that keeps an older version in its
-/// range speaks it to those devices (today the range is one version: 9's `CreateAccount` lacks
-/// `invite`, 8's `DirectoryEntry` lacks `accepts_you`, and 8 devices take an unproven
+/// range speaks it to those devices (today the range is one version: 10 devices cannot decode
+/// the account log's `Checkpoint` entries, 9's `CreateAccount` lacks `invite`, 8's `DirectoryEntry` lacks `accepts_you`, and 8 devices take an unproven
 /// `SessionRevoked` as proof). `Hello` stays the first variant both ways, and `Error` keeps its
 /// place and fields, so that any two versions can refuse each other in words both read
 /// (docs/protocol.md, "Versions").
-pub const MIN_PROTOCOL_VERSION: u16 = 10;
+pub const MIN_PROTOCOL_VERSION: u16 = 11;
 
 /// The message of the relay's `Error { code: UnsupportedVersion }` for a device that spoke
 /// `version`, when it accepts `min..=max`; `None` when it accepts it.
@@ -185,6 +185,13 @@ pub enum AccountEvent {
         /// The keys of the member who made it, when that is another account.
         by_chain: Option<AccountChain>,
     },
+    /// A device of the account stated its hash of this log up to a position, signed by the
+    /// account (docs/crypto.md, "Account log forks"): every device compares it with its own.
+    /// Added in version 11.
+    Checkpoint {
+        /// The statement.
+        checkpoint: super::account_chain::Checkpoint,
+    },
 }
 
 /// A chat's next key epoch, made at a rotation: the new key wrapped to each member.
@@ -333,6 +340,14 @@ pub enum ClientFrame {
     /// The invitations waiting for this account; answered with `Invitations`. Added in
     /// version 9.
     ListInvitations { req: ReqId },
+    /// This device's checkpoint of the account log, signed by the account; logged as
+    /// `AccountEvent::Checkpoint`, `Done` once durable. Refused with `ProtocolViolation` when it
+    /// is not this device's or names a position the log has not reached, `AlreadyExists` when
+    /// the log has a checkpoint at or after its position (another device's came first: one
+    /// checkpoint per position keeps the log from growing by checkpoints alone), and
+    /// `BadCertificate` (or `StaleEpoch`) when the account's keys in force did not sign it.
+    /// Added in version 11.
+    Checkpoint { req: ReqId, checkpoint: super::account_chain::Checkpoint },
 }
 
 /// Relay → device.
@@ -436,6 +451,7 @@ impl ClientFrame {
             | ClientFrame::Accept { req, .. }
             | ClientFrame::Invite { req, .. }
             | ClientFrame::ListInvitations { req }
+            | ClientFrame::Checkpoint { req, .. }
             | ClientFrame::Revoke { req, .. } => *req,
         }
     }

@@ -1,6 +1,8 @@
 //! The fixture of the `relay_core` target: two accounts and every valid frame the harness can
 //! send, built once. Split out of `relay_core.rs` for size.
 
+use stratus_engine::proto::account_chain::ChainHash;
+
 use super::*;
 
 /// Two accounts and every valid frame the harness can send, built once.
@@ -71,6 +73,24 @@ pub(super) fn fixture() -> &'static Fixture {
             ClientFrame::Invite { req: 0, account: a.public().id },
             ClientFrame::Invite { req: 0, account: b.public().id },
             ClientFrame::ListInvitations { req: 0 },
+            // Account log checkpoints: the device's own or another's, within the log or past
+            // it, the account's or signed by the other account.
+            ClientFrame::Checkpoint {
+                req: 0,
+                checkpoint: a.sign_checkpoint(Seq(1), ChainHash([1; 32]), devices[0].clone()),
+            },
+            ClientFrame::Checkpoint {
+                req: 0,
+                checkpoint: a.sign_checkpoint(Seq(3), ChainHash([2; 32]), devices[1].clone()),
+            },
+            ClientFrame::Checkpoint {
+                req: 0,
+                checkpoint: b.sign_checkpoint(Seq(1_000), ChainHash([3; 32]), devices[2].clone()),
+            },
+            ClientFrame::Checkpoint {
+                req: 0,
+                checkpoint: b.sign_checkpoint(Seq(2), ChainHash([4; 32]), devices[0].clone()),
+            },
         ];
         for (leaver, stayer) in [(&a, &b), (&b, &a)] {
             let chat = chats[2];
@@ -166,6 +186,7 @@ pub(super) fn with_req(frame: ClientFrame, req: ReqId) -> ClientFrame {
         ClientFrame::Accept { account, accept, .. } => ClientFrame::Accept { req, account, accept },
         ClientFrame::Invite { account, .. } => ClientFrame::Invite { req, account },
         ClientFrame::ListInvitations { .. } => ClientFrame::ListInvitations { req },
+        ClientFrame::Checkpoint { checkpoint, .. } => ClientFrame::Checkpoint { req, checkpoint },
         ClientFrame::ChangeMembers { change, .. } => ClientFrame::ChangeMembers { req, change },
         ClientFrame::Rekey { epoch, history, .. } => ClientFrame::Rekey { req, epoch, history },
         other => other,

@@ -43,6 +43,7 @@ pub(super) fn writes(frame: &ClientFrame) -> bool {
             | ClientFrame::Rekey { .. }
             | ClientFrame::Accept { .. }
             | ClientFrame::Invite { .. }
+            | ClientFrame::Checkpoint { .. }
     )
 }
 

@@ -386,6 +386,9 @@ fn log_input(input: &Input) {
                 tracing::info!(conn, req, device = %cert.body.device, "recover")
             }
             ClientFrame::Typing { chat } => tracing::trace!(conn, %chat, "typing"),
+            ClientFrame::Checkpoint { req, checkpoint } => {
+                tracing::debug!(conn, req, seq = checkpoint.seq.0, "account log checkpoint")
+            }
             ClientFrame::SetUsername { req, .. } => tracing::info!(conn, req, "set username"),
             ClientFrame::Lookup { req, .. } => tracing::debug!(conn, req, "directory lookup"),
             ClientFrame::LookupAccounts { req, accounts } => {

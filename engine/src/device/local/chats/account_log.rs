@@ -5,7 +5,9 @@
 use crate::device::error::Error;
 use crate::device::local::Device;
 use crate::device::store::OutboxItem;
+use crate::proto::account_chain::{self, ChainHash, Checkpoint};
 use crate::proto::cert::{AccountGen, Rotation};
+use crate::proto::ids::Seq;
 use crate::proto::ids::{ChatId, DeviceId};
 use crate::proto::wire::{AccountEntry, AccountEvent};
 
@@ -37,11 +39,62 @@ impl Device {
     /// Applies an account log entry and moves the account cursor past it (also when the entry
     /// is refused: a bad entry must not stall the log). Every signature is checked against the
     /// generation of the account's keys that the log has reached at the entry.
+    /// The entry extends this device's hash chain of the log (`proto/account_chain.rs`), refused
+    /// or not: the chain is of what the relay showed.
     pub(crate) fn apply_account_entry(&mut self, entry: &AccountEntry) -> Result<Applied, Error> {
+        let chain = self.account_chain_at(Seq(entry.seq.0.saturating_sub(1)))?.map(|h| h.then(entry));
         let mut next_gen = None;
         let result = self.apply_account_event(&entry.event, &mut next_gen);
-        self.store.advance_account_log(entry.seq, next_gen.as_ref())?;
+        self.store.advance_account_log(entry.seq, next_gen.as_ref(), chain.as_ref())?;
         result
+    }
+
+    /// This device's hash of the account log up to `seq`: `None` when it has not applied that
+    /// far, or its chain does not start at the log's start (a store migrated mid-log).
+    pub(crate) fn account_chain_at(&self, seq: Seq) -> Result<Option<ChainHash>, Error> {
+        if !self.store.account_chain_known()? || seq > self.store.account_cursor()? {
+            return Ok(None);
+        }
+        if seq == Seq(0) {
+            return Ok(Some(ChainHash::genesis(self.login()?.account.id)));
+        }
+        Ok(self.store.account_chain_at(seq)?)
+    }
+
+    /// Where this device's account log stands: its cursor and its hash there (when known), to
+    /// compare with what another device of the account, or the relay, holds.
+    pub fn account_log_head(&self) -> Result<(Seq, Option<ChainHash>), Error> {
+        let cursor = self.store.account_cursor()?;
+        Ok((cursor, self.account_chain_at(cursor)?))
+    }
+
+    /// Checks another party's hash of the account log up to `seq` against this device's: a
+    /// difference means the relay showed two versions of the log, and is refused with
+    /// [`Error::AccountLogForked`] (and remembered, [`Device::account_log_forked`]). A position
+    /// this device has not reached, or has no hash for, is not compared.
+    pub fn check_account_log(&mut self, seq: Seq, theirs: ChainHash) -> Result<(), Error> {
+        if let Err(f) = account_chain::compare(seq, self.account_chain_at(seq)?, theirs) {
+            self.store.set_account_forked(f.seq)?;
+            return Err(Error::AccountLogForked(f));
+        }
+        Ok(())
+    }
+
+    /// This device's checkpoint of the account log at its cursor, signed with the account's
+    /// keys, to send to the relay (`ClientFrame::Checkpoint`); `None` while its chain is
+    /// unknown or the log is empty.
+    pub fn account_checkpoint(&self) -> Result<Option<Checkpoint>, Error> {
+        match self.account_log_head()? {
+            (seq, Some(hash)) if seq > Seq(0) => {
+                Ok(Some(self.login()?.keys.sign_checkpoint(seq, hash, self.identity.id().clone())))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The position of the first fork of the account log this device found, if any.
+    pub fn account_log_forked(&self) -> Result<Option<Seq>, Error> {
+        Ok(self.store.account_forked()?)
     }
 
     /// Applies one account log event; a rotation sets `next_gen`, which the caller stores with
@@ -79,6 +132,12 @@ impl Device {
                 return self.apply_member_change(change, by_chain.as_ref(), &gen);
             }
             AccountEvent::Rotated { rotation } => return self.apply_rotation(rotation, &gen, next_gen),
+            AccountEvent::Checkpoint { checkpoint } => {
+                // Signed by the account (the relay could make up any hash), then compared: the
+                // position is before this entry, so this device has its own hash there.
+                gen.verify_checkpoint(checkpoint)?;
+                self.check_account_log(checkpoint.seq, checkpoint.hash)?;
+            }
             AccountEvent::RecoverySet { public, by, signature } => {
                 gen.verify_recovery(public, by, signature)?;
                 self.store.set_recovery_public(Some(&(*public, by.clone())))?;
@@ -137,7 +196,7 @@ mod tests {
     use crate::proto::cert::DeviceCertBody;
     use crate::proto::crypto::wrap_chat_key;
     use crate::proto::crypto::ChatKey;
-    use crate::proto::ids::{Epoch, Seq};
+    use crate::proto::ids::{DeviceId, Epoch};
     use crate::proto::wire::AccountEntry;
     use crate::proto::wire::{ChatKind, WrappedKey};
 
@@ -186,5 +245,91 @@ mod tests {
         let signed = keys.sign_chat_key(&terms, account.id, 0, true, &wrapped);
         assert_eq!(d.apply_account_entry(&entry(4, account.id, signed)).unwrap().chat, Some(chat));
         assert!(d.store.chat(chat).unwrap().is_some());
+    }
+
+    /// A device of `keys`' account, logged in (the device's own store on `dir`).
+    fn member(dir: &std::path::Path, keys: &AccountKeys) -> Device {
+        let mut d = Device::open(dir).unwrap();
+        let account = keys.public();
+        let cert = keys.certify(DeviceCertBody {
+            account: account.id,
+            device: d.id().clone(),
+            device_x25519: d.identity.x25519_public(),
+            name: "d".into(),
+            created_ms: 0,
+        });
+        d.identity.log_in(Login { account, keys: keys.clone(), cert, relay: "x".into() });
+        d
+    }
+
+    fn expired(seq: u64, device: &str) -> AccountEntry {
+        AccountEntry {
+            seq: Seq(seq),
+            event: AccountEvent::DeviceExpired { device: DeviceId(device.into()), last_active_ms: 1 },
+        }
+    }
+
+    /// Item 8: a relay that shows two devices of one account different entries at one position
+    /// is caught as soon as either compares its hash with the other's; the positions before
+    /// agree, a third device shown the same log agrees, and a rewound device shown the log again
+    /// agrees again.
+    #[test]
+    fn two_devices_shown_different_entries_at_one_position_detect_the_fork() {
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let keys = AccountKeys::generate(&mut rand::thread_rng());
+        let [mut a, mut b, mut c] = [0, 1, 2].map(|i| member(dirs[i].path(), &keys));
+        for d in [&mut a, &mut b, &mut c] {
+            assert_eq!(d.account_log_head().unwrap(), (Seq(0), Some(ChainHash::genesis(keys.public().id))));
+            d.apply_account_entry(&expired(1, "old")).unwrap();
+        }
+        // The fork: the relay hides one device's expiry from `b` and shows it another.
+        a.apply_account_entry(&expired(2, "hidden")).unwrap();
+        c.apply_account_entry(&expired(2, "hidden")).unwrap();
+        b.apply_account_entry(&expired(2, "decoy")).unwrap();
+        let (seq, a_head) = a.account_log_head().unwrap();
+        let (_, b_head) = b.account_log_head().unwrap();
+        assert_eq!(seq, Seq(2));
+        let (a_head, b_head) = (a_head.unwrap(), b_head.unwrap());
+        assert_ne!(a_head, b_head);
+
+        assert_eq!(c.check_account_log(seq, a_head).ok(), Some(()), "the same log agrees");
+        let b_at_1 = b.account_chain_at(Seq(1)).unwrap().unwrap();
+        assert!(a.check_account_log(Seq(1), b_at_1).is_ok(), "the histories agree before the fork");
+        match a.check_account_log(seq, b_head) {
+            Err(Error::AccountLogForked(f)) => assert_eq!(f.seq, Seq(2)),
+            other => panic!("the fork was not detected: {other:?}"),
+        }
+        assert!(matches!(b.check_account_log(seq, a_head), Err(Error::AccountLogForked(_))));
+        assert_eq!((a.account_log_forked().unwrap(), c.account_log_forked().unwrap()), (Some(Seq(2)), None));
+        assert!(a.check_account_log(Seq(9), b_head).is_ok(), "a position not reached is not compared");
+
+        // Through the log: `a`'s signed checkpoint, applied by `b`, is the fork (and the typed
+        // error); applied by `c`, agreement. One made with other keys is refused unread.
+        let mut b2 = member(dirs[1].path().join("again").as_path(), &keys);
+        b2.apply_account_entry(&expired(1, "old")).unwrap();
+        b2.apply_account_entry(&expired(2, "decoy")).unwrap();
+        let checkpoint = a.account_checkpoint().unwrap().expect("a has a chain");
+        assert_eq!((checkpoint.seq, checkpoint.hash), (seq, a_head));
+        let logged = |checkpoint| AccountEntry { seq: Seq(3), event: AccountEvent::Checkpoint { checkpoint } };
+        let forged = AccountKeys::generate(&mut rand::thread_rng()).sign_checkpoint(seq, b_head, a.id().clone());
+        assert!(matches!(b2.apply_account_entry(&logged(forged)), Err(Error::Cert(_))));
+        assert_eq!(b2.account_log_forked().unwrap(), None, "a forged checkpoint proves nothing");
+        let mut b3 = member(dirs[1].path().join("third").as_path(), &keys);
+        for e in [expired(1, "old"), expired(2, "decoy")] {
+            b3.apply_account_entry(&e).unwrap();
+        }
+        match b3.apply_account_entry(&logged(checkpoint.clone())) {
+            Err(Error::AccountLogForked(f)) => assert_eq!(f.seq, seq),
+            other => panic!("the fork was not detected through the log: {other:?}"),
+        }
+        assert!(c.apply_account_entry(&logged(checkpoint)).is_ok());
+
+        // A rewind (the relay restored from a backup) drops `b`'s hashes past the lowered
+        // cursor; shown the log again, it agrees with `a`.
+        let inc = b.store.incarnation().unwrap().unwrap_or_default();
+        b.store.rewind(inc, Seq(1), &[], None).unwrap();
+        assert_eq!(b.account_log_head().unwrap(), (Seq(1), Some(b_at_1)));
+        b.apply_account_entry(&expired(2, "hidden")).unwrap();
+        assert_eq!(b.account_log_head().unwrap(), (Seq(2), Some(a_head)));
     }
 }

@@ -277,7 +277,7 @@ mod tests {
         // The log reached generation 1: a revocation signed by generation 0 (which a device
         // revoked before holds) proves nothing any more.
         let gen1 = chain.verify().unwrap()[1].clone();
-        d.store.advance_account_log(Seq(1), Some(&gen1)).unwrap();
+        d.store.advance_account_log(Seq(1), Some(&gen1), None).unwrap();
         let actions = ended(&mut d, Some((revoked(&keys, &me), chain.clone())));
         assert!(emitted(&actions, &Event::SessionRefused), "{actions:?}");
         // Nor does a chain that disagrees with the generation the device knows.
