@@ -203,18 +203,10 @@ mod tests {
     #[test]
     fn a_chat_key_the_account_did_not_sign_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut d = Device::open(dir.path()).unwrap();
         let mut rng = rand::thread_rng();
         let keys = AccountKeys::generate(&mut rng);
         let account = keys.public();
-        let cert = keys.certify(DeviceCertBody {
-            account: account.id,
-            device: d.id().clone(),
-            device_x25519: d.identity.x25519_public(),
-            name: "d".into(),
-            created_ms: 0,
-        });
-        d.identity.log_in(Login { account: account.clone(), keys: keys.clone(), cert, relay: "x".into() });
+        let mut d = member(dir.path(), &keys);
 
         // The relay knows the account's KEM public key: it can wrap a key of its own.
         let chat = ChatId([1; 16]);
