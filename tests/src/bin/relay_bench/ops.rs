@@ -24,6 +24,8 @@
 
 use super::*;
 use futures::StreamExt;
+use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
 
 pub(super) struct OpsConfig {
     pub(super) only: Option<String>,
@@ -304,4 +306,59 @@ fn print_memory(runs: &[MemoryRun], cfg: &OpsConfig) {
         cfg.devices,
         verdict(p99 <= 5.0)
     );
+}
+
+/// Appends the load writers of [`paced`] keep in flight, each.
+pub(super) const LOAD_WINDOW: usize = 32;
+/// How long [`paced`] waits for a frame before it fails the run.
+pub(super) const LONG_STALL: Duration = Duration::from_secs(900);
+
+/// Appends paced at `per_sec` (at most [`LOAD_WINDOW`] in flight) until `stop`, for the
+/// benches that measure an operation under load (backup, delete); each ack's time and send →
+/// ack latency go to `lat`. A relay silent for [`LONG_STALL`] fails the run.
+pub(super) async fn paced(
+    mut w: Writer,
+    per_sec: f64,
+    stop: Arc<AtomicBool>,
+    lat: Arc<Mutex<Vec<(Instant, Duration)>>>,
+) -> Writer {
+    let interval = Duration::from_secs_f64(1.0 / per_sec);
+    let mut next = tokio::time::Instant::now();
+    let mut inflight: VecDeque<(ReqId, Instant)> = VecDeque::with_capacity(LOAD_WINDOW);
+    let mut mine = Vec::new();
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        if stopping && inflight.is_empty() {
+            break;
+        }
+        let now = tokio::time::Instant::now();
+        while !stopping && inflight.len() < LOAD_WINDOW && next <= now {
+            let (req, _, frame) = w.append();
+            inflight.push_back((req, Instant::now()));
+            w.raw.stream.send(&frame).await.expect("send append");
+            next += interval;
+        }
+        let wait_send = !stopping && inflight.len() < LOAD_WINDOW;
+        tokio::select! {
+            f = tokio::time::timeout(LONG_STALL, w.raw.stream.recv()) => match f {
+                Err(_) => panic!("no frame from the relay for {LONG_STALL:?}"),
+                Ok(f) => match f {
+                Ok(Some(RelayFrame::Acked { req, .. })) => {
+                    let t = Instant::now();
+                    let i = inflight.iter().position(|(r, _)| *r == req).expect("an ack for an append in flight");
+                    let (_, sent) = inflight.remove(i).expect("position is valid");
+                    mine.push((t, t - sent));
+                }
+                Ok(Some(RelayFrame::Push { .. } | RelayFrame::PushAccount { .. })) => {}
+                Ok(Some(other)) => panic!("unexpected frame during paced appends: {other:?}"),
+                Ok(None) => panic!("the relay closed the stream during paced appends"),
+                Err(e) => panic!("stream failed during paced appends: {e}"),
+                },
+            },
+            _ = tokio::time::sleep_until(next), if wait_send => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)), if !wait_send => {}
+        }
+    }
+    lat.lock().unwrap_or_else(|e| e.into_inner()).extend(mine);
+    w
 }

@@ -19,57 +19,13 @@ use std::sync::Mutex;
 const FILL_PLAINTEXT: usize = 60_000;
 const FILL_WRITERS: usize = 8;
 const LOAD_WRITERS: usize = 50;
-const LOAD_WINDOW: usize = 32;
 const BEFORE: Duration = Duration::from_secs(20);
 const SKIP: Duration = Duration::from_secs(5);
 const AFTER: Duration = Duration::from_secs(10);
-/// A wait on the relay while the backup may hold it; a stall longer than this fails the run.
-const LONG_STALL: Duration = Duration::from_secs(900);
 
 /// Bytes of the files under `dir`.
 fn bytes_under(dir: &Path) -> u64 {
     stratus_tests::files_under(dir).iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum()
-}
-
-/// Appends paced at `per_sec` (at most [`LOAD_WINDOW`] in flight) until `stop`; the time of
-/// each ack goes to `acks`.
-async fn paced(mut w: Writer, per_sec: f64, stop: Arc<AtomicBool>, acks: Arc<Mutex<Vec<Instant>>>) -> Writer {
-    let interval = Duration::from_secs_f64(1.0 / per_sec);
-    let start = tokio::time::Instant::now();
-    let mut next = start;
-    let mut inflight = 0usize;
-    let mut mine = Vec::new();
-    loop {
-        let stopping = stop.load(Ordering::Relaxed);
-        if stopping && inflight == 0 {
-            break;
-        }
-        let now = tokio::time::Instant::now();
-        while !stopping && inflight < LOAD_WINDOW && next <= now {
-            let (_, _, frame) = w.append();
-            w.raw.stream.send(&frame).await.expect("send append");
-            inflight += 1;
-            next += interval;
-        }
-        let wait_send = !stopping && inflight < LOAD_WINDOW;
-        tokio::select! {
-            f = tokio::time::timeout(LONG_STALL, w.raw.stream.recv()) => match f {
-                Ok(Ok(Some(RelayFrame::Acked { .. }))) => {
-                    inflight -= 1;
-                    mine.push(Instant::now());
-                }
-                Ok(Ok(Some(RelayFrame::Push { .. } | RelayFrame::PushAccount { .. }))) => {}
-                Ok(Ok(Some(other))) => panic!("unexpected frame during paced appends: {other:?}"),
-                Ok(Ok(None)) => panic!("the relay closed the stream during paced appends"),
-                Ok(Err(e)) => panic!("stream failed during paced appends: {e}"),
-                Err(_) => panic!("no frame from the relay for {LONG_STALL:?}"),
-            },
-            _ = tokio::time::sleep_until(next), if wait_send => {}
-            _ = tokio::time::sleep(Duration::from_millis(100)), if !wait_send => {}
-        }
-    }
-    acks.lock().unwrap_or_else(|e| e.into_inner()).extend(mine);
-    w
 }
 
 struct BackupRun {
@@ -115,7 +71,8 @@ fn under_load(
         (writers, t0, b0, b1, out.expect("stratus-relay runs"))
     });
     assert!(out.status.success(), "the command failed: {}", String::from_utf8_lossy(&out.stderr));
-    let mut acks = std::mem::take(&mut *acks.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut acks: Vec<Instant> =
+        std::mem::take(&mut *acks.lock().unwrap_or_else(|e| e.into_inner())).into_iter().map(|(t, _)| t).collect();
     acks.sort();
     let rate =
         |a: Instant, b: Instant| acks.iter().filter(|t| **t >= a && **t < b).count() as f64 / (b - a).as_secs_f64();

@@ -16,59 +16,12 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
 const LOAD_WRITERS: usize = 10;
-const LOAD_WINDOW: usize = 32;
 const BEFORE: Duration = Duration::from_secs(10);
 const SKIP: Duration = Duration::from_secs(3);
 const AFTER: Duration = Duration::from_secs(2);
 /// Longest the bench waits for a deletion's data to be emptied (not a target: a run that
 /// takes longer fails).
 const PURGE_DEADLINE: Duration = Duration::from_secs(900);
-
-/// Appends paced at `per_sec` (at most [`LOAD_WINDOW`] in flight) until `stop`; each ack's
-/// time and send → ack latency go to `lat`.
-async fn paced_latency(
-    mut w: Writer,
-    per_sec: f64,
-    stop: Arc<AtomicBool>,
-    lat: Arc<Mutex<Vec<(Instant, Duration)>>>,
-) -> Writer {
-    let interval = Duration::from_secs_f64(1.0 / per_sec);
-    let mut next = tokio::time::Instant::now();
-    let mut inflight: VecDeque<(ReqId, Instant)> = VecDeque::with_capacity(LOAD_WINDOW);
-    let mut mine = Vec::new();
-    loop {
-        let stopping = stop.load(Ordering::Relaxed);
-        if stopping && inflight.is_empty() {
-            break;
-        }
-        let now = tokio::time::Instant::now();
-        while !stopping && inflight.len() < LOAD_WINDOW && next <= now {
-            let (req, _, frame) = w.append();
-            inflight.push_back((req, Instant::now()));
-            w.raw.stream.send(&frame).await.expect("send append");
-            next += interval;
-        }
-        let wait_send = !stopping && inflight.len() < LOAD_WINDOW;
-        tokio::select! {
-            f = w.raw.stream.recv() => match f {
-                Ok(Some(RelayFrame::Acked { req, .. })) => {
-                    let t = Instant::now();
-                    let i = inflight.iter().position(|(r, _)| *r == req).expect("an ack for an append in flight");
-                    let (_, sent) = inflight.remove(i).expect("position is valid");
-                    mine.push((t, t - sent));
-                }
-                Ok(Some(RelayFrame::Push { .. } | RelayFrame::PushAccount { .. })) => {}
-                Ok(Some(other)) => panic!("unexpected frame during paced appends: {other:?}"),
-                Ok(None) => panic!("the relay closed the stream during paced appends"),
-                Err(e) => panic!("stream failed during paced appends: {e}"),
-            },
-            _ = tokio::time::sleep_until(next), if wait_send => {}
-            _ = tokio::time::sleep(Duration::from_millis(100)), if !wait_send => {}
-        }
-    }
-    lat.lock().unwrap_or_else(|e| e.into_inner()).extend(mine);
-    w
-}
 
 struct DeleteRun {
     command_secs: f64,
@@ -121,10 +74,8 @@ pub(super) fn delete_bench(relay_exe: &Path, work: &Path, cfg: &OpsConfig, seed:
         let (chunks0, _) = purge_state(&admin);
         let (writers, t0, d0, d1, d2, chunks1) = rt.block_on(async {
             let t0 = Instant::now();
-            let tasks: Vec<_> = load
-                .into_iter()
-                .map(|w| tokio::spawn(paced_latency(w, per_writer, stop.clone(), lat.clone())))
-                .collect();
+            let tasks: Vec<_> =
+                load.into_iter().map(|w| tokio::spawn(paced(w, per_writer, stop.clone(), lat.clone()))).collect();
             tokio::time::sleep(BEFORE).await;
             let d0 = Instant::now();
             let mut cmd = Command::new(relay_exe);
