@@ -40,6 +40,8 @@ struct Disk {
     durable: BTreeMap<String, Map>,
     /// Atomic writes since the last barrier, in order.
     pending: Vec<Vec<Write>>,
+    /// Writes left before every write fails (fault injection, [`MemDisk::fail_after`]).
+    fail_after: Option<usize>,
 }
 
 fn apply(trees: &mut BTreeMap<String, Map>, writes: &[Write]) {
@@ -114,10 +116,21 @@ impl MemDisk {
         any(&d.live) || any(&d.durable)
     }
 
-    fn write(&self, writes: Vec<Write>) {
+    /// From the `n`th write on (counting from 0), every write fails (`None`: none).
+    pub fn fail_after(&self, n: Option<usize>) {
+        self.lock().fail_after = n;
+    }
+
+    fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let mut d = self.lock();
+        match &mut d.fail_after {
+            Some(0) => return Err(StoreError::Sync(std::io::Error::other("injected write failure"))),
+            Some(n) => *n -= 1,
+            None => {}
+        }
         apply(&mut d.live, &writes);
         d.pending.push(writes);
+        Ok(())
     }
 }
 
@@ -199,7 +212,7 @@ impl Tree {
             Tree::Sled(t) => {
                 t.insert(k, v)?;
             }
-            Tree::Mem { disk, name } => disk.write(vec![(name.clone(), k.as_ref().to_vec(), Some(v.into()))]),
+            Tree::Mem { disk, name } => disk.write(vec![(name.clone(), k.as_ref().to_vec(), Some(v.into()))])?,
         }
         Ok(())
     }
@@ -209,7 +222,7 @@ impl Tree {
             Tree::Sled(t) => {
                 t.remove(k)?;
             }
-            Tree::Mem { disk, name } => disk.write(vec![(name.clone(), k.as_ref().to_vec(), None)]),
+            Tree::Mem { disk, name } => disk.write(vec![(name.clone(), k.as_ref().to_vec(), None)])?,
         }
         Ok(())
     }
@@ -220,8 +233,7 @@ impl Tree {
             Tree::Mem { disk, name } => {
                 let keys: Vec<Vec<u8>> =
                     Tree::with(disk, name, |m| m.map(|m| m.keys().cloned().collect()).unwrap_or_default());
-                disk.write(keys.into_iter().map(|k| (name.clone(), k, None)).collect());
-                Ok(())
+                disk.write(keys.into_iter().map(|k| (name.clone(), k, None)).collect())
             }
         }
     }
@@ -313,6 +325,9 @@ type Record = Vec<(Vec<u8>, Vec<u8>, Option<Vec<u8>>)>;
 #[derive(Clone)]
 pub(crate) struct Journal {
     tree: Tree,
+    /// A batch failed after its entry was written: until the store opens again and replays
+    /// it, no other batch may be made (a later one replayed over would be undone by it).
+    broken: Arc<std::sync::atomic::AtomicBool>,
     /// The next entry's key. Entries live only while their batch is written, so numbering
     /// starts again at 0 whenever the store opens (after [`Journal::replay`] emptied it).
     next: Arc<AtomicU64>,
@@ -320,7 +335,7 @@ pub(crate) struct Journal {
 
 impl Journal {
     pub(crate) fn new(tree: Tree) -> Journal {
-        Journal { tree, next: Arc::new(AtomicU64::new(0)) }
+        Journal { tree, broken: Default::default(), next: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Applies the writes `fill` gathers to `trees`, all or (after a crash) none.
@@ -337,24 +352,28 @@ impl Journal {
             Some(v) => trees[*i].insert(k, v.clone()),
             None => trees[*i].remove(k),
         };
+        if batch.0.is_empty() {
+            return Ok(());
+        }
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(StoreError::Unfinished);
+        }
         if let [w] = &batch.0[..] {
             // One write is atomic by itself.
             return if made == 0 { Ok(()) } else { one(w) };
-        }
-        if batch.0.is_empty() {
-            return Ok(());
         }
         let record: Record =
             batch.0.iter().map(|(i, k, v)| (trees[*i].name(), k.clone(), v.as_ref().map(|v| v.to_vec()))).collect();
         let key = self.next.fetch_add(1, Ordering::Relaxed).to_be_bytes();
         self.tree.insert(key, postcard::to_allocvec(&record).expect("serializing bytes cannot fail"))?;
-        for w in batch.0.iter().take(made) {
-            one(w)?;
+        let rest = batch.0.iter().take(made).try_for_each(one).and_then(|()| match made >= batch.0.len() {
+            true => self.tree.remove(key),
+            false => Ok(()),
+        });
+        if rest.is_err() {
+            self.broken.store(true, Ordering::Relaxed);
         }
-        if made >= batch.0.len() {
-            self.tree.remove(key)?;
-        }
-        Ok(())
+        rest
     }
 
     /// Finishes the batches a crash cut short, in order, writing them to the trees of `trees`

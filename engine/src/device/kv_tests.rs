@@ -165,3 +165,31 @@ proptest! {
         prop_assert_eq!(journal.tree.len(), 0);
     }
 }
+
+/// A batch that fails after its journal entry is written leaves the journal broken: no other
+/// batch is made (one replayed over would be undone by the failed one's replay) until the
+/// store opens again, which finishes the failed batch.
+#[test]
+fn a_batch_that_fails_part_way_stops_the_next_until_it_is_replayed() {
+    let disk = MemDisk::new();
+    let (journal, trees) = mem(&disk);
+    let two = |v: u8| Op::Atomic(vec![(0, vec![1], Some(vec![v])), (1, vec![2], Some(vec![v]))]);
+    let Op::Atomic(first) = two(1) else { unreachable!() };
+    // The entry and the first write go, the second fails.
+    disk.fail_after(Some(2));
+    assert!(journal.write(&[&trees[0], &trees[1]], batch(&first), usize::MAX).is_err());
+    disk.fail_after(None);
+    let Op::Atomic(second) = two(2) else { unreachable!() };
+    let refused = journal.write(&[&trees[0], &trees[1]], batch(&second), usize::MAX);
+    assert!(matches!(refused, Err(StoreError::Unfinished)), "{refused:?}");
+    assert_eq!(trees[1].get([2]).unwrap(), None, "the failed batch is half made until replayed");
+
+    let (journal, trees) = mem(&disk);
+    assert_eq!(journal.replay(&[&trees[0], &trees[1]]).unwrap(), 1);
+    assert_eq!(
+        (trees[0].get([1]).unwrap(), trees[1].get([2]).unwrap()),
+        (Some(IVec::from(&[1u8][..])), Some(IVec::from(&[1u8][..])))
+    );
+    run(&journal, &trees, &two(2));
+    assert_eq!(trees[1].get([2]).unwrap(), Some(IVec::from(&[2u8][..])), "batches go again once replayed");
+}

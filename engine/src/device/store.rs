@@ -77,6 +77,10 @@ pub enum StoreError {
     /// was changed (see `store_format.rs`).
     #[error("local store: store format v{found} is newer than this version supports (v{supported}); upgrade")]
     NewerFormat { found: u32, supported: u32 },
+    /// An atomic write failed part-way: no other is made until the store is opened again,
+    /// which finishes it (see `kv.rs`).
+    #[error("local store: an earlier write failed part-way; open the store again to finish it")]
+    Unfinished,
 }
 
 /// This device's secret keys.
