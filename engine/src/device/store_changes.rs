@@ -24,7 +24,7 @@ impl DeviceStore {
         // Every change before any cursor, as plain writes: a crash keeps a prefix, so a cursor
         // that survives has all its chat's changes before it, and changes kept without their
         // cursor come again from the relay and are passed over as known (`stage_deltas`).
-        in_order(&[&self.changes, &self.cursors], |b| {
+        let written = in_order(&[&self.changes, &self.cursors], |b| {
             for (chat, deltas) in chats {
                 let n = next.get_mut(chat).expect("every chat numbered above");
                 for (_, change) in deltas.iter() {
@@ -41,7 +41,16 @@ impl DeviceStore {
             for (chat, last) in cursors {
                 b.insert(1, chat.0, &last.0.to_be_bytes()[..]);
             }
-        })?;
+        });
+        if written.is_err() {
+            // Some of the changes may be stored: their chats are numbered again from the store,
+            // so that the next changes do not overwrite them.
+            let mut cache = self.next_change_cache();
+            for (chat, _) in chats {
+                cache.remove(chat);
+            }
+        }
+        written?;
         self.next_change_cache().extend(next);
         Ok(counts)
     }

@@ -243,4 +243,22 @@ mod sent_tests {
             }
         }
     }
+
+    /// A store of received changes that fails part-way leaves the changes it made, and the
+    /// next changes of those chats are numbered after them, not over them.
+    #[test]
+    fn received_changes_after_a_failed_store_do_not_overwrite_those_it_made() {
+        let a = ChatId([1; 16]);
+        let disk = MemDisk::new();
+        let store = DeviceStore::open_mem(&disk).unwrap();
+        store.apply_remote_chats(&[(a, &[(Seq(1), Some(&[1u8][..]))])]).unwrap();
+        disk.fail_after(Some(1));
+        let two: [(Seq, Option<&[u8]>); 2] = [(Seq(2), Some(&[2])), (Seq(3), Some(&[3]))];
+        assert!(store.apply_remote_chats(&[(a, &two)]).is_err());
+        disk.fail_after(None);
+        assert_eq!(store.cursor(a).unwrap(), Seq(1), "the cursor did not move");
+        store.apply_remote_chats(&[(a, &[(Seq(3), Some(&[3u8][..]))])]).unwrap();
+        assert_eq!(store.doc_parts(a).unwrap().1, vec![vec![1], vec![2], vec![3]], "nothing overwritten");
+        assert_eq!(store.cursor(a).unwrap(), Seq(3));
+    }
 }
