@@ -362,3 +362,26 @@ pub(super) async fn paced(
     lat.lock().unwrap_or_else(|e| e.into_inner()).extend(mine);
     w
 }
+
+/// A relay for the benches of one operation under load (backup, delete): no request rate or
+/// byte quota, its admin HTTP listener on a free port; named `name` under `work`. Returns the
+/// admin address, the relay and a runtime.
+pub(super) fn ops_relay(relay_exe: &Path, work: &Path, name: &str) -> (String, RelayProc, tokio::runtime::Runtime) {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let extra = ["--requests-per-second", "0", "--admin-http", &admin, "--max-account-bytes", "0"];
+    let relay = RelayProc::start(relay_exe, &work.join(name), &work.join(format!("{name}.log")), &extra);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    (admin, relay, rt)
+}
+
+/// `n` writers of accounts of their own, `{prefix}-{i}`, created at once.
+pub(super) async fn writers(addr: &str, seeds: &mut StdRng, n: usize, prefix: &str) -> Vec<Writer> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| tokio::spawn(Writer::create(addr.to_string(), seeds.next_u64(), format!("{prefix}-{i}"))))
+        .collect();
+    let mut v = Vec::new();
+    for t in tasks {
+        v.push(t.await.expect("setup task"));
+    }
+    v
+}

@@ -88,27 +88,15 @@ fn under_load(
 }
 
 pub(super) fn backup_bench(relay_exe: &Path, work: &Path, cfg: &OpsConfig, seed: u64) {
-    let admin = format!("127.0.0.1:{}", free_port());
-    let extra = ["--requests-per-second", "0", "--admin-http", &admin, "--max-account-bytes", "0"];
+    let (_admin, mut relay, rt) = ops_relay(relay_exe, work, "backup-relay");
     let data = work.join("backup-relay");
-    let mut relay = RelayProc::start(relay_exe, &data, &work.join("backup-relay.log"), &extra);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let mut seeds = StdRng::seed_from_u64(seed);
     let target = cfg.store_mib * 1024 * 1024;
 
     // Fill the store.
     let t = Instant::now();
     let (mut fill_appends, mut fill_rounds) = (0u64, 0);
-    let mut fillers: Vec<Writer> = rt.block_on(async {
-        let tasks: Vec<_> = (0..FILL_WRITERS)
-            .map(|i| tokio::spawn(Writer::create(relay.addr.clone(), seeds.next_u64(), format!("fill-{i}"))))
-            .collect();
-        let mut v = Vec::new();
-        for t in tasks {
-            v.push(t.await.expect("setup task"));
-        }
-        v
-    });
+    let mut fillers = rt.block_on(writers(&relay.addr, &mut seeds, FILL_WRITERS, "fill"));
     for w in &mut fillers {
         w.plaintext = FILL_PLAINTEXT;
     }
@@ -135,16 +123,7 @@ pub(super) fn backup_bench(relay_exe: &Path, work: &Path, cfg: &OpsConfig, seed:
     let fill_accounts: Vec<_> = fillers.iter().map(|w| w.account()).collect();
     drop(fillers);
 
-    let load: Vec<Writer> = rt.block_on(async {
-        let tasks: Vec<_> = (0..LOAD_WRITERS)
-            .map(|i| tokio::spawn(Writer::create(relay.addr.clone(), seeds.next_u64(), format!("load-{i}"))))
-            .collect();
-        let mut v = Vec::new();
-        for t in tasks {
-            v.push(t.await.expect("setup task"));
-        }
-        v
-    });
+    let load = rt.block_on(writers(&relay.addr, &mut seeds, LOAD_WRITERS, "load"));
     let mut load = Some(load);
     let mut runs = Vec::new();
     for r in 0..cfg.runs {

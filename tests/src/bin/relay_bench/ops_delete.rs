@@ -39,22 +39,10 @@ fn purge_state(admin: &str) -> (f64, f64) {
 }
 
 pub(super) fn delete_bench(relay_exe: &Path, work: &Path, cfg: &OpsConfig, seed: u64) {
-    let admin = format!("127.0.0.1:{}", free_port());
-    let extra = ["--requests-per-second", "0", "--admin-http", &admin, "--max-account-bytes", "0"];
+    let (admin, mut relay, rt) = ops_relay(relay_exe, work, "delete-relay");
     let data = work.join("delete-relay");
-    let mut relay = RelayProc::start(relay_exe, &data, &work.join("delete-relay.log"), &extra);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let mut seeds = StdRng::seed_from_u64(seed);
-    let mut load: Vec<Writer> = rt.block_on(async {
-        let tasks: Vec<_> = (0..LOAD_WRITERS)
-            .map(|i| tokio::spawn(Writer::create(relay.addr.clone(), seeds.next_u64(), format!("load-{i}"))))
-            .collect();
-        let mut v = Vec::new();
-        for t in tasks {
-            v.push(t.await.expect("setup task"));
-        }
-        v
-    });
+    let mut load = rt.block_on(writers(&relay.addr, &mut seeds, LOAD_WRITERS, "load"));
     let ctx =
         Ctx { relay_pid: relay.pid, fsync_times: false, perf: false, perf_dir: work.to_path_buf(), tck: clk_tck() };
     let mut runs = Vec::new();
